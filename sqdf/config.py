@@ -1,0 +1,149 @@
+"""The training configuration: one typed dataclass, validated once, whose help texts the CLI reuses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqdf.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ESTIMATORS = ("tweedie", "consistency")
+BUFFER_STRATEGIES = ("uniform", "on_policy", "prioritized")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; written to the run folder as config.json."""
+
+    task: str = _f("gmm2d", "task: backbone, conditions and metrics (gmm2d)")
+    method: str = _f("sqdf", "fine-tuning method (sqdf)")
+    reward: str = _f("linear", "reward by name (gmm2d: linear, quadratic)")
+    reward_params: dict = _f({}, "reward parameters, e.g. {b = [1.0, 0.0]} for linear")
+    task_params: dict = _f({}, "task parameters, e.g. {radius = 3.0} for gmm2d")
+    alpha: float = _f(2.0, "KL weight alpha (exact KL, summed over dimensions)")
+    gamma: float = _f(0.9, "discount gamma in (0, 1]: step k's reward is weighted gamma^(T-k-1)")
+    estimator: str = _f("consistency", "x̂0 estimator for the soft Q: tweedie or consistency")
+    num_steps: int = _f(50, "DDIM sampling steps T")
+    eta: float = _f(1.0, "DDIM eta in (0, 1]; the KL needs a stochastic policy")
+    steps: int = _f(300, "optimizer updates")
+    batch_size: int = _f(128, "trajectories per fresh batch, and cells per micro-batch")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer update")
+    lr: float = _f(1e-3, "AdamW learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip (0 disables)")
+    buffer: str = _f("uniform", "replay strategy: uniform, on_policy or prioritized")
+    buffer_size: int = _f(1024, "replay buffer capacity in trajectories")
+    replay_ratio: int = _f(1, "optimizer updates per freshly sampled batch")
+    seed: int = _f(0, "random seed (initialisation, sampling, replay)")
+    device: str = _f("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
+    log_every: int = _f(10, "write a metrics.jsonl line every N updates")
+    checkpoint_every: int = _f(100, "save a resumable checkpoint every N updates (0: never)")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+
+    def __post_init__(self) -> None:
+        self._coerce_types()
+        self._check()
+
+    def _coerce_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            ok = {
+                "float": isinstance(value, float),
+                "int": isinstance(value, int) and not isinstance(value, bool),
+                "str": isinstance(value, str),
+                "dict": isinstance(value, dict),
+            }[kind]
+            if not ok:
+                raise ConfigError(f"{f.name} must be a {kind}, got {value!r}")
+            setattr(self, f.name, value)
+
+    def _check(self) -> None:
+        from sqdf.methods import METHODS
+        from sqdf.tasks import TASKS
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.task in TASKS, f"unknown task {self.task!r}; known: {', '.join(sorted(TASKS))}")
+        need(
+            self.method in METHODS,
+            f"unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}",
+        )
+        need(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
+        need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        need(
+            self.estimator in ESTIMATORS,
+            f"unknown estimator {self.estimator!r}; known: {', '.join(ESTIMATORS)}",
+        )
+        need(1 <= self.num_steps <= 1000, f"num_steps must be in [1, 1000], got {self.num_steps}")
+        need(0 < self.eta <= 1, f"eta must be in (0, 1], got {self.eta}")
+        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        need(
+            self.buffer in BUFFER_STRATEGIES,
+            f"unknown buffer strategy {self.buffer!r}; known: {', '.join(BUFFER_STRATEGIES)}",
+        )
+        need(
+            self.buffer_size >= self.batch_size,
+            f"buffer_size must be >= batch_size ({self.batch_size}), got {self.buffer_size}",
+        )
+        need(self.replay_ratio >= 1, f"replay_ratio must be >= 1, got {self.replay_ratio}")
+        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def make_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A TrainConfig from plain values; an unknown key is a ConfigError naming it and ``source``."""
+    known = {f.name for f in config_fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r} in {source}")
+    return TrainConfig(**values)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def read_json_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig saved in a run folder's config.json."""
+    data = json.loads(Path(path).read_text())
+    return make_config(data["train"], source=str(path))

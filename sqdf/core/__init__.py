@@ -1,0 +1,27 @@
+"""Pure math of SQDF: sampler steps, x̂0 estimators, the Gaussian KL and the soft-Q loss.
+
+Nothing here holds state, reads files or imports the rest of the package, so every
+function can be checked against a closed form or against diffusers' own schedulers.
+"""
+
+from sqdf.core.ddim import ddim_sigma, ddim_step_mean_std
+from sqdf.core.kl import gaussian_kl
+from sqdf.core.loss import discount_weight, soft_q_loss
+from sqdf.core.ode import pf_ode_x0
+from sqdf.core.schedule import DDIMSchedule, make_ddim_schedule
+from sqdf.core.x0 import consistency_x0, lcm_boundary_scalings, predict_x0_and_eps, tweedie_x0
+
+__all__ = [
+    "DDIMSchedule",
+    "consistency_x0",
+    "ddim_sigma",
+    "ddim_step_mean_std",
+    "discount_weight",
+    "gaussian_kl",
+    "lcm_boundary_scalings",
+    "make_ddim_schedule",
+    "pf_ode_x0",
+    "predict_x0_and_eps",
+    "soft_q_loss",
+    "tweedie_x0",
+]

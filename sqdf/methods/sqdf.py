@@ -1,0 +1,36 @@
+"""SQDF: reparameterised policy gradient of the training-free soft Q-function.
+
+Per replayed cell (x_t, k):
+    x_{t-1} = mean_θ(x_t) + σ_t z,  z ~ N(0, I)            (one step, with gradients)
+    L = -γ^(T-k-1) r(x̂0(x_{t-1}))  +  α ||mean_θ - mean_ref||² / (2σ_t²)
+The reward gradient flows through the frozen x̂0 estimator into x_{t-1} and mean_θ; nothing
+is back-propagated through the rest of the chain, so memory is one step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sqdf.buffer import Cells
+from sqdf.config import TrainConfig
+from sqdf.core.kl import gaussian_kl
+from sqdf.core.loss import soft_q_loss
+from sqdf.sampler import step_mean_std
+from sqdf.tasks.base import Task
+
+
+def sqdf_loss(
+    task: Task, cells: Cells, cfg: TrainConfig, generator: torch.Generator
+) -> tuple[Tensor, dict[str, float]]:
+    dev = task.device
+    x_t, step, cond = cells.x_t.to(dev), cells.step, cells.cond.to(dev)
+    mean, std = step_mean_std(task, x_t, step, cond, policy=True)
+    with torch.no_grad():
+        ref_mean, _ = step_mean_std(task, x_t, step, cond, policy=False)
+    z = torch.randn(x_t.shape, generator=generator).to(dev)
+    x_prev = mean + std * z
+    reward = task.reward(task.x0_after_step(x_prev, step.to(dev), cond), cond)
+    kl = gaussian_kl(mean, ref_mean, std)
+    loss = soft_q_loss(reward, kl, step.to(dev), task.schedule.num_steps, cfg.gamma, cfg.alpha)
+    return loss.mean(), {"kl_mean": kl.mean().item(), "q_mean": reward.mean().item()}

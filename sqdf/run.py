@@ -1,0 +1,86 @@
+"""The run folder: config.json, metrics.jsonl, checkpoints/, final/, eval.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqdf.config import TrainConfig, make_config
+from sqdf.errors import SqdfError
+
+FORMAT = "sqdf-run"
+FORMAT_VERSION = 1
+# Fields that may differ when a run is resumed: extending training or changing how often
+# it logs does not change what has been computed so far.
+RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints"}
+
+
+def config_path(run: Path) -> Path:
+    return run / "config.json"
+
+
+def write_config(run: Path, cfg: TrainConfig, resolved: dict[str, Any]) -> None:
+    from sqdf import __version__
+
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sqdf_version": __version__,
+        "train": cfg.to_dict(),
+        "resolved": resolved,
+    }
+    config_path(run).write_text(json.dumps(doc, indent=1))
+
+
+def read_run_config(run: str | Path) -> TrainConfig:
+    """The TrainConfig of an existing run folder; a clear SqdfError for anything else."""
+    run = Path(run)
+    if not run.is_dir():
+        raise SqdfError(f"run folder not found: {run}")
+    path = config_path(run)
+    if not path.is_file():
+        raise SqdfError(f"not an sqdf run folder (no config.json): {run}")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise SqdfError(f"not an sqdf run folder (config.json is not JSON): {run}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise SqdfError(f"not an sqdf run folder (config.json was not written by sqdf): {run}")
+    return make_config(doc["train"], source=str(path))
+
+
+def prepare_run(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """Check the folder fits the request; return the config to train with."""
+    if resume:
+        saved = read_run_config(run)
+        for key, value in cfg.to_dict().items():
+            if key not in RESUMABLE_CHANGES and getattr(saved, key) != value:
+                raise SqdfError(
+                    f"cannot resume {run}: {key} is {getattr(saved, key)!r} there, "
+                    f"{value!r} now (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+                )
+        return cfg
+    if run.exists() and any(run.iterdir()):
+        raise SqdfError(f"run folder {run} already exists and is not empty; resume it or pick another")
+    run.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def append_metrics(run: Path, row: dict[str, Any]) -> None:
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(run: Path, last_step: int) -> None:
+    """Drop metric rows written after ``last_step`` (they will be recomputed on resume)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []

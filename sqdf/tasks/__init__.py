@@ -1,0 +1,39 @@
+"""Tasks by name: each entry builds a Task from the TrainConfig, its reward and a device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sqdf.errors import ConfigError
+from sqdf.tasks.base import Task
+from sqdf.tasks.gmm2d import build_gmm2d
+
+TASKS = {"gmm2d": build_gmm2d}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def build_task(cfg: Any) -> Task:
+    """The task named by ``cfg.task`` with its reward, on ``cfg.device``."""
+    from sqdf.rewards import build_reward
+
+    reward = build_reward(cfg.reward, cfg.reward_params)
+    try:
+        return TASKS[cfg.task](cfg, reward, resolve_device(cfg.device))
+    except TypeError as err:
+        raise ConfigError(f"task {cfg.task!r}: {err}") from None
+
+
+__all__ = ["TASKS", "Task", "build_task", "resolve_device"]

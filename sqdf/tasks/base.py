@@ -1,0 +1,75 @@
+"""What a task provides to the sampler, the methods and the evaluator."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sqdf.core.schedule import DDIMSchedule
+
+
+class Task(ABC):
+    """A frozen reference diffusion model, a trainable policy on top of it, a reward and metrics.
+
+    Subclasses set ``schedule``, ``policy`` (an ``nn.Module`` holding every trainable
+    parameter), ``reward`` (a callable (x0, cond) -> (B,)), ``estimator`` and
+    ``sample_shape``, and implement the abstract methods below.
+    """
+
+    schedule: DDIMSchedule
+    policy: nn.Module
+    reward: Any
+    estimator: str
+    sample_shape: tuple[int, ...]
+    prediction_type: str = "epsilon"
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def sample_conditions(self, n: int, generator: torch.Generator) -> Tensor:
+        """n conditions (class indices, prompt indices...) as a (n,) tensor on the CPU."""
+
+    @abstractmethod
+    def model_output(self, x: Tensor, timesteps: Tensor, cond: Tensor, *, policy: bool) -> Tensor:
+        """Policy (policy=True) or reference prediction at integer train ``timesteps`` (B,)."""
+
+    @abstractmethod
+    def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        """x̂0 by the task's (frozen, differentiable) consistency function."""
+
+    @abstractmethod
+    def evaluate(self, samples: Tensor, ref_samples: Tensor, generator: torch.Generator) -> dict:
+        """Task-specific metrics of policy samples, with the reference's for comparison."""
+
+    @abstractmethod
+    def plot_samples(self, samples: Tensor, ref_samples: Tensor | None, path: Path) -> None:
+        """A picture of samples (and optionally the reference's) saved to ``path``."""
+
+    def tweedie_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        from sqdf.core.x0 import tweedie_x0
+
+        out = self.model_output(x, timesteps, cond, policy=False)
+        abar = _expand(self.schedule.abar(timesteps).to(x), x)
+        return tweedie_x0(out, x, abar, self.prediction_type)
+
+    def x0_after_step(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:
+        """x̂0 of the state reached by step k: the frozen estimator, or x_prev itself after the
+        last step, where x_prev already is the sample.
+
+        # x_prev: (B, ...); step_index: (B,) long
+        """
+        t_prev = self.schedule.prev_timesteps.to(step_index.device)[step_index]
+        if self.estimator == "tweedie":
+            est = self.tweedie_x0(x_prev, t_prev, cond)
+        else:
+            est = self.consistency_x0(x_prev, t_prev, cond)
+        last = _expand(step_index == self.schedule.num_steps - 1, x_prev)
+        return torch.where(last, x_prev, est)
+
+
+def _expand(v: Tensor, like: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) broadcasting against ``like``."""
+    return v.view((-1,) + (1,) * (like.dim() - 1))
