@@ -1,0 +1,32 @@
+"""The per-step Gaussian KL against torch.distributions and a Monte-Carlo estimate."""
+
+import pytest
+import torch
+from torch.distributions import Independent, Normal, kl_divergence
+
+from sqdf.core import gaussian_kl
+
+
+def test_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mp, mq = torch.randn(5, 3, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    std = torch.rand(5, 1, 1, generator=g, dtype=torch.float64) + 0.1
+    expected = kl_divergence(
+        Independent(Normal(mp, std.expand_as(mp)), 2), Independent(Normal(mq, std.expand_as(mq)), 2)
+    )
+    torch.testing.assert_close(gaussian_kl(mp, mq, std), expected)
+
+
+def test_matches_monte_carlo():
+    g = torch.Generator().manual_seed(1)
+    mp, mq, std = torch.tensor([[0.3, -0.2]]), torch.tensor([[0.0, 0.1]]), torch.tensor(0.5)
+    x = mp + std * torch.randn(200_000, 2, generator=g)
+    p, q = Independent(Normal(mp, std), 1), Independent(Normal(mq, std), 1)
+    log_ratio = p.log_prob(x) - q.log_prob(x)
+    se = float(log_ratio.std()) / len(x) ** 0.5
+    assert float(log_ratio.mean()) == pytest.approx(float(gaussian_kl(mp, mq, std)), abs=4 * se)
+
+
+def test_zero_std_is_an_error_not_a_division_by_zero():
+    with pytest.raises(ValueError, match="std > 0"):
+        gaussian_kl(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor(0.0))
