@@ -72,12 +72,18 @@ def append_metrics(run: Path, row: dict[str, Any]) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def truncate_metrics(run: Path, last_step: int) -> None:
-    """Drop metric rows written after ``last_step`` (they will be recomputed on resume)."""
+def truncate_metrics(run: Path, last_step: int, log_every: int) -> None:
+    """On resume, drop rows after ``last_step`` (they will be recomputed) and the row an
+    earlier, shorter run wrote at its last step off the ``log_every`` grid, so the file
+    reads as if the run had never stopped."""
     path = run / "metrics.jsonl"
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
+    rows = [ln for ln in path.read_text().splitlines() if ln]
+    keep = [
+        ln for ln in rows
+        if (s := json.loads(ln)["step"]) <= last_step and (s % log_every == 0)
+    ]
     path.write_text("".join(ln + "\n" for ln in keep))
 
 

@@ -66,7 +66,7 @@ def train(
         buffer.load_state_dict(ck.buffer)
         generator.set_state(ck.rng)
         start, samples_seen, wall_before = ck.step, ck.state["samples_seen"], ck.state["wall_s"]
-    truncate_metrics(run, start)
+    truncate_metrics(run, start, cfg.log_every)
 
     def checkpoint(step: int, wall: float) -> None:
         save_checkpoint(

@@ -1,0 +1,73 @@
+"""The training loop: run folder contents, determinism, and resume."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sqdf import SqdfError, evaluate_run, read_metrics, sample_run, train
+from sqdf.checkpoint import list_checkpoints
+
+METRIC_KEYS = {"step", "loss", "reward_mean", "reward_std", "kl_mean", "grad_norm", "lr",
+               "samples_seen", "wall_s"}
+
+
+def test_run_folder_contents(tiny_config, tmp_path):
+    run = train(tiny_config, tmp_path / "run", progress=False)
+    doc = json.loads((run / "config.json").read_text())
+    assert doc["format"] == "sqdf-run" and doc["train"]["steps"] == 6
+    assert doc["resolved"]["reward_params"] == {"b": [1.0, 0.0]}
+    assert doc["resolved"]["task_params"]["num_modes"] == 8
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert METRIC_KEYS <= set(rows[0])
+    assert rows[-1]["samples_seen"] == 6 * tiny_config.batch_size
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_0000003", "step_0000006"]
+    weights = load_file(str(run / "final" / "policy.safetensors"))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_training_changes_the_policy_and_is_deterministic(tiny_config, tmp_path):
+    a = train(tiny_config, tmp_path / "a", progress=False)
+    b = train(tiny_config, tmp_path / "b", progress=False)
+    wa, wb = (load_file(str(r / "final" / "policy.safetensors")) for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(float(v.abs().max()) > 0 for k, v in wa.items() if k.startswith("net.4"))
+
+
+@pytest.mark.parametrize("buffer", ["uniform", "prioritized", "on_policy"])
+def test_resume_gives_the_uninterrupted_result(tiny_config, tmp_path, buffer):
+    cfg = dataclasses.replace(tiny_config, buffer=buffer, replay_ratio=2)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    half = dataclasses.replace(cfg, steps=3)
+    train(half, tmp_path / "resumed", progress=False)
+    resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    ws, wr = (load_file(str(r / "final" / "policy.safetensors")) for r in (straight, resumed))
+    assert all(torch.equal(ws[k], wr[k]) for k in ws)
+    rows_s, rows_r = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in rows_r] == [r["step"] for r in rows_s]
+    assert [r["loss"] for r in rows_r] == [r["loss"] for r in rows_s]
+
+
+def test_refuses_to_overwrite_or_resume_a_different_config(tiny_config, tmp_path):
+    run = train(tiny_config, tmp_path / "run", progress=False)
+    with pytest.raises(SqdfError, match="already exists"):
+        train(tiny_config, run, progress=False)
+    with pytest.raises(SqdfError, match="alpha"):
+        train(dataclasses.replace(tiny_config, alpha=0.5), run, resume=True, progress=False)
+
+
+def test_eval_and_sample(tiny_config, tmp_path):
+    run = train(tiny_config, tmp_path / "run", progress=False)
+    metrics = evaluate_run(run, num_samples=256)
+    for key in ("reward_mean", "kl_path", "target_mode_tv", "target_sliced_w2",
+                "ref_target_mode_tv", "ref_target_sliced_w2"):
+        assert isinstance(metrics[key], float) and metrics[key] == metrics[key]
+    assert metrics["kl_path"] > 0
+    assert json.loads((run / "eval.json").read_text()) == metrics
+    picture = sample_run(run, num_samples=64, out=tmp_path / "pics" / "s.png")
+    assert picture.stat().st_size > 1000
+    assert load_file(str(picture.with_suffix(".safetensors")))["samples"].shape == (64, 2)
