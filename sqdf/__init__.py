@@ -1,8 +1,8 @@
 """sqdf: Soft Q-based Diffusion Fine-tuning (arXiv 2512.04559).
 
-    from sqdf import TrainConfig, train, evaluate_run
-    run = train(TrainConfig(task="gmm2d", steps=200), "runs/demo")
-    print(evaluate_run(run)["target_mode_tv"])
+from sqdf import TrainConfig, train, evaluate_run
+run = train(TrainConfig(task="gmm2d", steps=200), "runs/demo")
+print(evaluate_run(run)["target_mode_tv"])
 """
 
 __version__ = "0.1.0"

@@ -48,7 +48,9 @@ class ReplayBuffer:
         if n > self.capacity:
             raise ValueError(f"batch of {n} trajectories exceeds buffer capacity {self.capacity}")
         if self.states is None:
-            self.states = torch.zeros((self.capacity, *traj.states.shape[1:]), dtype=traj.states.dtype)
+            self.states = torch.zeros(
+                (self.capacity, *traj.states.shape[1:]), dtype=traj.states.dtype
+            )
             self.cond = torch.zeros((self.capacity, *traj.cond.shape[1:]), dtype=traj.cond.dtype)
         idx = (self.ptr + torch.arange(n)) % self.capacity
         self.states[idx] = traj.states

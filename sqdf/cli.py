@@ -53,23 +53,41 @@ def _key_values(items: list[str], flag: str) -> dict[str, Any]:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="fine-tune a model (writes a run folder)", description=DESCRIPTION,
-        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train",
+        help="fine-tune a model (writes a run folder)",
+        description=DESCRIPTION,
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with config keys")
     p.add_argument("--out", metavar="RUN", help="run folder (default: runs/TASK-METHOD-TIME)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
-    p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="task parameter, e.g. radius=4.0 (repeatable)")
-    p.add_argument("--reward-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="reward parameter, e.g. 'b=[1.0, 0.0]' (repeatable)")
+    p.add_argument(
+        "--task-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task parameter, e.g. radius=4.0 (repeatable)",
+    )
+    p.add_argument(
+        "--reward-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="reward parameter, e.g. 'b=[1.0, 0.0]' (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in config_fields():
         if f.name in ("task_params", "reward_params"):
             continue
         kind = {"int": int, "float": float, "str": str}[str(f.type)]
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
-                       help=f"{f.metadata['help']} (default: {f.default})")
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=kind,
+            default=None,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -80,19 +98,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in flags.items() if v is not None}
     if args.resume:
         if args.config or args.task_param or args.reward_param:
-            raise SqdfError("--resume takes the run's own config; only flags like --steps may change")
+            raise SqdfError(
+                "--resume takes the run's own config; only flags like --steps may change"
+            )
         values = read_run_config(args.resume).to_dict()
         source = f"{args.resume}/config.json"
     else:
         values = read_toml(args.config) if args.config else {}
         source = args.config or "flags"
     values.update(flags)
-    values["task_params"] = {**values.get("task_params", {}), **_key_values(args.task_param, "--task-param")}
+    values["task_params"] = {
+        **values.get("task_params", {}),
+        **_key_values(args.task_param, "--task-param"),
+    }
     values["reward_params"] = {
-        **values.get("reward_params", {}), **_key_values(args.reward_param, "--reward-param")
+        **values.get("reward_params", {}),
+        **_key_values(args.reward_param, "--reward-param"),
     }
     cfg = make_config(values, source=source)
-    out = args.resume or args.out or f"runs/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        args.resume or args.out or f"runs/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     run = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
     print(f"run folder: {run}")
     return 0
@@ -101,7 +127,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from sqdf.evaluate import evaluate_run
 
-    metrics = evaluate_run(args.run, num_samples=args.num_samples, seed=args.seed, device=args.device)
+    metrics = evaluate_run(
+        args.run, num_samples=args.num_samples, seed=args.seed, device=args.device
+    )
     print(json.dumps(metrics, indent=1))
     print(f"wrote {Path(args.run) / 'eval.json'}")
     return 0
@@ -110,8 +138,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from sqdf.evaluate import sample_run
 
-    picture = sample_run(args.run, num_samples=args.num_samples, seed=args.seed, out=args.out,
-                         with_reference=not args.no_reference)
+    picture = sample_run(
+        args.run,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        out=args.out,
+        with_reference=not args.no_reference,
+    )
     print(f"wrote {picture} and {picture.with_suffix('.safetensors')}")
     return 0
 
@@ -122,15 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     e = sub.add_parser("eval", help="score a finished run against its reference (writes eval.json)")
     e.add_argument("run", metavar="RUN", help="run folder written by sqdf train")
-    e.add_argument("--num-samples", type=int, default=4096, help="samples from policy and reference")
+    e.add_argument(
+        "--num-samples", type=int, default=4096, help="samples from policy and reference"
+    )
     e.add_argument("--seed", type=int, default=1234, help="sampling seed")
     e.add_argument("--device", default=None, help="override the run's device")
     s = sub.add_parser("sample", help="draw samples from a finished run and plot them")
     s.add_argument("run", metavar="RUN", help="run folder written by sqdf train")
     s.add_argument("--num-samples", type=int, default=1024, help="how many samples")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
-    s.add_argument("--out", default=None, help="picture path (default: RUN/samples.png); "
-                   "the samples go beside it as .safetensors")
+    s.add_argument(
+        "--out",
+        default=None,
+        help="picture path (default: RUN/samples.png); the samples go beside it as .safetensors",
+    )
     s.add_argument("--no-reference", action="store_true", help="skip the reference panel")
     return parser
 
@@ -144,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sqdf {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; resume from the latest checkpoint with sqdf train --resume RUN",
-              file=sys.stderr)
+        print(
+            "interrupted; resume from the latest checkpoint with sqdf train --resume RUN",
+            file=sys.stderr,
+        )
         return 130
 
 

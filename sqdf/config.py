@@ -1,4 +1,4 @@
-"""The training configuration: one typed dataclass, validated once, whose help texts the CLI reuses."""
+"""The training configuration: one typed dataclass, validated once; the CLI reuses its help."""
 
 from __future__ import annotations
 
@@ -112,8 +112,14 @@ class TrainConfig:
         )
         need(self.replay_ratio >= 1, f"replay_ratio must be >= 1, got {self.replay_ratio}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(
+            self.checkpoint_every >= 0,
+            f"checkpoint_every must be >= 0, got {self.checkpoint_every}",
+        )
+        need(
+            self.keep_checkpoints >= 1,
+            f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

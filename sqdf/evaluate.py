@@ -75,7 +75,7 @@ def sample_run(
     out: str | Path | None = None,
     with_reference: bool = True,
 ) -> Path:
-    """Draw samples from a run's policy; save them (safetensors) and a picture; return the picture."""
+    """Sample a run's policy; save the samples (safetensors) and a picture; return its path."""
     if num_samples < 1:
         raise SqdfError(f"num_samples must be >= 1, got {num_samples}")
     run = Path(run)

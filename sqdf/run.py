@@ -62,7 +62,9 @@ def prepare_run(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
                 )
         return cfg
     if run.exists() and any(run.iterdir()):
-        raise SqdfError(f"run folder {run} already exists and is not empty; resume it or pick another")
+        raise SqdfError(
+            f"run folder {run} already exists and is not empty; resume it or pick another"
+        )
     run.mkdir(parents=True, exist_ok=True)
     return cfg
 
@@ -81,8 +83,7 @@ def truncate_metrics(run: Path, last_step: int, log_every: int) -> None:
         return
     rows = [ln for ln in path.read_text().splitlines() if ln]
     keep = [
-        ln for ln in rows
-        if (s := json.loads(ln)["step"]) <= last_step and (s % log_every == 0)
+        ln for ln in rows if (s := json.loads(ln)["step"]) <= last_step and (s % log_every == 0)
     ]
     path.write_text("".join(ln + "\n" for ln in keep))
 

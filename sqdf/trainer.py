@@ -84,8 +84,12 @@ def train(
 
     t0 = time.perf_counter() - wall_before
     bar = tqdm(
-        range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
-        desc=f"{cfg.method} on {cfg.task}", dynamic_ncols=True,
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not progress,
+        desc=f"{cfg.method} on {cfg.task}",
+        dynamic_ncols=True,
     )
     step = start
     try:

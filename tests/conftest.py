@@ -7,6 +7,13 @@ from sqdf.config import TrainConfig
 def tiny_config() -> TrainConfig:
     """A gmm2d run small enough to train in about a second."""
     return TrainConfig(
-        num_steps=10, steps=6, batch_size=16, buffer_size=64, log_every=2, checkpoint_every=3,
-        device="cpu", estimator="tweedie", task_params={"hidden": 16},
+        num_steps=10,
+        steps=6,
+        batch_size=16,
+        buffer_size=64,
+        log_every=2,
+        checkpoint_every=3,
+        device="cpu",
+        estimator="tweedie",
+        task_params={"hidden": 16},
     )

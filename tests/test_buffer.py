@@ -32,7 +32,9 @@ def test_uniform_draws_every_trajectory_and_step():
     cells = buf.sample_cells(4000, torch.Generator().manual_seed(0))
     assert set(cells.index.tolist()) == set(range(8))
     counts = torch.bincount(cells.step, minlength=T).double() / 4000
-    torch.testing.assert_close(counts, torch.full((T,), 0.25, dtype=torch.float64), atol=0.03, rtol=0)
+    torch.testing.assert_close(
+        counts, torch.full((T,), 0.25, dtype=torch.float64), atol=0.03, rtol=0
+    )
 
 
 def test_prioritized_weights_are_reward_times_discount():

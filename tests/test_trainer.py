@@ -10,8 +10,17 @@ from safetensors.torch import load_file
 from sqdf import SqdfError, evaluate_run, read_metrics, sample_run, train
 from sqdf.checkpoint import list_checkpoints
 
-METRIC_KEYS = {"step", "loss", "reward_mean", "reward_std", "kl_mean", "grad_norm", "lr",
-               "samples_seen", "wall_s"}
+METRIC_KEYS = {
+    "step",
+    "loss",
+    "reward_mean",
+    "reward_std",
+    "kl_mean",
+    "grad_norm",
+    "lr",
+    "samples_seen",
+    "wall_s",
+}
 
 
 def test_run_folder_contents(tiny_config, tmp_path):
@@ -25,7 +34,10 @@ def test_run_folder_contents(tiny_config, tmp_path):
     assert METRIC_KEYS <= set(rows[0])
     assert rows[-1]["samples_seen"] == 6 * tiny_config.batch_size
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_0000003", "step_0000006"]
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == [
+        "step_0000003",
+        "step_0000006",
+    ]
     weights = load_file(str(run / "final" / "policy.safetensors"))
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
 
@@ -63,8 +75,14 @@ def test_refuses_to_overwrite_or_resume_a_different_config(tiny_config, tmp_path
 def test_eval_and_sample(tiny_config, tmp_path):
     run = train(tiny_config, tmp_path / "run", progress=False)
     metrics = evaluate_run(run, num_samples=256)
-    for key in ("reward_mean", "kl_path", "target_mode_tv", "target_sliced_w2",
-                "ref_target_mode_tv", "ref_target_sliced_w2"):
+    for key in (
+        "reward_mean",
+        "kl_path",
+        "target_mode_tv",
+        "target_sliced_w2",
+        "ref_target_mode_tv",
+        "ref_target_sliced_w2",
+    ):
         assert isinstance(metrics[key], float) and metrics[key] == metrics[key]
     assert metrics["kl_path"] > 0
     assert json.loads((run / "eval.json").read_text()) == metrics

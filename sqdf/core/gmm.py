@@ -25,7 +25,9 @@ class GaussianMixture:
         return int(self.means.shape[1])
 
     def to(self, dtype: torch.dtype) -> GaussianMixture:
-        return GaussianMixture(self.weights.to(dtype), self.means.to(dtype), self.variances.to(dtype))
+        return GaussianMixture(
+            self.weights.to(dtype), self.means.to(dtype), self.variances.to(dtype)
+        )
 
     def component_log_prob(self, x: Tensor) -> Tensor:
         """log w_k + log N(x; m_k, S_k) for x: (B, D); returns (B, K)."""
@@ -84,8 +86,10 @@ def tilt_linear(gmm: GaussianMixture, b: Tensor, alpha: float) -> GaussianMixtur
     """
     b = b.to(gmm.means.dtype)
     shift = gmm.variances * b[None] / alpha
-    log_w = gmm.weights.log() + gmm.means @ b / alpha + (gmm.variances * b[None] ** 2).sum(-1) / (
-        2 * alpha**2
+    log_w = (
+        gmm.weights.log()
+        + gmm.means @ b / alpha
+        + (gmm.variances * b[None] ** 2).sum(-1) / (2 * alpha**2)
     )
     return GaussianMixture(_renormalised(log_w), gmm.means + shift, gmm.variances)
 

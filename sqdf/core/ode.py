@@ -31,7 +31,9 @@ def pf_ode_x0(
     lam_hi = lam_start.clamp(min=lam_min)
     n = max(num_steps - 1, 1)
     frac = torch.linspace(0.0, 1.0, n + 1, dtype=x.dtype, device=x.device)[:, None]
-    lam_grid = (lam_hi[None] ** (1 / rho) + frac * (lam_min ** (1 / rho) - lam_hi[None] ** (1 / rho))) ** rho
+    lam_grid = (
+        lam_hi[None] ** (1 / rho) + frac * (lam_min ** (1 / rho) - lam_hi[None] ** (1 / rho))
+    ) ** rho
 
     def denoise(y: Tensor, lam: Tensor) -> Tensor:
         a = 1.0 / (1.0 + lam**2)

@@ -23,7 +23,9 @@ def predict_x0_and_eps(
         return a.sqrt() * x_t - b.sqrt() * model_output, a.sqrt() * model_output + b.sqrt() * x_t
     if prediction_type == "sample":
         return model_output, (x_t - a.sqrt() * model_output) / b.sqrt()
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    raise ValueError(
+        f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}"
+    )
 
 
 def tweedie_x0(
@@ -54,7 +56,7 @@ def consistency_x0(
     prediction_type: str = "epsilon",
     timestep_scaling: float = 10.0,
 ) -> Tensor:
-    """Consistency-model x̂0: c_skip(t) x_t + c_out(t) x̂0_pred(x_t); timestep broadcasts like abar_t."""
+    """Consistency-model x̂0 = c_skip(t) x_t + c_out(t) x̂0_pred(x_t); t broadcasts like abar_t."""
     x0 = tweedie_x0(model_output, x_t, abar_t, prediction_type)
     c_skip, c_out = lcm_boundary_scalings(timestep, timestep_scaling)
     return c_out.to(x0.dtype) * x0 + c_skip.to(x0.dtype) * x_t

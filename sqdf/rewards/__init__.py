@@ -22,7 +22,8 @@ def build_reward(name: str, params: Mapping[str, Any]) -> Any:
     unknown = sorted(set(params) - known)
     if unknown:
         raise ConfigError(
-            f"unknown parameter {unknown[0]!r} for reward {name!r}; known: {', '.join(sorted(known))}"
+            f"unknown parameter {unknown[0]!r} for reward {name!r}; "
+            f"known: {', '.join(sorted(known))}"
         )
     try:
         return cls(**params)
@@ -32,4 +33,6 @@ def build_reward(name: str, params: Mapping[str, Any]) -> Any:
 
 def reward_params(reward: Any) -> dict[str, Any]:
     """The resolved parameters of a built reward (for config.json)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(reward).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(reward).items()
+    }

@@ -64,8 +64,12 @@ class GMM2DConfig:
             angle = 2 * math.pi * torch.arange(self.num_modes, dtype=torch.float64) / self.num_modes
             means = self.radius * torch.stack([angle.cos(), angle.sin()], dim=1)
         k = means.shape[0]
-        stds = torch.tensor(self.stds if self.stds is not None else [self.std] * k, dtype=torch.float64)
-        w = torch.tensor(self.weights if self.weights is not None else [1.0] * k, dtype=torch.float64)
+        stds = torch.tensor(
+            self.stds if self.stds is not None else [self.std] * k, dtype=torch.float64
+        )
+        w = torch.tensor(
+            self.weights if self.weights is not None else [1.0] * k, dtype=torch.float64
+        )
         return GaussianMixture(w / w.sum(), means, stds[:, None].pow(2).expand(k, 2).clone())
 
 
@@ -151,11 +155,15 @@ class GMM2DTask(Task):
             "target_mode_tv": mode_tv(samples, target),
             "target_sliced_w2": sliced_w2(samples, exact, torch.Generator().manual_seed(seed)),
             "ref_target_mode_tv": mode_tv(ref_samples, target),
-            "ref_target_sliced_w2": sliced_w2(ref_samples, exact, torch.Generator().manual_seed(seed)),
+            "ref_target_sliced_w2": sliced_w2(
+                ref_samples, exact, torch.Generator().manual_seed(seed)
+            ),
             "target_reward_mean": float(self.reward(exact).mean()),
             # KL(target || reference output), Monte Carlo over exact target samples with exact
             # densities: the least path KL any policy reaching the target can have.
-            "target_kl": float((target.log_prob(exact) - self.reference_output().log_prob(exact)).mean()),
+            "target_kl": float(
+                (target.log_prob(exact) - self.reference_output().log_prob(exact)).mean()
+            ),
             "target_mode_weights": [round(float(w), 6) for w in target.weights],
             "sample_mode_freq": [round(float(w), 6) for w in mode_frequencies(samples, target)],
             "ref_mode_freq": [round(float(w), 6) for w in mode_frequencies(ref_samples, target)],
@@ -172,9 +180,11 @@ class GMM2DTask(Task):
         grid = torch.linspace(-lim, lim, 200, dtype=torch.float64)
         gx, gy = torch.meshgrid(grid, grid, indexing="xy")
         dens = target.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1)).exp().view(200, 200)
-        panels = [("fine-tuned", samples)] + ([("reference", ref_samples)] if ref_samples is not None else [])
+        panels = [("fine-tuned", samples)] + (
+            [("reference", ref_samples)] if ref_samples is not None else []
+        )
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
-        for ax, (name, pts) in zip(axes[0], panels):
+        for ax, (name, pts) in zip(axes[0], panels, strict=True):
             ax.contourf(gx, gy, dens, levels=20, cmap="Greys")
             pts = pts.detach().cpu()
             ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=0.5, color="tab:red")
@@ -195,5 +205,7 @@ def build_gmm2d(cfg: Any, reward: Any, device: torch.device) -> GMM2DTask:
             f"unknown parameter {unknown[0]!r} for task 'gmm2d'; known: {', '.join(sorted(known))}"
         )
     if not hasattr(reward, "tilt"):
-        raise ConfigError("task 'gmm2d' needs a reward with a closed-form optimum (linear, quadratic)")
+        raise ConfigError(
+            "task 'gmm2d' needs a reward with a closed-form optimum (linear, quadratic)"
+        )
     return GMM2DTask(cfg, GMM2DConfig(**cfg.task_params), reward, device)

@@ -12,8 +12,12 @@ DDPM = dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
 def _pair(betas: dict, prediction_type: str, set_alpha_to_one: bool, steps_offset: int, eta: float):
     sched = DDIMScheduler(
-        num_train_timesteps=1000, clip_sample=False, prediction_type=prediction_type,
-        set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset, **betas,
+        num_train_timesteps=1000,
+        clip_sample=False,
+        prediction_type=prediction_type,
+        set_alpha_to_one=set_alpha_to_one,
+        steps_offset=steps_offset,
+        **betas,
     )
     sched.set_timesteps(50)
     ours = make_ddim_schedule(
@@ -27,7 +31,9 @@ def _pair(betas: dict, prediction_type: str, set_alpha_to_one: bool, steps_offse
 @pytest.mark.parametrize(
     "betas,set_alpha_to_one,steps_offset", [(SD, False, 1), (DDPM, True, 0), (DDPM, False, 1)]
 )
-def test_step_matches_diffusers_at_every_timestep(prediction_type, eta, betas, set_alpha_to_one, steps_offset):
+def test_step_matches_diffusers_at_every_timestep(
+    prediction_type, eta, betas, set_alpha_to_one, steps_offset
+):
     sched, ours = _pair(betas, prediction_type, set_alpha_to_one, steps_offset, eta)
     assert torch.equal(ours.timesteps, sched.timesteps)
     g = torch.Generator().manual_seed(0)

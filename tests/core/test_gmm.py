@@ -46,7 +46,10 @@ def test_posterior_mean_and_eps_by_quadrature(abar):
 @pytest.mark.parametrize(
     "tilt,reward",
     [
-        (lambda g, a: tilt_linear(g, torch.tensor([0.8, -0.5]), a), lambda x: x @ torch.tensor([0.8, -0.5], dtype=x.dtype)),
+        (
+            lambda g, a: tilt_linear(g, torch.tensor([0.8, -0.5]), a),
+            lambda x: x @ torch.tensor([0.8, -0.5], dtype=x.dtype),
+        ),
         (
             lambda g, a: tilt_quadratic(g, torch.tensor([1.0, 1.0]), 1.5, a),
             lambda x: -0.75 * ((x - torch.tensor([1.0, 1.0], dtype=x.dtype)) ** 2).sum(-1),

@@ -9,7 +9,10 @@ from sqdf.core import gaussian_kl
 
 def test_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)
-    mp, mq = torch.randn(5, 3, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    mp, mq = (
+        torch.randn(5, 3, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, 4, generator=g, dtype=torch.float64),
+    )
     std = torch.rand(5, 1, 1, generator=g, dtype=torch.float64) + 0.1
     expected = kl_divergence(
         Independent(Normal(mp, std.expand_as(mp)), 2), Independent(Normal(mq, std.expand_as(mq)), 2)

@@ -13,7 +13,9 @@ from sqdf.tasks import build_task
 
 def test_discount_weight():
     k = torch.arange(5)
-    torch.testing.assert_close(discount_weight(k, 5, 0.5), torch.tensor([0.0625, 0.125, 0.25, 0.5, 1.0]))
+    torch.testing.assert_close(
+        discount_weight(k, 5, 0.5), torch.tensor([0.0625, 0.125, 0.25, 0.5, 1.0])
+    )
     torch.testing.assert_close(discount_weight(k, 5, 1.0), torch.ones(5))
 
 
@@ -26,8 +28,13 @@ def test_soft_q_loss_formula():
 @pytest.mark.parametrize("estimator", ["tweedie", "consistency"])
 def test_sqdf_gradient_matches_finite_differences(estimator):
     cfg = TrainConfig(
-        num_steps=6, alpha=0.7, gamma=0.8, estimator=estimator, device="cpu",
-        reward="quadratic", task_params={"hidden": 3, "ode_steps": 3, "num_modes": 3},
+        num_steps=6,
+        alpha=0.7,
+        gamma=0.8,
+        estimator=estimator,
+        device="cpu",
+        reward="quadratic",
+        task_params={"hidden": 3, "ode_steps": 3, "num_modes": 3},
     )
     torch.manual_seed(0)
     task = build_task(cfg)
@@ -48,7 +55,7 @@ def test_sqdf_gradient_matches_finite_differences(estimator):
     names = [name for name, _ in task.policy.named_parameters()]
 
     def loss_of(*params):
-        state = dict(zip(names, params))
+        state = dict(zip(names, params, strict=True))
         original = task.policy
         task.policy = lambda x, t: functional_call(original, state, (x, t))
         try:

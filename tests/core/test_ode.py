@@ -24,7 +24,11 @@ def test_single_gaussian_flow_is_the_affine_transport_map(abar):
     m = gmm.means[0]
     expected = m + s / (abar * s**2 + 1 - abar) ** 0.5 * (x - abar**0.5 * m)
     err = {
-        n: float((pf_ode_x0(lambda y, aa: gmm_posterior_mean(gmm, y, aa), x, a, n) - expected).abs().max())
+        n: float(
+            (pf_ode_x0(lambda y, aa: gmm_posterior_mean(gmm, y, aa), x, a, n) - expected)
+            .abs()
+            .max()
+        )
         for n in (24, 48)
     }
     assert err[48] < 0.025

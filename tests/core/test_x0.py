@@ -10,8 +10,13 @@ from sqdf.core import consistency_x0, lcm_boundary_scalings, make_ddim_schedule,
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_tweedie_equals_pred_original_sample(prediction_type):
     sched = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
     sched.set_timesteps(50)
     ours = make_ddim_schedule(50)
@@ -26,8 +31,12 @@ def test_tweedie_equals_pred_original_sample(prediction_type):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_consistency_x0_equals_lcm_denoised(prediction_type):
     lcm = LCMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
     )
     lcm.set_timesteps(8)
     g = torch.Generator().manual_seed(2)

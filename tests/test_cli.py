@@ -1,0 +1,122 @@
+"""The command line: help, bad input as one line with status 2, and a full train/eval/sample."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sqdf.cli import main
+
+TINY = [
+    "--num-steps",
+    "8",
+    "--steps",
+    "4",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "16",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--task-param",
+    "hidden=8",
+]
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: sqdf " + command in capsys.readouterr().out
+
+
+def test_train_help_reuses_config_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "KL weight alpha" in out and "--reward-param" in out and "--resume" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--task", "imagenet"], "unknown task 'imagenet'"),
+        (["train", "--method", "ppo"], "unknown method 'ppo'"),
+        (["train", "--alpha", "-1"], "alpha must be >= 0, got -1.0"),
+        (["train", "--gamma", "0"], "gamma must be in (0, 1], got 0.0"),
+        (["train", "--gamma", "1.5"], "gamma must be in (0, 1], got 1.5"),
+        (["train", "--reward", "aesthetic"], "unknown reward 'aesthetic'"),
+        (["train", "--reward-param", "b"], "--reward-param expects KEY=VALUE"),
+        (["train", "--task-param", "radiu=2"], "unknown parameter 'radiu' for task 'gmm2d'"),
+        (["train", "--alpha", "two"], "invalid float value: 'two'"),
+        (["eval", "no/such/run"], "run folder not found: no/such/run"),
+        (["sample", "no/such/run"], "run folder not found: no/such/run"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) if message.startswith("invalid") else _no_raise():
+        code = main(args)
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_foreign_folder_and_unknown_config_key(tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"lr": 1}))
+    assert main(["eval", str(foreign)]) == 2
+    assert "not an sqdf run folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", str(empty)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    toml = tmp_path / "c.toml"
+    toml.write_text("alpha = 1.0\nlearning_rate = 0.1\n")
+    assert main(["train", "--config", str(toml)]) == 2
+    assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("alpha = = 1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_train_eval_sample_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    toml = tmp_path / "c.toml"
+    toml.write_text("alpha = 1.5\n[reward_params]\nb = [0.0, 1.0]\n")
+    assert main(["train", "--config", str(toml), "--out", str(run), *TINY]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["alpha"] == 1.5 and saved["train"]["reward_params"] == {"b": [0.0, 1.0]}
+    assert main(["train", "--resume", str(run), "--steps", "6", "--no-progress"]) == 0
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
+    assert main(["eval", str(run), "--num-samples", "64"]) == 0
+    assert json.loads((run / "eval.json").read_text())["num_samples"] == 64
+    assert main(["sample", str(run), "--num-samples", "32"]) == 0
+    assert (run / "samples.png").exists() and (run / "samples.safetensors").exists()
+    assert main(["train", "--resume", str(run), "--alpha", "3", "--no-progress"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_console_script_exit_status_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqdf.cli", "train", "--gamma", "2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "sqdf train: error: gamma must be in (0, 1], got 2.0"
