@@ -120,7 +120,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.resume or args.out or f"runs/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     run = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
-    print(f"run folder: {run}")
+    print(f"run folder: {run}\nnext: sqdf eval {run}   (or: sqdf sample {run})")
     return 0
 
 

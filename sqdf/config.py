@@ -94,7 +94,8 @@ class TrainConfig:
             self.estimator in ESTIMATORS,
             f"unknown estimator {self.estimator!r}; known: {', '.join(ESTIMATORS)}",
         )
-        need(1 <= self.num_steps <= 1000, f"num_steps must be in [1, 1000], got {self.num_steps}")
+        # 999 at most: with steps_offset=1 the first of 1000 steps would be timestep 1000
+        need(1 <= self.num_steps <= 999, f"num_steps must be in [1, 999], got {self.num_steps}")
         need(0 < self.eta <= 1, f"eta must be in (0, 1], got {self.eta}")
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")

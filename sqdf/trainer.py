@@ -122,6 +122,7 @@ def train(
                     "loss": loss_total,
                     "reward_mean": float(fresh.mean()),
                     "reward_std": float(fresh.std()) if fresh.numel() > 1 else 0.0,
+                    "kl_mean": float("nan"),  # every row has it; a method without a KL leaves NaN
                     **stats_total,
                     "grad_norm": grad_norm,
                     "lr": optimizer.param_groups[0]["lr"],

@@ -32,7 +32,9 @@ def build_task(cfg: Any) -> Task:
     reward = build_reward(cfg.reward, cfg.reward_params)
     try:
         return TASKS[cfg.task](cfg, reward, resolve_device(cfg.device))
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
         raise ConfigError(f"task {cfg.task!r}: {err}") from None
 
 
