@@ -10,3 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# The digits evaluator's weights come inside this MIT-licensed package. Its declared
+# dependencies include torchvision, which breaks beside this torch, and we only read its
+# weight file, so it is installed without them.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "digit-recognizer-py==0.1.0"
