@@ -32,7 +32,11 @@ class TrainConfig:
 
     task: str = _f("gmm2d", "task: backbone, conditions and metrics (gmm2d)")
     method: str = _f("sqdf", "fine-tuning method (sqdf)")
-    reward: str = _f("linear", "reward by name (gmm2d: linear, quadratic)")
+    reward: str = _f(
+        "auto",
+        "reward: linear, quadratic (gmm2d); ink, classifier (digits); module:function; "
+        "auto = the task's default",
+    )
     reward_params: dict = _f({}, "reward parameters, e.g. {b = [1.0, 0.0]} for linear")
     task_params: dict = _f({}, "task parameters, e.g. {radius = 3.0} for gmm2d")
     alpha: float = _f(2.0, "KL weight alpha (exact KL, summed over dimensions)")

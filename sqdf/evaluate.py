@@ -46,9 +46,11 @@ def evaluate_run(
         raise SqdfError(f"num_samples must be >= 2, got {num_samples}")
     run = Path(run)
     task = load_run(run, device)
-    gen = torch.Generator().manual_seed(seed)
-    traj = sample_trajectories(task, num_samples, gen, with_kl=True)
-    ref = sample_trajectories(task, num_samples, gen, policy=False)
+    # The same seed for both: the reference starts from the same noise and conditions, so
+    # the two sample sets differ only by the fine-tuning.
+    traj = sample_trajectories(task, num_samples, torch.Generator().manual_seed(seed), with_kl=True)
+    ref = sample_trajectories(task, num_samples, torch.Generator().manual_seed(seed), policy=False)
+    gen = torch.Generator().manual_seed(seed + 1)
     dev = task.device
     with torch.no_grad():
         r = task.reward(traj.x0.to(dev), traj.cond.to(dev)).cpu()
@@ -63,7 +65,7 @@ def evaluate_run(
         "ref_reward_mean": float(r_ref.mean()),
         "ref_reward_std": float(r_ref.std()),
     }
-    metrics.update(task.evaluate(traj.x0, ref.x0, gen))
+    metrics.update(task.evaluate(traj.x0, ref.x0, traj.cond, gen))
     (run / "eval.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -80,14 +82,18 @@ def sample_run(
         raise SqdfError(f"num_samples must be >= 1, got {num_samples}")
     run = Path(run)
     task = load_run(run)
-    gen = torch.Generator().manual_seed(seed)
-    x0 = sample_trajectories(task, num_samples, gen).x0
-    ref = sample_trajectories(task, num_samples, gen, policy=False).x0 if with_reference else None
+    traj = sample_trajectories(task, num_samples, torch.Generator().manual_seed(seed))
+    x0 = traj.x0
+    ref = None
+    if with_reference:  # from the same noise, so a sample and its reference sit side by side
+        ref = sample_trajectories(
+            task, num_samples, torch.Generator().manual_seed(seed), policy=False
+        ).x0
     picture = Path(out) if out is not None else run / "samples.png"
     picture.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"samples": x0.contiguous()}
     if ref is not None:
         tensors["reference"] = ref.contiguous()
     save_file(tensors, str(picture.with_suffix(".safetensors")))
-    task.plot_samples(x0, ref, picture)
+    task.plot_samples(x0, ref, traj.cond, picture)
     return picture

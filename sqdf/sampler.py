@@ -50,11 +50,12 @@ def sample_trajectories(
     *,
     policy: bool = True,
     with_kl: bool = False,
+    cond: Tensor | None = None,
 ) -> Trajectories:
     """n full DDIM trajectories; all randomness comes from ``generator`` (CPU), so a run is
-    reproducible whatever the device."""
+    reproducible whatever the device. ``cond`` fixes the conditions (else they are drawn)."""
     device = task.device
-    cond = task.sample_conditions(n, generator)
+    cond = task.sample_conditions(n, generator) if cond is None else cond
     x = torch.randn((n, *task.sample_shape), generator=generator).to(device)
     states = [x.cpu()]
     kls = []

@@ -27,7 +27,7 @@ from sqdf.methods import METHODS
 from sqdf.rewards import reward_params
 from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
 from sqdf.sampler import sample_trajectories
-from sqdf.tasks import build_task
+from sqdf.tasks import build_task, resolved_reward_name
 
 
 def train(
@@ -47,7 +47,8 @@ def train(
         cfg,
         {
             "task_params": dataclasses.asdict(task.options) if hasattr(task, "options") else {},
-            "reward_params": reward_params(task.reward),
+            "reward": resolved_reward_name(cfg),
+            "reward_params": reward_params(task.reward_model),
             "device": str(task.device),
         },
     )

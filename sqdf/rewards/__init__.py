@@ -1,5 +1,7 @@
 """Rewards by name. Each is a dataclass (its fields are the reward's parameters, checked on
-construction) whose instances map (x0, cond) to one value per sample."""
+construction) whose instances map (x0, cond) to one value per sample. ``domain`` says what
+it scores: "points" (gmm2d), "image" (digits, [0, 1] pixels) or "any". A name of the form
+``module:function`` is a user's own reward (``sqdf.rewards.custom``)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,27 @@ from typing import Any
 
 from sqdf.errors import ConfigError
 from sqdf.rewards.analytic import LinearReward, QuadraticReward
+from sqdf.rewards.custom import CustomReward
+from sqdf.rewards.digit_classifier import ClassifierReward
+from sqdf.rewards.image_stats import InkReward
 
-REWARDS: dict[str, type] = {"linear": LinearReward, "quadratic": QuadraticReward}
+REWARDS: dict[str, type] = {
+    "linear": LinearReward,
+    "quadratic": QuadraticReward,
+    "ink": InkReward,
+    "classifier": ClassifierReward,
+}
 
 
 def build_reward(name: str, params: Mapping[str, Any]) -> Any:
     """Instantiate reward ``name`` with ``params``; bad names, keys or values raise ConfigError."""
+    if ":" in name:
+        return CustomReward(name, **params)
     if name not in REWARDS:
-        raise ConfigError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
+        raise ConfigError(
+            f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}, "
+            "or module:function"
+        )
     cls = REWARDS[name]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - known)
@@ -33,6 +48,8 @@ def build_reward(name: str, params: Mapping[str, Any]) -> Any:
 
 def reward_params(reward: Any) -> dict[str, Any]:
     """The resolved parameters of a built reward (for config.json)."""
+    if isinstance(reward, CustomReward):
+        return {"spec": reward.spec, **reward.params}
     return {
         k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(reward).items()
     }

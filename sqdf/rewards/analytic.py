@@ -25,6 +25,7 @@ class LinearReward:
     """r(x) = b·x: pushes mass along b; the optimum re-weights and shifts every mode."""
 
     b: tuple[float, ...] = (1.0, 0.0)
+    domain = "points"
 
     def __post_init__(self) -> None:
         self.b = _vector("b", self.b)
@@ -43,6 +44,7 @@ class QuadraticReward:
 
     center: tuple[float, ...] = (3.0, 0.0)
     curvature: float = 1.0
+    domain = "points"
 
     def __post_init__(self) -> None:
         self.center = _vector("center", self.center)

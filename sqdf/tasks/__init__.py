@@ -10,7 +10,16 @@ from sqdf.errors import ConfigError
 from sqdf.tasks.base import Task
 from sqdf.tasks.gmm2d import build_gmm2d
 
-TASKS = {"gmm2d": build_gmm2d}
+
+def build_digits(cfg: Any, reward: Any, device: torch.device) -> Task:
+    # imported on use: diffusers and peft take seconds to import, and gmm2d needs neither
+    from sqdf.tasks.digits import build_digits as build
+
+    return build(cfg, reward, device)
+
+
+TASKS = {"gmm2d": build_gmm2d, "digits": build_digits}
+DEFAULT_REWARDS = {"gmm2d": "linear", "digits": "ink"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,11 +34,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolved_reward_name(cfg: Any) -> str:
+    return DEFAULT_REWARDS[cfg.task] if cfg.reward == "auto" else cfg.reward
+
+
 def build_task(cfg: Any) -> Task:
     """The task named by ``cfg.task`` with its reward, on ``cfg.device``."""
     from sqdf.rewards import build_reward
 
-    reward = build_reward(cfg.reward, cfg.reward_params)
+    reward = build_reward(resolved_reward_name(cfg), cfg.reward_params)
     try:
         return TASKS[cfg.task](cfg, reward, resolve_device(cfg.device))
     except (TypeError, ValueError) as err:

@@ -16,13 +16,13 @@ class Task(ABC):
     """A frozen reference diffusion model, a trainable policy on top of it, a reward and metrics.
 
     Subclasses set ``schedule``, ``policy`` (an ``nn.Module`` holding every trainable
-    parameter), ``reward`` (a callable (x0, cond) -> (B,)), ``estimator`` and
+    parameter), ``reward_model`` (a reward from ``sqdf.rewards``), ``estimator`` and
     ``sample_shape``, and implement the abstract methods below.
     """
 
     schedule: DDIMSchedule
     policy: nn.Module
-    reward: Any
+    reward_model: Any
     estimator: str
     sample_shape: tuple[int, ...]
     prediction_type: str = "epsilon"
@@ -41,12 +41,21 @@ class Task(ABC):
         """x̂0 by the task's (frozen, differentiable) consistency function."""
 
     @abstractmethod
-    def evaluate(self, samples: Tensor, ref_samples: Tensor, generator: torch.Generator) -> dict:
-        """Task-specific metrics of policy samples, with the reference's for comparison."""
+    def evaluate(
+        self, samples: Tensor, ref_samples: Tensor, cond: Tensor, generator: torch.Generator
+    ) -> dict:
+        """Task-specific metrics of policy samples, with the reference's for comparison; both
+        sets were drawn for the same conditions ``cond``."""
 
     @abstractmethod
-    def plot_samples(self, samples: Tensor, ref_samples: Tensor | None, path: Path) -> None:
+    def plot_samples(
+        self, samples: Tensor, ref_samples: Tensor | None, cond: Tensor, path: Path
+    ) -> None:
         """A picture of samples (and optionally the reference's) saved to ``path``."""
+
+    def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
+        """r(x0, cond) per sample, x0 in the model's sample space; (B,)."""
+        return self.reward_model(x0, cond)
 
     def tweedie_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         from sqdf.core.x0 import tweedie_x0

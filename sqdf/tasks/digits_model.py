@@ -49,7 +49,7 @@ def load_unet(folder: str | Path, what: str) -> UNet2DModel:
         raise SqdfError(f"{what}: no diffusers model folder at {folder} (config.json missing)")
     try:
         unet = UNet2DModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SqdfError(f"{what}: cannot load {folder}: {first}") from None
     unet.requires_grad_(False)

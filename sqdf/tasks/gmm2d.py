@@ -103,7 +103,7 @@ class GMM2DTask(Task):
         self.options = options
         self.alpha = cfg.alpha
         self.estimator = cfg.estimator
-        self.reward = reward
+        self.reward_model = reward
         self.device = device
         # DDPM's linear betas; steps_offset=1 and alpha-bar(0) < 1 at the end keep every
         # step stochastic, so the per-step KL is finite (see make_ddim_schedule).
@@ -121,7 +121,7 @@ class GMM2DTask(Task):
 
     def target(self) -> GaussianMixture:
         """The exact KL-regularised optimum over the sampler's output, in float64."""
-        return self.reward.tilt(self.reference_output(), self.alpha)
+        return self.reward_model.tilt(self.reference_output(), self.alpha)
 
     def sample_conditions(self, n: int, generator: torch.Generator) -> Tensor:
         return torch.zeros(n, dtype=torch.long)
@@ -147,7 +147,9 @@ class GMM2DTask(Task):
         abar = self.schedule.abar(timesteps.cpu()).to(x.device, x.dtype)
         return pf_ode_x0(self._posterior_mean, x, abar, self.options.ode_steps)
 
-    def evaluate(self, samples: Tensor, ref_samples: Tensor, generator: torch.Generator) -> dict:
+    def evaluate(
+        self, samples: Tensor, ref_samples: Tensor, cond: Tensor, generator: torch.Generator
+    ) -> dict:
         target = self.target()
         exact = target.sample(samples.shape[0], generator)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -158,7 +160,7 @@ class GMM2DTask(Task):
             "ref_target_sliced_w2": sliced_w2(
                 ref_samples, exact, torch.Generator().manual_seed(seed)
             ),
-            "target_reward_mean": float(self.reward(exact).mean()),
+            "target_reward_mean": float(self.reward(exact, None).mean()),
             # KL(target || reference output), Monte Carlo over exact target samples with exact
             # densities: the least path KL any policy reaching the target can have.
             "target_kl": float(
@@ -169,7 +171,9 @@ class GMM2DTask(Task):
             "ref_mode_freq": [round(float(w), 6) for w in mode_frequencies(ref_samples, target)],
         }
 
-    def plot_samples(self, samples: Tensor, ref_samples: Tensor | None, path: Path) -> None:
+    def plot_samples(
+        self, samples: Tensor, ref_samples: Tensor | None, cond: Tensor, path: Path
+    ) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -204,7 +208,7 @@ def build_gmm2d(cfg: Any, reward: Any, device: torch.device) -> GMM2DTask:
         raise ConfigError(
             f"unknown parameter {unknown[0]!r} for task 'gmm2d'; known: {', '.join(sorted(known))}"
         )
-    if not hasattr(reward, "tilt"):
+    if getattr(reward, "domain", None) != "points":
         raise ConfigError(
             "task 'gmm2d' needs a reward with a closed-form optimum (linear, quadratic)"
         )

@@ -1,0 +1,90 @@
+"""Pictures and the self-contained HTML report."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def digit_grid(images: Tensor, cond: Tensor, per_class: int = 8) -> Tensor:
+    """One row per class present (ascending), up to ``per_class`` images each, 1-px gaps.
+
+    # images: (B, 1, H, W) in [0, 1]; returns (rows*(H+1), per_class*(W+1))
+    """
+    h, w = images.shape[-2:]
+    classes = sorted(set(cond.tolist()))
+    canvas = torch.full((len(classes) * (h + 1), per_class * (w + 1)), 0.35)
+    for r, c in enumerate(classes):
+        picks = images[cond == c][:per_class]
+        for j, img in enumerate(picks):
+            canvas[r * (h + 1) : r * (h + 1) + h, j * (w + 1) : j * (w + 1) + w] = img[0].cpu()
+    return canvas
+
+
+def save_digit_grid(panels: Sequence[tuple[str, Tensor, Tensor]], path: Path) -> None:
+    """Side-by-side class grids, one per (title, images, cond) panel."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 4.4), squeeze=False)
+    for ax, (title, images, cond) in zip(axes[0], panels, strict=True):
+        ax.imshow(digit_grid(images.detach().cpu(), cond.cpu()), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure_png(fig: Any) -> str:
+    """A matplotlib figure as a base64 PNG data URI (and closes it)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def file_png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def html_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_html(path: Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
+    """A self-contained page: every image is inline, nothing is fetched."""
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+        "color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+        "padding:4px 10px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+        "h2{margin-top:1.6em;border-bottom:1px solid #ddd}p.note{color:#555}"
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>",
+    ]
+    for heading, content in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>{content}")
+    parts.append("</body></html>")
+    path.write_text("".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,47 @@
+"""A user's own reward, named on the command line as ``module:function``.
+
+The module is imported only because the user named it. The function gets the task's
+images (digits: (B, 1, H, W) in [0, 1]; gmm2d: points (B, 2)) and the conditions (B,),
+plus any reward parameters as keyword arguments, and returns one value per sample.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sqdf.errors import ConfigError, SqdfError
+
+
+class CustomReward:
+    domain = "any"
+
+    def __init__(self, spec: str, **params: Any):
+        module_name, _, func_name = spec.partition(":")
+        if not module_name or not func_name:
+            raise ConfigError(f"custom reward must be 'module:function', got {spec!r}")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ConfigError(
+                f"cannot import module {module_name!r} for reward {spec!r}: {err}"
+            ) from None
+        func = getattr(module, func_name, None)
+        if not callable(func):
+            raise ConfigError(f"module {module_name!r} has no function {func_name!r}")
+        self.spec = spec
+        self.params = params
+        self._func: Callable[..., Tensor] = func
+
+    def __call__(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        value = self._func(x, cond, **self.params)
+        if not isinstance(value, Tensor) or value.shape != (x.shape[0],):
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise SqdfError(
+                f"reward {self.spec!r} must return a tensor of shape ({x.shape[0]},), got {shape}"
+            )
+        return value.to(torch.get_default_dtype()) if not value.is_floating_point() else value

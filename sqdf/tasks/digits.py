@@ -1,0 +1,162 @@
+"""The embedded image task: class-conditional 16×16 digits from a shipped diffusers UNet.
+
+The class is the prompt. The policy is a peft LoRA on the base UNet; the reference is the
+same UNet with the adapter off. x̂0 comes from the reference (Tweedie) or from the shipped
+consistency model. Rewards score pixels in [0, 1]; the independent evaluator (an MNIST CNN
+from another project) judges naturalness and diversity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+from torch import Tensor
+
+from sqdf.core.schedule import make_ddim_schedule
+from sqdf.core.x0 import consistency_x0
+from sqdf.errors import ConfigError, SqdfError
+from sqdf.tasks.base import Task, _expand
+from sqdf.tasks.digits_model import (
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    cfg_eps,
+    load_unet,
+    to_pixels,
+)
+from sqdf.tasks.lora import LoraPolicy, adapters_disabled, add_lora
+
+
+def shipped_model() -> Path:
+    return Path(str(resources.files("sqdf.assets") / "digits"))
+
+
+@dataclass
+class DigitsConfig:
+    """Where the models are and how the policy adapts them."""
+
+    model: str | None = None  # folder with unet/, scheduler/ (default: the shipped model)
+    cm: str | None = None  # consistency-model folder (default: MODEL/cm)
+    guidance: float = 1.0  # classifier-free guidance scale; 1 = plain conditional model
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: list = dataclasses.field(
+        default_factory=lambda: ["conv1", "conv2", "time_emb_proj"]
+    )
+    classes: list | None = None  # conditions to train on (default: all ten digits)
+
+    def __post_init__(self) -> None:
+        if self.guidance < 1.0:
+            raise ConfigError(f"digits guidance must be >= 1, got {self.guidance}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ConfigError(
+                "digits lora_rank must be >= 1 and lora_alpha > 0, "
+                f"got {self.lora_rank}, {self.lora_alpha}"
+            )
+        if self.classes is not None and (
+            not self.classes or any(c not in range(NUM_CLASSES) for c in self.classes)
+        ):
+            raise ConfigError(f"digits classes must be digits 0-9, got {self.classes}")
+
+
+class DigitsTask(Task):
+    sample_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
+
+    def __init__(self, cfg: Any, options: DigitsConfig, reward: Any, device: torch.device):
+        self.options = options
+        self.estimator = cfg.estimator
+        self.reward_model = reward
+        self.device = device
+        folder = Path(options.model) if options.model else shipped_model()
+        sched_dir = folder / "scheduler"
+        if not (sched_dir / "scheduler_config.json").is_file():
+            raise SqdfError(f"digits model: no scheduler/scheduler_config.json in {folder}")
+        sched = DDIMScheduler.from_pretrained(str(sched_dir))
+        if sched.config.prediction_type != "epsilon":
+            raise SqdfError(
+                f"digits model: expected an epsilon model, got {sched.config.prediction_type}"
+            )
+        self.schedule = make_ddim_schedule(
+            cfg.num_steps,
+            eta=cfg.eta,
+            alphas_cumprod=sched.alphas_cumprod,
+            steps_offset=sched.config.steps_offset,
+            set_alpha_to_one=sched.config.set_alpha_to_one,
+        )
+        if bool((self.schedule.sigmas <= 0).any()):
+            raise SqdfError(
+                "digits model: its scheduler makes a deterministic step; the KL needs sigma > 0"
+            )
+        unet = load_unet(folder / "unet", "digits base model")
+        add_lora(unet, options.lora_rank, options.lora_alpha, list(options.lora_targets))
+        self.unet = unet.to(device)
+        self.policy = LoraPolicy(self.unet)
+        self._cm_dir = Path(options.cm) if options.cm else folder / "cm"
+        self._alphas = self.schedule.alphas_cumprod.to(device)
+
+    @cached_property
+    def cm(self) -> torch.nn.Module:
+        return load_unet(self._cm_dir, "digits consistency model").to(self.device)
+
+    def sample_conditions(self, n: int, generator: torch.Generator) -> Tensor:
+        classes = torch.tensor(self.options.classes or list(range(NUM_CLASSES)))
+        return classes[torch.randint(0, classes.shape[0], (n,), generator=generator)]
+
+    def model_output(self, x: Tensor, timesteps: Tensor, cond: Tensor, *, policy: bool) -> Tensor:
+        t = timesteps.clamp(min=0).to(self.device)
+        if policy:
+            return cfg_eps(self.unet, x, t, cond, self.options.guidance)
+        with adapters_disabled(self.unet):
+            return cfg_eps(self.unet, x, t, cond, self.options.guidance)
+
+    def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        t = timesteps.clamp(min=0).to(self.device)
+        abar = _expand(self.schedule.abar(timesteps.cpu()), x).to(x)
+        out = self.cm(x, t, class_labels=cond).sample
+        return consistency_x0(out, x, abar, _expand(t, x))
+
+    def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
+        return self.reward_model(to_pixels(x0), cond)
+
+    def evaluate(
+        self, samples: Tensor, ref_samples: Tensor, cond: Tensor, generator: torch.Generator
+    ) -> dict:
+        from sqdf.evaluators import DigitEvaluator
+
+        judge = DigitEvaluator.load()
+        ours = judge.metrics(to_pixels(samples), cond)
+        ref = judge.metrics(to_pixels(ref_samples), cond)
+        return {
+            **{f"eval_{k}": v for k, v in ours.items()},
+            **{f"ref_eval_{k}": v for k, v in ref.items()},
+        }
+
+    def plot_samples(
+        self, samples: Tensor, ref_samples: Tensor | None, cond: Tensor, path: Path
+    ) -> None:
+        from sqdf.report import save_digit_grid
+
+        panels = [("fine-tuned", samples)] + (
+            [("reference", ref_samples)] if ref_samples is not None else []
+        )
+        save_digit_grid([(name, to_pixels(x), cond) for name, x in panels], path)
+
+
+def build_digits(cfg: Any, reward: Any, device: torch.device) -> DigitsTask:
+    known = {f.name for f in dataclasses.fields(DigitsConfig)}
+    unknown = sorted(set(cfg.task_params) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter {unknown[0]!r} for task 'digits'; known: {', '.join(sorted(known))}"
+        )
+    if getattr(reward, "domain", None) not in ("image", "any"):
+        raise ConfigError(
+            "task 'digits' needs an image reward (ink, classifier or module:function)"
+        )
+    return DigitsTask(cfg, DigitsConfig(**cfg.task_params), reward, device)

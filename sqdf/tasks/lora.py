@@ -1,0 +1,58 @@
+"""A peft LoRA on a frozen backbone: the policy is the adapter, the reference the same
+network with the adapter switched off (never a second copy of the weights)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+
+LORA_KEY = "lora_"
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str]) -> nn.Module:
+    """Inject LoRA adapters; peft zero-initialises B, so the policy starts as the reference."""
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True
+    )
+    return inject_adapter_in_model(config, model)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+class LoraPolicy(nn.Module):
+    """Holds the adapted backbone; its state dict is the adapter weights alone."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
+        full = self.backbone.state_dict()
+        return {k: v for k, v in full.items() if LORA_KEY in k}
+
+    def load_state_dict(self, state: dict[str, Tensor], strict: bool = True, assign: bool = False):  # type: ignore[override]
+        expected = set(self.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if strict and (missing or unexpected):
+            bad = (missing or unexpected)[0]
+            raise RuntimeError(
+                f"LoRA weights do not match the model: {len(missing)} missing, "
+                f"{len(unexpected)} unexpected (e.g. {bad!r})"
+            )
+        return self.backbone.load_state_dict(state, strict=False)

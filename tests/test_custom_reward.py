@@ -1,0 +1,56 @@
+"""A user's own reward given as module:function."""
+
+import sys
+
+import pytest
+import torch
+
+from sqdf import TrainConfig, train
+from sqdf.errors import ConfigError, SqdfError
+from sqdf.rewards import build_reward
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "import torch\n"
+        "def brightness(images, cond, scale=1.0):\n"
+        "    return scale * images.flatten(1).mean(1)\n"
+        "def wrong_shape(images, cond):\n"
+        "    return images.sum()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_rewards"
+    sys.modules.pop("my_rewards", None)
+
+
+def test_custom_reward_with_params(user_module):
+    r = build_reward(f"{user_module}:brightness", {"scale": 3.0})
+    assert torch.allclose(r(torch.ones(2, 1, 4, 4), None), torch.full((2,), 3.0))
+
+
+def test_custom_reward_errors(user_module):
+    with pytest.raises(ConfigError, match="cannot import module 'nope'"):
+        build_reward("nope:f", {})
+    with pytest.raises(ConfigError, match="has no function 'missing'"):
+        build_reward(f"{user_module}:missing", {})
+    with pytest.raises(ConfigError, match="module:function"):
+        build_reward(":f", {})
+    r = build_reward(f"{user_module}:wrong_shape", {})
+    with pytest.raises(SqdfError, match=r"shape \(2,\)"):
+        r(torch.ones(2, 1, 4, 4), None)
+
+
+def test_custom_reward_trains_the_digits_task(user_module, tmp_path):
+    cfg = TrainConfig(
+        task="digits",
+        reward=f"{user_module}:brightness",
+        device="cpu",
+        num_steps=3,
+        batch_size=2,
+        buffer_size=4,
+        steps=1,
+        checkpoint_every=0,
+    )
+    run = train(cfg, tmp_path / "run", progress=False)
+    assert (run / "final" / "policy.safetensors").exists()
