@@ -128,7 +128,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sqdf.evaluate import evaluate_run
 
     metrics = evaluate_run(
-        args.run, num_samples=args.num_samples, seed=args.seed, device=args.device
+        args.run,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
     )
     print(json.dumps(metrics, indent=1))
     print(f"wrote {Path(args.run) / 'eval.json'}")
@@ -158,9 +162,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         args.out, num_samples=args.num_samples, progress=not args.no_progress, **overrides
     )
     metrics = json.loads((page.parent / "eval.json").read_text())
-    print(f"\n{'metric':<38}{'before':>10}{'after':>10}")
-    for label, before, after in summary_rows(metrics):
-        print(f"{label:<38}{before:>10.3f}{after:>10.3f}")
+    print(f"\n{'metric':<38}{'before':>10}{'after':>10}{'real':>10}")
+    for label, before, after, real in summary_rows(metrics):
+        real_text = f"{real:>10.3f}" if real is not None else f"{'':>10}"
+        print(f"{label:<38}{before:>10.3f}{after:>10.3f}{real_text}")
     print(f"\nreport: {page}   ({time.perf_counter() - t0:.0f} s in all)")
     return 0
 
@@ -258,8 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a finished run against its reference (writes eval.json)")
     e.add_argument("run", metavar="RUN", help="run folder written by sqdf train")
     e.add_argument(
-        "--num-samples", type=int, default=4096, help="samples from policy and reference"
+        "--num-samples",
+        type=int,
+        default=None,
+        help="samples from policy and reference (default: gmm2d 4096, digits 1000)",
     )
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--seed", type=int, default=1234, help="sampling seed")
     e.add_argument("--device", default=None, help="override the run's device")
     s = sub.add_parser("sample", help="draw samples from a finished run and plot them")

@@ -27,35 +27,44 @@ DEMO_CONFIG: dict[str, Any] = dict(
     buffer_size=512, lr=1e-3, log_every=5, checkpoint_every=50,
 )  # fmt: skip
 
-ROWS = [  # (label, fine-tuned key, reference key)
-    ("reward (ink)", "reward_mean", "ref_reward_mean"),
-    ("path KL to the reference", "kl_path", None),
-    ("evaluator agreement with the class", "eval_agreement", "ref_eval_agreement"),
-    ("evaluator confidence", "eval_confidence", "ref_eval_confidence"),
-    ("Fréchet distance to real digits", "eval_frechet", "ref_eval_frechet"),
-    ("within-class diversity", "eval_diversity", "ref_eval_diversity"),
-]
+ROWS = [  # (label, fine-tuned key, reference key, real-digits key)
+    ("reward (ink)", "reward_mean", "ref_reward_mean", None),
+    ("path KL to the reference", "kl_path", None, None),
+    ("evaluator agreement with the class", "eval_agreement", "ref_eval_agreement",
+     "real_eval_agreement"),
+    ("evaluator confidence", "eval_confidence", "ref_eval_confidence", "real_eval_confidence"),
+    ("Fréchet distance to real digits", "eval_frechet", "ref_eval_frechet", None),
+    ("within-class diversity", "eval_diversity", "ref_eval_diversity", "real_eval_diversity"),
+]  # fmt: skip
 
 
 def demo_config(**overrides: Any) -> TrainConfig:
     return TrainConfig(**{**DEMO_CONFIG, **overrides})
 
 
-def summary_rows(metrics: dict) -> list[tuple[str, float, float]]:
-    return [(label, metrics[ref] if ref else 0.0, metrics[key]) for label, key, ref in ROWS]
+def summary_rows(metrics: dict) -> list[tuple[str, float, float, float | None]]:
+    """(metric, reference, fine-tuned, real digits or None) for the tables."""
+    return [
+        (label, metrics[ref] if ref else 0.0, metrics[key], metrics[real] if real else None)
+        for label, key, ref, real in ROWS
+    ]
 
 
 def run_demo(
-    out: str | Path = "runs/demo", num_samples: int = 500, progress: bool = True, **overrides: Any
+    out: str | Path = "runs/demo",
+    num_samples: int = 500,
+    progress: bool = True,
+    quality_samples: int = 64,
+    **overrides: Any,
 ) -> Path:
     """Train, evaluate, measure the x̂0 estimators, write report.html; returns the page."""
     t0 = time.perf_counter()
     cfg = demo_config(**overrides)
     run = train(cfg, out, progress=progress)
     t_train = time.perf_counter() - t0
-    metrics = evaluate_run(run, num_samples=num_samples)
+    metrics = evaluate_run(run, num_samples=num_samples, progress=progress)
     task = load_run(run)
-    quality = x0_estimator_quality(task, num_samples=64)
+    quality = x0_estimator_quality(task, num_samples=quality_samples)
     (run / "x0_quality.json").write_text(json.dumps(quality, indent=1))
     page = _write_report(run, cfg, metrics, quality, task, t_train, time.perf_counter() - t0)
     return page
@@ -72,7 +81,7 @@ def _grids(task: Any) -> str:
     for ax, (title, imgs) in zip(
         axes, [("reference (before)", ref), ("SQDF (after)", x)], strict=True
     ):
-        ax.imshow(digit_grid(to_pixels(imgs), cond), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(digit_grid(to_pixels(imgs), cond).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(title)
         ax.axis("off")
     return figure_png(fig)
@@ -112,7 +121,8 @@ def _x0_pictures(task: Any, quality: dict) -> str:
     # model) × digits, columns timesteps
     cond = torch.tensor([2, 5, 8])
     traj = sample_trajectories(task, 3, torch.Generator().manual_seed(3), cond=cond, policy=False)
-    ks = [0, 2, 4, 6, 9, 12, 15, task.schedule.num_steps - 2]
+    last = task.schedule.num_steps - 2  # the state before the final step
+    ks = sorted({round(i * last / 7) for i in range(8)})
     rows: dict[str, list] = {"x_t": [], "Tweedie x̂0": [], "consistency x̂0": []}
     with torch.no_grad():
         for k in ks:
@@ -129,7 +139,7 @@ def _x0_pictures(task: Any, quality: dict) -> str:
                 top = (3 * i + d) * h + 4 * i
                 canvas[top : top + h - 1, j * h : j * h + h - 1] = img[0]
     fig, ax = plt.subplots(figsize=(1.0 * len(ks) + 1.5, 7.5))
-    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1)
+    ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1)
     ax.set_xticks(
         [j * h + h / 2 for j in range(len(ks))],
         [f"t={int(task.schedule.prev_timesteps[k])}" for k in ks],
@@ -149,9 +159,10 @@ def _write_report(
     t_total: float,
 ) -> Path:
     table = html_table(
-        [(label, ref, ours) for label, ref, ours in summary_rows(metrics)],
-        ["metric", "reference (before)", "SQDF (after)"],
-    )
+        [(label, ref, ours, "" if real is None else real)
+         for label, ref, ours, real in summary_rows(metrics)],
+        ["metric", "reference (before)", "SQDF (after)", "real digits"],
+    )  # fmt: skip
     curves, strips = _x0_pictures(task, quality)
     agreement_drop = 1 - metrics["eval_agreement"] / max(metrics["ref_eval_agreement"], 1e-9)
     verdict = (
@@ -188,7 +199,8 @@ def _write_report(
         ("Training curves", f"<img src='{_curves(run)}'>"),
         (
             "x̂0 by timestep: Tweedie against the consistency model",
-            f"<img src='{curves}'><img src='{strips}'><p class='note'>Measured on 64 reference "
+            f"<img src='{curves}'><img src='{strips}'><p class='note'>Measured on "
+            f"{quality['num_samples']} reference "
             "trajectories: how far each estimate is from the sample the trajectory reaches, and "
             "how well the reward of the estimate predicts the final reward. The posterior mean "
             "(Tweedie) minimises the expected squared distance, so it should win on the left; the "

@@ -39,17 +39,36 @@ def load_run(run: str | Path, device: str | None = None) -> Task:
 
 
 def evaluate_run(
-    run: str | Path, num_samples: int = 4096, seed: int = 1234, device: str | None = None
+    run: str | Path,
+    num_samples: int | None = None,
+    seed: int = 1234,
+    device: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Sample the fine-tuned policy and the reference, compute metrics, write ``eval.json``."""
-    if num_samples < 2:
-        raise SqdfError(f"num_samples must be >= 2, got {num_samples}")
+    """Sample the fine-tuned policy and the reference, compute metrics, write ``eval.json``.
+
+    ``num_samples`` defaults to the task's (gmm2d 4096, digits 1000)."""
     run = Path(run)
     task = load_run(run, device)
+    num_samples = task.eval_samples if num_samples is None else num_samples
+    if num_samples < 2:
+        raise SqdfError(f"num_samples must be >= 2, got {num_samples}")
     # The same seed for both: the reference starts from the same noise and conditions, so
     # the two sample sets differ only by the fine-tuning.
-    traj = sample_trajectories(task, num_samples, torch.Generator().manual_seed(seed), with_kl=True)
-    ref = sample_trajectories(task, num_samples, torch.Generator().manual_seed(seed), policy=False)
+    traj = sample_trajectories(
+        task,
+        num_samples,
+        torch.Generator().manual_seed(seed),
+        with_kl=True,
+        progress="sampling fine-tuned" if progress else None,
+    )
+    ref = sample_trajectories(
+        task,
+        num_samples,
+        torch.Generator().manual_seed(seed),
+        policy=False,
+        progress="sampling reference" if progress else None,
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     dev = task.device
     with torch.no_grad():

@@ -42,7 +42,9 @@ def save_digit_grid(panels: Sequence[tuple[str, Tensor, Tensor]], path: Path) ->
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 4.4), squeeze=False)
     for ax, (title, images, cond) in zip(axes[0], panels, strict=True):
-        ax.imshow(digit_grid(images.detach().cpu(), cond.cpu()), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(
+            digit_grid(images.detach().cpu(), cond.cpu()).numpy(), cmap="gray", vmin=0, vmax=1
+        )
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()

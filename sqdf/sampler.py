@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from sqdf.core.ddim import ddim_step_mean_std
 from sqdf.core.kl import gaussian_kl
@@ -51,6 +52,7 @@ def sample_trajectories(
     policy: bool = True,
     with_kl: bool = False,
     cond: Tensor | None = None,
+    progress: str | None = None,
 ) -> Trajectories:
     """n full DDIM trajectories; all randomness comes from ``generator`` (CPU), so a run is
     reproducible whatever the device. ``cond`` fixes the conditions (else they are drawn)."""
@@ -60,7 +62,8 @@ def sample_trajectories(
     states = [x.cpu()]
     kls = []
     cond_d = cond.to(device)
-    for k in range(task.schedule.num_steps):
+    steps = range(task.schedule.num_steps)
+    for k in tqdm(steps, desc=progress, leave=False) if progress else steps:
         ks = torch.full((n,), k, dtype=torch.long)
         mean, std = step_mean_std(task, x, ks, cond_d, policy=policy)
         if with_kl:

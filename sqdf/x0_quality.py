@@ -47,4 +47,4 @@ def x0_estimator_quality(task: Task, num_samples: int = 128, seed: int = 0) -> d
             out[f"{name}_corr"].append(_pearson(task.reward(est, cond).cpu(), r0))
         out["step"].append(k)
         out["timestep"].append(int(sched.prev_timesteps[k]))
-    return out
+    return {"num_samples": num_samples, **out}

@@ -26,6 +26,7 @@ class Task(ABC):
     estimator: str
     sample_shape: tuple[int, ...]
     prediction_type: str = "epsilon"
+    eval_samples: int = 4096  # sqdf eval's default sample count
     device: torch.device = torch.device("cpu")
 
     @abstractmethod

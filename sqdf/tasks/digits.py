@@ -67,6 +67,7 @@ class DigitsConfig:
 
 class DigitsTask(Task):
     sample_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
+    eval_samples = 1000
 
     def __init__(self, cfg: Any, options: DigitsConfig, reward: Any, device: torch.device):
         self.options = options
@@ -132,9 +133,11 @@ class DigitsTask(Task):
         judge = DigitEvaluator.load()
         ours = judge.metrics(to_pixels(samples), cond)
         ref = judge.metrics(to_pixels(ref_samples), cond)
+        real = judge.real_digit_metrics()  # the yardstick: what real digits score
         return {
             **{f"eval_{k}": v for k, v in ours.items()},
             **{f"ref_eval_{k}": v for k, v in ref.items()},
+            **{f"real_eval_{k}": real[k] for k in ("agreement", "confidence", "diversity")},
         }
 
     def plot_samples(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdf import SqdfError, TrainConfig, evaluate_run, train
+from sqdf import SqdfError, TrainConfig, evaluate_run, sample_run, train
 from sqdf.errors import ConfigError
 from sqdf.rewards import build_reward
 from sqdf.tasks import build_task
@@ -135,6 +135,9 @@ def test_short_run_and_eval(tmp_path):
         "kl_path",
     ):
         assert key in metrics
+    assert metrics["real_eval_agreement"] > 0.95
+    picture = sample_run(run, num_samples=12)
+    assert picture.exists() and picture.with_suffix(".safetensors").exists()
     saved = json.loads((run / "config.json").read_text())
     assert saved["resolved"]["reward"] == "classifier"
     assert load_file(str(run / "final" / "policy.safetensors"))
