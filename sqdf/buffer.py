@@ -3,9 +3,9 @@
 Strategies (how a cell is chosen):
 - ``uniform``: any step of any stored trajectory, equally likely;
 - ``on_policy``: only trajectories of the newest batch;
-- ``prioritized``: cell (i, k) with weight r_i * gamma^(T-1-k). Rewards may be negative, so
-  r_i is shifted by the buffer's minimum reward first (a documented choice: the paper's
-  weight assumes non-negative rewards).
+- ``prioritized``: cell (i, k) with weight r_i * gamma^(T-1-k). The paper's weight assumes
+  non-negative rewards; when the buffer holds a negative one, all rewards are shifted by the
+  buffer's minimum first (a documented choice), otherwise they are used as they are.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class ReplayBuffer:
         T = self.num_steps
         if self.strategy == "prioritized":
             r = self.rewards[: self.size]
-            shifted = r - r.min() + 1e-6
+            shifted = r - min(float(r.min()), 0.0) + 1e-6
             disc = self.gamma ** (T - 1 - torch.arange(T, dtype=torch.float64))
             w = (shifted.double()[:, None] * disc[None]).flatten()
             flat = torch.multinomial(w, n, replacement=True, generator=generator)

@@ -69,7 +69,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(
         step=int(state.pop("step")),
         policy=load_weights(path / "policy.safetensors"),
-        optimizer=torch.load(path / "optimizer.pt", weights_only=True),
+        # map to the CPU: a run trained on a GPU may resume elsewhere; the optimizer moves its
+        # state to the parameters' device when it loads it
+        optimizer=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
         buffer=load_weights(buffer_path) if buffer_path.exists() else {},
         rng=load_file(str(path / "rng.safetensors"))["generator"],
         state=state,

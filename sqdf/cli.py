@@ -11,6 +11,7 @@ from typing import Any
 
 from sqdf.config import config_fields, make_config, read_toml, tomllib
 from sqdf.errors import SqdfError
+from sqdf.tasks import resolve_device
 
 DESCRIPTION = """\
 Fine-tune diffusion models on a reward with SQDF (Soft Q-based Diffusion Fine-tuning):
@@ -186,7 +187,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         args.out,
         PretrainConfig(steps=args.steps, seed=args.seed),
         progress=not args.no_progress,
-        device=args.device,
+        device=str(resolve_device(args.device)),
     )
     print(f"wrote {out}/unet and {out}/scheduler")
     return 0
@@ -202,7 +203,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         out,
         DistillConfig(steps=args.steps, seed=args.seed),
         progress=not args.no_progress,
-        device=args.device,
+        device=str(resolve_device(args.device)),
     )
     print(f"wrote {out}")
     return 0
@@ -224,7 +225,7 @@ def _add_build_commands(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="fine-tune the embedded digits model and write report.html",
         description="SQDF on the shipped digits model, ink reward, with the "
-        "consistency-model Q, discount and prioritised replay; about five "
+        "consistency-model Q, discount and prioritised replay; about 2-3 "
         "minutes on 2 CPU cores. Prints a before/after table and writes "
         "RUN/report.html.",
     )

@@ -20,7 +20,7 @@ from sqdf.trainer import train
 from sqdf.x0_quality import x0_estimator_quality
 
 # SQDF with all three enhancements (consistency-model Q, discount, prioritised replay) on the
-# ink reward, sized to finish on 2 CPU cores in about five minutes including evaluation.
+# ink reward, sized to finish on 2 CPU cores in under five minutes including evaluation.
 DEMO_CONFIG: dict[str, Any] = dict(
     task="digits", reward="ink", alpha=0.1, gamma=0.9, estimator="consistency",
     buffer="prioritized", num_steps=20, steps=100, batch_size=32, replay_ratio=2,

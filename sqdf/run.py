@@ -50,8 +50,8 @@ def read_run_config(run: str | Path) -> TrainConfig:
     return make_config(doc["train"], source=str(path))
 
 
-def prepare_run(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
-    """Check the folder fits the request; return the config to train with."""
+def prepare_run(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig | None:
+    """Check the folder fits the request; return the run's saved config when resuming."""
     if resume:
         saved = read_run_config(run)
         for key, value in cfg.to_dict().items():
@@ -60,13 +60,13 @@ def prepare_run(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
                     f"cannot resume {run}: {key} is {getattr(saved, key)!r} there, "
                     f"{value!r} now (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
                 )
-        return cfg
+        return saved
     if run.exists() and any(run.iterdir()):
         raise SqdfError(
             f"run folder {run} already exists and is not empty; resume it or pick another"
         )
     run.mkdir(parents=True, exist_ok=True)
-    return cfg
+    return None
 
 
 def append_metrics(run: Path, row: dict[str, Any]) -> None:
@@ -76,8 +76,8 @@ def append_metrics(run: Path, row: dict[str, Any]) -> None:
 
 def truncate_metrics(run: Path, last_step: int, log_every: int) -> None:
     """On resume, drop rows after ``last_step`` (they will be recomputed) and the row an
-    earlier, shorter run wrote at its last step off the ``log_every`` grid, so the file
-    reads as if the run had never stopped."""
+    earlier, shorter run wrote at its last step off its ``log_every`` grid (the saved
+    config's), so the file reads as if the run had never stopped."""
     path = run / "metrics.jsonl"
     if not path.exists():
         return

@@ -39,7 +39,7 @@ def train(
     on from its latest checkpoint and gives the same result as an uninterrupted run.
     """
     run = Path(out)
-    cfg = prepare_run(run, cfg, resume)
+    saved = prepare_run(run, cfg, resume)
     torch.manual_seed(cfg.seed)  # the policy's initialisation
     task = build_task(cfg)
     write_config(
@@ -67,7 +67,7 @@ def train(
         buffer.load_state_dict(ck.buffer)
         generator.set_state(ck.rng)
         start, samples_seen, wall_before = ck.step, ck.state["samples_seen"], ck.state["wall_s"]
-    truncate_metrics(run, start, cfg.log_every)
+    truncate_metrics(run, start, saved.log_every if saved is not None else cfg.log_every)
 
     def checkpoint(step: int, wall: float) -> None:
         save_checkpoint(

@@ -69,3 +69,10 @@ def test_bad_use():
         buf.sample_cells(1, torch.Generator())
     with pytest.raises(ValueError, match="capacity"):
         buf.add(batch(3, 0.0), torch.zeros(3))
+
+
+def test_prioritized_uses_non_negative_rewards_as_they_are():
+    buf = ReplayBuffer(capacity=2, strategy="prioritized", num_steps=T, gamma=1.0)
+    buf.add(batch(2, 0.0), torch.tensor([1.2, 1.6]))
+    cells = buf.sample_cells(40000, torch.Generator().manual_seed(0))
+    assert float((cells.index == 0).double().mean()) == pytest.approx(1.2 / 2.8, abs=0.01)

@@ -89,3 +89,10 @@ def test_eval_and_sample(tiny_config, tmp_path):
     picture = sample_run(run, num_samples=64, out=tmp_path / "pics" / "s.png")
     assert picture.stat().st_size > 1000
     assert load_file(str(picture.with_suffix(".safetensors")))["samples"].shape == (64, 2)
+
+
+def test_resume_with_another_log_every_keeps_the_rows_logged_so_far(tiny_config, tmp_path):
+    cfg = dataclasses.replace(tiny_config, steps=4, log_every=1, checkpoint_every=4)
+    run = train(cfg, tmp_path / "run", progress=False)
+    train(dataclasses.replace(cfg, steps=6, log_every=2), run, resume=True, progress=False)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 6]

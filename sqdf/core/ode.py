@@ -48,5 +48,6 @@ def pf_ode_x0(
             y_euler = y + h * d
             d_next = (y_euler - denoise(y_euler, lam_next)) / lam_next.view(shape)
             y = y + h * 0.5 * (d + d_next)
-    out = denoise(y, lam_grid[-1])
+    # one step means no Heun step: the Euler step from the start to λ = 0 is Tweedie's x̂0
+    out = denoise(y, lam_grid[-1] if num_steps > 1 else lam_grid[0])
     return torch.where(direct.view(shape), x0_fn(x, abar), out)

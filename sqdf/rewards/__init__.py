@@ -42,7 +42,7 @@ def build_reward(name: str, params: Mapping[str, Any]) -> Any:
         )
     try:
         return cls(**params)
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"reward {name!r}: {err}") from None
 
 

@@ -62,7 +62,7 @@ class Task(ABC):
         from sqdf.core.x0 import tweedie_x0
 
         out = self.model_output(x, timesteps, cond, policy=False)
-        abar = _expand(self.schedule.abar(timesteps).to(x), x)
+        abar = _expand(self.schedule.abar(timesteps.cpu()).to(x), x)
         return tweedie_x0(out, x, abar, self.prediction_type)
 
     def x0_after_step(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:

@@ -110,14 +110,14 @@ class DigitsTask(Task):
         return classes[torch.randint(0, classes.shape[0], (n,), generator=generator)]
 
     def model_output(self, x: Tensor, timesteps: Tensor, cond: Tensor, *, policy: bool) -> Tensor:
-        t = timesteps.clamp(min=0).to(self.device)
+        t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)
         if policy:
             return cfg_eps(self.unet, x, t, cond, self.options.guidance)
         with adapters_disabled(self.unet):
             return cfg_eps(self.unet, x, t, cond, self.options.guidance)
 
     def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
-        t = timesteps.clamp(min=0).to(self.device)
+        t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)
         abar = _expand(self.schedule.abar(timesteps.cpu()), x).to(x)
         out = self.cm(x, t, class_labels=cond).sample
         return consistency_x0(out, x, abar, _expand(t, x))

@@ -160,6 +160,13 @@ class GMM2DTask(Task):
             "ref_target_sliced_w2": sliced_w2(
                 ref_samples, exact, torch.Generator().manual_seed(seed)
             ),
+            # the floor: how far the untouched reference sampler (finite steps) is from the
+            # exact distribution it discretises; no fine-tuned policy is judged more finely
+            "ref_sampler_sliced_w2": sliced_w2(
+                ref_samples,
+                self.reference_output().sample(ref_samples.shape[0], generator),
+                torch.Generator().manual_seed(seed),
+            ),
             "target_reward_mean": float(self.reward(exact, None).mean()),
             # KL(target || reference output), Monte Carlo over exact target samples with exact
             # densities: the least path KL any policy reaching the target can have.
@@ -212,4 +219,10 @@ def build_gmm2d(cfg: Any, reward: Any, device: torch.device) -> GMM2DTask:
         raise ConfigError(
             "task 'gmm2d' needs a reward with a closed-form optimum (linear, quadratic)"
         )
+    for name in ("b", "center"):
+        vec = getattr(reward, name, None)
+        if vec is not None and len(vec) != 2:
+            raise ConfigError(
+                f"reward parameter {name} must have 2 entries for gmm2d, got {list(vec)}"
+            )
     return GMM2DTask(cfg, GMM2DConfig(**cfg.task_params), reward, device)

@@ -58,3 +58,15 @@ def test_gradients_flow_through_the_solver():
     assert torch.autograd.gradcheck(
         lambda z: pf_ode_x0(lambda y, aa: gmm_posterior_mean(gmm, y, aa), z, a, num_steps=4), (x,)
     )
+
+
+def test_one_step_is_tweedie():
+    gmm = GaussianMixture(
+        torch.tensor([0.5, 0.5], dtype=torch.float64),
+        torch.tensor([[-2.0, 1.0], [2.0, 1.0]], dtype=torch.float64),
+        torch.full((2, 2), 0.2, dtype=torch.float64),
+    )
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = torch.full((6,), 0.3, dtype=torch.float64)
+    got = pf_ode_x0(lambda y, aa: gmm_posterior_mean(gmm, y, aa), x, a, num_steps=1)
+    torch.testing.assert_close(got, gmm_posterior_mean(gmm, x, a))

@@ -69,3 +69,7 @@ def test_explicit_mixture_and_bad_parameters():
         task(reward="quadratic", reward_params={"curvature": -1.0})
     with pytest.raises(ConfigError, match="unknown parameter 'c'"):
         task(reward="linear", reward_params={"c": 1.0})
+    with pytest.raises(ConfigError, match="b must have 2 entries"):
+        task(reward="linear", reward_params={"b": [1.0, 0.0, 0.0]})
+    with pytest.raises(ConfigError, match="reward 'quadratic'"):
+        task(reward="quadratic", reward_params={"curvature": [1.0]})
