@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class TrainConfig:
     log_every: int = _f(10, "write a metrics.jsonl line every N updates")
     checkpoint_every: int = _f(100, "save a resumable checkpoint every N updates (0: never)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    max_skips: int = _f(
+        20, "stop after this many consecutive updates skipped for non-finite values"
+    )
 
     def __post_init__(self) -> None:
         self._coerce_types()
@@ -125,9 +129,16 @@ class TrainConfig:
             self.keep_checkpoints >= 1,
             f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}",
         )
+        need(self.max_skips >= 1, f"max_skips must be >= 1, got {self.max_skips}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def suggest(name: str, known: set[str] | list[str]) -> str:
+    """'; did you mean 'x'?' for the nearest known name, or ''."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def config_fields() -> list[dataclasses.Field]:
@@ -139,7 +150,9 @@ def make_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
     known = {f.name for f in config_fields()}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r} in {source}")
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r} in {source}{suggest(unknown[0], known)}"
+        )
     return TrainConfig(**values)
 
 

@@ -31,7 +31,7 @@ def load_run(run: str | Path, device: str | None = None) -> Task:
     task = build_task(cfg)
     try:
         task.policy.load_state_dict(load_weights(weights))
-    except RuntimeError as err:
+    except Exception as err:  # corrupt file or foreign weights: one line, not a traceback
         first = str(err).splitlines()[0]
         raise SqdfError(f"final weights of {run} do not fit its config: {first}") from None
     task.policy.eval()

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sqdf.atomic import atomic_write_text
 from sqdf.config import TrainConfig, make_config
 from sqdf.errors import SqdfError
 
@@ -13,7 +14,7 @@ FORMAT = "sqdf-run"
 FORMAT_VERSION = 1
 # Fields that may differ when a run is resumed: extending training or changing how often
 # it logs does not change what has been computed so far.
-RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints"}
+RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_skips"}
 
 
 def config_path(run: Path) -> Path:
@@ -30,7 +31,7 @@ def write_config(run: Path, cfg: TrainConfig, resolved: dict[str, Any]) -> None:
         "train": cfg.to_dict(),
         "resolved": resolved,
     }
-    config_path(run).write_text(json.dumps(doc, indent=1))
+    atomic_write_text(config_path(run), json.dumps(doc, indent=1))
 
 
 def read_run_config(run: str | Path) -> TrainConfig:
@@ -81,11 +82,15 @@ def truncate_metrics(run: Path, last_step: int, log_every: int) -> None:
     path = run / "metrics.jsonl"
     if not path.exists():
         return
-    rows = [ln for ln in path.read_text().splitlines() if ln]
-    keep = [
-        ln for ln in rows if (s := json.loads(ln)["step"]) <= last_step and (s % log_every == 0)
-    ]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill mid-write
+        if step <= last_step and step % log_every == 0:
+            keep.append(line)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from sqdf.config import suggest
 from sqdf.errors import ConfigError
 from sqdf.rewards.analytic import LinearReward, QuadraticReward
 from sqdf.rewards.custom import CustomReward
@@ -30,7 +31,7 @@ def build_reward(name: str, params: Mapping[str, Any]) -> Any:
     if name not in REWARDS:
         raise ConfigError(
             f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}, "
-            "or module:function"
+            f"or module:function{suggest(name, REWARDS)}"
         )
     cls = REWARDS[name]
     known = {f.name for f in dataclasses.fields(cls)}
@@ -38,7 +39,7 @@ def build_reward(name: str, params: Mapping[str, Any]) -> Any:
     if unknown:
         raise ConfigError(
             f"unknown parameter {unknown[0]!r} for reward {name!r}; "
-            f"known: {', '.join(sorted(known))}"
+            f"known: {', '.join(sorted(known))}{suggest(unknown[0], known)}"
         )
     try:
         return cls(**params)

@@ -19,6 +19,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
+from sqdf.config import suggest
 from sqdf.core.schedule import make_ddim_schedule
 from sqdf.core.x0 import consistency_x0
 from sqdf.errors import ConfigError, SqdfError
@@ -156,7 +157,8 @@ def build_digits(cfg: Any, reward: Any, device: torch.device) -> DigitsTask:
     unknown = sorted(set(cfg.task_params) - known)
     if unknown:
         raise ConfigError(
-            f"unknown parameter {unknown[0]!r} for task 'digits'; known: {', '.join(sorted(known))}"
+            f"unknown parameter {unknown[0]!r} for task 'digits'; "
+            f"known: {', '.join(sorted(known))}{suggest(unknown[0], known)}"
         )
     if getattr(reward, "domain", None) not in ("image", "any"):
         raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -47,6 +48,14 @@ def load_unet(folder: str | Path, what: str) -> UNet2DModel:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise SqdfError(f"{what}: no diffusers model folder at {folder} (config.json missing)")
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        raise SqdfError(f"{what}: {folder}/config.json is not a JSON object") from None
+    if kind != "UNet2DModel":
+        raise SqdfError(
+            f"{what}: {folder} holds a {kind or 'model of unknown type'}, not a UNet2DModel"
+        )
     try:
         unet = UNet2DModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as err:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sqdf.config import suggest
 from sqdf.core.gmm import GaussianMixture, gmm_eps, gmm_posterior_mean
 from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import make_ddim_schedule
@@ -213,7 +214,8 @@ def build_gmm2d(cfg: Any, reward: Any, device: torch.device) -> GMM2DTask:
     unknown = sorted(set(cfg.task_params) - known)
     if unknown:
         raise ConfigError(
-            f"unknown parameter {unknown[0]!r} for task 'gmm2d'; known: {', '.join(sorted(known))}"
+            f"unknown parameter {unknown[0]!r} for task 'gmm2d'; "
+            f"known: {', '.join(sorted(known))}{suggest(unknown[0], known)}"
         )
     if getattr(reward, "domain", None) != "points":
         raise ConfigError(

@@ -48,6 +48,9 @@ def test_missing_or_foreign_model_folder(tmp_path):
     with pytest.raises(SqdfError, match="config.json missing"):
         load_unet(tmp_path, "digits base model")
     (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SqdfError, match="unknown type, not a UNet2DModel"):
+        load_unet(tmp_path, "digits base model")
+    (tmp_path / "config.json").write_text((shipped_model() / "unet" / "config.json").read_text())
     (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(SqdfError, match="cannot load"):
         load_unet(tmp_path, "digits base model")

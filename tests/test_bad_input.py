@@ -1,0 +1,131 @@
+"""Every bad input we know of gives one line naming the problem and exit status 2.
+
+docs/reliability.md quotes the number of cases in CASES."""
+
+import json
+import shutil
+
+import pytest
+
+from sqdf.cli import main
+from sqdf.tasks.digits import shipped_model
+
+TINY = ["--num-steps", "3", "--steps", "1", "--batch-size", "2", "--buffer-size", "4",
+        "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+def _finished_run(root, task="gmm2d"):
+    run = root / f"done-{task}"
+    if not run.exists():
+        assert main(["train", "--task", task, "--out", str(run), *TINY]) == 0
+    return run
+
+
+def _folder_with(root, files: dict) -> str:
+    folder = root / "folder"
+    folder.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return str(folder)
+
+
+def _wrong_model_type(root) -> str:
+    dst = root / "wrong_type"
+    shutil.copytree(shipped_model(), dst)
+    cfg = json.loads((dst / "unet" / "config.json").read_text())
+    cfg["_class_name"] = "UNet2DConditionModel"
+    (dst / "unet" / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+def _corrupt_final(root) -> str:
+    run = root / "corrupt"
+    shutil.copytree(_finished_run(root), run)
+    (run / "final" / "policy.safetensors").write_bytes(b"\x00" * 40)
+    return str(run)
+
+
+# (id, argv builder given a tmp folder, expected text in the one-line message)
+CASES = [
+    ("unknown config key, suggested", lambda r: ["train", "--config", _folder_with(r, {"c.toml": "alhpa = 1.0\n"}) + "/c.toml"],
+     "unknown config key 'alhpa' in"),
+    ("suggestion names the key", lambda r: ["train", "--config", _folder_with(r, {"c.toml": "alhpa = 1.0\n"}) + "/c.toml"],
+     "did you mean 'alpha'?"),
+    ("wrong type in TOML", lambda r: ["train", "--config", _folder_with(r, {"c.toml": 'steps = "many"\n'}) + "/c.toml"],
+     "steps must be a int, got 'many'"),
+    ("invalid TOML", lambda r: ["train", "--config", _folder_with(r, {"c.toml": "alpha = = 1\n"}) + "/c.toml"],
+     "is not valid TOML"),
+    ("missing config file", lambda r: ["train", "--config", str(r / "none.toml")], "config file not found"),
+    ("unknown task", lambda r: ["train", "--task", "imagenet"], "unknown task 'imagenet'"),
+    ("unknown method", lambda r: ["train", "--method", "ppo"], "unknown method 'ppo'"),
+    ("unknown reward, suggested", lambda r: ["train", "--reward", "linaer"], "did you mean 'linear'?"),
+    ("alpha < 0", lambda r: ["train", "--alpha", "-1"], "alpha must be >= 0"),
+    ("gamma = 0", lambda r: ["train", "--gamma", "0"], "gamma must be in (0, 1]"),
+    ("gamma > 1", lambda r: ["train", "--gamma", "1.01"], "gamma must be in (0, 1]"),
+    ("eta = 0 (no KL)", lambda r: ["train", "--eta", "0"], "eta must be in (0, 1]"),
+    ("num_steps 1000", lambda r: ["train", "--num-steps", "1000"], "num_steps must be in [1, 999]"),
+    ("buffer smaller than batch", lambda r: ["train", "--batch-size", "64", "--buffer-size", "8"],
+     "buffer_size must be >= batch_size"),
+    ("unknown buffer strategy", lambda r: ["train", "--buffer", "lifo"], "unknown buffer strategy"),
+    ("unknown estimator", lambda r: ["train", "--estimator", "oracle"], "unknown estimator"),
+    ("no CUDA", lambda r: ["train", "--device", "cuda:7", *TINY[:-3], "--no-progress"],
+     "device 'cuda:7'"),
+    ("non-float flag", lambda r: ["train", "--alpha", "two"], "invalid float value: 'two'"),
+    ("unknown flag", lambda r: ["train", "--alhpa", "1"], "unrecognized arguments: --alhpa"),
+    ("task param unknown, suggested", lambda r: ["train", "--task-param", "radiu=2"], "did you mean 'radius'?"),
+    ("task param bad value", lambda r: ["train", "--task-param", "std=-1"], "gmm2d std must be > 0"),
+    ("reward param unknown", lambda r: ["train", "--reward-param", "c=1"], "unknown parameter 'c' for reward 'linear'"),
+    ("reward vector length", lambda r: ["train", "--reward-param", "b=[1, 2, 3]"], "b must have 2 entries"),
+    ("reward param type", lambda r: ["train", "--reward", "quadratic", "--reward-param", "curvature=[1]"],
+     "reward 'quadratic'"),
+    ("reward param without =", lambda r: ["train", "--reward-param", "b"], "expects KEY=VALUE"),
+    ("reward for another task", lambda r: ["train", "--task", "digits", "--reward", "linear", *TINY],
+     "needs an image reward"),
+    ("custom reward: no module", lambda r: ["train", "--reward", "no_such_mod:f"], "cannot import module 'no_such_mod'"),
+    ("custom reward: no function", lambda r: ["train", "--reward", "json:no_such_function"],
+     "has no function 'no_such_function'"),
+    ("missing model folder", lambda r: ["train", "--task", "digits", "--task-param", f"model='{r / 'nowhere'}'", *TINY],
+     "no scheduler/scheduler_config.json"),
+    ("folder of the wrong model type", lambda r: ["train", "--task", "digits", "--task-param",
+                                                  f"model='{_wrong_model_type(r)}'", *TINY],
+     "holds a UNet2DConditionModel, not a UNet2DModel"),
+    ("digit class out of range", lambda r: ["train", "--task", "digits", "--task-param", "classes=[3, 10]", *TINY],
+     "digits classes must be digits 0-9"),
+    ("existing run folder", lambda r: ["train", "--out", str(_finished_run(r)), *TINY], "already exists"),
+    ("resume a missing folder", lambda r: ["train", "--resume", str(r / "nowhere")], "run folder not found"),
+    ("resume as another task", lambda r: ["train", "--resume", str(_finished_run(r)), "--task", "digits"],
+     "cannot resume"),
+    ("resume with a config file", lambda r: ["train", "--resume", str(_finished_run(r)), "--config", "x.toml"],
+     "--resume takes the run's own config"),
+    ("eval a missing folder", lambda r: ["eval", str(r / "nowhere")], "run folder not found"),
+    ("eval a folder without config.json", lambda r: ["eval", _folder_with(r, {})], "no config.json"),
+    ("eval a foreign folder", lambda r: ["eval", _folder_with(r, {"config.json": '{"lr": 1}'})],
+     "not written by sqdf"),
+    ("eval a folder with broken JSON", lambda r: ["eval", _folder_with(r, {"config.json": "{"})],
+     "config.json is not JSON"),
+    ("eval corrupt final weights", lambda r: ["eval", _corrupt_final(r)], "do not fit its config"),
+    ("eval too few samples", lambda r: ["eval", str(_finished_run(r)), "--num-samples", "1"],
+     "num_samples must be >= 2"),
+    ("sample zero samples", lambda r: ["sample", str(_finished_run(r)), "--num-samples", "0"],
+     "num_samples must be >= 1"),
+    ("pretrain gmm2d", lambda r: ["pretrain", "--task", "gmm2d", "--out", str(r / "x")], "only 'digits'"),
+    ("distill from a missing base", lambda r: ["distill-cm", "--base", str(r / "nowhere"), "--steps", "1"],
+     "config.json missing"),
+    ("pretrain on a bad device", lambda r: ["pretrain", "--out", str(r / "x"), "--device", "tpu"],
+     "unknown device 'tpu'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("build,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(build, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = build(tmp_path)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert expected in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
