@@ -26,6 +26,7 @@ class Cells:
     cond: Tensor  # (B,)
     reward: Tensor  # (B,) reward of the trajectory's final sample
     index: Tensor  # (B,) slot in the buffer
+    logp: Tensor | None = None  # (B,) log-likelihood of x_next under the sampling policy
 
 
 class ReplayBuffer:
@@ -39,6 +40,7 @@ class ReplayBuffer:
         self.states: Tensor | None = None  # (capacity, T+1, ...)
         self.cond: Tensor | None = None
         self.rewards = torch.zeros(capacity)
+        self.logp: Tensor | None = None  # (capacity, T)
         self.size = 0
         self.ptr = 0
         self.newest = torch.zeros(0, dtype=torch.long)
@@ -52,9 +54,12 @@ class ReplayBuffer:
                 (self.capacity, *traj.states.shape[1:]), dtype=traj.states.dtype
             )
             self.cond = torch.zeros((self.capacity, *traj.cond.shape[1:]), dtype=traj.cond.dtype)
+            self.logp = torch.zeros((self.capacity, self.num_steps))
         idx = (self.ptr + torch.arange(n)) % self.capacity
         self.states[idx] = traj.states
         self.cond[idx] = traj.cond
+        if traj.logp is not None:
+            self.logp[idx] = traj.logp.float()
         self.rewards[idx] = rewards.detach().float().cpu()
         self.ptr = int((self.ptr + n) % self.capacity)
         self.size = min(self.size + n, self.capacity)
@@ -82,6 +87,7 @@ class ReplayBuffer:
             cond=self.cond[index],
             reward=self.rewards[index],
             index=index,
+            logp=self.logp[index, step],
         )
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -91,6 +97,7 @@ class ReplayBuffer:
             "states": self.states,
             "cond": self.cond,
             "rewards": self.rewards,
+            "logp": self.logp,
             "newest": self.newest,
             "size_ptr": torch.tensor([self.size, self.ptr]),
         }
@@ -101,5 +108,6 @@ class ReplayBuffer:
         self.states = state["states"].clone()
         self.cond = state["cond"].clone()
         self.rewards = state["rewards"].clone()
+        self.logp = state["logp"].clone()
         self.newest = state["newest"].clone()
         self.size, self.ptr = (int(v) for v in state["size_ptr"])

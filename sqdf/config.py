@@ -32,7 +32,9 @@ class TrainConfig:
     """Everything a training run depends on; written to the run folder as config.json."""
 
     task: str = _f("gmm2d", "task: backbone, conditions and metrics (gmm2d)")
-    method: str = _f("sqdf", "fine-tuning method (sqdf)")
+    method: str = _f(
+        "sqdf", "fine-tuning method: sqdf, draft, draft_lv, draft_kl, refl, alignprop, ddpo"
+    )
     reward: str = _f(
         "auto",
         "reward: linear, quadratic (gmm2d); ink, classifier (digits); module:function; "
@@ -40,6 +42,7 @@ class TrainConfig:
     )
     reward_params: dict = _f({}, "reward parameters, e.g. {b = [1.0, 0.0]} for linear")
     task_params: dict = _f({}, "task parameters, e.g. {radius = 3.0} for gmm2d")
+    method_params: dict = _f({}, "method parameters, e.g. {k = 1} for draft")
     alpha: float = _f(2.0, "KL weight alpha (exact KL, summed over dimensions)")
     gamma: float = _f(0.9, "discount gamma in (0, 1]: step k's reward is weighted gamma^(T-k-1)")
     estimator: str = _f("consistency", "x̂0 estimator for the soft Q: tweedie or consistency")
@@ -95,6 +98,11 @@ class TrainConfig:
         need(
             self.method in METHODS,
             f"unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}",
+        )
+        required = METHODS[self.method].buffer
+        need(
+            required is None or self.buffer == required,
+            f"method {self.method!r} needs buffer = {required!r}, got {self.buffer!r}",
         )
         need(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
         need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")

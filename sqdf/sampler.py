@@ -12,7 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sqdf.core.ddim import ddim_step_mean_std
-from sqdf.core.kl import gaussian_kl
+from sqdf.core.kl import gaussian_kl, gaussian_log_prob
 from sqdf.tasks.base import Task, _expand
 
 
@@ -21,10 +21,15 @@ class Trajectories:
     states: Tensor  # (B, T+1, ...): x_T, ..., x_0 on the CPU
     cond: Tensor  # (B,)
     kl: Tensor | None  # (B, T) per-step KL(policy || reference) along the path, if asked for
+    logp: Tensor | None = None  # (B, T) log-likelihood of each sampled step under the sampler
 
     @property
     def x0(self) -> Tensor:
         return self.states[:, -1]
+
+    def select(self, index: Tensor) -> Trajectories:
+        pick = lambda t: t[index] if t is not None else None  # noqa: E731
+        return Trajectories(self.states[index], self.cond[index], pick(self.kl), pick(self.logp))
 
 
 def step_mean_std(
@@ -60,7 +65,7 @@ def sample_trajectories(
     cond = task.sample_conditions(n, generator) if cond is None else cond
     x = torch.randn((n, *task.sample_shape), generator=generator).to(device)
     states = [x.cpu()]
-    kls = []
+    kls, logps = [], []
     cond_d = cond.to(device)
     steps = range(task.schedule.num_steps)
     for k in tqdm(steps, desc=progress, leave=False) if progress else steps:
@@ -71,9 +76,48 @@ def sample_trajectories(
             kls.append(gaussian_kl(mean, ref_mean, std).cpu())
         z = torch.randn((n, *task.sample_shape), generator=generator).to(device)
         x = mean + std * z
+        logps.append(gaussian_log_prob(x, mean, std).cpu())
         states.append(x.cpu())
     return Trajectories(
         states=torch.stack(states, dim=1),
         cond=cond,
         kl=torch.stack(kls, dim=1) if with_kl else None,
+        logp=torch.stack(logps, dim=1),
     )
+
+
+def rollout_with_grad(
+    task: Task,
+    cond: Tensor,
+    generator: torch.Generator,
+    grad_steps: int,
+    *,
+    x: Tensor | None = None,
+    start: int = 0,
+    stop: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run the policy's chain from step ``start`` (fresh noise unless ``x``) to ``stop``,
+    keeping gradients only through the last ``grad_steps`` steps (DRaFT, AlignProp, ReFL).
+
+    Returns the final state and the summed exact KL to the reference over those steps, (B,).
+    """
+    device = task.device
+    stop = task.schedule.num_steps if stop is None else stop
+    n = cond.shape[0]
+    cond = cond.to(device)
+    if x is None:
+        x = torch.randn((n, *task.sample_shape), generator=generator).to(device)
+    kl = torch.zeros(n, device=device)
+    for k in range(start, stop):
+        ks = torch.full((n,), k, dtype=torch.long)
+        z = torch.randn((n, *task.sample_shape), generator=generator).to(device)
+        if k < stop - grad_steps:
+            with torch.no_grad():
+                mean, std = step_mean_std(task, x, ks, cond, policy=True)
+        else:
+            mean, std = step_mean_std(task, x, ks, cond, policy=True)
+            with torch.no_grad():
+                ref_mean, _ = step_mean_std(task, x, ks, cond, policy=False)
+            kl = kl + gaussian_kl(mean, ref_mean, std)
+        x = mean + std * z
+    return x, kl

@@ -23,7 +23,7 @@ from sqdf.buffer import ReplayBuffer
 from sqdf.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_weights
 from sqdf.config import TrainConfig
 from sqdf.errors import SqdfError
-from sqdf.methods import METHODS
+from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import reward_params
 from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
 from sqdf.sampler import sample_trajectories
@@ -40,6 +40,7 @@ def train(
     """
     run = Path(out)
     saved = prepare_run(run, cfg, resume)
+    method_params = build_method_params(cfg.method, cfg.method_params)
     torch.manual_seed(cfg.seed)  # the policy's initialisation
     task = build_task(cfg)
     write_config(
@@ -49,16 +50,20 @@ def train(
             "task_params": dataclasses.asdict(task.options) if hasattr(task, "options") else {},
             "reward": resolved_reward_name(cfg),
             "reward_params": reward_params(task.reward_model),
+            "method_params": dataclasses.asdict(method_params),
             "device": str(task.device),
         },
     )
-    loss_fn = METHODS[cfg.method]
+    loss_fn = METHODS[cfg.method].loss
     params = [p for p in task.policy.parameters() if p.requires_grad]
     # constant learning rate: there is no LR schedule whose state would need saving
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     buffer = ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma)
     generator = torch.Generator().manual_seed(cfg.seed)
-    counters = {"samples_seen": 0, "skipped_updates": 0, "nonfinite_rewards": 0, "wall_s": 0.0}
+    counters = {
+        "samples_seen": 0, "reward_evals": 0, "skipped_updates": 0, "nonfinite_rewards": 0,
+        "wall_s": 0.0,
+    }  # fmt: skip
     start = 0
 
     ck = load_latest_checkpoint(run / "checkpoints") if resume else None
@@ -102,12 +107,12 @@ def train(
                 bad = int((~finite).sum())
                 counters["nonfinite_rewards"] += bad
                 counters["samples_seen"] += cfg.batch_size
+                counters["reward_evals"] += cfg.batch_size
                 if bad:
                     cause = f"the reward was not finite for {bad} of {cfg.batch_size} fresh samples"
                 if bad < cfg.batch_size:
                     keep = finite.nonzero().squeeze(1)
-                    traj = dataclasses.replace(traj, states=traj.states[keep], cond=traj.cond[keep])
-                    buffer.add(traj, rewards.cpu()[keep])
+                    buffer.add(traj.select(keep), rewards.cpu()[keep])
             fresh = buffer.rewards[buffer.newest]
 
             optimizer.zero_grad(set_to_none=True)
@@ -116,12 +121,13 @@ def train(
                 cause = (cause + "; " if cause else "") + "no sample has a finite reward yet"
             for _ in range(cfg.grad_accum if not skip else 0):
                 cells = buffer.sample_cells(cfg.batch_size, generator)
-                loss, stats = loss_fn(task, cells, cfg, generator)
+                loss, stats = loss_fn(task, cells, cfg, method_params, generator)
                 if not torch.isfinite(loss):
                     skip, cause = True, f"the loss was {float(loss)}"
                     break
                 (loss / cfg.grad_accum).backward()
                 loss_total += loss.item() / cfg.grad_accum
+                counters["reward_evals"] += int(stats.pop("reward_evals", 0))
                 for k, v in stats.items():
                     stats_total[k] = stats_total.get(k, 0.0) + v / cfg.grad_accum
             grad_norm = math.nan
@@ -155,6 +161,7 @@ def train(
                     "grad_norm": grad_norm,
                     "lr": optimizer.param_groups[0]["lr"],
                     "samples_seen": counters["samples_seen"],
+                    "reward_evals": counters["reward_evals"],
                     "skipped_updates": counters["skipped_updates"],
                     "nonfinite_rewards": counters["nonfinite_rewards"],
                     "wall_s": round(time.perf_counter() - t0, 3),

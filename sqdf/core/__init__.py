@@ -5,7 +5,7 @@ function can be checked against a closed form or against diffusers' own schedule
 """
 
 from sqdf.core.ddim import ddim_sigma, ddim_step_mean_std
-from sqdf.core.kl import gaussian_kl
+from sqdf.core.kl import gaussian_kl, gaussian_log_prob
 from sqdf.core.loss import discount_weight, soft_q_loss
 from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import DDIMSchedule, make_ddim_schedule
@@ -18,6 +18,7 @@ __all__ = [
     "ddim_step_mean_std",
     "discount_weight",
     "gaussian_kl",
+    "gaussian_log_prob",
     "lcm_boundary_scalings",
     "make_ddim_schedule",
     "pf_ode_x0",

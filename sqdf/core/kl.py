@@ -1,6 +1,9 @@
-"""Exact KL between two Gaussian denoising steps that share their standard deviation."""
+"""Gaussian denoising steps: the exact KL between two that share their standard deviation,
+and the log-likelihood of a sampled step."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -25,3 +28,13 @@ def gaussian_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor) -> Tensor:
         )
     sq = (mean_p - mean_q).pow(2) / (2.0 * std.pow(2))
     return sq.flatten(1).sum(dim=1)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(x; mean, std² I) per sample, summed over dimensions.
+
+    # x, mean: (B, ...); std: scalar or broadcasting; returns (B,)
+    """
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).expand_as(x)
+    z = (x - mean) / std
+    return -(0.5 * z.pow(2) + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).sum(dim=1)

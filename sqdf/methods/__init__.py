@@ -1,10 +1,54 @@
-"""Methods by name. A method is a loss over replayed cells:
-``loss(task, cells, cfg, generator) -> (scalar loss, stats)``; the trainer does the rest."""
+"""Methods by name. A method is a loss over the cells the trainer draws from the replay buffer:
+``loss(task, cells, cfg, params, generator) -> (scalar loss, stats)``, where ``params`` is the
+method's own settings dataclass (from ``method_params``). Methods that sample their own chains
+(DRaFT, AlignProp, ReFL) use only the cells' conditions. ``stats["reward_evals"]`` counts the
+reward evaluations the loss made, so budgets can be compared."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from sqdf.methods.sqdf import sqdf_loss
+from sqdf.errors import ConfigError
+from sqdf.methods.alignprop import AlignPropParams, alignprop_loss
+from sqdf.methods.ddpo import DdpoParams, ddpo_loss
+from sqdf.methods.draft import DraftParams, draft_kl_loss, draft_loss, draft_lv_loss
+from sqdf.methods.refl import ReflParams, refl_loss
+from sqdf.methods.sqdf import SqdfParams, sqdf_loss
 
-METHODS: dict[str, Callable] = {"sqdf": sqdf_loss}
+
+@dataclass(frozen=True)
+class Method:
+    loss: Callable
+    params: type
+    buffer: str | None = None  # a replay strategy the method requires, if any
+
+
+METHODS: dict[str, Method] = {
+    "sqdf": Method(sqdf_loss, SqdfParams),
+    "draft": Method(draft_loss, DraftParams),
+    "draft_lv": Method(draft_lv_loss, DraftParams),
+    "draft_kl": Method(draft_kl_loss, DraftParams),
+    "refl": Method(refl_loss, ReflParams),
+    "alignprop": Method(alignprop_loss, AlignPropParams),
+    "ddpo": Method(ddpo_loss, DdpoParams, buffer="on_policy"),
+}
+
+
+def build_method_params(name: str, params: Mapping[str, Any]) -> Any:
+    from sqdf.config import suggest
+
+    cls = METHODS[name].params
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter {unknown[0]!r} for method {name!r}; "
+            f"known: {', '.join(sorted(known)) or 'none'}{suggest(unknown[0], known)}"
+        )
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method {name!r}: {err}") from None

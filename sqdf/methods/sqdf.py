@@ -9,6 +9,8 @@ is back-propagated through the rest of the chain, so memory is one step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -20,8 +22,13 @@ from sqdf.sampler import step_mean_std
 from sqdf.tasks.base import Task
 
 
+@dataclass
+class SqdfParams:
+    """SQDF's settings are the shared alpha, gamma, estimator and buffer of TrainConfig."""
+
+
 def sqdf_loss(
-    task: Task, cells: Cells, cfg: TrainConfig, generator: torch.Generator
+    task: Task, cells: Cells, cfg: TrainConfig, params: SqdfParams, generator: torch.Generator
 ) -> tuple[Tensor, dict[str, float]]:
     dev = task.device
     x_t, step, cond = cells.x_t.to(dev), cells.step, cells.cond.to(dev)
@@ -33,4 +40,6 @@ def sqdf_loss(
     reward = task.reward(task.x0_after_step(x_prev, step.to(dev), cond), cond)
     kl = gaussian_kl(mean, ref_mean, std)
     loss = soft_q_loss(reward, kl, step.to(dev), task.schedule.num_steps, cfg.gamma, cfg.alpha)
-    return loss.mean(), {"kl_mean": kl.mean().item(), "q_mean": reward.mean().item()}
+    stats = {"kl_mean": kl.mean().item(), "q_mean": reward.mean().item(),
+             "reward_evals": float(reward.shape[0])}  # fmt: skip
+    return loss.mean(), stats

@@ -7,7 +7,7 @@ from torch.func import functional_call
 from sqdf.buffer import Cells
 from sqdf.config import TrainConfig
 from sqdf.core import discount_weight, soft_q_loss
-from sqdf.methods.sqdf import sqdf_loss
+from sqdf.methods.sqdf import SqdfParams, sqdf_loss
 from sqdf.tasks import build_task
 
 
@@ -59,7 +59,7 @@ def test_sqdf_gradient_matches_finite_differences(estimator):
         original = task.policy
         task.policy = lambda x, t: functional_call(original, state, (x, t))
         try:
-            return sqdf_loss(task, cells, cfg, torch.Generator().manual_seed(7))[0]
+            return sqdf_loss(task, cells, cfg, SqdfParams(), torch.Generator().manual_seed(7))[0]
         finally:
             task.policy = original
 
