@@ -30,6 +30,10 @@ A TOML config holds the same keys as the flags (underscores), with [task_params]
 RUN/config.json."""
 
 
+DICT_FIELDS = {"task_params": "--task-param", "reward_params": "--reward-param",
+               "method_params": "--method-param"}  # fmt: skip
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, status 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -64,23 +68,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML file with config keys")
     p.add_argument("--out", metavar="RUN", help="run folder (default: runs/TASK-METHOD-TIME)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
-    p.add_argument(
-        "--task-param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="task parameter, e.g. radius=4.0 (repeatable)",
-    )
-    p.add_argument(
-        "--reward-param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="reward parameter, e.g. 'b=[1.0, 0.0]' (repeatable)",
-    )
+    for key, example in (
+        ("task_params", "radius=4.0"),
+        ("reward_params", "'b=[1.0, 0.0]'"),
+        ("method_params", "k=2 (draft)"),
+    ):
+        p.add_argument(
+            DICT_FIELDS[key],
+            dest=key,
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"{key[:-7]} parameter, e.g. {example} (repeatable)",
+        )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in config_fields():
-        if f.name in ("task_params", "reward_params"):
+        if f.name in DICT_FIELDS:
             continue
         kind = {"int": int, "float": float, "str": str}[str(f.type)]
         p.add_argument(
@@ -97,9 +100,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sqdf.trainer import train
 
     flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
-    flags = {k: v for k, v in flags.items() if v is not None}
+    flags = {k: v for k, v in flags.items() if v is not None and k not in DICT_FIELDS}
     if args.resume:
-        if args.config or args.task_param or args.reward_param:
+        if args.config or any(getattr(args, key) for key in DICT_FIELDS):
             raise SqdfError(
                 "--resume takes the run's own config; only flags like --steps may change"
             )
@@ -109,14 +112,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         values = read_toml(args.config) if args.config else {}
         source = args.config or "flags"
     values.update(flags)
-    values["task_params"] = {
-        **values.get("task_params", {}),
-        **_key_values(args.task_param, "--task-param"),
-    }
-    values["reward_params"] = {
-        **values.get("reward_params", {}),
-        **_key_values(args.reward_param, "--reward-param"),
-    }
+    for key, flag in DICT_FIELDS.items():
+        given = _key_values(getattr(args, key), flag)
+        values[key] = {**values.get(key, {}), **given}
     cfg = make_config(values, source=source)
     out = (
         args.resume or args.out or f"runs/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
