@@ -170,6 +170,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from sqdf.compare import compare
+
+    base = read_toml(args.config) if args.config else {}
+    base.update(_key_values(args.set, "--set"))
+    base["task"] = args.task
+    if args.steps:
+        base["steps"] = args.steps
+    sweep = None
+    if args.sweep:
+        key, sep, raw = args.sweep.partition("=")
+        if not sep or not key or not raw:
+            raise SqdfError(f"--sweep expects KEY=V1,V2,..., got {args.sweep!r}")
+        values = (
+            _parse_value(raw) if raw.startswith("[") else [_parse_value(v) for v in raw.split(",")]
+        )
+        sweep = (key.strip(), list(values))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = args.out or f"runs/compare-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = compare(
+        base,
+        methods,
+        args.seeds,
+        out,
+        sweep=sweep,
+        num_samples=args.num_samples,
+        best_of=args.best_of,
+        progress=not args.no_progress,
+    )
+    print((folder / "results.md").read_text())
+    print(f"wrote {folder}/results.json, results.md, pareto.png, curves.png")
+    return 0
+
+
 def _only_digits(task: str) -> None:
     if task != "digits":
         raise SqdfError(
@@ -217,6 +251,47 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out} (held-out accuracy in {out.with_suffix('.json')})")
     return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "compare", help="every method (or every value of one setting) on the same seeds and budget",
+        description="Train and evaluate several methods, or one method over several values of "
+        "a setting (--sweep), on seeds 0..N-1 with the same updates and batch sizes. Writes "
+        "results.json, results.md (mean ± std), pareto.png, curves.png (and samples.png on "
+        "gmm2d).", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  sqdf compare --task gmm2d --methods sqdf,draft,alignprop,ddpo --seeds 2\n"
+        "  sqdf compare --task gmm2d --methods sqdf --sweep gamma=1.0,0.9,0.7 --seeds 3\n"
+        "  sqdf compare --task digits --methods sqdf,draft,best_of_n --set alpha=0.1 --steps 60",
+    )  # fmt: skip
+    c.add_argument("--task", default="gmm2d", help="gmm2d or digits (default: gmm2d)")
+    c.add_argument(
+        "--methods",
+        default="sqdf,draft,alignprop,ddpo",
+        help="comma-separated: sqdf, draft, draft_lv, draft_kl, refl, alignprop, ddpo, "
+        "best_of_n (default: sqdf,draft,alignprop,ddpo)",
+    )
+    c.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 (default: 2)")
+    c.add_argument("--out", default=None, help="output folder (default: runs/compare-TASK-TIME)")
+    c.add_argument("--config", default=None, help="TOML file with the shared config keys")
+    c.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a shared config key, e.g. alpha=1.0 (repeatable)",
+    )
+    c.add_argument("--steps", type=int, default=None, help="optimizer updates per run")
+    c.add_argument(
+        "--sweep",
+        default=None,
+        metavar="KEY=V1,V2",
+        help="ablation: one run per value of KEY, for the first method",
+    )
+    c.add_argument("--num-samples", type=int, default=None, help="evaluation samples per run")
+    c.add_argument("--best-of", type=int, default=16, help="N for best_of_n (default: 16)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")  # fmt: skip
 
 
 def _add_build_commands(sub: argparse._SubParsersAction) -> None:
@@ -282,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-reference", action="store_true", help="skip the reference panel")
     _add_build_commands(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -294,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "sample": _cmd_sample,
         "demo": _cmd_demo,
         "pretrain": _cmd_pretrain,
+        "compare": _cmd_compare,
         "distill-cm": _cmd_distill,
         "train-reward": _cmd_train_reward,
     }[args.command]

@@ -123,7 +123,7 @@ def train(
                 cells = buffer.sample_cells(cfg.batch_size, generator)
                 loss, stats = loss_fn(task, cells, cfg, method_params, generator)
                 if not torch.isfinite(loss):
-                    skip, cause = True, f"the loss was {float(loss)}"
+                    skip, cause = True, f"the loss was {loss.item()}"
                     break
                 (loss / cfg.grad_accum).backward()
                 loss_total += loss.item() / cfg.grad_accum

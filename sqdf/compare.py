@@ -1,0 +1,297 @@
+"""``sqdf compare``: every method (or every value of one setting) on the same seeds and the
+same budget, with a table, a Pareto plot and training curves.
+
+Budget: every variant makes the same number of optimizer updates on the same batch sizes;
+reward evaluations and wall time differ by method and are reported beside the metrics.
+``best_of_n`` is the no-training baseline: for each output, the best of N reference samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sqdf.config import TrainConfig, make_config
+from sqdf.errors import SqdfError
+from sqdf.evaluate import evaluate_run, load_run
+from sqdf.methods import METHODS
+from sqdf.report import _plt
+from sqdf.run import read_metrics
+from sqdf.sampler import sample_trajectories
+from sqdf.tasks import build_task
+from sqdf.trainer import train
+
+BEST_OF_N = "best_of_n"
+# (metric, direction) shown per task; "up" means higher is better
+COLUMNS = {
+    "gmm2d": [("reward_mean", "up"), ("kl_path", "down"), ("target_mode_tv", "down"),
+              ("target_sliced_w2", "down")],
+    "digits": [("reward_mean", "up"), ("kl_path", "down"), ("eval_agreement", "up"),
+               ("eval_frechet", "down"), ("eval_diversity", "up")],
+}  # fmt: skip
+# (x: naturalness, y: diversity) axes of the Pareto plot against reward
+PARETO = {
+    "gmm2d": ("target_sliced_w2", "target_mode_tv"),
+    "digits": ("eval_frechet", "eval_diversity"),
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: dict[str, Any]
+
+
+def plan_variants(methods: list[str], sweep: tuple[str, list[Any]] | None) -> list[Variant]:
+    """One variant per method, or per swept value of one config key (first method)."""
+    for m in methods:
+        if m != BEST_OF_N and m not in METHODS:
+            raise SqdfError(
+                f"unknown method {m!r}; known: {', '.join(sorted(METHODS))}, {BEST_OF_N}"
+            )
+    if sweep is None:
+        return [Variant(m, {"method": m}) for m in methods]
+    key, values = sweep
+    if methods and methods[0] == BEST_OF_N:
+        raise SqdfError("--sweep needs a trained method first in --methods")
+    return [Variant(f"{key}={v}", {"method": methods[0], key: v}) for v in values]
+
+
+def _config(base: dict[str, Any], variant: Variant, seed: int) -> TrainConfig:
+    values = {**base, **variant.overrides, "seed": seed}
+    required = METHODS[values["method"]].buffer
+    if required is not None:
+        values["buffer"] = required  # e.g. DDPO learns on-policy only
+    return make_config(values, source=f"compare variant {variant.name}")
+
+
+def best_of_n(base: dict[str, Any], n: int, num_samples: int, seed: int) -> dict[str, Any]:
+    """Metrics of best-of-n sampling from the reference: no training at all."""
+    cfg = make_config({**base, "seed": seed}, source="best_of_n")
+    torch.manual_seed(seed)
+    task = build_task(cfg)
+    g = torch.Generator().manual_seed(seed)
+    ref = sample_trajectories(task, num_samples, g, policy=False)
+    cond = ref.cond.repeat_interleave(n)
+    cands = sample_trajectories(task, num_samples * n, g, policy=False, cond=cond)
+    with torch.no_grad():
+        r = task.reward(cands.x0.to(task.device), cond.to(task.device)).cpu()
+    best = r.view(num_samples, n).argmax(dim=1) + torch.arange(num_samples) * n
+    samples = cands.x0[best]
+    with torch.no_grad():
+        rb = task.reward(samples.to(task.device), ref.cond.to(task.device)).cpu()
+        r_ref = task.reward(ref.x0.to(task.device), ref.cond.to(task.device)).cpu()
+    out = {
+        "reward_mean": float(rb.mean()), "reward_std": float(rb.std()),
+        # KL(best-of-n || ref) <= log n - (n-1)/n (Beirami et al., 2024): a bound, not measured
+        "kl_path": math.log(n) - (n - 1) / n,
+        "ref_reward_mean": float(r_ref.mean()),
+    }  # fmt: skip
+    out.update(task.evaluate(samples, ref.x0, ref.cond, torch.Generator().manual_seed(seed + 1)))
+    out["reward_evals"] = num_samples * n
+    out["updates"] = 0
+    out["samples"] = samples
+    return out
+
+
+def compare(
+    base: dict[str, Any],
+    methods: list[str],
+    seeds: int,
+    out: str | Path,
+    *,
+    sweep: tuple[str, list[Any]] | None = None,
+    num_samples: int | None = None,
+    best_of: int = 16,
+    progress: bool = True,
+) -> Path:
+    """Train and evaluate every variant on seeds 0..seeds-1; write results and plots to ``out``."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise SqdfError(f"output folder {out} already exists and is not empty; pick another")
+    if seeds < 1:
+        raise SqdfError(f"seeds must be >= 1, got {seeds}")
+    variants = plan_variants(methods, sweep)
+    base = {**base}
+    base.setdefault("task", "gmm2d")
+    make_config({**base, "method": "sqdf"}, source="compare base")  # fail early on bad keys
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    samples: dict[str, torch.Tensor] = {}
+    curves: dict[str, list[list[dict]]] = {}
+    for variant in variants:
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            if variant.name == BEST_OF_N:
+                n = num_samples or 1024
+                metrics = best_of_n(base, best_of, n, seed)
+                sample = metrics.pop("samples")
+            else:
+                cfg = _config(base, variant, seed)
+                run = out / "runs" / f"{variant.name}-seed{seed}"
+                sample = None
+                try:
+                    train(cfg, run, progress=progress)
+                except SqdfError as err:  # a method that blows up is a result, not a crash
+                    metrics = {"diverged": str(err)}
+                else:
+                    metrics = evaluate_run(run, num_samples=num_samples, progress=False)
+                    if seed == 0:
+                        task = load_run(run)
+                        gen = torch.Generator().manual_seed(0)
+                        sample = sample_trajectories(task, 1024, gen).x0
+                rows = read_metrics(run)
+                metrics["reward_evals"] = rows[-1]["reward_evals"] if rows else 0
+                metrics["updates"] = rows[-1]["step"] if rows else 0
+                curves.setdefault(variant.name, []).append(rows)
+            if sample is not None and seed == 0:
+                samples[variant.name] = sample
+            metrics["wall_s"] = round(time.perf_counter() - t0, 1)
+            metrics["eval_seed"] = metrics.pop("seed", None)
+            records.append({"variant": variant.name, **metrics, "seed": seed})
+    task_name = base["task"]
+    doc = {"task": task_name, "base": base, "seeds": seeds, "sweep": sweep and list(sweep),
+           "variants": [v.name for v in variants], "runs": records}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(doc, indent=1, default=float))
+    (out / "results.md").write_text(
+        results_markdown(task_name, records, [v.name for v in variants])
+    )
+    _pareto(task_name, records, out / "pareto.png")
+    _curves(curves, out / "curves.png")
+    if task_name == "gmm2d" and samples:
+        _gmm_samples(base, samples, out / "samples.png")
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def results_markdown(task: str, records: list[dict[str, Any]], variants: list[str]) -> str:
+    cols = COLUMNS.get(task, [("reward_mean", "up"), ("kl_path", "down")])
+    head = ["variant"] + [f"{c} {'↑' if d == 'up' else '↓'}" for c, d in cols]
+    head += ["reward evals", "updates", "wall s", "diverged"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for v in variants:
+        rs = [r for r in records if r["variant"] == v]
+        cells = [v] + [_mean_std([r.get(c, math.nan) for r in rs]) for c, _ in cols]
+        cells += [
+            f"{statistics.mean(r['reward_evals'] for r in rs):.0f}",
+            f"{max(r['updates'] for r in rs)}",
+            f"{statistics.mean(r['wall_s'] for r in rs):.1f}",
+            f"{sum('diverged' in r for r in rs)}/{len(rs)}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    ref = [r for r in records if "ref_reward_mean" in r]
+    notes = [f"\nMean ± std over {len({r['seed'] for r in records})} seed(s)."]
+    if ref:
+        ref_reward = _mean_std([r["ref_reward_mean"] for r in ref])
+        notes.append(f"Reference (no fine-tuning): reward_mean {ref_reward}")
+        for key in ("ref_target_mode_tv", "ref_target_sliced_w2", "ref_sampler_sliced_w2",
+                    "ref_eval_agreement", "ref_eval_frechet", "ref_eval_diversity",
+                    "target_reward_mean", "target_kl"):  # fmt: skip
+            vals = [r[key] for r in records if key in r]
+            if vals:
+                notes.append(f"{key} {_mean_std(vals)}")
+    for r in records:
+        if "diverged" in r:
+            notes.append(f"{r['variant']} seed {r['seed']} diverged: {r['diverged']}")
+    if BEST_OF_N in variants:
+        notes.append("best_of_n: kl_path is the bound log n - (n-1)/n, not a measured path KL.")
+    return (
+        "\n".join(lines)
+        + "\n"
+        + "; ".join(notes[:1])
+        + "\n\n"
+        + "\n".join(f"- {n}" for n in notes[1:])
+        + "\n"
+    )
+
+
+def _pareto(task: str, records: list[dict[str, Any]], path: Path) -> None:
+    x_nat, y_div = PARETO.get(task, ("kl_path", "kl_path"))
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    for ax, key in zip(axes, (x_nat, y_div), strict=True):
+        for r in records:
+            if key in r:
+                ax.scatter(
+                    r[key],
+                    r["reward_mean"],
+                    color=colors[r["variant"]],
+                    s=36,
+                    label=r["variant"] if r["seed"] == 0 else None,
+                )
+        ax.set(xlabel=key, ylabel="reward_mean", title=f"reward against {key}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (name, runs) in enumerate(curves.items()):
+        color = plt.cm.tab10(i % 10)
+        for j, rows in enumerate(runs):
+            steps = [r["step"] for r in rows]
+            axes[0].plot(
+                steps,
+                [r["reward_mean"] for r in rows],
+                color=color,
+                alpha=0.8,
+                label=name if j == 0 else None,
+            )
+            axes[1].plot(steps, [r["kl_mean"] for r in rows], color=color, alpha=0.8)
+    axes[0].set(xlabel="update", ylabel="reward of fresh samples", title="reward")
+    axes[1].set(
+        xlabel="update",
+        ylabel="KL to the reference (per step, on the loss's cells)",
+        title="KL",
+        yscale="log",
+    )
+    if curves:
+        axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _gmm_samples(base: dict[str, Any], samples: dict[str, torch.Tensor], path: Path) -> None:
+    task = build_task(make_config({**base, "method": "sqdf"}, source="plot"))
+    target = task.target()
+    lim = float(target.means.abs().max() + 4 * target.variances.max().sqrt())
+    grid = torch.linspace(-lim, lim, 160, dtype=torch.float64)
+    gx, gy = torch.meshgrid(grid, grid, indexing="xy")
+    dens = target.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1)).exp().view(160, 160)
+    plt = _plt()
+    n = len(samples)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.5), squeeze=False)
+    for ax, (name, pts) in zip(axes[0], samples.items(), strict=True):
+        ax.contourf(gx.numpy(), gy.numpy(), dens.numpy(), levels=20, cmap="Greys")
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color="tab:red")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("samples (red) over the exact target density (grey)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

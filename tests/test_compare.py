@@ -1,0 +1,101 @@
+"""sqdf compare, tiny: outputs are produced and well-formed; divergence is a result."""
+
+import json
+
+import pytest
+
+from sqdf.cli import main
+from sqdf.compare import BEST_OF_N, compare, plan_variants
+from sqdf.errors import SqdfError
+
+BASE = dict(
+    task="gmm2d",
+    num_steps=5,
+    steps=4,
+    batch_size=8,
+    buffer_size=16,
+    log_every=2,
+    checkpoint_every=0,
+    device="cpu",
+    estimator="tweedie",
+    task_params={"hidden": 8},
+)
+
+
+def test_compare_two_methods_and_best_of_n(tmp_path):
+    out = compare(
+        BASE,
+        ["sqdf", "draft", BEST_OF_N],
+        1,
+        tmp_path / "c",
+        num_samples=64,
+        best_of=4,
+        progress=False,
+    )
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in doc["runs"]] == ["sqdf", "draft", BEST_OF_N]
+    for r in doc["runs"]:
+        for key in ("reward_mean", "target_mode_tv", "target_sliced_w2", "reward_evals", "wall_s"):
+            assert key in r
+    assert doc["runs"][0]["updates"] == 4 and doc["runs"][2]["updates"] == 0
+    table = (out / "results.md").read_text()
+    assert (
+        table.count("\n| ") >= 4 and "target_mode_tv" in table and "Mean ± std over 1 seed" in table
+    )
+    for png in ("pareto.png", "curves.png", "samples.png"):
+        assert (out / png).stat().st_size > 5000
+
+
+def test_sweep_and_ddpo_gets_its_buffer(tmp_path):
+    out = compare(
+        BASE,
+        ["sqdf"],
+        2,
+        tmp_path / "s",
+        sweep=("gamma", [1.0, 0.5]),
+        num_samples=32,
+        progress=False,
+    )
+    doc = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in doc["runs"]] == [
+        ("gamma=1.0", 0),
+        ("gamma=1.0", 1),
+        ("gamma=0.5", 0),
+        ("gamma=0.5", 1),
+    ]
+    assert "±" in (out / "results.md").read_text()
+    out = compare(BASE, ["ddpo"], 1, tmp_path / "d", num_samples=32, progress=False)
+    cfg = json.loads((out / "runs" / "ddpo-seed0" / "config.json").read_text())
+    assert cfg["train"]["buffer"] == "on_policy"
+
+
+def test_a_diverging_run_is_recorded_not_fatal(tmp_path, monkeypatch):
+    (tmp_path / "nan_reward.py").write_text(
+        "import torch\ndef r(x, c):\n    return x.sum(1) * float('nan')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = {
+        **BASE,
+        "reward": "nan_reward:r",
+        "max_skips": 2,
+        "task": "digits",
+        "task_params": {"classes": [1]},
+        "num_steps": 3,
+        "batch_size": 2,
+        "buffer_size": 4,
+    }
+    out = compare(base, ["sqdf"], 1, tmp_path / "n", num_samples=8, progress=False)
+    doc = json.loads((out / "results.json").read_text())
+    assert "diverged" in doc["runs"][0] and "1/1" in (out / "results.md").read_text()
+
+
+def test_bad_compare_input(tmp_path, capsys):
+    with pytest.raises(SqdfError, match="unknown method 'ppo'"):
+        plan_variants(["ppo"], None)
+    assert (
+        main(["compare", "--methods", "sqdf", "--sweep", "gamma", "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "--sweep expects KEY=V1,V2" in capsys.readouterr().err
+    assert main(["compare", "--set", "alhpa=1", "--out", str(tmp_path / "y")]) == 2
+    assert "did you mean 'alpha'" in capsys.readouterr().err
