@@ -149,6 +149,24 @@ def suggest(name: str, known: set[str] | list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def build_settings(cls: type, values: dict[str, Any], what: str) -> Any:
+    """The settings dataclass ``cls`` of ``what`` (e.g. "reward 'linear'") from plain values;
+    an unknown key or a bad value is a ConfigError that names it."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter {unknown[0]!r} for {what}; "
+            f"known: {', '.join(sorted(known)) or 'none'}{suggest(unknown[0], known)}"
+        )
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what}: {err}") from None
+
+
 def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
 

@@ -111,6 +111,11 @@ CASES = [
     ("pretrain gmm2d", lambda r: ["pretrain", "--task", "gmm2d", "--out", str(r / "x")], "only 'digits'"),
     ("distill from a missing base", lambda r: ["distill-cm", "--base", str(r / "nowhere"), "--steps", "1"],
      "config.json missing"),
+    ("compare an unknown method", lambda r: ["compare", "--methods", "sqdf,ppo", "--out", str(r / "c")], "unknown method 'ppo'"),
+    ("compare a bad sweep", lambda r: ["compare", "--sweep", "gamma", "--out", str(r / "c")], "--sweep expects KEY=V1,V2"),
+    ("compare zero seeds", lambda r: ["compare", "--seeds", "0", "--out", str(r / "c")], "seeds must be >= 1"),
+    ("method param unknown", lambda r: ["train", "--method", "draft", "--method-param", "kk=2"], "did you mean 'k'?"),
+    ("DDPO without its buffer", lambda r: ["train", "--method", "ddpo"], "needs buffer = 'on_policy'"),
     ("pretrain on a bad device", lambda r: ["pretrain", "--out", str(r / "x"), "--device", "tpu"],
      "unknown device 'tpu'"),
 ]  # fmt: skip

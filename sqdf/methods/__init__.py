@@ -6,12 +6,10 @@ reward evaluations the loss made, so budgets can be compared."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqdf.errors import ConfigError
 from sqdf.methods.alignprop import AlignPropParams, alignprop_loss
 from sqdf.methods.ddpo import DdpoParams, ddpo_loss
 from sqdf.methods.draft import DraftParams, draft_kl_loss, draft_loss, draft_lv_loss
@@ -38,17 +36,6 @@ METHODS: dict[str, Method] = {
 
 
 def build_method_params(name: str, params: Mapping[str, Any]) -> Any:
-    from sqdf.config import suggest
+    from sqdf.config import build_settings
 
-    cls = METHODS[name].params
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter {unknown[0]!r} for method {name!r}; "
-            f"known: {', '.join(sorted(known)) or 'none'}{suggest(unknown[0], known)}"
-        )
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"method {name!r}: {err}") from None
+    return build_settings(METHODS[name].params, dict(params), f"method {name!r}")

@@ -35,19 +35,23 @@ class DraftParams:
 def draft_loss(
     task: Task, cells: Cells, cfg: TrainConfig, params: DraftParams, generator: torch.Generator
 ) -> tuple[Tensor, dict[str, float]]:
-    k = min(params.k, task.schedule.num_steps)
-    x0, kl = rollout_with_grad(task, cells.cond, generator, grad_steps=k)
-    reward = task.reward(x0, cells.cond.to(task.device))
-    return -reward.mean(), _stats(reward, kl)
+    return _draft(task, cells, params, generator, kl_weight=0.0)
 
 
 def draft_kl_loss(
     task: Task, cells: Cells, cfg: TrainConfig, params: DraftParams, generator: torch.Generator
 ) -> tuple[Tensor, dict[str, float]]:
+    return _draft(task, cells, params, generator, kl_weight=cfg.alpha)
+
+
+def _draft(
+    task: Task, cells: Cells, params: DraftParams, generator: torch.Generator, kl_weight: float
+) -> tuple[Tensor, dict[str, float]]:
+    """-r(x0) + kl_weight × KL over the last K steps, back-propagated through those steps."""
     k = min(params.k, task.schedule.num_steps)
     x0, kl = rollout_with_grad(task, cells.cond, generator, grad_steps=k)
     reward = task.reward(x0, cells.cond.to(task.device))
-    return (-reward + cfg.alpha * kl).mean(), _stats(reward, kl)
+    return (-reward + kl_weight * kl).mean(), _stats(reward, kl)
 
 
 def draft_lv_loss(

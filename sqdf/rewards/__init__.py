@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from sqdf.config import suggest
+from sqdf.config import build_settings, suggest
 from sqdf.errors import ConfigError
 from sqdf.rewards.analytic import LinearReward, QuadraticReward
 from sqdf.rewards.custom import CustomReward
@@ -33,18 +33,7 @@ def build_reward(name: str, params: Mapping[str, Any]) -> Any:
             f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}, "
             f"or module:function{suggest(name, REWARDS)}"
         )
-    cls = REWARDS[name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter {unknown[0]!r} for reward {name!r}; "
-            f"known: {', '.join(sorted(known))}{suggest(unknown[0], known)}"
-        )
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"reward {name!r}: {err}") from None
+    return build_settings(REWARDS[name], dict(params), f"reward {name!r}")
 
 
 def reward_params(reward: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
-from sqdf.config import suggest
+from sqdf.config import build_settings
 from sqdf.core.schedule import make_ddim_schedule
 from sqdf.core.x0 import consistency_x0
 from sqdf.errors import ConfigError, SqdfError
@@ -153,15 +153,9 @@ class DigitsTask(Task):
 
 
 def build_digits(cfg: Any, reward: Any, device: torch.device) -> DigitsTask:
-    known = {f.name for f in dataclasses.fields(DigitsConfig)}
-    unknown = sorted(set(cfg.task_params) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter {unknown[0]!r} for task 'digits'; "
-            f"known: {', '.join(sorted(known))}{suggest(unknown[0], known)}"
-        )
+    options = build_settings(DigitsConfig, cfg.task_params, "task 'digits'")
     if getattr(reward, "domain", None) not in ("image", "any"):
         raise ConfigError(
             "task 'digits' needs an image reward (ink, classifier or module:function)"
         )
-    return DigitsTask(cfg, DigitsConfig(**cfg.task_params), reward, device)
+    return DigitsTask(cfg, options, reward, device)

@@ -9,7 +9,6 @@ again a mixture, so fine-tuned samples are judged against the truth.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sqdf.config import suggest
+from sqdf.config import build_settings
 from sqdf.core.gmm import GaussianMixture, gmm_eps, gmm_posterior_mean
 from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import make_ddim_schedule
@@ -210,13 +209,7 @@ class GMM2DTask(Task):
 
 
 def build_gmm2d(cfg: Any, reward: Any, device: torch.device) -> GMM2DTask:
-    known = {f.name for f in dataclasses.fields(GMM2DConfig)}
-    unknown = sorted(set(cfg.task_params) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter {unknown[0]!r} for task 'gmm2d'; "
-            f"known: {', '.join(sorted(known))}{suggest(unknown[0], known)}"
-        )
+    options = build_settings(GMM2DConfig, cfg.task_params, "task 'gmm2d'")
     if getattr(reward, "domain", None) != "points":
         raise ConfigError(
             "task 'gmm2d' needs a reward with a closed-form optimum (linear, quadratic)"
@@ -227,4 +220,4 @@ def build_gmm2d(cfg: Any, reward: Any, device: torch.device) -> GMM2DTask:
             raise ConfigError(
                 f"reward parameter {name} must have 2 entries for gmm2d, got {list(vec)}"
             )
-    return GMM2DTask(cfg, GMM2DConfig(**cfg.task_params), reward, device)
+    return GMM2DTask(cfg, options, reward, device)
