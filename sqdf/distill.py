@@ -9,7 +9,6 @@ the first skip the boundary condition f(x, 0) = x gives the target directly.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sqdf.core.x0 import consistency_x0, predict_x0_and_eps
 from sqdf.errors import ConfigError
-from sqdf.pretrain import scheduler_config
+from sqdf.pretrain import scheduler_config, write_train_log
 from sqdf.tasks.digits_data import load_digits
 from sqdf.tasks.digits_model import IMAGE_SIZE, SCHEDULE, load_unet, to_model_space
 
@@ -99,12 +98,5 @@ def distill_cm(
     student = student.cpu()
     out.mkdir(parents=True, exist_ok=True)
     student.eval().save_pretrained(str(out), safe_serialization=True)
-    log = {
-        "config": asdict(cfg),
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "threads": torch.get_num_threads(),
-        "final_loss_mean_last_200": sum(losses[-200:]) / min(200, len(losses)),
-    }
-    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    write_train_log(out / "train_log.json", asdict(cfg), t0, losses, device)
     return out

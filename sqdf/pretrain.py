@@ -86,12 +86,17 @@ def pretrain_digits(
     out.mkdir(parents=True, exist_ok=True)
     unet.eval().save_pretrained(str(out / "unet"), safe_serialization=True)
     scheduler_config().save_pretrained(str(out / "scheduler"))
+    write_train_log(out / "unet" / "train_log.json", asdict(cfg), t0, losses, device)
+    return out
+
+
+def write_train_log(path: Path, config: dict, t0: float, losses: list[float], device: str) -> None:
+    """The log shipped beside a model: its settings, where it ran, how long, its final loss."""
     log = {
-        "config": asdict(cfg),
+        "config": config,
         "wall_s": round(time.perf_counter() - t0, 1),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(),
         "final_loss_mean_last_200": sum(losses[-200:]) / min(200, len(losses)),
     }
-    (out / "unet" / "train_log.json").write_text(json.dumps(log, indent=1))
-    return out
+    path.write_text(json.dumps(log, indent=1))
