@@ -22,7 +22,7 @@ from sqdf.config import TrainConfig, make_config
 from sqdf.errors import SqdfError
 from sqdf.evaluate import evaluate_run, load_run
 from sqdf.methods import METHODS
-from sqdf.report import _plt
+from sqdf.report import pyplot
 from sqdf.run import read_metrics
 from sqdf.sampler import sample_trajectories
 from sqdf.tasks import build_task
@@ -222,7 +222,7 @@ def results_markdown(task: str, records: list[dict[str, Any]], variants: list[st
 
 def _pareto(task: str, records: list[dict[str, Any]], path: Path) -> None:
     x_nat, y_div = PARETO.get(task, ("kl_path", "kl_path"))
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     variants = list(dict.fromkeys(r["variant"] for r in records))
     colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
@@ -245,7 +245,7 @@ def _pareto(task: str, records: list[dict[str, Any]], path: Path) -> None:
 
 
 def _curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for i, (name, runs) in enumerate(curves.items()):
         color = plt.cm.tab10(i % 10)
@@ -275,24 +275,4 @@ def _curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
 
 def _gmm_samples(base: dict[str, Any], samples: dict[str, torch.Tensor], path: Path) -> None:
     task = build_task(make_config({**base, "method": "sqdf"}, source="plot"))
-    target = task.target()
-    lim = float(target.means.abs().max() + 4 * target.variances.max().sqrt())
-    grid = torch.linspace(-lim, lim, 160, dtype=torch.float64)
-    gx, gy = torch.meshgrid(grid, grid, indexing="xy")
-    dens = target.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1)).exp().view(160, 160)
-    plt = _plt()
-    n = len(samples)
-    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.5), squeeze=False)
-    for ax, (name, pts) in zip(axes[0], samples.items(), strict=True):
-        ax.contourf(gx.numpy(), gy.numpy(), dens.numpy(), levels=20, cmap="Greys")
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color="tab:red")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("samples (red) over the exact target density (grey)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    task.plot_panels(list(samples.items()), path, "samples (red) over the exact target (grey)")

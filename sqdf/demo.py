@@ -12,7 +12,7 @@ import torch
 
 from sqdf.config import TrainConfig
 from sqdf.evaluate import evaluate_run, load_run
-from sqdf.report import _plt, digit_grid, figure_png, html_table, write_html
+from sqdf.report import digit_grid, figure_png, html_table, pyplot, write_html
 from sqdf.run import read_metrics
 from sqdf.sampler import sample_trajectories
 from sqdf.tasks.digits_model import to_pixels
@@ -76,7 +76,7 @@ def _grids(task: Any) -> str:
     ref = sample_trajectories(
         task, 80, torch.Generator().manual_seed(0), cond=cond, policy=False
     ).x0
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 10))
     for ax, (title, imgs) in zip(
         axes, [("reference (before)", ref), ("SQDF (after)", x)], strict=True
@@ -90,7 +90,7 @@ def _grids(task: Any) -> str:
 def _curves(run: Path) -> str:
     rows = read_metrics(run)
     steps = [r["step"] for r in rows]
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     axes[0].plot(steps, [r["reward_mean"] for r in rows], color="tab:red")
     axes[0].set(xlabel="update", ylabel="mean reward of fresh samples", title="reward")
@@ -103,7 +103,7 @@ def _curves(run: Path) -> str:
 
 
 def _x0_pictures(task: Any, quality: dict) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     t = quality["timestep"]
     axes[0].plot(t, quality["tweedie_rmse"], label="Tweedie (reference model)")

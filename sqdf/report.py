@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +39,7 @@ def digit_grid(images: Tensor, cond: Tensor, per_class: int = 8) -> Tensor:
 
 def save_digit_grid(panels: Sequence[tuple[str, Tensor, Tensor]], path: Path) -> None:
     """Side-by-side class grids, one per (title, images, cond) panel."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 4.4), squeeze=False)
     for ax, (title, images, cond) in zip(axes[0], panels, strict=True):
         ax.imshow(
@@ -56,7 +56,7 @@ def figure_png(fig: Any) -> str:
     """A matplotlib figure as a base64 PNG data URI (and closes it)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

@@ -3,8 +3,8 @@ differentiable rewards"), and DRaFT with a KL term.
 
 DRaFT-K: sample a full chain with the policy and back-propagate -r(x0) through the last K
 steps only. K = 1 is the paper's recommended setting. DRaFT-LV: K = 1, but the last step is
-re-drawn n times from the same x_1... here from fresh re-noisings of x0 to the last step's
-level (n = 2 in the paper), averaging the gradients for lower variance. DRaFT+KL adds
+redone n times (n = 2 in the paper) from fresh re-noisings of x0 to that step's starting
+level, averaging the gradients for lower variance. DRaFT+KL adds
 alpha × the exact per-step KL to the reference over the steps with gradients, the closest
 pure reward-gradient method to SQDF's objective.
 """

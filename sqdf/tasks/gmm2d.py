@@ -181,28 +181,34 @@ class GMM2DTask(Task):
     def plot_samples(
         self, samples: Tensor, ref_samples: Tensor | None, cond: Tensor, path: Path
     ) -> None:
-        import matplotlib
+        panels = [("fine-tuned", samples)]
+        if ref_samples is not None:
+            panels.append(("reference", ref_samples))
+        self.plot_panels(
+            panels, path, f"samples (red) over the exact target, alpha = {self.alpha:g}"
+        )
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def plot_panels(self, panels: list[tuple[str, Tensor]], path: Path, title: str) -> None:
+        """One scatter panel per (name, points), each over the exact target density."""
+        from sqdf.report import pyplot
 
+        plt = pyplot()
         target = self.target()
         lim = float(target.means.abs().max() + 4 * target.variances.max().sqrt())
-        grid = torch.linspace(-lim, lim, 200, dtype=torch.float64)
+        grid = torch.linspace(-lim, lim, 180, dtype=torch.float64)
         gx, gy = torch.meshgrid(grid, grid, indexing="xy")
-        dens = target.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1)).exp().view(200, 200)
-        panels = [("fine-tuned", samples)] + (
-            [("reference", ref_samples)] if ref_samples is not None else []
-        )
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+        dens = target.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1)).exp().view_as(gx)
+        n = len(panels)
+        fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.8), squeeze=False)
         for ax, (name, pts) in zip(axes[0], panels, strict=True):
-            ax.contourf(gx, gy, dens, levels=20, cmap="Greys")
+            ax.contourf(gx.numpy(), gy.numpy(), dens.numpy(), levels=20, cmap="Greys")
             pts = pts.detach().cpu()
-            ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=0.5, color="tab:red")
-            ax.set_title(f"{name} samples over the exact target (alpha={self.alpha:g})")
+            ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color="tab:red")
+            ax.set_title(name, fontsize=9)
             ax.set_xlim(-lim, lim)
             ax.set_ylim(-lim, lim)
             ax.set_aspect("equal")
+        fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
