@@ -1,27 +1,49 @@
 #!/usr/bin/env bash
-# Rebuild docs/results/: every experiment of docs/results.md, one after another, with times.
+# Rebuild docs/results/: the experiments of docs/results.md, with the time each took.
+#   scripts/results.sh                  every experiment, one after another
+#   scripts/results.sh NAME [NAME...]   only those (e.g. digits-gamma); others' records stay
 # Run folders go to runs/results/ (not committed); tables, JSON and plots are copied to
-# docs/results/. Took 57 min on 2 CPU cores (docs/results/commands.txt has each time).
+# docs/results/NAME/, and docs/results/commands.txt keeps one line per experiment: its time,
+# the torch thread count it ran with, and the exact command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SQDF=.venv/bin/sqdf
-run() {  # name, sqdf compare arguments...
-    local name=$1; shift
+LOG=docs/results/commands.txt
+ALL=sqdf,draft,draft_lv,draft_kl,refl,alignprop,ddpo,best_of_n
+DIGITS=(--task digits --config docs/results/digits.toml --num-samples 300)
+declare -A EXPERIMENTS=(
+    [gmm2d-linear]="--task gmm2d --methods $ALL --seeds 3"
+    [gmm2d-quadratic]="--task gmm2d --methods $ALL --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie"
+    [gmm2d-gamma]="--task gmm2d --methods sqdf --seeds 3 --sweep gamma=1.0,0.9,0.7"
+    [gmm2d-estimator]="--task gmm2d --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
+    [gmm2d-buffer]="--task gmm2d --methods sqdf --seeds 3 --sweep buffer=uniform,on_policy,prioritized"
+    [gmm2d-alpha]="--task gmm2d --methods sqdf --seeds 3 --sweep alpha=0.5,1.0,2.0,4.0"
+    [digits-methods]="${DIGITS[*]} --methods $ALL --seeds 3"
+    [digits-gamma]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep gamma=1.0,0.9,0.7"
+    [digits-estimator]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
+    [digits-buffer]="${DIGITS[*]} --methods sqdf --seeds 3 --set replay_ratio=1 --sweep buffer=on_policy,uniform,prioritized"
+    [digits-alpha]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep alpha=0.03,0.1,0.3"
+)
+ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-buffer gmm2d-alpha
+       digits-methods digits-gamma digits-estimator digits-buffer digits-alpha)
+run() {  # name
+    local name=$1 t0=$SECONDS
+    local -a args
+    eval "args=(${EXPERIMENTS[$name]})"
     rm -rf "runs/results/$name"
-    local t0=$SECONDS
-    "$SQDF" compare --out "runs/results/$name" --no-progress "$@" > /dev/null
+    "$SQDF" compare --out "runs/results/$name" --no-progress "${args[@]}" > /dev/null
     mkdir -p "docs/results/$name"
     cp runs/results/$name/{results.md,results.json,pareto.png,curves.png} "docs/results/$name/"
     [ -f "runs/results/$name/samples.png" ] && cp "runs/results/$name/samples.png" "docs/results/$name/"
-    echo "$name: $((SECONDS - t0)) s: sqdf compare $*" | tee -a docs/results/commands.txt
+    local line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: sqdf compare --out runs/results/$name --no-progress ${args[*]}"
+    # flock: several invocations may run side by side (e.g. one torch thread each)
+    (flock 9; { grep -v "^$name: " "$LOG" || true; } > "$LOG.tmp"; echo "$line" >> "$LOG.tmp"
+     mv "$LOG.tmp" "$LOG") 9> "$LOG.lock"
+    echo "$line"
 }
-: > docs/results/commands.txt
-ALL=sqdf,draft,draft_lv,draft_kl,refl,alignprop,ddpo,best_of_n
-run gmm2d-linear --task gmm2d --methods $ALL --seeds 3
-run gmm2d-quadratic --task gmm2d --methods $ALL --seeds 3 --set reward='"quadratic"' --set gamma=1.0 --set estimator='"tweedie"'
-run gmm2d-gamma --task gmm2d --methods sqdf --seeds 3 --sweep gamma=1.0,0.9,0.7
-run gmm2d-estimator --task gmm2d --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency
-run gmm2d-buffer --task gmm2d --methods sqdf --seeds 3 --sweep buffer=uniform,on_policy,prioritized
-run gmm2d-alpha --task gmm2d --methods sqdf --seeds 3 --sweep alpha=0.5,1.0,2.0,4.0
-run digits-methods --task digits --config docs/results/digits.toml --methods sqdf,draft,draft_kl,ddpo,best_of_n --seeds 2 --num-samples 300
-run digits-estimator --task digits --config docs/results/digits.toml --methods sqdf --seeds 2 --sweep estimator=tweedie,consistency --num-samples 300
+names=("$@")
+[ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
+for name in "${names[@]}"; do
+    [ -n "${EXPERIMENTS[$name]+x}" ] || { echo "unknown experiment $name; known: ${ORDER[*]}" >&2; exit 2; }
+done
+for name in "${names[@]}"; do run "$name"; done
