@@ -1,7 +1,8 @@
 """Resumable checkpoints.
 
 A checkpoint folder holds everything needed to continue exactly: the policy weights and the
-replay buffer (safetensors), the optimizer state (torch.save, read back with
+replay buffer of every process (safetensors; ``buffer.rank1.safetensors`` and so on when the
+run has several processes), the optimizer state (torch.save, read back with
 weights_only=True), every RNG state (our generator and torch's, CUDA's, Python's and
 NumPy's), and the counters in state.json. state.json is written last and lists the SHA-256
 of every other file; the folder is built under a temporary name, fsynced and renamed. A
@@ -38,9 +39,14 @@ class Checkpoint:
     step: int
     policy: dict[str, Tensor]
     optimizer: dict[str, Any]
-    buffer: dict[str, Tensor]
-    rng: Tensor  # the trainer's generator
+    buffers: list[dict[str, Tensor]]  # each process's replay buffer, in rank order
+    rngs: list[Tensor]  # each process's trainer generator, in rank order
     state: dict[str, Any]  # counters
+
+
+def _rank_suffix(rank: int) -> str:
+    # rank 0 keeps the unsuffixed names, so a one-process checkpoint reads as it always has
+    return "" if rank == 0 else f".rank{rank}"
 
 
 def save_weights(weights: dict[str, Tensor], path: Path) -> None:
@@ -98,18 +104,24 @@ def save_checkpoint(root: Path, ckpt: Checkpoint, keep: int) -> Path:
             {k: v.detach().cpu().contiguous() for k, v in ckpt.policy.items()}, str(p)
         ),
         "optimizer.pt": lambda p: torch.save(ckpt.optimizer, p),
-        "rng.safetensors": lambda p: save_file({"generator": ckpt.rng, **rng_tensors}, str(p)),
+        "rng.safetensors": lambda p: save_file(
+            {**{f"generator{_rank_suffix(r)}": g for r, g in enumerate(ckpt.rngs)}, **rng_tensors},
+            str(p),
+        ),
         "rng.json": lambda p: p.write_text(json.dumps(rng_meta)),
     }
-    if ckpt.buffer:
-        writers["buffer.safetensors"] = lambda p: save_file(ckpt.buffer, str(p))
+    for rank, buffer in enumerate(ckpt.buffers):
+        if buffer:
+            writers[f"buffer{_rank_suffix(rank)}.safetensors"] = lambda p, b=buffer: save_file(
+                b, str(p)
+            )
     manifest = {}
     for name, write in writers.items():
         write(tmp / name)
         fsync_path(tmp / name)
         manifest[name] = sha256_file(tmp / name)
         _slow_for_fault_tests()
-    state = {"step": ckpt.step, "files": manifest, **ckpt.state}
+    state = {"step": ckpt.step, "processes": len(ckpt.rngs), "files": manifest, **ckpt.state}
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     fsync_path(tmp / STATE)
     fsync_path(tmp)
@@ -148,20 +160,22 @@ def verify_checkpoint(path: Path) -> str | None:
 def load_checkpoint(path: Path) -> Checkpoint:
     state = json.loads((path / STATE).read_text())
     state.pop("files", None)
-    buffer_path = path / "buffer.safetensors"
+    processes = int(state.pop("processes", 1))
     rng = load_file(str(path / "rng.safetensors"))
+    generators = [f"generator{_rank_suffix(r)}" for r in range(processes)]
     _restore_global_rng(
-        {k: v for k, v in rng.items() if k != "generator"},
+        {k: v for k, v in rng.items() if k not in generators},
         json.loads((path / "rng.json").read_text()),
     )
+    buffer_paths = [path / f"buffer{_rank_suffix(r)}.safetensors" for r in range(processes)]
     return Checkpoint(
         step=int(state.pop("step")),
         policy=load_weights(path / "policy.safetensors"),
         # map to the CPU: a run trained on a GPU may resume elsewhere; the optimizer moves its
         # state to the parameters' device when it loads it
         optimizer=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-        buffer=load_weights(buffer_path) if buffer_path.exists() else {},
-        rng=rng["generator"],
+        buffers=[load_weights(b) if b.exists() else {} for b in buffer_paths],
+        rngs=[rng[g] for g in generators],
         state=state,
     )
 

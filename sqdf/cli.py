@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from sqdf.config import config_fields, make_config, read_toml, tomllib
+from sqdf.distributed import launched
 from sqdf.errors import SqdfError
 from sqdf.tasks import resolve_device
 
@@ -95,6 +97,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         )
 
 
+def _default_out(name: str) -> str:
+    if launched()[1] > 1:  # the processes' clocks may read different seconds
+        raise SqdfError("give --out when launching several processes (they share one folder)")
+    return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from sqdf.run import read_run_config
     from sqdf.trainer import train
@@ -116,9 +124,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         given = _key_values(getattr(args, key), flag)
         values[key] = {**values.get(key, {}), **given}
     cfg = make_config(values, source=source)
-    out = (
-        args.resume or args.out or f"runs/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    out = args.resume or args.out or _default_out(f"{cfg.task}-{cfg.method}")
     run = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
     print(f"run folder: {run}\nnext: sqdf eval {run}   (or: sqdf sample {run})")
     return 0
@@ -188,7 +194,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         )
         sweep = (key.strip(), list(values))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    out = args.out or f"runs/compare-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or _default_out(f"compare-{args.task}")
     folder = compare(
         base,
         methods,
@@ -364,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="sqdf: %(message)s", level=logging.WARNING)
     args = build_parser().parse_args(argv)
+    if launched()[0] > 0:  # one process speaks for all; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     handler = {
         "train": _cmd_train,
         "eval": _cmd_eval,

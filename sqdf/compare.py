@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from sqdf.config import TrainConfig, make_config
+from sqdf.distributed import Processes
 from sqdf.errors import SqdfError
 from sqdf.evaluate import evaluate_run, load_run
 from sqdf.methods import METHODS
@@ -122,7 +123,11 @@ def compare(
     base = {**base}
     base.setdefault("task", "gmm2d")
     make_config({**base, "method": "sqdf"}, source="compare base")  # fail early on bad keys
-    out.mkdir(parents=True, exist_ok=True)
+    # launched on several processes, every one trains; the main one evaluates and writes
+    procs = Processes(str(base.get("device", "auto")))
+    procs.barrier()  # every process has checked the folder before the main one fills it
+    if procs.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     samples: dict[str, torch.Tensor] = {}
     curves: dict[str, list[list[dict]]] = {}
@@ -130,18 +135,22 @@ def compare(
         for seed in range(seeds):
             t0 = time.perf_counter()
             if variant.name == BEST_OF_N:
+                if not procs.is_main:
+                    continue
                 n = num_samples or 1024
                 metrics = best_of_n(base, best_of, n, seed)
                 sample = metrics.pop("samples")
             else:
                 cfg = _config(base, variant, seed)
                 run = out / "runs" / f"{variant.name}-seed{seed}"
-                sample = None
+                sample, metrics = None, {}
                 try:
                     train(cfg, run, progress=progress)
                 except SqdfError as err:  # a method that blows up is a result, not a crash
                     metrics = {"diverged": str(err)}
-                else:
+                if not procs.is_main:
+                    continue
+                if "diverged" not in metrics:
                     metrics = evaluate_run(run, num_samples=num_samples, progress=False)
                     if seed == 0:
                         task = load_run(run)
@@ -156,6 +165,9 @@ def compare(
             metrics["wall_s"] = round(time.perf_counter() - t0, 1)
             metrics["eval_seed"] = metrics.pop("seed", None)
             records.append({"variant": variant.name, **metrics, "seed": seed})
+    if not procs.is_main:
+        procs.barrier()
+        return out
     task_name = base["task"]
     doc = {"task": task_name, "base": base, "seeds": seeds, "sweep": sweep and list(sweep),
            "variants": [v.name for v in variants], "runs": records}  # fmt: skip
@@ -167,6 +179,7 @@ def compare(
     _curves(curves, out / "curves.png")
     if task_name == "gmm2d" and samples:
         _gmm_samples(base, samples, out / "samples.png")
+    procs.barrier()
     return out
 
 

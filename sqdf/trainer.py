@@ -12,7 +12,9 @@ stored, and an update whose loss or gradient is not finite is skipped (and count
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -22,12 +24,23 @@ from tqdm.auto import tqdm
 from sqdf.buffer import ReplayBuffer
 from sqdf.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_weights
 from sqdf.config import TrainConfig
+from sqdf.distributed import Processes, average_gradients, gather_states, rank_seed
 from sqdf.errors import SqdfError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import reward_params
 from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
 from sqdf.sampler import sample_trajectories
 from sqdf.tasks import build_task, resolved_reward_name
+
+log = logging.getLogger("sqdf")
+
+
+def average_and_clip(procs: Processes, params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Average the gradients over processes, clip them to ``max_norm`` (0 = no clipping) and
+    return their norm before clipping, the same in every process."""
+    average_gradients(procs, params)
+    limit = max_norm if max_norm > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
 def train(
@@ -37,29 +50,42 @@ def train(
 
     With ``resume=True``, ``out`` must be an earlier run of the same config: training goes
     on from its latest valid checkpoint and gives the same result as an uninterrupted run.
+    Under ``accelerate launch`` or ``torchrun`` every process runs this (sqdf.distributed).
     """
     run = Path(out)
-    saved = prepare_run(run, cfg, resume)
+    procs = Processes(cfg.device)
+    saved = prepare_run(run, cfg, resume) if procs.is_main else None
+    procs.barrier()  # the folder is checked (and made) before any process reads it
     method_params = build_method_params(cfg.method, cfg.method_params)
-    torch.manual_seed(cfg.seed)  # the policy's initialisation
-    task = build_task(cfg)
-    write_config(
-        run,
-        cfg,
-        {
-            "task_params": dataclasses.asdict(task.options) if hasattr(task, "options") else {},
-            "reward": resolved_reward_name(cfg),
-            "reward_params": reward_params(task.reward_model),
-            "method_params": dataclasses.asdict(method_params),
-            "device": str(task.device),
-        },
-    )
+    torch.manual_seed(cfg.seed)  # the policy's initialisation, the same in every process
+    task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
+    if procs.is_main:
+        write_config(
+            run,
+            cfg,
+            {
+                "task_params": dataclasses.asdict(task.options) if hasattr(task, "options") else {},
+                "reward": resolved_reward_name(cfg),
+                "reward_params": reward_params(task.reward_model),
+                "method_params": dataclasses.asdict(method_params),
+                "device": str(task.device),
+                "processes": procs.world,
+            },
+        )
+    if progress and procs.is_main:
+        print(
+            f"sqdf: effective batch {cfg.batch_size * procs.world * cfg.grad_accum} cells per "
+            f"update = {cfg.batch_size} per process x {procs.world} process(es) x "
+            f"{cfg.grad_accum} accumulation step(s); {cfg.batch_size * procs.world} fresh "
+            f"trajectories every {cfg.replay_ratio} update(s)",
+            file=sys.stderr,
+        )
     loss_fn = METHODS[cfg.method].loss
     params = [p for p in task.policy.parameters() if p.requires_grad]
     # constant learning rate: there is no LR schedule whose state would need saving
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     buffer = ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(rank_seed(cfg.seed, procs.rank))
     counters = {
         "samples_seen": 0, "reward_evals": 0, "skipped_updates": 0, "nonfinite_rewards": 0,
         "wall_s": 0.0,
@@ -70,21 +96,39 @@ def train(
     if ck is not None:
         task.policy.load_state_dict(ck.policy)
         optimizer.load_state_dict(ck.optimizer)
-        buffer.load_state_dict(ck.buffer)
-        generator.set_state(ck.rng)
         start = ck.step
         counters.update({k: ck.state[k] for k in counters if k in ck.state})
-    truncate_metrics(run, start, saved.log_every if saved is not None else cfg.log_every)
+        if procs.rank < len(ck.rngs):
+            buffer.load_state_dict(ck.buffers[procs.rank])
+            generator.set_state(ck.rngs[procs.rank])
+        else:  # a process the checkpointed run did not have: empty buffer, its own stream
+            generator.manual_seed(rank_seed(cfg.seed, procs.rank, start))
+        if len(ck.rngs) != procs.world and procs.is_main:
+            log.warning(
+                "resuming a %d-process run on %d processes: processes 0..%d continue with "
+                "their buffers and random streams; %s",
+                len(ck.rngs), procs.world, min(len(ck.rngs), procs.world) - 1,
+                f"processes {len(ck.rngs)}..{procs.world - 1} start with empty buffers"
+                if procs.world > len(ck.rngs)
+                else f"the buffers of processes {procs.world}..{len(ck.rngs) - 1} are dropped",
+            )  # fmt: skip
+    if procs.is_main:
+        truncate_metrics(run, start, saved.log_every if saved is not None else cfg.log_every)
 
     def checkpoint(step: int) -> None:
+        # every process takes part (its buffer and stream are gathered); the main one writes
+        buffers = gather_states(procs, buffer.state_dict())
+        rngs = [g["rng"] for g in gather_states(procs, {"rng": generator.get_state()})]
+        if not procs.is_main:
+            return
         save_checkpoint(
             run / "checkpoints",
             Checkpoint(
                 step=step,
                 policy=task.policy.state_dict(),
                 optimizer=optimizer.state_dict(),
-                buffer=buffer.state_dict(),
-                rng=generator.get_state(),
+                buffers=buffers,
+                rngs=rngs,
                 state={**counters, "wall_s": time.perf_counter() - t0},
             ),
             keep=cfg.keep_checkpoints,
@@ -93,30 +137,30 @@ def train(
     t0 = time.perf_counter() - counters["wall_s"]
     consecutive_skips = 0
     bar = tqdm(
-        range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
-        desc=f"{cfg.method} on {cfg.task}", dynamic_ncols=True,
+        range(start, cfg.steps), initial=start, total=cfg.steps,
+        disable=not (progress and procs.is_main), desc=f"{cfg.method} on {cfg.task}",
+        dynamic_ncols=True,
     )  # fmt: skip
     try:
         for step in bar:
             cause = ""
+            bad = sampled = 0
             if step % cfg.replay_ratio == 0:
                 traj = sample_trajectories(task, cfg.batch_size, generator)
                 with torch.no_grad():
                     rewards = task.reward(traj.x0.to(task.device), traj.cond.to(task.device))
                 finite = torch.isfinite(rewards).cpu()
-                bad = int((~finite).sum())
-                counters["nonfinite_rewards"] += bad
-                counters["samples_seen"] += cfg.batch_size
-                counters["reward_evals"] += cfg.batch_size
+                bad, sampled = int((~finite).sum()), cfg.batch_size
                 if bad:
                     cause = f"the reward was not finite for {bad} of {cfg.batch_size} fresh samples"
                 if bad < cfg.batch_size:
                     keep = finite.nonzero().squeeze(1)
                     buffer.add(traj.select(keep), rewards.cpu()[keep])
-            fresh = buffer.rewards[buffer.newest]
+            fresh = buffer.rewards[buffer.newest].double()
 
             optimizer.zero_grad(set_to_none=True)
             loss_total, stats_total, skip = 0.0, {}, buffer.size == 0
+            method_evals = 0
             if skip:
                 cause = (cause + "; " if cause else "") + "no sample has a finite reward yet"
             for _ in range(cfg.grad_accum if not skip else 0):
@@ -127,13 +171,23 @@ def train(
                     break
                 (loss / cfg.grad_accum).backward()
                 loss_total += loss.item() / cfg.grad_accum
-                counters["reward_evals"] += int(stats.pop("reward_evals", 0))
+                method_evals += int(stats.pop("reward_evals", 0))
                 for k, v in stats.items():
                     stats_total[k] = stats_total.get(k, 0.0) + v / cfg.grad_accum
+            # one small all-reduce of what every process counts, then one of the gradients
+            tally = procs.sum(torch.tensor([
+                bad, sampled, method_evals, float(skip), fresh.sum(), (fresh**2).sum(),
+                fresh.numel(),
+            ], dtype=torch.float64))  # fmt: skip
+            bad, sampled, method_evals = int(tally[0]), int(tally[1]), int(tally[2])
+            counters["nonfinite_rewards"] += bad
+            counters["samples_seen"] += sampled
+            counters["reward_evals"] += sampled + method_evals
+            if tally[3] > 0 and not skip:
+                skip, cause = True, "another process skipped this update"
             grad_norm = math.nan
             if not skip:
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = average_and_clip(procs, params, cfg.max_grad_norm)
                 if not math.isfinite(grad_norm):
                     skip, cause = True, f"the gradient norm was {grad_norm}"
             if skip:
@@ -151,11 +205,19 @@ def train(
 
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
+                if procs.world > 1:
+                    loss_total = float(procs.mean(torch.tensor(loss_total)))
+                    keys = sorted(stats_total)
+                    means = procs.mean(torch.tensor([stats_total[k] for k in keys]))
+                    stats_total = dict(zip(keys, means.tolist(), strict=True))
+                n, total, squares = float(tally[6]), float(tally[4]), float(tally[5])
+                mean = total / n if n else math.nan
+                var = (squares - n * mean * mean) / (n - 1) if n > 1 else 0.0
                 row = {
                     "step": done,
                     "loss": loss_total if not skip else math.nan,
-                    "reward_mean": float(fresh.mean()) if fresh.numel() else math.nan,
-                    "reward_std": float(fresh.std()) if fresh.numel() > 1 else 0.0,
+                    "reward_mean": mean,
+                    "reward_std": math.sqrt(max(var, 0.0)),
                     "kl_mean": math.nan,  # every row has it; a method without a KL leaves NaN
                     **stats_total,
                     "grad_norm": grad_norm,
@@ -166,13 +228,16 @@ def train(
                     "nonfinite_rewards": counters["nonfinite_rewards"],
                     "wall_s": round(time.perf_counter() - t0, 3),
                 }
-                append_metrics(run, row)
+                if procs.is_main:
+                    append_metrics(run, row)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                 checkpoint(done)
     finally:
         bar.close()
 
-    (run / "final").mkdir(exist_ok=True)
-    save_weights(task.policy.state_dict(), run / "final" / "policy.safetensors")
+    if procs.is_main:
+        (run / "final").mkdir(exist_ok=True)
+        save_weights(task.policy.state_dict(), run / "final" / "policy.safetensors")
+    procs.barrier()  # no process returns before the run folder is complete
     return run
