@@ -46,8 +46,15 @@ class Processes:
                     f"device {device!r} cannot be used with several processes: each process "
                     "gets its GPU from the launcher; use device auto (or cpu)"
                 )
-            self._acc = Accelerator(cpu=device == "cpu")
+            # without a GPU Accelerate must be told so, or it runs each process alone
+            cpu = device == "cpu" or not torch.cuda.is_available()
+            self._acc = Accelerator(cpu=cpu)
             self.rank, self.world = self._acc.process_index, self._acc.num_processes
+            if self.world != launched()[1]:
+                raise ConfigError(
+                    f"the launcher started {launched()[1]} processes but Accelerate joined "
+                    f"{self.world}; check the launch command (see the README's Multi-GPU section)"
+                )
 
     @property
     def is_main(self) -> bool:
