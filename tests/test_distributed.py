@@ -132,3 +132,18 @@ def test_explicit_device_with_several_processes_is_a_clear_error(tmp_path, flag)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "cannot be used with several processes" in done.stderr
+
+
+def test_readme_cpu_example_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    line = next(
+        ln
+        for ln in readme.splitlines()
+        if ln.startswith("torchrun --standalone --nproc_per_node 2")
+    )
+    argv = line.split()
+    assert argv[1:4] == ["--standalone", "--nproc_per_node", "2"] and argv[-2] == "--out"
+    out = tmp_path / "g2"
+    launch([*argv[4:-1], str(out), "--no-progress"])  # launch() adds the torchrun flags
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1])["step"] == 20
