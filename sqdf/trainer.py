@@ -239,5 +239,6 @@ def train(
     if procs.is_main:
         (run / "final").mkdir(exist_ok=True)
         save_weights(task.policy.state_dict(), run / "final" / "policy.safetensors")
+        task.save_final(run / "final")
     procs.barrier()  # no process returns before the run folder is complete
     return run

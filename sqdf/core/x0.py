@@ -60,3 +60,18 @@ def consistency_x0(
     x0 = tweedie_x0(model_output, x_t, abar_t, prediction_type)
     c_skip, c_out = lcm_boundary_scalings(timestep, timestep_scaling)
     return c_out.to(x0.dtype) * x0 + c_skip.to(x0.dtype) * x_t
+
+
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of a guidance scale, (B,) -> (B, dim): the ``timestep_cond`` an LCM
+    UNet distilled with guidance takes. The scale is multiplied by 1000 first so it spans the
+    same frequencies as a timestep."""
+    import math
+
+    import torch
+
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
+    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb

@@ -1,6 +1,7 @@
 """Rewards by name. Each is a dataclass (its fields are the reward's parameters, checked on
 construction) whose instances map (x0, cond) to one value per sample. ``domain`` says what
-it scores: "points" (gmm2d), "image" (digits, [0, 1] pixels) or "any". A name of the form
+it scores: "points" (gmm2d), "image" (digits, [0, 1] pixels), "rgb" (sd: (B, 3, H, W) in
+[0, 1] with the prompts as strings) or "any". A name of the form
 ``module:function`` is a user's own reward (``sqdf.rewards.custom``)."""
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from typing import Any
 from sqdf.config import build_settings, suggest
 from sqdf.errors import ConfigError
 from sqdf.rewards.analytic import LinearReward, QuadraticReward
+from sqdf.rewards.clip_rewards import (
+    AestheticReward,
+    ClipScoreReward,
+    HPSv2Reward,
+    PickScoreReward,
+)
 from sqdf.rewards.custom import CustomReward
 from sqdf.rewards.digit_classifier import ClassifierReward
 from sqdf.rewards.image_stats import InkReward
@@ -21,6 +28,10 @@ REWARDS: dict[str, type] = {
     "quadratic": QuadraticReward,
     "ink": InkReward,
     "classifier": ClassifierReward,
+    "aesthetic": AestheticReward,
+    "pickscore": PickScoreReward,
+    "clipscore": ClipScoreReward,
+    "hpsv2": HPSv2Reward,
 }
 
 

@@ -18,8 +18,14 @@ def build_digits(cfg: Any, reward: Any, device: torch.device) -> Task:
     return build(cfg, reward, device)
 
 
-TASKS = {"gmm2d": build_gmm2d, "digits": build_digits}
-DEFAULT_REWARDS = {"gmm2d": "linear", "digits": "ink"}
+def build_sd(cfg: Any, reward: Any, device: torch.device) -> Task:
+    from sqdf.tasks.sd import build_sd as build
+
+    return build(cfg, reward, device)
+
+
+TASKS = {"gmm2d": build_gmm2d, "digits": build_digits, "sd": build_sd}
+DEFAULT_REWARDS = {"gmm2d": "linear", "digits": "ink", "sd": "aesthetic"}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -54,6 +54,9 @@ class Task(ABC):
     ) -> None:
         """A picture of samples (and optionally the reference's) saved to ``path``."""
 
+    def save_final(self, folder: Path) -> None:  # noqa: B027 - optional hook, no-op default
+        """Extra files for the run's final/ folder beside policy.safetensors (none here)."""
+
     def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
         """r(x0, cond) per sample, x0 in the model's sample space; (B,)."""
         return self.reward_model(x0, cond)

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 LORA_KEY = "lora_"
+POLICY_ADAPTER = "default"  # peft's name for the first adapter
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str]) -> nn.Module:
@@ -20,7 +21,25 @@ def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str
     config = LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True
     )
-    return inject_adapter_in_model(config, model)
+    return inject_adapter_in_model(config, model, adapter_name=POLICY_ADAPTER)
+
+
+@contextmanager
+def only_adapter(model: nn.Module, name: str) -> Iterator[None]:
+    """Run with adapter ``name`` alone active (e.g. an LCM-LoRA beside the policy's).
+
+    peft's own ``set_adapter`` also flips requires_grad, which would unfreeze the other
+    adapter in the middle of a loss; this switches the active set and nothing else.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer._active_adapter for layer in layers]
+    for layer in layers:
+        layer._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for layer, active in zip(layers, before, strict=True):
+            layer._active_adapter = active
 
 
 @contextmanager
@@ -36,7 +55,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 
 class LoraPolicy(nn.Module):
-    """Holds the adapted backbone; its state dict is the adapter weights alone."""
+    """Holds the adapted backbone; its state dict is the policy adapter's weights alone."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -44,7 +63,7 @@ class LoraPolicy(nn.Module):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
         full = self.backbone.state_dict()
-        return {k: v for k, v in full.items() if LORA_KEY in k}
+        return {k: v for k, v in full.items() if LORA_KEY in k and f".{POLICY_ADAPTER}." in k}
 
     def load_state_dict(self, state: dict[str, Tensor], strict: bool = True, assign: bool = False):  # type: ignore[override]
         expected = set(self.state_dict())

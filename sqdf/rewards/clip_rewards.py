@@ -1,0 +1,280 @@
+"""Image-text rewards on CLIP features, from local weights: LAION aesthetic, PickScore, CLIP
+score, and HPSv2 (optional extra). They score images in [0, 1], (B, 3, H, W), for the
+prompts (a list of B strings), and are differentiable in the images.
+
+Preprocessing stays in torch (resize, centre crop, normalise), so the reward's gradient
+reaches the pixels with no PIL round trip. The CLIP weights are frozen; they are kept in
+train mode only so gradient checkpointing (which transformers applies in training) can cut
+their activation memory: CLIP has no dropout, so train mode computes the same function.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sqdf.errors import ConfigError, SqdfError
+
+# OpenAI CLIP's preprocessing, used when a folder has no preprocessor_config.json
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_SIZE = 224
+
+
+def clip_preprocess(images: Tensor, size: int, mean: tuple, std: tuple) -> Tensor:
+    """[0, 1] images -> CLIP input: shorter side resized to ``size`` (bicubic, antialiased),
+    centre crop, normalised. Differentiable."""
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top : top + size, left : left + size]
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _need_folder(path: str | None, reward: str, key: str) -> Path:
+    if not path:
+        raise ConfigError(f"reward {reward!r} needs {key}=FOLDER (a local transformers CLIP model)")
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"reward {reward!r}: {key}={path!r} is not a model folder (no config.json)"
+        )
+    return folder
+
+
+class ClipModel:
+    """A frozen transformers CLIPModel with its tokenizer and preprocessing, on one device."""
+
+    def __init__(self, folder: Path, device: torch.device | str = "cpu"):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).to(device)
+        self.model.requires_grad_(False)
+        self.model.train()  # see the module docstring: checkpointing only acts in train mode
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        size, mean, std = CLIP_SIZE, CLIP_MEAN, CLIP_STD
+        pre = folder / "preprocessor_config.json"
+        if pre.is_file():
+            conf = json.loads(pre.read_text())
+            crop = conf.get("crop_size", size)
+            size = crop.get("height", size) if isinstance(crop, dict) else crop
+            mean, std = tuple(conf.get("image_mean", mean)), tuple(conf.get("image_std", std))
+        self.size, self.mean, self.std = int(size), mean, std
+        self._text_cache: dict[str, Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def enable_checkpointing(self) -> None:
+        enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5
+        (enable or self.model.gradient_checkpointing_enable)()
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """L2-normalised image embeddings, (B, D)."""
+        pixels = clip_preprocess(images.to(self.device), self.size, self.mean, self.std)
+        feats = self.model.get_image_features(pixel_values=pixels.to(self.model.dtype))
+        feats = feats if isinstance(feats, Tensor) else feats.pooler_output
+        return F.normalize(feats.float(), dim=-1)
+
+    def text_features(self, prompts: list[str]) -> Tensor:
+        """L2-normalised text embeddings, (B, D); each distinct prompt is encoded once."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if new:
+            tokens = self.tokenizer(
+                new, padding="max_length", truncation=True, return_tensors="pt",
+                max_length=self.tokenizer.model_max_length,
+            )  # fmt: skip
+            with torch.no_grad():
+                feats = self.model.get_text_features(
+                    input_ids=tokens.input_ids.to(self.device),
+                    attention_mask=tokens.attention_mask.to(self.device),
+                )
+            feats = feats if isinstance(feats, Tensor) else feats.pooler_output
+            for p, f in zip(new, F.normalize(feats.float(), dim=-1), strict=True):
+                self._text_cache[p] = f
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+
+def _prompts(prompts: Any, n: int, reward: str) -> list[str]:
+    if not isinstance(prompts, (list, tuple)) or len(prompts) != n:
+        raise SqdfError(f"reward {reward!r} scores images with their prompts (task sd)")
+    return [str(p) for p in prompts]
+
+
+def load_linear_head(path: str | Path) -> list[tuple[Tensor, Tensor]]:
+    """The aesthetic head's layers as (weight, bias) pairs in order, from safetensors keys
+    ``layers.<i>.weight`` / ``layers.<i>.bias`` (the LAION head is a stack of linear maps
+    with dropout between them and no activation)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"aesthetic head file not found: {path}")
+    tensors = load_file(str(path))
+    index = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("layers.")})
+    layers = []
+    for i in index:
+        w, b = tensors.get(f"layers.{i}.weight"), tensors.get(f"layers.{i}.bias")
+        if w is None or b is None or w.dim() != 2:
+            raise ConfigError(f"aesthetic head {path}: layer {i} is not a linear layer")
+        layers.append((w.float(), b.float()))
+    if not layers or layers[-1][0].shape[0] != 1:
+        raise ConfigError(f"aesthetic head {path}: expected linear layers ending in one output")
+    for (w1, _), (w2, _) in zip(layers, layers[1:], strict=False):
+        if w2.shape[1] != w1.shape[0]:
+            raise ConfigError(f"aesthetic head {path}: layer sizes do not chain")
+    return layers
+
+
+def convert_aesthetic_head(pth: str | Path, out: str | Path) -> Path:
+    """The public LAION head (a torch state dict, .pth) -> safetensors, loaded with
+    weights_only=True so the file cannot run code."""
+    from safetensors.torch import save_file
+
+    state = torch.load(str(pth), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not any(k.startswith("layers.") for k in state):
+        raise SqdfError(f"{pth} is not an aesthetic-head state dict (no layers.* keys)")
+    tensors = {k: v.contiguous() for k, v in state.items() if k.startswith("layers.")}
+    save_file(tensors, str(out))
+    load_linear_head(out)  # the result must read back as a head
+    return Path(out)
+
+
+@dataclass
+class AestheticReward:
+    """LAION aesthetic predictor: its linear head on normalised CLIP ViT-L/14 image features."""
+
+    clip: str | None = None  # local CLIP folder (openai/clip-vit-large-patch14 layout)
+    head: str | None = None  # the head as safetensors (sqdf convert-aesthetic-head)
+    domain = "rgb"  # (B, 3, H, W) in [0, 1], with prompts: the sd task
+
+    def __post_init__(self) -> None:
+        self._folder = _need_folder(self.clip, "aesthetic", "clip")
+        if not self.head:
+            raise ConfigError("reward 'aesthetic' needs head=FILE (the head as safetensors)")
+        self._layers = load_linear_head(self.head)
+
+    @cached_property
+    def clip_model(self) -> ClipModel:
+        return ClipModel(self._folder)
+
+    def to(self, device: torch.device) -> AestheticReward:
+        self.clip_model.model.to(device)
+        self._layers = [(w.to(device), b.to(device)) for w, b in self._layers]
+        return self
+
+    def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
+        x = self.clip_model.image_features(images)
+        if x.shape[1] != self._layers[0][0].shape[1]:
+            raise SqdfError(
+                f"aesthetic head expects {self._layers[0][0].shape[1]}-d features, the CLIP "
+                f"model gives {x.shape[1]}"
+            )
+        for w, b in self._layers:
+            x = F.linear(x, w, b)
+        return x.squeeze(1)
+
+
+@dataclass
+class PickScoreReward:
+    """PickScore: the CLIP logit scale times the cosine of image and prompt embeddings."""
+
+    model: str | None = None  # local folder of the PickScore CLIP model
+    domain = "rgb"  # (B, 3, H, W) in [0, 1], with prompts: the sd task
+
+    def __post_init__(self) -> None:
+        self._folder = _need_folder(self.model, "pickscore", "model")
+
+    @cached_property
+    def clip_model(self) -> ClipModel:
+        return ClipModel(self._folder)
+
+    def to(self, device: torch.device) -> PickScoreReward:
+        self.clip_model.model.to(device)
+        return self
+
+    def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
+        text = self.clip_model.text_features(_prompts(prompts, images.shape[0], "pickscore"))
+        scale = self.clip_model.model.logit_scale.exp().float()
+        return scale * (self.clip_model.image_features(images) * text).sum(-1)
+
+
+@dataclass
+class ClipScoreReward:
+    """CLIP score: 100 × the cosine of image and prompt embeddings, floored at 0 (as in
+    torchmetrics' CLIPScore)."""
+
+    model: str | None = None  # local folder of a CLIP model
+    domain = "rgb"  # (B, 3, H, W) in [0, 1], with prompts: the sd task
+
+    def __post_init__(self) -> None:
+        self._folder = _need_folder(self.model, "clipscore", "model")
+
+    @cached_property
+    def clip_model(self) -> ClipModel:
+        return ClipModel(self._folder)
+
+    def to(self, device: torch.device) -> ClipScoreReward:
+        self.clip_model.model.to(device)
+        return self
+
+    def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
+        text = self.clip_model.text_features(_prompts(prompts, images.shape[0], "clipscore"))
+        return (100.0 * (self.clip_model.image_features(images) * text).sum(-1)).clamp(min=0.0)
+
+
+@dataclass
+class HPSv2Reward:
+    """HPSv2 (needs the optional extra: ``pip install 'sqdf[hpsv2]'``, which brings
+    open_clip). The checkpoint is the HPS_v2 ViT-H-14 state dict, read with
+    weights_only=True."""
+
+    checkpoint: str | None = None
+    domain = "rgb"  # (B, 3, H, W) in [0, 1], with prompts: the sd task
+
+    def __post_init__(self) -> None:
+        try:
+            import open_clip  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "reward 'hpsv2' needs the optional extra: pip install 'sqdf[hpsv2]' (open_clip)"
+            ) from None
+        if not self.checkpoint or not Path(self.checkpoint).is_file():
+            raise ConfigError(f"reward 'hpsv2' needs checkpoint=FILE, got {self.checkpoint!r}")
+
+    @cached_property
+    def _parts(self) -> tuple[Any, Any]:
+        import open_clip
+
+        model = open_clip.create_model("ViT-H-14", pretrained=None)
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state))
+        model.requires_grad_(False)
+        return model, open_clip.get_tokenizer("ViT-H-14")
+
+    def to(self, device: torch.device) -> HPSv2Reward:
+        self._parts[0].to(device)
+        return self
+
+    def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
+        model, tokenizer = self._parts
+        device = next(model.parameters()).device
+        pixels = clip_preprocess(images.to(device), CLIP_SIZE, CLIP_MEAN, CLIP_STD)
+        img = F.normalize(model.encode_image(pixels).float(), dim=-1)
+        tokens = tokenizer(_prompts(prompts, images.shape[0], "hpsv2")).to(device)
+        txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        return (img * txt).sum(-1)

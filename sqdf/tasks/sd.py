@@ -1,0 +1,343 @@
+"""Stable Diffusion from a local diffusers folder, fine-tuned as a peft LoRA on its UNet.
+
+The reference is the same UNet with the adapter off (one copy of the weights). Conditions
+are indices into the prompt list; every prompt (and the negative prompt) is encoded once
+when the task is built, and the text encoder is then let go. x̂0 comes from the reference
+UNet (Tweedie) or from a latent consistency model: an LCM UNet folder, or an LCM-LoRA
+loaded beside the policy's adapter on the base UNet. Only x̂0 latents are decoded by the VAE
+(with gradients) for the reward; the trajectory stays in latent space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sqdf.config import build_settings
+from sqdf.core.schedule import make_ddim_schedule
+from sqdf.core.x0 import consistency_x0, guidance_embedding
+from sqdf.errors import ConfigError, SqdfError
+from sqdf.tasks.base import Task, _expand
+from sqdf.tasks.lora import POLICY_ADAPTER, LoraPolicy, adapters_disabled, add_lora, only_adapter
+from sqdf.tasks.sd_prompts import load_prompts
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LCM_ADAPTER = "lcm"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class SDConfig:
+    """The model folder, prompts, guidance, LoRA, consistency model and memory settings."""
+
+    model: str | None = None  # diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    prompts: str = "animals"  # a built-in set (animals, varied) or a file, one prompt a line
+    negative_prompt: str = ""  # the unconditional half of classifier-free guidance
+    guidance: float = 5.0  # classifier-free guidance scale (1 = no guidance)
+    resolution: int | None = None  # image side in pixels (default: the UNet's native size)
+    lora_rank: int = 4  # as in the SQDF reference implementation
+    lora_alpha: float = 4.0
+    lora_targets: list = dataclasses.field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    lcm: str | None = None  # LCM UNet folder, or LCM-LoRA .safetensors (estimator consistency)
+    lcm_guidance: float = 8.0  # w for an LCM UNet with a guidance embedding (time_cond_proj_dim)
+    dtype: str = "auto"  # weights and autocast: auto (bfloat16 on CUDA, float32 on CPU) or a name
+    gradient_checkpointing: bool = True  # UNet, VAE decoder and reward model
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError(
+                "task 'sd' needs a local Stable Diffusion folder: --model PATH "
+                "(or task_params.model)"
+            )
+        folder = Path(self.model)
+        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+        if missing:
+            raise ConfigError(
+                f"task 'sd': {self.model} is not a diffusers Stable Diffusion folder "
+                f"(missing {', '.join(c + '/' for c in missing)})"
+            )
+        if self.guidance < 1.0:
+            raise ConfigError(f"sd guidance must be >= 1, got {self.guidance}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ConfigError(
+                f"sd lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, "
+                f"{self.lora_alpha}"
+            )
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(
+                f"sd dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            )
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ConfigError(f"sd resolution must be a multiple of 8, got {self.resolution}")
+        if self.lcm is not None and not Path(self.lcm).exists():
+            raise ConfigError(f"sd lcm: no such folder or file {self.lcm!r}")
+        load_prompts(self.prompts)  # a bad prompt set fails here, not mid-run
+
+
+def _load(cls: Any, folder: Path, sub: str, **kw: Any) -> Any:
+    try:
+        return cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, **kw)
+    except (OSError, ValueError) as err:
+        raise SqdfError(f"cannot load {sub}/ of {folder}: {str(err).splitlines()[0]}") from None
+
+
+class SDTask(Task):
+    eval_samples = 64
+
+    def __init__(self, cfg: Any, options: SDConfig, reward: Any, device: torch.device):
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.options = options
+        self.estimator = cfg.estimator
+        self.reward_model = reward
+        self.device = device
+        if options.dtype == "auto":
+            self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        else:
+            self.dtype = DTYPES[options.dtype]
+        folder = Path(options.model)
+        sched = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+        self.prediction_type = sched.config.prediction_type
+        self.schedule = make_ddim_schedule(
+            cfg.num_steps,
+            eta=cfg.eta,
+            alphas_cumprod=sched.alphas_cumprod,
+            steps_offset=sched.config.steps_offset,
+            set_alpha_to_one=sched.config.set_alpha_to_one,
+        )
+        if bool((self.schedule.sigmas <= 0).any()):
+            raise ConfigError("sd: eta = 0 makes deterministic steps; the KL needs eta > 0")
+        safe = {"use_safetensors": True, "torch_dtype": self.dtype}
+        self.unet = _load(UNet2DConditionModel, folder, "unet", **safe).to(device)
+        self.vae = _load(AutoencoderKL, folder, "vae", **safe)
+        del self.vae.encoder  # only x̂0 latents are decoded; nothing is encoded
+        self.vae.to(device).requires_grad_(False)
+        self.prompts = load_prompts(options.prompts)
+        tokenizer = _load(CLIPTokenizer, folder, "tokenizer")
+        text_encoder = _load(CLIPTextModel, folder, "text_encoder", **safe).to(device)
+        self.prompt_embeds = _encode(text_encoder, tokenizer, self.prompts, device)
+        self.negative_embeds = _encode(text_encoder, tokenizer, [options.negative_prompt], device)
+        del text_encoder  # every prompt is encoded; the encoder's memory goes back
+
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = options.resolution or self.unet.config.sample_size * factor
+        if side % factor:
+            raise ConfigError(f"sd resolution {side} is not a multiple of the VAE's {factor}")
+        self.sample_shape = (self.unet.config.in_channels, side // factor, side // factor)
+
+        add_lora(self.unet, options.lora_rank, options.lora_alpha, list(options.lora_targets))
+        for p in self.unet.parameters():
+            if p.requires_grad:  # the adapter trains in float32 whatever the weights' dtype
+                p.data = p.data.to(device, torch.float32)
+        self.policy = LoraPolicy(self.unet)
+        self._lcm_unet = None
+        if options.lcm:
+            self._attach_lcm(Path(options.lcm))
+        if self.estimator == "consistency" and not options.lcm:
+            raise ConfigError(
+                "sd: estimator consistency needs task_params.lcm (an LCM UNet folder or an "
+                "LCM-LoRA file); or use estimator tweedie"
+            )
+        if options.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            self.vae.enable_gradient_checkpointing()
+            clip = getattr(reward, "clip_model", None)
+            if clip is not None:
+                clip.enable_checkpointing()
+        if hasattr(reward, "to"):
+            reward.to(device)
+        self._alphas = self.schedule.alphas_cumprod.to(device)
+
+    def _attach_lcm(self, path: Path) -> None:
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+        if path.is_dir():
+            self._lcm_unet = _load(
+                UNet2DConditionModel, path.parent, path.name, use_safetensors=True
+            )
+            self._lcm_unet.to(self.device, self.dtype).requires_grad_(False)
+            return
+        state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+        with warnings.catch_warnings():  # peft warns of a second adapter: that is the point
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            self.unet.load_lora_adapter(
+                state, prefix="unet", network_alphas=alphas, adapter_name=LCM_ADAPTER
+            )
+        for name, p in self.unet.named_parameters():
+            # the LCM-LoRA is frozen; only the policy's adapter trains
+            p.requires_grad_(f".{POLICY_ADAPTER}." in name and "lora_" in name)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for layer in self.unet.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer._active_adapter = [POLICY_ADAPTER]  # see lora.only_adapter
+
+    def _autocast(self) -> Any:
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def sample_conditions(self, n: int, generator: torch.Generator) -> Tensor:
+        return torch.randint(0, len(self.prompts), (n,), generator=generator)
+
+    def _eps(self, unet: Any, x: Tensor, t: Tensor, cond: Tensor, guidance: float) -> Tensor:
+        pos = self.prompt_embeds[cond]
+        if guidance == 1.0:
+            return unet(x.to(self.dtype), t, encoder_hidden_states=pos).sample
+        neg = self.negative_embeds.expand_as(pos)
+        # both halves of classifier-free guidance in one batched pass
+        both = unet(
+            torch.cat([x, x]).to(self.dtype), torch.cat([t, t]),
+            encoder_hidden_states=torch.cat([neg, pos]),
+        ).sample  # fmt: skip
+        uncond, c = both.chunk(2)
+        return uncond + guidance * (c - uncond)
+
+    def model_output(self, x: Tensor, timesteps: Tensor, cond: Tensor, *, policy: bool) -> Tensor:
+        t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)
+        with self._autocast():
+            if policy:
+                out = self._eps(self.unet, x, t, cond, self.options.guidance)
+            else:
+                with adapters_disabled(self.unet):
+                    out = self._eps(self.unet, x, t, cond, self.options.guidance)
+        return out.float()
+
+    def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)
+        abar = _expand(self.schedule.abar(timesteps.cpu()), x).to(x)
+        pos = self.prompt_embeds[cond]
+        with self._autocast():
+            if self._lcm_unet is not None:
+                w_cond = None
+                dim = self._lcm_unet.config.time_cond_proj_dim
+                if dim is not None:
+                    w = torch.full((x.shape[0],), self.options.lcm_guidance - 1.0)
+                    w_cond = guidance_embedding(w, dim).to(self.device, self.dtype)
+                out = self._lcm_unet(
+                    x.to(self.dtype), t, encoder_hidden_states=pos, timestep_cond=w_cond
+                ).sample
+            else:
+                with only_adapter(self.unet, LCM_ADAPTER):
+                    out = self.unet(x.to(self.dtype), t, encoder_hidden_states=pos).sample
+        return consistency_x0(out.float(), x, abar, _expand(t, x), self.prediction_type)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in [0, 1], (B, 3, H, W), differentiable."""
+        with self._autocast():
+            img = self.vae.decode(
+                latents.to(self.device, self.dtype) / self.vae.config.scaling_factor
+            )
+        return (img.sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def prompts_of(self, cond: Tensor) -> list[str]:
+        return [self.prompts[int(i)] for i in cond]
+
+    def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
+        if cond is None:
+            raise SqdfError("task sd scores images with their prompts; cond is required")
+        images = self.decode(x0)
+        with self._autocast():
+            return self.reward_model(images, self.prompts_of(cond)).float()
+
+    @torch.no_grad()
+    def decode_batches(self, latents: Tensor, batch: int = 8) -> Tensor:
+        return torch.cat(
+            [self.decode(latents[i : i + batch]).cpu() for i in range(0, len(latents), batch)]
+        )
+
+    def evaluate(
+        self, samples: Tensor, ref_samples: Tensor, cond: Tensor, generator: torch.Generator
+    ) -> dict:
+        """Diversity (mean pairwise distance of image features: the reward's CLIP features
+        where it has them, else 32×32 pixels) of the fine-tuned and reference samples."""
+        out = {}
+        for prefix, latents in (("eval_", samples), ("ref_eval_", ref_samples)):
+            feats = self._features(self.decode_batches(latents))
+            out[f"{prefix}diversity"] = float(torch.pdist(feats).mean()) if len(feats) > 1 else 0.0
+        return out
+
+    @torch.no_grad()
+    def _features(self, images: Tensor) -> Tensor:
+        clip = getattr(self.reward_model, "clip_model", None)
+        if clip is not None:
+            return torch.cat(
+                [clip.image_features(images[i : i + 16]).cpu() for i in range(0, len(images), 16)]
+            )
+        small = torch.nn.functional.interpolate(images, size=(32, 32), mode="area")
+        return small.flatten(1)
+
+    def plot_samples(
+        self, samples: Tensor, ref_samples: Tensor | None, cond: Tensor, path: Path
+    ) -> None:
+        from sqdf.report import pyplot
+
+        n = min(8, len(samples))
+        rows = [("fine-tuned", samples[:n])]
+        if ref_samples is not None:
+            rows.append(("reference", ref_samples[:n]))
+        plt = pyplot()
+        fig, axes = plt.subplots(len(rows), n, figsize=(2 * n, 2.3 * len(rows)), squeeze=False)
+        for r, (name, latents) in enumerate(rows):
+            images = self.decode_batches(latents)
+            for c in range(n):
+                ax = axes[r][c]
+                ax.imshow(images[c].permute(1, 2, 0).numpy())
+                ax.set_xticks([]), ax.set_yticks([])
+                ax.set_title(self.prompts[int(cond[c])][:28], fontsize=7)
+                if c == 0:
+                    ax.set_ylabel(name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    def save_final(self, folder: Path) -> None:
+        """The LoRA in diffusers format: StableDiffusionPipeline.load_lora_weights(folder)."""
+        save_diffusers_lora(self.unet, self.options.lora_rank, self.options.lora_alpha, folder)
+
+
+def save_diffusers_lora(unet: Any, rank: int, alpha: float, folder: Path) -> Path:
+    """The policy adapter as ``pytorch_lora_weights.safetensors``. diffusers reads a LoRA
+    without metadata at scale 1 (alpha = rank), so alpha/rank is folded into the B matrices."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=POLICY_ADAPTER)
+    scale = alpha / rank
+    state = {k: (v * scale if "lora_B" in k else v).float().contiguous() for k, v in state.items()}
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=convert_state_dict_to_diffusers(state)
+    )
+    return Path(folder) / "pytorch_lora_weights.safetensors"
+
+
+@torch.no_grad()
+def _encode(text_encoder: Any, tokenizer: Any, prompts: list[str], device: torch.device) -> Tensor:
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    out = []
+    for i in range(0, len(prompts), 32):
+        ids = tokens.input_ids[i : i + 32].to(device)
+        out.append(text_encoder(ids)[0])
+    return torch.cat(out)
+
+
+def build_sd(cfg: Any, reward: Any, device: torch.device) -> SDTask:
+    options = build_settings(SDConfig, cfg.task_params, "task 'sd'")
+    if getattr(reward, "domain", None) not in ("rgb", "image", "any"):
+        raise ConfigError(
+            "task 'sd' needs an image reward (aesthetic, pickscore, clipscore, hpsv2 or "
+            "module:function)"
+        )
+    return SDTask(cfg, options, reward, device)

@@ -1,0 +1,171 @@
+"""Random-initialised Stable Diffusion parts of the real classes, written as diffusers and
+transformers folders: for tests (``tiny``) and for speed and memory checks at full size
+(``sd15``: the SD 1.5 UNet/VAE/text encoder and a CLIP ViT-L/14 reward). Nothing is
+downloaded; the weights mean nothing, the shapes and the code paths are the real ones.
+
+The tokenizer is a byte-level CLIP tokenizer with no merges (every character a token):
+a real CLIPTokenizer, small enough to write here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD
+
+PRESETS = ("tiny", "sd15")
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable characters byte-level BPE (GPT-2, CLIP) stands for the bytes with."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def _write_tokenizer(folder: Path, max_length: int = 77) -> int:
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    config = {"model_max_length": max_length, "pad_token": "<|endoftext|>",
+              "tokenizer_class": "CLIPTokenizer"}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+    }))  # fmt: skip
+    return len(vocab)
+
+
+def _text_config(preset: str, vocab: int) -> dict:
+    if preset == "tiny":
+        sizes = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+        ids = dict(bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+        return dict(vocab_size=vocab, num_attention_heads=4, projection_dim=16, **sizes, **ids)
+    sizes = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12)
+    return dict(vocab_size=49408, num_attention_heads=12, projection_dim=768, **sizes)
+
+
+def write_random_sd(folder: str | Path, preset: str = "tiny", *, seed: int = 0) -> Path:
+    """A StableDiffusion folder (unet, vae, text_encoder, tokenizer, scheduler)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    vocab = _write_tokenizer(folder / "tokenizer")
+    text = CLIPTextModel(CLIPTextConfig(**_text_config(preset, vocab)))
+    text.save_pretrained(str(folder / "text_encoder"))
+    if preset == "tiny":
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=8,
+        )  # fmt: skip
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8, sample_size=16,
+        )  # fmt: skip
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_dim=768, attention_head_dim=8,
+        )  # fmt: skip
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=512,
+        )  # fmt: skip
+    unet.save_pretrained(str(folder / "unet"))
+    vae.save_pretrained(str(folder / "vae"))
+    DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    ).save_pretrained(str(folder / "scheduler"))  # fmt: skip
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None],
+        "safety_checker": [None, None],
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def write_random_lcm_unet(folder: str | Path, preset: str = "tiny", *, seed: int = 1) -> Path:
+    """An LCM UNet (a UNet2DConditionModel with a guidance embedding) for the same latents."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    if preset == "tiny":
+        unet = UNet2DConditionModel(
+            sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=8, time_cond_proj_dim=16,
+        )  # fmt: skip
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_dim=768, attention_head_dim=8, time_cond_proj_dim=256,
+        )  # fmt: skip
+    unet.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def write_random_clip(folder: str | Path, preset: str = "tiny", *, seed: int = 2) -> Path:
+    """A transformers CLIPModel folder with its tokenizer and preprocessor config (tiny: 32
+    px images, 16-d embeddings; sd15: the ViT-L/14 the LAION aesthetic head expects)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    vocab = _write_tokenizer(folder)
+    if preset == "tiny":
+        vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                      num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
+        size, proj = 32, 16
+    else:
+        vision = dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                      num_hidden_layers=24, num_attention_heads=16)  # fmt: skip
+        size, proj = 224, 768
+    text = _text_config(preset, vocab)
+    text.pop("projection_dim")
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=proj)
+    ).save_pretrained(str(folder))
+    pre = {"crop_size": {"height": size, "width": size}, "image_mean": list(CLIP_MEAN),
+           "image_std": list(CLIP_STD)}  # fmt: skip
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    return folder
+
+
+def write_random_aesthetic_head(path: str | Path, in_dim: int, *, seed: int = 3) -> Path:
+    """A head of the LAION predictor's shape (in_dim -> 1024 -> 128 -> 64 -> 16 -> 1, dropout
+    between), saved as a torch state dict (.pth) the way the public head is distributed."""
+    torch.manual_seed(seed)
+    layers = torch.nn.Sequential(
+        torch.nn.Linear(in_dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+    )  # fmt: skip
+    torch.save({f"layers.{k}": v for k, v in layers.state_dict().items()}, str(path))
+    return Path(path)

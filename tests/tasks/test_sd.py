@@ -1,0 +1,295 @@
+"""The sd task on tiny random-initialised components of the real classes (issue 6): each
+piece checked against diffusers/transformers doing the same thing their own way."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sqdf.config import make_config
+from sqdf.core.x0 import consistency_x0, guidance_embedding
+from sqdf.errors import ConfigError, SqdfError
+from sqdf.rewards import build_reward
+from sqdf.rewards.clip_rewards import (
+    CLIP_MEAN,
+    CLIP_STD,
+    clip_preprocess,
+    convert_aesthetic_head,
+)
+from sqdf.tasks import build_task
+from sqdf.tasks.sd import save_diffusers_lora
+from sqdf.tasks.sd_prompts import ANIMALS, load_prompts
+from sqdf.tasks.sd_random import (
+    write_random_aesthetic_head,
+    write_random_clip,
+    write_random_lcm_unet,
+    write_random_sd,
+)
+from sqdf.trainer import train
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    write_random_sd(root / "sd")
+    write_random_clip(root / "clip")
+    write_random_aesthetic_head(root / "head.pth", in_dim=16)
+    convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
+    write_random_lcm_unet(root / "lcm")
+    # an LCM-LoRA for the base UNet, saved the way diffusers distributes LoRAs
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(str(root / "sd"), subfolder="unet")
+    torch.manual_seed(4)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"],
+                                init_lora_weights=False))  # fmt: skip
+    save_diffusers_lora(unet, 4, 4.0, root / "lcm_lora")
+    return root
+
+
+def config(parts, **over):
+    values = {
+        "task": "sd", "device": "cpu", "num_steps": 4, "batch_size": 2, "steps": 2,
+        "buffer": "uniform", "buffer_size": 8, "estimator": "tweedie", "lr": 1e-2,
+        "task_params": {"model": str(parts / "sd"), "prompts": "varied", "guidance": 3.0},
+        "reward_params": {"clip": str(parts / "clip"), "head": str(parts / "head.safetensors")},
+    }  # fmt: skip
+    for key, value in over.items():  # task_params merge; everything else replaces
+        values[key] = {**values[key], **value} if key == "task_params" else value
+    return make_config(values, source="test")
+
+
+def pipeline(parts):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(parts / "sd"), local_files_only=True)
+
+
+def test_prompt_embeddings_and_guidance_match_the_diffusers_pipeline(parts):
+    task = build_task(config(parts, task_params={"negative_prompt": "blurry"}))
+    pipe = pipeline(parts)
+    cond = torch.tensor([3, 0])
+    prompts = task.prompts_of(cond)
+    pos, neg = pipe.encode_prompt(prompts, "cpu", 1, True, ["blurry"] * 2)
+    torch.testing.assert_close(task.prompt_embeds[cond], pos)
+    torch.testing.assert_close(task.negative_embeds.expand_as(pos), neg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *task.sample_shape), generator=g)
+    t = torch.tensor([901, 301])
+    with torch.no_grad():
+        ours = task.model_output(x, t, cond, policy=False)
+        u = pipe.unet(x, t, encoder_hidden_states=neg).sample
+        c = pipe.unet(x, t, encoder_hidden_states=pos).sample
+    torch.testing.assert_close(ours, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
+    assert task.sample_shape == (4, 8, 8)  # 16 px images through a 2x VAE
+
+
+def test_two_updates_change_the_lora_and_a_plain_pipeline_loads_it(parts, tmp_path):
+    run = train(config(parts, estimator="consistency", task_params={"lcm": str(parts / "lcm")}),
+                tmp_path / "run", progress=False)  # fmt: skip
+    final = load_file(str(run / "final" / "policy.safetensors"))
+    assert final and all(".default." in k for k in final)
+    assert any(float(v.abs().max()) > 0 for k, v in final.items() if "lora_B" in k)
+
+    task = build_task(config(parts))
+    task.policy.load_state_dict(final)
+    pipe = pipeline(parts)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((2, *task.sample_shape), generator=g)
+    t, cond = torch.tensor([500, 40]), torch.tensor([1, 2])
+    emb = task.prompt_embeds[cond]
+    with torch.no_grad():
+        before = pipe.unet(x, t, encoder_hidden_states=emb).sample
+        pipe.load_lora_weights(str(run / "final"))
+        after = pipe.unet(x, t, encoder_hidden_states=emb).sample
+        ours = task.unet(x, t, encoder_hidden_states=emb).sample
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ours, rtol=1e-4, atol=1e-5)
+    image = pipe(["a cat"], num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+
+
+def test_lora_alpha_other_than_rank_survives_the_diffusers_format(parts, tmp_path):
+    task = build_task(config(parts, task_params={"lora_rank": 2, "lora_alpha": 6.0}))
+    with torch.no_grad():
+        for name, p in task.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    save_diffusers_lora(task.unet, 2, 6.0, tmp_path)
+    pipe = pipeline(parts)
+    pipe.load_lora_weights(str(tmp_path))
+    x, t = torch.randn((1, *task.sample_shape)), torch.tensor([700])
+    emb = task.prompt_embeds[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pipe.unet(x, t, encoder_hidden_states=emb).sample,
+            task.unet(x, t, encoder_hidden_states=emb).sample, rtol=1e-4, atol=1e-5,
+        )  # fmt: skip
+
+
+def test_lcm_unet_estimator_uses_the_guidance_embedding(parts):
+    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
+
+    lcm = {"lcm": str(parts / "lcm"), "lcm_guidance": 6.0}
+    task = build_task(config(parts, estimator="consistency", task_params=lcm))
+    w = torch.tensor([5.0, 0.5])
+    reference = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, 16)
+    torch.testing.assert_close(guidance_embedding(w, 16), reference)
+    lcm = UNet2DConditionModel.from_pretrained(str(parts / "lcm"))
+    x, t, cond = (
+        torch.randn((2, *task.sample_shape)),
+        torch.tensor([759, 259]),
+        torch.tensor([0, 5]),
+    )
+    abar = task.schedule.abar(t).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        out = lcm(x, t, encoder_hidden_states=task.prompt_embeds[cond],
+                  timestep_cond=guidance_embedding(torch.full((2,), 5.0), 16)).sample  # fmt: skip
+        want = consistency_x0(out, x, abar, t.view(-1, 1, 1, 1))
+        torch.testing.assert_close(task.consistency_x0(x, t, cond), want)
+
+
+def test_lcm_lora_sits_beside_the_policy_adapter(parts):
+    task = build_task(config(parts, estimator="consistency",
+                             task_params={"lcm": str(parts / "lcm_lora")
+                                          + "/pytorch_lora_weights.safetensors"}))  # fmt: skip
+    trainable = [n for n, p in task.unet.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n for n in trainable)
+    assert all(".lcm." not in k for k in task.policy.state_dict())
+    pipe = pipeline(parts)
+    pipe.load_lora_weights(str(parts / "lcm_lora"))
+    x, t, cond = (
+        torch.randn((2, *task.sample_shape)),
+        torch.tensor([600, 100]),
+        torch.tensor([2, 7]),
+    )
+    abar = task.schedule.abar(t).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        out = pipe.unet(x, t, encoder_hidden_states=task.prompt_embeds[cond]).sample
+        want = consistency_x0(out, x, abar, t.view(-1, 1, 1, 1))
+        got = task.consistency_x0(x, t, cond)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for name, p in task.unet.named_parameters():  # move the policy: the CM must not follow
+            if ".default." in name and "lora_B" in name:
+                p.normal_(0, 0.5)
+        torch.testing.assert_close(task.consistency_x0(x, t, cond), got)
+        moved = task.model_output(x, t, cond, policy=True)
+        assert not torch.allclose(moved, task.model_output(x, t, cond, policy=False))
+
+
+def directional_check(reward, images, prompts):
+    images = images.clone().requires_grad_(True)
+    value = reward(images, prompts)
+    assert value.shape == (images.shape[0],) and torch.isfinite(value).all()
+    (grad,) = torch.autograd.grad(value.sum(), images)
+    direction = torch.randn_like(images)
+    eps = 1e-3
+    with torch.no_grad():
+        plus = reward(images + eps * direction, prompts).sum()
+        minus = reward(images - eps * direction, prompts).sum()
+    fd = (plus - minus) / (2 * eps)
+    torch.testing.assert_close((grad * direction).sum(), fd, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "clipscore"])
+def test_clip_rewards_load_from_a_folder_and_their_gradient_is_right(parts, name):
+    params = {"aesthetic": {"clip": str(parts / "clip"), "head": str(parts / "head.safetensors")},
+              "pickscore": {"model": str(parts / "clip")},
+              "clipscore": {"model": str(parts / "clip")}}[name]  # fmt: skip
+    reward = build_reward(name, params)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand((2, 3, 40, 48), generator=g) * 0.8 + 0.1
+    directional_check(reward, images, ["a red fox", "a lighthouse"])
+
+
+def test_aesthetic_reward_is_the_head_on_normalised_clip_features(parts):
+    from transformers import CLIPModel
+
+    reward = build_reward("aesthetic", {"clip": str(parts / "clip"),
+                                        "head": str(parts / "head.safetensors")})  # fmt: skip
+    images = torch.rand((3, 3, 32, 32))
+    clip = CLIPModel.from_pretrained(str(parts / "clip"))
+    pixels = (images - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(
+        1, 3, 1, 1
+    )
+    with torch.no_grad():
+        feats = clip.get_image_features(pixel_values=pixels)
+        feats = feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        head = torch.load(str(parts / "head.pth"), weights_only=True)
+        x = feats
+        for i in (0, 2, 4, 6, 7):  # dropout layers sit between; evaluation skips them
+            x = x @ head[f"layers.{i}.weight"].T + head[f"layers.{i}.bias"]
+        torch.testing.assert_close(reward(images), x.squeeze(1), rtol=1e-4, atol=1e-5)
+
+
+def test_clip_preprocess_normalises_and_crops():
+    const = torch.full((1, 3, 50, 80), 0.25)
+    out = clip_preprocess(const, 32, CLIP_MEAN, CLIP_STD)
+    assert out.shape == (1, 3, 32, 32)
+    want = (0.25 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(out[0, :, 5, 7], want, rtol=1e-5, atol=1e-5)
+
+
+def test_hpsv2_without_its_extra_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    with pytest.raises(ConfigError, match=r"pip install 'sqdf\[hpsv2\]'"):
+        build_reward("hpsv2", {"checkpoint": "x.pt"})
+
+
+def test_custom_reward_gets_images_in_unit_range_and_prompt_strings(parts, tmp_path, monkeypatch):
+    (tmp_path / "sd_user_reward.py").write_text(
+        "import torch\n"
+        "SEEN = []\n"
+        "def redness(images, prompts):\n"
+        "    SEEN.append((images.detach().clone(), list(prompts)))\n"
+        "    return images[:, 0].flatten(1).mean(1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = build_task(config(parts, reward="sd_user_reward:redness", reward_params={}))
+    x0 = torch.randn((2, *task.sample_shape))
+    value = task.reward(x0, torch.tensor([4, 1]))
+    import sd_user_reward
+
+    images, prompts = sd_user_reward.SEEN[-1]
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    assert prompts == task.prompts_of(torch.tensor([4, 1]))
+    torch.testing.assert_close(value, images[:, 0].flatten(1).mean(1))
+    sys.modules.pop("sd_user_reward", None)
+
+
+def test_prompt_sets_and_files(tmp_path):
+    assert load_prompts("animals") == list(ANIMALS) and len(ANIMALS) == 45
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\n\n  a dog  \n")
+    assert load_prompts(str(f)) == ["a cat", "a dog"]
+    f.write_text("\n \n")
+    with pytest.raises(ConfigError, match="has no prompts"):
+        load_prompts(str(f))
+    with pytest.raises(ConfigError, match="neither a built-in set"):
+        load_prompts(str(tmp_path / "missing.txt"))
+    f.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="cannot read prompts file"):
+        load_prompts(str(f))
+
+
+def test_bad_sd_settings_are_one_clear_error(parts, tmp_path):
+    with pytest.raises(ConfigError, match="needs a local Stable Diffusion folder"):
+        build_task(config(parts, task_params={"model": None}))
+    with pytest.raises(ConfigError, match="missing unet/, vae/"):
+        build_task(config(parts, task_params={"model": str(tmp_path)}))
+    with pytest.raises(ConfigError, match="estimator consistency needs task_params.lcm"):
+        build_task(config(parts, estimator="consistency"))
+    with pytest.raises(ConfigError, match="reward 'aesthetic' needs clip=FOLDER"):
+        build_task(config(parts, reward_params={"clip": None}))
+    with pytest.raises(ConfigError, match="needs an image reward"):
+        build_task(config(parts, reward="linear", reward_params={}))
+    (tmp_path / "junk.pth").write_bytes(b"")
+    torch.save({"w": torch.zeros(1)}, str(tmp_path / "junk.pth"))
+    with pytest.raises(SqdfError, match="not an aesthetic-head state dict"):
+        convert_aesthetic_head(tmp_path / "junk.pth", tmp_path / "h.safetensors")
