@@ -26,10 +26,17 @@ examples:
   sqdf train --task gmm2d --steps 300 --out runs/gmm2d
   sqdf train --config my.toml --alpha 1.0 --reward-param 'b=[0.0, 1.0]'
   sqdf train --resume runs/gmm2d --steps 600      # continue (and extend) a run
+  sqdf train --task sd --model ~/sd15 --reward aesthetic \
+      --reward-param clip=~/clip-l14 --reward-param head=~/aesthetic.safetensors --out runs/sd
 
 A TOML config holds the same keys as the flags (underscores), with [task_params] and
 [reward_params] tables. Flags override the file. The resolved configuration is written to
 RUN/config.json."""
+
+SAMPLE_EPILOG = """\
+examples:
+  sqdf sample runs/gmm2d --num-samples 2048
+  sqdf sample --task sd --model ~/sd15 --lora runs/sd/final --prompts animals --out grid.png"""
 
 
 DICT_FIELDS = {"task_params": "--task-param", "reward_params": "--reward-param",
@@ -84,6 +91,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             help=f"{key[:-7]} parameter, e.g. {example} (repeatable)",
         )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--model", metavar="PATH", help="sd: local SD folder (= --task-param model=)")
+    p.add_argument("--prompts", metavar="SET|FILE", help="sd: prompts (= --task-param prompts=)")
     for f in config_fields():
         if f.name in DICT_FIELDS:
             continue
@@ -123,6 +132,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for key, flag in DICT_FIELDS.items():
         given = _key_values(getattr(args, key), flag)
         values[key] = {**values.get(key, {}), **given}
+    for key in ("model", "prompts"):  # shorthands for the sd task's most used parameters
+        if getattr(args, key):
+            if args.resume:
+                raise SqdfError(f"--{key} cannot change when resuming")
+            values["task_params"][key] = getattr(args, key)
     cfg = make_config(values, source=source)
     out = args.resume or args.out or _default_out(f"{cfg.task}-{cfg.method}")
     run = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
@@ -148,14 +162,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from sqdf.evaluate import sample_run
 
+    if args.task == "sd":
+        from sqdf.render import render_sd
+
+        if not args.model:
+            raise SqdfError("sqdf sample --task sd needs --model PATH (a local SD folder)")
+        picture = render_sd(
+            args.model, args.lora, args.prompts, args.out or "sd_samples.png",
+            num_images=args.num_samples or 8, seed=args.seed, guidance=args.guidance,
+            num_steps=args.num_steps, device=args.device,
+        )  # fmt: skip
+        print(f"wrote {picture}")
+        return 0
+    if not args.run:
+        raise SqdfError("give a run folder (or --task sd --model PATH --lora RUN/final)")
     picture = sample_run(
         args.run,
-        num_samples=args.num_samples,
+        num_samples=args.num_samples or 1024,
         seed=args.seed,
         out=args.out,
         with_reference=not args.no_reference,
     )
     print(f"wrote {picture} and {picture.with_suffix('.safetensors')}")
+    return 0
+
+
+def _cmd_convert_head(args: argparse.Namespace) -> int:
+    from sqdf.rewards.clip_rewards import convert_aesthetic_head
+
+    print(f"wrote {convert_aesthetic_head(args.pth, args.out)}")
     return 0
 
 
@@ -352,9 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--seed", type=int, default=1234, help="sampling seed")
     e.add_argument("--device", default=None, help="override the run's device")
-    s = sub.add_parser("sample", help="draw samples from a finished run and plot them")
-    s.add_argument("run", metavar="RUN", help="run folder written by sqdf train")
-    s.add_argument("--num-samples", type=int, default=1024, help="how many samples")
+    s = sub.add_parser(
+        "sample",
+        help="draw samples from a finished run and plot them",
+        epilog=SAMPLE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("run", metavar="RUN", nargs="?", help="run folder written by sqdf train")
+    s.add_argument("--num-samples", type=int, default=None, help="how many (default 1024; sd 8)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument(
         "--out",
@@ -362,6 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="picture path (default: RUN/samples.png); the samples go beside it as .safetensors",
     )
     s.add_argument("--no-reference", action="store_true", help="skip the reference panel")
+    s.add_argument("--task", choices=["sd"], help="sd: render with a plain diffusers pipeline")
+    s.add_argument("--model", metavar="PATH", help="sd: local Stable Diffusion folder")
+    s.add_argument("--lora", metavar="DIR", help="sd: a LoRA folder, e.g. RUN/final")
+    s.add_argument("--prompts", default="animals", help="sd: built-in set or file (animals)")
+    s.add_argument("--guidance", type=float, default=5.0, help="sd: CFG scale (5.0)")
+    s.add_argument("--num-steps", type=int, default=50, help="sd: DDIM steps (50)")
+    s.add_argument("--device", default="auto", help="sd: torch device (auto)")
+    c = sub.add_parser(
+        "convert-aesthetic-head",
+        help="the public LAION aesthetic head (.pth) as safetensors, read with weights_only",
+    )
+    c.add_argument("pth", metavar="IN.pth")
+    c.add_argument("out", metavar="OUT.safetensors")
     _add_build_commands(sub)
     _add_compare(sub)
     return parser
@@ -381,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare": _cmd_compare,
         "distill-cm": _cmd_distill,
         "train-reward": _cmd_train_reward,
+        "convert-aesthetic-head": _cmd_convert_head,
     }[args.command]
     try:
         return handler(args)

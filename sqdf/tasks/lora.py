@@ -4,7 +4,7 @@ network with the adapter switched off (never a second copy of the weights)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from peft import LoraConfig, inject_adapter_in_model
@@ -75,3 +75,36 @@ class LoraPolicy(nn.Module):
                 f"{len(unexpected)} unexpected (e.g. {bad!r})"
             )
         return self.backbone.load_state_dict(state, strict=False)
+
+
+def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing for a diffusers model whose adapters are switched within a loss
+    (the reference is the model with its adapter off, an LCM-LoRA another adapter).
+
+    A checkpointed block is run again during backward, after the switch has been undone;
+    it must see the adapters as its forward saw them, or it computes a different function.
+    Each block's adapter state is recorded at forward time and put back for its recompute.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def run(block: nn.Module, *args: Any) -> Any:
+        layers = [m for m in block.modules() if isinstance(m, BaseTunerLayer)]
+        seen = [(m._disable_adapters, m._active_adapter) for m in layers]
+
+        @contextmanager
+        def as_in_forward() -> Iterator[None]:
+            now = [(m._disable_adapters, m._active_adapter) for m in layers]
+            for m, (disabled, active) in zip(layers, seen, strict=True):
+                m._disable_adapters, m._active_adapter = disabled, active
+            try:
+                yield
+            finally:
+                for m, (disabled, active) in zip(layers, now, strict=True):
+                    m._disable_adapters, m._active_adapter = disabled, active
+
+        return checkpoint(
+            block.__call__, *args, use_reentrant=False,
+            context_fn=lambda: (nullcontext(), as_in_forward()),
+        )  # fmt: skip
+
+    model.enable_gradient_checkpointing(run)

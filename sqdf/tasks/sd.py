@@ -24,7 +24,14 @@ from sqdf.core.schedule import make_ddim_schedule
 from sqdf.core.x0 import consistency_x0, guidance_embedding
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.tasks.base import Task, _expand
-from sqdf.tasks.lora import POLICY_ADAPTER, LoraPolicy, adapters_disabled, add_lora, only_adapter
+from sqdf.tasks.lora import (
+    POLICY_ADAPTER,
+    LoraPolicy,
+    adapters_disabled,
+    add_lora,
+    enable_adapter_aware_checkpointing,
+    only_adapter,
+)
 from sqdf.tasks.sd_prompts import load_prompts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,7 +123,7 @@ class SDTask(Task):
         )
         if bool((self.schedule.sigmas <= 0).any()):
             raise ConfigError("sd: eta = 0 makes deterministic steps; the KL needs eta > 0")
-        safe = {"use_safetensors": True, "torch_dtype": self.dtype}
+        safe = {"use_safetensors": True, "dtype": self.dtype}
         self.unet = _load(UNet2DConditionModel, folder, "unet", **safe).to(device)
         self.vae = _load(AutoencoderKL, folder, "vae", **safe)
         del self.vae.encoder  # only x̂0 latents are decoded; nothing is encoded
@@ -148,7 +155,7 @@ class SDTask(Task):
                 "LCM-LoRA file); or use estimator tweedie"
             )
         if options.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            enable_adapter_aware_checkpointing(self.unet)
             self.vae.enable_gradient_checkpointing()
             clip = getattr(reward, "clip_model", None)
             if clip is not None:
