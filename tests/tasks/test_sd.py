@@ -353,3 +353,37 @@ def test_checkpointing_gives_the_same_gradient_with_adapters_switched_in_the_los
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_readme_sd_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
+    import re
+    import shlex
+    from pathlib import Path
+
+    from sqdf.cli import main
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+                 if b.startswith("W=~/weights"))  # fmt: skip
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    layout = {
+        "sd15": "sd",
+        "clip-vit-large-patch14": "clip",
+        "lcm-lora-sdv1-5": "lcm_lora",
+        "sac+logos+ava1-l14-linearMSE.pth": "head.pth",
+    }
+    for name, target in layout.items():
+        (weights / name).symlink_to(parts / target)
+    monkeypatch.chdir(tmp_path)
+    quick = {"train": ["--num-steps", "3", "--steps", "2", "--batch-size", "2", "--device", "cpu",
+                       "--no-progress"],
+             "sample": ["--num-samples", "2", "--num-steps", "2", "--device", "cpu"]}  # fmt: skip
+    lines = block.strip().splitlines()
+    assert lines[0] == "W=~/weights" and len(lines) == 4
+    for line in lines[1:]:
+        argv = shlex.split(line.replace("$W", str(weights)))
+        assert argv[0] == "sqdf"
+        assert main(argv[1:] + quick.get(argv[1], [])) == 0, line
+    assert (tmp_path / "runs/sd/final/pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "runs/sd/grid.png").is_file()
