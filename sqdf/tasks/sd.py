@@ -32,7 +32,7 @@ from sqdf.tasks.lora import (
     enable_adapter_aware_checkpointing,
     only_adapter,
 )
-from sqdf.tasks.sd_prompts import load_prompts
+from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LCM_ADAPTER = "lcm"
@@ -45,7 +45,7 @@ class SDConfig:
 
     model: str | None = None  # diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/
     prompts: str = "animals"  # a built-in set (animals, varied) or a file, one prompt a line
-    negative_prompt: str = ""  # the unconditional half of classifier-free guidance
+    negative_prompt: str = ""  # CFG's unconditional prompt (a prompts-file line may set its own)
     guidance: float = 5.0  # classifier-free guidance scale (1 = no guidance)
     resolution: int | None = None  # image side in pixels (default: the UNet's native size)
     lora_rank: int = 4  # as in the SQDF reference implementation
@@ -128,11 +128,16 @@ class SDTask(Task):
         self.vae = _load(AutoencoderKL, folder, "vae", **safe)
         del self.vae.encoder  # only x̂0 latents are decoded; nothing is encoded
         self.vae.to(device).requires_grad_(False)
-        self.prompts = load_prompts(options.prompts)
+        pairs = load_prompt_pairs(options.prompts)
+        self.prompts = [p for p, _ in pairs]
+        negatives = [options.negative_prompt if n is None else n for _, n in pairs]
         tokenizer = _load(CLIPTokenizer, folder, "tokenizer")
         text_encoder = _load(CLIPTextModel, folder, "text_encoder", **safe).to(device)
         self.prompt_embeds = _encode(text_encoder, tokenizer, self.prompts, device)
-        self.negative_embeds = _encode(text_encoder, tokenizer, [options.negative_prompt], device)
+        # one negative embedding per prompt (most often the same one, encoded once)
+        distinct = list(dict.fromkeys(negatives))
+        neg = _encode(text_encoder, tokenizer, distinct, device)
+        self.negative_embeds = neg[torch.tensor([distinct.index(n) for n in negatives])]
         del text_encoder  # every prompt is encoded; the encoder's memory goes back
 
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -199,7 +204,7 @@ class SDTask(Task):
         pos = self.prompt_embeds[cond]
         if guidance == 1.0:
             return unet(x.to(self.dtype), t, encoder_hidden_states=pos).sample
-        neg = self.negative_embeds.expand_as(pos)
+        neg = self.negative_embeds[cond]
         # both halves of classifier-free guidance in one batched pass
         both = unet(
             torch.cat([x, x]).to(self.dtype), torch.cat([t, t]),

@@ -1,4 +1,5 @@
-"""Prompt sets for the sd task: built-in ones by name, or a text file (one prompt a line)."""
+"""Prompt sets for the sd task: built-in ones by name, or a text file, one prompt a line; a
+line may give its own negative prompt after a tab (``prompt<TAB>negative``)."""
 
 from __future__ import annotations
 
@@ -52,9 +53,14 @@ PROMPT_SETS = {"animals": ANIMALS, "varied": VARIED}
 
 
 def load_prompts(spec: str) -> list[str]:
-    """A built-in set's prompts, or a file's non-empty lines."""
+    """A built-in set's prompts, or a file's non-empty lines (without their negatives)."""
+    return [p for p, _ in load_prompt_pairs(spec)]
+
+
+def load_prompt_pairs(spec: str) -> list[tuple[str, str | None]]:
+    """(prompt, its own negative prompt or None) for each prompt of a set or file."""
     if spec in PROMPT_SETS:
-        return list(PROMPT_SETS[spec])
+        return [(p, None) for p in PROMPT_SETS[spec]]
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(
@@ -64,7 +70,11 @@ def load_prompts(spec: str) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read prompts file {spec}: {err}") from None
-    prompts = [ln.strip() for ln in lines if ln.strip()]
-    if not prompts:
+    pairs = []
+    for line in lines:
+        prompt, tab, negative = line.partition("\t")
+        if prompt.strip():
+            pairs.append((prompt.strip(), negative.strip() if tab else None))
+    if not pairs:
         raise ConfigError(f"prompts file {spec} has no prompts (one prompt a line)")
-    return prompts
+    return pairs

@@ -21,7 +21,7 @@ from sqdf.rewards.clip_rewards import (
 )
 from sqdf.tasks import build_task
 from sqdf.tasks.sd import save_diffusers_lora
-from sqdf.tasks.sd_prompts import ANIMALS, load_prompts
+from sqdf.tasks.sd_prompts import ANIMALS, load_prompt_pairs, load_prompts
 from sqdf.tasks.sd_random import (
     write_random_aesthetic_head,
     write_random_clip,
@@ -76,7 +76,7 @@ def test_prompt_embeddings_and_guidance_match_the_diffusers_pipeline(parts):
     prompts = task.prompts_of(cond)
     pos, neg = pipe.encode_prompt(prompts, "cpu", 1, True, ["blurry"] * 2)
     torch.testing.assert_close(task.prompt_embeds[cond], pos)
-    torch.testing.assert_close(task.negative_embeds.expand_as(pos), neg)
+    torch.testing.assert_close(task.negative_embeds[cond], neg)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((2, *task.sample_shape), generator=g)
     t = torch.tensor([901, 301])
@@ -268,6 +268,8 @@ def test_prompt_sets_and_files(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("a cat\n\n  a dog  \n")
     assert load_prompts(str(f)) == ["a cat", "a dog"]
+    f.write_text("a cat\tblurry, dark\na dog\n")
+    assert load_prompt_pairs(str(f)) == [("a cat", "blurry, dark"), ("a dog", None)]
     f.write_text("\n \n")
     with pytest.raises(ConfigError, match="has no prompts"):
         load_prompts(str(f))
@@ -387,3 +389,14 @@ def test_readme_sd_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
         assert main(argv[1:] + quick.get(argv[1], [])) == 0, line
     assert (tmp_path / "runs/sd/final/pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "runs/sd/grid.png").is_file()
+
+
+def test_a_prompt_file_line_can_carry_its_own_negative_prompt(parts, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red fox\tblurry\na lighthouse\n")
+    task = build_task(config(parts, task_params={"prompts": str(f), "negative_prompt": "dark"}))
+    pipe = pipeline(parts)
+    for i, (prompt, negative) in enumerate([("a red fox", "blurry"), ("a lighthouse", "dark")]):
+        pos, neg = pipe.encode_prompt([prompt], "cpu", 1, True, [negative])
+        torch.testing.assert_close(task.prompt_embeds[i : i + 1], pos)
+        torch.testing.assert_close(task.negative_embeds[i : i + 1], neg)
