@@ -8,8 +8,8 @@ trainer, carrying the policy, optimizer and replay buffer to the next round; che
 
 Methods (each at the same query budget):
 - ``sqdf``: SQDF against the optimistic proxy, KL-regularised to the pretrained model;
-- ``seiko``: SEIKO-style, KL-regularised direct reward back-propagation (``draft_kl``,
-  through the last K steps; SEIKO goes through the whole chain: ``method_params.k``);
+- ``seiko``: SEIKO-style, KL-regularised direct reward back-propagation through the whole
+  chain (``draft_kl`` with K = num_steps unless ``method_params.k`` says otherwise);
 - ``draft``, ``alignprop``: reward back-propagation against the proxy, no KL;
 - ``ddpo``: DDPO on the oracle's values of the round's samples (no proxy);
 - ``best_of_n``: no training; after k+1 rounds, each of the Q slots keeps the best of its
@@ -18,6 +18,7 @@ Methods (each at the same query budget):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -53,6 +54,7 @@ from sqdf.checkpoint import (
 )
 from sqdf.config import TrainConfig, make_config
 from sqdf.errors import SqdfError
+from sqdf.methods import METHODS
 from sqdf.sampler import sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
 from sqdf.trainer import TrainState, train
@@ -62,11 +64,13 @@ from sqdf.trainer import TrainState, train
 class BboMethod:
     train_method: str | None  # the trainer's method, None: no training
     proxy: bool  # fine-tunes against the proxy (else on the oracle's values)
+    whole_chain: bool = False  # back-propagate through every sampling step (method_params k)
 
 
 BBO_METHODS = {
     "sqdf": BboMethod("sqdf", True),
-    "seiko": BboMethod("draft_kl", True),
+    # SEIKO back-propagates the KL-regularised reward through the whole chain
+    "seiko": BboMethod("draft_kl", True, whole_chain=True),
     "draft": BboMethod("draft", True),
     "alignprop": BboMethod("alignprop", True),
     "ddpo": BboMethod("ddpo", False),
@@ -82,9 +86,16 @@ def round_seed(seed: int, k: int, stream: int) -> int:
 def round_config(base: TrainConfig, method: str, bbo: BboConfig, seed: int) -> TrainConfig:
     """The trainer's config for each fine-tuning round of ``method``."""
     spec = BBO_METHODS[method]
+    train_method = spec.train_method or "sqdf"  # best_of_n never trains; any valid name
+    # the shared method_params go to the methods that have such a setting (e.g. k: draft)
+    known = {f.name for f in dataclasses.fields(METHODS[train_method].params)}
+    method_params = {k: v for k, v in base.method_params.items() if k in known}
+    if spec.whole_chain:
+        method_params.setdefault("k", base.num_steps)
     values = {
         **base.to_dict(),
-        "method": spec.train_method or "sqdf",  # best_of_n never trains; any valid name
+        "method": train_method,
+        "method_params": method_params,
         "seed": seed,
         "steps": bbo.updates_per_round,
         "log_every": min(base.log_every, bbo.updates_per_round),
