@@ -14,6 +14,7 @@ from typing import Any
 from sqdf.atomic import atomic_write_text
 from sqdf.bbo.config import BboConfig
 from sqdf.bbo.loop import BBO_METHODS, run_method
+from sqdf.bbo.oracle import user_oracle
 from sqdf.config import TrainConfig, make_config, suggest
 from sqdf.distributed import launched
 from sqdf.errors import SqdfError
@@ -48,6 +49,8 @@ def run_bbo(
     check_methods(methods)
     if seeds < 1:
         raise SqdfError(f"seeds must be >= 1, got {seeds}")
+    if bbo.oracle != "task":
+        user_oracle(bbo.oracle, bbo.oracle_params)  # a bad name fails before a folder exists
     if out.exists() and any(out.iterdir()):
         raise SqdfError(
             f"output folder {out} already exists and is not empty; resume it or pick another"
