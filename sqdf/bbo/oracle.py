@@ -5,7 +5,8 @@ digits) and their conditions, and gives back plain floats, nothing else: no tens
 graph, no model to look into. Every sample sent is a query; ``Oracle`` counts them and never
 sends more than its budget. A call that raises, or values that are NaN/inf or of the wrong
 number, is an ``OracleError``, or, when the user allows it, those samples are excluded (and
-counted as queries spent).
+counted as queries spent). A call that failed and stopped the run got no answer, so a resumed
+run sends its samples again: the persisted budget counts answered (or excluded) queries.
 """
 
 from __future__ import annotations

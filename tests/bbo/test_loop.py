@@ -80,7 +80,7 @@ def test_crash_mid_round_loses_nothing_and_resume_does_not_requery(tmp_path, ora
     oracle_module.FAIL_AT.clear()
     sent_before = sum(oracle_module.CALLS)
     resume_bbo(tmp_path / "c", progress=False)
-    # 24 paid in all: the failed call's 3, then only what was still pending
+    # only what was unanswered: round 1's 5 (the failed call's 3 again) and round 2's 8
     assert sum(oracle_module.CALLS) - sent_before == 24 - 11
     a, b = rows(straight, "sqdf-seed0"), rows(tmp_path / "c", "sqdf-seed0")
     assert [r["oracle_mean"] for r in a] == [r["oracle_mean"] for r in b]
