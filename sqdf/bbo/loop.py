@@ -150,9 +150,10 @@ def run_method(
         state.generator.set_state(ck.rngs[0])
         start = ck.step
     rounds = load_rounds(run)
-    if len(rounds) > start + 1:  # only the round in flight may be ahead of the checkpoint
+    if not start <= len(rounds) <= start + 1:  # only the round in flight may be unfinished
         raise SqdfError(
-            f"cannot resume {run}: query files beyond round {start} without a checkpoint"
+            f"cannot resume {run}: its checkpoint follows round {start - 1}, but it has "
+            f"{len(rounds)} query file(s)"
         )
     oracle = build_oracle(bbo, cfg, task, queries_spent(rounds))
     rows = [r for r in _read_rows(run) if r["round"] < start]
@@ -181,7 +182,7 @@ def run_method(
         if k == bbo.rounds - 1:
             break  # no query is left to measure what more fine-tuning would give
         if spec.train_method is not None:
-            _fine_tune(bbo, cfg, spec, state, rounds, run, k, features, dim, seed)
+            _fine_tune(bbo, cfg, spec, state, rounds, run, k, features, dim, seed, progress)
         save_checkpoint(
             run / "checkpoints",
             Checkpoint(
@@ -333,6 +334,7 @@ def _fine_tune(
     features: Any,
     dim: int,
     seed: int,
+    progress: bool,
 ) -> None:
     task = state.task
     data = rounds[k]
@@ -365,7 +367,7 @@ def _fine_tune(
     # the queried batch enters the buffer with the oracle's values (the truth, where known)
     state.fresh = (data.trajectories(ok), data.value[ok].float())
     try:
-        train(cfg, folder, progress=False, state=state)
+        train(cfg, folder, progress=progress, state=state)
     finally:
         task.reward_model = original
         state.fresh = None

@@ -12,6 +12,7 @@ import sqdf.bbo.loop as loop
 from sqdf.bbo import BboConfig, OracleError, resume_bbo, run_bbo
 from sqdf.bbo.data import EXCLUDED, OK, load_rounds
 from sqdf.config import TrainConfig
+from sqdf.errors import SqdfError
 
 BASE = TrainConfig(
     task="gmm2d", reward="quadratic", num_steps=5, batch_size=8, buffer_size=16, log_every=2,
@@ -132,3 +133,10 @@ def test_a_failing_call_is_excluded_whole_when_allowed(tmp_path, oracle_module):
         progress=False,
     )  # fmt: skip
     assert [x["excluded"] for x in rows(out, "ddpo-seed0")] == [3, 3, 0]
+
+
+def test_resume_refuses_a_folder_with_missing_query_files(tmp_path, oracle_module):
+    out = run_bbo(bbo(oracle_module), BASE, ["sqdf"], 1, tmp_path / "m", progress=False)
+    (out / "runs" / "sqdf-seed0" / "queries" / "round_0000.safetensors").unlink()
+    with pytest.raises(SqdfError, match="has 0 query file"):
+        resume_bbo(out, progress=False)
