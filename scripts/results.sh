@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 SQDF=.venv/bin/sqdf
 LOG=docs/results/commands.txt
 ALL=sqdf,draft,draft_lv,draft_kl,refl,alignprop,ddpo,best_of_n
+BBO=sqdf,seiko,draft,alignprop,ddpo,best_of_n
 DIGITS=(--task digits --config docs/results/digits.toml --num-samples 300)
 declare -A EXPERIMENTS=(
     [gmm2d-linear]="--task gmm2d --methods $ALL --seeds 3"
@@ -23,19 +24,27 @@ declare -A EXPERIMENTS=(
     [digits-estimator]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
     [digits-buffer]="${DIGITS[*]} --methods sqdf --seeds 3 --set replay_ratio=1 --sweep buffer=on_policy,uniform,prioritized"
     [digits-alpha]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep alpha=0.03,0.1,0.3"
+    # online black-box optimisation (sqdf bbo): every method at the same oracle query budget
+    [bbo-gmm2d]="bbo --task gmm2d --methods $BBO --seeds 3 --set reward=quadratic --set num_steps=20 --set estimator=tweedie --set gamma=1.0 --set alpha=1.0 --set batch_size=64 --rounds 8 --queries-per-round 64 --updates-per-round 50"
+    [bbo-digits]="bbo --task digits --config docs/results/digits.toml --methods $BBO --seeds 3 --rounds 6 --queries-per-round 64 --updates-per-round 30"
 )
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-buffer gmm2d-alpha
-       digits-methods digits-gamma digits-estimator digits-buffer digits-alpha)
+       digits-methods digits-gamma digits-estimator digits-buffer digits-alpha bbo-gmm2d bbo-digits)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args
     eval "args=(${EXPERIMENTS[$name]})"
+    local command=compare files=(results.md results.json pareto.png curves.png)
+    if [ "${args[0]}" = bbo ]; then  # an entry may name its command; compare by default
+        command=bbo files=(results.md results.json bbo_curve.png)
+        args=("${args[@]:1}")
+    fi
     rm -rf "runs/results/$name"
-    "$SQDF" compare --out "runs/results/$name" --no-progress "${args[@]}" > /dev/null
+    "$SQDF" "$command" --out "runs/results/$name" --no-progress "${args[@]}" > /dev/null
     mkdir -p "docs/results/$name"
-    cp runs/results/$name/{results.md,results.json,pareto.png,curves.png} "docs/results/$name/"
+    for f in "${files[@]}"; do cp "runs/results/$name/$f" "docs/results/$name/"; done
     [ -f "runs/results/$name/samples.png" ] && cp "runs/results/$name/samples.png" "docs/results/$name/"
-    local line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: sqdf compare --out runs/results/$name --no-progress ${args[*]}"
+    local line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: sqdf $command --out runs/results/$name --no-progress ${args[*]}"
     # flock: several invocations may run side by side (e.g. one torch thread each)
     (flock 9; { grep -v "^$name: " "$LOG" || true; } > "$LOG.tmp"; echo "$line" >> "$LOG.tmp"
      mv "$LOG.tmp" "$LOG") 9> "$LOG.lock"

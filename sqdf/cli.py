@@ -335,6 +335,97 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--no-progress", action="store_true", help="no progress bars")  # fmt: skip
 
 
+BBO_EPILOG = """\
+examples:
+  sqdf bbo --task gmm2d --set reward=quadratic --rounds 4 --queries-per-round 64 --out runs/bbo
+  sqdf bbo --task digits --config docs/results/digits.toml --methods sqdf,seiko,best_of_n
+  sqdf bbo --oracle my_pkg.oracles:score --oracle-param scale=2.0 --drop-bad-queries
+  sqdf bbo --resume runs/bbo      # continue after an interruption; nothing is queried twice
+
+Each round samples --queries-per-round samples from the current model, sends them to the
+oracle (the task's reward by default, or module:function called as f(samples, classes,
+**oracle_params) returning one float per sample), fits a bootstrap proxy ensemble on every
+query so far and fine-tunes against its UCB. --set takes the same keys as sqdf train (and
+a --config file may add a [bbo] table of the flags below). Writes DIR/runs/METHOD-seedN/
+(queries/, rounds.jsonl, proxy/, checkpoints/), results.json, results.md, bbo_curve.png."""
+
+
+def _add_bbo(sub: argparse._SubParsersAction) -> None:
+    from sqdf.bbo.config import bbo_fields
+    from sqdf.bbo.loop import BBO_METHODS
+
+    b = sub.add_parser(
+        "bbo",
+        help="online black-box optimisation against an oracle with a query budget",
+        description="Fine-tune against a proxy of an expensive oracle, round by round, and "
+        "compare methods at the same number of oracle queries.",
+        epilog=BBO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--task", default=None, help="gmm2d or digits (default: gmm2d)")
+    b.add_argument(
+        "--methods",
+        default="sqdf,seiko,ddpo,best_of_n",
+        help=f"comma-separated: {', '.join(BBO_METHODS)} (default: sqdf,seiko,ddpo,best_of_n)",
+    )
+    b.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 (default: 2)")
+    b.add_argument("--out", default=None, help="output folder (default: runs/bbo-TASK-TIME)")
+    b.add_argument("--resume", metavar="DIR", help="continue DIR from its last completed round")
+    b.add_argument("--config", default=None, help="TOML file: train keys and a [bbo] table")
+    b.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a train config key, e.g. alpha=1.0 (repeatable)",
+    )  # fmt: skip
+    b.add_argument(
+        "--oracle-param", dest="oracle_params", action="append", default=[],
+        metavar="KEY=VALUE", help="oracle parameter for module:function (repeatable)",
+    )  # fmt: skip
+    b.add_argument("--no-progress", action="store_true", help="no progress lines")
+    for f in bbo_fields():
+        if f.name == "oracle_params":
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type == "bool":
+            b.add_argument(flag, dest=f.name, action="store_true", default=None,
+                           help=f.metadata["help"])  # fmt: skip
+            continue
+        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        b.add_argument(
+            flag, dest=f.name, type=kind, default=None,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )  # fmt: skip
+
+
+def _cmd_bbo(args: argparse.Namespace) -> int:
+    from sqdf.bbo import BboConfig, resume_bbo, run_bbo
+    from sqdf.bbo.config import bbo_fields
+    from sqdf.config import build_settings
+
+    given = {f.name: getattr(args, f.name) for f in bbo_fields() if f.name != "oracle_params"}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.resume:
+        if args.config or args.set or args.oracle_params or given or args.task or args.out:
+            raise SqdfError("--resume takes the folder's own settings; give no other options")
+        folder = resume_bbo(args.resume, progress=not args.no_progress)
+    else:
+        values = read_toml(args.config) if args.config else {}
+        bbo_values = values.pop("bbo", {})
+        values.update(_key_values(args.set, "--set"))
+        values["task"] = args.task or values.get("task", "gmm2d")
+        bbo_values.update(given)
+        oracle_params = _key_values(args.oracle_params, "--oracle-param")
+        if oracle_params:
+            bbo_values["oracle_params"] = {**bbo_values.get("oracle_params", {}), **oracle_params}
+        bbo = build_settings(BboConfig, bbo_values, "bbo")
+        base = make_config(values, source=args.config or "--set")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        out = args.out or _default_out(f"bbo-{base.task}")
+        folder = run_bbo(bbo, base, methods, args.seeds, out, progress=not args.no_progress)
+    print((folder / "results.md").read_text())
+    print(f"wrote {folder}/results.json, results.md, bbo_curve.png and runs/ (query data)")
+    return 0
+
+
 def _add_build_commands(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser(
         "demo",
@@ -417,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", metavar="OUT.safetensors")
     _add_build_commands(sub)
     _add_compare(sub)
+    _add_bbo(sub)
     return parser
 
 
@@ -435,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         "distill-cm": _cmd_distill,
         "train-reward": _cmd_train_reward,
         "convert-aesthetic-head": _cmd_convert_head,
+        "bbo": _cmd_bbo,
     }[args.command]
     try:
         return handler(args)
@@ -442,10 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sqdf {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "interrupted; resume from the latest checkpoint with sqdf train --resume RUN",
-            file=sys.stderr,
-        )
+        again = "sqdf bbo --resume DIR" if args.command == "bbo" else "sqdf train --resume RUN"
+        print(f"interrupted; resume from the latest checkpoint with {again}", file=sys.stderr)
         return 130
 
 

@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,8 +30,8 @@ from sqdf.errors import SqdfError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import reward_params
 from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
-from sqdf.sampler import sample_trajectories
-from sqdf.tasks import build_task, resolved_reward_name
+from sqdf.sampler import Trajectories, sample_trajectories
+from sqdf.tasks import Task, build_task, resolved_reward_name
 
 log = logging.getLogger("sqdf")
 
@@ -43,29 +44,56 @@ def average_and_clip(procs: Processes, params: list[torch.nn.Parameter], max_nor
     return float(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
+@dataclass
+class TrainState:
+    """What a caller carries from one ``train`` call to the next (sqdf.bbo's rounds): the task
+    (whose ``reward_model`` the caller may have swapped, e.g. for a proxy), and the optimizer,
+    replay buffer and generator, which ``train`` creates when they are None and leaves here.
+    ``fresh``, when set, is a batch the caller already sampled and scored (e.g. by an oracle):
+    it is stored in place of the first freshly sampled batch."""
+
+    task: Task
+    optimizer: torch.optim.Optimizer | None = None
+    buffer: ReplayBuffer | None = None
+    generator: torch.Generator | None = None
+    fresh: tuple[Trajectories, torch.Tensor] | None = None
+
+
 def train(
-    cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    state: TrainState | None = None,
 ) -> Path:
     """Fine-tune ``cfg.task``'s model with ``cfg.method``; returns the run folder.
 
     With ``resume=True``, ``out`` must be an earlier run of the same config: training goes
     on from its latest valid checkpoint and gives the same result as an uninterrupted run.
-    Under ``accelerate launch`` or ``torchrun`` every process runs this (sqdf.distributed).
+    With ``state``, the task, optimizer, buffer and generator are the caller's and stay
+    there (no resume: the caller checkpoints them). Under ``accelerate launch`` or
+    ``torchrun`` every process runs this (sqdf.distributed).
     """
     run = Path(out)
+    if state is not None and resume:
+        raise ValueError("train: resume and a caller's state exclude each other")
     procs = Processes(cfg.device)
     saved = prepare_run(run, cfg, resume) if procs.is_main else None
     procs.barrier()  # the folder is checked (and made) before any process reads it
     method_params = build_method_params(cfg.method, cfg.method_params)
-    torch.manual_seed(cfg.seed)  # the policy's initialisation, the same in every process
-    task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
+    if state is None:
+        torch.manual_seed(cfg.seed)  # the policy's initialisation, the same in every process
+        task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
+    else:
+        task = state.task
     if procs.is_main:
         write_config(
             run,
             cfg,
             {
                 "task_params": dataclasses.asdict(task.options) if hasattr(task, "options") else {},
-                "reward": resolved_reward_name(cfg),
+                "reward": getattr(task.reward_model, "name", None) or resolved_reward_name(cfg),
                 "reward_params": reward_params(task.reward_model),
                 "method_params": dataclasses.asdict(method_params),
                 "device": str(task.device),
@@ -86,6 +114,10 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     buffer = ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma)
     generator = torch.Generator().manual_seed(rank_seed(cfg.seed, procs.rank))
+    if state is not None:
+        optimizer = state.optimizer = state.optimizer or optimizer
+        buffer = state.buffer = state.buffer or buffer
+        generator = state.generator = state.generator or generator
     counters = {
         "samples_seen": 0, "reward_evals": 0, "skipped_updates": 0, "nonfinite_rewards": 0,
         "wall_s": 0.0,
@@ -146,14 +178,17 @@ def train(
             cause = ""
             bad = sampled = 0
             if step % cfg.replay_ratio == 0:
-                traj = sample_trajectories(task, cfg.batch_size, generator)
-                with torch.no_grad():
-                    rewards = task.reward(traj.x0.to(task.device), traj.cond.to(task.device))
+                if step == start and state is not None and state.fresh is not None:
+                    traj, rewards = state.fresh
+                else:
+                    traj = sample_trajectories(task, cfg.batch_size, generator)
+                    with torch.no_grad():
+                        rewards = task.reward(traj.x0.to(task.device), traj.cond.to(task.device))
                 finite = torch.isfinite(rewards).cpu()
-                bad, sampled = int((~finite).sum()), cfg.batch_size
+                bad, sampled = int((~finite).sum()), finite.shape[0]
                 if bad:
-                    cause = f"the reward was not finite for {bad} of {cfg.batch_size} fresh samples"
-                if bad < cfg.batch_size:
+                    cause = f"the reward was not finite for {bad} of {sampled} fresh samples"
+                if bad < sampled:
                     keep = finite.nonzero().squeeze(1)
                     buffer.add(traj.select(keep), rewards.cpu()[keep])
             fresh = buffer.rewards[buffer.newest].double()

@@ -57,9 +57,14 @@ class Task(ABC):
     def save_final(self, folder: Path) -> None:  # noqa: B027 - optional hook, no-op default
         """Extra files for the run's final/ folder beside policy.safetensors (none here)."""
 
+    def reward_input(self, x0: Tensor) -> Tensor:
+        """What a reward (or an oracle, or a proxy) scores: x0 as the user sees it (digits:
+        [0, 1] pixels); differentiable. The identity where the sample space is that already."""
+        return x0
+
     def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
         """r(x0, cond) per sample, x0 in the model's sample space; (B,)."""
-        return self.reward_model(x0, cond)
+        return self.reward_model(self.reward_input(x0), cond)
 
     def tweedie_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         from sqdf.core.x0 import tweedie_x0

@@ -123,8 +123,8 @@ class DigitsTask(Task):
         out = self.cm(x, t, class_labels=cond).sample
         return consistency_x0(out, x, abar, _expand(t, x))
 
-    def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
-        return self.reward_model(to_pixels(x0), cond)
+    def reward_input(self, x0: Tensor) -> Tensor:
+        return to_pixels(x0)
 
     def evaluate(
         self, samples: Tensor, ref_samples: Tensor, cond: Tensor, generator: torch.Generator

@@ -250,13 +250,16 @@ class SDTask(Task):
             )
         return (img.sample.float() / 2 + 0.5).clamp(0, 1)
 
+    def reward_input(self, x0: Tensor) -> Tensor:
+        return self.decode(x0)
+
     def prompts_of(self, cond: Tensor) -> list[str]:
         return [self.prompts[int(i)] for i in cond]
 
     def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
         if cond is None:
             raise SqdfError("task sd scores images with their prompts; cond is required")
-        images = self.decode(x0)
+        images = self.reward_input(x0)
         with self._autocast():
             return self.reward_model(images, self.prompts_of(cond)).float()
 

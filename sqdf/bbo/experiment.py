@@ -1,0 +1,200 @@
+"""``sqdf bbo``: several methods on seeds 0..N-1 at the same query budget; the query data,
+per-round metrics, ``results.json``, ``results.md`` and ``bbo_curve.png`` (oracle reward
+against oracle queries, mean ± std over seeds, one line per method)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from sqdf.atomic import atomic_write_text
+from sqdf.bbo.config import BboConfig
+from sqdf.bbo.loop import BBO_METHODS, run_method
+from sqdf.bbo.oracle import user_oracle
+from sqdf.config import TrainConfig, make_config, suggest
+from sqdf.distributed import launched
+from sqdf.errors import SqdfError
+from sqdf.report import pyplot
+
+FORMAT = "sqdf-bbo"
+SPEC = "bbo.json"
+
+
+def check_methods(methods: list[str]) -> None:
+    if not methods:
+        raise SqdfError("give at least one method")
+    for m in methods:
+        if m not in BBO_METHODS:
+            raise SqdfError(
+                f"unknown bbo method {m!r}; known: {', '.join(BBO_METHODS)}"
+                + suggest(m, BBO_METHODS)
+            )
+
+
+def run_bbo(
+    bbo: BboConfig,
+    base: TrainConfig,
+    methods: list[str],
+    seeds: int,
+    out: str | Path,
+    *,
+    progress: bool = True,
+) -> Path:
+    """Run every method on seeds 0..seeds-1 into a new folder ``out``."""
+    out = Path(out)
+    check_methods(methods)
+    if seeds < 1:
+        raise SqdfError(f"seeds must be >= 1, got {seeds}")
+    if bbo.oracle != "task":
+        user_oracle(bbo.oracle, bbo.oracle_params)  # a bad name fails before a folder exists
+    if out.exists() and any(out.iterdir()):
+        raise SqdfError(
+            f"output folder {out} already exists and is not empty; resume it or pick another"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, "bbo": bbo.to_dict(), "train": base.to_dict(), "methods": methods,
+           "seeds": seeds}  # fmt: skip
+    atomic_write_text(out / SPEC, json.dumps(doc, indent=1))
+    return _run_all(bbo, base, methods, seeds, out, resume=False, progress=progress)
+
+
+def resume_bbo(out: str | Path, *, progress: bool = True) -> Path:
+    """Continue an interrupted ``run_bbo`` from each run's last completed round; queries
+    already answered are not sent again."""
+    out = Path(out)
+    try:
+        doc = json.loads((out / SPEC).read_text())
+        if doc.get("format") != FORMAT:
+            raise ValueError
+    except (OSError, ValueError, AttributeError):
+        raise SqdfError(f"not an sqdf bbo folder (no valid {SPEC}): {out}") from None
+    bbo = BboConfig(**doc["bbo"])
+    base = make_config(doc["train"], source=str(out / SPEC))
+    return _run_all(bbo, base, doc["methods"], doc["seeds"], out, resume=True, progress=progress)
+
+
+def _run_all(
+    bbo: BboConfig,
+    base: TrainConfig,
+    methods: list[str],
+    seeds: int,
+    out: Path,
+    *,
+    resume: bool,
+    progress: bool,
+) -> Path:
+    if launched()[1] > 1:
+        raise SqdfError("sqdf bbo runs in one process; start it without accelerate or torchrun")
+    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    for method in methods:
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            rows = run_method(
+                bbo, base, method, seed, out / "runs" / f"{method}-seed{seed}",
+                resume=resume, progress=progress,
+            )  # fmt: skip
+            runs.setdefault(method, []).append(rows)
+            if progress:
+                print(f"sqdf bbo: {method} seed {seed} done in {time.perf_counter() - t0:.0f} s")
+    summary = summarise(runs)
+    doc = {"task": base.task, "budget": bbo.budget, "bbo": bbo.to_dict(), "methods": summary,
+           "runs": runs}  # fmt: skip
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=1, default=float))
+    atomic_write_text(out / "results.md", results_markdown(base.task, bbo, summary))
+    plot_curve(summary, out / "bbo_curve.png", bbo)
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    """Per method, per round: queries and the mean and std over seeds of every metric."""
+    summary = {}
+    for method, seeds in runs.items():
+        n = min(len(rows) for rows in seeds)
+        # every numeric metric any round has (round 0 has no proxy error yet)
+        keys = list(dict.fromkeys(
+            key for rows in seeds for row in rows[:n] for key, v in row.items()
+            if isinstance(v, (int, float))
+        ))  # fmt: skip
+        per_round = []
+        for k in range(n):
+            entry = {"round": k, "queries": seeds[0][k]["queries"]}
+            for key in keys:
+                if key not in ("round", "queries"):
+                    mean, std = _mean_std([rows[k].get(key, math.nan) for rows in seeds])
+                    entry[key] = mean
+                    entry[f"{key}_sd"] = std
+            per_round.append(entry)
+        summary[method] = {"seeds": len(seeds), "rounds": per_round}
+    return summary
+
+
+COLUMNS = {
+    "gmm2d": ["oracle_mean", "kl_path", "proxy_rmse", "proxy_bias", "target_sliced_w2"],
+    "digits": ["oracle_mean", "kl_path", "proxy_rmse", "proxy_bias", "eval_agreement",
+               "eval_frechet", "eval_diversity"],
+}  # fmt: skip
+
+
+def results_markdown(task: str, bbo: BboConfig, summary: dict[str, dict[str, Any]]) -> str:
+    """The last round of every method: mean ± std over seeds."""
+    cols = COLUMNS.get(task, ["oracle_mean", "kl_path", "proxy_rmse"])
+    lines = [
+        "| method | queries | " + " | ".join(cols) + " | excluded |",
+        "|" + " --- |" * (len(cols) + 3),
+    ]
+    for method, s in summary.items():
+        if not s["rounds"]:
+            continue
+        last = s["rounds"][-1]
+        cells = [method, str(last["queries"])]
+        for c in cols:
+            m, sd = last.get(c, math.nan), last.get(f"{c}_sd", math.nan)
+            cells.append("n/a" if not math.isfinite(m) else f"{m:.3f} ± {sd:.3f}")
+        cells.append(f"{last.get('excluded_total', 0):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = max((s["seeds"] for s in summary.values()), default=0)
+    return (
+        "\n".join(lines)
+        + f"\n\nLast round; mean ± std over {seeds} seed(s); budget {bbo.budget} queries "
+        f"({bbo.rounds} rounds x {bbo.queries_per_round}). oracle_mean: oracle reward of "
+        "the round's fresh samples (best_of_n: of each slot's best so far); proxy_rmse, "
+        "proxy_bias: the previous round's proxy on those samples; best_of_n's kl_path is the "
+        "bound log n - (n-1)/n.\n"
+    )
+
+
+def plot_curve(summary: dict[str, dict[str, Any]], path: Path, bbo: BboConfig) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (method, s) in enumerate(summary.items()):
+        pts = [r for r in s["rounds"] if math.isfinite(r.get("oracle_mean", math.nan))]
+        if not pts:
+            continue
+        x = [r["queries"] for r in pts]
+        y = [r["oracle_mean"] for r in pts]
+        sd = [r["oracle_mean_sd"] for r in pts]
+        color = plt.cm.tab10(i % 10)
+        ax.plot(x, y, marker="o", color=color, label=f"{method} ({s['seeds']} seed(s))")
+        low = [a - b for a, b in zip(y, sd, strict=True)]
+        high = [a + b for a, b in zip(y, sd, strict=True)]
+        ax.fill_between(x, low, high, color=color, alpha=0.2)
+    ax.set(
+        xlabel="oracle queries",
+        ylabel="oracle reward of fresh samples",
+        title=f"online BBO: {bbo.rounds} rounds x {bbo.queries_per_round} queries (mean ± std)",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,373 @@
+"""One method, one seed of online black-box optimisation, round by round.
+
+Round k: draw ``queries_per_round`` samples from the current model (the same conditions
+every round); send them to the oracle, persisting the answers as they arrive; record the
+round's metrics; then, unless it is the last round (no query would be left to measure the
+result), fit the proxy on every valid query so far and fine-tune against it with the shared
+trainer, carrying the policy, optimizer and replay buffer to the next round; checkpoint.
+
+Methods (each at the same query budget):
+- ``sqdf``: SQDF against the optimistic proxy, KL-regularised to the pretrained model;
+- ``seiko``: SEIKO-style, KL-regularised direct reward back-propagation through the whole
+  chain (``draft_kl`` with K = num_steps unless ``method_params.k`` says otherwise);
+- ``draft``, ``alignprop``: reward back-propagation against the proxy, no KL;
+- ``ddpo``: DDPO on the oracle's values of the round's samples (no proxy);
+- ``best_of_n``: no training; after k+1 rounds, each of the Q slots keeps the best of its
+  k+1 reference samples, so the curve is best-of-(k+1) sampling at (k+1) x Q queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sqdf.atomic import atomic_write_text
+from sqdf.bbo.config import BboConfig
+from sqdf.bbo.data import (
+    EXCLUDED,
+    OK,
+    PENDING,
+    RoundData,
+    load_rounds,
+    queries_spent,
+    round_path,
+    save_round,
+)
+from sqdf.bbo.oracle import Oracle, OracleError, task_oracle, user_oracle
+from sqdf.bbo.proxy import ProxyEnsemble, ProxyReward, feature_map
+from sqdf.buffer import ReplayBuffer
+from sqdf.checkpoint import (
+    Checkpoint,
+    load_latest_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+)
+from sqdf.config import TrainConfig, make_config
+from sqdf.errors import SqdfError
+from sqdf.methods import METHODS
+from sqdf.sampler import sample_trajectories
+from sqdf.tasks import Task, build_task, resolved_reward_name
+from sqdf.trainer import TrainState, train
+
+
+@dataclass(frozen=True)
+class BboMethod:
+    train_method: str | None  # the trainer's method, None: no training
+    proxy: bool  # fine-tunes against the proxy (else on the oracle's values)
+    whole_chain: bool = False  # back-propagate through every sampling step (method_params k)
+
+
+BBO_METHODS = {
+    "sqdf": BboMethod("sqdf", True),
+    # SEIKO back-propagates the KL-regularised reward through the whole chain
+    "seiko": BboMethod("draft_kl", True, whole_chain=True),
+    "draft": BboMethod("draft", True),
+    "alignprop": BboMethod("alignprop", True),
+    "ddpo": BboMethod("ddpo", False),
+    "best_of_n": BboMethod(None, False),
+}
+
+
+def round_seed(seed: int, k: int, stream: int) -> int:
+    """A seed per (run seed, round, stream): a resumed round draws what the first try drew."""
+    return (seed * 1_000_003 + k * 7_919 + stream) % (2**63 - 1)
+
+
+def round_config(base: TrainConfig, method: str, bbo: BboConfig, seed: int) -> TrainConfig:
+    """The trainer's config for each fine-tuning round of ``method``."""
+    spec = BBO_METHODS[method]
+    train_method = spec.train_method or "sqdf"  # best_of_n never trains; any valid name
+    # the shared method_params go to the methods that have such a setting (e.g. k: draft)
+    known = {f.name for f in dataclasses.fields(METHODS[train_method].params)}
+    method_params = {k: v for k, v in base.method_params.items() if k in known}
+    if spec.whole_chain:
+        method_params.setdefault("k", base.num_steps)
+    values = {
+        **base.to_dict(),
+        "method": train_method,
+        "method_params": method_params,
+        "seed": seed,
+        "steps": bbo.updates_per_round,
+        "log_every": min(base.log_every, bbo.updates_per_round),
+        "checkpoint_every": 0,  # the loop checkpoints once per round
+        # the round's queried batch goes into the buffer whole
+        "buffer_size": max(base.buffer_size, bbo.queries_per_round),
+    }
+    if method == "ddpo":  # one batch a round, the queried one, learnt from on-policy
+        values.update(buffer="on_policy", replay_ratio=bbo.updates_per_round)
+    return make_config(values, source=f"bbo method {method}")
+
+
+def build_oracle(bbo: BboConfig, cfg: TrainConfig, task: Task, used: int) -> Oracle:
+    if bbo.oracle == "task":
+        name = resolved_reward_name(cfg)
+        fn = task_oracle(task, name)
+    else:
+        name, fn = bbo.oracle, user_oracle(bbo.oracle, bbo.oracle_params)
+    return Oracle(name, fn, bbo.budget, drop_bad=bbo.drop_bad_queries, used=used)
+
+
+def run_method(
+    bbo: BboConfig,
+    base: TrainConfig,
+    method: str,
+    seed: int,
+    run: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run (or, with ``resume``, continue) one method on one seed in folder ``run``; returns
+    the per-round metrics, also in ``run/rounds.jsonl``."""
+    spec = BBO_METHODS[method]
+    cfg = round_config(base, method, bbo, seed)
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    task = build_task(cfg)
+    params = [p for p in task.policy.parameters() if p.requires_grad]
+    state = TrainState(
+        task=task,
+        optimizer=torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        buffer=ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    start = 0
+    ck = load_latest_checkpoint(run / "checkpoints") if resume else None
+    if ck is not None:
+        task.policy.load_state_dict(ck.policy)
+        state.optimizer.load_state_dict(ck.optimizer)
+        state.buffer.load_state_dict(ck.buffers[0])
+        state.generator.set_state(ck.rngs[0])
+        start = ck.step
+    rounds = load_rounds(run)
+    if not start <= len(rounds) <= start + 1:  # only the round in flight may be unfinished
+        raise SqdfError(
+            f"cannot resume {run}: its checkpoint follows round {start - 1}, but it has "
+            f"{len(rounds)} query file(s)"
+        )
+    oracle = build_oracle(bbo, cfg, task, queries_spent(rounds))
+    rows = [r for r in _read_rows(run) if r["round"] < start]
+    atomic_write_text(run / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    q = bbo.queries_per_round
+    cond = task.sample_conditions(q, torch.Generator().manual_seed(round_seed(seed, 0, 1)))
+    features, dim = feature_map(cfg.task, task.device) if spec.proxy else (None, 0)
+    t0 = time.perf_counter() - (rows[-1]["wall_s"] if rows else 0.0)
+
+    for k in range(start, bbo.rounds):
+        path = round_path(run, k)
+        if k == len(rounds):
+            rounds.append(_draw(task, spec, cond, seed, k, path))
+        _query(oracle, rounds[k], path, bbo.oracle_batch, run)
+        row = _round_metrics(bbo, cfg, task, method, rounds, oracle, run, k, features, dim)
+        row["wall_s"] = round(time.perf_counter() - t0, 3)
+        rows.append(row)
+        with (run / "rounds.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if progress:
+            print(
+                f"sqdf bbo: {method} seed {seed} round {k}: {row['queries']} queries, "
+                f"oracle reward {row['oracle_mean']:.4g}",
+                flush=True,
+            )
+        if k == bbo.rounds - 1:
+            break  # no query is left to measure what more fine-tuning would give
+        if spec.train_method is not None:
+            _fine_tune(bbo, cfg, spec, state, rounds, run, k, features, dim, seed, progress)
+        save_checkpoint(
+            run / "checkpoints",
+            Checkpoint(
+                step=k + 1,
+                policy=task.policy.state_dict(),
+                optimizer=state.optimizer.state_dict(),
+                buffers=[state.buffer.state_dict()],
+                rngs=[state.generator.get_state()],
+                state={"queries": oracle.used},
+            ),
+            keep=2,
+        )
+    return rows
+
+
+def _read_rows(run: Path) -> list[dict[str, Any]]:
+    path = run / "rounds.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a kill mid-write
+    return rows
+
+
+def _draw(task: Task, spec: BboMethod, cond: Tensor, seed: int, k: int, path: Path) -> RoundData:
+    """The round's samples from the current model (best_of_n: the reference), all pending,
+    written before the first query is sent."""
+    g = torch.Generator().manual_seed(round_seed(seed, k, 0))
+    trained = spec.train_method is not None
+    traj = sample_trajectories(task, cond.shape[0], g, cond=cond, policy=trained, with_kl=trained)
+    n = cond.shape[0]
+    with torch.no_grad():
+        samples = task.reward_input(traj.x0.to(task.device)).cpu()
+    data = RoundData(
+        states=traj.states,
+        cond=traj.cond,
+        logp=traj.logp,
+        kl=traj.kl if traj.kl is not None else torch.zeros_like(traj.logp),
+        samples=samples,
+        value=torch.full((n,), float("nan"), dtype=torch.float64),
+        status=torch.full((n,), PENDING, dtype=torch.int8),
+    )
+    save_round(path, data)
+    return data
+
+
+def _query(oracle: Oracle, data: RoundData, path: Path, batch: int, run: Path) -> None:
+    """Send the pending samples, ``batch`` per call, saving the answers after each call."""
+    pending = data.pending.nonzero().squeeze(1)
+    size = batch or pending.numel()
+    for chunk in pending.split(size) if pending.numel() else []:
+        try:
+            reply = oracle.query(data.samples[chunk], data.cond[chunk])
+        except OracleError as err:
+            raise OracleError(
+                f"{err}; the {oracle.used - chunk.numel()} queries answered before it are saved "
+                f"in {run / 'queries'} (resume with sqdf bbo --resume, or allow "
+                "--drop-bad-queries to exclude such samples)"
+            ) from None
+        data.value[chunk] = reply.values
+        data.status[chunk] = torch.where(reply.ok, OK, EXCLUDED).to(torch.int8)
+        save_round(path, data)
+
+
+def _valid_data(rounds: list[RoundData]) -> tuple[Tensor, Tensor]:
+    """(samples, values) of every valid query in ``rounds``."""
+    samples = torch.cat([r.samples[r.ok] for r in rounds])
+    values = torch.cat([r.value[r.ok] for r in rounds])
+    return samples, values
+
+
+def _features_of(features: Any, samples: Tensor, device: torch.device) -> Tensor:
+    with torch.no_grad():
+        return features(samples.to(device)).float()
+
+
+def _round_metrics(
+    bbo: BboConfig,
+    cfg: TrainConfig,
+    task: Task,
+    method: str,
+    rounds: list[RoundData],
+    oracle: Oracle,
+    run: Path,
+    k: int,
+    features: Any,
+    dim: int,
+) -> dict[str, Any]:
+    data = rounds[k]
+    ok = data.ok
+    if method == "best_of_n":  # each slot keeps its best sample so far
+        values = torch.stack([r.value.nan_to_num(-math.inf) for r in rounds])  # (k+1, Q)
+        best = values.argmax(0)
+        shown_x0 = torch.stack([r.states[:, -1] for r in rounds])[best, torch.arange(best.shape[0])]
+        shown = values.gather(0, best[None])[0]
+        shown = shown[torch.isfinite(shown)]
+        n = len(rounds)
+        kl = math.log(n) - (n - 1) / n  # a bound on KL(best-of-n || ref), not measured
+    else:
+        shown_x0, shown = data.states[:, -1], data.value[ok]
+        kl = float(data.kl.sum(1).mean())
+    row: dict[str, Any] = {
+        "round": k,
+        "queries": oracle.used,
+        "oracle_calls_this_process": oracle.calls,
+        "oracle_mean": float(shown.mean()) if shown.numel() else math.nan,
+        "oracle_std": float(shown.std()) if shown.numel() > 1 else math.nan,
+        "fresh_oracle_mean": float(data.value[ok].mean()) if bool(ok.any()) else math.nan,
+        "excluded": int((data.status == EXCLUDED).sum()),
+        "excluded_total": sum(int((r.status == EXCLUDED).sum()) for r in rounds),
+        "kl_path": kl,
+    }
+    # the proxy fitted after the previous round, judged on samples it has never seen
+    previous = run / "proxy" / f"round_{k - 1:04d}.safetensors"
+    if features is not None and previous.exists() and bool(ok.any()):
+        ens = _ensemble(bbo, dim, task.device)
+        ens.load_state_dict(load_weights(previous))
+        with torch.no_grad():
+            mean, std = ens.mean_std(_features_of(features, data.samples[ok], task.device))
+        err = mean.cpu().double() - data.value[ok]
+        row["proxy_rmse"] = float(err.pow(2).mean().sqrt())
+        # > 0: the proxy promised more than the oracle gave (what fine-tuning exploits)
+        row["proxy_bias"] = float(err.mean())
+        row["proxy_std"] = float(std.mean())
+    if cfg.task == "digits" or bbo.oracle == "task":  # gmm2d's target is the task reward's
+        ref_x0 = rounds[0].states[:, -1]
+        g = torch.Generator().manual_seed(round_seed(cfg.seed, k, 2))
+        metrics = task.evaluate(shown_x0, ref_x0, data.cond, g)
+        row.update({key: v for key, v in metrics.items() if isinstance(v, float)})
+    return row
+
+
+def _ensemble(bbo: BboConfig, dim: int, device: torch.device) -> ProxyEnsemble:
+    return ProxyEnsemble(dim, bbo.ensemble_size, bbo.proxy_hidden).to(device)
+
+
+def _fine_tune(
+    bbo: BboConfig,
+    cfg: TrainConfig,
+    spec: BboMethod,
+    state: TrainState,
+    rounds: list[RoundData],
+    run: Path,
+    k: int,
+    features: Any,
+    dim: int,
+    seed: int,
+    progress: bool,
+) -> None:
+    task = state.task
+    data = rounds[k]
+    ok = data.ok.nonzero().squeeze(1)
+    folder = run / "train" / f"round_{k:04d}"
+    shutil.rmtree(folder, ignore_errors=True)  # a round cut short is redone from its start
+    original = task.reward_model
+    if spec.proxy:
+        samples, values = _valid_data(rounds)
+        if values.numel() < 2:
+            return  # nothing to fit yet: the policy waits for data
+        g = torch.Generator().manual_seed(round_seed(seed, k, 3))
+        ens = _ensemble(bbo, dim, task.device)
+        ens.fit(
+            _features_of(features, samples, task.device),
+            values,
+            g,
+            steps=bbo.proxy_steps,
+            lr=bbo.proxy_lr,
+            weight_decay=bbo.proxy_weight_decay,
+        )
+        (run / "proxy").mkdir(exist_ok=True)
+        save_weights(ens.state_dict(), run / "proxy" / f"round_{k:04d}.safetensors")
+        member = None
+        if bbo.optimism == "sample":
+            member = int(torch.randint(0, bbo.ensemble_size, (1,), generator=g))
+        task.reward_model = ProxyReward(bbo.kappa, member, ens, features)
+    elif ok.numel() == 0:
+        return  # DDPO learns from the oracle's values; this round has none
+    # the queried batch enters the buffer with the oracle's values (the truth, where known)
+    state.fresh = (data.trajectories(ok), data.value[ok].float())
+    try:
+        train(cfg, folder, progress=progress, state=state)
+    finally:
+        task.reward_model = original
+        state.fresh = None

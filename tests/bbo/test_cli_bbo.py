@@ -1,0 +1,75 @@
+"""sqdf bbo on the command line: outputs, resume, help, and bad input as one line, status 2."""
+
+import json
+
+import pytest
+
+from sqdf.cli import main
+
+TINY = ["--set", "num_steps=4", "--set", "batch_size=8", "--set", "buffer_size=16",
+        "--set", "device='cpu'", "--set", "estimator='tweedie'", "--set", "task_params={hidden=8}",
+        "--rounds", "2", "--queries-per-round", "6", "--updates-per-round", "2",
+        "--proxy-steps", "10", "--seeds", "1", "--no-progress"]  # fmt: skip
+
+
+def test_bbo_writes_the_query_data_metrics_and_curve(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert (
+        main(["bbo", "--methods", "sqdf,draft,alignprop,best_of_n", "--out", str(out), *TINY]) == 0
+    )
+    assert "| sqdf | 12 |" in capsys.readouterr().out
+    for name in ("results.json", "results.md", "bbo_curve.png", "bbo.json"):
+        assert (out / name).is_file()
+    run = out / "runs" / "draft-seed0"
+    assert sorted(p.name for p in (run / "queries").iterdir()) == [
+        "round_0000.safetensors",
+        "round_0001.safetensors",
+    ]
+    rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert [r["queries"] for r in rows] == [6, 12] and "proxy_rmse" in rows[1]
+    assert (
+        json.loads((run / "train" / "round_0000" / "config.json").read_text())["resolved"]["reward"]
+        == "proxy"
+    )
+    # resuming a finished folder sends nothing and rewrites the same results
+    before = (out / "results.md").read_text()
+    assert main(["bbo", "--resume", str(out), "--no-progress"]) == 0
+    assert (out / "results.md").read_text() == before
+
+
+def test_bbo_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bbo", "--help"])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert "--queries-per-round" in text and "--drop-bad-queries" in text and "examples:" in text
+
+
+CASES = [
+    (["--methods", "sqdf,seeko"], "did you mean 'seiko'?"),
+    (["--rounds", "0"], "rounds must be >= 1"),
+    (["--queries-per-round", "1"], "queries_per_round must be >= 2"),
+    (["--kappa", "-1"], "kappa must be >= 0"),
+    (["--optimism", "greedy"], "unknown optimism 'greedy'"),
+    (["--oracle", "nonsense"], "oracle must be 'task' or module:function"),
+    (["--oracle", "no_such_mod:f"], "cannot import module 'no_such_mod'"),
+    (["--oracle-param", "x=1"], "oracle_params are for a module:function oracle"),
+    (["--set", "alhpa=1"], "did you mean 'alpha'"),
+    (["--seeds", "0"], "seeds must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", CASES, ids=[c[1] for c in CASES])
+def test_bad_bbo_input(extra, expected, tmp_path, capsys):
+    argv = ["bbo", "--out", str(tmp_path / "x"), *TINY, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()  # nothing half-made to clean up before a retry
+
+
+def test_bad_resume(tmp_path, capsys):
+    assert main(["bbo", "--resume", str(tmp_path)]) == 2
+    assert "not an sqdf bbo folder" in capsys.readouterr().err
+    assert main(["bbo", "--resume", str(tmp_path), "--rounds", "3"]) == 2
+    assert "give no other options" in capsys.readouterr().err
