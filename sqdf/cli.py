@@ -169,8 +169,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             raise SqdfError("sqdf sample --task sd needs --model PATH (a local SD folder)")
         picture = render_sd(
             args.model, args.lora, args.prompts, args.out or "sd_samples.png",
-            num_images=args.num_samples or 8, seed=args.seed, guidance=args.guidance,
-            num_steps=args.num_steps, device=args.device,
+            num_images=8 if args.num_samples is None else args.num_samples, seed=args.seed,
+            guidance=args.guidance, num_steps=args.num_steps, device=args.device,
         )  # fmt: skip
         print(f"wrote {picture}")
         return 0
@@ -178,7 +178,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise SqdfError("give a run folder (or --task sd --model PATH --lora RUN/final)")
     picture = sample_run(
         args.run,
-        num_samples=args.num_samples or 1024,
+        num_samples=1024 if args.num_samples is None else args.num_samples,
         seed=args.seed,
         out=args.out,
         with_reference=not args.no_reference,

@@ -48,7 +48,7 @@ def test_train_help_reuses_config_help(capsys):
         (["train", "--alpha", "-1"], "alpha must be >= 0, got -1.0"),
         (["train", "--gamma", "0"], "gamma must be in (0, 1], got 0.0"),
         (["train", "--gamma", "1.5"], "gamma must be in (0, 1], got 1.5"),
-        (["train", "--reward", "aesthetic"], "unknown reward 'aesthetic'"),
+        (["train", "--reward", "beauty"], "unknown reward 'beauty'"),
         (["train", "--reward-param", "b"], "--reward-param expects KEY=VALUE"),
         (["train", "--task-param", "radiu=2"], "unknown parameter 'radiu' for task 'gmm2d'"),
         (["train", "--alpha", "two"], "invalid float value: 'two'"),

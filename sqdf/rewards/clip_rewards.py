@@ -143,7 +143,8 @@ def convert_aesthetic_head(pth: str | Path, out: str | Path) -> Path:
     weights_only=True so the file cannot run code."""
     from safetensors.torch import save_file
 
-    state = torch.load(str(pth), map_location="cpu", weights_only=True)
+    source = str(pth)
+    state = torch.load(source, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not any(k.startswith("layers.") for k in state):
