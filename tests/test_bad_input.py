@@ -118,7 +118,36 @@ CASES = [
     ("DDPO without its buffer", lambda r: ["train", "--method", "ddpo"], "needs buffer = 'on_policy'"),
     ("pretrain on a bad device", lambda r: ["pretrain", "--out", str(r / "x"), "--device", "tpu"],
      "unknown device 'tpu'"),
+    ("sd without a model folder", lambda r: ["train", "--task", "sd", "--reward", "ink", "--out", str(r / "x")],
+     "needs a local Stable Diffusion folder"),
+    ("sd with a folder that is not SD", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _folder_with(r, {}), "--out", str(r / "x")],
+     "missing unet/, vae/, text_encoder/, tokenizer/, scheduler/"),
+    ("sd with an empty prompts file", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r), "--prompts", _folder_with(r, {"p.txt": "\n"}) + "/p.txt", "--out", str(r / "x")],
+     "has no prompts"),
+    ("sd with a missing prompts file", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r), "--prompts", str(r / "none.txt"), "--out", str(r / "x")],
+     "neither a built-in set"),
+    ("sd render without a model", lambda r: ["sample", "--task", "sd"], "needs --model PATH"),
+    ("aesthetic head that is not one", lambda r: ["convert-aesthetic-head", _not_a_head(r), str(r / "h.safetensors")],
+     "not an aesthetic-head state dict"),
+    ("pickscore without its model", lambda r: ["train", "--task", "sd", "--model", _sd_shaped(r), "--reward", "pickscore", "--out", str(r / "x")],
+     "needs model=FOLDER"),
 ]  # fmt: skip
+
+
+def _sd_shaped(root) -> str:
+    """A folder with the five SD subfolders (empty): enough to get past the layout check."""
+    folder = root / "sd_shaped"
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+def _not_a_head(root) -> str:
+    import torch
+
+    path = root / "not_head.pth"
+    torch.save({"weight": torch.zeros(2)}, str(path))
+    return str(path)
 
 
 @pytest.mark.parametrize("build,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
