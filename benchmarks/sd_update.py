@@ -25,32 +25,14 @@ from pathlib import Path
 import torch
 
 from sqdf.config import make_config
-from sqdf.rewards.clip_rewards import convert_aesthetic_head
 from sqdf.run import read_metrics
-from sqdf.tasks.sd_random import (
-    write_random_aesthetic_head,
-    write_random_clip,
-    write_random_lcm_unet,
-    write_random_sd,
-)
+from sqdf.tasks.sd_random import write_parts
 from sqdf.trainer import train
 
 SETTINGS = {
-    "sd15": {"resolution": 512, "batch_size": 4, "num_steps": 50, "clip_dim": 768},
-    "tiny": {"resolution": 16, "batch_size": 4, "num_steps": 50, "clip_dim": 16},
+    "sd15": {"resolution": 512, "batch_size": 4, "num_steps": 50},
+    "tiny": {"resolution": 16, "batch_size": 4, "num_steps": 50},
 }
-
-
-def build_parts(root: Path, preset: str) -> Path:
-    """Write (once) the random model, LCM UNet, CLIP and head under ``root``."""
-    if not (root / "done").exists():
-        write_random_sd(root / "sd", preset)
-        write_random_lcm_unet(root / "lcm", preset)
-        write_random_clip(root / "clip", preset)
-        write_random_aesthetic_head(root / "head.pth", SETTINGS[preset]["clip_dim"])
-        convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
-        (root / "done").write_text("ok")
-    return root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     s = SETTINGS[args.preset]
     parts_dir = Path(args.parts or tempfile.mkdtemp(prefix=f"sqdf-{args.preset}-"))
     t0 = time.perf_counter()
-    build_parts(parts_dir, args.preset)
+    paths = write_parts(parts_dir, args.preset)
     build_s = time.perf_counter() - t0
     cfg = make_config(
         {
@@ -76,12 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             "eta": 1.0, "replay_ratio": 1, "buffer": "prioritized", "buffer_size": 64,
             "log_every": 1, "checkpoint_every": 0,
             "task_params": {
-                "model": str(parts_dir / "sd"), "lcm": str(parts_dir / "lcm"),
+                "model": paths["model"], "lcm": paths["lcm"],
                 "resolution": s["resolution"], "guidance": 5.0, "dtype": args.dtype,
                 "gradient_checkpointing": not args.no_checkpointing,
             },
-            "reward_params": {"clip": str(parts_dir / "clip"),
-                              "head": str(parts_dir / "head.safetensors")},
+            "reward_params": {"clip": paths["clip"], "head": paths["head"]},
         },
         source="benchmark",
     )  # fmt: skip

@@ -21,7 +21,7 @@ from sqdf.sampler import Trajectories
 @dataclass
 class Cells:
     x_t: Tensor  # (B, ...) state before step k
-    x_next: Tensor  # (B, ...) state the sampler reached after step k
+    x_next: Tensor | None  # (B, ...) state the sampler reached after step k (None: truncated)
     step: Tensor  # (B,) long, k in 0..T-1
     cond: Tensor  # (B,)
     reward: Tensor  # (B,) reward of the trajectory's final sample

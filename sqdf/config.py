@@ -18,6 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ESTIMATORS = ("tweedie", "consistency")
+ROLLOUTS = ("full", "truncated")
 BUFFER_STRATEGIES = ("uniform", "on_policy", "prioritized")
 
 
@@ -57,6 +58,14 @@ class TrainConfig:
     buffer: str = _f("uniform", "replay strategy: uniform, on_policy or prioritized")
     buffer_size: int = _f(1024, "replay buffer capacity in trajectories")
     replay_ratio: int = _f(1, "optimizer updates per freshly sampled batch")
+    rollout: str = _f(
+        "full",
+        "full: whole trajectories into the replay buffer; truncated: each fresh trajectory "
+        "runs only to the step(s) the update uses (sqdf, buffer on_policy, replay_ratio 1)",
+    )
+    cells_per_trajectory: int = _f(
+        1, "truncated rollouts: steps used per trajectory (cells = batch_size x this)"
+    )
     seed: int = _f(0, "random seed (initialisation, sampling, replay)")
     device: str = _f("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
     log_every: int = _f(10, "write a metrics.jsonl line every N updates")
@@ -128,6 +137,25 @@ class TrainConfig:
             f"buffer_size must be >= batch_size ({self.batch_size}), got {self.buffer_size}",
         )
         need(self.replay_ratio >= 1, f"replay_ratio must be >= 1, got {self.replay_ratio}")
+        need(
+            self.rollout in ROLLOUTS,
+            f"unknown rollout {self.rollout!r}; known: {', '.join(ROLLOUTS)}",
+        )
+        if self.rollout == "truncated":
+            # a truncated trajectory has no final sample to replay or to rank by its reward
+            need(
+                self.method == "sqdf" and self.buffer == "on_policy" and self.replay_ratio == 1,
+                "rollout 'truncated' needs method sqdf, buffer on_policy and replay_ratio 1, "
+                f"got {self.method}, {self.buffer}, {self.replay_ratio}",
+            )
+        need(
+            1 <= self.cells_per_trajectory <= self.num_steps,
+            f"cells_per_trajectory must be in [1, num_steps], got {self.cells_per_trajectory}",
+        )
+        need(
+            self.cells_per_trajectory == 1 or self.rollout == "truncated",
+            "cells_per_trajectory > 1 needs rollout 'truncated'",
+        )
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         need(
             self.checkpoint_every >= 0,

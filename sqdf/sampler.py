@@ -121,3 +121,36 @@ def rollout_with_grad(
             kl = kl + gaussian_kl(mean, ref_mean, std)
         x = mean + std * z
     return x, kl
+
+
+@torch.no_grad()
+def sample_states_at(
+    task: Task, n: int, steps: Tensor, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """The states x_t before step ``steps[i, j]`` of n fresh policy trajectories, (n, m, ...),
+    running trajectory i only as far as its largest step (a truncated rollout).
+
+    The random draws are those of ``sample_trajectories(task, n, generator)`` (conditions,
+    initial noise, then one (n, ...) noise draw per step, used or not), so the states equal a
+    full rollout's for the same generator; only the steps nobody needs are not computed.
+    Returns the conditions too.
+
+    # steps: (n, m) long in 0..T-1
+    """
+    device = task.device
+    cond = task.sample_conditions(n, generator)
+    x = torch.randn((n, *task.sample_shape), generator=generator).to(device)
+    cond_d = cond.to(device)
+    last = steps.max(dim=1).values  # (n,)
+    out = torch.empty((n, steps.shape[1], *task.sample_shape))
+    for k in range(int(last.max()) + 1):
+        rows, cols = (steps == k).nonzero(as_tuple=True)
+        out[rows, cols] = x[rows.to(device)].cpu()
+        if k == int(last.max()):
+            break
+        z = torch.randn((n, *task.sample_shape), generator=generator).to(device)
+        active = (last > k).nonzero().squeeze(1).to(device)
+        ks = torch.full((active.shape[0],), k, dtype=torch.long)
+        mean, std = step_mean_std(task, x[active], ks, cond_d[active], policy=True)
+        x[active] = mean + std * z[active]
+    return out, cond

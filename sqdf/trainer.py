@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sqdf.buffer import ReplayBuffer
+from sqdf.buffer import Cells, ReplayBuffer
 from sqdf.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_weights
 from sqdf.config import TrainConfig
 from sqdf.distributed import Processes, average_gradients, gather_states, rank_seed
@@ -30,10 +30,24 @@ from sqdf.errors import SqdfError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import reward_params
 from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
-from sqdf.sampler import Trajectories, sample_trajectories
+from sqdf.sampler import Trajectories, sample_states_at, sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
 
 log = logging.getLogger("sqdf")
+
+
+def truncated_cells(task: Task, cfg: TrainConfig, generator: torch.Generator) -> Cells:
+    """``batch_size`` fresh trajectories, each run only to ``cells_per_trajectory`` distinct
+    random steps; one cell per (trajectory, step)."""
+    n, m, T = cfg.batch_size, cfg.cells_per_trajectory, cfg.num_steps
+    steps = torch.rand((n, T), generator=generator).argsort(dim=1)[:, :m]
+    states, cond = sample_states_at(task, n, steps, generator)
+    count = n * m
+    return Cells(
+        x_t=states.flatten(0, 1), x_next=None, step=steps.flatten(),
+        cond=cond.repeat_interleave(m, dim=0), reward=torch.full((count,), math.nan),
+        index=torch.full((count,), -1, dtype=torch.long),
+    )  # fmt: skip
 
 
 def average_and_clip(procs: Processes, params: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -177,7 +191,7 @@ def train(
         for step in bar:
             cause = ""
             bad = sampled = 0
-            if step % cfg.replay_ratio == 0:
+            if step % cfg.replay_ratio == 0 and cfg.rollout == "full":
                 if step == start and state is not None and state.fresh is not None:
                     traj, rewards = state.fresh
                 else:
@@ -194,12 +208,17 @@ def train(
             fresh = buffer.rewards[buffer.newest].double()
 
             optimizer.zero_grad(set_to_none=True)
-            loss_total, stats_total, skip = 0.0, {}, buffer.size == 0
-            method_evals = 0
+            truncated = cfg.rollout == "truncated"
+            loss_total, stats_total, skip = 0.0, {}, buffer.size == 0 and not truncated
+            method_evals = partial = 0
             if skip:
                 cause = (cause + "; " if cause else "") + "no sample has a finite reward yet"
             for _ in range(cfg.grad_accum if not skip else 0):
-                cells = buffer.sample_cells(cfg.batch_size, generator)
+                if truncated:
+                    cells = truncated_cells(task, cfg, generator)
+                    partial += cfg.batch_size  # trajectories run part way, never scored
+                else:
+                    cells = buffer.sample_cells(cfg.batch_size, generator)
                 loss, stats = loss_fn(task, cells, cfg, method_params, generator)
                 if not torch.isfinite(loss):
                     skip, cause = True, f"the loss was {loss.item()}"
@@ -212,11 +231,11 @@ def train(
             # one small all-reduce of what every process counts, then one of the gradients
             tally = procs.sum(torch.tensor([
                 bad, sampled, method_evals, float(skip), fresh.sum(), (fresh**2).sum(),
-                fresh.numel(),
+                fresh.numel(), partial,
             ], dtype=torch.float64))  # fmt: skip
             bad, sampled, method_evals = int(tally[0]), int(tally[1]), int(tally[2])
             counters["nonfinite_rewards"] += bad
-            counters["samples_seen"] += sampled
+            counters["samples_seen"] += sampled + int(tally[7])
             counters["reward_evals"] += sampled + method_evals
             if tally[3] > 0 and not skip:
                 skip, cause = True, "another process skipped this update"

@@ -169,3 +169,23 @@ def write_random_aesthetic_head(path: str | Path, in_dim: int, *, seed: int = 3)
     )  # fmt: skip
     torch.save({f"layers.{k}": v for k, v in layers.state_dict().items()}, str(path))
     return Path(path)
+
+
+CLIP_DIMS = {"tiny": 16, "sd15": 768}
+
+
+def write_parts(root: str | Path, preset: str = "tiny") -> dict[str, str]:
+    """Everything an sd run needs, written once under ``root`` (kept between calls): the
+    model, an LCM UNet, a CLIP and an aesthetic head. Returns the task and reward params."""
+    from sqdf.rewards.clip_rewards import convert_aesthetic_head
+
+    root = Path(root)
+    if not (root / "done").exists():
+        write_random_sd(root / "sd", preset)
+        write_random_lcm_unet(root / "lcm", preset)
+        write_random_clip(root / "clip", preset)
+        write_random_aesthetic_head(root / "head.pth", CLIP_DIMS[preset])
+        convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
+        (root / "done").write_text("ok")
+    return {"model": str(root / "sd"), "lcm": str(root / "lcm"), "clip": str(root / "clip"),
+            "head": str(root / "head.safetensors")}  # fmt: skip

@@ -1,0 +1,181 @@
+"""The reference implementation's update design against ours, in one run on one machine.
+
+    python benchmarks/update_speed.py --task digits --out benchmarks/results/speed-cpu.json
+    python benchmarks/update_speed.py --task sd --preset sd15 --updates 6   # on a GPU
+
+Designs (same model, reward, alpha, gamma, estimator, lr and cells per update):
+- reference: every update samples B whole trajectories without gradients, then one
+  gradient step on B (trajectory, step) cells of that batch (the SQDF reference design);
+- truncated: the same, but each trajectory runs only to the step its cell uses;
+- truncated_x2: B/2 trajectories, two steps each, still B cells (several steps per trajectory);
+- replay4: whole trajectories into a prioritized replay buffer, 4 updates per fresh batch.
+
+For each: seconds per update (after a warm-up update), fresh trajectories per second, peak
+memory (CUDA allocator peak on a GPU; the process's peak RSS on the CPU, each design in its
+own process), and the reward gained over the reference model per wall-second of training
+(mean reward of ``--eval-samples`` samples, same seed, fine-tuned minus reference). Prints a
+table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DESIGNS = {
+    "reference": {"rollout": "full", "buffer": "on_policy", "replay_ratio": 1},
+    "truncated": {"rollout": "truncated", "buffer": "on_policy", "replay_ratio": 1},
+    "truncated_x2": {"rollout": "truncated", "buffer": "on_policy", "replay_ratio": 1,
+                     "cells_per_trajectory": 2},
+    "replay4": {"rollout": "full", "buffer": "prioritized", "replay_ratio": 4},
+}  # fmt: skip
+
+DIGITS = {"task": "digits", "reward": "ink", "alpha": 0.1, "gamma": 0.9,
+          "estimator": "consistency", "num_steps": 20, "batch_size": 32, "lr": 1e-3}  # fmt: skip
+
+
+def base_config(task: str, preset: str, parts: Path) -> dict:
+    if task == "digits":
+        return dict(DIGITS)
+    from sqdf.tasks.sd_random import write_parts
+
+    paths = write_parts(parts, preset)
+    return {
+        "task": "sd", "reward": "aesthetic", "alpha": 0.1, "gamma": 0.9,
+        "estimator": "consistency", "num_steps": 50, "batch_size": 4, "lr": 1e-4,
+        "task_params": {"model": paths["model"], "lcm": paths["lcm"], "guidance": 5.0,
+                        "resolution": 512 if preset == "sd15" else 16},
+        "reward_params": {"clip": paths["clip"], "head": paths["head"]},
+    }  # fmt: skip
+
+
+def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
+    """Train one design in this process; time it; score it."""
+    import torch
+
+    from sqdf.config import make_config
+    from sqdf.evaluate import load_run
+    from sqdf.run import read_metrics
+    from sqdf.sampler import sample_trajectories
+    from sqdf.trainer import train
+
+    values = {**base, **DESIGNS[name], "steps": updates, "log_every": 1, "checkpoint_every": 0,
+              "buffer_size": max(64, 4 * base["batch_size"])}  # fmt: skip
+    if name == "truncated_x2":
+        values["batch_size"] = max(1, base["batch_size"] // 2)
+    cfg = make_config(values, source=f"benchmark {name}")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = train(cfg, Path(tmp) / "run", progress=False)
+        walls = [r["wall_s"] for r in read_metrics(run)]
+        rows = read_metrics(run)
+        task = load_run(run)
+        g = torch.Generator().manual_seed(1234)
+        cond = task.sample_conditions(eval_samples, g)
+        scores = {}
+        for policy in (True, False):
+            x0 = sample_trajectories(task, eval_samples, torch.Generator().manual_seed(7),
+                                     policy=policy, cond=cond).x0  # fmt: skip
+            with torch.no_grad():
+                chunks = [task.reward(x0[i : i + 16].to(task.device), cond[i : i + 16])
+                          for i in range(0, eval_samples, 16)]  # fmt: skip
+            scores[policy] = float(torch.cat(chunks).mean())
+    per_update = [b - a for a, b in zip(walls, walls[1:], strict=False)]
+    mean = statistics.mean(per_update)
+    train_s = walls[-1]
+    gain = scores[True] - scores[False]
+    return {
+        "design": name,
+        "settings": {k: values[k] for k in ("rollout", "buffer", "replay_ratio", "batch_size")}
+        | {"cells_per_trajectory": values.get("cells_per_trajectory", 1)},
+        "s_per_update": round(mean, 4),
+        "first_update_s": round(walls[0], 3),
+        "trajectories_per_s": round(rows[-1]["samples_seen"] / train_s, 2),
+        "peak_memory_gib": round(
+            (
+                torch.cuda.max_memory_allocated()
+                if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
+            / 2**30,
+            3,
+        ),  # fmt: skip
+        "peak_memory_kind": "cuda allocator" if cuda else "process max RSS",
+        "train_s": round(train_s, 2),
+        "reward_reference": round(scores[False], 4),
+        "reward_finetuned": round(scores[True], 4),
+        "reward_gain_per_s": round(gain / train_s, 5),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", choices=["digits", "sd"], default="digits")
+    ap.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="sd sizes")
+    ap.add_argument("--updates", type=int, default=30, help="updates per design (>= 2)")
+    ap.add_argument("--designs", default=",".join(DESIGNS), help="comma-separated")
+    ap.add_argument("--eval-samples", type=int, default=256)
+    ap.add_argument("--parts", default=None, help="sd: folder to keep the random parts in")
+    ap.add_argument("--out", default=None, help="JSON path (default: print only)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one design
+    args = ap.parse_args(argv)
+    if args.updates < 2:
+        ap.error("--updates must be >= 2 (the first is a warm-up)")
+    designs = [d.strip() for d in args.designs.split(",") if d.strip()]
+    unknown = [d for d in designs if d not in DESIGNS]
+    if unknown:
+        ap.error(f"unknown design {unknown[0]!r}; known: {', '.join(DESIGNS)}")
+    parts = Path(args.parts or tempfile.mkdtemp(prefix="sqdf-speed-"))
+    base = base_config(args.task, args.preset, parts)
+    if args.one:  # a child process: one design, its result as JSON on stdout's last line
+        print(json.dumps(run_design(args.one, base, args.updates, args.eval_samples)))
+        return 0
+    import torch
+
+    results = []
+    for name in designs:
+        # a process per design, so each one's peak memory is its own
+        cmd = [sys.executable, __file__, "--task", args.task, "--preset", args.preset,
+               "--updates", str(args.updates), "--eval-samples", str(args.eval_samples),
+               "--parts", str(parts), "--one", name]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-2000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    ref = results[0]["s_per_update"] if designs[0] == "reference" else None
+    doc = {
+        "task": args.task, "preset": args.preset if args.task == "sd" else None,
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+        f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "updates": args.updates, "eval_samples": args.eval_samples, "base": base,
+        "command": " ".join(["python", "benchmarks/update_speed.py", *(argv or sys.argv[1:])]),
+        "results": results,
+    }  # fmt: skip
+    print(f"{doc['task']} on {doc['device']}, {args.updates} updates per design")
+    print("| design | s/update | speed-up | trajectories/s | peak GiB | reward gain/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        speed = f"{ref / r['s_per_update']:.2f}x" if ref else "-"
+        print(f"| {r['design']} | {r['s_per_update']} | {speed} | {r['trajectories_per_s']} | "
+              f"{r['peak_memory_gib']} | {r['reward_gain_per_s']} |")  # fmt: skip
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Truncated rollouts (issue 7): the states equal a full rollout's, and training with them
+runs the SQDF update on exactly those cells."""
+
+import math
+
+import pytest
+import torch
+
+from sqdf.config import TrainConfig
+from sqdf.errors import ConfigError
+from sqdf.run import read_metrics
+from sqdf.sampler import sample_states_at, sample_trajectories
+from sqdf.tasks import build_task
+from sqdf.trainer import train
+
+
+def cfg(**over) -> TrainConfig:
+    values = dict(num_steps=12, steps=4, batch_size=16, buffer="on_policy", device="cpu",
+                  estimator="tweedie", task_params={"hidden": 16}, rollout="truncated",
+                  log_every=1, checkpoint_every=0)  # fmt: skip
+    return TrainConfig(**{**values, **over})
+
+
+def test_truncated_states_equal_a_full_rollouts():
+    c = cfg()
+    torch.manual_seed(0)
+    task = build_task(c)
+    n = 16
+    steps = torch.randint(0, c.num_steps, (n, 3), generator=torch.Generator().manual_seed(5))
+    steps[0] = torch.tensor([0, 0, 0])  # a trajectory that needs no step at all
+    steps[1] = torch.tensor([11, 3, 7])  # one that needs the last
+    states, cond = sample_states_at(task, n, steps, torch.Generator().manual_seed(9))
+    full = sample_trajectories(task, n, torch.Generator().manual_seed(9))
+    assert torch.equal(cond, full.cond)
+    want = full.states[torch.arange(n)[:, None], steps]
+    torch.testing.assert_close(states, want, rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_training_counts_partial_trajectories_and_learns(tmp_path):
+    run = train(cfg(cells_per_trajectory=2), tmp_path / "r", progress=False)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["samples_seen"] == 4 * 16
+    assert rows[-1]["reward_evals"] == 4 * 16 * 2  # one per cell, none for fresh samples
+    assert math.isnan(rows[-1]["reward_mean"])  # no trajectory reached its end
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        (dict(buffer="prioritized"), "needs method sqdf, buffer on_policy and replay_ratio 1"),
+        (dict(replay_ratio=2), "needs method sqdf, buffer on_policy and replay_ratio 1"),
+        (dict(rollout="partial"), "unknown rollout 'partial'"),
+        (dict(rollout="full", cells_per_trajectory=2), "needs rollout 'truncated'"),
+        (dict(cells_per_trajectory=13), "cells_per_trajectory must be in [1, num_steps]"),
+    ],
+)
+def test_truncated_settings_that_cannot_work_are_refused(over, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        cfg(**over)
