@@ -3,6 +3,8 @@
 Per update: (every ``replay_ratio`` updates) sample a fresh batch of trajectories without
 gradients and store it in the replay buffer; draw ``grad_accum`` micro-batches of
 (trajectory, step) cells; accumulate the method's loss; clip; AdamW step; log; checkpoint.
+With ``rollout = "truncated"`` there is no buffer: each micro-batch is a fresh batch of
+trajectories run only as far as the steps its cells use.
 
 Non-finite values never reach the weights: fresh samples with a non-finite reward are not
 stored, and an update whose loss or gradient is not finite is skipped (and counted). After
