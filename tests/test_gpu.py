@@ -43,3 +43,37 @@ def test_digits_and_demo_on_gpu(tmp_path, estimator):
         checkpoint_every=0,
     )
     assert page.exists()
+
+
+@pytest.mark.parametrize("lcm", ["unet", "lora"])
+def test_sd_in_bfloat16_on_gpu(tmp_path, lcm):
+    """Tiny SD parts in bf16 with checkpointing, both LCM kinds, truncated rollouts too; the
+    LoRA trains in float32 and reloads into a plain pipeline."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    from sqdf.config import make_config
+    from sqdf.tasks.sd import save_diffusers_lora
+    from sqdf.tasks.sd_random import write_parts
+
+    paths = write_parts(tmp_path / "parts", "tiny")
+    lcm_path = paths["lcm"]
+    if lcm == "lora":
+        pipe = StableDiffusionPipeline.from_pretrained(paths["model"])
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"],
+                                         init_lora_weights=False))  # fmt: skip
+        save_diffusers_lora(pipe.unet, 4, 4.0, tmp_path / "lcm_lora")
+        lcm_path = str(tmp_path / "lcm_lora" / "pytorch_lora_weights.safetensors")
+    for rollout, buffer in (("full", "prioritized"), ("truncated", "on_policy")):
+        cfg = make_config({
+            "task": "sd", "device": "cuda", "estimator": "consistency", "num_steps": 6,
+            "steps": 2, "batch_size": 2, "buffer": buffer, "buffer_size": 8, "rollout": rollout,
+            "task_params": {"model": paths["model"], "lcm": lcm_path, "dtype": "bfloat16"},
+            "reward_params": {"clip": paths["clip"], "head": paths["head"]},
+        }, source="gpu test")  # fmt: skip
+        run = train(cfg, tmp_path / f"run-{rollout}", progress=False)
+        assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(paths["model"]).to("cuda")
+    pipe.load_lora_weights(str(run / "final"))
+    images = pipe("a cat", num_inference_steps=2, output_type="pt").images
+    assert torch.isfinite(images).all()
