@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
 
 from sqdf.checkpoint import load_weights
 from sqdf.errors import SqdfError
 from sqdf.run import read_run_config
-from sqdf.sampler import sample_trajectories
+from sqdf.sampler import Trajectories, sample_trajectories
 from sqdf.tasks import Task, build_task
 
 
@@ -38,6 +40,37 @@ def load_run(run: str | Path, device: str | None = None) -> Task:
     return task
 
 
+def _sample(task: Task, n: int, seed: int, progress: Any = False, **kw: Any) -> Trajectories:
+    """n trajectories, in chunks of ``task.eval_batch`` where the task sets one (sd: a
+    few images at a time fit any GPU); the same seed gives the same noise either way round."""
+    chunk = task.eval_batch or n
+    gen = torch.Generator().manual_seed(seed)
+    if chunk >= n:
+        return sample_trajectories(task, n, gen, progress=progress and f"sampling {progress}", **kw)
+    cond = task.sample_conditions(n, gen)
+    parts = [
+        sample_trajectories(task, len(c), gen, cond=c, **kw)
+        for c in tqdm(cond.split(chunk), desc=f"sampling {progress}", disable=not progress)
+    ]
+    kl = [t.kl for t in parts]
+    return Trajectories(
+        states=torch.cat([t.states for t in parts]),
+        cond=cond,
+        kl=torch.cat(kl) if all(k is not None for k in kl) else None,
+        logp=torch.cat([t.logp for t in parts]),
+    )
+
+
+@torch.no_grad()
+def _score(task: Task, x0: Tensor, cond: Tensor) -> Tensor:
+    chunk = task.eval_batch or len(x0)
+    dev = task.device
+    return torch.cat([
+        task.reward(x.to(dev), c.to(dev)).cpu()
+        for x, c in zip(x0.split(chunk), cond.split(chunk), strict=True)
+    ])  # fmt: skip
+
+
 def evaluate_run(
     run: str | Path,
     num_samples: int | None = None,
@@ -55,25 +88,10 @@ def evaluate_run(
         raise SqdfError(f"num_samples must be >= 2, got {num_samples}")
     # The same seed for both: the reference starts from the same noise and conditions, so
     # the two sample sets differ only by the fine-tuning.
-    traj = sample_trajectories(
-        task,
-        num_samples,
-        torch.Generator().manual_seed(seed),
-        with_kl=True,
-        progress="sampling fine-tuned" if progress else None,
-    )
-    ref = sample_trajectories(
-        task,
-        num_samples,
-        torch.Generator().manual_seed(seed),
-        policy=False,
-        progress="sampling reference" if progress else None,
-    )
+    traj = _sample(task, num_samples, seed, with_kl=True, progress=progress and "fine-tuned")
+    ref = _sample(task, num_samples, seed, policy=False, progress=progress and "reference")
     gen = torch.Generator().manual_seed(seed + 1)
-    dev = task.device
-    with torch.no_grad():
-        r = task.reward(traj.x0.to(dev), traj.cond.to(dev)).cpu()
-        r_ref = task.reward(ref.x0.to(dev), ref.cond.to(dev)).cpu()
+    r, r_ref = _score(task, traj.x0, traj.cond), _score(task, ref.x0, ref.cond)
     assert traj.kl is not None
     metrics: dict[str, Any] = {
         "num_samples": num_samples,

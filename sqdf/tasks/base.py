@@ -27,6 +27,7 @@ class Task(ABC):
     sample_shape: tuple[int, ...]
     prediction_type: str = "epsilon"
     eval_samples: int = 4096  # sqdf eval's default sample count
+    eval_batch: int | None = None  # evaluation samples per chunk (None: all at once)
     device: torch.device = torch.device("cpu")
 
     @abstractmethod

@@ -98,6 +98,7 @@ def _load(cls: Any, folder: Path, sub: str, **kw: Any) -> Any:
 
 class SDTask(Task):
     eval_samples = 64
+    eval_batch = 8
 
     def __init__(self, cfg: Any, options: SDConfig, reward: Any, device: torch.device):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

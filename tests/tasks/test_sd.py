@@ -400,3 +400,18 @@ def test_a_prompt_file_line_can_carry_its_own_negative_prompt(parts, tmp_path):
         pos, neg = pipe.encode_prompt([prompt], "cpu", 1, True, [negative])
         torch.testing.assert_close(task.prompt_embeds[i : i + 1], pos)
         torch.testing.assert_close(task.negative_embeds[i : i + 1], neg)
+
+
+def test_eval_in_chunks_gives_policy_and_reference_the_same_noise(parts, tmp_path):
+    from safetensors.torch import save_file
+
+    from sqdf.evaluate import evaluate_run
+
+    run = train(config(parts, steps=1), tmp_path / "run", progress=False)
+    weights = load_file(str(run / "final" / "policy.safetensors"))
+    zeroed = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()}
+    save_file(zeroed, str(run / "final" / "policy.safetensors"))  # the policy is the reference
+    metrics = evaluate_run(run, num_samples=10)  # chunks of 8 and 2
+    assert metrics["reward_mean"] == metrics["ref_reward_mean"]
+    assert metrics["kl_path"] == 0.0
+    assert metrics["eval_diversity"] == metrics["ref_eval_diversity"] > 0
