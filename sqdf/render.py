@@ -27,7 +27,7 @@ def render_sd(
     (same seeds), so the fine-tuning's effect is one look away."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from sqdf.report import pyplot
+    from sqdf.report import save_image_rows
     from sqdf.tasks import resolve_device
 
     if num_images < 1:
@@ -65,20 +65,4 @@ def render_sd(
         rows.append(("fine-tuned", draw()))
     else:
         rows.append(("reference", draw()))
-    plt = pyplot()
-    n = len(chosen)
-    fig, axes = plt.subplots(len(rows), n, figsize=(2 * n, 2.3 * len(rows)), squeeze=False)
-    for r, (name, images) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r][c]
-            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy())
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(chosen[c][:28], fontsize=7)
-            if c == 0:
-                ax.set_ylabel(name)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_image_rows(rows, chosen, Path(out))

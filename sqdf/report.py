@@ -52,6 +52,28 @@ def save_digit_grid(panels: Sequence[tuple[str, Tensor, Tensor]], path: Path) ->
     plt.close(fig)
 
 
+def save_image_rows(rows: Sequence[tuple[str, Tensor]], titles: Sequence[str], path: Path) -> Path:
+    """RGB images in [0, 1], (N, 3, H, W) per row, one row per (name, images), one column
+    title per image (e.g. its prompt, shortened)."""
+    plt = pyplot()
+    n = len(titles)
+    fig, axes = plt.subplots(len(rows), n, figsize=(2 * n, 2.3 * len(rows)), squeeze=False)
+    for r, (name, images) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.imshow(images[c].detach().float().cpu().permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(titles[c][:28], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(name)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def figure_png(fig: Any) -> str:
     """A matplotlib figure as a base64 PNG data URI (and closes it)."""
     buf = io.BytesIO()

@@ -294,26 +294,13 @@ class SDTask(Task):
     def plot_samples(
         self, samples: Tensor, ref_samples: Tensor | None, cond: Tensor, path: Path
     ) -> None:
-        from sqdf.report import pyplot
+        from sqdf.report import save_image_rows
 
         n = min(8, len(samples))
-        rows = [("fine-tuned", samples[:n])]
+        rows = [("fine-tuned", self.decode_batches(samples[:n]))]
         if ref_samples is not None:
-            rows.append(("reference", ref_samples[:n]))
-        plt = pyplot()
-        fig, axes = plt.subplots(len(rows), n, figsize=(2 * n, 2.3 * len(rows)), squeeze=False)
-        for r, (name, latents) in enumerate(rows):
-            images = self.decode_batches(latents)
-            for c in range(n):
-                ax = axes[r][c]
-                ax.imshow(images[c].permute(1, 2, 0).numpy())
-                ax.set_xticks([]), ax.set_yticks([])
-                ax.set_title(self.prompts[int(cond[c])][:28], fontsize=7)
-                if c == 0:
-                    ax.set_ylabel(name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+            rows.append(("reference", self.decode_batches(ref_samples[:n])))
+        save_image_rows(rows, self.prompts_of(cond[:n]), path)
 
     def save_final(self, folder: Path) -> None:
         """The LoRA in diffusers format: StableDiffusionPipeline.load_lora_weights(folder)."""

@@ -313,6 +313,8 @@ def test_cli_train_eval_and_render_with_the_lora(parts, tmp_path, capsys):
     assert main(["eval", str(run), "--num-samples", "4", "--no-progress"]) == 0
     metrics = __import__("json").loads((run / "eval.json").read_text())
     assert {"eval_diversity", "ref_eval_diversity", "reward_mean"} <= set(metrics)
+    assert main(["sample", str(run), "--num-samples", "2"]) == 0  # the run's own sampler
+    assert (run / "samples.png").stat().st_size > 1000
     grid = tmp_path / "grid.png"
     argv = ["sample", "--task", "sd", "--model", str(parts / "sd"), "--lora", str(run / "final"),
             "--num-samples", "2", "--num-steps", "2", "--device", "cpu",
