@@ -11,7 +11,6 @@ run sends its samples again: the persisted budget counts answered (or excluded) 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sqdf.errors import ConfigError, SqdfError
+from sqdf.errors import SqdfError
+from sqdf.rewards.custom import import_function
 
 # f(samples, cond) -> one value per sample, any sequence of numbers
 OracleFn = Callable[[Tensor, Tensor], Any]
@@ -114,16 +114,5 @@ def task_oracle(task: Any, reward_name: str) -> OracleFn:
 
 def user_oracle(spec: str, params: dict[str, Any]) -> OracleFn:
     """``module:function`` called as ``function(samples, cond, **params)``."""
-    module_name, _, func_name = spec.partition(":")
-    if not module_name or not func_name:
-        raise ConfigError(f"oracle must be 'module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(
-            f"cannot import module {module_name!r} for oracle {spec!r}: {err}"
-        ) from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ConfigError(f"module {module_name!r} has no function {func_name!r}")
+    func = import_function(spec, "oracle")
     return lambda samples, cond: func(samples, cond, **params)

@@ -191,51 +191,49 @@ class AestheticReward:
 
 
 @dataclass
-class PickScoreReward:
-    """PickScore: the CLIP logit scale times the cosine of image and prompt embeddings."""
+class _PromptClipReward:
+    """A CLIP model from a folder scoring an image against its prompt."""
 
-    model: str | None = None  # local folder of the PickScore CLIP model
+    model: str | None = None  # local folder of the CLIP model
     domain = "rgb"  # (B, 3, H, W) in [0, 1], with prompts: the sd task
+    name = ""
 
     def __post_init__(self) -> None:
-        self._folder = _need_folder(self.model, "pickscore", "model")
+        self._folder = _need_folder(self.model, self.name, "model")
 
     @cached_property
     def clip_model(self) -> ClipModel:
         return ClipModel(self._folder)
 
-    def to(self, device: torch.device) -> PickScoreReward:
+    def to(self, device: torch.device) -> _PromptClipReward:
         self.clip_model.model.to(device)
         return self
 
-    def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
-        text = self.clip_model.text_features(_prompts(prompts, images.shape[0], "pickscore"))
-        scale = self.clip_model.model.logit_scale.exp().float()
-        return scale * (self.clip_model.image_features(images) * text).sum(-1)
+    def cosine(self, images: Tensor, prompts: Any) -> Tensor:
+        text = self.clip_model.text_features(_prompts(prompts, images.shape[0], self.name))
+        return (self.clip_model.image_features(images) * text).sum(-1)
 
 
 @dataclass
-class ClipScoreReward:
+class PickScoreReward(_PromptClipReward):
+    """PickScore: the CLIP logit scale times the cosine of image and prompt embeddings."""
+
+    name = "pickscore"
+
+    def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
+        scale = self.clip_model.model.logit_scale.exp().float()
+        return scale * self.cosine(images, prompts)
+
+
+@dataclass
+class ClipScoreReward(_PromptClipReward):
     """CLIP score: 100 × the cosine of image and prompt embeddings, floored at 0 (as in
     torchmetrics' CLIPScore)."""
 
-    model: str | None = None  # local folder of a CLIP model
-    domain = "rgb"  # (B, 3, H, W) in [0, 1], with prompts: the sd task
-
-    def __post_init__(self) -> None:
-        self._folder = _need_folder(self.model, "clipscore", "model")
-
-    @cached_property
-    def clip_model(self) -> ClipModel:
-        return ClipModel(self._folder)
-
-    def to(self, device: torch.device) -> ClipScoreReward:
-        self.clip_model.model.to(device)
-        return self
+    name = "clipscore"
 
     def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
-        text = self.clip_model.text_features(_prompts(prompts, images.shape[0], "clipscore"))
-        return (100.0 * (self.clip_model.image_features(images) * text).sum(-1)).clamp(min=0.0)
+        return (100.0 * self.cosine(images, prompts)).clamp(min=0.0)
 
 
 @dataclass

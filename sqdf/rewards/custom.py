@@ -17,22 +17,29 @@ from torch import Tensor
 from sqdf.errors import ConfigError, SqdfError
 
 
+def import_function(spec: str, what: str) -> Callable[..., Any]:
+    """The function a user named as ``module:function`` (a reward, an oracle); a bad name
+    is one ConfigError naming it."""
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise ConfigError(f"{what} must be 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(
+            f"cannot import module {module_name!r} for {what.split()[-1]} {spec!r}: {err}"
+        ) from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ConfigError(f"module {module_name!r} has no function {func_name!r}")
+    return func
+
+
 class CustomReward:
     domain = "any"
 
     def __init__(self, spec: str, **params: Any):
-        module_name, _, func_name = spec.partition(":")
-        if not module_name or not func_name:
-            raise ConfigError(f"custom reward must be 'module:function', got {spec!r}")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ConfigError(
-                f"cannot import module {module_name!r} for reward {spec!r}: {err}"
-            ) from None
-        func = getattr(module, func_name, None)
-        if not callable(func):
-            raise ConfigError(f"module {module_name!r} has no function {func_name!r}")
+        func = import_function(spec, "custom reward")
         self.spec = spec
         self.params = params
         self._func: Callable[..., Tensor] = func

@@ -92,3 +92,21 @@ class Task(ABC):
 def _expand(v: Tensor, like: Tensor) -> Tensor:
     """(B,) -> (B, 1, ..., 1) broadcasting against ``like``."""
     return v.view((-1,) + (1,) * (like.dim() - 1))
+
+
+def schedule_of(scheduler: Any, num_steps: int, eta: float, what: str) -> DDIMSchedule:
+    """Our DDIM schedule over a diffusers scheduler's training noise levels and spacing;
+    a schedule with a deterministic step is refused (the KL needs sigma > 0)."""
+    from sqdf.core.schedule import make_ddim_schedule
+    from sqdf.errors import SqdfError
+
+    schedule = make_ddim_schedule(
+        num_steps,
+        eta=eta,
+        alphas_cumprod=scheduler.alphas_cumprod,
+        steps_offset=scheduler.config.steps_offset,
+        set_alpha_to_one=scheduler.config.set_alpha_to_one,
+    )
+    if bool((schedule.sigmas <= 0).any()):
+        raise SqdfError(f"{what}: the schedule makes a deterministic step; the KL needs sigma > 0")
+    return schedule

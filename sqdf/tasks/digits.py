@@ -20,10 +20,9 @@ from diffusers import DDIMScheduler
 from torch import Tensor
 
 from sqdf.config import build_settings
-from sqdf.core.schedule import make_ddim_schedule
 from sqdf.core.x0 import consistency_x0
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.tasks.base import Task, _expand
+from sqdf.tasks.base import Task, _expand, schedule_of
 from sqdf.tasks.digits_model import (
     IMAGE_SIZE,
     NUM_CLASSES,
@@ -84,17 +83,7 @@ class DigitsTask(Task):
             raise SqdfError(
                 f"digits model: expected an epsilon model, got {sched.config.prediction_type}"
             )
-        self.schedule = make_ddim_schedule(
-            cfg.num_steps,
-            eta=cfg.eta,
-            alphas_cumprod=sched.alphas_cumprod,
-            steps_offset=sched.config.steps_offset,
-            set_alpha_to_one=sched.config.set_alpha_to_one,
-        )
-        if bool((self.schedule.sigmas <= 0).any()):
-            raise SqdfError(
-                "digits model: its scheduler makes a deterministic step; the KL needs sigma > 0"
-            )
+        self.schedule = schedule_of(sched, cfg.num_steps, cfg.eta, "digits model")
         unet = load_unet(folder / "unet", "digits base model")
         add_lora(unet, options.lora_rank, options.lora_alpha, list(options.lora_targets))
         self.unet = unet.to(device)

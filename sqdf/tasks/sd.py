@@ -20,10 +20,9 @@ import torch
 from torch import Tensor
 
 from sqdf.config import build_settings
-from sqdf.core.schedule import make_ddim_schedule
 from sqdf.core.x0 import consistency_x0, guidance_embedding
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.tasks.base import Task, _expand
+from sqdf.tasks.base import Task, _expand, schedule_of
 from sqdf.tasks.lora import (
     POLICY_ADAPTER,
     LoraPolicy,
@@ -115,15 +114,7 @@ class SDTask(Task):
         folder = Path(options.model)
         sched = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
         self.prediction_type = sched.config.prediction_type
-        self.schedule = make_ddim_schedule(
-            cfg.num_steps,
-            eta=cfg.eta,
-            alphas_cumprod=sched.alphas_cumprod,
-            steps_offset=sched.config.steps_offset,
-            set_alpha_to_one=sched.config.set_alpha_to_one,
-        )
-        if bool((self.schedule.sigmas <= 0).any()):
-            raise ConfigError("sd: eta = 0 makes deterministic steps; the KL needs eta > 0")
+        self.schedule = schedule_of(sched, cfg.num_steps, cfg.eta, "sd")
         safe = {"use_safetensors": True, "dtype": self.dtype}
         self.unet = _load(UNet2DConditionModel, folder, "unet", **safe).to(device)
         self.vae = _load(AutoencoderKL, folder, "vae", **safe)
