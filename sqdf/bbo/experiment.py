@@ -120,7 +120,8 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str
     """Per method, per round: queries and the mean and std over seeds of every metric."""
     summary = {}
     for method, seeds in runs.items():
-        n = min(len(rows) for rows in seeds)
+        # a seed that diverged stops early; later rounds average the seeds that reached them
+        n = max(len(rows) for rows in seeds)
         # every numeric metric any round has (round 0 has no proxy error yet)
         keys = list(dict.fromkeys(
             key for rows in seeds for row in rows[:n] for key, v in row.items()
@@ -128,14 +129,16 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str
         ))  # fmt: skip
         per_round = []
         for k in range(n):
-            entry = {"round": k, "queries": seeds[0][k]["queries"]}
+            present = [rows[k] for rows in seeds if len(rows) > k]
+            entry = {"round": k, "queries": present[0]["queries"], "seeds_in_round": len(present)}
             for key in keys:
                 if key not in ("round", "queries"):
-                    mean, std = _mean_std([rows[k].get(key, math.nan) for rows in seeds])
+                    mean, std = _mean_std([row.get(key, math.nan) for row in present])
                     entry[key] = mean
                     entry[f"{key}_sd"] = std
             per_round.append(entry)
-        summary[method] = {"seeds": len(seeds), "rounds": per_round}
+        diverged = [rows[-1]["diverged"] for rows in seeds if rows and "diverged" in rows[-1]]
+        summary[method] = {"seeds": len(seeds), "rounds": per_round, "diverged": diverged}
     return summary
 
 
@@ -150,8 +153,8 @@ def results_markdown(task: str, bbo: BboConfig, summary: dict[str, dict[str, Any
     """The last round of every method: mean ± std over seeds."""
     cols = COLUMNS.get(task, ["oracle_mean", "kl_path", "proxy_rmse"])
     lines = [
-        "| method | queries | " + " | ".join(cols) + " | excluded |",
-        "|" + " --- |" * (len(cols) + 3),
+        "| method | queries | " + " | ".join(cols) + " | excluded | diverged |",
+        "|" + " --- |" * (len(cols) + 4),
     ]
     for method, s in summary.items():
         if not s["rounds"]:
@@ -162,6 +165,7 @@ def results_markdown(task: str, bbo: BboConfig, summary: dict[str, dict[str, Any
             m, sd = last.get(c, math.nan), last.get(f"{c}_sd", math.nan)
             cells.append("n/a" if not math.isfinite(m) else f"{m:.3f} ± {sd:.3f}")
         cells.append(f"{last.get('excluded_total', 0):.0f}")
+        cells.append(f"{len(s['diverged'])}/{s['seeds']}")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = max((s["seeds"] for s in summary.values()), default=0)
     return (
@@ -170,7 +174,8 @@ def results_markdown(task: str, bbo: BboConfig, summary: dict[str, dict[str, Any
         f"({bbo.rounds} rounds x {bbo.queries_per_round}). oracle_mean: oracle reward of "
         "the round's fresh samples (best_of_n: of each slot's best so far); proxy_rmse, "
         "proxy_bias: the previous round's proxy on those samples; best_of_n's kl_path is the "
-        "bound log n - (n-1)/n.\n"
+        "bound log n - (n-1)/n. A diverged seed (fine-tuning stopped on non-finite values) "
+        "ends its curve at its last measured round; later rounds average the other seeds.\n"
     )
 
 

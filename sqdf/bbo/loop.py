@@ -60,6 +60,10 @@ from sqdf.tasks import Task, build_task, resolved_reward_name
 from sqdf.trainer import TrainState, train
 
 
+class Diverged(SqdfError):
+    """Fine-tuning stopped on non-finite values (the trainer's max_skips)."""
+
+
 @dataclass(frozen=True)
 class BboMethod:
     train_method: str | None  # the trainer's method, None: no training
@@ -155,8 +159,11 @@ def run_method(
             f"cannot resume {run}: its checkpoint follows round {start - 1}, but it has "
             f"{len(rounds)} query file(s)"
         )
+    done = _read_rows(run)
+    if resume and done and "diverged" in done[-1]:
+        return done  # it blew up before: a result, not something to retry
     oracle = build_oracle(bbo, cfg, task, queries_spent(rounds))
-    rows = [r for r in _read_rows(run) if r["round"] < start]
+    rows = [r for r in done if r["round"] < start]
     atomic_write_text(run / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     q = bbo.queries_per_round
     cond = task.sample_conditions(q, torch.Generator().manual_seed(round_seed(seed, 0, 1)))
@@ -182,7 +189,16 @@ def run_method(
         if k == bbo.rounds - 1:
             break  # no query is left to measure what more fine-tuning would give
         if spec.train_method is not None:
-            _fine_tune(bbo, cfg, spec, state, rounds, run, k, features, dim, seed, progress)
+            try:
+                _fine_tune(bbo, cfg, spec, state, rounds, run, k, features, dim, seed, progress)
+            except Diverged as err:
+                # the method blew up fine-tuning after round k: its curve ends there, and a
+                # resume does not retry it
+                rows[-1]["diverged"] = str(err)
+                atomic_write_text(run / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+                if progress:
+                    print(f"sqdf bbo: {method} seed {seed} diverged after round {k}: {err}")
+                return rows
         save_checkpoint(
             run / "checkpoints",
             Checkpoint(
@@ -368,6 +384,8 @@ def _fine_tune(
     state.fresh = (data.trajectories(ok), data.value[ok].float())
     try:
         train(cfg, folder, progress=progress, state=state)
+    except SqdfError as err:  # the trainer stopped on non-finite values: a result, as in compare
+        raise Diverged(str(err)) from None
     finally:
         task.reward_model = original
         state.fresh = None

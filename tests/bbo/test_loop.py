@@ -140,3 +140,19 @@ def test_resume_refuses_a_folder_with_missing_query_files(tmp_path, oracle_modul
     (out / "runs" / "sqdf-seed0" / "queries" / "round_0000.safetensors").unlink()
     with pytest.raises(SqdfError, match="has 0 query file"):
         resume_bbo(out, progress=False)
+
+
+def test_a_method_that_blows_up_is_a_result_and_is_not_retried(oracle_module, tmp_path):
+    # an absurd learning rate: DRaFT's gradients turn non-finite and the trainer stops
+    base = TrainConfig(**{**BASE.to_dict(), "lr": 1e12, "max_skips": 1, "method": "draft"})
+    out = run_bbo(bbo(oracle_module), base, ["draft", "best_of_n"], 1, tmp_path / "o",
+                  progress=False)  # fmt: skip
+    doc = json.loads((out / "results.json").read_text())
+    rows = doc["runs"]["draft"][0]
+    assert "non-finite" in rows[-1]["diverged"] and len(rows) < 3
+    assert doc["methods"]["draft"]["diverged"] and not doc["methods"]["best_of_n"]["diverged"]
+    assert len(doc["runs"]["best_of_n"][0]) == 3  # the other method went on
+    assert "| draft |" in (out / "results.md").read_text()
+    calls = len(oracle_module.CALLS)
+    resume_bbo(out, progress=False)
+    assert len(oracle_module.CALLS) == calls  # nothing re-queried, the blow-up not retried
