@@ -182,18 +182,41 @@ def results_markdown(task: str, bbo: BboConfig, summary: dict[str, dict[str, Any
 def plot_curve(summary: dict[str, dict[str, Any]], path: Path, bbo: BboConfig) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, (method, s) in enumerate(summary.items()):
+    curves = {}
+    for method, s in summary.items():
         pts = [r for r in s["rounds"] if math.isfinite(r.get("oracle_mean", math.nan))]
-        if not pts:
-            continue
+        if pts:
+            curves[method] = pts
+    # The scale follows the methods that stay sane: from a little below where every method
+    # starts (round 0, the reference) to the best mean reached. A method that blows up far
+    # below would otherwise flatten every other curve; it is drawn clipped and labelled.
+    start = [pts[0]["oracle_mean"] for pts in curves.values()]
+    best = [r["oracle_mean"] for pts in curves.values() for r in pts]
+    low = high = None
+    if start and best:
+        ref, top = min(start), max(max(best), max(start))
+        span = max(top - ref, 1e-12)
+        low, high = ref - 0.5 * span, top + 0.1 * span
+    for i, (method, pts) in enumerate(curves.items()):
         x = [r["queries"] for r in pts]
         y = [r["oracle_mean"] for r in pts]
         sd = [r["oracle_mean_sd"] for r in pts]
+        label = f"{method} ({summary[method]['seeds']} seed(s))"
+        off = low is not None and min(y) < low
+        if off:
+            label += f", off the scale (down to {min(y):.3g})"
+            y = [max(v, low) for v in y]
         color = plt.cm.tab10(i % 10)
-        ax.plot(x, y, marker="o", color=color, label=f"{method} ({s['seeds']} seed(s))")
-        low = [a - b for a, b in zip(y, sd, strict=True)]
-        high = [a + b for a, b in zip(y, sd, strict=True)]
-        ax.fill_between(x, low, high, color=color, alpha=0.2)
+        ax.plot(x, y, marker="o", color=color, label=label)
+        lo = [a - b for a, b in zip(y, sd, strict=True)]
+        hi = [a + b for a, b in zip(y, sd, strict=True)]
+        if low is not None:  # a band as wide as a blow-up would hide the rest
+            lo = [min(max(v, low), high) for v in lo]
+            hi = [min(max(v, low), high) for v in hi]
+        if not off:  # the spread of a curve that left the scale says nothing here
+            ax.fill_between(x, lo, hi, color=color, alpha=0.2)
+    if low is not None:
+        ax.set_ylim(low, high)
     ax.set(
         xlabel="oracle queries",
         ylabel="oracle reward of fresh samples",
