@@ -59,3 +59,26 @@ def test_truncated_training_counts_partial_trajectories_and_learns(tmp_path):
 def test_truncated_settings_that_cannot_work_are_refused(over, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         cfg(**over)
+
+
+def test_readme_speed_commands_run(tmp_path, monkeypatch):
+    import re
+    import shlex
+    from pathlib import Path
+
+    from sqdf.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+                 if "--rollout truncated" in b)  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    quick = ["--steps", "1", "--num-steps", "4", "--batch-size", "4", "--buffer-size", "8",
+             "--device", "cpu", "--no-progress"]  # fmt: skip
+    ran = 0
+    for line in block.strip().splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv[0] == "sqdf":
+            assert main(argv[1:] + quick) == 0, line
+            ran += 1
+    assert ran == 3
+    assert (tmp_path / "runs" / "trunc2" / "final" / "policy.safetensors").is_file()
