@@ -26,7 +26,7 @@ declare -A EXPERIMENTS=(
     [digits-alpha]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep alpha=0.03,0.1,0.3"
     # online black-box optimisation (sqdf bbo): every method at the same oracle query budget
     [bbo-gmm2d]="bbo --task gmm2d --methods $BBO --seeds 3 --set reward=quadratic --set num_steps=20 --set estimator=tweedie --set gamma=1.0 --set alpha=1.0 --set batch_size=64 --rounds 8 --queries-per-round 64 --updates-per-round 50"
-    [bbo-digits]="bbo --task digits --config docs/results/digits.toml --methods $BBO --seeds 3 --rounds 6 --queries-per-round 64 --updates-per-round 30"
+    [bbo-digits]="bbo --task digits --config docs/results/digits.toml --methods $BBO --seeds 3 --rounds 4 --queries-per-round 64 --updates-per-round 20"
 )
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-buffer gmm2d-alpha
        digits-methods digits-gamma digits-estimator digits-buffer digits-alpha bbo-gmm2d bbo-digits)
