@@ -89,7 +89,6 @@ class DigitsTask(Task):
         self.unet = unet.to(device)
         self.policy = LoraPolicy(self.unet)
         self._cm_dir = Path(options.cm) if options.cm else folder / "cm"
-        self._alphas = self.schedule.alphas_cumprod.to(device)
 
     @cached_property
     def cm(self) -> torch.nn.Module:

@@ -103,6 +103,11 @@ class SDTask(Task):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        if cfg.estimator == "consistency" and not options.lcm:  # before loading gigabytes
+            raise ConfigError(
+                "sd: estimator consistency needs task_params.lcm (an LCM UNet folder or an "
+                "LCM-LoRA file); or use estimator tweedie"
+            )
         self.options = options
         self.estimator = cfg.estimator
         self.reward_model = reward
@@ -112,7 +117,7 @@ class SDTask(Task):
         else:
             self.dtype = DTYPES[options.dtype]
         folder = Path(options.model)
-        sched = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+        sched = _load(DDIMScheduler, folder, "scheduler")
         self.prediction_type = sched.config.prediction_type
         self.schedule = schedule_of(sched, cfg.num_steps, cfg.eta, "sd")
         safe = {"use_safetensors": True, "dtype": self.dtype}
@@ -146,11 +151,6 @@ class SDTask(Task):
         self._lcm_unet = None
         if options.lcm:
             self._attach_lcm(Path(options.lcm))
-        if self.estimator == "consistency" and not options.lcm:
-            raise ConfigError(
-                "sd: estimator consistency needs task_params.lcm (an LCM UNet folder or an "
-                "LCM-LoRA file); or use estimator tweedie"
-            )
         if options.gradient_checkpointing:
             enable_adapter_aware_checkpointing(self.unet)
             self.vae.enable_gradient_checkpointing()
@@ -159,7 +159,6 @@ class SDTask(Task):
                 clip.enable_checkpointing()
         if hasattr(reward, "to"):
             reward.to(device)
-        self._alphas = self.schedule.alphas_cumprod.to(device)
 
     def _attach_lcm(self, path: Path) -> None:
         from diffusers import StableDiffusionPipeline, UNet2DConditionModel
