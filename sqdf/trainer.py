@@ -117,11 +117,17 @@ def train(
             },
         )
     if progress and procs.is_main:
+        cells = cfg.batch_size * cfg.cells_per_trajectory  # per micro-batch and process
+        fresh_note = (
+            f"{cfg.batch_size * procs.world * cfg.grad_accum} truncated trajectories per update"
+            if cfg.rollout == "truncated"
+            else f"{cfg.batch_size * procs.world} fresh trajectories every "
+            f"{cfg.replay_ratio} update(s)"
+        )
         print(
-            f"sqdf: effective batch {cfg.batch_size * procs.world * cfg.grad_accum} cells per "
-            f"update = {cfg.batch_size} per process x {procs.world} process(es) x "
-            f"{cfg.grad_accum} accumulation step(s); {cfg.batch_size * procs.world} fresh "
-            f"trajectories every {cfg.replay_ratio} update(s)",
+            f"sqdf: effective batch {cells * procs.world * cfg.grad_accum} cells per update = "
+            f"{cells} per process x {procs.world} process(es) x {cfg.grad_accum} "
+            f"accumulation step(s); {fresh_note}",
             file=sys.stderr,
         )
     loss_fn = METHODS[cfg.method].loss
