@@ -62,7 +62,7 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
     import torch
 
     from sqdf.config import make_config
-    from sqdf.evaluate import load_run
+    from sqdf.evaluate import load_run, score_samples
     from sqdf.run import read_metrics
     from sqdf.sampler import sample_trajectories
     from sqdf.trainer import train
@@ -77,8 +77,8 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         run = train(cfg, Path(tmp) / "run", progress=False)
-        walls = [r["wall_s"] for r in read_metrics(run)]
         rows = read_metrics(run)
+        walls = [r["wall_s"] for r in rows]
         task = load_run(run)
         g = torch.Generator().manual_seed(1234)
         cond = task.sample_conditions(eval_samples, g)
@@ -86,10 +86,7 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
         for policy in (True, False):
             x0 = sample_trajectories(task, eval_samples, torch.Generator().manual_seed(7),
                                      policy=policy, cond=cond).x0  # fmt: skip
-            with torch.no_grad():
-                chunks = [task.reward(x0[i : i + 16].to(task.device), cond[i : i + 16])
-                          for i in range(0, eval_samples, 16)]  # fmt: skip
-            scores[policy] = float(torch.cat(chunks).mean())
+            scores[policy] = float(score_samples(task, x0, cond).mean())
     per_update = [b - a for a, b in zip(walls, walls[1:], strict=False)]
     mean = statistics.mean(per_update)
     train_s = walls[-1]

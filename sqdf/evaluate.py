@@ -62,7 +62,8 @@ def _sample(task: Task, n: int, seed: int, progress: Any = False, **kw: Any) -> 
 
 
 @torch.no_grad()
-def _score(task: Task, x0: Tensor, cond: Tensor) -> Tensor:
+def score_samples(task: Task, x0: Tensor, cond: Tensor) -> Tensor:
+    """The task's reward of samples, (N,) on the CPU, in chunks of ``task.eval_batch``."""
     chunk = task.eval_batch or len(x0)
     dev = task.device
     return torch.cat([
@@ -91,7 +92,7 @@ def evaluate_run(
     traj = _sample(task, num_samples, seed, with_kl=True, progress=progress and "fine-tuned")
     ref = _sample(task, num_samples, seed, policy=False, progress=progress and "reference")
     gen = torch.Generator().manual_seed(seed + 1)
-    r, r_ref = _score(task, traj.x0, traj.cond), _score(task, ref.x0, ref.cond)
+    r, r_ref = score_samples(task, traj.x0, traj.cond), score_samples(task, ref.x0, ref.cond)
     assert traj.kl is not None
     metrics: dict[str, Any] = {
         "num_samples": num_samples,

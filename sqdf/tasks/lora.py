@@ -24,17 +24,28 @@ def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str
     return inject_adapter_in_model(config, model, adapter_name=POLICY_ADAPTER)
 
 
+def is_policy_weight(name: str) -> bool:
+    """Whether a parameter or state-dict key belongs to the policy's LoRA adapter."""
+    return LORA_KEY in name and f".{POLICY_ADAPTER}." in name
+
+
+def activate_only(model: nn.Module, name: str) -> None:
+    """Make adapter ``name`` the only active one, changing nothing else.
+
+    peft's own ``set_adapter`` also flips requires_grad, which would unfreeze another
+    adapter (or freeze the policy's in the middle of a loss); this switches the active set.
+    """
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer._active_adapter = [name]
+
+
 @contextmanager
 def only_adapter(model: nn.Module, name: str) -> Iterator[None]:
-    """Run with adapter ``name`` alone active (e.g. an LCM-LoRA beside the policy's).
-
-    peft's own ``set_adapter`` also flips requires_grad, which would unfreeze the other
-    adapter in the middle of a loss; this switches the active set and nothing else.
-    """
+    """Run with adapter ``name`` alone active (e.g. an LCM-LoRA beside the policy's)."""
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     before = [layer._active_adapter for layer in layers]
-    for layer in layers:
-        layer._active_adapter = [name]
+    activate_only(model, name)
     try:
         yield
     finally:
@@ -63,7 +74,7 @@ class LoraPolicy(nn.Module):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
         full = self.backbone.state_dict()
-        return {k: v for k, v in full.items() if LORA_KEY in k and f".{POLICY_ADAPTER}." in k}
+        return {k: v for k, v in full.items() if is_policy_weight(k)}
 
     def load_state_dict(self, state: dict[str, Tensor], strict: bool = True, assign: bool = False):  # type: ignore[override]
         expected = set(self.state_dict())

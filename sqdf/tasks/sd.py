@@ -26,9 +26,11 @@ from sqdf.tasks.base import Task, _expand, schedule_of
 from sqdf.tasks.lora import (
     POLICY_ADAPTER,
     LoraPolicy,
+    activate_only,
     adapters_disabled,
     add_lora,
     enable_adapter_aware_checkpointing,
+    is_policy_weight,
     only_adapter,
 )
 from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
@@ -176,13 +178,8 @@ class SDTask(Task):
                 state, prefix="unet", network_alphas=alphas, adapter_name=LCM_ADAPTER
             )
         for name, p in self.unet.named_parameters():
-            # the LCM-LoRA is frozen; only the policy's adapter trains
-            p.requires_grad_(f".{POLICY_ADAPTER}." in name and "lora_" in name)
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for layer in self.unet.modules():
-            if isinstance(layer, BaseTunerLayer):
-                layer._active_adapter = [POLICY_ADAPTER]  # see lora.only_adapter
+            p.requires_grad_(is_policy_weight(name))  # the LCM-LoRA is frozen
+        activate_only(self.unet, POLICY_ADAPTER)  # the LCM-LoRA runs only in consistency_x0
 
     def _autocast(self) -> Any:
         enabled = self.dtype != torch.float32
