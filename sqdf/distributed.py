@@ -16,6 +16,7 @@ bookkeeping does not fit. All gradients travel in one flat tensor, one all-reduc
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable
 
@@ -49,6 +50,10 @@ class Processes:
             # without a GPU Accelerate must be told so, or it runs each process alone
             cpu = device == "cpu" or not torch.cuda.is_available()
             self._acc = Accelerator(cpu=cpu)
+            # a process that exits with its gloo group alive can abort in the group's
+            # destructor ("terminate called without an active exception"); the launcher then
+            # kills the others mid-write
+            atexit.register(_destroy_group)
             self.rank, self.world = self._acc.process_index, self._acc.num_processes
             if self.world != launched()[1]:
                 raise ConfigError(
@@ -78,6 +83,13 @@ class Processes:
     def barrier(self) -> None:
         if self._acc is not None:
             self._acc.wait_for_everyone()
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_seed(seed: int, rank: int, start: int = 0) -> int:
