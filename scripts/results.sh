@@ -27,9 +27,11 @@ declare -A EXPERIMENTS=(
     # online black-box optimisation (sqdf bbo): every method at the same oracle query budget
     [bbo-gmm2d]="bbo --task gmm2d --methods $BBO --seeds 3 --set reward=quadratic --set num_steps=20 --set estimator=tweedie --set gamma=1.0 --set alpha=1.0 --set batch_size=64 --rounds 8 --queries-per-round 64 --updates-per-round 50"
     [bbo-digits]="bbo --task digits --config docs/results/digits.toml --methods $BBO --seeds 3 --rounds 4 --queries-per-round 64 --updates-per-round 20"
+    # the two closest at 256 queries, at twice the budget: does SQDF catch up with best-of-N?
+    [bbo-digits-512]="bbo --task digits --config docs/results/digits.toml --methods sqdf,best_of_n --seeds 3 --rounds 8 --queries-per-round 64 --updates-per-round 20"
 )
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-buffer gmm2d-alpha
-       digits-methods digits-gamma digits-estimator digits-buffer digits-alpha bbo-gmm2d bbo-digits)
+       digits-methods digits-gamma digits-estimator digits-buffer digits-alpha bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args

@@ -43,6 +43,10 @@ DICT_FIELDS = {"task_params": "--task-param", "reward_params": "--reward-param",
                "method_params": "--method-param"}  # fmt: skip
 
 
+COMPARE_DEFAULT_METHODS = "sqdf,draft,alignprop,ddpo"
+BBO_DEFAULT_METHODS = "sqdf,seiko,ddpo,best_of_n"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, status 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -214,6 +218,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from sqdf.compare import compare
 
+    if args.bbo:
+        own = {"--steps": args.steps, "--sweep": args.sweep, "--num-samples": args.num_samples,
+               "--best-of": args.best_of}  # fmt: skip
+        for flag, value in own.items():
+            if value is not None:
+                raise SqdfError(
+                    f"{flag} is not a --bbo setting (a BBO run is sized by --rounds, "
+                    "--queries-per-round and --updates-per-round)"
+                )
+        return _run_bbo(args, args.task, args.methods or BBO_DEFAULT_METHODS)
+    stray = list(_bbo_given(args)) + (["oracle_params"] if args.oracle_params else [])
+    if stray:
+        flag = "--" + stray[0].replace("_", "-").replace("oracle-params", "oracle-param")
+        raise SqdfError(f"{flag} is a BBO setting; add --bbo to compare BBO methods")
     base = read_toml(args.config) if args.config else {}
     base.update(_key_values(args.set, "--set"))
     base["task"] = args.task
@@ -228,7 +246,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             _parse_value(raw) if raw.startswith("[") else [_parse_value(v) for v in raw.split(",")]
         )
         sweep = (key.strip(), list(values))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or COMPARE_DEFAULT_METHODS).split(",")]
+    methods = [m for m in methods if m]
     out = args.out or _default_out(f"compare-{args.task}")
     folder = compare(
         base,
@@ -237,7 +256,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         out,
         sweep=sweep,
         num_samples=args.num_samples,
-        best_of=args.best_of,
+        best_of=16 if args.best_of is None else args.best_of,
         progress=not args.no_progress,
     )
     print((folder / "results.md").read_text())
@@ -295,6 +314,8 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from sqdf.bbo.loop import BBO_METHODS
+
     c = sub.add_parser(
         "compare", help="every method (or every value of one setting) on the same seeds and budget",
         description="Train and evaluate several methods, or one method over several values of "
@@ -304,14 +325,20 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
         "  sqdf compare --task gmm2d --methods sqdf,draft,alignprop,ddpo --seeds 2\n"
         "  sqdf compare --task gmm2d --methods sqdf --sweep gamma=1.0,0.9,0.7 --seeds 3\n"
-        "  sqdf compare --task digits --methods sqdf,draft,best_of_n --set alpha=0.1 --steps 60",
+        "  sqdf compare --task digits --methods sqdf,draft,best_of_n --set alpha=0.1 --steps 60\n"
+        "  sqdf compare --bbo --task gmm2d --set reward=quadratic \\\n"
+        "      --methods sqdf,seiko,best_of_n --rounds 4 --queries-per-round 64\n\n"
+        "With --bbo the methods meet at the same number of oracle queries instead of updates: "
+        "the same\nexperiment and outputs as sqdf bbo (see sqdf bbo --help), resumable with "
+        "sqdf bbo --resume DIR.",
     )  # fmt: skip
-    c.add_argument("--task", default="gmm2d", help="gmm2d or digits (default: gmm2d)")
+    c.add_argument("--task", default="gmm2d", help="gmm2d, digits or sd (default: gmm2d)")
     c.add_argument(
         "--methods",
-        default="sqdf,draft,alignprop,ddpo",
+        default=None,
         help="comma-separated: sqdf, draft, draft_lv, draft_kl, refl, alignprop, ddpo, "
-        "best_of_n (default: sqdf,draft,alignprop,ddpo)",
+        f"best_of_n (default: {COMPARE_DEFAULT_METHODS}); with --bbo: "
+        f"{', '.join(BBO_METHODS)} (default: {BBO_DEFAULT_METHODS})",
     )
     c.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 (default: 2)")
     c.add_argument("--out", default=None, help="output folder (default: runs/compare-TASK-TIME)")
@@ -331,8 +358,14 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         help="ablation: one run per value of KEY, for the first method",
     )
     c.add_argument("--num-samples", type=int, default=None, help="evaluation samples per run")
-    c.add_argument("--best-of", type=int, default=16, help="N for best_of_n (default: 16)")
+    c.add_argument("--best-of", type=int, default=None, help="N for best_of_n (default: 16)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")  # fmt: skip
+    g = c.add_argument_group(
+        "online black-box optimisation (--bbo)",
+        "the methods compared at a query budget against an oracle, as sqdf bbo runs them",
+    )
+    g.add_argument("--bbo", action="store_true", help="compare BBO methods at a query budget")
+    _add_bbo_options(g)
 
 
 BBO_EPILOG = """\
@@ -351,7 +384,6 @@ a --config file may add a [bbo] table of the flags below). Writes DIR/runs/METHO
 
 
 def _add_bbo(sub: argparse._SubParsersAction) -> None:
-    from sqdf.bbo.config import bbo_fields
     from sqdf.bbo.loop import BBO_METHODS
 
     b = sub.add_parser(
@@ -362,11 +394,11 @@ def _add_bbo(sub: argparse._SubParsersAction) -> None:
         epilog=BBO_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    b.add_argument("--task", default=None, help="gmm2d or digits (default: gmm2d)")
+    b.add_argument("--task", default=None, help="gmm2d, digits or sd (default: gmm2d)")
     b.add_argument(
         "--methods",
-        default="sqdf,seiko,ddpo,best_of_n",
-        help=f"comma-separated: {', '.join(BBO_METHODS)} (default: sqdf,seiko,ddpo,best_of_n)",
+        default=None,
+        help=f"comma-separated: {', '.join(BBO_METHODS)} (default: {BBO_DEFAULT_METHODS})",
     )
     b.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 (default: 2)")
     b.add_argument("--out", default=None, help="output folder (default: runs/bbo-TASK-TIME)")
@@ -376,53 +408,80 @@ def _add_bbo(sub: argparse._SubParsersAction) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a train config key, e.g. alpha=1.0 (repeatable)",
     )  # fmt: skip
-    b.add_argument(
+    b.add_argument("--no-progress", action="store_true", help="no progress lines")
+    _add_bbo_options(b)
+
+
+def _add_bbo_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The BboConfig flags (shared by sqdf bbo and sqdf compare --bbo); returns their dests."""
+    from sqdf.bbo.config import bbo_fields
+
+    parser.add_argument(
         "--oracle-param", dest="oracle_params", action="append", default=[],
         metavar="KEY=VALUE", help="oracle parameter for module:function (repeatable)",
     )  # fmt: skip
-    b.add_argument("--no-progress", action="store_true", help="no progress lines")
+    dests = ["oracle_params"]
     for f in bbo_fields():
         if f.name == "oracle_params":
             continue
+        dests.append(f.name)
         flag = f"--{f.name.replace('_', '-')}"
         if f.type == "bool":
-            b.add_argument(flag, dest=f.name, action="store_true", default=None,
-                           help=f.metadata["help"])  # fmt: skip
+            parser.add_argument(flag, dest=f.name, action="store_true", default=None,
+                                help=f.metadata["help"])  # fmt: skip
             continue
         kind = {"int": int, "float": float, "str": str}[str(f.type)]
-        b.add_argument(
+        parser.add_argument(
             flag, dest=f.name, type=kind, default=None,
             help=f"{f.metadata['help']} (default: {f.default})",
         )  # fmt: skip
+    return dests
+
+
+def _bbo_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The BboConfig flags given on the command line."""
+    from sqdf.bbo.config import bbo_fields
+
+    given = {f.name: getattr(args, f.name) for f in bbo_fields() if f.name != "oracle_params"}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _cmd_bbo(args: argparse.Namespace) -> int:
-    from sqdf.bbo import BboConfig, resume_bbo, run_bbo
-    from sqdf.bbo.config import bbo_fields
-    from sqdf.config import build_settings
+    from sqdf.bbo import resume_bbo
 
-    given = {f.name: getattr(args, f.name) for f in bbo_fields() if f.name != "oracle_params"}
-    given = {k: v for k, v in given.items() if v is not None}
     if args.resume:
-        if args.config or args.set or args.oracle_params or given or args.task or args.out:
+        others = args.config or args.set or args.oracle_params or _bbo_given(args)
+        if others or args.task or args.out:
             raise SqdfError("--resume takes the folder's own settings; give no other options")
         folder = resume_bbo(args.resume, progress=not args.no_progress)
-    else:
-        values = read_toml(args.config) if args.config else {}
-        bbo_values = values.pop("bbo", {})
-        values.update(_key_values(args.set, "--set"))
-        values["task"] = args.task or values.get("task", "gmm2d")
-        bbo_values.update(given)
-        oracle_params = _key_values(args.oracle_params, "--oracle-param")
-        if oracle_params:
-            bbo_values["oracle_params"] = {**bbo_values.get("oracle_params", {}), **oracle_params}
-        bbo = build_settings(BboConfig, bbo_values, "bbo")
-        base = make_config(values, source=args.config or "--set")
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        out = args.out or _default_out(f"bbo-{base.task}")
-        folder = run_bbo(bbo, base, methods, args.seeds, out, progress=not args.no_progress)
+        return _print_bbo(folder)
+    return _run_bbo(args, args.task, args.methods or BBO_DEFAULT_METHODS)
+
+
+def _run_bbo(args: argparse.Namespace, task: str | None, methods: str) -> int:
+    """A new BBO experiment from sqdf bbo's or sqdf compare --bbo's arguments."""
+    from sqdf.bbo import BboConfig, run_bbo
+    from sqdf.config import build_settings
+
+    values = read_toml(args.config) if args.config else {}
+    bbo_values = values.pop("bbo", {})
+    values.update(_key_values(args.set, "--set"))
+    values["task"] = task or values.get("task", "gmm2d")
+    bbo_values.update(_bbo_given(args))
+    oracle_params = _key_values(args.oracle_params, "--oracle-param")
+    if oracle_params:
+        bbo_values["oracle_params"] = {**bbo_values.get("oracle_params", {}), **oracle_params}
+    bbo = build_settings(BboConfig, bbo_values, "bbo")
+    base = make_config(values, source=args.config or "--set")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    out = args.out or _default_out(f"bbo-{base.task}")
+    return _print_bbo(run_bbo(bbo, base, names, args.seeds, out, progress=not args.no_progress))
+
+
+def _print_bbo(folder: Path) -> int:
     print((folder / "results.md").read_text())
     print(f"wrote {folder}/results.json, results.md, bbo_curve.png and runs/ (query data)")
+    print(f"(continue it after an interruption with: sqdf bbo --resume {folder})")
     return 0
 
 

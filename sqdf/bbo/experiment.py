@@ -146,6 +146,7 @@ COLUMNS = {
     "gmm2d": ["oracle_mean", "kl_path", "proxy_rmse", "proxy_bias", "target_sliced_w2"],
     "digits": ["oracle_mean", "kl_path", "proxy_rmse", "proxy_bias", "eval_agreement",
                "eval_frechet", "eval_diversity"],
+    "sd": ["oracle_mean", "kl_path", "proxy_rmse", "proxy_bias", "eval_diversity"],
 }  # fmt: skip
 
 

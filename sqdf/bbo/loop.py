@@ -117,7 +117,8 @@ def build_oracle(bbo: BboConfig, cfg: TrainConfig, task: Task, used: int) -> Ora
         name = resolved_reward_name(cfg)
         fn = task_oracle(task, name)
     else:
-        name, fn = bbo.oracle, user_oracle(bbo.oracle, bbo.oracle_params)
+        name = bbo.oracle
+        fn = user_oracle(bbo.oracle, bbo.oracle_params, task.reward_conditions)
     return Oracle(name, fn, bbo.budget, drop_bad=bbo.drop_bad_queries, used=used)
 
 
@@ -167,7 +168,7 @@ def run_method(
     atomic_write_text(run / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     q = bbo.queries_per_round
     cond = task.sample_conditions(q, torch.Generator().manual_seed(round_seed(seed, 0, 1)))
-    features, dim = feature_map(cfg.task, task.device) if spec.proxy else (None, 0)
+    features, dim = feature_map(task, cfg.task) if spec.proxy else (None, 0)
     t0 = time.perf_counter() - (rows[-1]["wall_s"] if rows else 0.0)
 
     for k in range(start, bbo.rounds):
@@ -234,8 +235,10 @@ def _draw(task: Task, spec: BboMethod, cond: Tensor, seed: int, k: int, path: Pa
     trained = spec.train_method is not None
     traj = sample_trajectories(task, cond.shape[0], g, cond=cond, policy=trained, with_kl=trained)
     n = cond.shape[0]
-    with torch.no_grad():
-        samples = task.reward_input(traj.x0.to(task.device)).cpu()
+    with torch.no_grad():  # in chunks: SD decodes every latent to a full-size image
+        samples = torch.cat(
+            [task.reward_input(x.to(task.device)).cpu() for x in traj.x0.split(FEATURE_CHUNK)]
+        )
     data = RoundData(
         states=traj.states,
         cond=traj.cond,
@@ -274,9 +277,12 @@ def _valid_data(rounds: list[RoundData]) -> tuple[Tensor, Tensor]:
     return samples, values
 
 
+FEATURE_CHUNK = 16  # samples per feature pass: a round of SD images at once would not fit
+
+
 def _features_of(features: Any, samples: Tensor, device: torch.device) -> Tensor:
     with torch.no_grad():
-        return features(samples.to(device)).float()
+        return torch.cat([features(s.to(device)).float() for s in samples.split(FEATURE_CHUNK)])
 
 
 def _round_metrics(
@@ -327,7 +333,7 @@ def _round_metrics(
         # > 0: the proxy promised more than the oracle gave (what fine-tuning exploits)
         row["proxy_bias"] = float(err.mean())
         row["proxy_std"] = float(std.mean())
-    if cfg.task == "digits" or bbo.oracle == "task":  # gmm2d's target is the task reward's
+    if cfg.task != "gmm2d" or bbo.oracle == "task":  # gmm2d's target is the task reward's
         ref_x0 = rounds[0].states[:, -1]
         g = torch.Generator().manual_seed(round_seed(cfg.seed, k, 2))
         metrics = task.evaluate(shown_x0, ref_x0, data.cond, g)

@@ -106,13 +106,17 @@ def task_oracle(task: Any, reward_name: str) -> OracleFn:
     reward_model = task.reward_model
 
     def oracle(samples: Tensor, cond: Tensor) -> list[float]:
-        return reward_model(samples.to(task.device), cond.to(task.device)).cpu().tolist()
+        given = task.reward_conditions(cond.to(task.device))
+        return reward_model(samples.to(task.device), given).float().cpu().tolist()
 
     oracle.__name__ = f"task reward {reward_name}"
     return oracle
 
 
-def user_oracle(spec: str, params: dict[str, Any]) -> OracleFn:
-    """``module:function`` called as ``function(samples, cond, **params)``."""
+def user_oracle(
+    spec: str, params: dict[str, Any], conditions: Callable[[Tensor], Any] = lambda c: c
+) -> OracleFn:
+    """``module:function`` called as ``function(samples, conditions(cond), **params)``: the
+    conditions as the task's rewards see them (class indices; prompt strings for sd)."""
     func = import_function(spec, "oracle")
-    return lambda samples, cond: func(samples, cond, **params)
+    return lambda samples, cond: func(samples, conditions(cond), **params)

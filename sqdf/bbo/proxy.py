@@ -6,7 +6,8 @@ data are thin). Fine-tuning maximises an optimistic proxy: the upper confidence 
 Features are frozen so the proxy is a small regression that a few hundred queries can fit:
 the raw coordinates for gmm2d, the independent evaluator's penultimate activations for
 digits (a network the oracle and the proxy both do not own; gradients flow through it to the
-pixels).
+pixels), and the CLIP image embeddings of the reward model for Stable Diffusion (as SEIKO's
+aesthetic experiment: a proxy on the embeddings the aesthetic head reads).
 """
 
 from __future__ import annotations
@@ -14,25 +15,38 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sqdf.errors import SqdfError
+
 FeatureMap = Callable[[Tensor], Tensor]  # reward-space samples (B, ...) -> (B, D), differentiable
 
 
-def feature_map(task_name: str, device: torch.device) -> tuple[FeatureMap, int]:
+def feature_map(task: Any, task_name: str) -> tuple[FeatureMap, int]:
     """The task's frozen features and their dimension."""
     if task_name == "gmm2d":
         return (lambda x: x), 2
     if task_name == "digits":
         from sqdf.evaluators import DigitEvaluator
 
-        judge = DigitEvaluator.load(device)
+        judge = DigitEvaluator.load(task.device)
         # not judge.features(): that one runs without gradients, in chunks, on the CPU
         return (lambda images: judge.model.features(judge.prepare(images))), 256
-    raise ValueError(f"no proxy features for task {task_name!r}")
+    if task_name == "sd":
+        clip = getattr(task.reward_model, "clip_model", None)
+        if clip is None:
+            raise SqdfError(
+                f"sqdf bbo on sd fits its proxy on the reward's CLIP image embeddings; reward "
+                f"{getattr(task.reward_model, 'name', '?')!r} has none (use aesthetic, "
+                "pickscore or clipscore as the task reward; a module:function oracle may "
+                "still be the oracle)"
+            )
+        return clip.image_features, int(clip.model.config.projection_dim)
+    raise SqdfError(f"sqdf bbo has no proxy features for task {task_name!r}")
 
 
 class ProxyEnsemble(nn.Module):

@@ -63,9 +63,14 @@ class Task(ABC):
         [0, 1] pixels); differentiable. The identity where the sample space is that already."""
         return x0
 
+    def reward_conditions(self, cond: Tensor | None) -> Any:
+        """The conditions as a reward, an oracle or a user's function receives them: the
+        condition tensor itself (class indices) here; prompt strings for Stable Diffusion."""
+        return cond
+
     def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
         """r(x0, cond) per sample, x0 in the model's sample space; (B,)."""
-        return self.reward_model(self.reward_input(x0), cond)
+        return self.reward_model(self.reward_input(x0), self.reward_conditions(cond))
 
     def tweedie_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         from sqdf.core.x0 import tweedie_x0

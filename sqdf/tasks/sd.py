@@ -244,12 +244,16 @@ class SDTask(Task):
     def prompts_of(self, cond: Tensor) -> list[str]:
         return [self.prompts[int(i)] for i in cond]
 
-    def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
+    def reward_conditions(self, cond: Tensor | None) -> list[str]:
         if cond is None:
             raise SqdfError("task sd scores images with their prompts; cond is required")
+        return self.prompts_of(cond)
+
+    def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
+        prompts = self.reward_conditions(cond)
         images = self.reward_input(x0)
         with self._autocast():
-            return self.reward_model(images, self.prompts_of(cond)).float()
+            return self.reward_model(images, prompts).float()
 
     @torch.no_grad()
     def decode_batches(self, latents: Tensor, batch: int = 8) -> Tensor:

@@ -73,3 +73,33 @@ def test_bad_resume(tmp_path, capsys):
     assert "not an sqdf bbo folder" in capsys.readouterr().err
     assert main(["bbo", "--resume", str(tmp_path), "--rounds", "3"]) == 2
     assert "give no other options" in capsys.readouterr().err
+
+
+def test_compare_bbo_runs_the_bbo_methods_side_by_side(tmp_path, capsys):
+    out = tmp_path / "c"
+    argv = ["compare", "--bbo", "--methods", "sqdf,seiko,best_of_n", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| seiko | 12 |" in text and "sqdf bbo --resume" in text
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["methods"]) == ["sqdf", "seiko", "best_of_n"]
+    assert (out / "bbo_curve.png").is_file()
+    # the same experiment as sqdf bbo: its query data resume the same way
+    assert main(["bbo", "--resume", str(out), "--no-progress"]) == 0
+
+
+COMPARE_CASES = [
+    (["--bbo", "--steps", "5"], "--steps is not a --bbo setting"),
+    (["--bbo", "--sweep", "gamma=1,0.9"], "--sweep is not a --bbo setting"),
+    (["--bbo", "--methods", "refl"], "unknown bbo method 'refl'"),
+    (["--rounds", "3"], "--rounds is a BBO setting; add --bbo"),
+    (["--oracle-param", "x=1"], "--oracle-param is a BBO setting; add --bbo"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", COMPARE_CASES, ids=[c[1] for c in COMPARE_CASES])
+def test_bad_compare_bbo_input(extra, expected, tmp_path, capsys):
+    assert main(["compare", "--out", str(tmp_path / "x"), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

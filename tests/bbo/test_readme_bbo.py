@@ -22,3 +22,14 @@ def test_bbo_example_runs_and_sqdf_gains_oracle_reward(tmp_path, monkeypatch):
     assert rounds[-1]["queries"] == 256
     # the README says the oracle reward rose well above the reference's (round 0)
     assert rounds[-1]["oracle_mean"] > rounds[0]["oracle_mean"] + 3.0
+
+
+def test_compare_bbo_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (example,) = [b for b in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+                  if b.startswith("sqdf compare --bbo")]  # fmt: skip
+    argv = shlex.split(example.strip())
+    assert argv[0] == "sqdf" and main([*argv[1:], "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "runs" / "compare-bbo" / "results.json").read_text())
+    assert list(summary["methods"]) == ["sqdf", "seiko", "best_of_n"]
+    assert all(m["rounds"][-1]["queries"] == 64 for m in summary["methods"].values())

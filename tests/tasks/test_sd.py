@@ -3,6 +3,7 @@ piece checked against diffusers/transformers doing the same thing their own way.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -417,3 +418,69 @@ def test_eval_in_chunks_gives_policy_and_reference_the_same_noise(parts, tmp_pat
     assert metrics["reward_mean"] == metrics["ref_reward_mean"]
     assert metrics["kl_path"] == 0.0
     assert metrics["eval_diversity"] == metrics["ref_eval_diversity"] > 0
+
+
+SD_ORACLE = """
+import torch
+PROMPTS = []
+
+def brightness(images, prompts):
+    PROMPTS.extend(prompts)
+    return images.mean(dim=(1, 2, 3)).tolist()
+"""
+
+
+def test_bbo_on_sd_sends_prompts_and_fits_the_proxy_on_clip_embeddings(parts, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    import importlib
+
+    from sqdf.bbo import BboConfig, run_method
+    from sqdf.bbo.data import load_rounds
+    from sqdf.checkpoint import load_weights
+
+    (tmp_path / "sd_oracle.py").write_text(SD_ORACLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("sd_oracle")
+    bbo = BboConfig(oracle="sd_oracle:brightness", rounds=2, queries_per_round=3,
+                    updates_per_round=1, proxy_steps=10)  # fmt: skip
+    rows = run_method(bbo, config(parts), "sqdf", 0, tmp_path / "run", progress=False)
+    task = build_task(config(parts))
+    rounds = load_rounds(tmp_path / "run")
+    # the oracle saw [0, 1] images and their prompts as strings, nothing else
+    assert module.PROMPTS == [p for r in rounds for p in task.prompts_of(r.cond)]
+    side = task.sample_shape[-1] * 2 ** (len(task.vae.config.block_out_channels) - 1)
+    for r in rounds:
+        assert r.samples.shape == (3, 3, side, side)
+        assert 0 <= float(r.samples.min()) and float(r.samples.max()) <= 1
+        torch.testing.assert_close(r.value, r.samples.double().mean(dim=(1, 2, 3)))
+    # the proxy reads the aesthetic reward's CLIP image embeddings (projection_dim wide)
+    proxy = load_weights(tmp_path / "run" / "proxy" / "round_0000.safetensors")
+    dim = task.reward_model.clip_model.model.config.projection_dim
+    assert proxy["w1"].shape == (bbo.ensemble_size, dim, bbo.proxy_hidden)
+    assert [r["queries"] for r in rows] == [3, 6] and math.isfinite(rows[1]["proxy_rmse"])
+    assert math.isfinite(rows[1]["eval_diversity"])
+
+
+def test_sd_task_oracle_scores_with_the_prompts(parts, tmp_path):
+    from sqdf.bbo import BboConfig, run_method
+    from sqdf.bbo.data import load_rounds
+
+    params = {"model": str(parts / "clip")}
+    cfg = config(parts, reward="pickscore", reward_params=params)
+    run_method(BboConfig(rounds=1, queries_per_round=2), cfg, "best_of_n", 0, tmp_path / "r",
+               progress=False)  # fmt: skip
+    (data,) = load_rounds(tmp_path / "r")
+    prompts = build_task(cfg).prompts_of(data.cond)
+    with torch.no_grad():
+        expected = build_reward("pickscore", params)(data.samples, prompts).double()
+    torch.testing.assert_close(data.value, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sd_proxy_needs_the_rewards_clip_features():
+    from types import SimpleNamespace
+
+    from sqdf.bbo.proxy import feature_map
+
+    task = SimpleNamespace(reward_model=SimpleNamespace(name="custom"), device="cpu")
+    with pytest.raises(SqdfError, match="CLIP image embeddings; reward 'custom' has none"):
+        feature_map(task, "sd")
