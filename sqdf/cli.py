@@ -554,7 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-reference", action="store_true", help="skip the reference panel")
     s.add_argument("--task", choices=["sd"], help="sd: render with a plain diffusers pipeline")
     s.add_argument("--model", metavar="PATH", help="sd: local Stable Diffusion folder")
-    s.add_argument("--lora", metavar="DIR", help="sd: a LoRA folder, e.g. RUN/final")
+    s.add_argument(
+        "--lora",
+        metavar="DIR",
+        help="sd: the RUN/final folder of an sd run (its LoRA, or its fully fine-tuned unet/)",
+    )
     s.add_argument("--prompts", default="animals", help="sd: built-in set or file (animals)")
     s.add_argument("--guidance", type=float, default=5.0, help="sd: CFG scale (5.0)")
     s.add_argument("--num-steps", type=int, default=50, help="sd: DDIM steps (50)")

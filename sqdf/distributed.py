@@ -12,6 +12,15 @@ method's loss runs the policy several times before one backward (DRaFT-K, AlignP
 reference mean with the LoRA adapter disabled), which DDP's one-forward-per-backward
 bookkeeping does not fit. All gradients travel in one flat tensor, one all-reduce per update
 (not one per micro-batch), which is what DDP with ``no_sync`` over the accumulation does.
+
+FSDP (an Accelerate config with ``distributed_type: FSDP``, ``fsdp_version: 2``): the policy
+network is sharded by Accelerate's FSDP2 (``fully_shard``, which allows several forwards
+before a backward); FSDP then averages the gradients itself, the norm is clipped across
+shards, and the weights and optimizer state are gathered whole for checkpoints and the final
+weights, so a run written under FSDP resumes without it and the other way round. Accelerate
+ignores an FSDP config when it runs on CPUs (it falls back to all-reduce); FSDP2 itself works
+over gloo, so on CPUs sqdf sets Accelerate's distributed type to FSDP for it, which is how the
+FSDP path is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import atexit
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +60,8 @@ class Processes:
             # without a GPU Accelerate must be told so, or it runs each process alone
             cpu = device == "cpu" or not torch.cuda.is_available()
             self._acc = Accelerator(cpu=cpu)
+            if _fsdp_requested():
+                _use_fsdp2(self._acc)
             # a process that exits with its gloo group alive can abort in the group's
             # destructor ("terminate called without an active exception"); the launcher then
             # kills the others mid-write
@@ -64,6 +76,98 @@ class Processes:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether the policy is sharded (FSDP2) rather than replicated."""
+        if self._acc is None:
+            return False
+        from accelerate.utils import DistributedType
+
+        return self._acc.distributed_type == DistributedType.FSDP
+
+    def prepare(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> list[torch.nn.Parameter]:
+        """Shard ``model`` under FSDP (in place: the task keeps calling the same module) and
+        point ``optimizer`` at the shards; returns the trainable parameters to clip."""
+        if self.fsdp:
+            self._acc.prepare(model, optimizer)
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def clip(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        """Clip the (already averaged) gradients to ``max_norm`` (0 = no clipping); returns
+        their norm before clipping, the same in every process."""
+        limit = max_norm if max_norm > 0 else float("inf")
+        if self.fsdp:  # a norm over every process's shards
+            norm = self._acc.clip_grad_norm_(params, limit)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """The whole state dict; under FSDP every process must call this, and only the main
+        one receives it (on the CPU; the others get an empty dict)."""
+        if not self.fsdp:
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options)
+
+    def load_model_state(self, model: torch.nn.Module, state: dict[str, Tensor]) -> None:
+        if not self.fsdp:
+            model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+    def optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        """``optimizer.state_dict()`` as one process holds it unsharded (parameters numbered
+        in the order of the model's trainable parameters); collective under FSDP, where only
+        the main process receives it."""
+        if not self.fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        by_name = get_optimizer_state_dict(model, optimizer, options=options)
+        if not by_name:  # with cpu_offload only the main process receives the whole state
+            return {}
+        index = {name: i for i, name in enumerate(_trainable_names(model))}
+        return {
+            "state": {index[n]: v for n, v in by_name["state"].items()},
+            "param_groups": [
+                {**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]
+            ],
+        }
+
+    def load_optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        if not self.fsdp:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        names = _trainable_names(model)
+        by_name = {
+            "state": {names[int(i)]: v for i, v in state["state"].items()},
+            "param_groups": [
+                {**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]
+            ],
+        }
+        set_optimizer_state_dict(
+            model, optimizer, by_name, options=StateDictOptions(full_state_dict=True)
+        )
 
     def device(self, requested: str) -> str:
         """The device this process computes on: the launcher's choice when launched."""
@@ -83,6 +187,35 @@ class Processes:
     def barrier(self) -> None:
         if self._acc is not None:
             self._acc.wait_for_everyone()
+
+
+def _fsdp_requested() -> bool:
+    # what accelerate launch sets from a config with distributed_type: FSDP (or --use_fsdp)
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _use_fsdp2(acc: Any) -> None:
+    """Check the FSDP settings; on CPUs, where Accelerate ignores them, turn its FSDP2 path on."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if acc.distributed_type != DistributedType.FSDP:  # CPUs: Accelerate fell back to all-reduce
+        # both shared states, as Accelerate itself records an FSDP choice (a later
+        # AcceleratorState() copies PartialState's type over its own)
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        acc.state.distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch env
+    if acc.state.fsdp_plugin.fsdp_version != 2:
+        raise ConfigError(
+            f"sqdf shards with FSDP2: set fsdp_version: 2 in the accelerate config (got "
+            f"{acc.state.fsdp_plugin.fsdp_version}); FSDP1 cannot run the several policy "
+            "forwards a loss makes before its backward"
+        )
+
+
+def _trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters as FSDP2 reports them (no wrapper prefixes)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _destroy_group() -> None:

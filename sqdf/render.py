@@ -1,5 +1,6 @@
-"""``sqdf sample --task sd``: render prompts with a plain diffusers pipeline and a LoRA from
-``RUN/final``, the way a user of the fine-tuned weights would, into one picture."""
+"""``sqdf sample --task sd``: render prompts with a plain diffusers pipeline and the weights
+in ``RUN/final`` (a LoRA, or a fully fine-tuned UNet), the way a user of the fine-tuned
+weights would, into one picture."""
 
 from __future__ import annotations
 
@@ -58,10 +59,23 @@ def render_sd(
         return torch.stack(images)
 
     if lora is not None:
-        if not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
-            raise SqdfError(f"{lora} holds no pytorch_lora_weights.safetensors (use RUN/final)")
+        final = Path(lora)
+        full = (final / "unet" / "config.json").is_file()  # a fully fine-tuned UNet
+        if not full and not (final / "pytorch_lora_weights.safetensors").is_file():
+            raise SqdfError(
+                f"{lora} holds neither pytorch_lora_weights.safetensors nor unet/ (use the "
+                "RUN/final folder of an sd run)"
+            )
         rows.append(("reference", draw()))
-        pipe.load_lora_weights(lora)
+        if full:
+            from diffusers import UNet2DConditionModel
+
+            pipe.unet = UNet2DConditionModel.from_pretrained(
+                str(final / "unet"), local_files_only=True, use_safetensors=True,
+                dtype=pipe.unet.dtype,
+            ).to(dev)  # fmt: skip
+        else:
+            pipe.load_lora_weights(lora)
         rows.append(("fine-tuned", draw()))
     else:
         rows.append(("reference", draw()))

@@ -28,7 +28,7 @@ from sqdf.buffer import Cells, ReplayBuffer
 from sqdf.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_weights
 from sqdf.config import TrainConfig
 from sqdf.distributed import Processes, average_gradients, gather_states, rank_seed
-from sqdf.errors import SqdfError
+from sqdf.errors import ConfigError, SqdfError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import reward_params
 from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
@@ -53,11 +53,35 @@ def truncated_cells(task: Task, cfg: TrainConfig, generator: torch.Generator) ->
 
 
 def average_and_clip(procs: Processes, params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Average the gradients over processes, clip them to ``max_norm`` (0 = no clipping) and
-    return their norm before clipping, the same in every process."""
-    average_gradients(procs, params)
-    limit = max_norm if max_norm > 0 else float("inf")
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    """Average the gradients over processes (FSDP has done it in the backward), clip them to
+    ``max_norm`` (0 = no clipping) and return their norm before clipping, the same in every
+    process."""
+    if not procs.fsdp:
+        average_gradients(procs, params)
+    return procs.clip(params, max_norm)
+
+
+def check_fsdp(task: Task, cfg: TrainConfig) -> None:
+    """What FSDP cannot run: a policy that is not the network the task calls (a LoRA wrapper:
+    calling the wrapped network would bypass the shards' gathering), or any pass count that
+    differs between processes (every forward and backward of a sharded network is collective)."""
+    if not task.shardable:
+        raise ConfigError(
+            f"FSDP shards a fully fine-tuned network; task {cfg.task} trains a LoRA here: set "
+            'task_params.finetune = "full", or launch without the FSDP config (a LoRA needs '
+            "no sharding)"
+        )
+    if cfg.rollout == "truncated":
+        raise ConfigError(
+            "rollout truncated cannot run under FSDP: each process runs its trajectories to "
+            "its own steps, so the processes make different numbers of sharded passes"
+        )
+    why = METHODS[cfg.method].uneven_passes
+    if why:
+        raise ConfigError(
+            f"method {cfg.method} cannot run under FSDP: {why}, so the processes make "
+            "different numbers of sharded passes"
+        )
 
 
 @dataclass
@@ -134,6 +158,9 @@ def train(
     params = [p for p in task.policy.parameters() if p.requires_grad]
     # constant learning rate: there is no LR schedule whose state would need saving
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if procs.fsdp:
+        check_fsdp(task, cfg)
+        params = procs.prepare(task.policy, optimizer)  # the shards replace the parameters
     buffer = ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma)
     generator = torch.Generator().manual_seed(rank_seed(cfg.seed, procs.rank))
     if state is not None:
@@ -148,8 +175,8 @@ def train(
 
     ck = load_latest_checkpoint(run / "checkpoints") if resume else None
     if ck is not None:
-        task.policy.load_state_dict(ck.policy)
-        optimizer.load_state_dict(ck.optimizer)
+        procs.load_model_state(task.policy, ck.policy)
+        procs.load_optimizer_state(task.policy, optimizer, ck.optimizer)
         start = ck.step
         counters.update({k: ck.state[k] for k in counters if k in ck.state})
         if procs.rank < len(ck.rngs):
@@ -173,14 +200,16 @@ def train(
         # every process takes part (its buffer and stream are gathered); the main one writes
         buffers = gather_states(procs, buffer.state_dict())
         rngs = [g["rng"] for g in gather_states(procs, {"rng": generator.get_state()})]
+        policy = procs.model_state(task.policy)  # collective under FSDP
+        optimizer_state = procs.optimizer_state(task.policy, optimizer)
         if not procs.is_main:
             return
         save_checkpoint(
             run / "checkpoints",
             Checkpoint(
                 step=step,
-                policy=task.policy.state_dict(),
-                optimizer=optimizer.state_dict(),
+                policy=policy,
+                optimizer=optimizer_state,
                 buffers=buffers,
                 rngs=rngs,
                 state={**counters, "wall_s": time.perf_counter() - t0},
@@ -221,6 +250,9 @@ def train(
             method_evals = partial = 0
             if skip:
                 cause = (cause + "; " if cause else "") + "no sample has a finite reward yet"
+            if procs.fsdp and float(procs.sum(torch.tensor(float(skip)))) > 0:
+                # sharded passes are collective: all processes skip, or none does
+                skip, cause = True, cause or "another process has no sample to learn from"
             for _ in range(cfg.grad_accum if not skip else 0):
                 if truncated:
                     cells = truncated_cells(task, cfg, generator)
@@ -230,7 +262,10 @@ def train(
                 loss, stats = loss_fn(task, cells, cfg, method_params, generator)
                 if not torch.isfinite(loss):
                     skip, cause = True, f"the loss was {loss.item()}"
-                    break
+                    if not procs.fsdp:
+                        break
+                    # under FSDP the backward (collective) still runs; the gradient norm,
+                    # non-finite on every process then, skips the update everywhere
                 (loss / cfg.grad_accum).backward()
                 loss_total += loss.item() / cfg.grad_accum
                 method_evals += int(stats.pop("reward_evals", 0))
@@ -298,9 +333,10 @@ def train(
     finally:
         bar.close()
 
+    policy = procs.model_state(task.policy)  # collective under FSDP
     if procs.is_main:
         (run / "final").mkdir(exist_ok=True)
-        save_weights(task.policy.state_dict(), run / "final" / "policy.safetensors")
-        task.save_final(run / "final")
+        save_weights(policy, run / "final" / "policy.safetensors")
+        task.save_final(run / "final", policy)
     procs.barrier()  # no process returns before the run folder is complete
     return run

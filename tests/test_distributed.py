@@ -22,16 +22,25 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def launch(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+# what accelerate launch sets for a config with distributed_type FSDP and fsdp_version 2
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+def launch(
+    args: list[str], nproc: int = 2, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", *args]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def sqdf_train(out: Path, *flags: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    return launch(["-m", "sqdf.cli", "train", "--out", str(out), "--no-progress", *flags], nproc)
+def sqdf_train(
+    out: Path, *flags: str, nproc: int = 2, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    argv = ["-m", "sqdf.cli", "train", "--out", str(out), "--no-progress", *flags]
+    return launch(argv, nproc, env)
 
 
 def test_rank_seeds_keep_rank_zero_and_differ():
@@ -41,9 +50,11 @@ def test_rank_seeds_keep_rank_zero_and_differ():
     assert rank_seed(5, 3) == rank_seed(5, 3)
 
 
-def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["all-reduce", "fsdp"])
+def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tmp_path, fsdp):
     b = 8
-    launch([str(ROOT / "tests/distributed/one_update.py"), str(tmp_path / "p.safetensors"), str(b)])
+    script = str(ROOT / "tests/distributed/one_update.py")
+    launch([script, str(tmp_path / "p.safetensors"), str(b)], env=FSDP_ENV if fsdp else None)
     two = load_file(str(tmp_path / "p.safetensors"))
 
     # one process, the same 2b cells and the same noise per half: the batch-2b loss is the
@@ -147,3 +158,63 @@ def test_readme_cpu_example_runs(tmp_path):
     launch([*argv[4:-1], str(out), "--no-progress"])  # launch() adds the torchrun flags
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(rows[-1])["step"] == 20
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "policy.safetensors"))
+
+
+def test_fsdp_train_resumes_exactly_matches_all_reduce_and_resumes_without_fsdp(tmp_path):
+    from sqdf.config import TrainConfig
+    from sqdf.trainer import train
+
+    flags = ["--task", "gmm2d", "--num-steps", "8", "--batch-size", "16", "--device", "cpu",
+             "--checkpoint-every", "3"]  # fmt: skip
+    sqdf_train(tmp_path / "fsdp", *flags, "--steps", "6", env=FSDP_ENV)
+    sqdf_train(tmp_path / "part", *flags, "--steps", "3", env=FSDP_ENV)
+    launch(["-m", "sqdf.cli", "train", "--resume", str(tmp_path / "part"), "--steps", "6",
+            "--no-progress"], env=FSDP_ENV)  # fmt: skip
+    sqdf_train(tmp_path / "reduce", *flags, "--steps", "6")
+    fsdp = final_weights(tmp_path / "fsdp")
+    for k, v in final_weights(tmp_path / "part").items():
+        assert torch.equal(v, fsdp[k]), k  # the sharded checkpoint resumes bitwise
+    for k, v in final_weights(tmp_path / "reduce").items():
+        torch.testing.assert_close(v, fsdp[k], rtol=1e-5, atol=1e-6)  # same updates, sharded
+    # an FSDP checkpoint is a plain one: one process without FSDP continues it
+    cfg = TrainConfig(task="gmm2d", num_steps=8, batch_size=16, device="cpu",
+                      checkpoint_every=3, steps=8)  # fmt: skip
+    (tmp_path / "fsdp" / "final" / "policy.safetensors").unlink()
+    train(cfg, tmp_path / "fsdp", resume=True, progress=False)
+    assert (tmp_path / "fsdp" / "final" / "policy.safetensors").is_file()
+
+
+def test_fsdp_shards_the_fully_fine_tuned_digits_unet(tmp_path):
+    from sqdf.tasks.digits import shipped_model
+    from sqdf.tasks.digits_model import load_unet
+
+    run = tmp_path / "d"
+    sqdf_train(run, "--task", "digits", "--task-param", "finetune=full", "--num-steps", "4",
+               "--batch-size", "4", "--steps", "2", "--estimator", "tweedie", "--device", "cpu",
+               "--checkpoint-every", "1", env=FSDP_ENV)  # fmt: skip
+    base = load_unet(shipped_model() / "unet", "digits base model").state_dict()
+    final = final_weights(run)
+    assert set(final) == set(base)  # the whole UNet, gathered from its shards
+    assert any(not torch.equal(final[k], base[k]) for k in base)
+
+
+def test_fsdp_refuses_what_it_cannot_shard():
+    from sqdf.config import TrainConfig
+    from sqdf.errors import ConfigError
+    from sqdf.trainer import check_fsdp
+
+    lora = TrainConfig(task="digits", reward="ink", device="cpu", num_steps=4)
+    with pytest.raises(ConfigError, match='set task_params.finetune = "full"'):
+        check_fsdp(build_task(lora), lora)
+    gmm = build_task(TrainConfig(task="gmm2d", device="cpu"))
+    for values, message in [
+        ({"method": "alignprop"}, "method alignprop cannot run under FSDP: each process draws"),
+        ({"method": "refl"}, "method refl cannot run under FSDP"),
+        ({"rollout": "truncated"}, "rollout truncated cannot run under FSDP"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_fsdp(gmm, TrainConfig(task="gmm2d", device="cpu", **values))

@@ -22,6 +22,9 @@ class Method:
     loss: Callable
     params: type
     buffer: str | None = None  # a replay strategy the method requires, if any
+    # None, or why the number of policy passes differs between processes (each draws its own
+    # truncation), which FSDP cannot run: every process must all-gather the same times
+    uneven_passes: str | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -29,8 +32,10 @@ METHODS: dict[str, Method] = {
     "draft": Method(draft_loss, DraftParams),
     "draft_lv": Method(draft_lv_loss, DraftParams),
     "draft_kl": Method(draft_kl_loss, DraftParams),
-    "refl": Method(refl_loss, ReflParams),
-    "alignprop": Method(alignprop_loss, AlignPropParams),
+    "refl": Method(refl_loss, ReflParams, uneven_passes="each process draws its gradient step"),
+    "alignprop": Method(
+        alignprop_loss, AlignPropParams, uneven_passes="each process draws its truncation"
+    ),
     "ddpo": Method(ddpo_loss, DdpoParams, buffer="on_policy"),
 }
 

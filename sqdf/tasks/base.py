@@ -29,6 +29,9 @@ class Task(ABC):
     eval_samples: int = 4096  # sqdf eval's default sample count
     eval_batch: int | None = None  # evaluation samples per chunk (None: all at once)
     device: torch.device = torch.device("cpu")
+    # whether ``policy`` is the very network the task calls, so FSDP can shard it (a LoRA
+    # wrapper is not: the task calls the network inside it)
+    shardable: bool = True
 
     @abstractmethod
     def sample_conditions(self, n: int, generator: torch.Generator) -> Tensor:
@@ -55,8 +58,9 @@ class Task(ABC):
     ) -> None:
         """A picture of samples (and optionally the reference's) saved to ``path``."""
 
-    def save_final(self, folder: Path) -> None:  # noqa: B027 - optional hook, no-op default
-        """Extra files for the run's final/ folder beside policy.safetensors (none here)."""
+    def save_final(self, folder: Path, policy: dict[str, Tensor]) -> None:  # noqa: B027
+        """Extra files for the run's final/ folder beside policy.safetensors, from the
+        policy's whole state dict ``policy`` (none here)."""
 
     def reward_input(self, x0: Tensor) -> Tensor:
         """What a reward (or an oracle, or a proxy) scores: x0 as the user sees it (digits:

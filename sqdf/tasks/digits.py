@@ -1,7 +1,8 @@
 """The embedded image task: class-conditional 16×16 digits from a shipped diffusers UNet.
 
-The class is the prompt. The policy is a peft LoRA on the base UNet; the reference is the
-same UNet with the adapter off. x̂0 comes from the reference (Tweedie) or from the shipped
+The class is the prompt. The policy is a peft LoRA on the base UNet, the reference the same
+UNet with the adapter off (or, with ``finetune = "full"``, the whole UNet trains and the
+reference is a frozen copy). x̂0 comes from the reference (Tweedie) or from the shipped
 consistency model. Rewards score pixels in [0, 1]; the independent evaluator (an MNIST CNN
 from another project) judges naturalness and diversity.
 """
@@ -30,7 +31,7 @@ from sqdf.tasks.digits_model import (
     load_unet,
     to_pixels,
 )
-from sqdf.tasks.lora import LoraPolicy, adapters_disabled, add_lora
+from sqdf.tasks.finetune import PolicyAndReference, check_finetune
 
 
 def shipped_model() -> Path:
@@ -50,8 +51,10 @@ class DigitsConfig:
         default_factory=lambda: ["conv1", "conv2", "time_emb_proj"]
     )
     classes: list | None = None  # conditions to train on (default: all ten digits)
+    finetune: str = "lora"  # lora, or full (every UNet weight; what FSDP shards)
 
     def __post_init__(self) -> None:
+        check_finetune(self.finetune, "digits")
         if self.guidance < 1.0:
             raise ConfigError(f"digits guidance must be >= 1, got {self.guidance}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
@@ -84,10 +87,14 @@ class DigitsTask(Task):
                 f"digits model: expected an epsilon model, got {sched.config.prediction_type}"
             )
         self.schedule = schedule_of(sched, cfg.num_steps, cfg.eta, "digits model")
-        unet = load_unet(folder / "unet", "digits base model")
-        add_lora(unet, options.lora_rank, options.lora_alpha, list(options.lora_targets))
-        self.unet = unet.to(device)
-        self.policy = LoraPolicy(self.unet)
+        unet = load_unet(folder / "unet", "digits base model").to(device)
+        self.nets = PolicyAndReference(
+            unet, options.finetune, options.lora_rank, options.lora_alpha,
+            list(options.lora_targets),
+        )  # fmt: skip
+        self.unet = unet
+        self.policy = self.nets.policy
+        self.shardable = self.nets.shardable
         self._cm_dir = Path(options.cm) if options.cm else folder / "cm"
 
     @cached_property
@@ -100,10 +107,8 @@ class DigitsTask(Task):
 
     def model_output(self, x: Tensor, timesteps: Tensor, cond: Tensor, *, policy: bool) -> Tensor:
         t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)
-        if policy:
-            return cfg_eps(self.unet, x, t, cond, self.options.guidance)
-        with adapters_disabled(self.unet):
-            return cfg_eps(self.unet, x, t, cond, self.options.guidance)
+        with self.nets.network(policy=policy) as net:
+            return cfg_eps(net, x, t, cond, self.options.guidance)
 
     def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)

@@ -1,6 +1,7 @@
 """Stable Diffusion from a local diffusers folder, fine-tuned as a peft LoRA on its UNet.
 
-The reference is the same UNet with the adapter off (one copy of the weights). Conditions
+The reference is the same UNet with the adapter off (one copy of the weights); with
+``finetune = "full"`` every UNet weight trains and the reference is a frozen copy. Conditions
 are indices into the prompt list; every prompt (and the negative prompt) is encoded once
 when the task is built, and the text encoder is then let go. x̂0 comes from the reference
 UNet (Tweedie) or from a latent consistency model: an LCM UNet folder, or an LCM-LoRA
@@ -19,16 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sqdf.checkpoint import save_weights
 from sqdf.config import build_settings
 from sqdf.core.x0 import consistency_x0, guidance_embedding
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.tasks.base import Task, _expand, schedule_of
+from sqdf.tasks.finetune import PolicyAndReference, check_finetune
 from sqdf.tasks.lora import (
     POLICY_ADAPTER,
-    LoraPolicy,
     activate_only,
-    adapters_disabled,
-    add_lora,
     enable_adapter_aware_checkpointing,
     is_policy_weight,
     only_adapter,
@@ -58,8 +58,10 @@ class SDConfig:
     lcm_guidance: float = 8.0  # w for an LCM UNet with a guidance embedding (time_cond_proj_dim)
     dtype: str = "auto"  # weights and autocast: auto (bfloat16 on CUDA, float32 on CPU) or a name
     gradient_checkpointing: bool = True  # UNet, VAE decoder and reward model
+    finetune: str = "lora"  # lora, or full (every UNet weight, in float32; what FSDP shards)
 
     def __post_init__(self) -> None:
+        check_finetune(self.finetune, "sd")
         if not self.model:
             raise ConfigError(
                 "task 'sd' needs a local Stable Diffusion folder: --model PATH "
@@ -145,16 +147,21 @@ class SDTask(Task):
             raise ConfigError(f"sd resolution {side} is not a multiple of the VAE's {factor}")
         self.sample_shape = (self.unet.config.in_channels, side // factor, side // factor)
 
-        add_lora(self.unet, options.lora_rank, options.lora_alpha, list(options.lora_targets))
+        self.nets = PolicyAndReference(
+            self.unet, options.finetune, options.lora_rank, options.lora_alpha,
+            list(options.lora_targets),
+        )  # fmt: skip
         for p in self.unet.parameters():
-            if p.requires_grad:  # the adapter trains in float32 whatever the weights' dtype
+            if p.requires_grad:  # trainable weights are float32 whatever the loaded dtype
                 p.data = p.data.to(device, torch.float32)
-        self.policy = LoraPolicy(self.unet)
+        self.policy = self.nets.policy
+        self.shardable = self.nets.shardable
         self._lcm_unet = None
         if options.lcm:
             self._attach_lcm(Path(options.lcm))
         if options.gradient_checkpointing:
-            enable_adapter_aware_checkpointing(self.unet)
+            for net in self.nets.networks:
+                enable_adapter_aware_checkpointing(net)
             self.vae.enable_gradient_checkpointing()
             clip = getattr(reward, "clip_model", None)
             if clip is not None:
@@ -171,15 +178,18 @@ class SDTask(Task):
             )
             self._lcm_unet.to(self.device, self.dtype).requires_grad_(False)
             return
+        # on the pretrained weights: the reference network (under LoRA, the policy's own)
+        base = self.nets.reference_net
         state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
         with warnings.catch_warnings():  # peft warns of a second adapter: that is the point
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            self.unet.load_lora_adapter(
+            base.load_lora_adapter(
                 state, prefix="unet", network_alphas=alphas, adapter_name=LCM_ADAPTER
             )
-        for name, p in self.unet.named_parameters():
-            p.requires_grad_(is_policy_weight(name))  # the LCM-LoRA is frozen
-        activate_only(self.unet, POLICY_ADAPTER)  # the LCM-LoRA runs only in consistency_x0
+        for name, p in base.named_parameters():  # the LCM-LoRA is frozen
+            p.requires_grad_(base is self.unet and is_policy_weight(name))
+        if base is self.unet:
+            activate_only(base, POLICY_ADAPTER)  # the LCM-LoRA runs only in consistency_x0
 
     def _autocast(self) -> Any:
         enabled = self.dtype != torch.float32
@@ -204,11 +214,8 @@ class SDTask(Task):
     def model_output(self, x: Tensor, timesteps: Tensor, cond: Tensor, *, policy: bool) -> Tensor:
         t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)
         with self._autocast():
-            if policy:
-                out = self._eps(self.unet, x, t, cond, self.options.guidance)
-            else:
-                with adapters_disabled(self.unet):
-                    out = self._eps(self.unet, x, t, cond, self.options.guidance)
+            with self.nets.network(policy=policy) as net:
+                out = self._eps(net, x, t, cond, self.options.guidance)
         return out.float()
 
     def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
@@ -226,8 +233,9 @@ class SDTask(Task):
                     x.to(self.dtype), t, encoder_hidden_states=pos, timestep_cond=w_cond
                 ).sample
             else:
-                with only_adapter(self.unet, LCM_ADAPTER):
-                    out = self.unet(x.to(self.dtype), t, encoder_hidden_states=pos).sample
+                base = self.nets.reference_net
+                with only_adapter(base, LCM_ADAPTER):
+                    out = base(x.to(self.dtype), t, encoder_hidden_states=pos).sample
         return consistency_x0(out.float(), x, abar, _expand(t, x), self.prediction_type)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -293,9 +301,17 @@ class SDTask(Task):
             rows.append(("reference", self.decode_batches(ref_samples[:n])))
         save_image_rows(rows, self.prompts_of(cond[:n]), path)
 
-    def save_final(self, folder: Path) -> None:
-        """The LoRA in diffusers format: StableDiffusionPipeline.load_lora_weights(folder)."""
-        save_diffusers_lora(self.unet, self.options.lora_rank, self.options.lora_alpha, folder)
+    def save_final(self, folder: Path, policy: dict[str, Tensor]) -> None:
+        """The LoRA in diffusers format (StableDiffusionPipeline.load_lora_weights(folder)), or
+        the fully fine-tuned UNet as a diffusers folder ``folder/unet``
+        (UNet2DConditionModel.from_pretrained)."""
+        if self.nets.finetune == "lora":
+            save_diffusers_lora(self.unet, self.options.lora_rank, self.options.lora_alpha, folder)
+            return
+        unet_dir = folder / "unet"
+        unet_dir.mkdir(parents=True, exist_ok=True)
+        self.unet.save_config(str(unet_dir))
+        save_weights(policy, unet_dir / "diffusion_pytorch_model.safetensors")
 
 
 def save_diffusers_lora(unet: Any, rank: int, alpha: float, folder: Path) -> Path:

@@ -4,7 +4,7 @@
 
 The 2B cells are drawn from a fixed generator in every process; process r keeps cells
 r*B..(r+1)*B-1 and draws its loss noise from Generator(100 + r). Process 0 saves the
-updated parameters to OUT.
+updated parameters to OUT. Launched with ACCELERATE_USE_FSDP=true the policy is sharded.
 """
 
 import sys
@@ -25,6 +25,7 @@ from sqdf.tasks import build_task  # noqa: E402 - after the seed, like the train
 task = build_task(CFG)
 params = [p for p in task.policy.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=CFG.lr, weight_decay=CFG.weight_decay)
+params = procs.prepare(task.policy, optimizer)  # shards the policy under FSDP, else nothing
 cells = shard(global_cells(task, procs.world * b), procs.rank, b)
 loss, _ = METHODS["sqdf"].loss(
     task,
@@ -36,5 +37,6 @@ loss, _ = METHODS["sqdf"].loss(
 loss.backward()
 average_and_clip(procs, params, CFG.max_grad_norm)
 optimizer.step()
+state = procs.model_state(task.policy)  # gathered from the shards under FSDP
 if procs.is_main:
-    save_file({k: v.contiguous() for k, v in task.policy.state_dict().items()}, out)
+    save_file({k: v.contiguous() for k, v in state.items()}, out)

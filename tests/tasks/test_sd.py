@@ -324,7 +324,7 @@ def test_cli_train_eval_and_render_with_the_lora(parts, tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", "--task", "sd", "--model", str(parts / "sd"), "--lora", str(tmp_path),
                  "--device", "cpu"]) == 2  # fmt: skip
-    assert "holds no pytorch_lora_weights.safetensors" in capsys.readouterr().err
+    assert "holds neither pytorch_lora_weights.safetensors nor unet/" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("estimator", ["tweedie", "consistency"])
@@ -484,3 +484,40 @@ def test_sd_proxy_needs_the_rewards_clip_features():
     task = SimpleNamespace(reward_model=SimpleNamespace(name="custom"), device="cpu")
     with pytest.raises(SqdfError, match="CLIP image embeddings; reward 'custom' has none"):
         feature_map(task, "sd")
+
+
+def test_full_fine_tuning_keeps_the_lcm_lora_on_the_frozen_reference(parts, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from sqdf.cli import main
+
+    lcm = {"lcm": str(parts / "lcm_lora") + "/pytorch_lora_weights.safetensors"}
+    lora = build_task(config(parts, estimator="consistency", task_params=lcm))
+    cfg = config(parts, estimator="consistency", task_params={**lcm, "finetune": "full"})
+    full = build_task(cfg)
+    assert full.policy is full.unet and full.shardable
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in full.unet.parameters())
+    assert not any(p.requires_grad for p in full.nets.reference_net.parameters())
+    x, t, cond = (
+        torch.randn((2, *full.sample_shape)),
+        torch.tensor([600, 100]),
+        torch.tensor([2, 7]),
+    )
+    with torch.no_grad():  # the same LCM-LoRA on the same pretrained weights either way
+        torch.testing.assert_close(full.consistency_x0(x, t, cond), lora.consistency_x0(x, t, cond))
+        torch.testing.assert_close(
+            full.model_output(x, t, cond, policy=True), lora.model_output(x, t, cond, policy=False)
+        )
+    run = train(cfg, tmp_path / "run", progress=False)
+    # final/unet is a diffusers UNet folder holding the fine-tuned weights
+    unet = UNet2DConditionModel.from_pretrained(str(run / "final" / "unet"), use_safetensors=True)
+    saved = load_file(str(run / "final" / "policy.safetensors"))
+    assert set(unet.state_dict()) == set(saved)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in saved.items())
+    base = lora.nets.reference_net.state_dict()
+    assert any(not torch.equal(v, base[k]) for k, v in saved.items() if k in base)
+    grid = tmp_path / "grid.png"
+    argv = ["sample", "--task", "sd", "--model", str(parts / "sd"), "--lora", str(run / "final"),
+            "--num-samples", "1", "--num-steps", "2", "--device", "cpu",
+            "--out", str(grid)]  # fmt: skip
+    assert main(argv) == 0 and grid.stat().st_size > 1000
