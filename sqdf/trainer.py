@@ -161,6 +161,15 @@ def train(
     if procs.fsdp:
         check_fsdp(task, cfg)
         params = procs.prepare(task.policy, optimizer)  # the shards replace the parameters
+        if progress and procs.is_main:
+            from torch.distributed.fsdp import FSDPModule
+
+            units = sum(isinstance(m, FSDPModule) for m in task.policy.modules())
+            print(
+                f"sqdf: FSDP2 shards the policy over {procs.world} processes in {units} "
+                "unit(s), each gathered only while it runs",
+                file=sys.stderr,
+            )
     buffer = ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma)
     generator = torch.Generator().manual_seed(rank_seed(cfg.seed, procs.rank))
     if state is not None:

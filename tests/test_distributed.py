@@ -218,3 +218,58 @@ def test_fsdp_refuses_what_it_cannot_shard():
     ]:
         with pytest.raises(ConfigError, match=message):
             check_fsdp(gmm, TrainConfig(task="gmm2d", device="cpu", **values))
+
+
+def test_shipped_fsdp_config_fine_tunes_the_whole_sd_unet(tmp_path):
+    """The README's FSDP command, on tiny random SD parts and 2 CPU processes."""
+    from diffusers import UNet2DConditionModel
+
+    from sqdf.tasks.sd_random import write_parts
+
+    parts = write_parts(tmp_path / "parts")
+    run = tmp_path / "sd"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [str(TORCHRUN.with_name("accelerate")), "launch", "--config_file",
+           str(ROOT / "configs/accelerate/fsdp_full_finetune.yaml"), "--num_processes", "2",
+           "-m", "sqdf.cli", "train", "--task", "sd", "--model", parts["model"],
+           "--task-param", "finetune=full", "--reward", "aesthetic",
+           "--reward-param", f"clip={parts['clip']}", "--reward-param", f"head={parts['head']}",
+           "--estimator", "tweedie", "--num-steps", "4", "--batch-size", "2", "--steps", "2",
+           "--checkpoint-every", "1", "--out", str(run)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # one FSDP unit per transformer and ResNet block, and the root
+    assert "FSDP2 shards the policy over 2 processes in 14 unit(s)" in done.stderr
+    unet = UNet2DConditionModel.from_pretrained(str(run / "final" / "unet"))
+    base = UNet2DConditionModel.from_pretrained(parts["model"], subfolder="unet")
+    assert set(unet.state_dict()) == set(base.state_dict())
+    assert any(not torch.equal(v, base.state_dict()[k]) for k, v in unet.state_dict().items())
+
+
+BBO_ORACLE = """
+import os
+
+def score(samples, cond, log):
+    with open(log, "a") as fh:
+        fh.write(f"{os.getpid()} {samples.shape[0]}\\n")
+    return (-(samples - 0.5).pow(2).sum(1)).tolist()
+"""
+
+
+def test_bbo_on_two_processes_queries_the_oracle_once(tmp_path):
+    (tmp_path / "oracle_once.py").write_text(BBO_ORACLE)
+    log, out = tmp_path / "calls.txt", tmp_path / "bbo"
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    launch(["-m", "sqdf.cli", "bbo", "--task", "gmm2d", "--methods", "sqdf,best_of_n",
+            "--seeds", "1", "--rounds", "3", "--queries-per-round", "8",
+            "--updates-per-round", "2", "--proxy-steps", "10", "--oracle", "oracle_once:score",
+            "--oracle-param", f"log='{log}'", "--set", "num_steps=6", "--set", "batch_size=8",
+            "--set", "device='cpu'", "--out", str(out), "--no-progress"], env=env)  # fmt: skip
+    calls = [line.split() for line in log.read_text().splitlines()]
+    assert len({pid for pid, _ in calls}) == 1  # one process asks the oracle
+    assert sum(int(n) for _, n in calls) == 2 * 24  # each method's budget, spent once
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["queries"] for r in doc["methods"]["sqdf"]["rounds"]] == [8, 16, 24]
+    # the checkpoint after the last fine-tuning round holds both processes' buffers
+    last = sorted((out / "runs" / "sqdf-seed0" / "checkpoints").iterdir())[-1]
+    assert (last / "buffer.rank1.safetensors").is_file()

@@ -16,7 +16,7 @@ from sqdf.bbo.config import BboConfig
 from sqdf.bbo.loop import BBO_METHODS, run_method
 from sqdf.bbo.oracle import user_oracle
 from sqdf.config import TrainConfig, make_config, suggest
-from sqdf.distributed import launched
+from sqdf.distributed import Processes
 from sqdf.errors import SqdfError
 from sqdf.report import pyplot
 
@@ -51,14 +51,17 @@ def run_bbo(
         raise SqdfError(f"seeds must be >= 1, got {seeds}")
     if bbo.oracle != "task":
         user_oracle(bbo.oracle, bbo.oracle_params)  # a bad name fails before a folder exists
-    if out.exists() and any(out.iterdir()):
-        raise SqdfError(
-            f"output folder {out} already exists and is not empty; resume it or pick another"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"format": FORMAT, "bbo": bbo.to_dict(), "train": base.to_dict(), "methods": methods,
-           "seeds": seeds}  # fmt: skip
-    atomic_write_text(out / SPEC, json.dumps(doc, indent=1))
+    procs = Processes(base.device)
+    if procs.is_main:  # another process's error ends the launch (the launcher stops them all)
+        if out.exists() and any(out.iterdir()):
+            raise SqdfError(
+                f"output folder {out} already exists and is not empty; resume it or pick another"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {"format": FORMAT, "bbo": bbo.to_dict(), "train": base.to_dict(),
+               "methods": methods, "seeds": seeds}  # fmt: skip
+        atomic_write_text(out / SPEC, json.dumps(doc, indent=1))
+    procs.barrier()
     return _run_all(bbo, base, methods, seeds, out, resume=False, progress=progress)
 
 
@@ -87,8 +90,7 @@ def _run_all(
     resume: bool,
     progress: bool,
 ) -> Path:
-    if launched()[1] > 1:
-        raise SqdfError("sqdf bbo runs in one process; start it without accelerate or torchrun")
+    procs = Processes(base.device)
     runs: dict[str, list[list[dict[str, Any]]]] = {}
     for method in methods:
         for seed in range(seeds):
@@ -98,14 +100,16 @@ def _run_all(
                 resume=resume, progress=progress,
             )  # fmt: skip
             runs.setdefault(method, []).append(rows)
-            if progress:
+            if progress and procs.is_main:
                 print(f"sqdf bbo: {method} seed {seed} done in {time.perf_counter() - t0:.0f} s")
-    summary = summarise(runs)
-    doc = {"task": base.task, "budget": bbo.budget, "bbo": bbo.to_dict(), "methods": summary,
-           "runs": runs}  # fmt: skip
-    atomic_write_text(out / "results.json", json.dumps(doc, indent=1, default=float))
-    atomic_write_text(out / "results.md", results_markdown(base.task, bbo, summary))
-    plot_curve(summary, out / "bbo_curve.png", bbo)
+    if procs.is_main:  # the others hold no metrics: the main process measured every round
+        summary = summarise(runs)
+        doc = {"task": base.task, "budget": bbo.budget, "bbo": bbo.to_dict(),
+               "methods": summary, "runs": runs}  # fmt: skip
+        atomic_write_text(out / "results.json", json.dumps(doc, indent=1, default=float))
+        atomic_write_text(out / "results.md", results_markdown(base.task, bbo, summary))
+        plot_curve(summary, out / "bbo_curve.png", bbo)
+    procs.barrier()
     return out
 
 

@@ -6,6 +6,12 @@ round's metrics; then, unless it is the last round (no query would be left to me
 result), fit the proxy on every valid query so far and fine-tune against it with the shared
 trainer, carrying the policy, optimizer and replay buffer to the next round; checkpoint.
 
+Under ``accelerate launch`` or ``torchrun`` the main process alone draws the round's samples,
+queries the oracle (the budget is spent once, not once per process), writes the query data and
+the metrics; the others read each round from disk. Every process fits the same proxy on the
+same data and fine-tunes on its share of the queried batch and its own replay buffer, with the
+gradients averaged (the trainer's data parallelism). FSDP is not supported here.
+
 Methods (each at the same query budget):
 - ``sqdf``: SQDF against the optimistic proxy, KL-regularised to the pretrained model;
 - ``seiko``: SEIKO-style, KL-regularised direct reward back-propagation through the whole
@@ -37,6 +43,7 @@ from sqdf.bbo.data import (
     OK,
     PENDING,
     RoundData,
+    load_round,
     load_rounds,
     queries_spent,
     round_path,
@@ -53,7 +60,8 @@ from sqdf.checkpoint import (
     save_weights,
 )
 from sqdf.config import TrainConfig, make_config
-from sqdf.errors import SqdfError
+from sqdf.distributed import Processes, gather_states, rank_seed
+from sqdf.errors import ConfigError, SqdfError
 from sqdf.methods import METHODS
 from sqdf.sampler import sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
@@ -136,23 +144,31 @@ def run_method(
     the per-round metrics, also in ``run/rounds.jsonl``."""
     spec = BBO_METHODS[method]
     cfg = round_config(base, method, bbo, seed)
-    run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    task = build_task(cfg)
+    procs = Processes(cfg.device)
+    if procs.fsdp:
+        raise ConfigError("sqdf bbo fine-tunes data-parallel; launch it without the FSDP config")
+    if procs.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    procs.barrier()
+    torch.manual_seed(seed)  # the same initial policy in every process
+    task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
     params = [p for p in task.policy.parameters() if p.requires_grad]
     state = TrainState(
         task=task,
         optimizer=torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
         buffer=ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma),
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(rank_seed(seed, procs.rank)),
     )
     start = 0
     ck = load_latest_checkpoint(run / "checkpoints") if resume else None
     if ck is not None:
         task.policy.load_state_dict(ck.policy)
         state.optimizer.load_state_dict(ck.optimizer)
-        state.buffer.load_state_dict(ck.buffers[0])
-        state.generator.set_state(ck.rngs[0])
+        if procs.rank < len(ck.rngs):  # a process the run did not have starts empty
+            state.buffer.load_state_dict(ck.buffers[procs.rank])
+            state.generator.set_state(ck.rngs[procs.rank])
+        else:
+            state.generator.manual_seed(rank_seed(seed, procs.rank, ck.step))
         start = ck.step
     rounds = load_rounds(run)
     if not start <= len(rounds) <= start + 1:  # only the round in flight may be unfinished
@@ -163,9 +179,12 @@ def run_method(
     done = _read_rows(run)
     if resume and done and "diverged" in done[-1]:
         return done  # it blew up before: a result, not something to retry
-    oracle = build_oracle(bbo, cfg, task, queries_spent(rounds))
+    # only the main process holds the oracle: every query is sent (and paid) once
+    oracle = build_oracle(bbo, cfg, task, queries_spent(rounds)) if procs.is_main else None
     rows = [r for r in done if r["round"] < start]
-    atomic_write_text(run / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    procs.barrier()  # every process has read the files before the main one rewrites them
+    if procs.is_main:
+        atomic_write_text(run / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     q = bbo.queries_per_round
     cond = task.sample_conditions(q, torch.Generator().manual_seed(round_seed(seed, 0, 1)))
     features, dim = feature_map(task, cfg.task) if spec.proxy else (None, 0)
@@ -173,45 +192,59 @@ def run_method(
 
     for k in range(start, bbo.rounds):
         path = round_path(run, k)
-        if k == len(rounds):
-            rounds.append(_draw(task, spec, cond, seed, k, path))
-        _query(oracle, rounds[k], path, bbo.oracle_batch, run)
-        row = _round_metrics(bbo, cfg, task, method, rounds, oracle, run, k, features, dim)
-        row["wall_s"] = round(time.perf_counter() - t0, 3)
-        rows.append(row)
-        with (run / "rounds.jsonl").open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if progress:
-            print(
-                f"sqdf bbo: {method} seed {seed} round {k}: {row['queries']} queries, "
-                f"oracle reward {row['oracle_mean']:.4g}",
-                flush=True,
-            )
+        if procs.is_main:
+            if k == len(rounds):
+                rounds.append(_draw(task, spec, cond, seed, k, path))
+            _query(oracle, rounds[k], path, bbo.oracle_batch, run)
+            row = _round_metrics(bbo, cfg, task, method, rounds, oracle, run, k, features, dim)
+            row["wall_s"] = round(time.perf_counter() - t0, 3)
+            rows.append(row)
+            with (run / "rounds.jsonl").open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if progress:
+                print(
+                    f"sqdf bbo: {method} seed {seed} round {k}: {row['queries']} queries, "
+                    f"oracle reward {row['oracle_mean']:.4g}",
+                    flush=True,
+                )
+        procs.barrier()  # the round's answers are on disk
+        if not procs.is_main:
+            rounds[k:] = [load_round(path)]
         if k == bbo.rounds - 1:
             break  # no query is left to measure what more fine-tuning would give
         if spec.train_method is not None:
             try:
-                _fine_tune(bbo, cfg, spec, state, rounds, run, k, features, dim, seed, progress)
+                _fine_tune(
+                    bbo, cfg, spec, state, rounds, run, k, features, dim, seed, progress, procs
+                )
             except Diverged as err:
-                # the method blew up fine-tuning after round k: its curve ends there, and a
-                # resume does not retry it
-                rows[-1]["diverged"] = str(err)
-                atomic_write_text(run / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-                if progress:
-                    print(f"sqdf bbo: {method} seed {seed} diverged after round {k}: {err}")
+                # the method blew up fine-tuning after round k (in every process at once):
+                # its curve ends there, and a resume does not retry it
+                if procs.is_main:
+                    rows[-1]["diverged"] = str(err)
+                    text = "".join(json.dumps(r) + "\n" for r in rows)
+                    atomic_write_text(run / "rounds.jsonl", text)
+                    if progress:
+                        print(f"sqdf bbo: {method} seed {seed} diverged after round {k}: {err}")
+                procs.barrier()
                 return rows
-        save_checkpoint(
-            run / "checkpoints",
-            Checkpoint(
-                step=k + 1,
-                policy=task.policy.state_dict(),
-                optimizer=state.optimizer.state_dict(),
-                buffers=[state.buffer.state_dict()],
-                rngs=[state.generator.get_state()],
-                state={"queries": oracle.used},
-            ),
-            keep=2,
-        )
+        # every process's buffer and stream, as the trainer's checkpoints keep them
+        buffers = gather_states(procs, state.buffer.state_dict())
+        rngs = [g["rng"] for g in gather_states(procs, {"rng": state.generator.get_state()})]
+        if procs.is_main:
+            save_checkpoint(
+                run / "checkpoints",
+                Checkpoint(
+                    step=k + 1,
+                    policy=task.policy.state_dict(),
+                    optimizer=state.optimizer.state_dict(),
+                    buffers=buffers,
+                    rngs=rngs,
+                    state={"queries": oracle.used},
+                ),
+                keep=2,
+            )
+    procs.barrier()  # no process moves on before the run's files are complete
     return rows
 
 
@@ -357,12 +390,14 @@ def _fine_tune(
     dim: int,
     seed: int,
     progress: bool,
+    procs: Processes,
 ) -> None:
     task = state.task
     data = rounds[k]
     ok = data.ok.nonzero().squeeze(1)
     folder = run / "train" / f"round_{k:04d}"
-    shutil.rmtree(folder, ignore_errors=True)  # a round cut short is redone from its start
+    if procs.is_main:
+        shutil.rmtree(folder, ignore_errors=True)  # a round cut short is redone from its start
     original = task.reward_model
     if spec.proxy:
         samples, values = _valid_data(rounds)
@@ -378,15 +413,19 @@ def _fine_tune(
             lr=bbo.proxy_lr,
             weight_decay=bbo.proxy_weight_decay,
         )
-        (run / "proxy").mkdir(exist_ok=True)
-        save_weights(ens.state_dict(), run / "proxy" / f"round_{k:04d}.safetensors")
+        if procs.is_main:  # every process fitted the same proxy on the same data
+            (run / "proxy").mkdir(exist_ok=True)
+            save_weights(ens.state_dict(), run / "proxy" / f"round_{k:04d}.safetensors")
         member = None
         if bbo.optimism == "sample":
             member = int(torch.randint(0, bbo.ensemble_size, (1,), generator=g))
         task.reward_model = ProxyReward(bbo.kappa, member, ens, features)
     elif ok.numel() == 0:
         return  # DDPO learns from the oracle's values; this round has none
-    # the queried batch enters the buffer with the oracle's values (the truth, where known)
+    # the queried batch enters the buffer with the oracle's values (the truth, where known);
+    # each process takes its share of it
+    if ok.numel() >= procs.world:
+        ok = ok[procs.rank :: procs.world]
     state.fresh = (data.trajectories(ok), data.value[ok].float())
     try:
         train(cfg, folder, progress=progress, state=state)
