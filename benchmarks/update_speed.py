@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=256)
     ap.add_argument("--parts", default=None, help="sd: folder to keep the random parts in")
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
+    ap.add_argument(
+        "--task-param", action="append", default=[], metavar="KEY=VALUE",
+        help="a task parameter for every design, e.g. channels_last=true (repeatable)",
+    )  # fmt: skip
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one design
     args = ap.parse_args(argv)
     if args.updates < 2:
@@ -134,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown design {unknown[0]!r}; known: {', '.join(DESIGNS)}")
     parts = Path(args.parts or tempfile.mkdtemp(prefix="sqdf-speed-"))
     base = base_config(args.task, args.preset, parts)
+    extra = {}
+    for item in args.task_param:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            ap.error(f"--task-param expects KEY=VALUE, got {item!r}")
+        extra[key] = json.loads(raw) if raw in ("true", "false") or raw[:1].isdigit() else raw
+    base["task_params"] = {**base.get("task_params", {}), **extra}
     if args.one:  # a child process: one design, its result as JSON on stdout's last line
         print(json.dumps(run_design(args.one, base, args.updates, args.eval_samples)))
         return 0
@@ -145,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--task", args.task, "--preset", args.preset,
                "--updates", str(args.updates), "--eval-samples", str(args.eval_samples),
                "--parts", str(parts), "--one", name]  # fmt: skip
+        cmd += [f"--task-param={item}" for item in args.task_param]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)

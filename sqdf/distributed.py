@@ -112,7 +112,12 @@ class Processes:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options)
+        state = get_model_state_dict(model, options=options)
+        # the gathering may still be in flight in the others: a process that left now would
+        # destroy its group under pending work and abort ("terminate called without an
+        # active exception"), which a bare script ending here did 2 times in 6
+        self.barrier()
+        return state
 
     def load_model_state(self, model: torch.nn.Module, state: dict[str, Tensor]) -> None:
         if not self.fsdp:
@@ -137,6 +142,7 @@ class Processes:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         by_name = get_optimizer_state_dict(model, optimizer, options=options)
+        self.barrier()  # as in model_state: no process leaves with the gathering in flight
         if not by_name:  # with cpu_offload only the main process receives the whole state
             return {}
         index = {name: i for i, name in enumerate(_trainable_names(model))}

@@ -65,7 +65,7 @@ from sqdf.errors import ConfigError, SqdfError
 from sqdf.methods import METHODS
 from sqdf.sampler import sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
-from sqdf.trainer import TrainState, train
+from sqdf.trainer import TrainState, make_optimizer, train, use_fused
 
 
 class Diverged(SqdfError):
@@ -155,7 +155,7 @@ def run_method(
     params = [p for p in task.policy.parameters() if p.requires_grad]
     state = TrainState(
         task=task,
-        optimizer=torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        optimizer=make_optimizer(params, cfg, fused=use_fused(params)),
         buffer=ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma),
         generator=torch.Generator().manual_seed(rank_seed(seed, procs.rank)),
     )

@@ -31,7 +31,7 @@ from sqdf.tasks.digits_model import (
     load_unet,
     to_pixels,
 )
-from sqdf.tasks.finetune import PolicyAndReference, check_finetune
+from sqdf.tasks.finetune import PolicyAndReference, check_network_options
 
 
 def shipped_model() -> Path:
@@ -52,9 +52,11 @@ class DigitsConfig:
     )
     classes: list | None = None  # conditions to train on (default: all ten digits)
     finetune: str = "lora"  # lora, or full (every UNet weight; what FSDP shards)
+    compile: bool = False  # torch.compile the UNet (docs/performance.md: slower on CPUs)
+    channels_last: bool = False  # channels-last UNet weights
 
     def __post_init__(self) -> None:
-        check_finetune(self.finetune, "digits")
+        check_network_options(self.finetune, self.compile, self.channels_last, "digits")
         if self.guidance < 1.0:
             raise ConfigError(f"digits guidance must be >= 1, got {self.guidance}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
@@ -95,6 +97,7 @@ class DigitsTask(Task):
         self.unet = unet
         self.policy = self.nets.policy
         self.shardable = self.nets.shardable
+        self.nets.speed_up(compile=options.compile, channels_last=options.channels_last)
         self._cm_dir = Path(options.cm) if options.cm else folder / "cm"
 
     @cached_property

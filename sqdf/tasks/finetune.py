@@ -13,6 +13,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from sqdf.errors import ConfigError
@@ -21,9 +22,12 @@ from sqdf.tasks.lora import LoraPolicy, adapters_disabled, add_lora
 FINETUNE = ("lora", "full")
 
 
-def check_finetune(value: str, task: str) -> None:
-    if value not in FINETUNE:
-        raise ConfigError(f"{task} finetune must be one of {', '.join(FINETUNE)}, got {value!r}")
+def check_network_options(finetune: str, compile: bool, channels_last: bool, task: str) -> None:
+    if finetune not in FINETUNE:
+        raise ConfigError(f"{task} finetune must be one of {', '.join(FINETUNE)}, got {finetune!r}")
+    for name, value in (("compile", compile), ("channels_last", channels_last)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{task} {name} must be true or false, got {value!r}")
 
 
 class PolicyAndReference:
@@ -42,6 +46,16 @@ class PolicyAndReference:
             self.reference_net = copy.deepcopy(net).requires_grad_(False)
             net.requires_grad_(True)
             self.policy = net  # the network itself, so FSDP can shard what the task calls
+
+    def speed_up(self, *, compile: bool, channels_last: bool) -> None:
+        """Options measured in docs/performance.md: channels-last weights (convolutions in
+        NHWC, which GPU tensor cores and oneDNN prefer) and torch.compile of each network
+        (in place: the task, the optimizer and FSDP keep the same module objects)."""
+        for net in self.networks:
+            if channels_last:
+                net.to(memory_format=torch.channels_last)
+            if compile:
+                net.compile()
 
     @property
     def shardable(self) -> bool:

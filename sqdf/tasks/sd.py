@@ -25,7 +25,7 @@ from sqdf.config import build_settings
 from sqdf.core.x0 import consistency_x0, guidance_embedding
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.tasks.base import Task, _expand, schedule_of
-from sqdf.tasks.finetune import PolicyAndReference, check_finetune
+from sqdf.tasks.finetune import PolicyAndReference, check_network_options
 from sqdf.tasks.lora import (
     POLICY_ADAPTER,
     activate_only,
@@ -59,9 +59,11 @@ class SDConfig:
     dtype: str = "auto"  # weights and autocast: auto (bfloat16 on CUDA, float32 on CPU) or a name
     gradient_checkpointing: bool = True  # UNet, VAE decoder and reward model
     finetune: str = "lora"  # lora, or full (every UNet weight, in float32; what FSDP shards)
+    compile: bool = False  # torch.compile the UNet(s)
+    channels_last: bool = False  # channels-last UNet weights
 
     def __post_init__(self) -> None:
-        check_finetune(self.finetune, "sd")
+        check_network_options(self.finetune, self.compile, self.channels_last, "sd")
         if not self.model:
             raise ConfigError(
                 "task 'sd' needs a local Stable Diffusion folder: --model PATH "
@@ -166,6 +168,8 @@ class SDTask(Task):
             clip = getattr(reward, "clip_model", None)
             if clip is not None:
                 clip.enable_checkpointing()
+        # after checkpointing is set up, so that compile sees the blocks as they will run
+        self.nets.speed_up(compile=options.compile, channels_last=options.channels_last)
         if hasattr(reward, "to"):
             reward.to(device)
 

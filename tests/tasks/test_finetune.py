@@ -54,3 +54,39 @@ def test_training_moves_the_policy_and_leaves_the_reference(tmp_path):
 def test_bad_finetune_value_is_named():
     with pytest.raises(ConfigError, match="digits finetune must be one of lora, full, got 'half'"):
         build_task(digits(finetune="half"))
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_channels_last_changes_the_layout_not_the_outputs(finetune):
+    plain = build_task(digits(finetune=finetune))
+    fast = build_task(digits(finetune=finetune, channels_last=True))
+    conv = next(
+        m.weight for m in fast.unet.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size == (3, 3)
+    )  # fmt: skip
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((4, *plain.sample_shape), generator=g)
+    t, cond = torch.tensor([999, 600, 300, 1]), torch.tensor([0, 3, 5, 9])
+    with torch.no_grad():
+        for policy in (True, False):
+            torch.testing.assert_close(
+                fast.model_output(x, t, cond, policy=policy),
+                plain.model_output(x, t, cond, policy=policy), rtol=1e-4, atol=1e-5,
+            )  # fmt: skip
+
+
+def test_compile_compiles_each_network_once(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    lora = build_task(digits(finetune="lora", compile=True))
+    assert compiled == [lora.unet]  # one network: the adapter switches on and off in it
+    compiled.clear()
+    full = build_task(digits(finetune="full", compile=True))
+    assert compiled == [full.unet, full.nets.reference_net]
+
+
+@pytest.mark.parametrize("key", ["compile", "channels_last"])
+def test_speed_options_must_be_booleans(key):
+    with pytest.raises(ConfigError, match=f"digits {key} must be true or false, got 'yes'"):
+        build_task(digits(**{key: "yes"}))
