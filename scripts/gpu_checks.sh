@@ -6,7 +6,11 @@
 # On the device machine diffusers and the evaluator's package are missing: carry wheels in
 # .whl/ (pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl
 #  diffusers==0.42.1 importlib_metadata digit-recognizer-py==0.1.0) and run
-#     bash scripts/gpu_checks.sh            with carry [".whl"]
+#     bash scripts/gpu_checks.sh [STAGE...]      with carry [".whl"]
+# Stages (default: all, in this order; each fits one 10-minute device call):
+#   tests   tests/test_gpu.py and the FSDP config through accelerate launch on one GPU
+#   sd15    one update at SD 1.5 size (s/update, peak memory) and the four update designs
+#   knobs   the reference design at SD 1.5 size with channels_last, then with torch.compile
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -16,7 +20,32 @@ if ls .whl/*.whl > /dev/null 2>&1; then
     export PYTHONPATH=/tmp/site:.
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3
-python3 benchmarks/sd_update.py --preset sd15 --updates 4 --parts /tmp/sd15 --out "$OUT/sd15-update.json"
-python3 benchmarks/update_speed.py --task sd --preset sd15 --updates 6 --eval-samples 8 \
-    --parts /tmp/sd15 --out "$OUT/sd15-speed.json"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests sd15 knobs)
+for stage in "${stages[@]}"; do
+    case $stage in
+    tests)
+        python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3
+        python3 -c "from sqdf.tasks.sd_random import write_parts; write_parts('/tmp/tiny')"
+        accelerate launch --config_file configs/accelerate/fsdp_full_finetune.yaml \
+            --num_processes 1 -m sqdf.cli train --task sd --model /tmp/tiny/sd \
+            --task-param finetune=full --reward aesthetic --reward-param clip=/tmp/tiny/clip \
+            --reward-param head=/tmp/tiny/head.safetensors --num-steps 4 --batch-size 2 \
+            --steps 2 --checkpoint-every 1 --out "$OUT/fsdp-tiny" --no-progress
+        ;;
+    sd15)
+        python3 benchmarks/sd_update.py --preset sd15 --updates 4 --parts /tmp/sd15 \
+            --out "$OUT/sd15-update.json"
+        python3 benchmarks/update_speed.py --task sd --preset sd15 --updates 6 \
+            --eval-samples 8 --parts /tmp/sd15 --out "$OUT/sd15-speed.json"
+        ;;
+    knobs)
+        for knob in channels_last compile; do
+            python3 benchmarks/update_speed.py --task sd --preset sd15 --designs reference \
+                --updates 6 --eval-samples 8 --parts /tmp/sd15 --task-param "$knob=true" \
+                --out "$OUT/sd15-$knob.json"
+        done
+        ;;
+    *) echo "unknown stage $stage (tests, sd15, knobs)" >&2; exit 2 ;;
+    esac
+done

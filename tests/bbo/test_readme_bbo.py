@@ -10,12 +10,17 @@ from sqdf.cli import main
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
-def test_bbo_example_runs_and_sqdf_gains_oracle_reward(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def run_example(start: str, folder: Path, monkeypatch) -> None:
+    """Run the README's one bash block that starts with ``start``, in ``folder``."""
+    monkeypatch.chdir(folder)
     (example,) = [b for b in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-                  if b.startswith("sqdf bbo")]  # fmt: skip
+                  if b.startswith(start)]  # fmt: skip
     argv = shlex.split(example.strip())
     assert argv[0] == "sqdf" and main([*argv[1:], "--no-progress"]) == 0
+
+
+def test_bbo_example_runs_and_sqdf_gains_oracle_reward(tmp_path, monkeypatch):
+    run_example("sqdf bbo", tmp_path, monkeypatch)
     out = tmp_path / "runs" / "bbo"
     assert (out / "bbo_curve.png").stat().st_size > 10000
     rounds = json.loads((out / "results.json").read_text())["methods"]["sqdf"]["rounds"]
@@ -25,11 +30,7 @@ def test_bbo_example_runs_and_sqdf_gains_oracle_reward(tmp_path, monkeypatch):
 
 
 def test_compare_bbo_example_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (example,) = [b for b in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-                  if b.startswith("sqdf compare --bbo")]  # fmt: skip
-    argv = shlex.split(example.strip())
-    assert argv[0] == "sqdf" and main([*argv[1:], "--no-progress"]) == 0
+    run_example("sqdf compare --bbo", tmp_path, monkeypatch)
     summary = json.loads((tmp_path / "runs" / "compare-bbo" / "results.json").read_text())
     assert list(summary["methods"]) == ["sqdf", "seiko", "best_of_n"]
     assert all(m["rounds"][-1]["queries"] == 64 for m in summary["methods"].values())
