@@ -214,7 +214,7 @@ def test_fsdp_refuses_what_it_cannot_shard():
     for values, message in [
         ({"method": "alignprop"}, "method alignprop cannot run under FSDP: each process draws"),
         ({"method": "refl"}, "method refl cannot run under FSDP"),
-        ({"rollout": "truncated"}, "rollout truncated cannot run under FSDP"),
+        ({"rollout": "truncated", "buffer": "on_policy"}, "rollout truncated cannot run under"),
     ]:
         with pytest.raises(ConfigError, match=message):
             check_fsdp(gmm, TrainConfig(task="gmm2d", device="cpu", **values))
