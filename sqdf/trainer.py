@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,13 +53,34 @@ def truncated_cells(task: Task, cfg: TrainConfig, generator: torch.Generator) ->
     )  # fmt: skip
 
 
-def average_and_clip(procs: Processes, params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Average the gradients over processes (FSDP has done it in the backward), clip them to
-    ``max_norm`` (0 = no clipping) and return their norm before clipping, the same in every
-    process."""
+def average_and_clip(
+    procs: Processes,
+    params: list[torch.nn.Parameter],
+    max_norm: float,
+    unscale: Callable[[], None] | None = None,
+) -> float:
+    """Average the gradients over processes (FSDP has done it in the backward), undo a loss
+    scale (``unscale``, after the average so that every process sees the same gradients and
+    its loss scaler decides as the others do), clip them to ``max_norm`` (0 = no clipping)
+    and return their norm before clipping, the same in every process."""
     if not procs.fsdp:
         average_gradients(procs, params)
+    if unscale is not None:
+        unscale()
     return procs.clip(params, max_norm)
+
+
+# float16's loss scale at the start: high enough for small LoRA gradients, low enough that
+# the calibration (halving on each overflow) costs few skipped updates
+INITIAL_LOSS_SCALE = 2.0**12
+
+
+def loss_scaler(task: Task) -> torch.amp.GradScaler | None:
+    """A loss scaler where the task computes in float16 (whose small gradients underflow
+    without one); None otherwise (bfloat16 has float32's range)."""
+    if getattr(task, "dtype", None) != torch.float16:
+        return None
+    return torch.amp.GradScaler(task.device.type, init_scale=INITIAL_LOSS_SCALE)
 
 
 def use_fused(params: list[torch.nn.Parameter]) -> bool:
@@ -86,6 +108,11 @@ def check_fsdp(task: Task, cfg: TrainConfig) -> None:
             'task_params.finetune = "full", or launch without the FSDP config (a LoRA needs '
             "no sharding)"
         )
+    if getattr(task, "dtype", None) == torch.float16:
+        raise ConfigError(
+            "float16 cannot run under FSDP here (its loss scaler needs whole gradients): use "
+            'task_params.dtype = "bfloat16", or the accelerate config\'s mixed_precision'
+        )
     if cfg.rollout == "truncated":
         raise ConfigError(
             "rollout truncated cannot run under FSDP: each process runs its trajectories to "
@@ -112,6 +139,7 @@ class TrainState:
     buffer: ReplayBuffer | None = None
     generator: torch.Generator | None = None
     fresh: tuple[Trajectories, torch.Tensor] | None = None
+    scaler: torch.amp.GradScaler | None = None  # float16 tasks: the loss scale, carried
 
 
 def train(
@@ -186,10 +214,12 @@ def train(
             )
     buffer = ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma)
     generator = torch.Generator().manual_seed(rank_seed(cfg.seed, procs.rank))
+    scaler = loss_scaler(task)
     if state is not None:
         optimizer = state.optimizer = state.optimizer or optimizer
         buffer = state.buffer = state.buffer or buffer
         generator = state.generator = state.generator or generator
+        scaler = state.scaler = state.scaler or scaler
     counters = {
         "samples_seen": 0, "reward_evals": 0, "skipped_updates": 0, "nonfinite_rewards": 0,
         "wall_s": 0.0,
@@ -202,6 +232,8 @@ def train(
         procs.load_optimizer_state(task.policy, optimizer, ck.optimizer)
         start = ck.step
         counters.update({k: ck.state[k] for k in counters if k in ck.state})
+        if scaler is not None and "loss_scaler" in ck.state:
+            scaler.load_state_dict(ck.state["loss_scaler"])
         if procs.rank < len(ck.rngs):
             buffer.load_state_dict(ck.buffers[procs.rank])
             generator.set_state(ck.rngs[procs.rank])
@@ -235,7 +267,11 @@ def train(
                 optimizer=optimizer_state,
                 buffers=buffers,
                 rngs=rngs,
-                state={**counters, "wall_s": time.perf_counter() - t0},
+                state={
+                    **counters,
+                    "wall_s": time.perf_counter() - t0,
+                    **({"loss_scaler": scaler.state_dict()} if scaler is not None else {}),
+                },
             ),
             keep=cfg.keep_checkpoints,
         )
@@ -289,7 +325,8 @@ def train(
                         break
                     # under FSDP the backward (collective) still runs; the gradient norm,
                     # non-finite on every process then, skips the update everywhere
-                (loss / cfg.grad_accum).backward()
+                scaled = loss / cfg.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_total += loss.item() / cfg.grad_accum
                 method_evals += int(stats.pop("reward_evals", 0))
                 for k, v in stats.items():
@@ -306,10 +343,17 @@ def train(
             if tally[3] > 0 and not skip:
                 skip, cause = True, "another process skipped this update"
             grad_norm = math.nan
+            unscaled = False
             if not skip:
-                grad_norm = average_and_clip(procs, params, cfg.max_grad_norm)
+                unscale = None
+                if scaler is not None:
+                    unscale = lambda: scaler.unscale_(optimizer)  # noqa: E731
+                grad_norm = average_and_clip(procs, params, cfg.max_grad_norm, unscale)
+                unscaled = scaler is not None
                 if not math.isfinite(grad_norm):
                     skip, cause = True, f"the gradient norm was {grad_norm}"
+                    if scaler is not None:
+                        cause += f" at loss scale {scaler.get_scale():g} (float16 overflow)"
             if skip:
                 optimizer.zero_grad(set_to_none=True)
                 counters["skipped_updates"] += 1
@@ -319,9 +363,14 @@ def train(
                         f"stopped after {consecutive_skips} consecutive updates skipped for "
                         f"non-finite values: {cause} (the weights were not changed by them)"
                     )
+            elif scaler is not None:
+                scaler.step(optimizer)  # the gradients are finite: it steps
+                consecutive_skips = 0
             else:
                 optimizer.step()
                 consecutive_skips = 0
+            if unscaled:
+                scaler.update()  # halves the scale after an overflow, grows it after a run
 
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:

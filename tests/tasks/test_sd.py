@@ -521,3 +521,31 @@ def test_full_fine_tuning_keeps_the_lcm_lora_on_the_frozen_reference(parts, tmp_
             "--num-samples", "1", "--num-steps", "2", "--device", "cpu",
             "--out", str(grid)]  # fmt: skip
     assert main(argv) == 0 and grid.stat().st_size > 1000
+
+
+def test_float16_scales_the_loss_backs_off_on_overflow_and_resumes(parts, tmp_path, monkeypatch):
+    import json
+
+    import sqdf.trainer
+
+    # a scale that overflows float16 gradients for sure: updates are skipped and the scale
+    # halves until the gradients fit, then they go through
+    monkeypatch.setattr(sqdf.trainer, "INITIAL_LOSS_SCALE", 2.0**24)
+    cfg = config(parts, steps=12, checkpoint_every=6, log_every=1, lr=1e-3,
+                 task_params={"dtype": "float16"})  # fmt: skip
+    run = train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    stepped = [r for r in rows if math.isfinite(r["grad_norm"])]
+    assert rows[0]["skipped_updates"] == 1 and len(stepped) >= 3
+    state = json.loads((run / "checkpoints" / "step_0000012" / "state.json").read_text())
+    assert state["loss_scaler"]["scale"] < 2.0**24
+    weights = load_file(str(run / "final" / "policy.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)
+    # the scale is part of the checkpoint: a resumed run skips and steps as the whole one did
+    part = tmp_path / "part"
+    train(config(parts, steps=6, checkpoint_every=6, log_every=1, lr=1e-3,
+                 task_params={"dtype": "float16"}), part, progress=False)  # fmt: skip
+    train(cfg, part, resume=True, progress=False)
+    resumed = load_file(str(part / "final" / "policy.safetensors"))
+    assert all(torch.equal(resumed[k], v) for k, v in weights.items())
