@@ -9,8 +9,9 @@
 #     bash scripts/gpu_checks.sh [STAGE...]      with carry [".whl"]
 # Stages (default: all, in this order; each fits one 10-minute device call):
 #   tests   tests/test_gpu.py and the FSDP config through accelerate launch on one GPU
-#   sd15    one update at SD 1.5 size (s/update, peak memory) and the four update designs
-#   knobs   the reference design at SD 1.5 size with channels_last, then with torch.compile
+#   sd15    the four update designs at SD 1.5 size (s/update, peak memory, reward gain/s)
+#   knobs   the reference design at SD 1.5 size: as is, without gradient checkpointing,
+#           with channels_last, with torch.compile
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -34,16 +35,14 @@ for stage in "${stages[@]}"; do
             --steps 2 --checkpoint-every 1 --out "$OUT/fsdp-tiny" --no-progress
         ;;
     sd15)
-        python3 benchmarks/sd_update.py --preset sd15 --updates 4 --parts /tmp/sd15 \
-            --out "$OUT/sd15-update.json"
         python3 benchmarks/update_speed.py --task sd --preset sd15 --updates 6 \
             --eval-samples 8 --parts /tmp/sd15 --out "$OUT/sd15-speed.json"
         ;;
-    knobs)
-        for knob in channels_last compile; do
+    knobs)  # each against the reference design of the same call
+        for knob in "" gradient_checkpointing=false channels_last=true compile=true; do
             python3 benchmarks/update_speed.py --task sd --preset sd15 --designs reference \
-                --updates 6 --eval-samples 8 --parts /tmp/sd15 --task-param "$knob=true" \
-                --out "$OUT/sd15-$knob.json"
+                --updates 6 --eval-samples 0 --parts /tmp/sd15 ${knob:+--task-param "$knob"} \
+                --out "$OUT/sd15-knob-${knob:-none}.json"
         done
         ;;
     *) echo "unknown stage $stage (tests, sd15, knobs)" >&2; exit 2 ;;

@@ -15,16 +15,18 @@ def load(name: str):
     return module
 
 
-def test_sd_update_benchmark_writes_its_json(tmp_path, capsys):
-    bench = load("sd_update")
-    out = tmp_path / "r.json"
-    argv = ["--preset", "tiny", "--updates", "2", "--parts", str(tmp_path / "parts"),
-            "--out", str(out)]  # fmt: skip
+def test_update_speed_times_sd_without_scoring(tmp_path, capsys):
+    bench = load("update_speed")
+    out = tmp_path / "sd.json"
+    argv = ["--task", "sd", "--preset", "tiny", "--designs", "reference", "--updates", "2",
+            "--eval-samples", "0", "--task-param", "gradient_checkpointing=false",
+            "--parts", str(tmp_path / "parts"), "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
-    result = json.loads(out.read_text())
-    assert result["preset"] == "tiny" and result["batch_size"] == 4
-    assert result["s_per_update"] > 0 and result["updates_timed"] == 1
-    assert "| tiny |" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    (result,) = doc["results"]
+    assert doc["base"]["task_params"]["gradient_checkpointing"] is False
+    assert result["s_per_update"] > 0 and result["reward_gain_per_s"] is None
+    assert "| reference |" in capsys.readouterr().out
 
 
 def test_update_speed_benchmark_compares_designs(tmp_path, capsys):
