@@ -11,6 +11,8 @@ import torch
 from sqdf.errors import SqdfError
 from sqdf.tasks.sd_prompts import load_prompts
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
 
 def render_sd(
     model: str,
@@ -33,6 +35,12 @@ def render_sd(
 
     if num_images < 1:
         raise SqdfError(f"--num-samples must be >= 1, got {num_images}")
+    final = Path(lora) if lora is not None else None
+    full = final is not None and (final / "unet" / "config.json").is_file()  # a whole UNet
+    if final is not None and not full and not (final / LORA_FILE).is_file():
+        raise SqdfError(  # before any weights are loaded
+            f"{lora} holds neither {LORA_FILE} nor unet/ (use the RUN/final folder of an sd run)"
+        )
     dev = resolve_device(device)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -59,13 +67,6 @@ def render_sd(
         return torch.stack(images)
 
     if lora is not None:
-        final = Path(lora)
-        full = (final / "unet" / "config.json").is_file()  # a fully fine-tuned UNet
-        if not full and not (final / "pytorch_lora_weights.safetensors").is_file():
-            raise SqdfError(
-                f"{lora} holds neither pytorch_lora_weights.safetensors nor unet/ (use the "
-                "RUN/final folder of an sd run)"
-            )
         rows.append(("reference", draw()))
         if full:
             from diffusers import UNet2DConditionModel

@@ -131,6 +131,12 @@ CASES = [
      "not an aesthetic-head state dict"),
     ("pickscore without its model", lambda r: ["train", "--task", "sd", "--model", _sd_shaped(r), "--reward", "pickscore", "--out", str(r / "x")],
      "needs model=FOLDER"),
+    ("unknown finetune", lambda r: ["train", "--task", "digits", "--task-param", "finetune=half", "--out", str(r / "x")],
+     "digits finetune must be one of lora, full, got 'half'"),
+    ("compile not a boolean", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r), "--task-param", "compile=1", "--out", str(r / "x")],
+     "sd compile must be true or false, got 1"),
+    ("sd render from a folder with neither LoRA nor UNet", lambda r: ["sample", "--task", "sd", "--model", _sd_shaped(r), "--lora", _folder_with(r, {}), "--device", "cpu"],
+     "holds neither pytorch_lora_weights.safetensors nor unet/"),
 ]  # fmt: skip
 
 
