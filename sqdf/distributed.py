@@ -241,6 +241,19 @@ def rank_seed(seed: int, rank: int, start: int = 0) -> int:
     return int(words[0] >> 1)
 
 
+def process_change(saved: int, now: int) -> str:
+    """What resuming a ``saved``-process checkpoint on ``now`` processes does to the buffers."""
+    fate = (
+        f"processes {saved}..{now - 1} start with empty buffers"
+        if now > saved
+        else f"the buffers of processes {now}..{saved - 1} are dropped"
+    )
+    return (
+        f"resuming a {saved}-process run on {now} processes: processes 0..{min(saved, now) - 1} "
+        f"continue with their buffers and random streams; {fate}"
+    )
+
+
 def average_gradients(procs: Processes, params: Iterable[torch.nn.Parameter]) -> None:
     """Replace every gradient by its mean over processes, in one flat all-reduce."""
     if procs.world == 1:

@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 from sqdf.buffer import Cells, ReplayBuffer
 from sqdf.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_weights
 from sqdf.config import TrainConfig
-from sqdf.distributed import Processes, average_gradients, gather_states, rank_seed
+from sqdf.distributed import (
+    Processes,
+    average_gradients,
+    gather_states,
+    process_change,
+    rank_seed,
+)
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import reward_params
@@ -240,14 +246,7 @@ def train(
         else:  # a process the checkpointed run did not have: empty buffer, its own stream
             generator.manual_seed(rank_seed(cfg.seed, procs.rank, start))
         if len(ck.rngs) != procs.world and procs.is_main:
-            log.warning(
-                "resuming a %d-process run on %d processes: processes 0..%d continue with "
-                "their buffers and random streams; %s",
-                len(ck.rngs), procs.world, min(len(ck.rngs), procs.world) - 1,
-                f"processes {len(ck.rngs)}..{procs.world - 1} start with empty buffers"
-                if procs.world > len(ck.rngs)
-                else f"the buffers of processes {procs.world}..{len(ck.rngs) - 1} are dropped",
-            )  # fmt: skip
+            log.warning(process_change(len(ck.rngs), procs.world))
     if procs.is_main:
         truncate_metrics(run, start, saved.log_every if saved is not None else cfg.log_every)
 

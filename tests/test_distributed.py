@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -248,6 +249,7 @@ def test_shipped_fsdp_config_fine_tunes_the_whole_sd_unet(tmp_path):
 
 BBO_ORACLE = """
 import os
+import shutil
 
 def score(samples, cond, log):
     with open(log, "a") as fh:
@@ -256,7 +258,7 @@ def score(samples, cond, log):
 """
 
 
-def test_bbo_on_two_processes_queries_the_oracle_once(tmp_path):
+def test_bbo_on_two_processes_queries_the_oracle_once(tmp_path, monkeypatch, caplog):
     (tmp_path / "oracle_once.py").write_text(BBO_ORACLE)
     log, out = tmp_path / "calls.txt", tmp_path / "bbo"
     env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
@@ -271,5 +273,20 @@ def test_bbo_on_two_processes_queries_the_oracle_once(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert [r["queries"] for r in doc["methods"]["sqdf"]["rounds"]] == [8, 16, 24]
     # the checkpoint after the last fine-tuning round holds both processes' buffers
-    last = sorted((out / "runs" / "sqdf-seed0" / "checkpoints").iterdir())[-1]
+    run = out / "runs" / "sqdf-seed0"
+    last = sorted((run / "checkpoints").iterdir())[-1]
     assert (last / "buffer.rank1.safetensors").is_file()
+    # cut the sqdf run back to round 1, then resume it on one process
+    shutil.rmtree(last)
+    (run / "queries" / "round_0002.safetensors").unlink()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from sqdf.bbo import resume_bbo
+
+    with caplog.at_level("WARNING", logger="sqdf"):
+        resume_bbo(out, progress=False)
+    assert "resuming a 2-process run on 1 processes" in caplog.text
+    assert "buffers of processes 1..1 are dropped" in caplog.text
+    calls = log.read_text().splitlines()
+    assert sum(int(line.split()[1]) for line in calls) == 2 * 24 + 8  # round 2 asked again
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["queries"] for r in doc["methods"]["sqdf"]["rounds"]] == [8, 16, 24]

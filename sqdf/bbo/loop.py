@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
@@ -60,7 +61,7 @@ from sqdf.checkpoint import (
     save_weights,
 )
 from sqdf.config import TrainConfig, make_config
-from sqdf.distributed import Processes, gather_states, rank_seed
+from sqdf.distributed import Processes, gather_states, process_change, rank_seed
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.methods import METHODS
 from sqdf.sampler import sample_trajectories
@@ -169,6 +170,8 @@ def run_method(
             state.generator.set_state(ck.rngs[procs.rank])
         else:
             state.generator.manual_seed(rank_seed(seed, procs.rank, ck.step))
+        if len(ck.rngs) != procs.world and procs.is_main:
+            logging.getLogger("sqdf").warning(process_change(len(ck.rngs), procs.world))
         start = ck.step
     rounds = load_rounds(run)
     if not start <= len(rounds) <= start + 1:  # only the round in flight may be unfinished
