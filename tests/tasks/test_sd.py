@@ -549,3 +549,32 @@ def test_float16_scales_the_loss_backs_off_on_overflow_and_resumes(parts, tmp_pa
     train(cfg, part, resume=True, progress=False)
     resumed = load_file(str(part / "final" / "policy.safetensors"))
     assert all(torch.equal(resumed[k], v) for k, v in weights.items())
+
+
+def test_readme_sd_bbo_config_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
+    import json
+    import re
+    import shlex
+    from pathlib import Path
+
+    from sqdf.cli import main
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (toml,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+               if b.startswith("# sd-bbo.toml")]  # fmt: skip
+    (command,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+                  if b.startswith("sqdf bbo --config sd-bbo.toml")]  # fmt: skip
+    layout = {"/weights/sd15": parts / "sd", "/weights/clip-vit-large-patch14": parts / "clip",
+              "/weights/aesthetic.safetensors": parts / "head.safetensors"}  # fmt: skip
+    for path, target in layout.items():
+        assert f'"{path}"' in toml
+        toml = toml.replace(f'"{path}"', f'"{target}"')
+    monkeypatch.chdir(tmp_path)
+    Path("sd-bbo.toml").write_text(toml)
+    argv = shlex.split(command.strip())[1:]
+    small = ["--rounds", "2", "--queries-per-round", "2", "--updates-per-round", "1",
+             "--seeds", "1", "--set", "num_steps=3", "--set", "batch_size=2",
+             "--set", "device='cpu'", "--methods", "sqdf,best_of_n", "--no-progress"]  # fmt: skip
+    assert main(argv + small) == 0
+    doc = json.loads((tmp_path / "runs/sd-bbo/results.json").read_text())
+    assert doc["task"] == "sd" and list(doc["methods"]) == ["sqdf", "best_of_n"]
