@@ -20,7 +20,7 @@ def run_example(start: str, folder: Path, monkeypatch) -> None:
 
 
 def test_bbo_example_runs_and_sqdf_gains_oracle_reward(tmp_path, monkeypatch):
-    run_example("sqdf bbo", tmp_path, monkeypatch)
+    run_example("sqdf bbo --task gmm2d", tmp_path, monkeypatch)
     out = tmp_path / "runs" / "bbo"
     assert (out / "bbo_curve.png").stat().st_size > 10000
     rounds = json.loads((out / "results.json").read_text())["methods"]["sqdf"]["rounds"]
