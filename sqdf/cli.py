@@ -29,6 +29,14 @@ examples:
   sqdf train --task sd --model ~/sd15 --reward aesthetic \
       --reward-param clip=~/clip-l14 --reward-param head=~/aesthetic.safetensors --out runs/sd
 
+task parameters (--task-param KEY=VALUE; README for their meaning):
+  gmm2d   num_modes, radius, std, means, stds, weights, hidden, ode_steps
+  digits  model, cm, guidance, lora_rank, lora_alpha, lora_targets, classes, finetune,
+          compile, channels_last
+  sd      model, prompts, negative_prompt, guidance, resolution, lora_rank, lora_alpha,
+          lora_targets, lcm, lcm_guidance, dtype, gradient_checkpointing, finetune, compile,
+          channels_last
+
 A TOML config holds the same keys as the flags (underscores), with [task_params] and
 [reward_params] tables. Flags override the file. The resolved configuration is written to
 RUN/config.json."""

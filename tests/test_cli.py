@@ -40,6 +40,27 @@ def test_train_help_reuses_config_help(capsys):
     assert "KL weight alpha" in out and "--reward-param" in out and "--resume" in out
 
 
+def test_train_help_lists_every_task_parameter(capsys):
+    import dataclasses
+
+    from sqdf.tasks.digits import DigitsConfig
+    from sqdf.tasks.gmm2d import GMM2DConfig
+    from sqdf.tasks.sd import SDConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    section = out[out.index("task parameters") :].split("A TOML config")[0].splitlines()[1:]
+    entries: dict[str, list[str]] = {}
+    task = ""
+    for line in section:  # "  TASK    k1, k2," then continuation lines
+        if line.startswith("  ") and not line.startswith("   "):
+            task, line = line.split(maxsplit=1)
+        entries.setdefault(task, []).extend(k for k in line.replace(",", " ").split() if k)
+    for name, cls in (("gmm2d", GMM2DConfig), ("digits", DigitsConfig), ("sd", SDConfig)):
+        assert entries[name] == [f.name for f in dataclasses.fields(cls)], name
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
