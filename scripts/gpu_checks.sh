@@ -7,9 +7,12 @@
 # .whl/ (pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl
 #  diffusers==0.42.1 importlib_metadata digit-recognizer-py==0.1.0) and run
 #     bash scripts/gpu_checks.sh [STAGE...]      with carry [".whl"]
-# Stages (default: all, in this order; each fits one 10-minute device call):
+# Stages (default: all, in this order, most wanted first; a session's device time is short,
+# so give one stage per call, `sd15` first; each is meant to fit one 10-minute call, but none
+# has been timed on a GPU yet):
+#   sd15    the four update designs at SD 1.5 size (s/update, peak memory, reward gain/s):
+#           issue 6's 24 GB check and issue 7's table
 #   tests   tests/test_gpu.py and the FSDP config through accelerate launch on one GPU
-#   sd15    the four update designs at SD 1.5 size (s/update, peak memory, reward gain/s)
 #   knobs   the reference design at SD 1.5 size: as is, without gradient checkpointing,
 #           with channels_last, with torch.compile
 set -euo pipefail
@@ -22,7 +25,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests sd15 knobs)
+[ ${#stages[@]} -eq 0 ] && stages=(sd15 tests knobs)
 for stage in "${stages[@]}"; do
     case $stage in
     tests)
