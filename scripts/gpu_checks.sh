@@ -31,7 +31,8 @@ for stage in "${stages[@]}"; do
     tests)
         python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3
         python3 -c "from sqdf.tasks.sd_random import write_parts; write_parts('/tmp/tiny')"
-        accelerate launch --config_file configs/accelerate/fsdp_full_finetune.yaml \
+        python3 -m accelerate.commands.launch \
+            --config_file configs/accelerate/fsdp_full_finetune.yaml \
             --num_processes 1 -m sqdf.cli train --task sd --model /tmp/tiny/sd \
             --task-param finetune=full --reward aesthetic --reward-param clip=/tmp/tiny/clip \
             --reward-param head=/tmp/tiny/head.safetensors --num-steps 4 --batch-size 2 \

@@ -49,7 +49,8 @@ class Processes:
     def __init__(self, device: str = "auto"):
         self._acc = None
         self.rank, self.world = 0, 1
-        if launched()[1] > 1:
+        # one process under an FSDP config is still FSDP (e.g. to offload to the CPU)
+        if launched()[1] > 1 or (_fsdp_requested() and "RANK" in os.environ):
             from accelerate import Accelerator
 
             if device not in ("auto", "cpu"):

@@ -189,6 +189,14 @@ def test_fsdp_train_resumes_exactly_matches_all_reduce_and_resumes_without_fsdp(
     assert (tmp_path / "fsdp" / "final" / "policy.safetensors").is_file()
 
 
+def test_fsdp_config_on_one_process_is_still_fsdp(tmp_path):
+    flags = ["--task", "gmm2d", "--num-steps", "4", "--steps", "2", "--device", "cpu"]
+    argv = ["-m", "sqdf.cli", "train", "--out", str(tmp_path / "one"), *flags]
+    done = launch(argv, nproc=1, env=FSDP_ENV)
+    assert "FSDP2 shards the policy over 1 processes" in done.stderr
+    assert (tmp_path / "one" / "final" / "policy.safetensors").is_file()
+
+
 def test_fsdp_shards_the_fully_fine_tuned_digits_unet(tmp_path):
     from sqdf.tasks.digits import shipped_model
     from sqdf.tasks.digits_model import load_unet
