@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqdf.config import config_fields, make_config, read_toml, tomllib
 from sqdf.distributed import launched
@@ -601,15 +601,26 @@ def main(argv: list[str] | None = None) -> int:
         "bbo": _cmd_bbo,
     }[args.command]
     try:
-        return handler(args)
+        code = handler(args)
     except SqdfError as err:
         print(f"sqdf {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         again = "sqdf bbo --resume DIR" if args.command == "bbo" else "sqdf train --resume RUN"
         print(f"interrupted; resume from the latest checkpoint with {again}", file=sys.stderr)
-        return 130
+        code = 130
+    return code
+
+
+def run() -> NoReturn:
+    """The ``sqdf`` command (and ``python -m sqdf.cli``): main(), then exit with its status."""
+    code = main()
+    if "RANK" in os.environ:  # under a launcher: leave without C++ teardown (see end_process)
+        from sqdf.distributed import end_process
+
+        end_process(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

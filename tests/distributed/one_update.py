@@ -12,7 +12,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from sqdf.distributed import Processes
+from sqdf.distributed import Processes, end_process
 from sqdf.methods import METHODS, build_method_params
 from sqdf.trainer import average_and_clip
 from tests.distributed.shards import CFG, global_cells, shard
@@ -40,3 +40,5 @@ optimizer.step()
 state = procs.model_state(task.policy)  # gathered from the shards under FSDP
 if procs.is_main:
     save_file({k: v.contiguous() for k, v in state.items()}, out)
+procs.barrier()
+end_process(0)
