@@ -144,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown design {unknown[0]!r}; known: {', '.join(DESIGNS)}")
     parts = Path(args.parts or tempfile.mkdtemp(prefix="sqdf-speed-"))
     base = base_config(args.task, args.preset, parts)
-    extra = {}
-    for item in args.task_param:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            ap.error(f"--task-param expects KEY=VALUE, got {item!r}")
-        extra[key] = json.loads(raw) if raw in ("true", "false") or raw[:1].isdigit() else raw
+    from sqdf.cli import key_values
+    from sqdf.errors import SqdfError
+
+    try:  # read as sqdf train reads --task-param
+        extra = key_values(args.task_param, "--task-param")
+    except SqdfError as err:
+        ap.error(str(err))
     base["task_params"] = {**base.get("task_params", {}), **extra}
     if args.one:  # a child process: one design, its result as JSON on stdout's last line
         print(json.dumps(run_design(args.one, base, args.updates, args.eval_samples)))

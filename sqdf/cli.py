@@ -68,7 +68,8 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _key_values(items: list[str], flag: str) -> dict[str, Any]:
+def key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items (values read as TOML, else as text), as every sqdf flag reads them."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -142,7 +143,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         source = args.config or "flags"
     values.update(flags)
     for key, flag in DICT_FIELDS.items():
-        given = _key_values(getattr(args, key), flag)
+        given = key_values(getattr(args, key), flag)
         values[key] = {**values.get(key, {}), **given}
     for key in ("model", "prompts"):  # shorthands for the sd task's most used parameters
         if getattr(args, key):
@@ -236,12 +237,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                     "--queries-per-round and --updates-per-round)"
                 )
         return _run_bbo(args, args.task, args.methods or BBO_DEFAULT_METHODS)
-    stray = list(_bbo_given(args)) + (["oracle_params"] if args.oracle_params else [])
+    stray = [f"--{k.replace('_', '-')}" for k in _bbo_given(args)]
+    stray += ["--oracle-param"] if args.oracle_params else []
     if stray:
-        flag = "--" + stray[0].replace("_", "-").replace("oracle-params", "oracle-param")
-        raise SqdfError(f"{flag} is a BBO setting; add --bbo to compare BBO methods")
+        raise SqdfError(f"{stray[0]} is a BBO setting; add --bbo to compare BBO methods")
     base = read_toml(args.config) if args.config else {}
-    base.update(_key_values(args.set, "--set"))
+    base.update(key_values(args.set, "--set"))
     base["task"] = args.task
     if args.steps:
         base["steps"] = args.steps
@@ -420,19 +421,17 @@ def _add_bbo(sub: argparse._SubParsersAction) -> None:
     _add_bbo_options(b)
 
 
-def _add_bbo_options(parser: argparse.ArgumentParser) -> list[str]:
-    """The BboConfig flags (shared by sqdf bbo and sqdf compare --bbo); returns their dests."""
+def _add_bbo_options(parser: argparse.ArgumentParser) -> None:
+    """The BboConfig flags (shared by sqdf bbo and sqdf compare --bbo)."""
     from sqdf.bbo.config import bbo_fields
 
     parser.add_argument(
         "--oracle-param", dest="oracle_params", action="append", default=[],
         metavar="KEY=VALUE", help="oracle parameter for module:function (repeatable)",
     )  # fmt: skip
-    dests = ["oracle_params"]
     for f in bbo_fields():
         if f.name == "oracle_params":
             continue
-        dests.append(f.name)
         flag = f"--{f.name.replace('_', '-')}"
         if f.type == "bool":
             parser.add_argument(flag, dest=f.name, action="store_true", default=None,
@@ -443,7 +442,6 @@ def _add_bbo_options(parser: argparse.ArgumentParser) -> list[str]:
             flag, dest=f.name, type=kind, default=None,
             help=f"{f.metadata['help']} (default: {f.default})",
         )  # fmt: skip
-    return dests
 
 
 def _bbo_given(args: argparse.Namespace) -> dict[str, Any]:
@@ -473,10 +471,10 @@ def _run_bbo(args: argparse.Namespace, task: str | None, methods: str) -> int:
 
     values = read_toml(args.config) if args.config else {}
     bbo_values = values.pop("bbo", {})
-    values.update(_key_values(args.set, "--set"))
+    values.update(key_values(args.set, "--set"))
     values["task"] = task or values.get("task", "gmm2d")
     bbo_values.update(_bbo_given(args))
-    oracle_params = _key_values(args.oracle_params, "--oracle-param")
+    oracle_params = key_values(args.oracle_params, "--oracle-param")
     if oracle_params:
         bbo_values["oracle_params"] = {**bbo_values.get("oracle_params", {}), **oracle_params}
     bbo = build_settings(BboConfig, bbo_values, "bbo")
@@ -601,15 +599,15 @@ def main(argv: list[str] | None = None) -> int:
         "bbo": _cmd_bbo,
     }[args.command]
     try:
-        code = handler(args)
+        return handler(args)
     except SqdfError as err:
         print(f"sqdf {args.command}: error: {err}", file=sys.stderr)
-        code = 2
+        return 2
     except KeyboardInterrupt:
-        again = "sqdf bbo --resume DIR" if args.command == "bbo" else "sqdf train --resume RUN"
+        bbo = args.command == "bbo" or getattr(args, "bbo", False)  # sqdf compare --bbo too
+        again = "sqdf bbo --resume DIR" if bbo else "sqdf train --resume RUN"
         print(f"interrupted; resume from the latest checkpoint with {again}", file=sys.stderr)
-        code = 130
-    return code
+        return 130
 
 
 def run() -> NoReturn:

@@ -52,7 +52,7 @@ class DigitsConfig:
     )
     classes: list | None = None  # conditions to train on (default: all ten digits)
     finetune: str = "lora"  # lora, or full (every UNet weight; what FSDP shards)
-    compile: bool = False  # torch.compile the UNet (docs/performance.md: slower on CPUs)
+    compile: bool = False  # torch.compile the UNet (docs/performance.md: a long first update)
     channels_last: bool = False  # channels-last UNet weights
 
     def __post_init__(self) -> None:
