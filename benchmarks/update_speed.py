@@ -9,16 +9,19 @@ Designs (same model, reward, alpha, gamma, estimator, lr and cells per update):
 - reference: every update samples B whole trajectories without gradients, then one
   gradient step on B (trajectory, step) cells of that batch (the SQDF reference design);
 - truncated: the same, but each trajectory runs only to the step its cell uses;
-- truncated_x2: B/2 trajectories, two steps each, still B cells (several steps per trajectory);
-- replay4: whole trajectories into a prioritized replay buffer, 4 updates per fresh batch.
+- truncated_x<M>: B/M trajectories, M steps each, still B cells (several steps per
+  trajectory);
+- replay<N>: whole trajectories into a prioritized replay buffer, N updates per fresh batch.
+By default: reference, truncated, truncated_x2, replay4, replay8.
 
-For each: seconds per update (after a warm-up update), fresh trajectories per second, peak
-memory (CUDA allocator peak on a GPU; the process's peak RSS on the CPU, each design in its
-own process), and the reward gained over the reference model per wall-second of training
-(mean reward of ``--eval-samples`` samples, same seed, fine-tuned minus reference). Prints a
-table and writes JSON. ``--eval-samples 0`` skips the scoring (time and memory only);
-``--task-param`` applies a task setting (dtype, gradient_checkpointing, channels_last,
-compile, ...) to every design.
+For each: seconds per update (after a warm-up update, over whole replay cycles), the share
+of that time spent sampling fresh trajectories and scoring them (the rest is the gradient
+step), fresh trajectories per second, peak memory (CUDA allocator peak on a GPU; the process's
+peak RSS on the CPU, each design in its own process), and the reward gained over the reference
+model per wall-second of training (mean reward of ``--eval-samples`` samples, same seed,
+fine-tuned minus reference). Prints a table and writes JSON. ``--eval-samples 0`` skips the
+scoring (time and memory only); ``--task-param`` applies a task setting (dtype,
+gradient_checkpointing, channels_last, compile, ...) to every design.
 """
 
 from __future__ import annotations
@@ -27,21 +30,31 @@ import argparse
 import json
 import math
 import platform
+import re
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-DESIGNS = {
-    "reference": {"rollout": "full", "buffer": "on_policy", "replay_ratio": 1},
-    "truncated": {"rollout": "truncated", "buffer": "on_policy", "replay_ratio": 1},
-    "truncated_x2": {"rollout": "truncated", "buffer": "on_policy", "replay_ratio": 1,
-                     "cells_per_trajectory": 2},
-    "replay4": {"rollout": "full", "buffer": "prioritized", "replay_ratio": 4},
-}  # fmt: skip
+DESIGNS = ["reference", "truncated", "truncated_x2", "replay4", "replay8"]  # the default run
+
+
+def design_settings(name: str) -> dict | None:
+    """The training settings of a design: reference, truncated, truncated_x<M> (M steps per
+    trajectory) or replay<N> (N updates per fresh batch); None for an unknown name."""
+    if name == "reference":
+        return {"rollout": "full", "buffer": "on_policy", "replay_ratio": 1}
+    if name == "truncated":
+        name = "truncated_x1"
+    if m := re.fullmatch(r"truncated_x([1-9]\d*)", name):
+        return {"rollout": "truncated", "buffer": "on_policy", "replay_ratio": 1,
+                "cells_per_trajectory": int(m[1])}  # fmt: skip
+    if m := re.fullmatch(r"replay([1-9]\d*)", name):
+        return {"rollout": "full", "buffer": "prioritized", "replay_ratio": int(m[1])}
+    return None
+
 
 DIGITS = {"task": "digits", "reward": "ink", "alpha": 0.1, "gamma": 0.9,
           "estimator": "consistency", "num_steps": 20, "batch_size": 32, "lr": 1e-3}  # fmt: skip
@@ -72,10 +85,11 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
     from sqdf.sampler import sample_trajectories
     from sqdf.trainer import train
 
-    values = {**base, **DESIGNS[name], "steps": updates, "log_every": 1, "checkpoint_every": 0,
+    settings = design_settings(name)
+    values = {**base, **settings, "steps": updates, "log_every": 1, "checkpoint_every": 0,
               "buffer_size": max(64, 4 * base["batch_size"])}  # fmt: skip
-    if name == "truncated_x2":
-        values["batch_size"] = max(1, base["batch_size"] // 2)
+    # the same cells per update: fewer trajectories, each giving several steps
+    values["batch_size"] = max(1, base["batch_size"] // settings.get("cells_per_trajectory", 1))
     cfg = make_config(values, source=f"benchmark {name}")
     cuda = torch.cuda.is_available()
     if cuda:
@@ -93,8 +107,12 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
                 x0 = sample_trajectories(task, eval_samples, torch.Generator().manual_seed(7),
                                          policy=policy, cond=cond).x0  # fmt: skip
                 scores[policy] = float(score_samples(task, x0, cond).mean())
-    per_update = [b - a for a, b in zip(walls, walls[1:], strict=False)]
-    mean = statistics.mean(per_update)
+    # timed: whole replay cycles after the warm-up update (which samples), so a design that
+    # samples every N updates is timed over updates that sample exactly 1 in N times
+    cycle = settings["replay_ratio"]
+    timed = (len(rows) - 1) // cycle * cycle
+    mean = (walls[timed] - walls[0]) / timed
+    sampling = rows[timed]["sample_s"] - rows[0]["sample_s"]
     train_s = walls[-1]
     gain = scores[True] - scores[False]
     return {
@@ -103,6 +121,8 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
         | {"cells_per_trajectory": values.get("cells_per_trajectory", 1)},
         "s_per_update": round(mean, 4),
         "first_update_s": round(walls[0], 3),
+        "timed_updates": timed,
+        "sampling_share": round(sampling / (walls[timed] - walls[0]), 3),
         "trajectories_per_s": round(rows[-1]["samples_seen"] / train_s, 2),
         "peak_memory_gib": round(
             (
@@ -125,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=["digits", "sd"], default="digits")
     ap.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="sd sizes")
-    ap.add_argument("--updates", type=int, default=30, help="updates per design (>= 2)")
-    ap.add_argument("--designs", default=",".join(DESIGNS), help="comma-separated")
+    ap.add_argument("--updates", type=int, default=30, help="updates per design")
+    ap.add_argument(
+        "--designs", default=",".join(DESIGNS),
+        help="comma-separated: reference, truncated, truncated_x<M>, replay<N>",
+    )  # fmt: skip
     ap.add_argument("--eval-samples", type=int, default=256)
     ap.add_argument("--parts", default=None, help="sd: folder to keep the random parts in")
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
@@ -136,12 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one design
     args = ap.parse_args(argv)
-    if args.updates < 2:
-        ap.error("--updates must be >= 2 (the first is a warm-up)")
     designs = [d.strip() for d in args.designs.split(",") if d.strip()]
-    unknown = [d for d in designs if d not in DESIGNS]
+    unknown = [d for d in designs if design_settings(d) is None]
     if unknown:
-        ap.error(f"unknown design {unknown[0]!r}; known: {', '.join(DESIGNS)}")
+        ap.error(
+            f"unknown design {unknown[0]!r}; known: reference, truncated, truncated_x<M>, "
+            "replay<N> (M, N positive integers)"
+        )
+    cycle = max(design_settings(d)["replay_ratio"] for d in designs)
+    if args.updates < cycle + 1:
+        ap.error(
+            f"--updates must be >= {cycle + 1}: a warm-up update, then at least one whole "
+            f"replay cycle ({cycle} updates) of every design"
+        )
     parts = Path(args.parts or tempfile.mkdtemp(prefix="sqdf-speed-"))
     base = base_config(args.task, args.preset, parts)
     from sqdf.cli import key_values
@@ -162,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         # a process per design, so each one's peak memory is its own
         cmd = [sys.executable, __file__, "--task", args.task, "--preset", args.preset,
                "--updates", str(args.updates), "--eval-samples", str(args.eval_samples),
-               "--parts", str(parts), "--one", name]  # fmt: skip
+               "--parts", str(parts), "--designs", name, "--one", name]  # fmt: skip
         cmd += [f"--task-param={item}" for item in args.task_param]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -180,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }  # fmt: skip
     print(f"{doc['task']} on {doc['device']}, {args.updates} updates per design")
-    print("| design | s/update | speed-up | trajectories/s | peak GiB | reward gain/s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| design | s/update | speed-up | sampling share | trajectories/s | peak GiB | "
+          "reward gain/s |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         speed = f"{ref / r['s_per_update']:.2f}x" if ref else "-"
-        print(f"| {r['design']} | {r['s_per_update']} | {speed} | {r['trajectories_per_s']} | "
-              f"{r['peak_memory_gib']} | {r['reward_gain_per_s']} |")  # fmt: skip
+        print(f"| {r['design']} | {r['s_per_update']} | {speed} | {r['sampling_share']:.0%} | "
+              f"{r['trajectories_per_s']} | {r['peak_memory_gib']} | "
+              f"{r['reward_gain_per_s']} |")  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=1))

@@ -39,7 +39,7 @@ for stage in "${stages[@]}"; do
             --steps 2 --checkpoint-every 1 --out "$OUT/fsdp-tiny" --no-progress
         ;;
     sd15)
-        python3 benchmarks/update_speed.py --task sd --preset sd15 --updates 6 \
+        python3 benchmarks/update_speed.py --task sd --preset sd15 --updates 9 \
             --eval-samples 8 --parts /tmp/sd15 --out "$OUT/sd15-speed.json"
         ;;
     knobs)  # each against the reference design of the same call

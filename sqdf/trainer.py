@@ -59,6 +59,12 @@ def truncated_cells(task: Task, cfg: TrainConfig, generator: torch.Generator) ->
     )  # fmt: skip
 
 
+def wait_for(device: torch.device) -> None:
+    """Let the work queued on a GPU finish, so that a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def average_and_clip(
     procs: Processes,
     params: list[torch.nn.Parameter],
@@ -228,7 +234,7 @@ def train(
         scaler = state.scaler = state.scaler or scaler
     counters = {
         "samples_seen": 0, "reward_evals": 0, "skipped_updates": 0, "nonfinite_rewards": 0,
-        "wall_s": 0.0,
+        "wall_s": 0.0, "sample_s": 0.0,
     }  # fmt: skip
     start = 0
 
@@ -287,13 +293,15 @@ def train(
             cause = ""
             bad = sampled = 0
             if step % cfg.replay_ratio == 0 and cfg.rollout == "full":
+                began = time.perf_counter()
                 if step == start and state is not None and state.fresh is not None:
                     traj, rewards = state.fresh
                 else:
                     traj = sample_trajectories(task, cfg.batch_size, generator)
                     with torch.no_grad():
                         rewards = task.reward(traj.x0.to(task.device), traj.cond.to(task.device))
-                finite = torch.isfinite(rewards).cpu()
+                finite = torch.isfinite(rewards).cpu()  # waits for the GPU
+                counters["sample_s"] += time.perf_counter() - began
                 bad, sampled = int((~finite).sum()), finite.shape[0]
                 if bad:
                     cause = f"the reward was not finite for {bad} of {sampled} fresh samples"
@@ -313,7 +321,10 @@ def train(
                 skip, cause = True, cause or "another process has no sample to learn from"
             for _ in range(cfg.grad_accum if not skip else 0):
                 if truncated:
+                    began = time.perf_counter()
                     cells = truncated_cells(task, cfg, generator)
+                    wait_for(task.device)
+                    counters["sample_s"] += time.perf_counter() - began
                     partial += cfg.batch_size  # trajectories run part way, never scored
                 else:
                     cells = buffer.sample_cells(cfg.batch_size, generator)
@@ -395,6 +406,7 @@ def train(
                     "skipped_updates": counters["skipped_updates"],
                     "nonfinite_rewards": counters["nonfinite_rewards"],
                     "wall_s": round(time.perf_counter() - t0, 3),
+                    "sample_s": round(counters["sample_s"], 3),  # of wall_s, this process's
                 }
                 if procs.is_main:
                     append_metrics(run, row)

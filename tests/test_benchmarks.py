@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,11 +34,29 @@ def test_update_speed_times_sd_without_scoring(tmp_path, capsys):
 def test_update_speed_benchmark_compares_designs(tmp_path, capsys):
     bench = load("update_speed")
     out = tmp_path / "speed.json"
-    argv = ["--task", "digits", "--updates", "2", "--designs", "reference,truncated",
+    argv = ["--task", "digits", "--updates", "3", "--designs", "reference,truncated_x2,replay2",
             "--eval-samples", "4", "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     doc = json.loads(out.read_text())
-    assert [r["design"] for r in doc["results"]] == ["reference", "truncated"]
-    assert doc["results"][1]["settings"]["rollout"] == "truncated"
+    ref, trunc, replay = doc["results"]
+    assert [r["design"] for r in doc["results"]] == ["reference", "truncated_x2", "replay2"]
+    assert trunc["settings"] == {"rollout": "truncated", "buffer": "on_policy",
+        "replay_ratio": 1, "batch_size": 16, "cells_per_trajectory": 2}  # fmt: skip
+    assert replay["settings"]["replay_ratio"] == 2 and replay["settings"]["batch_size"] == 32
+    assert [r["timed_updates"] for r in doc["results"]] == [2, 2, 2]
     assert all(r["s_per_update"] > 0 and r["peak_memory_gib"] > 0 for r in doc["results"])
-    assert "| truncated |" in capsys.readouterr().out
+    # the reference samples every update; replay2 samples at updates 1 and 3 of 3 (the
+    # first is the warm-up), so a share of its timed updates, the reference more of its own
+    assert 0 < replay["sampling_share"] < ref["sampling_share"] < 1
+    assert "| truncated_x2 |" in capsys.readouterr().out
+
+
+def test_update_speed_names_a_bad_design(capsys):
+    bench = load("update_speed")
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--designs", "reference,replay0"])
+    assert stop.value.code == 2
+    assert "unknown design 'replay0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # replay8 is timed over whole cycles of 8 updates
+        bench.main(["--designs", "reference,replay8", "--updates", "8"])
+    assert "--updates must be >= 9" in capsys.readouterr().err

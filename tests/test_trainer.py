@@ -20,6 +20,7 @@ METRIC_KEYS = {
     "lr",
     "samples_seen",
     "wall_s",
+    "sample_s",
 }
 
 
@@ -33,6 +34,9 @@ def test_run_folder_contents(tiny_config, tmp_path):
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert METRIC_KEYS <= set(rows[0])
     assert rows[-1]["samples_seen"] == 6 * tiny_config.batch_size
+    # the sampling share of the wall time: grows each update, never above the whole
+    assert 0 < rows[0]["sample_s"] < rows[1]["sample_s"] < rows[2]["sample_s"]
+    assert all(r["sample_s"] < r["wall_s"] for r in rows)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == [
         "step_0000003",

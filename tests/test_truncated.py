@@ -43,6 +43,7 @@ def test_truncated_training_counts_partial_trajectories_and_learns(tmp_path):
     assert rows[-1]["samples_seen"] == 4 * 16
     assert rows[-1]["reward_evals"] == 4 * 16 * 2  # one per cell, none for fresh samples
     assert math.isnan(rows[-1]["reward_mean"])  # no trajectory reached its end
+    assert 0 < rows[0]["sample_s"] < rows[-1]["sample_s"] < rows[-1]["wall_s"]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
 
 
