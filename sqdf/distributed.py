@@ -49,6 +49,7 @@ class Processes:
 
     def __init__(self, device: str = "auto"):
         self._acc = None
+        self._cpu_group = None
         self.rank, self.world = 0, 1
         # one process under an FSDP config is still FSDP (e.g. to offload to the CPU)
         if launched()[1] > 1 or (_fsdp_requested() and "RANK" in os.environ):
@@ -69,6 +70,7 @@ class Processes:
             # kills the others mid-write
             atexit.register(_destroy_group)
             self.rank, self.world = self._acc.process_index, self._acc.num_processes
+            self._cpu_group = _cpu_group()
             if self.world != launched()[1]:
                 raise ConfigError(
                     f"the launcher started {launched()[1]} processes but Accelerate joined "
@@ -181,16 +183,41 @@ class Processes:
         """The device this process computes on: the launcher's choice when launched."""
         return requested if self._acc is None else str(self._acc.device)
 
-    def mean(self, t: Tensor) -> Tensor:
-        return t if self._acc is None else self._acc.reduce(t, reduction="mean")
+    def _group(self, t: Tensor) -> Any:
+        # CPU tensors (counters, buffers, random states) travel over gloo: NCCL, the GPUs'
+        # backend, has none for them; GPU tensors (gradients) over the launcher's group
+        return self._cpu_group if t.device.type == "cpu" else None
 
     def sum(self, t: Tensor) -> Tensor:
-        return t if self._acc is None else self._acc.reduce(t, reduction="sum")
+        """Every process's ``t`` summed (a new tensor; ``t`` is left as it was)."""
+        if self._acc is None:
+            return t
+        import torch.distributed as dist
 
-    def gather(self, t: Tensor) -> Tensor:
-        """(world, *t.shape): every process's ``t``, stacked in rank order."""
-        t = t.unsqueeze(0)
-        return t if self._acc is None else self._acc.gather(t.contiguous())
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self._group(t))
+        return out
+
+    def mean(self, t: Tensor) -> Tensor:
+        return t if self._acc is None else self.sum(t) / self.world
+
+    def gather(self, t: Tensor, main_only: bool = False) -> Tensor:
+        """(world, *t.shape): every process's ``t``, stacked in rank order; with
+        ``main_only`` only the main process receives them (the others get ``t`` alone: no
+        process but the one that writes holds every process's copy)."""
+        t = t.unsqueeze(0).contiguous()
+        if self._acc is None:
+            return t
+        import torch.distributed as dist
+
+        group = self._group(t)
+        if main_only:
+            parts = [torch.empty_like(t) for _ in range(self.world)] if self.is_main else None
+            dist.gather(t, parts, dst=0, group=group)
+            return torch.cat(parts) if self.is_main else t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t, group=group)
+        return torch.cat(parts)
 
     def barrier(self) -> None:
         if self._acc is not None:
@@ -241,11 +268,27 @@ def end_process(code: int) -> NoReturn:
     os._exit(code)
 
 
+_CPU_GROUP: list[Any] = []  # the gloo group of this process group's lifetime, once made
+
+
+def _cpu_group() -> Any:
+    """A group for CPU tensors: the launcher's own where its backend is gloo, else a gloo
+    group beside it, made once (every process makes it at the same point, as it must)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    if not _CPU_GROUP:
+        _CPU_GROUP.append(dist.new_group(backend="gloo"))
+    return _CPU_GROUP[0]
+
+
 def _destroy_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _CPU_GROUP.clear()
 
 
 def rank_seed(seed: int, rank: int, start: int = 0) -> int:
@@ -287,7 +330,9 @@ def average_gradients(procs: Processes, params: Iterable[torch.nn.Parameter]) ->
 
 def gather_states(procs: Processes, state: dict[str, Tensor]) -> list[dict[str, Tensor]]:
     """Every process's ``state`` (same keys everywhere, first dimensions may differ), in rank
-    order, for the main process to save. Tensors are padded to a common length to travel."""
+    order, for the main process to save (the others get an empty list: a replay buffer can
+    be gigabytes, and only the main process writes). Tensors are padded to a common length
+    to travel."""
     if procs.world == 1:
         return [state]
     sizes = procs.gather(torch.tensor(len(state))).tolist()
@@ -305,7 +350,9 @@ def gather_states(procs: Processes, state: dict[str, Tensor]) -> list[dict[str, 
         pad = max(lengths) - t.shape[0]
         if pad:
             t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
-        stacked = procs.gather(t)
+        stacked = procs.gather(t, main_only=True)
+        if not procs.is_main:
+            continue
         for rank, n in enumerate(lengths):
             out[rank][key] = stacked[rank, 0] if scalar else stacked[rank, :n].clone()
-    return out
+    return out if procs.is_main else []

@@ -66,7 +66,7 @@ from sqdf.errors import ConfigError, SqdfError
 from sqdf.methods import METHODS
 from sqdf.sampler import sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
-from sqdf.trainer import TrainState, make_optimizer, train, use_fused
+from sqdf.trainer import TrainState, loss_scaler, make_optimizer, train, use_fused
 
 
 class Diverged(SqdfError):
@@ -159,6 +159,7 @@ def run_method(
         optimizer=make_optimizer(params, cfg, fused=use_fused(params)),
         buffer=ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma),
         generator=torch.Generator().manual_seed(rank_seed(seed, procs.rank)),
+        scaler=loss_scaler(task),
     )
     start = 0
     ck = load_latest_checkpoint(run / "checkpoints") if resume else None
@@ -172,6 +173,8 @@ def run_method(
             state.generator.manual_seed(rank_seed(seed, procs.rank, ck.step))
         if len(ck.rngs) != procs.world and procs.is_main:
             logging.getLogger("sqdf").warning(process_change(len(ck.rngs), procs.world))
+        if state.scaler is not None and "loss_scaler" in ck.state:
+            state.scaler.load_state_dict(ck.state["loss_scaler"])
         start = ck.step
     rounds = load_rounds(run)
     if not start <= len(rounds) <= start + 1:  # only the round in flight may be unfinished
@@ -243,7 +246,14 @@ def run_method(
                     optimizer=state.optimizer.state_dict(),
                     buffers=buffers,
                     rngs=rngs,
-                    state={"queries": oracle.used},
+                    state={
+                        "queries": oracle.used,
+                        **(
+                            {"loss_scaler": state.scaler.state_dict()}
+                            if state.scaler is not None
+                            else {}
+                        ),
+                    },
                 ),
                 keep=2,
             )

@@ -551,6 +551,45 @@ def test_float16_scales_the_loss_backs_off_on_overflow_and_resumes(parts, tmp_pa
     assert all(torch.equal(resumed[k], v) for k, v in weights.items())
 
 
+def test_float16_bbo_resumes_with_its_loss_scale(parts, tmp_path, monkeypatch):
+    import importlib
+    import json
+
+    import sqdf.bbo.loop as loop
+    from sqdf.bbo import BboConfig, run_method
+    from sqdf.trainer import INITIAL_LOSS_SCALE
+
+    # the proxy's gradients overflow float16 at the initial scale here: round 0 halves it
+    # a few times; a run resumed after round 0 that restarted the scale would skip updates
+    # the whole run makes
+    (tmp_path / "sd_oracle_fp16.py").write_text(SD_ORACLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("sd_oracle_fp16")
+    bbo = BboConfig(oracle="sd_oracle_fp16:brightness", rounds=3, queries_per_round=4,
+                    updates_per_round=5, proxy_steps=5)  # fmt: skip
+    cfg = config(parts, lr=1e-3, task_params={"dtype": "float16"})
+    run_method(bbo, cfg, "sqdf", 0, tmp_path / "whole", progress=False)
+    real_train, calls = loop.train, []
+
+    def train_then_crash(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during round 1's fine-tuning
+        return real_train(*args, **kw)
+
+    monkeypatch.setattr(loop, "train", train_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_method(bbo, cfg, "sqdf", 0, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(loop, "train", real_train)
+    run_method(bbo, cfg, "sqdf", 0, tmp_path / "cut", resume=True, progress=False)
+    (ck,) = list((tmp_path / "cut" / "checkpoints").glob("step_0000001"))
+    saved = json.loads((ck / "state.json").read_text())["loss_scaler"]["scale"]
+    assert saved < INITIAL_LOSS_SCALE
+    last = "train/round_0001/final/policy.safetensors"  # the last round's fine-tuning
+    a, b = (load_file(str(tmp_path / run / last)) for run in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_readme_sd_bbo_config_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
     import json
     import re
