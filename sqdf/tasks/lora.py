@@ -29,15 +29,15 @@ def is_policy_weight(name: str) -> bool:
     return LORA_KEY in name and f".{POLICY_ADAPTER}." in name
 
 
-def activate_only(model: nn.Module, name: str) -> None:
-    """Make adapter ``name`` the only active one, changing nothing else.
+def activate_only(model: nn.Module, name: str | None) -> None:
+    """Make adapter ``name`` the only active one (None: no adapter), changing nothing else.
 
     peft's own ``set_adapter`` also flips requires_grad, which would unfreeze another
     adapter (or freeze the policy's in the middle of a loss); this switches the active set.
     """
     for layer in model.modules():
         if isinstance(layer, BaseTunerLayer):
-            layer._active_adapter = [name]
+            layer._active_adapter = [name] if name is not None else []
 
 
 @contextmanager

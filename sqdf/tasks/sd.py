@@ -192,8 +192,9 @@ class SDTask(Task):
             )
         for name, p in base.named_parameters():  # the LCM-LoRA is frozen
             p.requires_grad_(base is self.unet and is_policy_weight(name))
-        if base is self.unet:
-            activate_only(base, POLICY_ADAPTER)  # the LCM-LoRA runs only in consistency_x0
+        # peft activates an adapter it loads; the LCM-LoRA runs only in consistency_x0: under
+        # LoRA the policy's adapter stays the active one, a full reference copy has none
+        activate_only(base, POLICY_ADAPTER if base is self.unet else None)
 
     def _autocast(self) -> Any:
         enabled = self.dtype != torch.float32
