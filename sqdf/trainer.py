@@ -65,6 +65,18 @@ def wait_for(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def mean_stats(procs: Processes, keys: tuple[str, ...], stats: dict[str, float]) -> dict:
+    """Each of a method's ``keys`` averaged over the processes that computed it (NaN where
+    none did: every process skipped its loss); one fixed-size all-reduce, the same in every
+    process whichever of them skipped."""
+    undeclared = set(stats) - set(keys)
+    if undeclared:  # a method's loss and its declaration disagree: a bug, not bad input
+        raise RuntimeError(f"the loss reported {sorted(undeclared)}, not in its Method.stats")
+    pairs = [[stats[k], 1.0] if k in stats else [0.0, 0.0] for k in keys]
+    totals = procs.sum(torch.tensor(pairs, dtype=torch.float64).reshape(len(keys), 2))
+    return {k: s / n if n else math.nan for k, (s, n) in zip(keys, totals.tolist(), strict=True)}
+
+
 def average_and_clip(
     procs: Processes,
     params: list[torch.nn.Parameter],
@@ -386,9 +398,7 @@ def train(
             if done % cfg.log_every == 0 or done == cfg.steps:
                 if procs.world > 1:
                     loss_total = float(procs.mean(torch.tensor(loss_total)))
-                    keys = sorted(stats_total)
-                    means = procs.mean(torch.tensor([stats_total[k] for k in keys]))
-                    stats_total = dict(zip(keys, means.tolist(), strict=True))
+                stats_total = mean_stats(procs, METHODS[cfg.method].stats, stats_total)
                 n, total, squares = float(tally[6]), float(tally[4]), float(tally[5])
                 mean = total / n if n else math.nan
                 var = (squares - n * mean * mean) / (n - 1) if n > 1 else 0.0
@@ -397,7 +407,6 @@ def train(
                     "loss": loss_total if not skip else math.nan,
                     "reward_mean": mean,
                     "reward_std": math.sqrt(max(var, 0.0)),
-                    "kl_mean": math.nan,  # every row has it; a method without a KL leaves NaN
                     **stats_total,
                     "grad_norm": grad_norm,
                     "lr": optimizer.param_groups[0]["lr"],

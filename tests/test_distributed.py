@@ -129,6 +129,27 @@ def test_train_on_two_processes_resumes_exactly_and_on_one(tmp_path):
     assert json.loads((parts / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
 
 
+RANK_ONE_NAN = """
+import math, os
+def score(images, c):
+    v = images.flatten(1).mean(1)
+    return v * math.nan if os.environ["RANK"] == "1" else v
+"""
+
+
+def test_a_process_that_skips_its_loss_keeps_the_collectives_in_step(tmp_path):
+    # process 1 never stores a sample (its rewards are NaN), so it skips every loss while
+    # process 0 computes its own: the logged statistics must still be averaged in step
+    (tmp_path / "rank_one_nan.py").write_text(RANK_ONE_NAN)
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    sqdf_train(tmp_path / "run", "--task", "digits", "--reward", "rank_one_nan:score",
+               "--num-steps", "4", "--batch-size", "4", "--steps", "3", "--log-every", "1",
+               "--checkpoint-every", "0", "--max-skips", "5", "--device", "cpu", env=env)  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_updates"] for r in rows] == [1, 2, 3]  # process 1 skips: all skip
+    assert all(r["kl_mean"] == r["kl_mean"] for r in rows)  # process 0's, not NaN
+
+
 def test_compare_on_two_processes_writes_one_result(tmp_path):
     out = tmp_path / "cmp"
     done = launch(

@@ -25,6 +25,9 @@ class Method:
     # None, or why the number of policy passes differs between processes (each draws its own
     # truncation), which FSDP cannot run: every process must all-gather the same times
     uneven_passes: str | None = None
+    # the statistics its loss reports (besides reward_evals), averaged into the metrics; fixed
+    # so that processes average the same vector even when one of them skipped the loss
+    stats: tuple[str, ...] = ("kl_mean", "q_mean")
 
 
 METHODS: dict[str, Method] = {
@@ -36,7 +39,9 @@ METHODS: dict[str, Method] = {
     "alignprop": Method(
         alignprop_loss, AlignPropParams, uneven_passes="each process draws its truncation"
     ),
-    "ddpo": Method(ddpo_loss, DdpoParams, buffer="on_policy"),
+    "ddpo": Method(
+        ddpo_loss, DdpoParams, buffer="on_policy", stats=("kl_mean", "q_mean", "clip_frac")
+    ),
 }
 
 

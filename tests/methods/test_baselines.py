@@ -2,6 +2,7 @@
 paper says: gradients only where the method puts them, DDPO's ratio and clipping."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ def test_each_method_trains_gmm2d(method, tmp_path):
     run = train(_cfg(method), tmp_path / method, progress=False)
     rows = read_metrics(run)
     assert rows[-1]["skipped_updates"] == 0 and rows[-1]["reward_evals"] > 0
+    assert all(math.isfinite(rows[-1][k]) for k in METHODS[method].stats)  # all it declares
     w = load_file(str(run / "final" / "policy.safetensors"))
     assert all(torch.isfinite(v).all() for v in w.values())
     assert float(w["net.4.weight"].abs().max()) > 0  # the zero-initialised output layer moved
