@@ -142,9 +142,10 @@ def test_a_process_that_skips_its_loss_keeps_the_collectives_in_step(tmp_path):
     # process 0 computes its own: the logged statistics must still be averaged in step
     (tmp_path / "rank_one_nan.py").write_text(RANK_ONE_NAN)
     env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
-    sqdf_train(tmp_path / "run", "--task", "digits", "--reward", "rank_one_nan:score",
-               "--num-steps", "4", "--batch-size", "4", "--steps", "3", "--log-every", "1",
-               "--checkpoint-every", "0", "--max-skips", "5", "--device", "cpu", env=env)  # fmt: skip
+    flags = ["--task", "digits", "--reward", "rank_one_nan:score", "--num-steps", "4",
+             "--batch-size", "4", "--steps", "3", "--log-every", "1", "--checkpoint-every", "0",
+             "--max-skips", "5", "--device", "cpu"]  # fmt: skip
+    sqdf_train(tmp_path / "run", *flags, env=env)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_updates"] for r in rows] == [1, 2, 3]  # process 1 skips: all skip
     assert all(r["kl_mean"] == r["kl_mean"] for r in rows)  # process 0's, not NaN
