@@ -248,14 +248,21 @@ def train(
         "samples_seen": 0, "reward_evals": 0, "skipped_updates": 0, "nonfinite_rewards": 0,
         "wall_s": 0.0, "sample_s": 0.0,
     }  # fmt: skip
-    start = 0
+    start = consecutive_skips = 0
 
     ck = load_latest_checkpoint(run / "checkpoints") if resume else None
+    if ck is not None and ck.step > cfg.steps:
+        raise SqdfError(
+            f"cannot resume {run} to steps {cfg.steps}: its latest checkpoint is at update "
+            f"{ck.step}; give steps >= {ck.step} (training cannot be undone)"
+        )
     if ck is not None:
         procs.load_model_state(task.policy, ck.policy)
         procs.load_optimizer_state(task.policy, optimizer, ck.optimizer)
         start = ck.step
         counters.update({k: ck.state[k] for k in counters if k in ck.state})
+        # a run stopped inside a streak of skipped updates resumes inside it
+        consecutive_skips = int(ck.state.get("consecutive_skips", 0))
         if scaler is not None and "loss_scaler" in ck.state:
             scaler.load_state_dict(ck.state["loss_scaler"])
         if procs.rank < len(ck.rngs):
@@ -287,6 +294,7 @@ def train(
                 state={
                     **counters,
                     "wall_s": time.perf_counter() - t0,
+                    "consecutive_skips": consecutive_skips,
                     **({"loss_scaler": scaler.state_dict()} if scaler is not None else {}),
                 },
             ),
@@ -294,7 +302,6 @@ def train(
         )
 
     t0 = time.perf_counter() - counters["wall_s"]
-    consecutive_skips = 0
     bar = tqdm(
         range(start, cfg.steps), initial=start, total=cfg.steps,
         disable=not (progress and procs.is_main), desc=f"{cfg.method} on {cfg.task}",

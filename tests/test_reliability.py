@@ -142,6 +142,18 @@ def test_nan_rewards_never_reach_the_weights(tmp_path, monkeypatch):
     # the checkpoint written at step 2 holds the initial (zero) LoRA B weights: untouched
     ck = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert all(float(v.abs().max()) == 0 for k, v in ck.policy.items() if "lora_B" in k)
+    # the streak of skips is part of the checkpoint: resumed, the run stops at update 3 as
+    # the uninterrupted one did, not 3 skips later
+    with pytest.raises(SqdfError, match=r"3 consecutive updates skipped"):
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2
+
+
+def test_resume_to_fewer_steps_than_trained_is_refused(tmp_path):
+    run = train(_tiny(), tmp_path / "run", progress=False)
+    with pytest.raises(SqdfError, match=r"checkpoint is at update 6; give steps >= 6"):
+        train(_tiny(steps=4), run, resume=True, progress=False)
 
 
 def test_partly_nan_rewards_are_dropped_and_training_goes_on(tmp_path, monkeypatch):
