@@ -221,7 +221,9 @@ class Processes:
 
     def barrier(self) -> None:
         if self._acc is not None:
-            self._acc.wait_for_everyone()
+            import torch.distributed as dist
+
+            dist.barrier(group=self._cpu_group)  # over gloo: needs no device of its own
 
 
 def _fsdp_requested() -> bool:

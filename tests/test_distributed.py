@@ -151,6 +151,20 @@ def test_a_process_that_skips_its_loss_keeps_the_collectives_in_step(tmp_path):
     assert all(r["kl_mean"] == r["kl_mean"] for r in rows)  # process 0's, not NaN
 
 
+def test_a_group_without_a_cpu_backend_runs_the_same_training(tmp_path):
+    # NCCL has no backend for CPU tensors: a launch on GPUs sends those over gloo beside it
+    flags = ["train", "--task", "gmm2d", "--num-steps", "8", "--batch-size", "16", "--steps",
+             "4", "--checkpoint-every", "2", "--log-every", "1", "--device", "cpu",
+             "--no-progress"]  # fmt: skip
+    script = str(ROOT / "tests/distributed/cuda_only_group.py")
+    launch([script, *flags, "--out", str(tmp_path / "cuda_only")])
+    sqdf_train(tmp_path / "plain", *flags[1:])
+    a, b = (final_weights(tmp_path / run) for run in ("plain", "cuda_only"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ck = tmp_path / "cuda_only" / "checkpoints" / "step_0000004"
+    assert (ck / "buffer.rank1.safetensors").is_file()  # gathered over gloo, saved by one
+
+
 def test_compare_on_two_processes_writes_one_result(tmp_path):
     out = tmp_path / "cmp"
     done = launch(
