@@ -10,7 +10,7 @@
 # Stages (default: all, in this order, most wanted first; a session's device time is short,
 # so give one stage per call, `sd15` first; each is meant to fit one 10-minute call, but none
 # has been timed on a GPU yet):
-#   sd15    the four update designs at SD 1.5 size (s/update, peak memory, reward gain/s):
+#   sd15    the five update designs at SD 1.5 size (s/update, peak memory, reward gain/s):
 #           issue 6's 24 GB check and issue 7's table
 #   tests   tests/test_gpu.py and the FSDP config through accelerate launch on one GPU
 #   knobs   the reference design at SD 1.5 size: as is, without gradient checkpointing,
