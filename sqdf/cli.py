@@ -211,7 +211,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from sqdf.demo import run_demo, summary_rows
 
     t0 = time.perf_counter()
-    overrides = {"steps": args.steps} if args.steps else {}
+    overrides = {"steps": args.steps} if args.steps is not None else {}
     page = run_demo(
         args.out, num_samples=args.num_samples, progress=not args.no_progress, **overrides
     )
@@ -243,8 +243,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise SqdfError(f"{stray[0]} is a BBO setting; add --bbo to compare BBO methods")
     base = read_toml(args.config) if args.config else {}
     base.update(key_values(args.set, "--set"))
-    base["task"] = args.task
-    if args.steps:
+    base["task"] = args.task or base.get("task", "gmm2d")
+    if args.steps is not None:
         base["steps"] = args.steps
     sweep = None
     if args.sweep:
@@ -257,7 +257,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         sweep = (key.strip(), list(values))
     methods = [m.strip() for m in (args.methods or COMPARE_DEFAULT_METHODS).split(",")]
     methods = [m for m in methods if m]
-    out = args.out or _default_out(f"compare-{args.task}")
+    out = args.out or _default_out(f"compare-{base['task']}")
     folder = compare(
         base,
         methods,
@@ -341,7 +341,10 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "the same\nexperiment and outputs as sqdf bbo (see sqdf bbo --help), resumable with "
         "sqdf bbo --resume DIR.",
     )  # fmt: skip
-    c.add_argument("--task", default="gmm2d", help="gmm2d, digits or sd (default: gmm2d)")
+    c.add_argument(
+        "--task", default=None,
+        help="gmm2d, digits or sd (default: the --config file's task, else gmm2d)",
+    )  # fmt: skip
     c.add_argument(
         "--methods",
         default=None,

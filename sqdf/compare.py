@@ -20,7 +20,7 @@ import torch
 
 from sqdf.config import TrainConfig, make_config
 from sqdf.distributed import Processes
-from sqdf.errors import SqdfError
+from sqdf.errors import DivergedError, SqdfError
 from sqdf.evaluate import evaluate_run, load_run
 from sqdf.methods import METHODS
 from sqdf.report import pyplot
@@ -57,6 +57,9 @@ def plan_variants(methods: list[str], sweep: tuple[str, list[Any]] | None) -> li
             raise SqdfError(
                 f"unknown method {m!r}; known: {', '.join(sorted(METHODS))}, {BEST_OF_N}"
             )
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise SqdfError(f"method {repeated[0]!r} is listed twice in --methods")
     if sweep is None:
         return [Variant(m, {"method": m}) for m in methods]
     key, values = sweep
@@ -123,6 +126,13 @@ def compare(
     base = {**base}
     base.setdefault("task", "gmm2d")
     make_config({**base, "method": "sqdf"}, source="compare base")  # fail early on bad keys
+    if best_of < 1:
+        raise SqdfError(f"--best-of must be >= 1, got {best_of}")
+    if num_samples is not None and num_samples < 2:
+        raise SqdfError(f"--num-samples must be >= 2 (metrics need a spread), got {num_samples}")
+    for variant in variants:  # every variant's settings, before any of them trains
+        if variant.name != BEST_OF_N:
+            _config(base, variant, 0)
     # launched on several processes, every one trains; the main one evaluates and writes
     procs = Processes(str(base.get("device", "auto")))
     procs.barrier()  # every process has checked the folder before the main one fills it
@@ -146,7 +156,7 @@ def compare(
                 sample, metrics = None, {}
                 try:
                     train(cfg, run, progress=progress)
-                except SqdfError as err:  # a method that blows up is a result, not a crash
+                except DivergedError as err:  # a method that blows up is a result
                     metrics = {"diverged": str(err)}
                 if not procs.is_main:
                     continue

@@ -123,6 +123,8 @@ class TrainConfig:
         need(1 <= self.num_steps <= 999, f"num_steps must be in [1, 999], got {self.num_steps}")
         need(0 < self.eta <= 1, f"eta must be in (0, 1], got {self.eta}")
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        # every process's stream is derived from it as a non-negative 64-bit integer
+        need(0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")

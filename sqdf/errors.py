@@ -7,3 +7,8 @@ class SqdfError(Exception):
 
 class ConfigError(SqdfError, ValueError):
     """An invalid configuration value or key."""
+
+
+class DivergedError(SqdfError):
+    """Training stopped on non-finite values (``max_skips`` updates in a row skipped): in
+    ``sqdf compare`` and ``sqdf bbo`` a result of the method, not a problem with the input."""

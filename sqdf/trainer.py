@@ -35,7 +35,7 @@ from sqdf.distributed import (
     process_change,
     rank_seed,
 )
-from sqdf.errors import ConfigError, SqdfError
+from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import reward_params
 from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
@@ -388,7 +388,7 @@ def train(
                 counters["skipped_updates"] += 1
                 consecutive_skips += 1
                 if consecutive_skips >= cfg.max_skips:
-                    raise SqdfError(
+                    raise DivergedError(
                         f"stopped after {consecutive_skips} consecutive updates skipped for "
                         f"non-finite values: {cause} (the weights were not changed by them)"
                     )

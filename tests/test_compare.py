@@ -71,7 +71,7 @@ def test_sweep_and_ddpo_gets_its_buffer(tmp_path):
 
 def test_a_diverging_run_is_recorded_not_fatal(tmp_path, monkeypatch):
     (tmp_path / "nan_reward.py").write_text(
-        "import torch\ndef r(x, c):\n    return x.sum(1) * float('nan')\n"
+        "import torch\ndef r(x, c):\n    return x.flatten(1).sum(1) * float('nan')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     base = {
@@ -99,3 +99,15 @@ def test_bad_compare_input(tmp_path, capsys):
     assert "--sweep expects KEY=V1,V2" in capsys.readouterr().err
     assert main(["compare", "--set", "alhpa=1", "--out", str(tmp_path / "y")]) == 2
     assert "did you mean 'alpha'" in capsys.readouterr().err
+
+
+def test_compare_takes_the_task_from_the_config_file(tmp_path):
+    toml = tmp_path / "digits.toml"
+    toml.write_text('task = "digits"\nreward = "ink"\nnum_steps = 2\nbatch_size = 2\n'
+                    'buffer_size = 4\ncheckpoint_every = 0\ndevice = "cpu"\n')  # fmt: skip
+    out = tmp_path / "c"
+    argv = ["compare", "--config", str(toml), "--methods", "sqdf", "--seeds", "1", "--steps",
+            "1", "--num-samples", "8", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["task"] == "digits" and "diverged" not in doc["runs"][0]

@@ -62,15 +62,11 @@ from sqdf.checkpoint import (
 )
 from sqdf.config import TrainConfig, make_config
 from sqdf.distributed import Processes, gather_states, process_change, rank_seed
-from sqdf.errors import ConfigError, SqdfError
+from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.methods import METHODS
 from sqdf.sampler import sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
 from sqdf.trainer import TrainState, loss_scaler, make_optimizer, train, use_fused
-
-
-class Diverged(SqdfError):
-    """Fine-tuning stopped on non-finite values (the trainer's max_skips)."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +219,7 @@ def run_method(
                 _fine_tune(
                     bbo, cfg, spec, state, rounds, run, k, features, dim, seed, progress, procs
                 )
-            except Diverged as err:
+            except DivergedError as err:
                 # the method blew up fine-tuning after round k (in every process at once):
                 # its curve ends there, and a resume does not retry it
                 if procs.is_main:
@@ -442,8 +438,6 @@ def _fine_tune(
     state.fresh = (data.trajectories(ok), data.value[ok].float())
     try:
         train(cfg, folder, progress=progress, state=state)
-    except SqdfError as err:  # the trainer stopped on non-finite values: a result, as in compare
-        raise Diverged(str(err)) from None
     finally:
         task.reward_model = original
         state.fresh = None
