@@ -105,8 +105,10 @@ class ProxyEnsemble(nn.Module):
         m, hidden = self.members, self.w1.shape[2]
         with torch.no_grad():
             self.x_mean.copy_(feats.mean(0))
-            # dead features (a ReLU unit that is zero on every sample) keep unit scale
-            self.x_std.copy_(feats.std(0) if n > 1 else torch.ones(dim)).clamp_(min=1e-6)
+            # dead features (a ReLU unit that is zero on every sample) keep unit scale: a
+            # sample that wakes one must not have it multiplied by 1 / (a zero spread)
+            spread = feats.std(0) if n > 1 else torch.zeros(dim, device=feats.device)
+            self.x_std.copy_(torch.where(spread > 1e-6, spread, torch.ones_like(spread)))
             self.y_mean.copy_(values.mean())
             self.y_std.copy_(values.std().clamp(min=1e-6) if n > 1 else torch.ones(()))
             for p, fan_in in ((self.w1, dim), (self.w2, hidden)):

@@ -60,3 +60,17 @@ def test_a_sampled_member_is_that_member_and_gradients_reach_the_input():
     assert bool((torch.sign(x.grad) == torch.sign(true_grad)).all())
     assert not any(p.requires_grad for p in ens.parameters())  # frozen after the fit
     assert math.isfinite(float(x.grad.abs().sum()))
+
+
+def test_a_feature_dead_in_the_data_keeps_unit_scale():
+    # a ReLU feature that is zero on every queried sample and on at a new one: standardised
+    # by its (zero) spread it would be multiplied by 1e6 and swamp the prediction
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand((64, 2), generator=g) * 4 - 2
+    dead = torch.cat([x, torch.zeros((64, 1))], dim=1)
+    ens = ProxyEnsemble(3, members=4, hidden=64)
+    ens.fit(dead, known_function(x), g, steps=200, lr=1e-2, weight_decay=0.0)
+    assert torch.equal(ens.x_std[2], torch.tensor(1.0))
+    on = torch.cat([x[:8], torch.ones((8, 1))], dim=1)  # the dead feature at 1
+    with torch.no_grad():
+        assert float(ens.member_values(on).abs().max()) < 20  # targets lie in [-1, 2]
