@@ -121,6 +121,7 @@ CASES = [
     ("compare a bad method param", lambda r: ["compare", "--methods", "sqdf,draft", "--set", "method_params={kk = 2}", "--out", str(r / "c")], "unknown parameter 'kk'"),
     ("compare an unknown reward", lambda r: ["compare", "--set", "reward=nope", "--out", str(r / "c")], "nope"),
     ("demo zero steps", lambda r: ["demo", "--steps", "0", "--out", str(r / "d")], "steps must be >= 1"),
+    ("gmm2d at alpha 0", lambda r: ["train", "--task", "gmm2d", "--alpha", "0", "--out", str(r / "x")], "needs alpha > 0, got alpha 0.0"),
     ("a negative seed", lambda r: ["train", "--seed", "-1"], "seed must be in [0, 2**63)"),
     ("method param unknown", lambda r: ["train", "--method", "draft", "--method-param", "kk=2"], "did you mean 'k'?"),
     ("DDPO without its buffer", lambda r: ["train", "--method", "ddpo"], "needs buffer = 'on_policy'"),
