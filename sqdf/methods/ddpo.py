@@ -6,6 +6,10 @@ Each cell (x_t, x_{t-1}) of a stored trajectory has the sampler's log-likelihood
 -min(ρ A, clip(ρ, 1-ε, 1+ε) A) with ρ = p_θ(x_{t-1}|x_t) / p_old(x_{t-1}|x_t) and A the
 trajectory's reward normalised per condition over the newest batch (DDPO's per-prompt
 statistics), clipped to ±adv_clip. Defaults from the DDPO code: clip_range 1e-4, adv_clip_max 5.
+
+As in the DDPO code, ρ is taken from the log-likelihood averaged over the D dimensions of a
+sample (ρ = exp((log p_θ - log p_old) / D)), not summed: clip_range 1e-4 is a trust region on
+that scale, and on the summed one it would be D times narrower (D = 16,384 for SD latents).
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ def ddpo_loss(
     with torch.no_grad():
         ref_mean, _ = step_mean_std(task, x_t, cells.step, cond, policy=False)
     logp = gaussian_log_prob(x_next, mean, std)
-    ratio = torch.exp(logp - cells.logp.to(dev))
+    dims = x_next[0].numel()
+    ratio = torch.exp((logp - cells.logp.to(dev)) / dims)  # per dimension, as DDPO's code
     # per-condition statistics over the cells, which the on-policy buffer draws from the
     # newest batch only
     adv = per_condition_advantages(cells.reward, cells.cond, cells.reward, cells.cond).to(dev)

@@ -85,6 +85,28 @@ def test_ddpo_ratio_is_one_on_policy_and_the_loss_is_minus_the_mean_advantage():
     assert stats["clip_frac"] == 0.0
 
 
+def test_ddpo_clips_the_ratio_of_per_dimension_likelihoods():
+    # DDPO's code averages the log-likelihood over a sample's D dimensions; clip_range is a
+    # trust region on that scale. Old log-likelihoods lower by D * delta: ratio exp(delta)
+    torch.manual_seed(0)
+    cfg = _cfg("ddpo")
+    task = build_task(cfg)
+    traj = sample_trajectories(task, 8, torch.Generator().manual_seed(0))
+    buf = ReplayBuffer(16, "on_policy", cfg.num_steps, cfg.gamma)
+    buf.add(traj, task.reward(traj.x0, None))
+    cells = buf.sample_cells(8, torch.Generator().manual_seed(1))
+    params = build_method_params("ddpo", {})
+    adv = per_condition_advantages(cells.reward, cells.cond, cells.reward, cells.cond)
+    dims = cells.x_next[0].numel()
+    for delta, clipped in ((0.6 * params.clip_range, 0.0), (3 * params.clip_range, 1.0)):
+        shifted = dataclasses.replace(cells, logp=cells.logp - dims * delta)
+        loss, stats = ddpo_loss(task, shifted, cfg, params, torch.Generator())
+        assert stats["clip_frac"] == clipped
+        if not clipped:  # inside the trust region the loss is the plain -ratio * A
+            expected = -(adv.clamp(-5, 5) * math.exp(delta)).mean()
+            torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_per_condition_advantages():
     r = torch.tensor([1.0, 3.0, 10.0, 30.0])
     c = torch.tensor([0, 0, 1, 1])
