@@ -568,9 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="sd: the RUN/final folder of an sd run (its LoRA, or its fully fine-tuned unet/)",
     )
-    s.add_argument("--prompts", default="animals", help="sd: built-in set or file (animals)")
-    s.add_argument("--guidance", type=float, default=5.0, help="sd: CFG scale (5.0)")
-    s.add_argument("--num-steps", type=int, default=50, help="sd: DDIM steps (50)")
+    s.add_argument(
+        "--prompts", default=None,
+        help="sd: built-in set or file (default: the run's, else animals)",
+    )  # fmt: skip
+    s.add_argument(
+        "--guidance", type=float, default=None, help="sd: CFG scale (default: the run's, else 5.0)"
+    )
+    s.add_argument(
+        "--num-steps", type=int, default=None, help="sd: DDIM steps (default: the run's, else 50)"
+    )
     s.add_argument("--device", default="auto", help="sd: torch device (auto)")
     c = sub.add_parser(
         "convert-aesthetic-head",

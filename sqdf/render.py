@@ -4,30 +4,58 @@ weights would, into one picture."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sqdf.errors import SqdfError
-from sqdf.tasks.sd_prompts import load_prompts
+from sqdf.tasks.sd_prompts import load_prompt_pairs
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class RenderSettings:
+    """How to render: the run's own settings where RUN/final has a run beside it."""
+
+    prompts: str = "animals"
+    guidance: float = 5.0
+    num_steps: int = 50
+    negative_prompt: str = ""
+
+
+def trained_settings(final: Path | None) -> RenderSettings:
+    """The prompts, CFG scale, DDIM steps and negative prompt the run that wrote ``final``
+    trained with (what its policy was fine-tuned to produce); the defaults without a run."""
+    if final is None or not (final.parent / "config.json").is_file():
+        return RenderSettings()
+    from sqdf.config import build_settings
+    from sqdf.run import read_run_config
+    from sqdf.tasks.sd import SDConfig
+
+    cfg = read_run_config(final.parent)
+    options = build_settings(SDConfig, dict(cfg.task_params), "task 'sd'")
+    return RenderSettings(options.prompts, options.guidance, cfg.num_steps, options.negative_prompt)
 
 
 def render_sd(
     model: str,
     lora: str | None,
-    prompts: str,
+    prompts: str | None,
     out: str | Path,
     *,
     num_images: int = 8,
     seed: int = 0,
-    guidance: float = 5.0,
-    num_steps: int = 50,
+    guidance: float | None = None,
+    num_steps: int | None = None,
     device: str = "auto",
 ) -> Path:
     """A grid of ``num_images`` images, prompts taken in turn; with ``lora`` and without it
-    (same seeds), so the fine-tuning's effect is one look away."""
+    (same seeds), so the fine-tuning's effect is one look away. ``prompts``, ``guidance``
+    and ``num_steps`` left None are the training run's (``lora``'s parent folder), with its
+    negative prompts, else the defaults of :class:`RenderSettings`."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from sqdf.report import save_image_rows
@@ -41,6 +69,18 @@ def render_sd(
         raise SqdfError(  # before any weights are loaded
             f"{lora} holds neither {LORA_FILE} nor unet/ (use the RUN/final folder of an sd run)"
         )
+    trained = trained_settings(final)
+    prompts = prompts if prompts is not None else trained.prompts
+    guidance = guidance if guidance is not None else trained.guidance
+    num_steps = num_steps if num_steps is not None else trained.num_steps
+    if final is not None and (final.parent / "config.json").is_file():
+        print(
+            f"sqdf sample: rendering as {final.parent} trained: prompts {prompts}, guidance "
+            f"{guidance:g}, {num_steps} DDIM steps"
+            + (f", negative prompt {trained.negative_prompt!r}" if trained.negative_prompt else ""),
+            file=sys.stderr,
+        )
+    pairs = load_prompt_pairs(prompts)  # before any weights are loaded
     dev = resolve_device(device)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -53,16 +93,17 @@ def render_sd(
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    texts = load_prompts(prompts)
-    chosen = [texts[i % len(texts)] for i in range(num_images)]
+    chosen = [pairs[i % len(pairs)] for i in range(num_images)]
     rows: list[tuple[str, torch.Tensor]] = []
 
     def draw() -> torch.Tensor:
         images = []
-        for i, prompt in enumerate(chosen):  # one at a time: the same seed per image either way
+        for i, (prompt, own) in enumerate(chosen):  # one at a time: the same seed per image
             g = torch.Generator().manual_seed(seed + i)
-            out = pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance, eta=1.0,
-                       generator=g, output_type="pt")  # fmt: skip
+            negative = trained.negative_prompt if own is None else own  # as the task pairs them
+            out = pipe(prompt, negative_prompt=negative or None, num_inference_steps=num_steps,
+                       guidance_scale=guidance, eta=1.0, generator=g,
+                       output_type="pt")  # fmt: skip
             images.append(out.images[0].float().cpu())
         return torch.stack(images)
 
@@ -80,4 +121,4 @@ def render_sd(
         rows.append(("fine-tuned", draw()))
     else:
         rows.append(("reference", draw()))
-    return save_image_rows(rows, chosen, Path(out))
+    return save_image_rows(rows, [prompt for prompt, _ in chosen], Path(out))

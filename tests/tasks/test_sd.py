@@ -298,7 +298,9 @@ def test_bad_sd_settings_are_one_clear_error(parts, tmp_path):
         convert_aesthetic_head(tmp_path / "junk.pth", tmp_path / "h.safetensors")
 
 
-def test_cli_train_eval_and_render_with_the_lora(parts, tmp_path, capsys):
+def test_cli_train_eval_and_render_with_the_lora(parts, tmp_path, capsys, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
     from sqdf.cli import main
 
     head = tmp_path / "head.safetensors"
@@ -316,11 +318,23 @@ def test_cli_train_eval_and_render_with_the_lora(parts, tmp_path, capsys):
     assert {"eval_diversity", "ref_eval_diversity", "reward_mean"} <= set(metrics)
     assert main(["sample", str(run), "--num-samples", "2"]) == 0  # the run's own sampler
     assert (run / "samples.png").stat().st_size > 1000
+    # rendered as the run trained (its 3 DDIM steps, CFG 5, its prompts) unless told otherwise
+    calls, real_call = [], StableDiffusionPipeline.__call__
+
+    def recording(pipe, prompt, **kw):
+        calls.append((prompt, kw["num_inference_steps"], kw["guidance_scale"]))
+        return real_call(pipe, prompt, **kw)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", recording)
     grid = tmp_path / "grid.png"
     argv = ["sample", "--task", "sd", "--model", str(parts / "sd"), "--lora", str(run / "final"),
-            "--num-samples", "2", "--num-steps", "2", "--device", "cpu",
-            "--out", str(grid)]  # fmt: skip
+            "--num-samples", "2", "--device", "cpu", "--out", str(grid)]  # fmt: skip
     assert main(argv) == 0 and grid.stat().st_size > 1000
+    varied = load_prompt_pairs("varied")
+    assert calls == [(varied[0][0], 3, 5.0), (varied[1][0], 3, 5.0)] * 2  # reference, tuned
+    calls.clear()
+    assert main([*argv, "--num-steps", "2", "--guidance", "2.5", "--prompts", "animals"]) == 0
+    assert calls[0] == (load_prompt_pairs("animals")[0][0], 2, 2.5)
     capsys.readouterr()
     assert main(["sample", "--task", "sd", "--model", str(parts / "sd"), "--lora", str(tmp_path),
                  "--device", "cpu"]) == 2  # fmt: skip
