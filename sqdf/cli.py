@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from sqdf.config import config_fields, make_config, read_toml, tomllib
 from sqdf.distributed import launched
 from sqdf.errors import SqdfError
+from sqdf.evaluate import EVAL_SEED
 from sqdf.tasks import resolve_device
 
 DESCRIPTION = """\
@@ -544,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples from policy and reference (default: gmm2d 4096, digits 1000)",
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    e.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    e.add_argument("--seed", type=int, default=EVAL_SEED, help=f"sampling seed ({EVAL_SEED})")
     e.add_argument("--device", default=None, help="override the run's device")
     s = sub.add_parser(
         "sample",

@@ -21,7 +21,7 @@ import torch
 from sqdf.config import TrainConfig, make_config
 from sqdf.distributed import Processes
 from sqdf.errors import DivergedError, SqdfError
-from sqdf.evaluate import evaluate_run, load_run
+from sqdf.evaluate import EVAL_SEED, evaluate_run, load_run, sample_in_chunks, score_samples
 from sqdf.methods import METHODS
 from sqdf.report import pyplot
 from sqdf.run import read_metrics
@@ -76,29 +76,33 @@ def _config(base: dict[str, Any], variant: Variant, seed: int) -> TrainConfig:
     return make_config(values, source=f"compare variant {variant.name}")
 
 
-def best_of_n(base: dict[str, Any], n: int, num_samples: int, seed: int) -> dict[str, Any]:
-    """Metrics of best-of-n sampling from the reference: no training at all."""
+def best_of_n(base: dict[str, Any], n: int, num_samples: int | None, seed: int) -> dict[str, Any]:
+    """Metrics of best-of-n sampling from the reference: no training at all. Scored as every
+    trained run is (``evaluate_run``): the task's number of samples, against the same
+    reference draws (EVAL_SEED), in the task's chunks; ``seed`` draws the candidates."""
     cfg = make_config({**base, "seed": seed}, source="best_of_n")
     torch.manual_seed(seed)
     task = build_task(cfg)
+    num_samples = task.eval_samples if num_samples is None else num_samples
+    ref = sample_in_chunks(task, num_samples, EVAL_SEED, policy=False)
+    cond = ref.cond.repeat_interleave(n)  # n candidates for each reference draw's condition
     g = torch.Generator().manual_seed(seed)
-    ref = sample_trajectories(task, num_samples, g, policy=False)
-    cond = ref.cond.repeat_interleave(n)
-    cands = sample_trajectories(task, num_samples * n, g, policy=False, cond=cond)
-    with torch.no_grad():
-        r = task.reward(cands.x0.to(task.device), cond.to(task.device)).cpu()
+    chunk = task.eval_batch or num_samples  # never n * num_samples trajectories at once
+    cands = torch.cat([
+        sample_trajectories(task, len(c), g, policy=False, cond=c).x0 for c in cond.split(chunk)
+    ])  # fmt: skip
+    r = score_samples(task, cands, cond)
     best = r.view(num_samples, n).argmax(dim=1) + torch.arange(num_samples) * n
-    samples = cands.x0[best]
-    with torch.no_grad():
-        rb = task.reward(samples.to(task.device), ref.cond.to(task.device)).cpu()
-        r_ref = task.reward(ref.x0.to(task.device), ref.cond.to(task.device)).cpu()
+    samples, rb = cands[best], r[best]
+    r_ref = score_samples(task, ref.x0, ref.cond)
     out = {
         "reward_mean": float(rb.mean()), "reward_std": float(rb.std()),
         # KL(best-of-n || ref) <= log n - (n-1)/n (Beirami et al., 2024): a bound, not measured
         "kl_path": math.log(n) - (n - 1) / n,
         "ref_reward_mean": float(r_ref.mean()),
     }  # fmt: skip
-    out.update(task.evaluate(samples, ref.x0, ref.cond, torch.Generator().manual_seed(seed + 1)))
+    gen = torch.Generator().manual_seed(EVAL_SEED + 1)  # as evaluate_run's
+    out.update(task.evaluate(samples, ref.x0, ref.cond, gen))
     out["reward_evals"] = num_samples * n
     out["updates"] = 0
     out["samples"] = samples
@@ -147,8 +151,7 @@ def compare(
             if variant.name == BEST_OF_N:
                 if not procs.is_main:
                     continue
-                n = num_samples or 1024
-                metrics = best_of_n(base, best_of, n, seed)
+                metrics = best_of_n(base, best_of, num_samples, seed)
                 sample = metrics.pop("samples")
             else:
                 cfg = _config(base, variant, seed)

@@ -40,7 +40,9 @@ def load_run(run: str | Path, device: str | None = None) -> Task:
     return task
 
 
-def _sample(task: Task, n: int, seed: int, progress: Any = False, **kw: Any) -> Trajectories:
+def sample_in_chunks(
+    task: Task, n: int, seed: int, progress: Any = False, **kw: Any
+) -> Trajectories:
     """n trajectories, in chunks of ``task.eval_batch`` where the task sets one (sd: a
     few images at a time fit any GPU); the same seed gives the same noise either way round."""
     chunk = task.eval_batch or n
@@ -72,10 +74,14 @@ def score_samples(task: Task, x0: Tensor, cond: Tensor) -> Tensor:
     ])  # fmt: skip
 
 
+# the evaluation's noise: every run (and sqdf compare's best-of-N) is scored on the same draws
+EVAL_SEED = 1234
+
+
 def evaluate_run(
     run: str | Path,
     num_samples: int | None = None,
-    seed: int = 1234,
+    seed: int = EVAL_SEED,
     device: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -89,8 +95,10 @@ def evaluate_run(
         raise SqdfError(f"num_samples must be >= 2, got {num_samples}")
     # The same seed for both: the reference starts from the same noise and conditions, so
     # the two sample sets differ only by the fine-tuning.
-    traj = _sample(task, num_samples, seed, with_kl=True, progress=progress and "fine-tuned")
-    ref = _sample(task, num_samples, seed, policy=False, progress=progress and "reference")
+    traj = sample_in_chunks(
+        task, num_samples, seed, with_kl=True, progress=progress and "fine-tuned"
+    )
+    ref = sample_in_chunks(task, num_samples, seed, policy=False, progress=progress and "reference")
     gen = torch.Generator().manual_seed(seed + 1)
     r, r_ref = score_samples(task, traj.x0, traj.cond), score_samples(task, ref.x0, ref.cond)
     assert traj.kl is not None

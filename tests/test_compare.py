@@ -38,6 +38,10 @@ def test_compare_two_methods_and_best_of_n(tmp_path):
         for key in ("reward_mean", "target_mode_tv", "target_sliced_w2", "reward_evals", "wall_s"):
             assert key in r
     assert doc["runs"][0]["updates"] == 4 and doc["runs"][2]["updates"] == 0
+    # best-of-N is scored as the trained runs are: against the same reference draws
+    sqdf_run, _, best = doc["runs"]
+    for key in ("ref_reward_mean", "ref_target_mode_tv", "ref_target_sliced_w2"):
+        assert best[key] == sqdf_run[key], key
     table = (out / "results.md").read_text()
     assert (
         table.count("\n| ") >= 4 and "target_mode_tv" in table and "Mean ± std over 1 seed" in table
