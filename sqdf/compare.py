@@ -191,7 +191,7 @@ def compare(
     _pareto(task_name, records, out / "pareto.png")
     _curves(curves, out / "curves.png")
     if task_name == "gmm2d" and samples:
-        _gmm_samples(base, samples, out / "samples.png")
+        _gmm_samples(base, variants, samples, out / "samples.png")
     procs.barrier()
     return out
 
@@ -203,6 +203,17 @@ def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _shared_note(records: list[dict[str, Any]], variants: list[str], key: str) -> str:
+    """``key`` over the runs, once where every variant has the same (the same reference and
+    target), else per variant (a sweep that moves them, e.g. alpha moves the target)."""
+    by_variant = {v: [r[key] for r in records if r["variant"] == v and key in r] for v in variants}
+    by_variant = {v: vals for v, vals in by_variant.items() if vals}
+    means = [statistics.mean(vals) for vals in by_variant.values()]
+    if max(means) - min(means) <= 1e-9 * max(1.0, *(abs(m) for m in means)):
+        return f"{key} {_mean_std([x for vals in by_variant.values() for x in vals])}"
+    return f"{key}: " + ", ".join(f"{v} {_mean_std(vals)}" for v, vals in by_variant.items())
 
 
 def results_markdown(task: str, records: list[dict[str, Any]], variants: list[str]) -> str:
@@ -220,17 +231,15 @@ def results_markdown(task: str, records: list[dict[str, Any]], variants: list[st
             f"{sum('diverged' in r for r in rs)}/{len(rs)}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    ref = [r for r in records if "ref_reward_mean" in r]
     notes = [f"\nMean ± std over {len({r['seed'] for r in records})} seed(s)."]
-    if ref:
-        ref_reward = _mean_std([r["ref_reward_mean"] for r in ref])
-        notes.append(f"Reference (no fine-tuning): reward_mean {ref_reward}")
+    if any("ref_reward_mean" in r for r in records):
+        shared = _shared_note(records, variants, "ref_reward_mean").removeprefix("ref_")
+        notes.append(f"Reference (no fine-tuning): {shared}")
         for key in ("ref_target_mode_tv", "ref_target_sliced_w2", "ref_sampler_sliced_w2",
                     "ref_eval_agreement", "ref_eval_frechet", "ref_eval_diversity",
                     "target_reward_mean", "target_kl"):  # fmt: skip
-            vals = [r[key] for r in records if key in r]
-            if vals:
-                notes.append(f"{key} {_mean_std(vals)}")
+            if any(key in r for r in records):
+                notes.append(_shared_note(records, variants, key))
     for r in records:
         if "diverged" in r:
             notes.append(f"{r['variant']} seed {r['seed']} diverged: {r['diverged']}")
@@ -299,6 +308,19 @@ def _curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
     plt.close(fig)
 
 
-def _gmm_samples(base: dict[str, Any], samples: dict[str, torch.Tensor], path: Path) -> None:
-    task = build_task(make_config({**base, "method": "sqdf"}, source="plot"))
-    task.plot_panels(list(samples.items()), path, "samples (red) over the exact target (grey)")
+def _gmm_samples(
+    base: dict[str, Any], variants: list[Variant], samples: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Each variant's samples over its own exact target (a sweep of alpha moves it)."""
+    by_name = {v.name: v for v in variants}
+    targets = []
+    for name in samples:
+        if name == BEST_OF_N:  # sampled from the base config's reference
+            cfg = make_config({**base, "method": "sqdf"}, source="plot")
+        else:
+            cfg = _config(base, by_name[name], 0)
+        task = build_task(cfg)
+        targets.append(task.target())
+    task.plot_panels(
+        list(samples.items()), path, "samples (red) over the exact target (grey)", targets
+    )

@@ -67,7 +67,13 @@ def test_sweep_and_ddpo_gets_its_buffer(tmp_path):
         ("gamma=0.5", 0),
         ("gamma=0.5", 1),
     ]
-    assert "±" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "±" in table and "- target_kl " in table  # gamma leaves the target where it is
+    # alpha moves the exact target: its figures are per variant, and so are the plots'
+    out = compare(BASE, ["sqdf"], 1, tmp_path / "a", sweep=("alpha", [0.5, 2.0]),
+                  num_samples=32, progress=False)  # fmt: skip
+    (line,) = [x for x in (out / "results.md").read_text().splitlines() if "target_kl" in x]
+    assert line.startswith("- target_kl: alpha=0.5 ") and ", alpha=2.0 " in line
     out = compare(BASE, ["ddpo"], 1, tmp_path / "d", num_samples=32, progress=False)
     cfg = json.loads((out / "runs" / "ddpo-seed0" / "config.json").read_text())
     assert cfg["train"]["buffer"] == "on_policy"

@@ -188,19 +188,27 @@ class GMM2DTask(Task):
             panels, path, f"samples (red) over the exact target, alpha = {self.alpha:g}"
         )
 
-    def plot_panels(self, panels: list[tuple[str, Tensor]], path: Path, title: str) -> None:
-        """One scatter panel per (name, points), each over the exact target density."""
+    def plot_panels(
+        self,
+        panels: list[tuple[str, Tensor]],
+        path: Path,
+        title: str,
+        targets: list[GaussianMixture] | None = None,
+    ) -> None:
+        """One scatter panel per (name, points), each over an exact target density: this
+        task's, or ``targets[i]`` for panel i (a sweep's variants each have their own)."""
         from sqdf.report import pyplot
 
         plt = pyplot()
-        target = self.target()
-        lim = float(target.means.abs().max() + 4 * target.variances.max().sqrt())
+        targets = targets or [self.target()] * len(panels)
+        lim = max(float(t.means.abs().max() + 4 * t.variances.max().sqrt()) for t in targets)
         grid = torch.linspace(-lim, lim, 180, dtype=torch.float64)
         gx, gy = torch.meshgrid(grid, grid, indexing="xy")
-        dens = target.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1)).exp().view_as(gx)
+        flat = torch.stack([gx.flatten(), gy.flatten()], 1)
         n = len(panels)
         fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.8), squeeze=False)
-        for ax, (name, pts) in zip(axes[0], panels, strict=True):
+        for ax, (name, pts), target in zip(axes[0], panels, targets, strict=True):
+            dens = target.log_prob(flat).exp().view_as(gx)
             ax.contourf(gx.numpy(), gy.numpy(), dens.numpy(), levels=20, cmap="Greys")
             pts = pts.detach().cpu()
             ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color="tab:red")
