@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-import sqdf.bbo.loop as loop
 from sqdf.bbo import BboConfig, OracleError, resume_bbo, run_bbo
 from sqdf.bbo.data import EXCLUDED, OK, load_rounds
 from sqdf.config import TrainConfig
 from sqdf.errors import SqdfError
+from tests.bbo.kill import killed_in_round_one_fine_tuning
 
 BASE = TrainConfig(
     task="gmm2d", reward="quadratic", num_steps=5, batch_size=8, buffer_size=16, log_every=2,
@@ -91,19 +91,9 @@ def test_crash_mid_round_loses_nothing_and_resume_does_not_requery(tmp_path, ora
 def test_crash_while_fine_tuning_resumes_from_the_round(tmp_path, oracle_module, monkeypatch):
     straight = run_bbo(bbo(oracle_module), BASE, ["sqdf"], 1, tmp_path / "s", progress=False)
     oracle_module.CALLS.clear()
-    real_train, calls = loop.train, []
-
-    def train_then_crash(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # killed during round 1's fine-tuning
-        return real_train(*args, **kw)
-
-    monkeypatch.setattr(loop, "train", train_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_round_one_fine_tuning(monkeypatch):
         run_bbo(bbo(oracle_module), BASE, ["sqdf"], 1, tmp_path / "c", progress=False)
     assert sum(oracle_module.CALLS) == 16
-    monkeypatch.setattr(loop, "train", real_train)
     resume_bbo(tmp_path / "c", progress=False)
     assert sum(oracle_module.CALLS) == 24  # round 2's 8, nothing of rounds 0-1 again
     a, b = rows(straight, "sqdf-seed0"), rows(tmp_path / "c", "sqdf-seed0")

@@ -570,9 +570,9 @@ def test_float16_bbo_resumes_with_its_loss_scale(parts, tmp_path, monkeypatch):
     import importlib
     import json
 
-    import sqdf.bbo.loop as loop
     from sqdf.bbo import BboConfig, run_method
     from sqdf.trainer import INITIAL_LOSS_SCALE
+    from tests.bbo.kill import killed_in_round_one_fine_tuning
 
     # the proxy's gradients overflow float16 at the initial scale here: round 0 halves it
     # a few times; a run resumed after round 0 that restarted the scale would skip updates
@@ -584,18 +584,8 @@ def test_float16_bbo_resumes_with_its_loss_scale(parts, tmp_path, monkeypatch):
                     updates_per_round=5, proxy_steps=5)  # fmt: skip
     cfg = config(parts, lr=1e-3, task_params={"dtype": "float16"})
     run_method(bbo, cfg, "sqdf", 0, tmp_path / "whole", progress=False)
-    real_train, calls = loop.train, []
-
-    def train_then_crash(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # killed during round 1's fine-tuning
-        return real_train(*args, **kw)
-
-    monkeypatch.setattr(loop, "train", train_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_round_one_fine_tuning(monkeypatch):
         run_method(bbo, cfg, "sqdf", 0, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(loop, "train", real_train)
     run_method(bbo, cfg, "sqdf", 0, tmp_path / "cut", resume=True, progress=False)
     (ck,) = list((tmp_path / "cut" / "checkpoints").glob("step_0000001"))
     saved = json.loads((ck / "state.json").read_text())["loss_scaler"]["scale"]
