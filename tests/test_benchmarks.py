@@ -60,3 +60,17 @@ def test_update_speed_names_a_bad_design(capsys):
     with pytest.raises(SystemExit):  # replay8 is timed over whole cycles of 8 updates
         bench.main(["--designs", "reference,replay8", "--updates", "8"])
     assert "--updates must be >= 9" in capsys.readouterr().err
+
+
+def test_step_memory_times_one_gradient_step(tmp_path, capsys):
+    bench = load("step_memory")
+    out = tmp_path / "step.json"
+    argv = ["--preset", "tiny", "--parts", str(tmp_path / "parts"), "--batch-size", "2",
+            "--step", "3", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["loss_finite"] and doc["step_s"] > 0 and doc["batch_size"] == 2
+    assert doc["peak_gib"] >= doc["after_loading_gib"] > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--parts", str(tmp_path / "parts"), "--step", "50"])
+    assert "--step must be in [0, 49], got 50" in capsys.readouterr().err

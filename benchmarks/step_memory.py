@@ -1,0 +1,118 @@
+"""Peak memory and time of one SQDF gradient step at Stable Diffusion size: the part of an
+update that holds activations (sampling runs without gradients), so its peak is the update's.
+
+    python benchmarks/step_memory.py --preset sd15 --parts /tmp/sd15 --resolution 512
+    python benchmarks/step_memory.py --preset sd15 --task-param dtype=bfloat16   # on a GPU
+
+Builds the sd task on random-initialised parts of the real classes (the settings of
+``update_speed.py``: CFG 5, LCM UNet x̂0, CLIP + aesthetic head, gradient checkpointing on),
+draws ``--batch-size`` random latents as the states before step ``--step`` (0: the first and
+noisiest, where the LCM estimator runs; the last step needs none), and times the SQDF loss
+and its backward twice (the first allocates). Memory is the CUDA allocator's peak on a GPU,
+the process's peak RSS on the CPU (weights included; the peak up to the end of loading is
+printed too).
+Prints one line and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from update_speed import base_config  # noqa: E402 - the same model, reward and settings
+
+
+def peak_gib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="sd sizes")
+    ap.add_argument("--parts", default=None, help="folder to keep the random parts in")
+    ap.add_argument("--resolution", type=int, default=None, help="image side in pixels")
+    ap.add_argument("--batch-size", type=int, default=4, help="states per step (4)")
+    ap.add_argument("--step", type=int, default=0, help="step index k in 0..num_steps-1 (0)")
+    ap.add_argument("--out", default=None, help="JSON path (default: print only)")
+    ap.add_argument(
+        "--task-param", action="append", default=[], metavar="KEY=VALUE",
+        help="a task parameter, e.g. dtype=bfloat16 or gradient_checkpointing=false",
+    )  # fmt: skip
+    args = ap.parse_args(argv)
+    import torch
+
+    from sqdf.buffer import Cells
+    from sqdf.cli import key_values
+    from sqdf.config import make_config
+    from sqdf.errors import SqdfError
+    from sqdf.methods import METHODS, build_method_params
+    from sqdf.tasks import build_task
+
+    try:  # read as sqdf train reads --task-param
+        extra = key_values(args.task_param, "--task-param")
+    except SqdfError as err:
+        ap.error(str(err))
+    parts = Path(args.parts or tempfile.mkdtemp(prefix="sqdf-step-"))
+    base = base_config("sd", args.preset, parts)
+    if args.resolution is not None:
+        extra = {"resolution": args.resolution, **extra}
+    base["task_params"] = {**base["task_params"], **extra}
+    try:
+        cfg = make_config({**base, "batch_size": args.batch_size, "steps": 1}, source="bench")
+    except SqdfError as err:
+        ap.error(str(err))
+    if not 0 <= args.step < cfg.num_steps:
+        ap.error(f"--step must be in [0, {cfg.num_steps - 1}], got {args.step}")
+    task = build_task(cfg)
+    loaded = peak_gib()
+    g = torch.Generator().manual_seed(0)
+    n = args.batch_size
+    cells = Cells(
+        x_t=torch.randn((n, *task.sample_shape), generator=g), x_next=None,
+        step=torch.full((n,), args.step), cond=task.sample_conditions(n, g),
+        reward=torch.full((n,), float("nan")), index=torch.full((n,), -1),
+    )  # fmt: skip
+    params = build_method_params("sqdf", {})
+    seconds = []
+    for _ in range(2):
+        task.policy.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss, _ = METHODS["sqdf"].loss(task, cells, cfg, params, g)
+        loss.backward()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    doc = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+        f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "command": " ".join(["python", "benchmarks/step_memory.py", *(argv or sys.argv[1:])]),
+        "preset": args.preset, "batch_size": n, "step": args.step,
+        "task_params": {k: v for k, v in base["task_params"].items()
+                        if k not in ("model", "lcm")},
+        "loss_finite": bool(torch.isfinite(loss)),
+        "first_step_s": round(seconds[0], 2), "step_s": round(seconds[1], 2),
+        "memory_kind": "cuda allocator" if torch.cuda.is_available() else "process max RSS",
+        "after_loading_gib": round(loaded, 3), "peak_gib": round(peak_gib(), 3),
+    }  # fmt: skip
+    print(json.dumps(doc))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
