@@ -10,8 +10,9 @@
 # Stages (default: all, in this order, most wanted first; a session's device time is short,
 # so give one stage per call, `sd15` first; each is meant to fit one 10-minute call, but none
 # has been timed on a GPU yet):
-#   sd15    the five update designs at SD 1.5 size (s/update, peak memory, reward gain/s):
-#           issue 6's 24 GB check and issue 7's table
+#   sd15    one gradient step's peak memory (step_memory.py), then the five update designs
+#           at SD 1.5 size (s/update, sampling share, peak memory, reward gain/s): issue 6's
+#           24 GB check and issue 7's table
 #   tests   tests/test_gpu.py and the FSDP config through accelerate launch on one GPU
 #   knobs   the reference design at SD 1.5 size: as is, without gradient checkpointing,
 #           with channels_last, with torch.compile
@@ -39,6 +40,8 @@ for stage in "${stages[@]}"; do
             --steps 2 --checkpoint-every 1 --out "$OUT/fsdp-tiny" --no-progress
         ;;
     sd15)
+        python3 benchmarks/step_memory.py --preset sd15 --parts /tmp/sd15 \
+            --out "$OUT/sd15-step.json"
         python3 benchmarks/update_speed.py --task sd --preset sd15 --updates 9 \
             --eval-samples 8 --parts /tmp/sd15 --out "$OUT/sd15-speed.json"
         ;;
