@@ -30,6 +30,7 @@ from sqdf.tasks import build_task
 from sqdf.trainer import train
 
 BEST_OF_N = "best_of_n"
+PANEL_POINTS = 1024  # samples drawn in each variant's panel of samples.png
 # (metric, direction) shown per task; "up" means higher is better
 COLUMNS = {
     "gmm2d": [("reward_mean", "up"), ("kl_path", "down"), ("target_mode_tv", "down"),
@@ -168,13 +169,13 @@ def compare(
                     if seed == 0:
                         task = load_run(run)
                         gen = torch.Generator().manual_seed(0)
-                        sample = sample_trajectories(task, 1024, gen).x0
+                        sample = sample_trajectories(task, PANEL_POINTS, gen).x0
                 rows = read_metrics(run)
                 metrics["reward_evals"] = rows[-1]["reward_evals"] if rows else 0
                 metrics["updates"] = rows[-1]["step"] if rows else 0
                 curves.setdefault(variant.name, []).append(rows)
             if sample is not None and seed == 0:
-                samples[variant.name] = sample
+                samples[variant.name] = sample[:PANEL_POINTS]  # as many dots in each panel
             metrics["wall_s"] = round(time.perf_counter() - t0, 1)
             metrics["eval_seed"] = metrics.pop("seed", None)
             records.append({"variant": variant.name, **metrics, "seed": seed})
