@@ -9,8 +9,8 @@ Builds the sd task on random-initialised parts of the real classes (the settings
 draws ``--batch-size`` random latents as the states before step ``--step`` (0: the first and
 noisiest, where the LCM estimator runs; the last step needs none), and times the SQDF loss
 and its backward twice (the first allocates). Memory is the CUDA allocator's peak on a GPU,
-the process's peak RSS on the CPU (weights included; the peak up to the end of loading is
-printed too).
+the process's peak RSS on the CPU (weights included once used: safetensors files are mapped
+into memory lazily, so the peak up to the end of loading, printed too, undercounts them).
 Prints one line and writes JSON.
 """
 
