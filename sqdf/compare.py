@@ -300,8 +300,10 @@ def _curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
         xlabel="update",
         ylabel="kl_mean logged by the method's loss",
         title="KL",
-        yscale="log",
     )
+    positive = [r["kl_mean"] for runs in curves.values() for rows in runs for r in rows]
+    if any(v > 0 for v in positive):  # a log axis needs something above 0 to show
+        axes[1].set_yscale("log")
     if curves:
         axes[0].legend(fontsize=8)
     fig.tight_layout()
