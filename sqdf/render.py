@@ -26,9 +26,10 @@ class RenderSettings:
     negative_prompt: str = ""
 
 
-def trained_settings(final: Path | None) -> RenderSettings:
-    """The prompts, CFG scale, DDIM steps and negative prompt the run that wrote ``final``
-    trained with (what its policy was fine-tuned to produce); the defaults without a run."""
+def trained_settings(final: Path | None, model: str) -> RenderSettings:
+    """The prompts, CFG scale, DDIM steps and negative prompt the sd run that wrote ``final``
+    trained with (what its policy was fine-tuned to produce); the defaults without one.
+    ``model`` stands for the run's model folder (which may have moved since)."""
     if final is None or not (final.parent / "config.json").is_file():
         return RenderSettings()
     from sqdf.config import build_settings
@@ -36,7 +37,11 @@ def trained_settings(final: Path | None) -> RenderSettings:
     from sqdf.tasks.sd import SDConfig
 
     cfg = read_run_config(final.parent)
-    options = build_settings(SDConfig, dict(cfg.task_params), "task 'sd'")
+    if cfg.task != "sd":
+        raise SqdfError(
+            f"{final.parent} is a {cfg.task} run; sqdf sample --task sd renders sd runs"
+        )
+    options = build_settings(SDConfig, {**cfg.task_params, "model": model}, "task 'sd'")
     return RenderSettings(options.prompts, options.guidance, cfg.num_steps, options.negative_prompt)
 
 
@@ -69,15 +74,15 @@ def render_sd(
         raise SqdfError(  # before any weights are loaded
             f"{lora} holds neither {LORA_FILE} nor unet/ (use the RUN/final folder of an sd run)"
         )
-    trained = trained_settings(final)
+    trained = trained_settings(final, model)
     prompts = prompts if prompts is not None else trained.prompts
     guidance = guidance if guidance is not None else trained.guidance
     num_steps = num_steps if num_steps is not None else trained.num_steps
     if final is not None and (final.parent / "config.json").is_file():
         print(
-            f"sqdf sample: rendering as {final.parent} trained: prompts {prompts}, guidance "
-            f"{guidance:g}, {num_steps} DDIM steps"
-            + (f", negative prompt {trained.negative_prompt!r}" if trained.negative_prompt else ""),
+            f"sqdf sample: prompts {prompts}, guidance {guidance:g}, {num_steps} DDIM steps"
+            + (f", negative prompt {trained.negative_prompt!r}" if trained.negative_prompt else "")
+            + f" (those not given: as {final.parent} trained)",
             file=sys.stderr,
         )
     pairs = load_prompt_pairs(prompts)  # before any weights are loaded
