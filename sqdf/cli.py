@@ -461,7 +461,7 @@ def _cmd_bbo(args: argparse.Namespace) -> int:
 
     if args.resume:
         others = args.config or args.set or args.oracle_params or _bbo_given(args)
-        if others or args.task or args.out:
+        if others or args.task or args.out or args.methods:
             raise SqdfError("--resume takes the folder's own settings; give no other options")
         folder = resume_bbo(args.resume, progress=not args.no_progress)
         return _print_bbo(folder)

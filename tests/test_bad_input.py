@@ -122,6 +122,8 @@ CASES = [
     ("compare an unknown reward", lambda r: ["compare", "--set", "reward=nope", "--out", str(r / "c")], "nope"),
     ("demo zero steps", lambda r: ["demo", "--steps", "0", "--out", str(r / "d")], "steps must be >= 1"),
     ("gmm2d at alpha 0", lambda r: ["train", "--task", "gmm2d", "--alpha", "0", "--out", str(r / "x")], "needs alpha > 0, got alpha 0.0"),
+    ("classifier target not an int", lambda r: ["train", "--task", "digits", "--reward", "classifier", "--reward-param", "target=3.0", "--out", str(r / "x")], "target must be a digit 0-9 or unset, got 3.0"),
+    ("bbo resume with methods", lambda r: ["bbo", "--resume", str(r), "--methods", "sqdf"], "--resume takes the folder's own settings"),
     ("a negative seed", lambda r: ["train", "--seed", "-1"], "seed must be in [0, 2**63)"),
     ("method param unknown", lambda r: ["train", "--method", "draft", "--method-param", "kk=2"], "did you mean 'k'?"),
     ("DDPO without its buffer", lambda r: ["train", "--method", "ddpo"], "needs buffer = 'on_policy'"),

@@ -70,7 +70,9 @@ class ClassifierReward:
     domain = "image"
 
     def __post_init__(self) -> None:
-        if self.target is not None and self.target not in range(10):
+        # an int 0-9: 3.0 passes `in range(10)` but cannot index the class scores
+        digit = type(self.target) is int and 0 <= self.target <= 9
+        if self.target is not None and not digit:
             raise ValueError(f"target must be a digit 0-9 or unset, got {self.target!r}")
         self._model = load_reward_cnn(self.weights)
 
