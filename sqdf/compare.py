@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sqdf.atomic import atomic_write_text
 from sqdf.config import TrainConfig, make_config
 from sqdf.distributed import Processes
 from sqdf.errors import DivergedError, SqdfError
@@ -185,9 +186,9 @@ def compare(
     task_name = base["task"]
     doc = {"task": task_name, "base": base, "seeds": seeds, "sweep": sweep and list(sweep),
            "variants": [v.name for v in variants], "runs": records}  # fmt: skip
-    (out / "results.json").write_text(json.dumps(doc, indent=1, default=float))
-    (out / "results.md").write_text(
-        results_markdown(task_name, records, [v.name for v in variants])
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=1, default=float))
+    atomic_write_text(
+        out / "results.md", results_markdown(task_name, records, [v.name for v in variants])
     )
     _pareto(task_name, records, out / "pareto.png")
     _curves(curves, out / "curves.png")

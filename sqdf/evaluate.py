@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sqdf.atomic import atomic_write_text
 from sqdf.checkpoint import load_weights
 from sqdf.errors import SqdfError
 from sqdf.run import read_run_config
@@ -112,7 +113,7 @@ def evaluate_run(
         "ref_reward_std": float(r_ref.std()),
     }
     metrics.update(task.evaluate(traj.x0, ref.x0, traj.cond, gen))
-    (run / "eval.json").write_text(json.dumps(metrics, indent=1))
+    atomic_write_text(run / "eval.json", json.dumps(metrics, indent=1))
     return metrics
 
 

@@ -6,7 +6,8 @@ Each cell (x_t, x_{t-1}) of a stored trajectory has the sampler's log-likelihood
 -min(ρ A, clip(ρ, 1-ε, 1+ε) A) with ρ = p_θ(x_{t-1}|x_t) / p_old(x_{t-1}|x_t) and A the
 trajectory's reward normalised per condition over the micro-batch's cells, which the
 on-policy buffer draws (with replacement) from the newest batch (DDPO's per-prompt statistics
-are over the batch itself), clipped to ±adv_clip. Defaults from the DDPO code: clip_range 1e-4, adv_clip_max 5.
+are over the batch itself), clipped to ±adv_clip. Defaults from the DDPO code: clip_range
+1e-4, adv_clip_max 5.
 
 As in the DDPO code, ρ is taken from the log-likelihood averaged over the D dimensions of a
 sample (ρ = exp((log p_θ - log p_old) / D)), not summed: clip_range 1e-4 is a trust region on
