@@ -56,6 +56,7 @@ def design_settings(name: str) -> dict | None:
     return None
 
 
+SD_BATCH = 4  # the setting: batch 4 at SD 1.5 size
 DIGITS = {"task": "digits", "reward": "ink", "alpha": 0.1, "gamma": 0.9,
           "estimator": "consistency", "num_steps": 20, "batch_size": 32, "lr": 1e-3}  # fmt: skip
 
@@ -68,7 +69,7 @@ def base_config(task: str, preset: str, parts: Path) -> dict:
     paths = write_parts(parts, preset)
     return {
         "task": "sd", "reward": "aesthetic", "alpha": 0.1, "gamma": 0.9,
-        "estimator": "consistency", "num_steps": 50, "batch_size": 4, "lr": 1e-4,
+        "estimator": "consistency", "num_steps": 50, "batch_size": SD_BATCH, "lr": 1e-4,
         "task_params": {"model": paths["model"], "lcm": paths["lcm"], "guidance": 5.0,
                         "resolution": 512 if preset == "sd15" else 16},
         "reward_params": {"clip": paths["clip"], "head": paths["head"]},
@@ -165,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(
             f"unknown design {unknown[0]!r}; known: reference, truncated, truncated_x<M>, "
             "replay<N> (M, N positive integers)"
+        )
+    base_batch = SD_BATCH if args.task == "sd" else DIGITS["batch_size"]
+    uneven = [d for d in designs
+              if base_batch % design_settings(d).get("cells_per_trajectory", 1)]  # fmt: skip
+    if uneven:
+        ap.error(
+            f"design {uneven[0]!r}: its steps per trajectory must divide the batch "
+            f"({base_batch}), so that every design makes the same number of cells"
         )
     cycle = max(design_settings(d)["replay_ratio"] for d in designs)
     if args.updates < cycle + 1:

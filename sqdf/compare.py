@@ -91,7 +91,9 @@ def best_of_n(base: dict[str, Any], n: int, num_samples: int | None, seed: int) 
     g = torch.Generator().manual_seed(seed)
     chunk = task.eval_batch or num_samples  # never n * num_samples trajectories at once
     cands = torch.cat([
-        sample_trajectories(task, len(c), g, policy=False, cond=c).x0 for c in cond.split(chunk)
+        # clone: x0 is a view that would keep its chunk's whole trajectories alive
+        sample_trajectories(task, len(c), g, policy=False, cond=c).x0.clone()
+        for c in cond.split(chunk)
     ])  # fmt: skip
     r = score_samples(task, cands, cond)
     best = r.view(num_samples, n).argmax(dim=1) + torch.arange(num_samples) * n

@@ -114,6 +114,12 @@ class TrainConfig:
             f"method {self.method!r} needs buffer = {required!r}, got {self.buffer!r}",
         )
         need(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
+        # at alpha 0 gmm2d's exact optimum is a point mass (or none, for a linear reward)
+        need(
+            self.task != "gmm2d" or self.alpha > 0,
+            f"task 'gmm2d' is measured against its exact optimum p_ref * exp(r / alpha), which "
+            f"needs alpha > 0, got alpha {self.alpha}",
+        )
         need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
         need(
             self.estimator in ESTIMATORS,

@@ -7,11 +7,13 @@ computes its rewards where its samples are. Once per update the processes averag
 gradients and sum their counters; everything else stays local. The main process alone
 writes files and shows progress.
 
-Why the gradients are averaged with Accelerate's ``reduce`` instead of a DDP wrapper: a
+Why the gradients are averaged with one all-reduce of our own instead of a DDP wrapper: a
 method's loss runs the policy several times before one backward (DRaFT-K, AlignProp, the
 reference mean with the LoRA adapter disabled), which DDP's one-forward-per-backward
 bookkeeping does not fit. All gradients travel in one flat tensor, one all-reduce per update
 (not one per micro-batch), which is what DDP with ``no_sync`` over the accumulation does.
+CPU tensors (counters, statistics, buffers, random states) travel over a gloo group of their
+own where the launcher's backend is NCCL, which has none for them.
 
 FSDP (an Accelerate config with ``distributed_type: FSDP``, ``fsdp_version: 2``): the policy
 network is sharded by Accelerate's FSDP2 (``fully_shard``, which allows several forwards
@@ -223,6 +225,8 @@ class Processes:
         if self._acc is not None:
             import torch.distributed as dist
 
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # this process's GPU work (NCCL's included) is done
             dist.barrier(group=self._cpu_group)  # over gloo: needs no device of its own
 
 

@@ -4,6 +4,7 @@ weights would, into one picture."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,23 +27,24 @@ class RenderSettings:
     negative_prompt: str = ""
 
 
-def trained_settings(final: Path | None, model: str) -> RenderSettings:
+def trained_settings(final: Path | None) -> RenderSettings:
     """The prompts, CFG scale, DDIM steps and negative prompt the sd run that wrote ``final``
-    trained with (what its policy was fine-tuned to produce); the defaults without one.
-    ``model`` stands for the run's model folder (which may have moved since)."""
+    trained with (what its policy was fine-tuned to produce); the defaults without one. Read
+    from its config as they are: nothing the run pointed at (model, LCM, prompts file) has to
+    be where it was."""
     if final is None or not (final.parent / "config.json").is_file():
         return RenderSettings()
-    from sqdf.config import build_settings
     from sqdf.run import read_run_config
     from sqdf.tasks.sd import SDConfig
 
     cfg = read_run_config(final.parent)
     if cfg.task != "sd":
-        raise SqdfError(
-            f"{final.parent} is a {cfg.task} run; sqdf sample --task sd renders sd runs"
-        )
-    options = build_settings(SDConfig, {**cfg.task_params, "model": model}, "task 'sd'")
-    return RenderSettings(options.prompts, options.guidance, cfg.num_steps, options.negative_prompt)
+        raise SqdfError(f"{final.parent} is a {cfg.task} run; --task sd renders sd runs")
+    given = {**{f.name: f.default for f in dataclasses.fields(SDConfig)}, **cfg.task_params}
+    return RenderSettings(
+        str(given["prompts"]), float(given["guidance"]), cfg.num_steps,
+        str(given["negative_prompt"]),
+    )  # fmt: skip
 
 
 def render_sd(
@@ -74,7 +76,7 @@ def render_sd(
         raise SqdfError(  # before any weights are loaded
             f"{lora} holds neither {LORA_FILE} nor unet/ (use the RUN/final folder of an sd run)"
         )
-    trained = trained_settings(final, model)
+    trained = trained_settings(final)
     prompts = prompts if prompts is not None else trained.prompts
     guidance = guidance if guidance is not None else trained.guidance
     num_steps = num_steps if num_steps is not None else trained.num_steps

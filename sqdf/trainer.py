@@ -26,7 +26,14 @@ import torch
 from tqdm.auto import tqdm
 
 from sqdf.buffer import Cells, ReplayBuffer
-from sqdf.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_weights
+from sqdf.checkpoint import (
+    PREFIX,
+    Checkpoint,
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 from sqdf.config import TrainConfig
 from sqdf.distributed import (
     Processes,
@@ -188,6 +195,14 @@ def train(
     procs = Processes(cfg.device)
     saved = prepare_run(run, cfg, resume) if procs.is_main else None
     procs.barrier()  # the folder is checked (and made) before any process reads it
+    trained = list_checkpoints(run / "checkpoints") if resume else []
+    if trained and int(trained[-1].name[len(PREFIX) :]) > cfg.steps:
+        # every process refuses, before anything is written: the folder stays as it was
+        raise SqdfError(
+            f"cannot resume {run} to steps {cfg.steps}: its latest checkpoint is at update "
+            f"{int(trained[-1].name[len(PREFIX) :])}; give steps >= that (training cannot "
+            "be undone)"
+        )
     method_params = build_method_params(cfg.method, cfg.method_params)
     if state is None:
         torch.manual_seed(cfg.seed)  # the policy's initialisation, the same in every process
@@ -251,11 +266,6 @@ def train(
     start = consecutive_skips = 0
 
     ck = load_latest_checkpoint(run / "checkpoints") if resume else None
-    if ck is not None and ck.step > cfg.steps:
-        raise SqdfError(
-            f"cannot resume {run} to steps {cfg.steps}: its latest checkpoint is at update "
-            f"{ck.step}; give steps >= {ck.step} (training cannot be undone)"
-        )
     if ck is not None:
         procs.load_model_state(task.policy, ck.policy)
         procs.load_optimizer_state(task.policy, optimizer, ck.optimizer)
@@ -422,7 +432,7 @@ def train(
                     "skipped_updates": counters["skipped_updates"],
                     "nonfinite_rewards": counters["nonfinite_rewards"],
                     "wall_s": round(time.perf_counter() - t0, 3),
-                    "sample_s": round(counters["sample_s"], 3),  # of wall_s, this process's
+                    "sample_s": round(counters["sample_s"], 6),  # of wall_s, this process's
                 }
                 if procs.is_main:
                     append_metrics(run, row)

@@ -123,6 +123,7 @@ CASES = [
     ("demo zero steps", lambda r: ["demo", "--steps", "0", "--out", str(r / "d")], "steps must be >= 1"),
     ("gmm2d at alpha 0", lambda r: ["train", "--task", "gmm2d", "--alpha", "0", "--out", str(r / "x")], "needs alpha > 0, got alpha 0.0"),
     ("classifier target not an int", lambda r: ["train", "--task", "digits", "--reward", "classifier", "--reward-param", "target=3.0", "--out", str(r / "x")], "target must be a digit 0-9 or unset, got 3.0"),
+    ("compare sweeping gmm2d alpha to 0", lambda r: ["compare", "--methods", "sqdf", "--sweep", "alpha=0.5,0", "--out", str(r / "c")], "needs alpha > 0, got alpha 0"),
     ("bbo resume with methods", lambda r: ["bbo", "--resume", str(r), "--methods", "sqdf"], "--resume takes the folder's own settings"),
     ("a negative seed", lambda r: ["train", "--seed", "-1"], "seed must be in [0, 2**63)"),
     ("method param unknown", lambda r: ["train", "--method", "draft", "--method-param", "kk=2"], "did you mean 'k'?"),

@@ -57,6 +57,11 @@ def test_update_speed_names_a_bad_design(capsys):
         bench.main(["--designs", "reference,replay0"])
     assert stop.value.code == 2
     assert "unknown design 'replay0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 32 cells per update cannot come 3 per trajectory
+        bench.main(["--designs", "reference,truncated_x3"])
+    assert "design 'truncated_x3': its steps per trajectory must divide the batch (32)" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):  # replay8 is timed over whole cycles of 8 updates
         bench.main(["--designs", "reference,replay8", "--updates", "8"])
     assert "--updates must be >= 9" in capsys.readouterr().err

@@ -69,7 +69,7 @@ def test_sweep_and_ddpo_gets_its_buffer(tmp_path):
     ]
     table = (out / "results.md").read_text()
     assert "±" in table and "- target_kl " in table  # gamma leaves the target where it is
-    # alpha moves the exact target: its figures are per variant, and so are the plots'
+    # alpha moves the exact target: the notes give its figures per variant
     out = compare(BASE, ["sqdf"], 1, tmp_path / "a", sweep=("alpha", [0.5, 2.0]),
                   num_samples=32, progress=False)  # fmt: skip
     (line,) = [x for x in (out / "results.md").read_text().splitlines() if "target_kl" in x]
@@ -109,6 +109,10 @@ def test_bad_compare_input(tmp_path, capsys):
     assert "--sweep expects KEY=V1,V2" in capsys.readouterr().err
     assert main(["compare", "--set", "alhpa=1", "--out", str(tmp_path / "y")]) == 2
     assert "did you mean 'alpha'" in capsys.readouterr().err
+    # a variant's bad setting is found before any variant trains
+    argv = ["compare", "--sweep", "alpha=0.5,0", "--out", str(tmp_path / "z")]
+    assert main(argv) == 2 and "needs alpha > 0" in capsys.readouterr().err
+    assert not (tmp_path / "z" / "runs").exists()
 
 
 def test_compare_takes_the_task_from_the_config_file(tmp_path):

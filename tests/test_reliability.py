@@ -152,8 +152,10 @@ def test_nan_rewards_never_reach_the_weights(tmp_path, monkeypatch):
 
 def test_resume_to_fewer_steps_than_trained_is_refused(tmp_path):
     run = train(_tiny(), tmp_path / "run", progress=False)
-    with pytest.raises(SqdfError, match=r"checkpoint is at update 6; give steps >= 6"):
+    before = (run / "config.json").read_text()
+    with pytest.raises(SqdfError, match=r"checkpoint is at update 6; give steps >= that"):
         train(_tiny(steps=4), run, resume=True, progress=False)
+    assert (run / "config.json").read_text() == before  # the refused resume wrote nothing
 
 
 def test_partly_nan_rewards_are_dropped_and_training_goes_on(tmp_path, monkeypatch):
