@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_speed import base_config  # noqa: E402 - the same model, reward and settings
-
-
-def peak_gib() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+# the same model, reward and settings, measured and written the same way
+from update_speed import base_config, device_name, peak_memory, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.step < cfg.num_steps:
         ap.error(f"--step must be in [0, {cfg.num_steps - 1}], got {args.step}")
     task = build_task(cfg)
-    loaded = peak_gib()
+    loaded = peak_memory()[0]
     g = torch.Generator().manual_seed(0)
     n = args.batch_size
     cells = Cells(
@@ -95,22 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         seconds.append(time.perf_counter() - t0)
     doc = {
         "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
-        f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "device": device_name(),
         "command": " ".join(["python", "benchmarks/step_memory.py", *(argv or sys.argv[1:])]),
         "preset": args.preset, "batch_size": n, "step": args.step,
         "task_params": {k: v for k, v in base["task_params"].items()
                         if k not in ("model", "lcm")},
         "loss_finite": bool(torch.isfinite(loss)),
         "first_step_s": round(seconds[0], 2), "step_s": round(seconds[1], 2),
-        "memory_kind": "cuda allocator" if torch.cuda.is_available() else "process max RSS",
-        "after_loading_gib": round(loaded, 3), "peak_gib": round(peak_gib(), 3),
+        "memory_kind": peak_memory()[1],
+        "after_loading_gib": round(loaded, 3), "peak_gib": round(peak_memory()[0], 3),
     }  # fmt: skip
     print(json.dumps(doc))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1))
-        print(f"wrote {args.out}")
+    write_json(doc, args.out)
     return 0
 
 

@@ -76,6 +76,30 @@ def base_config(task: str, preset: str, parts: Path) -> dict:
     }  # fmt: skip
 
 
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+
+
+def peak_memory() -> tuple[float, str]:
+    """(GiB, what was measured): the CUDA allocator's peak on a GPU, else the process's max RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "cuda allocator"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, "process max RSS"
+
+
+def write_json(doc: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(doc, indent=1))
+        print(f"wrote {out}")
+
+
 def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
     """Train one design in this process; time it; score it."""
     import torch
@@ -92,8 +116,7 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
     # the same cells per update: fewer trajectories, each giving several steps
     values["batch_size"] = max(1, base["batch_size"] // settings.get("cells_per_trajectory", 1))
     cfg = make_config(values, source=f"benchmark {name}")
-    cuda = torch.cuda.is_available()
-    if cuda:
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         run = train(cfg, Path(tmp) / "run", progress=False)
@@ -125,16 +148,8 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
         "timed_updates": timed,
         "sampling_share": round(sampling / (walls[timed] - walls[0]), 3),
         "trajectories_per_s": round(rows[-1]["samples_seen"] / train_s, 2),
-        "peak_memory_gib": round(
-            (
-                torch.cuda.max_memory_allocated()
-                if cuda
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            )
-            / 2**30,
-            3,
-        ),  # fmt: skip
-        "peak_memory_kind": "cuda allocator" if cuda else "process max RSS",
+        "peak_memory_gib": round(peak_memory()[0], 3),
+        "peak_memory_kind": peak_memory()[1],
         "train_s": round(train_s, 2),
         "reward_reference": round(scores[False], 4) if eval_samples else None,
         "reward_finetuned": round(scores[True], 4) if eval_samples else None,
@@ -194,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:  # a child process: one design, its result as JSON on stdout's last line
         print(json.dumps(run_design(args.one, base, args.updates, args.eval_samples)))
         return 0
-    import torch
 
     results = []
     for name in designs:
@@ -212,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "task": args.task, "preset": args.preset if args.task == "sd" else None,
         "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
-        f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "device": device_name(),
         "updates": args.updates, "eval_samples": args.eval_samples, "base": base,
         "command": " ".join(["python", "benchmarks/update_speed.py", *(argv or sys.argv[1:])]),
         "results": results,
@@ -227,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['design']} | {r['s_per_update']} | {speed} | {r['sampling_share']:.0%} | "
               f"{r['trajectories_per_s']} | {r['peak_memory_gib']} | "
               f"{r['reward_gain_per_s']} |")  # fmt: skip
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1))
-        print(f"wrote {args.out}")
+    write_json(doc, args.out)
     return 0
 
 
