@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from sqdf.errors import SqdfError
     from sqdf.methods import METHODS, build_method_params
     from sqdf.tasks import build_task
+    from sqdf.trainer import wait_for
 
     try:  # read as sqdf train reads --task-param
         extra = key_values(args.task_param, "--task-param")
@@ -81,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         loss, _ = METHODS["sqdf"].loss(task, cells, cfg, params, g)
         loss.backward()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        wait_for(task.device)
         seconds.append(time.perf_counter() - t0)
     doc = {
         "date": time.strftime("%Y-%m-%d"),

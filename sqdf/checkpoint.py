@@ -139,7 +139,12 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The update a checkpoint folder was written after, from its name."""
+    return int(path.name[len(PREFIX) :])
 
 
 def verify_checkpoint(path: Path) -> str | None:

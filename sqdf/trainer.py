@@ -21,14 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from sqdf.buffer import Cells, ReplayBuffer
 from sqdf.checkpoint import (
-    PREFIX,
     Checkpoint,
+    checkpoint_step,
     list_checkpoints,
     load_latest_checkpoint,
     save_checkpoint,
@@ -114,6 +115,43 @@ def loss_scaler(task: Task) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(task.device.type, init_scale=INITIAL_LOSS_SCALE)
 
 
+def scaler_state(scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """The loss scale as a checkpoint's state keeps it (nothing without a scaler)."""
+    return {"loss_scaler": scaler.state_dict()} if scaler is not None else {}
+
+
+def gather_process_states(
+    procs: Processes, buffer: ReplayBuffer, generator: torch.Generator
+) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """Every process's replay buffer and random stream, in rank order, for the main process to
+    checkpoint; collective (every process calls it; the others get empty lists)."""
+    buffers = gather_states(procs, buffer.state_dict())
+    rngs = [g["rng"] for g in gather_states(procs, {"rng": generator.get_state()})]
+    return buffers, rngs
+
+
+def restore_process_states(
+    procs: Processes,
+    ck: Checkpoint,
+    buffer: ReplayBuffer,
+    generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None,
+    seed: int,
+) -> None:
+    """This process's buffer and random stream, and the loss scale, from ``ck``. A process the
+    checkpointed run did not have starts with an empty buffer and a stream of its own; the main
+    process says what the change of process count does."""
+    if scaler is not None and "loss_scaler" in ck.state:
+        scaler.load_state_dict(ck.state["loss_scaler"])
+    if procs.rank < len(ck.rngs):
+        buffer.load_state_dict(ck.buffers[procs.rank])
+        generator.set_state(ck.rngs[procs.rank])
+    else:
+        generator.manual_seed(rank_seed(seed, procs.rank, ck.step))
+    if len(ck.rngs) != procs.world and procs.is_main:
+        log.warning(process_change(len(ck.rngs), procs.world))
+
+
 def use_fused(params: list[torch.nn.Parameter]) -> bool:
     """AdamW's fused kernel (one kernel for every parameter's update instead of a loop of
     them) where it pays: every parameter on a GPU."""
@@ -196,12 +234,11 @@ def train(
     saved = prepare_run(run, cfg, resume) if procs.is_main else None
     procs.barrier()  # the folder is checked (and made) before any process reads it
     trained = list_checkpoints(run / "checkpoints") if resume else []
-    if trained and int(trained[-1].name[len(PREFIX) :]) > cfg.steps:
+    if trained and checkpoint_step(trained[-1]) > cfg.steps:
         # every process refuses, before anything is written: the folder stays as it was
         raise SqdfError(
             f"cannot resume {run} to steps {cfg.steps}: its latest checkpoint is at update "
-            f"{int(trained[-1].name[len(PREFIX) :])}; give steps >= that (training cannot "
-            "be undone)"
+            f"{checkpoint_step(trained[-1])}; give steps >= that (training cannot be undone)"
         )
     method_params = build_method_params(cfg.method, cfg.method_params)
     if state is None:
@@ -273,22 +310,13 @@ def train(
         counters.update({k: ck.state[k] for k in counters if k in ck.state})
         # a run stopped inside a streak of skipped updates resumes inside it
         consecutive_skips = int(ck.state.get("consecutive_skips", 0))
-        if scaler is not None and "loss_scaler" in ck.state:
-            scaler.load_state_dict(ck.state["loss_scaler"])
-        if procs.rank < len(ck.rngs):
-            buffer.load_state_dict(ck.buffers[procs.rank])
-            generator.set_state(ck.rngs[procs.rank])
-        else:  # a process the checkpointed run did not have: empty buffer, its own stream
-            generator.manual_seed(rank_seed(cfg.seed, procs.rank, start))
-        if len(ck.rngs) != procs.world and procs.is_main:
-            log.warning(process_change(len(ck.rngs), procs.world))
+        restore_process_states(procs, ck, buffer, generator, scaler, cfg.seed)
     if procs.is_main:
         truncate_metrics(run, start, saved.log_every if saved is not None else cfg.log_every)
 
     def checkpoint(step: int) -> None:
         # every process takes part (its buffer and stream are gathered); the main one writes
-        buffers = gather_states(procs, buffer.state_dict())
-        rngs = [g["rng"] for g in gather_states(procs, {"rng": generator.get_state()})]
+        buffers, rngs = gather_process_states(procs, buffer, generator)
         policy = procs.model_state(task.policy)  # collective under FSDP
         optimizer_state = procs.optimizer_state(task.policy, optimizer)
         if not procs.is_main:
@@ -305,7 +333,7 @@ def train(
                     **counters,
                     "wall_s": time.perf_counter() - t0,
                     "consecutive_skips": consecutive_skips,
-                    **({"loss_scaler": scaler.state_dict()} if scaler is not None else {}),
+                    **scaler_state(scaler),
                 },
             ),
             keep=cfg.keep_checkpoints,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import shutil
 import time
@@ -61,12 +60,21 @@ from sqdf.checkpoint import (
     save_weights,
 )
 from sqdf.config import TrainConfig, make_config
-from sqdf.distributed import Processes, gather_states, process_change, rank_seed
+from sqdf.distributed import Processes, rank_seed
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.methods import METHODS
 from sqdf.sampler import sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
-from sqdf.trainer import TrainState, loss_scaler, make_optimizer, train, use_fused
+from sqdf.trainer import (
+    TrainState,
+    gather_process_states,
+    loss_scaler,
+    make_optimizer,
+    restore_process_states,
+    scaler_state,
+    train,
+    use_fused,
+)
 
 
 @dataclass(frozen=True)
@@ -162,15 +170,7 @@ def run_method(
     if ck is not None:
         task.policy.load_state_dict(ck.policy)
         state.optimizer.load_state_dict(ck.optimizer)
-        if procs.rank < len(ck.rngs):  # a process the run did not have starts empty
-            state.buffer.load_state_dict(ck.buffers[procs.rank])
-            state.generator.set_state(ck.rngs[procs.rank])
-        else:
-            state.generator.manual_seed(rank_seed(seed, procs.rank, ck.step))
-        if len(ck.rngs) != procs.world and procs.is_main:
-            logging.getLogger("sqdf").warning(process_change(len(ck.rngs), procs.world))
-        if state.scaler is not None and "loss_scaler" in ck.state:
-            state.scaler.load_state_dict(ck.state["loss_scaler"])
+        restore_process_states(procs, ck, state.buffer, state.generator, state.scaler, seed)
         start = ck.step
     rounds = load_rounds(run)
     if not start <= len(rounds) <= start + 1:  # only the round in flight may be unfinished
@@ -231,8 +231,7 @@ def run_method(
                 procs.barrier()
                 return rows
         # every process's buffer and stream, as the trainer's checkpoints keep them
-        buffers = gather_states(procs, state.buffer.state_dict())
-        rngs = [g["rng"] for g in gather_states(procs, {"rng": state.generator.get_state()})]
+        buffers, rngs = gather_process_states(procs, state.buffer, state.generator)
         if procs.is_main:
             save_checkpoint(
                 run / "checkpoints",
@@ -242,14 +241,7 @@ def run_method(
                     optimizer=state.optimizer.state_dict(),
                     buffers=buffers,
                     rngs=rngs,
-                    state={
-                        "queries": oracle.used,
-                        **(
-                            {"loss_scaler": state.scaler.state_dict()}
-                            if state.scaler is not None
-                            else {}
-                        ),
-                    },
+                    state={"queries": oracle.used, **scaler_state(state.scaler)},
                 ),
                 keep=2,
             )
