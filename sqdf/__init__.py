@@ -11,12 +11,14 @@ from sqdf.config import TrainConfig  # noqa: E402
 from sqdf.errors import ConfigError, SqdfError  # noqa: E402
 from sqdf.evaluate import evaluate_run, load_run, sample_run  # noqa: E402
 from sqdf.run import read_metrics  # noqa: E402
+from sqdf.settings import config_for  # noqa: E402
 from sqdf.trainer import train  # noqa: E402
 
 __all__ = [
     "ConfigError",
     "SqdfError",
     "TrainConfig",
+    "config_for",
     "evaluate_run",
     "load_run",
     "read_metrics",

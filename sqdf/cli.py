@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sqdf.config import config_fields, make_config, read_toml, tomllib
+from sqdf.config import config_fields, read_toml, tomllib
 from sqdf.distributed import launched
 from sqdf.errors import SqdfError
 from sqdf.evaluate import EVAL_SEED
+from sqdf.settings import Resolved, resolve_settings
 from sqdf.tasks import resolve_device
 
 DESCRIPTION = """\
@@ -27,8 +28,14 @@ examples:
   sqdf train --task gmm2d --steps 300 --out runs/gmm2d
   sqdf train --config my.toml --alpha 1.0 --reward-param 'b=[0.0, 1.0]'
   sqdf train --resume runs/gmm2d --steps 600      # continue (and extend) a run
-  sqdf train --task sd --model ~/sd15 --reward aesthetic \
+  sqdf train --preset sd15-aesthetic --model ~/sd15 --task-param lcm=~/lcm-lora.safetensors \
       --reward-param clip=~/clip-l14 --reward-param head=~/aesthetic.safetensors --out runs/sd
+  sqdf train --preset sd15-aesthetic --model ~/sd15 ... --dry-run   # what would run
+
+settings: built-in defaults < the task's defaults < --preset < --config < flags. The sd
+task's defaults are the official SQDF aesthetic run's (batch 4 x 8 accumulation per process,
+alpha 2.0 in the reference code's per-dimension convention, 2,000 updates); digits' are the
+demo's. --dry-run shows every value and where it came from.
 
 task parameters (--task-param KEY=VALUE; README for their meaning):
   gmm2d   num_modes, radius, std, means, stds, weights, hidden, ode_steps
@@ -89,6 +96,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with config keys")
+    p.add_argument(
+        "--preset", metavar="NAME",
+        help="a shipped configuration of a published run (sqdf presets lists them)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="print every resolved setting and where it came from, the model's D, alpha in "
+        "both conventions, the effective batch and the replay buffer's memory; train nothing",
+    )  # fmt: skip
     p.add_argument("--out", metavar="RUN", help="run folder (default: runs/TASK-METHOD-TIME)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     for key, example in (
@@ -116,7 +132,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             dest=f.name,
             type=kind,
             default=None,
-            help=f"{f.metadata['help']} (default: {f.default})",
+            help=f"{f.metadata['help']} (built-in default: {f.default}; tasks may set their own)",
         )
 
 
@@ -126,35 +142,97 @@ def _default_out(name: str) -> str:
     return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from sqdf.run import read_run_config
-    from sqdf.trainer import train
-
+def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values given as flags: plain keys, KEY=VALUE parameters, --model/--prompts."""
     flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     flags = {k: v for k, v in flags.items() if v is not None and k not in DICT_FIELDS}
-    if args.resume:
-        if args.config or any(getattr(args, key) for key in DICT_FIELDS):
-            raise SqdfError(
-                "--resume takes the run's own config; only flags like --steps may change"
-            )
-        values = read_run_config(args.resume).to_dict()
-        source = f"{args.resume}/config.json"
-    else:
-        values = read_toml(args.config) if args.config else {}
-        source = args.config or "flags"
-    values.update(flags)
     for key, flag in DICT_FIELDS.items():
         given = key_values(getattr(args, key), flag)
-        values[key] = {**values.get(key, {}), **given}
+        if given:
+            flags[key] = given
     for key in ("model", "prompts"):  # shorthands for the sd task's most used parameters
         if getattr(args, key):
-            if args.resume:
-                raise SqdfError(f"--{key} cannot change when resuming")
-            values["task_params"][key] = getattr(args, key)
-    cfg = make_config(values, source=source)
+            flags.setdefault("task_params", {})[key] = getattr(args, key)
+    return flags
+
+
+def _resumed_settings(args: argparse.Namespace, flags: dict[str, Any]) -> Resolved:
+    """A run's own config with the flags that may change on resume (e.g. --steps) over it."""
+    from sqdf.run import config_path, read_run_config
+
+    if args.config or args.preset or any(key in flags for key in DICT_FIELDS):
+        raise SqdfError(
+            "--resume takes the run's own config; only flags like --steps may change "
+            "(not --config, --preset, --model, --prompts or parameters)"
+        )
+    values = {**read_run_config(args.resume).to_dict(), **flags}
+    sources = json.loads(config_path(Path(args.resume)).read_text()).get("sources", {})
+    return Resolved(values, {**sources, **{k: "flags" for k in flags}})
+
+
+def _not_a_bbo_preset(name: str | None, what_to_do: str) -> None:
+    from sqdf.settings import load_preset
+
+    if name and load_preset(name).is_bbo:
+        raise SqdfError(f"preset {name!r} is an online BBO experiment: {what_to_do}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sqdf.trainer import train
+
+    flags = _train_flags(args)
+    if args.resume:
+        resolved = _resumed_settings(args, flags)
+    else:
+        _not_a_bbo_preset(args.preset, "run it with sqdf bbo --preset")
+        resolved = resolve_settings(
+            flags=flags,
+            config_file=read_toml(args.config) if args.config else None,
+            config_name=args.config or "--config",
+            preset=args.preset,
+        )
+        if resolved.bbo:
+            raise SqdfError(f"{args.config}: a [bbo] table is for sqdf bbo, not sqdf train")
+    if args.dry_run:
+        from sqdf.dry_run import dry_run_text
+
+        print(dry_run_text(resolved, processes=max(launched()[1], 1)))
+        return 0
+    cfg = resolved.config()
     out = args.resume or args.out or _default_out(f"{cfg.task}-{cfg.method}")
-    run = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+    run = train(
+        cfg, out, resume=bool(args.resume), progress=not args.no_progress,
+        sources=resolved.sources,
+    )  # fmt: skip
     print(f"run folder: {run}\nnext: sqdf eval {run}   (or: sqdf sample {run})")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from sqdf.settings import load_preset, preset_names
+
+    if not args.name:
+        for name in preset_names():
+            print(f"{name:<22} {load_preset(name).description}")
+        print("\nsqdf presets NAME shows one in full; sqdf train --preset NAME ... runs it")
+        return 0
+    preset = load_preset(args.name)
+    command = "sqdf bbo" if preset.is_bbo else "sqdf train"
+    print(f"{preset.name}: {preset.description}\n\nsource: {preset.source}")
+    if preset.notes:
+        print(f"notes: {preset.notes}")
+    print(f"\n{command} --preset {preset.name} needs:")
+    for hint in preset.needs.values():
+        print(f"  {hint}")
+    print("\nsettings (over the task defaults; --dry-run shows every value and its source):")
+    for key, value in preset.train.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                print(f"  {key}.{sub} = {v!r}")
+        else:
+            print(f"  {key} = {value!r}")
+    for key, value in preset.bbo.items():
+        print(f"  bbo.{key} = {value!r}")
     return 0
 
 
@@ -242,11 +320,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     stray += ["--oracle-param"] if args.oracle_params else []
     if stray:
         raise SqdfError(f"{stray[0]} is a BBO setting; add --bbo to compare BBO methods")
-    base = read_toml(args.config) if args.config else {}
-    base.update(key_values(args.set, "--set"))
-    base["task"] = args.task or base.get("task", "gmm2d")
+    flags = key_values(args.set, "--set")
+    if args.task:
+        flags["task"] = args.task
     if args.steps is not None:
-        base["steps"] = args.steps
+        flags["steps"] = args.steps
+    _not_a_bbo_preset(args.preset, "add --bbo")
+    resolved = resolve_settings(
+        flags=flags, config_file=read_toml(args.config) if args.config else None,
+        config_name=args.config or "--config", preset=args.preset,
+    )  # fmt: skip
+    if resolved.bbo:
+        raise SqdfError(f"{args.config}: a [bbo] table needs --bbo")
+    base = resolved.values
     sweep = None
     if args.sweep:
         key, sep, raw = args.sweep.partition("=")
@@ -357,6 +443,12 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", default=None, help="output folder (default: runs/compare-TASK-TIME)")
     c.add_argument("--config", default=None, help="TOML file with the shared config keys")
     c.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="a shipped configuration (sqdf presets), under --config and --set",
+    )
+    c.add_argument(
         "--set",
         action="append",
         default=[],
@@ -418,6 +510,12 @@ def _add_bbo(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--resume", metavar="DIR", help="continue DIR from its last completed round")
     b.add_argument("--config", default=None, help="TOML file: train keys and a [bbo] table")
     b.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="a shipped configuration (sqdf presets), under --config and --set",
+    )
+    b.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a train config key, e.g. alpha=1.0 (repeatable)",
     )  # fmt: skip
@@ -441,11 +539,21 @@ def _add_bbo_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, action="store_true", default=None,
                                 help=f.metadata["help"])  # fmt: skip
             continue
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        kind = {"int": int, "float": float, "str": str, "list": _int_list}[str(f.type)]
         parser.add_argument(
             flag, dest=f.name, type=kind, default=None,
             help=f"{f.metadata['help']} (default: {f.default})",
         )  # fmt: skip
+
+
+def _int_list(text: str) -> list[int]:
+    """'1024,2048' as [1024, 2048] (an argparse type: a bad item is a one-line error)."""
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
 
 
 def _bbo_given(args: argparse.Namespace) -> dict[str, Any]:
@@ -460,7 +568,7 @@ def _cmd_bbo(args: argparse.Namespace) -> int:
     from sqdf.bbo import resume_bbo
 
     if args.resume:
-        others = args.config or args.set or args.oracle_params or _bbo_given(args)
+        others = args.config or args.preset or args.set or args.oracle_params or _bbo_given(args)
         if others or args.task or args.out or args.methods:
             raise SqdfError("--resume takes the folder's own settings; give no other options")
         folder = resume_bbo(args.resume, progress=not args.no_progress)
@@ -473,16 +581,19 @@ def _run_bbo(args: argparse.Namespace, task: str | None, methods: str) -> int:
     from sqdf.bbo import BboConfig, run_bbo
     from sqdf.config import build_settings
 
-    values = read_toml(args.config) if args.config else {}
-    bbo_values = values.pop("bbo", {})
-    values.update(key_values(args.set, "--set"))
-    values["task"] = task or values.get("task", "gmm2d")
-    bbo_values.update(_bbo_given(args))
+    flags = key_values(args.set, "--set")
+    if task:
+        flags["task"] = task
+    resolved = resolve_settings(
+        flags=flags, config_file=read_toml(args.config) if args.config else None,
+        config_name=args.config or "--config", preset=args.preset,
+    )  # fmt: skip
+    bbo_values = {**resolved.bbo, **_bbo_given(args)}
     oracle_params = key_values(args.oracle_params, "--oracle-param")
     if oracle_params:
         bbo_values["oracle_params"] = {**bbo_values.get("oracle_params", {}), **oracle_params}
     bbo = build_settings(BboConfig, bbo_values, "bbo")
-    base = make_config(values, source=args.config or "--set")
+    base = resolved.config()
     names = [m.strip() for m in methods.split(",") if m.strip()]
     out = args.out or _default_out(f"bbo-{base.task}")
     return _print_bbo(run_bbo(bbo, base, names, args.seeds, out, progress=not args.no_progress))
@@ -586,6 +697,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("pth", metavar="IN.pth")
     c.add_argument("out", metavar="OUT.safetensors")
+    pr = sub.add_parser(
+        "presets",
+        help="list the shipped presets (the settings of published runs), or show one",
+        description="Presets are TOML files shipped in sqdf/presets/: the settings of a "
+        "published run, over the task's defaults. Use one with sqdf train --preset NAME (or "
+        "sqdf bbo --preset NAME for a BBO experiment) plus the model and weight paths it needs.",
+    )
+    pr.add_argument("name", nargs="?", metavar="NAME", help="show this preset in full")
     _add_build_commands(sub)
     _add_compare(sub)
     _add_bbo(sub)
@@ -608,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         "train-reward": _cmd_train_reward,
         "convert-aesthetic-head": _cmd_convert_head,
         "bbo": _cmd_bbo,
+        "presets": _cmd_presets,
     }[args.command]
     try:
         return handler(args)

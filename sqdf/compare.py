@@ -27,6 +27,7 @@ from sqdf.methods import METHODS
 from sqdf.report import pyplot
 from sqdf.run import read_metrics
 from sqdf.sampler import sample_trajectories
+from sqdf.settings import resolve_settings
 from sqdf.tasks import build_task
 from sqdf.trainer import train
 
@@ -131,8 +132,7 @@ def compare(
     if seeds < 1:
         raise SqdfError(f"seeds must be >= 1, got {seeds}")
     variants = plan_variants(methods, sweep)
-    base = {**base}
-    base.setdefault("task", "gmm2d")
+    base = resolve_settings(flags=base).values  # the task's defaults under the given values
     make_config({**base, "method": "sqdf"}, source="compare base")  # fail early on bad keys
     if best_of < 1:
         raise SqdfError(f"--best-of must be >= 1, got {best_of}")

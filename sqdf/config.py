@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqdf.core.kl import KL_SCALES
 from sqdf.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -44,7 +45,13 @@ class TrainConfig:
     reward_params: dict = _f({}, "reward parameters, e.g. {b = [1.0, 0.0]} for linear")
     task_params: dict = _f({}, "task parameters, e.g. {radius = 3.0} for gmm2d")
     method_params: dict = _f({}, "method parameters, e.g. {k = 1} for draft")
-    alpha: float = _f(2.0, "KL weight alpha (exact KL, summed over dimensions)")
+    alpha: float = _f(2.0, "KL weight alpha, in the convention kl_scale names")
+    kl_scale: str = _f(
+        "sum",
+        "how alpha is written: sum = weight of the exact KL summed over a sample's D dimensions; "
+        "mean = of mean((mu - mu_ref)^2 / sigma^2), as the SQDF reference code (alpha_sum = "
+        "2 alpha / D); half_mean = of the mean with the 1/2, as Flow-GRPO's beta (alpha / D)",
+    )
     gamma: float = _f(0.9, "discount gamma in (0, 1]: step k's reward is weighted gamma^(T-k-1)")
     estimator: str = _f("consistency", "x̂0 estimator for the soft Q: tweedie or consistency")
     num_steps: int = _f(50, "DDIM sampling steps T")
@@ -114,6 +121,10 @@ class TrainConfig:
             f"method {self.method!r} needs buffer = {required!r}, got {self.buffer!r}",
         )
         need(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
+        need(
+            self.kl_scale in KL_SCALES,
+            f"unknown kl_scale {self.kl_scale!r}; known: {', '.join(KL_SCALES)}",
+        )
         # at alpha 0 gmm2d's exact optimum is a point mass (or none, for a linear reward)
         need(
             self.task != "gmm2d" or self.alpha > 0,

@@ -15,17 +15,13 @@ from sqdf.evaluate import evaluate_run, load_run
 from sqdf.report import digit_grid, figure_png, html_table, pyplot, write_html
 from sqdf.run import read_metrics
 from sqdf.sampler import sample_trajectories
+from sqdf.settings import config_for
 from sqdf.tasks.digits_model import to_pixels
 from sqdf.trainer import train
 from sqdf.x0_quality import x0_estimator_quality
 
-# SQDF with all three enhancements (consistency-model Q, discount, prioritised replay) on the
-# ink reward, sized to finish on 2 CPU cores in under five minutes including evaluation.
-DEMO_CONFIG: dict[str, Any] = dict(
-    task="digits", reward="ink", alpha=0.1, gamma=0.9, estimator="consistency",
-    buffer="prioritized", num_steps=20, steps=100, batch_size=32, replay_ratio=2,
-    buffer_size=512, lr=1e-3, log_every=5, checkpoint_every=50,
-)  # fmt: skip
+DEMO_PRESET = "digits-demo"  # the digits task defaults, on the ink reward
+
 
 ROWS = [  # (label, fine-tuned key, reference key, real-digits key)
     ("reward (ink)", "reward_mean", "ref_reward_mean", None),
@@ -39,7 +35,7 @@ ROWS = [  # (label, fine-tuned key, reference key, real-digits key)
 
 
 def demo_config(**overrides: Any) -> TrainConfig:
-    return TrainConfig(**{**DEMO_CONFIG, **overrides})
+    return config_for("digits", preset=DEMO_PRESET, **overrides)
 
 
 def summary_rows(metrics: dict) -> list[tuple[str, float, float, float | None]]:

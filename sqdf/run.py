@@ -21,7 +21,11 @@ def config_path(run: Path) -> Path:
     return run / "config.json"
 
 
-def write_config(run: Path, cfg: TrainConfig, resolved: dict[str, Any]) -> None:
+def write_config(
+    run: Path, cfg: TrainConfig, resolved: dict[str, Any], sources: dict[str, str]
+) -> None:
+    """config.json: the config as given, what it resolved to, and where each value came from
+    (built-in, task defaults, a preset, a config file, flags)."""
     from sqdf import __version__
 
     doc = {
@@ -30,6 +34,7 @@ def write_config(run: Path, cfg: TrainConfig, resolved: dict[str, Any]) -> None:
         "sqdf_version": __version__,
         "train": cfg.to_dict(),
         "resolved": resolved,
+        "sources": sources,
     }
     atomic_write_text(config_path(run), json.dumps(doc, indent=1))
 

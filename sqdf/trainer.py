@@ -36,6 +36,7 @@ from sqdf.checkpoint import (
     save_weights,
 )
 from sqdf.config import TrainConfig
+from sqdf.core.kl import KL_SCALES
 from sqdf.distributed import (
     Processes,
     average_gradients,
@@ -48,7 +49,8 @@ from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import reward_params
 from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
 from sqdf.sampler import Trajectories, sample_states_at, sample_trajectories
-from sqdf.tasks import Task, build_task, resolved_reward_name
+from sqdf.settings import config_sources
+from sqdf.tasks import Task, build_task, resolved_reward_name, with_summed_alpha
 
 log = logging.getLogger("sqdf")
 
@@ -152,6 +154,44 @@ def restore_process_states(
         log.warning(process_change(len(ck.rngs), procs.world))
 
 
+def kl_resolution(given: TrainConfig, cfg: TrainConfig, task: Task) -> dict[str, Any]:
+    """How alpha was written and what the losses use: for config.json and the log."""
+    return {
+        "kl_scale": given.kl_scale,
+        "alpha": given.alpha,
+        "dims": math.prod(task.sample_shape),
+        "alpha_sum": cfg.alpha,
+    }
+
+
+def alpha_note(kl: dict[str, Any]) -> str:
+    """One line saying how an alpha written per dimension became the exact summed KL's weight."""
+    factor = KL_SCALES[kl["kl_scale"]]
+    return (
+        f"alpha {kl['alpha']:g} (kl_scale {kl['kl_scale']}) = {kl['alpha']:g} x {factor:g} / "
+        f"D = {kl['alpha_sum']:.4g} as the weight of the exact KL summed over D = "
+        f"{kl['dims']:,} dimensions"
+    )
+
+
+def out_of_memory_message(cfg: TrainConfig, phase: str, update: int) -> str:
+    """What to lower when the GPU ran out of memory in ``phase`` ("sampling" or "gradient")
+    of an update: the settings that size that phase, with their values."""
+    where = (
+        f"sampling {cfg.batch_size} fresh trajectories"
+        if phase == "sampling"
+        else f"the gradient micro-batch of {cfg.batch_size * cfg.cells_per_trajectory} cells"
+    )
+    advice = [f"--batch-size (now {cfg.batch_size}; --grad-accum {cfg.grad_accum} keeps the "
+              "effective batch when raised by the same factor)"]  # fmt: skip
+    if cfg.task == "sd":
+        params = cfg.task_params
+        if not params.get("gradient_checkpointing", True):
+            advice.append("--task-param gradient_checkpointing=true")
+        advice.append(f"--task-param resolution=... (now {params.get('resolution') or 'native'})")
+    return f"out of GPU memory at update {update}, {where}: lower " + ", or ".join(advice)
+
+
 def use_fused(params: list[torch.nn.Parameter]) -> bool:
     """AdamW's fused kernel (one kernel for every parameter's update instead of a loop of
     them) where it pays: every parameter on a GPU."""
@@ -218,6 +258,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     state: TrainState | None = None,
+    sources: dict[str, str] | None = None,
 ) -> Path:
     """Fine-tune ``cfg.task``'s model with ``cfg.method``; returns the run folder.
 
@@ -225,7 +266,8 @@ def train(
     on from its latest valid checkpoint and gives the same result as an uninterrupted run.
     With ``state``, the task, optimizer, buffer and generator are the caller's and stay
     there (no resume: the caller checkpoints them). Under ``accelerate launch`` or
-    ``torchrun`` every process runs this (sqdf.distributed).
+    ``torchrun`` every process runs this (sqdf.distributed). ``sources`` says where each
+    setting came from (sqdf.settings), for config.json.
     """
     run = Path(out)
     if state is not None and resume:
@@ -246,10 +288,11 @@ def train(
         task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
     else:
         task = state.task
+    given, cfg = cfg, with_summed_alpha(cfg)  # the losses weight the exact, summed KL
     if procs.is_main:
         write_config(
             run,
-            cfg,
+            given,
             {
                 "task_params": dataclasses.asdict(task.options) if hasattr(task, "options") else {},
                 "reward": getattr(task.reward_model, "name", None) or resolved_reward_name(cfg),
@@ -257,7 +300,9 @@ def train(
                 "method_params": dataclasses.asdict(method_params),
                 "device": str(task.device),
                 "processes": procs.world,
+                "kl": kl_resolution(given, cfg, task),
             },
+            config_sources(given, sources),
         )
     if progress and procs.is_main:
         cells = cfg.batch_size * cfg.cells_per_trajectory  # per micro-batch and process
@@ -273,6 +318,8 @@ def train(
             f"accumulation step(s); {fresh_note}",
             file=sys.stderr,
         )
+    if given.kl_scale != "sum" and procs.is_main:  # said even without progress: it sets the KL
+        print(f"sqdf: {alpha_note(kl_resolution(given, cfg, task))}", file=sys.stderr)
     loss_fn = METHODS[cfg.method].loss
     params = [p for p in task.policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, fused=use_fused(params) and not procs.fsdp)
@@ -345,10 +392,12 @@ def train(
         disable=not (progress and procs.is_main), desc=f"{cfg.method} on {cfg.task}",
         dynamic_ncols=True,
     )  # fmt: skip
+    phase, step = "sampling", start
     try:
         for step in bar:
             cause = ""
             bad = sampled = 0
+            phase = "sampling"
             if step % cfg.replay_ratio == 0 and cfg.rollout == "full":
                 began = time.perf_counter()
                 if step == start and state is not None and state.fresh is not None:
@@ -367,6 +416,7 @@ def train(
                     buffer.add(traj.select(keep), rewards.cpu()[keep])
             fresh = buffer.rewards[buffer.newest].double()
 
+            phase = "gradient"
             optimizer.zero_grad(set_to_none=True)
             truncated = cfg.rollout == "truncated"
             loss_total, stats_total, skip = 0.0, {}, buffer.size == 0 and not truncated
@@ -467,6 +517,8 @@ def train(
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                 checkpoint(done)
+    except torch.OutOfMemoryError:
+        raise SqdfError(out_of_memory_message(given, phase, step + 1)) from None
     finally:
         bar.close()
 

@@ -4,7 +4,7 @@ import json
 import re
 
 from sqdf.cli import main
-from sqdf.demo import DEMO_CONFIG, run_demo
+from sqdf.demo import demo_config, run_demo
 
 
 def test_demo_writes_a_self_contained_report(tmp_path):
@@ -22,9 +22,11 @@ def test_demo_writes_a_self_contained_report(tmp_path):
 
 
 def test_demo_defaults_are_sqdf_with_all_enhancements():
-    assert DEMO_CONFIG["estimator"] == "consistency"
-    assert DEMO_CONFIG["buffer"] == "prioritized"
-    assert DEMO_CONFIG["gamma"] < 1
+    cfg = demo_config()
+    assert (cfg.task, cfg.method, cfg.reward) == ("digits", "sqdf", "ink")
+    assert cfg.estimator == "consistency"
+    assert cfg.buffer == "prioritized"
+    assert cfg.gamma < 1
 
 
 def test_demo_refuses_an_existing_folder(tmp_path, capsys):

@@ -21,6 +21,7 @@ def test_python_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
     assert "mode TV to the exact target" in out
+    assert "32 0.1 prioritized" in out  # config_for: the digits task's defaults
     assert (tmp_path / "runs" / "python-demo" / "eval.json").exists()
 
 

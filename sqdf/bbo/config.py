@@ -13,8 +13,8 @@ OPTIMISM = ("ucb", "sample")
 
 
 def _f(default: Any, help: str) -> Any:
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata={"help": help})
+    if isinstance(default, dict | list):
+        return field(default_factory=type(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -29,6 +29,11 @@ class BboConfig:
     oracle_params: dict = _f({}, "keyword arguments of a module:function oracle")
     rounds: int = _f(4, "rounds; each spends queries_per_round oracle queries")
     queries_per_round: int = _f(64, "fresh samples sent to the oracle per round")
+    query_schedule: list = _f(
+        [],
+        "queries of each round, one entry a round (e.g. 1024,2048,4096,8192); empty: "
+        "queries_per_round in every round",
+    )
     oracle_batch: int = _f(0, "samples per oracle call (0: the whole round in one call)")
     updates_per_round: int = _f(30, "optimizer updates against the proxy per round")
     drop_bad_queries: bool = _f(
@@ -59,6 +64,8 @@ class BboConfig:
                 raise ConfigError(f"{f.name} must be an int, got {value!r}")
             elif f.type == "bool" and not isinstance(value, bool):
                 raise ConfigError(f"{f.name} must be true or false, got {value!r}")
+            elif f.type == "list" and not isinstance(value, list | tuple):
+                raise ConfigError(f"{f.name} must be a list, got {value!r}")
         need(isinstance(self.oracle, str) and bool(self.oracle), "oracle must be a name")
         need(
             self.oracle == "task" or ":" in self.oracle,
@@ -74,6 +81,17 @@ class BboConfig:
         need(
             self.queries_per_round >= 2,
             f"queries_per_round must be >= 2, got {self.queries_per_round}",
+        )
+        self.query_schedule = list(self.query_schedule)
+        need(
+            all(isinstance(q, int) and not isinstance(q, bool) and q >= 2
+                for q in self.query_schedule),
+            f"query_schedule must hold integers >= 2, got {self.query_schedule}",
+        )  # fmt: skip
+        need(
+            not self.query_schedule or len(self.query_schedule) == self.rounds,
+            f"query_schedule has {len(self.query_schedule)} entries for {self.rounds} rounds; "
+            "give one entry a round (and rounds to match)",
         )
         need(self.oracle_batch >= 0, f"oracle_batch must be >= 0, got {self.oracle_batch}")
         need(
@@ -94,9 +112,23 @@ class BboConfig:
         )
         need(self.kappa >= 0, f"kappa must be >= 0, got {self.kappa}")
 
+    def queries(self, k: int) -> int:
+        """The oracle queries of round ``k`` (0-based)."""
+        return self.query_schedule[k] if self.query_schedule else self.queries_per_round
+
     @property
     def budget(self) -> int:
-        return self.rounds * self.queries_per_round
+        return sum(self.queries(k) for k in range(self.rounds))
+
+    @property
+    def max_queries(self) -> int:
+        return max(self.queries(k) for k in range(self.rounds))
+
+    def schedule_text(self) -> str:
+        """'4 rounds x 64' or '1024 + 2048 + 4096 + 8192' (for tables and plots)."""
+        if not self.query_schedule:
+            return f"{self.rounds} rounds x {self.queries_per_round}"
+        return " + ".join(str(q) for q in self.query_schedule)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -47,6 +47,11 @@ def run_bbo(
     """Run every method on seeds 0..seeds-1 into a new folder ``out``."""
     out = Path(out)
     check_methods(methods)
+    if "best_of_n" in methods and len(set(bbo.query_schedule)) > 1:
+        raise SqdfError(
+            "best_of_n keeps the best sample of each query slot across rounds, so it needs the "
+            f"same number of queries every round; query_schedule is {bbo.query_schedule}"
+        )
     if seeds < 1:
         raise SqdfError(f"seeds must be >= 1, got {seeds}")
     if bbo.oracle != "task":
@@ -176,7 +181,7 @@ def results_markdown(task: str, bbo: BboConfig, summary: dict[str, dict[str, Any
     return (
         "\n".join(lines)
         + f"\n\nLast round; mean ± std over {seeds} seed(s); budget {bbo.budget} queries "
-        f"({bbo.rounds} rounds x {bbo.queries_per_round}). oracle_mean: oracle reward of "
+        f"({bbo.schedule_text()}). oracle_mean: oracle reward of "
         "the round's fresh samples (best_of_n: of each slot's best so far); proxy_rmse, "
         "proxy_bias: the previous round's proxy on those samples; best_of_n's kl_path is the "
         "bound log n - (n-1)/n. A diverged seed (fine-tuning stopped on non-finite values) "
@@ -225,7 +230,7 @@ def plot_curve(summary: dict[str, dict[str, Any]], path: Path, bbo: BboConfig) -
     ax.set(
         xlabel="oracle queries",
         ylabel="oracle reward of fresh samples",
-        title=f"online BBO: {bbo.rounds} rounds x {bbo.queries_per_round} queries (mean ± std)",
+        title=f"online BBO: {bbo.schedule_text()} queries (mean ± std)",
     )
     ax.legend(fontsize=8)
     fig.tight_layout()

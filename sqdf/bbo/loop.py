@@ -1,6 +1,6 @@
 """One method, one seed of online black-box optimisation, round by round.
 
-Round k: draw ``queries_per_round`` samples from the current model (the same conditions
+Round k: draw ``bbo.queries(k)`` samples from the current model (the same conditions
 every round); send them to the oracle, persisting the answers as they arrive; record the
 round's metrics; then, unless it is the last round (no query would be left to measure the
 result), fit the proxy on every valid query so far and fine-tune against it with the shared
@@ -118,7 +118,7 @@ def round_config(base: TrainConfig, method: str, bbo: BboConfig, seed: int) -> T
         "log_every": min(base.log_every, bbo.updates_per_round),
         "checkpoint_every": 0,  # the loop checkpoints once per round
         # the round's queried batch goes into the buffer whole
-        "buffer_size": max(base.buffer_size, bbo.queries_per_round),
+        "buffer_size": max(base.buffer_size, bbo.max_queries),
     }
     if method == "ddpo":  # one batch a round, the queried one, learnt from on-policy
         values.update(buffer="on_policy", replay_ratio=bbo.updates_per_round)
@@ -187,8 +187,10 @@ def run_method(
     procs.barrier()  # every process has read the files before the main one rewrites them
     if procs.is_main:
         atomic_write_text(run / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    q = bbo.queries_per_round
-    cond = task.sample_conditions(q, torch.Generator().manual_seed(round_seed(seed, 0, 1)))
+    # every round's conditions are the first of the same draw, so rounds of different sizes
+    # (a query schedule) still share their conditions where they overlap
+    g = torch.Generator().manual_seed(round_seed(seed, 0, 1))
+    all_cond = task.sample_conditions(bbo.max_queries, g)
     features, dim = feature_map(task, cfg.task) if spec.proxy else (None, 0)
     t0 = time.perf_counter() - (rows[-1]["wall_s"] if rows else 0.0)
 
@@ -196,7 +198,7 @@ def run_method(
         path = round_path(run, k)
         if procs.is_main:
             if k == len(rounds):
-                rounds.append(_draw(task, spec, cond, seed, k, path))
+                rounds.append(_draw(task, spec, all_cond[: bbo.queries(k)], seed, k, path))
             _query(oracle, rounds[k], path, bbo.oracle_batch, run)
             row = _round_metrics(bbo, cfg, task, method, rounds, oracle, run, k, features, dim)
             row["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -369,8 +371,9 @@ def _round_metrics(
         row["proxy_std"] = float(std.mean())
     if cfg.task != "gmm2d" or bbo.oracle == "task":  # gmm2d's target is the task reward's
         ref_x0 = rounds[0].states[:, -1]
+        m = min(ref_x0.shape[0], shown_x0.shape[0])  # rounds share their first conditions
         g = torch.Generator().manual_seed(round_seed(cfg.seed, k, 2))
-        metrics = task.evaluate(shown_x0, ref_x0, data.cond, g)
+        metrics = task.evaluate(shown_x0[:m], ref_x0[:m], data.cond[:m], g)
         row.update({key: v for key, v in metrics.items() if isinstance(v, float)})
     return row
 

@@ -5,7 +5,7 @@ function can be checked against a closed form or against diffusers' own schedule
 """
 
 from sqdf.core.ddim import ddim_sigma, ddim_step_mean_std
-from sqdf.core.kl import gaussian_kl, gaussian_log_prob
+from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention, gaussian_kl, gaussian_log_prob
 from sqdf.core.loss import discount_weight, soft_q_loss
 from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import DDIMSchedule, make_ddim_schedule
@@ -13,6 +13,8 @@ from sqdf.core.x0 import consistency_x0, lcm_boundary_scalings, predict_x0_and_e
 
 __all__ = [
     "DDIMSchedule",
+    "KL_SCALES",
+    "alpha_in_sum_convention",
     "consistency_x0",
     "ddim_sigma",
     "ddim_step_mean_std",

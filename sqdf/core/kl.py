@@ -13,9 +13,8 @@ def gaussian_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor) -> Tensor:
     """KL( N(mean_p, std² I) || N(mean_q, std² I) ) per sample: ||mean_p - mean_q||² / (2 std²).
 
     # mean_p, mean_q: (B, ...); std: scalar or broadcasting against them; returns (B,)
-    Convention: the exact KL, summed over all dimensions. The SQDF reference implementation
-    averages over the D dimensions and drops the 1/2, so its alpha equals ours times D/2:
-    alpha_ours = 2 * alpha_reference / D.
+    Convention: the exact KL, summed over all dimensions. Other codes write the KL weight
+    against a per-dimension mean instead (``alpha_in_sum_convention`` converts).
 
     A zero std means a deterministic step, where the KL is infinite unless the means agree;
     we refuse it rather than divide by zero.
@@ -38,3 +37,22 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).expand_as(x)
     z = (x - mean) / std
     return -(0.5 * z.pow(2) + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).sum(dim=1)
+
+
+# How a KL weight alpha may be written, and the factor that turns it into ours (the exact KL,
+# summed over the D dimensions of a sample): alpha_sum = alpha * factor / D.
+#   sum:       sum  (mean_p - mean_q)^2 / (2 std^2)   the exact KL (ours)
+#   mean:      mean (mean_p - mean_q)^2 / std^2       the SQDF reference code (T2I and BBO)
+#   half_mean: mean (mean_p - mean_q)^2 / (2 std^2)   Flow-GRPO's beta
+KL_SCALES = {"sum": None, "mean": 2.0, "half_mean": 1.0}
+
+
+def alpha_in_sum_convention(alpha: float, scale: str, dims: int) -> float:
+    """The KL weight ``alpha`` written in convention ``scale`` (a key of KL_SCALES), as the
+    weight of the exact summed KL of a sample with ``dims`` dimensions: the same loss."""
+    if scale not in KL_SCALES:
+        raise ValueError(f"unknown KL scale {scale!r}; known: {', '.join(KL_SCALES)}")
+    if dims < 1:
+        raise ValueError(f"a sample needs at least one dimension, got {dims}")
+    factor = KL_SCALES[scale]
+    return alpha if factor is None else alpha * factor / dims

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
 
+from sqdf.core.kl import alpha_in_sum_convention
 from sqdf.errors import ConfigError
 from sqdf.tasks.base import Task
-from sqdf.tasks.gmm2d import build_gmm2d
+from sqdf.tasks.gmm2d import GMM2DTask, build_gmm2d
 
 
 def build_digits(cfg: Any, reward: Any, device: torch.device) -> Task:
@@ -44,11 +47,38 @@ def resolved_reward_name(cfg: Any) -> str:
     return DEFAULT_REWARDS[cfg.task] if cfg.reward == "auto" else cfg.reward
 
 
+def sample_shape(cfg: Any) -> tuple[int, ...]:
+    """The shape of one sample of task ``cfg.task`` (an SD latent, a digit, a point), from
+    settings and model configs only: no weights are loaded."""
+    if cfg.task == "gmm2d":
+        return GMM2DTask.sample_shape
+    if cfg.task == "digits":
+        from sqdf.tasks.digits_model import IMAGE_SIZE
+
+        return (1, IMAGE_SIZE, IMAGE_SIZE)
+    from sqdf.config import build_settings
+    from sqdf.tasks.sd import SDConfig, latent_shape
+
+    return latent_shape(build_settings(SDConfig, cfg.task_params, "task 'sd'"))
+
+
+def with_summed_alpha(cfg: Any) -> Any:
+    """``cfg`` with alpha as the weight of the exact KL summed over a sample's dimensions (the
+    convention every loss uses), converted from ``cfg.kl_scale`` with the task's own D."""
+    if cfg.kl_scale == "sum":
+        return cfg
+    dims = math.prod(sample_shape(cfg))
+    alpha = alpha_in_sum_convention(cfg.alpha, cfg.kl_scale, dims)
+    return dataclasses.replace(cfg, alpha=alpha, kl_scale="sum")
+
+
 def build_task(cfg: Any) -> Task:
-    """The task named by ``cfg.task`` with its reward, on ``cfg.device``."""
+    """The task named by ``cfg.task`` with its reward, on ``cfg.device`` (alpha in the summed
+    convention, whatever ``cfg.kl_scale`` says)."""
     from sqdf.rewards import build_reward
 
     reward = build_reward(resolved_reward_name(cfg), cfg.reward_params)
+    cfg = with_summed_alpha(cfg)
     try:
         return TASKS[cfg.task](cfg, reward, resolve_device(cfg.device))
     except (TypeError, ValueError) as err:
@@ -57,4 +87,4 @@ def build_task(cfg: Any) -> Task:
         raise ConfigError(f"task {cfg.task!r}: {err}") from None
 
 
-__all__ = ["TASKS", "Task", "build_task", "resolve_device"]
+__all__ = ["TASKS", "Task", "build_task", "resolve_device", "sample_shape", "with_summed_alpha"]

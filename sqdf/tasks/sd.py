@@ -12,6 +12,7 @@ loaded beside the policy's adapter on the base UNet. Only x̂0 latents are decod
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,26 @@ class SDConfig:
         load_prompts(self.prompts)  # a bad prompt set fails here, not mid-run
 
 
+def _read_config(folder: Path, sub: str) -> dict[str, Any]:
+    path = folder / sub / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SqdfError(f"cannot read {path}: {err}") from None
+
+
+def latent_shape(options: SDConfig) -> tuple[int, int, int]:
+    """(channels, side, side) of the latents the UNet denoises at ``options.resolution`` (its
+    native size by default), from the unet/ and vae/ configs alone."""
+    folder = Path(options.model)
+    unet, vae = _read_config(folder, "unet"), _read_config(folder, "vae")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    side = options.resolution or unet["sample_size"] * factor
+    if side % factor:
+        raise ConfigError(f"sd resolution {side} is not a multiple of the VAE's {factor}")
+    return (unet["in_channels"], side // factor, side // factor)
+
+
 def _load(cls: Any, folder: Path, sub: str, **kw: Any) -> Any:
     try:
         return cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, **kw)
@@ -143,11 +164,7 @@ class SDTask(Task):
         self.negative_embeds = neg[torch.tensor([distinct.index(n) for n in negatives])]
         del text_encoder  # every prompt is encoded; the encoder's memory goes back
 
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        side = options.resolution or self.unet.config.sample_size * factor
-        if side % factor:
-            raise ConfigError(f"sd resolution {side} is not a multiple of the VAE's {factor}")
-        self.sample_shape = (self.unet.config.in_channels, side // factor, side // factor)
+        self.sample_shape = latent_shape(options)
 
         self.nets = PolicyAndReference(
             self.unet, options.finetune, options.lora_rank, options.lora_alpha,

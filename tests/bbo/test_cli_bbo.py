@@ -103,3 +103,19 @@ def test_bad_compare_bbo_input(extra, expected, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_query_schedule_sizes_each_round(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "s"
+    argv = [a for a in TINY if a not in ("--queries-per-round", "6")]
+    assert main(["bbo", "--methods", "sqdf", "--query-schedule", "4,10", "--out", str(out),
+                 *argv]) == 0  # fmt: skip
+    run = out / "runs" / "sqdf-seed0"
+    rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert [r["queries"] for r in rows] == [4, 14]
+    sizes = [load_file(str(run / "queries" / f"round_000{k}.safetensors"))["value"].shape[0]
+             for k in range(2)]  # fmt: skip
+    assert sizes == [4, 10]
+    assert json.loads((out / "results.json").read_text())["budget"] == 14

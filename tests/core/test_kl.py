@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
-from sqdf.core import gaussian_kl
+from sqdf.core import alpha_in_sum_convention, gaussian_kl
 
 
 def test_matches_torch_distributions():
@@ -33,3 +33,20 @@ def test_matches_monte_carlo():
 def test_zero_std_is_an_error_not_a_division_by_zero():
     with pytest.raises(ValueError, match="std > 0"):
         gaussian_kl(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor(0.0))
+
+
+def test_alpha_conversion_gives_the_weighted_kl_each_code_writes():
+    # SQDF's reference code: alpha * mean((mu - mu_ref)^2 / sigma^2); Flow-GRPO: beta * mean of
+    # the same with the 1/2. Converted, each equals alpha_sum times our exact summed KL.
+    g = torch.Generator().manual_seed(2)
+    mp, mq = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64).unbind(0)[:2]
+    mp, mq = mp[None], mq[None]
+    std = torch.tensor(0.3, dtype=torch.float64)
+    dims = mp[0].numel()
+    sq = (mp - mq).pow(2) / std**2
+    written = {"mean": sq.mean(), "half_mean": (sq / 2).mean(), "sum": (sq / 2).sum()}
+    for scale, term in written.items():
+        alpha_sum = alpha_in_sum_convention(1.7, scale, dims)
+        torch.testing.assert_close(alpha_sum * gaussian_kl(mp, mq, std)[0], 1.7 * term)
+    with pytest.raises(ValueError, match="unknown KL scale"):
+        alpha_in_sum_convention(1.0, "avg", dims)

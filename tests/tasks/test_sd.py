@@ -401,11 +401,11 @@ def test_readme_sd_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
     for name, target in layout.items():
         (weights / name).symlink_to(parts / target)
     monkeypatch.chdir(tmp_path)
-    quick = {"train": ["--num-steps", "3", "--steps", "2", "--batch-size", "2", "--device", "cpu",
-                       "--no-progress"],
+    quick = {"train": ["--num-steps", "3", "--steps", "2", "--batch-size", "2", "--grad-accum",
+                       "1", "--device", "cpu", "--no-progress"],
              "sample": ["--num-samples", "2", "--num-steps", "2", "--device", "cpu"]}  # fmt: skip
     lines = block.strip().splitlines()
-    assert lines[0] == "W=~/weights" and len(lines) == 4
+    assert lines[0] == "W=~/weights" and len(lines) == 5
     for line in lines[1:]:
         argv = shlex.split(line.replace("$W", str(weights)))
         assert argv[0] == "sqdf"

@@ -1,0 +1,99 @@
+"""``sqdf train --dry-run``: what a run would do, resolved and sized, without training. Reads
+the model folder's configs only (the shape of a sample), never its weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sqdf.config import TrainConfig, config_fields
+from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
+from sqdf.settings import DICT_KEYS, Resolved
+from sqdf.tasks import resolved_reward_name, sample_shape
+
+STATE_BYTES = 4  # trajectories are kept as float32 states
+
+
+def buffer_bytes(cfg: TrainConfig, dims: int) -> int:
+    """Host memory of one process's full replay buffer: every state of every trajectory."""
+    if cfg.rollout == "truncated":
+        return 0
+    return cfg.buffer_size * (cfg.num_steps + 1) * dims * STATE_BYTES
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def plan(resolved: Resolved, processes: int = 1) -> dict[str, Any]:
+    """The numbers a dry run shows: the model's D, alpha in both conventions, the effective
+    batch and the replay buffer's host memory."""
+    cfg = resolved.config()
+    shape = sample_shape(cfg)
+    dims = math.prod(shape)
+    cells = cfg.batch_size * cfg.cells_per_trajectory
+    alpha_sum = alpha_in_sum_convention(cfg.alpha, cfg.kl_scale, dims)
+    return {
+        "config": cfg,
+        "shape": shape,
+        "dims": dims,
+        "alpha_sum": alpha_sum,
+        "alpha_mean": alpha_sum * dims / KL_SCALES["mean"],
+        "cells_per_micro_batch": cells,
+        "processes": processes,
+        "effective_batch": cells * processes * cfg.grad_accum,
+        "buffer_bytes": buffer_bytes(cfg, dims),
+    }
+
+
+def dry_run_text(resolved: Resolved, processes: int = 1) -> str:
+    """The dry run's report: every setting with the layer it came from, then the sizes."""
+    p = plan(resolved, processes)
+    cfg: TrainConfig = p["config"]
+    lines = ["sqdf train --dry-run: nothing is trained; the run would use (value, from)"]
+    if resolved.preset is not None:
+        lines.append(f"preset {resolved.preset.name}: {resolved.preset.description}")
+    for f in config_fields():
+        value = getattr(cfg, f.name)
+        if f.name in DICT_KEYS:
+            for sub, v in value.items():
+                key = f"{f.name}.{sub}"
+                lines.append(f"  {key:<28} {v!r:<28} {resolved.source_of(key)}")
+            continue
+        shown = value
+        if f.name == "reward" and value == "auto":
+            shown = f"auto ({resolved_reward_name(cfg)})"
+        lines.append(f"  {f.name:<28} {str(shown):<28} {resolved.source_of(f.name)}")
+    shape = " x ".join(str(s) for s in p["shape"])
+    lines.append(f"sample: D = {p['dims']:,} dimensions ({shape})")
+    if cfg.kl_scale == "sum":
+        lines.append(
+            f"alpha: {cfg.alpha:g} weights the exact KL summed over D (kl_scale sum); "
+            f"{p['alpha_mean']:.4g} as the SQDF reference code writes it (kl_scale mean)"
+        )
+    else:
+        lines.append(
+            f"alpha: {cfg.alpha:g} (kl_scale {cfg.kl_scale}) = {cfg.alpha:g} x "
+            f"{KL_SCALES[cfg.kl_scale]:g} / D = {p['alpha_sum']:.4g} as the weight of the exact "
+            "KL summed over D (what the losses use)"
+        )
+    lines.append(
+        f"effective batch: {p['effective_batch']} cells per update = "
+        f"{p['cells_per_micro_batch']} per micro-batch x {processes} process(es) x "
+        f"{cfg.grad_accum} accumulation step(s)"
+    )
+    if cfg.rollout == "truncated":
+        lines.append("replay buffer: none (truncated rollouts)")
+    else:
+        lines.append(
+            f"fresh trajectories: {cfg.batch_size} per process every {cfg.replay_ratio} "
+            f"update(s); {cfg.steps} updates"
+        )
+        lines.append(
+            f"replay buffer: {cfg.buffer_size:,} trajectories x {cfg.num_steps + 1} states x "
+            f"{p['dims']:,} values x {STATE_BYTES} bytes = {_gib(p['buffer_bytes'])} of host "
+            "memory per process when full"
+        )
+    if resolved.preset is not None and resolved.preset.notes:
+        lines.append(f"note: {resolved.preset.notes}")
+    return "\n".join(lines)

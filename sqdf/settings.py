@@ -1,0 +1,188 @@
+"""Where a run's settings come from: TrainConfig's built-in defaults < the task's defaults <
+a preset < a --config file < flags. Each value keeps the name of the layer that set it, for
+config.json and ``--dry-run``. Task defaults and presets are TOML files shipped in
+``sqdf/presets/``."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from sqdf.config import TrainConfig, config_fields, make_config, suggest
+from sqdf.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DICT_KEYS = ("task_params", "reward_params", "method_params")
+BUILT_IN = "built-in"
+TASK_DEFAULTS_FILE = "task_defaults.toml"
+
+
+def _presets_folder() -> Any:
+    return resources.files("sqdf") / "presets"
+
+
+def _read(name: str) -> dict[str, Any]:
+    return tomllib.loads((_presets_folder() / name).read_text(encoding="utf-8"))
+
+
+def task_defaults(task: str) -> dict[str, Any]:
+    """The defaults task ``task`` declares (an empty table for a task that keeps the built-in
+    ones; nothing for an unknown task, which TrainConfig refuses with the known names)."""
+    return _read(TASK_DEFAULTS_FILE).get(task, {})
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named, shipped configuration: the settings of a published run."""
+
+    name: str
+    description: str
+    source: str  # where its numbers come from
+    notes: str
+    needs: dict[str, str]  # dotted key -> what the user must give for it
+    train: dict[str, Any]
+    bbo: dict[str, Any] = field(default_factory=dict)  # a BBO experiment's [bbo] table
+
+    @property
+    def is_bbo(self) -> bool:
+        return bool(self.bbo)
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name[: -len(".toml")]
+        for p in _presets_folder().iterdir()
+        if p.name.endswith(".toml") and p.name != TASK_DEFAULTS_FILE
+    )
+
+
+def load_preset(name: str) -> Preset:
+    """The shipped preset ``name``; an unknown name is a ConfigError listing the known ones."""
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(
+            f"unknown preset {name!r}; known: {', '.join(names)} (sqdf presets lists them)"
+            f"{suggest(name, names)}"
+        )
+    doc = _read(f"{name}.toml")
+    meta = doc.get("preset", {})
+    return Preset(
+        name=name,
+        description=meta.get("description", ""),
+        source=meta.get("source", ""),
+        notes=meta.get("notes", ""),
+        needs=dict(meta.get("needs", {})),
+        train=doc.get("train", {}),
+        bbo=doc.get("bbo", {}),
+    )
+
+
+@dataclass
+class Resolved:
+    """Settings resolved through the layers: plain ``values`` for make_config, the ``bbo``
+    table where one was given, and the layer each value (dotted for a parameter) came from."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+    bbo: dict[str, Any] = field(default_factory=dict)
+    preset: Preset | None = None
+
+    def config(self) -> TrainConfig:
+        return make_config(self.values, source=self.where_from())
+
+    def where_from(self) -> str:
+        layers = [s for s in dict.fromkeys(self.sources.values()) if s != BUILT_IN]
+        return ", ".join(layers) or BUILT_IN
+
+    def source_of(self, key: str) -> str:
+        return self.sources.get(key, BUILT_IN)
+
+
+def resolve_settings(
+    *,
+    flags: dict[str, Any] | None = None,
+    config_file: dict[str, Any] | None = None,
+    config_name: str = "--config",
+    preset: str | None = None,
+) -> Resolved:
+    """Layer built-in < task defaults < ``preset`` < ``config_file`` < ``flags``. Parameter
+    tables (task_params, reward_params, method_params) merge key by key; a [bbo] table in the
+    preset or the file is kept apart in ``Resolved.bbo``. The task is the one the highest layer
+    names (gmm2d when none does)."""
+    flags = dict(flags or {})
+    file_values = dict(config_file or {})
+    file_bbo = file_values.pop("bbo", {})
+    chosen = load_preset(preset) if preset else None
+    task = flags.get("task") or file_values.get("task")
+    if chosen is not None and task and chosen.train.get("task", task) != task:
+        raise ConfigError(
+            f"preset {chosen.name!r} is a {chosen.train['task']!r} run; it cannot be used "
+            f"with task {task!r}"
+        )
+    task = task or (chosen.train.get("task") if chosen else None) or TrainConfig.task
+    layers = [(f"task defaults ({task})", task_defaults(task))]
+    if chosen is not None:
+        layers.append((f"preset {chosen.name}", chosen.train))
+    layers += [(f"config {config_name}", file_values), ("flags", flags)]
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, layer in layers:
+        for key, value in layer.items():
+            if key in DICT_KEYS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key} must be a table in {name}, got {value!r}")
+                for sub, v in value.items():
+                    values.setdefault(key, {})[sub] = v
+                    sources[f"{key}.{sub}"] = name
+            else:
+                values[key] = value
+                sources[key] = name
+    bbo: dict[str, Any] = {}
+    for name, layer in ((f"preset {chosen.name}" if chosen else "", chosen.bbo if chosen else {}),
+                        (f"config {config_name}", file_bbo)):  # fmt: skip
+        for key, value in layer.items():
+            bbo[key] = value
+            sources[f"bbo.{key}"] = name
+    if chosen is not None:
+        missing = [hint for key, hint in chosen.needs.items() if not _has(values, key)]
+        if missing:
+            raise ConfigError(f"preset {chosen.name!r} needs " + "; ".join(missing))
+    return Resolved(values, sources, bbo, chosen)
+
+
+def _has(values: dict[str, Any], dotted: str) -> bool:
+    head, _, sub = dotted.partition(".")
+    return sub in values.get(head, {}) if sub else head in values
+
+
+def config_sources(cfg: TrainConfig, sources: dict[str, str] | None) -> dict[str, str]:
+    """Every key of ``cfg`` (and each of its parameters) with the layer it came from. Without
+    ``sources`` (a TrainConfig built in Python), a value equal to the built-in default is
+    'built-in' and any other 'given'."""
+    known = dict(sources or {})
+    out: dict[str, str] = {}
+    for f in config_fields():
+        value = getattr(cfg, f.name)
+        if f.name in DICT_KEYS:
+            for sub in value:
+                out[f"{f.name}.{sub}"] = known.get(f"{f.name}.{sub}", "given")
+            continue
+        if f.name in known:
+            out[f.name] = known[f.name]
+        elif sources is None and value != f.default:
+            out[f.name] = "given"
+        else:
+            out[f.name] = BUILT_IN
+    return out
+
+
+def config_for(task: str, *, preset: str | None = None, **values: Any) -> TrainConfig:
+    """A TrainConfig for ``task`` with its defaults (and ``preset``'s values) under ``values``:
+    the Python counterpart of ``sqdf train --task TASK [--preset NAME] --key value ...``."""
+    return resolve_settings(flags={"task": task, **values}, preset=preset).config()

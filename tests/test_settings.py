@@ -1,0 +1,316 @@
+"""Where a run's settings come from (built-in < task defaults < preset < --config < flags),
+the shipped presets against the runs they name, the dry run, alphas in either KL convention
+and the out-of-memory message."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sqdf.cli import main
+from sqdf.config import TrainConfig
+from sqdf.dry_run import plan
+from sqdf.errors import SqdfError
+from sqdf.methods import METHODS
+from sqdf.run import read_metrics
+from sqdf.settings import config_for, load_preset, preset_names, resolve_settings
+from sqdf.trainer import out_of_memory_message, train
+
+SD15_D = 4 * 64 * 64  # an SD 1.5 latent at 512 x 512
+
+
+@pytest.fixture(scope="module")
+def sd15_configs(tmp_path_factory):
+    """A Stable Diffusion 1.5 folder with the UNet's and the VAE's configs and no weights at
+    all: everything a dry run may read."""
+    root = tmp_path_factory.mktemp("sd15_configs")
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (root / sub).mkdir()
+    unet = {"_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4}
+    vae = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]}
+    (root / "unet" / "config.json").write_text(json.dumps(unet))
+    (root / "vae" / "config.json").write_text(json.dumps(vae))
+    (root / "lcm.safetensors").write_bytes(b"")
+    (root / "prompts.txt").write_text("a kangaroo in an orange hoodie\na lemon on a beach\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from sqdf.rewards.clip_rewards import convert_aesthetic_head
+    from sqdf.tasks.sd_random import write_random_aesthetic_head, write_random_clip, write_random_sd
+
+    root = tmp_path_factory.mktemp("tiny_sd")
+    write_random_sd(root / "sd")
+    write_random_clip(root / "clip")
+    write_random_aesthetic_head(root / "head.pth", in_dim=16)
+    convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
+    return root
+
+
+def test_layers_apply_in_order_and_each_value_names_its_source():
+    resolved = resolve_settings(
+        flags={"task": "digits", "lr": 5e-4, "task_params": {"guidance": 2.0}},
+        config_file={"steps": 7, "lr": 1.0, "task_params": {"lora_rank": 2}},
+        config_name="c.toml",
+        preset="digits-demo",
+    )
+    cfg = resolved.config()
+    expected = {  # key: (value, the layer that set it)
+        "lr": (5e-4, "flags"),
+        "steps": (7, "config c.toml"),
+        "reward": ("ink", "preset digits-demo"),
+        "batch_size": (32, "task defaults (digits)"),
+        "seed": (0, "built-in"),
+    }
+    for key, (value, source) in expected.items():
+        assert (getattr(cfg, key), resolved.source_of(key)) == (value, source), key
+    # parameter tables merge key by key across layers
+    assert cfg.task_params == {"lora_rank": 2, "guidance": 2.0}
+    assert resolved.source_of("task_params.lora_rank") == "config c.toml"
+
+
+def test_gmm2d_keeps_the_built_in_defaults_and_digits_gets_the_demos():
+    assert config_for("gmm2d") == TrainConfig()
+    digits = config_for("digits")
+    assert (digits.batch_size, digits.num_steps, digits.alpha, digits.buffer) == (
+        32, 20, 0.1, "prioritized",
+    )  # fmt: skip
+
+
+def _dry_run(argv, capsys) -> dict[str, tuple[str, str]]:
+    assert main(["train", *argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"  (\S+)\s+(\S+(?: \(\w+\))?)\s+(.+)$", line)
+        if m:
+            rows[m.group(1)] = (m.group(2), m.group(3))
+    return rows, out
+
+
+def test_dry_run_of_sd_with_no_flags_shows_the_sd_defaults(tiny_sd, capsys):
+    rows, out = _dry_run(["--task", "sd", "--model", str(tiny_sd / "sd")], capsys)
+    sd = "task defaults (sd)"
+    assert rows["batch_size"] == ("4", sd)  # not gmm2d's 128
+    assert rows["grad_accum"] == ("8", sd)
+    assert rows["steps"] == ("2000", sd)
+    assert rows["alpha"] == ("2.0", sd) and rows["kl_scale"] == ("mean", sd)
+    assert rows["buffer_size"] == ("1024", sd)
+    assert rows["gamma"] == ("0.9", sd) and rows["num_steps"] == ("50", sd)
+    assert rows["task_params.guidance"] == ("5.0", sd)
+    assert rows["task_params.model"][1] == "flags"
+    d = 4 * 8 * 8  # the tiny UNet's latent
+    assert f"D = {d} dimensions (4 x 8 x 8)" in out
+    assert f"= {2 * 2.0 / d:.4g} as the weight of the exact KL" in out
+    assert "effective batch: 32 cells per update = 4 per micro-batch x 1 process(es) x 8" in out
+    assert f"1,024 trajectories x 51 states x {d} values x 4 bytes" in out
+    assert not list(tiny_sd.glob("runs")) and not list(tiny_sd.parent.glob("runs"))
+
+
+def test_dry_run_reads_configs_only_and_sizes_an_sd15_run(sd15_configs, capsys):
+    # the folder has no weights at all: the dry run must not need them
+    rows, out = _dry_run(["--task", "sd", "--model", str(sd15_configs)], capsys)
+    assert f"D = {SD15_D:,} dimensions (4 x 64 x 64)" in out
+    assert "0.0002441 as the weight of the exact KL" in out  # 2 x 2.0 / 16,384
+    assert "3.19 GiB of host memory" in out  # 1,024 x 51 x 16,384 x 4 bytes
+
+
+# Each preset resolved at SD 1.5 size (D = 16,384; digits D = 256) against the run it names:
+# per-process batch, accumulation, alpha as written and in the exact summed KL, gamma, updates,
+# buffer, LoRA rank, learning rate.
+PRESETS = {
+    # official T2I/aesthetic.sh: 2 GPUs x batch 4 x 8 accumulation, alpha 2.0 (mean), 2,000
+    "sd15-aesthetic": dict(batch=4, accum=8, alpha=2.0, kl_scale="mean",
+                           alpha_sum=2 * 2.0 / SD15_D, gamma=0.9, steps=2000, buffer=1024,
+                           rank=4, lr=1e-3, reward="aesthetic", guidance=5.0),
+    # official T2I/hps.sh: 2 GPUs x batch 2 x 2 accumulation, alpha 2 (mean), LoRA rank 8
+    "sd15-hpsv2": dict(batch=2, accum=2, alpha=2.0, kl_scale="mean",
+                       alpha_sum=2 * 2.0 / SD15_D, gamma=0.9, steps=2000, buffer=1024,
+                       rank=8, lr=1e-3, reward="hpsv2", guidance=5.0),
+    # official BBO/aesthetic.sh + Bootstrap.py: batch 64 = 2 GPUs x 1 x 32, alpha 1 (mean),
+    # weight decay 0.1, clip 5.0, CFG 7.5, prioritised buffer of 1,024
+    "sd15-bbo-aesthetic": dict(batch=1, accum=32, alpha=1.0, kl_scale="mean",
+                               alpha_sum=2 * 1.0 / SD15_D, gamma=0.9, steps=2000, buffer=1024,
+                               rank=4, lr=1e-3, reward="aesthetic", guidance=7.5),
+    # sqdf demo
+    "digits-demo": dict(batch=32, accum=1, alpha=0.1, kl_scale="sum", alpha_sum=0.1,
+                        gamma=0.9, steps=100, buffer=512, rank=8, lr=1e-3, reward="ink",
+                        guidance=1.0),
+}  # fmt: skip
+
+
+def test_every_shipped_preset_is_in_the_table():
+    assert sorted(PRESETS) == preset_names()
+
+
+def _needed(preset: str, sd15_configs) -> dict:
+    """Flags giving a preset the paths it needs (files that exist, for validation)."""
+    paths = {
+        "model": str(sd15_configs), "lcm": str(sd15_configs / "lcm.safetensors"),
+        "prompts": str(sd15_configs / "prompts.txt"),
+    }  # fmt: skip
+    flags: dict = {}
+    for dotted in load_preset(preset).needs:
+        table, key = dotted.split(".")
+        flags.setdefault(table, {})[key] = paths.get(key, "/somewhere")
+    return flags
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_reproduces_the_numbers_of_the_run_it_names(name, sd15_configs):
+    want = PRESETS[name]
+    resolved = resolve_settings(flags=_needed(name, sd15_configs), preset=name)
+    sizes = plan(resolved)
+    cfg = sizes["config"]
+    got = dict(
+        batch=cfg.batch_size, accum=cfg.grad_accum, alpha=cfg.alpha, kl_scale=cfg.kl_scale,
+        alpha_sum=sizes["alpha_sum"], gamma=cfg.gamma, steps=cfg.steps,
+        buffer=cfg.buffer_size, lr=cfg.lr, reward=cfg.reward,
+        rank=cfg.task_params.get("lora_rank", 8),  # digits' LoRA default is 8
+        guidance=cfg.task_params.get("guidance", 1.0),
+    )  # fmt: skip
+    texts = ("kl_scale", "reward")
+    assert {k: got[k] for k in texts} == {k: want[k] for k in texts}
+    numbers = {k: v for k, v in got.items() if k not in texts}
+    assert numbers == pytest.approx({k: v for k, v in want.items() if k not in texts}, rel=1e-12)
+    # alpha in the other convention: the mean-convention alpha of the same loss
+    assert sizes["alpha_mean"] == pytest.approx(want["alpha_sum"] * sizes["dims"] / 2)
+    if cfg.task == "sd":
+        assert sizes["dims"] == SD15_D
+        assert cfg.task_params.get("lora_alpha") == float(want["rank"])  # lora_alpha = rank
+
+
+def test_bbo_preset_has_the_papers_query_schedule(sd15_configs):
+    from sqdf.bbo import BboConfig
+
+    resolved = resolve_settings(
+        flags=_needed("sd15-bbo-aesthetic", sd15_configs), preset="sd15-bbo-aesthetic"
+    )
+    bbo = BboConfig(**resolved.bbo)
+    assert [bbo.queries(k) for k in range(bbo.rounds)] == [1024, 2048, 4096, 8192]
+    assert bbo.budget == 15_360
+    assert bbo.updates_per_round == 40  # 20 epochs x 128 samples in updates of 64
+    assert bbo.optimism == "sample"  # a bootstrap member a round
+    cfg = resolved.config()
+    assert (cfg.buffer, cfg.weight_decay, cfg.max_grad_norm) == ("prioritized", 0.1, 5.0)
+
+
+def test_presets_command_lists_and_shows_them(capsys):
+    assert main(["presets"]) == 0
+    listing = capsys.readouterr().out
+    for name in preset_names():
+        assert name in listing
+    assert main(["presets", "sd15-bbo-aesthetic"]) == 0
+    shown = capsys.readouterr().out
+    assert "sqdf bbo --preset sd15-bbo-aesthetic needs:" in shown
+    assert "bbo.query_schedule = [1024, 2048, 4096, 8192]" in shown
+
+
+def _three_updates(task_values: dict, tmp_path, name: str, **over) -> tuple[dict, dict]:
+    values = {"steps": 3, "log_every": 1, "checkpoint_every": 0, "device": "cpu",
+              "num_steps": 3, "batch_size": 2, "buffer_size": 4, "estimator": "tweedie",
+              "lr": 1e-2, **task_values, **over}  # fmt: skip
+    run = train(TrainConfig(**values), tmp_path / name, progress=False)
+    return read_metrics(run)[-1], load_file(str(run / "final" / "policy.safetensors"))
+
+
+@pytest.mark.parametrize("task", ["gmm2d", "digits", "sd"])
+def test_an_alpha_written_as_a_mean_gives_the_loss_of_its_summed_conversion(
+    task, tmp_path, tiny_sd
+):
+    task_values = {"task": task}
+    if task == "gmm2d":
+        task_values["task_params"] = {"hidden": 8}
+    if task == "sd":
+        task_values["task_params"] = {"model": str(tiny_sd / "sd"), "prompts": "varied"}
+        task_values["reward"] = "aesthetic"
+        task_values["reward_params"] = {
+            "clip": str(tiny_sd / "clip"), "head": str(tiny_sd / "head.safetensors"),
+        }  # fmt: skip
+    dims = {"gmm2d": 2, "digits": 256, "sd": 256}[task]
+    alpha = 3.0
+    # the first update starts at the reference (KL 0); the later ones weigh a KL
+    mean, w_mean = _three_updates(task_values, tmp_path, "mean", alpha=alpha, kl_scale="mean")
+    half, w_half = _three_updates(
+        task_values, tmp_path, "half", alpha=2 * alpha, kl_scale="half_mean"
+    )
+    summed, w_sum = _three_updates(task_values, tmp_path, "sum", alpha=2 * alpha / dims)
+    assert summed["kl_mean"] > 0
+    for row in (mean, half):
+        assert row["loss"] == pytest.approx(summed["loss"], rel=1e-6)
+        assert row["kl_mean"] == pytest.approx(summed["kl_mean"], rel=1e-6)
+    for key in w_sum:
+        torch.testing.assert_close(w_mean[key], w_sum[key], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(w_half[key], w_sum[key], rtol=1e-6, atol=1e-7)
+    doc = json.loads((tmp_path / "mean" / "config.json").read_text())
+    assert doc["train"]["alpha"] == alpha and doc["train"]["kl_scale"] == "mean"
+    assert doc["resolved"]["kl"] == {
+        "kl_scale": "mean", "alpha": alpha, "dims": dims, "alpha_sum": 2 * alpha / dims,
+    }  # fmt: skip
+    if task != "gmm2d":  # (on gmm2d D = 2, where the mean convention is the summed one)
+        _, w_raw = _three_updates(task_values, tmp_path, "raw", alpha=alpha)
+        assert any(not torch.allclose(w_raw[k], w_sum[k], rtol=1e-4, atol=1e-6) for k in w_sum)
+
+
+def test_config_json_records_where_each_value_came_from(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "digits", "--steps", "1", "--num-steps", "3",
+                 "--batch-size", "2", "--buffer-size", "4", "--device", "cpu",
+                 "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    sources = json.loads((out / "config.json").read_text())["sources"]
+    assert sources["batch_size"] == "flags"
+    assert sources["gamma"] == "task defaults (digits)"
+    assert sources["seed"] == "built-in"
+    # a resumed run keeps them, with what the resume changed
+    assert main(["train", "--resume", str(out), "--steps", "2", "--no-progress"]) == 0
+    sources = json.loads((out / "config.json").read_text())["sources"]
+    assert sources["steps"] == "flags" and sources["gamma"] == "task defaults (digits)"
+
+
+TINY = ["--task", "gmm2d", "--num-steps", "3", "--steps", "2", "--batch-size", "2",
+        "--buffer-size", "4", "--device", "cpu", "--no-progress",
+        "--task-param", "hidden=8"]  # fmt: skip
+
+
+def _oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_in_the_first_micro_batch_is_one_line_naming_the_settings(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(METHODS, "sqdf", dataclasses.replace(METHODS["sqdf"], loss=_oom))
+    assert main(["train", *TINY, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "out of GPU memory at update 1, the gradient micro-batch of 2 cells" in err
+    assert "lower --batch-size (now 2; --grad-accum 1 keeps the effective batch" in err
+
+
+def test_out_of_memory_while_sampling_names_the_fresh_batch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sqdf.trainer.sample_trajectories", _oom)
+    assert main(["train", *TINY, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "out of GPU memory at update 1, sampling 2 fresh trajectories" in err
+
+
+def test_out_of_memory_advice_on_sd_names_its_memory_settings():
+    cfg = TrainConfig(task="sd", batch_size=4, grad_accum=8,
+                      task_params={"gradient_checkpointing": False, "resolution": 768})  # fmt: skip
+    text = out_of_memory_message(cfg, "gradient", 7)
+    assert "at update 7" in text and "--batch-size (now 4; --grad-accum 8" in text
+    assert "gradient_checkpointing=true" in text and "resolution=... (now 768)" in text
+
+
+def test_the_oom_error_is_a_sqdf_error_for_library_callers(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "sqdf", dataclasses.replace(METHODS["sqdf"], loss=_oom))
+    cfg = TrainConfig(num_steps=3, steps=1, batch_size=2, buffer_size=4, device="cpu",
+                      task_params={"hidden": 8})  # fmt: skip
+    with pytest.raises(SqdfError, match="out of GPU memory"):
+        train(cfg, tmp_path / "c", progress=False)
