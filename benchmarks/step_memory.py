@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from sqdf.buffer import Cells
     from sqdf.cli import key_values
-    from sqdf.config import make_config
     from sqdf.errors import SqdfError
     from sqdf.methods import METHODS, build_method_params
+    from sqdf.settings import make_config
     from sqdf.tasks import build_task
     from sqdf.trainer import wait_for
 

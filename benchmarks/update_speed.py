@@ -104,10 +104,10 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
     """Train one design in this process; time it; score it."""
     import torch
 
-    from sqdf.config import make_config
     from sqdf.evaluate import load_run, score_samples
     from sqdf.run import read_metrics
     from sqdf.sampler import sample_trajectories
+    from sqdf.settings import make_config
     from sqdf.trainer import train
 
     settings = design_settings(name)

@@ -5,14 +5,13 @@ run = train(TrainConfig(task="gmm2d", steps=200), "runs/demo")
 print(evaluate_run(run)["target_mode_tv"])
 """
 
-__version__ = "0.1.0"
-
 from sqdf.config import TrainConfig  # noqa: E402
 from sqdf.errors import ConfigError, SqdfError  # noqa: E402
 from sqdf.evaluate import evaluate_run, load_run, sample_run  # noqa: E402
 from sqdf.run import read_metrics  # noqa: E402
 from sqdf.settings import config_for  # noqa: E402
 from sqdf.trainer import train  # noqa: E402
+from sqdf.version import __version__  # noqa: E402, F401
 
 __all__ = [
     "ConfigError",

@@ -579,7 +579,7 @@ def _cmd_bbo(args: argparse.Namespace) -> int:
 def _run_bbo(args: argparse.Namespace, task: str | None, methods: str) -> int:
     """A new BBO experiment from sqdf bbo's or sqdf compare --bbo's arguments."""
     from sqdf.bbo import BboConfig, run_bbo
-    from sqdf.config import build_settings
+    from sqdf.params import build_settings
 
     flags = key_values(args.set, "--set")
     if task:

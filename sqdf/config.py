@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,23 +101,13 @@ class TrainConfig:
             setattr(self, f.name, value)
 
     def _check(self) -> None:
-        from sqdf.methods import METHODS
-        from sqdf.tasks import TASKS
+        """Each field's type and range. Whether the task and method exist (and what a method
+        requires) is for their registries to say: sqdf.settings.check_registered."""
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.task in TASKS, f"unknown task {self.task!r}; known: {', '.join(sorted(TASKS))}")
-        need(
-            self.method in METHODS,
-            f"unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}",
-        )
-        required = METHODS[self.method].buffer
-        need(
-            required is None or self.buffer == required,
-            f"method {self.method!r} needs buffer = {required!r}, got {self.buffer!r}",
-        )
         need(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
         need(
             self.kl_scale in KL_SCALES,
@@ -190,43 +178,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def suggest(name: str, known: set[str] | list[str]) -> str:
-    """'; did you mean 'x'?' for the nearest known name, or ''."""
-    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def build_settings(cls: type, values: dict[str, Any], what: str) -> Any:
-    """The settings dataclass ``cls`` of ``what`` (e.g. "reward 'linear'") from plain values;
-    an unknown key or a bad value is a ConfigError that names it."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter {unknown[0]!r} for {what}; "
-            f"known: {', '.join(sorted(known)) or 'none'}{suggest(unknown[0], known)}"
-        )
-    try:
-        return cls(**values)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{what}: {err}") from None
-
-
 def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
-
-
-def make_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """A TrainConfig from plain values; an unknown key is a ConfigError naming it and ``source``."""
-    known = {f.name for f in config_fields()}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {unknown[0]!r} in {source}{suggest(unknown[0], known)}"
-        )
-    return TrainConfig(**values)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -238,9 +191,3 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-
-
-def read_json_config(path: str | Path) -> TrainConfig:
-    """The TrainConfig saved in a run folder's config.json."""
-    data = json.loads(Path(path).read_text())
-    return make_config(data["train"], source=str(path))

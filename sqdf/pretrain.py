@@ -13,8 +13,8 @@ from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from sqdf.digits_data import load_digits
 from sqdf.errors import ConfigError
-from sqdf.tasks.digits_data import load_digits
 from sqdf.tasks.digits_model import (
     IMAGE_SIZE,
     NULL_CLASS,

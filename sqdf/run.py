@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from sqdf.atomic import atomic_write_text
-from sqdf.config import TrainConfig, make_config
+from sqdf.config import TrainConfig
 from sqdf.errors import SqdfError
+from sqdf.settings import make_config
 
 FORMAT = "sqdf-run"
 FORMAT_VERSION = 1
@@ -26,7 +27,7 @@ def write_config(
 ) -> None:
     """config.json: the config as given, what it resolved to, and where each value came from
     (built-in, task defaults, a preset, a config file, flags)."""
-    from sqdf import __version__
+    from sqdf.version import __version__
 
     doc = {
         "format": FORMAT,

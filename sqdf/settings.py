@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from sqdf.config import TrainConfig, config_fields, make_config, suggest
+from sqdf.config import TrainConfig, config_fields
 from sqdf.errors import ConfigError
+from sqdf.methods import METHODS
+from sqdf.params import suggest
+from sqdf.tasks import TASKS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,6 +24,37 @@ else:  # pragma: no cover
 DICT_KEYS = ("task_params", "reward_params", "method_params")
 BUILT_IN = "built-in"
 TASK_DEFAULTS_FILE = "task_defaults.toml"
+
+
+def check_registered(cfg: TrainConfig) -> None:
+    """The task and the method exist, and the method's required replay strategy is set."""
+    if cfg.task not in TASKS:
+        raise ConfigError(
+            f"unknown task {cfg.task!r}; known: {', '.join(sorted(TASKS))}"
+            f"{suggest(cfg.task, TASKS)}"
+        )
+    if cfg.method not in METHODS:
+        raise ConfigError(
+            f"unknown method {cfg.method!r}; known: {', '.join(sorted(METHODS))}"
+            f"{suggest(cfg.method, METHODS)}"
+        )
+    required = METHODS[cfg.method].buffer
+    if required is not None and cfg.buffer != required:
+        raise ConfigError(f"method {cfg.method!r} needs buffer = {required!r}, got {cfg.buffer!r}")
+
+
+def make_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A checked TrainConfig from plain values; an unknown key is a ConfigError naming it and
+    ``source``, as are an unknown task or method."""
+    known = {f.name for f in config_fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r} in {source}{suggest(unknown[0], known)}"
+        )
+    cfg = TrainConfig(**values)
+    check_registered(cfg)
+    return cfg
 
 
 def _presets_folder() -> Any:

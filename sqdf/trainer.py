@@ -49,7 +49,7 @@ from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import reward_params
 from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
 from sqdf.sampler import Trajectories, sample_states_at, sample_trajectories
-from sqdf.settings import config_sources
+from sqdf.settings import check_registered, config_sources
 from sqdf.tasks import Task, build_task, resolved_reward_name, with_summed_alpha
 
 log = logging.getLogger("sqdf")
@@ -272,6 +272,7 @@ def train(
     run = Path(out)
     if state is not None and resume:
         raise ValueError("train: resume and a caller's state exclude each other")
+    check_registered(cfg)  # a TrainConfig built in Python has not met the registries yet
     procs = Processes(cfg.device)
     saved = prepare_run(run, cfg, resume) if procs.is_main else None
     procs.barrier()  # the folder is checked (and made) before any process reads it

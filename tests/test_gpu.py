@@ -52,7 +52,7 @@ def test_sd_in_bfloat16_on_gpu(tmp_path, lcm):
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
 
-    from sqdf.config import make_config
+    from sqdf.settings import make_config
     from sqdf.tasks.sd import save_diffusers_lora
     from sqdf.tasks.sd_random import write_parts
 

@@ -15,10 +15,12 @@ from sqdf.atomic import atomic_write_text
 from sqdf.bbo.config import BboConfig
 from sqdf.bbo.loop import BBO_METHODS, run_method
 from sqdf.bbo.oracle import user_oracle
-from sqdf.config import TrainConfig, make_config, suggest
+from sqdf.config import TrainConfig
 from sqdf.distributed import Processes
 from sqdf.errors import SqdfError
+from sqdf.params import suggest
 from sqdf.report import pyplot
+from sqdf.settings import make_config
 
 FORMAT = "sqdf-bbo"
 SPEC = "bbo.json"

@@ -59,11 +59,12 @@ from sqdf.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from sqdf.config import TrainConfig, make_config
+from sqdf.config import TrainConfig
 from sqdf.distributed import Processes, rank_seed
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.methods import METHODS
 from sqdf.sampler import sample_trajectories
+from sqdf.settings import make_config
 from sqdf.tasks import Task, build_task, resolved_reward_name
 from sqdf.trainer import (
     TrainState,

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sqdf.digits_data import NUM_CLASSES, load_digits
 from sqdf.errors import SqdfError
 from sqdf.evaluators.feature_stats import frechet_distance, mean_pairwise_distance, vendi_score
-from sqdf.tasks.digits_data import NUM_CLASSES, load_digits
 
 MODEL_PACKAGE = "digit_recognizer"
 INSTALL_COMMAND = "pip install --no-deps digit-recognizer-py==0.1.0"

@@ -46,6 +46,6 @@ METHODS: dict[str, Method] = {
 
 
 def build_method_params(name: str, params: Mapping[str, Any]) -> Any:
-    from sqdf.config import build_settings
+    from sqdf.params import build_settings
 
     return build_settings(METHODS[name].params, dict(params), f"method {name!r}")

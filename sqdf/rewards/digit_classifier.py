@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sqdf.digits_data import load_digits
 from sqdf.errors import SqdfError
-from sqdf.tasks.digits_data import load_digits
 
 WEIGHTS = "reward_cnn.safetensors"
 

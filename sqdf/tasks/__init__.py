@@ -56,7 +56,7 @@ def sample_shape(cfg: Any) -> tuple[int, ...]:
         from sqdf.tasks.digits_model import IMAGE_SIZE
 
         return (1, IMAGE_SIZE, IMAGE_SIZE)
-    from sqdf.config import build_settings
+    from sqdf.params import build_settings
     from sqdf.tasks.sd import SDConfig, latent_shape
 
     return latent_shape(build_settings(SDConfig, cfg.task_params, "task 'sd'"))

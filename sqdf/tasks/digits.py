@@ -20,9 +20,9 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
-from sqdf.config import build_settings
 from sqdf.core.x0 import consistency_x0
 from sqdf.errors import ConfigError, SqdfError
+from sqdf.params import build_settings
 from sqdf.tasks.base import Task, _expand, schedule_of
 from sqdf.tasks.digits_model import (
     IMAGE_SIZE,

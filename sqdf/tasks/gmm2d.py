@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sqdf.config import build_settings
 from sqdf.core.gmm import GaussianMixture, gmm_eps, gmm_posterior_mean
 from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import make_ddim_schedule
 from sqdf.errors import ConfigError
 from sqdf.metrics import mode_frequencies, mode_tv, sliced_w2
+from sqdf.params import build_settings
 from sqdf.tasks.base import Task
 
 

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from sqdf.checkpoint import save_weights
-from sqdf.config import build_settings
 from sqdf.core.x0 import consistency_x0, guidance_embedding
 from sqdf.errors import ConfigError, SqdfError
+from sqdf.params import build_settings
 from sqdf.tasks.base import Task, _expand, schedule_of
 from sqdf.tasks.finetune import PolicyAndReference, check_network_options
 from sqdf.tasks.lora import (

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sqdf.digits_data import load_digits
 from sqdf.errors import SqdfError
 from sqdf.evaluators import DigitEvaluator
-from sqdf.tasks.digits_data import load_digits
 
 PIP_COMMAND = "pip install --no-deps digit-recognizer-py==0.1.0"
 

@@ -14,6 +14,7 @@ from sqdf.errors import ConfigError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.methods.ddpo import ddpo_loss, per_condition_advantages
 from sqdf.sampler import rollout_with_grad, sample_trajectories
+from sqdf.settings import make_config
 from sqdf.tasks import build_task
 
 GMM = dict(num_steps=6, steps=3, batch_size=8, buffer_size=16, checkpoint_every=0, log_every=1,
@@ -121,4 +122,13 @@ def test_method_params_and_requirements():
     with pytest.raises(ConfigError, match="clip_range"):
         build_method_params("ddpo", {"clip_range": 0})
     with pytest.raises(ConfigError, match="needs buffer = 'on_policy'"):
-        TrainConfig(method="ddpo")
+        make_config({"method": "ddpo"})
+
+
+def test_a_directly_built_config_meets_the_registries_before_anything_is_written(tmp_path):
+    for cfg, match in ((TrainConfig(method="ddpo"), "needs buffer = 'on_policy'"),
+                       (TrainConfig(method="ppo"), "unknown method 'ppo'"),
+                       (TrainConfig(task="imagenet"), "unknown task 'imagenet'")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            train(cfg, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()

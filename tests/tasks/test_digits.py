@@ -99,7 +99,7 @@ def test_reward_gradients_match_finite_differences(name, params):
 
 
 def test_rewards_score_what_they_say():
-    from sqdf.tasks.digits_data import load_digits
+    from sqdf.digits_data import load_digits
 
     images, labels = load_digits(16)
     clf = build_reward("classifier", {})

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdf.config import make_config
 from sqdf.core.x0 import consistency_x0, guidance_embedding
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.rewards import build_reward
@@ -20,6 +19,7 @@ from sqdf.rewards.clip_rewards import (
     clip_preprocess,
     convert_aesthetic_head,
 )
+from sqdf.settings import make_config
 from sqdf.tasks import build_task
 from sqdf.tasks.sd import save_diffusers_lora
 from sqdf.tasks.sd_prompts import ANIMALS, load_prompt_pairs, load_prompts

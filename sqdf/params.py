@@ -1,0 +1,34 @@
+"""Settings dataclasses from plain values (task, reward, method and BBO parameters), with
+errors that name the bad key and the nearest known one."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from sqdf.errors import ConfigError
+
+
+def suggest(name: str, known: set[str] | list[str]) -> str:
+    """'; did you mean 'x'?' for the nearest known name, or ''."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def build_settings(cls: type, values: dict[str, Any], what: str) -> Any:
+    """The settings dataclass ``cls`` of ``what`` (e.g. "reward 'linear'") from plain values;
+    an unknown key or a bad value is a ConfigError that names it."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter {unknown[0]!r} for {what}; "
+            f"known: {', '.join(sorted(known)) or 'none'}{suggest(unknown[0], known)}"
+        )
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what}: {err}") from None
