@@ -15,7 +15,7 @@ from sqdf.config import config_fields, read_toml, tomllib
 from sqdf.distributed import launched
 from sqdf.errors import SqdfError
 from sqdf.evaluate import EVAL_SEED
-from sqdf.settings import Resolved, resolve_settings
+from sqdf.settings import Resolved, config_sources, make_config, resolve_settings
 from sqdf.tasks import resolve_device
 
 DESCRIPTION = """\
@@ -165,9 +165,12 @@ def _resumed_settings(args: argparse.Namespace, flags: dict[str, Any]) -> Resolv
             "--resume takes the run's own config; only flags like --steps may change "
             "(not --config, --preset, --model, --prompts or parameters)"
         )
-    values = {**read_run_config(args.resume).to_dict(), **flags}
-    sources = json.loads(config_path(Path(args.resume)).read_text()).get("sources", {})
-    return Resolved(values, {**sources, **{k: "flags" for k in flags}})
+    saved = read_run_config(args.resume).to_dict()
+    sources = json.loads(config_path(Path(args.resume)).read_text()).get("sources")
+    if sources is None:  # written before sources were recorded
+        unknown = f"{args.resume}/config.json (source not recorded)"
+        sources = {k: unknown for k in config_sources(make_config(saved), {})}
+    return Resolved({**saved, **flags}, {**sources, **{k: "flags" for k in flags}})
 
 
 def _not_a_bbo_preset(name: str | None, what_to_do: str) -> None:
@@ -589,6 +592,10 @@ def _run_bbo(args: argparse.Namespace, task: str | None, methods: str) -> int:
         config_name=args.config or "--config", preset=args.preset,
     )  # fmt: skip
     bbo_values = {**resolved.bbo, **_bbo_given(args)}
+    if bbo_values.get("query_schedule") and "queries_per_round" in bbo_values:
+        raise SqdfError(
+            "give query_schedule or queries_per_round, not both (the schedule sizes every round)"
+        )
     oracle_params = key_values(args.oracle_params, "--oracle-param")
     if oracle_params:
         bbo_values["oracle_params"] = {**bbo_values.get("oracle_params", {}), **oracle_params}

@@ -128,6 +128,13 @@ class Resolved:
     preset: Preset | None = None
 
     def config(self) -> TrainConfig:
+        known = {f.name for f in config_fields()}
+        unknown = sorted(set(self.values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key {unknown[0]!r} in {self.source_of(unknown[0])}"
+                f"{suggest(unknown[0], known)}"
+            )
         return make_config(self.values, source=self.where_from())
 
     def where_from(self) -> str:
@@ -148,7 +155,8 @@ def resolve_settings(
     """Layer built-in < task defaults < ``preset`` < ``config_file`` < ``flags``. Parameter
     tables (task_params, reward_params, method_params) merge key by key; a [bbo] table in the
     preset or the file is kept apart in ``Resolved.bbo``. The task is the one the highest layer
-    names (gmm2d when none does)."""
+    names (gmm2d when none does). A layer that sets alpha without kl_scale writes it in the
+    summed convention: an alpha never takes its convention from another layer."""
     flags = dict(flags or {})
     file_values = dict(config_file or {})
     file_bbo = file_values.pop("bbo", {})
@@ -167,6 +175,9 @@ def resolve_settings(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, layer in layers:
+        if "alpha" in layer and "kl_scale" not in layer:
+            # an alpha is read in its own layer's convention: ours (sum) unless it says so
+            layer = {**layer, "kl_scale": "sum"}
         for key, value in layer.items():
             if key in DICT_KEYS:
                 if not isinstance(value, dict):

@@ -176,20 +176,22 @@ def alpha_note(kl: dict[str, Any]) -> str:
 
 def out_of_memory_message(cfg: TrainConfig, phase: str, update: int) -> str:
     """What to lower when the GPU ran out of memory in ``phase`` ("sampling" or "gradient")
-    of an update: the settings that size that phase, with their values."""
+    of an update: the settings that size that phase, with their values, as config keys (the
+    flags are the same with dashes: --batch-size; sqdf bbo takes them with --set)."""
     where = (
         f"sampling {cfg.batch_size} fresh trajectories"
         if phase == "sampling"
         else f"the gradient micro-batch of {cfg.batch_size * cfg.cells_per_trajectory} cells"
     )
-    advice = [f"--batch-size (now {cfg.batch_size}; --grad-accum {cfg.grad_accum} keeps the "
-              "effective batch when raised by the same factor)"]  # fmt: skip
+    advice = [f"lower batch_size (now {cfg.batch_size}; raising grad_accum, now "
+              f"{cfg.grad_accum}, by the same factor keeps the effective batch)"]  # fmt: skip
     if cfg.task == "sd":
         params = cfg.task_params
         if not params.get("gradient_checkpointing", True):
-            advice.append("--task-param gradient_checkpointing=true")
-        advice.append(f"--task-param resolution=... (now {params.get('resolution') or 'native'})")
-    return f"out of GPU memory at update {update}, {where}: lower " + ", or ".join(advice)
+            advice.append("set task_params.gradient_checkpointing = true")
+        resolution = params.get("resolution") or "native"
+        advice.append(f"lower task_params.resolution (now {resolution})")
+    return f"out of GPU memory at update {update}, {where}: " + "; or ".join(advice)
 
 
 def use_fused(params: list[torch.nn.Parameter]) -> bool:
@@ -429,11 +431,13 @@ def train(
                 skip, cause = True, cause or "another process has no sample to learn from"
             for _ in range(cfg.grad_accum if not skip else 0):
                 if truncated:
+                    phase = "sampling"
                     began = time.perf_counter()
                     cells = truncated_cells(task, cfg, generator)
                     wait_for(task.device)
                     counters["sample_s"] += time.perf_counter() - began
                     partial += cfg.batch_size  # trajectories run part way, never scored
+                    phase = "gradient"
                 else:
                     cells = buffer.sample_cells(cfg.batch_size, generator)
                 loss, stats = loss_fn(task, cells, cfg, method_params, generator)
@@ -517,8 +521,11 @@ def train(
                     append_metrics(run, row)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                phase = "checkpoint"
                 checkpoint(done)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
+        if phase == "checkpoint":
+            raise  # not a batch too large: the message would mislead
         raise SqdfError(out_of_memory_message(given, phase, step + 1)) from None
     finally:
         bar.close()

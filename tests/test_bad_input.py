@@ -158,7 +158,10 @@ CASES = [
     ("query schedule of the wrong length", lambda r: ["bbo", "--query-schedule", "8,16", "--rounds", "3"], "query_schedule has 2 entries for 3 rounds"),
     ("query schedule with a non-integer", lambda r: ["bbo", "--query-schedule", "8,x"], "expected integers separated by commas"),
     ("query schedule with a round of 1", lambda r: ["bbo", "--query-schedule", "8,1", "--rounds", "2"], "query_schedule must hold integers >= 2"),
+    ("query schedule and a per-round count", lambda r: ["bbo", "--query-schedule", "8,16", "--rounds", "2", "--queries-per-round", "100"], "give query_schedule or queries_per_round, not both"),
+    ("dry run on an SD folder whose UNet config lacks its size", lambda r: ["train", "--task", "sd", "--model", _sd_configs(r, unet={"in_channels": 4}), "--dry-run"], "lacks a usable 'sample_size'"),
     ("best-of-N with an uneven schedule", lambda r: ["bbo", "--methods", "best_of_n", "--query-schedule", "8,16", "--rounds", "2"], "needs the same number of queries every round"),
+    ("best-of-N with an uneven schedule says what to pass", lambda r: ["bbo", "--methods", "sqdf,best_of_n", "--query-schedule", "8,16", "--rounds", "2"], "leave it out of --methods (e.g. --methods sqdf)"),
     ("sd render from a folder with neither LoRA nor UNet", lambda r: ["sample", "--task", "sd", "--model", _sd_shaped(r), "--lora", _folder_with(r, {}), "--device", "cpu"],
      "holds neither pytorch_lora_weights.safetensors nor unet/"),
 ]  # fmt: skip
@@ -170,6 +173,15 @@ def _sd_shaped(root) -> str:
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         (folder / name).mkdir(parents=True, exist_ok=True)
     return str(folder)
+
+
+def _sd_configs(root, unet: dict) -> str:
+    """The SD layout with a UNet config as given and an SD 1.5 VAE config."""
+    folder = _sd_shaped(root)
+    (root / "sd_shaped" / "unet" / "config.json").write_text(json.dumps(unet))
+    vae = {"block_out_channels": [128, 256, 512, 512]}
+    (root / "sd_shaped" / "vae" / "config.json").write_text(json.dumps(vae))
+    return folder
 
 
 def _not_a_head(root) -> str:

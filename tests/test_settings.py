@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from sqdf.cli import main
 from sqdf.config import TrainConfig
 from sqdf.dry_run import plan
-from sqdf.errors import SqdfError
+from sqdf.errors import ConfigError, SqdfError
 from sqdf.methods import METHODS
 from sqdf.run import read_metrics
 from sqdf.settings import config_for, load_preset, preset_names, resolve_settings
@@ -75,6 +75,31 @@ def test_layers_apply_in_order_and_each_value_names_its_source():
     assert resolved.source_of("task_params.lora_rank") == "config c.toml"
 
 
+def test_an_alpha_is_read_in_its_own_layers_convention(tmp_path):
+    # the sd task defaults write alpha 2.0 per dimension; an alpha given elsewhere without a
+    # kl_scale is the summed weight, never the defaults' convention
+    defaults = resolve_settings(flags={"task": "sd"})
+    assert (defaults.values["alpha"], defaults.values["kl_scale"]) == (2.0, "mean")
+    for layered in (
+        resolve_settings(flags={"task": "sd", "alpha": 5e-4}),
+        resolve_settings(config_file={"task": "sd", "alpha": 5e-4}, config_name="old.toml"),
+    ):
+        assert (layered.values["alpha"], layered.values["kl_scale"]) == (5e-4, "sum")
+        assert (
+            layered.source_of("kl_scale")
+            == layered.source_of("alpha")
+            != defaults.source_of("alpha")
+        )
+    both = resolve_settings(flags={"task": "sd", "alpha": 3.0, "kl_scale": "half_mean"})
+    assert (both.values["alpha"], both.values["kl_scale"]) == (3.0, "half_mean")
+
+
+def test_an_unknown_key_is_reported_in_the_layer_that_set_it():
+    with pytest.raises(ConfigError, match="unknown config key 'alhpa' in config c.toml"):
+        resolve_settings(flags={"task": "digits"}, config_file={"alhpa": 1.0},
+                         config_name="c.toml").config()  # fmt: skip
+
+
 def test_gmm2d_keeps_the_built_in_defaults_and_digits_gets_the_demos():
     assert config_for("gmm2d") == TrainConfig()
     digits = config_for("digits")
@@ -94,7 +119,8 @@ def _dry_run(argv, capsys) -> dict[str, tuple[str, str]]:
     return rows, out
 
 
-def test_dry_run_of_sd_with_no_flags_shows_the_sd_defaults(tiny_sd, capsys):
+def test_dry_run_of_sd_with_no_flags_shows_the_sd_defaults(tiny_sd, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     rows, out = _dry_run(["--task", "sd", "--model", str(tiny_sd / "sd")], capsys)
     sd = "task defaults (sd)"
     assert rows["batch_size"] == ("4", sd)  # not gmm2d's 128
@@ -110,7 +136,7 @@ def test_dry_run_of_sd_with_no_flags_shows_the_sd_defaults(tiny_sd, capsys):
     assert f"= {2 * 2.0 / d:.4g} as the weight of the exact KL" in out
     assert "effective batch: 32 cells per update = 4 per micro-batch x 1 process(es) x 8" in out
     assert f"1,024 trajectories x 51 states x {d} values x 4 bytes" in out
-    assert not list(tiny_sd.glob("runs")) and not list(tiny_sd.parent.glob("runs"))
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
 
 
 def test_dry_run_reads_configs_only_and_sizes_an_sd15_run(sd15_configs, capsys):
@@ -258,6 +284,17 @@ def test_an_alpha_written_as_a_mean_gives_the_loss_of_its_summed_conversion(
         assert any(not torch.allclose(w_raw[k], w_sum[k], rtol=1e-4, atol=1e-6) for k in w_sum)
 
 
+def test_the_task_is_built_with_the_summed_alpha_its_target_needs():
+    from sqdf.tasks import build_task
+
+    # gmm2d has D = 2: half_mean's alpha a is a / 2 in the exact KL
+    task = build_task(TrainConfig(alpha=3.0, kl_scale="half_mean", device="cpu"))
+    plain = build_task(TrainConfig(alpha=1.5, device="cpu"))
+    assert task.alpha == 1.5
+    torch.testing.assert_close(task.target().means, plain.target().means)
+    torch.testing.assert_close(task.target().weights, plain.target().weights)
+
+
 def test_config_json_records_where_each_value_came_from(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--task", "digits", "--steps", "1", "--num-steps", "3",
@@ -271,6 +308,14 @@ def test_config_json_records_where_each_value_came_from(tmp_path):
     assert main(["train", "--resume", str(out), "--steps", "2", "--no-progress"]) == 0
     sources = json.loads((out / "config.json").read_text())["sources"]
     assert sources["steps"] == "flags" and sources["gamma"] == "task defaults (digits)"
+    # a folder written before sources were recorded says so, not "built-in"
+    doc = json.loads((out / "config.json").read_text())
+    del doc["sources"]
+    (out / "config.json").write_text(json.dumps(doc))
+    assert main(["train", "--resume", str(out), "--steps", "3", "--no-progress"]) == 0
+    sources = json.loads((out / "config.json").read_text())["sources"]
+    assert sources["steps"] == "flags"
+    assert sources["gamma"] == f"{out}/config.json (source not recorded)"
 
 
 TINY = ["--task", "gmm2d", "--num-steps", "3", "--steps", "2", "--batch-size", "2",
@@ -279,18 +324,36 @@ TINY = ["--task", "gmm2d", "--num-steps", "3", "--steps", "2", "--batch-size", "
 
 
 def _oom(*args, **kwargs):
-    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def _oom_on_call(n: int, real):
+    """A loss that runs as ``real`` until its n-th call, which runs out of memory."""
+    calls = []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        return _oom() if len(calls) == n else real(*args, **kwargs)
+
+    return loss
 
 
 def test_out_of_memory_in_the_first_micro_batch_is_one_line_naming_the_settings(
     tmp_path, monkeypatch, capsys
 ):
+    real = METHODS["sqdf"].loss
     monkeypatch.setitem(METHODS, "sqdf", dataclasses.replace(METHODS["sqdf"], loss=_oom))
     assert main(["train", *TINY, "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "out of GPU memory at update 1, the gradient micro-batch of 2 cells" in err
-    assert "lower --batch-size (now 2; --grad-accum 1 keeps the effective batch" in err
+    assert "lower batch_size (now 2; raising grad_accum, now 1, by the same factor" in err
+    # later in the run, the update is named as it is
+    monkeypatch.setitem(
+        METHODS, "sqdf", dataclasses.replace(METHODS["sqdf"], loss=_oom_on_call(2, real))
+    )
+    assert main(["train", *TINY, "--out", str(tmp_path / "b")]) == 2
+    assert "out of GPU memory at update 2," in capsys.readouterr().err
 
 
 def test_out_of_memory_while_sampling_names_the_fresh_batch(tmp_path, monkeypatch, capsys):
@@ -304,8 +367,9 @@ def test_out_of_memory_advice_on_sd_names_its_memory_settings():
     cfg = TrainConfig(task="sd", batch_size=4, grad_accum=8,
                       task_params={"gradient_checkpointing": False, "resolution": 768})  # fmt: skip
     text = out_of_memory_message(cfg, "gradient", 7)
-    assert "at update 7" in text and "--batch-size (now 4; --grad-accum 8" in text
-    assert "gradient_checkpointing=true" in text and "resolution=... (now 768)" in text
+    assert "at update 7" in text and "batch_size (now 4; raising grad_accum, now 8" in text
+    assert "task_params.gradient_checkpointing = true" in text
+    assert "task_params.resolution (now 768)" in text
 
 
 def test_the_oom_error_is_a_sqdf_error_for_library_callers(tmp_path, monkeypatch):

@@ -50,9 +50,11 @@ def run_bbo(
     out = Path(out)
     check_methods(methods)
     if "best_of_n" in methods and len(set(bbo.query_schedule)) > 1:
+        others = ",".join(m for m in methods if m != "best_of_n") or "sqdf"
         raise SqdfError(
             "best_of_n keeps the best sample of each query slot across rounds, so it needs the "
-            f"same number of queries every round; query_schedule is {bbo.query_schedule}"
+            f"same number of queries every round; query_schedule is {bbo.query_schedule}: "
+            f"leave it out of --methods (e.g. --methods {others})"
         )
     if seeds < 1:
         raise SqdfError(f"seeds must be >= 1, got {seeds}")

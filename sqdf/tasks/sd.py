@@ -108,11 +108,18 @@ def latent_shape(options: SDConfig) -> tuple[int, int, int]:
     native size by default), from the unet/ and vae/ configs alone."""
     folder = Path(options.model)
     unet, vae = _read_config(folder, "unet"), _read_config(folder, "vae")
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    side = options.resolution or unet["sample_size"] * factor
+    try:
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        side = options.resolution or int(unet["sample_size"]) * factor
+        channels = int(unet["in_channels"])
+    except (KeyError, TypeError) as err:
+        raise SqdfError(
+            f"{folder}: unet/config.json or vae/config.json lacks a usable {err} (a diffusers "
+            "UNet2DConditionModel and AutoencoderKL config have them)"
+        ) from None
     if side % factor:
         raise ConfigError(f"sd resolution {side} is not a multiple of the VAE's {factor}")
-    return (unet["in_channels"], side // factor, side // factor)
+    return (channels, side // factor, side // factor)
 
 
 def _load(cls: Any, folder: Path, sub: str, **kw: Any) -> Any:
