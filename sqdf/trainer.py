@@ -6,6 +6,11 @@ gradients and store it in the replay buffer; draw ``grad_accum`` micro-batches o
 With ``rollout = "truncated"`` there is no buffer: each micro-batch is a fresh batch of
 trajectories run only as far as the steps its cells use.
 
+``train`` reads as its phases: ``set_up`` (folder, config, task, optimizer, buffer, resume),
+then per update ``sample_fresh``, ``accumulate_gradients`` (micro-batches from ``draw_cells``),
+``count_update`` (one all-reduce of the counters), ``apply_update`` (clip, skip or step),
+``log_update`` and ``checkpoint``; ``finish`` writes RUN/final.
+
 Non-finite values never reach the weights: fresh samples with a non-finite reward are not
 stored, and an update whose loss or gradient is not finite is skipped (and counted). After
 ``max_skips`` consecutive skips the run stops with a message naming the cause.
@@ -19,7 +24,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +258,51 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None  # float16 tasks: the loss scale, carried
 
 
+@dataclass
+class Session:
+    """One ``train`` call's working set: built by ``set_up``, carried through the phases."""
+
+    given: TrainConfig  # the config as the caller wrote it (config.json, messages)
+    cfg: TrainConfig  # the same with alpha as the weight of the exact, summed KL
+    run: Path
+    procs: Processes
+    task: Task
+    method_params: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    buffer: ReplayBuffer
+    generator: torch.Generator
+    scaler: torch.amp.GradScaler | None
+    caller: TrainState | None
+    counters: dict[str, float]
+    start: int = 0
+    consecutive_skips: int = 0
+    t0: float = 0.0
+    phase: str = "sampling"  # what the update is doing: sampling, gradient or checkpoint
+
+
+@dataclass
+class Fresh:
+    """What sampling fresh trajectories gave this update (nothing on a replay-only update)."""
+
+    bad: int = 0  # samples whose reward was not finite (not stored)
+    sampled: int = 0
+    cause: str = ""
+    rewards: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+
+
+@dataclass
+class Gradients:
+    """The accumulated micro-batches of one update, before the processes' tally."""
+
+    loss: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+    method_evals: int = 0
+    partial: int = 0  # truncated trajectories run part way (never scored)
+    skip: bool = False
+    cause: str = ""
+
+
 def train(
     cfg: TrainConfig,
     out: str | Path,
@@ -271,7 +321,45 @@ def train(
     ``torchrun`` every process runs this (sqdf.distributed). ``sources`` says where each
     setting came from (sqdf.settings), for config.json.
     """
-    run = Path(out)
+    s = set_up(cfg, Path(out), resume=resume, progress=progress, state=state, sources=sources)
+    bar = tqdm(
+        range(s.start, s.cfg.steps), initial=s.start, total=s.cfg.steps,
+        disable=not (progress and s.procs.is_main), desc=f"{cfg.method} on {cfg.task}",
+        dynamic_ncols=True,
+    )  # fmt: skip
+    step = s.start
+    try:
+        for step in bar:
+            fresh = sample_fresh(s, step)
+            grads = accumulate_gradients(s, fresh)
+            tally = count_update(s, fresh, grads)
+            grad_norm = apply_update(s, grads, tally)
+            done = step + 1
+            if done % s.cfg.log_every == 0 or done == s.cfg.steps:
+                row = log_update(s, done, grads, tally, grad_norm)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
+            if s.cfg.checkpoint_every and done % s.cfg.checkpoint_every == 0:
+                checkpoint(s, done)
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
+        if s.phase == "checkpoint":
+            raise  # not a batch too large: the message would mislead
+        raise SqdfError(out_of_memory_message(s.given, s.phase, step + 1)) from None
+    finally:
+        bar.close()
+    return finish(s)
+
+
+def set_up(
+    cfg: TrainConfig,
+    run: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    state: TrainState | None,
+    sources: dict[str, str] | None,
+) -> Session:
+    """Check the folder and the config, build (or take) the task, write config.json, make the
+    optimizer, buffer and stream, and restore them from the latest checkpoint on resume."""
     if state is not None and resume:
         raise ValueError("train: resume and a caller's state exclude each other")
     check_registered(cfg)  # a TrainConfig built in Python has not met the registries yet
@@ -308,22 +396,9 @@ def train(
             config_sources(given, sources),
         )
     if progress and procs.is_main:
-        cells = cfg.batch_size * cfg.cells_per_trajectory  # per micro-batch and process
-        fresh_note = (
-            f"{cfg.batch_size * procs.world * cfg.grad_accum} truncated trajectories per update"
-            if cfg.rollout == "truncated"
-            else f"{cfg.batch_size * procs.world} fresh trajectories every "
-            f"{cfg.replay_ratio} update(s)"
-        )
-        print(
-            f"sqdf: effective batch {cells * procs.world * cfg.grad_accum} cells per update = "
-            f"{cells} per process x {procs.world} process(es) x {cfg.grad_accum} "
-            f"accumulation step(s); {fresh_note}",
-            file=sys.stderr,
-        )
+        print(f"sqdf: {batch_note(cfg, procs.world)}", file=sys.stderr)
     if given.kl_scale != "sum" and procs.is_main:  # said even without progress: it sets the KL
         print(f"sqdf: {alpha_note(kl_resolution(given, cfg, task))}", file=sys.stderr)
-    loss_fn = METHODS[cfg.method].loss
     params = [p for p in task.policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, fused=use_fused(params) and not procs.fsdp)
     if procs.fsdp:
@@ -350,190 +425,242 @@ def train(
         "samples_seen": 0, "reward_evals": 0, "skipped_updates": 0, "nonfinite_rewards": 0,
         "wall_s": 0.0, "sample_s": 0.0,
     }  # fmt: skip
-    start = consecutive_skips = 0
-
+    s = Session(
+        given=given, cfg=cfg, run=run, procs=procs, task=task, method_params=method_params,
+        params=params, optimizer=optimizer, buffer=buffer, generator=generator, scaler=scaler,
+        caller=state, counters=counters,
+    )  # fmt: skip
     ck = load_latest_checkpoint(run / "checkpoints") if resume else None
     if ck is not None:
         procs.load_model_state(task.policy, ck.policy)
         procs.load_optimizer_state(task.policy, optimizer, ck.optimizer)
-        start = ck.step
+        s.start = ck.step
         counters.update({k: ck.state[k] for k in counters if k in ck.state})
         # a run stopped inside a streak of skipped updates resumes inside it
-        consecutive_skips = int(ck.state.get("consecutive_skips", 0))
+        s.consecutive_skips = int(ck.state.get("consecutive_skips", 0))
         restore_process_states(procs, ck, buffer, generator, scaler, cfg.seed)
     if procs.is_main:
-        truncate_metrics(run, start, saved.log_every if saved is not None else cfg.log_every)
+        truncate_metrics(run, s.start, saved.log_every if saved is not None else cfg.log_every)
+    s.t0 = time.perf_counter() - counters["wall_s"]
+    return s
 
-    def checkpoint(step: int) -> None:
-        # every process takes part (its buffer and stream are gathered); the main one writes
-        buffers, rngs = gather_process_states(procs, buffer, generator)
-        policy = procs.model_state(task.policy)  # collective under FSDP
-        optimizer_state = procs.optimizer_state(task.policy, optimizer)
-        if not procs.is_main:
-            return
-        save_checkpoint(
-            run / "checkpoints",
-            Checkpoint(
-                step=step,
-                policy=policy,
-                optimizer=optimizer_state,
-                buffers=buffers,
-                rngs=rngs,
-                state={
-                    **counters,
-                    "wall_s": time.perf_counter() - t0,
-                    "consecutive_skips": consecutive_skips,
-                    **scaler_state(scaler),
-                },
-            ),
-            keep=cfg.keep_checkpoints,
+
+def batch_note(cfg: TrainConfig, world: int) -> str:
+    """What one update consumes, for the start of a run."""
+    cells = cfg.batch_size * cfg.cells_per_trajectory  # per micro-batch and process
+    fresh = (
+        f"{cfg.batch_size * world * cfg.grad_accum} truncated trajectories per update"
+        if cfg.rollout == "truncated"
+        else f"{cfg.batch_size * world} fresh trajectories every {cfg.replay_ratio} update(s)"
+    )
+    return (
+        f"effective batch {cells * world * cfg.grad_accum} cells per update = {cells} per "
+        f"process x {world} process(es) x {cfg.grad_accum} accumulation step(s); {fresh}"
+    )
+
+
+def sample_fresh(s: Session, step: int) -> Fresh:
+    """Every ``replay_ratio`` updates (full rollouts only): a fresh batch of trajectories,
+    scored and stored (those with a finite reward). Returns the newest batch's rewards too."""
+    cfg, fresh = s.cfg, Fresh()
+    s.phase = "sampling"
+    if step % cfg.replay_ratio == 0 and cfg.rollout == "full":
+        began = time.perf_counter()
+        if step == s.start and s.caller is not None and s.caller.fresh is not None:
+            traj, rewards = s.caller.fresh
+        else:
+            traj = sample_trajectories(s.task, cfg.batch_size, s.generator)
+            with torch.no_grad():
+                rewards = s.task.reward(traj.x0.to(s.task.device), traj.cond.to(s.task.device))
+        finite = torch.isfinite(rewards).cpu()  # waits for the GPU
+        s.counters["sample_s"] += time.perf_counter() - began
+        fresh.bad, fresh.sampled = int((~finite).sum()), finite.shape[0]
+        if fresh.bad:
+            fresh.cause = (
+                f"the reward was not finite for {fresh.bad} of {fresh.sampled} fresh samples"
+            )
+        if fresh.bad < fresh.sampled:
+            keep = finite.nonzero().squeeze(1)
+            s.buffer.add(traj.select(keep), rewards.cpu()[keep])
+    fresh.rewards = s.buffer.rewards[s.buffer.newest].double()
+    return fresh
+
+
+def draw_cells(s: Session, grads: Gradients) -> Cells:
+    """One micro-batch of (trajectory, step) cells: from the replay buffer, or (truncated
+    rollouts) fresh trajectories run only as far as the steps they are used at."""
+    cfg = s.cfg
+    if cfg.rollout != "truncated":
+        return s.buffer.sample_cells(cfg.batch_size, s.generator)
+    s.phase = "sampling"
+    began = time.perf_counter()
+    cells = truncated_cells(s.task, cfg, s.generator)
+    wait_for(s.task.device)
+    s.counters["sample_s"] += time.perf_counter() - began
+    grads.partial += cfg.batch_size  # trajectories run part way, never scored
+    s.phase = "gradient"
+    return cells
+
+
+def accumulate_gradients(s: Session, fresh: Fresh) -> Gradients:
+    """``grad_accum`` micro-batches of the method's loss, back-propagated (scaled where a loss
+    scaler runs); an update with nothing to learn from, or a non-finite loss, is marked
+    skipped with its cause."""
+    cfg, procs = s.cfg, s.procs
+    s.phase = "gradient"
+    s.optimizer.zero_grad(set_to_none=True)
+    grads = Gradients(cause=fresh.cause)
+    grads.skip = s.buffer.size == 0 and cfg.rollout != "truncated"
+    if grads.skip:
+        grads.cause = (grads.cause + "; " if grads.cause else "") + (
+            "no sample has a finite reward yet"
         )
+    if procs.fsdp and float(procs.sum(torch.tensor(float(grads.skip)))) > 0:
+        # sharded passes are collective: all processes skip, or none does
+        grads.skip = True
+        grads.cause = grads.cause or "another process has no sample to learn from"
+    loss_fn = METHODS[cfg.method].loss
+    for _ in range(cfg.grad_accum if not grads.skip else 0):
+        cells = draw_cells(s, grads)
+        loss, stats = loss_fn(s.task, cells, cfg, s.method_params, s.generator)
+        if not torch.isfinite(loss):
+            grads.skip, grads.cause = True, f"the loss was {loss.item()}"
+            if not procs.fsdp:
+                break
+            # under FSDP the backward (collective) still runs; the gradient norm,
+            # non-finite on every process then, skips the update everywhere
+        scaled = loss / cfg.grad_accum
+        (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
+        grads.loss += loss.item() / cfg.grad_accum
+        grads.method_evals += int(stats.pop("reward_evals", 0))
+        for k, v in stats.items():
+            grads.stats[k] = grads.stats.get(k, 0.0) + v / cfg.grad_accum
+    return grads
 
-    t0 = time.perf_counter() - counters["wall_s"]
-    bar = tqdm(
-        range(start, cfg.steps), initial=start, total=cfg.steps,
-        disable=not (progress and procs.is_main), desc=f"{cfg.method} on {cfg.task}",
-        dynamic_ncols=True,
-    )  # fmt: skip
-    phase, step = "sampling", start
-    try:
-        for step in bar:
-            cause = ""
-            bad = sampled = 0
-            phase = "sampling"
-            if step % cfg.replay_ratio == 0 and cfg.rollout == "full":
-                began = time.perf_counter()
-                if step == start and state is not None and state.fresh is not None:
-                    traj, rewards = state.fresh
-                else:
-                    traj = sample_trajectories(task, cfg.batch_size, generator)
-                    with torch.no_grad():
-                        rewards = task.reward(traj.x0.to(task.device), traj.cond.to(task.device))
-                finite = torch.isfinite(rewards).cpu()  # waits for the GPU
-                counters["sample_s"] += time.perf_counter() - began
-                bad, sampled = int((~finite).sum()), finite.shape[0]
-                if bad:
-                    cause = f"the reward was not finite for {bad} of {sampled} fresh samples"
-                if bad < sampled:
-                    keep = finite.nonzero().squeeze(1)
-                    buffer.add(traj.select(keep), rewards.cpu()[keep])
-            fresh = buffer.rewards[buffer.newest].double()
 
-            phase = "gradient"
-            optimizer.zero_grad(set_to_none=True)
-            truncated = cfg.rollout == "truncated"
-            loss_total, stats_total, skip = 0.0, {}, buffer.size == 0 and not truncated
-            method_evals = partial = 0
-            if skip:
-                cause = (cause + "; " if cause else "") + "no sample has a finite reward yet"
-            if procs.fsdp and float(procs.sum(torch.tensor(float(skip)))) > 0:
-                # sharded passes are collective: all processes skip, or none does
-                skip, cause = True, cause or "another process has no sample to learn from"
-            for _ in range(cfg.grad_accum if not skip else 0):
-                if truncated:
-                    phase = "sampling"
-                    began = time.perf_counter()
-                    cells = truncated_cells(task, cfg, generator)
-                    wait_for(task.device)
-                    counters["sample_s"] += time.perf_counter() - began
-                    partial += cfg.batch_size  # trajectories run part way, never scored
-                    phase = "gradient"
-                else:
-                    cells = buffer.sample_cells(cfg.batch_size, generator)
-                loss, stats = loss_fn(task, cells, cfg, method_params, generator)
-                if not torch.isfinite(loss):
-                    skip, cause = True, f"the loss was {loss.item()}"
-                    if not procs.fsdp:
-                        break
-                    # under FSDP the backward (collective) still runs; the gradient norm,
-                    # non-finite on every process then, skips the update everywhere
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_total += loss.item() / cfg.grad_accum
-                method_evals += int(stats.pop("reward_evals", 0))
-                for k, v in stats.items():
-                    stats_total[k] = stats_total.get(k, 0.0) + v / cfg.grad_accum
-            # one small all-reduce of what every process counts, then one of the gradients
-            tally = procs.sum(torch.tensor([
-                bad, sampled, method_evals, float(skip), fresh.sum(), (fresh**2).sum(),
-                fresh.numel(), partial,
-            ], dtype=torch.float64))  # fmt: skip
-            bad, sampled, method_evals = int(tally[0]), int(tally[1]), int(tally[2])
-            counters["nonfinite_rewards"] += bad
-            counters["samples_seen"] += sampled + int(tally[7])
-            counters["reward_evals"] += sampled + method_evals
-            if tally[3] > 0 and not skip:
-                skip, cause = True, "another process skipped this update"
-            grad_norm = math.nan
-            unscaled = False
-            if not skip:
-                unscale = None
-                if scaler is not None:
-                    unscale = lambda: scaler.unscale_(optimizer)  # noqa: E731
-                grad_norm = average_and_clip(procs, params, cfg.max_grad_norm, unscale)
-                unscaled = scaler is not None
-                if not math.isfinite(grad_norm):
-                    skip, cause = True, f"the gradient norm was {grad_norm}"
-                    if scaler is not None:
-                        cause += f" at loss scale {scaler.get_scale():g} (float16 overflow)"
-            if skip:
-                optimizer.zero_grad(set_to_none=True)
-                counters["skipped_updates"] += 1
-                consecutive_skips += 1
-                if consecutive_skips >= cfg.max_skips:
-                    raise DivergedError(
-                        f"stopped after {consecutive_skips} consecutive updates skipped for "
-                        f"non-finite values: {cause} (the weights were not changed by them)"
-                    )
-            elif scaler is not None:
-                scaler.step(optimizer)  # the gradients are finite: it steps
-                consecutive_skips = 0
-            else:
-                optimizer.step()
-                consecutive_skips = 0
-            if unscaled:
-                scaler.update()  # halves the scale after an overflow, grows it after a run
+def count_update(s: Session, fresh: Fresh, grads: Gradients) -> torch.Tensor:
+    """One small all-reduce of what every process counted (samples, rewards, skips) into the
+    run's counters; a skip anywhere skips the update everywhere. Returns the summed tally:
+    bad, sampled, method evals, skips, reward sum, sum of squares, count, partial."""
+    r = fresh.rewards
+    tally = s.procs.sum(torch.tensor([
+        fresh.bad, fresh.sampled, grads.method_evals, float(grads.skip), r.sum(), (r**2).sum(),
+        r.numel(), grads.partial,
+    ], dtype=torch.float64))  # fmt: skip
+    bad, sampled, method_evals = int(tally[0]), int(tally[1]), int(tally[2])
+    s.counters["nonfinite_rewards"] += bad
+    s.counters["samples_seen"] += sampled + int(tally[7])
+    s.counters["reward_evals"] += sampled + method_evals
+    if tally[3] > 0 and not grads.skip:
+        grads.skip, grads.cause = True, "another process skipped this update"
+    return tally
 
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                if procs.world > 1:
-                    loss_total = float(procs.mean(torch.tensor(loss_total)))
-                stats_total = mean_stats(procs, METHODS[cfg.method].stats, stats_total)
-                n, total, squares = float(tally[6]), float(tally[4]), float(tally[5])
-                mean = total / n if n else math.nan
-                var = (squares - n * mean * mean) / (n - 1) if n > 1 else 0.0
-                row = {
-                    "step": done,
-                    "loss": loss_total if not skip else math.nan,
-                    "reward_mean": mean,
-                    "reward_std": math.sqrt(max(var, 0.0)),
-                    **stats_total,
-                    "grad_norm": grad_norm,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "samples_seen": counters["samples_seen"],
-                    "reward_evals": counters["reward_evals"],
-                    "skipped_updates": counters["skipped_updates"],
-                    "nonfinite_rewards": counters["nonfinite_rewards"],
-                    "wall_s": round(time.perf_counter() - t0, 3),
-                    "sample_s": round(counters["sample_s"], 6),  # of wall_s, this process's
-                }
-                if procs.is_main:
-                    append_metrics(run, row)
-                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                phase = "checkpoint"
-                checkpoint(done)
-    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
-        if phase == "checkpoint":
-            raise  # not a batch too large: the message would mislead
-        raise SqdfError(out_of_memory_message(given, phase, step + 1)) from None
-    finally:
-        bar.close()
 
-    policy = procs.model_state(task.policy)  # collective under FSDP
+def apply_update(s: Session, grads: Gradients, tally: torch.Tensor) -> float:
+    """Average and clip the gradients and step the optimizer, unless the update is skipped
+    (then the weights stay as they were); too many skips in a row stop the run. Returns the
+    gradient norm before clipping (NaN when skipped before it was taken)."""
+    cfg, scaler = s.cfg, s.scaler
+    grad_norm = math.nan
+    unscaled = False
+    if not grads.skip:
+        unscale = None
+        if scaler is not None:
+            unscale = lambda: scaler.unscale_(s.optimizer)  # noqa: E731
+        grad_norm = average_and_clip(s.procs, s.params, cfg.max_grad_norm, unscale)
+        unscaled = scaler is not None
+        if not math.isfinite(grad_norm):
+            grads.skip, grads.cause = True, f"the gradient norm was {grad_norm}"
+            if scaler is not None:
+                grads.cause += f" at loss scale {scaler.get_scale():g} (float16 overflow)"
+    if grads.skip:
+        s.optimizer.zero_grad(set_to_none=True)
+        s.counters["skipped_updates"] += 1
+        s.consecutive_skips += 1
+        if s.consecutive_skips >= cfg.max_skips:
+            raise DivergedError(
+                f"stopped after {s.consecutive_skips} consecutive updates skipped for "
+                f"non-finite values: {grads.cause} (the weights were not changed by them)"
+            )
+    elif scaler is not None:
+        scaler.step(s.optimizer)  # the gradients are finite: it steps
+        s.consecutive_skips = 0
+    else:
+        s.optimizer.step()
+        s.consecutive_skips = 0
+    if unscaled:
+        scaler.update()  # halves the scale after an overflow, grows it after a run
+    return grad_norm
+
+
+def log_update(
+    s: Session, done: int, grads: Gradients, tally: torch.Tensor, grad_norm: float
+) -> dict[str, Any]:
+    """The metrics row of update ``done`` (averaged over processes), appended to
+    metrics.jsonl by the main process."""
+    procs = s.procs
+    loss = grads.loss
+    if procs.world > 1:
+        loss = float(procs.mean(torch.tensor(loss)))
+    stats = mean_stats(procs, METHODS[s.cfg.method].stats, grads.stats)
+    n, total, squares = float(tally[6]), float(tally[4]), float(tally[5])
+    mean = total / n if n else math.nan
+    var = (squares - n * mean * mean) / (n - 1) if n > 1 else 0.0
+    row = {
+        "step": done,
+        "loss": loss if not grads.skip else math.nan,
+        "reward_mean": mean,
+        "reward_std": math.sqrt(max(var, 0.0)),
+        **stats,
+        "grad_norm": grad_norm,
+        "lr": s.optimizer.param_groups[0]["lr"],
+        "samples_seen": s.counters["samples_seen"],
+        "reward_evals": s.counters["reward_evals"],
+        "skipped_updates": s.counters["skipped_updates"],
+        "nonfinite_rewards": s.counters["nonfinite_rewards"],
+        "wall_s": round(time.perf_counter() - s.t0, 3),
+        "sample_s": round(s.counters["sample_s"], 6),  # of wall_s, this process's
+    }
     if procs.is_main:
-        (run / "final").mkdir(exist_ok=True)
-        save_weights(policy, run / "final" / "policy.safetensors")
-        task.save_final(run / "final", policy)
-    procs.barrier()  # no process returns before the run folder is complete
-    return run
+        append_metrics(s.run, row)
+    return row
+
+
+def checkpoint(s: Session, step: int) -> None:
+    """A resumable checkpoint at update ``step``: every process takes part (its buffer and
+    stream are gathered); the main one writes."""
+    procs = s.procs
+    s.phase = "checkpoint"
+    buffers, rngs = gather_process_states(procs, s.buffer, s.generator)
+    policy = procs.model_state(s.task.policy)  # collective under FSDP
+    optimizer_state = procs.optimizer_state(s.task.policy, s.optimizer)
+    if not procs.is_main:
+        return
+    save_checkpoint(
+        s.run / "checkpoints",
+        Checkpoint(
+            step=step,
+            policy=policy,
+            optimizer=optimizer_state,
+            buffers=buffers,
+            rngs=rngs,
+            state={
+                **s.counters,
+                "wall_s": time.perf_counter() - s.t0,
+                "consecutive_skips": s.consecutive_skips,
+                **scaler_state(s.scaler),
+            },
+        ),
+        keep=s.cfg.keep_checkpoints,
+    )
+
+
+def finish(s: Session) -> Path:
+    """The final policy (and the task's extra files) into RUN/final; returns the run folder."""
+    policy = s.procs.model_state(s.task.policy)  # collective under FSDP
+    if s.procs.is_main:
+        (s.run / "final").mkdir(exist_ok=True)
+        save_weights(policy, s.run / "final" / "policy.safetensors")
+        s.task.save_final(s.run / "final", policy)
+    s.procs.barrier()  # no process returns before the run folder is complete
+    return s.run
