@@ -117,16 +117,16 @@ def _x0_pictures(task: Any, quality: dict) -> str:
     # model) × digits, columns timesteps
     cond = torch.tensor([2, 5, 8])
     traj = sample_trajectories(task, 3, torch.Generator().manual_seed(3), cond=cond, policy=False)
-    last = task.schedule.num_steps - 2  # the state before the final step
+    last = task.kernel.num_steps - 2  # the state before the final step
     ks = sorted({round(i * last / 7) for i in range(8)})
     rows: dict[str, list] = {"x_t": [], "Tweedie x̂0": [], "consistency x̂0": []}
     with torch.no_grad():
         for k in ks:
             x = traj.states[:, k + 1].to(task.device)
-            tt = task.schedule.prev_timesteps[k].expand(3)
+            state = torch.full((3,), k + 1)
             rows["x_t"].append(x)
-            rows["Tweedie x̂0"].append(task.tweedie_x0(x, tt, cond))
-            rows["consistency x̂0"].append(task.consistency_x0(x, tt, cond))
+            rows["Tweedie x̂0"].append(task.reference_x0(x, state, cond))
+            rows["consistency x̂0"].append(task.consistency_x0(x, task.model_time(state, x), cond))
     h = traj.states.shape[-1] + 1
     canvas = torch.full((9 * h + 2 * 4, len(ks) * h), 0.35)
     for i, imgs in enumerate(rows.values()):
@@ -138,7 +138,7 @@ def _x0_pictures(task: Any, quality: dict) -> str:
     ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1)
     ax.set_xticks(
         [j * h + h / 2 for j in range(len(ks))],
-        [f"t={int(task.schedule.prev_timesteps[k])}" for k in ks],
+        [f"t={task.kernel.model_time(torch.tensor([k + 1])).item()}" for k in ks],
     )
     ax.set_yticks([(3 * i + 1.5) * h + 4 * i for i in range(3)], list(rows))
     ax.tick_params(length=0)

@@ -1,4 +1,5 @@
-"""The one sampling routine: DDIM trajectories from the policy or the reference.
+"""The one sampling routine: trajectories from the policy or the reference, through the task's
+step kernel (DDIM or the flow-matching SDE).
 
 Training, evaluation and every method draw samples here, so they all see the same sampler.
 """
@@ -11,9 +12,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sqdf.core.ddim import ddim_step_mean_std
-from sqdf.core.kl import gaussian_kl, gaussian_log_prob
-from sqdf.tasks.base import Task, _expand
+from sqdf.core.kl import gaussian_kl
+from sqdf.tasks.base import Task
 
 
 @dataclass
@@ -39,13 +39,9 @@ def step_mean_std(
 
     # x: (B, ...); step_index: (B,) long, may differ per sample (replayed cells)
     """
-    sched = task.schedule
     k = step_index.cpu()
-    t = sched.timesteps[k].to(x.device)
-    abar_t = _expand(sched.abar(sched.timesteps[k]), x).to(x)
-    abar_prev = _expand(sched.abar(sched.prev_timesteps[k]), x).to(x)
-    out = task.model_output(x, t, cond, policy=policy)
-    return ddim_step_mean_std(out, x, abar_t, abar_prev, sched.eta, task.prediction_type)
+    out = task.model_output(x, task.model_time(k, x), cond, policy=policy)
+    return task.kernel.step(out, x, k)
 
 
 @torch.no_grad()
@@ -59,7 +55,7 @@ def sample_trajectories(
     cond: Tensor | None = None,
     progress: str | None = None,
 ) -> Trajectories:
-    """n full DDIM trajectories; all randomness comes from ``generator`` (CPU), so a run is
+    """n full trajectories; all randomness comes from ``generator`` (CPU), so a run is
     reproducible whatever the device. ``cond`` fixes the conditions (else they are drawn)."""
     device = task.device
     cond = task.sample_conditions(n, generator) if cond is None else cond
@@ -67,7 +63,7 @@ def sample_trajectories(
     states = [x.cpu()]
     kls, logps = [], []
     cond_d = cond.to(device)
-    steps = range(task.schedule.num_steps)
+    steps = range(task.kernel.num_steps)
     for k in tqdm(steps, desc=progress, leave=False) if progress else steps:
         ks = torch.full((n,), k, dtype=torch.long)
         mean, std = step_mean_std(task, x, ks, cond_d, policy=policy)
@@ -76,7 +72,7 @@ def sample_trajectories(
             kls.append(gaussian_kl(mean, ref_mean, std).cpu())
         z = torch.randn((n, *task.sample_shape), generator=generator).to(device)
         x = mean + std * z
-        logps.append(gaussian_log_prob(x, mean, std).cpu())
+        logps.append(task.kernel.log_prob(x, mean, std).cpu())
         states.append(x.cpu())
     return Trajectories(
         states=torch.stack(states, dim=1),
@@ -102,7 +98,7 @@ def rollout_with_grad(
     Returns the final state and the summed exact KL to the reference over those steps, (B,).
     """
     device = task.device
-    stop = task.schedule.num_steps if stop is None else stop
+    stop = task.kernel.num_steps if stop is None else stop
     n = cond.shape[0]
     cond = cond.to(device)
     if x is None:

@@ -35,16 +35,15 @@ def x0_estimator_quality(task: Task, num_samples: int = 128, seed: int = 0) -> d
     out: dict[str, list] = {
         k: [] for k in ("step", "timestep", "tweedie_rmse", "cm_rmse", "tweedie_corr", "cm_corr")
     }
-    sched = task.schedule
-    for k in range(sched.num_steps - 1):  # after the last step the state is x0 itself
+    for k in range(task.kernel.num_steps - 1):  # after the last step the state is x0 itself
         x = traj.states[:, k + 1].to(dev)
-        t = sched.prev_timesteps[k].expand(num_samples)
+        state = torch.full((num_samples,), k + 1)
         for name, est in (
-            ("tweedie", task.tweedie_x0(x, t, cond)),
-            ("cm", task.consistency_x0(x, t, cond)),
+            ("tweedie", task.reference_x0(x, state, cond)),
+            ("cm", task.consistency_x0(x, task.model_time(state, x), cond)),
         ):
             out[f"{name}_rmse"].append(float((est - x0).pow(2).flatten(1).mean(1).sqrt().mean()))
             out[f"{name}_corr"].append(_pearson(task.reward(est, cond).cpu(), r0))
         out["step"].append(k)
-        out["timestep"].append(int(sched.prev_timesteps[k]))
+        out["timestep"].append(task.kernel.model_time(torch.tensor([k + 1])).item())
     return {"num_samples": num_samples, **out}

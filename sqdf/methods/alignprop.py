@@ -33,7 +33,7 @@ class AlignPropParams:
 def alignprop_loss(
     task: Task, cells: Cells, cfg: TrainConfig, params: AlignPropParams, generator: torch.Generator
 ) -> tuple[Tensor, dict[str, float]]:
-    T = task.schedule.num_steps
+    T = task.kernel.num_steps
     hi = min(params.k_max or T, T)
     k = int(torch.randint(min(params.k_min, hi), hi + 1, (1,), generator=generator))
     x0, kl = rollout_with_grad(task, cells.cond, generator, grad_steps=k)

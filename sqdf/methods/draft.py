@@ -48,7 +48,7 @@ def _draft(
     task: Task, cells: Cells, params: DraftParams, generator: torch.Generator, kl_weight: float
 ) -> tuple[Tensor, dict[str, float]]:
     """-r(x0) + kl_weight × KL over the last K steps, back-propagated through those steps."""
-    k = min(params.k, task.schedule.num_steps)
+    k = min(params.k, task.kernel.num_steps)
     x0, kl = rollout_with_grad(task, cells.cond, generator, grad_steps=k)
     reward = task.reward(x0, cells.cond.to(task.device))
     return (-reward + kl_weight * kl).mean(), _stats(reward, kl)
@@ -57,16 +57,16 @@ def _draft(
 def draft_lv_loss(
     task: Task, cells: Cells, cfg: TrainConfig, params: DraftParams, generator: torch.Generator
 ) -> tuple[Tensor, dict[str, float]]:
-    T = task.schedule.num_steps
+    T = task.kernel.num_steps
     cond = cells.cond.to(task.device)
     with torch.no_grad():
         x0, _ = rollout_with_grad(task, cells.cond, generator, grad_steps=0)
     # re-noise x0 to the last step's starting level and redo that step with gradients
-    a1 = float(task.schedule.abar(task.schedule.timesteps[-1:])[0])
+    last = torch.full((x0.shape[0],), T - 1)
     losses, rewards, kls = [], [], []
     for _ in range(params.lv_samples):
         eps = torch.randn(x0.shape, generator=generator).to(task.device)
-        x1 = a1**0.5 * x0 + (1 - a1) ** 0.5 * eps
+        x1 = task.kernel.noise(x0, eps, last)
         x0_new, kl = rollout_with_grad(task, cells.cond, generator, grad_steps=1, x=x1, start=T - 1)
         r = task.reward(x0_new, cond)
         losses.append(-r.mean())

@@ -13,9 +13,8 @@ from torch import Tensor
 
 from sqdf.buffer import Cells
 from sqdf.config import TrainConfig
-from sqdf.core.x0 import tweedie_x0
 from sqdf.sampler import rollout_with_grad
-from sqdf.tasks.base import Task, _expand
+from sqdf.tasks.base import Task
 
 
 @dataclass
@@ -30,18 +29,17 @@ class ReflParams:
 def refl_loss(
     task: Task, cells: Cells, cfg: TrainConfig, params: ReflParams, generator: torch.Generator
 ) -> tuple[Tensor, dict[str, float]]:
-    T = task.schedule.num_steps
+    T = task.kernel.num_steps
     lo = min(int(params.min_frac * T), T - 1)
     k = int(torch.randint(lo, T, (1,), generator=generator))
     x, kl = rollout_with_grad(task, cells.cond, generator, grad_steps=1, stop=k + 1)
     cond = cells.cond.to(task.device)
-    t_prev = task.schedule.prev_timesteps[k].expand(x.shape[0])
     if k == T - 1:
         x0 = x
-    else:
-        out = task.model_output(x, t_prev, cond, policy=True)
-        abar = _expand(task.schedule.abar(t_prev), x).to(x)
-        x0 = tweedie_x0(out, x, abar, task.prediction_type)
+    else:  # the policy's own one-step prediction from the state the step reached
+        state = torch.full((x.shape[0],), k + 1)
+        out = task.model_output(x, task.model_time(state, x), cond, policy=True)
+        x0 = task.kernel.x0(out, x, state)
     reward = task.reward(x0, cond)
     stats = {"kl_mean": kl.detach().mean().item(), "q_mean": reward.detach().mean().item(),
              "reward_evals": float(reward.shape[0])}  # fmt: skip

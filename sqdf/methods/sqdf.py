@@ -39,7 +39,7 @@ def sqdf_loss(
     x_prev = mean + std * z
     reward = task.reward(task.x0_after_step(x_prev, step.to(dev), cond), cond)
     kl = gaussian_kl(mean, ref_mean, std)
-    loss = soft_q_loss(reward, kl, step.to(dev), task.schedule.num_steps, cfg.gamma, cfg.alpha)
+    loss = soft_q_loss(reward, kl, step.to(dev), task.kernel.num_steps, cfg.gamma, cfg.alpha)
     stats = {"kl_mean": kl.mean().item(), "q_mean": reward.mean().item(),
              "reward_evals": float(reward.shape[0])}  # fmt: skip
     return loss.mean(), stats

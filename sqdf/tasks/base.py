@@ -9,23 +9,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sqdf.core.kernel import StepKernel
 from sqdf.core.schedule import DDIMSchedule
 
 
 class Task(ABC):
     """A frozen reference diffusion model, a trainable policy on top of it, a reward and metrics.
 
-    Subclasses set ``schedule``, ``policy`` (an ``nn.Module`` holding every trainable
-    parameter), ``reward_model`` (a reward from ``sqdf.rewards``), ``estimator`` and
-    ``sample_shape``, and implement the abstract methods below.
+    Subclasses set ``kernel`` (their sampler family's step: sqdf.core.kernel), ``policy`` (an
+    ``nn.Module`` holding every trainable parameter), ``reward_model`` (a reward from
+    ``sqdf.rewards``), ``estimator`` and ``sample_shape``, and implement the abstract methods
+    below. The model is called at the kernel's times (``kernel.model_time``).
     """
 
-    schedule: DDIMSchedule
+    kernel: StepKernel
     policy: nn.Module
     reward_model: Any
     estimator: str
     sample_shape: tuple[int, ...]
-    prediction_type: str = "epsilon"
     eval_samples: int = 4096  # sqdf eval's default sample count
     eval_batch: int | None = None  # evaluation samples per chunk (None: all at once)
     device: torch.device = torch.device("cpu")
@@ -38,12 +39,12 @@ class Task(ABC):
         """n conditions (class indices, prompt indices...) as a (n,) tensor on the CPU."""
 
     @abstractmethod
-    def model_output(self, x: Tensor, timesteps: Tensor, cond: Tensor, *, policy: bool) -> Tensor:
-        """Policy (policy=True) or reference prediction at integer train ``timesteps`` (B,)."""
+    def model_output(self, x: Tensor, times: Tensor, cond: Tensor, *, policy: bool) -> Tensor:
+        """Policy (policy=True) or reference output at the kernel's model ``times`` (B,)."""
 
     @abstractmethod
-    def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
-        """x̂0 by the task's (frozen, differentiable) consistency function."""
+    def consistency_x0(self, x: Tensor, times: Tensor, cond: Tensor) -> Tensor:
+        """x̂0 by the task's (frozen, differentiable) consistency function at model ``times``."""
 
     @abstractmethod
     def evaluate(
@@ -76,25 +77,28 @@ class Task(ABC):
         """r(x0, cond) per sample, x0 in the model's sample space; (B,)."""
         return self.reward_model(self.reward_input(x0), self.reward_conditions(cond))
 
-    def tweedie_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
-        from sqdf.core.x0 import tweedie_x0
+    def model_time(self, k: Tensor, like: Tensor) -> Tensor:
+        """The model's time input at state(s) ``k``, on ``like``'s device."""
+        return self.kernel.model_time(k.cpu()).to(like.device)
 
-        out = self.model_output(x, timesteps, cond, policy=False)
-        abar = _expand(self.schedule.abar(timesteps.cpu()).to(x), x)
-        return tweedie_x0(out, x, abar, self.prediction_type)
+    def reference_x0(self, x: Tensor, k: Tensor, cond: Tensor) -> Tensor:
+        """x̂0 of state(s) k by the reference model's one-step prediction (Tweedie)."""
+        out = self.model_output(x, self.model_time(k, x), cond, policy=False)
+        return self.kernel.x0(out, x, k.cpu())
 
     def x0_after_step(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:
-        """x̂0 of the state reached by step k: the frozen estimator, or x_prev itself after the
-        last step, where x_prev already is the sample.
+        """x̂0 of the state reached by step k (state k + 1): the frozen estimator, or x_prev
+        itself after the last step, where x_prev already is the sample.
 
         # x_prev: (B, ...); step_index: (B,) long
         """
-        t_prev = self.schedule.prev_timesteps.to(step_index.device)[step_index]
+        T = self.kernel.num_steps
+        state = (step_index.cpu() + 1).clamp(max=T - 1)  # after the last step: unused below
         if self.estimator == "tweedie":
-            est = self.tweedie_x0(x_prev, t_prev, cond)
+            est = self.reference_x0(x_prev, state, cond)
         else:
-            est = self.consistency_x0(x_prev, t_prev, cond)
-        last = _expand(step_index == self.schedule.num_steps - 1, x_prev)
+            est = self.consistency_x0(x_prev, self.model_time(state, x_prev), cond)
+        last = _expand(step_index == T - 1, x_prev)
         return torch.where(last, x_prev, est)
 
 

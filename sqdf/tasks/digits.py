@@ -20,6 +20,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
+from sqdf.core.kernel import DDIMKernel
 from sqdf.core.x0 import consistency_x0
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.params import build_settings
@@ -89,6 +90,7 @@ class DigitsTask(Task):
                 f"digits model: expected an epsilon model, got {sched.config.prediction_type}"
             )
         self.schedule = schedule_of(sched, cfg.num_steps, cfg.eta, "digits model")
+        self.kernel = DDIMKernel(self.schedule, "epsilon")
         unet = load_unet(folder / "unet", "digits base model").to(device)
         self.nets = PolicyAndReference(
             unet, options.finetune, options.lora_rank, options.lora_alpha,

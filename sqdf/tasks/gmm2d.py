@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from sqdf.core.gmm import GaussianMixture, gmm_eps, gmm_posterior_mean
+from sqdf.core.kernel import DDIMKernel
 from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import make_ddim_schedule
 from sqdf.errors import ConfigError
@@ -110,6 +111,7 @@ class GMM2DTask(Task):
         self.schedule = make_ddim_schedule(
             cfg.num_steps, eta=cfg.eta, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
         )
+        self.kernel = DDIMKernel(self.schedule)
         self.data = options.mixture()
         self.data32 = self.data.to(torch.float32)
         self.policy = TimeResidualMLP(2, options.hidden).to(device)

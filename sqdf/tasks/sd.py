@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from sqdf.checkpoint import save_weights
+from sqdf.core.kernel import DDIMKernel
 from sqdf.core.x0 import consistency_x0, guidance_embedding
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.params import build_settings
@@ -154,6 +155,7 @@ class SDTask(Task):
         sched = _load(DDIMScheduler, folder, "scheduler")
         self.prediction_type = sched.config.prediction_type
         self.schedule = schedule_of(sched, cfg.num_steps, cfg.eta, "sd")
+        self.kernel = DDIMKernel(self.schedule, self.prediction_type)
         safe = {"use_safetensors": True, "dtype": self.dtype}
         self.unet = _load(UNet2DConditionModel, folder, "unet", **safe).to(device)
         self.vae = _load(AutoencoderKL, folder, "vae", **safe)
