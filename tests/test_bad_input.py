@@ -153,6 +153,8 @@ CASES = [
     ("BBO preset given to train", lambda r: ["train", "--preset", "sd15-bbo-aesthetic"], "run it with sqdf bbo --preset"),
     ("BBO preset given to compare", lambda r: ["compare", "--preset", "sd15-bbo-aesthetic"], "add --bbo"),
     ("--preset when resuming", lambda r: ["train", "--resume", str(_finished_run(r)), "--preset", "digits-demo"], "--resume takes the run's own config"),
+    ("unknown gmm2d process", lambda r: ["train", "--task-param", "process=ode"], "gmm2d process must be one of vp, flow"),
+    ("flow without noise", lambda r: ["train", "--task-param", "process=flow", "--task-param", "noise_level=0"], "gmm2d noise_level must be > 0"),
     ("unknown kl_scale", lambda r: ["train", "--kl-scale", "avg"], "unknown kl_scale 'avg'"),
     ("dry run on an SD folder without configs", lambda r: ["train", "--task", "sd", "--model", _sd_shaped(r), "--dry-run"], "unet/config.json"),
     ("query schedule of the wrong length", lambda r: ["bbo", "--query-schedule", "8,16", "--rounds", "3"], "query_schedule has 2 entries for 3 rounds"),

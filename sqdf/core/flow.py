@@ -17,6 +17,11 @@ the marginals of the deterministic flow):
 With a = 0 it is the Euler ODE step x_t + v Δ that diffusers' FlowMatchEulerDiscreteScheduler
 takes. σ_t is infinite at t = 1, where every schedule starts: there t in the denominator is
 replaced by the grid's next time (``t_cap``), as Flow-GRPO does.
+
+Policy and reference share the std, so their per-step KL is ``gaussian_kl`` (the exact KL,
+summed, with the 1/2): mean_θ - mean_ref = (v_θ - v_ref) [1 + σ_t² (1 - t) / (2t)] Δ. Flow-GRPO
+writes its KL weight β against the per-dimension mean of the same quantity: β = α D in our
+convention (``kl_scale = "half_mean"`` converts, beside the SQDF code's ``mean``: sqdf.core.kl).
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
 """The exact 2-D benchmark: a Gaussian mixture whose score, x̂0 and tilted optimum are closed-form.
 
-The reference model is the mixture's exact noise prediction, so Tweedie's x̂0 is the true
-posterior mean and the probability-flow ODE solved with it is the true consistency
-function. The policy adds a zero-initialised, time-conditioned MLP to that prediction.
-For a linear or quadratic reward the KL-regularised optimum p_ref(x) exp(r(x)/alpha) is
-again a mixture, so fine-tuned samples are judged against the truth.
+On either path the reference model is exact: the mixture's noise prediction under the VP
+process (DDIM kernel), or its velocity under the rectified flow x_t = (1 - t) x0 + t ε (the
+flow SDE kernel, ``process = "flow"``). Both come from the posterior mean E[x0 | x_t], which
+is closed-form because a noised mixture is a mixture; the flow state x_t is the VP state
+x_t / r at ᾱ = ((1 - t) / r)², r = sqrt((1 - t)² + t²), so one posterior serves both. Tweedie's
+x̂0 is therefore the true posterior mean and the probability-flow ODE solved with it the true
+consistency function. The policy adds a zero-initialised, time-conditioned MLP to the
+reference's output. For a linear or quadratic reward the KL-regularised optimum
+p_ref(x) exp(r(x)/alpha) is again a mixture, so fine-tuned samples are judged against the
+truth.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sqdf.core.flow import flow_sigmas
 from sqdf.core.gmm import GaussianMixture, gmm_eps, gmm_posterior_mean
-from sqdf.core.kernel import DDIMKernel
+from sqdf.core.kernel import DDIMKernel, FlowKernel
 from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import make_ddim_schedule
 from sqdf.errors import ConfigError
 from sqdf.metrics import mode_frequencies, mode_tv, sliced_w2
 from sqdf.params import build_settings
 from sqdf.tasks.base import Task
+
+PROCESSES = ("vp", "flow")
 
 
 @dataclass
@@ -40,6 +48,9 @@ class GMM2DConfig:
     weights: list | None = None
     hidden: int = 128
     ode_steps: int = 32
+    process: str = "vp"  # vp: DDIM over a VP schedule (eta); flow: the rectified-flow SDE
+    noise_level: float = 0.7  # flow: the SDE's noise level a (Flow-GRPO's default)
+    shift: float = 1.0  # flow: SD3's time shift of the grid (1: none)
 
     def __post_init__(self) -> None:
         if self.num_modes < 1:
@@ -50,6 +61,17 @@ class GMM2DConfig:
             raise ConfigError(f"gmm2d hidden must be >= 1, got {self.hidden}")
         if self.ode_steps < 1:
             raise ConfigError(f"gmm2d ode_steps must be >= 1, got {self.ode_steps}")
+        if self.process not in PROCESSES:
+            raise ConfigError(
+                f"gmm2d process must be one of {', '.join(PROCESSES)}, got {self.process!r}"
+            )
+        if not self.noise_level > 0:
+            raise ConfigError(
+                f"gmm2d noise_level must be > 0 (the KL needs a stochastic step), got "
+                f"{self.noise_level}"
+            )
+        if not self.shift > 0:
+            raise ConfigError(f"gmm2d shift must be > 0, got {self.shift}")
         k = len(self.means) if self.means is not None else self.num_modes
         if self.means is not None and any(len(m) != 2 for m in self.means):
             raise ConfigError(f"gmm2d means must be a list of [x, y] pairs, got {self.means}")
@@ -106,19 +128,27 @@ class GMM2DTask(Task):
         self.estimator = cfg.estimator
         self.reward_model = reward
         self.device = device
-        # DDPM's linear betas; steps_offset=1 and alpha-bar(0) < 1 at the end keep every
-        # step stochastic, so the per-step KL is finite (see make_ddim_schedule).
-        self.schedule = make_ddim_schedule(
-            cfg.num_steps, eta=cfg.eta, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
-        )
-        self.kernel = DDIMKernel(self.schedule)
+        self.flow = options.process == "flow"
+        if self.flow:
+            sigmas = flow_sigmas(cfg.num_steps, shift=options.shift)
+            self.kernel = FlowKernel(sigmas, options.noise_level)
+        else:
+            # DDPM's linear betas; steps_offset=1 and alpha-bar(0) < 1 at the end keep every
+            # step stochastic, so the per-step KL is finite (see make_ddim_schedule).
+            self.schedule = make_ddim_schedule(
+                cfg.num_steps, eta=cfg.eta, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
+            )
+            self.kernel = DDIMKernel(self.schedule)
+            self._alphas = self.schedule.alphas_cumprod.to(device)
         self.data = options.mixture()
         self.data32 = self.data.to(torch.float32)
         self.policy = TimeResidualMLP(2, options.hidden).to(device)
-        self._alphas = self.schedule.alphas_cumprod.to(device)
 
     def reference_output(self) -> GaussianMixture:
-        """The distribution the reference sampler targets: the data at the final noise level."""
+        """The distribution the reference sampler targets: the data at the final noise level
+        (the flow sampler ends at t = 0: the data itself)."""
+        if self.flow:
+            return self.data
         return self.data.noised(self.schedule.final_alpha_cumprod)
 
     def target(self) -> GaussianMixture:
@@ -138,15 +168,35 @@ class GMM2DTask(Task):
     def _posterior_mean(self, x: Tensor, abar: Tensor) -> Tensor:
         return gmm_posterior_mean(self._data_for(x), x, abar)
 
-    def model_output(self, x: Tensor, timesteps: Tensor, cond: Tensor, *, policy: bool) -> Tensor:
-        abar = self._alphas[timesteps.clamp(min=0)]
+    @staticmethod
+    def _as_vp(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The flow state x at time t as the VP state with the same posterior: (x / r, ᾱ)."""
+        r = ((1 - t) ** 2 + t**2).sqrt()
+        return x / r[:, None], ((1 - t) / r) ** 2
+
+    def _ref_velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        """The exact velocity E[ε - x0 | x_t] = (x_t - E[x0 | x_t]) / t."""
+        x0 = self._posterior_mean(*self._as_vp(x, t))
+        return (x - x0) / t[:, None]
+
+    def model_output(self, x: Tensor, times: Tensor, cond: Tensor, *, policy: bool) -> Tensor:
+        if self.flow:  # times: t in (0, 1]
+            t = times.to(x.device, x.dtype)
+            out = self._ref_velocity(x, t)
+            return out + self.policy(x, t) if policy else out
+        abar = self._alphas[times.clamp(min=0)]
         eps = self._ref_eps(x, abar)
         if policy:
-            eps = eps + self.policy(x, timesteps.to(x.dtype) / self.schedule.num_train_timesteps)
+            eps = eps + self.policy(x, times.to(x.dtype) / self.schedule.num_train_timesteps)
         return eps
 
-    def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
-        abar = self.schedule.abar(timesteps.cpu()).to(x.device, x.dtype)
+    def consistency_x0(self, x: Tensor, times: Tensor, cond: Tensor) -> Tensor:
+        if self.flow:  # the flow's ODE is the VP probability-flow ODE of the equivalent state
+            return pf_ode_x0(
+                self._posterior_mean, *self._as_vp(x, times.to(x.device, x.dtype)),
+                self.options.ode_steps,
+            )  # fmt: skip
+        abar = self.schedule.abar(times.cpu()).to(x.device, x.dtype)
         return pf_ode_x0(self._posterior_mean, x, abar, self.options.ode_steps)
 
     def evaluate(
@@ -186,8 +236,9 @@ class GMM2DTask(Task):
         panels = [("fine-tuned", samples)]
         if ref_samples is not None:
             panels.append(("reference", ref_samples))
+        process = "flow, " if self.flow else ""
         self.plot_panels(
-            panels, path, f"samples (red) over the exact target, alpha = {self.alpha:g}"
+            panels, path, f"samples (red) over the exact target, {process}alpha = {self.alpha:g}"
         )
 
     def plot_panels(

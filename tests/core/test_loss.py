@@ -1,4 +1,5 @@
-"""The SQDF loss: its formula, its discount, and its gradient against finite differences."""
+"""The SQDF loss: its formula, its discount, and its gradient against finite differences (on
+the VP and the flow-matching path)."""
 
 import pytest
 import torch
@@ -25,8 +26,9 @@ def test_soft_q_loss_formula():
     torch.testing.assert_close(got, torch.tensor([-0.81 * 1.0 + 1.0, -2.0 + 0.5]))
 
 
+@pytest.mark.parametrize("process", ["vp", "flow"])
 @pytest.mark.parametrize("estimator", ["tweedie", "consistency"])
-def test_sqdf_gradient_matches_finite_differences(estimator):
+def test_sqdf_gradient_matches_finite_differences(estimator, process):
     cfg = TrainConfig(
         num_steps=6,
         alpha=0.7,
@@ -34,7 +36,7 @@ def test_sqdf_gradient_matches_finite_differences(estimator):
         estimator=estimator,
         device="cpu",
         reward="quadratic",
-        task_params={"hidden": 3, "ode_steps": 3, "num_modes": 3},
+        task_params={"hidden": 3, "ode_steps": 3, "num_modes": 3, "process": process},
     )
     torch.manual_seed(0)
     task = build_task(cfg)
