@@ -212,6 +212,15 @@ def test_preset_reproduces_the_numbers_of_the_run_it_names(name, sd15_configs):
         assert cfg.task_params.get("lora_alpha") == float(want["rank"])  # lora_alpha = rank
 
 
+@pytest.mark.parametrize("name", [n for n in sorted(PRESETS) if n.startswith("sd")])
+def test_sd_presets_resolve_on_tiny_parts_with_their_own_d(name, sd15_configs, tiny_sd):
+    flags = _needed(name, sd15_configs)
+    flags["task_params"]["model"] = str(tiny_sd / "sd")
+    sizes = plan(resolve_settings(flags=flags, preset=name))
+    assert sizes["dims"] == 4 * 8 * 8  # the tiny UNet's latent
+    assert sizes["alpha_sum"] == pytest.approx(2 * PRESETS[name]["alpha"] / sizes["dims"])
+
+
 def test_bbo_preset_has_the_papers_query_schedule(sd15_configs):
     from sqdf.bbo import BboConfig
 
