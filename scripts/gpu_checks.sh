@@ -7,7 +7,7 @@
 # .whl/ (pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl
 #  diffusers==0.42.1 importlib_metadata digit-recognizer-py==0.1.0) and run
 #     bash scripts/gpu_checks.sh [STAGE...]      with carry [".whl"]
-# Stages (default: all, in this order, most wanted first; a session's device time is short,
+# Stages (default: all, in this order, most wanted first; device time is short,
 # so give one stage per call, `sd15` first; each is meant to fit one 10-minute call, but none
 # has been timed on a GPU yet):
 #   sd15    one gradient step's peak memory (step_memory.py), then the five update designs

@@ -259,7 +259,7 @@ class TrainState:
 
 
 @dataclass
-class Session:
+class TrainingRun:
     """One ``train`` call's working set: built by ``set_up``, carried through the phases."""
 
     given: TrainConfig  # the config as the caller wrote it (config.json, messages)
@@ -357,7 +357,7 @@ def set_up(
     progress: bool,
     state: TrainState | None,
     sources: dict[str, str] | None,
-) -> Session:
+) -> TrainingRun:
     """Check the folder and the config, build (or take) the task, write config.json, make the
     optimizer, buffer and stream, and restore them from the latest checkpoint on resume."""
     if state is not None and resume:
@@ -425,7 +425,7 @@ def set_up(
         "samples_seen": 0, "reward_evals": 0, "skipped_updates": 0, "nonfinite_rewards": 0,
         "wall_s": 0.0, "sample_s": 0.0,
     }  # fmt: skip
-    s = Session(
+    s = TrainingRun(
         given=given, cfg=cfg, run=run, procs=procs, task=task, method_params=method_params,
         params=params, optimizer=optimizer, buffer=buffer, generator=generator, scaler=scaler,
         caller=state, counters=counters,
@@ -459,7 +459,7 @@ def batch_note(cfg: TrainConfig, world: int) -> str:
     )
 
 
-def sample_fresh(s: Session, step: int) -> Fresh:
+def sample_fresh(s: TrainingRun, step: int) -> Fresh:
     """Every ``replay_ratio`` updates (full rollouts only): a fresh batch of trajectories,
     scored and stored (those with a finite reward). Returns the newest batch's rewards too."""
     cfg, fresh = s.cfg, Fresh()
@@ -486,7 +486,7 @@ def sample_fresh(s: Session, step: int) -> Fresh:
     return fresh
 
 
-def draw_cells(s: Session, grads: Gradients) -> Cells:
+def draw_cells(s: TrainingRun, grads: Gradients) -> Cells:
     """One micro-batch of (trajectory, step) cells: from the replay buffer, or (truncated
     rollouts) fresh trajectories run only as far as the steps they are used at."""
     cfg = s.cfg
@@ -502,7 +502,7 @@ def draw_cells(s: Session, grads: Gradients) -> Cells:
     return cells
 
 
-def accumulate_gradients(s: Session, fresh: Fresh) -> Gradients:
+def accumulate_gradients(s: TrainingRun, fresh: Fresh) -> Gradients:
     """``grad_accum`` micro-batches of the method's loss, back-propagated (scaled where a loss
     scaler runs); an update with nothing to learn from, or a non-finite loss, is marked
     skipped with its cause."""
@@ -538,7 +538,7 @@ def accumulate_gradients(s: Session, fresh: Fresh) -> Gradients:
     return grads
 
 
-def count_update(s: Session, fresh: Fresh, grads: Gradients) -> torch.Tensor:
+def count_update(s: TrainingRun, fresh: Fresh, grads: Gradients) -> torch.Tensor:
     """One small all-reduce of what every process counted (samples, rewards, skips) into the
     run's counters; a skip anywhere skips the update everywhere. Returns the summed tally:
     bad, sampled, method evals, skips, reward sum, sum of squares, count, partial."""
@@ -556,7 +556,7 @@ def count_update(s: Session, fresh: Fresh, grads: Gradients) -> torch.Tensor:
     return tally
 
 
-def apply_update(s: Session, grads: Gradients, tally: torch.Tensor) -> float:
+def apply_update(s: TrainingRun, grads: Gradients, tally: torch.Tensor) -> float:
     """Average and clip the gradients and step the optimizer, unless the update is skipped
     (then the weights stay as they were); too many skips in a row stop the run. Returns the
     gradient norm before clipping (NaN when skipped before it was taken)."""
@@ -594,7 +594,7 @@ def apply_update(s: Session, grads: Gradients, tally: torch.Tensor) -> float:
 
 
 def log_update(
-    s: Session, done: int, grads: Gradients, tally: torch.Tensor, grad_norm: float
+    s: TrainingRun, done: int, grads: Gradients, tally: torch.Tensor, grad_norm: float
 ) -> dict[str, Any]:
     """The metrics row of update ``done`` (averaged over processes), appended to
     metrics.jsonl by the main process."""
@@ -626,7 +626,7 @@ def log_update(
     return row
 
 
-def checkpoint(s: Session, step: int) -> None:
+def checkpoint(s: TrainingRun, step: int) -> None:
     """A resumable checkpoint at update ``step``: every process takes part (its buffer and
     stream are gathered); the main one writes."""
     procs = s.procs
@@ -655,7 +655,7 @@ def checkpoint(s: Session, step: int) -> None:
     )
 
 
-def finish(s: Session) -> Path:
+def finish(s: TrainingRun) -> Path:
     """The final policy (and the task's extra files) into RUN/final; returns the run folder."""
     policy = s.procs.model_state(s.task.policy)  # collective under FSDP
     if s.procs.is_main:
