@@ -67,7 +67,7 @@ def _read(name: str) -> dict[str, Any]:
 
 def task_defaults(task: str) -> dict[str, Any]:
     """The defaults task ``task`` declares (an empty table for a task that keeps the built-in
-    ones; nothing for an unknown task, which TrainConfig refuses with the known names)."""
+    ones; nothing for an unknown task, which check_registered refuses with the known names)."""
     return _read(TASK_DEFAULTS_FILE).get(task, {})
 
 

@@ -10,27 +10,32 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "sqdf"
 
 
-def _modules() -> dict[str, Path]:
+def _modules(package: Path) -> dict[str, Path]:
     out = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out[name] = path
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Module -> the sqdf modules it imports anywhere in its body. Importing a.b.c also runs
     the packages a.b and a (unless the importer is inside them, where Python has run them)."""
-    mods = _modules()
+    mods = _modules(package)
     graph: dict[str, set[str]] = {}
     for name, path in mods.items():
         targets: set[str] = set()
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level:  # from .a import x: relative to this module's package
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    module = ".".join(base + ([module] if module else []))
                 for alias in node.names:
-                    full = f"{node.module}.{alias.name}"
-                    targets.add(full if full in mods else node.module)
+                    full = f"{module}.{alias.name}"
+                    targets.add(full if full in mods else module)
             elif isinstance(node, ast.Import):
                 targets.update(a.name for a in node.names)
         edges = set()
@@ -83,6 +88,23 @@ def test_no_module_imports_one_that_imports_it_back():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_graph_is_read_from_the_package():
+    graph = import_graph()
+    assert "sqdf.sampler" in graph["sqdf.trainer"]  # module level
+    assert "sqdf.tasks.sd" in graph["sqdf.tasks"]  # inside a function
+    assert "sqdf.core.kernel" in graph["sqdf.tasks.base"]
+
+
+def test_relative_imports_are_read(tmp_path):
+    pkg = tmp_path / "sqdf"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("from .b import x\n")
+    (pkg / "sub" / "b.py").write_text("from . import a\nfrom ..sub.a import y\n")
+    assert cycles(import_graph(pkg)) == [["sqdf.sub.a", "sqdf.sub.b"]]
 
 
 def test_core_imports_nothing_else_of_ours():

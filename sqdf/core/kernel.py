@@ -93,8 +93,10 @@ class DDIMKernel(StepKernel):
         return tweedie_x0(output, x, abar, self.prediction_type)
 
     def noise(self, x0: Tensor, noise: Tensor, k: Tensor) -> Tensor:
-        abar = self._abar(self.schedule.timesteps[k], x0)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        # the roots in float64, then the sample's dtype: as a scheduler's Python-float scale
+        abar = self.schedule.abar(self.schedule.timesteps[k]).double()
+        scale, spread = _expand(abar.sqrt(), x0), _expand((1 - abar).sqrt(), x0)
+        return scale * x0 + spread * noise
 
     @property
     def stds(self) -> Tensor:

@@ -56,6 +56,8 @@ def sample_shape(cfg: Any) -> tuple[int, ...]:
         from sqdf.tasks.digits_model import IMAGE_SIZE
 
         return (1, IMAGE_SIZE, IMAGE_SIZE)
+    if cfg.task != "sd":
+        raise ConfigError(f"unknown task {cfg.task!r}; known: {', '.join(sorted(TASKS))}")
     from sqdf.params import build_settings
     from sqdf.tasks.sd import SDConfig, latent_shape
 

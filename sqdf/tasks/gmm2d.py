@@ -72,6 +72,11 @@ class GMM2DConfig:
             )
         if not self.shift > 0:
             raise ConfigError(f"gmm2d shift must be > 0, got {self.shift}")
+        if self.process == "vp" and (self.noise_level, self.shift) != (0.7, 1.0):
+            raise ConfigError(
+                'gmm2d noise_level and shift are the flow process\'s; add process = "flow" '
+                "(the vp process's noise is eta)"
+            )
         k = len(self.means) if self.means is not None else self.num_modes
         if self.means is not None and any(len(m) != 2 for m in self.means):
             raise ConfigError(f"gmm2d means must be a list of [x, y] pairs, got {self.means}")
@@ -277,6 +282,11 @@ class GMM2DTask(Task):
 
 def build_gmm2d(cfg: Any, reward: Any, device: torch.device) -> GMM2DTask:
     options = build_settings(GMM2DConfig, cfg.task_params, "task 'gmm2d'")
+    if options.process == "flow" and cfg.eta != 1.0:
+        raise ConfigError(
+            f"eta is DDIM's; the flow process's noise is task_params.noise_level (got eta "
+            f"{cfg.eta})"
+        )
     if getattr(reward, "domain", None) != "points":
         raise ConfigError(
             "task 'gmm2d' needs a reward with a closed-form optimum (linear, quadratic)"

@@ -142,6 +142,20 @@ def test_kl_between_two_velocities_has_the_closed_form_of_the_method():
         torch.testing.assert_close(std.flatten()[0], kernel.stds[k].double(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("noise_level", [0.3, 0.7])
+def test_every_steps_std_is_sigma_t_times_the_root_of_the_step(noise_level):
+    # sigma_t = a sqrt(t / (1 - t)) below t = 1, written out here independently
+    sigmas = flow_sigmas(12, shift=3.0).double()
+    kernel = FlowKernel(sigmas, noise_level)
+    x, v = torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+    for k in range(1, 12):
+        t, t_next = float(sigmas[k]), float(sigmas[k + 1])
+        expected = noise_level * (t / (1 - t)) ** 0.5 * (t - t_next) ** 0.5
+        _, std = kernel.step(v, x, torch.tensor([k]))
+        assert float(std.flatten()[0]) == pytest.approx(expected, rel=1e-12)
+        assert float(kernel.stds[k]) == pytest.approx(expected, rel=1e-6)
+
+
 def test_first_step_caps_sigma_at_the_grids_next_time():
     sigmas = flow_sigmas(5)
     kernel = FlowKernel(sigmas, noise_level=0.7)

@@ -34,7 +34,7 @@ def marginal(gmm: GaussianMixture, t: float) -> GaussianMixture:
     return GaussianMixture(gmm.weights, (1 - t) * gmm.means, (1 - t) ** 2 * gmm.variances + t**2)
 
 
-@pytest.mark.parametrize("t", [0.05, 0.3, 0.7, 0.98, 1.0])
+@pytest.mark.parametrize("t", [0.05, 0.3, 0.7, 0.98, 0.999])
 def test_reference_velocity_is_the_mixtures_own_score(t):
     # independent of the posterior: the noised mixture's score by autograd, against the
     # velocity's ε̂ = x + (1 - t) v = -t * score
@@ -46,6 +46,27 @@ def test_reference_velocity_is_the_mixtures_own_score(t):
     v = task.model_output(x.detach(), torch.full((64,), t, dtype=torch.float64), None, policy=False)
     eps_hat = x.detach() + (1 - t) * v
     torch.testing.assert_close(eps_hat, -t * score, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("process", ["vp", "flow"])
+def test_step_ks_q_is_estimated_at_the_state_it_reaches(process):
+    # step k goes from state k to state k + 1: its x̂0 is the posterior mean there, and after
+    # the last step the state is the sample itself
+    torch.manual_seed(0)
+    task = build_task(TrainConfig(num_steps=8, device="cpu", estimator="tweedie",
+                                  task_params={"process": process, "hidden": 4}))  # fmt: skip
+    x = torch.randn(3, 2, dtype=torch.float64)
+    for k in range(8):
+        got = task.x0_after_step(x, torch.full((3,), k), None)
+        if k == 7:
+            assert torch.equal(got, x)
+            continue
+        state = torch.full((3,), k + 1)
+        out = task.model_output(x, task.kernel.model_time(state), None, policy=False)
+        torch.testing.assert_close(got, task.kernel.x0(out, x, state))
+        other = torch.full((3,), k)
+        out_k = task.model_output(x, task.kernel.model_time(other), None, policy=False)
+        assert not torch.allclose(got, task.kernel.x0(out_k, x, other))
 
 
 def test_consistency_x0_is_the_flow_odes_end_point():
