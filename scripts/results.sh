@@ -19,6 +19,9 @@ declare -A EXPERIMENTS=(
     [gmm2d-estimator]="--task gmm2d --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
     [gmm2d-buffer]="--task gmm2d --methods sqdf --seeds 3 --sweep buffer=uniform,on_policy,prioritized"
     [gmm2d-alpha]="--task gmm2d --methods sqdf --seeds 3 --sweep alpha=0.5,1.0,2.0,4.0"
+    # the same two comparisons on the rectified-flow path (the flow SDE kernel, noise level 0.7)
+    [gmm2d-flow-quadratic]="--task gmm2d --methods $ALL --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --set 'task_params={process=\"flow\"}'"
+    [gmm2d-flow-linear]="--task gmm2d --methods $ALL --seeds 3 --set 'task_params={process=\"flow\"}'"
     [digits-methods]="${DIGITS[*]} --methods $ALL --seeds 3"
     [digits-gamma]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep gamma=1.0,0.9,0.7"
     [digits-estimator]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
@@ -31,7 +34,7 @@ declare -A EXPERIMENTS=(
     [bbo-digits-512]="bbo --task digits --config docs/results/digits.toml --methods sqdf,best_of_n --seeds 3 --rounds 8 --queries-per-round 64 --updates-per-round 20"
 )
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-buffer gmm2d-alpha
-       digits-methods digits-gamma digits-estimator digits-buffer digits-alpha bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear digits-methods digits-gamma digits-estimator digits-buffer digits-alpha bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args
