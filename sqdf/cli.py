@@ -38,7 +38,8 @@ alpha 2.0 in the reference code's per-dimension convention, 2,000 updates); digi
 demo's. --dry-run shows every value and where it came from.
 
 task parameters (--task-param KEY=VALUE; README for their meaning):
-  gmm2d   num_modes, radius, std, means, stds, weights, hidden, ode_steps
+  gmm2d   num_modes, radius, std, means, stds, weights, hidden, ode_steps, process,
+          noise_level, shift
   digits  model, cm, guidance, lora_rank, lora_alpha, lora_targets, classes, finetune,
           compile, channels_last
   sd      model, prompts, negative_prompt, guidance, resolution, lora_rank, lora_alpha,

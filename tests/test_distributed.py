@@ -286,7 +286,7 @@ def test_shipped_fsdp_config_fine_tunes_the_whole_sd_unet(tmp_path):
            "--task-param", "finetune=full", "--reward", "aesthetic",
            "--reward-param", f"clip={parts['clip']}", "--reward-param", f"head={parts['head']}",
            "--estimator", "tweedie", "--num-steps", "4", "--batch-size", "2", "--steps", "2",
-           "--checkpoint-every", "1", "--out", str(run)]  # fmt: skip
+           "--grad-accum", "1", "--checkpoint-every", "1", "--out", str(run)]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # one FSDP unit per transformer and ResNet block, and the root

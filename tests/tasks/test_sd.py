@@ -311,8 +311,8 @@ def test_cli_train_eval_and_render_with_the_lora(parts, tmp_path, capsys, monkey
     argv = ["train", "--task", "sd", "--model", str(parts / "sd"), "--prompts", "varied",
             "--reward", "aesthetic", "--reward-param", f"clip={parts / 'clip'}",
             "--reward-param", f"head={head}", "--estimator", "tweedie", "--num-steps", "3",
-            "--steps", "2", "--batch-size", "2", "--buffer-size", "8", "--device", "cpu",
-            "--out", str(run), "--no-progress"]  # fmt: skip
+            "--steps", "2", "--batch-size", "2", "--buffer-size", "8", "--grad-accum", "1",
+            "--device", "cpu", "--out", str(run), "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert main(["eval", str(run), "--num-samples", "4", "--no-progress"]) == 0
@@ -624,7 +624,8 @@ def test_readme_sd_bbo_config_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
     argv = shlex.split(command.strip())[1:]
     small = ["--rounds", "2", "--queries-per-round", "2", "--updates-per-round", "1",
              "--seeds", "1", "--set", "num_steps=3", "--set", "batch_size=2",
-             "--set", "device='cpu'", "--methods", "sqdf,best_of_n", "--no-progress"]  # fmt: skip
+             "--set", "grad_accum=1", "--set", "device='cpu'", "--methods", "sqdf,best_of_n",
+             "--no-progress"]  # fmt: skip
     assert main(argv + small) == 0
     doc = json.loads((tmp_path / "runs/sd-bbo/results.json").read_text())
     assert doc["task"] == "sd" and list(doc["methods"]) == ["sqdf", "best_of_n"]
