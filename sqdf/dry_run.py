@@ -10,6 +10,7 @@ from sqdf.config import TrainConfig, config_fields
 from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
 from sqdf.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name, sample_shape
+from sqdf.trainer import alpha_note
 
 STATE_BYTES = 4  # trajectories are kept as float32 states
 
@@ -71,12 +72,10 @@ def dry_run_text(resolved: Resolved, processes: int = 1) -> str:
             f"alpha: {cfg.alpha:g} weights the exact KL summed over D (kl_scale sum); "
             f"{p['alpha_mean']:.4g} as the SQDF reference code writes it (kl_scale mean)"
         )
-    else:
-        lines.append(
-            f"alpha: {cfg.alpha:g} (kl_scale {cfg.kl_scale}) = {cfg.alpha:g} x "
-            f"{KL_SCALES[cfg.kl_scale]:g} / D = {p['alpha_sum']:.4g} as the weight of the exact "
-            "KL summed over D (what the losses use)"
-        )
+    else:  # the line a run logs at its start
+        kl = {"kl_scale": cfg.kl_scale, "alpha": cfg.alpha, "dims": p["dims"],
+              "alpha_sum": p["alpha_sum"]}  # fmt: skip
+        lines.append(f"{alpha_note(kl)} (what the losses use)")
     lines.append(
         f"effective batch: {p['effective_batch']} cells per update = "
         f"{p['cells_per_micro_batch']} per micro-batch x {processes} process(es) x "
