@@ -169,7 +169,7 @@ def compare(
                     continue
                 if "diverged" not in metrics:
                     metrics = evaluate_run(run, num_samples=num_samples, progress=False)
-                    if seed == 0:
+                    if seed == 0 and base["task"] == "gmm2d":  # the panel only gmm2d draws
                         task = load_run(run)
                         gen = torch.Generator().manual_seed(0)
                         sample = sample_trajectories(task, PANEL_POINTS, gen).x0
