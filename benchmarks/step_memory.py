@@ -3,9 +3,11 @@ update that holds activations (sampling runs without gradients), so its peak is 
 
     python benchmarks/step_memory.py --preset sd15 --parts /tmp/sd15 --resolution 512
     python benchmarks/step_memory.py --preset sd15 --task-param dtype=bfloat16   # on a GPU
+    python benchmarks/step_memory.py --preset sdxl --parts /tmp/sdxl --batch-size 2   # 1024 px
 
 Builds the sd task on random-initialised parts of the real classes (the settings of
-``update_speed.py``: CFG 5, LCM UNet x̂0, CLIP + aesthetic head, gradient checkpointing on),
+``update_speed.py``: CFG 5, LCM UNet x̂0 (an LCM-LoRA on SDXL), CLIP + aesthetic head,
+gradient checkpointing on, the family's native resolution),
 draws ``--batch-size`` random latents as the states before step ``--step`` (0: the first and
 noisiest, where the LCM estimator runs; the last step needs none), and times the SQDF loss
 and its backward twice (the first allocates). Memory is the CUDA allocator's peak on a GPU,
@@ -29,8 +31,10 @@ from update_speed import base_config, device_name, peak_memory, write_json  # no
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sqdf.tasks.sd_random import PRESETS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="sd sizes")
+    ap.add_argument("--preset", choices=PRESETS, default="tiny", help="sd sizes")
     ap.add_argument("--parts", default=None, help="folder to keep the random parts in")
     ap.add_argument("--resolution", type=int, default=None, help="image side in pixels")
     ap.add_argument("--batch-size", type=int, default=4, help="states per step (4)")

@@ -2,6 +2,8 @@
 
     python benchmarks/update_speed.py --task digits --out benchmarks/results/speed-cpu.json
     python benchmarks/update_speed.py --task sd --preset sd15 --updates 6   # on a GPU
+    python benchmarks/update_speed.py --task sd --preset sdxl --batch-size 2 --updates 5 \
+        --designs reference,replay4 --eval-samples 0   # SDXL at 1024 px, on a GPU
     python benchmarks/update_speed.py --task sd --preset sd15 --designs reference \
         --eval-samples 0 --task-param gradient_checkpointing=false   # time and memory only
 
@@ -61,7 +63,10 @@ DIGITS = {"task": "digits", "reward": "ink", "alpha": 0.1, "gamma": 0.9,
           "estimator": "consistency", "num_steps": 20, "batch_size": 32, "lr": 1e-3}  # fmt: skip
 
 
-def base_config(task: str, preset: str, parts: Path) -> dict:
+RESOLUTIONS = {"sd15": 512, "sdxl": 1024}  # each family's native size; the tiny ones 16
+
+
+def base_config(task: str, preset: str, parts: Path, batch_size: int = SD_BATCH) -> dict:
     if task == "digits":
         return dict(DIGITS)
     from sqdf.tasks.sd_random import write_parts
@@ -69,9 +74,9 @@ def base_config(task: str, preset: str, parts: Path) -> dict:
     paths = write_parts(parts, preset)
     return {
         "task": "sd", "reward": "aesthetic", "alpha": 0.1, "gamma": 0.9,
-        "estimator": "consistency", "num_steps": 50, "batch_size": SD_BATCH, "lr": 1e-4,
+        "estimator": "consistency", "num_steps": 50, "batch_size": batch_size, "lr": 1e-4,
         "task_params": {"model": paths["model"], "lcm": paths["lcm"], "guidance": 5.0,
-                        "resolution": 512 if preset == "sd15" else 16},
+                        "resolution": RESOLUTIONS.get(preset, 16)},
         "reward_params": {"clip": paths["clip"], "head": paths["head"]},
     }  # fmt: skip
 
@@ -158,9 +163,15 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sqdf.tasks.sd_random import PRESETS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=["digits", "sd"], default="digits")
-    ap.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="sd sizes")
+    ap.add_argument("--preset", choices=PRESETS, default="tiny", help="sd sizes")
+    ap.add_argument(
+        "--batch-size", type=int, default=SD_BATCH,
+        help=f"sd: trajectory-step cells per update ({SD_BATCH})",
+    )  # fmt: skip
     ap.add_argument("--updates", type=int, default=30, help="updates per design")
     ap.add_argument(
         "--designs", default=",".join(DESIGNS),
@@ -182,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown design {unknown[0]!r}; known: reference, truncated, truncated_x<M>, "
             "replay<N> (M, N positive integers)"
         )
-    base_batch = SD_BATCH if args.task == "sd" else DIGITS["batch_size"]
+    if args.batch_size < 1:
+        ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    base_batch = args.batch_size if args.task == "sd" else DIGITS["batch_size"]
     uneven = [d for d in designs
               if base_batch % design_settings(d).get("cells_per_trajectory", 1)]  # fmt: skip
     if uneven:
@@ -197,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             f"replay cycle ({cycle} updates) of every design"
         )
     parts = Path(args.parts or tempfile.mkdtemp(prefix="sqdf-speed-"))
-    base = base_config(args.task, args.preset, parts)
+    base = base_config(args.task, args.preset, parts, args.batch_size)
     from sqdf.cli import key_values
     from sqdf.errors import SqdfError
 
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         # a process per design, so each one's peak memory is its own
         cmd = [sys.executable, __file__, "--task", args.task, "--preset", args.preset,
                "--updates", str(args.updates), "--eval-samples", str(args.eval_samples),
+               "--batch-size", str(args.batch_size),
                "--parts", str(parts), "--designs", name, "--one", name]  # fmt: skip
         cmd += [f"--task-param={item}" for item in args.task_param]
         done = subprocess.run(cmd, capture_output=True, text=True)

@@ -16,6 +16,10 @@
 #   tests   tests/test_gpu.py and the FSDP config through accelerate launch on one GPU
 #   knobs   the reference design at SD 1.5 size: as is, without gradient checkpointing,
 #           with channels_last, with torch.compile
+#   sdxl    SDXL size (random parts, LCM-LoRA x̂0, bf16): one gradient step's peak memory at
+#           batch 2 x 1024 px and batch 4 x 512 px, then s/update of the reference design
+#           and replay4 at each (issue 16's table). Writing the random SDXL parts (~15 GB)
+#           takes minutes of the call; /tmp/sdxl keeps them for a rerun on a warm machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -26,7 +30,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(sd15 tests knobs)
+[ ${#stages[@]} -eq 0 ] && stages=(sd15 tests knobs sdxl)
 for stage in "${stages[@]}"; do
     case $stage in
     tests)
@@ -52,6 +56,17 @@ for stage in "${stages[@]}"; do
                 --out "$OUT/sd15-knob-${knob:-none}.json"
         done
         ;;
-    *) echo "unknown stage $stage (tests, sd15, knobs)" >&2; exit 2 ;;
+    sdxl)
+        python3 -c "from sqdf.tasks.sd_random import write_parts; write_parts('/tmp/sdxl', 'sdxl')"
+        for size in "2 1024" "4 512"; do
+            set -- $size
+            python3 benchmarks/step_memory.py --preset sdxl --parts /tmp/sdxl --batch-size "$1" \
+                --resolution "$2" --out "$OUT/sdxl-step-b$1-$2px.json"
+            python3 benchmarks/update_speed.py --task sd --preset sdxl --parts /tmp/sdxl \
+                --batch-size "$1" --task-param resolution="$2" --designs reference,replay4 \
+                --updates 5 --eval-samples 0 --out "$OUT/sdxl-speed-b$1-$2px.json"
+        done
+        ;;
+    *) echo "unknown stage $stage (tests, sd15, knobs, sdxl)" >&2; exit 2 ;;
     esac
 done

@@ -31,6 +31,10 @@ examples:
   sqdf train --preset sd15-aesthetic --model ~/sd15 --task-param lcm=~/lcm-lora.safetensors \
       --reward-param clip=~/clip-l14 --reward-param head=~/aesthetic.safetensors --out runs/sd
   sqdf train --preset sd15-aesthetic --model ~/sd15 ... --dry-run   # what would run
+  sqdf train --task sd --model ~/sdxl --task-param resolution=512 ...  # SDXL, by its folder
+
+The sd task reads the family from the folder's model_index.json: StableDiffusionPipeline
+(SD 1.x/2.x) or StableDiffusionXLPipeline (SDXL).
 
 settings: built-in defaults < the task's defaults < --preset < --config < flags. The sd
 task's defaults are the official SQDF aesthetic run's (batch 4 x 8 accumulation per process,
@@ -122,7 +126,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             help=f"{key[:-7]} parameter, e.g. {example} (repeatable)",
         )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--model", metavar="PATH", help="sd: local SD folder (= --task-param model=)")
+    p.add_argument(
+        "--model", metavar="PATH",
+        help="sd: local diffusers folder, SD 1.x/2.x or SDXL (= --task-param model=)",
+    )  # fmt: skip
     p.add_argument("--prompts", metavar="SET|FILE", help="sd: prompts (= --task-param prompts=)")
     for f in config_fields():
         if f.name in DICT_FIELDS:
@@ -262,7 +269,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         from sqdf.render import render_sd
 
         if not args.model:
-            raise SqdfError("sqdf sample --task sd needs --model PATH (a local SD folder)")
+            raise SqdfError(
+                "sqdf sample --task sd needs --model PATH (a local SD 1.x/2.x or SDXL folder)"
+            )
         picture = render_sd(
             args.model, args.lora, args.prompts, args.out or "sd_samples.png",
             num_images=8 if args.num_samples is None else args.num_samples, seed=args.seed,
@@ -682,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-reference", action="store_true", help="skip the reference panel")
     s.add_argument("--task", choices=["sd"], help="sd: render with a plain diffusers pipeline")
-    s.add_argument("--model", metavar="PATH", help="sd: local Stable Diffusion folder")
+    s.add_argument("--model", metavar="PATH", help="sd: local SD 1.x/2.x or SDXL diffusers folder")
     s.add_argument(
         "--lora",
         metavar="DIR",

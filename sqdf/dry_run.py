@@ -66,6 +66,11 @@ def dry_run_text(resolved: Resolved, processes: int = 1) -> str:
             shown = f"auto ({resolved_reward_name(cfg)})"
         lines.append(f"  {f.name:<28} {str(shown):<28} {resolved.source_of(f.name)}")
     shape = " x ".join(str(s) for s in p["shape"])
+    if cfg.task == "sd":
+        from sqdf.tasks.sd_family import family_of
+
+        family = family_of(cfg.task_params["model"])
+        lines.append(f"model: {family.label} ({family.pipeline}) in {cfg.task_params['model']}")
     lines.append(f"sample: D = {p['dims']:,} dimensions ({shape})")
     if cfg.kl_scale == "sum":
         lines.append(

@@ -1,6 +1,7 @@
-"""``sqdf sample --task sd``: render prompts with a plain diffusers pipeline and the weights
-in ``RUN/final`` (a LoRA, or a fully fine-tuned UNet), the way a user of the fine-tuned
-weights would, into one picture."""
+"""``sqdf sample --task sd``: render prompts with a plain diffusers pipeline of the model's
+family (StableDiffusionPipeline or StableDiffusionXLPipeline) and the weights in
+``RUN/final`` (a LoRA, or a fully fine-tuned UNet), the way a user of the fine-tuned weights
+would, into one picture."""
 
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ class RenderSettings:
     guidance: float = 5.0
     num_steps: int = 50
     negative_prompt: str = ""
+    resolution: int | None = None  # image side in pixels (None: the pipeline's default)
 
 
 def trained_settings(final: Path | None) -> RenderSettings:
-    """The prompts, CFG scale, DDIM steps and negative prompt the sd run that wrote ``final``
-    trained with (what its policy was fine-tuned to produce); the defaults without one. Read
-    from its config as they are: nothing the run pointed at (model, LCM, prompts file) has to
-    be where it was."""
+    """The prompts, CFG scale, DDIM steps, negative prompt and resolution the sd run that
+    wrote ``final`` trained with (what its policy was fine-tuned to produce); the defaults
+    without one. Read from its config as they are: nothing the run pointed at (model, LCM,
+    prompts file) has to be where it was."""
     if final is None or not (final.parent / "config.json").is_file():
         return RenderSettings()
     from sqdf.run import read_run_config
@@ -41,9 +43,10 @@ def trained_settings(final: Path | None) -> RenderSettings:
     if cfg.task != "sd":
         raise SqdfError(f"{final.parent} is a {cfg.task} run; --task sd renders sd runs")
     given = {**{f.name: f.default for f in dataclasses.fields(SDConfig)}, **cfg.task_params}
+    resolution = given["resolution"]
     return RenderSettings(
         str(given["prompts"]), float(given["guidance"]), cfg.num_steps,
-        str(given["negative_prompt"]),
+        str(given["negative_prompt"]), None if resolution is None else int(resolution),
     )  # fmt: skip
 
 
@@ -63,10 +66,11 @@ def render_sd(
     (same seeds), so the fine-tuning's effect is one look away. ``prompts``, ``guidance``
     and ``num_steps`` left None are the training run's (``lora``'s parent folder), with its
     negative prompts, else the defaults of :class:`RenderSettings`."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     from sqdf.report import save_image_rows
     from sqdf.tasks import resolve_device
+    from sqdf.tasks.sd_family import family_of
 
     if num_images < 1:
         raise SqdfError(f"--num-samples must be >= 1, got {num_images}")
@@ -88,19 +92,25 @@ def render_sd(
             file=sys.stderr,
         )
     pairs = load_prompt_pairs(prompts)  # before any weights are loaded
+    family = family_of(model)
     dev = resolve_device(device)
+    # SD 1.x/2.x folders may name a safety checker; the renders are ours to look at
+    extra = (
+        {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
+    )
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model, local_files_only=True, use_safetensors=True, safety_checker=None,
-            requires_safety_checker=False,
-            dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
+        pipe = family.pipeline_class().from_pretrained(
+            model, local_files_only=True, use_safetensors=True,
+            dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, **extra,
         )  # fmt: skip
     except (OSError, ValueError) as err:
-        raise SqdfError(f"cannot load a Stable Diffusion pipeline from {model}: {err}") from None
+        raise SqdfError(f"cannot load a {family.pipeline} from {model}: {err}") from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     chosen = [pairs[i % len(pairs)] for i in range(num_images)]
+    side = trained.resolution
+    size = {} if side is None else {"height": side, "width": side}
     rows: list[tuple[str, torch.Tensor]] = []
 
     def draw() -> torch.Tensor:
@@ -110,7 +120,7 @@ def render_sd(
             negative = trained.negative_prompt if own is None else own  # as the task pairs them
             out = pipe(prompt, negative_prompt=negative or None, num_inference_steps=num_steps,
                        guidance_scale=guidance, eta=1.0, generator=g,
-                       output_type="pt")  # fmt: skip
+                       output_type="pt", **size)  # fmt: skip
             images.append(out.images[0].float().cpu())
         return torch.stack(images)
 

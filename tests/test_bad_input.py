@@ -4,6 +4,7 @@ docs/reliability.md quotes the number of cases in CASES."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -132,8 +133,8 @@ CASES = [
      "unknown device 'tpu'"),
     ("sd without a model folder", lambda r: ["train", "--task", "sd", "--reward", "ink", "--out", str(r / "x")],
      "needs a local Stable Diffusion folder"),
-    ("sd with a folder that is not SD", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _folder_with(r, {}), "--out", str(r / "x")],
-     "missing unet/, vae/, text_encoder/, tokenizer/, scheduler/"),
+    ("sd with an SD index but no parts", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _folder_with(r, {"model_index.json": '{"_class_name": "StableDiffusionPipeline"}'}), "--out", str(r / "x")],
+     "is not a complete SD 1.x/2.x folder (missing unet/, vae/, text_encoder/, tokenizer/, scheduler/)"),
     ("sd with an empty prompts file", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r), "--prompts", _folder_with(r, {"p.txt": "\n"}) + "/p.txt", "--out", str(r / "x")],
      "has no prompts"),
     ("sd with a missing prompts file", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r), "--prompts", str(r / "none.txt"), "--out", str(r / "x")],
@@ -153,6 +154,12 @@ CASES = [
     ("BBO preset given to train", lambda r: ["train", "--preset", "sd15-bbo-aesthetic"], "run it with sqdf bbo --preset"),
     ("BBO preset given to compare", lambda r: ["compare", "--preset", "sd15-bbo-aesthetic"], "add --bbo"),
     ("--preset when resuming", lambda r: ["train", "--resume", str(_finished_run(r)), "--preset", "digits-demo"], "--resume takes the run's own config"),
+    ("sd folder without model_index.json", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _folder_with(r, {"README.md": "no pipeline here"}), "--out", str(r / "x")],
+     "has no model_index.json"),
+    ("sd folder of an unsupported pipeline", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r, "FluxPipeline"), "--out", str(r / "x")],
+     "holds a FluxPipeline; supported: StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL)"),
+    ("SDXL folder without its second text encoder", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r, "StableDiffusionXLPipeline"), "--out", str(r / "x")],
+     "is not a complete SDXL folder (missing text_encoder_2/, tokenizer_2/)"),
     ("unknown gmm2d process", lambda r: ["train", "--task-param", "process=ode"], "gmm2d process must be one of vp, flow"),
     ("flow without noise", lambda r: ["train", "--task-param", "process=flow", "--task-param", "noise_level=0"], "gmm2d noise_level must be > 0"),
     ("DDIM's eta on the flow process", lambda r: ["train", "--task-param", "process=flow", "--eta", "0.5"], "eta is DDIM's; the flow process's noise is task_params.noise_level"),
@@ -171,21 +178,23 @@ CASES = [
 ]  # fmt: skip
 
 
-def _sd_shaped(root) -> str:
-    """A folder with the five SD subfolders (empty): enough to get past the layout check."""
-    folder = root / "sd_shaped"
+def _sd_shaped(root, pipeline: str = "StableDiffusionPipeline") -> str:
+    """A folder with the five SD subfolders (empty) and a model_index.json naming
+    ``pipeline``: enough to get past the layout check."""
+    folder = root / f"{pipeline}_shaped"
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         (folder / name).mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
     return str(folder)
 
 
 def _sd_configs(root, unet: dict) -> str:
     """The SD layout with a UNet config as given and an SD 1.5 VAE config."""
-    folder = _sd_shaped(root)
-    (root / "sd_shaped" / "unet" / "config.json").write_text(json.dumps(unet))
+    folder = Path(_sd_shaped(root))
+    (folder / "unet" / "config.json").write_text(json.dumps(unet))
     vae = {"block_out_channels": [128, 256, 512, 512]}
-    (root / "sd_shaped" / "vae" / "config.json").write_text(json.dumps(vae))
-    return folder
+    (folder / "vae" / "config.json").write_text(json.dumps(vae))
+    return str(folder)
 
 
 def _not_a_head(root) -> str:

@@ -50,20 +50,14 @@ def test_sd_in_bfloat16_on_gpu(tmp_path, lcm):
     """Tiny SD parts in bf16 with checkpointing, both LCM kinds, truncated rollouts too; the
     LoRA trains in float32 and reloads into a plain pipeline."""
     from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
 
     from sqdf.settings import make_config
-    from sqdf.tasks.sd import save_diffusers_lora
-    from sqdf.tasks.sd_random import write_parts
+    from sqdf.tasks.sd_random import write_parts, write_random_lcm_lora
 
     paths = write_parts(tmp_path / "parts", "tiny")
     lcm_path = paths["lcm"]
     if lcm == "lora":
-        pipe = StableDiffusionPipeline.from_pretrained(paths["model"])
-        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"],
-                                         init_lora_weights=False))  # fmt: skip
-        save_diffusers_lora(pipe.unet, 4, 4.0, tmp_path / "lcm_lora")
-        lcm_path = str(tmp_path / "lcm_lora" / "pytorch_lora_weights.safetensors")
+        lcm_path = str(write_random_lcm_lora(paths["model"], tmp_path / "lcm_lora"))
     for rollout, buffer in (("full", "prioritized"), ("truncated", "on_policy")):
         cfg = make_config({
             "task": "sd", "device": "cuda", "estimator": "consistency", "num_steps": 6,

@@ -35,6 +35,7 @@ def sd15_configs(tmp_path_factory):
     vae = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]}
     (root / "unet" / "config.json").write_text(json.dumps(unet))
     (root / "vae" / "config.json").write_text(json.dumps(vae))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     (root / "lcm.safetensors").write_bytes(b"")
     (root / "prompts.txt").write_text("a kangaroo in an orange hoodie\na lemon on a beach\n")
     return root

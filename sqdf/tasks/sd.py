@@ -1,18 +1,19 @@
-"""Stable Diffusion from a local diffusers folder, fine-tuned as a peft LoRA on its UNet.
+"""Stable Diffusion (the UNet families: SD 1.x/2.x and SDXL) from a local diffusers folder,
+fine-tuned as a peft LoRA on its UNet.
 
-The reference is the same UNet with the adapter off (one copy of the weights); with
-``finetune = "full"`` every UNet weight trains and the reference is a frozen copy. Conditions
-are indices into the prompt list; every prompt (and the negative prompt) is encoded once
-when the task is built, and the text encoder is then let go. x̂0 comes from the reference
-UNet (Tweedie) or from a latent consistency model: an LCM UNet folder, or an LCM-LoRA
-loaded beside the policy's adapter on the base UNet. Only x̂0 latents are decoded by the VAE
-(with gradients) for the reward; the trajectory stays in latent space.
+The family is read from the folder's ``model_index.json`` (sqdf.tasks.sd_family); prompts are
+encoded once as that family's pipeline encodes them (sqdf.tasks.sd_text) and the text
+encoders are then let go. The reference is the same UNet with the adapter off (one copy of
+the weights); with ``finetune = "full"`` every UNet weight trains and the reference is a
+frozen copy. x̂0 comes from the reference UNet (Tweedie) or from a latent consistency model:
+an LCM UNet folder, or an LCM-LoRA loaded beside the policy's adapter on the base UNet. Only
+x̂0 latents are decoded by the VAE (with gradients) for the reward; the trajectory stays in
+latent space.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,20 +36,31 @@ from sqdf.tasks.lora import (
     is_policy_weight,
     only_adapter,
 )
+from sqdf.tasks.sd_family import (
+    FAMILIES,
+    Family,
+    check_lcm_unet_fits,
+    check_lora_fits,
+    family_of,
+    load_part,
+    read_config,
+)
 from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
+from sqdf.tasks.sd_text import encode_prompts, sdxl_time_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LCM_ADAPTER = "lcm"
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass
 class SDConfig:
     """The model folder, prompts, guidance, LoRA, consistency model and memory settings."""
 
-    model: str | None = None  # diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    model: str | None = None  # diffusers pipeline folder (SD 1.x/2.x or SDXL; model_index.json)
     prompts: str = "animals"  # a built-in set (animals, varied) or a file, one prompt a line
-    negative_prompt: str = ""  # CFG's unconditional prompt (a prompts-file line may set its own)
+    # CFG's unconditional prompt (a prompts-file line may set its own); "" is none, which
+    # SDXL pipelines encode as zeros
+    negative_prompt: str = ""
     guidance: float = 5.0  # classifier-free guidance scale (1 = no guidance)
     resolution: int | None = None  # image side in pixels (default: the UNet's native size)
     lora_rank: int = 4  # as in the SQDF reference implementation
@@ -71,13 +83,7 @@ class SDConfig:
                 "task 'sd' needs a local Stable Diffusion folder: --model PATH "
                 "(or task_params.model)"
             )
-        folder = Path(self.model)
-        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-        if missing:
-            raise ConfigError(
-                f"task 'sd': {self.model} is not a diffusers Stable Diffusion folder "
-                f"(missing {', '.join(c + '/' for c in missing)})"
-            )
+        family_of(self.model)  # a folder of another family, or incomplete, fails here
         if self.guidance < 1.0:
             raise ConfigError(f"sd guidance must be >= 1, got {self.guidance}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
@@ -96,19 +102,11 @@ class SDConfig:
         load_prompts(self.prompts)  # a bad prompt set fails here, not mid-run
 
 
-def _read_config(folder: Path, sub: str) -> dict[str, Any]:
-    path = folder / sub / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SqdfError(f"cannot read {path}: {err}") from None
-
-
-def latent_shape(options: SDConfig) -> tuple[int, int, int]:
-    """(channels, side, side) of the latents the UNet denoises at ``options.resolution`` (its
-    native size by default), from the unet/ and vae/ configs alone."""
+def _sizes(options: SDConfig) -> tuple[int, int, int]:
+    """(latent channels, image side in pixels, VAE downscaling factor) from the unet/ and
+    vae/ configs alone."""
     folder = Path(options.model)
-    unet, vae = _read_config(folder, "unet"), _read_config(folder, "vae")
+    unet, vae = read_config(folder, "unet"), read_config(folder, "vae")
     try:
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
         side = options.resolution or int(unet["sample_size"]) * factor
@@ -120,14 +118,19 @@ def latent_shape(options: SDConfig) -> tuple[int, int, int]:
         ) from None
     if side % factor:
         raise ConfigError(f"sd resolution {side} is not a multiple of the VAE's {factor}")
+    return channels, side, factor
+
+
+def image_side(options: SDConfig) -> int:
+    """The side in pixels of the images trained on: ``options.resolution``, else the UNet's
+    native size."""
+    return _sizes(options)[1]
+
+
+def latent_shape(options: SDConfig) -> tuple[int, int, int]:
+    """(channels, side, side) of the latents the UNet denoises at :func:`image_side`."""
+    channels, side, factor = _sizes(options)
     return (channels, side // factor, side // factor)
-
-
-def _load(cls: Any, folder: Path, sub: str, **kw: Any) -> Any:
-    try:
-        return cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, **kw)
-    except (OSError, ValueError) as err:
-        raise SqdfError(f"cannot load {sub}/ of {folder}: {str(err).splitlines()[0]}") from None
 
 
 class SDTask(Task):
@@ -136,7 +139,6 @@ class SDTask(Task):
 
     def __init__(self, cfg: Any, options: SDConfig, reward: Any, device: torch.device):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
 
         if cfg.estimator == "consistency" and not options.lcm:  # before loading gigabytes
             raise ConfigError(
@@ -152,28 +154,33 @@ class SDTask(Task):
         else:
             self.dtype = DTYPES[options.dtype]
         folder = Path(options.model)
-        sched = _load(DDIMScheduler, folder, "scheduler")
+        self.family: Family = family_of(folder)
+        sched = load_part(DDIMScheduler, folder, "scheduler")
         self.prediction_type = sched.config.prediction_type
         self.schedule = schedule_of(sched, cfg.num_steps, cfg.eta, "sd")
         self.kernel = DDIMKernel(self.schedule, self.prediction_type)
         safe = {"use_safetensors": True, "dtype": self.dtype}
-        self.unet = _load(UNet2DConditionModel, folder, "unet", **safe).to(device)
-        self.vae = _load(AutoencoderKL, folder, "vae", **safe)
+        self.unet = load_part(UNet2DConditionModel, folder, "unet", **safe).to(device)
+        vae_config = read_config(folder, "vae")
+        # decode in float32 where the family's pipeline does (SDXL's VAE overflows float16)
+        self.vae_upcast = (
+            self.family.upcast_vae_in_float16
+            and self.dtype == torch.float16
+            and bool(vae_config.get("force_upcast", True))
+        )
+        vae_dtype = torch.float32 if self.vae_upcast else self.dtype
+        self.vae = load_part(AutoencoderKL, folder, "vae", use_safetensors=True, dtype=vae_dtype)
         del self.vae.encoder  # only x̂0 latents are decoded; nothing is encoded
         self.vae.to(device).requires_grad_(False)
         pairs = load_prompt_pairs(options.prompts)
         self.prompts = [p for p, _ in pairs]
         negatives = [options.negative_prompt if n is None else n for _, n in pairs]
-        tokenizer = _load(CLIPTokenizer, folder, "tokenizer")
-        text_encoder = _load(CLIPTextModel, folder, "text_encoder", **safe).to(device)
-        self.prompt_embeds = _encode(text_encoder, tokenizer, self.prompts, device)
-        # one negative embedding per prompt (most often the same one, encoded once)
-        distinct = list(dict.fromkeys(negatives))
-        neg = _encode(text_encoder, tokenizer, distinct, device)
-        self.negative_embeds = neg[torch.tensor([distinct.index(n) for n in negatives])]
-        del text_encoder  # every prompt is encoded; the encoder's memory goes back
-
+        self.text = encode_prompts(self.family, folder, self.prompts, negatives, device, self.dtype)
         self.sample_shape = latent_shape(options)
+        if self.family.pooled:
+            self.text.time_ids = sdxl_time_ids(
+                self.unet, self.text.pooled.shape[-1], image_side(options), folder
+            ).to(device)
 
         self.nets = PolicyAndReference(
             self.unet, options.finetune, options.lora_rank, options.lora_alpha,
@@ -200,17 +207,21 @@ class SDTask(Task):
             reward.to(device)
 
     def _attach_lcm(self, path: Path) -> None:
-        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
         if path.is_dir():
-            self._lcm_unet = _load(
+            check_lcm_unet_fits(
+                read_config(path.parent, path.name), self.unet, path, self.family.label
+            )
+            self._lcm_unet = load_part(
                 UNet2DConditionModel, path.parent, path.name, use_safetensors=True
             )
             self._lcm_unet.to(self.device, self.dtype).requires_grad_(False)
             return
         # on the pretrained weights: the reference network (under LoRA, the policy's own)
         base = self.nets.reference_net
-        state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+        state, alphas = self.family.pipeline_class().lora_state_dict(str(path))
+        check_lora_fits(state, base, path, self.family.label)
         with warnings.catch_warnings():  # peft warns of a second adapter: that is the point
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             base.load_lora_adapter(
@@ -230,15 +241,12 @@ class SDTask(Task):
         return torch.randint(0, len(self.prompts), (n,), generator=generator)
 
     def _eps(self, unet: Any, x: Tensor, t: Tensor, cond: Tensor, guidance: float) -> Tensor:
-        pos = self.prompt_embeds[cond]
         if guidance == 1.0:
-            return unet(x.to(self.dtype), t, encoder_hidden_states=pos).sample
-        neg = self.negative_embeds[cond]
+            return unet(x.to(self.dtype), t, **self.text.unet_kwargs(cond)).sample
         # both halves of classifier-free guidance in one batched pass
         both = unet(
-            torch.cat([x, x]).to(self.dtype), torch.cat([t, t]),
-            encoder_hidden_states=torch.cat([neg, pos]),
-        ).sample  # fmt: skip
+            torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), **self.text.guided_kwargs(cond)
+        ).sample
         uncond, c = both.chunk(2)
         return uncond + guidance * (c - uncond)
 
@@ -252,7 +260,7 @@ class SDTask(Task):
     def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)
         abar = _expand(self.schedule.abar(timesteps.cpu()), x).to(x)
-        pos = self.prompt_embeds[cond]
+        text = self.text.unet_kwargs(cond)
         with self._autocast():
             if self._lcm_unet is not None:
                 w_cond = None
@@ -260,21 +268,33 @@ class SDTask(Task):
                 if dim is not None:
                     w = torch.full((x.shape[0],), self.options.lcm_guidance - 1.0)
                     w_cond = guidance_embedding(w, dim).to(self.device, self.dtype)
-                out = self._lcm_unet(
-                    x.to(self.dtype), t, encoder_hidden_states=pos, timestep_cond=w_cond
-                ).sample
+                out = self._lcm_unet(x.to(self.dtype), t, timestep_cond=w_cond, **text).sample
             else:
                 base = self.nets.reference_net
                 with only_adapter(base, LCM_ADAPTER):
-                    out = base(x.to(self.dtype), t, encoder_hidden_states=pos).sample
+                    out = base(x.to(self.dtype), t, **text).sample
         return consistency_x0(out.float(), x, abar, _expand(t, x), self.prediction_type)
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in [0, 1], (B, 3, H, W), differentiable."""
-        with self._autocast():
-            img = self.vae.decode(
-                latents.to(self.device, self.dtype) / self.vae.config.scaling_factor
-            )
+        """Latents -> images in [0, 1], (B, 3, H, W), differentiable; unscaled as the family's
+        pipeline unscales them, in float32 where it upcasts the VAE."""
+        config = self.vae.config
+        dtype = torch.float32 if self.vae_upcast else self.dtype
+        latents = latents.to(self.device, dtype)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if self.family.latent_mean_std and mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(mean).view(shape).to(latents)
+            std = torch.tensor(std).view(shape).to(latents)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        if self.vae_upcast:
+            with torch.autocast(self.device.type, enabled=False):
+                img = self.vae.decode(latents)
+        else:
+            with self._autocast():
+                img = self.vae.decode(latents)
         return (img.sample.float() / 2 + 0.5).clamp(0, 1)
 
     def reward_input(self, x0: Tensor) -> Tensor:
@@ -337,7 +357,9 @@ class SDTask(Task):
         the fully fine-tuned UNet as a diffusers folder ``folder/unet``
         (UNet2DConditionModel.from_pretrained)."""
         if self.nets.finetune == "lora":
-            save_diffusers_lora(self.unet, self.options.lora_rank, self.options.lora_alpha, folder)
+            save_diffusers_lora(
+                self.unet, self.options.lora_rank, self.options.lora_alpha, folder, self.family
+            )
             return
         unet_dir = folder / "unet"
         unet_dir.mkdir(parents=True, exist_ok=True)
@@ -345,33 +367,22 @@ class SDTask(Task):
         save_weights(policy, unet_dir / "diffusion_pytorch_model.safetensors")
 
 
-def save_diffusers_lora(unet: Any, rank: int, alpha: float, folder: Path) -> Path:
-    """The policy adapter as ``pytorch_lora_weights.safetensors``. diffusers reads a LoRA
-    without metadata at scale 1 (alpha = rank), so alpha/rank is folded into the B matrices."""
-    from diffusers import StableDiffusionPipeline
+def save_diffusers_lora(
+    unet: Any, rank: int, alpha: float, folder: Path, family: Family = FAMILIES["sd"]
+) -> Path:
+    """The policy adapter as ``pytorch_lora_weights.safetensors``, written by the family's
+    pipeline class (what its ``load_lora_weights`` reads). diffusers reads a LoRA without
+    metadata at scale 1 (alpha = rank), so alpha/rank is folded into the B matrices."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(unet, adapter_name=POLICY_ADAPTER)
     scale = alpha / rank
     state = {k: (v * scale if "lora_B" in k else v).float().contiguous() for k, v in state.items()}
-    StableDiffusionPipeline.save_lora_weights(
+    family.pipeline_class().save_lora_weights(
         str(folder), unet_lora_layers=convert_state_dict_to_diffusers(state)
     )
     return Path(folder) / "pytorch_lora_weights.safetensors"
-
-
-@torch.no_grad()
-def _encode(text_encoder: Any, tokenizer: Any, prompts: list[str], device: torch.device) -> Tensor:
-    tokens = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    )  # fmt: skip
-    out = []
-    for i in range(0, len(prompts), 32):
-        ids = tokens.input_ids[i : i + 32].to(device)
-        out.append(text_encoder(ids)[0])
-    return torch.cat(out)
 
 
 def build_sd(cfg: Any, reward: Any, device: torch.device) -> SDTask:

@@ -1,7 +1,8 @@
 """Random-initialised Stable Diffusion parts of the real classes, written as diffusers and
-transformers folders: for tests (``tiny``) and for speed and memory checks at full size
-(``sd15``: the SD 1.5 UNet/VAE/text encoder and a CLIP ViT-L/14 reward). Nothing is
-downloaded; the weights mean nothing, the shapes and the code paths are the real ones.
+transformers folders: for tests (``tiny``, ``tiny-xl``) and for speed and memory checks at
+full size (``sd15``: the SD 1.5 UNet/VAE/text encoder; ``sdxl``: the SDXL base UNet, VAE and
+both text encoders; either with a CLIP ViT-L/14 reward). Nothing is downloaded; the weights
+mean nothing, the shapes and the code paths are the real ones.
 
 The tokenizer is a byte-level CLIP tokenizer with no merges (every character a token):
 a real CLIPTokenizer, small enough to write here.
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD
 
-PRESETS = ("tiny", "sd15")
+PRESETS = ("tiny", "sd15", "tiny-xl", "sdxl")
+XL_PRESETS = ("tiny-xl", "sdxl")
 
 
 def _byte_chars() -> list[str]:
@@ -46,17 +49,73 @@ def _write_tokenizer(folder: Path, max_length: int = 77) -> int:
     return len(vocab)
 
 
-def _text_config(preset: str, vocab: int) -> dict:
-    if preset == "tiny":
+def _text_config(preset: str, vocab: int, *, big: bool = False) -> dict:
+    """CLIP text encoder sizes: tiny, CLIP ViT-L/14's (SD 1.5, SDXL's first encoder) or, with
+    ``big``, OpenCLIP ViT-bigG/14's (SDXL's second)."""
+    if preset.startswith("tiny"):
         sizes = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2)
         ids = dict(bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
         return dict(vocab_size=vocab, num_attention_heads=4, projection_dim=16, **sizes, **ids)
+    if big:
+        sizes = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32)
+        return dict(vocab_size=49408, num_attention_heads=20, projection_dim=1280,
+                    hidden_act="gelu", **sizes)  # fmt: skip
     sizes = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12)
     return dict(vocab_size=49408, num_attention_heads=12, projection_dim=768, **sizes)
 
 
+def _unet_config(preset: str) -> dict:
+    """UNet2DConditionModel sizes: tiny, SD 1.5's, SDXL base's (or a tiny one shaped like it)."""
+    if preset == "tiny":
+        return dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=8,
+        )  # fmt: skip
+    if preset == "sd15":
+        return dict(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_dim=768, attention_head_dim=8,
+        )  # fmt: skip
+    # SDXL: text and size conditioning added to the time embedding (6 ids of
+    # addition_time_embed_dim each, plus the second text encoder's pooled projection)
+    tiny = preset == "tiny-xl"
+    time_dim, pooled = (8, 16) if tiny else (256, 1280)
+    common = dict(
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled,
+    )  # fmt: skip
+    if tiny:
+        return dict(
+            sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4), cross_attention_dim=64, norm_num_groups=8, **common,
+        )  # fmt: skip
+    return dict(
+        sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048, **common,
+    )  # fmt: skip
+
+
+# SDXL base ships an EulerDiscreteScheduler config; DDIM reads the same noise levels from it
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}  # fmt: skip
+
+
 def write_random_sd(folder: str | Path, preset: str = "tiny", *, seed: int = 0) -> Path:
-    """A StableDiffusion folder (unet, vae, text_encoder, tokenizer, scheduler)."""
+    """A StableDiffusion folder (unet, vae, text_encoder, tokenizer, scheduler), or with an
+    XL preset a StableDiffusionXL one (text_encoder_2 and tokenizer_2 as well)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -67,29 +126,24 @@ def write_random_sd(folder: str | Path, preset: str = "tiny", *, seed: int = 0) 
     vocab = _write_tokenizer(folder / "tokenizer")
     text = CLIPTextModel(CLIPTextConfig(**_text_config(preset, vocab)))
     text.save_pretrained(str(folder / "text_encoder"))
-    if preset == "tiny":
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-            attention_head_dim=8, norm_num_groups=8,
-        )  # fmt: skip
+    UNet2DConditionModel(**_unet_config(preset)).save_pretrained(str(folder / "unet"))
+    if preset.startswith("tiny"):
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
             norm_num_groups=8, sample_size=16,
         )  # fmt: skip
     else:
-        unet = UNet2DConditionModel(
-            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            cross_attention_dim=768, attention_head_dim=8,
-        )  # fmt: skip
         vae = AutoencoderKL(
             block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             sample_size=512,
         )  # fmt: skip
-    unet.save_pretrained(str(folder / "unet"))
+    if preset in XL_PRESETS:
+        vae.register_to_config(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE config
+        if preset == "sdxl":
+            vae.register_to_config(sample_size=1024)
+        return _finish_sdxl(folder, preset, vae)
     vae.save_pretrained(str(folder / "vae"))
     DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -110,24 +164,42 @@ def write_random_sd(folder: str | Path, preset: str = "tiny", *, seed: int = 0) 
     return folder
 
 
+def _finish_sdxl(folder: Path, preset: str, vae: Any) -> Path:
+    """The second text encoder and tokenizer, VAE, scheduler and index of an SDXL folder."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    vocab = _write_tokenizer(folder / "tokenizer_2")
+    config = CLIPTextConfig(**_text_config(preset, vocab, big=True))
+    CLIPTextModelWithProjection(config).save_pretrained(str(folder / "text_encoder_2"))
+    vae.save_pretrained(str(folder / "vae"))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER))
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "force_zeros_for_empty_prompt": True,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
 def write_random_lcm_unet(folder: str | Path, preset: str = "tiny", *, seed: int = 1) -> Path:
     """An LCM UNet (a UNet2DConditionModel with a guidance embedding) for the same latents."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    if preset == "tiny":
-        unet = UNet2DConditionModel(
-            sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-            attention_head_dim=8, norm_num_groups=8, time_cond_proj_dim=16,
-        )  # fmt: skip
-    else:
-        unet = UNet2DConditionModel(
-            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            cross_attention_dim=768, attention_head_dim=8, time_cond_proj_dim=256,
-        )  # fmt: skip
-    unet.save_pretrained(str(folder))
+    proj = 16 if preset.startswith("tiny") else 256
+    UNet2DConditionModel(**_unet_config(preset), time_cond_proj_dim=proj).save_pretrained(
+        str(folder)
+    )
     return Path(folder)
 
 
@@ -139,7 +211,7 @@ def write_random_clip(folder: str | Path, preset: str = "tiny", *, seed: int = 2
     folder = Path(folder)
     torch.manual_seed(seed)
     vocab = _write_tokenizer(folder)
-    if preset == "tiny":
+    if preset.startswith("tiny"):
         vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
                       num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
         size, proj = 32, 16
@@ -171,21 +243,49 @@ def write_random_aesthetic_head(path: str | Path, in_dim: int, *, seed: int = 3)
     return Path(path)
 
 
-CLIP_DIMS = {"tiny": 16, "sd15": 768}
+def write_random_lcm_lora(
+    model: str | Path, out: str | Path, *, rank: int = 4, seed: int = 4
+) -> Path:
+    """A LoRA with random (non-zero) B on the attention projections of ``model``'s UNet,
+    saved as diffusers distributes LoRAs by the folder's own pipeline class: what an
+    LCM-LoRA file looks like to the sd task. Returns the .safetensors file."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from sqdf.tasks.sd import save_diffusers_lora
+    from sqdf.tasks.sd_family import family_of
+
+    unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet")
+    torch.manual_seed(seed)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
+    unet.add_adapter(config)
+    return save_diffusers_lora(unet, rank, float(rank), Path(out), family_of(model))
+
+
+CLIP_DIMS = {"tiny": 16, "sd15": 768, "tiny-xl": 16, "sdxl": 768}
 
 
 def write_parts(root: str | Path, preset: str = "tiny") -> dict[str, str]:
     """Everything an sd run needs, written once under ``root`` (kept between calls): the
-    model, an LCM UNet, a CLIP and an aesthetic head. Returns the task and reward params."""
+    model, a consistency model, a CLIP and an aesthetic head. Returns the task and reward
+    params. The consistency model is an LCM UNet for the SD 1.5 presets and, for the SDXL
+    ones, an LCM-LoRA (rank 64, as the public LCM-LoRA for SDXL): a second SDXL UNet would
+    double the largest weights in memory."""
     from sqdf.rewards.clip_rewards import convert_aesthetic_head
 
     root = Path(root)
+    xl = preset in XL_PRESETS
+    lcm = root / "lcm_lora" / "pytorch_lora_weights.safetensors" if xl else root / "lcm"
     if not (root / "done").exists():
         write_random_sd(root / "sd", preset)
-        write_random_lcm_unet(root / "lcm", preset)
+        if xl:
+            write_random_lcm_lora(root / "sd", root / "lcm_lora", rank=64)
+        else:
+            write_random_lcm_unet(root / "lcm", preset)
         write_random_clip(root / "clip", preset)
         write_random_aesthetic_head(root / "head.pth", CLIP_DIMS[preset])
         convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
         (root / "done").write_text("ok")
-    return {"model": str(root / "sd"), "lcm": str(root / "lcm"), "clip": str(root / "clip"),
+    return {"model": str(root / "sd"), "lcm": str(lcm), "clip": str(root / "clip"),
             "head": str(root / "head.safetensors")}  # fmt: skip

@@ -26,6 +26,7 @@ from sqdf.tasks.sd_prompts import ANIMALS, load_prompt_pairs, load_prompts
 from sqdf.tasks.sd_random import (
     write_random_aesthetic_head,
     write_random_clip,
+    write_random_lcm_lora,
     write_random_lcm_unet,
     write_random_sd,
 )
@@ -40,15 +41,7 @@ def parts(tmp_path_factory):
     write_random_aesthetic_head(root / "head.pth", in_dim=16)
     convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
     write_random_lcm_unet(root / "lcm")
-    # an LCM-LoRA for the base UNet, saved the way diffusers distributes LoRAs
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    unet = UNet2DConditionModel.from_pretrained(str(root / "sd"), subfolder="unet")
-    torch.manual_seed(4)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"],
-                                init_lora_weights=False))  # fmt: skip
-    save_diffusers_lora(unet, 4, 4.0, root / "lcm_lora")
+    write_random_lcm_lora(root / "sd", root / "lcm_lora")  # for the base UNet
     return root
 
 
@@ -76,8 +69,8 @@ def test_prompt_embeddings_and_guidance_match_the_diffusers_pipeline(parts):
     cond = torch.tensor([3, 0])
     prompts = task.prompts_of(cond)
     pos, neg = pipe.encode_prompt(prompts, "cpu", 1, True, ["blurry"] * 2)
-    torch.testing.assert_close(task.prompt_embeds[cond], pos)
-    torch.testing.assert_close(task.negative_embeds[cond], neg)
+    torch.testing.assert_close(task.text.embeds[cond], pos)
+    torch.testing.assert_close(task.text.negative_embeds[cond], neg)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((2, *task.sample_shape), generator=g)
     t = torch.tensor([901, 301])
@@ -102,7 +95,7 @@ def test_two_updates_change_the_lora_and_a_plain_pipeline_loads_it(parts, tmp_pa
     g = torch.Generator().manual_seed(1)
     x = torch.randn((2, *task.sample_shape), generator=g)
     t, cond = torch.tensor([500, 40]), torch.tensor([1, 2])
-    emb = task.prompt_embeds[cond]
+    emb = task.text.embeds[cond]
     with torch.no_grad():
         before = pipe.unet(x, t, encoder_hidden_states=emb).sample
         pipe.load_lora_weights(str(run / "final"))
@@ -125,7 +118,7 @@ def test_lora_alpha_other_than_rank_survives_the_diffusers_format(parts, tmp_pat
     pipe = pipeline(parts)
     pipe.load_lora_weights(str(tmp_path))
     x, t = torch.randn((1, *task.sample_shape)), torch.tensor([700])
-    emb = task.prompt_embeds[:1]
+    emb = task.text.embeds[:1]
     with torch.no_grad():
         torch.testing.assert_close(
             pipe.unet(x, t, encoder_hidden_states=emb).sample,
@@ -149,7 +142,7 @@ def test_lcm_unet_estimator_uses_the_guidance_embedding(parts):
     )
     abar = task.schedule.abar(t).view(-1, 1, 1, 1)
     with torch.no_grad():
-        out = lcm(x, t, encoder_hidden_states=task.prompt_embeds[cond],
+        out = lcm(x, t, encoder_hidden_states=task.text.embeds[cond],
                   timestep_cond=guidance_embedding(torch.full((2,), 5.0), 16)).sample  # fmt: skip
         want = consistency_x0(out, x, abar, t.view(-1, 1, 1, 1))
         torch.testing.assert_close(task.consistency_x0(x, t, cond), want)
@@ -171,7 +164,7 @@ def test_lcm_lora_sits_beside_the_policy_adapter(parts):
     )
     abar = task.schedule.abar(t).view(-1, 1, 1, 1)
     with torch.no_grad():
-        out = pipe.unet(x, t, encoder_hidden_states=task.prompt_embeds[cond]).sample
+        out = pipe.unet(x, t, encoder_hidden_states=task.text.embeds[cond]).sample
         want = consistency_x0(out, x, abar, t.view(-1, 1, 1, 1))
         got = task.consistency_x0(x, t, cond)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -284,7 +277,7 @@ def test_prompt_sets_and_files(tmp_path):
 def test_bad_sd_settings_are_one_clear_error(parts, tmp_path):
     with pytest.raises(ConfigError, match="needs a local Stable Diffusion folder"):
         build_task(config(parts, task_params={"model": None}))
-    with pytest.raises(ConfigError, match="missing unet/, vae/"):
+    with pytest.raises(ConfigError, match="has no model_index.json"):
         build_task(config(parts, task_params={"model": str(tmp_path)}))
     with pytest.raises(ConfigError, match="estimator consistency needs task_params.lcm"):
         build_task(config(parts, estimator="consistency"))
@@ -421,8 +414,8 @@ def test_a_prompt_file_line_can_carry_its_own_negative_prompt(parts, tmp_path):
     pipe = pipeline(parts)
     for i, (prompt, negative) in enumerate([("a red fox", "blurry"), ("a lighthouse", "dark")]):
         pos, neg = pipe.encode_prompt([prompt], "cpu", 1, True, [negative])
-        torch.testing.assert_close(task.prompt_embeds[i : i + 1], pos)
-        torch.testing.assert_close(task.negative_embeds[i : i + 1], neg)
+        torch.testing.assert_close(task.text.embeds[i : i + 1], pos)
+        torch.testing.assert_close(task.text.negative_embeds[i : i + 1], neg)
 
 
 def test_eval_in_chunks_gives_policy_and_reference_the_same_noise(parts, tmp_path):

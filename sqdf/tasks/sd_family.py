@@ -1,0 +1,179 @@
+"""Which Stable Diffusion family a local diffusers folder holds, read from its
+``model_index.json``: the UNet families the sd task fine-tunes (SD 1.x/2.x and SDXL) differ
+in their text encoders, the extra conditioning their UNet takes and how their VAE decodes;
+everything else (the DDIM kernel, LoRA, rewards, methods) is shared. Also whether a
+consistency model given for the folder (an LCM-LoRA file, an LCM UNet folder) fits its
+family, checked before peft or diffusers meet a shape they cannot use."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqdf.errors import ConfigError, SqdfError
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the UNet families, by the pipeline class that loads them."""
+
+    name: str  # the short name used in messages and results
+    pipeline: str  # the diffusers pipeline class of the folder
+    label: str  # for people: "SD 1.x/2.x", "SDXL"
+    text_encoders: tuple[str, ...]  # subfolders, in the order the pipeline concatenates them
+    tokenizers: tuple[str, ...]
+    # SDXL conditions its UNet on the pooled projection of the last text encoder and on
+    # (original size, crop, target size); SD 1.x/2.x on the prompt's hidden states alone
+    pooled: bool
+    # SDXL's VAE config may carry per-channel latent mean/std that its pipeline undoes
+    # before decoding; the SD 1.x/2.x pipeline divides by the scaling factor only
+    latent_mean_std: bool
+    # SDXL's VAE overflows in float16: its pipeline decodes in float32 where the VAE config
+    # says force_upcast; the SD 1.x/2.x pipeline decodes in the weights' dtype
+    upcast_vae_in_float16: bool
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return ("unet", "vae", *self.text_encoders, *self.tokenizers, "scheduler")
+
+    def pipeline_class(self) -> Any:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
+
+FAMILIES = {
+    "sd": Family(
+        "sd", "StableDiffusionPipeline", "SD 1.x/2.x", ("text_encoder",), ("tokenizer",),
+        pooled=False, latent_mean_std=False, upcast_vae_in_float16=False,
+    ),
+    "sdxl": Family(
+        "sdxl", "StableDiffusionXLPipeline", "SDXL", ("text_encoder", "text_encoder_2"),
+        ("tokenizer", "tokenizer_2"), pooled=True, latent_mean_std=True,
+        upcast_vae_in_float16=True,
+    ),
+}  # fmt: skip
+BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}
+
+
+def read_model_index(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "model_index.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"task 'sd': {folder} has no model_index.json (a diffusers pipeline folder, as "
+            "save_pretrained writes it or the Hub serves it, has one)"
+        )
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"task 'sd': cannot read {path}: {err}") from None
+    if not isinstance(index, dict):
+        raise ConfigError(f"task 'sd': {path} is not a JSON object")
+    return index
+
+
+def family_of(folder: str | Path) -> Family:
+    """The family of the pipeline in ``folder``, with its components checked to be there."""
+    index = read_model_index(folder)
+    name = index.get("_class_name")
+    family = BY_PIPELINE.get(name) if isinstance(name, str) else None
+    if family is None:
+        supported = ", ".join(f"{f.pipeline} ({f.label})" for f in FAMILIES.values())
+        raise ConfigError(
+            f"task 'sd': {folder} holds a {name or 'pipeline without _class_name'}; "
+            f"supported: {supported}"
+        )
+    missing = [c for c in family.components if not (Path(folder) / c).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"task 'sd': {folder} is not a complete {family.label} folder "
+            f"(missing {', '.join(c + '/' for c in missing)})"
+        )
+    return family
+
+
+def zero_negative_for_empty(folder: str | Path) -> bool:
+    """Whether an absent negative prompt is a zero embedding (SDXL's
+    ``force_zeros_for_empty_prompt``, on unless the folder turns it off) rather than the
+    encoded empty string."""
+    return bool(read_model_index(folder).get("force_zeros_for_empty_prompt", True))
+
+
+def read_config(folder: str | Path, sub: str) -> dict[str, Any]:
+    """The ``config.json`` of one component of the folder."""
+    path = Path(folder) / sub / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SqdfError(f"cannot read {path}: {err}") from None
+
+
+def load_part(cls: Any, folder: str | Path, sub: str, **kw: Any) -> Any:
+    """One component, from the local folder only (nothing is downloaded)."""
+    try:
+        return cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, **kw)
+    except (OSError, ValueError) as err:
+        raise SqdfError(f"cannot load {sub}/ of {folder}: {str(err).splitlines()[0]}") from None
+
+
+# the cross-attention width of a UNet says its family: a LoRA's attn2.to_k input width
+CROSS_ATTENTION_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def check_lora_fits(state: dict[str, Any], unet: Any, path: Any, label: str) -> None:
+    """Refuse a diffusers-format UNet LoRA (``lora_state_dict``'s output) whose layers are
+    not this UNet's, or not their shapes: a LoRA of another family. peft would otherwise
+    fail with a shape error from deep inside, or skip the layers it cannot find."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    lora = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if not lora:
+        raise ConfigError(f"{path} holds no UNet LoRA weights (no unet.* keys)")
+    if not any("lora_A" in k for k in lora):
+        lora = convert_unet_state_dict_to_peft(lora)
+    modules = dict(unet.named_modules())
+    bad, total, width = [], 0, None
+    for key, value in lora.items():
+        name, sep, tail = key.rpartition(".lora_")
+        kind = tail[:1]
+        if not sep or kind not in ("A", "B"):
+            continue
+        total += 1
+        if kind == "A" and name.endswith("attn2.to_k"):
+            width = int(value.shape[1])
+        module = modules.get(name)
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if weight is None:
+            bad.append(f"{name} (no such layer)")
+        elif kind == "A" and value.shape[1] != weight.shape[1]:
+            bad.append(f"{name} (takes {weight.shape[1]}, the LoRA gives {value.shape[1]})")
+        elif kind == "B" and value.shape[0] != weight.shape[0]:
+            bad.append(f"{name} (gives {weight.shape[0]}, the LoRA {value.shape[0]})")
+    if bad:
+        guess = _made_for(width)
+        raise ConfigError(
+            f"{path} does not fit this {label} UNet: {len(bad)} of its {total} LoRA matrices "
+            f"do not match, e.g. {bad[0]}{guess}. Use an LCM-LoRA made for {label}"
+        )
+
+
+def _made_for(width: int | None) -> str:
+    made_for = CROSS_ATTENTION_FAMILIES.get(width) if width is not None else None
+    return f"; it looks made for {made_for}" if made_for else ""
+
+
+def check_lcm_unet_fits(config: dict[str, Any], unet: Any, path: Any, label: str) -> None:
+    """Refuse an LCM UNet folder (by its config, before its weights load) whose latents or
+    conditioning are not those of this family's UNet."""
+    keys = ("in_channels", "cross_attention_dim", "addition_embed_type")
+    differ = [k for k in keys if k in config and config[k] != unet.config.get(k)]
+    if differ:
+        key = differ[0]
+        width = config.get("cross_attention_dim")
+        guess = _made_for(width if isinstance(width, int) else None)
+        raise ConfigError(
+            f"{path} does not fit this {label} UNet: its {key} is {config.get(key)!r}, the "
+            f"model's {unet.config.get(key)!r}{guess}. Use an LCM UNet made for {label}"
+        )

@@ -1,0 +1,335 @@
+"""The sd task on SDXL: tiny random-initialised parts of the real classes (both CLIP text
+encoders, a UNet with SDXL's text-and-size conditioning), each piece checked against
+diffusers' StableDiffusionXLPipeline doing the same thing its own way."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sqdf.errors import ConfigError
+from sqdf.rewards.clip_rewards import convert_aesthetic_head
+from sqdf.settings import make_config
+from sqdf.tasks import build_task
+from sqdf.tasks.sd_family import FAMILIES
+from sqdf.tasks.sd_random import (
+    write_random_aesthetic_head,
+    write_random_clip,
+    write_random_lcm_lora,
+    write_random_lcm_unet,
+    write_random_sd,
+)
+from sqdf.trainer import train
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl")
+    write_random_sd(root / "xl", "tiny-xl")
+    write_random_lcm_unet(root / "lcm", "tiny-xl")
+    write_random_clip(root / "clip")
+    write_random_aesthetic_head(root / "head.pth", in_dim=16)
+    convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
+    write_random_lcm_lora(root / "xl", root / "lcm_lora")
+    write_random_sd(root / "sd15")  # another family, for the wrong-family LCM-LoRA
+    write_random_lcm_lora(root / "sd15", root / "sd15_lora", seed=5)
+    write_random_lcm_unet(root / "sd15_lcm")
+    return root
+
+
+def settings(parts, **over):
+    values = {
+        "task": "sd", "device": "cpu", "num_steps": 4, "batch_size": 2, "steps": 2,
+        "grad_accum": 1, "buffer": "uniform", "buffer_size": 8, "estimator": "tweedie",
+        "lr": 1e-2,
+        "task_params": {"model": str(parts / "xl"), "prompts": "varied", "guidance": 3.0},
+        "reward_params": {"clip": str(parts / "clip"), "head": str(parts / "head.safetensors")},
+    }  # fmt: skip
+    for key, value in over.items():  # task_params merge; everything else replaces
+        values[key] = {**values[key], **value} if key == "task_params" else value
+    return values
+
+
+def config(parts, **over):
+    return make_config(settings(parts, **over), source="test")
+
+
+def pipeline(parts):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(str(parts / "xl"), local_files_only=True)
+
+
+def test_family_is_read_from_model_index(parts):
+    task = build_task(config(parts))
+    assert task.family.name == "sdxl" and task.family.pipeline == "StableDiffusionXLPipeline"
+    assert task.sample_shape == (4, 8, 8)  # the UNet's native 8 latents, 16 px
+
+
+@pytest.mark.parametrize("negative", ["blurry", ""])
+def test_conditioning_and_guidance_match_the_sdxl_pipeline(parts, negative):
+    task = build_task(config(parts, task_params={"negative_prompt": negative}))
+    pipe = pipeline(parts)
+    cond = torch.tensor([3, 0])
+    # the pipeline's own encoding: no negative prompt is None there (zeros for SDXL base)
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+        task.prompts_of(cond), device="cpu", num_images_per_prompt=1,
+        do_classifier_free_guidance=True, negative_prompt=[negative] * 2 if negative else None,
+    )  # fmt: skip
+    text = task.text
+    torch.testing.assert_close(text.embeds[cond], pos)
+    torch.testing.assert_close(text.negative_embeds[cond], neg)
+    torch.testing.assert_close(text.pooled[cond], pooled)
+    torch.testing.assert_close(text.negative_pooled[cond], neg_pooled)
+    assert bool((neg == 0).all()) == (negative == "")
+    ids = pipe._get_add_time_ids(
+        (16, 16), (0, 0), (16, 16), dtype=torch.float32,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    )  # fmt: skip
+    torch.testing.assert_close(text.time_ids, ids[0])
+    # CFG as the pipeline's loop does it: negative and positive with their pooled and ids
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *task.sample_shape), generator=g)
+    t = torch.tensor([901, 301])
+    added = {"time_ids": ids.expand(2, -1)}
+    with torch.no_grad():
+        ours = task.model_output(x, t, cond, policy=False)
+        u = pipe.unet(x, t, encoder_hidden_states=neg,
+                      added_cond_kwargs={**added, "text_embeds": neg_pooled}).sample  # fmt: skip
+        c = pipe.unet(x, t, encoder_hidden_states=pos,
+                      added_cond_kwargs={**added, "text_embeds": pooled}).sample  # fmt: skip
+    torch.testing.assert_close(ours, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
+
+
+def test_a_lower_resolution_conditions_on_its_size(parts):
+    task = build_task(config(parts, task_params={"resolution": 32}))
+    assert task.sample_shape == (4, 16, 16)
+    assert task.text.time_ids.tolist() == [32, 32, 0, 0, 32, 32]
+
+
+def test_one_reference_step_is_ddim_scheduler_step_on_the_same_unet_call(parts):
+    from diffusers import DDIMScheduler
+
+    task = build_task(config(parts))
+    pipe = pipeline(parts)  # its folder ships an EulerDiscreteScheduler config, as SDXL base
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(4)
+    g = torch.Generator().manual_seed(2)
+    cond = torch.tensor([1, 4])
+    for k, t in enumerate(sched.timesteps):
+        x, z = (torch.randn((2, *task.sample_shape), generator=g) for _ in range(2))
+        ks = torch.full((2,), k)
+        assert bool((task.kernel.model_time(ks) == t).all())
+        with torch.no_grad():
+            out = task.model_output(x, task.kernel.model_time(ks), cond, policy=False)
+        mean, std = task.kernel.step(out, x, ks)
+        expected = sched.step(out, t, x, eta=1.0, variance_noise=z).prev_sample
+        torch.testing.assert_close(mean + std * z, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_updates_change_the_lora_and_a_plain_sdxl_pipeline_loads_it(parts, tmp_path):
+    lcm = {"lcm": str(parts / "lcm_lora" / "pytorch_lora_weights.safetensors")}
+    run = train(config(parts, estimator="consistency", task_params=lcm), tmp_path / "run",
+                progress=False)  # fmt: skip
+    final = load_file(str(run / "final" / "policy.safetensors"))
+    assert final and all(".default." in k for k in final)
+    assert any(float(v.abs().max()) > 0 for k, v in final.items() if "lora_B" in k)
+
+    task = build_task(config(parts))
+    task.policy.load_state_dict(final)
+    pipe = pipeline(parts)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((2, *task.sample_shape), generator=g)
+    t, cond = torch.tensor([500, 40]), torch.tensor([1, 2])
+    kwargs = task.text.unet_kwargs(cond)
+    with torch.no_grad():
+        before = pipe.unet(x, t, **kwargs).sample
+        pipe.load_lora_weights(str(run / "final"))
+        after = pipe.unet(x, t, **kwargs).sample
+        ours = task.unet(x, t, **kwargs).sample
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ours, rtol=1e-4, atol=1e-5)
+    image = pipe(["a cat"], num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+
+
+def test_lcm_lora_x0_is_the_pipelines_lcm_unet_and_has_a_gradient(parts):
+    from sqdf.core.x0 import consistency_x0
+
+    path = parts / "lcm_lora" / "pytorch_lora_weights.safetensors"
+    task = build_task(config(parts, estimator="consistency", task_params={"lcm": str(path)}))
+    pipe = pipeline(parts)
+    pipe.load_lora_weights(str(parts / "lcm_lora"))
+    x = torch.randn((2, *task.sample_shape), generator=torch.Generator().manual_seed(3))
+    t, cond = torch.tensor([600, 100]), torch.tensor([2, 7])
+    abar = task.schedule.abar(t).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        out = pipe.unet(x, t, **task.text.unet_kwargs(cond)).sample
+    want = consistency_x0(out, x, abar, t.view(-1, 1, 1, 1))
+    x = x.requires_grad_(True)
+    got = task.consistency_x0(x, t, cond)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-5)
+    (grad,) = torch.autograd.grad(got.square().sum(), x)
+    assert torch.isfinite(grad).all() and float(grad.abs().max()) > 0
+
+
+def test_lcm_unet_folder_gets_the_sdxl_conditioning(parts):
+    from diffusers import UNet2DConditionModel
+
+    from sqdf.core.x0 import consistency_x0, guidance_embedding
+
+    params = {"lcm": str(parts / "lcm"), "lcm_guidance": 6.0}
+    task = build_task(config(parts, estimator="consistency", task_params=params))
+    lcm = UNet2DConditionModel.from_pretrained(str(parts / "lcm"))
+    x = torch.randn((2, *task.sample_shape), generator=torch.Generator().manual_seed(4))
+    t, cond = torch.tensor([759, 259]), torch.tensor([0, 5])
+    abar = task.schedule.abar(t).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        out = lcm(x, t, timestep_cond=guidance_embedding(torch.full((2,), 5.0), 16),
+                  **task.text.unet_kwargs(cond)).sample  # fmt: skip
+        torch.testing.assert_close(
+            task.consistency_x0(x, t, cond), consistency_x0(out, x, abar, t.view(-1, 1, 1, 1))
+        )
+
+
+def test_float16_decodes_in_float32_as_the_sdxl_pipeline_does(parts):
+    task = build_task(config(parts, task_params={"dtype": "float16"}))
+    assert task.vae_upcast and next(task.vae.parameters()).dtype == torch.float32
+    with torch.no_grad():  # activations past float16's range (65,504) inside the decoder
+        task.vae.decoder.conv_in.weight.mul_(3e4)
+    latents = torch.randn((2, *task.sample_shape), generator=torch.Generator().manual_seed(5))
+    assert torch.isfinite(task.decode(latents)).all()
+    half = task.vae.to(torch.float16)  # what decoding in the weights' dtype would give
+    with torch.no_grad():
+        raw = half.decode(latents.half() / half.config.scaling_factor).sample
+    assert not torch.isfinite(raw).all()
+
+
+def test_an_sd15_lcm_lora_or_lcm_unet_on_sdxl_is_one_clear_error(parts):
+    wrong = {"lcm": str(parts / "sd15_lora" / "pytorch_lora_weights.safetensors")}
+    with pytest.raises(ConfigError, match=r"does not fit this SDXL UNet: \d+ of its \d+ LoRA"):
+        build_task(config(parts, estimator="consistency", task_params=wrong))
+    wrong = {"lcm": str(parts / "sd15_lcm")}
+    with pytest.raises(ConfigError, match="sd15_lcm does not fit this SDXL UNet: its "
+                                          "cross_attention_dim is 32, the model's 64"):  # fmt: skip
+        build_task(config(parts, estimator="consistency", task_params=wrong))
+
+
+def test_a_lora_of_sd15_width_is_named_as_made_for_sd15(parts):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sqdf.tasks.sd_family import check_lora_fits
+
+    path = parts / "lcm_lora" / "pytorch_lora_weights.safetensors"
+    state, _ = StableDiffusionXLPipeline.lora_state_dict(str(path))
+    wide = {k: torch.zeros(4, 768) if "attn2.to_k.lora.down" in k else v
+            for k, v in state.items()}  # fmt: skip
+    task = build_task(config(parts))
+    check_lora_fits(state, task.unet, path, "SDXL")  # its own LoRA fits
+    with pytest.raises(ConfigError, match="looks made for SD 1.x. Use an LCM-LoRA made for SDXL"):
+        check_lora_fits(wide, task.unet, path, "SDXL")
+
+
+@pytest.mark.parametrize("family", ["xl", "sd15"])
+def test_a_tokenizer_without_a_length_is_one_line_naming_the_fix(parts, tmp_path, family):
+    model = tmp_path / family
+    shutil.copytree(parts / family, model)
+    config_file = model / "tokenizer" / "tokenizer_config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["model_max_length"]
+    config_file.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"tokenizer: the tokenizer has no usable model_max_le"
+                                          r"ngth .* add \"model_max_length\": 77"):  # fmt: skip
+        build_task(config(parts, task_params={"model": str(model)}))
+
+
+def test_every_method_and_best_of_n_run_through_compare(parts, tmp_path):
+    from sqdf.compare import compare
+    from sqdf.methods import METHODS
+
+    base = settings(parts, steps=1)
+    methods = [*METHODS, "best_of_n"]
+    out = compare(base, methods, 1, tmp_path / "cmp", num_samples=2, best_of=2, progress=False)
+    results = json.loads((out / "results.json").read_text())
+    assert results["variants"] == methods
+    runs = {r["variant"]: r for r in results["runs"]}
+    assert all("diverged" not in r and r["reward_mean"] == r["reward_mean"] for r in runs.values())
+    assert all(runs[m]["updates"] == 1 for m in METHODS)
+
+
+def test_bbo_runs_on_sdxl(parts, tmp_path):
+    from sqdf.bbo import BboConfig, run_method
+
+    bbo = BboConfig(rounds=2, queries_per_round=2, updates_per_round=1, proxy_steps=2)
+    rows = run_method(bbo, config(parts), "sqdf", 0, tmp_path / "bbo", progress=False)
+    assert [r["queries"] for r in rows] == [2, 4]
+
+
+def test_sample_renders_an_sdxl_run_at_its_resolution(parts, tmp_path, capsys):
+    from sqdf.cli import main
+    from sqdf.render import trained_settings
+
+    run = train(config(parts, steps=1, task_params={"resolution": 32}), tmp_path / "run",
+                progress=False)  # fmt: skip
+    assert trained_settings(run / "final").resolution == 32
+    grid = tmp_path / "grid.png"
+    argv = ["sample", "--task", "sd", "--model", str(parts / "xl"), "--lora", str(run / "final"),
+            "--num-samples", "2", "--num-steps", "2", "--device", "cpu",
+            "--out", str(grid)]  # fmt: skip
+    assert main(argv) == 0 and grid.stat().st_size > 1000
+
+
+def test_dry_run_names_the_family_and_sizes_sdxl(tmp_path, capsys):
+    from sqdf.cli import main
+
+    for sub in FAMILIES["sdxl"].components:
+        (tmp_path / sub).mkdir()
+    index = {"_class_name": "StableDiffusionXLPipeline"}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    unet = {"sample_size": 128, "in_channels": 4}  # SDXL base: 1024 px through an 8x VAE
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(unet))
+    vae = {"block_out_channels": [128, 256, 512, 512]}
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(vae))
+    assert main(["train", "--task", "sd", "--model", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "model: SDXL (StableDiffusionXLPipeline)" in out
+    assert "D = 65,536 dimensions (4 x 128 x 128)" in out
+    assert "12.75 GiB of host memory" in out  # 1,024 x 51 x 65,536 x 4 bytes
+
+
+def test_readme_sdxl_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
+    import re
+    import shlex
+    from pathlib import Path
+
+    from sqdf.cli import main
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+                if '--model "$W/sdxl"' in b]  # fmt: skip
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    layout = {"sdxl": "xl", "lcm-lora-sdxl": "lcm_lora", "clip-vit-large-patch14": "clip",
+              "aesthetic.safetensors": "head.safetensors"}  # fmt: skip
+    for name, target in layout.items():
+        (weights / name).symlink_to(parts / target)
+    monkeypatch.chdir(tmp_path)
+    quick = {"train": ["--num-steps", "3", "--steps", "2", "--batch-size", "2", "--grad-accum",
+                       "1", "--device", "cpu", "--no-progress"],
+             "sample": ["--num-samples", "2", "--num-steps", "2", "--device", "cpu"]}  # fmt: skip
+    lines = block.strip().splitlines()
+    assert lines[0] == "W=~/weights" and len(lines) == 3
+    assert "resolution=512" in lines[1]  # 512 px through the tiny 2x VAE: too big for a test
+    for line in lines[1:]:
+        argv = shlex.split(line.replace("$W", str(weights)).replace("=512", "=32"))
+        assert argv[0] == "sqdf"
+        assert main(argv[1:] + quick.get(argv[1], [])) == 0, line
+    config = json.loads((tmp_path / "runs/sdxl/config.json").read_text())
+    assert config["train"]["task_params"]["resolution"] == 32
+    assert (tmp_path / "runs/sdxl/final/pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "runs/sdxl/grid.png").is_file()
