@@ -7,7 +7,8 @@
 # .whl/ (pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl
 #  diffusers==0.42.1 importlib_metadata digit-recognizer-py==0.1.0) and run
 #     bash scripts/gpu_checks.sh [STAGE...]      with carry [".whl"]
-# Stages (default: all, in this order, most wanted first; device time is short,
+# Stages (default: sd15 tests knobs, in this order, most wanted first; sdxl only when named;
+# device time is short,
 # so give one stage per call, `sd15` first; each is meant to fit one 10-minute call, but none
 # has been timed on a GPU yet):
 #   sd15    one gradient step's peak memory (step_memory.py), then the five update designs
@@ -30,7 +31,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(sd15 tests knobs sdxl)
+[ ${#stages[@]} -eq 0 ] && stages=(sd15 tests knobs)  # sdxl: only when asked (minutes of writing parts)
 for stage in "${stages[@]}"; do
     case $stage in
     tests)

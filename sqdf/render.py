@@ -70,7 +70,7 @@ def render_sd(
 
     from sqdf.report import save_image_rows
     from sqdf.tasks import resolve_device
-    from sqdf.tasks.sd_family import family_of
+    from sqdf.tasks.sd_family import check_lora_fits, check_unet_fits, family_of, read_config
 
     if num_images < 1:
         raise SqdfError(f"--num-samples must be >= 1, got {num_images}")
@@ -94,9 +94,12 @@ def render_sd(
     pairs = load_prompt_pairs(prompts)  # before any weights are loaded
     family = family_of(model)
     dev = resolve_device(device)
-    # SD 1.x/2.x folders may name a safety checker; the renders are ours to look at
+    # SD 1.x/2.x folders may name a safety checker, SDXL pipelines add a watermark where the
+    # package for it is installed: the renders are ours to look at
     extra = (
-        {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
+        {"safety_checker": None, "requires_safety_checker": False}
+        if family.name == "sd"
+        else {"add_watermarker": False}
     )
     try:
         pipe = family.pipeline_class().from_pretrained(
@@ -105,6 +108,11 @@ def render_sd(
         )  # fmt: skip
     except (OSError, ValueError) as err:
         raise SqdfError(f"cannot load a {family.pipeline} from {model}: {err}") from None
+    if full:  # weights of another family: one line now, not a shape error after a row
+        check_unet_fits(read_config(final, "unet"), pipe.unet, final / "unet", family.label)
+    elif final is not None:
+        state, _ = family.pipeline_class().lora_state_dict(str(final))
+        check_lora_fits(state, pipe.unet, final, family.label)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)

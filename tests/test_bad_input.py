@@ -154,8 +154,14 @@ CASES = [
     ("BBO preset given to train", lambda r: ["train", "--preset", "sd15-bbo-aesthetic"], "run it with sqdf bbo --preset"),
     ("BBO preset given to compare", lambda r: ["compare", "--preset", "sd15-bbo-aesthetic"], "add --bbo"),
     ("--preset when resuming", lambda r: ["train", "--resume", str(_finished_run(r)), "--preset", "digits-demo"], "--resume takes the run's own config"),
-    ("sd folder without model_index.json", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _folder_with(r, {"README.md": "no pipeline here"}), "--out", str(r / "x")],
-     "has no model_index.json"),
+    ("sd folder without model_index.json or parts", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _folder_with(r, {"README.md": "no pipeline here"}), "--out", str(r / "x")],
+     "is not a complete SD 1.x/2.x folder (missing unet/, vae/, text_encoder/, tokenizer/, scheduler/)"),
+    ("SDXL index over an SD 1.x UNet", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_configs(r, {"sample_size": 64}, "StableDiffusionXLPipeline", xl=True), "--out", str(r / "x")],
+     "unet has addition_embed_type None, where SDXL UNets have 'text_time': the folder mixes families"),
+    ("sd scheduler with trailing spacing", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_scheduler(r, {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing"}), "--out", str(r / "x")],
+     "asks for timestep_spacing 'trailing'; sqdf's DDIM steps at 'leading' spacing"),
+    ("sd scheduler of the EDM kind", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_scheduler(r, {"_class_name": "EDMDPMSolverMultistepScheduler"}), "--out", str(r / "x")],
+     "scheduler is a EDMDPMSolverMultistepScheduler; sqdf samples with DDIM on a DDPM noise schedule"),
     ("sd folder of an unsupported pipeline", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r, "FluxPipeline"), "--out", str(r / "x")],
      "holds a FluxPipeline; supported: StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL)"),
     ("SDXL folder without its second text encoder", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r, "StableDiffusionXLPipeline"), "--out", str(r / "x")],
@@ -188,12 +194,23 @@ def _sd_shaped(root, pipeline: str = "StableDiffusionPipeline") -> str:
     return str(folder)
 
 
-def _sd_configs(root, unet: dict) -> str:
-    """The SD layout with a UNet config as given and an SD 1.5 VAE config."""
-    folder = Path(_sd_shaped(root))
+def _sd_configs(root, unet: dict, pipeline: str = "StableDiffusionPipeline", xl=False) -> str:
+    """The SD (or, with ``xl``, SDXL) layout with a UNet config as given and an SD 1.5 VAE
+    config."""
+    folder = Path(_sd_shaped(root, pipeline))
+    if xl:
+        for name in ("text_encoder_2", "tokenizer_2"):
+            (folder / name).mkdir(exist_ok=True)
     (folder / "unet" / "config.json").write_text(json.dumps(unet))
     vae = {"block_out_channels": [128, 256, 512, 512]}
     (folder / "vae" / "config.json").write_text(json.dumps(vae))
+    return str(folder)
+
+
+def _sd_scheduler(root, scheduler: dict) -> str:
+    """The SD layout with a scheduler config as given."""
+    folder = Path(_sd_shaped(root))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     return str(folder)
 
 

@@ -39,8 +39,8 @@ from sqdf.tasks.lora import (
 from sqdf.tasks.sd_family import (
     FAMILIES,
     Family,
-    check_lcm_unet_fits,
     check_lora_fits,
+    check_unet_fits,
     family_of,
     load_part,
     read_config,
@@ -210,12 +210,11 @@ class SDTask(Task):
         from diffusers import UNet2DConditionModel
 
         if path.is_dir():
-            check_lcm_unet_fits(
-                read_config(path.parent, path.name), self.unet, path, self.family.label
-            )
+            check_unet_fits(read_config(path.parent, path.name), self.unet, path, self.family.label)
             self._lcm_unet = load_part(
-                UNet2DConditionModel, path.parent, path.name, use_safetensors=True
-            )
+                UNet2DConditionModel, path.parent, path.name, use_safetensors=True,
+                dtype=self.dtype,
+            )  # fmt: skip
             self._lcm_unet.to(self.device, self.dtype).requires_grad_(False)
             return
         # on the pretrained weights: the reference network (under LoRA, the policy's own)

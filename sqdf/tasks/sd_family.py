@@ -59,12 +59,11 @@ BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}
 
 
 def read_model_index(folder: str | Path) -> dict[str, Any]:
+    """The folder's model_index.json; {} where it has none (a folder downloaded part by
+    part often lacks it)."""
     path = Path(folder) / "model_index.json"
     if not path.is_file():
-        raise ConfigError(
-            f"task 'sd': {folder} has no model_index.json (a diffusers pipeline folder, as "
-            "save_pretrained writes it or the Hub serves it, has one)"
-        )
+        return {}
     try:
         index = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -74,24 +73,67 @@ def read_model_index(folder: str | Path) -> dict[str, Any]:
     return index
 
 
+def _optional_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # a missing or broken file is reported where it is loaded
+    return doc if isinstance(doc, dict) else {}
+
+
+# SDXL's UNet adds the pooled text and size ids to its time embedding; SD 1.x/2.x's adds none
+ADDITION_EMBEDS = {"sd": None, "sdxl": "text_time"}
+# sqdf samples with DDIM on the folder's DDPM noise levels, at "leading" spacing
+SAMPLER_SCHEDULERS = ("EDM", "FlowMatch")
+
+
 def family_of(folder: str | Path) -> Family:
-    """The family of the pipeline in ``folder``, with its components checked to be there."""
+    """The family of the pipeline in ``folder`` (its model_index.json, else its layout), with
+    its components, its UNet's conditioning and its scheduler checked from configs alone."""
+    folder = Path(folder)
     index = read_model_index(folder)
-    name = index.get("_class_name")
-    family = BY_PIPELINE.get(name) if isinstance(name, str) else None
-    if family is None:
-        supported = ", ".join(f"{f.pipeline} ({f.label})" for f in FAMILIES.values())
-        raise ConfigError(
-            f"task 'sd': {folder} holds a {name or 'pipeline without _class_name'}; "
-            f"supported: {supported}"
-        )
-    missing = [c for c in family.components if not (Path(folder) / c).is_dir()]
+    if index:
+        name = index.get("_class_name")
+        family = BY_PIPELINE.get(name) if isinstance(name, str) else None
+        if family is None:
+            supported = ", ".join(f"{f.pipeline} ({f.label})" for f in FAMILIES.values())
+            raise ConfigError(
+                f"task 'sd': {folder} holds a {name or 'pipeline without _class_name'}; "
+                f"supported: {supported}"
+            )
+    else:  # no index: a second text encoder says SDXL
+        family = FAMILIES["sdxl" if (folder / "text_encoder_2").is_dir() else "sd"]
+    missing = [c for c in family.components if not (folder / c).is_dir()]
     if missing:
         raise ConfigError(
             f"task 'sd': {folder} is not a complete {family.label} folder "
             f"(missing {', '.join(c + '/' for c in missing)})"
         )
+    unet = _optional_json(folder / "unet" / "config.json")
+    embed = unet.get("addition_embed_type")
+    if unet and embed != ADDITION_EMBEDS[family.name]:
+        raise ConfigError(
+            f"task 'sd': {folder}/unet has addition_embed_type {embed!r}, where {family.label} "
+            f"UNets have {ADDITION_EMBEDS[family.name]!r}: the folder mixes families"
+        )
+    _check_scheduler(folder)
     return family
+
+
+def _check_scheduler(folder: Path) -> None:
+    config = _optional_json(folder / "scheduler" / "scheduler_config.json")
+    name, spacing = str(config.get("_class_name", "")), config.get("timestep_spacing", "leading")
+    if any(kind in name for kind in SAMPLER_SCHEDULERS):
+        raise ConfigError(
+            f"task 'sd': {folder}/scheduler is a {name}; sqdf samples with DDIM on a DDPM noise "
+            "schedule (the SD 1.x/2.x and SDXL base schedulers)"
+        )
+    if spacing != "leading" or config.get("rescale_betas_zero_snr"):
+        what = f"timestep_spacing {spacing!r}" if spacing != "leading" else "zero-SNR betas"
+        raise ConfigError(
+            f"task 'sd': {folder}/scheduler asks for {what}; sqdf's DDIM steps at 'leading' "
+            "spacing on the plain noise schedule (as the SD 1.x/2.x and SDXL base folders do)"
+        )
 
 
 def zero_negative_for_empty(folder: str | Path) -> bool:
@@ -118,8 +160,18 @@ def load_part(cls: Any, folder: str | Path, sub: str, **kw: Any) -> Any:
         raise SqdfError(f"cannot load {sub}/ of {folder}: {str(err).splitlines()[0]}") from None
 
 
-# the cross-attention width of a UNet says its family: a LoRA's attn2.to_k input width
+# the cross-attention width of a UNet says its family
 CROSS_ATTENTION_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def unet_label(unet: Any, default: str) -> str:
+    """The family of a loaded UNet by its cross-attention width (SD 1.x, SD 2.x, SDXL)."""
+    return CROSS_ATTENTION_FAMILIES.get(unet.config.get("cross_attention_dim"), default)
+
+
+def _made_for(width: Any) -> str:
+    made_for = CROSS_ATTENTION_FAMILIES.get(width) if isinstance(width, int) else None
+    return f"; it looks made for {made_for}" if made_for else ""
 
 
 def check_lora_fits(state: dict[str, Any], unet: Any, path: Any, label: str) -> None:
@@ -152,28 +204,21 @@ def check_lora_fits(state: dict[str, Any], unet: Any, path: Any, label: str) -> 
         elif kind == "B" and value.shape[0] != weight.shape[0]:
             bad.append(f"{name} (gives {weight.shape[0]}, the LoRA {value.shape[0]})")
     if bad:
-        guess = _made_for(width)
         raise ConfigError(
-            f"{path} does not fit this {label} UNet: {len(bad)} of its {total} LoRA matrices "
-            f"do not match, e.g. {bad[0]}{guess}. Use an LCM-LoRA made for {label}"
+            f"{path} does not fit this {unet_label(unet, label)} UNet: {len(bad)} of its "
+            f"{total} LoRA matrices do not match, e.g. {bad[0]}{_made_for(width)}"
         )
 
 
-def _made_for(width: int | None) -> str:
-    made_for = CROSS_ATTENTION_FAMILIES.get(width) if width is not None else None
-    return f"; it looks made for {made_for}" if made_for else ""
-
-
-def check_lcm_unet_fits(config: dict[str, Any], unet: Any, path: Any, label: str) -> None:
-    """Refuse an LCM UNet folder (by its config, before its weights load) whose latents or
-    conditioning are not those of this family's UNet."""
+def check_unet_fits(config: dict[str, Any], unet: Any, path: Any, label: str) -> None:
+    """Refuse a UNet folder to stand beside or in for ``unet`` (an LCM UNet, a fine-tuned
+    UNet) whose latents or conditioning differ, by its config, before its weights load."""
     keys = ("in_channels", "cross_attention_dim", "addition_embed_type")
     differ = [k for k in keys if k in config and config[k] != unet.config.get(k)]
     if differ:
         key = differ[0]
-        width = config.get("cross_attention_dim")
-        guess = _made_for(width if isinstance(width, int) else None)
         raise ConfigError(
-            f"{path} does not fit this {label} UNet: its {key} is {config.get(key)!r}, the "
-            f"model's {unet.config.get(key)!r}{guess}. Use an LCM UNet made for {label}"
+            f"{path} does not fit this {unet_label(unet, label)} UNet: its {key} is "
+            f"{config.get(key)!r}, the model's {unet.config.get(key)!r}"
+            f"{_made_for(config.get('cross_attention_dim'))}"
         )

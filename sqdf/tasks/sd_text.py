@@ -21,25 +21,36 @@ TOKENIZER_LIMIT = 10_000  # transformers reports 1e30 for a tokenizer saved with
 class PromptConditioning:
     """Every prompt's conditioning and its negative's (CFG's unconditional branch).
 
-    embeds, negative_embeds: (P, L, D) text hidden states per prompt index;
-    pooled, negative_pooled: (P, E) pooled text projections (SDXL; None for SD 1.x/2.x);
+    embeds: (P, L, D) text hidden states per prompt index;
+    pooled: (P, E) pooled text projections (SDXL; None for SD 1.x/2.x);
+    negative_embeds, negative_pooled: (N, L, D), (N, E) for the N distinct negatives (most
+    often one), and negative_of: (P,) the row of each prompt's negative;
     time_ids: (6,) original size, crop top-left, target size (SDXL; None otherwise).
     """
 
     embeds: Tensor
+    pooled: Tensor | None
     negative_embeds: Tensor
-    pooled: Tensor | None = None
-    negative_pooled: Tensor | None = None
+    negative_pooled: Tensor | None
+    negative_of: Tensor
     time_ids: Tensor | None = None
+
+    def rows(self, cond: Tensor, *, negative: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(hidden states, pooled or None) of prompt indices ``cond`` (B,), or their
+        negatives'."""
+        if negative:
+            rows = self.negative_of.to(cond.device)[cond]
+            pooled = None if self.negative_pooled is None else self.negative_pooled[rows]
+            return self.negative_embeds[rows], pooled
+        return self.embeds[cond], None if self.pooled is None else self.pooled[cond]
 
     def unet_kwargs(self, cond: Tensor, *, negative: bool = False) -> dict[str, Any]:
         """The UNet's conditioning keywords for prompt indices ``cond`` (B,)."""
-        embeds = self.negative_embeds if negative else self.embeds
-        kwargs: dict[str, Any] = {"encoder_hidden_states": embeds[cond]}
-        if self.pooled is not None:
-            pooled = self.negative_pooled if negative else self.pooled
+        embeds, pooled = self.rows(cond, negative=negative)
+        kwargs: dict[str, Any] = {"encoder_hidden_states": embeds}
+        if pooled is not None:
             time_ids = self.time_ids.expand(len(cond), -1)
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[cond], "time_ids": time_ids}
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
         return kwargs
 
     def guided_kwargs(self, cond: Tensor) -> dict[str, Any]:
@@ -131,10 +142,8 @@ def encode_prompts(
         empty = distinct.index("")
         neg[empty] = 0.0
         neg_pooled[empty] = 0.0
-    rows = torch.tensor([distinct.index(n) for n in negatives], device=neg.device)
-    return PromptConditioning(
-        embeds, neg[rows], pooled, None if neg_pooled is None else neg_pooled[rows]
-    )
+    negative_of = torch.tensor([distinct.index(n) for n in negatives])
+    return PromptConditioning(embeds, pooled, neg, neg_pooled, negative_of)
 
 
 def sdxl_time_ids(unet: Any, pooled_dim: int, side: int, folder: Path) -> Tensor:

@@ -19,7 +19,6 @@ from sqdf.rewards.clip_rewards import (
     clip_preprocess,
     convert_aesthetic_head,
 )
-from sqdf.settings import make_config
 from sqdf.tasks import build_task
 from sqdf.tasks.sd import save_diffusers_lora
 from sqdf.tasks.sd_prompts import ANIMALS, load_prompt_pairs, load_prompts
@@ -31,6 +30,7 @@ from sqdf.tasks.sd_random import (
     write_random_sd,
 )
 from sqdf.trainer import train
+from tests.tasks.sd_runs import readme_block, run_readme_lines, sd_config
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +46,7 @@ def parts(tmp_path_factory):
 
 
 def config(parts, **over):
-    values = {
-        "task": "sd", "device": "cpu", "num_steps": 4, "batch_size": 2, "steps": 2,
-        "buffer": "uniform", "buffer_size": 8, "estimator": "tweedie", "lr": 1e-2,
-        "task_params": {"model": str(parts / "sd"), "prompts": "varied", "guidance": 3.0},
-        "reward_params": {"clip": str(parts / "clip"), "head": str(parts / "head.safetensors")},
-    }  # fmt: skip
-    for key, value in over.items():  # task_params merge; everything else replaces
-        values[key] = {**values[key], **value} if key == "task_params" else value
-    return make_config(values, source="test")
+    return sd_config(parts / "sd", parts, **over)
 
 
 def pipeline(parts):
@@ -70,7 +62,7 @@ def test_prompt_embeddings_and_guidance_match_the_diffusers_pipeline(parts):
     prompts = task.prompts_of(cond)
     pos, neg = pipe.encode_prompt(prompts, "cpu", 1, True, ["blurry"] * 2)
     torch.testing.assert_close(task.text.embeds[cond], pos)
-    torch.testing.assert_close(task.text.negative_embeds[cond], neg)
+    torch.testing.assert_close(task.text.rows(cond, negative=True)[0], neg)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((2, *task.sample_shape), generator=g)
     t = torch.tensor([901, 301])
@@ -277,7 +269,7 @@ def test_prompt_sets_and_files(tmp_path):
 def test_bad_sd_settings_are_one_clear_error(parts, tmp_path):
     with pytest.raises(ConfigError, match="needs a local Stable Diffusion folder"):
         build_task(config(parts, task_params={"model": None}))
-    with pytest.raises(ConfigError, match="has no model_index.json"):
+    with pytest.raises(ConfigError, match="is not a complete SD 1.x/2.x folder"):
         build_task(config(parts, task_params={"model": str(tmp_path)}))
     with pytest.raises(ConfigError, match="estimator consistency needs task_params.lcm"):
         build_task(config(parts, estimator="consistency"))
@@ -374,35 +366,12 @@ def test_checkpointing_gives_the_same_gradient_with_adapters_switched_in_the_los
 
 
 def test_readme_sd_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
-    import re
-    import shlex
-    from pathlib import Path
-
-    from sqdf.cli import main
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-                 if b.startswith("W=~/weights"))  # fmt: skip
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    layout = {
-        "sd15": "sd",
-        "clip-vit-large-patch14": "clip",
-        "lcm-lora-sdv1-5": "lcm_lora",
-        "sac+logos+ava1-l14-linearMSE.pth": "head.pth",
-    }
-    for name, target in layout.items():
-        (weights / name).symlink_to(parts / target)
+    lines = readme_block('sqdf sample --task sd --model "$W/sd15"')
+    assert len(lines) == 5
+    layout = {"sd15": "sd", "clip-vit-large-patch14": "clip", "lcm-lora-sdv1-5": "lcm_lora",
+              "sac+logos+ava1-l14-linearMSE.pth": "head.pth"}  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    quick = {"train": ["--num-steps", "3", "--steps", "2", "--batch-size", "2", "--grad-accum",
-                       "1", "--device", "cpu", "--no-progress"],
-             "sample": ["--num-samples", "2", "--num-steps", "2", "--device", "cpu"]}  # fmt: skip
-    lines = block.strip().splitlines()
-    assert lines[0] == "W=~/weights" and len(lines) == 5
-    for line in lines[1:]:
-        argv = shlex.split(line.replace("$W", str(weights)))
-        assert argv[0] == "sqdf"
-        assert main(argv[1:] + quick.get(argv[1], [])) == 0, line
+    run_readme_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
     assert (tmp_path / "runs/sd/final/pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "runs/sd/grid.png").is_file()
 
@@ -415,7 +384,7 @@ def test_a_prompt_file_line_can_carry_its_own_negative_prompt(parts, tmp_path):
     for i, (prompt, negative) in enumerate([("a red fox", "blurry"), ("a lighthouse", "dark")]):
         pos, neg = pipe.encode_prompt([prompt], "cpu", 1, True, [negative])
         torch.testing.assert_close(task.text.embeds[i : i + 1], pos)
-        torch.testing.assert_close(task.text.negative_embeds[i : i + 1], neg)
+        torch.testing.assert_close(task.text.rows(torch.tensor([i]), negative=True)[0], neg)
 
 
 def test_eval_in_chunks_gives_policy_and_reference_the_same_noise(parts, tmp_path):

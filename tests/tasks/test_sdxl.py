@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from sqdf.errors import ConfigError
 from sqdf.rewards.clip_rewards import convert_aesthetic_head
-from sqdf.settings import make_config
 from sqdf.tasks import build_task
 from sqdf.tasks.sd_family import FAMILIES
 from sqdf.tasks.sd_random import (
@@ -24,6 +23,7 @@ from sqdf.tasks.sd_random import (
     write_random_sd,
 )
 from sqdf.trainer import train
+from tests.tasks.sd_runs import readme_block, run_readme_lines, sd_config, sd_settings
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +41,8 @@ def parts(tmp_path_factory):
     return root
 
 
-def settings(parts, **over):
-    values = {
-        "task": "sd", "device": "cpu", "num_steps": 4, "batch_size": 2, "steps": 2,
-        "grad_accum": 1, "buffer": "uniform", "buffer_size": 8, "estimator": "tweedie",
-        "lr": 1e-2,
-        "task_params": {"model": str(parts / "xl"), "prompts": "varied", "guidance": 3.0},
-        "reward_params": {"clip": str(parts / "clip"), "head": str(parts / "head.safetensors")},
-    }  # fmt: skip
-    for key, value in over.items():  # task_params merge; everything else replaces
-        values[key] = {**values[key], **value} if key == "task_params" else value
-    return values
-
-
 def config(parts, **over):
-    return make_config(settings(parts, **over), source="test")
+    return sd_config(parts / "xl", parts, **over)
 
 
 def pipeline(parts):
@@ -81,10 +68,10 @@ def test_conditioning_and_guidance_match_the_sdxl_pipeline(parts, negative):
         do_classifier_free_guidance=True, negative_prompt=[negative] * 2 if negative else None,
     )  # fmt: skip
     text = task.text
-    torch.testing.assert_close(text.embeds[cond], pos)
-    torch.testing.assert_close(text.negative_embeds[cond], neg)
-    torch.testing.assert_close(text.pooled[cond], pooled)
-    torch.testing.assert_close(text.negative_pooled[cond], neg_pooled)
+    for ours, theirs in zip(text.rows(cond) + text.rows(cond, negative=True),
+                            (pos, pooled, neg, neg_pooled), strict=True):  # fmt: skip
+        torch.testing.assert_close(ours, theirs)
+    assert len(text.negative_embeds) == 1  # one negative for every prompt, stored once
     assert bool((neg == 0).all()) == (negative == "")
     ids = pipe._get_add_time_ids(
         (16, 16), (0, 0), (16, 16), dtype=torch.float32,
@@ -231,7 +218,7 @@ def test_a_lora_of_sd15_width_is_named_as_made_for_sd15(parts):
             for k, v in state.items()}  # fmt: skip
     task = build_task(config(parts))
     check_lora_fits(state, task.unet, path, "SDXL")  # its own LoRA fits
-    with pytest.raises(ConfigError, match="looks made for SD 1.x. Use an LCM-LoRA made for SDXL"):
+    with pytest.raises(ConfigError, match=r"fit this SDXL UNet: .*; it looks made for SD 1.x"):
         check_lora_fits(wide, task.unet, path, "SDXL")
 
 
@@ -252,7 +239,7 @@ def test_every_method_and_best_of_n_run_through_compare(parts, tmp_path):
     from sqdf.compare import compare
     from sqdf.methods import METHODS
 
-    base = settings(parts, steps=1)
+    base = sd_settings(parts / "xl", parts, steps=1)
     methods = [*METHODS, "best_of_n"]
     out = compare(base, methods, 1, tmp_path / "cmp", num_samples=2, best_of=2, progress=False)
     results = json.loads((out / "results.json").read_text())
@@ -270,18 +257,66 @@ def test_bbo_runs_on_sdxl(parts, tmp_path):
     assert [r["queries"] for r in rows] == [2, 4]
 
 
-def test_sample_renders_an_sdxl_run_at_its_resolution(parts, tmp_path, capsys):
+def test_sample_renders_an_sdxl_run_at_its_resolution(parts, tmp_path, capsys, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
     from sqdf.cli import main
     from sqdf.render import trained_settings
 
     run = train(config(parts, steps=1, task_params={"resolution": 32}), tmp_path / "run",
                 progress=False)  # fmt: skip
     assert trained_settings(run / "final").resolution == 32
+    sides, real_call = [], StableDiffusionXLPipeline.__call__
+
+    def recording(pipe, prompt, **kw):
+        out = real_call(pipe, prompt, **kw)
+        sides.append(tuple(out.images.shape[-2:]))
+        return out
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", recording)
     grid = tmp_path / "grid.png"
     argv = ["sample", "--task", "sd", "--model", str(parts / "xl"), "--lora", str(run / "final"),
             "--num-samples", "2", "--num-steps", "2", "--device", "cpu",
             "--out", str(grid)]  # fmt: skip
     assert main(argv) == 0 and grid.stat().st_size > 1000
+    assert sides == [(32, 32)] * 4  # reference and fine-tuned, 2 each, at the run's 32 px
+    # the SDXL LoRA given with an SD 1.5 model: one line before anything is drawn
+    capsys.readouterr()
+    argv[4] = str(parts / "sd15")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this" in err and "it looks made for" not in err  # tiny widths
+    assert "Traceback" not in err and len(sides) == 4
+
+
+def test_a_folder_without_model_index_is_known_by_its_layout(parts, tmp_path):
+    from sqdf.tasks.sd_family import family_of
+
+    for name, family in (("xl", "sdxl"), ("sd15", "sd")):
+        shutil.copytree(parts / name, tmp_path / name)
+        (tmp_path / name / "model_index.json").unlink()
+        assert family_of(tmp_path / name).name == family
+    task = build_task(config(parts, task_params={"model": str(tmp_path / "xl")}))
+    assert task.text.pooled is not None and task.text.time_ids is not None
+
+
+def test_decode_undoes_a_vaes_latent_mean_and_std_as_the_pipeline(parts, tmp_path):
+    model = tmp_path / "xl"
+    shutil.copytree(parts / "xl", model)
+    vae_config = json.loads((model / "vae" / "config.json").read_text())
+    mean, std = [0.1, -0.2, 0.3, 0.0], [0.5, 1.5, 1.0, 2.0]
+    vae_config |= {"latents_mean": mean, "latents_std": std}
+    (model / "vae" / "config.json").write_text(json.dumps(vae_config))
+    task = build_task(config(parts, task_params={"model": str(model)}))
+    latents = torch.randn((2, *task.sample_shape), generator=torch.Generator().manual_seed(6))
+    # the pipeline's formula: latents * std / scaling_factor + mean, then decode
+    scale = task.vae.config.scaling_factor
+    plain = latents * torch.tensor(std).view(1, 4, 1, 1) / scale + torch.tensor(mean).view(
+        1, 4, 1, 1
+    )
+    with torch.no_grad():
+        want = (task.vae.decode(plain).sample / 2 + 0.5).clamp(0, 1)
+        torch.testing.assert_close(task.decode(latents), want)
 
 
 def test_dry_run_names_the_family_and_sizes_sdxl(tmp_path, capsys):
@@ -291,7 +326,8 @@ def test_dry_run_names_the_family_and_sizes_sdxl(tmp_path, capsys):
         (tmp_path / sub).mkdir()
     index = {"_class_name": "StableDiffusionXLPipeline"}
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    unet = {"sample_size": 128, "in_channels": 4}  # SDXL base: 1024 px through an 8x VAE
+    # SDXL base: 1024 px through an 8x VAE
+    unet = {"sample_size": 128, "in_channels": 4, "addition_embed_type": "text_time"}
     (tmp_path / "unet" / "config.json").write_text(json.dumps(unet))
     vae = {"block_out_channels": [128, 256, 512, 512]}
     (tmp_path / "vae" / "config.json").write_text(json.dumps(vae))
@@ -303,32 +339,13 @@ def test_dry_run_names_the_family_and_sizes_sdxl(tmp_path, capsys):
 
 
 def test_readme_sdxl_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
-    import re
-    import shlex
-    from pathlib import Path
-
-    from sqdf.cli import main
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-                if '--model "$W/sdxl"' in b]  # fmt: skip
-    weights = tmp_path / "weights"
-    weights.mkdir()
+    lines = readme_block('--model "$W/sdxl"')
+    assert len(lines) == 3 and "resolution=512" in lines[1]
+    lines[1] = lines[1].replace("=512", "=32")  # 512 px through the tiny 2x VAE: too big here
     layout = {"sdxl": "xl", "lcm-lora-sdxl": "lcm_lora", "clip-vit-large-patch14": "clip",
               "aesthetic.safetensors": "head.safetensors"}  # fmt: skip
-    for name, target in layout.items():
-        (weights / name).symlink_to(parts / target)
     monkeypatch.chdir(tmp_path)
-    quick = {"train": ["--num-steps", "3", "--steps", "2", "--batch-size", "2", "--grad-accum",
-                       "1", "--device", "cpu", "--no-progress"],
-             "sample": ["--num-samples", "2", "--num-steps", "2", "--device", "cpu"]}  # fmt: skip
-    lines = block.strip().splitlines()
-    assert lines[0] == "W=~/weights" and len(lines) == 3
-    assert "resolution=512" in lines[1]  # 512 px through the tiny 2x VAE: too big for a test
-    for line in lines[1:]:
-        argv = shlex.split(line.replace("$W", str(weights)).replace("=512", "=32"))
-        assert argv[0] == "sqdf"
-        assert main(argv[1:] + quick.get(argv[1], [])) == 0, line
+    run_readme_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
     config = json.loads((tmp_path / "runs/sdxl/config.json").read_text())
     assert config["train"]["task_params"]["resolution"] == 32
     assert (tmp_path / "runs/sdxl/final/pytorch_lora_weights.safetensors").is_file()
