@@ -10,6 +10,7 @@ from typing import Any
 
 from sqdf.core.kl import KL_SCALES
 from sqdf.errors import ConfigError
+from sqdf.trackers import parse_log_with
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,6 +75,11 @@ class TrainConfig:
     seed: int = _f(0, "random seed (initialisation, sampling, replay)")
     device: str = _f("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
     log_every: int = _f(10, "write a metrics.jsonl line every N updates")
+    log_with: str = _f(
+        "",
+        "experiment trackers that get every metrics.jsonl line too, comma-separated: "
+        "tensorboard, wandb, mlflow, trackio (none by default)",
+    )
     checkpoint_every: int = _f(100, "save a resumable checkpoint every N updates (0: never)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     max_skips: int = _f(
@@ -164,6 +170,7 @@ class TrainConfig:
             "cells_per_trajectory > 1 needs rollout 'truncated'",
         )
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        parse_log_with(self.log_with)
         need(
             self.checkpoint_every >= 0,
             f"checkpoint_every must be >= 0, got {self.checkpoint_every}",

@@ -19,6 +19,7 @@ stored, and an update whose loss or gradient is not finite is skipped (and count
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import sys
@@ -56,6 +57,7 @@ from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
 from sqdf.sampler import Trajectories, sample_states_at, sample_trajectories
 from sqdf.settings import check_registered, config_sources
 from sqdf.tasks import Task, build_task, resolved_reward_name, with_summed_alpha
+from sqdf.trackers import RunTrackers, check_installed, parse_log_with
 
 log = logging.getLogger("sqdf")
 
@@ -279,6 +281,7 @@ class TrainingRun:
     consecutive_skips: int = 0
     t0: float = 0.0
     phase: str = "sampling"  # what the update is doing: sampling, gradient or checkpoint
+    trackers: RunTrackers | None = None  # --log-with, on the main process
 
 
 @dataclass
@@ -346,6 +349,8 @@ def train(
         raise SqdfError(out_of_memory_message(s.given, s.phase, step + 1)) from None
     finally:
         bar.close()
+        if s.trackers is not None:  # flushed and closed, whether the run ended or failed
+            s.trackers.finish()
     return finish(s)
 
 
@@ -363,6 +368,7 @@ def set_up(
     if state is not None and resume:
         raise ValueError("train: resume and a caller's state exclude each other")
     check_registered(cfg)  # a TrainConfig built in Python has not met the registries yet
+    check_installed(parse_log_with(cfg.log_with))  # before a model is loaded
     procs = Processes(cfg.device)
     saved = prepare_run(run, cfg, resume) if procs.is_main else None
     procs.barrier()  # the folder is checked (and made) before any process reads it
@@ -441,6 +447,11 @@ def set_up(
         restore_process_states(procs, ck, buffer, generator, scaler, cfg.seed)
     if procs.is_main:
         truncate_metrics(run, s.start, saved.log_every if saved is not None else cfg.log_every)
+        names = parse_log_with(given.log_with)
+        if names:  # opened last: nothing before it can fail and leave a tracker run open
+            doc = json.loads((run / "config.json").read_text())
+            config = {"train": doc["train"], "resolved": doc["resolved"]}  # as given, as run
+            s.trackers = RunTrackers(names, run, config, s.start)
     s.t0 = time.perf_counter() - counters["wall_s"]
     return s
 
@@ -623,6 +634,8 @@ def log_update(
     }
     if procs.is_main:
         append_metrics(s.run, row)
+        if s.trackers is not None:
+            s.trackers.log(row, done)
     return row
 
 

@@ -166,6 +166,8 @@ CASES = [
      "holds a FluxPipeline; supported: StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL)"),
     ("SDXL folder without its second text encoder", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r, "StableDiffusionXLPipeline"), "--out", str(r / "x")],
      "is not a complete SDXL folder (missing text_encoder_2/, tokenizer_2/)"),
+    ("unknown experiment tracker", lambda r: ["train", "--log-with", "tensorboard,tensorbord", "--out", str(r / "x")],
+     "unknown tracker 'tensorbord' in log_with; known: tensorboard, wandb, mlflow, trackio"),
     ("unknown gmm2d process", lambda r: ["train", "--task-param", "process=ode"], "gmm2d process must be one of vp, flow"),
     ("flow without noise", lambda r: ["train", "--task-param", "process=flow", "--task-param", "noise_level=0"], "gmm2d noise_level must be > 0"),
     ("DDIM's eta on the flow process", lambda r: ["train", "--task-param", "process=flow", "--eta", "0.5"], "eta is DDIM's; the flow process's noise is task_params.noise_level"),

@@ -1,0 +1,141 @@
+"""--log-with: what goes to metrics.jsonl goes to the trackers, with the same names and steps,
+a resumed run's series stays whole, and a missing tracker package is one clear line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from sqdf.errors import ConfigError
+from sqdf.run import read_metrics
+from sqdf.trackers import flat_hparams, parse_log_with
+from sqdf.trainer import train
+
+
+def tensorboard_scalars(run) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of RUN/tensorboard as TensorBoard reads it (events an earlier
+    attempt wrote past a resume point purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=True)
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def metrics_series(run) -> dict[str, list[tuple[int, float]]]:
+    rows = read_metrics(run)
+    keys = [k for k, v in rows[0].items() if k != "step" and isinstance(v, int | float)]
+    return {k: [(r["step"], float(r[k])) for r in rows] for k in keys}
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def assert_series_equal(tb: dict, jsonl: dict) -> None:
+    assert tb.keys() == jsonl.keys()
+    for tag, series in jsonl.items():
+        assert [s for s, _ in tb[tag]] == [s for s, _ in series], tag
+        assert all(same(a, b) for (_, a), (_, b) in zip(tb[tag], series, strict=True)), tag
+
+
+def test_tensorboard_gets_every_metrics_row_and_the_config(tiny_config, tmp_path):
+    cfg = dataclasses.replace(tiny_config, log_every=2, log_with="tensorboard")
+    run = train(cfg, tmp_path / "run", progress=False)
+    assert_series_equal(tensorboard_scalars(run), metrics_series(run))
+    assert [s for s, _ in tensorboard_scalars(run)["reward_mean"]] == [2, 4, 6]
+    (hparams,) = (run / "tensorboard").glob("*/hparams.yml")
+    text = hparams.read_text()
+    assert "train.alpha: 2.0" in text and "resolved.task_params.hidden: 16" in text
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path, monkeypatch):
+    import sqdf.trainer
+
+    cfg = dataclasses.replace(tiny_config, log_every=1, checkpoint_every=3, log_with="tensorboard")
+    real, calls = sqdf.trainer.apply_update, []
+
+    def dies_in_update_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # updates 1-4 logged, checkpoint at 3: 4 is logged again
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sqdf.trainer, "apply_update", dies_in_update_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(sqdf.trainer, "apply_update", real)
+    run = train(cfg, tmp_path / "run", resume=True, progress=False)
+    series = tensorboard_scalars(run)
+    assert [s for s, _ in series["reward_mean"]] == [1, 2, 3, 4, 5, 6]
+    assert_series_equal(series, metrics_series(run))
+
+
+def test_wandb_offline_writes_its_run_folder_in_the_run(tiny_config, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = dataclasses.replace(tiny_config, log_with="wandb")
+    run = train(cfg, tmp_path / "run", progress=False)
+    run_id = (run / "tracker_id.txt").read_text().strip()
+    (folder,) = (run / "wandb").glob(f"offline-run-*-{run_id}")
+    assert (folder / f"run-{run_id}.wandb").stat().st_size > 0
+
+
+def test_a_missing_tracker_package_names_the_extra(tiny_config, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
+    cfg = dataclasses.replace(tiny_config, log_with="tensorboard,mlflow")
+    with pytest.raises(ConfigError, match=r"--log-with mlflow needs the mlflow package: "
+                                          r"pip install 'sqdf\[mlflow\]'"):  # fmt: skip
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "tensorboard").exists()  # refused before anything started
+
+
+def test_log_with_is_checked_and_configs_flatten():
+    assert parse_log_with(" tensorboard, wandb ") == ["tensorboard", "wandb"]
+    assert parse_log_with("") == []
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbord' in log_with; known: "):
+        parse_log_with("tensorbord")
+    with pytest.raises(ConfigError, match="names a tracker twice"):
+        parse_log_with("wandb,wandb")
+    flat = flat_hparams({"a": 1, "t": {"b": [1, 2], "c": None, "d": {"e": True}}})
+    assert flat == {"a": 1, "t.b": "[1, 2]", "t.c": "None", "t.d.e": True}
+
+
+def test_python_dash_m_sqdf_is_the_sqdf_command(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sqdf", "presets"], capture_output=True,
+                          text=True, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "sd15-aesthetic" in done.stdout
+    json.dumps(done.stdout)  # plain text out
+
+
+def test_readme_watch_example_writes_tensorboard_events(tmp_path, monkeypatch):
+    import re
+    import shlex
+    from pathlib import Path
+
+    from sqdf.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+                if "--log-with tensorboard" in b]  # fmt: skip
+    train_line, watch_line = block.strip().splitlines()
+    assert watch_line == "tensorboard --logdir runs/"
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(train_line)
+    assert main([*argv[1:], "--steps", "20", "--no-progress"]) == 0  # shorter than written
+    series = tensorboard_scalars(tmp_path / "runs" / "watched")
+    assert [s for s, _ in series["reward_mean"]] == [10, 20]
