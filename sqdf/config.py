@@ -81,6 +81,11 @@ class TrainConfig:
         "tensorboard, wandb, mlflow, trackio (none by default)",
     )
     checkpoint_every: int = _f(100, "save a resumable checkpoint every N updates (0: never)")
+    sample_every: int = _f(
+        0,
+        "every N updates, a picture of policy and reference samples from the same fixed seeds "
+        "and conditions into RUN/samples/ and the trackers (0: never)",
+    )
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     max_skips: int = _f(
         20, "stop after this many consecutive updates skipped for non-finite values"
@@ -175,6 +180,7 @@ class TrainConfig:
             self.checkpoint_every >= 0,
             f"checkpoint_every must be >= 0, got {self.checkpoint_every}",
         )
+        need(self.sample_every >= 0, f"sample_every must be >= 0, got {self.sample_every}")
         need(
             self.keep_checkpoints >= 1,
             f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}",

@@ -82,6 +82,18 @@ class RunTrackers:
         for tracker in self.trackers:
             tracker.log(values, step=step)
 
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        """A saved picture at update ``step``, to the trackers that take images (TensorBoard,
+        wandb; MLflow and Trackio get the numbers only)."""
+        from matplotlib.image import imread
+
+        image = imread(path)[..., :3]  # (H, W, 3) in [0, 1]
+        for tracker in self.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({name: image[None]}, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({name: [image]}, step=step)
+
     def finish(self) -> None:
         for tracker in self.trackers:
             tracker.finish()

@@ -185,11 +185,10 @@ def out_of_memory_message(cfg: TrainConfig, phase: str, update: int) -> str:
     """What to lower when the GPU ran out of memory in ``phase`` ("sampling" or "gradient")
     of an update: the settings that size that phase, with their values, as config keys (the
     flags are the same with dashes: --batch-size; sqdf bbo takes them with --set)."""
-    where = (
-        f"sampling {cfg.batch_size} fresh trajectories"
-        if phase == "sampling"
-        else f"the gradient micro-batch of {cfg.batch_size * cfg.cells_per_trajectory} cells"
-    )
+    where = {
+        "sampling": f"sampling {cfg.batch_size} fresh trajectories",
+        "pictures": f"sampling the pictures of sample_every (now {cfg.sample_every}; 0 = none)",
+    }.get(phase, f"the gradient micro-batch of {cfg.batch_size * cfg.cells_per_trajectory} cells")
     advice = [f"lower batch_size (now {cfg.batch_size}; raising grad_accum, now "
               f"{cfg.grad_accum}, by the same factor keeps the effective batch)"]  # fmt: skip
     if cfg.task == "sd":
@@ -282,6 +281,8 @@ class TrainingRun:
     t0: float = 0.0
     phase: str = "sampling"  # what the update is doing: sampling, gradient or checkpoint
     trackers: RunTrackers | None = None  # --log-with, on the main process
+    # --sample-every: the pictures' conditions and reference samples, drawn once
+    picture_reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -341,6 +342,8 @@ def train(
             if done % s.cfg.log_every == 0 or done == s.cfg.steps:
                 row = log_update(s, done, grads, tally, grad_norm)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
+            if s.cfg.sample_every and done % s.cfg.sample_every == 0:
+                save_pictures(s, done)
             if s.cfg.checkpoint_every and done % s.cfg.checkpoint_every == 0:
                 checkpoint(s, done)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
@@ -637,6 +640,32 @@ def log_update(
         if s.trackers is not None:
             s.trackers.log(row, done)
     return row
+
+
+PICTURE_SEED = 20_251_204  # the noise and conditions of every --sample-every picture
+
+
+def save_pictures(s: TrainingRun, done: int) -> None:
+    """Policy beside reference samples at update ``done``, from the same fixed noise and
+    conditions at every update (and on resume), as RUN/samples/step_NNNNNNN.png and to the
+    trackers. Its own generators: the run's stream, and so its result, is not touched.
+    Every process samples (FSDP needs them all in the forward); the main one writes."""
+    s.phase = "pictures"
+    task, n = s.task, s.task.picture_samples
+    if s.picture_reference is None:
+        cond = task.sample_conditions(n, torch.Generator().manual_seed(PICTURE_SEED))
+        ref = sample_trajectories(
+            task, n, torch.Generator().manual_seed(PICTURE_SEED), policy=False, cond=cond
+        ).x0
+        s.picture_reference = (cond, ref)
+    cond, ref = s.picture_reference
+    x0 = sample_trajectories(task, n, torch.Generator().manual_seed(PICTURE_SEED), cond=cond).x0
+    if s.procs.is_main:
+        path = s.run / "samples" / f"step_{done:07d}.png"
+        path.parent.mkdir(exist_ok=True)
+        task.plot_samples(x0, ref, cond, path)
+        if s.trackers is not None:
+            s.trackers.log_image("samples", path, done)
 
 
 def checkpoint(s: TrainingRun, step: int) -> None:

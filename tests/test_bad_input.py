@@ -168,6 +168,8 @@ CASES = [
      "is not a complete SDXL folder (missing text_encoder_2/, tokenizer_2/)"),
     ("unknown experiment tracker", lambda r: ["train", "--log-with", "tensorboard,tensorbord", "--out", str(r / "x")],
      "unknown tracker 'tensorbord' in log_with; known: tensorboard, wandb, mlflow, trackio"),
+    ("negative sample_every", lambda r: ["train", "--sample-every", "-1", "--out", str(r / "x")],
+     "sample_every must be >= 0, got -1"),
     ("unknown gmm2d process", lambda r: ["train", "--task-param", "process=ode"], "gmm2d process must be one of vp, flow"),
     ("flow without noise", lambda r: ["train", "--task-param", "process=flow", "--task-param", "noise_level=0"], "gmm2d noise_level must be > 0"),
     ("DDIM's eta on the flow process", lambda r: ["train", "--task-param", "process=flow", "--eta", "0.5"], "eta is DDIM's; the flow process's noise is task_params.noise_level"),

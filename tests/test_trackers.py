@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sqdf.errors import ConfigError
 from sqdf.run import read_metrics
@@ -17,16 +18,25 @@ from sqdf.trackers import flat_hparams, parse_log_with
 from sqdf.trainer import train
 
 
-def tensorboard_scalars(run) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of RUN/tensorboard as TensorBoard reads it (events an earlier
-    attempt wrote past a resume point purged)."""
+def tensorboard_events(run):
+    """RUN/tensorboard as TensorBoard reads it (events an earlier attempt wrote past a resume
+    point purged)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=True)
     events.Reload()
+    return events
+
+
+def tensorboard_scalars(run) -> dict[str, list[tuple[int, float]]]:
+    events = tensorboard_events(run)
     return {
         tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
     }
+
+
+def image_steps(run) -> list[int]:
+    return [e.step for e in tensorboard_events(run).Images("samples")]
 
 
 def metrics_series(run) -> dict[str, list[tuple[int, float]]]:
@@ -59,7 +69,8 @@ def test_tensorboard_gets_every_metrics_row_and_the_config(tiny_config, tmp_path
 def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path, monkeypatch):
     import sqdf.trainer
 
-    cfg = dataclasses.replace(tiny_config, log_every=1, checkpoint_every=3, log_with="tensorboard")
+    cfg = dataclasses.replace(tiny_config, log_every=1, checkpoint_every=3, sample_every=2,
+                              log_with="tensorboard")  # fmt: skip
     real, calls = sqdf.trainer.apply_update, []
 
     def dies_in_update_5(*args, **kwargs):
@@ -76,6 +87,20 @@ def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path, monkeypatch):
     series = tensorboard_scalars(run)
     assert [s for s, _ in series["reward_mean"]] == [1, 2, 3, 4, 5, 6]
     assert_series_equal(series, metrics_series(run))
+    assert image_steps(run) == [2, 4, 6]  # the picture at 4 was made twice, kept once
+
+
+def test_pictures_every_n_updates_leave_the_run_as_it_was(tiny_config, tmp_path):
+    from safetensors.torch import load_file
+
+    plain = train(tiny_config, tmp_path / "plain", progress=False)
+    cfg = dataclasses.replace(tiny_config, sample_every=2, log_with="tensorboard")
+    run = train(cfg, tmp_path / "run", progress=False)
+    pictures = sorted(p.name for p in (run / "samples").iterdir())
+    assert pictures == ["step_0000002.png", "step_0000004.png", "step_0000006.png"]
+    assert image_steps(run) == [2, 4, 6]
+    a, b = (load_file(str(r / "final" / "policy.safetensors")) for r in (plain, run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_wandb_offline_writes_its_run_folder_in_the_run(tiny_config, tmp_path, monkeypatch):
@@ -136,6 +161,20 @@ def test_readme_watch_example_writes_tensorboard_events(tmp_path, monkeypatch):
     assert watch_line == "tensorboard --logdir runs/"
     monkeypatch.chdir(tmp_path)
     argv = shlex.split(train_line)
-    assert main([*argv[1:], "--steps", "20", "--no-progress"]) == 0  # shorter than written
+    argv += ["--steps", "20", "--sample-every", "10", "--no-progress"]  # shorter than written
+    assert main(argv[1:]) == 0
     series = tensorboard_scalars(tmp_path / "runs" / "watched")
     assert [s for s, _ in series["reward_mean"]] == [10, 20]
+    assert image_steps(tmp_path / "runs" / "watched") == [10, 20]
+
+
+def test_digits_pictures_reach_the_folder_and_tensorboard(tmp_path):
+    from sqdf.config import TrainConfig
+    from tests.tasks.test_digits import TINY
+
+    cfg = TrainConfig(**TINY, sample_every=1, log_with="tensorboard")
+    run = train(cfg, tmp_path / "run", progress=False)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step_0000001.png", "step_0000002.png",
+    ]  # fmt: skip
+    assert image_steps(run) == [1, 2]

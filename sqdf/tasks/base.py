@@ -29,6 +29,7 @@ class Task(ABC):
     sample_shape: tuple[int, ...]
     eval_samples: int = 4096  # sqdf eval's default sample count
     eval_batch: int | None = None  # evaluation samples per chunk (None: all at once)
+    picture_samples: int = 1024  # samples in each --sample-every picture (gmm2d: a scatter)
     device: torch.device = torch.device("cpu")
     # whether ``policy`` is the very network the task calls, so FSDP can shard it (a LoRA
     # wrapper is not: the task calls the network inside it)

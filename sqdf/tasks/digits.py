@@ -74,6 +74,7 @@ class DigitsConfig:
 class DigitsTask(Task):
     sample_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
     eval_samples = 1000
+    picture_samples = 40  # four of each class
 
     def __init__(self, cfg: Any, options: DigitsConfig, reward: Any, device: torch.device):
         self.options = options

@@ -136,6 +136,7 @@ def latent_shape(options: SDConfig) -> tuple[int, int, int]:
 class SDTask(Task):
     eval_samples = 64
     eval_batch = 8
+    picture_samples = 4
 
     def __init__(self, cfg: Any, options: SDConfig, reward: Any, device: torch.device):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

@@ -591,3 +591,13 @@ def test_readme_sd_bbo_config_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
     assert main(argv + small) == 0
     doc = json.loads((tmp_path / "runs/sd-bbo/results.json").read_text())
     assert doc["task"] == "sd" and list(doc["methods"]) == ["sqdf", "best_of_n"]
+
+
+def test_sd_pictures_and_metrics_reach_tensorboard(parts, tmp_path):
+    from tests.test_trackers import image_steps, tensorboard_scalars
+
+    run = train(config(parts, sample_every=2, log_every=1, log_with="tensorboard"),
+                tmp_path / "run", progress=False)  # fmt: skip
+    assert [p.name for p in (run / "samples").iterdir()] == ["step_0000002.png"]
+    assert image_steps(run) == [2]
+    assert [s for s, _ in tensorboard_scalars(run)["reward_mean"]] == [1, 2]
