@@ -42,6 +42,7 @@ class Checkpoint:
     buffers: list[dict[str, Tensor]]  # each process's replay buffer, in rank order
     rngs: list[Tensor]  # each process's trainer generator, in rank order
     state: dict[str, Any]  # counters
+    ema: dict[str, Tensor] | None = None  # the policy's moving-average weights (--ema-decay)
 
 
 def _rank_suffix(rank: int) -> str:
@@ -110,6 +111,10 @@ def save_checkpoint(root: Path, ckpt: Checkpoint, keep: int) -> Path:
         ),
         "rng.json": lambda p: p.write_text(json.dumps(rng_meta)),
     }
+    if ckpt.ema is not None:
+        writers["ema.safetensors"] = lambda p: save_file(
+            {k: v.detach().cpu().contiguous() for k, v in ckpt.ema.items()}, str(p)
+        )
     for rank, buffer in enumerate(ckpt.buffers):
         if buffer:
             writers[f"buffer{_rank_suffix(rank)}.safetensors"] = lambda p, b=buffer: save_file(
@@ -182,6 +187,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         buffers=[load_weights(b) if b.exists() else {} for b in buffer_paths],
         rngs=[rng[g] for g in generators],
         state=state,
+        ema=load_weights(path / "ema.safetensors")
+        if (path / "ema.safetensors").is_file()
+        else None,
     )
 
 

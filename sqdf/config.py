@@ -72,6 +72,11 @@ class TrainConfig:
     cells_per_trajectory: int = _f(
         1, "truncated rollouts: steps used per trajectory (cells = batch_size x this)"
     )
+    ema_decay: float = _f(
+        0.0,
+        "exponential moving average of the trainable weights, e.g. 0.999 (0: off); kept in "
+        "checkpoints, saved as RUN/final/ema/ and used by sqdf eval and sample",
+    )
     seed: int = _f(0, "random seed (initialisation, sampling, replay)")
     device: str = _f("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
     log_every: int = _f(10, "write a metrics.jsonl line every N updates")
@@ -144,6 +149,7 @@ class TrainConfig:
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         need(

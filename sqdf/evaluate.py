@@ -19,13 +19,21 @@ from sqdf.sampler import Trajectories, sample_trajectories
 from sqdf.tasks import Task, build_task
 
 
+def final_weights(run: Path) -> Path:
+    """The weights a finished run is evaluated and sampled with: the moving average
+    (final/ema/, with --ema-decay) where the run kept one, else the trained weights."""
+    ema = run / "final" / "ema" / "policy.safetensors"
+    return ema if ema.is_file() else run / "final" / "policy.safetensors"
+
+
 def load_run(run: str | Path, device: str | None = None) -> Task:
-    """The task of a run folder with its fine-tuned policy weights loaded."""
+    """The task of a run folder with its fine-tuned policy weights (:func:`final_weights`)
+    loaded."""
     run = Path(run)
     cfg = read_run_config(run)
     if device is not None:
         cfg.device = device
-    weights = run / "final" / "policy.safetensors"
+    weights = final_weights(run)
     if not weights.is_file():
         raise SqdfError(
             f"run {run} has no final weights (final/policy.safetensors); "
@@ -104,6 +112,7 @@ def evaluate_run(
     r, r_ref = score_samples(task, traj.x0, traj.cond), score_samples(task, ref.x0, ref.cond)
     assert traj.kl is not None
     metrics: dict[str, Any] = {
+        "weights": final_weights(run).parent.name,  # "final", or "ema" for the moving average
         "num_samples": num_samples,
         "seed": seed,
         "reward_mean": float(r.mean()),

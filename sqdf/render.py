@@ -29,19 +29,29 @@ class RenderSettings:
     resolution: int | None = None  # image side in pixels (None: the pipeline's default)
 
 
+def run_of(final: Path | None) -> Path | None:
+    """The run folder whose RUN/final (or RUN/final/ema, the moving average) ``final`` is."""
+    if final is None:
+        return None
+    return next(
+        (d for d in (final.parent, final.parent.parent) if (d / "config.json").is_file()), None
+    )
+
+
 def trained_settings(final: Path | None) -> RenderSettings:
     """The prompts, CFG scale, DDIM steps, negative prompt and resolution the sd run that
     wrote ``final`` trained with (what its policy was fine-tuned to produce); the defaults
     without one. Read from its config as they are: nothing the run pointed at (model, LCM,
     prompts file) has to be where it was."""
-    if final is None or not (final.parent / "config.json").is_file():
+    run = run_of(final)
+    if run is None:
         return RenderSettings()
     from sqdf.run import read_run_config
     from sqdf.tasks.sd import SDConfig
 
-    cfg = read_run_config(final.parent)
+    cfg = read_run_config(run)
     if cfg.task != "sd":
-        raise SqdfError(f"{final.parent} is a {cfg.task} run; --task sd renders sd runs")
+        raise SqdfError(f"{run} is a {cfg.task} run; --task sd renders sd runs")
     given = {**{f.name: f.default for f in dataclasses.fields(SDConfig)}, **cfg.task_params}
     resolution = given["resolution"]
     return RenderSettings(
@@ -84,11 +94,11 @@ def render_sd(
     prompts = prompts if prompts is not None else trained.prompts
     guidance = guidance if guidance is not None else trained.guidance
     num_steps = num_steps if num_steps is not None else trained.num_steps
-    if final is not None and (final.parent / "config.json").is_file():
+    if run_of(final) is not None:
         print(
             f"sqdf sample: prompts {prompts}, guidance {guidance:g}, {num_steps} DDIM steps"
             + (f", negative prompt {trained.negative_prompt!r}" if trained.negative_prompt else "")
-            + f" (those not given: as {final.parent} trained)",
+            + f" (those not given: as {run_of(final)} trained)",
             file=sys.stderr,
         )
     pairs = load_prompt_pairs(prompts)  # before any weights are loaded

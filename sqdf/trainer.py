@@ -24,7 +24,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,7 @@ class TrainingRun:
     trackers: RunTrackers | None = None  # --log-with, on the main process
     # --sample-every: the pictures' conditions and reference samples, drawn once
     picture_reference: tuple[torch.Tensor, torch.Tensor] | None = None
+    ema: list[torch.Tensor] | None = None  # --ema-decay: a moving average of each of params
 
 
 @dataclass
@@ -439,8 +441,15 @@ def set_up(
         params=params, optimizer=optimizer, buffer=buffer, generator=generator, scaler=scaler,
         caller=state, counters=counters,
     )  # fmt: skip
+    if cfg.ema_decay > 0:
+        s.ema = [p.detach().clone() for p in params]  # starts at the pretrained policy
     ck = load_latest_checkpoint(run / "checkpoints") if resume else None
     if ck is not None:
+        if s.ema is not None:  # the average is the policy's shape: loaded through it
+            if ck.ema is None:
+                raise SqdfError(f"{run}: its checkpoint has no EMA weights to resume from")
+            procs.load_model_state(task.policy, ck.ema)
+            s.ema = [p.detach().clone() for p in params]
         procs.load_model_state(task.policy, ck.policy)
         procs.load_optimizer_state(task.policy, optimizer, ck.optimizer)
         s.start = ck.step
@@ -602,6 +611,9 @@ def apply_update(s: TrainingRun, grads: Gradients, tally: torch.Tensor) -> float
     else:
         s.optimizer.step()
         s.consecutive_skips = 0
+    if s.ema is not None and not grads.skip:
+        with torch.no_grad():  # ema <- decay * ema + (1 - decay) * weights
+            torch._foreach_lerp_(s.ema, [p.detach() for p in s.params], 1.0 - cfg.ema_decay)
     if unscaled:
         scaler.update()  # halves the scale after an overflow, grows it after a run
     return grad_norm
@@ -676,6 +688,10 @@ def checkpoint(s: TrainingRun, step: int) -> None:
     buffers, rngs = gather_process_states(procs, s.buffer, s.generator)
     policy = procs.model_state(s.task.policy)  # collective under FSDP
     optimizer_state = procs.optimizer_state(s.task.policy, s.optimizer)
+    ema = None
+    if s.ema is not None:
+        with ema_weights(s):  # copies: a state dict may share the parameters' storage
+            ema = {k: v.clone() for k, v in procs.model_state(s.task.policy).items()}
     if not procs.is_main:
         return
     save_checkpoint(
@@ -692,17 +708,41 @@ def checkpoint(s: TrainingRun, step: int) -> None:
                 "consecutive_skips": s.consecutive_skips,
                 **scaler_state(s.scaler),
             },
+            ema=ema,
         ),
         keep=s.cfg.keep_checkpoints,
     )
 
 
 def finish(s: TrainingRun) -> Path:
-    """The final policy (and the task's extra files) into RUN/final; returns the run folder."""
-    policy = s.procs.model_state(s.task.policy)  # collective under FSDP
-    if s.procs.is_main:
-        (s.run / "final").mkdir(exist_ok=True)
-        save_weights(policy, s.run / "final" / "policy.safetensors")
-        s.task.save_final(s.run / "final", policy)
+    """The final policy (and the task's extra files) into RUN/final, its moving average
+    likewise into RUN/final/ema; returns the run folder."""
+    save_final_weights(s, s.run / "final")
+    if s.ema is not None:
+        with ema_weights(s):
+            save_final_weights(s, s.run / "final" / "ema")
     s.procs.barrier()  # no process returns before the run folder is complete
     return s.run
+
+
+def save_final_weights(s: TrainingRun, folder: Path) -> None:
+    policy = s.procs.model_state(s.task.policy)  # collective under FSDP
+    if s.procs.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_weights(policy, folder / "policy.safetensors")
+        s.task.save_final(folder, policy)
+
+
+@contextmanager
+def ema_weights(s: TrainingRun) -> Iterator[None]:
+    """The policy with its moving-average weights in place of the trained ones (a task's
+    save_final reads the network itself), the trained ones back after."""
+    assert s.ema is not None
+    trained = [p.detach().clone() for p in s.params]
+    with torch.no_grad():
+        torch._foreach_copy_([p.detach() for p in s.params], s.ema)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in s.params], trained)

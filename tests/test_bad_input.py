@@ -170,6 +170,8 @@ CASES = [
      "unknown tracker 'tensorbord' in log_with; known: tensorboard, wandb, mlflow, trackio"),
     ("negative sample_every", lambda r: ["train", "--sample-every", "-1", "--out", str(r / "x")],
      "sample_every must be >= 0, got -1"),
+    ("ema_decay of 1", lambda r: ["train", "--ema-decay", "1", "--out", str(r / "x")],
+     "ema_decay must be in [0, 1), got 1.0"),
     ("unknown gmm2d process", lambda r: ["train", "--task-param", "process=ode"], "gmm2d process must be one of vp, flow"),
     ("flow without noise", lambda r: ["train", "--task-param", "process=flow", "--task-param", "noise_level=0"], "gmm2d noise_level must be > 0"),
     ("DDIM's eta on the flow process", lambda r: ["train", "--task-param", "process=flow", "--eta", "0.5"], "eta is DDIM's; the flow process's noise is task_params.noise_level"),

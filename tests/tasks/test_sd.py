@@ -601,3 +601,20 @@ def test_sd_pictures_and_metrics_reach_tensorboard(parts, tmp_path):
     assert [p.name for p in (run / "samples").iterdir()] == ["step_0000002.png"]
     assert image_steps(run) == [2]
     assert [s for s, _ in tensorboard_scalars(run)["reward_mean"]] == [1, 2]
+
+
+def test_sd_ema_is_a_diffusers_lora_too_and_renders_as_the_run_trained(parts, tmp_path):
+    from sqdf.cli import main
+    from sqdf.render import trained_settings
+
+    run = train(config(parts, ema_decay=0.5, task_params={"guidance": 2.5}), tmp_path / "run",
+                progress=False)  # fmt: skip
+    lora = "pytorch_lora_weights.safetensors"
+    ema, raw = (load_file(str(d / lora)) for d in (run / "final" / "ema", run / "final"))
+    assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in ema)
+    assert trained_settings(run / "final" / "ema").guidance == 2.5  # the run's own settings
+    grid = tmp_path / "grid.png"
+    argv = ["sample", "--task", "sd", "--model", str(parts / "sd"), "--lora",
+            str(run / "final" / "ema"), "--num-samples", "1", "--num-steps", "2",
+            "--device", "cpu", "--out", str(grid)]  # fmt: skip
+    assert main(argv) == 0 and grid.stat().st_size > 1000
