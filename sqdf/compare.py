@@ -29,6 +29,7 @@ from sqdf.run import read_metrics
 from sqdf.sampler import sample_trajectories
 from sqdf.settings import make_config, resolve_settings
 from sqdf.tasks import build_task
+from sqdf.trackers import check_installed, parse_log_with
 from sqdf.trainer import train
 
 BEST_OF_N = "best_of_n"
@@ -133,7 +134,8 @@ def compare(
         raise SqdfError(f"seeds must be >= 1, got {seeds}")
     variants = plan_variants(methods, sweep)
     base = resolve_settings(flags=base).values  # the task's defaults under the given values
-    make_config({**base, "method": "sqdf"}, source="compare base")  # fail early on bad keys
+    checked = make_config({**base, "method": "sqdf"}, source="compare base")  # bad keys: now
+    check_installed(parse_log_with(checked.log_with))  # before any variant runs
     if best_of < 1:
         raise SqdfError(f"--best-of must be >= 1, got {best_of}")
     if num_samples is not None and num_samples < 2:

@@ -15,7 +15,11 @@ FORMAT = "sqdf-run"
 FORMAT_VERSION = 1
 # Fields that may differ when a run is resumed: extending training or changing how often
 # it logs does not change what has been computed so far.
-RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_skips"}
+# what a resumed run may change: none of these changes what it trains
+RESUMABLE_CHANGES = {
+    "steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_skips", "log_with",
+    "sample_every",
+}  # fmt: skip
 
 
 def config_path(run: Path) -> Path:
@@ -81,14 +85,15 @@ def append_metrics(run: Path, row: dict[str, Any]) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def truncate_metrics(run: Path, last_step: int, log_every: int) -> None:
+def truncate_metrics(run: Path, last_step: int, log_every: int) -> int | None:
     """On resume, drop rows after ``last_step`` (they will be recomputed) and the row an
     earlier, shorter run wrote at its last step off its ``log_every`` grid (the saved
-    config's), so the file reads as if the run had never stopped."""
+    config's), so the file reads as if the run had never stopped. Returns the first step
+    dropped (None: none), from which the trackers drop theirs too."""
     path = run / "metrics.jsonl"
     if not path.exists():
-        return
-    keep = []
+        return None
+    keep, dropped = [], []
     for line in path.read_text().splitlines():
         try:
             step = json.loads(line)["step"]
@@ -96,7 +101,10 @@ def truncate_metrics(run: Path, last_step: int, log_every: int) -> None:
             continue  # a line torn by a kill mid-write
         if step <= last_step and step % log_every == 0:
             keep.append(line)
+        else:
+            dropped.append(step)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    return min(dropped, default=None)
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:

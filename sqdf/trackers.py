@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqdf.errors import ConfigError
+from sqdf.errors import ConfigError, SqdfError
 
 # tracker name -> (the module it needs, the pip extra that installs it, or None if required)
 TRACKERS = {
@@ -49,7 +49,7 @@ def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, bool | i
     out: dict[str, bool | int | float | str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             out.update(flat_hparams(value, f"{name}."))
         elif isinstance(value, bool | int | float | str):
             out[name] = value
@@ -61,19 +61,30 @@ def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, bool | i
 class RunTrackers:
     """The trackers of one run, opened by the main process before its first update.
 
-    ``start`` is the update the run starts from (a resumed run's checkpoint): TensorBoard is
-    told to drop what an earlier attempt logged after it, so a resumed series has neither
-    gaps nor the same step twice; wandb resumes the run of the same id (it keeps the first
-    value of a step it was sent twice); MLflow and Trackio start a new run of the experiment.
+    ``purge`` is the first update this attempt logs anew (on resume: after the checkpoint,
+    or the first row metrics.jsonl dropped): TensorBoard drops what an earlier attempt logged
+    from there on, so a resumed series has neither gaps nor the same step twice; wandb
+    resumes the run of the same id (it keeps the first value of a step it was sent twice);
+    MLflow and Trackio start a new run of the experiment.
     """
 
-    def __init__(self, names: list[str], run: Path, config: dict[str, Any], start: int):
+    def __init__(self, names: list[str], run: Path, config: dict[str, Any], purge: int):
+        from accelerate.state import PartialState
+
         check_installed(names)
-        self.trackers = [_open(name, run, start) for name in names]
-        for tracker in self.trackers:
-            if hasattr(tracker, "start"):  # Accelerate before 1.0 started them when made
-                tracker.start()
-            tracker.store_init_configuration(flat_hparams(config))
+        PartialState()  # Accelerate's trackers log through its logger, which needs the state
+        self.trackers: list[Any] = []
+        try:
+            for name in names:
+                tracker = _open(name, run, purge)
+                if hasattr(tracker, "start"):  # Accelerate before 1.0 started them when made
+                    tracker.start()
+                self.trackers.append(tracker)
+                tracker.store_init_configuration(flat_hparams(config))
+        except Exception as err:
+            self.finish()  # the ones already open: no writer or run left behind
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            raise SqdfError(f"--log-with {name}: the tracker did not start: {first}") from None
 
     def log(self, row: dict[str, Any], step: int) -> None:
         """The numbers of a metrics row at update ``step`` (non-finite ones too, where the
@@ -85,9 +96,11 @@ class RunTrackers:
     def log_image(self, name: str, path: Path, step: int) -> None:
         """A saved picture at update ``step``, to the trackers that take images (TensorBoard,
         wandb; MLflow and Trackio get the numbers only)."""
-        from matplotlib.image import imread
+        import numpy as np
+        from PIL import Image
 
-        image = imread(path)[..., :3]  # (H, W, 3) in [0, 1]
+        with Image.open(path) as picture:  # (H, W, 3) in [0, 1]
+            image = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
         for tracker in self.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({name: image[None]}, step=step, dataformats="NHWC")
@@ -104,22 +117,29 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _open(name: str, run: Path, start: int) -> Any:
+def _open(name: str, run: Path, purge: int) -> Any:
     from accelerate import tracking
 
+    title = f"{run.parent.name}/{run.name}"  # compare's seed and bbo's round names repeat
     if name == "tensorboard":
-        # purge_step: events an earlier attempt wrote from start + 1 on are dropped on read
-        return tracking.TensorBoardTracker("tensorboard", run, purge_step=start + 1)
+        # purge_step: events an earlier attempt wrote from there on are dropped on read
+        return tracking.TensorBoardTracker("tensorboard", run, purge_step=purge)
     if name == "wandb":
         return tracking.WandBTracker(
-            "sqdf", dir=str(run), name=run.name, id=_run_id(run), resume="allow"
+            "sqdf", dir=str(run), name=title, id=_run_id(run), resume="allow"
         )
     if name == "mlflow":
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (run / "mlruns").resolve().as_uri())
-        return tracking.MLflowTracker(experiment_name="sqdf", run_name=run.name)
+        import mlflow
+
+        # the user's store if set, else this run's folder (not the environment: a compare
+        # or bbo process runs many runs)
+        mlflow.set_tracking_uri(
+            os.environ.get("MLFLOW_TRACKING_URI") or (run / "mlruns").resolve().as_uri()
+        )
+        return tracking.MLflowTracker(experiment_name="sqdf", run_name=title)
     if not hasattr(tracking, "TrackioTracker"):
         raise ConfigError("--log-with trackio needs a newer accelerate: pip install -U accelerate")
-    return tracking.TrackioTracker("sqdf", name=run.name)
+    return tracking.TrackioTracker("sqdf", name=title)
 
 
 def _run_id(run: Path) -> str:

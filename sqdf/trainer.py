@@ -186,10 +186,16 @@ def out_of_memory_message(cfg: TrainConfig, phase: str, update: int) -> str:
     """What to lower when the GPU ran out of memory in ``phase`` ("sampling" or "gradient")
     of an update: the settings that size that phase, with their values, as config keys (the
     flags are the same with dashes: --batch-size; sqdf bbo takes them with --set)."""
-    where = {
-        "sampling": f"sampling {cfg.batch_size} fresh trajectories",
-        "pictures": f"sampling the pictures of sample_every (now {cfg.sample_every}; 0 = none)",
-    }.get(phase, f"the gradient micro-batch of {cfg.batch_size * cfg.cells_per_trajectory} cells")
+    if phase == "pictures":  # their size is the task's, not the batch's
+        return (
+            f"out of GPU memory in update {update}, drawing the --sample-every pictures: set "
+            f"sample_every = 0 (now {cfg.sample_every}; it may change on resume)"
+        )
+    where = (
+        f"sampling {cfg.batch_size} fresh trajectories"
+        if phase == "sampling"
+        else f"the gradient micro-batch of {cfg.batch_size * cfg.cells_per_trajectory} cells"
+    )
     advice = [f"lower batch_size (now {cfg.batch_size}; raising grad_accum, now "
               f"{cfg.grad_accum}, by the same factor keeps the effective batch)"]  # fmt: skip
     if cfg.task == "sd":
@@ -458,12 +464,23 @@ def set_up(
         s.consecutive_skips = int(ck.state.get("consecutive_skips", 0))
         restore_process_states(procs, ck, buffer, generator, scaler, cfg.seed)
     if procs.is_main:
-        truncate_metrics(run, s.start, saved.log_every if saved is not None else cfg.log_every)
+        first_dropped = truncate_metrics(
+            run, s.start, saved.log_every if saved is not None else cfg.log_every
+        )
+        for old in (run / "samples").glob("step_*.png"):  # an earlier attempt's, past start
+            if int(old.stem.removeprefix("step_")) > s.start:
+                old.unlink()
         names = parse_log_with(given.log_with)
         if names:  # opened last: nothing before it can fail and leave a tracker run open
             doc = json.loads((run / "config.json").read_text())
             config = {"train": doc["train"], "resolved": doc["resolved"]}  # as given, as run
-            s.trackers = RunTrackers(names, run, config, s.start)
+            # the trackers drop what metrics.jsonl dropped, from its first dropped row on
+            purge = min(s.start + 1, first_dropped or s.start + 1)
+            s.trackers = RunTrackers(names, run, config, purge)
+            for step in range(purge, s.start + 1):  # pictures kept on disk, dropped there
+                picture = run / "samples" / f"step_{step:07d}.png"
+                if picture.is_file():
+                    s.trackers.log_image("samples", picture, step)
     s.t0 = time.perf_counter() - counters["wall_s"]
     return s
 

@@ -340,3 +340,18 @@ def test_bbo_on_two_processes_queries_the_oracle_once(tmp_path, monkeypatch, cap
     assert sum(int(line.split()[1]) for line in calls) == 2 * 24 + 8  # round 2 asked again
     doc = json.loads((out / "results.json").read_text())
     assert [r["queries"] for r in doc["methods"]["sqdf"]["rounds"]] == [8, 16, 24]
+
+
+def test_two_processes_log_once_draw_pictures_together_and_average_the_weights(tmp_path):
+    from tests.test_trackers import image_steps, tensorboard_scalars
+
+    run = tmp_path / "run"
+    sqdf_train(run, "--task", "gmm2d", "--num-steps", "8", "--batch-size", "16", "--device",
+               "cpu", "--steps", "4", "--log-every", "1", "--log-with", "tensorboard",
+               "--sample-every", "2", "--ema-decay", "0.9")  # fmt: skip
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # main only
+    assert [s for s, _ in tensorboard_scalars(run)["reward_mean"]] == [1, 2, 3, 4]
+    assert image_steps(run) == [2, 4]
+    ema = load_file(str(run / "final" / "ema" / "policy.safetensors"))
+    raw = load_file(str(run / "final" / "policy.safetensors"))
+    assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in ema)

@@ -14,7 +14,7 @@ import torch
 
 from sqdf.errors import ConfigError
 from sqdf.run import read_metrics
-from sqdf.trackers import flat_hparams, parse_log_with
+from sqdf.trackers import RunTrackers, flat_hparams, parse_log_with
 from sqdf.trainer import train
 
 
@@ -80,8 +80,11 @@ def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sqdf.trainer, "apply_update", dies_in_update_5)
+    finished, real_finish = [], RunTrackers.finish
+    monkeypatch.setattr(RunTrackers, "finish", lambda t: finished.append(1) or real_finish(t))
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "run", progress=False)
+    assert finished == [1]  # closed on the way out
     monkeypatch.setattr(sqdf.trainer, "apply_update", real)
     run = train(cfg, tmp_path / "run", resume=True, progress=False)
     series = tensorboard_scalars(run)
@@ -104,7 +107,10 @@ def test_pictures_every_n_updates_leave_the_run_as_it_was(tiny_config, tmp_path)
 
 
 def test_wandb_offline_writes_its_run_folder_in_the_run(tiny_config, tmp_path, monkeypatch):
+    from accelerate.state import PartialState
+
     pytest.importorskip("wandb")
+    PartialState._reset_state()  # as in a fresh process: no earlier test made the state
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = dataclasses.replace(tiny_config, log_with="wandb")
@@ -121,11 +127,65 @@ def test_a_missing_tracker_package_names_the_extra(tiny_config, tmp_path, monkey
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
     )
+    import sqdf.trainer
+    from sqdf.bbo import BboConfig, run_method
+    from sqdf.compare import compare
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(sqdf.trainer, "build_task", no_model)
     cfg = dataclasses.replace(tiny_config, log_with="tensorboard,mlflow")
-    with pytest.raises(ConfigError, match=r"--log-with mlflow needs the mlflow package: "
-                                          r"pip install 'sqdf\[mlflow\]'"):  # fmt: skip
+    message = r"--log-with mlflow needs the mlflow package: pip install 'sqdf\[mlflow\]'"
+    with pytest.raises(ConfigError, match=message):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "tensorboard").exists()  # refused before anything started
+    with pytest.raises(ConfigError, match=message):
+        run_method(BboConfig(rounds=1, queries_per_round=2), cfg, "sqdf", 0, tmp_path / "bbo",
+                   progress=False)  # fmt: skip
+    assert not (tmp_path / "bbo").exists()
+    base = {"task": "gmm2d", "device": "cpu", "log_with": "mlflow"}
+    with pytest.raises(ConfigError, match=message):
+        compare(base, ["best_of_n", "sqdf"], 1, tmp_path / "cmp", progress=False)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_a_tracker_that_fails_to_start_closes_the_others(tiny_config, tmp_path, monkeypatch):
+    from accelerate import tracking
+
+    from sqdf.errors import SqdfError
+
+    def boom(self):
+        raise RuntimeError("no API key configured\nmore detail")
+
+    closed, real_finish = [], tracking.TensorBoardTracker.finish
+    monkeypatch.setattr(tracking.WandBTracker, "start", boom)
+    monkeypatch.setattr(tracking.TensorBoardTracker, "finish",
+                        lambda t: closed.append(1) or real_finish(t))  # fmt: skip
+    cfg = dataclasses.replace(tiny_config, log_with="tensorboard,wandb")
+    with pytest.raises(SqdfError, match=r"^--log-with wandb: the tracker did not start: no API "
+                                        r"key configured$"):  # fmt: skip
+        train(cfg, tmp_path / "run", progress=False)
+    assert closed == [1]
+
+
+def test_resume_off_the_log_grid_and_with_trackers_added(tiny_config, tmp_path):
+    # rows at 4 and at the last update 6 (off the grid of 4), checkpoints at 3 and 6; the
+    # resumed run drops row 6 from metrics.jsonl, and so from TensorBoard
+    cfg = dataclasses.replace(tiny_config, steps=6, log_every=4, checkpoint_every=3,
+                              sample_every=3, log_with="tensorboard")  # fmt: skip
+    run = train(cfg, tmp_path / "run", progress=False)
+    run = train(dataclasses.replace(cfg, steps=12), run, resume=True, progress=False)
+    assert [s for s, _ in tensorboard_scalars(run)["reward_mean"]] == [4, 8, 12]
+    assert_series_equal(tensorboard_scalars(run), metrics_series(run))
+    assert image_steps(run) == [3, 6, 9, 12]  # 6 sent again from its file after the purge
+    # trackers and pictures may be added on resume: they do not change what is trained
+    plain = dataclasses.replace(tiny_config, steps=6, checkpoint_every=3, log_every=1)
+    train(dataclasses.replace(plain, steps=3), tmp_path / "later", progress=False)
+    later = train(dataclasses.replace(plain, log_with="tensorboard", sample_every=2),
+                  tmp_path / "later", resume=True, progress=False)  # fmt: skip
+    assert [s for s, _ in tensorboard_scalars(later)["reward_mean"]] == [4, 5, 6]
+    assert image_steps(later) == [4, 6]
 
 
 def test_log_with_is_checked_and_configs_flatten():
@@ -135,8 +195,8 @@ def test_log_with_is_checked_and_configs_flatten():
         parse_log_with("tensorbord")
     with pytest.raises(ConfigError, match="names a tracker twice"):
         parse_log_with("wandb,wandb")
-    flat = flat_hparams({"a": 1, "t": {"b": [1, 2], "c": None, "d": {"e": True}}})
-    assert flat == {"a": 1, "t.b": "[1, 2]", "t.c": "None", "t.d.e": True}
+    flat = flat_hparams({"a": 1, "t": {"b": [1, 2], "c": None, "d": {"e": True}}, "m": {}})
+    assert flat == {"a": 1, "t.b": "[1, 2]", "t.c": "None", "t.d.e": True, "m": "{}"}
 
 
 def test_python_dash_m_sqdf_is_the_sqdf_command(tmp_path):

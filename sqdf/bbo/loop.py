@@ -66,6 +66,7 @@ from sqdf.methods import METHODS
 from sqdf.sampler import sample_trajectories
 from sqdf.settings import make_config
 from sqdf.tasks import Task, build_task, resolved_reward_name
+from sqdf.trackers import check_installed, parse_log_with
 from sqdf.trainer import (
     TrainState,
     gather_process_states,
@@ -150,6 +151,7 @@ def run_method(
     the per-round metrics, also in ``run/rounds.jsonl``."""
     spec = BBO_METHODS[method]
     cfg = round_config(base, method, bbo, seed)
+    check_installed(parse_log_with(cfg.log_with))  # before a model is loaded
     procs = Processes(cfg.device)
     if procs.fsdp:
         raise ConfigError("sqdf bbo fine-tunes data-parallel; launch it without the FSDP config")
