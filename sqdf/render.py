@@ -33,9 +33,13 @@ def run_of(final: Path | None) -> Path | None:
     """The run folder whose RUN/final (or RUN/final/ema, the moving average) ``final`` is."""
     if final is None:
         return None
-    return next(
-        (d for d in (final.parent, final.parent.parent) if (d / "config.json").is_file()), None
+    final = final.resolve()
+    run = (
+        final.parent.parent
+        if final.name == "ema" and final.parent.name == "final"
+        else final.parent
     )
+    return run if (run / "config.json").is_file() else None
 
 
 def trained_settings(final: Path | None) -> RenderSettings:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -440,7 +441,7 @@ def set_up(
         scaler = state.scaler = state.scaler or scaler
     counters = {
         "samples_seen": 0, "reward_evals": 0, "skipped_updates": 0, "nonfinite_rewards": 0,
-        "wall_s": 0.0, "sample_s": 0.0,
+        "wall_s": 0.0, "sample_s": 0.0, "ema_updates": 0,
     }  # fmt: skip
     s = TrainingRun(
         given=given, cfg=cfg, run=run, procs=procs, task=task, method_params=method_params,
@@ -629,8 +630,10 @@ def apply_update(s: TrainingRun, grads: Gradients, tally: torch.Tensor) -> float
         s.optimizer.step()
         s.consecutive_skips = 0
     if s.ema is not None and not grads.skip:
+        s.counters["ema_updates"] += 1
+        decay = ema_decay_at(cfg.ema_decay, int(s.counters["ema_updates"]))
         with torch.no_grad():  # ema <- decay * ema + (1 - decay) * weights
-            torch._foreach_lerp_(s.ema, [p.detach() for p in s.params], 1.0 - cfg.ema_decay)
+            torch._foreach_lerp_(s.ema, [p.detach() for p in s.params], 1.0 - decay)
     if unscaled:
         scaler.update()  # halves the scale after an overflow, grows it after a run
     return grad_norm
@@ -706,9 +709,10 @@ def checkpoint(s: TrainingRun, step: int) -> None:
     policy = procs.model_state(s.task.policy)  # collective under FSDP
     optimizer_state = procs.optimizer_state(s.task.policy, s.optimizer)
     ema = None
-    if s.ema is not None:
+    if s.ema is not None and (procs.is_main or procs.fsdp):  # FSDP gathers on every process
         with ema_weights(s):  # copies: a state dict may share the parameters' storage
-            ema = {k: v.clone() for k, v in procs.model_state(s.task.policy).items()}
+            state = procs.model_state(s.task.policy)
+            ema = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
     if not procs.is_main:
         return
     save_checkpoint(
@@ -734,6 +738,8 @@ def checkpoint(s: TrainingRun, step: int) -> None:
 def finish(s: TrainingRun) -> Path:
     """The final policy (and the task's extra files) into RUN/final, its moving average
     likewise into RUN/final/ema; returns the run folder."""
+    if s.procs.is_main:  # an earlier attempt's average must not outlive a newer final/
+        shutil.rmtree(s.run / "final" / "ema", ignore_errors=True)
     save_final_weights(s, s.run / "final")
     if s.ema is not None:
         with ema_weights(s):
@@ -755,11 +761,23 @@ def ema_weights(s: TrainingRun) -> Iterator[None]:
     """The policy with its moving-average weights in place of the trained ones (a task's
     save_final reads the network itself), the trained ones back after."""
     assert s.ema is not None
-    trained = [p.detach().clone() for p in s.params]
+    # one tensor at a time: FSDP's sharded parameters have no fused copy; the trained
+    # weights wait on the CPU, not beside two copies of themselves on the GPU
+    trained = [p.detach().to("cpu", copy=True) for p in s.params]
     with torch.no_grad():
-        torch._foreach_copy_([p.detach() for p in s.params], s.ema)
+        for p, e in zip(s.params, s.ema, strict=True):
+            p.detach().copy_(e)
     try:
         yield
     finally:
         with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in s.params], trained)
+            for p, t in zip(s.params, trained, strict=True):
+                p.detach().copy_(t)
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The average's decay after ``updates`` optimizer steps: ``decay``, warmed up as
+    diffusers' EMAModel does, min(decay, (1 + t) / (10 + t)), so that an early average is not
+    mostly the pretrained weights (at 0.999 without it, 74 % of the average after 300
+    updates would still be the starting policy)."""
+    return min(decay, (1 + updates) / (10 + updates))

@@ -203,29 +203,35 @@ def test_readme_cpu_example_runs(tmp_path):
     assert json.loads(rows[-1])["step"] == 20
 
 
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "policy.safetensors"))
+def final_weights(run: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / ("ema" if ema else "") / "policy.safetensors"))
 
 
 def test_fsdp_train_resumes_exactly_matches_all_reduce_and_resumes_without_fsdp(tmp_path):
     from sqdf.config import TrainConfig
     from sqdf.trainer import train
 
+    # with a moving average: swapped into sharded parameters at checkpoints and at the end
     flags = ["--task", "gmm2d", "--num-steps", "8", "--batch-size", "16", "--device", "cpu",
-             "--checkpoint-every", "3"]  # fmt: skip
+             "--checkpoint-every", "3", "--ema-decay", "0.9"]  # fmt: skip
     sqdf_train(tmp_path / "fsdp", *flags, "--steps", "6", env=FSDP_ENV)
     sqdf_train(tmp_path / "part", *flags, "--steps", "3", env=FSDP_ENV)
     launch(["-m", "sqdf.cli", "train", "--resume", str(tmp_path / "part"), "--steps", "6",
             "--no-progress"], env=FSDP_ENV)  # fmt: skip
     sqdf_train(tmp_path / "reduce", *flags, "--steps", "6")
-    fsdp = final_weights(tmp_path / "fsdp")
-    for k, v in final_weights(tmp_path / "part").items():
-        assert torch.equal(v, fsdp[k]), k  # the sharded checkpoint resumes bitwise
-    for k, v in final_weights(tmp_path / "reduce").items():
-        torch.testing.assert_close(v, fsdp[k], rtol=1e-5, atol=1e-6)  # same updates, sharded
+    for ema in (False, True):
+        fsdp = final_weights(tmp_path / "fsdp", ema)
+        for k, v in final_weights(tmp_path / "part", ema).items():
+            assert torch.equal(v, fsdp[k]), k  # the sharded checkpoint resumes bitwise
+        for k, v in final_weights(tmp_path / "reduce", ema).items():
+            torch.testing.assert_close(v, fsdp[k], rtol=1e-5, atol=1e-6)  # same, sharded
+    raw = final_weights(tmp_path / "fsdp")
+    assert any(
+        not torch.equal(v, raw[k]) for k, v in final_weights(tmp_path / "fsdp", True).items()
+    )
     # an FSDP checkpoint is a plain one: one process without FSDP continues it
     cfg = TrainConfig(task="gmm2d", num_steps=8, batch_size=16, device="cpu",
-                      checkpoint_every=3, steps=8)  # fmt: skip
+                      checkpoint_every=3, steps=8, ema_decay=0.9)  # fmt: skip
     (tmp_path / "fsdp" / "final" / "policy.safetensors").unlink()
     train(cfg, tmp_path / "fsdp", resume=True, progress=False)
     assert (tmp_path / "fsdp" / "final" / "policy.safetensors").is_file()

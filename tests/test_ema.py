@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from sqdf.errors import ConfigError
-from sqdf.evaluate import evaluate_run, load_run
+from sqdf.evaluate import evaluate_run, load_run, sample_run
+from sqdf.sampler import sample_trajectories
 from sqdf.tasks import build_task
 from sqdf.trainer import train
 
@@ -25,7 +26,8 @@ def test_ema_is_the_moving_average_of_every_updates_weights(tiny_config, tmp_pat
     ema = {k: v.clone() for k, v in build_task(cfg).policy.state_dict().items()}
     for step in range(1, 6):
         weights = load_file(str(run / "checkpoints" / f"step_{step:07d}" / "policy.safetensors"))
-        ema = {k: decay * ema[k] + (1 - decay) * weights[k] for k in ema}
+        d = min(decay, (1 + step) / (10 + step))  # warmed up as diffusers' EMAModel
+        ema = {k: d * ema[k] + (1 - d) * weights[k] for k in ema}
         saved = load_file(str(run / "checkpoints" / f"step_{step:07d}" / "ema.safetensors"))
         for k in ema:
             torch.testing.assert_close(saved[k], ema[k])
@@ -58,6 +60,23 @@ def test_eval_and_sample_use_the_moving_average(tiny_config, tmp_path):
     assert json.loads((run / "eval.json").read_text())["weights"] == "ema"
     no_ema = train(tiny_config, tmp_path / "plain", progress=False)
     assert evaluate_run(no_ema, num_samples=64)["weights"] == "final"
+    # sqdf sample RUN draws from the average too
+    picture = sample_run(run, num_samples=16, with_reference=False)
+    drawn = load_file(str(picture.with_suffix(".safetensors")))["samples"]
+    task = load_run(run)
+    want = sample_trajectories(task, 16, torch.Generator().manual_seed(0)).x0
+    torch.testing.assert_close(drawn, want)
+
+
+def test_the_average_warms_up_and_bbo_refuses_it(tiny_config, tmp_path):
+    from sqdf.bbo import BboConfig, run_method
+    from sqdf.trainer import ema_decay_at
+
+    assert ema_decay_at(0.999, 1) == 2 / 11 and ema_decay_at(0.999, 10**6) == 0.999
+    cfg = dataclasses.replace(tiny_config, ema_decay=0.9)
+    with pytest.raises(ConfigError, match="sqdf bbo keeps no moving average"):
+        run_method(BboConfig(rounds=1, queries_per_round=2), cfg, "sqdf", 0, tmp_path / "b",
+                   progress=False)  # fmt: skip
 
 
 def test_ema_decay_out_of_range_is_one_clear_error(tiny_config):

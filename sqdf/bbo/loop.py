@@ -152,6 +152,11 @@ def run_method(
     spec = BBO_METHODS[method]
     cfg = round_config(base, method, bbo, seed)
     check_installed(parse_log_with(cfg.log_with))  # before a model is loaded
+    if cfg.ema_decay > 0:
+        raise ConfigError(
+            "sqdf bbo keeps no moving average: each round fine-tunes from the last one's "
+            f"weights and queries with them; drop ema_decay (now {cfg.ema_decay})"
+        )
     procs = Processes(cfg.device)
     if procs.fsdp:
         raise ConfigError("sqdf bbo fine-tunes data-parallel; launch it without the FSDP config")
