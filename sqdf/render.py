@@ -127,7 +127,8 @@ def render_sd(
     elif final is not None:
         state, _ = family.pipeline_class().lora_state_dict(str(final))
         check_lora_fits(state, pipe.unet, final, family.label)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # the chain the policy was trained on: DDIM at "leading" spacing, whatever the folder says
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     chosen = [pairs[i % len(pairs)] for i in range(num_images)]

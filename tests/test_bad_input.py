@@ -158,8 +158,6 @@ CASES = [
      "is not a complete SD 1.x/2.x folder (missing unet/, vae/, text_encoder/, tokenizer/, scheduler/)"),
     ("SDXL index over an SD 1.x UNet", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_configs(r, {"sample_size": 64}, "StableDiffusionXLPipeline", xl=True), "--out", str(r / "x")],
      "unet has addition_embed_type None, where SDXL UNets have 'text_time': the folder mixes families"),
-    ("sd scheduler with trailing spacing", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_scheduler(r, {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing"}), "--out", str(r / "x")],
-     "asks for timestep_spacing 'trailing'; sqdf's DDIM steps at 'leading' spacing"),
     ("sd scheduler of the EDM kind", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_scheduler(r, {"_class_name": "EDMDPMSolverMultistepScheduler"}), "--out", str(r / "x")],
      "scheduler is a EDMDPMSolverMultistepScheduler; sqdf samples with DDIM on a DDPM noise schedule"),
     ("sd folder of an unsupported pipeline", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r, "FluxPipeline"), "--out", str(r / "x")],

@@ -83,7 +83,7 @@ def _optional_json(path: Path) -> dict[str, Any]:
 
 # SDXL's UNet adds the pooled text and size ids to its time embedding; SD 1.x/2.x's adds none
 ADDITION_EMBEDS = {"sd": None, "sdxl": "text_time"}
-# sqdf samples with DDIM on the folder's DDPM noise levels, at "leading" spacing
+# schedulers of another noising process than the DDPM one sqdf's DDIM kernel steps through
 SAMPLER_SCHEDULERS = ("EDM", "FlowMatch")
 
 
@@ -121,18 +121,15 @@ def family_of(folder: str | Path) -> Family:
 
 
 def _check_scheduler(folder: Path) -> None:
+    """EDM and flow-matching schedulers describe another noising process than the DDPM one
+    sqdf's DDIM kernel steps through; any DDPM scheduler's noise levels serve (whatever its
+    timestep spacing: sqdf steps at "leading", and ``sqdf sample`` renders the same way)."""
     config = _optional_json(folder / "scheduler" / "scheduler_config.json")
-    name, spacing = str(config.get("_class_name", "")), config.get("timestep_spacing", "leading")
+    name = str(config.get("_class_name", ""))
     if any(kind in name for kind in SAMPLER_SCHEDULERS):
         raise ConfigError(
             f"task 'sd': {folder}/scheduler is a {name}; sqdf samples with DDIM on a DDPM noise "
             "schedule (the SD 1.x/2.x and SDXL base schedulers)"
-        )
-    if spacing != "leading" or config.get("rescale_betas_zero_snr"):
-        what = f"timestep_spacing {spacing!r}" if spacing != "leading" else "zero-SNR betas"
-        raise ConfigError(
-            f"task 'sd': {folder}/scheduler asks for {what}; sqdf's DDIM steps at 'leading' "
-            "spacing on the plain noise schedule (as the SD 1.x/2.x and SDXL base folders do)"
         )
 
 

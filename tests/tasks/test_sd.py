@@ -618,3 +618,37 @@ def test_sd_ema_is_a_diffusers_lora_too_and_renders_as_the_run_trained(parts, tm
             str(run / "final" / "ema"), "--num-samples", "1", "--num-steps", "2",
             "--device", "cpu", "--out", str(grid)]  # fmt: skip
     assert main(argv) == 0 and grid.stat().st_size > 1000
+
+
+def test_a_trailing_scheduler_is_trained_and_rendered_at_leading_spacing(parts, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from sqdf.cli import main
+    from sqdf.core.schedule import make_ddim_schedule
+
+    model = tmp_path / "sd"
+    shutil.copytree(parts / "sd", model)
+    path = model / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "timestep_spacing": "trailing"}))
+    run = train(config(parts, steps=1, task_params={"model": str(model)}), tmp_path / "run",
+                progress=False)  # fmt: skip
+    leading = make_ddim_schedule(4, eta=1.0).timesteps
+    assert torch.equal(
+        build_task(config(parts, task_params={"model": str(model)})).schedule.timesteps, leading
+    )
+    seen, real_call = [], StableDiffusionPipeline.__call__
+
+    def recording(pipe, prompt, **kw):
+        out = real_call(pipe, prompt, **kw)
+        seen.append(pipe.scheduler.timesteps.tolist())
+        return out
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", recording)
+    argv = ["sample", "--task", "sd", "--model", str(model), "--lora", str(run / "final"),
+            "--num-samples", "1", "--device", "cpu", "--out", str(tmp_path / "g.png")]  # fmt: skip
+    assert main(argv) == 0
+    assert seen and all(t == leading.tolist() for t in seen)  # the run's 4 DDIM steps, leading
