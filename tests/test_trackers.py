@@ -216,7 +216,7 @@ def test_readme_watch_example_writes_tensorboard_events(tmp_path, monkeypatch):
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-                if "--log-with tensorboard" in b]  # fmt: skip
+                if b.startswith("sqdf train --task gmm2d --steps 300 --log-with")]  # fmt: skip
     train_line, watch_line = block.strip().splitlines()
     assert watch_line == "tensorboard --logdir runs/"
     monkeypatch.chdir(tmp_path)
