@@ -9,11 +9,14 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sqdf.errors import SqdfError
+from sqdf.tasks.sd_family import Family, load_part, read_config
 from sqdf.tasks.sd_prompts import load_prompt_pairs
+from sqdf.tasks.sd_text import text_encoder_class
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -84,7 +87,7 @@ def render_sd(
 
     from sqdf.report import save_image_rows
     from sqdf.tasks import resolve_device
-    from sqdf.tasks.sd_family import check_lora_fits, check_unet_fits, family_of, read_config
+    from sqdf.tasks.sd_family import check_lora_fits, check_unet_fits, family_of
 
     if num_images < 1:
         raise SqdfError(f"--num-samples must be >= 1, got {num_images}")
@@ -115,11 +118,9 @@ def render_sd(
         if family.name == "sd"
         else {"add_watermarker": False}
     )
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     try:
-        pipe = family.pipeline_class().from_pretrained(
-            model, local_files_only=True, use_safetensors=True,
-            dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, **extra,
-        )  # fmt: skip
+        pipe = _load_pipeline(Path(model), family, dtype, extra)
     except (OSError, ValueError) as err:
         raise SqdfError(f"cannot load a {family.pipeline} from {model}: {err}") from None
     if full:  # weights of another family: one line now, not a shape error after a row
@@ -162,3 +163,30 @@ def render_sd(
     else:
         rows.append(("reference", draw()))
     return save_image_rows(rows, [prompt for prompt, _ in chosen], Path(out))
+
+
+def _load_pipeline(folder: Path, family: Family, dtype: torch.dtype, extra: dict) -> Any:
+    """The family's pipeline from a local folder; one without model_index.json (which
+    diffusers' from_pretrained needs, and training does not) is assembled from its parts."""
+    cls = family.pipeline_class()
+    if (folder / "model_index.json").is_file():
+        return cls.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True, dtype=dtype, **extra
+        )
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    safe = {"use_safetensors": True, "dtype": dtype}
+    parts: dict[str, Any] = {
+        "unet": load_part(UNet2DConditionModel, folder, "unet", **safe),
+        "vae": load_part(AutoencoderKL, folder, "vae", **safe),
+        "scheduler": load_part(DDIMScheduler, folder, "scheduler"),
+    }
+    for i, (encoder, tokenizer) in enumerate(
+        zip(family.text_encoders, family.tokenizers, strict=True)
+    ):
+        parts[encoder] = load_part(text_encoder_class(family, i), folder, encoder, **safe)
+        parts[tokenizer] = load_part(CLIPTokenizer, folder, tokenizer)
+    if family.name == "sd":
+        parts["feature_extractor"] = None
+    return cls(**parts, **extra)

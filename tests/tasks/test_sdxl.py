@@ -298,6 +298,14 @@ def test_a_folder_without_model_index_is_known_by_its_layout(parts, tmp_path):
         assert family_of(tmp_path / name).name == family
     task = build_task(config(parts, task_params={"model": str(tmp_path / "xl")}))
     assert task.text.pooled is not None and task.text.time_ids is not None
+    # sqdf sample assembles the pipeline from the parts (diffusers' loader needs the index)
+    from sqdf.cli import main
+
+    for name in ("xl", "sd15"):
+        grid = tmp_path / f"{name}.png"
+        argv = ["sample", "--task", "sd", "--model", str(tmp_path / name), "--num-samples", "1",
+                "--num-steps", "2", "--device", "cpu", "--out", str(grid)]  # fmt: skip
+        assert main(argv) == 0 and grid.stat().st_size > 500
 
 
 def test_decode_undoes_a_vaes_latent_mean_and_std_as_the_pipeline(parts, tmp_path):
