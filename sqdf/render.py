@@ -16,7 +16,6 @@ import torch
 from sqdf.errors import SqdfError
 from sqdf.tasks.sd_family import Family, load_part, read_config
 from sqdf.tasks.sd_prompts import load_prompt_pairs
-from sqdf.tasks.sd_text import text_encoder_class
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -101,26 +100,20 @@ def render_sd(
     prompts = prompts if prompts is not None else trained.prompts
     guidance = guidance if guidance is not None else trained.guidance
     num_steps = num_steps if num_steps is not None else trained.num_steps
-    if run_of(final) is not None:
+    run = run_of(final)
+    if run is not None:
         print(
             f"sqdf sample: prompts {prompts}, guidance {guidance:g}, {num_steps} DDIM steps"
             + (f", negative prompt {trained.negative_prompt!r}" if trained.negative_prompt else "")
-            + f" (those not given: as {run_of(final)} trained)",
+            + f" (those not given: as {run} trained)",
             file=sys.stderr,
         )
     pairs = load_prompt_pairs(prompts)  # before any weights are loaded
     family = family_of(model)
     dev = resolve_device(device)
-    # SD 1.x/2.x folders may name a safety checker, SDXL pipelines add a watermark where the
-    # package for it is installed: the renders are ours to look at
-    extra = (
-        {"safety_checker": None, "requires_safety_checker": False}
-        if family.name == "sd"
-        else {"add_watermarker": False}
-    )
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     try:
-        pipe = _load_pipeline(Path(model), family, dtype, extra)
+        pipe = _load_pipeline(Path(model), family, dtype)
     except (OSError, ValueError) as err:
         raise SqdfError(f"cannot load a {family.pipeline} from {model}: {err}") from None
     if full:  # weights of another family: one line now, not a shape error after a row
@@ -165,10 +158,10 @@ def render_sd(
     return save_image_rows(rows, [prompt for prompt, _ in chosen], Path(out))
 
 
-def _load_pipeline(folder: Path, family: Family, dtype: torch.dtype, extra: dict) -> Any:
+def _load_pipeline(folder: Path, family: Family, dtype: torch.dtype) -> Any:
     """The family's pipeline from a local folder; one without model_index.json (which
     diffusers' from_pretrained needs, and training does not) is assembled from its parts."""
-    cls = family.pipeline_class()
+    cls, extra = family.pipeline_class(), dict(family.render_options)
     if (folder / "model_index.json").is_file():
         return cls.from_pretrained(
             str(folder), local_files_only=True, use_safetensors=True, dtype=dtype, **extra
@@ -185,8 +178,6 @@ def _load_pipeline(folder: Path, family: Family, dtype: torch.dtype, extra: dict
     for i, (encoder, tokenizer) in enumerate(
         zip(family.text_encoders, family.tokenizers, strict=True)
     ):
-        parts[encoder] = load_part(text_encoder_class(family, i), folder, encoder, **safe)
+        parts[encoder] = load_part(family.text_encoder_class(i), folder, encoder, **safe)
         parts[tokenizer] = load_part(CLIPTokenizer, folder, tokenizer)
-    if family.name == "sd":
-        parts["feature_extractor"] = None
     return cls(**parts, **extra)

@@ -23,6 +23,9 @@ class Family:
     pipeline: str  # the diffusers pipeline class of the folder
     label: str  # for people: "SD 1.x/2.x", "SDXL"
     text_encoders: tuple[str, ...]  # subfolders, in the order the pipeline concatenates them
+    # their transformers classes: SDXL's second carries the projection that is the pooled
+    # embedding
+    text_encoder_classes: tuple[str, ...]
     tokenizers: tuple[str, ...]
     # SDXL conditions its UNet on the pooled projection of the last text encoder and on
     # (original size, crop, target size); SD 1.x/2.x on the prompt's hidden states alone
@@ -33,6 +36,9 @@ class Family:
     # SDXL's VAE overflows in float16: its pipeline decodes in float32 where the VAE config
     # says force_upcast; the SD 1.x/2.x pipeline decodes in the weights' dtype
     upcast_vae_in_float16: bool
+    # pipeline arguments for sqdf sample's renders, which are ours to look at: no SD safety
+    # checker, no SDXL watermark (added where its package is installed)
+    render_options: tuple[tuple[str, Any], ...]
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -43,16 +49,24 @@ class Family:
 
         return getattr(diffusers, self.pipeline)
 
+    def text_encoder_class(self, index: int) -> Any:
+        import transformers
+
+        return getattr(transformers, self.text_encoder_classes[index])
+
 
 FAMILIES = {
     "sd": Family(
-        "sd", "StableDiffusionPipeline", "SD 1.x/2.x", ("text_encoder",), ("tokenizer",),
-        pooled=False, latent_mean_std=False, upcast_vae_in_float16=False,
+        "sd", "StableDiffusionPipeline", "SD 1.x/2.x", ("text_encoder",), ("CLIPTextModel",),
+        ("tokenizer",), pooled=False, latent_mean_std=False, upcast_vae_in_float16=False,
+        render_options=(("safety_checker", None), ("feature_extractor", None),
+                        ("requires_safety_checker", False)),
     ),
     "sdxl": Family(
         "sdxl", "StableDiffusionXLPipeline", "SDXL", ("text_encoder", "text_encoder_2"),
-        ("tokenizer", "tokenizer_2"), pooled=True, latent_mean_std=True,
-        upcast_vae_in_float16=True,
+        ("CLIPTextModel", "CLIPTextModelWithProjection"), ("tokenizer", "tokenizer_2"),
+        pooled=True, latent_mean_std=True, upcast_vae_in_float16=True,
+        render_options=(("add_watermarker", False),),
     ),
 }  # fmt: skip
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}

@@ -79,14 +79,6 @@ def load_tokenizer(folder: Path, sub: str, encoder: str) -> Any:
     return tokenizer
 
 
-def text_encoder_class(family: Family, index: int) -> Any:
-    """The transformers class of the family's ``index``-th text encoder."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    # SDXL's second encoder carries the projection whose output is the pooled embedding
-    return CLIPTextModelWithProjection if family.pooled and index == 1 else CLIPTextModel
-
-
 @torch.no_grad()
 def _encode(
     family: Family,
@@ -132,7 +124,7 @@ def encode_prompts(
         for sub, enc in zip(family.tokenizers, family.text_encoders, strict=True)
     ]
     encoders = [
-        load_part(text_encoder_class(family, i), folder, sub, use_safetensors=True, dtype=dtype)
+        load_part(family.text_encoder_class(i), folder, sub, use_safetensors=True, dtype=dtype)
         .to(device)
         for i, sub in enumerate(family.text_encoders)
     ]  # fmt: skip
