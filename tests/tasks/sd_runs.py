@@ -40,6 +40,13 @@ def sd_config(model: Path, parts: Path, **over: Any) -> TrainConfig:
     return make_config(sd_settings(model, parts, **over), source="test")
 
 
+def sd_pipeline(model: Path) -> Any:
+    """The plain diffusers pipeline of ``model``'s family, loaded as a user would."""
+    from sqdf.tasks.sd_family import family_of
+
+    return family_of(model).pipeline_class().from_pretrained(str(model), local_files_only=True)
+
+
 def readme_block(marker: str) -> list[str]:
     """The lines of the one README bash block that contains ``marker``."""
     (block,) = [b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)

@@ -30,7 +30,7 @@ from sqdf.tasks.sd_random import (
     write_random_sd,
 )
 from sqdf.trainer import train
-from tests.tasks.sd_runs import readme_block, run_readme_lines, sd_config
+from tests.tasks.sd_runs import readme_block, run_readme_lines, sd_config, sd_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,7 @@ def config(parts, **over):
 
 
 def pipeline(parts):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(str(parts / "sd"), local_files_only=True)
+    return sd_pipeline(parts / "sd")
 
 
 def test_prompt_embeddings_and_guidance_match_the_diffusers_pipeline(parts):

@@ -23,7 +23,13 @@ from sqdf.tasks.sd_random import (
     write_random_sd,
 )
 from sqdf.trainer import train
-from tests.tasks.sd_runs import readme_block, run_readme_lines, sd_config, sd_settings
+from tests.tasks.sd_runs import (
+    readme_block,
+    run_readme_lines,
+    sd_config,
+    sd_pipeline,
+    sd_settings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +52,7 @@ def config(parts, **over):
 
 
 def pipeline(parts):
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline.from_pretrained(str(parts / "xl"), local_files_only=True)
+    return sd_pipeline(parts / "xl")
 
 
 def test_family_is_read_from_model_index(parts):
