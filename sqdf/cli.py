@@ -46,9 +46,9 @@ task parameters (--task-param KEY=VALUE; README for their meaning):
           noise_level, shift
   digits  model, cm, guidance, lora_rank, lora_alpha, lora_targets, classes, finetune,
           compile, channels_last
-  sd      model, prompts, negative_prompt, guidance, resolution, lora_rank, lora_alpha,
-          lora_targets, lcm, lcm_guidance, dtype, gradient_checkpointing, finetune, compile,
-          channels_last
+  sd      model, prompts, eval_prompts, negative_prompt, guidance, resolution, lora_rank,
+          lora_alpha, lora_targets, lcm, lcm_guidance, dtype, gradient_checkpointing,
+          finetune, compile, channels_last
 
 A TOML config holds the same keys as the flags (underscores), with [task_params] and
 [reward_params] tables. Flags override the file. The resolved configuration is written to
@@ -247,6 +247,26 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def reward_choices(names: str | None, params: list[str]) -> dict[str, dict[str, Any]]:
+    """``--rewards a,b`` with ``--reward-param NAME.KEY=VALUE`` items: name -> parameters."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for name in (names or "").split(","):
+        if name.strip():
+            chosen[name.strip()] = {}
+    for item in params:
+        left, sep, _ = item.partition("=")
+        name, dot, key = left.rpartition(".")
+        if not sep or not dot or not name or not key:
+            raise SqdfError(f"--reward-param expects NAME.KEY=VALUE, got {item!r}")
+        if name.strip() not in chosen:
+            raise SqdfError(
+                f"--reward-param {item!r}: reward {name.strip()!r} is not in --rewards "
+                f"({', '.join(chosen) or 'none given'})"
+            )
+        chosen[name.strip()].update(key_values([item[len(name) + 1 :]], "--reward-param"))
+    return chosen
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from sqdf.evaluate import evaluate_run
 
@@ -256,9 +276,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
+        rewards=reward_choices(args.rewards, args.reward_param),
+        prompts=args.prompts,
+        per_prompt=args.per_prompt,
+        clip=args.clip,
+        lpips=args.lpips,
     )
-    print(json.dumps(metrics, indent=1))
-    print(f"wrote {Path(args.run) / 'eval.json'}")
+    print(json.dumps({k: v for k, v in metrics.items() if k != "per_prompt"}, indent=1))
+    written = ["eval.json", "eval.md"] if "per_prompt" in metrics else ["eval.json"]
+    print("wrote " + ", ".join(str(Path(args.run) / name) for name in written))
     return 0
 
 
@@ -296,6 +322,13 @@ def _cmd_convert_head(args: argparse.Namespace) -> int:
     from sqdf.rewards.clip_rewards import convert_aesthetic_head
 
     print(f"wrote {convert_aesthetic_head(args.pth, args.out)}")
+    return 0
+
+
+def _cmd_convert_lpips(args: argparse.Namespace) -> int:
+    from sqdf.evaluators.lpips import convert_lpips_weights
+
+    print(f"wrote {convert_lpips_weights(args.alexnet, args.lin, args.out)}")
     return 0
 
 
@@ -672,6 +705,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="samples from policy and reference (default: gmm2d 4096, digits 1000)",
     )
+    e.add_argument(
+        "--rewards", metavar="NAME[,NAME...]", default=None,
+        help="rewards the run was not trained on, scored beside its own (cross-rewards): "
+        "aesthetic, pickscore, clipscore, hpsv2, ink, classifier, module:function",
+    )  # fmt: skip
+    e.add_argument(
+        "--reward-param", action="append", default=[], metavar="NAME.KEY=VALUE",
+        help="a parameter of a --rewards reward, e.g. pickscore.model=~/pickscore (repeatable)",
+    )  # fmt: skip
+    e.add_argument(
+        "--prompts", default=None, metavar="SET|FILE",
+        help="sd: held-out prompts, a built-in set or a file (default: the run's eval_prompts, "
+        "animals-heldout unless set)",
+    )  # fmt: skip
+    e.add_argument(
+        "--per-prompt", type=int, default=4, metavar="K",
+        help="sd: images per prompt, from fixed seeds (default 4)",
+    )  # fmt: skip
+    e.add_argument(
+        "--clip", default=None, metavar="FOLDER",
+        help="sd: CLIP model folder for diversity and Fréchet features (default: the CLIP of the "
+        "first reward that has one, else 32x32 pixels)",
+    )  # fmt: skip
+    e.add_argument(
+        "--lpips", default=None, metavar="FILE",
+        help="sd: LPIPS weights (safetensors, sqdf convert-lpips) for LPIPS diversity",
+    )  # fmt: skip
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--seed", type=int, default=EVAL_SEED, help=f"sampling seed ({EVAL_SEED})")
     e.add_argument("--device", default=None, help="override the run's device")
@@ -714,6 +774,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("pth", metavar="IN.pth")
     c.add_argument("out", metavar="OUT.safetensors")
+    c = sub.add_parser(
+        "convert-lpips",
+        help="torchvision's AlexNet and lpips' v0.1 alex.pth as one LPIPS safetensors file "
+        "(for sqdf eval --lpips), both read with weights_only",
+    )  # fmt: skip
+    c.add_argument("alexnet", metavar="alexnet-owt-7be5be79.pth")
+    c.add_argument("lin", metavar="alex.pth")
+    c.add_argument("out", metavar="OUT.safetensors")
     pr = sub.add_parser(
         "presets",
         help="list the shipped presets (the settings of published runs), or show one",
@@ -743,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         "distill-cm": _cmd_distill,
         "train-reward": _cmd_train_reward,
         "convert-aesthetic-head": _cmd_convert_head,
+        "convert-lpips": _cmd_convert_lpips,
         "bbo": _cmd_bbo,
         "presets": _cmd_presets,
     }[args.command]

@@ -22,11 +22,11 @@ from sqdf.atomic import atomic_write_text
 from sqdf.config import TrainConfig
 from sqdf.distributed import Processes
 from sqdf.errors import DivergedError, SqdfError
-from sqdf.evaluate import EVAL_SEED, evaluate_run, load_run, sample_in_chunks, score_samples
+from sqdf.evaluate import EVAL_SEED, evaluate_run, load_run, score_samples
 from sqdf.methods import METHODS
 from sqdf.report import pyplot
 from sqdf.run import read_metrics
-from sqdf.sampler import sample_trajectories
+from sqdf.sampler import sample_in_chunks, sample_trajectories
 from sqdf.settings import make_config, resolve_settings
 from sqdf.tasks import build_task
 from sqdf.trackers import check_installed, parse_log_with

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from sqdf.atomic import atomic_write_text
 from sqdf.checkpoint import load_weights
-from sqdf.errors import SqdfError
+from sqdf.errors import ConfigError, SqdfError
+from sqdf.heldout import (
+    cross_rewards,
+    eval_markdown,
+    evaluate_prompts,
+    image_features,
+    reward_inputs,
+    score_rewards,
+)
 from sqdf.run import read_run_config
-from sqdf.sampler import Trajectories, sample_trajectories
-from sqdf.tasks import Task, build_task
+from sqdf.sampler import sample_in_chunks, sample_trajectories
+from sqdf.tasks import Task, build_task, resolved_reward_name
 
 
 def final_weights(run: Path) -> Path:
@@ -49,29 +57,6 @@ def load_run(run: str | Path, device: str | None = None) -> Task:
     return task
 
 
-def sample_in_chunks(
-    task: Task, n: int, seed: int, progress: Any = False, **kw: Any
-) -> Trajectories:
-    """n trajectories, in chunks of ``task.eval_batch`` where the task sets one (sd: a
-    few images at a time fit any GPU); the same seed gives the same noise either way round."""
-    chunk = task.eval_batch or n
-    gen = torch.Generator().manual_seed(seed)
-    if chunk >= n:
-        return sample_trajectories(task, n, gen, progress=progress and f"sampling {progress}", **kw)
-    cond = task.sample_conditions(n, gen)
-    parts = [
-        sample_trajectories(task, len(c), gen, cond=c, **kw)
-        for c in tqdm(cond.split(chunk), desc=f"sampling {progress}", disable=not progress)
-    ]
-    kl = [t.kl for t in parts]
-    return Trajectories(
-        states=torch.cat([t.states for t in parts]),
-        cond=cond,
-        kl=torch.cat(kl) if all(k is not None for k in kl) else None,
-        logp=torch.cat([t.logp for t in parts]),
-    )
-
-
 @torch.no_grad()
 def score_samples(task: Task, x0: Tensor, cond: Tensor) -> Tensor:
     """The task's reward of samples, (N,) on the CPU, in chunks of ``task.eval_batch``."""
@@ -93,12 +78,41 @@ def evaluate_run(
     seed: int = EVAL_SEED,
     device: str | None = None,
     progress: bool = False,
+    *,
+    rewards: Mapping[str, Mapping[str, Any]] | None = None,
+    prompts: str | None = None,
+    per_prompt: int = 4,
+    clip: str | None = None,
+    lpips: str | None = None,
 ) -> dict[str, Any]:
     """Sample the fine-tuned policy and the reference, compute metrics, write ``eval.json``.
 
-    ``num_samples`` defaults to the task's (gmm2d 4096, digits 1000)."""
+    ``num_samples`` defaults to the task's (gmm2d 4096, digits 1000). ``rewards`` (name ->
+    parameters) are scored beside the trained one (cross-rewards). An sd run is evaluated on
+    held-out prompts instead (``prompts``: a set or a file, default the run's
+    ``eval_prompts``), ``per_prompt`` images each, with diversity on ``clip``'s features and
+    LPIPS from the ``lpips`` weight file where given (sqdf.heldout); it also writes
+    ``eval.md``."""
     run = Path(run)
     task = load_run(run, device)
+    cfg = read_run_config(run)
+    trained = resolved_reward_name(cfg)
+    extra = cross_rewards(cfg.task, trained, rewards or {}, task.device)
+    if cfg.task == "sd":
+        if num_samples is not None:
+            raise ConfigError(
+                "an sd run is evaluated per prompt: give --per-prompt (images per prompt) "
+                "instead of --num-samples"
+            )
+        metrics = _evaluate_sd(task, run, extra, trained, prompts, per_prompt, seed, clip, lpips,
+                               progress)  # fmt: skip
+        atomic_write_text(run / "eval.json", json.dumps(metrics, indent=1))
+        title = f"Held-out evaluation of {run.name}"
+        atomic_write_text(run / "eval.md", eval_markdown(metrics, title))
+        return metrics
+    for flag, value in (("--prompts", prompts), ("--clip", clip), ("--lpips", lpips)):
+        if value is not None:
+            raise ConfigError(f"{flag} is for sd runs; {run} is a {cfg.task} run")
     num_samples = task.eval_samples if num_samples is None else num_samples
     if num_samples < 2:
         raise SqdfError(f"num_samples must be >= 2, got {num_samples}")
@@ -122,7 +136,59 @@ def evaluate_run(
         "ref_reward_std": float(r_ref.std()),
     }
     metrics.update(task.evaluate(traj.x0, ref.x0, traj.cond, gen))
+    if extra:
+        ours = score_rewards(task, extra, reward_inputs(task, traj.x0), traj.cond)
+        theirs = score_rewards(task, extra, reward_inputs(task, ref.x0), ref.cond)
+        metrics["rewards"] = {
+            name: {"mean": float(ours[name].mean()), "ref_mean": float(theirs[name].mean()),
+                   "trained": False}
+            for name in extra
+        }  # fmt: skip
     atomic_write_text(run / "eval.json", json.dumps(metrics, indent=1))
+    return metrics
+
+
+def _evaluate_sd(
+    task: Task,
+    run: Path,
+    extra: dict[str, Any],
+    trained: str,
+    prompts: str | None,
+    per_prompt: int,
+    seed: int,
+    clip: str | None,
+    lpips: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    from sqdf.tasks.sd_prompts import load_prompt_pairs
+
+    spec = prompts or task.options.eval_prompts
+    pairs = load_prompt_pairs(spec)
+    rewards = {trained: task.reward_model, **extra}
+    lpips_distance = None
+    if lpips:
+        from sqdf.evaluators.lpips import load_lpips
+
+        lpips_distance = load_lpips(lpips, task.device).mean_pairwise
+    metrics: dict[str, Any] = {
+        "weights": final_weights(run).parent.name,
+        "prompts": spec,
+        "num_prompts": len(pairs),
+        "images_per_prompt": per_prompt,
+        "num_samples": len(pairs) * per_prompt,
+        "seed": seed,
+        # held-out prompts the run nevertheless trained on (a prompts file shared by both)
+        "trained_prompts_among_them": sorted(
+            {p for p, _ in pairs} & set(task.prompts[: task.train_prompts])
+        ),
+        "lpips": lpips or "not computed (no --lpips weight file)",
+    }
+    metrics.update(
+        evaluate_prompts(
+            task, pairs, rewards=rewards, trained=trained, per_prompt=per_prompt, seed=seed,
+            features=image_features(rewards, clip), lpips=lpips_distance, progress=progress,
+        )
+    )  # fmt: skip
     return metrics
 
 

@@ -7,6 +7,7 @@ Training, evaluation and every method draw samples here, so they all see the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -150,3 +151,29 @@ def sample_states_at(
         mean, std = step_mean_std(task, x[active], ks, cond_d[active], policy=True)
         x[active] = mean + std * z[active]
     return out, cond
+
+
+def sample_in_chunks(
+    task: Task, n: int, seed: int, progress: Any = False, cond: Tensor | None = None, **kw: Any
+) -> Trajectories:
+    """n trajectories, in chunks of ``task.eval_batch`` where the task sets one (sd: a
+    few images at a time fit any GPU), for conditions ``cond`` (n,) or drawn ones; the same
+    seed and chunking give the same noise, for the policy and the reference alike."""
+    chunk = task.eval_batch or n
+    gen = torch.Generator().manual_seed(seed)
+    if chunk >= n:
+        return sample_trajectories(
+            task, n, gen, cond=cond, progress=progress and f"sampling {progress}", **kw
+        )
+    cond = task.sample_conditions(n, gen) if cond is None else cond
+    parts = [
+        sample_trajectories(task, len(c), gen, cond=c, **kw)
+        for c in tqdm(cond.split(chunk), desc=f"sampling {progress}", disable=not progress)
+    ]
+    kl = [t.kl for t in parts]
+    return Trajectories(
+        states=torch.cat([t.states for t in parts]),
+        cond=cond,
+        kl=torch.cat(kl) if all(k is not None for k in kl) else None,
+        logp=torch.cat([t.logp for t in parts]),
+    )

@@ -35,10 +35,29 @@ REWARDS: dict[str, type] = {
 }
 
 
+# asked for by name, with the reason it is not offered
+UNAVAILABLE = {
+    "imagereward": (
+        "ImageReward is not offered: its model is BLIP (a ViT-L and a BERT with "
+        "cross-attention) as the image-reward package builds it, and that package imports "
+        "torchvision, which cannot be installed beside sqdf's torch; a rebuild of BLIP without "
+        "it could not be checked against the real weights. Use pickscore, hpsv2, clipscore or "
+        "aesthetic, or call ImageReward from your own module:function reward"
+    ),
+}
+
+
+def reward_domain(name: str) -> str:
+    """What reward ``name`` scores (see the module docstring), without building it."""
+    return "any" if ":" in name or name not in REWARDS else REWARDS[name].domain
+
+
 def build_reward(name: str, params: Mapping[str, Any]) -> Any:
     """Instantiate reward ``name`` with ``params``; bad names, keys or values raise ConfigError."""
     if ":" in name:
         return CustomReward(name, **params)
+    if name.lower() in UNAVAILABLE:
+        raise ConfigError(UNAVAILABLE[name.lower()])
     if name not in REWARDS:
         raise ConfigError(
             f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}, "

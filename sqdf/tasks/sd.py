@@ -58,6 +58,8 @@ class SDConfig:
 
     model: str | None = None  # diffusers pipeline folder (SD 1.x/2.x or SDXL; model_index.json)
     prompts: str = "animals"  # a built-in set (animals, varied) or a file, one prompt a line
+    # prompts the run does not train on, for sqdf eval and --eval-every (a set or a file)
+    eval_prompts: str = "animals-heldout"
     # CFG's unconditional prompt (a prompts-file line may set its own); "" is none, which
     # SDXL pipelines encode as zeros
     negative_prompt: str = ""
@@ -100,6 +102,7 @@ class SDConfig:
         if self.lcm is not None and not Path(self.lcm).exists():
             raise ConfigError(f"sd lcm: no such folder or file {self.lcm!r}")
         load_prompts(self.prompts)  # a bad prompt set fails here, not mid-run
+        load_prompts(self.eval_prompts)
 
 
 def _sizes(options: SDConfig) -> tuple[int, int, int]:
@@ -175,8 +178,11 @@ class SDTask(Task):
         self.vae.to(device).requires_grad_(False)
         pairs = load_prompt_pairs(options.prompts)
         self.prompts = [p for p, _ in pairs]
-        negatives = [options.negative_prompt if n is None else n for _, n in pairs]
-        self.text = encode_prompts(self.family, folder, self.prompts, negatives, device, self.dtype)
+        self.train_prompts = len(pairs)  # training draws from these; later ones are held out
+        self.negatives = [options.negative_prompt if n is None else n for _, n in pairs]
+        self.text = encode_prompts(
+            self.family, folder, self.prompts, self.negatives, device, self.dtype
+        )
         self.sample_shape = latent_shape(options)
         if self.family.pooled:
             self.text.time_ids = sdxl_time_ids(
@@ -238,7 +244,28 @@ class SDTask(Task):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
     def sample_conditions(self, n: int, generator: torch.Generator) -> Tensor:
-        return torch.randint(0, len(self.prompts), (n,), generator=generator)
+        return torch.randint(0, self.train_prompts, (n,), generator=generator)
+
+    def add_prompts(self, pairs: list[tuple[str, str | None]]) -> Tensor:
+        """Condition indices (P,) for (prompt, negative or None) pairs, encoding those not
+        met before (the text encoders are loaded again for them, then let go). Training
+        never draws them."""
+        known = {pair: i for i, pair in enumerate(zip(self.prompts, self.negatives, strict=True))}
+        negatives = [self.options.negative_prompt if n is None else n for _, n in pairs]
+        wanted = zip([p for p, _ in pairs], negatives, strict=True)
+        new = [pair for pair in dict.fromkeys(wanted) if pair not in known]
+        if new:
+            folder = Path(self.options.model)
+            more = encode_prompts(
+                self.family, folder, [p for p, _ in new], [n for _, n in new], self.device,
+                self.dtype,
+            )  # fmt: skip
+            for pair in new:
+                known[pair] = len(self.prompts)
+                self.prompts.append(pair[0])
+                self.negatives.append(pair[1])
+            self.text = self.text.extended(more)
+        return torch.tensor([known[(p, n)] for (p, _), n in zip(pairs, negatives, strict=True)])
 
     def _eps(self, unet: Any, x: Tensor, t: Tensor, cond: Tensor, guidance: float) -> Tensor:
         if guidance == 1.0:

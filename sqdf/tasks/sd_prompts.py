@@ -14,6 +14,10 @@ ANIMALS = (
     "turtle frog chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo"
 ).split()
 
+# Held out of ``animals`` for evaluation (as the official SQDF code keeps 8 animal prompts
+# apart): animals a run on ``animals`` never saw, scored by ``sqdf eval`` and --eval-every.
+ANIMALS_HELDOUT = "elephant giraffe penguin owl octopus crab panda koala".split()
+
 VARIED = [
     "a lighthouse on a rocky coast at dusk",
     "a bowl of ramen on a wooden table",
@@ -49,7 +53,7 @@ VARIED = [
     "a minimalist poster of a mountain range",
 ]
 
-PROMPT_SETS = {"animals": ANIMALS, "varied": VARIED}
+PROMPT_SETS = {"animals": ANIMALS, "animals-heldout": ANIMALS_HELDOUT, "varied": VARIED}
 
 
 def load_prompts(spec: str) -> list[str]:

@@ -53,6 +53,22 @@ class PromptConditioning:
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
         return kwargs
 
+    def extended(self, more: PromptConditioning) -> PromptConditioning:
+        """This table with ``more``'s prompts appended (their indices follow this one's),
+        for prompts encoded after the task was built (held-out evaluation)."""
+        pooled = None if self.pooled is None else torch.cat([self.pooled, more.pooled])
+        neg_pooled = self.negative_pooled
+        if neg_pooled is not None:
+            neg_pooled = torch.cat([neg_pooled, more.negative_pooled])
+        return PromptConditioning(
+            embeds=torch.cat([self.embeds, more.embeds]),
+            pooled=pooled,
+            negative_embeds=torch.cat([self.negative_embeds, more.negative_embeds]),
+            negative_pooled=neg_pooled,
+            negative_of=torch.cat([self.negative_of, more.negative_of + len(self.negative_embeds)]),
+            time_ids=self.time_ids,
+        )
+
     def guided_kwargs(self, cond: Tensor) -> dict[str, Any]:
         """Negative then positive conditioning in one batch of 2B, as the pipelines batch
         classifier-free guidance."""

@@ -298,7 +298,7 @@ def test_cli_train_eval_and_render_with_the_lora(parts, tmp_path, capsys, monkey
             "--device", "cpu", "--out", str(run), "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
-    assert main(["eval", str(run), "--num-samples", "4", "--no-progress"]) == 0
+    assert main(["eval", str(run), "--per-prompt", "2", "--no-progress"]) == 0
     metrics = __import__("json").loads((run / "eval.json").read_text())
     assert {"eval_diversity", "ref_eval_diversity", "reward_mean"} <= set(metrics)
     assert main(["sample", str(run), "--num-samples", "2"]) == 0  # the run's own sampler
@@ -383,21 +383,6 @@ def test_a_prompt_file_line_can_carry_its_own_negative_prompt(parts, tmp_path):
         pos, neg = pipe.encode_prompt([prompt], "cpu", 1, True, [negative])
         torch.testing.assert_close(task.text.embeds[i : i + 1], pos)
         torch.testing.assert_close(task.text.rows(torch.tensor([i]), negative=True)[0], neg)
-
-
-def test_eval_in_chunks_gives_policy_and_reference_the_same_noise(parts, tmp_path):
-    from safetensors.torch import save_file
-
-    from sqdf.evaluate import evaluate_run
-
-    run = train(config(parts, steps=1), tmp_path / "run", progress=False)
-    weights = load_file(str(run / "final" / "policy.safetensors"))
-    zeroed = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()}
-    save_file(zeroed, str(run / "final" / "policy.safetensors"))  # the policy is the reference
-    metrics = evaluate_run(run, num_samples=10)  # chunks of 8 and 2
-    assert metrics["reward_mean"] == metrics["ref_reward_mean"]
-    assert metrics["kl_path"] == 0.0
-    assert metrics["eval_diversity"] == metrics["ref_eval_diversity"] > 0
 
 
 SD_ORACLE = """

@@ -1,0 +1,270 @@
+"""Held-out evaluation of an sd run, as the paper judges over-optimisation: prompts the run did
+not train on, several images per prompt from fixed seeds, the fine-tuned policy and the
+reference from the same noise; scored by the trained reward and by rewards it was not trained
+on (cross-rewards), with diversity within each prompt, the Fréchet distance between the
+fine-tuned and the reference images' features (how far the distribution moved) and the
+path KL, per prompt and on average.
+
+Cross-rewards are scored on every task (``cross_rewards``, ``score_rewards``); prompts are
+the sd task's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sqdf.errors import ConfigError, SqdfError
+from sqdf.evaluators.feature_stats import frechet_distance, mean_pairwise_distance
+from sqdf.sampler import sample_in_chunks
+
+Features = Callable[[Tensor], Tensor]  # images (N, 3, H, W) in [0, 1] -> (N, D) on the CPU
+# what each task's samples are to a reward (sqdf.rewards' ``domain``)
+TASK_DOMAINS = {
+    "gmm2d": ("points", "any"), "digits": ("image", "any"), "sd": ("rgb", "image", "any"),
+}  # fmt: skip
+
+
+def cross_rewards(
+    task_name: str, trained: str, requested: Mapping[str, Mapping[str, Any]], device: Any
+) -> dict[str, Any]:
+    """The rewards named in ``requested`` (name -> parameters), built and moved to
+    ``device``; the trained reward's name is skipped (it is scored anyway). A reward of
+    another kind of sample than the task's is one line naming both."""
+    from sqdf.rewards import build_reward, reward_domain
+
+    out = {}
+    for name, params in requested.items():
+        if name == trained:
+            continue
+        domain = reward_domain(name)  # before the reward loads its weights
+        if domain not in TASK_DOMAINS.get(task_name, ("any",)):
+            raise ConfigError(
+                f"reward {name!r} scores {domain} samples, not what the {task_name} task makes "
+                f"({TASK_DOMAINS[task_name][0]})"
+            )
+        reward = build_reward(name, params)
+        if hasattr(reward, "to"):
+            reward.to(device)
+        out[name] = reward
+    return out
+
+
+@torch.no_grad()
+def reward_inputs(task: Any, x0: Tensor) -> Tensor:
+    """What the rewards score (sd: decoded images in [0, 1]), on the CPU, in chunks of the
+    task's evaluation batch."""
+    chunk = task.eval_batch or len(x0)
+    return torch.cat([task.reward_input(x.to(task.device)).float().cpu() for x in x0.split(chunk)])
+
+
+@torch.no_grad()
+def score_rewards(
+    task: Any, rewards: Mapping[str, Any], inputs: Tensor, cond: Tensor
+) -> dict[str, Tensor]:
+    """Each reward of ``inputs`` (from :func:`reward_inputs`) for conditions ``cond``: name ->
+    (N,) on the CPU."""
+    chunk = task.eval_batch or len(inputs)
+    out = {}
+    for name, reward in rewards.items():
+        parts = []
+        for x, c in zip(inputs.split(chunk), cond.split(chunk), strict=True):
+            value = reward(x.to(task.device), task.reward_conditions(c.to(task.device)))
+            parts.append(torch.as_tensor(value).float().reshape(-1).cpu())
+        out[name] = torch.cat(parts)
+    return out
+
+
+def image_features(rewards: Mapping[str, Any], clip: str | None) -> tuple[Features, str]:
+    """(features of images, what they are) for diversity and the Fréchet distance: CLIP image
+    features of the ``clip`` folder, else of the first reward that has a CLIP model, else
+    32×32 pixels."""
+    from sqdf.rewards.clip_rewards import ClipModel
+
+    model, name = None, ""
+    if clip is not None:
+        if not (Path(clip) / "config.json").is_file():
+            raise ConfigError(f"--clip {clip!r} is not a model folder (no config.json)")
+        model, name = ClipModel(Path(clip)), f"CLIP image features ({clip})"
+    else:
+        for reward_name, reward in rewards.items():
+            if getattr(reward, "clip_model", None) is not None:
+                model = reward.clip_model
+                name = f"CLIP image features (of reward {reward_name})"
+                break
+    if model is None:
+        return _pixels, "32x32 pixels (no CLIP model: give --clip FOLDER for CLIP features)"
+
+    @torch.no_grad()
+    def clip_features(images: Tensor) -> Tensor:
+        return torch.cat([model.image_features(x).cpu() for x in images.split(16)])
+
+    return clip_features, name
+
+
+def _pixels(images: Tensor) -> Tensor:
+    small = torch.nn.functional.interpolate(images, size=(32, 32), mode="area")
+    return small.flatten(1)
+
+
+def prompt_table(
+    prompts: list[str],
+    per_prompt: int,
+    scores: Mapping[str, tuple[Tensor, Tensor]],
+    kl: Tensor,
+    features: tuple[Tensor, Tensor],
+    lpips: Callable[[Tensor], float] | None = None,
+    images: tuple[Tensor, Tensor] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per prompt: each reward's mean (fine-tuned, reference), the path KL, and the
+    diversity within the prompt's images (mean pairwise feature distance; LPIPS too where
+    ``lpips`` is given). Samples are grouped by prompt: ``per_prompt`` consecutive ones each.
+
+    # scores: name -> ((N,), (N,)); kl: (N,); features: ((N, D), (N, D)); N = P * per_prompt
+    """
+    rows = []
+    for i, prompt in enumerate(prompts):
+        part = slice(i * per_prompt, (i + 1) * per_prompt)
+        row: dict[str, Any] = {
+            "prompt": prompt,
+            "kl_path": float(kl[part].mean()),
+            "diversity": mean_pairwise_distance(features[0][part]),
+            "ref_diversity": mean_pairwise_distance(features[1][part]),
+        }
+        if lpips is not None and images is not None:
+            row["lpips_diversity"] = lpips(images[0][part])
+            row["ref_lpips_diversity"] = lpips(images[1][part])
+        row["rewards"] = {
+            name: {"fine_tuned": float(ft[part].mean()), "reference": float(ref[part].mean())}
+            for name, (ft, ref) in scores.items()
+        }
+        rows.append(row)
+    return rows
+
+
+def summarise(
+    rows: list[dict[str, Any]], scores: Mapping[str, tuple[Tensor, Tensor]], trained: str
+) -> dict[str, Any]:
+    """Means over every image (rewards, with std) and over prompts (diversities, KL)."""
+    ft, ref = scores[trained]
+    out: dict[str, Any] = {
+        "reward": trained,
+        "reward_mean": float(ft.mean()),
+        "reward_std": float(ft.std()),
+        "ref_reward_mean": float(ref.mean()),
+        "ref_reward_std": float(ref.std()),
+        "kl_path": sum(r["kl_path"] for r in rows) / len(rows),
+        "eval_diversity": sum(r["diversity"] for r in rows) / len(rows),
+        "ref_eval_diversity": sum(r["ref_diversity"] for r in rows) / len(rows),
+        "rewards": {
+            name: {"mean": float(a.mean()), "ref_mean": float(b.mean()), "trained": name == trained}
+            for name, (a, b) in scores.items()
+        },
+    }
+    if rows and "lpips_diversity" in rows[0]:
+        out["lpips_diversity"] = sum(r["lpips_diversity"] for r in rows) / len(rows)
+        out["ref_lpips_diversity"] = sum(r["ref_lpips_diversity"] for r in rows) / len(rows)
+    return out
+
+
+def evaluate_prompts(
+    task: Any,
+    pairs: list[tuple[str, str | None]],
+    *,
+    rewards: Mapping[str, Any],
+    trained: str,
+    per_prompt: int,
+    seed: int,
+    features: tuple[Features, str],
+    lpips: Callable[[Tensor], float] | None = None,
+    reference: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Sample ``per_prompt`` images for each (prompt, negative) pair from the policy and the
+    reference on the same noise; score, compare and tabulate them (see the module docstring).
+    ``rewards`` includes the trained one, under ``trained``. ``reference`` caches the
+    reference's side between calls (--eval-every: it does not change during training)."""
+    if per_prompt < 2:
+        raise SqdfError(f"images per prompt must be >= 2 (diversity needs pairs), got {per_prompt}")
+    if not pairs:
+        raise SqdfError("no prompts to evaluate")
+    cond = task.add_prompts(pairs).repeat_interleave(per_prompt)
+    n = len(cond)
+    traj = sample_in_chunks(
+        task, n, seed, cond=cond, with_kl=True, progress=progress and "fine-tuned"
+    )
+    images = reward_inputs(task, traj.x0)
+    feats = features[0](images)
+    scores = score_rewards(task, rewards, images, cond)
+    ref = reference if reference is not None and reference.get("n") == n else None
+    if ref is None:
+        ref_x0 = sample_in_chunks(
+            task, n, seed, cond=cond, policy=False, progress=progress and "reference"
+        ).x0
+        ref_images = reward_inputs(task, ref_x0)
+        ref = {
+            "n": n,
+            "images": ref_images,
+            "features": features[0](ref_images),
+            "scores": score_rewards(task, rewards, ref_images, cond),
+        }
+        if reference is not None:
+            reference.update(ref)
+    assert traj.kl is not None
+    both = {name: (scores[name], ref["scores"][name]) for name in scores}
+    rows = prompt_table(
+        [p for p, _ in pairs], per_prompt, both, traj.kl.sum(dim=1),
+        (feats, ref["features"]), lpips, (images, ref["images"]),
+    )  # fmt: skip
+    out = summarise(rows, both, trained)
+    out["diversity_features"] = features[1]
+    out["frechet_to_reference"] = frechet_distance(feats, ref["features"])
+    out["per_prompt"] = rows
+    return out
+
+
+def eval_markdown(metrics: Mapping[str, Any], title: str) -> str:
+    """eval.md: the summary (reference against fine-tuned) and the per-prompt table."""
+    names = list(metrics["rewards"])
+    lines = [f"# {title}", ""]
+    lines += [
+        f"{metrics['num_prompts']} prompts ({metrics['prompts']}), "
+        f"{metrics['images_per_prompt']} images each from seed {metrics['seed']}; weights: "
+        f"{metrics['weights']}. Diversity: mean pairwise distance of "
+        f"{metrics['diversity_features']} within a prompt's images.",
+        "",
+        "| metric | reference | fine-tuned |",
+        "|---|---:|---:|",
+    ]
+    for name in names:
+        r = metrics["rewards"][name]
+        tag = " (trained)" if r["trained"] else ""
+        lines.append(f"| {name}{tag} | {r['ref_mean']:.4g} | {r['mean']:.4g} |")
+    lines.append(
+        f"| diversity | {metrics['ref_eval_diversity']:.4g} | {metrics['eval_diversity']:.4g} |"
+    )
+    if "lpips_diversity" in metrics:
+        lines.append(
+            f"| LPIPS diversity | {metrics['ref_lpips_diversity']:.4g} | "
+            f"{metrics['lpips_diversity']:.4g} |"
+        )
+    lines.append(f"| path KL | 0 | {metrics['kl_path']:.4g} |")
+    lines.append(
+        f"| Fréchet distance to the reference | 0 | {metrics['frechet_to_reference']:.4g} |"
+    )
+    header = ["prompt", *(f"{n} ref → ft" for n in names), "diversity ref → ft", "KL"]
+    lines += ["", "## Per prompt", "", "| " + " | ".join(header) + " |"]
+    lines.append("|---" + "|---:" * (len(header) - 1) + "|")
+    for row in metrics["per_prompt"]:
+        cells = [row["prompt"].replace("|", "\\|")]
+        cells += [
+            f"{row['rewards'][n]['reference']:.4g} → {row['rewards'][n]['fine_tuned']:.4g}"
+            for n in names
+        ]
+        cells += [f"{row['ref_diversity']:.4g} → {row['diversity']:.4g}", f"{row['kl_path']:.4g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,264 @@
+"""Held-out evaluation of sd runs (sqdf.heldout): prompts the run did not train on,
+cross-rewards, diversity within a prompt, the Fréchet distance to the reference, eval.md."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sqdf.cli import main
+from sqdf.errors import ConfigError
+from sqdf.evaluate import evaluate_run
+from sqdf.rewards.clip_rewards import convert_aesthetic_head
+from sqdf.tasks import build_task
+from sqdf.tasks.sd_prompts import ANIMALS, ANIMALS_HELDOUT
+from sqdf.tasks.sd_random import write_random_aesthetic_head, write_random_clip, write_random_sd
+from sqdf.tasks.sd_text import encode_prompts
+from sqdf.trainer import train
+from tests.tasks.sd_runs import sd_config, sd_pipeline
+
+# a user's rewards: the index of the prompt in PROMPTS (tells whether each image is scored
+# with its own prompt) and the mean brightness
+USER_REWARDS = """
+import torch
+PROMPTS = []
+
+def prompt_index(images, prompts):
+    return torch.tensor([float(PROMPTS.index(p)) for p in prompts])
+
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd_eval")
+    write_random_sd(root / "sd")
+    write_random_clip(root / "clip")
+    write_random_aesthetic_head(root / "head.pth", in_dim=16)
+    convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(parts, tmp_path_factory):
+    """A 2-update run on the varied prompts."""
+    return train(sd_config(parts / "sd", parts), tmp_path_factory.mktemp("run") / "r",
+                 progress=False)  # fmt: skip
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    (tmp_path / "sd_eval_rewards.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sd_eval_rewards
+
+    yield sd_eval_rewards
+    sys.modules.pop("sd_eval_rewards", None)
+
+
+def test_the_held_out_animals_are_not_trained_on():
+    assert len(ANIMALS_HELDOUT) == 8 and not set(ANIMALS_HELDOUT) & set(ANIMALS)
+
+
+def test_added_prompts_are_encoded_as_the_pipeline_does_and_never_drawn(parts):
+    task = build_task(sd_config(parts / "sd", parts, task_params={"negative_prompt": "blurry"}))
+    trained = len(task.prompts)
+    first = task.prompts[0]
+    cond = task.add_prompts([("a held-out owl", None), (first, None), ("a crab", "dark")])
+    assert cond.tolist() == [trained, 0, trained + 1]
+    again = task.add_prompts([("a crab", "dark"), ("a crab", None)])
+    assert again.tolist() == [trained + 1, trained + 2]  # a new negative is a new row
+    pipe = sd_pipeline(parts / "sd")
+    pos, neg = pipe.encode_prompt(["a held-out owl", "a crab"], "cpu", 1, True, ["blurry", "dark"])
+    rows = torch.tensor([trained, trained + 1])
+    torch.testing.assert_close(task.text.embeds[rows], pos)
+    torch.testing.assert_close(task.text.rows(rows, negative=True)[0], neg)
+    drawn = task.sample_conditions(4000, torch.Generator().manual_seed(0))
+    assert int(drawn.max()) == trained - 1 and task.prompts_of(cond[:1]) == ["a held-out owl"]
+
+
+def test_extended_conditioning_keeps_sdxl_pooled_rows_and_negatives(tmp_path):
+    from sqdf.tasks.sd_family import family_of
+
+    write_random_sd(tmp_path / "xl", "tiny-xl")
+    family = family_of(tmp_path / "xl")
+    a = encode_prompts(family, tmp_path / "xl", ["a cat", "a dog"], ["", ""], "cpu", torch.float32)
+    b = encode_prompts(family, tmp_path / "xl", ["an owl"], ["grey"], "cpu", torch.float32)
+    both = a.extended(b)
+    whole = encode_prompts(family, tmp_path / "xl", ["a cat", "a dog", "an owl"], ["", "", "grey"],
+                           "cpu", torch.float32)  # fmt: skip
+    cond = torch.tensor([0, 1, 2])
+    for negative in (False, True):
+        for ours, theirs in zip(both.rows(cond, negative=negative),
+                                whole.rows(cond, negative=negative), strict=True):  # fmt: skip
+            torch.testing.assert_close(ours, theirs)
+
+
+def test_a_policy_equal_to_the_reference_scores_as_the_reference(parts, tmp_path, user_rewards):
+    run = train(sd_config(parts / "sd", parts, steps=1), tmp_path / "run", progress=False)
+    weights = load_file(str(run / "final" / "policy.safetensors"))
+    zeroed = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()}
+    save_file(zeroed, str(run / "final" / "policy.safetensors"))  # the policy is the reference
+    prompts = tmp_path / "heldout.txt"
+    prompts.write_text("an owl\na crab\nan octopus\na koala\na panda\n")
+    user_rewards.PROMPTS[:] = ["an owl", "a crab", "an octopus", "a koala", "a panda"]
+    metrics = evaluate_run(
+        run, prompts=str(prompts), per_prompt=2,  # 10 images: chunks of 8 and 2
+        rewards={"sd_eval_rewards:prompt_index": {}, "sd_eval_rewards:brightness": {}},
+    )  # fmt: skip
+    assert metrics["kl_path"] == 0.0 and metrics["num_samples"] == 10
+    assert metrics["reward_mean"] == metrics["ref_reward_mean"]
+    assert metrics["eval_diversity"] == metrics["ref_eval_diversity"] > 0
+    assert metrics["frechet_to_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["diversity_features"].startswith("CLIP image features (of reward aesthetic")
+    rows = metrics["per_prompt"]
+    assert [r["prompt"] for r in rows] == user_rewards.PROMPTS
+    # every image was scored with its own prompt, two images per prompt
+    assert [r["rewards"]["sd_eval_rewards:prompt_index"]["fine_tuned"] for r in rows] == [
+        0.0, 1.0, 2.0, 3.0, 4.0
+    ]  # fmt: skip
+    for r in rows:
+        for scores in r["rewards"].values():
+            assert scores["fine_tuned"] == scores["reference"]
+    assert set(metrics["rewards"]) == {
+        "aesthetic", "sd_eval_rewards:prompt_index", "sd_eval_rewards:brightness"
+    }  # fmt: skip
+    assert metrics["rewards"]["aesthetic"]["trained"]
+    assert metrics["rewards"]["sd_eval_rewards:prompt_index"]["mean"] == 2.0
+    assert metrics["trained_prompts_among_them"] == []
+    text = (run / "eval.md").read_text()
+    (koala,) = [line for line in text.splitlines() if line.startswith("| a koala |")]
+    assert "| 3 → 3 |" in koala and "| path KL | 0 | 0 |" in text
+    assert json.loads((run / "eval.json").read_text())["per_prompt"] == rows
+
+
+def test_per_prompt_numbers_are_the_means_of_their_own_images(parts, run, user_rewards):
+    """The fine-tuned side against a direct computation: the same noise through the task's
+    own sampler and a brightness reward on the decoded images."""
+    from sqdf.evaluate import load_run
+    from sqdf.evaluators.feature_stats import frechet_distance, mean_pairwise_distance
+    from sqdf.sampler import sample_in_chunks
+    from sqdf.tasks.sd_prompts import load_prompt_pairs
+
+    brightness = {"sd_eval_rewards:brightness": {}}
+    metrics = evaluate_run(run, per_prompt=3, seed=7, rewards=brightness, clip=str(parts / "clip"))
+    task = load_run(run)
+    pairs = load_prompt_pairs("animals-heldout")
+    cond = task.add_prompts(pairs).repeat_interleave(3)
+    traj = sample_in_chunks(task, len(cond), 7, cond=cond, with_kl=True)
+    ref = sample_in_chunks(task, len(cond), 7, cond=cond, policy=False)
+    images = task.decode_batches(traj.x0)
+    ref_images = task.decode_batches(ref.x0)
+    clip = task.reward_model.clip_model  # the same random CLIP as parts/clip
+    feats, ref_feats = clip.image_features(images), clip.image_features(ref_images)
+    bright = images.mean(dim=(1, 2, 3))
+    for i, row in enumerate(metrics["per_prompt"]):
+        part = slice(3 * i, 3 * i + 3)
+        assert row["prompt"] == pairs[i][0]
+        assert row["rewards"]["sd_eval_rewards:brightness"]["fine_tuned"] == pytest.approx(
+            float(bright[part].mean()), rel=1e-5
+        )
+        assert row["kl_path"] == pytest.approx(float(traj.kl[part].sum(1).mean()), rel=1e-5)
+        assert row["diversity"] == pytest.approx(mean_pairwise_distance(feats[part]), rel=1e-4)
+        assert row["ref_diversity"] == pytest.approx(
+            mean_pairwise_distance(ref_feats[part]), rel=1e-4
+        )
+    assert metrics["frechet_to_reference"] == pytest.approx(
+        frechet_distance(feats, ref_feats), rel=1e-3, abs=1e-6
+    )
+    assert metrics["kl_path"] > 0 and metrics["diversity_features"].startswith("CLIP image")
+    assert metrics["num_prompts"] == 8 and metrics["prompts"] == "animals-heldout"
+
+
+def test_cli_eval_with_cross_rewards_writes_eval_json_and_md(parts, run, capsys):
+    argv = ["eval", str(run), "--rewards", "pickscore,clipscore", "--reward-param",
+            f"pickscore.model={parts / 'clip'}", "--reward-param",
+            f"clipscore.model={parts / 'clip'}", "--per-prompt", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert '"per_prompt"' not in out and "eval.md" in out
+    metrics = json.loads((run / "eval.json").read_text())
+    assert set(metrics["rewards"]) == {"aesthetic", "pickscore", "clipscore"}
+    assert all(set(r["rewards"]) == set(metrics["rewards"]) for r in metrics["per_prompt"])
+    assert "pickscore ref → ft" in (run / "eval.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reward-param", "pickscore.model=x"], "reward 'pickscore' is not in --rewards"),
+        (["--rewards", "pickscore", "--reward-param", "model=x"], "expects NAME.KEY=VALUE"),
+        (["--rewards", "pickscore"], "reward 'pickscore' needs model=FOLDER"),
+        (["--rewards", "imagereward"], "ImageReward"),
+        (["--rewards", "linear"], "reward 'linear' scores points samples, not what the sd task"),
+        (["--per-prompt", "1"], "images per prompt must be >= 2"),
+        (["--num-samples", "4"], "evaluated per prompt: give --per-prompt"),
+        (["--prompts", "no-such-set"], "neither a built-in set"),
+        (["--clip", "/no/such/clip"], "--clip '/no/such/clip' is not a model folder"),
+    ],
+)
+def test_bad_eval_options_are_one_line(run, capsys, argv, message):
+    assert main(["eval", str(run), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_digits_runs_take_cross_rewards_but_not_prompts(tmp_path, capsys):
+    from sqdf.settings import config_for
+
+    run = train(config_for("digits", steps=1, batch_size=4, num_steps=4), tmp_path / "d",
+                progress=False)  # fmt: skip
+    metrics = evaluate_run(run, num_samples=20, rewards={"ink": {}, "classifier": {}})
+    assert set(metrics["rewards"]) == {"classifier"}  # ink, the trained one, is top-level
+    assert metrics["rewards"]["classifier"]["trained"] is False
+    assert metrics["rewards"]["classifier"]["mean"] <= 0  # a log-probability
+    with pytest.raises(ConfigError, match="--prompts is for sd runs"):
+        evaluate_run(run, num_samples=20, prompts="animals")
+    with pytest.raises(ConfigError, match="scores rgb samples, not what the digits task makes"):
+        evaluate_run(run, num_samples=20, rewards={"clipscore": {"model": "x"}})
+
+
+def test_lpips_diversity_per_prompt(parts, tmp_path):
+    from sqdf.evaluators.lpips import load_lpips
+    from sqdf.tasks.sd_random import write_random_lpips
+
+    lpips = write_random_lpips(tmp_path / "lpips.safetensors")
+    config = sd_config(parts / "sd", parts, steps=1, task_params={"resolution": 32})
+    run = train(config, tmp_path / "run", progress=False)  # 32 px: LPIPS needs 31 or more
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("an owl\na crab\n")
+    argv = ["eval", str(run), "--prompts", str(prompts), "--per-prompt", "3",
+            "--lpips", str(lpips), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((run / "eval.json").read_text())
+    assert metrics["lpips"] == str(lpips) and "| LPIPS diversity |" in (run / "eval.md").read_text()
+    rows = metrics["per_prompt"]
+    assert metrics["lpips_diversity"] == pytest.approx(
+        (rows[0]["lpips_diversity"] + rows[1]["lpips_diversity"]) / 2
+    )
+    # the reference side against LPIPS of the reference's own images, drawn again
+    from sqdf.evaluate import load_run
+    from sqdf.sampler import sample_in_chunks
+
+    task = load_run(run)
+    cond = task.add_prompts([("an owl", None), ("a crab", None)]).repeat_interleave(3)
+    ref = task.decode_batches(sample_in_chunks(task, 6, 1234, cond=cond, policy=False).x0)
+    model = load_lpips(lpips)
+    for i, row in enumerate(rows):
+        expected = model.mean_pairwise(ref[3 * i : 3 * i + 3])
+        assert row["ref_lpips_diversity"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_lpips_on_images_too_small_names_their_size(run, tmp_path, capsys):
+    from sqdf.tasks.sd_random import write_random_lpips
+
+    lpips = write_random_lpips(tmp_path / "lpips.safetensors")
+    assert main(["eval", str(run), "--lpips", str(lpips), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "16" in err and "31" in err and "Traceback" not in err
