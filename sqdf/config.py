@@ -91,6 +91,12 @@ class TrainConfig:
         "every N updates, a picture of policy and reference samples from the same fixed seeds "
         "and conditions into RUN/samples/ and the trackers (0: never)",
     )
+    eval_every: int = _f(
+        0,
+        "every N updates, a small evaluation of the policy against the reference into "
+        "RUN/eval_metrics.jsonl and the trackers: sd on its eval_prompts (2 images each), "
+        "gmm2d and digits on 256 samples, from fixed seeds (0: never)",
+    )
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     max_skips: int = _f(
         20, "stop after this many consecutive updates skipped for non-finite values"
@@ -187,6 +193,7 @@ class TrainConfig:
             f"checkpoint_every must be >= 0, got {self.checkpoint_every}",
         )
         need(self.sample_every >= 0, f"sample_every must be >= 0, got {self.sample_every}")
+        need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         need(
             self.keep_checkpoints >= 1,
             f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}",

@@ -1,4 +1,5 @@
-"""The run folder: config.json, metrics.jsonl, checkpoints/, final/, eval.json."""
+"""The run folder: config.json, metrics.jsonl, eval_metrics.jsonl (--eval-every),
+checkpoints/, final/, eval.json."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ FORMAT_VERSION = 1
 # what a resumed run may change: none of these changes what it trains
 RESUMABLE_CHANGES = {
     "steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_skips", "log_with",
-    "sample_every",
+    "sample_every", "eval_every",
 }  # fmt: skip
+METRICS = "metrics.jsonl"  # a row every log_every updates
+EVAL_METRICS = "eval_metrics.jsonl"  # a row every eval_every updates
 
 
 def config_path(run: Path) -> Path:
@@ -80,17 +83,17 @@ def prepare_run(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig | None
     return None
 
 
-def append_metrics(run: Path, row: dict[str, Any]) -> None:
-    with (run / "metrics.jsonl").open("a") as fh:
+def append_metrics(run: Path, row: dict[str, Any], name: str = METRICS) -> None:
+    with (run / name).open("a") as fh:
         fh.write(json.dumps(row) + "\n")
 
 
-def truncate_metrics(run: Path, last_step: int, log_every: int) -> int | None:
+def truncate_metrics(run: Path, last_step: int, log_every: int, name: str = METRICS) -> int | None:
     """On resume, drop rows after ``last_step`` (they will be recomputed) and the row an
     earlier, shorter run wrote at its last step off its ``log_every`` grid (the saved
     config's), so the file reads as if the run had never stopped. Returns the first step
     dropped (None: none), from which the trackers drop theirs too."""
-    path = run / "metrics.jsonl"
+    path = run / name
     if not path.exists():
         return None
     keep, dropped = [], []
@@ -107,6 +110,6 @@ def truncate_metrics(run: Path, last_step: int, log_every: int) -> int | None:
     return min(dropped, default=None)
 
 
-def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    path = Path(run) / "metrics.jsonl"
+def read_metrics(run: str | Path, name: str = METRICS) -> list[dict[str, Any]]:
+    path = Path(run) / name
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []

@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +54,9 @@ from sqdf.distributed import (
 )
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.methods import METHODS, build_method_params
+from sqdf.periodic_eval import PeriodicEval
 from sqdf.rewards import reward_params
-from sqdf.run import append_metrics, prepare_run, truncate_metrics, write_config
+from sqdf.run import EVAL_METRICS, append_metrics, prepare_run, truncate_metrics, write_config
 from sqdf.sampler import Trajectories, sample_states_at, sample_trajectories
 from sqdf.settings import check_registered, config_sources
 from sqdf.tasks import Task, build_task, resolved_reward_name, with_summed_alpha
@@ -192,6 +193,11 @@ def out_of_memory_message(cfg: TrainConfig, phase: str, update: int) -> str:
             f"out of GPU memory in update {update}, drawing the --sample-every pictures: set "
             f"sample_every = 0 (now {cfg.sample_every}; it may change on resume)"
         )
+    if phase == "evaluation":
+        return (
+            f"out of GPU memory in update {update}, in the --eval-every evaluation: set "
+            f"eval_every = 0 (now {cfg.eval_every}; it may change on resume)"
+        )
     where = (
         f"sampling {cfg.batch_size} fresh trajectories"
         if phase == "sampling"
@@ -292,6 +298,7 @@ class TrainingRun:
     # --sample-every: the pictures' conditions and reference samples, drawn once
     picture_reference: tuple[torch.Tensor, torch.Tensor] | None = None
     ema: list[torch.Tensor] | None = None  # --ema-decay: a moving average of each of params
+    evaluation: PeriodicEval | None = None  # --eval-every, with its reference kept
 
 
 @dataclass
@@ -353,6 +360,8 @@ def train(
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
             if s.cfg.sample_every and done % s.cfg.sample_every == 0:
                 save_pictures(s, done)
+            if s.cfg.eval_every and done % s.cfg.eval_every == 0:
+                log_evaluation(s, done)
             if s.cfg.checkpoint_every and done % s.cfg.checkpoint_every == 0:
                 checkpoint(s, done)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
@@ -468,6 +477,10 @@ def set_up(
         first_dropped = truncate_metrics(
             run, s.start, saved.log_every if saved is not None else cfg.log_every
         )
+        # rows of any eval_every grid stand: only those past the checkpoint are redone
+        eval_dropped = truncate_metrics(run, s.start, 1, EVAL_METRICS)
+        if eval_dropped is not None:
+            first_dropped = min(first_dropped or eval_dropped, eval_dropped)
         for old in (run / "samples").glob("step_*.png"):  # an earlier attempt's, past start
             if int(old.stem.removeprefix("step_")) > s.start:
                 old.unlink()
@@ -698,6 +711,21 @@ def save_pictures(s: TrainingRun, done: int) -> None:
         task.plot_samples(x0, ref, cond, path)
         if s.trackers is not None:
             s.trackers.log_image("samples", path, done)
+
+
+def log_evaluation(s: TrainingRun, done: int) -> None:
+    """The --eval-every evaluation at update ``done`` (of the moving average where the run
+    keeps one, as sqdf eval scores it) into RUN/eval_metrics.jsonl and, as eval/NAME, the
+    trackers. Every process samples (FSDP needs them all); the main one writes."""
+    s.phase = "evaluation"
+    if s.evaluation is None:
+        s.evaluation = PeriodicEval(s.task, resolved_reward_name(s.cfg))
+    with ema_weights(s) if s.ema is not None else nullcontext():
+        row = {"step": done, **s.evaluation()}
+    if s.procs.is_main:
+        append_metrics(s.run, row, EVAL_METRICS)
+        if s.trackers is not None:
+            s.trackers.log({f"eval/{k}": v for k, v in row.items() if k != "step"}, done)
 
 
 def checkpoint(s: TrainingRun, step: int) -> None:
