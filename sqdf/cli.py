@@ -325,6 +325,14 @@ def _cmd_convert_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from sqdf.run_report import write_run_report
+
+    page = write_run_report(args.run, device=args.device, progress=not args.no_progress)
+    print(f"wrote {page}")
+    return 0
+
+
 def _cmd_convert_lpips(args: argparse.Namespace) -> int:
     from sqdf.evaluators.lpips import convert_lpips_weights
 
@@ -735,6 +743,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--seed", type=int, default=EVAL_SEED, help=f"sampling seed ({EVAL_SEED})")
     e.add_argument("--device", default=None, help="override the run's device")
+    r = sub.add_parser(
+        "report",
+        help="one self-contained page for a run of any task (writes RUN/report.html)",
+        description="What ran, fine-tuned beside reference samples from the same noise, "
+        "training curves, pictures taken during training and the evaluation table. A run "
+        "without eval.json is evaluated first, with sqdf eval's defaults.",
+    )  # fmt: skip
+    r.add_argument("run", metavar="RUN", help="run folder written by sqdf train")
+    r.add_argument("--device", default=None, help="override the run's device")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = sub.add_parser(
         "sample",
         help="draw samples from a finished run and plot them",
@@ -804,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "train": _cmd_train,
         "eval": _cmd_eval,
+        "report": _cmd_report,
         "sample": _cmd_sample,
         "demo": _cmd_demo,
         "pretrain": _cmd_pretrain,

@@ -12,8 +12,8 @@ import torch
 
 from sqdf.config import TrainConfig
 from sqdf.evaluate import evaluate_run, load_run
-from sqdf.report import digit_grid, figure_png, html_table, pyplot, write_html
-from sqdf.run import read_metrics
+from sqdf.report import figure_png, pyplot
+from sqdf.run_report import EVAL_TABLES, write_run_report
 from sqdf.sampler import sample_trajectories
 from sqdf.settings import config_for
 from sqdf.tasks.digits_model import to_pixels
@@ -23,26 +23,16 @@ from sqdf.x0_quality import x0_estimator_quality
 DEMO_PRESET = "digits-demo"  # the digits task defaults, on the ink reward
 
 
-ROWS = [  # (label, fine-tuned key, reference key, real-digits key)
-    ("reward (ink)", "reward_mean", "ref_reward_mean", None),
-    ("path KL to the reference", "kl_path", None, None),
-    ("evaluator agreement with the class", "eval_agreement", "ref_eval_agreement",
-     "real_eval_agreement"),
-    ("evaluator confidence", "eval_confidence", "ref_eval_confidence", "real_eval_confidence"),
-    ("Fréchet distance to real digits", "eval_frechet", "ref_eval_frechet", None),
-    ("within-class diversity", "eval_diversity", "ref_eval_diversity", "real_eval_diversity"),
-]  # fmt: skip
-
-
 def demo_config(**overrides: Any) -> TrainConfig:
     return config_for("digits", preset=DEMO_PRESET, **overrides)
 
 
 def summary_rows(metrics: dict) -> list[tuple[str, float, float, float | None]]:
-    """(metric, reference, fine-tuned, real digits or None) for the tables."""
+    """(metric, reference, fine-tuned, real digits or None) for the printed table."""
+    _, rows = EVAL_TABLES["digits"]
     return [
         (label, metrics[ref] if ref else 0.0, metrics[key], metrics[real] if real else None)
-        for label, key, ref, real in ROWS
+        for label, key, ref, real in rows
     ]
 
 
@@ -64,38 +54,6 @@ def run_demo(
     (run / "x0_quality.json").write_text(json.dumps(quality, indent=1))
     page = _write_report(run, cfg, metrics, quality, task, t_train, time.perf_counter() - t0)
     return page
-
-
-def _grids(task: Any) -> str:
-    cond = torch.arange(10).repeat_interleave(8)
-    x = sample_trajectories(task, 80, torch.Generator().manual_seed(0), cond=cond).x0
-    ref = sample_trajectories(
-        task, 80, torch.Generator().manual_seed(0), cond=cond, policy=False
-    ).x0
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 10))
-    for ax, (title, imgs) in zip(
-        axes, [("reference (before)", ref), ("SQDF (after)", x)], strict=True
-    ):
-        ax.imshow(digit_grid(to_pixels(imgs), cond).numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(title)
-        ax.axis("off")
-    return figure_png(fig)
-
-
-def _curves(run: Path) -> str:
-    rows = read_metrics(run)
-    steps = [r["step"] for r in rows]
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    axes[0].plot(steps, [r["reward_mean"] for r in rows], color="tab:red")
-    axes[0].set(xlabel="update", ylabel="mean reward of fresh samples", title="reward")
-    axes[1].plot(steps, [r["kl_mean"] for r in rows], color="tab:blue")
-    axes[1].set(
-        xlabel="update", ylabel="per-step KL on replayed cells", title="KL to the reference"
-    )
-    fig.tight_layout()
-    return figure_png(fig)
 
 
 def _x0_pictures(task: Any, quality: dict) -> str:
@@ -154,54 +112,32 @@ def _write_report(
     t_train: float,
     t_total: float,
 ) -> Path:
-    table = html_table(
-        [(label, ref, ours, "" if real is None else real)
-         for label, ref, ours, real in summary_rows(metrics)],
-        ["metric", "reference (before)", "SQDF (after)", "real digits"],
-    )  # fmt: skip
     curves, strips = _x0_pictures(task, quality)
     agreement_drop = 1 - metrics["eval_agreement"] / max(metrics["ref_eval_agreement"], 1e-9)
-    verdict = (
-        f"Reward went from {metrics['ref_reward_mean']:.3f} to {metrics['reward_mean']:.3f}; "
+    intro = (
+        f"<p>SQDF fine-tuned a LoRA on the shipped class-conditional digits model "
+        f"to raise the <b>{cfg.reward}</b> reward, with alpha = {cfg.alpha}, "
+        f"gamma = {cfg.gamma}, {cfg.estimator} x̂0, a {cfg.buffer} replay buffer, "
+        f"{cfg.steps} updates of {cfg.batch_size} cells, {cfg.num_steps} DDIM steps. "
+        f"Training took {t_train:.0f} s, everything {t_total:.0f} s. Metrics use "
+        f"{metrics['num_samples']} samples per model from the same noise and classes.</p>"
+        f"<p>Reward went from {metrics['ref_reward_mean']:.3f} to {metrics['reward_mean']:.3f}; "
         f"the independent evaluator agrees with the requested class for "
         f"{100 * metrics['eval_agreement']:.1f}% of samples against "
         f"{100 * metrics['ref_eval_agreement']:.1f}% for the reference "
         f"({100 * agreement_drop:+.1f}% relative change), and the Fréchet distance to real "
-        f"digits is {metrics['eval_frechet']:.2f} against {metrics['ref_eval_frechet']:.2f}."
+        f"digits is {metrics['eval_frechet']:.2f} against {metrics['ref_eval_frechet']:.2f}.</p>"
     )
-    sections = [
-        (
-            "What ran",
-            f"<p>SQDF fine-tuned a LoRA on the shipped class-conditional digits model "
-            f"to raise the <b>{cfg.reward}</b> reward, with alpha = {cfg.alpha}, "
-            f"gamma = {cfg.gamma}, {cfg.estimator} x̂0, a {cfg.buffer} replay buffer, "
-            f"{cfg.steps} updates of {cfg.batch_size} cells, {cfg.num_steps} DDIM steps. "
-            f"Training took {t_train:.0f} s, everything {t_total:.0f} s. Metrics use "
-            f"{metrics['num_samples']} samples per model from the same noise and classes.</p>"
-            f"<p>{verdict}</p>",
-        ),
-        (
-            "Before and after",
-            "<p class='note'>Same noise, same classes (rows 0–9); only the "
-            f"fine-tuning differs.</p><img src='{_grids(task)}'>",
-        ),
-        (
-            "Metrics",
-            table + "<p class='note'>Agreement, confidence, Fréchet distance and "
-            "diversity come from an MNIST classifier that the reward never saw "
-            "(digit-recognizer-py). A reward that rises while agreement falls or the Fréchet "
-            "distance grows is over-optimisation.</p>",
-        ),
-        ("Training curves", f"<img src='{_curves(run)}'>"),
-        (
-            "x̂0 by timestep: Tweedie against the consistency model",
-            f"<img src='{curves}'><img src='{strips}'><p class='note'>Measured on "
-            f"{quality['num_samples']} reference "
-            "trajectories: how far each estimate is from the sample the trajectory reaches, and "
-            "how well the reward of the estimate predicts the final reward. The posterior mean "
-            "(Tweedie) minimises the expected squared distance, so it should win on the left; the "
-            "consistency model earns its place only where it predicts the reward better, which "
-            "is what the right panel tests on this small model.</p>",
-        ),
-    ]
-    return write_html(run / "report.html", "sqdf demo: SQDF on handwritten digits", sections)
+    x0_section = (
+        "x̂0 by timestep: Tweedie against the consistency model",
+        f"<img src='{curves}'><img src='{strips}'><p class='note'>Measured on "
+        f"{quality['num_samples']} reference "
+        "trajectories: how far each estimate is from the sample the trajectory reaches, and "
+        "how well the reward of the estimate predicts the final reward. The posterior mean "
+        "(Tweedie) minimises the expected squared distance, so it should win on the left; the "
+        "consistency model earns its place only where it predicts the reward better, which "
+        "is what the right panel tests on this small model.</p>",
+    )
+    return write_run_report(
+        run, title="sqdf demo: SQDF on handwritten digits", intro=intro, extra=[x0_section]
+    )

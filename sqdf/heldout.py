@@ -227,44 +227,55 @@ def evaluate_prompts(
     return out
 
 
-def eval_markdown(metrics: Mapping[str, Any], title: str) -> str:
-    """eval.md: the summary (reference against fine-tuned) and the per-prompt table."""
-    names = list(metrics["rewards"])
-    lines = [f"# {title}", ""]
-    lines += [
-        f"{metrics['num_prompts']} prompts ({metrics['prompts']}), "
-        f"{metrics['images_per_prompt']} images each from seed {metrics['seed']}; weights: "
-        f"{metrics['weights']}. Diversity: mean pairwise distance of "
-        f"{metrics['diversity_features']} within a prompt's images.",
-        "",
-        "| metric | reference | fine-tuned |",
-        "|---|---:|---:|",
+def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+    """(metric, reference, fine-tuned) of a held-out evaluation, for eval.md and the report."""
+    rows = [
+        (f"{name} (trained)" if r["trained"] else name, r["ref_mean"], r["mean"])
+        for name, r in metrics["rewards"].items()
     ]
-    for name in names:
-        r = metrics["rewards"][name]
-        tag = " (trained)" if r["trained"] else ""
-        lines.append(f"| {name}{tag} | {r['ref_mean']:.4g} | {r['mean']:.4g} |")
-    lines.append(
-        f"| diversity | {metrics['ref_eval_diversity']:.4g} | {metrics['eval_diversity']:.4g} |"
-    )
+    rows.append(("diversity", metrics["ref_eval_diversity"], metrics["eval_diversity"]))
     if "lpips_diversity" in metrics:
-        lines.append(
-            f"| LPIPS diversity | {metrics['ref_lpips_diversity']:.4g} | "
-            f"{metrics['lpips_diversity']:.4g} |"
-        )
-    lines.append(f"| path KL | 0 | {metrics['kl_path']:.4g} |")
-    lines.append(
-        f"| Fréchet distance to the reference | 0 | {metrics['frechet_to_reference']:.4g} |"
-    )
+        rows.append(("LPIPS diversity", metrics["ref_lpips_diversity"], metrics["lpips_diversity"]))
+    rows.append(("path KL", 0.0, metrics["kl_path"]))
+    rows.append(("Fréchet distance to the reference", 0.0, metrics["frechet_to_reference"]))
+    return rows
+
+
+def prompt_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-prompt table: "reference → fine-tuned" for each reward and
+    the diversity, then the path KL."""
+    names = list(metrics["rewards"])
     header = ["prompt", *(f"{n} ref → ft" for n in names), "diversity ref → ft", "KL"]
-    lines += ["", "## Per prompt", "", "| " + " | ".join(header) + " |"]
-    lines.append("|---" + "|---:" * (len(header) - 1) + "|")
+    rows = []
     for row in metrics["per_prompt"]:
-        cells = [row["prompt"].replace("|", "\\|")]
+        cells = [row["prompt"]]
         cells += [
             f"{row['rewards'][n]['reference']:.4g} → {row['rewards'][n]['fine_tuned']:.4g}"
             for n in names
         ]
         cells += [f"{row['ref_diversity']:.4g} → {row['diversity']:.4g}", f"{row['kl_path']:.4g}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return header, rows
+
+
+def describe(metrics: Mapping[str, Any]) -> str:
+    """One sentence on what a held-out evaluation drew and measured."""
+    return (
+        f"{metrics['num_prompts']} prompts ({metrics['prompts']}), "
+        f"{metrics['images_per_prompt']} images each from seed {metrics['seed']}; weights: "
+        f"{metrics['weights']}. Diversity: mean pairwise distance of "
+        f"{metrics['diversity_features']} within a prompt's images."
+    )
+
+
+def eval_markdown(metrics: Mapping[str, Any], title: str) -> str:
+    """eval.md: the summary (reference against fine-tuned) and the per-prompt table."""
+    lines = [f"# {title}", "", describe(metrics), "", "| metric | reference | fine-tuned |"]
+    lines.append("|---|---:|---:|")
+    lines += [f"| {name} | {ref:.4g} | {ft:.4g} |" for name, ref, ft in summary_rows(metrics)]
+    header, rows = prompt_rows(metrics)
+    lines += ["", "## Per prompt", "", "| " + " | ".join(header) + " |"]
+    lines.append("|---" + "|---:" * (len(header) - 1) + "|")
+    for cells in rows:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

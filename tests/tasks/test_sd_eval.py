@@ -262,3 +262,23 @@ def test_lpips_on_images_too_small_names_their_size(run, tmp_path, capsys):
     assert main(["eval", str(run), "--lpips", str(lpips), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "16" in err and "31" in err and "Traceback" not in err
+
+
+def test_readme_held_out_block_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
+    from sqdf.evaluators.lpips import LPIPS
+    from tests.tasks.sd_runs import readme_block, run_readme_lines
+
+    lines = readme_block("lpips-alex.safetensors")
+    monkeypatch.chdir(tmp_path)
+    config = sd_config(parts / "sd", parts, steps=1, task_params={"resolution": 32})
+    train(config, tmp_path / "runs" / "sd", progress=False)  # 32 px: LPIPS needs 31 or more
+    state = LPIPS().state_dict()  # the two public files' layouts, with random weights
+    torch.save({k: v for k, v in state.items() if k.startswith("features.")}, tmp_path / "a.pth")
+    torch.save({k: v.abs() for k, v in state.items() if k.startswith("lin")}, tmp_path / "l.pth")
+    layout = {"alexnet-owt-7be5be79.pth": tmp_path / "a.pth", "lpips-alex.pth": tmp_path / "l.pth",
+              "PickScore_v1": parts / "clip", "clip-vit-large-patch14": parts / "clip"}  # fmt: skip
+    run_readme_lines(lines, layout, tmp_path)
+    metrics = json.loads((tmp_path / "runs/sd/eval.json").read_text())
+    assert set(metrics["rewards"]) == {"aesthetic", "pickscore", "clipscore"}
+    assert metrics["lpips_diversity"] > 0 and metrics["images_per_prompt"] == 4
+    assert "<h3>Per prompt</h3>" in (tmp_path / "runs/sd/report.html").read_text()
