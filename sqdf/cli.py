@@ -728,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         "animals-heldout unless set)",
     )  # fmt: skip
     e.add_argument(
-        "--per-prompt", type=int, default=4, metavar="K",
+        "--per-prompt", type=int, default=None, metavar="K",
         help="sd: images per prompt, from fixed seeds (default 4)",
     )  # fmt: skip
     e.add_argument(

@@ -21,14 +21,22 @@ import torch
 from sqdf.atomic import atomic_write_text
 from sqdf.config import TrainConfig
 from sqdf.distributed import Processes
-from sqdf.errors import DivergedError, SqdfError
-from sqdf.evaluate import EVAL_SEED, evaluate_run, load_run, score_samples
+from sqdf.errors import ConfigError, DivergedError, SqdfError
+from sqdf.evaluate import EVAL_SEED, PER_PROMPT, evaluate_run, load_run, score_samples
+from sqdf.heldout import (
+    compare_sides,
+    heldout_conditions,
+    image_features,
+    reward_inputs,
+    scored_side,
+)
 from sqdf.methods import METHODS
 from sqdf.report import pyplot
 from sqdf.run import read_metrics
 from sqdf.sampler import sample_in_chunks, sample_trajectories
 from sqdf.settings import make_config, resolve_settings
-from sqdf.tasks import build_task
+from sqdf.tasks import build_task, resolved_reward_name
+from sqdf.tasks.sd_prompts import load_prompt_pairs
 from sqdf.trackers import check_installed, parse_log_with
 from sqdf.trainer import train
 
@@ -82,13 +90,19 @@ def _config(base: dict[str, Any], variant: Variant, seed: int) -> TrainConfig:
 
 def best_of_n(base: dict[str, Any], n: int, num_samples: int | None, seed: int) -> dict[str, Any]:
     """Metrics of best-of-n sampling from the reference: no training at all. Scored as every
-    trained run is (``evaluate_run``): the task's number of samples, against the same
-    reference draws (EVAL_SEED), in the task's chunks; ``seed`` draws the candidates."""
+    trained run is (``evaluate_run``): the task's number of samples (sd: its held-out prompts,
+    PER_PROMPT images each), against the same reference draws (EVAL_SEED), in the task's
+    chunks; ``seed`` draws the candidates."""
     cfg = make_config({**base, "seed": seed}, source="best_of_n")
     torch.manual_seed(seed)
     task = build_task(cfg)
+    pairs, cond = None, None
+    if hasattr(task, "add_prompts"):  # sd: the held-out prompts, as evaluate_run scores them
+        pairs = load_prompt_pairs(task.options.eval_prompts)
+        cond = heldout_conditions(task, pairs, PER_PROMPT)
+        num_samples = len(cond)
     num_samples = task.eval_samples if num_samples is None else num_samples
-    ref = sample_in_chunks(task, num_samples, EVAL_SEED, policy=False)
+    ref = sample_in_chunks(task, num_samples, EVAL_SEED, policy=False, cond=cond)
     cond = ref.cond.repeat_interleave(n)  # n candidates for each reference draw's condition
     g = torch.Generator().manual_seed(seed)
     chunk = task.eval_batch or num_samples  # never n * num_samples trajectories at once
@@ -100,18 +114,42 @@ def best_of_n(base: dict[str, Any], n: int, num_samples: int | None, seed: int) 
     r = score_samples(task, cands, cond)
     best = r.view(num_samples, n).argmax(dim=1) + torch.arange(num_samples) * n
     samples, rb = cands[best], r[best]
-    r_ref = score_samples(task, ref.x0, ref.cond)
-    out = {
-        "reward_mean": float(rb.mean()), "reward_std": float(rb.std()),
-        # KL(best-of-n || ref) <= log n - (n-1)/n (Beirami et al., 2024): a bound, not measured
-        "kl_path": math.log(n) - (n - 1) / n,
-        "ref_reward_mean": float(r_ref.mean()),
-    }  # fmt: skip
-    gen = torch.Generator().manual_seed(EVAL_SEED + 1)  # as evaluate_run's
-    out.update(task.evaluate(samples, ref.x0, ref.cond, gen))
+    # KL(best-of-n || ref) <= log n - (n-1)/n (Beirami et al., 2024): a bound, not measured
+    kl_bound = math.log(n) - (n - 1) / n
+    if pairs is not None:
+        out = _held_out_metrics(task, cfg, pairs, samples, ref.x0, ref.cond, kl_bound)
+    else:
+        r_ref = score_samples(task, ref.x0, ref.cond)
+        out = {
+            "reward_mean": float(rb.mean()), "reward_std": float(rb.std()),
+            "kl_path": kl_bound, "ref_reward_mean": float(r_ref.mean()),
+        }  # fmt: skip
+        gen = torch.Generator().manual_seed(EVAL_SEED + 1)  # as evaluate_run's
+        out.update(task.evaluate(samples, ref.x0, ref.cond, gen))
     out["reward_evals"] = num_samples * n
     out["updates"] = 0
     out["samples"] = samples
+    return out
+
+
+def _held_out_metrics(
+    task: Any,
+    cfg: TrainConfig,
+    pairs: list,
+    samples: torch.Tensor,
+    ref_x0: torch.Tensor,
+    cond: torch.Tensor,
+    kl: float,
+) -> dict[str, Any]:
+    """evaluate_run's held-out sd summary of best-of-n's picks against the reference."""
+    trained = resolved_reward_name(cfg)
+    rewards = {trained: task.reward_model}
+    features = image_features(rewards, None, task.device)
+    ours = scored_side(task, rewards, reward_inputs(task, samples), cond, features[0])
+    theirs = scored_side(task, rewards, reward_inputs(task, ref_x0), cond, features[0])
+    kls = torch.full((len(cond),), kl)
+    out = compare_sides(pairs, PER_PROMPT, ours, theirs, kls, trained, features[1])
+    out.pop("per_prompt")
     return out
 
 
@@ -140,6 +178,11 @@ def compare(
         raise SqdfError(f"--best-of must be >= 1, got {best_of}")
     if num_samples is not None and num_samples < 2:
         raise SqdfError(f"--num-samples must be >= 2 (metrics need a spread), got {num_samples}")
+    if num_samples is not None and base.get("task") == "sd":
+        raise ConfigError(
+            f"--num-samples is for gmm2d and digits: sd variants are scored on the held-out "
+            f"eval_prompts, {PER_PROMPT} images each"
+        )
     for variant in variants:  # every variant's settings, before any of them trains
         if variant.name != BEST_OF_N:
             _config(base, variant, 0)

@@ -22,7 +22,7 @@ from sqdf.heldout import (
     reward_inputs,
     score_rewards,
 )
-from sqdf.run import read_run_config
+from sqdf.run import read_metrics, read_run_config
 from sqdf.sampler import sample_in_chunks, sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
 
@@ -32,6 +32,13 @@ def final_weights(run: Path) -> Path:
     (final/ema/, with --ema-decay) where the run kept one, else the trained weights."""
     ema = run / "final" / "ema" / "policy.safetensors"
     return ema if ema.is_file() else run / "final" / "policy.safetensors"
+
+
+def trained_updates(run: Path) -> int:
+    """The updates a run's final weights were trained for: the last metrics row's step (a
+    run logs its last update whatever log_every says)."""
+    rows = read_metrics(run)
+    return int(rows[-1]["step"]) if rows else 0
 
 
 def load_run(run: str | Path, device: str | None = None) -> Task:
@@ -70,6 +77,7 @@ def score_samples(task: Task, x0: Tensor, cond: Tensor) -> Tensor:
 
 # the evaluation's noise: every run (and sqdf compare's best-of-N) is scored on the same draws
 EVAL_SEED = 1234
+PER_PROMPT = 4  # sd: held-out images per prompt
 
 
 def evaluate_run(
@@ -81,7 +89,7 @@ def evaluate_run(
     *,
     rewards: Mapping[str, Mapping[str, Any]] | None = None,
     prompts: str | None = None,
-    per_prompt: int = 4,
+    per_prompt: int | None = None,
     clip: str | None = None,
     lpips: str | None = None,
 ) -> dict[str, Any]:
@@ -90,29 +98,37 @@ def evaluate_run(
     ``num_samples`` defaults to the task's (gmm2d 4096, digits 1000). ``rewards`` (name ->
     parameters) are scored beside the trained one (cross-rewards). An sd run is evaluated on
     held-out prompts instead (``prompts``: a set or a file, default the run's
-    ``eval_prompts``), ``per_prompt`` images each, with diversity on ``clip``'s features and
+    ``eval_prompts``), ``per_prompt`` images each (4), with diversity on ``clip``'s features and
     LPIPS from the ``lpips`` weight file where given (sqdf.heldout); it also writes
     ``eval.md``."""
     run = Path(run)
-    task = load_run(run, device)
     cfg = read_run_config(run)
-    trained = resolved_reward_name(cfg)
-    extra = cross_rewards(cfg.task, trained, rewards or {}, task.device)
-    if cfg.task == "sd":
+    if cfg.task == "sd":  # the options are checked before the model loads
         if num_samples is not None:
             raise ConfigError(
                 "an sd run is evaluated per prompt: give --per-prompt (images per prompt) "
                 "instead of --num-samples"
             )
-        metrics = _evaluate_sd(task, run, extra, trained, prompts, per_prompt, seed, clip, lpips,
-                               progress)  # fmt: skip
+        if prompts is not None:
+            from sqdf.tasks.sd_prompts import load_prompt_pairs
+
+            load_prompt_pairs(prompts)
+    else:
+        given = (("--prompts", prompts), ("--per-prompt", per_prompt), ("--clip", clip),
+                 ("--lpips", lpips))  # fmt: skip
+        for flag, value in given:
+            if value is not None:
+                raise ConfigError(f"{flag} is for sd runs; {run} is a {cfg.task} run")
+    task = load_run(run, device)
+    trained = resolved_reward_name(cfg)
+    extra = cross_rewards(cfg.task, trained, rewards or {}, task.device)
+    if cfg.task == "sd":
+        metrics = _evaluate_sd(task, run, extra, trained, prompts, per_prompt or PER_PROMPT,
+                               seed, clip, lpips, progress)  # fmt: skip
         atomic_write_text(run / "eval.json", json.dumps(metrics, indent=1))
         title = f"Held-out evaluation of {run.name}"
         atomic_write_text(run / "eval.md", eval_markdown(metrics, title))
         return metrics
-    for flag, value in (("--prompts", prompts), ("--clip", clip), ("--lpips", lpips)):
-        if value is not None:
-            raise ConfigError(f"{flag} is for sd runs; {run} is a {cfg.task} run")
     num_samples = task.eval_samples if num_samples is None else num_samples
     if num_samples < 2:
         raise SqdfError(f"num_samples must be >= 2, got {num_samples}")
@@ -127,6 +143,7 @@ def evaluate_run(
     assert traj.kl is not None
     metrics: dict[str, Any] = {
         "weights": final_weights(run).parent.name,  # "final", or "ema" for the moving average
+        "updates": trained_updates(run),
         "num_samples": num_samples,
         "seed": seed,
         "reward_mean": float(r.mean()),
@@ -167,11 +184,18 @@ def _evaluate_sd(
     rewards = {trained: task.reward_model, **extra}
     lpips_distance = None
     if lpips:
-        from sqdf.evaluators.lpips import load_lpips
+        from sqdf.evaluators.lpips import MIN_SIZE, load_lpips
+        from sqdf.tasks.sd import image_side
 
-        lpips_distance = load_lpips(lpips, task.device).mean_pairwise
+        lpips_distance = load_lpips(Path(lpips).expanduser(), task.device).mean_pairwise
+        if image_side(task.options) < MIN_SIZE:  # before anything is sampled
+            raise ConfigError(
+                f"LPIPS needs images of at least {MIN_SIZE} px a side; this run's are "
+                f"{image_side(task.options)}"
+            )
     metrics: dict[str, Any] = {
         "weights": final_weights(run).parent.name,
+        "updates": trained_updates(run),
         "prompts": spec,
         "num_prompts": len(pairs),
         "images_per_prompt": per_prompt,
@@ -186,7 +210,8 @@ def _evaluate_sd(
     metrics.update(
         evaluate_prompts(
             task, pairs, rewards=rewards, trained=trained, per_prompt=per_prompt, seed=seed,
-            features=image_features(rewards, clip), lpips=lpips_distance, progress=progress,
+            features=image_features(rewards, clip, task.device), lpips=lpips_distance,
+            progress=progress,
         )
     )  # fmt: skip
     return metrics

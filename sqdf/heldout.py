@@ -24,9 +24,8 @@ from sqdf.sampler import sample_in_chunks
 
 Features = Callable[[Tensor], Tensor]  # images (N, 3, H, W) in [0, 1] -> (N, D) on the CPU
 # what each task's samples are to a reward (sqdf.rewards' ``domain``)
-TASK_DOMAINS = {
-    "gmm2d": ("points", "any"), "digits": ("image", "any"), "sd": ("rgb", "image", "any"),
-}  # fmt: skip
+# (sd takes no "image" cross-rewards: those score 1-channel digits)
+TASK_DOMAINS = {"gmm2d": ("points", "any"), "digits": ("image", "any"), "sd": ("rgb", "any")}
 
 
 def cross_rewards(
@@ -79,7 +78,9 @@ def score_rewards(
     return out
 
 
-def image_features(rewards: Mapping[str, Any], clip: str | None) -> tuple[Features, str]:
+def image_features(
+    rewards: Mapping[str, Any], clip: str | None, device: Any = "cpu"
+) -> tuple[Features, str]:
     """(features of images, what they are) for diversity and the Fréchet distance: CLIP image
     features of the ``clip`` folder, else of the first reward that has a CLIP model, else
     32×32 pixels."""
@@ -87,9 +88,10 @@ def image_features(rewards: Mapping[str, Any], clip: str | None) -> tuple[Featur
 
     model, name = None, ""
     if clip is not None:
-        if not (Path(clip) / "config.json").is_file():
+        if not (Path(clip).expanduser() / "config.json").is_file():
             raise ConfigError(f"--clip {clip!r} is not a model folder (no config.json)")
-        model, name = ClipModel(Path(clip)), f"CLIP image features ({clip})"
+        clip = str(Path(clip).expanduser())
+        model, name = ClipModel(Path(clip), device), f"CLIP image features ({clip})"
     else:
         for reward_name, reward in rewards.items():
             if getattr(reward, "clip_model", None) is not None:
@@ -171,6 +173,50 @@ def summarise(
     return out
 
 
+def heldout_conditions(task: Any, pairs: list[tuple[str, str | None]], per_prompt: int) -> Tensor:
+    """The condition of every held-out image: ``per_prompt`` consecutive ones per pair."""
+    if per_prompt < 2:
+        raise SqdfError(f"images per prompt must be >= 2 (diversity needs pairs), got {per_prompt}")
+    if not pairs:
+        raise SqdfError("no prompts to evaluate")
+    return task.add_prompts(pairs).repeat_interleave(per_prompt)
+
+
+def scored_side(
+    task: Any, rewards: Mapping[str, Any], images: Tensor, cond: Tensor, features: Features
+) -> dict[str, Any]:
+    """One side's (fine-tuned or reference) images with their features and reward scores."""
+    return {
+        "images": images,
+        "features": features(images),
+        "scores": score_rewards(task, rewards, images, cond),
+    }
+
+
+def compare_sides(
+    pairs: list[tuple[str, str | None]],
+    per_prompt: int,
+    ours: Mapping[str, Any],
+    ref: Mapping[str, Any],
+    kl: Tensor,
+    trained: str,
+    features: str,
+    lpips: Callable[[Tensor], float] | None = None,
+) -> dict[str, Any]:
+    """The held-out metrics of two sides (:func:`scored_side`) drawn for the same conditions:
+    summary, Fréchet distance and per-prompt rows. ``kl``: (N,) path KL per image."""
+    both = {name: (ours["scores"][name], ref["scores"][name]) for name in ours["scores"]}
+    rows = prompt_table(
+        [p for p, _ in pairs], per_prompt, both, kl, (ours["features"], ref["features"]),
+        lpips, (ours["images"], ref["images"]),
+    )  # fmt: skip
+    out = summarise(rows, both, trained)
+    out["diversity_features"] = features
+    out["frechet_to_reference"] = frechet_distance(ours["features"], ref["features"])
+    out["per_prompt"] = rows
+    return out
+
+
 def evaluate_prompts(
     task: Any,
     pairs: list[tuple[str, str | None]],
@@ -188,43 +234,24 @@ def evaluate_prompts(
     reference on the same noise; score, compare and tabulate them (see the module docstring).
     ``rewards`` includes the trained one, under ``trained``. ``reference`` caches the
     reference's side between calls (--eval-every: it does not change during training)."""
-    if per_prompt < 2:
-        raise SqdfError(f"images per prompt must be >= 2 (diversity needs pairs), got {per_prompt}")
-    if not pairs:
-        raise SqdfError("no prompts to evaluate")
-    cond = task.add_prompts(pairs).repeat_interleave(per_prompt)
+    cond = heldout_conditions(task, pairs, per_prompt)
     n = len(cond)
     traj = sample_in_chunks(
         task, n, seed, cond=cond, with_kl=True, progress=progress and "fine-tuned"
     )
-    images = reward_inputs(task, traj.x0)
-    feats = features[0](images)
-    scores = score_rewards(task, rewards, images, cond)
+    ours = scored_side(task, rewards, reward_inputs(task, traj.x0), cond, features[0])
     ref = reference if reference is not None and reference.get("n") == n else None
     if ref is None:
         ref_x0 = sample_in_chunks(
             task, n, seed, cond=cond, policy=False, progress=progress and "reference"
         ).x0
-        ref_images = reward_inputs(task, ref_x0)
-        ref = {
-            "n": n,
-            "images": ref_images,
-            "features": features[0](ref_images),
-            "scores": score_rewards(task, rewards, ref_images, cond),
-        }
+        ref = {"n": n, **scored_side(task, rewards, reward_inputs(task, ref_x0), cond, features[0])}
         if reference is not None:
             reference.update(ref)
     assert traj.kl is not None
-    both = {name: (scores[name], ref["scores"][name]) for name in scores}
-    rows = prompt_table(
-        [p for p, _ in pairs], per_prompt, both, traj.kl.sum(dim=1),
-        (feats, ref["features"]), lpips, (images, ref["images"]),
-    )  # fmt: skip
-    out = summarise(rows, both, trained)
-    out["diversity_features"] = features[1]
-    out["frechet_to_reference"] = frechet_distance(feats, ref["features"])
-    out["per_prompt"] = rows
-    return out
+    return compare_sides(
+        pairs, per_prompt, ours, ref, traj.kl.sum(dim=1), trained, features[1], lpips
+    )
 
 
 def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, float, float]]:
@@ -245,7 +272,9 @@ def prompt_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     """(header, rows) of the per-prompt table: "reference → fine-tuned" for each reward and
     the diversity, then the path KL."""
     names = list(metrics["rewards"])
-    header = ["prompt", *(f"{n} ref → ft" for n in names), "diversity ref → ft", "KL"]
+    lpips = bool(metrics["per_prompt"]) and "lpips_diversity" in metrics["per_prompt"][0]
+    header = ["prompt", *(f"{n} ref → ft" for n in names), "diversity ref → ft"]
+    header += ["LPIPS diversity ref → ft"] * lpips + ["KL"]
     rows = []
     for row in metrics["per_prompt"]:
         cells = [row["prompt"]]
@@ -253,7 +282,10 @@ def prompt_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
             f"{row['rewards'][n]['reference']:.4g} → {row['rewards'][n]['fine_tuned']:.4g}"
             for n in names
         ]
-        cells += [f"{row['ref_diversity']:.4g} → {row['diversity']:.4g}", f"{row['kl_path']:.4g}"]
+        cells.append(f"{row['ref_diversity']:.4g} → {row['diversity']:.4g}")
+        if lpips:
+            cells.append(f"{row['ref_lpips_diversity']:.4g} → {row['lpips_diversity']:.4g}")
+        cells.append(f"{row['kl_path']:.4g}")
         rows.append(cells)
     return header, rows
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sqdf.evaluate import evaluate_run, final_weights, load_run
+from sqdf.evaluate import evaluate_run, final_weights, load_run, trained_updates
 from sqdf.heldout import describe, prompt_rows, summary_rows
 from sqdf.report import figure_png, file_png, html_table, pyplot, write_html
 from sqdf.run import EVAL_METRICS, read_metrics, read_run_config
@@ -112,7 +113,7 @@ def curves(run: Path) -> str:
     first = evals[0] if evals else {}
     eval_keys = [
         k for k, v in first.items()
-        if k != "step" and not k.startswith("ref_") and k not in TARGET_LINES
+        if k != "step" and not k.startswith(("ref_", "real_")) and k not in TARGET_LINES
         and isinstance(v, int | float)
     ]  # fmt: skip
     n = len(train_keys) + len(eval_keys)
@@ -133,6 +134,8 @@ def curves(run: Path) -> str:
         for target, drawn_on in TARGET_LINES.items():
             if drawn_on == key and target in first:
                 ax.axhline(first[target], color="black", ls=":", label="exact target")
+        if f"real_{key}" in first:  # digits: the evaluator on real digits
+            ax.axhline(first[f"real_{key}"], color="black", ls=":", label="real digits")
         if len(ax.get_lines()) > 1:
             ax.legend(fontsize=7)
         ax.set(xlabel="update", title=f"eval: {key}")
@@ -183,6 +186,24 @@ def eval_section(task_name: str, metrics: dict[str, Any]) -> str:
     return f"<p class='note'>{html.escape(note)}.</p>" + html_table(table, header)
 
 
+def _eval_is_current(run: Path) -> bool:
+    """Whether RUN/eval.json scores the final weights there now: written by this sqdf (it
+    records the updates) after the last resume, for the same weights (final or ema)."""
+    path = run / "eval.json"
+    if not path.is_file():
+        return False
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    current = (metrics.get("updates") == trained_updates(run)
+               and metrics.get("weights") == final_weights(run).parent.name)  # fmt: skip
+    if not current:
+        print(f"sqdf report: {path} is not of the run's final weights now: evaluating again",
+              file=sys.stderr)  # fmt: skip
+    return current
+
+
 def write_run_report(
     run: str | Path,
     *,
@@ -195,13 +216,15 @@ def write_run_report(
     """RUN/report.html (see the module docstring); evaluates the run first where it has no
     eval.json. ``intro`` (HTML) opens the page; ``extra`` sections (heading, HTML) close it."""
     run = Path(run)
-    task = load_run(run, device)  # a run without final weights fails here, in one line
+    cfg = read_run_config(run)  # a folder that is not a run fails here, in one line
     config = json.loads((run / "config.json").read_text())
-    task_name = config["train"]["task"]
-    if not (run / "eval.json").is_file():
+    task_name = cfg.task
+    if not _eval_is_current(run):
+        # before the task loads: evaluate_run builds its own, and two sd models need not fit
         evaluate_run(run, device=device, progress=progress)
     metrics = json.loads((run / "eval.json").read_text())
-    reward = resolved_reward_name(read_run_config(run))
+    task = load_run(run, device)
+    reward = resolved_reward_name(cfg)
     sections = [
         ("What ran", intro + what_ran(run, config)),
         ("Before and after", before_after(task, final_weights(run).parent.name)),

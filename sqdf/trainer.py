@@ -56,7 +56,14 @@ from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.periodic_eval import PeriodicEval
 from sqdf.rewards import reward_params
-from sqdf.run import EVAL_METRICS, append_metrics, prepare_run, truncate_metrics, write_config
+from sqdf.run import (
+    EVAL_METRICS,
+    append_metrics,
+    prepare_run,
+    read_metrics,
+    truncate_metrics,
+    write_config,
+)
 from sqdf.sampler import Trajectories, sample_states_at, sample_trajectories
 from sqdf.settings import check_registered, config_sources
 from sqdf.tasks import Task, build_task, resolved_reward_name, with_summed_alpha
@@ -495,6 +502,10 @@ def set_up(
                 picture = run / "samples" / f"step_{step:07d}.png"
                 if picture.is_file():
                     s.trackers.log_image("samples", picture, step)
+            for row in read_metrics(run, EVAL_METRICS):  # evaluations kept, dropped there
+                if purge <= row["step"] <= s.start:
+                    values = {f"eval/{k}": v for k, v in row.items() if k != "step"}
+                    s.trackers.log(values, row["step"])
     s.t0 = time.perf_counter() - counters["wall_s"]
     return s
 
@@ -696,6 +707,11 @@ def save_pictures(s: TrainingRun, done: int) -> None:
     trackers. Its own generators: the run's stream, and so its result, is not touched.
     Every process samples (FSDP needs them all in the forward); the main one writes."""
     s.phase = "pictures"
+    with own_random_state(s):
+        _draw_pictures(s, done)
+
+
+def _draw_pictures(s: TrainingRun, done: int) -> None:
     task, n = s.task, s.task.picture_samples
     if s.picture_reference is None:
         cond = task.sample_conditions(n, torch.Generator().manual_seed(PICTURE_SEED))
@@ -713,6 +729,14 @@ def save_pictures(s: TrainingRun, done: int) -> None:
             s.trackers.log_image("samples", path, done)
 
 
+def own_random_state(s: TrainingRun) -> Any:
+    """The global torch generators saved and restored around work that is not training
+    (pictures, evaluation): a reward, an evaluator or a module built there may draw from
+    them, and the run must train as it would without that work."""
+    devices = [s.task.device] if s.task.device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def log_evaluation(s: TrainingRun, done: int) -> None:
     """The --eval-every evaluation at update ``done`` (of the moving average where the run
     keeps one, as sqdf eval scores it) into RUN/eval_metrics.jsonl and, as eval/NAME, the
@@ -720,7 +744,7 @@ def log_evaluation(s: TrainingRun, done: int) -> None:
     s.phase = "evaluation"
     if s.evaluation is None:
         s.evaluation = PeriodicEval(s.task, resolved_reward_name(s.cfg))
-    with ema_weights(s) if s.ema is not None else nullcontext():
+    with own_random_state(s), ema_weights(s) if s.ema is not None else nullcontext():
         row = {"step": done, **s.evaluation()}
     if s.procs.is_main:
         append_metrics(s.run, row, EVAL_METRICS)

@@ -97,3 +97,52 @@ def test_eval_every_on_sd_scores_the_held_out_prompts(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["ref_reward_mean"] == rows[1]["ref_reward_mean"]
     assert rows[1]["kl_path"] > 0 and rows[1]["frechet_to_reference"] > 0
+
+
+RANDOM_REWARD = """
+import torch
+
+def noisy_ink(images, cond):  # random pixel weights: the gradient depends on the draw
+    return (images.flatten(1) * torch.rand(images[0].numel())).mean(1)
+"""
+
+
+def test_a_reward_drawing_from_the_global_generator_trains_as_without_evaluations(
+    tmp_path, monkeypatch
+):
+    import sys
+
+    from sqdf.settings import config_for
+
+    (tmp_path / "eval_every_reward.py").write_text(RANDOM_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = config_for("digits", reward="eval_every_reward:noisy_ink", steps=3, batch_size=4,
+                      num_steps=4, checkpoint_every=0)  # fmt: skip
+    torch.manual_seed(0)
+    plain = train(base, tmp_path / "plain", progress=False)
+    torch.manual_seed(0)
+    run = train(dataclasses.replace(base, eval_every=1, sample_every=1), tmp_path / "run",
+                progress=False)  # fmt: skip
+    sys.modules.pop("eval_every_reward", None)
+    a, b = (load_file(str(r / "final" / "policy.safetensors")) for r in (plain, run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_off_grid_resume_keeps_every_evaluation_in_tensorboard(tiny_config, tmp_path):
+    cfg = dataclasses.replace(tiny_config, log_every=4, eval_every=3, checkpoint_every=3,
+                              log_with="tensorboard")  # fmt: skip
+    run = train(dataclasses.replace(cfg, steps=6), tmp_path / "run", progress=False)
+    train(dataclasses.replace(cfg, steps=12), run, resume=True, progress=False)
+    steps = [r["step"] for r in read_metrics(run, EVAL_METRICS)]
+    assert steps == [3, 6, 9, 12]
+    assert [s for s, _ in tensorboard_scalars(run)["eval/reward_mean"]] == steps
+
+
+def test_bbo_refuses_eval_every(tiny_config, tmp_path):
+    from sqdf.bbo import BboConfig, run_method
+    from sqdf.errors import ConfigError
+
+    cfg = dataclasses.replace(tiny_config, eval_every=2)
+    with pytest.raises(ConfigError, match="drop eval_every"):
+        run_method(BboConfig(rounds=1, queries_per_round=2), cfg, "sqdf", 0, tmp_path / "b",
+                   progress=False)  # fmt: skip

@@ -120,5 +120,23 @@ def test_readme_report_block_runs(tmp_path, monkeypatch):
     assert main(train_argv + quick) == 0
     assert main(shlex.split(lines[1])[1:] + ["--no-progress"]) == 0
     page = tmp_path / "runs/digits-watched/report.html"
-    assert "eval: eval_agreement" not in page.read_text()  # drawn, not written
     assert images(page) == 1 + 1 + 2 and self_contained(page)
+
+
+def test_a_report_after_a_resume_evaluates_the_new_weights(tiny_config, tmp_path, capsys):
+    from sqdf.run_report import write_run_report
+
+    cfg = dataclasses.replace(tiny_config, steps=2, checkpoint_every=2)
+    run = train(cfg, tmp_path / "run", progress=False)
+    before = evaluate_run(run, num_samples=64)
+    assert before["updates"] == 2
+    write_run_report(run)  # eval.json is current: kept as it is
+    assert json.loads((run / "eval.json").read_text()) == before
+    train(dataclasses.replace(cfg, steps=4), run, resume=True, progress=False)
+    write_run_report(run)
+    assert "evaluating again" in capsys.readouterr().err
+    after = json.loads((run / "eval.json").read_text())
+    assert (
+        after["updates"] == 4
+        and "<td>updates done</td><td>4</td>" in (run / "report.html").read_text()
+    )

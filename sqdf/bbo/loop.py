@@ -157,6 +157,12 @@ def run_method(
             "sqdf bbo keeps no moving average: each round fine-tunes from the last one's "
             f"weights and queries with them; drop ema_decay (now {cfg.ema_decay})"
         )
+    if cfg.eval_every > 0:
+        raise ConfigError(
+            "sqdf bbo fine-tunes on the proxy, which --eval-every would score under the "
+            f"oracle's name; drop eval_every (now {cfg.eval_every}): rounds.jsonl has the "
+            "oracle's values"
+        )
     procs = Processes(cfg.device)
     if procs.fsdp:
         raise ConfigError("sqdf bbo fine-tunes data-parallel; launch it without the FSDP config")

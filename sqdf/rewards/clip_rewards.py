@@ -45,7 +45,7 @@ def clip_preprocess(images: Tensor, size: int, mean: tuple, std: tuple) -> Tenso
 def _need_folder(path: str | None, reward: str, key: str) -> Path:
     if not path:
         raise ConfigError(f"reward {reward!r} needs {key}=FOLDER (a local transformers CLIP model)")
-    folder = Path(path)
+    folder = Path(path).expanduser()  # ~ in a NAME.KEY=~/x flag reaches us unexpanded
     if not (folder / "config.json").is_file():
         raise ConfigError(
             f"reward {reward!r}: {key}={path!r} is not a model folder (no config.json)"
@@ -119,7 +119,7 @@ def load_linear_head(path: str | Path) -> list[tuple[Tensor, Tensor]]:
     with dropout between them and no activation)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"aesthetic head file not found: {path}")
     tensors = load_file(str(path))
@@ -252,6 +252,8 @@ class HPSv2Reward:
             raise ConfigError(
                 "reward 'hpsv2' needs the optional extra: pip install 'sqdf[hpsv2]' (open_clip)"
             ) from None
+        if self.checkpoint:
+            self.checkpoint = str(Path(self.checkpoint).expanduser())
         if not self.checkpoint or not Path(self.checkpoint).is_file():
             raise ConfigError(f"reward 'hpsv2' needs checkpoint=FILE, got {self.checkpoint!r}")
 

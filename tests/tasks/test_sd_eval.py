@@ -176,9 +176,10 @@ def test_per_prompt_numbers_are_the_means_of_their_own_images(parts, run, user_r
     assert metrics["num_prompts"] == 8 and metrics["prompts"] == "animals-heldout"
 
 
-def test_cli_eval_with_cross_rewards_writes_eval_json_and_md(parts, run, capsys):
+def test_cli_eval_with_cross_rewards_writes_eval_json_and_md(parts, run, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(parts))  # ~ after NAME.KEY= is not the shell's to expand
     argv = ["eval", str(run), "--rewards", "pickscore,clipscore", "--reward-param",
-            f"pickscore.model={parts / 'clip'}", "--reward-param",
+            "pickscore.model=~/clip", "--reward-param",
             f"clipscore.model={parts / 'clip'}", "--per-prompt", "2", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -196,6 +197,7 @@ def test_cli_eval_with_cross_rewards_writes_eval_json_and_md(parts, run, capsys)
         (["--rewards", "pickscore", "--reward-param", "model=x"], "expects NAME.KEY=VALUE"),
         (["--rewards", "pickscore"], "reward 'pickscore' needs model=FOLDER"),
         (["--rewards", "imagereward"], "ImageReward"),
+        (["--rewards", "classifier"], "reward 'classifier' scores image samples, not what the sd"),
         (["--rewards", "linear"], "reward 'linear' scores points samples, not what the sd task"),
         (["--per-prompt", "1"], "images per prompt must be >= 2"),
         (["--num-samples", "4"], "evaluated per prompt: give --per-prompt"),
@@ -282,3 +284,16 @@ def test_readme_held_out_block_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
     assert set(metrics["rewards"]) == {"aesthetic", "pickscore", "clipscore"}
     assert metrics["lpips_diversity"] > 0 and metrics["images_per_prompt"] == 4
     assert "<h3>Per prompt</h3>" in (tmp_path / "runs/sd/report.html").read_text()
+
+
+def test_compare_on_sd_scores_best_of_n_on_the_held_out_prompts_too(parts, tmp_path):
+    from sqdf.compare import best_of_n, compare
+    from tests.tasks.sd_runs import sd_settings
+
+    base = sd_settings(parts / "sd", parts)
+    metrics = best_of_n(base, 2, None, 0)
+    assert metrics["reward_evals"] == 8 * 4 * 2  # 8 held-out prompts, 4 images, 2 candidates
+    assert metrics["reward_mean"] >= metrics["ref_reward_mean"]
+    assert {"eval_diversity", "frechet_to_reference"} <= set(metrics)
+    with pytest.raises(ConfigError, match="--num-samples is for gmm2d and digits"):
+        compare(base, ["sqdf"], 1, tmp_path / "c", num_samples=8, progress=False)
