@@ -243,9 +243,11 @@ def test_every_method_and_best_of_n_run_through_compare(parts, tmp_path):
     from sqdf.compare import compare
     from sqdf.methods import METHODS
 
-    base = sd_settings(parts / "xl", parts, steps=1)
+    held_out = tmp_path / "held_out.txt"  # sd variants are scored on these, 4 images each
+    held_out.write_text("an owl\na crab\n")
+    base = sd_settings(parts / "xl", parts, steps=1, task_params={"eval_prompts": str(held_out)})
     methods = [*METHODS, "best_of_n"]
-    out = compare(base, methods, 1, tmp_path / "cmp", num_samples=2, best_of=2, progress=False)
+    out = compare(base, methods, 1, tmp_path / "cmp", best_of=2, progress=False)
     results = json.loads((out / "results.json").read_text())
     assert results["variants"] == methods
     runs = {r["variant"]: r for r in results["runs"]}
