@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ESTIMATORS = ("tweedie", "consistency")
+ESTIMATORS = ("tweedie", "consistency", "exact")
 ROLLOUTS = ("full", "truncated")
 BUFFER_STRATEGIES = ("uniform", "on_policy", "prioritized")
 
@@ -52,7 +52,11 @@ class TrainConfig:
         "2 alpha / D); half_mean = of the mean with the 1/2, as Flow-GRPO's beta (alpha / D)",
     )
     gamma: float = _f(0.9, "discount gamma in (0, 1]: step k's reward is weighted gamma^(T-k-1)")
-    estimator: str = _f("consistency", "x̂0 estimator for the soft Q: tweedie or consistency")
+    estimator: str = _f(
+        "consistency",
+        "x̂0 estimator for the soft Q: tweedie or consistency; exact (gmm2d only): the "
+        "closed-form soft value alpha log E[exp(r(x0)/alpha) | x_t], no x̂0",
+    )
     num_steps: int = _f(50, "DDIM sampling steps T")
     eta: float = _f(1.0, "DDIM eta in (0, 1]; the KL needs a stochastic policy")
     steps: int = _f(300, "optimizer updates")
@@ -145,6 +149,11 @@ class TrainConfig:
         need(
             self.estimator in ESTIMATORS,
             f"unknown estimator {self.estimator!r}; known: {', '.join(ESTIMATORS)}",
+        )
+        need(
+            self.estimator != "exact" or self.task == "gmm2d",
+            f"estimator 'exact' needs the closed-form posterior of task gmm2d; task "
+            f"{self.task!r} has tweedie and consistency",
         )
         # 999 at most: with steps_offset=1 the first of 1000 steps would be timestep 1000
         need(1 <= self.num_steps <= 999, f"num_steps must be in [1, 999], got {self.num_steps}")

@@ -117,6 +117,8 @@ CASES = [
      "ImageReward is not offered"),
     ("convert-lpips from missing files", lambda r: ["convert-lpips", str(r / "a.pth"), str(r / "b.pth"), str(r / "o")],
      "torchvision's AlexNet checkpoint not found"),
+    ("exact estimator on digits", lambda r: ["train", "--task", "digits", "--estimator", "exact", "--out", str(r / "x")],
+     "estimator 'exact' needs the closed-form posterior of task gmm2d; task 'digits' has tweedie and consistency"),
     ("negative eval_every", lambda r: ["train", "--eval-every", "-2", "--out", str(r / "x")],
      "eval_every must be >= 0, got -2"),
     ("sample zero samples", lambda r: ["sample", str(_finished_run(r)), "--num-samples", "0"],

@@ -3,6 +3,7 @@
 Per replayed cell (x_t, k):
     x_{t-1} = mean_θ(x_t) + σ_t z,  z ~ N(0, I)            (one step, with gradients)
     L = -γ^(T-k-1) r(x̂0(x_{t-1}))  +  α ||mean_θ - mean_ref||² / (2σ_t²)
+(on gmm2d, estimator "exact" puts the exact soft value V(x_{t-1}) in place of r(x̂0(x_{t-1}))).
 The reward gradient flows through the frozen x̂0 estimator into x_{t-1} and mean_θ; nothing
 is back-propagated through the rest of the chain, so memory is one step.
 """
@@ -37,7 +38,7 @@ def sqdf_loss(
         ref_mean, _ = step_mean_std(task, x_t, step, cond, policy=False)
     z = torch.randn(x_t.shape, generator=generator).to(dev)
     x_prev = mean + std * z
-    reward = task.reward(task.x0_after_step(x_prev, step.to(dev), cond), cond)
+    reward = task.soft_q(x_prev, step.to(dev), cond)
     kl = gaussian_kl(mean, ref_mean, std)
     loss = soft_q_loss(reward, kl, step.to(dev), task.kernel.num_steps, cfg.gamma, cfg.alpha)
     stats = {"kl_mean": kl.mean().item(), "q_mean": reward.mean().item(),

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from sqdf.core.gmm import GaussianMixture, tilt_linear, tilt_quadratic
+from sqdf.core.soft_value import linear_log_mgf, quadratic_log_mgf
 
 
 def _vector(name: str, value: object) -> tuple[float, ...]:
@@ -37,6 +38,10 @@ class LinearReward:
     def tilt(self, gmm: GaussianMixture, alpha: float) -> GaussianMixture:
         return tilt_linear(gmm, torch.tensor(self.b), alpha)
 
+    def log_mgf(self, means: Tensor, variances: Tensor, alpha: float) -> Tensor:
+        """log E[exp(r(x)/alpha)] under Gaussians N(means, diag(variances)), (..., D) -> (...)."""
+        return linear_log_mgf(means, variances, torch.tensor(self.b), alpha)
+
 
 @dataclass
 class QuadraticReward:
@@ -58,3 +63,7 @@ class QuadraticReward:
 
     def tilt(self, gmm: GaussianMixture, alpha: float) -> GaussianMixture:
         return tilt_quadratic(gmm, torch.tensor(self.center), self.curvature, alpha)
+
+    def log_mgf(self, means: Tensor, variances: Tensor, alpha: float) -> Tensor:
+        """log E[exp(r(x)/alpha)] under Gaussians N(means, diag(variances)), (..., D) -> (...)."""
+        return quadratic_log_mgf(means, variances, torch.tensor(self.center), self.curvature, alpha)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from sqdf.core.kernel import StepKernel
 from sqdf.core.schedule import DDIMSchedule
+from sqdf.errors import SqdfError
 
 
 class Task(ABC):
@@ -87,6 +88,12 @@ class Task(ABC):
         out = self.model_output(x, self.model_time(k, x), cond, policy=False)
         return self.kernel.x0(out, x, k.cpu())
 
+    def soft_q(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:
+        """The soft Q-value of step k that reached x_prev, (B,): SQDF's training-free estimate
+        r(x̂0(x_prev)) (the reward itself after the last step). A task that knows the exact
+        soft value (gmm2d, estimator "exact") gives that instead."""
+        return self.reward(self.x0_after_step(x_prev, step_index, cond), cond)
+
     def x0_after_step(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:
         """x̂0 of the state reached by step k (state k + 1): the frozen estimator, or x_prev
         itself after the last step, where x_prev already is the sample.
@@ -97,8 +104,10 @@ class Task(ABC):
         state = (step_index.cpu() + 1).clamp(max=T - 1)  # after the last step: unused below
         if self.estimator == "tweedie":
             est = self.reference_x0(x_prev, state, cond)
-        else:
+        elif self.estimator == "consistency":
             est = self.consistency_x0(x_prev, self.model_time(state, x_prev), cond)
+        else:  # "exact" gives the soft value itself (soft_q), not an x̂0
+            raise SqdfError(f"estimator {self.estimator!r} gives no x̂0")
         last = _expand(step_index == T - 1, x_prev)
         return torch.where(last, x_prev, est)
 

@@ -27,6 +27,7 @@ from sqdf.core.gmm import GaussianMixture, gmm_eps, gmm_posterior_mean
 from sqdf.core.kernel import DDIMKernel, FlowKernel
 from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import make_ddim_schedule
+from sqdf.core.soft_value import gmm_posterior, soft_value
 from sqdf.errors import ConfigError
 from sqdf.metrics import mode_frequencies, mode_tv, sliced_w2
 from sqdf.params import build_settings
@@ -203,6 +204,35 @@ class GMM2DTask(Task):
             )  # fmt: skip
         abar = self.schedule.abar(times.cpu()).to(x.device, x.dtype)
         return pf_ode_x0(self._posterior_mean, x, abar, self.options.ode_steps)
+
+    def path_of_output(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        """(scale, noise variance) with which state(s) ``state`` (B,) hold the sampler's
+        output x_out: x_state = scale · x_out + sqrt(noise variance) ε. VP: the forward
+        process from the final noise level, ᾱ_state / ᾱ_final; flow: (1 - t, t²)."""
+        if self.flow:
+            t = self.kernel.sigmas[state].double()
+            return 1.0 - t, t * t
+        ratio = self.schedule.abar(self.schedule.timesteps[state]).double()
+        ratio = ratio / self.schedule.final_alpha_cumprod
+        return ratio.sqrt(), 1.0 - ratio
+
+    def exact_soft_value(self, x: Tensor, state: Tensor) -> Tensor:
+        """V(x) = α log E[exp(r(x_out)/α) | x_state = x] under the reference's output
+        mixture (sqdf.core.soft_value), differentiable in x; (B,). ``state`` < T."""
+        scale, noise_var = self.path_of_output(state.cpu())
+        prior = self.reference_output()
+        posterior = gmm_posterior(prior, x, scale.to(x.device), noise_var.to(x.device))
+        log_mgf = self.reward_model.log_mgf(posterior.means, posterior.variances, self.alpha)
+        return soft_value(posterior, log_mgf, self.alpha)
+
+    def soft_q(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:
+        if self.estimator != "exact":
+            return super().soft_q(x_prev, step_index, cond)
+        T = self.kernel.num_steps
+        state = (step_index.cpu() + 1).clamp(max=T - 1)  # after the last step: unused below
+        value = self.exact_soft_value(x_prev, state)
+        last = (step_index == T - 1).to(x_prev.device)
+        return torch.where(last, self.reward(x_prev, cond), value)
 
     def evaluate(
         self, samples: Tensor, ref_samples: Tensor, cond: Tensor, generator: torch.Generator
