@@ -16,7 +16,14 @@ declare -A EXPERIMENTS=(
     [gmm2d-linear]="--task gmm2d --methods $ALL --seeds 3"
     [gmm2d-quadratic]="--task gmm2d --methods $ALL --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie"
     [gmm2d-gamma]="--task gmm2d --methods sqdf --seeds 3 --sweep gamma=1.0,0.9,0.7"
-    [gmm2d-estimator]="--task gmm2d --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
+    [gmm2d-estimator]="--task gmm2d --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency,exact"
+    # the exact soft value against the two x̂0 estimators where gamma = 1 makes it the right Q
+    [gmm2d-estimator-gamma1]="--task gmm2d --methods sqdf --seeds 3 --set gamma=1.0 --sweep estimator=tweedie,consistency,exact"
+    [gmm2d-quadratic-estimator]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --sweep estimator=tweedie,consistency,exact"
+    [gmm2d-exact-steps]="--task gmm2d --methods sqdf --seeds 3 --set gamma=1.0 --set estimator=exact --sweep steps=300,1000"
+    # where each estimator lands given time: 2000 updates
+    [gmm2d-estimator-long]="--task gmm2d --methods sqdf --seeds 2 --set gamma=1.0 --set steps=2000 --sweep estimator=tweedie,exact"
+    [gmm2d-quadratic-estimator-long]="--task gmm2d --methods sqdf --seeds 2 --set reward=quadratic --set gamma=1.0 --set steps=2000 --sweep estimator=tweedie,exact"
     [gmm2d-buffer]="--task gmm2d --methods sqdf --seeds 3 --sweep buffer=uniform,on_policy,prioritized"
     [gmm2d-alpha]="--task gmm2d --methods sqdf --seeds 3 --sweep alpha=0.5,1.0,2.0,4.0"
     # the same two comparisons on the rectified-flow path (the flow SDE kernel, noise level 0.7)
@@ -33,7 +40,9 @@ declare -A EXPERIMENTS=(
     # the two closest at 256 queries, at twice the budget: does SQDF catch up with best-of-N?
     [bbo-digits-512]="bbo --task digits --config docs/results/digits.toml --methods sqdf,best_of_n --seeds 3 --rounds 8 --queries-per-round 64 --updates-per-round 20"
 )
-ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-buffer gmm2d-alpha
+ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
+       gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
+       gmm2d-quadratic-estimator-long gmm2d-buffer gmm2d-alpha
        gmm2d-flow-quadratic gmm2d-flow-linear digits-methods digits-gamma digits-estimator digits-buffer digits-alpha bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS

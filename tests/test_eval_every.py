@@ -15,7 +15,7 @@ from sqdf.periodic_eval import SAMPLES, SEED
 from sqdf.run import EVAL_METRICS, read_metrics
 from sqdf.sampler import sample_in_chunks
 from sqdf.trainer import train
-from tests.test_trackers import tensorboard_scalars
+from tests.test_trackers import die_in_update, tensorboard_scalars
 
 
 def test_evaluations_every_n_updates_leave_the_run_as_it_was(tiny_config, tmp_path):
@@ -54,15 +54,7 @@ def test_a_resumed_run_evaluates_each_step_once_with_the_same_values(
 
     cfg = dataclasses.replace(tiny_config, eval_every=1, checkpoint_every=3)
     whole = read_metrics(train(cfg, tmp_path / "whole", progress=False), EVAL_METRICS)
-    real, calls = sqdf.trainer.apply_update, []
-
-    def dies_in_update_5(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:  # evaluations 1-4 written, checkpoint at 3: 4 is done again
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sqdf.trainer, "apply_update", dies_in_update_5)
+    real = die_in_update(monkeypatch, 5)  # evaluations 1-4 written, checkpoint at 3: 4 again
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "run", progress=False)
     assert [r["step"] for r in read_metrics(tmp_path / "run", EVAL_METRICS)] == [1, 2, 3, 4]
@@ -80,14 +72,9 @@ def test_eval_every_on_digits_logs_the_evaluator_metrics(tmp_path):
 
 
 def test_eval_every_on_sd_scores_the_held_out_prompts(tmp_path):
-    from sqdf.rewards.clip_rewards import convert_aesthetic_head
-    from sqdf.tasks.sd_random import write_random_aesthetic_head, write_random_clip, write_random_sd
-    from tests.tasks.sd_runs import sd_config
+    from tests.tasks.sd_runs import sd_config, write_tiny_parts
 
-    write_random_sd(tmp_path / "sd")
-    write_random_clip(tmp_path / "clip")
-    write_random_aesthetic_head(tmp_path / "head.pth", in_dim=16)
-    convert_aesthetic_head(tmp_path / "head.pth", tmp_path / "head.safetensors")
+    write_tiny_parts(tmp_path)
     prompts = tmp_path / "held.txt"
     prompts.write_text("an owl\na crab\n")
     cfg = sd_config(tmp_path / "sd", tmp_path, eval_every=1, ema_decay=0.5,

@@ -67,14 +67,9 @@ def test_a_report_shows_cross_rewards_of_a_digits_run(tmp_path):
 
 
 def test_an_sd_report_has_the_per_prompt_table(tmp_path):
-    from sqdf.rewards.clip_rewards import convert_aesthetic_head
-    from sqdf.tasks.sd_random import write_random_aesthetic_head, write_random_clip, write_random_sd
-    from tests.tasks.sd_runs import sd_config
+    from tests.tasks.sd_runs import sd_config, write_tiny_parts
 
-    write_random_sd(tmp_path / "sd")
-    write_random_clip(tmp_path / "clip")
-    write_random_aesthetic_head(tmp_path / "head.pth", in_dim=16)
-    convert_aesthetic_head(tmp_path / "head.pth", tmp_path / "head.safetensors")
+    write_tiny_parts(tmp_path)
     run = train(sd_config(tmp_path / "sd", tmp_path, steps=1), tmp_path / "run", progress=False)
     rewards = {"clipscore": {"model": str(tmp_path / "clip")}}
     evaluate_run(run, per_prompt=2, rewards=rewards)

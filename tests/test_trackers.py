@@ -45,6 +45,23 @@ def metrics_series(run) -> dict[str, list[tuple[int, float]]]:
     return {k: [(r["step"], float(r[k])) for r in rows] for k in keys}
 
 
+def die_in_update(monkeypatch, n: int):
+    """Make training stop with a KeyboardInterrupt in its update n (as a kill would, after
+    the updates before it were logged); returns the real apply_update, to put back."""
+    import sqdf.trainer
+
+    real, calls = sqdf.trainer.apply_update, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sqdf.trainer, "apply_update", dies)
+    return real
+
+
 def same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
 
@@ -71,15 +88,7 @@ def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path, monkeypatch):
 
     cfg = dataclasses.replace(tiny_config, log_every=1, checkpoint_every=3, sample_every=2,
                               log_with="tensorboard")  # fmt: skip
-    real, calls = sqdf.trainer.apply_update, []
-
-    def dies_in_update_5(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:  # updates 1-4 logged, checkpoint at 3: 4 is logged again
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sqdf.trainer, "apply_update", dies_in_update_5)
+    real = die_in_update(monkeypatch, 5)  # updates 1-4 logged, checkpoint at 3: 4 again
     finished, real_finish = [], RunTrackers.finish
     monkeypatch.setattr(RunTrackers, "finish", lambda t: finished.append(1) or real_finish(t))
     with pytest.raises(KeyboardInterrupt):

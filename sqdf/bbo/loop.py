@@ -157,6 +157,11 @@ def run_method(
             "sqdf bbo keeps no moving average: each round fine-tunes from the last one's "
             f"weights and queries with them; drop ema_decay (now {cfg.ema_decay})"
         )
+    if cfg.estimator == "exact":
+        raise ConfigError(
+            "sqdf bbo fine-tunes on a proxy reward, which has no closed-form soft value: use "
+            "estimator tweedie or consistency, not exact"
+        )
     if cfg.eval_every > 0:
         raise ConfigError(
             "sqdf bbo fine-tunes on the proxy, which --eval-every would score under the "

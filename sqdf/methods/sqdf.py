@@ -40,7 +40,10 @@ def sqdf_loss(
     x_prev = mean + std * z
     reward = task.soft_q(x_prev, step.to(dev), cond)
     kl = gaussian_kl(mean, ref_mean, std)
-    loss = soft_q_loss(reward, kl, step.to(dev), task.kernel.num_steps, cfg.gamma, cfg.alpha)
+    T = task.kernel.num_steps
+    loss = soft_q_loss(reward, kl, step.to(dev), T, cfg.gamma, cfg.alpha)
+    # the exact soft value is no reward evaluation: only the cells that end a chain are
+    evals = reward.shape[0] if task.estimator != "exact" else int((step == T - 1).sum())
     stats = {"kl_mean": kl.mean().item(), "q_mean": reward.mean().item(),
-             "reward_evals": float(reward.shape[0])}  # fmt: skip
+             "reward_evals": float(evals)}  # fmt: skip
     return loss.mean(), stats

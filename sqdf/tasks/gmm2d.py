@@ -28,7 +28,7 @@ from sqdf.core.kernel import DDIMKernel, FlowKernel
 from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import make_ddim_schedule
 from sqdf.core.soft_value import gmm_posterior, soft_value
-from sqdf.errors import ConfigError
+from sqdf.errors import ConfigError, SqdfError
 from sqdf.metrics import mode_frequencies, mode_tv, sliced_w2
 from sqdf.params import build_settings
 from sqdf.tasks.base import Task
@@ -102,6 +102,27 @@ class GMM2DConfig:
         return GaussianMixture(w / w.sum(), means, stds[:, None].pow(2).expand(k, 2).clone())
 
 
+# the flow SDE's noise level a at which it is the exact time reversal of the path
+# (sigma_t² = 2t / (1 - t)): only there is x_out | x_t the forward posterior
+FULL_NOISE_FLOW = math.sqrt(2.0)
+
+
+def check_exact(eta: float, options: GMM2DConfig) -> None:
+    """The closed-form soft value takes x_out | x_t to be the forward process's posterior,
+    which the reference sampler's own chain is only at full noise: DDIM eta 1 on the VP path,
+    noise_level √2 on the flow path (at other levels the value is of another chain)."""
+    if options.process == "flow" and abs(options.noise_level - FULL_NOISE_FLOW) > 1e-6:
+        raise ConfigError(
+            "estimator 'exact' is the soft value of the sampler at full noise: on the flow path "
+            f"that is noise_level = 1.4142135623730951 (√2), got {options.noise_level}"
+        )
+    if options.process == "vp" and eta != 1.0:
+        raise ConfigError(
+            "estimator 'exact' is the soft value of the sampler at full noise: on the VP path "
+            f"that is eta = 1, got {eta}"
+        )
+
+
 class TimeResidualMLP(nn.Module):
     """A residual added to the reference's noise prediction; zero at initialisation so the
     policy starts as the reference exactly."""
@@ -129,6 +150,8 @@ class GMM2DTask(Task):
     sample_shape = (2,)
 
     def __init__(self, cfg: Any, options: GMM2DConfig, reward: Any, device: torch.device):
+        if cfg.estimator == "exact":
+            check_exact(cfg.eta, options)
         self.options = options
         self.alpha = cfg.alpha
         self.estimator = cfg.estimator
@@ -219,10 +242,16 @@ class GMM2DTask(Task):
     def exact_soft_value(self, x: Tensor, state: Tensor) -> Tensor:
         """V(x) = α log E[exp(r(x_out)/α) | x_state = x] under the reference's output
         mixture (sqdf.core.soft_value), differentiable in x; (B,). ``state`` < T."""
+        log_mgf_of = getattr(self.reward_model, "log_mgf", None)
+        if log_mgf_of is None:  # e.g. sqdf bbo's proxy
+            raise SqdfError(
+                f"estimator 'exact' needs a reward with a closed-form soft value (linear, "
+                f"quadratic); {type(self.reward_model).__name__} has none"
+            )
         scale, noise_var = self.path_of_output(state.cpu())
         prior = self.reference_output()
         posterior = gmm_posterior(prior, x, scale.to(x.device), noise_var.to(x.device))
-        log_mgf = self.reward_model.log_mgf(posterior.means, posterior.variances, self.alpha)
+        log_mgf = log_mgf_of(posterior.means, posterior.variances, self.alpha)
         return soft_value(posterior, log_mgf, self.alpha)
 
     def soft_q(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:

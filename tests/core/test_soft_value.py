@@ -91,7 +91,7 @@ def test_gmm2d_states_hold_the_output_on_the_sampling_path(process):
     """x_state = scale · x_out + sqrt(v) ε, with x_out the reference's output mixture, is the
     path's own marginal at that state (VP: the data noised to ᾱ of the state; flow: the
     interpolation at its t)."""
-    task = build_task(TrainConfig(num_steps=8, device="cpu", estimator="exact",
+    task = build_task(TrainConfig(num_steps=8, device="cpu", estimator="tweedie",
                                   task_params={"process": process}))  # fmt: skip
     out = task.reference_output()
     for state in range(task.kernel.num_steps):
@@ -110,16 +110,52 @@ def test_gmm2d_states_hold_the_output_on_the_sampling_path(process):
         torch.testing.assert_close(scale**2 * out.variances + noise_var, want_vars.double())
 
 
-def test_gmm2d_exact_soft_q_is_the_soft_value_then_the_reward():
-    cfg = TrainConfig(num_steps=6, device="cpu", estimator="exact", reward="quadratic")
+@pytest.mark.parametrize(
+    "process, reward",
+    [("vp", "linear"), ("vp", "quadratic"), ("flow", "linear"), ("flow", "quadratic")],
+)
+def test_gmm2d_exact_soft_q_is_the_reference_chains_soft_value(process, reward):
+    """α log E[exp(r(x_out)/α) | x_state] by running the reference sampler itself from
+    x_state (20,000 chains): the closed form is this value at full noise, up to the
+    discretisation of 50 Gaussian steps. After the last step soft_q is the reward. (α is not
+    1, so that the task's α is seen to reach the formula.)"""
+    from sqdf.sampler import step_mean_std
+
+    params = {"process": process}
+    if process == "flow":
+        params["noise_level"] = math.sqrt(2.0)
+    cfg = TrainConfig(num_steps=50, device="cpu", estimator="exact", reward=reward, alpha=0.7,
+                      task_params=params)  # fmt: skip
     task = build_task(cfg)
-    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
-    step = torch.arange(6)
-    q = task.soft_q(x, step, torch.zeros(6, dtype=torch.long))
-    assert float(q[-1]) == pytest.approx(float(task.reward(x[-1:], None)))  # after the last step
-    for k in range(5):
-        want = task.exact_soft_value(x[k : k + 1], torch.tensor([k + 1]))
-        assert float(q[k]) == pytest.approx(float(want))
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([[1.0, 0.5]])
+    cond = torch.zeros(20_000, dtype=torch.long)
+    for state in (5, 25):
+        q = task.soft_q(x, torch.tensor([state - 1]), cond[:1])  # the step that reached it
+        chains = x.expand(20_000, 2).clone()
+        with torch.no_grad():
+            for k in range(state, 50):
+                mean, std = step_mean_std(
+                    task, chains, torch.full((20_000,), k), cond, policy=False
+                )
+                chains = mean + std * torch.randn(chains.shape, generator=g)
+        mc = 0.7 * float(torch.logsumexp(task.reward(chains, None) / 0.7, dim=0) - math.log(20_000))
+        # 50 steps are not the continuous reversal: a few per cent apart, late states most
+        assert float(q) == pytest.approx(mc, abs=0.08 * max(1.0, abs(mc))), state
+    last = task.soft_q(x, torch.tensor([49]), cond[:1])
+    assert float(last) == pytest.approx(float(task.reward(x, None)))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"eta": 0.5}, "on the VP path that is eta = 1, got 0.5"),
+        ({"task_params": {"process": "flow"}}, "that is noise_level = 1.4142135623730951"),
+    ],
+)
+def test_exact_needs_the_sampler_at_full_noise(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_task(TrainConfig(device="cpu", estimator="exact", **values))
 
 
 @pytest.mark.parametrize("reward", REWARDS, ids=["linear", "quadratic"])
@@ -138,3 +174,13 @@ def test_soft_value_limits(reward):
 def test_exact_is_gmm2d_only():
     with pytest.raises(ConfigError, match="estimator 'exact' needs the closed-form posterior"):
         TrainConfig(task="digits", estimator="exact")
+
+
+def test_bbo_refuses_the_exact_estimator_before_any_query(tmp_path):
+    from sqdf.bbo import BboConfig, run_method
+
+    cfg = TrainConfig(device="cpu", estimator="exact", num_steps=4, steps=1)
+    with pytest.raises(ConfigError, match="proxy reward, which has no closed-form soft value"):
+        run_method(BboConfig(rounds=1, queries_per_round=2), cfg, "sqdf", 0, tmp_path / "b",
+                   progress=False)  # fmt: skip
+    assert not (tmp_path / "b" / "rounds.jsonl").exists()

@@ -21,6 +21,20 @@ QUICK = {
 }  # fmt: skip
 
 
+def write_tiny_parts(root: Path, preset: str = "tiny") -> Path:
+    """``root/sd`` (a random pipeline of ``preset``), ``root/clip`` and the aesthetic head
+    as ``root/head.pth`` and ``root/head.safetensors``: what sd_settings(root / "sd", root)
+    reads."""
+    from sqdf.rewards.clip_rewards import convert_aesthetic_head
+    from sqdf.tasks.sd_random import write_random_aesthetic_head, write_random_clip, write_random_sd
+
+    write_random_sd(root / "sd", preset)
+    write_random_clip(root / "clip")
+    write_random_aesthetic_head(root / "head.pth", in_dim=16)
+    convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
+    return root
+
+
 def sd_settings(model: Path, parts: Path, **over: Any) -> dict[str, Any]:
     """A 4-step, 2-update sd run on ``model`` with the aesthetic reward of ``parts`` (its
     clip/ and head.safetensors); ``over`` replaces keys, task_params merge."""

@@ -23,23 +23,22 @@ from sqdf.tasks import build_task
 from sqdf.tasks.sd import save_diffusers_lora
 from sqdf.tasks.sd_prompts import ANIMALS, load_prompt_pairs, load_prompts
 from sqdf.tasks.sd_random import (
-    write_random_aesthetic_head,
-    write_random_clip,
     write_random_lcm_lora,
     write_random_lcm_unet,
-    write_random_sd,
 )
 from sqdf.trainer import train
-from tests.tasks.sd_runs import readme_block, run_readme_lines, sd_config, sd_pipeline
+from tests.tasks.sd_runs import (
+    readme_block,
+    run_readme_lines,
+    sd_config,
+    sd_pipeline,
+    write_tiny_parts,
+)
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd")
-    write_random_sd(root / "sd")
-    write_random_clip(root / "clip")
-    write_random_aesthetic_head(root / "head.pth", in_dim=16)
-    convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
+    root = write_tiny_parts(tmp_path_factory.mktemp("sd"))
     write_random_lcm_unet(root / "lcm")
     write_random_lcm_lora(root / "sd", root / "lcm_lora")  # for the base UNet
     return root

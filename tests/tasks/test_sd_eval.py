@@ -13,13 +13,12 @@ from safetensors.torch import load_file, save_file
 from sqdf.cli import main
 from sqdf.errors import ConfigError
 from sqdf.evaluate import evaluate_run
-from sqdf.rewards.clip_rewards import convert_aesthetic_head
 from sqdf.tasks import build_task
 from sqdf.tasks.sd_prompts import ANIMALS, ANIMALS_HELDOUT
-from sqdf.tasks.sd_random import write_random_aesthetic_head, write_random_clip, write_random_sd
+from sqdf.tasks.sd_random import write_random_sd
 from sqdf.tasks.sd_text import encode_prompts
 from sqdf.trainer import train
-from tests.tasks.sd_runs import sd_config, sd_pipeline
+from tests.tasks.sd_runs import sd_config, sd_pipeline, write_tiny_parts
 
 # a user's rewards: the index of the prompt in PROMPTS (tells whether each image is scored
 # with its own prompt) and the mean brightness
@@ -37,12 +36,7 @@ def brightness(images, prompts):
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd_eval")
-    write_random_sd(root / "sd")
-    write_random_clip(root / "clip")
-    write_random_aesthetic_head(root / "head.pth", in_dim=16)
-    convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
-    return root
+    return write_tiny_parts(tmp_path_factory.mktemp("sd_eval"))
 
 
 @pytest.fixture(scope="module")
