@@ -99,7 +99,7 @@ class TrainConfig:
         0,
         "every N updates, a small evaluation of the policy against the reference into "
         "RUN/eval_metrics.jsonl and the trackers: sd on its eval_prompts (2 images each), "
-        "gmm2d and digits on 256 samples, from fixed seeds (0: never)",
+        "gmm2d and digits on 128 samples, from fixed seeds (0: never)",
     )
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     max_skips: int = _f(

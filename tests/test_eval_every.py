@@ -103,7 +103,7 @@ def test_a_reward_drawing_from_the_global_generator_trains_as_without_evaluation
 
     (tmp_path / "eval_every_reward.py").write_text(RANDOM_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    base = config_for("digits", reward="eval_every_reward:noisy_ink", steps=3, batch_size=4,
+    base = config_for("digits", reward="eval_every_reward:noisy_ink", steps=2, batch_size=4,
                       num_steps=4, checkpoint_every=0)  # fmt: skip
     torch.manual_seed(0)
     plain = train(base, tmp_path / "plain", progress=False)

@@ -113,6 +113,8 @@ def test_readme_report_block_runs(tmp_path, monkeypatch):
              "--batch-size", "4", "--no-progress"]  # fmt: skip
     train_argv = shlex.split(lines[0])[1:]
     assert main(train_argv + quick) == 0
+    # evaluated small first: the report then uses this eval.json, not 1,000 fresh samples
+    assert main(["eval", "runs/digits-watched", "--num-samples", "20", "--no-progress"]) == 0
     assert main(shlex.split(lines[1])[1:] + ["--no-progress"]) == 0
     page = tmp_path / "runs/digits-watched/report.html"
     assert images(page) == 1 + 1 + 2 and self_contained(page)
