@@ -188,10 +188,10 @@ def _evaluate_sd(
         from sqdf.tasks.sd import image_side
 
         lpips_distance = load_lpips(Path(lpips).expanduser(), task.device).mean_pairwise
-        if image_side(task.options) < MIN_SIZE:  # before anything is sampled
+        side = image_side(task.options)
+        if side < MIN_SIZE:  # before anything is sampled
             raise ConfigError(
-                f"LPIPS needs images of at least {MIN_SIZE} px a side; this run's are "
-                f"{image_side(task.options)}"
+                f"LPIPS needs images of at least {MIN_SIZE} px a side; this run's are {side}"
             )
     metrics: dict[str, Any] = {
         "weights": final_weights(run).parent.name,

@@ -30,6 +30,7 @@ class PeriodicEval:
         self.task = task
         self.trained = trained
         self.reference: dict[str, Any] = {}
+        self.pairs: list[tuple[str, str | None]] | None = None  # sd: read once
 
     def __call__(self) -> dict[str, float]:
         if hasattr(self.task, "add_prompts"):
@@ -40,9 +41,11 @@ class PeriodicEval:
         from sqdf.tasks.sd_prompts import load_prompt_pairs
 
         task = self.task
+        if self.pairs is None:
+            self.pairs = load_prompt_pairs(task.options.eval_prompts)
         rewards = {self.trained: task.reward_model}
         metrics = evaluate_prompts(
-            task, load_prompt_pairs(task.options.eval_prompts), rewards=rewards,
+            task, self.pairs, rewards=rewards,
             trained=self.trained, per_prompt=IMAGES_PER_PROMPT, seed=SEED,
             features=image_features(rewards, None), reference=self.reference,
         )  # fmt: skip

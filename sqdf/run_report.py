@@ -13,13 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sqdf.evaluate import evaluate_run, final_weights, load_run, trained_updates
 from sqdf.heldout import describe, prompt_rows, summary_rows
 from sqdf.report import figure_png, file_png, html_table, pyplot, write_html
 from sqdf.run import EVAL_METRICS, read_metrics, read_run_config
-from sqdf.sampler import sample_trajectories
+from sqdf.sampler import samples_from_seed
 from sqdf.tasks import resolved_reward_name
 
 PICTURE_SEED = 0  # the before/after picture's noise and conditions
@@ -78,12 +76,8 @@ def what_ran(run: Path, config: dict[str, Any]) -> str:
 
 def before_after(task: Any, weights: str) -> str:
     """The task's picture of fine-tuned and reference samples from the same noise."""
-    n = task.picture_samples
-    cond = task.sample_conditions(n, torch.Generator().manual_seed(PICTURE_SEED))
-    x0 = sample_trajectories(task, n, torch.Generator().manual_seed(PICTURE_SEED), cond=cond).x0
-    ref = sample_trajectories(
-        task, n, torch.Generator().manual_seed(PICTURE_SEED), cond=cond, policy=False
-    ).x0
+    cond, x0 = samples_from_seed(task, task.picture_samples, PICTURE_SEED)
+    _, ref = samples_from_seed(task, len(cond), PICTURE_SEED, cond=cond, policy=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "before_after.png"
         task.plot_samples(x0, ref, cond, path)

@@ -153,6 +153,17 @@ def sample_states_at(
     return out, cond
 
 
+def samples_from_seed(
+    task: Task, n: int, seed: int, *, policy: bool = True, cond: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(conditions, x0) of n samples whose conditions (unless given) and noise come from
+    ``seed`` alone: the policy's and the reference's, drawn with one seed, sit side by side."""
+    if cond is None:
+        cond = task.sample_conditions(n, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return cond, sample_trajectories(task, n, gen, policy=policy, cond=cond).x0
+
+
 def sample_in_chunks(
     task: Task, n: int, seed: int, progress: Any = False, cond: Tensor | None = None, **kw: Any
 ) -> Trajectories:

@@ -64,7 +64,12 @@ from sqdf.run import (
     truncate_metrics,
     write_config,
 )
-from sqdf.sampler import Trajectories, sample_states_at, sample_trajectories
+from sqdf.sampler import (
+    Trajectories,
+    sample_states_at,
+    sample_trajectories,
+    samples_from_seed,
+)
 from sqdf.settings import check_registered, config_sources
 from sqdf.tasks import Task, build_task, resolved_reward_name, with_summed_alpha
 from sqdf.trackers import RunTrackers, check_installed, parse_log_with
@@ -714,13 +719,9 @@ def save_pictures(s: TrainingRun, done: int) -> None:
 def _draw_pictures(s: TrainingRun, done: int) -> None:
     task, n = s.task, s.task.picture_samples
     if s.picture_reference is None:
-        cond = task.sample_conditions(n, torch.Generator().manual_seed(PICTURE_SEED))
-        ref = sample_trajectories(
-            task, n, torch.Generator().manual_seed(PICTURE_SEED), policy=False, cond=cond
-        ).x0
-        s.picture_reference = (cond, ref)
+        s.picture_reference = samples_from_seed(task, n, PICTURE_SEED, policy=False)
     cond, ref = s.picture_reference
-    x0 = sample_trajectories(task, n, torch.Generator().manual_seed(PICTURE_SEED), cond=cond).x0
+    _, x0 = samples_from_seed(task, n, PICTURE_SEED, cond=cond)
     if s.procs.is_main:
         path = s.run / "samples" / f"step_{done:07d}.png"
         path.parent.mkdir(exist_ok=True)
