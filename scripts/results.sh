@@ -31,6 +31,11 @@ declare -A EXPERIMENTS=(
     # the same two comparisons on the rectified-flow path (the flow SDE kernel, noise level 0.7)
     [gmm2d-flow-quadratic]="--task gmm2d --methods $ALL --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --set 'task_params={process=\"flow\"}'"
     [gmm2d-flow-linear]="--task gmm2d --methods $ALL --seeds 3 --set 'task_params={process=\"flow\"}'"
+    # each method over its own regularisation, against the exact reward-KL frontier
+    [gmm2d-frontier]="--task gmm2d --frontier --methods sqdf,draft_kl,draft,alignprop,best_of_n --seeds 2"
+    # the same at gamma 1 with the exact soft value: the frontier SQDF reaches without Q error
+    [gmm2d-frontier-exact]="--task gmm2d --frontier --methods sqdf,best_of_n --seeds 2 --set gamma=1.0 --set estimator=exact"
+    [digits-frontier]="${DIGITS[*]} --frontier --methods sqdf,draft_kl,draft,best_of_n --seeds 2 --frontier-values sqdf=0.4,0.1,0.025 --frontier-values draft_kl=0.4,0.1,0.025"
     [digits-methods]="${DIGITS[*]} --methods $ALL --seeds 3"
     [digits-gamma]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep gamma=1.0,0.9,0.7"
     [digits-estimator]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
@@ -45,7 +50,7 @@ declare -A EXPERIMENTS=(
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
        gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-buffer gmm2d-alpha
-       gmm2d-flow-quadratic gmm2d-flow-linear digits-methods digits-gamma digits-estimator digits-buffer digits-alpha bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact digits-methods digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args
@@ -59,7 +64,9 @@ run() {  # name
     "$SQDF" "$command" --out "runs/results/$name" --no-progress "${args[@]}" > /dev/null
     mkdir -p "docs/results/$name"
     for f in "${files[@]}"; do cp "runs/results/$name/$f" "docs/results/$name/"; done
-    [ -f "runs/results/$name/samples.png" ] && cp "runs/results/$name/samples.png" "docs/results/$name/"
+    for f in samples.png frontier.md frontier.json frontier.png; do  # where the run wrote them
+        [ -f "runs/results/$name/$f" ] && cp "runs/results/$name/$f" "docs/results/$name/"
+    done
     local line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: sqdf $command --out runs/results/$name --no-progress ${args[*]}"
     # flock: several invocations may run side by side (e.g. one torch thread each)
     (flock 9; { grep -v "^$name: " "$LOG" || true; } > "$LOG.tmp"; echo "$line" >> "$LOG.tmp"

@@ -387,15 +387,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if resolved.bbo:
         raise SqdfError(f"{args.config}: a [bbo] table needs --bbo")
     base = resolved.values
-    sweep = None
-    if args.sweep:
-        key, sep, raw = args.sweep.partition("=")
-        if not sep or not key or not raw:
-            raise SqdfError(f"--sweep expects KEY=V1,V2,..., got {args.sweep!r}")
-        values = (
-            _parse_value(raw) if raw.startswith("[") else [_parse_value(v) for v in raw.split(",")]
-        )
-        sweep = (key.strip(), list(values))
+    sweep = _key_and_values(args.sweep, "--sweep", "KEY") if args.sweep else None
+    frontier_values: dict[str, list[Any]] = {}
+    for item in args.frontier_values:
+        method, values = _key_and_values(item, "--frontier-values", "METHOD")
+        if method in frontier_values:
+            raise SqdfError(f"--frontier-values gives {method!r} twice")
+        frontier_values[method] = values
     methods = [m.strip() for m in (args.methods or COMPARE_DEFAULT_METHODS).split(",")]
     methods = [m for m in methods if m]
     out = args.out or _default_out(f"compare-{base['task']}")
@@ -407,11 +405,26 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         sweep=sweep,
         num_samples=args.num_samples,
         best_of=16 if args.best_of is None else args.best_of,
+        frontier=args.frontier,
+        frontier_values=frontier_values or None,
         progress=not args.no_progress,
     )
     print((folder / "results.md").read_text())
-    print(f"wrote {folder}/results.json, results.md, pareto.png, curves.png")
+    written = "results.json, results.md, pareto.png, curves.png"
+    if args.frontier:
+        print((folder / "frontier.md").read_text())
+        written += ", frontier.json, frontier.md, frontier.png"
+    print(f"wrote {folder}/{written}")
     return 0
+
+
+def _key_and_values(text: str, flag: str, what: str) -> tuple[str, list[Any]]:
+    """``KEY=V1,V2,...`` (or ``KEY=[V1, V2]``), each value read as TOML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not raw:
+        raise SqdfError(f"{flag} expects {what}=V1,V2,..., got {text!r}")
+    values = _parse_value(raw) if raw.startswith("[") else [_parse_value(v) for v in raw.split(",")]
+    return key.strip(), list(values)
 
 
 def _only_digits(task: str) -> None:
@@ -471,10 +484,12 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         description="Train and evaluate several methods, or one method over several values of "
         "a setting (--sweep), on seeds 0..N-1 with the same updates and batch sizes. Writes "
         "results.json, results.md (mean ± std), pareto.png, curves.png (and samples.png on "
-        "gmm2d).", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "gmm2d); with --frontier, each method over its own regularisation and the reward-KL "
+        "frontier.", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  sqdf compare --task gmm2d --methods sqdf,draft,alignprop,ddpo --seeds 2\n"
         "  sqdf compare --task gmm2d --methods sqdf --sweep gamma=1.0,0.9,0.7 --seeds 3\n"
+        "  sqdf compare --task gmm2d --frontier --methods sqdf,draft_kl,draft,best_of_n\n"
         "  sqdf compare --task digits --methods sqdf,draft,best_of_n --set alpha=0.1 --steps 60\n"
         "  sqdf compare --bbo --task gmm2d --set reward=quadratic \\\n"
         "      --methods sqdf,seiko,best_of_n --rounds 4 --queries-per-round 64\n\n"
@@ -516,6 +531,19 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=V1,V2",
         help="ablation: one run per value of KEY, for the first method",
     )
+    c.add_argument(
+        "--frontier", action="store_true",
+        help="each method over its regularisation instead of one run: alpha for sqdf and "
+        "draft_kl (4, 2, 1, 0.5, 0.25 x the base's), N for best_of_n (2, 4, 16, 64), updates "
+        "for the methods without a KL term (0.25, 0.5, 1 x the base's); writes frontier.png "
+        "and frontier.md, reward against path KL (on gmm2d with the exact frontier and every "
+        "run's distance to it)",
+    )  # fmt: skip
+    c.add_argument(
+        "--frontier-values", action="append", default=[], metavar="METHOD=V1,V2",
+        help="with --frontier: the values of METHOD's setting instead of the defaults "
+        "(repeatable), e.g. sqdf=4,1,0.25",
+    )  # fmt: skip
     c.add_argument("--num-samples", type=int, default=None, help="evaluation samples per run")
     c.add_argument("--best-of", type=int, default=None, help="N for best_of_n (default: 16)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")  # fmt: skip

@@ -23,6 +23,7 @@ from sqdf.config import TrainConfig
 from sqdf.distributed import Processes
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.evaluate import EVAL_SEED, PER_PROMPT, evaluate_run, load_run, score_samples
+from sqdf.frontier import write_frontier
 from sqdf.heldout import (
     compare_sides,
     heldout_conditions,
@@ -31,7 +32,7 @@ from sqdf.heldout import (
     scored_side,
 )
 from sqdf.methods import METHODS
-from sqdf.report import pyplot
+from sqdf.report import mean_std, pyplot
 from sqdf.run import read_metrics
 from sqdf.sampler import sample_in_chunks, sample_trajectories
 from sqdf.settings import make_config, resolve_settings
@@ -56,14 +57,26 @@ PARETO = {
 }
 
 
+# --frontier: the setting through which each method trades reward for closeness to the
+# reference; a method not listed has no KL term, so it trades through its number of updates
+KNOBS = {"sqdf": "alpha", "draft_kl": "alpha", BEST_OF_N: "best_of"}
+UPDATES_KNOB = "steps"
+# default values: alpha and updates as multiples of the base run's, N as they are
+KNOB_FACTORS = {"alpha": (4.0, 2.0, 1.0, 0.5, 0.25), UPDATES_KNOB: (0.25, 0.5, 1.0)}
+KNOB_VALUES = {"best_of": (2, 4, 16, 64)}
+
+
 @dataclass
 class Variant:
     name: str
-    overrides: dict[str, Any]
+    overrides: dict[str, Any]  # config values over the base (best_of_n: {"best_of": N} or {})
+    method: str
+    # --frontier: the regularisation setting this variant moves, and its value
+    knob: str | None = None
+    value: Any = None
 
 
-def plan_variants(methods: list[str], sweep: tuple[str, list[Any]] | None) -> list[Variant]:
-    """One variant per method, or per swept value of one config key (first method)."""
+def _check_methods(methods: list[str]) -> None:
     for m in methods:
         if m != BEST_OF_N and m not in METHODS:
             raise SqdfError(
@@ -72,12 +85,56 @@ def plan_variants(methods: list[str], sweep: tuple[str, list[Any]] | None) -> li
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:
         raise SqdfError(f"method {repeated[0]!r} is listed twice in --methods")
+
+
+def plan_variants(methods: list[str], sweep: tuple[str, list[Any]] | None) -> list[Variant]:
+    """One variant per method, or per swept value of one config key (first method)."""
+    _check_methods(methods)
     if sweep is None:
-        return [Variant(m, {"method": m}) for m in methods]
+        return [Variant(m, {"method": m} if m != BEST_OF_N else {}, m) for m in methods]
     key, values = sweep
     if methods and methods[0] == BEST_OF_N:
         raise SqdfError("--sweep needs a trained method first in --methods")
-    return [Variant(f"{key}={v}", {"method": methods[0], key: v}) for v in values]
+    return [Variant(f"{key}={v}", {"method": methods[0], key: v}, methods[0]) for v in values]
+
+
+def knob_of(method: str) -> str:
+    return KNOBS.get(method, UPDATES_KNOB)
+
+
+def plan_frontier(
+    methods: list[str], base: dict[str, Any], given: dict[str, list[Any]] | None = None
+) -> list[Variant]:
+    """Each method over its regularisation (``knob_of``): the values in ``given`` for that
+    method, else the defaults (KNOB_FACTORS of ``base``'s value, or KNOB_VALUES)."""
+    _check_methods(methods)
+    given = given or {}
+    stray = sorted(set(given) - set(methods))
+    if stray:
+        raise SqdfError(f"--frontier-values names {stray[0]!r}, which is not in --methods")
+    variants = []
+    for m in methods:
+        knob = knob_of(m)
+        if m in given:
+            values = list(given[m])
+        elif knob in KNOB_FACTORS:
+            values = [base[knob] * f for f in KNOB_FACTORS[knob]]
+        else:
+            values = list(KNOB_VALUES[knob])
+        odd = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if odd:
+            raise SqdfError(f"{m}: {knob} values must be numbers, got {odd[0]!r}")
+        if knob in (UPDATES_KNOB, "best_of"):
+            bad = [v for v in values if v < 1 or v != int(v)]
+            if bad:
+                raise SqdfError(f"{m}: {knob} values must be whole numbers >= 1, got {bad[0]!r}")
+            values = [int(v) for v in values]
+        if len(set(values)) != len(values):
+            raise SqdfError(f"{m}: the {knob} values {values} repeat one")
+        for v in values:
+            overrides = {"best_of": v} if m == BEST_OF_N else {"method": m, knob: v}
+            variants.append(Variant(f"{m}-{knob}={v:g}", overrides, m, knob, v))
+    return variants
 
 
 def _config(base: dict[str, Any], variant: Variant, seed: int) -> TrainConfig:
@@ -162,17 +219,29 @@ def compare(
     sweep: tuple[str, list[Any]] | None = None,
     num_samples: int | None = None,
     best_of: int = 16,
+    frontier: bool = False,
+    frontier_values: dict[str, list[Any]] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train and evaluate every variant on seeds 0..seeds-1; write results and plots to ``out``."""
+    """Train and evaluate every variant on seeds 0..seeds-1; write results and plots to ``out``.
+    ``frontier``: every method over its regularisation (``plan_frontier``), with the
+    reward–KL frontier written beside the results (sqdf.frontier)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SqdfError(f"output folder {out} already exists and is not empty; pick another")
     if seeds < 1:
         raise SqdfError(f"seeds must be >= 1, got {seeds}")
-    variants = plan_variants(methods, sweep)
+    if frontier and sweep is not None:
+        raise SqdfError("--frontier sweeps each method's own regularisation; drop --sweep")
+    if frontier_values and not frontier:
+        raise SqdfError("--frontier-values needs --frontier")
     base = resolve_settings(flags=base).values  # the task's defaults under the given values
     checked = make_config({**base, "method": "sqdf"}, source="compare base")  # bad keys: now
+    if frontier:  # the knobs' defaults scale the base's values, built-in defaults included
+        scaled = {k: getattr(checked, k) for k in KNOB_FACTORS}
+        variants = plan_frontier(methods, scaled, frontier_values)
+    else:
+        variants = plan_variants(methods, sweep)
     check_installed(parse_log_with(checked.log_with))  # before any variant runs
     if best_of < 1:
         raise SqdfError(f"--best-of must be >= 1, got {best_of}")
@@ -184,7 +253,7 @@ def compare(
             f"eval_prompts, {PER_PROMPT} images each"
         )
     for variant in variants:  # every variant's settings, before any of them trains
-        if variant.name != BEST_OF_N:
+        if variant.method != BEST_OF_N:
             _config(base, variant, 0)
     # launched on several processes, every one trains; the main one evaluates and writes
     procs = Processes(str(base.get("device", "auto")))
@@ -197,10 +266,11 @@ def compare(
     for variant in variants:
         for seed in range(seeds):
             t0 = time.perf_counter()
-            if variant.name == BEST_OF_N:
+            if variant.method == BEST_OF_N:
                 if not procs.is_main:
                     continue
-                metrics = best_of_n(base, best_of, num_samples, seed)
+                n = variant.overrides.get("best_of", best_of)
+                metrics = best_of_n(base, n, num_samples, seed)
                 sample = metrics.pop("samples")
             else:
                 cfg = _config(base, variant, seed)
@@ -226,13 +296,18 @@ def compare(
                 samples[variant.name] = sample[:PANEL_POINTS]  # as many dots in each panel
             metrics["wall_s"] = round(time.perf_counter() - t0, 1)
             metrics["eval_seed"] = metrics.pop("seed", None)
+            if variant.knob is not None:
+                metrics.update(method=variant.method, knob=variant.knob, value=variant.value)
             records.append({"variant": variant.name, **metrics, "seed": seed})
     if not procs.is_main:
         procs.barrier()
         return out
     task_name = base["task"]
     doc = {"task": task_name, "base": base, "seeds": seeds, "sweep": sweep and list(sweep),
-           "variants": [v.name for v in variants], "runs": records}  # fmt: skip
+           "frontier": frontier, "variants": [v.name for v in variants],
+           "runs": records}  # fmt: skip
+    if frontier:  # before results.json: it adds each run's distance to the exact frontier
+        write_frontier(task_name, base, records, out)
     atomic_write_text(out / "results.json", json.dumps(doc, indent=1, default=float))
     atomic_write_text(
         out / "results.md", results_markdown(task_name, records, [v.name for v in variants])
@@ -245,15 +320,6 @@ def compare(
     return out
 
 
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def _shared_note(records: list[dict[str, Any]], variants: list[str], key: str) -> str:
     """``key`` over the runs, once where every variant has the same (the same reference and
     target), else per variant (a sweep that moves them, e.g. alpha moves the target)."""
@@ -261,8 +327,8 @@ def _shared_note(records: list[dict[str, Any]], variants: list[str], key: str) -
     by_variant = {v: vals for v, vals in by_variant.items() if vals}
     means = [statistics.mean(vals) for vals in by_variant.values()]
     if max(means) - min(means) <= 1e-9 * max(1.0, *(abs(m) for m in means)):
-        return f"{key} {_mean_std([x for vals in by_variant.values() for x in vals])}"
-    return f"{key}: " + ", ".join(f"{v} {_mean_std(vals)}" for v, vals in by_variant.items())
+        return f"{key} {mean_std([x for vals in by_variant.values() for x in vals])}"
+    return f"{key}: " + ", ".join(f"{v} {mean_std(vals)}" for v, vals in by_variant.items())
 
 
 def results_markdown(task: str, records: list[dict[str, Any]], variants: list[str]) -> str:
@@ -272,7 +338,7 @@ def results_markdown(task: str, records: list[dict[str, Any]], variants: list[st
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for v in variants:
         rs = [r for r in records if r["variant"] == v]
-        cells = [v] + [_mean_std([r.get(c, math.nan) for r in rs]) for c, _ in cols]
+        cells = [v] + [mean_std([r.get(c, math.nan) for r in rs]) for c, _ in cols]
         cells += [
             f"{statistics.mean(r['reward_evals'] for r in rs):.0f}",
             f"{max(r['updates'] for r in rs)}",
@@ -292,7 +358,7 @@ def results_markdown(task: str, records: list[dict[str, Any]], variants: list[st
     for r in records:
         if "diverged" in r:
             notes.append(f"{r['variant']} seed {r['seed']} diverged: {r['diverged']}")
-    if BEST_OF_N in variants:
+    if any(r.get("method", r["variant"]) == BEST_OF_N for r in records):
         notes.append("best_of_n: kl_path is the bound log n - (n-1)/n, not a measured path KL.")
     return (
         "\n".join(lines)
@@ -366,7 +432,7 @@ def _gmm_samples(
     by_name = {v.name: v for v in variants}
     targets = []
     for name in samples:
-        if name == BEST_OF_N:  # sampled from the base config's reference
+        if by_name[name].method == BEST_OF_N:  # sampled from the base config's reference
             cfg = make_config({**base, "method": "sqdf"}, source="plot")
         else:
             cfg = _config(base, by_name[name], 0)

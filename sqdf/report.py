@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,16 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def mean_std(values: list[float]) -> str:
+    """A table cell: mean ± sample std of the numbers (NaN left out), the one value, or n/a."""
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def digit_grid(images: Tensor, cond: Tensor, per_class: int = 8) -> Tensor:

@@ -5,8 +5,9 @@ import json
 import pytest
 
 from sqdf.cli import main
-from sqdf.compare import BEST_OF_N, compare, plan_variants
+from sqdf.compare import BEST_OF_N, compare, plan_frontier, plan_variants
 from sqdf.errors import SqdfError
+from sqdf.frontier import write_frontier
 
 BASE = dict(
     task="gmm2d",
@@ -125,3 +126,78 @@ def test_compare_takes_the_task_from_the_config_file(tmp_path):
     assert main(argv) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["task"] == "digits" and "diverged" not in doc["runs"][0]
+
+
+def test_frontier_runs_each_method_over_its_regularisation(tmp_path, capsys):
+    out = tmp_path / "f"
+    argv = ["compare", "--task", "gmm2d", "--frontier", "--methods", "sqdf,draft,best_of_n",
+            "--frontier-values", "sqdf=2.0,0.5", "--frontier-values", "draft=1,4",
+            "--frontier-values", "best_of_n=2,8", "--seeds", "1", "--num-samples", "256",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    argv += [f"--set={k}={json.dumps(v)}" for k, v in BASE.items() if k[:4] != "task"]
+    argv += ["--set", "task_params={hidden = 8}"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Distance to the exact frontier" in printed and "frontier.png" in printed
+    doc = json.loads((out / "frontier.json").read_text())
+    runs = {r["variant"]: r for r in doc["runs"]}
+    assert list(runs) == ["sqdf-alpha=2", "sqdf-alpha=0.5", "draft-steps=1", "draft-steps=4",
+                          "best_of_n-best_of=2", "best_of_n-best_of=8"]  # fmt: skip
+    assert runs["sqdf-alpha=0.5"]["value"] == 0.5 and runs["draft-steps=1"]["updates"] == 1
+    curve = doc["exact_frontier"]
+    assert curve[0]["kl"] < 1e-9 and all(
+        a["kl"] < b["kl"] for a, b in zip(curve, curve[1:], strict=False)
+    )
+    for r in doc["runs"]:
+        # no sampler beats the exact frontier at its own KL: best-of-n's KL is exact for a
+        # continuous reward, a trained run's path KL bounds its output's KL from above
+        noise = 4 * r["reward_std"] / 256**0.5
+        assert r["frontier_gap"] > -noise, r["variant"]
+        assert r["frontier_gap"] == pytest.approx(r["frontier_reward"] - r["reward_mean"])
+    # results.json carries the same distances
+    results = json.loads((out / "results.json").read_text())
+    assert results["frontier"] and "frontier_gap" in results["runs"][0]
+    table = (out / "frontier.md").read_text()
+    assert "| sqdf | alpha=0.5 |" in table and "| best_of_n | best_of=8 |" in table
+    assert (out / "frontier.png").stat().st_size > 5000
+
+
+def test_frontier_on_a_task_without_an_exact_curve(tmp_path):
+    records = [
+        {"variant": f"sqdf-alpha={a:g}", "method": "sqdf", "knob": "alpha", "value": a,
+         "seed": s, "kl_path": 1 / a + s, "reward_mean": 2 - a, "eval_agreement": 0.9,
+         "eval_frechet": 3.0 + a}
+        for a in (0.5, 2.0) for s in (0, 1)
+    ]  # fmt: skip
+    write_frontier("digits", {"task": "digits"}, records, tmp_path)
+    table = (tmp_path / "frontier.md").read_text()
+    assert "eval_frechet" in table and "frontier_gap" not in table
+    assert "| sqdf | alpha=0.5 | 2.500 ± 0.707 | 1.500 ± 0.000 |" in table
+    assert json.loads((tmp_path / "frontier.json").read_text())["exact_frontier"] is None
+    assert (tmp_path / "frontier.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(frontier=True, sweep=("gamma", [1.0])), "drop --sweep"),
+        (dict(frontier_values={"sqdf": [1.0]}), "--frontier-values needs --frontier"),
+        (dict(frontier=True, frontier_values={"draft": [1]}), "names 'draft', which is not"),
+        (dict(frontier=True, frontier_values={"sqdf": ["big"]}), "values must be numbers"),
+        (dict(frontier=True, frontier_values={"sqdf": [1.0, 1]}), "repeat one"),
+    ],
+)
+def test_bad_frontier_input(tmp_path, kwargs, message):
+    with pytest.raises(SqdfError, match=message):
+        compare(BASE, ["sqdf"], 1, tmp_path / "x", progress=False, **kwargs)
+    assert not (tmp_path / "x" / "runs").exists()
+
+
+def test_frontier_defaults_follow_the_base():
+    base = {**BASE, "alpha": 2.0, "steps": 40}
+    variants = plan_frontier(["sqdf", "draft", BEST_OF_N], base)
+    assert [v.value for v in variants if v.method == "sqdf"] == [8.0, 4.0, 2.0, 1.0, 0.5]
+    assert [v.value for v in variants if v.method == "draft"] == [10, 20, 40]
+    assert [v.overrides for v in variants if v.method == BEST_OF_N][0] == {"best_of": 2}
+    with pytest.raises(SqdfError, match="whole numbers >= 1, got 0.5"):
+        plan_frontier([BEST_OF_N], base, {BEST_OF_N: [0.5]})

@@ -40,3 +40,26 @@ def test_gmm2d_example_moves_towards_the_exact_target(tmp_path, monkeypatch):
 def test_ci_runs_the_readme_test_command():
     test_cmd = next(b for b in blocks("bash") if "pytest" in b).strip()
     assert test_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_frontier_example_runs(tmp_path, monkeypatch):
+    """The README's --frontier command as written, shrunk to seconds by flags appended after
+    it (later flags win): 5 sampling steps, 3 updates, 64 evaluation samples, one seed."""
+    monkeypatch.chdir(tmp_path)
+    (line,) = [
+        b.strip() for b in blocks("bash") if b.startswith("sqdf compare --task gmm2d --frontier")
+    ]
+    argv = shlex.split(line)[1:] + [
+        "--set", "num_steps=5", "--steps", "3", "--set", "batch_size=8", "--set", "buffer_size=16",
+        "--set", "task_params={hidden = 8}", "--set", "estimator=tweedie", "--num-samples", "64",
+        "--seeds", "1", "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    table = (tmp_path / "runs" / "frontier" / "frontier.md").read_text()
+    for row in (
+        "| sqdf | alpha=4 |",
+        "| sqdf | alpha=0.25 |",
+        "| draft_kl | alpha=",
+        "| best_of_n | best_of=64 |",
+    ):
+        assert row in table, row
