@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from sqdf.core.ddim import ddim_step_mean_std
-from sqdf.core.flow import flow_noised, flow_step_mean_std, flow_x0, sde_sigma
+from sqdf.core.flow import flow_step_mean_std, flow_x0, sde_sigma
 from sqdf.core.kl import gaussian_log_prob
 from sqdf.core.schedule import DDIMSchedule
 from sqdf.core.x0 import tweedie_x0
@@ -52,8 +52,14 @@ class StepKernel(ABC):
         """x̂0 of state k from the model's output there (the posterior mean for an exact model)."""
 
     @abstractmethod
+    def marginal(self, k: Tensor) -> tuple[Tensor, Tensor]:
+        """(scale, spread), (B,) float64: state k's forward marginal is scale · x0 + spread · ε."""
+
     def noise(self, x0: Tensor, noise: Tensor, k: Tensor) -> Tensor:
         """A draw of state k's forward marginal: x0 noised to its level with ``noise``."""
+        # the coefficients in float64, then the sample's dtype: as a scheduler's Python floats
+        scale, spread = self.marginal(k)
+        return _expand(scale, x0) * x0 + _expand(spread, x0) * noise
 
     @property
     @abstractmethod
@@ -92,11 +98,9 @@ class DDIMKernel(StepKernel):
         abar = self._abar(self.schedule.timesteps[k], x)
         return tweedie_x0(output, x, abar, self.prediction_type)
 
-    def noise(self, x0: Tensor, noise: Tensor, k: Tensor) -> Tensor:
-        # the roots in float64, then the sample's dtype: as a scheduler's Python-float scale
+    def marginal(self, k: Tensor) -> tuple[Tensor, Tensor]:
         abar = self.schedule.abar(self.schedule.timesteps[k]).double()
-        scale, spread = _expand(abar.sqrt(), x0), _expand((1 - abar).sqrt(), x0)
-        return scale * x0 + spread * noise
+        return abar.sqrt(), (1 - abar).sqrt()
 
     @property
     def stds(self) -> Tensor:
@@ -144,8 +148,9 @@ class FlowKernel(StepKernel):
     def x0(self, output: Tensor, x: Tensor, k: Tensor) -> Tensor:
         return flow_x0(output, x, _expand(self.sigmas[k], x))
 
-    def noise(self, x0: Tensor, noise: Tensor, k: Tensor) -> Tensor:
-        return flow_noised(x0, noise, _expand(self.sigmas[k], x0))
+    def marginal(self, k: Tensor) -> tuple[Tensor, Tensor]:
+        t = self.sigmas[k].double()
+        return 1 - t, t  # the path of flow.flow_noised
 
     @property
     def stds(self) -> Tensor:
