@@ -3,7 +3,8 @@
 Per replayed cell (x_t, k):
     x_{t-1} = mean_θ(x_t) + σ_t z,  z ~ N(0, I)            (one step, with gradients)
     L = -γ^(T-k-1) r(x̂0(x_{t-1}))  +  α ||mean_θ - mean_ref||² / (2σ_t²)
-(on gmm2d, estimator "exact" puts the exact soft value V(x_{t-1}) in place of r(x̂0(x_{t-1}))).
+(on gmm2d, estimator "exact" puts the exact soft value V(x_{t-1}) in place of r(x̂0(x_{t-1}));
+estimator "gaussian_posterior" the log-mean-exp of r over draws from the posterior's Gaussian).
 The reward gradient flows through the frozen x̂0 estimator into x_{t-1} and mean_θ; nothing
 is back-propagated through the rest of the chain, so memory is one step.
 """
@@ -38,12 +39,15 @@ def sqdf_loss(
         ref_mean, _ = step_mean_std(task, x_t, step, cond, policy=False)
     z = torch.randn(x_t.shape, generator=generator).to(dev)
     x_prev = mean + std * z
-    reward = task.soft_q(x_prev, step.to(dev), cond)
+    reward = task.soft_q(x_prev, step.to(dev), cond, generator)
     kl = gaussian_kl(mean, ref_mean, std)
     T = task.kernel.num_steps
     loss = soft_q_loss(reward, kl, step.to(dev), T, cfg.gamma, cfg.alpha)
-    # the exact soft value is no reward evaluation: only the cells that end a chain are
-    evals = reward.shape[0] if task.estimator != "exact" else int((step == T - 1).sum())
+    # the exact soft value is no reward evaluation: only the cells that end a chain are; the
+    # Gaussian posterior's is q_draws of them
+    ends = int((step == T - 1).sum())
+    per_cell = {"exact": 0, "gaussian_posterior": task.q_draws}.get(task.estimator, 1)
+    evals = ends + per_cell * (reward.shape[0] - ends)
     stats = {"kl_mean": kl.mean().item(), "q_mean": reward.mean().item(),
              "reward_evals": float(evals)}  # fmt: skip
     return loss.mean(), stats

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from sqdf.core.gaussian_q import MAX_DIM
 from sqdf.core.kl import alpha_in_sum_convention
 from sqdf.errors import ConfigError
-from sqdf.tasks.base import Task
+from sqdf.tasks.base import GAUSSIAN_POSTERIOR, Task
 from sqdf.tasks.gmm2d import GMM2DTask, build_gmm2d
 
 
@@ -81,12 +82,21 @@ def build_task(cfg: Any) -> Task:
 
     reward = build_reward(resolved_reward_name(cfg), cfg.reward_params)
     cfg = with_summed_alpha(cfg)
+    dims = math.prod(sample_shape(cfg))
+    if cfg.estimator == GAUSSIAN_POSTERIOR and dims > MAX_DIM:
+        raise ConfigError(
+            f"estimator {GAUSSIAN_POSTERIOR!r} reads the posterior covariance with one backward "
+            f"pass per dimension, for samples of at most {MAX_DIM}; task {cfg.task!r} has "
+            f"{dims}: use tweedie or consistency"
+        )
     try:
-        return TASKS[cfg.task](cfg, reward, resolve_device(cfg.device))
+        task = TASKS[cfg.task](cfg, reward, resolve_device(cfg.device))
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"task {cfg.task!r}: {err}") from None
+    task.alpha, task.q_draws = cfg.alpha, cfg.q_draws
+    return task
 
 
 __all__ = ["TASKS", "Task", "build_task", "resolve_device", "sample_shape", "with_summed_alpha"]

@@ -9,9 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sqdf.core.gaussian_q import gaussian_soft_value, tweedie_covariance
 from sqdf.core.kernel import StepKernel
 from sqdf.core.schedule import DDIMSchedule
 from sqdf.errors import SqdfError
+
+GAUSSIAN_POSTERIOR = "gaussian_posterior"
 
 
 class Task(ABC):
@@ -28,6 +31,8 @@ class Task(ABC):
     reward_model: Any
     estimator: str
     sample_shape: tuple[int, ...]
+    alpha: float  # the KL weight, summed convention (set by build_task)
+    q_draws: int  # estimator "gaussian_posterior": draws per soft value (set by build_task)
     eval_samples: int = 4096  # sqdf eval's default sample count
     eval_batch: int | None = None  # evaluation samples per chunk (None: all at once)
     picture_samples: int = 1024  # samples in each --sample-every picture (gmm2d: a scatter)
@@ -88,11 +93,36 @@ class Task(ABC):
         out = self.model_output(x, self.model_time(k, x), cond, policy=False)
         return self.kernel.x0(out, x, k.cpu())
 
-    def soft_q(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:
+    def soft_q(
+        self,
+        x_prev: Tensor,
+        step_index: Tensor,
+        cond: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """The soft Q-value of step k that reached x_prev, (B,): SQDF's training-free estimate
-        r(x̂0(x_prev)) (the reward itself after the last step). A task that knows the exact
-        soft value (gmm2d, estimator "exact") gives that instead."""
-        return self.reward(self.x0_after_step(x_prev, step_index, cond), cond)
+        r(x̂0(x_prev)) (the reward itself after the last step); with estimator
+        "gaussian_posterior", the log-mean-exp of the reward over ``q_draws`` draws from a
+        Gaussian with the posterior's mean and covariance (sqdf.core.gaussian_q; ``generator``
+        draws them). A task that knows the exact soft value (gmm2d, estimator "exact") gives
+        that instead."""
+        if self.estimator != GAUSSIAN_POSTERIOR:
+            return self.reward(self.x0_after_step(x_prev, step_index, cond), cond)
+        T = self.kernel.num_steps
+        state = (step_index.cpu() + 1).clamp(max=T - 1)  # after the last step: unused below
+        scale, spread = self.kernel.marginal(state)
+        mean, cov = tweedie_covariance(
+            lambda x: self.reference_x0(x, state, cond), x_prev, scale.to(x_prev.device),
+            spread.to(x_prev.device),
+        )  # fmt: skip
+        z = torch.randn((len(x_prev), self.q_draws, mean.shape[1]), generator=generator)
+        cond_k = cond.repeat_interleave(self.q_draws, dim=0)
+        value = gaussian_soft_value(
+            lambda d: self.reward(d.view(-1, *self.sample_shape), cond_k), mean, cov,
+            self.alpha, z.to(mean),
+        )  # fmt: skip
+        last = (step_index == T - 1).to(x_prev.device)
+        return torch.where(last, self.reward(x_prev, cond), value)
 
     def x0_after_step(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:
         """x̂0 of the state reached by step k (state k + 1): the frozen estimator, or x_prev
@@ -102,7 +132,7 @@ class Task(ABC):
         """
         T = self.kernel.num_steps
         state = (step_index.cpu() + 1).clamp(max=T - 1)  # after the last step: unused below
-        if self.estimator == "tweedie":
+        if self.estimator in ("tweedie", GAUSSIAN_POSTERIOR):  # the posterior's mean
             est = self.reference_x0(x_prev, state, cond)
         elif self.estimator == "consistency":
             est = self.consistency_x0(x_prev, self.model_time(state, x_prev), cond)

@@ -254,9 +254,15 @@ class GMM2DTask(Task):
         log_mgf = log_mgf_of(posterior.means, posterior.variances, self.alpha)
         return soft_value(posterior, log_mgf, self.alpha)
 
-    def soft_q(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:
+    def soft_q(
+        self,
+        x_prev: Tensor,
+        step_index: Tensor,
+        cond: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         if self.estimator != "exact":
-            return super().soft_q(x_prev, step_index, cond)
+            return super().soft_q(x_prev, step_index, cond, generator)
         T = self.kernel.num_steps
         state = (step_index.cpu() + 1).clamp(max=T - 1)  # after the last step: unused below
         value = self.exact_soft_value(x_prev, state)

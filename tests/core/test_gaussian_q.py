@@ -1,0 +1,122 @@
+"""The Gaussian posterior soft value (sqdf.core.gaussian_q): second-order Tweedie's covariance
+against a mixture's exact posterior covariance, the log-mean-exp against the closed-form soft
+value where the posterior is Gaussian, its gradient against finite differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sqdf.core.gaussian_q import covariance_root, gaussian_soft_value, tweedie_covariance
+from sqdf.core.gmm import GaussianMixture
+from sqdf.core.soft_value import gmm_posterior, soft_value
+from sqdf.errors import ConfigError
+from sqdf.settings import make_config
+from sqdf.tasks import build_task
+
+from .test_soft_value import MIX, REWARDS, STATES
+
+GAUSS = GaussianMixture(  # one anisotropic component: its posteriors are Gaussian
+    weights=torch.tensor([1.0], dtype=torch.float64),
+    means=torch.tensor([[0.5, -0.3]], dtype=torch.float64),
+    variances=torch.tensor([[0.4, 0.9]], dtype=torch.float64),
+)
+X = torch.tensor([[0.3, -0.7], [-1.0, 0.4], [1.2, 0.9]], dtype=torch.float64)
+
+
+def posterior_mean_fn(gmm, scale, noise_var):
+    def fn(x):
+        n = x.shape[0]
+        post = gmm_posterior(gmm, x, full(n, scale), full(n, noise_var))
+        return (post.log_weights.exp()[..., None] * post.means).sum(1)
+
+    return fn
+
+
+def full(n, v):
+    return torch.full((n,), v, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scale, noise_var", STATES)
+def test_covariance_is_the_mixtures_posterior_covariance(scale, noise_var):
+    n = X.shape[0]
+    fn = posterior_mean_fn(MIX, scale, noise_var)
+    mean, cov = tweedie_covariance(fn, X, full(n, scale), full(n, noise_var**0.5))
+    post = gmm_posterior(MIX, X, full(n, scale), full(n, noise_var))
+    w = post.log_weights.exp()  # (B, K)
+    second = torch.diag_embed(post.variances) + post.means[..., :, None] * post.means[..., None, :]
+    exact = (w[..., None, None] * second).sum(1) - mean[:, :, None] * mean[:, None, :]
+    torch.testing.assert_close(cov, exact, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(mean, fn(X))
+
+
+@pytest.mark.parametrize("reward", REWARDS, ids=["linear", "quadratic"])
+def test_value_is_the_soft_value_where_the_posterior_is_gaussian(reward):
+    alpha, (scale, noise_var), n = 1.5, STATES[1], X.shape[0]
+    fn = posterior_mean_fn(GAUSS, scale, noise_var)
+    mean, cov = tweedie_covariance(fn, X, full(n, scale), full(n, noise_var**0.5))
+    z = torch.randn(n, 400_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = gaussian_soft_value(lambda d: reward(d, None), mean.detach(), cov.detach(), alpha, z)
+    post = gmm_posterior(GAUSS, X, full(n, scale), full(n, noise_var))
+    exact = soft_value(post, reward.log_mgf(post.means, post.variances, alpha), alpha)
+    torch.testing.assert_close(got, exact, rtol=0, atol=5e-3)
+
+
+def test_value_is_differentiable_in_the_state():
+    """Through the posterior's mean and its covariance (a second derivative of the denoiser),
+    with the draws z held fixed: autograd against central differences."""
+    alpha, (scale, noise_var) = 1.5, STATES[1]
+    fn = posterior_mean_fn(MIX, scale, noise_var)
+    z = torch.randn(1, 64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def value(x):
+        mean, cov = tweedie_covariance(fn, x, full(1, scale), full(1, noise_var**0.5))
+        return gaussian_soft_value(lambda d: REWARDS[1](d, None), mean, cov, alpha, z).sum()
+
+    x = X[:1].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(value(x), x)
+    h = 1e-6
+    for j in range(2):
+        e = torch.zeros_like(x)
+        e[0, j] = h
+        fd = (value(x.detach() + e) - value(x.detach() - e)) / (2 * h)
+        assert float(grad[0, j].detach()) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
+
+
+def test_a_covariance_that_is_not_positive_definite_falls_back_to_its_diagonal():
+    cov = torch.tensor([[[1.0, 2.0], [2.0, 1.0]], [[2.0, 0.5], [0.5, 1.0]]], dtype=torch.float64)
+    root = covariance_root(cov)
+    torch.testing.assert_close(root[0], torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(root[1] @ root[1].T, cov[1], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="D <= 64 dimensions, got 65"):
+        tweedie_covariance(lambda x: x, torch.zeros(1, 65), torch.ones(1), torch.ones(1))
+    with pytest.raises(ValueError, match="alpha must be > 0, got 0"):
+        gaussian_soft_value(lambda d: d.sum(1), torch.zeros(1, 2), torch.eye(2)[None], 0.0,
+                            torch.zeros(1, 3, 2))  # fmt: skip
+    cfg = make_config(dict(task="digits", method="sqdf", estimator="gaussian_posterior",
+                           device="cpu"), source="test")  # fmt: skip
+    with pytest.raises(ConfigError, match="at most 64; task 'digits' has 256"):
+        build_task(cfg)
+
+
+def test_gmm2d_soft_q_is_nearer_the_exact_value_than_tweedie():
+    """At the VP path's mid noise the posterior is spread over modes: r(E[x0|x]) misses the
+    spread's Var[r]/(2α) (linear reward); the Gaussian posterior's log-mean-exp keeps it, up
+    to the noise of its 16 draws."""
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(2)) * 1.5
+    step, cond = torch.full((256,), 20), torch.zeros(256, dtype=torch.long)
+    q = {}
+    for est in ("tweedie", "gaussian_posterior", "exact"):
+        task = build_task(make_config(dict(task="gmm2d", method="sqdf", estimator=est,
+                                           gamma=1.0, device="cpu"), source="test"))  # fmt: skip
+        q[est] = task.soft_q(x, step, cond, torch.Generator().manual_seed(3)).detach()
+    bias = {e: float((q[e] - q["exact"]).mean()) for e in ("tweedie", "gaussian_posterior")}
+    err = {e: float((q[e] - q["exact"]).abs().mean()) for e in ("tweedie", "gaussian_posterior")}
+    assert bias["tweedie"] < -0.5 and abs(bias["gaussian_posterior"]) < 0.1 * -bias["tweedie"]
+    assert err["gaussian_posterior"] < err["tweedie"], err
+    # after the last step the sample is scored as it is
+    last = task.soft_q(x, torch.full((256,), 49), cond)
+    torch.testing.assert_close(last, task.reward(x, cond))
