@@ -26,6 +26,9 @@ declare -A EXPERIMENTS=(
     [gmm2d-exact-lr]="--task gmm2d --methods sqdf --seeds 2 --set gamma=1.0 --set estimator=exact --set steps=1000 --sweep lr=0.001,0.003"
     [gmm2d-exact-num-steps]="--task gmm2d --methods sqdf --seeds 2 --set gamma=1.0 --set estimator=exact --set steps=600 --set lr=0.003 --sweep num_steps=50,200"
     [gmm2d-quadratic-estimator-long]="--task gmm2d --methods sqdf --seeds 2 --set reward=quadratic --set gamma=1.0 --set steps=2000 --sweep estimator=tweedie,exact"
+    # the Gaussian posterior's log-mean-exp (second-order Tweedie) against r(x̂0) and the exact soft value
+    [gmm2d-gaussian-q]="--task gmm2d --methods sqdf --seeds 2 --set gamma=1.0 --sweep estimator=tweedie,gaussian_posterior,exact"
+    [gmm2d-quadratic-gaussian-q]="--task gmm2d --methods sqdf --seeds 2 --set reward=quadratic --set gamma=1.0 --sweep estimator=tweedie,gaussian_posterior,exact"
     [gmm2d-buffer]="--task gmm2d --methods sqdf --seeds 3 --sweep buffer=uniform,on_policy,prioritized"
     [gmm2d-alpha]="--task gmm2d --methods sqdf --seeds 3 --sweep alpha=0.5,1.0,2.0,4.0"
     # the same two comparisons on the rectified-flow path (the flow SDE kernel, noise level 0.7)
@@ -49,7 +52,7 @@ declare -A EXPERIMENTS=(
 )
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
-       gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-buffer gmm2d-alpha
+       gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-gaussian-q gmm2d-quadratic-gaussian-q gmm2d-buffer gmm2d-alpha
        gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact digits-methods digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
