@@ -34,7 +34,7 @@ class TrainConfig:
 
     task: str = _f("gmm2d", "task: backbone, conditions and metrics (gmm2d)")
     method: str = _f(
-        "sqdf", "fine-tuning method: sqdf, draft, draft_lv, draft_kl, refl, alignprop, ddpo"
+        "sqdf", "fine-tuning method: sqdf, draft, draft_lv, draft_kl, refl, alignprop, ddpo, grpo"
     )
     reward: str = _f(
         "auto",

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqdf.config import TrainConfig, config_fields
 from sqdf.errors import ConfigError
-from sqdf.methods import METHODS
+from sqdf.methods import METHODS, build_method_params
 from sqdf.params import suggest
 from sqdf.tasks import TASKS
 
@@ -27,7 +27,8 @@ TASK_DEFAULTS_FILE = "task_defaults.toml"
 
 
 def check_registered(cfg: TrainConfig) -> None:
-    """The task and the method exist, and the method's required replay strategy is set."""
+    """The task and the method exist, the method's required replay strategy is set, and its
+    groups (GRPO) fit the batch."""
     if cfg.task not in TASKS:
         raise ConfigError(
             f"unknown task {cfg.task!r}; known: {', '.join(sorted(TASKS))}"
@@ -41,6 +42,14 @@ def check_registered(cfg: TrainConfig) -> None:
     required = METHODS[cfg.method].buffer
     if required is not None and cfg.buffer != required:
         raise ConfigError(f"method {cfg.method!r} needs buffer = {required!r}, got {cfg.buffer!r}")
+    if METHODS[cfg.method].grouped:
+        size = build_method_params(cfg.method, cfg.method_params).group_size
+        if cfg.batch_size % size:
+            raise ConfigError(
+                f"method {cfg.method!r} samples groups of group_size {size} per condition, "
+                f"which must divide batch_size {cfg.batch_size} (set method_params.group_size "
+                "or batch_size)"
+            )
 
 
 def make_config(values: dict[str, Any], source: str = "config") -> TrainConfig:

@@ -53,7 +53,7 @@ from sqdf.distributed import (
     rank_seed,
 )
 from sqdf.errors import ConfigError, DivergedError, SqdfError
-from sqdf.methods import METHODS, build_method_params
+from sqdf.methods import METHODS, build_method_params, group_size
 from sqdf.periodic_eval import PeriodicEval
 from sqdf.rewards import reward_params
 from sqdf.run import (
@@ -401,6 +401,8 @@ def set_up(
     if state is not None and resume:
         raise ValueError("train: resume and a caller's state exclude each other")
     check_registered(cfg)  # a TrainConfig built in Python has not met the registries yet
+    if state is not None and state.fresh is not None and METHODS[cfg.method].grouped:
+        raise ValueError(f"train: method {cfg.method} samples its own groups, not a caller's batch")
     check_installed(parse_log_with(cfg.log_with))  # before a model is loaded
     procs = Processes(cfg.device)
     saved = prepare_run(run, cfg, resume) if procs.is_main else None
@@ -531,7 +533,8 @@ def batch_note(cfg: TrainConfig, world: int) -> str:
 
 def sample_fresh(s: TrainingRun, step: int) -> Fresh:
     """Every ``replay_ratio`` updates (full rollouts only): a fresh batch of trajectories,
-    scored and stored (those with a finite reward). Returns the newest batch's rewards too."""
+    scored and stored (those with a finite reward; for a grouped method, the groups finite
+    throughout). Returns the newest batch's rewards too."""
     cfg, fresh = s.cfg, Fresh()
     s.phase = "sampling"
     if step % cfg.replay_ratio == 0 and cfg.rollout == "full":
@@ -539,7 +542,8 @@ def sample_fresh(s: TrainingRun, step: int) -> Fresh:
         if step == s.start and s.caller is not None and s.caller.fresh is not None:
             traj, rewards = s.caller.fresh
         else:
-            traj = sample_trajectories(s.task, cfg.batch_size, s.generator)
+            cond = fresh_conditions(s)  # None: the sampler draws them
+            traj = sample_trajectories(s.task, cfg.batch_size, s.generator, cond=cond)
             with torch.no_grad():
                 rewards = s.task.reward(traj.x0.to(s.task.device), traj.cond.to(s.task.device))
         finite = torch.isfinite(rewards).cpu()  # waits for the GPU
@@ -549,11 +553,44 @@ def sample_fresh(s: TrainingRun, step: int) -> Fresh:
             fresh.cause = (
                 f"the reward was not finite for {fresh.bad} of {fresh.sampled} fresh samples"
             )
-        if fresh.bad < fresh.sampled:
-            keep = finite.nonzero().squeeze(1)
+        keep = whole_groups(finite, group_size(cfg.method, s.method_params))
+        if keep.numel():
             s.buffer.add(traj.select(keep), rewards.cpu()[keep])
     fresh.rewards = s.buffer.rewards[s.buffer.newest].double()
     return fresh
+
+
+def fresh_conditions(s: TrainingRun) -> torch.Tensor | None:
+    """A fresh batch's conditions for a method that learns from groups of G (GRPO):
+    batch_size / G of the task's draws, each repeated G times in a row. None for the others:
+    the sampler draws them, one per sample."""
+    size = group_size(s.cfg.method, s.method_params)
+    if size == 1:
+        return None
+    return s.task.sample_conditions(s.cfg.batch_size // size, s.generator).repeat_interleave(size)
+
+
+def whole_groups(finite: torch.Tensor, size: int) -> torch.Tensor:
+    """The positions of a fresh batch to store: those with a finite reward; in groups of
+    ``size`` consecutive samples, only the groups finite throughout, so that every stored
+    group is normalised over all its members and the newest batch stays whole groups."""
+    return finite.view(-1, size).all(dim=1).repeat_interleave(size).nonzero().squeeze(1)
+
+
+def newest_groups(s: TrainingRun, cells: Cells) -> dict[str, torch.Tensor]:
+    """What a grouped method's loss is told besides the cells: each cell's group, and the
+    newest batch's rewards and groups. The newest batch is whole groups of G consecutive
+    samples (``fresh_conditions``, ``whole_groups``), so its sample i is in group i // G."""
+    newest = s.buffer.newest
+    found = cells.index[:, None] == newest[None, :]  # (cells, newest)
+    if not bool(found.any(dim=1).all()):  # the on-policy buffer draws from the newest only
+        raise RuntimeError("a grouped method got cells from outside the newest batch")
+    batch_group = torch.arange(newest.shape[0]) // s.method_params.group_size
+    return {
+        "group": batch_group[found.int().argmax(dim=1)],
+        "batch_reward": s.buffer.rewards[newest],
+        "batch_group": batch_group,
+    }
 
 
 def draw_cells(s: TrainingRun, grads: Gradients) -> Cells:
@@ -592,7 +629,8 @@ def accumulate_gradients(s: TrainingRun, fresh: Fresh) -> Gradients:
     loss_fn = METHODS[cfg.method].loss
     for _ in range(cfg.grad_accum if not grads.skip else 0):
         cells = draw_cells(s, grads)
-        loss, stats = loss_fn(s.task, cells, cfg, s.method_params, s.generator)
+        extra = newest_groups(s, cells) if METHODS[cfg.method].grouped else {}
+        loss, stats = loss_fn(s.task, cells, cfg, s.method_params, s.generator, **extra)
         if not torch.isfinite(loss):
             grads.skip, grads.cause = True, f"the loss was {loss.item()}"
             if not procs.fsdp:

@@ -2,7 +2,9 @@
 ``loss(task, cells, cfg, params, generator) -> (scalar loss, stats)``, where ``params`` is the
 method's own settings dataclass (from ``method_params``). Methods that sample their own chains
 (DRaFT, AlignProp, ReFL) use only the cells' conditions. ``stats["reward_evals"]`` counts the
-reward evaluations the loss made, so budgets can be compared."""
+reward evaluations the loss made, so budgets can be compared. A method that learns from groups
+(GRPO, ``grouped``) gets each cell's group in the newest batch too (``sqdf.trainer``'s
+``newest_groups``)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 from sqdf.methods.alignprop import AlignPropParams, alignprop_loss
 from sqdf.methods.ddpo import DdpoParams, ddpo_loss
 from sqdf.methods.draft import DraftParams, draft_kl_loss, draft_loss, draft_lv_loss
+from sqdf.methods.grpo import GrpoParams, grpo_loss
 from sqdf.methods.refl import ReflParams, refl_loss
 from sqdf.methods.sqdf import SqdfParams, sqdf_loss
 
@@ -28,6 +31,10 @@ class Method:
     # the statistics its loss reports (besides reward_evals), averaged into the metrics; fixed
     # so that processes average the same vector even when one of them skipped the loss
     stats: tuple[str, ...] = ("kl_mean", "q_mean")
+    # whether a fresh batch is groups of params.group_size samples of one condition each (the
+    # trainer draws batch_size / G conditions, each G times in a row) and the loss is told
+    # each cell's group
+    grouped: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -42,7 +49,20 @@ METHODS: dict[str, Method] = {
     "ddpo": Method(
         ddpo_loss, DdpoParams, buffer="on_policy", stats=("kl_mean", "q_mean", "clip_frac")
     ),
+    "grpo": Method(
+        grpo_loss,
+        GrpoParams,
+        buffer="on_policy",
+        stats=("kl_mean", "q_mean", "clip_frac"),
+        grouped=True,
+    ),
 }
+
+
+def group_size(name: str, params: Any) -> int:
+    """How many samples of one condition method ``name`` draws in a row: its params'
+    group_size if it learns from groups, else 1."""
+    return params.group_size if METHODS[name].grouped else 1
 
 
 def build_method_params(name: str, params: Mapping[str, Any]) -> Any:

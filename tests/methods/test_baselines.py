@@ -22,7 +22,7 @@ GMM = dict(num_steps=6, steps=3, batch_size=8, buffer_size=16, checkpoint_every=
 
 
 def _cfg(method: str, **kw) -> TrainConfig:
-    extra = {"buffer": "on_policy", "replay_ratio": 2} if method == "ddpo" else {}
+    extra = {"buffer": "on_policy", "replay_ratio": 2} if METHODS[method].buffer else {}
     return TrainConfig(**{**GMM, "method": method, **extra, **kw})
 
 

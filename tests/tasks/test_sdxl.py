@@ -245,7 +245,9 @@ def test_every_method_and_best_of_n_run_through_compare(parts, tmp_path):
 
     held_out = tmp_path / "held_out.txt"  # sd variants are scored on these, 4 images each
     held_out.write_text("an owl\na crab\n")
-    base = sd_settings(parts / "xl", parts, steps=1, task_params={"eval_prompts": str(held_out)})
+    # a batch of 4: grpo's default groups of 4 samples per prompt fill it
+    base = sd_settings(parts / "xl", parts, steps=1, batch_size=4,
+                       task_params={"eval_prompts": str(held_out)})  # fmt: skip
     methods = [*METHODS, "best_of_n"]
     out = compare(base, methods, 1, tmp_path / "cmp", best_of=2, progress=False)
     results = json.loads((out / "results.json").read_text())
