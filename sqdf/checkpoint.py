@@ -8,6 +8,13 @@ NumPy's), and the counters in state.json. state.json is written last and lists t
 of every other file; the folder is built under a temporary name, fsynced and renamed. A
 folder whose files do not match its state.json (a torn or corrupted write) is skipped with a
 message and the previous checkpoint is used.
+
+A buffer kept on disk (``buffer_store = "disk"``) is not copied: its buffer file holds the
+small part (rewards, conditions, log-probabilities, counters) and which rows of RUN/buffer/'s
+memory-mapped states hold the buffer, with each row's write number. The states are flushed
+before the checkpoint is written, its rows are not written again until the next one, and
+resume checks the files' shape, size and write numbers (sqdf.buffer.DiskStore); rows written
+after the checkpoint are free rows, overwritten by the resumed run.
 """
 
 from __future__ import annotations

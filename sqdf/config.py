@@ -20,6 +20,8 @@ else:  # pragma: no cover
 ESTIMATORS = ("tweedie", "consistency", "exact", "gaussian_posterior")
 ROLLOUTS = ("full", "truncated")
 BUFFER_STRATEGIES = ("uniform", "on_policy", "prioritized")
+BUFFER_STORES = ("memory", "disk")
+BUFFER_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -70,6 +72,17 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient-norm clip (0 disables)")
     buffer: str = _f("uniform", "replay strategy: uniform, on_policy or prioritized")
     buffer_size: int = _f(1024, "replay buffer capacity in trajectories")
+    buffer_store: str = _f(
+        "memory",
+        "where the replay buffer's states live: memory (host RAM, saved in each checkpoint) or "
+        "disk (memory-mapped files in RUN/buffer/, up to twice the buffer; checkpoints record "
+        "which rows are valid instead of copying them)",
+    )
+    buffer_dtype: str = _f(
+        "float32",
+        "dtype of the replay buffer's states: float32, bfloat16 or float16 (half the bytes), "
+        "auto = the model's dtype where the task has one (sd), else float32",
+    )
     replay_ratio: int = _f(1, "optimizer updates per freshly sampled batch")
     rollout: str = _f(
         "full",
@@ -178,6 +191,14 @@ class TrainConfig:
         need(
             self.buffer_size >= self.batch_size,
             f"buffer_size must be >= batch_size ({self.batch_size}), got {self.buffer_size}",
+        )
+        need(
+            self.buffer_store in BUFFER_STORES,
+            f"unknown buffer_store {self.buffer_store!r}; known: {', '.join(BUFFER_STORES)}",
+        )
+        need(
+            self.buffer_dtype in BUFFER_DTYPES,
+            f"unknown buffer_dtype {self.buffer_dtype!r}; known: {', '.join(BUFFER_DTYPES)}",
         )
         need(self.replay_ratio >= 1, f"replay_ratio must be >= 1, got {self.replay_ratio}")
         need(

@@ -9,17 +9,31 @@ from typing import Any
 from sqdf.config import TrainConfig, config_fields
 from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
 from sqdf.settings import DICT_KEYS, Resolved
-from sqdf.tasks import resolved_reward_name, sample_shape
+from sqdf.tasks import resolve_device, resolved_reward_name, sample_shape
 from sqdf.trainer import alpha_note
 
-STATE_BYTES = 4  # trajectories are kept as float32 states
+STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per stored value
+
+
+def buffer_dtype(cfg: TrainConfig) -> str:
+    """The dtype the replay buffer keeps its states in: buffer_dtype; auto: the sd task's
+    dtype (its own auto: bfloat16 on a GPU, float32 on the CPU), float32 for other tasks."""
+    if cfg.buffer_dtype != "auto":
+        return cfg.buffer_dtype
+    if cfg.task != "sd":
+        return "float32"
+    name = cfg.task_params.get("dtype", "auto")
+    if name == "auto":
+        name = "bfloat16" if resolve_device(cfg.device).type == "cuda" else "float32"
+    return name
 
 
 def buffer_bytes(cfg: TrainConfig, dims: int) -> int:
-    """Host memory of one process's full replay buffer: every state of every trajectory."""
+    """Bytes of one process's full replay buffer (host memory, or RUN/buffer/ with
+    buffer_store disk): every state of every trajectory."""
     if cfg.rollout == "truncated":
         return 0
-    return cfg.buffer_size * (cfg.num_steps + 1) * dims * STATE_BYTES
+    return cfg.buffer_size * (cfg.num_steps + 1) * dims * STATE_BYTES[buffer_dtype(cfg)]
 
 
 def _gib(n: int) -> str:
@@ -93,10 +107,17 @@ def dry_run_text(resolved: Resolved, processes: int = 1) -> str:
             f"fresh trajectories: {cfg.batch_size} per process every {cfg.replay_ratio} "
             f"update(s); {cfg.steps} updates"
         )
+        dtype = buffer_dtype(cfg)
+        where = (
+            "of host memory per process when full"
+            if cfg.buffer_store == "memory"
+            else "on disk in RUN/buffer/ per process when full (up to twice that while a "
+            "checkpoint keeps its rows), not in host memory"
+        )
         lines.append(
             f"replay buffer: {cfg.buffer_size:,} trajectories x {cfg.num_steps + 1} states x "
-            f"{p['dims']:,} values x {STATE_BYTES} bytes = {_gib(p['buffer_bytes'])} of host "
-            "memory per process when full"
+            f"{p['dims']:,} values x {STATE_BYTES[dtype]} bytes ({dtype}) = "
+            f"{_gib(p['buffer_bytes'])} {where}"
         )
     if resolved.preset is not None and resolved.preset.notes:
         lines.append(f"note: {resolved.preset.notes}")

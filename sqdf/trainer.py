@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sqdf.buffer import Cells, ReplayBuffer
+from sqdf.buffer import STATE_DTYPES, Cells, DiskStore, MemoryStore, ReplayBuffer
 from sqdf.checkpoint import (
     Checkpoint,
     checkpoint_step,
@@ -142,6 +142,17 @@ def loss_scaler(task: Task) -> torch.amp.GradScaler | None:
 def scaler_state(scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
     """The loss scale as a checkpoint's state keeps it (nothing without a scaler)."""
     return {"loss_scaler": scaler.state_dict()} if scaler is not None else {}
+
+
+def make_buffer(cfg: TrainConfig, task: Task, run: Path, rank: int) -> ReplayBuffer:
+    """The replay buffer ``cfg`` asks for: its states in ``buffer_dtype`` (auto: the task's
+    dtype where it has one, else float32), in host memory or in RUN/buffer/ (``buffer_store``;
+    each process its own files)."""
+    dtype = STATE_DTYPES.get(cfg.buffer_dtype) or getattr(task, "dtype", None) or torch.float32
+    store = (
+        DiskStore(run / "buffer", dtype, rank) if cfg.buffer_store == "disk" else MemoryStore(dtype)
+    )
+    return ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma, store)
 
 
 def gather_process_states(
@@ -454,7 +465,7 @@ def set_up(
                 "unit(s), each gathered only while it runs",
                 file=sys.stderr,
             )
-    buffer = ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma)
+    buffer = make_buffer(cfg, task, run, procs.rank)
     generator = torch.Generator().manual_seed(rank_seed(cfg.seed, procs.rank))
     scaler = loss_scaler(task)
     if state is not None:
@@ -804,26 +815,29 @@ def checkpoint(s: TrainingRun, step: int) -> None:
         with ema_weights(s):  # copies: a state dict may share the parameters' storage
             state = procs.model_state(s.task.policy)
             ema = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-    if not procs.is_main:
-        return
-    save_checkpoint(
-        s.run / "checkpoints",
-        Checkpoint(
-            step=step,
-            policy=policy,
-            optimizer=optimizer_state,
-            buffers=buffers,
-            rngs=rngs,
-            state={
-                **s.counters,
-                "wall_s": time.perf_counter() - s.t0,
-                "consecutive_skips": s.consecutive_skips,
-                **scaler_state(s.scaler),
-            },
-            ema=ema,
-        ),
-        keep=s.cfg.keep_checkpoints,
-    )
+    if procs.is_main:
+        save_checkpoint(
+            s.run / "checkpoints",
+            Checkpoint(
+                step=step,
+                policy=policy,
+                optimizer=optimizer_state,
+                buffers=buffers,
+                rngs=rngs,
+                state={
+                    **s.counters,
+                    "wall_s": time.perf_counter() - s.t0,
+                    "consecutive_skips": s.consecutive_skips,
+                    **scaler_state(s.scaler),
+                },
+                ema=ema,
+            ),
+            keep=s.cfg.keep_checkpoints,
+        )
+    if s.buffer.store.on_disk:
+        # a process writes its shard's free rows with its next batch, which may be rows of
+        # the checkpoint before: not until this one is written
+        procs.barrier()
 
 
 def finish(s: TrainingRun) -> Path:

@@ -119,6 +119,8 @@ CASES = [
      "torchvision's AlexNet checkpoint not found"),
     ("gaussian posterior estimator on digits", lambda r: ["train", "--task", "digits", "--estimator", "gaussian_posterior", "--out", str(r / "x")],
      "for samples of at most 64; task 'digits' has 256: use tweedie or consistency"),
+    ("unknown buffer store", lambda r: ["train", "--buffer-store", "cloud"], "unknown buffer_store 'cloud'; known: memory, disk"),
+    ("unknown buffer dtype", lambda r: ["train", "--buffer-dtype", "int8"], "unknown buffer_dtype 'int8'; known: float32, bfloat16, float16, auto"),
     ("zero posterior draws", lambda r: ["train", "--q-draws", "0"], "q_draws must be >= 1, got 0"),
     ("exact estimator on digits", lambda r: ["train", "--task", "digits", "--estimator", "exact", "--out", str(r / "x")],
      "estimator 'exact' needs the closed-form posterior of task gmm2d; task 'digits' has tweedie and consistency"),

@@ -79,3 +79,22 @@ def test_step_memory_times_one_gradient_step(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--parts", str(tmp_path / "parts"), "--step", "50"])
     assert "--step must be in [0, 49], got 50" in capsys.readouterr().err
+
+
+def test_buffer_memory_measures_every_store_and_dtype(tmp_path, capsys):
+    bench = load("buffer_memory")
+    out = tmp_path / "buffer.json"
+    argv = ["--shapes", "sd15", "--trajectories", "2", "--steps", "2", "--dir", str(tmp_path),
+            "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["states"] == 3 and len(doc["results"]) == 6
+    by = {(r["store"], r["dtype"]): r for r in doc["results"]}
+    states = 3 * 4 * 64 * 64  # values per trajectory
+    assert by["memory", "float32"]["host_bytes_per_trajectory"] >= states * 4
+    assert by["disk", "float32"]["host_bytes_per_trajectory"] < states
+    assert by["disk", "bfloat16"]["disk_reserved_per_trajectory"] >= 2 * states * 2
+    assert "| SD 1.5 at 512 px | 4x64x64 | disk | bfloat16 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "sd3"])
+    assert "unknown shape 'sd3'" in capsys.readouterr().err

@@ -207,6 +207,21 @@ def final_weights(run: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / ("ema" if ema else "") / "policy.safetensors"))
 
 
+def test_two_processes_with_disk_buffers_resume_exactly(tmp_path):
+    # each process its own shard; full after 2 updates, stopped at 5 (checkpoint at 3): both
+    # processes wrote over slots of that checkpoint before the resume
+    flags = ["--task", "gmm2d", "--num-steps", "6", "--batch-size", "8", "--buffer-size", "16",
+             "--buffer-store", "disk", "--device", "cpu", "--checkpoint-every", "3"]  # fmt: skip
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    sqdf_train(whole, *flags, "--steps", "6")
+    sqdf_train(parts, *flags, "--steps", "5")
+    launch(["-m", "sqdf.cli", "train", "--resume", str(parts), "--steps", "6", "--no-progress"])
+    a, c = (load_file(str(r / "final" / "policy.safetensors")) for r in (whole, parts))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    names = sorted(p.name for p in (parts / "buffer").iterdir())
+    assert names == ["states.npy", "states.rank1.npy", "tags.npy", "tags.rank1.npy"]
+
+
 def test_fsdp_train_resumes_exactly_matches_all_reduce_and_resumes_without_fsdp(tmp_path):
     from sqdf.config import TrainConfig
     from sqdf.trainer import train

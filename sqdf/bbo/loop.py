@@ -51,7 +51,6 @@ from sqdf.bbo.data import (
 )
 from sqdf.bbo.oracle import Oracle, OracleError, task_oracle, user_oracle
 from sqdf.bbo.proxy import ProxyEnsemble, ProxyReward, feature_map
-from sqdf.buffer import ReplayBuffer
 from sqdf.checkpoint import (
     Checkpoint,
     load_latest_checkpoint,
@@ -71,6 +70,7 @@ from sqdf.trainer import (
     TrainState,
     gather_process_states,
     loss_scaler,
+    make_buffer,
     make_optimizer,
     restore_process_states,
     scaler_state,
@@ -180,7 +180,7 @@ def run_method(
     state = TrainState(
         task=task,
         optimizer=make_optimizer(params, cfg, fused=use_fused(params)),
-        buffer=ReplayBuffer(cfg.buffer_size, cfg.buffer, cfg.num_steps, cfg.gamma),
+        buffer=make_buffer(cfg, task, run, procs.rank),
         generator=torch.Generator().manual_seed(rank_seed(seed, procs.rank)),
         scaler=loss_scaler(task),
     )

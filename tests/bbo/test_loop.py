@@ -100,6 +100,17 @@ def test_crash_while_fine_tuning_resumes_from_the_round(tmp_path, oracle_module,
     assert [r["oracle_mean"] for r in a] == [r["oracle_mean"] for r in b]
 
 
+def test_a_disk_buffer_resumes_from_the_round(tmp_path, oracle_module, monkeypatch):
+    disk = TrainConfig(**{**BASE.to_dict(), "buffer_store": "disk"})
+    memory = run_bbo(bbo(oracle_module), BASE, ["sqdf"], 1, tmp_path / "m", progress=False)
+    with killed_in_round_one_fine_tuning(monkeypatch):
+        run_bbo(bbo(oracle_module), disk, ["sqdf"], 1, tmp_path / "c", progress=False)
+    assert (tmp_path / "c" / "runs" / "sqdf-seed0" / "buffer" / "states.npy").is_file()
+    resume_bbo(tmp_path / "c", progress=False)
+    a, b = rows(memory, "sqdf-seed0"), rows(tmp_path / "c", "sqdf-seed0")
+    assert [r["oracle_mean"] for r in a] == [r["oracle_mean"] for r in b]
+
+
 def test_bad_values_are_excluded_and_counted_when_allowed(tmp_path, oracle_module):
     oracle_module.NAN_EVERY = 4  # 1 in each call of 3, 1 in the call of 2: 3 per round
     with pytest.raises(OracleError, match="non-finite.*--drop-bad-queries"):
