@@ -504,7 +504,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--methods",
         default=None,
-        help="comma-separated: sqdf, draft, draft_lv, draft_kl, refl, alignprop, ddpo, "
+        help="comma-separated: sqdf, draft, draft_lv, draft_kl, refl, alignprop, ddpo, grpo, "
         f"best_of_n (default: {COMPARE_DEFAULT_METHODS}); with --bbo: "
         f"{', '.join(BBO_METHODS)} (default: {BBO_DEFAULT_METHODS})",
     )
@@ -534,7 +534,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--frontier", action="store_true",
         help="each method over its regularisation instead of one run: alpha for sqdf and "
-        "draft_kl (4, 2, 1, 0.5, 0.25 x the base's), N for best_of_n (2, 4, 16, 64), updates "
+        "draft_kl (4, 2, 1, 0.5, 0.25 x the base's), beta for grpo (4, 1, 0.25, 0 x the "
+        "base's alpha), N for best_of_n (2, 4, 16, 64), updates "
         "for the methods without a KL term (0.25, 0.5, 1 x the base's); writes frontier.png "
         "and frontier.md, reward against path KL (on gmm2d with the exact frontier and every "
         "run's distance to it)",

@@ -59,11 +59,15 @@ PARETO = {
 
 # --frontier: the setting through which each method trades reward for closeness to the
 # reference; a method not listed has no KL term, so it trades through its number of updates
-KNOBS = {"sqdf": "alpha", "draft_kl": "alpha", BEST_OF_N: "best_of"}
+KNOBS = {"sqdf": "alpha", "draft_kl": "alpha", "grpo": "beta", BEST_OF_N: "best_of"}
 UPDATES_KNOB = "steps"
-# default values: alpha and updates as multiples of the base run's, N as they are
-KNOB_FACTORS = {"alpha": (4.0, 2.0, 1.0, 0.5, 0.25), UPDATES_KNOB: (0.25, 0.5, 1.0)}
+# default values: multiples of the base run's (GRPO's beta weighs the same summed KL as
+# alpha, so of alpha), or N as they are
+KNOB_FACTORS = {"alpha": ("alpha", (4.0, 2.0, 1.0, 0.5, 0.25)),
+                "beta": ("alpha", (4.0, 1.0, 0.25, 0.0)),
+                UPDATES_KNOB: (UPDATES_KNOB, (0.25, 0.5, 1.0))}  # fmt: skip
 KNOB_VALUES = {"best_of": (2, 4, 16, 64)}
+METHOD_PARAM_KNOBS = ("beta",)  # knobs that are method_params keys, not config keys
 
 
 @dataclass
@@ -118,7 +122,8 @@ def plan_frontier(
         if m in given:
             values = list(given[m])
         elif knob in KNOB_FACTORS:
-            values = [base[knob] * f for f in KNOB_FACTORS[knob]]
+            of, factors = KNOB_FACTORS[knob]
+            values = [base[of] * f for f in factors]
         else:
             values = list(KNOB_VALUES[knob])
         odd = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
@@ -132,7 +137,13 @@ def plan_frontier(
         if len(set(values)) != len(values):
             raise SqdfError(f"{m}: the {knob} values {values} repeat one")
         for v in values:
-            overrides = {"best_of": v} if m == BEST_OF_N else {"method": m, knob: v}
+            if m == BEST_OF_N:
+                overrides: dict[str, Any] = {"best_of": v}
+            elif knob in METHOD_PARAM_KNOBS:
+                params = {**base.get("method_params", {}), knob: v}
+                overrides = {"method": m, "method_params": params}
+            else:
+                overrides = {"method": m, knob: v}
             variants.append(Variant(f"{m}-{knob}={v:g}", overrides, m, knob, v))
     return variants
 
@@ -238,7 +249,7 @@ def compare(
     base = resolve_settings(flags=base).values  # the task's defaults under the given values
     checked = make_config({**base, "method": "sqdf"}, source="compare base")  # bad keys: now
     if frontier:  # the knobs' defaults scale the base's values, built-in defaults included
-        scaled = {k: getattr(checked, k) for k in KNOB_FACTORS}
+        scaled = {k: getattr(checked, k) for k in ("alpha", UPDATES_KNOB, "method_params")}
         variants = plan_frontier(methods, scaled, frontier_values)
     else:
         variants = plan_variants(methods, sweep)

@@ -199,5 +199,9 @@ def test_frontier_defaults_follow_the_base():
     assert [v.value for v in variants if v.method == "sqdf"] == [8.0, 4.0, 2.0, 1.0, 0.5]
     assert [v.value for v in variants if v.method == "draft"] == [10, 20, 40]
     assert [v.overrides for v in variants if v.method == BEST_OF_N][0] == {"best_of": 2}
+    (grpo,) = plan_frontier(["grpo"], {**base, "method_params": {"group_size": 2}},
+                            {"grpo": [0.5]})  # fmt: skip
+    assert grpo.overrides == {"method": "grpo", "method_params": {"group_size": 2, "beta": 0.5}}
+    assert [v.value for v in plan_frontier(["grpo"], base)] == [8.0, 2.0, 0.5, 0.0]
     with pytest.raises(SqdfError, match="whole numbers >= 1, got 0.5"):
         plan_frontier([BEST_OF_N], base, {BEST_OF_N: [0.5]})
