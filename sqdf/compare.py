@@ -23,7 +23,7 @@ from sqdf.config import TrainConfig
 from sqdf.distributed import Processes
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.evaluate import EVAL_SEED, PER_PROMPT, evaluate_run, load_run, score_samples
-from sqdf.frontier import write_frontier
+from sqdf.frontier import frontier_distances, write_frontier
 from sqdf.heldout import (
     compare_sides,
     heldout_conditions,
@@ -36,7 +36,7 @@ from sqdf.report import mean_std, pyplot
 from sqdf.run import read_metrics
 from sqdf.sampler import sample_in_chunks, sample_trajectories
 from sqdf.settings import make_config, resolve_settings
-from sqdf.tasks import build_task, resolved_reward_name
+from sqdf.tasks import build_task, resolved_reward_name, sample_shape
 from sqdf.tasks.sd_prompts import load_prompt_pairs
 from sqdf.trackers import check_installed, parse_log_with
 from sqdf.trainer import train
@@ -61,11 +61,11 @@ PARETO = {
 # reference; a method not listed has no KL term, so it trades through its number of updates
 KNOBS = {"sqdf": "alpha", "draft_kl": "alpha", "grpo": "beta", BEST_OF_N: "best_of"}
 UPDATES_KNOB = "steps"
-# default values: multiples of the base run's (GRPO's beta weighs the same summed KL as
-# alpha, so of alpha), or N as they are
-KNOB_FACTORS = {"alpha": ("alpha", (4.0, 2.0, 1.0, 0.5, 0.25)),
-                "beta": ("alpha", (4.0, 1.0, 0.25, 0.0)),
-                UPDATES_KNOB: (UPDATES_KNOB, (0.25, 0.5, 1.0))}  # fmt: skip
+# default values: alpha and updates as multiples of the base run's (updates rounded); GRPO's
+# beta as Flow-GRPO's values on the KL averaged over dimensions (0.01 PickScore, 0.04
+# GenEval), divided by the sample's dimensions D for our summed KL; N as they are
+KNOB_FACTORS = {"alpha": (4.0, 2.0, 1.0, 0.5, 0.25), UPDATES_KNOB: (0.25, 0.5, 1.0)}
+KNOB_PER_DIM = {"beta": (0.16, 0.04, 0.01, 0.0)}
 KNOB_VALUES = {"best_of": (2, 4, 16, 64)}
 METHOD_PARAM_KNOBS = ("beta",)  # knobs that are method_params keys, not config keys
 
@@ -110,7 +110,8 @@ def plan_frontier(
     methods: list[str], base: dict[str, Any], given: dict[str, list[Any]] | None = None
 ) -> list[Variant]:
     """Each method over its regularisation (``knob_of``): the values in ``given`` for that
-    method, else the defaults (KNOB_FACTORS of ``base``'s value, or KNOB_VALUES)."""
+    method, else the defaults (KNOB_FACTORS of ``base``'s value, KNOB_PER_DIM over
+    ``base["dims"]``, or KNOB_VALUES)."""
     _check_methods(methods)
     given = given or {}
     stray = sorted(set(given) - set(methods))
@@ -121,12 +122,16 @@ def plan_frontier(
         knob = knob_of(m)
         if m in given:
             values = list(given[m])
+        elif knob == UPDATES_KNOB:  # whole updates, each value once
+            values = list(dict.fromkeys(max(1, round(base[knob] * f)) for f in KNOB_FACTORS[knob]))
         elif knob in KNOB_FACTORS:
-            of, factors = KNOB_FACTORS[knob]
-            values = [base[of] * f for f in factors]
+            values = [base[knob] * f for f in KNOB_FACTORS[knob]]
+        elif knob in KNOB_PER_DIM:
+            values = [v / base["dims"] for v in KNOB_PER_DIM[knob]]
         else:
             values = list(KNOB_VALUES[knob])
-        odd = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
+        odd = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))
+               or not math.isfinite(v)]  # fmt: skip
         if odd:
             raise SqdfError(f"{m}: {knob} values must be numbers, got {odd[0]!r}")
         if knob in (UPDATES_KNOB, "best_of"):
@@ -182,7 +187,8 @@ def best_of_n(base: dict[str, Any], n: int, num_samples: int | None, seed: int) 
     r = score_samples(task, cands, cond)
     best = r.view(num_samples, n).argmax(dim=1) + torch.arange(num_samples) * n
     samples, rb = cands[best], r[best]
-    # KL(best-of-n || ref) <= log n - (n-1)/n (Beirami et al., 2024): a bound, not measured
+    # KL(best-of-n || ref) <= log n - (n-1)/n (Beirami et al., 2024), with equality for a
+    # reward without atoms (the gmm2d rewards): not measured
     kl_bound = math.log(n) - (n - 1) / n
     if pairs is not None:
         out = _held_out_metrics(task, cfg, pairs, samples, ref.x0, ref.cond, kl_bound)
@@ -248,8 +254,10 @@ def compare(
         raise SqdfError("--frontier-values needs --frontier")
     base = resolve_settings(flags=base).values  # the task's defaults under the given values
     checked = make_config({**base, "method": "sqdf"}, source="compare base")  # bad keys: now
+    base.setdefault("task", checked.task)  # the built-in default task, where none was given
     if frontier:  # the knobs' defaults scale the base's values, built-in defaults included
         scaled = {k: getattr(checked, k) for k in ("alpha", UPDATES_KNOB, "method_params")}
+        scaled["dims"] = math.prod(sample_shape(checked))
         variants = plan_frontier(methods, scaled, frontier_values)
     else:
         variants = plan_variants(methods, sweep)
@@ -317,12 +325,14 @@ def compare(
     doc = {"task": task_name, "base": base, "seeds": seeds, "sweep": sweep and list(sweep),
            "frontier": frontier, "variants": [v.name for v in variants],
            "runs": records}  # fmt: skip
-    if frontier:  # before results.json: it adds each run's distance to the exact frontier
-        write_frontier(task_name, base, records, out)
+    # each run's distance to the exact frontier goes into results.json too
+    curve = frontier_distances(task_name, base, records) if frontier else None
     atomic_write_text(out / "results.json", json.dumps(doc, indent=1, default=float))
     atomic_write_text(
         out / "results.md", results_markdown(task_name, records, [v.name for v in variants])
     )
+    if frontier:
+        write_frontier(task_name, records, curve, out)
     _pareto(task_name, records, out / "pareto.png")
     _curves(curves, out / "curves.png")
     if task_name == "gmm2d" and samples:
@@ -370,7 +380,10 @@ def results_markdown(task: str, records: list[dict[str, Any]], variants: list[st
         if "diverged" in r:
             notes.append(f"{r['variant']} seed {r['seed']} diverged: {r['diverged']}")
     if any(r.get("method", r["variant"]) == BEST_OF_N for r in records):
-        notes.append("best_of_n: kl_path is the bound log n - (n-1)/n, not a measured path KL.")
+        notes.append(
+            "best_of_n: kl_path is log n - (n-1)/n (exact for a reward without atoms, else an "
+            "upper bound), not a measured path KL."
+        )
     return (
         "\n".join(lines)
         + "\n"

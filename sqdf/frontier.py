@@ -2,7 +2,8 @@
 gmm2d the exact frontier (sqdf.core.frontier) with every run's distance to it.
 
 A run's headline number is its **frontier gap**: the most reward any distribution reaches at
-the run's KL, less the reward the run reached (>= 0 up to sampling noise; 0 is the optimum).
+the run's KL, less the reward the run reached (>= 0 up to sampling noise and the reference
+sampler's own error, which add_frontier_distances removes to first order; 0 is the optimum).
 The **KL excess** reads the same distance along the other axis: the run's KL less the least
 KL with which its reward is reachable.
 """
@@ -40,14 +41,20 @@ def gmm2d_frontier(base: dict[str, Any]) -> list[FrontierPoint]:
 
 
 def add_frontier_distances(records: list[dict[str, Any]], curve: list[FrontierPoint]) -> None:
-    """Each run's frontier reward at its path KL, its frontier gap and its KL excess."""
+    """Each run's frontier reward at its path KL, its frontier gap and its KL excess, against
+    the exact frontier shifted by the run's ``frontier_offset``: the reference sampler's mean
+    reward less the exact reference's (its finite steps), so that the untouched sampler
+    itself sits on the curve. The shift is first-order: the sampler's error under a tilt is
+    taken to be its error at the reference."""
     for r in records:
-        if "kl_path" not in r or "reward_mean" not in r:  # diverged
-            continue
-        best = frontier_reward_at(curve, r["kl_path"])
+        if not all(math.isfinite(r.get(k, math.nan)) for k in ("kl_path", "reward_mean")):
+            continue  # diverged, or a KL no curve reaches: no distance to report
+        offset = r.get("ref_reward_mean", curve[0].reward) - curve[0].reward
+        best = frontier_reward_at(curve, r["kl_path"]) + offset
+        r["frontier_offset"] = offset
         r["frontier_reward"] = best
         r["frontier_gap"] = best - r["reward_mean"]
-        r["frontier_kl_excess"] = r["kl_path"] - frontier_kl_at(curve, r["reward_mean"])
+        r["frontier_kl_excess"] = r["kl_path"] - frontier_kl_at(curve, r["reward_mean"] - offset)
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -99,16 +106,22 @@ def frontier_markdown(
         sampler = sorted({r["ref_reward_mean"] for r in records if "ref_reward_mean" in r})
         out += ["", "The exact frontier (the tilted reference p_ref·exp(r/α)/Z):", "",
                 "| alpha | KL | reward |", "| --- | --- | --- |"]  # fmt: skip
-        out += [f"| {a:g} | {p.kl:.4f} | {p.reward:.4f} |"
-                for a, p in ((a, _point_near(curve, a)) for a in LISTED_ALPHAS)]  # fmt: skip
+        # the curve's own points nearest the listed alphas, each with its alpha
+        out += [f"| {p.alpha:.3g} | {p.kl:.4f} | {p.reward:.4f} |"
+                for p in (_point_near(curve, a) for a in LISTED_ALPHAS)]  # fmt: skip
         out += ["",
                 "- frontier_gap: the frontier's reward at the run's path KL less the run's "
                 "reward; frontier_kl_excess: the run's path KL less the least KL that reaches "
                 "its reward. Path KL bounds the output's KL from above, so both are >= 0 up to "
-                "sampling noise, and 0 is the optimum.",
+                "sampling noise and the sampler's own error, and 0 is the optimum.",
                 f"- The exact reference's reward is {ref:.4f}; the untouched reference sampler "
-                f"(finite steps) reaches {mean_std(sampler)}: the part of any gap that is the "
-                "sampler's discretisation, not the fine-tuning."]  # fmt: skip
+                f"(finite steps) reaches {mean_std(sampler)}. The distances are taken to the "
+                "exact frontier shifted by that difference (frontier_offset), so that the "
+                "untouched sampler sits on it: a first-order correction, which takes the "
+                "sampler's error under a tilt to be its error at the reference.",
+                "- A run whose path KL lies past the curve's last point (alpha "
+                f"{curve[-1].alpha:g}, KL {curve[-1].kl:.2f}) or is not finite has no distance "
+                "(n/a)."]  # fmt: skip
     if any(r["method"] == "best_of_n" for r in records):
         out.append(
             "- best_of_n: kl_path is log n - (n-1)/n, the output's KL for a continuous "
@@ -125,8 +138,9 @@ def frontier_plot(
     task_name: str, records: list[dict[str, Any]], curve: list[FrontierPoint] | None, path: Path
 ) -> None:
     """Reward (and on gmm2d the frontier gap; on digits the side panels) against path KL:
-    one line per method through its settings' means, its runs as dots; the exact frontier in
-    black where known."""
+    one line per method through its settings' means, its runs as dots; where known, the exact
+    frontier (grey, dashed) and the frontier the runs are measured against (black: shifted by
+    the reference sampler's offset, add_frontier_distances)."""
     ys = ["reward_mean"] + (["frontier_gap"] if curve is not None else [])
     ys += list(SIDE_PANELS.get(task_name, ()))
     plt = pyplot()
@@ -134,22 +148,34 @@ def frontier_plot(
     groups = _groups(records)
     methods = list(dict.fromkeys(r["method"] for r in records))
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-    kls = [r["kl_path"] for r in records if math.isfinite(r.get("kl_path", math.nan))]
+
+    def shown(r: dict[str, Any], y: str) -> bool:  # diverged or blown-up runs stay off
+        kl, v = r.get("kl_path", math.nan), r.get(y, math.nan)
+        in_range = curve is None or kl <= curve[-1].kl
+        return math.isfinite(kl) and math.isfinite(v) and in_range
+
+    kls = [r["kl_path"] for r in records if shown(r, "reward_mean")]
+    offsets = [r["frontier_offset"] for r in records if "frontier_offset" in r]
+    offset = statistics.mean(offsets) if offsets else 0.0
     for ax, y in zip(axes[0], ys, strict=True):
         for m in methods:
-            runs = [r for r in records if r["method"] == m and y in r and "kl_path" in r]
+            runs = [r for r in records if r["method"] == m and shown(r, y)]
             ax.scatter([r["kl_path"] for r in runs], [r[y] for r in runs],
                        color=colors[m], s=14, alpha=0.45)  # fmt: skip
             means = sorted(
-                (_mean(rs, "kl_path"), _mean(rs, y))
+                (_mean(ok, "kl_path"), _mean(ok, y))
                 for rs in groups.values() if rs[0]["method"] == m
+                for ok in [[r for r in rs if shown(r, y)]] if ok
             )  # fmt: skip
             means = [p for p in means if all(math.isfinite(v) for v in p)]
             if means:
                 ax.plot(*zip(*means, strict=True), "o-", color=colors[m], label=m, ms=5)
         if curve is not None and y == "reward_mean" and kls:
-            shown = [p for p in curve if p.kl <= 1.15 * max(kls)]
-            ax.plot([p.kl for p in shown], [p.reward for p in shown], color="black", lw=1.6,
+            part = [p for p in curve if p.kl <= 1.15 * max(kls)]
+            x = [p.kl for p in part]
+            ax.plot(x, [p.reward + offset for p in part], color="black", lw=1.6,
+                    label=f"exact frontier + sampler offset {offset:+.3f}")  # fmt: skip
+            ax.plot(x, [p.reward for p in part], color="grey", lw=1.0, ls="--",
                     label="exact frontier")  # fmt: skip
         if y == "frontier_gap":
             ax.axhline(0.0, color="black", lw=1.0)
@@ -160,16 +186,25 @@ def frontier_plot(
     plt.close(fig)
 
 
+def frontier_distances(
+    task_name: str, base: dict[str, Any], records: list[dict[str, Any]]
+) -> list[FrontierPoint] | None:
+    """On gmm2d: the exact frontier, with every record's distances to it added in place
+    (add_frontier_distances); None on a task without one."""
+    if task_name != "gmm2d":
+        return None
+    curve = gmm2d_frontier(base)
+    add_frontier_distances(records, curve)
+    return curve
+
+
 def write_frontier(
-    task_name: str, base: dict[str, Any], records: list[dict[str, Any]], out: Path
+    task_name: str,
+    records: list[dict[str, Any]],
+    curve: list[FrontierPoint] | None,
+    out: Path,
 ) -> None:
-    """frontier.json, frontier.md and frontier.png in ``out``. On gmm2d every record gains
-    its frontier_reward, frontier_gap and frontier_kl_excess (in place, so that the
-    caller's results.json holds them too)."""
-    curve = None
-    if task_name == "gmm2d":
-        curve = gmm2d_frontier(base)
-        add_frontier_distances(records, curve)
+    """frontier.json, frontier.md and frontier.png in ``out``."""
     doc = {
         "task": task_name,
         "runs": records,

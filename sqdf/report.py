@@ -29,6 +29,8 @@ def mean_std(values: list[float]) -> str:
     values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
     if not values:
         return "n/a"
+    if any(math.isinf(v) for v in values):  # statistics cannot take them; the mean can
+        return f"{sum(values) / len(values)}"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"

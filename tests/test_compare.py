@@ -1,13 +1,17 @@
 """sqdf compare, tiny: outputs are produced and well-formed; divergence is a result."""
 
 import json
+import math
 
 import pytest
 
 from sqdf.cli import main
 from sqdf.compare import BEST_OF_N, compare, plan_frontier, plan_variants
+from sqdf.core.frontier import exact_frontier, frontier_kl_at, frontier_point
 from sqdf.errors import SqdfError
-from sqdf.frontier import write_frontier
+from sqdf.frontier import add_frontier_distances, write_frontier
+
+from .core.test_soft_value import MIX, REWARDS
 
 BASE = dict(
     task="gmm2d",
@@ -130,7 +134,8 @@ def test_compare_takes_the_task_from_the_config_file(tmp_path):
 
 def test_frontier_runs_each_method_over_its_regularisation(tmp_path, capsys):
     out = tmp_path / "f"
-    argv = ["compare", "--task", "gmm2d", "--frontier", "--methods", "sqdf,draft,best_of_n",
+    # no --task: the built-in default, gmm2d
+    argv = ["compare", "--frontier", "--methods", "sqdf,draft,best_of_n",
             "--frontier-values", "sqdf=2.0,0.5", "--frontier-values", "draft=1,4",
             "--frontier-values", "best_of_n=2,8", "--seeds", "1", "--num-samples", "256",
             "--out", str(out), "--no-progress"]  # fmt: skip
@@ -169,7 +174,7 @@ def test_frontier_on_a_task_without_an_exact_curve(tmp_path):
          "eval_frechet": 3.0 + a}
         for a in (0.5, 2.0) for s in (0, 1)
     ]  # fmt: skip
-    write_frontier("digits", {"task": "digits"}, records, tmp_path)
+    write_frontier("digits", records, None, tmp_path)
     table = (tmp_path / "frontier.md").read_text()
     assert "eval_frechet" in table and "frontier_gap" not in table
     assert "| sqdf | alpha=0.5 | 2.500 ± 0.707 | 1.500 ± 0.000 |" in table
@@ -202,6 +207,47 @@ def test_frontier_defaults_follow_the_base():
     (grpo,) = plan_frontier(["grpo"], {**base, "method_params": {"group_size": 2}},
                             {"grpo": [0.5]})  # fmt: skip
     assert grpo.overrides == {"method": "grpo", "method_params": {"group_size": 2, "beta": 0.5}}
-    assert [v.value for v in plan_frontier(["grpo"], base)] == [8.0, 2.0, 0.5, 0.0]
+    # Flow-GRPO's betas on the per-dimension KL, over D for the summed one; whole updates
+    dims = {**base, "dims": 2}
+    assert [v.value for v in plan_frontier(["grpo"], dims)] == [0.08, 0.02, 0.005, 0.0]
+    short = plan_frontier(["draft"], {**base, "steps": 10})
+    assert [v.value for v in short] == [2, 5, 10]
     with pytest.raises(SqdfError, match="whole numbers >= 1, got 0.5"):
         plan_frontier([BEST_OF_N], base, {BEST_OF_N: [0.5]})
+
+
+def test_frontier_distances_take_the_samplers_offset_and_skip_blown_up_runs(tmp_path):
+    curve = exact_frontier(REWARDS[0], MIX)
+    point = frontier_point(REWARDS[0], MIX, 2.0)
+    ref = curve[0].reward
+    good = {
+        "variant": "sqdf-alpha=2",
+        "method": "sqdf",
+        "knob": "alpha",
+        "value": 2.0,
+        "seed": 0,
+        "kl_path": point.kl,
+        "reward_mean": point.reward - 0.05 + 0.1,
+        "ref_reward_mean": ref + 0.1,
+    }  # the sampler is 0.1 above the exact reference
+    blown = {
+        **good,
+        "variant": "draft-steps=4",
+        "method": "draft",
+        "knob": "steps",
+        "value": 4,
+        "kl_path": math.inf,
+        "reward_mean": 3e17,
+    }
+    diverged = {"variant": "draft-steps=8", "method": "draft", "knob": "steps", "value": 8,
+                "seed": 0, "diverged": "the loss was nan"}  # fmt: skip
+    records = [good, blown, diverged]
+    add_frontier_distances(records, curve)
+    assert good["frontier_offset"] == pytest.approx(0.1)
+    assert good["frontier_gap"] == pytest.approx(0.05, abs=1e-3)  # linear between points
+    assert good["frontier_kl_excess"] == pytest.approx(point.kl - frontier_kl_at(
+        curve, point.reward - 0.05), abs=1e-9)  # fmt: skip
+    assert "frontier_gap" not in blown and "frontier_gap" not in diverged
+    write_frontier("gmm2d", records, curve, tmp_path)  # an infinite KL in the table: no crash
+    table = (tmp_path / "frontier.md").read_text()
+    assert "| draft | steps=4 | inf |" in table and "| draft | steps=8 | n/a |" in table
