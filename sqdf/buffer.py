@@ -20,6 +20,7 @@ either store.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from dataclasses import dataclass
@@ -115,8 +116,9 @@ class DiskStore:
     written again until the next checkpoint, so a run that stops after it finds them as they
     were, whatever it added since. Hence twice the capacity in rows: the buffer's own, and
     room for new trajectories while the checkpoint's are kept. New trajectories take the
-    lowest free rows, so the file (sparse where the file system allows) takes up the capacity
-    plus the rows written since the last checkpoint, at most twice the capacity. A row is
+    lowest free rows. The files' blocks are reserved when they are made (``reserve``), so they
+    take twice the buffer's bytes on disk from the start, and a full disk is an error then,
+    not a crash at an arbitrary later write. A row is
     tagged with its write number before its states are written: rows that an older checkpoint
     (the fallback when the newest is corrupt) names but were written since are refused on
     resume, not replayed as the wrong trajectories.
@@ -144,6 +146,8 @@ class DiskStore:
         dt = _numpy_dtype(self.dtype)
         self.states = open_memmap(self.path, "w+", dt, (2 * capacity, *shape))
         self.tags = open_memmap(self.tags_path, "w+", np.int64, (2 * capacity,))
+        for path in (self.path, self.tags_path):
+            reserve(path)
         fsync_path(self.folder)  # the files outlive a crash: a checkpoint will refer to them
         self.rows = torch.full((capacity,), -1, dtype=torch.long)
         self.row_tags = torch.zeros(capacity, dtype=torch.long)
@@ -209,10 +213,27 @@ class DiskStore:
             raise SqdfError(
                 f"cannot resume the replay buffer: {stale} of the {int(used.sum())} "
                 f"trajectories the checkpoint names in {self.path} were overwritten after it "
-                "(a disk buffer keeps the newest checkpoint's rows only; resume from that "
-                "checkpoint, or train the run again)"
+                "(a disk buffer keeps the rows of the newest checkpoint only, so an older one "
+                "cannot be resumed; if the newest was unreadable, train the run again)"
             )
         self.pinned = self.rows[used].clone()
+
+
+def reserve(path: Path) -> None:
+    """Allocate every block of ``path`` now: a memory-mapped write into a hole the file
+    system cannot fill kills the process (SIGBUS) instead of raising. A file system without
+    the call (EOPNOTSUPP, EINVAL) is left as it is."""
+    size = path.stat().st_size
+    try:
+        with path.open("r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, size)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return
+        raise SqdfError(
+            f"cannot reserve {size / 2**30:.2f} GiB for the replay buffer's {path}: "
+            f"{err.strerror} (buffer_store disk needs twice the buffer's bytes)"
+        ) from None
 
 
 def _open_shard(path: Path, shape: tuple[int, ...], dtype: np.dtype | None) -> np.memmap:

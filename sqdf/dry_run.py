@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from sqdf.config import TrainConfig, config_fields
 from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
+from sqdf.methods import METHODS
 from sqdf.settings import DICT_KEYS, Resolved
-from sqdf.tasks import resolve_device, resolved_reward_name, sample_shape
+from sqdf.tasks import resolved_reward_name, sample_shape
 from sqdf.trainer import alpha_note
 
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per stored value
@@ -22,9 +25,14 @@ def buffer_dtype(cfg: TrainConfig) -> str:
         return cfg.buffer_dtype
     if cfg.task != "sd":
         return "float32"
+    if METHODS[cfg.method].likelihood_ratio:
+        return "float32"  # make_buffer: ratios of rounded states would be biased
     name = cfg.task_params.get("dtype", "auto")
-    if name == "auto":
-        name = "bfloat16" if resolve_device(cfg.device).type == "cuda" else "float32"
+    if name == "auto":  # planned, not resolved: a GPU run may be planned on a CPU machine
+        on_gpu = cfg.device.startswith("cuda") or (
+            cfg.device == "auto" and torch.cuda.is_available()
+        )
+        name = "bfloat16" if on_gpu else "float32"
     return name
 
 

@@ -50,6 +50,12 @@ def check_registered(cfg: TrainConfig) -> None:
                 f"which must divide batch_size {cfg.batch_size} (set method_params.group_size "
                 "or batch_size)"
             )
+    if METHODS[cfg.method].likelihood_ratio and cfg.buffer_dtype in ("bfloat16", "float16"):
+        raise ConfigError(
+            f"method {cfg.method!r} takes likelihood ratios of the stored steps, which states "
+            f"rounded to buffer_dtype {cfg.buffer_dtype} would bias (each ratio would start "
+            "away from 1); use buffer_dtype float32"
+        )
 
 
 def make_config(values: dict[str, Any], source: str = "config") -> TrainConfig:

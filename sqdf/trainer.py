@@ -146,9 +146,12 @@ def scaler_state(scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
 
 def make_buffer(cfg: TrainConfig, task: Task, run: Path, rank: int) -> ReplayBuffer:
     """The replay buffer ``cfg`` asks for: its states in ``buffer_dtype`` (auto: the task's
-    dtype where it has one, else float32), in host memory or in RUN/buffer/ (``buffer_store``;
+    dtype where it has one, else float32; always float32 for a likelihood-ratio method), in
+    host memory or in RUN/buffer/ (``buffer_store``;
     each process its own files)."""
     dtype = STATE_DTYPES.get(cfg.buffer_dtype) or getattr(task, "dtype", None) or torch.float32
+    if METHODS[cfg.method].likelihood_ratio:  # auto too: ratios of rounded states are biased
+        dtype = torch.float32
     store = (
         DiskStore(run / "buffer", dtype, rank) if cfg.buffer_store == "disk" else MemoryStore(dtype)
     )

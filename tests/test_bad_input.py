@@ -121,6 +121,8 @@ CASES = [
      "for samples of at most 64; task 'digits' has 256: use tweedie or consistency"),
     ("unknown buffer store", lambda r: ["train", "--buffer-store", "cloud"], "unknown buffer_store 'cloud'; known: memory, disk"),
     ("unknown buffer dtype", lambda r: ["train", "--buffer-dtype", "int8"], "unknown buffer_dtype 'int8'; known: float32, bfloat16, float16, auto"),
+    ("ddpo with a half-precision buffer", lambda r: ["train", "--method", "ddpo", "--buffer", "on_policy", "--buffer-dtype", "bfloat16"], "method 'ddpo' takes likelihood ratios of the stored steps"),
+    ("frontier updates not finite", lambda r: ["compare", "--frontier", "--methods", "draft", "--frontier-values", "draft=inf", "--out", str(r / "c")], "draft: steps values must be numbers, got inf"),
     ("zero posterior draws", lambda r: ["train", "--q-draws", "0"], "q_draws must be >= 1, got 0"),
     ("exact estimator on digits", lambda r: ["train", "--task", "digits", "--estimator", "exact", "--out", str(r / "x")],
      "estimator 'exact' needs the closed-form posterior of task gmm2d; task 'digits' has tweedie and consistency"),

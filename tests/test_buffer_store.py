@@ -4,6 +4,7 @@ disk buffer resumes exactly, even when the run wrote past its last checkpoint; a
 truncated or overwritten shard is a clear error."""
 
 import dataclasses
+import errno
 import json
 import os
 
@@ -12,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdf import ConfigError, SqdfError, TrainConfig, read_metrics, train
+from sqdf import ConfigError, SqdfError, TrainConfig, dry_run, read_metrics, train
 from sqdf.buffer import DiskStore, MemoryStore, ReplayBuffer
 from sqdf.cli import main
 from sqdf.sampler import Trajectories
+from sqdf.settings import make_config
 from sqdf.trainer import make_buffer
 
 T = 5
@@ -206,6 +208,25 @@ def test_auto_takes_the_task_dtype(tmp_path):
     assert disk.path == tmp_path / "buffer" / "states.rank1.npy"
     memory = make_buffer(tiny(buffer_dtype="float16"), Task(), tmp_path, 0).store
     assert not memory.on_disk and memory.dtype == torch.float16
+    # a likelihood-ratio method keeps its states as sampled, auto or not
+    ddpo = tiny(method="ddpo", buffer="on_policy", buffer_dtype="auto")
+    assert make_buffer(ddpo, Task(), tmp_path, 0).store.dtype == torch.float32
+    with pytest.raises(ConfigError, match="method 'ddpo' takes likelihood ratios"):
+        make_config({"method": "ddpo", "buffer": "on_policy", "buffer_dtype": "bfloat16"})
+    # a GPU run is planned on a machine without one: auto is the sd task's bfloat16 there
+    plan = TrainConfig(task="sd", device="cuda", buffer_dtype="auto")
+    assert dry_run.buffer_dtype(plan) == "bfloat16"
+
+
+def test_a_full_disk_is_an_error_when_the_store_is_made(tmp_path, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    buffer = make_buffer(tiny(buffer_store="disk"), object(), tmp_path, 0)
+    with pytest.raises(SqdfError, match=r"cannot reserve .* GiB for the replay buffer's .*"
+                       r"states.npy: No space left on device"):  # fmt: skip
+        buffer.add(batch(4, torch.Generator().manual_seed(0)), torch.zeros(4))
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,9 @@ class Method:
     # trainer draws batch_size / G conditions, each G times in a row) and the loss is told
     # each cell's group
     grouped: bool = False
+    # whether the loss reads the sampler's log-likelihood of each stored step (cells.logp):
+    # a likelihood ratio needs the states stored as they were sampled, in float32
+    likelihood_ratio: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -47,7 +50,11 @@ METHODS: dict[str, Method] = {
         alignprop_loss, AlignPropParams, uneven_passes="each process draws its truncation"
     ),
     "ddpo": Method(
-        ddpo_loss, DdpoParams, buffer="on_policy", stats=("kl_mean", "q_mean", "clip_frac")
+        ddpo_loss,
+        DdpoParams,
+        buffer="on_policy",
+        stats=("kl_mean", "q_mean", "clip_frac"),
+        likelihood_ratio=True,
     ),
     "grpo": Method(
         grpo_loss,
@@ -55,6 +62,7 @@ METHODS: dict[str, Method] = {
         buffer="on_policy",
         stats=("kl_mean", "q_mean", "clip_frac"),
         grouped=True,
+        likelihood_ratio=True,
     ),
 }
 
