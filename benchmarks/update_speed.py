@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--updates", type=int, default=30, help="updates per design")
     ap.add_argument(
+        "--num-steps", type=int, default=None,
+        help="sampling steps per trajectory (default: digits 20, sd 50)",
+    )  # fmt: skip
+    ap.add_argument(
         "--designs", default=",".join(DESIGNS),
         help="comma-separated: reference, truncated, truncated_x<M>, replay<N>",
     )  # fmt: skip
@@ -211,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     parts = Path(args.parts or tempfile.mkdtemp(prefix="sqdf-speed-"))
     base = base_config(args.task, args.preset, parts, args.batch_size)
+    if args.num_steps is not None:
+        if args.num_steps < 1:
+            ap.error(f"--num-steps must be >= 1, got {args.num_steps}")
+        base["num_steps"] = args.num_steps
     from sqdf.cli import key_values
     from sqdf.errors import SqdfError
 
@@ -228,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         # a process per design, so each one's peak memory is its own
         cmd = [sys.executable, __file__, "--task", args.task, "--preset", args.preset,
                "--updates", str(args.updates), "--eval-samples", str(args.eval_samples),
-               "--batch-size", str(args.batch_size),
+               "--batch-size", str(args.batch_size), "--num-steps", str(base["num_steps"]),
                "--parts", str(parts), "--designs", name, "--one", name]  # fmt: skip
         cmd += [f"--task-param={item}" for item in args.task_param]
         done = subprocess.run(cmd, capture_output=True, text=True)

@@ -17,3 +17,14 @@ def tiny_config() -> TrainConfig:
         estimator="tweedie",
         task_params={"hidden": 16},
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2``: one worker per core) each worker runs torch on one
+    thread, so that two workers do not oversubscribe the cores."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
