@@ -54,9 +54,12 @@ def per_condition_advantages(
     return adv
 
 
-def ddpo_loss(
-    task: Task, cells: Cells, cfg: TrainConfig, params: DdpoParams, generator: torch.Generator
-) -> tuple[Tensor, dict[str, float]]:
+def clipped_ratio_loss(
+    task: Task, cells: Cells, adv: Tensor, clip_range: float
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """-min(ρ A, clip(ρ, 1 ± clip_range) A) over the cells, with ρ per dimension against the
+    sampler's stored log-likelihood; also each cell's exact step KL to the reference (B,) and
+    the statistics DDPO and GRPO report. ``adv``: (B,) on the task's device."""
     dev = task.device
     x_t, x_next, cond = cells.x_t.to(dev), cells.x_next.to(dev), cells.cond.to(dev)
     mean, std = step_mean_std(task, x_t, cells.step, cond, policy=True)
@@ -65,15 +68,22 @@ def ddpo_loss(
     logp = gaussian_log_prob(x_next, mean, std)
     dims = x_next[0].numel()
     ratio = torch.exp((logp - cells.logp.to(dev)) / dims)  # per dimension, as DDPO's code
-    # per-condition statistics over the cells, which the on-policy buffer draws from the
-    # newest batch only
-    adv = per_condition_advantages(cells.reward, cells.cond, cells.reward, cells.cond).to(dev)
-    adv = adv.clamp(-params.adv_clip, params.adv_clip)
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - params.clip_range, 1 + params.clip_range)
+    clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean()
     kl = gaussian_kl(mean, ref_mean, std)
     stats = {"kl_mean": kl.detach().mean().item(), "q_mean": cells.reward.mean().item(),
-             "clip_frac": float(((ratio - 1).abs() > params.clip_range).float().mean()),
+             "clip_frac": float(((ratio - 1).abs() > clip_range).float().mean()),
              "reward_evals": 0.0}  # fmt: skip
+    return loss, kl, stats
+
+
+def ddpo_loss(
+    task: Task, cells: Cells, cfg: TrainConfig, params: DdpoParams, generator: torch.Generator
+) -> tuple[Tensor, dict[str, float]]:
+    # per-condition statistics over the cells, which the on-policy buffer draws from the
+    # newest batch only
+    adv = per_condition_advantages(cells.reward, cells.cond, cells.reward, cells.cond)
+    adv = adv.clamp(-params.adv_clip, params.adv_clip).to(task.device)
+    loss, _, stats = clipped_ratio_loss(task, cells, adv, params.clip_range)
     return loss, stats

@@ -39,9 +39,7 @@ from torch import Tensor
 
 from sqdf.buffer import Cells
 from sqdf.config import TrainConfig
-from sqdf.core.kl import gaussian_kl, gaussian_log_prob
-from sqdf.methods.ddpo import per_condition_advantages
-from sqdf.sampler import step_mean_std
+from sqdf.methods.ddpo import clipped_ratio_loss, per_condition_advantages
 from sqdf.tasks.base import Task
 
 
@@ -79,23 +77,9 @@ def grpo_loss(
     """``group`` (B,): each cell's group; ``batch_reward``, ``batch_group`` (N,): the newest
     batch's rewards and groups, whose statistics normalise the advantages (the trainer's
     ``newest_groups``)."""
-    dev = task.device
-    x_t, x_next, cond = cells.x_t.to(dev), cells.x_next.to(dev), cells.cond.to(dev)
-    mean, std = step_mean_std(task, x_t, cells.step, cond, policy=True)
-    with torch.no_grad():
-        ref_mean, _ = step_mean_std(task, x_t, cells.step, cond, policy=False)
-    logp = gaussian_log_prob(x_next, mean, std)
-    dims = x_next[0].numel()
-    ratio = torch.exp((logp - cells.logp.to(dev)) / dims)  # per dimension, as DDPO's code
-    adv = per_condition_advantages(cells.reward, group, batch_reward, batch_group).to(dev)
-    adv = adv.clamp(-params.adv_clip, params.adv_clip)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - params.clip_range, 1 + params.clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    kl = gaussian_kl(mean, ref_mean, std)
+    adv = per_condition_advantages(cells.reward, group, batch_reward, batch_group)
+    adv = adv.clamp(-params.adv_clip, params.adv_clip).to(task.device)
+    loss, kl, stats = clipped_ratio_loss(task, cells, adv, params.clip_range)
     if params.beta > 0:  # not 0 * KL, which an infinite KL would make NaN
         loss = loss + params.beta * kl.mean()
-    stats = {"kl_mean": kl.detach().mean().item(), "q_mean": cells.reward.mean().item(),
-             "clip_frac": float(((ratio - 1).abs() > params.clip_range).float().mean()),
-             "reward_evals": 0.0}  # fmt: skip
     return loss, stats
