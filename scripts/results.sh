@@ -35,10 +35,15 @@ declare -A EXPERIMENTS=(
     [gmm2d-flow-quadratic]="--task gmm2d --methods $ALL --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --set 'task_params={process=\"flow\"}'"
     [gmm2d-flow-linear]="--task gmm2d --methods $ALL --seeds 3 --set 'task_params={process=\"flow\"}'"
     # each method over its own regularisation, against the exact reward-KL frontier
-    [gmm2d-frontier]="--task gmm2d --frontier --methods sqdf,draft_kl,draft,alignprop,best_of_n --seeds 2"
+    # (draft and alignprop diverge on the unbounded linear reward: gmm2d-linear; they are on the well)
+    [gmm2d-frontier]="--task gmm2d --frontier --methods sqdf,draft_kl,best_of_n --seeds 2"
+    [gmm2d-quadratic-frontier]="--task gmm2d --frontier --methods sqdf,draft_kl,draft,grpo,best_of_n --seeds 2 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --frontier-values sqdf=8,2,0.5 --frontier-values draft_kl=8,2,0.5"
     # the same at gamma 1 with the exact soft value: the frontier SQDF reaches without Q error
     [gmm2d-frontier-exact]="--task gmm2d --frontier --methods sqdf,best_of_n --seeds 2 --set gamma=1.0 --set estimator=exact"
     [digits-frontier]="${DIGITS[*]} --frontier --methods sqdf,draft_kl,draft,best_of_n --seeds 2 --frontier-values sqdf=0.4,0.1,0.025 --frontier-values draft_kl=0.4,0.1,0.025"
+    # where SQDF lands on random mixtures (2-8 modes), against each one's exact optimum
+    [gmm2d-families-estimator]="families --families 4 --alphas 1.0,4.0 --sweep estimator=tweedie,gaussian_posterior,exact --set gamma=1.0"
+    [gmm2d-families-num-steps]="families --families 2 --rewards linear --alphas 1.0 --sweep num_steps=50,200 --set gamma=1.0 --set estimator=exact --set lr=0.003 --set steps=600"
     [digits-methods]="${DIGITS[*]} --methods $ALL --seeds 3"
     [digits-gamma]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep gamma=1.0,0.9,0.7"
     [digits-estimator]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
@@ -53,7 +58,7 @@ declare -A EXPERIMENTS=(
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
        gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-gaussian-q gmm2d-quadratic-gaussian-q gmm2d-buffer gmm2d-alpha
-       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact digits-methods digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps digits-methods digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args
@@ -62,15 +67,23 @@ run() {  # name
     if [ "${args[0]}" = bbo ]; then  # an entry may name its command; compare by default
         command=bbo files=(results.md results.json bbo_curve.png)
         args=("${args[@]:1}")
+    elif [ "${args[0]}" = families ]; then  # scripts/gmm_families.py: compare on random mixtures
+        command=families files=(summary.md summary.json families.json)
+        args=("${args[@]:1}")
     fi
     rm -rf "runs/results/$name"
-    "$SQDF" "$command" --out "runs/results/$name" --no-progress "${args[@]}" > /dev/null
+    if [ "$command" = families ]; then
+        .venv/bin/python scripts/gmm_families.py --out "runs/results/$name" "${args[@]}" > /dev/null
+    else
+        "$SQDF" "$command" --out "runs/results/$name" --no-progress "${args[@]}" > /dev/null
+    fi
     mkdir -p "docs/results/$name"
     for f in "${files[@]}"; do cp "runs/results/$name/$f" "docs/results/$name/"; done
     for f in samples.png frontier.md frontier.json frontier.png; do  # where the run wrote them
         [ -f "runs/results/$name/$f" ] && cp "runs/results/$name/$f" "docs/results/$name/"
     done
     local line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: sqdf $command --out runs/results/$name --no-progress ${args[*]}"
+    [ "$command" = families ] && line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: python scripts/gmm_families.py --out runs/results/$name ${args[*]}"
     # flock: several invocations may run side by side (e.g. one torch thread each)
     (flock 9; { grep -v "^$name: " "$LOG" || true; } > "$LOG.tmp"; echo "$line" >> "$LOG.tmp"
      mv "$LOG.tmp" "$LOG") 9> "$LOG.lock"
