@@ -326,13 +326,13 @@ def compare(
            "frontier": frontier, "variants": [v.name for v in variants],
            "runs": records}  # fmt: skip
     # each run's distance to the exact frontier goes into results.json too
-    curve = frontier_distances(task_name, base, records) if frontier else None
+    exact = frontier_distances(task_name, base, records) if frontier else None
     atomic_write_text(out / "results.json", json.dumps(doc, indent=1, default=float))
     atomic_write_text(
         out / "results.md", results_markdown(task_name, records, [v.name for v in variants])
     )
     if frontier:
-        write_frontier(task_name, records, curve, out)
+        write_frontier(task_name, records, exact, out)
     _pareto(task_name, records, out / "pareto.png")
     _curves(curves, out / "curves.png")
     if task_name == "gmm2d" and samples:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sqdf.atomic import atomic_write_text
 from sqdf.core.frontier import (
@@ -24,32 +27,52 @@ from sqdf.core.frontier import (
     frontier_reward_at,
 )
 from sqdf.report import mean_std, pyplot
+from sqdf.sampler import sample_in_chunks
 from sqdf.settings import make_config
 from sqdf.tasks import build_task
 
 # second panels beside reward: how natural the samples stay, where the task measures it
 SIDE_PANELS = {"digits": ("eval_agreement", "eval_frechet")}
+# the reference sampler's own reward error: its draws, on a seed apart from the evaluations'
+OFFSET_SAMPLES = 65_536
+OFFSET_SEED = 917_455
 # alphas at which frontier.md lists the exact curve
 LISTED_ALPHAS = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
 
 
-def gmm2d_frontier(base: dict[str, Any]) -> list[FrontierPoint]:
+@dataclass(frozen=True)
+class SamplerOffset:
+    """The untouched reference sampler's mean reward less the exact reference's: its finite
+    steps' error, measured on ``samples`` draws of its own (standard error ``se``)."""
+
+    value: float
+    se: float
+    samples: int
+
+
+def gmm2d_frontier(base: dict[str, Any]) -> tuple[list[FrontierPoint], SamplerOffset]:
     """The exact frontier of the base config's reference output under its reward (the
-    frontier moves with the reward and the mixture, not with alpha)."""
+    frontier moves with the reward and the mixture, not with alpha), and the reference
+    sampler's offset from its first point."""
     task = build_task(make_config({**base, "method": "sqdf"}, source="frontier"))
-    return exact_frontier(task.reward_model, task.reference_output())
+    curve = exact_frontier(task.reward_model, task.reference_output())
+    with torch.no_grad():
+        x0 = sample_in_chunks(task, OFFSET_SAMPLES, OFFSET_SEED, policy=False).x0
+        r = task.reward(x0, torch.zeros(len(x0), dtype=torch.long)).double()
+    se = float(r.std()) / math.sqrt(len(r))
+    return curve, SamplerOffset(float(r.mean()) - curve[0].reward, se, len(r))
 
 
-def add_frontier_distances(records: list[dict[str, Any]], curve: list[FrontierPoint]) -> None:
+def add_frontier_distances(
+    records: list[dict[str, Any]], curve: list[FrontierPoint], offset: float = 0.0
+) -> None:
     """Each run's frontier reward at its path KL, its frontier gap and its KL excess, against
-    the exact frontier shifted by the run's ``frontier_offset``: the reference sampler's mean
-    reward less the exact reference's (its finite steps), so that the untouched sampler
-    itself sits on the curve. The shift is first-order: the sampler's error under a tilt is
-    taken to be its error at the reference."""
+    the exact frontier shifted by ``offset`` (the reference sampler's own reward error,
+    ``SamplerOffset``), so that the untouched sampler itself sits on the curve. The shift is
+    first-order: the sampler's error under a tilt is taken to be its error at the reference."""
     for r in records:
         if not all(math.isfinite(r.get(k, math.nan)) for k in ("kl_path", "reward_mean")):
             continue  # diverged, or a KL no curve reaches: no distance to report
-        offset = r.get("ref_reward_mean", curve[0].reward) - curve[0].reward
         best = frontier_reward_at(curve, r["kl_path"]) + offset
         r["frontier_offset"] = offset
         r["frontier_reward"] = best
@@ -70,7 +93,10 @@ def _mean(rs: list[dict[str, Any]], key: str) -> float:
 
 
 def frontier_markdown(
-    task_name: str, records: list[dict[str, Any]], curve: list[FrontierPoint] | None
+    task_name: str,
+    records: list[dict[str, Any]],
+    curve: list[FrontierPoint] | None,
+    offset: SamplerOffset | None = None,
 ) -> str:
     cols = ["kl_path", "reward_mean"]
     if curve is not None:
@@ -102,8 +128,7 @@ def frontier_markdown(
             out.append(f"| {method} | {statistics.mean(finite.values()):.4f} | "
                        f"{finite[best]:.4f} | {best} |")  # fmt: skip
         ref = curve[0].reward
-        # one reference sampler, scored once per seed's evaluation draws: its distinct values
-        sampler = sorted({r["ref_reward_mean"] for r in records if "ref_reward_mean" in r})
+        shift = offset or SamplerOffset(0.0, math.nan, 0)
         out += ["", "The exact frontier (the tilted reference p_ref·exp(r/α)/Z):", "",
                 "| alpha | KL | reward |", "| --- | --- | --- |"]  # fmt: skip
         # the curve's own points nearest the listed alphas, each with its alpha
@@ -115,10 +140,13 @@ def frontier_markdown(
                 "its reward. Path KL bounds the output's KL from above, so both are >= 0 up to "
                 "sampling noise and the sampler's own error, and 0 is the optimum.",
                 f"- The exact reference's reward is {ref:.4f}; the untouched reference sampler "
-                f"(finite steps) reaches {mean_std(sampler)}. The distances are taken to the "
-                "exact frontier shifted by that difference (frontier_offset), so that the "
-                "untouched sampler sits on it: a first-order correction, which takes the "
-                "sampler's error under a tilt to be its error at the reference.",
+                f"(finite steps) reaches {ref + shift.value:.4f} ± {shift.se:.4f} on "
+                f"{shift.samples:,} draws of its own. The distances are taken to the exact "
+                f"frontier shifted by that difference ({shift.value:+.4f}, frontier_offset), "
+                "so that the untouched sampler sits on it: a first-order correction, which "
+                "takes the sampler's error under a tilt to be its error at the reference. A "
+                "run's own evaluation noise (its reward_std / sqrt(samples)) remains in its "
+                "gap.",
                 "- A run whose path KL lies past the curve's last point (alpha "
                 f"{curve[-1].alpha:g}, KL {curve[-1].kl:.2f}) or is not finite has no distance "
                 "(n/a)."]  # fmt: skip
@@ -188,28 +216,31 @@ def frontier_plot(
 
 def frontier_distances(
     task_name: str, base: dict[str, Any], records: list[dict[str, Any]]
-) -> list[FrontierPoint] | None:
-    """On gmm2d: the exact frontier, with every record's distances to it added in place
-    (add_frontier_distances); None on a task without one."""
+) -> tuple[list[FrontierPoint], SamplerOffset] | None:
+    """On gmm2d: the exact frontier and the sampler's offset, with every record's distances
+    added in place (add_frontier_distances); None on a task without an exact frontier."""
     if task_name != "gmm2d":
         return None
-    curve = gmm2d_frontier(base)
-    add_frontier_distances(records, curve)
-    return curve
+    curve, offset = gmm2d_frontier(base)
+    add_frontier_distances(records, curve, offset.value)
+    return curve, offset
 
 
 def write_frontier(
     task_name: str,
     records: list[dict[str, Any]],
-    curve: list[FrontierPoint] | None,
+    exact: tuple[list[FrontierPoint], SamplerOffset] | None,
     out: Path,
 ) -> None:
-    """frontier.json, frontier.md and frontier.png in ``out``."""
+    """frontier.json, frontier.md and frontier.png in ``out``; ``exact``: frontier_distances'
+    curve and offset, where the task has them."""
+    curve, offset = exact if exact is not None else (None, None)
     doc = {
         "task": task_name,
         "runs": records,
         "exact_frontier": None if curve is None else [vars(p) for p in curve],
+        "sampler_offset": None if offset is None else vars(offset),
     }
     atomic_write_text(out / "frontier.json", json.dumps(doc, indent=1, default=float))
-    atomic_write_text(out / "frontier.md", frontier_markdown(task_name, records, curve))
+    atomic_write_text(out / "frontier.md", frontier_markdown(task_name, records, curve, offset))
     frontier_plot(task_name, records, curve, out / "frontier.png")

@@ -1,7 +1,9 @@
 """sqdf compare, tiny: outputs are produced and well-formed; divergence is a result."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -9,10 +11,16 @@ from sqdf.cli import main
 from sqdf.compare import BEST_OF_N, compare, plan_frontier, plan_variants
 from sqdf.core.frontier import exact_frontier, frontier_kl_at, frontier_point
 from sqdf.errors import SqdfError
-from sqdf.frontier import add_frontier_distances, write_frontier
+from sqdf.frontier import (
+    SamplerOffset,
+    add_frontier_distances,
+    gmm2d_frontier,
+    write_frontier,
+)
 
 from .core.test_soft_value import MIX, REWARDS
 
+ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(
     task="gmm2d",
     num_steps=5,
@@ -165,6 +173,17 @@ def test_frontier_runs_each_method_over_its_regularisation(tmp_path, capsys):
     table = (out / "frontier.md").read_text()
     assert "| sqdf | alpha=0.5 |" in table and "| best_of_n | best_of=8 |" in table
     assert (out / "frontier.png").stat().st_size > 5000
+    # scripts/rebuild_frontier.py measures the same runs again: the same distances
+    spec = importlib.util.spec_from_file_location(
+        "rebuild", ROOT / "scripts" / "rebuild_frontier.py"
+    )
+    rebuild = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rebuild)
+    rebuild.rebuild(out)
+    again = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["frontier_gap"] for r in again] == [r["frontier_gap"] for r in results["runs"]]
+    with pytest.raises(SqdfError, match="has no results.json"):
+        rebuild.rebuild(tmp_path)
 
 
 def test_frontier_on_a_task_without_an_exact_curve(tmp_path):
@@ -242,12 +261,23 @@ def test_frontier_distances_take_the_samplers_offset_and_skip_blown_up_runs(tmp_
     diverged = {"variant": "draft-steps=8", "method": "draft", "knob": "steps", "value": 8,
                 "seed": 0, "diverged": "the loss was nan"}  # fmt: skip
     records = [good, blown, diverged]
-    add_frontier_distances(records, curve)
-    assert good["frontier_offset"] == pytest.approx(0.1)
+    add_frontier_distances(records, curve, 0.1)
+    assert good["frontier_offset"] == 0.1
     assert good["frontier_gap"] == pytest.approx(0.05, abs=1e-3)  # linear between points
     assert good["frontier_kl_excess"] == pytest.approx(point.kl - frontier_kl_at(
         curve, point.reward - 0.05), abs=1e-9)  # fmt: skip
     assert "frontier_gap" not in blown and "frontier_gap" not in diverged
-    write_frontier("gmm2d", records, curve, tmp_path)  # an infinite KL in the table: no crash
+    # an infinite KL in the table: no crash
+    write_frontier("gmm2d", records, (curve, SamplerOffset(0.1, 0.01, 100)), tmp_path)
     table = (tmp_path / "frontier.md").read_text()
     assert "| draft | steps=4 | inf |" in table and "| draft | steps=8 | n/a |" in table
+    assert "± 0.0100 on 100 draws of its own" in table and "(+0.1000, frontier_offset)" in table
+
+
+def test_the_sampler_offset_is_the_untouched_samplers_own_error():
+    """Measured on its own draws: on the quadratic well the 50-step sampler scores above the
+    exact reference (its discretisation), by more than its standard error."""
+    base = {**BASE, "reward": "quadratic", "num_steps": 50}
+    curve, offset = gmm2d_frontier(base)
+    assert curve[0].kl < 1e-9 and offset.samples == 65_536
+    assert offset.value > 3 * offset.se and offset.se < 0.03
