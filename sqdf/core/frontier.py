@@ -55,7 +55,7 @@ def frontier_point(reward: Any, reference: GaussianMixture, alpha: float) -> Fro
 def exact_frontier(
     reward: Any,
     reference: GaussianMixture,
-    alpha_min: float = 0.02,
+    alpha_min: float = 1e-5,
     alpha_max: float = 1e6,
     points: int = 300,
 ) -> list[FrontierPoint]:
