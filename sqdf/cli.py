@@ -34,7 +34,7 @@ examples:
   sqdf train --task sd --model ~/sdxl --task-param resolution=512 ...  # SDXL, by its folder
 
 The sd task reads the family from the folder's model_index.json: StableDiffusionPipeline
-(SD 1.x/2.x) or StableDiffusionXLPipeline (SDXL).
+(SD 1.x/2.x), StableDiffusionXLPipeline (SDXL) or StableDiffusion3Pipeline (SD 3/3.5).
 
 settings: built-in defaults < the task's defaults < --preset < --config < flags. The sd
 task's defaults are the official SQDF aesthetic run's (batch 4 x 8 accumulation per process,
@@ -48,7 +48,7 @@ task parameters (--task-param KEY=VALUE; README for their meaning):
           compile, channels_last
   sd      model, prompts, eval_prompts, negative_prompt, guidance, resolution, lora_rank,
           lora_alpha, lora_targets, lcm, lcm_guidance, dtype, gradient_checkpointing,
-          finetune, compile, channels_last
+          finetune, compile, channels_last, noise_level
 
 A TOML config holds the same keys as the flags (underscores), with [task_params] and
 [reward_params] tables. Flags override the file. The resolved configuration is written to

@@ -1,7 +1,7 @@
 """``sqdf sample --task sd``: render prompts with a plain diffusers pipeline of the model's
-family (StableDiffusionPipeline or StableDiffusionXLPipeline) and the weights in
-``RUN/final`` (a LoRA, or a fully fine-tuned UNet), the way a user of the fine-tuned weights
-would, into one picture."""
+family (StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline) and
+the weights in ``RUN/final`` (a LoRA, or a fully fine-tuned UNet), the way a user of the
+fine-tuned weights would, into one picture."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sqdf.errors import SqdfError
-from sqdf.tasks.sd_family import Family, load_part, read_config
+from sqdf.tasks.sd_family import Family, absent_components, load_part, read_config
 from sqdf.tasks.sd_prompts import load_prompt_pairs
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -81,7 +81,9 @@ def render_sd(
     """A grid of ``num_images`` images, prompts taken in turn; with ``lora`` and without it
     (same seeds), so the fine-tuning's effect is one look away. ``prompts``, ``guidance``
     and ``num_steps`` left None are the training run's (``lora``'s parent folder), with its
-    negative prompts, else the defaults of :class:`RenderSettings`."""
+    negative prompts, else the defaults of :class:`RenderSettings`. The UNet families render
+    with DDIM at eta 1 (the chain they trained on); SD 3/3.5 with its own flow-matching Euler
+    scheduler (the deterministic sampler of the flow the SDE shares its marginals with)."""
     from diffusers import DDIMScheduler
 
     from sqdf.report import save_image_rows
@@ -100,16 +102,19 @@ def render_sd(
     prompts = prompts if prompts is not None else trained.prompts
     guidance = guidance if guidance is not None else trained.guidance
     num_steps = num_steps if num_steps is not None else trained.num_steps
+    family = family_of(model)
+    if full and family.denoiser != "unet":
+        raise SqdfError(f"{lora} holds a fine-tuned UNet; {family.label} has a {family.denoiser}")
     run = run_of(final)
     if run is not None:
+        chain = "flow-matching Euler" if family.flow else "DDIM"
         print(
-            f"sqdf sample: prompts {prompts}, guidance {guidance:g}, {num_steps} DDIM steps"
+            f"sqdf sample: prompts {prompts}, guidance {guidance:g}, {num_steps} {chain} steps"
             + (f", negative prompt {trained.negative_prompt!r}" if trained.negative_prompt else "")
             + f" (those not given: as {run} trained)",
             file=sys.stderr,
         )
     pairs = load_prompt_pairs(prompts)  # before any weights are loaded
-    family = family_of(model)
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     try:
@@ -119,10 +124,17 @@ def render_sd(
     if full:  # weights of another family: one line now, not a shape error after a row
         check_unet_fits(read_config(final, "unet"), pipe.unet, final / "unet", family.label)
     elif final is not None:
-        state, _ = family.pipeline_class().lora_state_dict(str(final))
-        check_lora_fits(state, pipe.unet, final, family.label)
-    # the chain the policy was trained on: DDIM at "leading" spacing, whatever the folder says
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+        state = family.pipeline_class().lora_state_dict(str(final))
+        state = state[0] if isinstance(state, tuple) else state  # SD3's comes without alphas
+        net = getattr(pipe, family.denoiser)
+        check_lora_fits(state, net, final, family.label, family.denoiser)
+    sampler: dict[str, Any] = {}
+    if not family.flow:
+        # the chain the policy was trained on: DDIM at "leading" spacing, eta 1, whatever the
+        # folder says
+        config = pipe.scheduler.config
+        pipe.scheduler = DDIMScheduler.from_config(config, timestep_spacing="leading")
+        sampler["eta"] = 1.0
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     chosen = [pairs[i % len(pairs)] for i in range(num_images)]
@@ -136,8 +148,8 @@ def render_sd(
             g = torch.Generator().manual_seed(seed + i)
             negative = trained.negative_prompt if own is None else own  # as the task pairs them
             out = pipe(prompt, negative_prompt=negative or None, num_inference_steps=num_steps,
-                       guidance_scale=guidance, eta=1.0, generator=g,
-                       output_type="pt", **size)  # fmt: skip
+                       guidance_scale=guidance, generator=g, output_type="pt", **sampler,
+                       **size)  # fmt: skip
             images.append(out.images[0].float().cpu())
         return torch.stack(images)
 
@@ -162,6 +174,7 @@ def _load_pipeline(folder: Path, family: Family, dtype: torch.dtype) -> Any:
     """The family's pipeline from a local folder; one without model_index.json (which
     diffusers' from_pretrained needs, and training does not) is assembled from its parts."""
     cls, extra = family.pipeline_class(), dict(family.render_options)
+    extra |= {c: None for c in absent_components(folder, family)}  # SD3 without T5
     if (folder / "model_index.json").is_file():
         return cls.from_pretrained(
             str(folder), local_files_only=True, use_safetensors=True, dtype=dtype, **extra

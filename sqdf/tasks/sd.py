@@ -1,14 +1,16 @@
-"""Stable Diffusion (the UNet families: SD 1.x/2.x and SDXL) from a local diffusers folder,
-fine-tuned as a peft LoRA on its UNet.
+"""Stable Diffusion (SD 1.x/2.x, SDXL and SD 3/3.5) from a local diffusers folder, fine-tuned
+as a peft LoRA on its denoiser (the UNet; SD3's transformer).
 
 The family is read from the folder's ``model_index.json`` (sqdf.tasks.sd_family); prompts are
 encoded once as that family's pipeline encodes them (sqdf.tasks.sd_text) and the text
-encoders are then let go. The reference is the same UNet with the adapter off (one copy of
-the weights); with ``finetune = "full"`` every UNet weight trains and the reference is a
-frozen copy. x̂0 comes from the reference UNet (Tweedie) or from a latent consistency model:
-an LCM UNet folder, or an LCM-LoRA loaded beside the policy's adapter on the base UNet. Only
-x̂0 latents are decoded by the VAE (with gradients) for the reward; the trajectory stays in
-latent space.
+encoders are then let go. The UNet families step with DDIM on their DDPM noise schedule; SD3
+with the rectified-flow SDE (sqdf.core.flow) on its scheduler's shifted time grid, its
+transformer's velocity giving x̂0 = x_t - t v. The reference is the same network with the
+adapter off (one copy of the weights); with ``finetune = "full"`` every UNet weight trains and
+the reference is a frozen copy. x̂0 comes from the reference network (Tweedie) or, for the
+UNet families, from a latent consistency model: an LCM UNet folder, or an LCM-LoRA loaded
+beside the policy's adapter on the base UNet. Only x̂0 latents are decoded by the VAE (with
+gradients) for the reward; the trajectory stays in latent space.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from sqdf.checkpoint import save_weights
-from sqdf.core.kernel import DDIMKernel
+from sqdf.core.kernel import DDIMKernel, FlowKernel
 from sqdf.core.x0 import consistency_x0, guidance_embedding
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.params import build_settings
@@ -38,6 +40,7 @@ from sqdf.tasks.lora import (
 )
 from sqdf.tasks.sd_family import (
     FAMILIES,
+    FLOW_SCHEDULER,
     Family,
     check_lora_fits,
     check_unet_fits,
@@ -56,7 +59,7 @@ LCM_ADAPTER = "lcm"
 class SDConfig:
     """The model folder, prompts, guidance, LoRA, consistency model and memory settings."""
 
-    model: str | None = None  # diffusers pipeline folder (SD 1.x/2.x or SDXL; model_index.json)
+    model: str | None = None  # diffusers pipeline folder (SD 1.x/2.x, SDXL, SD 3/3.5)
     prompts: str = "animals"  # a built-in set (animals, varied) or a file, one prompt a line
     # prompts the run does not train on, for sqdf eval and --eval-every (a set or a file)
     eval_prompts: str = "animals-heldout"
@@ -64,7 +67,7 @@ class SDConfig:
     # SDXL pipelines encode as zeros
     negative_prompt: str = ""
     guidance: float = 5.0  # classifier-free guidance scale (1 = no guidance)
-    resolution: int | None = None  # image side in pixels (default: the UNet's native size)
+    resolution: int | None = None  # image side in pixels (default: the model's native size)
     lora_rank: int = 4  # as in the SQDF reference implementation
     lora_alpha: float = 4.0
     lora_targets: list = dataclasses.field(
@@ -73,10 +76,12 @@ class SDConfig:
     lcm: str | None = None  # LCM UNet folder, or LCM-LoRA .safetensors (estimator consistency)
     lcm_guidance: float = 8.0  # w for an LCM UNet with a guidance embedding (time_cond_proj_dim)
     dtype: str = "auto"  # weights and autocast: auto (bfloat16 on CUDA, float32 on CPU) or a name
-    gradient_checkpointing: bool = True  # UNet, VAE decoder and reward model
+    gradient_checkpointing: bool = True  # denoiser, VAE decoder and reward model
     finetune: str = "lora"  # lora, or full (every UNet weight, in float32; what FSDP shards)
-    compile: bool = False  # torch.compile the UNet(s)
-    channels_last: bool = False  # channels-last UNet weights
+    compile: bool = False  # torch.compile the denoiser(s)
+    channels_last: bool = False  # channels-last denoiser weights
+    # SD 3/3.5: the noise level a of the flow SDE (Flow-GRPO's default; DDIM's is --eta)
+    noise_level: float = 0.7
 
     def __post_init__(self) -> None:
         check_network_options(self.finetune, self.compile, self.channels_last, "sd")
@@ -85,7 +90,24 @@ class SDConfig:
                 "task 'sd' needs a local Stable Diffusion folder: --model PATH "
                 "(or task_params.model)"
             )
-        family_of(self.model)  # a folder of another family, or incomplete, fails here
+        family = family_of(self.model)  # a folder of another family, or incomplete, fails here
+        if not self.noise_level > 0:
+            raise ConfigError(
+                f"sd noise_level must be > 0 (the KL needs a stochastic step), got "
+                f"{self.noise_level}"
+            )
+        if not family.flow and self.noise_level != 0.7:
+            raise ConfigError(
+                f"sd noise_level is the flow SDE's (SD 3/3.5); {family.label} samples with DDIM, "
+                "whose noise is --eta"
+            )
+        if family.flow and self.lcm is not None:
+            raise ConfigError(
+                f"sd lcm: no consistency model is supported for {family.label}; leave lcm out "
+                "and use estimator tweedie"
+            )
+        if family.flow and self.finetune != "lora":
+            raise ConfigError(f"sd finetune {self.finetune!r}: {family.label} trains a LoRA only")
         if self.guidance < 1.0:
             raise ConfigError(f"sd guidance must be >= 1, got {self.guidance}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
@@ -106,32 +128,39 @@ class SDConfig:
 
 
 def _sizes(options: SDConfig) -> tuple[int, int, int]:
-    """(latent channels, image side in pixels, VAE downscaling factor) from the unet/ and
+    """(latent channels, image side in pixels, VAE downscaling factor) from the denoiser's and
     vae/ configs alone."""
     folder = Path(options.model)
-    unet, vae = read_config(folder, "unet"), read_config(folder, "vae")
+    family = family_of(folder)
+    net, vae = read_config(folder, family.denoiser), read_config(folder, "vae")
     try:
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        side = options.resolution or int(unet["sample_size"]) * factor
-        channels = int(unet["in_channels"])
+        side = options.resolution or int(net["sample_size"]) * factor
+        channels = int(net["in_channels"])
+        patch = int(net.get("patch_size") or 1)  # SD3's transformer embeds 2×2 latent patches
     except (KeyError, TypeError) as err:
         raise SqdfError(
-            f"{folder}: unet/config.json or vae/config.json lacks a usable {err} (a diffusers "
-            "UNet2DConditionModel and AutoencoderKL config have them)"
+            f"{folder}: {family.denoiser}/config.json or vae/config.json lacks a usable {err} (a "
+            f"diffusers {family.denoiser_class} and AutoencoderKL config have them)"
         ) from None
-    if side % factor:
-        raise ConfigError(f"sd resolution {side} is not a multiple of the VAE's {factor}")
+    if side % (factor * patch):
+        what = (
+            f"the VAE's {factor}"
+            if patch == 1
+            else f"{factor * patch} (VAE {factor} × patch {patch})"
+        )
+        raise ConfigError(f"sd resolution {side} is not a multiple of {what}")
     return channels, side, factor
 
 
 def image_side(options: SDConfig) -> int:
-    """The side in pixels of the images trained on: ``options.resolution``, else the UNet's
-    native size."""
+    """The side in pixels of the images trained on: ``options.resolution``, else the
+    denoiser's native size."""
     return _sizes(options)[1]
 
 
 def latent_shape(options: SDConfig) -> tuple[int, int, int]:
-    """(channels, side, side) of the latents the UNet denoises at :func:`image_side`."""
+    """(channels, side, side) of the latents the denoiser denoises at :func:`image_side`."""
     channels, side, factor = _sizes(options)
     return (channels, side // factor, side // factor)
 
@@ -142,12 +171,17 @@ class SDTask(Task):
     picture_samples = 4
 
     def __init__(self, cfg: Any, options: SDConfig, reward: Any, device: torch.device):
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDIMScheduler
 
+        folder = Path(options.model)
+        self.family: Family = family_of(folder)
         if cfg.estimator == "consistency" and not options.lcm:  # before loading gigabytes
             raise ConfigError(
                 "sd: estimator consistency needs task_params.lcm (an LCM UNet folder or an "
                 "LCM-LoRA file); or use estimator tweedie"
+                if not self.family.flow
+                else f"sd: estimator consistency has no consistency model for "
+                f"{self.family.label}; use estimator tweedie"
             )
         self.options = options
         self.estimator = cfg.estimator
@@ -157,14 +191,19 @@ class SDTask(Task):
             self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         else:
             self.dtype = DTYPES[options.dtype]
-        folder = Path(options.model)
-        self.family: Family = family_of(folder)
-        sched = load_part(DDIMScheduler, folder, "scheduler")
-        self.prediction_type = sched.config.prediction_type
-        self.schedule = schedule_of(sched, cfg.num_steps, cfg.eta, "sd")
-        self.kernel = DDIMKernel(self.schedule, self.prediction_type)
+        self.sample_shape = latent_shape(options)
+        if self.family.flow:
+            self.schedule = None
+            self.kernel, self.time_scale = flow_kernel(folder, cfg.num_steps, options, self.family)
+        else:
+            sched = load_part(DDIMScheduler, folder, "scheduler")
+            self.prediction_type = sched.config.prediction_type
+            self.schedule = schedule_of(sched, cfg.num_steps, cfg.eta, "sd")
+            self.kernel = DDIMKernel(self.schedule, self.prediction_type)
         safe = {"use_safetensors": True, "dtype": self.dtype}
-        self.unet = load_part(UNet2DConditionModel, folder, "unet", **safe).to(device)
+        self.denoiser = load_part(
+            self.family.denoiser_model(), folder, self.family.denoiser, **safe
+        ).to(device)
         vae_config = read_config(folder, "vae")
         # decode in float32 where the family's pipeline does (SDXL's VAE overflows float16)
         self.vae_upcast = (
@@ -183,17 +222,16 @@ class SDTask(Task):
         self.text = encode_prompts(
             self.family, folder, self.prompts, self.negatives, device, self.dtype
         )
-        self.sample_shape = latent_shape(options)
-        if self.family.pooled:
+        if self.family.size_ids:
             self.text.time_ids = sdxl_time_ids(
-                self.unet, self.text.pooled.shape[-1], image_side(options), folder
+                self.denoiser, self.text.pooled.shape[-1], image_side(options), folder
             ).to(device)
 
         self.nets = PolicyAndReference(
-            self.unet, options.finetune, options.lora_rank, options.lora_alpha,
+            self.denoiser, options.finetune, options.lora_rank, options.lora_alpha,
             list(options.lora_targets),
         )  # fmt: skip
-        for p in self.unet.parameters():
+        for p in self.denoiser.parameters():
             if p.requires_grad:  # trainable weights are float32 whatever the loaded dtype
                 p.data = p.data.to(device, torch.float32)
         self.policy = self.nets.policy
@@ -213,11 +251,18 @@ class SDTask(Task):
         if hasattr(reward, "to"):
             reward.to(device)
 
+    @property
+    def unet(self) -> Any:
+        """The denoiser of the UNet families, by their name for it."""
+        return self.denoiser
+
     def _attach_lcm(self, path: Path) -> None:
         from diffusers import UNet2DConditionModel
 
         if path.is_dir():
-            check_unet_fits(read_config(path.parent, path.name), self.unet, path, self.family.label)
+            check_unet_fits(
+                read_config(path.parent, path.name), self.denoiser, path, self.family.label
+            )
             self._lcm_unet = load_part(
                 UNet2DConditionModel, path.parent, path.name, use_safetensors=True,
                 dtype=self.dtype,
@@ -234,10 +279,10 @@ class SDTask(Task):
                 state, prefix="unet", network_alphas=alphas, adapter_name=LCM_ADAPTER
             )
         for name, p in base.named_parameters():  # the LCM-LoRA is frozen
-            p.requires_grad_(base is self.unet and is_policy_weight(name))
+            p.requires_grad_(base is self.denoiser and is_policy_weight(name))
         # peft activates an adapter it loads; the LCM-LoRA runs only in consistency_x0: under
         # LoRA the policy's adapter stays the active one, a full reference copy has none
-        activate_only(base, POLICY_ADAPTER if base is self.unet else None)
+        activate_only(base, POLICY_ADAPTER if base is self.denoiser else None)
 
     def _autocast(self) -> Any:
         enabled = self.dtype != torch.float32
@@ -267,13 +312,19 @@ class SDTask(Task):
             self.text = self.text.extended(more)
         return torch.tensor([known[(p, n)] for (p, _), n in zip(pairs, negatives, strict=True)])
 
-    def _eps(self, unet: Any, x: Tensor, t: Tensor, cond: Tensor, guidance: float) -> Tensor:
+    def _denoise(self, net: Any, x: Tensor, t: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        if self.family.flow:  # SD3's transformer takes the time as its scheduler's: t · 1000
+            return net(hidden_states=x, timestep=t * self.time_scale, **kwargs).sample
+        return net(x, t, **kwargs).sample
+
+    def _eps(self, net: Any, x: Tensor, t: Tensor, cond: Tensor, guidance: float) -> Tensor:
+        """The guided output (noise, v or velocity) at model times ``t`` (B,)."""
         if guidance == 1.0:
-            return unet(x.to(self.dtype), t, **self.text.unet_kwargs(cond)).sample
+            return self._denoise(net, x.to(self.dtype), t, self.text.unet_kwargs(cond))
         # both halves of classifier-free guidance in one batched pass
-        both = unet(
-            torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), **self.text.guided_kwargs(cond)
-        ).sample
+        both = self._denoise(
+            net, torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), self.text.guided_kwargs(cond)
+        )
         uncond, c = both.chunk(2)
         return uncond + guidance * (c - uncond)
 
@@ -285,6 +336,8 @@ class SDTask(Task):
         return out.float()
 
     def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        if self.schedule is None:
+            raise SqdfError(f"sd: no consistency model for {self.family.label}")
         t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)
         abar = _expand(self.schedule.abar(timesteps.cpu()), x).to(x)
         text = self.text.unet_kwargs(cond)
@@ -314,6 +367,8 @@ class SDTask(Task):
             mean = torch.tensor(mean).view(shape).to(latents)
             std = torch.tensor(std).view(shape).to(latents)
             latents = latents * std / config.scaling_factor + mean
+        elif self.family.latent_shift:
+            latents = latents / config.scaling_factor + config.shift_factor
         else:
             latents = latents / config.scaling_factor
         if self.vae_upcast:
@@ -380,40 +435,81 @@ class SDTask(Task):
         save_image_rows(rows, self.prompts_of(cond[:n]), path)
 
     def save_final(self, folder: Path, policy: dict[str, Tensor]) -> None:
-        """The LoRA in diffusers format (StableDiffusionPipeline.load_lora_weights(folder)), or
-        the fully fine-tuned UNet as a diffusers folder ``folder/unet``
+        """The LoRA in diffusers format (the family's pipeline's ``load_lora_weights(folder)``),
+        or the fully fine-tuned UNet as a diffusers folder ``folder/unet``
         (UNet2DConditionModel.from_pretrained)."""
         if self.nets.finetune == "lora":
             save_diffusers_lora(
-                self.unet, self.options.lora_rank, self.options.lora_alpha, folder, self.family
+                self.denoiser, self.options.lora_rank, self.options.lora_alpha, folder, self.family
             )
             return
         unet_dir = folder / "unet"
         unet_dir.mkdir(parents=True, exist_ok=True)
-        self.unet.save_config(str(unet_dir))
+        self.denoiser.save_config(str(unet_dir))
         save_weights(policy, unet_dir / "diffusion_pytorch_model.safetensors")
 
 
 def save_diffusers_lora(
-    unet: Any, rank: int, alpha: float, folder: Path, family: Family = FAMILIES["sd"]
+    net: Any, rank: int, alpha: float, folder: Path, family: Family = FAMILIES["sd"]
 ) -> Path:
-    """The policy adapter as ``pytorch_lora_weights.safetensors``, written by the family's
-    pipeline class (what its ``load_lora_weights`` reads). diffusers reads a LoRA without
-    metadata at scale 1 (alpha = rank), so alpha/rank is folded into the B matrices."""
+    """The policy adapter on the denoiser ``net`` as ``pytorch_lora_weights.safetensors``,
+    written by the family's pipeline class (what its ``load_lora_weights`` reads: a UNet's in
+    diffusers' key names, SD3's transformer's in peft's, as diffusers' LoRA scripts save
+    them). diffusers reads a LoRA without metadata at scale 1 (alpha = rank), so alpha/rank is
+    folded into the B matrices."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unet, adapter_name=POLICY_ADAPTER)
+    state = get_peft_model_state_dict(net, adapter_name=POLICY_ADAPTER)
     scale = alpha / rank
     state = {k: (v * scale if "lora_B" in k else v).float().contiguous() for k, v in state.items()}
+    if family.denoiser == "unet":
+        state = convert_state_dict_to_diffusers(state)
     family.pipeline_class().save_lora_weights(
-        str(folder), unet_lora_layers=convert_state_dict_to_diffusers(state)
+        str(folder), **{f"{family.denoiser}_lora_layers": state}
     )
     return Path(folder) / "pytorch_lora_weights.safetensors"
 
 
+def flow_kernel(
+    folder: Path, num_steps: int, options: SDConfig, family: Family
+) -> tuple[FlowKernel, int]:
+    """The flow SDE over the time grid the family's pipeline steps through (its scheduler's
+    ``set_timesteps``: SD3's static shift, or the dynamic shift by the image's token count
+    where the config says use_dynamic_shifting), and the factor from t to the model's time
+    input (num_train_timesteps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+        calculate_shift,
+    )
+
+    sched = load_part(FlowMatchEulerDiscreteScheduler, folder, "scheduler")
+    config = sched.config
+    shift: dict[str, float] = {}
+    if config.get("use_dynamic_shifting"):  # as StableDiffusion3Pipeline.__call__ computes mu
+        side = latent_shape(options)[-1] // int(read_config(folder, family.denoiser)["patch_size"])
+        shift["mu"] = calculate_shift(
+            side * side, config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )  # fmt: skip
+    sched.set_timesteps(num_steps, **shift)
+    try:
+        kernel = FlowKernel(sched.sigmas.float().cpu(), options.noise_level)
+    except ValueError as err:
+        raise ConfigError(
+            f"sd: {folder}/scheduler ({FLOW_SCHEDULER}) at {num_steps} steps: {err}"
+        ) from None
+    return kernel, int(config.num_train_timesteps)
+
+
 def build_sd(cfg: Any, reward: Any, device: torch.device) -> SDTask:
     options = build_settings(SDConfig, cfg.task_params, "task 'sd'")
+    if family_of(options.model).flow and cfg.eta != 1.0:
+        raise ConfigError(
+            f"eta is DDIM's; the flow SDE's noise (SD 3/3.5) is task_params.noise_level (got "
+            f"eta {cfg.eta})"
+        )
     if getattr(reward, "domain", None) not in ("rgb", "image", "any"):
         raise ConfigError(
             "task 'sd' needs an image reward (aesthetic, pickscore, clipscore, hpsv2 or "

@@ -1,9 +1,11 @@
 """Which Stable Diffusion family a local diffusers folder holds, read from its
-``model_index.json``: the UNet families the sd task fine-tunes (SD 1.x/2.x and SDXL) differ
-in their text encoders, the extra conditioning their UNet takes and how their VAE decodes;
-everything else (the DDIM kernel, LoRA, rewards, methods) is shared. Also whether a
-consistency model given for the folder (an LCM-LoRA file, an LCM UNet folder) fits its
-family, checked before peft or diffusers meet a shape they cannot use."""
+``model_index.json``: the families the sd task fine-tunes (SD 1.x/2.x, SDXL and SD 3/3.5)
+differ in their text encoders, the extra conditioning their denoiser takes, how their VAE
+decodes and, for SD 3/3.5, in the denoiser itself (a transformer predicting a rectified-flow
+velocity, stepped by the flow kernel instead of DDIM); everything else (LoRA, rewards,
+methods) is shared. Also whether a consistency model given for the folder (an LCM-LoRA file,
+an LCM UNet folder) fits its family, checked before peft or diffusers meet a shape they
+cannot use."""
 
 from __future__ import annotations
 
@@ -17,18 +19,19 @@ from sqdf.errors import ConfigError, SqdfError
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between the UNet families, by the pipeline class that loads them."""
+    """What differs between the families, by the pipeline class that loads them."""
 
     name: str  # the short name used in messages and results
     pipeline: str  # the diffusers pipeline class of the folder
-    label: str  # for people: "SD 1.x/2.x", "SDXL"
+    label: str  # for people: "SD 1.x/2.x", "SDXL", "SD 3/3.5"
     text_encoders: tuple[str, ...]  # subfolders, in the order the pipeline concatenates them
     # their transformers classes: SDXL's second carries the projection that is the pooled
     # embedding
     text_encoder_classes: tuple[str, ...]
     tokenizers: tuple[str, ...]
     # SDXL conditions its UNet on the pooled projection of the last text encoder and on
-    # (original size, crop, target size); SD 1.x/2.x on the prompt's hidden states alone
+    # (original size, crop, target size); SD3 its transformer on both CLIPs' projections;
+    # SD 1.x/2.x on the prompt's hidden states alone
     pooled: bool
     # SDXL's VAE config may carry per-channel latent mean/std that its pipeline undoes
     # before decoding; the SD 1.x/2.x pipeline divides by the scaling factor only
@@ -39,10 +42,29 @@ class Family:
     # pipeline arguments for sqdf sample's renders, which are ours to look at: no SD safety
     # checker, no SDXL watermark (added where its package is installed)
     render_options: tuple[tuple[str, Any], ...]
+    # the network that is fine-tuned: its subfolder and diffusers class
+    denoiser: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    # SD3: a rectified flow (sqdf.core.flow) on its FlowMatchEulerDiscreteScheduler's time grid;
+    # otherwise DDIM on a DDPM noise schedule
+    flow: bool = False
+    size_ids: bool = False  # SDXL: the UNet takes (original size, crop, target size)
+    # SDXL: an empty negative prompt is zeros where model_index.json says
+    # force_zeros_for_empty_prompt; the other pipelines encode the empty string
+    zeros_for_empty_negative: bool = False
+    latent_shift: bool = False  # SD3: the VAE config's shift_factor is added after unscaling
+    # components a folder may leave out where its model_index.json says [null, null] (SD3's
+    # T5, which its pipeline then replaces by zeros)
+    optional: tuple[str, ...] = ()
 
     @property
     def components(self) -> tuple[str, ...]:
-        return ("unet", "vae", *self.text_encoders, *self.tokenizers, "scheduler")
+        return (self.denoiser, "vae", *self.text_encoders, *self.tokenizers, "scheduler")
+
+    def denoiser_model(self) -> Any:
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class)
 
     def pipeline_class(self) -> Any:
         import diffusers
@@ -66,7 +88,17 @@ FAMILIES = {
         "sdxl", "StableDiffusionXLPipeline", "SDXL", ("text_encoder", "text_encoder_2"),
         ("CLIPTextModel", "CLIPTextModelWithProjection"), ("tokenizer", "tokenizer_2"),
         pooled=True, latent_mean_std=True, upcast_vae_in_float16=True,
-        render_options=(("add_watermarker", False),),
+        render_options=(("add_watermarker", False),), size_ids=True,
+        zeros_for_empty_negative=True,
+    ),
+    "sd3": Family(
+        "sd3", "StableDiffusion3Pipeline", "SD 3/3.5",
+        ("text_encoder", "text_encoder_2", "text_encoder_3"),
+        ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
+        ("tokenizer", "tokenizer_2", "tokenizer_3"), pooled=True, latent_mean_std=False,
+        upcast_vae_in_float16=False, render_options=(), denoiser="transformer",
+        denoiser_class="SD3Transformer2DModel", flow=True, latent_shift=True,
+        optional=("text_encoder_3", "tokenizer_3"),
     ),
 }  # fmt: skip
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}
@@ -99,11 +131,22 @@ def _optional_json(path: Path) -> dict[str, Any]:
 ADDITION_EMBEDS = {"sd": None, "sdxl": "text_time"}
 # schedulers of another noising process than the DDPM one sqdf's DDIM kernel steps through
 SAMPLER_SCHEDULERS = ("EDM", "FlowMatch")
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # SD3's, read by the flow kernel
+
+
+def absent_components(folder: str | Path, family: Family) -> tuple[str, ...]:
+    """The family's optional components that the folder's model_index.json leaves out (SD3
+    without T5: ``"text_encoder_3": [null, null]``), which its pipeline must be given as None."""
+    index = read_model_index(folder)
+    return tuple(
+        c for c in family.optional if isinstance(index.get(c), list) and index[c][-1:] == [None]
+    )
 
 
 def family_of(folder: str | Path) -> Family:
     """The family of the pipeline in ``folder`` (its model_index.json, else its layout), with
-    its components, its UNet's conditioning and its scheduler checked from configs alone."""
+    its components, its denoiser's class and conditioning and its scheduler checked from
+    configs alone."""
     folder = Path(folder)
     index = read_model_index(folder)
     if index:
@@ -115,31 +158,74 @@ def family_of(folder: str | Path) -> Family:
                 f"task 'sd': {folder} holds a {name or 'pipeline without _class_name'}; "
                 f"supported: {supported}"
             )
+    elif (folder / "transformer").is_dir():
+        raise ConfigError(
+            f"task 'sd': {folder} has a transformer/ but no model_index.json, which says "
+            "which pipeline it is (StableDiffusion3Pipeline for SD 3/3.5)"
+        )
     else:  # no index: a second text encoder says SDXL
         family = FAMILIES["sdxl" if (folder / "text_encoder_2").is_dir() else "sd"]
-    missing = [c for c in family.components if not (folder / c).is_dir()]
+    absent = absent_components(folder, family)
+    missing = [c for c in family.components if c not in absent and not (folder / c).is_dir()]
     if missing:
+        optional = [c for c in missing if c in family.optional]
+        hint = (
+            f'; a folder without {optional[0]}/ says "{optional[0]}": [null, null] in '
+            f"model_index.json, as {family.pipeline}(..., {optional[0]}=None) runs without it"
+            if optional
+            else ""
+        )
         raise ConfigError(
             f"task 'sd': {folder} is not a complete {family.label} folder "
-            f"(missing {', '.join(c + '/' for c in missing)})"
+            f"(missing {', '.join(c + '/' for c in missing)}){hint}"
         )
-    unet = _optional_json(folder / "unet" / "config.json")
-    embed = unet.get("addition_embed_type")
-    if unet and embed != ADDITION_EMBEDS[family.name]:
+    _check_denoiser(folder, family, index)
+    _check_scheduler(folder, family)
+    return family
+
+
+def _check_denoiser(folder: Path, family: Family, index: dict[str, Any]) -> None:
+    """The denoiser's class (by the index and its config) is the family's, and a UNet's added
+    conditioning is its family's."""
+    config = _optional_json(folder / family.denoiser / "config.json")
+    entry = index.get(family.denoiser)
+    named = [entry[-1] if isinstance(entry, list) and entry else None, config.get("_class_name")]
+    other = next((c for c in named if isinstance(c, str) and c != family.denoiser_class), None)
+    if other is not None:
+        raise ConfigError(
+            f"task 'sd': {folder}/{family.denoiser} is a {other}; a {family.pipeline} folder's "
+            f"is a {family.denoiser_class}"
+        )
+    if family.name not in ADDITION_EMBEDS:
+        return
+    embed = config.get("addition_embed_type")
+    if config and embed != ADDITION_EMBEDS[family.name]:
         raise ConfigError(
             f"task 'sd': {folder}/unet has addition_embed_type {embed!r}, where {family.label} "
             f"UNets have {ADDITION_EMBEDS[family.name]!r}: the folder mixes families"
         )
-    _check_scheduler(folder)
-    return family
 
 
-def _check_scheduler(folder: Path) -> None:
+def _check_scheduler(folder: Path, family: Family) -> None:
     """EDM and flow-matching schedulers describe another noising process than the DDPM one
     sqdf's DDIM kernel steps through; any DDPM scheduler's noise levels serve (whatever its
-    timestep spacing: sqdf steps at "leading", and ``sqdf sample`` renders the same way)."""
+    timestep spacing: sqdf steps at "leading", and ``sqdf sample`` renders the same way). A
+    flow family's scheduler must be the flow-matching Euler one whose time grid the flow
+    kernel takes."""
     config = _optional_json(folder / "scheduler" / "scheduler_config.json")
     name = str(config.get("_class_name", ""))
+    if family.flow:
+        if config and name != FLOW_SCHEDULER:
+            raise ConfigError(
+                f"task 'sd': {folder}/scheduler is a {name or 'scheduler without _class_name'}; "
+                f"sqdf steps {family.label} through the time grid of a {FLOW_SCHEDULER}"
+            )
+        if config.get("invert_sigmas"):
+            raise ConfigError(
+                f"task 'sd': {folder}/scheduler inverts its sigmas (a Mochi setting); "
+                f"{family.label} runs from noise (t = 1) to data (t = 0)"
+            )
+        return
     if any(kind in name for kind in SAMPLER_SCHEDULERS):
         raise ConfigError(
             f"task 'sd': {folder}/scheduler is a {name}; sqdf samples with DDIM on a DDPM noise "
@@ -185,18 +271,25 @@ def _made_for(width: Any) -> str:
     return f"; it looks made for {made_for}" if made_for else ""
 
 
-def check_lora_fits(state: dict[str, Any], unet: Any, path: Any, label: str) -> None:
-    """Refuse a diffusers-format UNet LoRA (``lora_state_dict``'s output) whose layers are
-    not this UNet's, or not their shapes: a LoRA of another family. peft would otherwise
-    fail with a shape error from deep inside, or skip the layers it cannot find."""
+NETWORK_NAMES = {"unet": "UNet", "transformer": "transformer"}  # a denoiser, in messages
+
+
+def check_lora_fits(
+    state: dict[str, Any], net: Any, path: Any, label: str, prefix: str = "unet"
+) -> None:
+    """Refuse a diffusers-format LoRA (``lora_state_dict``'s output) of the denoiser ``net``
+    (its keys under ``prefix``: unet, or SD3's transformer) whose layers are not this
+    network's, or not their shapes: a LoRA of another family. peft would otherwise fail with
+    a shape error from deep inside, or skip the layers it cannot find."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    lora = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    what = NETWORK_NAMES.get(prefix, prefix)
+    lora = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
     if not lora:
-        raise ConfigError(f"{path} holds no UNet LoRA weights (no unet.* keys)")
+        raise ConfigError(f"{path} holds no {what} LoRA weights (no {prefix}.* keys)")
     if not any("lora_A" in k for k in lora):
         lora = convert_unet_state_dict_to_peft(lora)
-    modules = dict(unet.named_modules())
+    modules = dict(net.named_modules())
     bad, total, width = [], 0, None
     for key, value in lora.items():
         name, sep, tail = key.rpartition(".lora_")
@@ -204,8 +297,8 @@ def check_lora_fits(state: dict[str, Any], unet: Any, path: Any, label: str) -> 
         if not sep or kind not in ("A", "B"):
             continue
         total += 1
-        if kind == "A" and name.endswith("attn2.to_k"):
-            width = int(value.shape[1])
+        if kind == "A" and prefix == "unet" and name.endswith("attn2.to_k"):
+            width = int(value.shape[1])  # the UNet's cross-attention: the text's width
         module = modules.get(name)
         weight = getattr(getattr(module, "base_layer", module), "weight", None)
         if weight is None:
@@ -216,7 +309,7 @@ def check_lora_fits(state: dict[str, Any], unet: Any, path: Any, label: str) -> 
             bad.append(f"{name} (gives {weight.shape[0]}, the LoRA {value.shape[0]})")
     if bad:
         raise ConfigError(
-            f"{path} does not fit this {unet_label(unet, label)} UNet: {len(bad)} of its "
+            f"{path} does not fit this {unet_label(net, label)} {what}: {len(bad)} of its "
             f"{total} LoRA matrices do not match, e.g. {bad[0]}{_made_for(width)}"
         )
 

@@ -1,11 +1,13 @@
 """Random-initialised Stable Diffusion parts of the real classes, written as diffusers and
-transformers folders: for tests (``tiny``, ``tiny-xl``) and for speed and memory checks at
-full size (``sd15``: the SD 1.5 UNet/VAE/text encoder; ``sdxl``: the SDXL base UNet, VAE and
-both text encoders; either with a CLIP ViT-L/14 reward). Nothing is downloaded; the weights
-mean nothing, the shapes and the code paths are the real ones.
+transformers folders: for tests (``tiny``, ``tiny-xl``; a tiny SD3 folder by
+:func:`write_random_sd3`) and for speed and memory checks at full size (``sd15``: the SD 1.5
+UNet/VAE/text encoder; ``sdxl``: the SDXL base UNet, VAE and both text encoders; either with a
+CLIP ViT-L/14 reward). Nothing is downloaded; the weights mean nothing, the shapes and the
+code paths are the real ones.
 
-The tokenizer is a byte-level CLIP tokenizer with no merges (every character a token):
-a real CLIPTokenizer, small enough to write here.
+The CLIP tokenizer is a byte-level one with no merges (every character a token): a real
+CLIPTokenizer, small enough to write here. SD3's T5 tokenizer is a real T5 tokenizer (the
+tokenizers-backed class) over a Unigram vocabulary of single characters, built in memory.
 """
 
 from __future__ import annotations
@@ -273,6 +275,80 @@ def write_random_lcm_lora(
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
     unet.add_adapter(config)
     return save_diffusers_lora(unet, rank, float(rank), Path(out), family_of(model))
+
+
+def _write_t5_tokenizer(folder: Path) -> int:
+    """A T5 tokenizer whose pieces are the printable ASCII characters, alone or starting a
+    word (T5's special tokens first, as T5 numbers them: pad 0, eos 1, unk 2)."""
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -3.5) for c in chars]
+    T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512).save_pretrained(str(folder))
+    return len(vocab)
+
+
+# a StableDiffusion3Pipeline folder's index; text_encoder_3 and tokenizer_3 are [None, None]
+# in a folder without T5, which the pipeline then replaces by zeros
+SD3_INDEX = {
+    "_class_name": "StableDiffusion3Pipeline",
+    "feature_extractor": [None, None], "image_encoder": [None, None],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_3": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "tokenizer_3": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+}  # fmt: skip
+
+
+def write_random_sd3(folder: str | Path, *, t5: bool = True, seed: int = 0) -> Path:
+    """A tiny StableDiffusion3Pipeline folder: an SD3Transformer2DModel shaped like SD 3.5
+    Medium's (its first block with the second, dual attention; RMS-normed queries and keys),
+    16-channel latents, CLIP-L and CLIP-G (both with their projection), T5 (or, with ``t5``
+    False, none: the folder SD3 ships as ``text_encoder_3=None``), the VAE with SD3's scaling
+    and shift factors, and SD3's FlowMatchEulerDiscreteScheduler (shift 3)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    for n, (encoder, tokenizer) in enumerate(
+        (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+    ):
+        vocab = _write_tokenizer(folder / tokenizer)
+        config = CLIPTextConfig(
+            **_text_config("tiny", vocab), hidden_act="gelu" if n else "quick_gelu"
+        )
+        CLIPTextModelWithProjection(config).save_pretrained(str(folder / encoder))
+    # the CLIP states (32 + 32 wide) are zero-padded to T5's width, as in SD3 (768 + 1280 to 4096)
+    t5_width, pooled = 96, 16 + 16
+    index = dict(SD3_INDEX)
+    if t5:
+        vocab = _write_t5_tokenizer(folder / "tokenizer_3")
+        config = T5Config(vocab_size=vocab, d_model=t5_width, d_kv=8, d_ff=37, num_layers=2,
+                          num_heads=4, feed_forward_proj="gated-gelu")  # fmt: skip
+        T5EncoderModel(config).save_pretrained(str(folder / "text_encoder_3"))
+    else:
+        index |= {"text_encoder_3": [None, None], "tokenizer_3": [None, None]}
+    SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=t5_width,
+        caption_projection_dim=32, pooled_projection_dim=pooled, pos_embed_max_size=16,
+        dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).save_pretrained(str(folder / "transformer"))  # fmt: skip
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.5305, shift_factor=0.0609,
+    ).save_pretrained(str(folder / "vae"))  # fmt: skip
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
 
 
 CLIP_DIMS = {"tiny": 16, "sd15": 768, "tiny-xl": 16, "sdxl": 768}

@@ -1,5 +1,5 @@
-"""Prompt conditioning for the UNet families, encoded once when the task is built, exactly
-as each family's diffusers pipeline builds it (its ``encode_prompt``, and for SDXL its
+"""Prompt conditioning for the sd task's families, encoded once when the task is built,
+exactly as each family's diffusers pipeline builds it (its ``encode_prompt``, and for SDXL its
 ``_get_add_time_ids``), then looked up by prompt index during training."""
 
 from __future__ import annotations
@@ -12,9 +12,16 @@ import torch
 from torch import Tensor
 
 from sqdf.errors import ConfigError
-from sqdf.tasks.sd_family import Family, load_part, read_config, zero_negative_for_empty
+from sqdf.tasks.sd_family import (
+    Family,
+    absent_components,
+    load_part,
+    read_config,
+    zero_negative_for_empty,
+)
 
 TOKENIZER_LIMIT = 10_000  # transformers reports 1e30 for a tokenizer saved without a length
+T5_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
 
 @dataclass
@@ -22,10 +29,12 @@ class PromptConditioning:
     """Every prompt's conditioning and its negative's (CFG's unconditional branch).
 
     embeds: (P, L, D) text hidden states per prompt index;
-    pooled: (P, E) pooled text projections (SDXL; None for SD 1.x/2.x);
+    pooled: (P, E) pooled text projections (SDXL, SD3; None for SD 1.x/2.x);
     negative_embeds, negative_pooled: (N, L, D), (N, E) for the N distinct negatives (most
     often one), and negative_of: (P,) the row of each prompt's negative;
-    time_ids: (6,) original size, crop top-left, target size (SDXL; None otherwise).
+    time_ids: (6,) original size, crop top-left, target size (SDXL; None otherwise);
+    pooled_projections: SD3's transformer takes the pooled embedding as ``pooled_projections``
+    (SDXL's UNet takes it with the size ids in ``added_cond_kwargs``).
     """
 
     embeds: Tensor
@@ -34,6 +43,7 @@ class PromptConditioning:
     negative_pooled: Tensor | None
     negative_of: Tensor
     time_ids: Tensor | None = None
+    pooled_projections: bool = False
 
     def rows(self, cond: Tensor, *, negative: bool = False) -> tuple[Tensor, Tensor | None]:
         """(hidden states, pooled or None) of prompt indices ``cond`` (B,), or their
@@ -45,10 +55,13 @@ class PromptConditioning:
         return self.embeds[cond], None if self.pooled is None else self.pooled[cond]
 
     def unet_kwargs(self, cond: Tensor, *, negative: bool = False) -> dict[str, Any]:
-        """The UNet's conditioning keywords for prompt indices ``cond`` (B,)."""
+        """The denoiser's conditioning keywords for prompt indices ``cond`` (B,): the UNet's, or
+        SD3's transformer's."""
         embeds, pooled = self.rows(cond, negative=negative)
         kwargs: dict[str, Any] = {"encoder_hidden_states": embeds}
-        if pooled is not None:
+        if pooled is not None and self.pooled_projections:
+            kwargs["pooled_projections"] = pooled
+        elif pooled is not None:
             time_ids = self.time_ids.expand(len(cond), -1)
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
         return kwargs
@@ -67,6 +80,7 @@ class PromptConditioning:
             negative_pooled=neg_pooled,
             negative_of=torch.cat([self.negative_of, more.negative_of + len(self.negative_embeds)]),
             time_ids=self.time_ids,
+            pooled_projections=self.pooled_projections,
         )
 
     def guided_kwargs(self, cond: Tensor) -> dict[str, Any]:
@@ -79,11 +93,14 @@ def _cat(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {k: _cat(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]]) for k, v in a.items()}
 
 
-def load_tokenizer(folder: Path, sub: str, encoder: str) -> Any:
+def load_tokenizer(folder: Path, sub: str, encoder: str, t5: bool = False) -> Any:
     """A CLIP tokenizer with a usable ``model_max_length``: without one, transformers reports
-    a huge sentinel and padding to it fails deep inside the tokenizer."""
-    from transformers import CLIPTokenizer
+    a huge sentinel and padding to it fails deep inside the tokenizer. With ``t5``, SD3's T5
+    tokenizer (padded to :data:`T5_LENGTH`, as the pipeline pads it, whatever it says)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
+    if t5:
+        return load_part(T5TokenizerFast, folder, sub)
     tokenizer = load_part(CLIPTokenizer, folder, sub)
     if not 0 < tokenizer.model_max_length <= TOKENIZER_LIMIT:
         length = read_config(folder, encoder).get("max_position_embeddings", 77)
@@ -123,6 +140,44 @@ def _encode(
     return torch.cat(hidden), torch.cat(pooled) if pooled else None
 
 
+@torch.no_grad()
+def _encode_sd3(
+    encoders: list[Any],
+    tokenizers: list[Any],
+    texts: list[str],
+    device: torch.device,
+    t5_width: int,
+) -> tuple[Tensor, Tensor]:
+    """As StableDiffusion3Pipeline.encode_prompt: (hidden states (N, 77 + 256, W), pooled
+    (N, E)). Both CLIPs' penultimate states side by side, zero-padded to T5's width W, then
+    T5's states (zeros where the folder has no T5); pooled: both CLIPs' projections."""
+    clip_length = tokenizers[0].model_max_length  # the pipeline pads both CLIPs to the first's
+    hidden, pooled = [], []
+    for i in range(0, len(texts), 32):
+        chunk, states, projections = texts[i : i + 32], [], []
+        for encoder, tokenizer in zip(encoders[:2], tokenizers[:2], strict=True):
+            ids = tokenizer(
+                chunk, padding="max_length", max_length=clip_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)  # fmt: skip
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2].to(encoders[0].dtype))
+            projections.append(out.text_embeds)
+        clip = torch.cat(states, dim=-1)
+        if len(encoders) == 3:
+            ids = tokenizers[2](
+                chunk, padding="max_length", max_length=T5_LENGTH, truncation=True,
+                add_special_tokens=True, return_tensors="pt",
+            ).input_ids.to(device)  # fmt: skip
+            t5 = encoders[2](ids)[0]
+        else:  # the pipeline's stand-in for T5 (text_encoder_3=None)
+            t5 = torch.zeros((len(chunk), T5_LENGTH, t5_width), device=device, dtype=clip.dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        hidden.append(torch.cat([clip, t5], dim=-2))
+        pooled.append(torch.cat(projections, dim=-1))
+    return torch.cat(hidden), torch.cat(pooled)
+
+
 def encode_prompts(
     family: Family,
     folder: Path,
@@ -135,24 +190,47 @@ def encode_prompts(
     "" is no negative prompt: the encoded empty string, or zeros where SDXL's
     ``force_zeros_for_empty_prompt`` says so). Distinct negatives are encoded once; the text
     encoders are let go on return. ``time_ids`` is left to :func:`sdxl_time_ids`."""
+    absent = absent_components(folder, family)
+    present = [
+        (i, sub, enc)
+        for i, (sub, enc) in enumerate(zip(family.tokenizers, family.text_encoders, strict=True))
+        if enc not in absent
+    ]
     tokenizers = [
-        load_tokenizer(folder, sub, enc)
-        for sub, enc in zip(family.tokenizers, family.text_encoders, strict=True)
+        load_tokenizer(folder, sub, enc, t5=family.text_encoder_classes[i] == "T5EncoderModel")
+        for i, sub, enc in present
     ]
     encoders = [
-        load_part(family.text_encoder_class(i), folder, sub, use_safetensors=True, dtype=dtype)
+        load_part(family.text_encoder_class(i), folder, enc, use_safetensors=True, dtype=dtype)
         .to(device)
-        for i, sub in enumerate(family.text_encoders)
+        for i, _, enc in present
     ]  # fmt: skip
-    embeds, pooled = _encode(family, encoders, tokenizers, prompts, device)
+    if family.name == "sd3":
+        width = int(read_config(folder, family.denoiser)["joint_attention_dim"])
+
+        def encode(texts: list[str]) -> tuple[Tensor, Tensor | None]:
+            return _encode_sd3(encoders, tokenizers, texts, device, width)
+    else:
+
+        def encode(texts: list[str]) -> tuple[Tensor, Tensor | None]:
+            return _encode(family, encoders, tokenizers, texts, device)
+
+    embeds, pooled = encode(prompts)
     distinct = list(dict.fromkeys(negatives))
-    neg, neg_pooled = _encode(family, encoders, tokenizers, distinct, device)
-    if family.pooled and zero_negative_for_empty(folder) and "" in distinct:
+    neg, neg_pooled = encode(distinct)
+    if family.zeros_for_empty_negative and zero_negative_for_empty(folder) and "" in distinct:
         empty = distinct.index("")
         neg[empty] = 0.0
         neg_pooled[empty] = 0.0
     negative_of = torch.tensor([distinct.index(n) for n in negatives])
-    return PromptConditioning(embeds, pooled, neg, neg_pooled, negative_of)
+    return PromptConditioning(
+        embeds,
+        pooled,
+        neg,
+        neg_pooled,
+        negative_of,
+        pooled_projections=family.denoiser == "transformer",
+    )
 
 
 def sdxl_time_ids(unet: Any, pooled_dim: int, side: int, folder: Path) -> Tensor:
