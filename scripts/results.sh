@@ -43,8 +43,12 @@ declare -A EXPERIMENTS=(
     [digits-frontier]="${DIGITS[*]} --frontier --methods sqdf,draft_kl,draft,best_of_n --seeds 2 --frontier-values sqdf=0.4,0.1,0.025 --frontier-values draft_kl=0.4,0.1,0.025"
     # where SQDF lands on random mixtures (2-8 modes), against each one's exact optimum
     [gmm2d-families-estimator]="families --families 4 --alphas 1.0,4.0 --sweep estimator=tweedie,gaussian_posterior,exact --set gamma=1.0"
-    [gmm2d-families-num-steps]="families --families 2 --rewards linear --alphas 1.0 --sweep num_steps=50,200 --set gamma=1.0 --set estimator=exact --set lr=0.003 --set steps=600"
+    [gmm2d-families-num-steps]="families --families 4 --alphas 1.0 --sweep num_steps=50,200 --set gamma=1.0 --set estimator=exact --set lr=0.003 --set steps=600"
     [digits-methods]="${DIGITS[*]} --methods $ALL --seeds 3"
+    # GRPO (added after the tables above were run): its rows with the same settings
+    [gmm2d-quadratic-grpo]="--task gmm2d --methods grpo --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie"
+    [gmm2d-flow-quadratic-grpo]="--task gmm2d --methods grpo --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --set 'task_params={process=\"flow\"}'"
+    [digits-grpo]="${DIGITS[*]} --methods grpo --seeds 3"
     [digits-gamma]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep gamma=1.0,0.9,0.7"
     [digits-estimator]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
     [digits-buffer]="${DIGITS[*]} --methods sqdf --seeds 3 --set replay_ratio=1 --sweep buffer=on_policy,uniform,prioritized"
@@ -58,7 +62,7 @@ declare -A EXPERIMENTS=(
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
        gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-gaussian-q gmm2d-quadratic-gaussian-q gmm2d-buffer gmm2d-alpha
-       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps digits-methods digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args
