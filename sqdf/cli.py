@@ -128,7 +128,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--model", metavar="PATH",
-        help="sd: local diffusers folder, SD 1.x/2.x or SDXL (= --task-param model=)",
+        help="sd: local diffusers folder, SD 1.x/2.x, SDXL or SD 3/3.5 (= --task-param model=)",
     )  # fmt: skip
     p.add_argument("--prompts", metavar="SET|FILE", help="sd: prompts (= --task-param prompts=)")
     for f in config_fields():
@@ -296,7 +296,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
         if not args.model:
             raise SqdfError(
-                "sqdf sample --task sd needs --model PATH (a local SD 1.x/2.x or SDXL folder)"
+                "sqdf sample --task sd needs --model PATH (a local SD 1.x/2.x, SDXL or SD 3/3.5 "
+                "folder)"
             )
         picture = render_sd(
             args.model, args.lora, args.prompts, args.out or "sd_samples.png",
@@ -798,7 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-reference", action="store_true", help="skip the reference panel")
     s.add_argument("--task", choices=["sd"], help="sd: render with a plain diffusers pipeline")
-    s.add_argument("--model", metavar="PATH", help="sd: local SD 1.x/2.x or SDXL diffusers folder")
+    s.add_argument(
+        "--model", metavar="PATH", help="sd: local SD 1.x/2.x, SDXL or SD 3/3.5 diffusers folder"
+    )
     s.add_argument(
         "--lora",
         metavar="DIR",
@@ -812,7 +815,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance", type=float, default=None, help="sd: CFG scale (default: the run's, else 5.0)"
     )
     s.add_argument(
-        "--num-steps", type=int, default=None, help="sd: DDIM steps (default: the run's, else 50)"
+        "--num-steps",
+        type=int,
+        default=None,
+        help="sd: sampling steps (default: the run's, else 50)",
     )
     s.add_argument("--device", default="auto", help="sd: torch device (auto)")
     c = sub.add_parser(
