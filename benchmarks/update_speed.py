@@ -63,7 +63,8 @@ DIGITS = {"task": "digits", "reward": "ink", "alpha": 0.1, "gamma": 0.9,
           "estimator": "consistency", "num_steps": 20, "batch_size": 32, "lr": 1e-3}  # fmt: skip
 
 
-RESOLUTIONS = {"sd15": 512, "sdxl": 1024}  # each family's native size; the tiny ones 16
+# each family's native size; the tiny ones 16
+RESOLUTIONS = {"sd15": 512, "sdxl": 1024, "sd35m": 1024}
 
 
 def base_config(task: str, preset: str, parts: Path, batch_size: int = SD_BATCH) -> dict:
@@ -72,10 +73,13 @@ def base_config(task: str, preset: str, parts: Path, batch_size: int = SD_BATCH)
     from sqdf.tasks.sd_random import write_parts
 
     paths = write_parts(parts, preset)
+    # SD 3/3.5 has no consistency model here: Tweedie's x̂0 (the flow's x_t - t v)
+    lcm = {"lcm": paths["lcm"]} if "lcm" in paths else {}
     return {
         "task": "sd", "reward": "aesthetic", "alpha": 0.1, "gamma": 0.9,
-        "estimator": "consistency", "num_steps": 50, "batch_size": batch_size, "lr": 1e-4,
-        "task_params": {"model": paths["model"], "lcm": paths["lcm"], "guidance": 5.0,
+        "estimator": "consistency" if lcm else "tweedie", "num_steps": 50,
+        "batch_size": batch_size, "lr": 1e-4,
+        "task_params": {"model": paths["model"], **lcm, "guidance": 5.0,
                         "resolution": RESOLUTIONS.get(preset, 16)},
         "reward_params": {"clip": paths["clip"], "head": paths["head"]},
     }  # fmt: skip

@@ -21,6 +21,10 @@
 #           batch 2 x 1024 px and batch 4 x 512 px, then s/update of the reference design
 #           and replay4 at each (issue 16's table). Writing the random SDXL parts (~15 GB)
 #           takes minutes of the call; /tmp/sdxl keeps them for a rerun on a warm machine
+#   flow    SD 3.5 Medium size on the flow kernel (random parts: its 2.2 B-parameter
+#           transformer in bf16, CLIP-L/G, no T5; Tweedie's x̂0): one gradient step's peak
+#           memory at batch 4 x 512 px, then s/update of the reference design and replay4
+#           (issue 20's table). Only when named, like sdxl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -31,7 +35,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(sd15 tests knobs)  # sdxl: only when asked (minutes of writing parts)
+[ ${#stages[@]} -eq 0 ] && stages=(sd15 tests knobs)  # sdxl, flow: only when asked (minutes of writing parts)
 for stage in "${stages[@]}"; do
     case $stage in
     tests)
@@ -68,6 +72,14 @@ for stage in "${stages[@]}"; do
                 --updates 5 --eval-samples 0 --out "$OUT/sdxl-speed-b$1-$2px.json"
         done
         ;;
-    *) echo "unknown stage $stage (tests, sd15, knobs, sdxl)" >&2; exit 2 ;;
+    flow)
+        python3 -c "from sqdf.tasks.sd_random import write_parts; write_parts('/tmp/sd35m', 'sd35m')"
+        python3 benchmarks/step_memory.py --preset sd35m --parts /tmp/sd35m --batch-size 4 \
+            --resolution 512 --out "$OUT/sd35m-step-b4-512px.json"
+        python3 benchmarks/update_speed.py --task sd --preset sd35m --parts /tmp/sd35m \
+            --batch-size 4 --task-param resolution=512 --designs reference,replay4 \
+            --updates 5 --eval-samples 0 --out "$OUT/sd35m-speed-b4-512px.json"
+        ;;
+    *) echo "unknown stage $stage (tests, sd15, knobs, sdxl, flow)" >&2; exit 2 ;;
     esac
 done

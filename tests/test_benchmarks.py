@@ -67,6 +67,24 @@ def test_update_speed_names_a_bad_design(capsys):
     assert "--updates must be >= 9" in capsys.readouterr().err
 
 
+def test_the_flow_stage_runs_on_tiny_sd3_parts(tmp_path):
+    """gpu_checks.sh's flow stage, on the tiny SD 3 parts: the flow kernel and Tweedie's x̂0
+    through both benchmarks."""
+    step = load("step_memory")
+    argv = ["--preset", "tiny-sd3", "--parts", str(tmp_path / "parts"), "--batch-size", "2",
+            "--out", str(tmp_path / "step.json")]  # fmt: skip
+    assert step.main(argv) == 0
+    assert json.loads((tmp_path / "step.json").read_text())["loss_finite"]
+    speed = load("update_speed")
+    argv = ["--task", "sd", "--preset", "tiny-sd3", "--parts", str(tmp_path / "parts"),
+            "--batch-size", "2", "--designs", "reference,replay4", "--updates", "5",
+            "--num-steps", "4", "--eval-samples", "0",
+            "--out", str(tmp_path / "speed.json")]  # fmt: skip
+    assert speed.main(argv) == 0
+    results = json.loads((tmp_path / "speed.json").read_text())["results"]
+    assert [r["design"] for r in results] == ["reference", "replay4"]
+
+
 def test_step_memory_times_one_gradient_step(tmp_path, capsys):
     bench = load("step_memory")
     out = tmp_path / "step.json"

@@ -20,8 +20,9 @@ import torch
 
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD
 
-PRESETS = ("tiny", "sd15", "tiny-xl", "sdxl")
+PRESETS = ("tiny", "sd15", "tiny-xl", "sdxl", "tiny-sd3", "sd35m")
 XL_PRESETS = ("tiny-xl", "sdxl")
+SD3_PRESETS = ("tiny-sd3", "sd35m")  # write_random_sd3: tiny, or SD 3.5 Medium's sizes
 
 
 def _byte_chars() -> list[str]:
@@ -121,8 +122,8 @@ def write_random_sd(folder: str | Path, preset: str = "tiny", *, seed: int = 0) 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    if preset not in PRESETS or preset in SD3_PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS[:4]}, got {preset!r}")
     folder = Path(folder)
     torch.manual_seed(seed)
     vocab = _write_tokenizer(folder / "tokenizer")
@@ -305,12 +306,21 @@ SD3_INDEX = {
 }  # fmt: skip
 
 
-def write_random_sd3(folder: str | Path, *, t5: bool = True, seed: int = 0) -> Path:
+def write_random_sd3(
+    folder: str | Path, *, t5: bool = True, seed: int = 0, preset: str = "tiny-sd3"
+) -> Path:
     """A tiny StableDiffusion3Pipeline folder: an SD3Transformer2DModel shaped like SD 3.5
     Medium's (its first block with the second, dual attention; RMS-normed queries and keys),
     16-channel latents, CLIP-L and CLIP-G (both with their projection), T5 (or, with ``t5``
     False, none: the folder SD3 ships as ``text_encoder_3=None``), the VAE with SD3's scaling
-    and shift factors, and SD3's FlowMatchEulerDiscreteScheduler (shift 3)."""
+    and shift factors, and SD3's FlowMatchEulerDiscreteScheduler (shift 3). With ``preset``
+    "sd35m": SD 3.5 Medium's sizes (a 2.2 B-parameter transformer, saved in bfloat16; CLIP-L
+    and CLIP-G at full size; no T5, whose 4.7 B parameters only encode prompts), for the GPU
+    benchmarks."""
+    if preset not in SD3_PRESETS:
+        raise ValueError(f"preset must be one of {SD3_PRESETS}, got {preset!r}")
+    if preset == "sd35m":
+        return _write_sd35m(Path(folder), seed)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -351,7 +361,36 @@ def write_random_sd3(folder: str | Path, *, t5: bool = True, seed: int = 0) -> P
     return folder
 
 
-CLIP_DIMS = {"tiny": 16, "sd15": 768, "tiny-xl": 16, "sdxl": 768}
+def _write_sd35m(folder: Path, seed: int) -> Path:
+    """write_random_sd3 at SD 3.5 Medium's sizes (its transformer and VAE configs), no T5."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    for encoder, tokenizer, big in (("text_encoder", "tokenizer", False),
+                                    ("text_encoder_2", "tokenizer_2", True)):  # fmt: skip
+        vocab = _write_tokenizer(folder / tokenizer)
+        config = CLIPTextConfig(**_text_config("sd15", vocab, big=big))
+        CLIPTextModelWithProjection(config).save_pretrained(str(folder / encoder))
+    SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    ).to(torch.bfloat16).save_pretrained(str(folder / "transformer"))  # fmt: skip
+    AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.5305, shift_factor=0.0609,
+    ).save_pretrained(str(folder / "vae"))  # fmt: skip
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(str(folder / "scheduler"))
+    index = dict(SD3_INDEX) | {"text_encoder_3": [None, None], "tokenizer_3": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+CLIP_DIMS = {"tiny": 16, "sd15": 768, "tiny-xl": 16, "sdxl": 768, "tiny-sd3": 16, "sd35m": 768}
 
 
 def write_parts(root: str | Path, preset: str = "tiny") -> dict[str, str]:
@@ -365,6 +404,15 @@ def write_parts(root: str | Path, preset: str = "tiny") -> dict[str, str]:
     root = Path(root)
     xl = preset in XL_PRESETS
     lcm = root / "lcm_lora" / "pytorch_lora_weights.safetensors" if xl else root / "lcm"
+    if preset in SD3_PRESETS:  # no consistency model for SD 3/3.5 (estimator tweedie)
+        if not (root / "done").exists():
+            write_random_sd3(root / "sd", t5=False, preset=preset)
+            write_random_clip(root / "clip", "tiny" if preset == "tiny-sd3" else "sd15")
+            write_random_aesthetic_head(root / "head.pth", CLIP_DIMS[preset])
+            convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
+            (root / "done").write_text("ok")
+        return {"model": str(root / "sd"), "clip": str(root / "clip"),
+                "head": str(root / "head.safetensors")}  # fmt: skip
     if not (root / "done").exists():
         write_random_sd(root / "sd", preset)
         if xl:
