@@ -55,3 +55,22 @@ def test_the_goal_and_a_tiny_run(tmp_path, monkeypatch):
     run = json.loads((tmp_path / "family0-linear-alpha2" / "results.json").read_text())["runs"][0]
     assert rows[0]["kl_rel_error"] == pytest.approx(run["kl_path"] / run["target_kl"] - 1)
     assert "| tweedie | linear | 2 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_readme_command_runs(tmp_path, monkeypatch):
+    """The README's command as written, shrunk by flags appended after it (the last wins)."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [b.strip() for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+               if "scripts/gmm_families.py" in b]  # fmt: skip
+    argv = shlex.split(line)[1:]
+    assert argv[0] == "scripts/gmm_families.py"
+    argv += ["--out", str(tmp_path), "--families", "1", "--alphas", "2.0", "--set", "steps=2",
+             "--set", "num_steps=5", "--set", "batch_size=8", "--set", "buffer_size=16",
+             "--set", "task_params={hidden = 8}"]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    load().main()
+    table = (tmp_path / "summary.md").read_text()
+    assert "| tweedie | linear | 2 |" in table and "| exact | quadratic | 2 |" in table
