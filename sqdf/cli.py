@@ -34,7 +34,8 @@ examples:
   sqdf train --task sd --model ~/sdxl --task-param resolution=512 ...  # SDXL, by its folder
 
 The sd task reads the family from the folder's model_index.json: StableDiffusionPipeline
-(SD 1.x/2.x), StableDiffusionXLPipeline (SDXL) or StableDiffusion3Pipeline (SD 3/3.5).
+(SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD 3/3.5) or
+FluxPipeline (FLUX.1).
 
 settings: built-in defaults < the task's defaults < --preset < --config < flags. The sd
 task's defaults are the official SQDF aesthetic run's (batch 4 x 8 accumulation per process,
@@ -128,7 +129,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--model", metavar="PATH",
-        help="sd: local diffusers folder, SD 1.x/2.x, SDXL or SD 3/3.5 (= --task-param model=)",
+        help="sd: local diffusers folder, SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1 "
+        "(= --task-param model=)",
     )  # fmt: skip
     p.add_argument("--prompts", metavar="SET|FILE", help="sd: prompts (= --task-param prompts=)")
     for f in config_fields():
@@ -296,8 +298,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
         if not args.model:
             raise SqdfError(
-                "sqdf sample --task sd needs --model PATH (a local SD 1.x/2.x, SDXL or SD 3/3.5 "
-                "folder)"
+                "sqdf sample --task sd needs --model PATH (a local SD 1.x/2.x, SDXL, SD 3/3.5 or "
+                "FLUX.1 folder)"
             )
         picture = render_sd(
             args.model, args.lora, args.prompts, args.out or "sd_samples.png",
@@ -800,7 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-reference", action="store_true", help="skip the reference panel")
     s.add_argument("--task", choices=["sd"], help="sd: render with a plain diffusers pipeline")
     s.add_argument(
-        "--model", metavar="PATH", help="sd: local SD 1.x/2.x, SDXL or SD 3/3.5 diffusers folder"
+        "--model",
+        metavar="PATH",
+        help="sd: local SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1 diffusers folder",
     )
     s.add_argument(
         "--lora",

@@ -1,7 +1,7 @@
 """``sqdf sample --task sd``: render prompts with a plain diffusers pipeline of the model's
-family (StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline) and
-the weights in ``RUN/final`` (a LoRA, or a fully fine-tuned UNet), the way a user of the
-fine-tuned weights would, into one picture."""
+family (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or
+FluxPipeline) and the weights in ``RUN/final`` (a LoRA, or a fully fine-tuned UNet), the way a
+user of the fine-tuned weights would, into one picture."""
 
 from __future__ import annotations
 
@@ -82,8 +82,10 @@ def render_sd(
     (same seeds), so the fine-tuning's effect is one look away. ``prompts``, ``guidance``
     and ``num_steps`` left None are the training run's (``lora``'s parent folder), with its
     negative prompts, else the defaults of :class:`RenderSettings`. The UNet families render
-    with DDIM at eta 1 (the chain they trained on); SD 3/3.5 with its own flow-matching Euler
-    scheduler (the deterministic sampler of the flow the SDE shares its marginals with)."""
+    with DDIM at eta 1 (the chain they trained on); SD 3/3.5 and FLUX.1 with their own
+    flow-matching Euler scheduler (the deterministic sampler of the flow the SDE shares its
+    marginals with). FLUX.1 renders without a negative prompt, as it trains: ``guidance`` is
+    FLUX.1-dev's distilled guidance scale."""
     from diffusers import DDIMScheduler
 
     from sqdf.report import save_image_rows
@@ -147,9 +149,10 @@ def render_sd(
         for i, (prompt, own) in enumerate(chosen):  # one at a time: the same seed per image
             g = torch.Generator().manual_seed(seed + i)
             negative = trained.negative_prompt if own is None else own  # as the task pairs them
-            out = pipe(prompt, negative_prompt=negative or None, num_inference_steps=num_steps,
-                       guidance_scale=guidance, generator=g, output_type="pt", **sampler,
-                       **size)  # fmt: skip
+            if not family.packed:  # FLUX.1 runs no negative pass (no true CFG)
+                sampler["negative_prompt"] = negative or None
+            out = pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance,
+                       generator=g, output_type="pt", **sampler, **size)  # fmt: skip
             images.append(out.images[0].float().cpu())
         return torch.stack(images)
 

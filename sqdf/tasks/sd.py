@@ -1,16 +1,17 @@
-"""Stable Diffusion (SD 1.x/2.x, SDXL and SD 3/3.5) from a local diffusers folder, fine-tuned
-as a peft LoRA on its denoiser (the UNet; SD3's transformer).
+"""Stable Diffusion (SD 1.x/2.x, SDXL and SD 3/3.5) and FLUX.1 from a local diffusers folder,
+fine-tuned as a peft LoRA on its denoiser (the UNet; SD3's or FLUX's transformer).
 
 The family is read from the folder's ``model_index.json`` (sqdf.tasks.sd_family); prompts are
-encoded once as that family's pipeline encodes them (sqdf.tasks.sd_text) and the text
-encoders are then let go. The UNet families step with DDIM on their DDPM noise schedule; SD3
-with the rectified-flow SDE (sqdf.core.flow) on its scheduler's shifted time grid, its
-transformer's velocity giving x̂0 = x_t - t v. The reference is the same network with the
-adapter off (one copy of the weights); with ``finetune = "full"`` every UNet weight trains and
-the reference is a frozen copy. x̂0 comes from the reference network (Tweedie) or, for the
-UNet families, from a latent consistency model: an LCM UNet folder, or an LCM-LoRA loaded
-beside the policy's adapter on the base UNet. Only x̂0 latents are decoded by the VAE (with
-gradients) for the reward; the trajectory stays in latent space.
+encoded once as that family's pipeline encodes them (sqdf.tasks.sd_text) and the text encoders
+are then let go. The UNet families step with DDIM on their DDPM noise schedule; SD3 and FLUX
+with the rectified-flow SDE (sqdf.core.flow) on their pipeline's shifted time grid, the
+transformer's velocity giving x̂0 = x_t - t v (FLUX's transformer reads the latents packed into
+2×2 patches, sqdf.tasks.sd_flux; the samples stay unpacked). The reference is the same network
+with the adapter off (one copy of the weights); with ``finetune = "full"`` every UNet weight
+trains and the reference is a frozen copy. x̂0 comes from the reference network (Tweedie) or,
+for the UNet families, from a latent consistency model: an LCM UNet folder, or an LCM-LoRA
+loaded beside the policy's adapter on the base UNet. Only x̂0 latents are decoded by the VAE
+(with gradients) for the reward; the trajectory stays in latent space.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,6 +50,7 @@ from sqdf.tasks.sd_family import (
     load_part,
     read_config,
 )
+from sqdf.tasks.sd_flux import latent_ids, pack_latents, text_ids, unpack_latents
 from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
 from sqdf.tasks.sd_text import encode_prompts, sdxl_time_ids
 
@@ -59,14 +62,16 @@ LCM_ADAPTER = "lcm"
 class SDConfig:
     """The model folder, prompts, guidance, LoRA, consistency model and memory settings."""
 
-    model: str | None = None  # diffusers pipeline folder (SD 1.x/2.x, SDXL, SD 3/3.5)
+    model: str | None = None  # diffusers pipeline folder (SD 1.x/2.x, SDXL, SD 3/3.5, FLUX.1)
     prompts: str = "animals"  # a built-in set (animals, varied) or a file, one prompt a line
     # prompts the run does not train on, for sqdf eval and --eval-every (a set or a file)
     eval_prompts: str = "animals-heldout"
     # CFG's unconditional prompt (a prompts-file line may set its own); "" is none, which
     # SDXL pipelines encode as zeros
     negative_prompt: str = ""
-    guidance: float = 5.0  # classifier-free guidance scale (1 = no guidance)
+    # classifier-free guidance scale (1 = no guidance); FLUX.1-dev: the distilled guidance
+    # scale its transformer takes as an input (one pass, no negative)
+    guidance: float = 5.0
     resolution: int | None = None  # image side in pixels (default: the model's native size)
     lora_rank: int = 4  # as in the SQDF reference implementation
     lora_alpha: float = 4.0
@@ -80,7 +85,7 @@ class SDConfig:
     finetune: str = "lora"  # lora, or full (every UNet weight, in float32; what FSDP shards)
     compile: bool = False  # torch.compile the denoiser(s)
     channels_last: bool = False  # channels-last denoiser weights
-    # SD 3/3.5: the noise level a of the flow SDE (Flow-GRPO's default; DDIM's is --eta)
+    # SD 3/3.5, FLUX.1: the noise level a of the flow SDE (Flow-GRPO's default; DDIM's is --eta)
     noise_level: float = 0.7
 
     def __post_init__(self) -> None:
@@ -98,8 +103,8 @@ class SDConfig:
             )
         if not family.flow and self.noise_level != 0.7:
             raise ConfigError(
-                f"sd noise_level is the flow SDE's (SD 3/3.5); {family.label} samples with DDIM, "
-                "whose noise is --eta"
+                f"sd noise_level is the flow SDE's (SD 3/3.5, FLUX.1); {family.label} samples "
+                "with DDIM, whose noise is --eta"
             )
         if family.flow and self.lcm is not None:
             raise ConfigError(
@@ -110,6 +115,8 @@ class SDConfig:
             raise ConfigError(f"sd finetune {self.finetune!r}: {family.label} trains a LoRA only")
         if self.guidance < 1.0:
             raise ConfigError(f"sd guidance must be >= 1, got {self.guidance}")
+        if family.packed:
+            _check_flux_guidance(self)
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             raise ConfigError(
                 f"sd lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, "
@@ -127,6 +134,37 @@ class SDConfig:
         load_prompts(self.eval_prompts)
 
 
+def guidance_embedded(folder: str | Path) -> bool:
+    """Whether FLUX's transformer is guidance-distilled (FLUX.1-dev: ``guidance_embeds``)."""
+    return bool(read_config(folder, "transformer").get("guidance_embeds", False))
+
+
+def _check_flux_guidance(options: SDConfig) -> None:
+    """FLUX runs no negative pass: FLUX.1-dev takes the guidance scale as an input, FLUX.1
+    schnell none at all. FluxPipeline's optional true CFG (``true_cfg_scale``) is refused
+    rather than run: neither model was trained for it."""
+    if options.negative_prompt:
+        raise ConfigError(
+            "sd negative_prompt: FLUX.1 runs no negative pass (its guidance is distilled into "
+            "the transformer); leave negative_prompt out"
+        )
+    for spec in (options.prompts, options.eval_prompts):
+        if any(negative for _, negative in load_prompt_pairs(spec)):
+            raise ConfigError(
+                f"prompts {spec}: a line sets a negative prompt, and FLUX.1 runs no negative "
+                "pass; drop the negatives"
+            )
+    if not guidance_embedded(options.model) and options.guidance != 1.0:
+        raise ConfigError(
+            f"sd guidance {options.guidance:g}: this FLUX.1 transformer has no guidance "
+            "embedding (schnell) and sqdf runs no true CFG; set guidance=1"
+        )
+
+
+# FluxPipeline.default_sample_size: FLUX's transformer config has no sample_size (1024 px)
+FLUX_SAMPLE_SIZE = 128
+
+
 def _sizes(options: SDConfig) -> tuple[int, int, int]:
     """(latent channels, image side in pixels, VAE downscaling factor) from the denoiser's and
     vae/ configs alone."""
@@ -135,9 +173,13 @@ def _sizes(options: SDConfig) -> tuple[int, int, int]:
     net, vae = read_config(folder, family.denoiser), read_config(folder, "vae")
     try:
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        side = options.resolution or int(net["sample_size"]) * factor
-        channels = int(net["in_channels"])
-        patch = int(net.get("patch_size") or 1)  # SD3's transformer embeds 2×2 latent patches
+        if family.packed:  # FLUX packs 2×2 latent patches into its 4C input channels
+            side = options.resolution or FLUX_SAMPLE_SIZE * factor
+            channels, patch = int(net["in_channels"]) // 4, 2
+        else:
+            side = options.resolution or int(net["sample_size"]) * factor
+            channels = int(net["in_channels"])
+            patch = int(net.get("patch_size") or 1)  # SD3's transformer embeds 2×2 patches
     except (KeyError, TypeError) as err:
         raise SqdfError(
             f"{folder}: {family.denoiser}/config.json or vae/config.json lacks a usable {err} (a "
@@ -204,6 +246,8 @@ class SDTask(Task):
         self.denoiser = load_part(
             self.family.denoiser_model(), folder, self.family.denoiser, **safe
         ).to(device)
+        # FLUX.1-dev takes the guidance scale as an input instead of a second, negative pass
+        self.guidance_input = self.family.packed and bool(self.denoiser.config.guidance_embeds)
         vae_config = read_config(folder, "vae")
         # decode in float32 where the family's pipeline does (SDXL's VAE overflows float16)
         self.vae_upcast = (
@@ -313,12 +357,26 @@ class SDTask(Task):
         return torch.tensor([known[(p, n)] for (p, _), n in zip(pairs, negatives, strict=True)])
 
     def _denoise(self, net: Any, x: Tensor, t: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        if self.family.packed:  # FLUX: x (B, C, H, W) in and out; t itself (time_scale 1)
+            h, w = x.shape[-2:]
+            out = net(
+                hidden_states=pack_latents(x), timestep=t * self.time_scale,
+                img_ids=latent_ids(h, w, x.device, x.dtype),
+                txt_ids=text_ids(kwargs["encoder_hidden_states"].shape[1], x.device, x.dtype),
+                **kwargs,
+            ).sample  # fmt: skip
+            return unpack_latents(out, h, w)
         if self.family.flow:  # SD3's transformer takes the time as its scheduler's: t · 1000
             return net(hidden_states=x, timestep=t * self.time_scale, **kwargs).sample
         return net(x, t, **kwargs).sample
 
     def _eps(self, net: Any, x: Tensor, t: Tensor, cond: Tensor, guidance: float) -> Tensor:
         """The guided output (noise, v or velocity) at model times ``t`` (B,)."""
+        if self.family.packed:  # FLUX: one pass; FLUX.1-dev's guidance scale is an input
+            kwargs = self.text.unet_kwargs(cond)
+            if self.guidance_input:
+                kwargs["guidance"] = torch.full((len(t),), guidance, device=t.device)
+            return self._denoise(net, x.to(self.dtype), t, kwargs)
         if guidance == 1.0:
             return self._denoise(net, x.to(self.dtype), t, self.text.unet_kwargs(cond))
         # both halves of classifier-free guidance in one batched pass
@@ -476,8 +534,9 @@ def flow_kernel(
 ) -> tuple[FlowKernel, int]:
     """The flow SDE over the time grid the family's pipeline steps through (its scheduler's
     ``set_timesteps``: SD3's static shift, or the dynamic shift by the image's token count
-    where the config says use_dynamic_shifting), and the factor from t to the model's time
-    input (num_train_timesteps)."""
+    where the config says use_dynamic_shifting; FLUX's sigmas linspace(1, 1/N, N) always with
+    that shift), and the factor from t to the model's time input (SD3: num_train_timesteps;
+    FLUX: 1, as its pipeline divides the scheduler's timesteps by 1000)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
         calculate_shift,
@@ -485,8 +544,17 @@ def flow_kernel(
 
     sched = load_part(FlowMatchEulerDiscreteScheduler, folder, "scheduler")
     config = sched.config
-    shift: dict[str, float] = {}
-    if config.get("use_dynamic_shifting"):  # as StableDiffusion3Pipeline.__call__ computes mu
+    shift: dict[str, Any] = {}
+    if family.packed:  # as FluxPipeline.__call__: mu by the packed sequence's length
+        side = latent_shape(options)[-1] // 2
+        shift["mu"] = calculate_shift(
+            side * side, config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )  # fmt: skip
+        if not config.get("use_flow_sigmas"):
+            shift["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+    elif config.get("use_dynamic_shifting"):  # as StableDiffusion3Pipeline.__call__ computes mu
         side = latent_shape(options)[-1] // int(read_config(folder, family.denoiser)["patch_size"])
         shift["mu"] = calculate_shift(
             side * side, config.get("base_image_seq_len", 256),
@@ -500,15 +568,16 @@ def flow_kernel(
         raise ConfigError(
             f"sd: {folder}/scheduler ({FLOW_SCHEDULER}) at {num_steps} steps: {err}"
         ) from None
-    return kernel, int(config.num_train_timesteps)
+    return kernel, 1 if family.packed else int(config.num_train_timesteps)
 
 
 def build_sd(cfg: Any, reward: Any, device: torch.device) -> SDTask:
     options = build_settings(SDConfig, cfg.task_params, "task 'sd'")
-    if family_of(options.model).flow and cfg.eta != 1.0:
+    family = family_of(options.model)
+    if family.flow and cfg.eta != 1.0:
         raise ConfigError(
-            f"eta is DDIM's; the flow SDE's noise (SD 3/3.5) is task_params.noise_level (got "
-            f"eta {cfg.eta})"
+            f"eta is DDIM's; the flow SDE's noise ({family.label}) is task_params.noise_level "
+            f"(got eta {cfg.eta})"
         )
     if getattr(reward, "domain", None) not in ("rgb", "image", "any"):
         raise ConfigError(

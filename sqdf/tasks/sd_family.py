@@ -1,8 +1,9 @@
 """Which Stable Diffusion family a local diffusers folder holds, read from its
-``model_index.json``: the families the sd task fine-tunes (SD 1.x/2.x, SDXL and SD 3/3.5)
+``model_index.json``: the families the sd task fine-tunes (SD 1.x/2.x, SDXL, SD 3/3.5 and FLUX.1)
 differ in their text encoders, the extra conditioning their denoiser takes, how their VAE
-decodes and, for SD 3/3.5, in the denoiser itself (a transformer predicting a rectified-flow
-velocity, stepped by the flow kernel instead of DDIM); everything else (LoRA, rewards,
+decodes and, for SD 3/3.5 and FLUX.1, in the denoiser itself (a transformer predicting a
+rectified-flow velocity, stepped by the flow kernel instead of DDIM; FLUX's on packed 2×2
+latent patches, with a guidance embedding instead of CFG); everything else (LoRA, rewards,
 methods) is shared. Also whether a consistency model given for the folder (an LCM-LoRA file,
 an LCM UNet folder) fits its family, checked before peft or diffusers meet a shape they
 cannot use."""
@@ -23,7 +24,7 @@ class Family:
 
     name: str  # the short name used in messages and results
     pipeline: str  # the diffusers pipeline class of the folder
-    label: str  # for people: "SD 1.x/2.x", "SDXL", "SD 3/3.5"
+    label: str  # for people: "SD 1.x/2.x", "SDXL", "SD 3/3.5", "FLUX.1"
     text_encoders: tuple[str, ...]  # subfolders, in the order the pipeline concatenates them
     # their transformers classes: SDXL's second carries the projection that is the pooled
     # embedding
@@ -56,6 +57,10 @@ class Family:
     # components a folder may leave out where its model_index.json says [null, null] (SD3's
     # T5, which its pipeline then replaces by zeros)
     optional: tuple[str, ...] = ()
+    # FLUX: the transformer takes the latents as a sequence of 2×2 patches with their
+    # positions (img_ids, txt_ids), the time t itself, and a guidance scale as an input where
+    # it is guidance-distilled; its prompts are T5's states and CLIP-L's pooled output
+    packed: bool = False
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -100,6 +105,13 @@ FAMILIES = {
         denoiser_class="SD3Transformer2DModel", flow=True, latent_shift=True,
         optional=("text_encoder_3", "tokenizer_3"),
     ),
+    "flux": Family(
+        "flux", "FluxPipeline", "FLUX.1", ("text_encoder", "text_encoder_2"),
+        ("CLIPTextModel", "T5EncoderModel"), ("tokenizer", "tokenizer_2"), pooled=True,
+        latent_mean_std=False, upcast_vae_in_float16=False, render_options=(),
+        denoiser="transformer", denoiser_class="FluxTransformer2DModel", flow=True,
+        latent_shift=True, packed=True,
+    ),
 }  # fmt: skip
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}
 
@@ -131,7 +143,7 @@ def _optional_json(path: Path) -> dict[str, Any]:
 ADDITION_EMBEDS = {"sd": None, "sdxl": "text_time"}
 # schedulers of another noising process than the DDPM one sqdf's DDIM kernel steps through
 SAMPLER_SCHEDULERS = ("EDM", "FlowMatch")
-FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # SD3's, read by the flow kernel
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # SD3's and FLUX's, read by the flow kernel
 
 
 def absent_components(folder: str | Path, family: Family) -> tuple[str, ...]:
@@ -161,7 +173,7 @@ def family_of(folder: str | Path) -> Family:
     elif (folder / "transformer").is_dir():
         raise ConfigError(
             f"task 'sd': {folder} has a transformer/ but no model_index.json, which says "
-            "which pipeline it is (StableDiffusion3Pipeline for SD 3/3.5)"
+            "which pipeline it is (StableDiffusion3Pipeline for SD 3/3.5, FluxPipeline for FLUX.1)"
         )
     else:  # no index: a second text encoder says SDXL
         family = FAMILIES["sdxl" if (folder / "text_encoder_2").is_dir() else "sd"]

@@ -1,12 +1,12 @@
 """Random-initialised Stable Diffusion parts of the real classes, written as diffusers and
 transformers folders: for tests (``tiny``, ``tiny-xl``; a tiny SD3 folder by
-:func:`write_random_sd3`) and for speed and memory checks at full size (``sd15``: the SD 1.5
-UNet/VAE/text encoder; ``sdxl``: the SDXL base UNet, VAE and both text encoders; either with a
-CLIP ViT-L/14 reward). Nothing is downloaded; the weights mean nothing, the shapes and the
-code paths are the real ones.
+:func:`write_random_sd3`, a tiny FLUX.1 folder by :func:`write_random_flux`) and for speed and
+memory checks at full size (``sd15``: the SD 1.5 UNet/VAE/text encoder; ``sdxl``: the SDXL base
+UNet, VAE and both text encoders; either with a CLIP ViT-L/14 reward). Nothing is downloaded;
+the weights mean nothing, the shapes and the code paths are the real ones.
 
 The CLIP tokenizer is a byte-level one with no merges (every character a token): a real
-CLIPTokenizer, small enough to write here. SD3's T5 tokenizer is a real T5 tokenizer (the
+CLIPTokenizer, small enough to write here. SD3's and FLUX's T5 tokenizer is a real T5 tokenizer (the
 tokenizers-backed class) over a Unigram vocabulary of single characters, built in memory.
 """
 
@@ -387,6 +387,57 @@ def _write_sd35m(folder: Path, seed: int) -> Path:
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(str(folder / "scheduler"))
     index = dict(SD3_INDEX) | {"text_encoder_3": [None, None], "tokenizer_3": [None, None]}
     (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+FLUX_INDEX = {
+    "_class_name": "FluxPipeline",
+    "feature_extractor": [None, None], "image_encoder": [None, None],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+}  # fmt: skip
+# FLUX.1's scheduler_config.json: the resolution-dependent shift its pipeline computes
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+
+
+def write_random_flux(folder: str | Path, *, guidance_embeds: bool = True, seed: int = 0) -> Path:
+    """A tiny FluxPipeline folder: a FluxTransformer2DModel (one double-stream and one
+    single-stream block; with ``guidance_embeds`` a guidance-distilled one as FLUX.1-dev, else
+    as FLUX.1 schnell), 16-channel latents packed into its 64 input channels, CLIP-L (the
+    CLIPTextModel whose pooled output FLUX takes), T5 with a real T5 tokenizer, the VAE with
+    FLUX's scaling and shift factors and FLUX's FlowMatchEulerDiscreteScheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    vocab = _write_tokenizer(folder / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(**_text_config("tiny", vocab))).save_pretrained(
+        str(folder / "text_encoder")
+    )
+    t5_width = 48
+    vocab = _write_t5_tokenizer(folder / "tokenizer_2")
+    config = T5Config(vocab_size=vocab, d_model=t5_width, d_kv=8, d_ff=37, num_layers=2,
+                      num_heads=4, feed_forward_proj="gated-gelu")  # fmt: skip
+    T5EncoderModel(config).save_pretrained(str(folder / "text_encoder_2"))
+    FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=t5_width, pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    ).save_pretrained(str(folder / "transformer"))  # fmt: skip
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    ).save_pretrained(str(folder / "vae"))  # fmt: skip
+    FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps(FLUX_INDEX))
     return folder
 
 

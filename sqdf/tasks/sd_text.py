@@ -22,6 +22,7 @@ from sqdf.tasks.sd_family import (
 
 TOKENIZER_LIMIT = 10_000  # transformers reports 1e30 for a tokenizer saved without a length
 T5_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
+FLUX_T5_LENGTH = 512  # FluxPipeline's default (and largest) max_sequence_length
 
 
 @dataclass
@@ -29,12 +30,13 @@ class PromptConditioning:
     """Every prompt's conditioning and its negative's (CFG's unconditional branch).
 
     embeds: (P, L, D) text hidden states per prompt index;
-    pooled: (P, E) pooled text projections (SDXL, SD3; None for SD 1.x/2.x);
+    pooled: (P, E) pooled text projections (SDXL, SD3; FLUX: CLIP-L's pooled output; None for
+    SD 1.x/2.x);
     negative_embeds, negative_pooled: (N, L, D), (N, E) for the N distinct negatives (most
     often one), and negative_of: (P,) the row of each prompt's negative;
     time_ids: (6,) original size, crop top-left, target size (SDXL; None otherwise);
-    pooled_projections: SD3's transformer takes the pooled embedding as ``pooled_projections``
-    (SDXL's UNet takes it with the size ids in ``added_cond_kwargs``).
+    pooled_projections: SD3's and FLUX's transformers take the pooled embedding as
+    ``pooled_projections`` (SDXL's UNet takes it with the size ids in ``added_cond_kwargs``).
     """
 
     embeds: Tensor
@@ -178,6 +180,30 @@ def _encode_sd3(
     return torch.cat(hidden), torch.cat(pooled)
 
 
+@torch.no_grad()
+def _encode_flux(
+    encoders: list[Any], tokenizers: list[Any], texts: list[str], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """As FluxPipeline.encode_prompt: (T5's last hidden states (N, 512, W), CLIP-L's pooled
+    output (N, E)); CLIP-L's hidden states are not used."""
+    hidden, pooled = [], []
+    for i in range(0, len(texts), 32):
+        chunk = texts[i : i + 32]
+        ids = tokenizers[0](
+            chunk, padding="max_length", max_length=tokenizers[0].model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(device)  # fmt: skip
+        pooled.append(
+            encoders[0](ids, output_hidden_states=False).pooler_output.to(encoders[0].dtype)
+        )
+        ids = tokenizers[1](
+            chunk, padding="max_length", max_length=FLUX_T5_LENGTH, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)  # fmt: skip
+        hidden.append(encoders[1](ids, output_hidden_states=False)[0].to(encoders[1].dtype))
+    return torch.cat(hidden), torch.cat(pooled)
+
+
 def encode_prompts(
     family: Family,
     folder: Path,
@@ -205,7 +231,11 @@ def encode_prompts(
         .to(device)
         for i, _, enc in present
     ]  # fmt: skip
-    if family.name == "sd3":
+    if family.packed:
+
+        def encode(texts: list[str]) -> tuple[Tensor, Tensor | None]:
+            return _encode_flux(encoders, tokenizers, texts, device)
+    elif family.name == "sd3":
         width = int(read_config(folder, family.denoiser)["joint_attention_dim"])
 
         def encode(texts: list[str]) -> tuple[Tensor, Tensor | None]:

@@ -315,8 +315,8 @@ def test_model_picks_the_family_and_an_unknown_transformer_is_one_line(parts, tm
     _edit(other / "transformer" / "config.json", _class_name="SD3ControlNetModel")
     no_t5 = _copy(parts, tmp_path / "t5")
     shutil.rmtree(no_t5 / "text_encoder_3")
-    pipeline_flux = _copy(parts, tmp_path / "flux")
-    _edit(pipeline_flux / "model_index.json", _class_name="FluxPipeline")
+    pipeline_other = _copy(parts, tmp_path / "other")
+    _edit(pipeline_other / "model_index.json", _class_name="StableDiffusion3Img2ImgPipeline")
     heun = _copy(parts, tmp_path / "heun")
     _edit(
         heun / "scheduler" / "scheduler_config.json", _class_name="FlowMatchHeunDiscreteScheduler"
@@ -327,8 +327,9 @@ def test_model_picks_the_family_and_an_unknown_transformer_is_one_line(parts, tm
         (other, "transformer is a SD3ControlNetModel; a StableDiffusion3Pipeline"),
         (no_t5, 'missing text_encoder_3/); a folder without text_encoder_3/ says '
                 '"text_encoder_3": [null, null] in model_index.json'),
-        (pipeline_flux, "holds a FluxPipeline; supported: StableDiffusionPipeline (SD 1.x/2.x), "
-                        "StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD 3/3.5)"),
+        (pipeline_other, "holds a StableDiffusion3Img2ImgPipeline; supported: "
+                         "StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), "
+                         "StableDiffusion3Pipeline (SD 3/3.5), FluxPipeline (FLUX.1)"),
         (heun, "scheduler is a FlowMatchHeunDiscreteScheduler; sqdf steps SD 3/3.5 through the "
                "time grid of a FlowMatchEulerDiscreteScheduler"),
     ]  # fmt: skip
