@@ -1,5 +1,6 @@
-"""What the SD 1.5 and SDXL tests share: the settings of a tiny sd run, and running a README
-block of sd commands on tiny parts laid out under the names the README uses."""
+"""What the SD 1.5, SDXL, SD 3 and FLUX tests share: the settings of a tiny sd run, running
+a README block of sd commands on tiny parts laid out under the names the README uses, and
+the checks every transformer family passes."""
 
 from __future__ import annotations
 
@@ -80,3 +81,54 @@ def run_readme_lines(lines: list[str], layout: dict[str, Path], tmp_path: Path) 
         argv = shlex.split(line.replace("$W", str(weights)))
         assert argv[0] == "sqdf"
         assert main(argv[1:] + QUICK.get(argv[1], [])) == 0, line
+
+
+def every_method_runs_through_compare(base: dict[str, Any], tmp_path: Path) -> None:
+    """Every method and best-of-N, one update each, on the sd run ``base`` with a held-out
+    prompts file: none diverges, every reward is a number (base's batch must hold a grpo
+    group)."""
+    import json
+
+    from sqdf.compare import compare
+    from sqdf.methods import METHODS
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("an owl\na crab\n")
+    base = {**base, "task_params": {**base["task_params"], "eval_prompts": str(held_out)}}
+    out = compare(base, [*METHODS, "best_of_n"], 1, tmp_path / "cmp", best_of=2, progress=False)
+    runs = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert all("diverged" not in r and r["reward_mean"] == r["reward_mean"] for r in runs.values())
+    assert all(runs[m]["updates"] == 1 for m in METHODS)
+
+
+def checkpointing_keeps_the_gradient(config_of: Any) -> None:
+    """The SQDF loss's LoRA gradient on a transformer family with and without gradient
+    checkpointing (``config_of(checkpointing) -> TrainConfig``): the same."""
+    import torch
+
+    from sqdf.buffer import Cells
+    from sqdf.methods import METHODS, build_method_params
+    from sqdf.sampler import sample_trajectories
+    from sqdf.tasks import build_task
+
+    grads = []
+    for checkpointing in (False, True):
+        cfg = config_of(checkpointing)
+        torch.manual_seed(0)  # peft draws the LoRA's A matrices
+        task = build_task(cfg)
+        with torch.no_grad():
+            for name, p in task.denoiser.named_parameters():
+                if ".default." in name and "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        traj = sample_trajectories(task, 2, torch.Generator().manual_seed(1))
+        k, rows = torch.tensor([0, 2]), torch.arange(2)
+        cells = Cells(x_t=traj.states[rows, k], x_next=traj.states[rows, k + 1], step=k,
+                      cond=traj.cond, reward=torch.zeros(2), index=rows)  # fmt: skip
+        loss, _ = METHODS["sqdf"].loss(task, cells, cfg, build_method_params("sqdf", {}),
+                                       torch.Generator().manual_seed(2))  # fmt: skip
+        loss.backward()
+        named = task.denoiser.named_parameters()
+        grads.append({n: p.grad.clone() for n, p in named if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)

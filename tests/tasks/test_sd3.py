@@ -25,7 +25,14 @@ from sqdf.tasks.sd_random import (
     write_random_sd3,
 )
 from sqdf.trainer import train
-from tests.tasks.sd_runs import readme_block, run_readme_lines, sd_config, sd_settings
+from tests.tasks.sd_runs import (
+    checkpointing_keeps_the_gradient,
+    every_method_runs_through_compare,
+    readme_block,
+    run_readme_lines,
+    sd_config,
+    sd_settings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -249,47 +256,15 @@ def test_eval_scores_an_sd3_run_on_held_out_prompts(trained, capsys):
 
 
 def test_every_method_and_best_of_n_run_through_compare(parts, tmp_path):
-    from sqdf.compare import compare
-    from sqdf.methods import METHODS
-
-    held_out = tmp_path / "held_out.txt"
-    held_out.write_text("an owl\na crab\n")
     # a batch of 4: grpo's default groups of 4 samples per prompt fill it
-    base = sd_settings(parts / "sd3", parts, steps=1, batch_size=4,
-                       task_params={"eval_prompts": str(held_out)})  # fmt: skip
-    methods = [*METHODS, "best_of_n"]
-    out = compare(base, methods, 1, tmp_path / "cmp", best_of=2, progress=False)
-    runs = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
-    assert all("diverged" not in r and r["reward_mean"] == r["reward_mean"] for r in runs.values())
-    assert all(runs[m]["updates"] == 1 for m in METHODS)
+    base = sd_settings(parts / "sd3", parts, steps=1, batch_size=4)
+    every_method_runs_through_compare(base, tmp_path)
 
 
 def test_checkpointing_gives_the_same_gradient_with_the_adapter_switched_in_the_loss(parts):
-    from sqdf.buffer import Cells
-    from sqdf.methods import METHODS, build_method_params
-    from sqdf.sampler import sample_trajectories
-
-    grads = []
-    for checkpointing in (False, True):
-        cfg = config(parts, task_params={"gradient_checkpointing": checkpointing})
-        torch.manual_seed(0)  # peft draws the LoRA's A matrices
-        task = build_task(cfg)
-        with torch.no_grad():
-            for name, p in task.denoiser.named_parameters():
-                if ".default." in name and "lora_B" in name:
-                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-        traj = sample_trajectories(task, 2, torch.Generator().manual_seed(1))
-        k, rows = torch.tensor([0, 2]), torch.arange(2)
-        cells = Cells(x_t=traj.states[rows, k], x_next=traj.states[rows, k + 1], step=k,
-                      cond=traj.cond, reward=torch.zeros(2), index=rows)  # fmt: skip
-        loss, _ = METHODS["sqdf"].loss(task, cells, cfg, build_method_params("sqdf", {}),
-                                       torch.Generator().manual_seed(2))  # fmt: skip
-        loss.backward()
-        named = task.denoiser.named_parameters()
-        grads.append({n: p.grad.clone() for n, p in named if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+    checkpointing_keeps_the_gradient(
+        lambda on: config(parts, task_params={"gradient_checkpointing": on})
+    )
 
 
 def _copy(parts, tmp_path, name="sd3"):
