@@ -132,3 +132,19 @@ def checkpointing_keeps_the_gradient(config_of: Any) -> None:
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def copy_model(parts: Path, tmp_path: Path, name: str) -> Path:
+    """A copy of the tiny model folder ``parts/name`` to edit."""
+    import shutil
+
+    model = tmp_path / name
+    shutil.copytree(parts / name, model)
+    return model
+
+
+def edit_json(path: Path, **changes: Any) -> None:
+    """``path``'s JSON object with ``changes`` over it."""
+    import json
+
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))

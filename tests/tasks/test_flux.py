@@ -24,6 +24,8 @@ from sqdf.tasks.sd_random import write_random_aesthetic_head, write_random_clip,
 from sqdf.trainer import train
 from tests.tasks.sd_runs import (
     checkpointing_keeps_the_gradient,
+    copy_model,
+    edit_json,
     every_method_runs_through_compare,
     readme_block,
     run_readme_lines,
@@ -239,13 +241,7 @@ def test_sample_renders_a_flux_run_with_the_flux_pipeline(parts, trained, tmp_pa
 
 
 def _copy(parts, tmp_path, name="flux"):
-    model = tmp_path / name
-    shutil.copytree(parts / name, model)
-    return model
-
-
-def _edit(path, **changes):
-    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+    return copy_model(parts, tmp_path, name)
 
 
 def test_model_picks_the_family_and_errors_are_one_line(parts, tmp_path, capsys):
@@ -257,11 +253,11 @@ def test_model_picks_the_family_and_errors_are_one_line(parts, tmp_path, capsys)
     assert "model: FLUX.1 (FluxPipeline)" in out
     assert "D = 1,024 dimensions (16 x 8 x 8)" in out
     sd3 = _copy(parts, tmp_path)
-    _edit(sd3 / "model_index.json", transformer=["diffusers", "SD3Transformer2DModel"])
+    edit_json(sd3 / "model_index.json", transformer=["diffusers", "SD3Transformer2DModel"])
     no_t5 = _copy(parts, tmp_path / "t5")
     shutil.rmtree(no_t5 / "text_encoder_2")
     heun = _copy(parts, tmp_path / "heun")
-    _edit(
+    edit_json(
         heun / "scheduler" / "scheduler_config.json", _class_name="FlowMatchHeunDiscreteScheduler"
     )
     no_index = _copy(parts, tmp_path / "no_index")
@@ -303,7 +299,7 @@ def test_settings_that_do_not_apply_to_flux_are_refused(parts, over, expected):
 
 def test_a_resolution_off_the_packing_grid_is_refused(parts, tmp_path):
     model = _copy(parts, tmp_path)  # an 8× VAE, as FLUX's: 2×2 packed latents of 1/8 side
-    _edit(model / "vae" / "config.json", block_out_channels=[8, 16, 16, 16])
+    edit_json(model / "vae" / "config.json", block_out_channels=[8, 16, 16, 16])
     with pytest.raises(ConfigError, match=re.escape("sd resolution 520 is not a multiple of 16 "
                                                     "(VAE 8 × patch 2)")):  # fmt: skip
         build_task(config(parts, task_params={"model": str(model), "resolution": 520}))

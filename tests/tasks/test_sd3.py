@@ -27,6 +27,8 @@ from sqdf.tasks.sd_random import (
 from sqdf.trainer import train
 from tests.tasks.sd_runs import (
     checkpointing_keeps_the_gradient,
+    copy_model,
+    edit_json,
     every_method_runs_through_compare,
     readme_block,
     run_readme_lines,
@@ -99,7 +101,7 @@ def test_family_sizes_and_time_grid_are_sd3s(parts):
 def test_a_dynamic_shift_is_the_one_the_pipeline_computes_for_the_image(parts, tmp_path):
     model = tmp_path / "dynamic"
     shutil.copytree(parts / "sd3", model)
-    _edit(model / "scheduler" / "scheduler_config.json", use_dynamic_shifting=True)
+    edit_json(model / "scheduler" / "scheduler_config.json", use_dynamic_shifting=True)
     task = build_task(config(parts, task_params={"model": str(model), "resolution": 32}))
     pipe = pipeline(parts)
     pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=True)
@@ -268,13 +270,7 @@ def test_checkpointing_gives_the_same_gradient_with_the_adapter_switched_in_the_
 
 
 def _copy(parts, tmp_path, name="sd3"):
-    model = tmp_path / name
-    shutil.copytree(parts / name, model)
-    return model
-
-
-def _edit(path, **changes):
-    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+    return copy_model(parts, tmp_path, name)
 
 
 def test_model_picks_the_family_and_an_unknown_transformer_is_one_line(parts, tmp_path, capsys):
@@ -285,15 +281,15 @@ def test_model_picks_the_family_and_an_unknown_transformer_is_one_line(parts, tm
     assert "model: SD 3/3.5 (StableDiffusion3Pipeline)" in out
     assert "D = 1,024 dimensions (16 x 8 x 8)" in out
     flux = _copy(parts, tmp_path)
-    _edit(flux / "model_index.json", transformer=["diffusers", "FluxTransformer2DModel"])
+    edit_json(flux / "model_index.json", transformer=["diffusers", "FluxTransformer2DModel"])
     other = _copy(parts, tmp_path, "sd3_no_t5")
-    _edit(other / "transformer" / "config.json", _class_name="SD3ControlNetModel")
+    edit_json(other / "transformer" / "config.json", _class_name="SD3ControlNetModel")
     no_t5 = _copy(parts, tmp_path / "t5")
     shutil.rmtree(no_t5 / "text_encoder_3")
     pipeline_other = _copy(parts, tmp_path / "other")
-    _edit(pipeline_other / "model_index.json", _class_name="StableDiffusion3Img2ImgPipeline")
+    edit_json(pipeline_other / "model_index.json", _class_name="StableDiffusion3Img2ImgPipeline")
     heun = _copy(parts, tmp_path / "heun")
-    _edit(
+    edit_json(
         heun / "scheduler" / "scheduler_config.json", _class_name="FlowMatchHeunDiscreteScheduler"
     )
     cases = [
@@ -331,7 +327,7 @@ def test_settings_that_do_not_apply_to_sd3_are_refused(parts, over, expected):
 
 def test_a_resolution_off_the_patch_grid_is_refused(parts, tmp_path):
     model = _copy(parts, tmp_path)  # an 8x VAE, as SD3's: 2x2 patches of latents of 1/8 side
-    _edit(model / "vae" / "config.json", block_out_channels=[8, 16, 16, 16])
+    edit_json(model / "vae" / "config.json", block_out_channels=[8, 16, 16, 16])
     with pytest.raises(ConfigError, match=re.escape("sd resolution 520 is not a multiple of 16 "
                                                     "(VAE 8 × patch 2)")):  # fmt: skip
         build_task(config(parts, task_params={"model": str(model), "resolution": 520}))
