@@ -48,6 +48,7 @@ declare -A EXPERIMENTS=(
     [gmm2d-families-updates]="families --families 4 --alphas 1.0 --sweep steps=300,1000 --set gamma=1.0 --set estimator=exact"
     [gmm2d-families-hidden64]="families --families 4 --alphas 1.0 --sweep estimator=exact --set gamma=1.0 --set 'task_params={hidden = 64}'"
     [gmm2d-families-hidden256]="families --families 4 --alphas 1.0 --sweep estimator=exact --set gamma=1.0 --set 'task_params={hidden = 256}'"
+    [gmm2d-families-200-long]="families --families 4 --alphas 1.0 --sweep steps=1000 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set lr=0.003"
     [gmm2d-families-num-steps]="families --families 4 --alphas 1.0 --sweep num_steps=50,200 --set gamma=1.0 --set estimator=exact --set lr=0.003 --set steps=600"
     [digits-methods]="${DIGITS[*]} --methods $ALL --seeds 3"
     # GRPO (added after the tables above were run): its rows with the same settings
@@ -67,7 +68,7 @@ declare -A EXPERIMENTS=(
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
        gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-gaussian-q gmm2d-quadratic-gaussian-q gmm2d-buffer gmm2d-alpha
-       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-200-long gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args
