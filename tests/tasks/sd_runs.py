@@ -148,3 +148,26 @@ def edit_json(path: Path, **changes: Any) -> None:
     import json
 
     path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def reloaded_lora_matches_the_run(
+    pipe: Any, task: Any, final: Path, velocity: Any, image: Any, x: Any, side: int
+) -> None:
+    """A plain pipeline ``pipe`` before and after ``load_lora_weights(final)``: its transformer
+    output (``velocity(pipe, x, sigma, pos, pooled)``) equals the run's reference, then its
+    policy, and its rendered ``image()`` changes."""
+    import torch
+
+    sigma, cond = task.kernel.model_time(torch.tensor([0, 3])), torch.tensor([1, 2])
+    pos, pooled = task.text.rows(cond)
+    before, before_image = velocity(pipe, x, sigma, pos, pooled), image()
+    pipe.load_lora_weights(str(final))
+    after, after_image = velocity(pipe, x, sigma, pos, pooled), image()
+    with torch.no_grad():
+        ours = task.model_output(x, sigma, cond, policy=True)
+        ours_ref = task.model_output(x, sigma, cond, policy=False)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(before, ours_ref, rtol=1e-4, atol=1e-5)  # adapter off
+    assert after_image.shape == (1, 3, side, side) and torch.isfinite(after_image).all()
+    assert not torch.allclose(before_image, after_image)
