@@ -8,9 +8,11 @@ with the rectified-flow SDE (sqdf.core.flow) on their pipeline's shifted time gr
 transformer's velocity giving x̂0 = x_t - t v (FLUX's transformer reads the latents packed into
 2×2 patches, sqdf.tasks.sd_flux; the samples stay unpacked). The reference is the same network
 with the adapter off (one copy of the weights); with ``finetune = "full"`` every UNet weight
-trains and the reference is a frozen copy. x̂0 comes from the reference network (Tweedie) or,
-for the UNet families, from a latent consistency model: an LCM UNet folder, or an LCM-LoRA
-loaded beside the policy's adapter on the base UNet. Only x̂0 latents are decoded by the VAE
+trains and the reference is a frozen copy. x̂0 comes from the reference network (Tweedie) or
+from a consistency model: for the UNet families a latent consistency model (an LCM UNet
+folder, or an LCM-LoRA loaded beside the policy's adapter on the base UNet); for SD 3/3.5 and
+FLUX.1 a few-step distilled transformer (SD 3.5 Large Turbo's, FLUX.1 schnell's), whose
+velocity at t gives x̂0 = x_t - t v in one call. Only x̂0 latents are decoded by the VAE
 (with gradients) for the reward; the trajectory stays in latent space.
 """
 
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from sqdf.checkpoint import save_weights
+from sqdf.core.flow import flow_x0
 from sqdf.core.kernel import DDIMKernel, FlowKernel
 from sqdf.core.x0 import consistency_x0, guidance_embedding
 from sqdf.errors import ConfigError, SqdfError
@@ -46,6 +49,7 @@ from sqdf.tasks.sd_family import (
     Family,
     check_lora_fits,
     check_unet_fits,
+    distilled_transformer,
     family_of,
     load_part,
     read_config,
@@ -78,10 +82,12 @@ class SDConfig:
     lora_targets: list = dataclasses.field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
     )
-    lcm: str | None = None  # LCM UNet folder, or LCM-LoRA .safetensors (estimator consistency)
+    # estimator consistency's model: an LCM UNet folder or LCM-LoRA .safetensors (SD 1.x/2.x,
+    # SDXL); a few-step distilled transformer folder or its pipeline folder (SD 3/3.5, FLUX.1)
+    lcm: str | None = None
     lcm_guidance: float = 8.0  # w for an LCM UNet with a guidance embedding (time_cond_proj_dim)
     dtype: str = "auto"  # weights and autocast: auto (bfloat16 on CUDA, float32 on CPU) or a name
-    gradient_checkpointing: bool = True  # denoiser, VAE decoder and reward model
+    gradient_checkpointing: bool = True  # denoiser, consistency model, VAE decoder, reward model
     finetune: str = "lora"  # lora, or full (every UNet weight, in float32; what FSDP shards)
     compile: bool = False  # torch.compile the denoiser(s)
     channels_last: bool = False  # channels-last denoiser weights
@@ -106,11 +112,6 @@ class SDConfig:
                 f"sd noise_level is the flow SDE's (SD 3/3.5, FLUX.1); {family.label} samples "
                 "with DDIM, whose noise is --eta"
             )
-        if family.flow and self.lcm is not None:
-            raise ConfigError(
-                f"sd lcm: no consistency model is supported for {family.label}; leave lcm out "
-                "and use estimator tweedie"
-            )
         if family.flow and self.finetune != "lora":
             raise ConfigError(f"sd finetune {self.finetune!r}: {family.label} trains a LoRA only")
         if self.guidance < 1.0:
@@ -130,6 +131,8 @@ class SDConfig:
             raise ConfigError(f"sd resolution must be a multiple of 8, got {self.resolution}")
         if self.lcm is not None and not Path(self.lcm).exists():
             raise ConfigError(f"sd lcm: no such folder or file {self.lcm!r}")
+        if self.lcm is not None and family.flow:
+            distilled_transformer(self.lcm, self.model, family)
         load_prompts(self.prompts)  # a bad prompt set fails here, not mid-run
         load_prompts(self.eval_prompts)
 
@@ -218,12 +221,15 @@ class SDTask(Task):
         folder = Path(options.model)
         self.family: Family = family_of(folder)
         if cfg.estimator == "consistency" and not options.lcm:  # before loading gigabytes
+            what = (
+                f"a few-step distilled {self.family.denoiser_class} folder, e.g. SD 3.5 Large "
+                "Turbo's or FLUX.1 schnell's transformer/"
+                if self.family.flow
+                else "an LCM UNet folder or an LCM-LoRA file"
+            )
             raise ConfigError(
-                "sd: estimator consistency needs task_params.lcm (an LCM UNet folder or an "
-                "LCM-LoRA file); or use estimator tweedie"
-                if not self.family.flow
-                else f"sd: estimator consistency has no consistency model for "
-                f"{self.family.label}; use estimator tweedie"
+                f"sd: estimator consistency needs task_params.lcm ({what}); or use estimator "
+                "tweedie"
             )
         self.options = options
         self.estimator = cfg.estimator
@@ -280,12 +286,16 @@ class SDTask(Task):
                 p.data = p.data.to(device, torch.float32)
         self.policy = self.nets.policy
         self.shardable = self.nets.shardable
-        self._lcm_unet = None
-        if options.lcm:
+        self._consistency_net = None  # an LCM UNet or a distilled transformer
+        if options.lcm and self.family.flow:
+            self._attach_distilled(distilled_transformer(options.lcm, folder, self.family))
+        elif options.lcm:
             self._attach_lcm(Path(options.lcm))
         if options.gradient_checkpointing:
             for net in self.nets.networks:
                 enable_adapter_aware_checkpointing(net)
+            if self._consistency_net is not None:  # frozen, but x̂0's gradient runs through it
+                self._consistency_net.enable_gradient_checkpointing()
             self.vae.enable_gradient_checkpointing()
             clip = getattr(reward, "clip_model", None)
             if clip is not None:
@@ -307,11 +317,11 @@ class SDTask(Task):
             check_unet_fits(
                 read_config(path.parent, path.name), self.denoiser, path, self.family.label
             )
-            self._lcm_unet = load_part(
+            self._consistency_net = load_part(
                 UNet2DConditionModel, path.parent, path.name, use_safetensors=True,
                 dtype=self.dtype,
             )  # fmt: skip
-            self._lcm_unet.to(self.device, self.dtype).requires_grad_(False)
+            self._consistency_net.to(self.device, self.dtype).requires_grad_(False)
             return
         # on the pretrained weights: the reference network (under LoRA, the policy's own)
         base = self.nets.reference_net
@@ -327,6 +337,13 @@ class SDTask(Task):
         # peft activates an adapter it loads; the LCM-LoRA runs only in consistency_x0: under
         # LoRA the policy's adapter stays the active one, a full reference copy has none
         activate_only(base, POLICY_ADAPTER if base is self.denoiser else None)
+
+    def _attach_distilled(self, path: Path) -> None:
+        net = load_part(
+            self.family.denoiser_model(), path.parent, path.name, use_safetensors=True,
+            dtype=self.dtype,
+        )  # fmt: skip
+        self._consistency_net = net.to(self.device, self.dtype).requires_grad_(False)
 
     def _autocast(self) -> Any:
         enabled = self.dtype != torch.float32
@@ -394,24 +411,40 @@ class SDTask(Task):
         return out.float()
 
     def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
-        if self.schedule is None:
-            raise SqdfError(f"sd: no consistency model for {self.family.label}")
+        if self.family.flow:
+            return self._distilled_x0(x, timesteps, cond)
         t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)
         abar = _expand(self.schedule.abar(timesteps.cpu()), x).to(x)
         text = self.text.unet_kwargs(cond)
         with self._autocast():
-            if self._lcm_unet is not None:
+            if self._consistency_net is not None:
                 w_cond = None
-                dim = self._lcm_unet.config.time_cond_proj_dim
+                dim = self._consistency_net.config.time_cond_proj_dim
                 if dim is not None:
                     w = torch.full((x.shape[0],), self.options.lcm_guidance - 1.0)
                     w_cond = guidance_embedding(w, dim).to(self.device, self.dtype)
-                out = self._lcm_unet(x.to(self.dtype), t, timestep_cond=w_cond, **text).sample
+                net = self._consistency_net
+                out = net(x.to(self.dtype), t, timestep_cond=w_cond, **text).sample
             else:
                 base = self.nets.reference_net
                 with only_adapter(base, LCM_ADAPTER):
                     out = base(x.to(self.dtype), t, **text).sample
         return consistency_x0(out.float(), x, abar, _expand(t, x), self.prediction_type)
+
+    def _distilled_x0(self, x: Tensor, times: Tensor, cond: Tensor) -> Tensor:
+        """x̂0 = x_t - t v in one call of the distilled transformer, conditioned on the prompt
+        alone, as its pipeline runs it (SD 3.5 Large Turbo at guidance 0, FLUX.1 schnell
+        without guidance); a guidance-distilled one is given the run's guidance as input."""
+        net = self._consistency_net
+        if net is None:
+            raise SqdfError(f"sd: no consistency model (task_params.lcm) for {self.family.label}")
+        t, cond = times.clamp(min=0).to(self.device), cond.to(self.device)
+        kwargs = self.text.unet_kwargs(cond)
+        if self.family.packed and net.config.guidance_embeds:
+            kwargs["guidance"] = torch.full((len(t),), self.options.guidance, device=t.device)
+        with self._autocast():
+            v = self._denoise(net, x.to(self.dtype), t, kwargs)
+        return flow_x0(v.float(), x, _expand(t, x))
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images in [0, 1], (B, 3, H, W), differentiable; unscaled as the family's

@@ -5,8 +5,8 @@ decodes and, for SD 3/3.5 and FLUX.1, in the denoiser itself (a transformer pred
 rectified-flow velocity, stepped by the flow kernel instead of DDIM; FLUX's on packed 2×2
 latent patches, with a guidance embedding instead of CFG); everything else (LoRA, rewards,
 methods) is shared. Also whether a consistency model given for the folder (an LCM-LoRA file,
-an LCM UNet folder) fits its family, checked before peft or diffusers meet a shape they
-cannot use."""
+an LCM UNet folder; for SD 3/3.5 and FLUX.1 a few-step distilled transformer) fits its family,
+checked before peft or diffusers meet a shape they cannot use."""
 
 from __future__ import annotations
 
@@ -338,3 +338,39 @@ def check_unet_fits(config: dict[str, Any], unet: Any, path: Any, label: str) ->
             f"{config.get(key)!r}, the model's {unet.config.get(key)!r}"
             f"{_made_for(config.get('cross_attention_dim'))}"
         )
+
+
+# what a distilled transformer shares with the model's to read the same latents and text
+TRANSFORMER_FIT_KEYS = ("in_channels", "patch_size", "joint_attention_dim", "pooled_projection_dim")
+
+
+def distilled_transformer(path: str | Path, folder: str | Path, family: Family) -> Path:
+    """The transformer folder of a few-step distilled model (SD 3.5 Large Turbo's, FLUX.1
+    schnell's) given as a flow family's consistency model: ``path`` itself, or the
+    ``transformer/`` of a pipeline folder at ``path``; refused, by its config alone, where it
+    is another class or does not read the latents and text of the model in ``folder``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(
+            f"sd lcm: {path} is a file; for {family.label} the consistency model is a few-step "
+            f"distilled {family.denoiser_class} folder (or its pipeline's folder), not a LoRA"
+        )
+    if (path / "model_index.json").is_file():
+        path = path / family.denoiser
+    config = _optional_json(path / "config.json")
+    name = config.get("_class_name")
+    if name != family.denoiser_class:
+        what = f"a {name}" if isinstance(name, str) else "no diffusers model (no config.json)"
+        raise ConfigError(
+            f"sd lcm: {path} holds {what}; a consistency model for {family.label} is a "
+            f"{family.denoiser_class} folder"
+        )
+    model = read_config(folder, family.denoiser)
+    differ = [k for k in TRANSFORMER_FIT_KEYS if config.get(k) != model.get(k)]
+    if differ:
+        key = differ[0]
+        raise ConfigError(
+            f"sd lcm: {path} does not fit this {family.label} transformer: its {key} is "
+            f"{config.get(key)!r}, the model's {model.get(key)!r}"
+        )
+    return path

@@ -134,6 +134,28 @@ def checkpointing_keeps_the_gradient(config_of: Any) -> None:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
 
 
+def distilled_x0_is_one_call(task: Any, velocity: Any, *, reference: bool = False) -> None:
+    """A flow family's consistency estimator: x̂0 = x - t v, v the distilled model's own
+    pipeline's transformer call (``velocity(x, sigma, pos, pooled)``), with a finite,
+    non-zero gradient in x; with ``reference``, the distilled model is the base itself and
+    x̂0 is the reference's Tweedie one, else it is another."""
+    import torch
+
+    x = torch.randn((2, *task.sample_shape), generator=torch.Generator().manual_seed(3))
+    k, cond = torch.tensor([0, 2]), torch.tensor([1, 3])
+    sigma = task.kernel.model_time(k)
+    pos, pooled = task.text.rows(cond)
+    want = x - sigma.view(-1, 1, 1, 1) * velocity(x, sigma, pos, pooled)
+    x_grad = x.clone().requires_grad_()
+    got = task.consistency_x0(x_grad, sigma, cond)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        tweedie = task.reference_x0(x, k, cond)
+    assert torch.allclose(got.detach(), tweedie, rtol=1e-4, atol=1e-5) == reference
+    got.square().sum().backward()
+    assert bool(torch.isfinite(x_grad.grad).all()) and float(x_grad.grad.abs().sum()) > 0
+
+
 def copy_model(parts: Path, tmp_path: Path, name: str) -> Path:
     """A copy of the tiny model folder ``parts/name`` to edit."""
     import shutil

@@ -25,6 +25,7 @@ from sqdf.trainer import train
 from tests.tasks.sd_runs import (
     checkpointing_keeps_the_gradient,
     copy_model,
+    distilled_x0_is_one_call,
     edit_json,
     every_method_runs_through_compare,
     readme_block,
@@ -275,8 +276,10 @@ def test_model_picks_the_family_and_errors_are_one_line(parts, tmp_path, capsys)
     "over,expected",
     [
         ({"eta": 0.5}, "eta is DDIM's; the flow SDE's noise (FLUX.1) is task_params.noise_level"),
-        ({"estimator": "consistency"}, "no consistency model for FLUX.1; use estimator tweedie"),
-        ({"task_params": {"lcm": "."}}, "no consistency model is supported for FLUX.1"),
+        ({"estimator": "consistency"}, "estimator consistency needs task_params.lcm (a few-step "
+         "distilled FluxTransformer2DModel folder"),
+        ({"task_params": {"lcm": "."}}, "holds no diffusers model (no config.json); a consistency "
+         "model for FLUX.1 is a FluxTransformer2DModel folder"),
         ({"task_params": {"finetune": "full"}}, "FLUX.1 trains a LoRA only"),
         ({"task_params": {"negative_prompt": "blurry"}}, "FLUX.1 runs no negative pass"),
     ],
@@ -304,9 +307,11 @@ def test_eval_scores_a_flux_run_on_held_out_prompts(trained):
 
 def test_readme_flux_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
     lines = readme_block('--model "$W/flux.1-dev"')
-    assert len(lines) == 3 and "resolution=512" in lines[1] and "guidance=3.5" in lines[1]
-    lines[1] = lines[1].replace("=512", f"={SIDE}")  # 512 px through the tiny 2× VAE: too big
-    layout = {"flux.1-dev": "flux", "clip-vit-large-patch14": "clip",
+    assert len(lines) == 4
+    for i in (1, 3):  # 512 px through the tiny 2× VAE: too big
+        assert "resolution=512" in lines[i] and "guidance=3.5" in lines[i]
+        lines[i] = lines[i].replace("=512", f"={SIDE}")
+    layout = {"flux.1-dev": "flux", "flux.1-schnell": "schnell", "clip-vit-large-patch14": "clip",
               "aesthetic.safetensors": "head.safetensors"}  # fmt: skip
     monkeypatch.chdir(tmp_path)
     run_readme_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
@@ -314,6 +319,9 @@ def test_readme_flux_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
     assert config["train"]["task_params"]["guidance"] == 3.5
     assert (tmp_path / "runs/flux/final/pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "runs/flux/grid.png").is_file()
+    config = json.loads((tmp_path / "runs/flux-schnell-q/config.json").read_text())
+    assert config["train"]["estimator"] == "consistency"
+    assert (tmp_path / "runs/flux-schnell-q/final/pytorch_lora_weights.safetensors").is_file()
 
 
 def test_every_method_and_best_of_n_run_through_compare(parts, tmp_path):
@@ -324,10 +332,35 @@ def test_every_method_and_best_of_n_run_through_compare(parts, tmp_path):
     every_method_runs_through_compare(base, tmp_path)
 
 
-def test_checkpointing_gives_the_same_gradient_with_the_adapter_switched_in_the_loss(parts):
+@pytest.mark.parametrize("estimator", ["tweedie", "consistency"])
+def test_checkpointing_gives_the_same_gradient_with_the_adapter_switched_in_the_loss(
+    parts, estimator
+):
+    lcm = {"lcm": str(parts / "schnell")} if estimator == "consistency" else {}
     checkpointing_keeps_the_gradient(
-        lambda on: config(parts, task_params={"gradient_checkpointing": on})
+        lambda on: config(
+            parts, estimator=estimator, task_params={"gradient_checkpointing": on, **lcm}
+        )
     )
+
+
+def test_a_schnell_style_transformer_is_the_consistency_estimator(parts, tmp_path):
+    # schnell has no guidance embedding: it is called without one, as its pipeline calls it
+    schnell = pipeline(parts, "schnell")
+    task = build_task(config(parts, estimator="consistency",
+                             task_params={"lcm": str(parts / "schnell")}))  # fmt: skip
+    distilled_x0_is_one_call(task, lambda *a: pipeline_velocity(schnell, *a))
+    # a guidance-distilled one is given the run's guidance: the base itself gives Tweedie's x̂0
+    task = build_task(config(parts, estimator="consistency",
+                             task_params={"lcm": str(parts / "flux" / "transformer")}))  # fmt: skip
+    dev = pipeline(parts)
+    distilled_x0_is_one_call(
+        task, lambda *a: pipeline_velocity(dev, *a, guidance=task.options.guidance),
+        reference=True,
+    )  # fmt: skip
+    run = train(config(parts, estimator="consistency", task_params={"lcm": str(parts / "schnell")}),
+                tmp_path / "run", progress=False)  # fmt: skip
+    assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_a_prompts_file_with_negatives_is_refused(parts, tmp_path):

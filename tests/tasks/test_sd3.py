@@ -28,6 +28,7 @@ from sqdf.trainer import train
 from tests.tasks.sd_runs import (
     checkpointing_keeps_the_gradient,
     copy_model,
+    distilled_x0_is_one_call,
     edit_json,
     every_method_runs_through_compare,
     readme_block,
@@ -43,6 +44,7 @@ def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd3")
     write_random_sd3(root / "sd3")
     write_random_sd3(root / "sd3_no_t5", t5=False)
+    write_random_sd3(root / "turbo", t5=False, seed=1)  # a few-step distilled model's stand-in
     write_random_clip(root / "clip")
     write_random_aesthetic_head(root / "head.pth", in_dim=16)
     convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
@@ -252,10 +254,47 @@ def test_every_method_and_best_of_n_run_through_compare(parts, tmp_path):
     every_method_runs_through_compare(base, tmp_path)
 
 
-def test_checkpointing_gives_the_same_gradient_with_the_adapter_switched_in_the_loss(parts):
+@pytest.mark.parametrize("estimator", ["tweedie", "consistency"])
+def test_checkpointing_gives_the_same_gradient_with_the_adapter_switched_in_the_loss(
+    parts, estimator
+):
+    lcm = {"lcm": str(parts / "turbo")} if estimator == "consistency" else {}
     checkpointing_keeps_the_gradient(
-        lambda on: config(parts, task_params={"gradient_checkpointing": on})
+        lambda on: config(
+            parts, estimator=estimator, task_params={"gradient_checkpointing": on, **lcm}
+        )
     )
+
+
+def test_a_distilled_transformer_is_the_consistency_estimator(parts, tmp_path):
+    turbo = pipeline(parts, "turbo")  # its pipeline runs it without CFG, as SD 3.5 Large Turbo
+    for lcm in (parts / "turbo", parts / "turbo" / "transformer"):  # pipeline or its transformer
+        task = build_task(config(parts, estimator="consistency", task_params={"lcm": str(lcm)}))
+        distilled_x0_is_one_call(task, lambda *a: pipeline_velocity(turbo, *a))
+    run = train(config(parts, estimator="consistency", task_params={"lcm": str(lcm)}),
+                tmp_path / "run", progress=False)  # fmt: skip
+    assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_consistency_model_that_is_not_a_fitting_transformer_is_refused(parts, tmp_path):
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"")
+    other = _copy(parts, tmp_path, "turbo")
+    edit_json(other / "transformer" / "config.json", _class_name="FluxTransformer2DModel")
+    wide = _copy(parts, tmp_path / "wide", "turbo")
+    edit_json(wide / "transformer" / "config.json", joint_attention_dim=4096)
+    cases = [
+        (lora, "lora.safetensors is a file; for SD 3/3.5 the consistency model is a few-step "
+               "distilled SD3Transformer2DModel folder (or its pipeline's folder), not a LoRA"),
+        (other, "turbo/transformer holds a FluxTransformer2DModel; a consistency model for "
+                "SD 3/3.5 is a SD3Transformer2DModel folder"),
+        (tmp_path / "wide", "holds no diffusers model (no config.json)"),
+        (wide, "does not fit this SD 3/3.5 transformer: its joint_attention_dim is 4096, the "
+               "model's 96"),
+    ]  # fmt: skip
+    for lcm, expected in cases:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            build_task(config(parts, estimator="consistency", task_params={"lcm": str(lcm)}))
 
 
 def _copy(parts, tmp_path, name="sd3"):
@@ -303,8 +342,11 @@ def test_model_picks_the_family_and_an_unknown_transformer_is_one_line(parts, tm
     "over,expected",
     [
         ({"eta": 0.5}, "eta is DDIM's; the flow SDE's noise (SD 3/3.5) is task_params.noise_level"),
-        ({"estimator": "consistency"}, "no consistency model for SD 3/3.5; use estimator tweedie"),
-        ({"task_params": {"lcm": "."}}, "no consistency model is supported for SD 3/3.5"),
+        (
+            {"estimator": "consistency"},
+            "estimator consistency needs task_params.lcm (a few-step "
+            "distilled SD3Transformer2DModel folder, e.g. SD 3.5 Large Turbo's",
+        ),
         ({"task_params": {"finetune": "full"}}, "SD 3/3.5 trains a LoRA only"),
         ({"task_params": {"noise_level": 0.0}}, "sd noise_level must be > 0"),
     ],
@@ -334,9 +376,11 @@ def test_noise_level_on_a_ddim_family_is_refused(tmp_path):
 
 def test_readme_sd3_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
     lines = readme_block('--model "$W/sd3.5-medium"')
-    assert len(lines) == 3 and "resolution=512" in lines[1]
-    lines[1] = lines[1].replace("=512", "=32")  # 512 px through the tiny 2x VAE: too big here
-    layout = {"sd3.5-medium": "sd3", "clip-vit-large-patch14": "clip",
+    assert len(lines) == 4 and all("resolution=512" in lines[i] for i in (1, 3))
+    for i in (1, 3):  # 512 px through the tiny 2x VAE: too big here
+        lines[i] = lines[i].replace("=512", "=32")
+    layout = {"sd3.5-medium": "sd3", "sd3.5-large": "sd3", "sd3.5-large-turbo": "turbo",
+              "clip-vit-large-patch14": "clip",
               "aesthetic.safetensors": "head.safetensors"}  # fmt: skip
     monkeypatch.chdir(tmp_path)
     run_readme_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
@@ -344,3 +388,6 @@ def test_readme_sd3_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
     assert config["train"]["task_params"]["resolution"] == 32
     assert (tmp_path / "runs/sd3/final/pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "runs/sd3/grid.png").is_file()
+    config = json.loads((tmp_path / "runs/sd3-turbo-q/config.json").read_text())
+    assert config["train"]["estimator"] == "consistency"
+    assert (tmp_path / "runs/sd3-turbo-q/final/pytorch_lora_weights.safetensors").is_file()
