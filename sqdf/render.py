@@ -29,6 +29,7 @@ class RenderSettings:
     num_steps: int = 50
     negative_prompt: str = ""
     resolution: int | None = None  # image side in pixels (None: the pipeline's default)
+    true_cfg: float = 1.0  # FLUX.1: FluxPipeline's true_cfg_scale (1: no negative pass)
 
 
 def run_of(final: Path | None) -> Path | None:
@@ -63,6 +64,7 @@ def trained_settings(final: Path | None) -> RenderSettings:
     return RenderSettings(
         str(given["prompts"]), float(given["guidance"]), cfg.num_steps,
         str(given["negative_prompt"]), None if resolution is None else int(resolution),
+        float(given["true_cfg"]),
     )  # fmt: skip
 
 
@@ -84,8 +86,8 @@ def render_sd(
     negative prompts, else the defaults of :class:`RenderSettings`. The UNet families render
     with DDIM at eta 1 (the chain they trained on); SD 3/3.5 and FLUX.1 with their own
     flow-matching Euler scheduler (the deterministic sampler of the flow the SDE shares its
-    marginals with). FLUX.1 renders without a negative prompt, as it trains: ``guidance`` is
-    FLUX.1-dev's distilled guidance scale."""
+    marginals with). FLUX.1 renders as it trains: ``guidance`` is FLUX.1-dev's distilled
+    guidance scale, and a negative prompt is passed only where the run set true CFG."""
     from diffusers import DDIMScheduler
 
     from sqdf.report import save_image_rows
@@ -149,8 +151,10 @@ def render_sd(
         for i, (prompt, own) in enumerate(chosen):  # one at a time: the same seed per image
             g = torch.Generator().manual_seed(seed + i)
             negative = trained.negative_prompt if own is None else own  # as the task pairs them
-            if not family.packed:  # FLUX.1 runs no negative pass (no true CFG)
+            if not family.packed:
                 sampler["negative_prompt"] = negative or None
+            elif trained.true_cfg != 1.0:  # FLUX.1's true CFG: "" is the empty prompt's pass
+                sampler.update(negative_prompt=negative, true_cfg_scale=trained.true_cfg)
             out = pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance,
                        generator=g, output_type="pt", **sampler, **size)  # fmt: skip
             images.append(out.images[0].float().cpu())

@@ -76,6 +76,9 @@ class SDConfig:
     # classifier-free guidance scale (1 = no guidance); FLUX.1-dev: the distilled guidance
     # scale its transformer takes as an input (one pass, no negative)
     guidance: float = 5.0
+    # FLUX.1: FluxPipeline's true_cfg_scale; above 1 a negative pass (negative_prompt, "" the
+    # empty prompt) is run beside the prompt's and the two are mixed as CFG mixes them
+    true_cfg: float = 1.0
     resolution: int | None = None  # image side in pixels (default: the model's native size)
     lora_rank: int = 4  # as in the SQDF reference implementation
     lora_alpha: float = 4.0
@@ -116,6 +119,12 @@ class SDConfig:
             raise ConfigError(f"sd finetune {self.finetune!r}: {family.label} trains a LoRA only")
         if self.guidance < 1.0:
             raise ConfigError(f"sd guidance must be >= 1, got {self.guidance}")
+        if not self.true_cfg >= 1.0:
+            raise ConfigError(f"sd true_cfg must be >= 1 (1 is none), got {self.true_cfg}")
+        if not family.packed and self.true_cfg != 1.0:
+            raise ConfigError(
+                f"sd true_cfg is FLUX.1's negative pass; {family.label} runs CFG by guidance"
+            )
         if family.packed:
             _check_flux_guidance(self)
         if self.lora_rank < 1 or self.lora_alpha <= 0:
@@ -143,24 +152,26 @@ def guidance_embedded(folder: str | Path) -> bool:
 
 
 def _check_flux_guidance(options: SDConfig) -> None:
-    """FLUX runs no negative pass: FLUX.1-dev takes the guidance scale as an input, FLUX.1
-    schnell none at all. FluxPipeline's optional true CFG (``true_cfg_scale``) is refused
-    rather than run: neither model was trained for it."""
-    if options.negative_prompt:
-        raise ConfigError(
-            "sd negative_prompt: FLUX.1 runs no negative pass (its guidance is distilled into "
-            "the transformer); leave negative_prompt out"
-        )
-    for spec in (options.prompts, options.eval_prompts):
-        if any(negative for _, negative in load_prompt_pairs(spec)):
+    """FLUX.1-dev takes the guidance scale as an input, FLUX.1 schnell none at all; a
+    negative pass is run only with FluxPipeline's true CFG (``true_cfg`` > 1), so a negative
+    prompt without it would be ignored, and is refused."""
+    if options.true_cfg == 1.0:
+        hint = "; set true_cfg > 1 for FluxPipeline's true CFG"
+        if options.negative_prompt:
             raise ConfigError(
-                f"prompts {spec}: a line sets a negative prompt, and FLUX.1 runs no negative "
-                "pass; drop the negatives"
+                "sd negative_prompt: FLUX.1 runs a negative pass only with true CFG (its "
+                f"guidance is distilled into the transformer){hint}, or leave it out"
             )
+        for spec in (options.prompts, options.eval_prompts):
+            if any(negative for _, negative in load_prompt_pairs(spec)):
+                raise ConfigError(
+                    f"prompts {spec}: a line sets a negative prompt, and FLUX.1 runs a "
+                    f"negative pass only with true CFG{hint}, or drop the negatives"
+                )
     if not guidance_embedded(options.model) and options.guidance != 1.0:
         raise ConfigError(
             f"sd guidance {options.guidance:g}: this FLUX.1 transformer has no guidance "
-            "embedding (schnell) and sqdf runs no true CFG; set guidance=1"
+            "embedding (schnell); set guidance=1 (true_cfg > 1 adds a negative pass)"
         )
 
 
@@ -389,11 +400,20 @@ class SDTask(Task):
 
     def _eps(self, net: Any, x: Tensor, t: Tensor, cond: Tensor, guidance: float) -> Tensor:
         """The guided output (noise, v or velocity) at model times ``t`` (B,)."""
-        if self.family.packed:  # FLUX: one pass; FLUX.1-dev's guidance scale is an input
-            kwargs = self.text.unet_kwargs(cond)
+        if self.family.packed:  # FLUX.1-dev's guidance scale is an input, in every pass
+            true_cfg = self.options.true_cfg
+            if true_cfg != 1.0:  # the negative's pass batched beside the prompt's
+                x, t = torch.cat([x, x]), torch.cat([t, t])
+                kwargs = self.text.guided_kwargs(cond)
+            else:
+                kwargs = self.text.unet_kwargs(cond)
             if self.guidance_input:
                 kwargs["guidance"] = torch.full((len(t),), guidance, device=t.device)
-            return self._denoise(net, x.to(self.dtype), t, kwargs)
+            out = self._denoise(net, x.to(self.dtype), t, kwargs)
+            if true_cfg == 1.0:
+                return out
+            uncond, c = out.chunk(2)
+            return uncond + true_cfg * (c - uncond)
         if guidance == 1.0:
             return self._denoise(net, x.to(self.dtype), t, self.text.unet_kwargs(cond))
         # both halves of classifier-free guidance in one batched pass

@@ -228,6 +228,20 @@ def test_sample_renders_a_flux_run_with_the_flux_pipeline(parts, trained, tmp_pa
     assert main(argv) == 0 and grid.stat().st_size > 200
     # the run's 4 steps, guidance 3 and 16 px, no negative prompt; reference and fine-tuned
     assert calls == [(4, 3.0, SIDE, False)] * 4
+    # a run with true CFG renders with the pipeline's: its scale and the run's negative
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    shutil.copy(trained / "final" / "pytorch_lora_weights.safetensors", run / "final")
+    doc = json.loads((trained / "config.json").read_text())
+    doc["train"]["task_params"] |= {"true_cfg": 2.5, "negative_prompt": "blurry"}
+    (run / "config.json").write_text(json.dumps(doc))
+    calls.clear()
+    monkeypatch.setattr(FluxPipeline, "__call__", lambda pipe, prompt, **kw: (
+        calls.append((kw.get("true_cfg_scale"), kw.get("negative_prompt")))
+        or real_call(pipe, prompt, **kw)))  # fmt: skip
+    argv[argv.index("--lora") + 1] = str(run / "final")
+    assert main(argv) == 0
+    assert calls == [(2.5, "blurry")] * 4
 
 
 def _copy(parts, tmp_path, name="flux"):
@@ -268,7 +282,7 @@ def test_model_picks_the_family_and_errors_are_one_line(parts, tmp_path, capsys)
     argv = ["train", "--task", "sd", "--model", str(parts / "schnell"), *dry]
     assert main(argv) == 2  # schnell at the default guidance 5
     err = capsys.readouterr().err.strip()
-    assert "has no guidance embedding (schnell) and sqdf runs no true CFG; set guidance=1" in err
+    assert "has no guidance embedding (schnell); set guidance=1 (true_cfg > 1 adds a" in err
     assert len(err.splitlines()) == 1
 
 
@@ -281,7 +295,9 @@ def test_model_picks_the_family_and_errors_are_one_line(parts, tmp_path, capsys)
         ({"task_params": {"lcm": "."}}, "holds no diffusers model (no config.json); a consistency "
          "model for FLUX.1 is a FluxTransformer2DModel folder"),
         ({"task_params": {"finetune": "full"}}, "FLUX.1 trains a LoRA only"),
-        ({"task_params": {"negative_prompt": "blurry"}}, "FLUX.1 runs no negative pass"),
+        ({"task_params": {"negative_prompt": "blurry"}}, "FLUX.1 runs a negative pass only "
+         "with true CFG (its guidance is distilled into the transformer); set true_cfg > 1"),
+        ({"task_params": {"true_cfg": 0.5}}, "sd true_cfg must be >= 1 (1 is none), got 0.5"),
     ],
 )  # fmt: skip
 def test_settings_that_do_not_apply_to_flux_are_refused(parts, over, expected):
@@ -366,5 +382,37 @@ def test_a_schnell_style_transformer_is_the_consistency_estimator(parts, tmp_pat
 def test_a_prompts_file_with_negatives_is_refused(parts, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\tblurry\n")
-    with pytest.raises(ConfigError, match="a line sets a negative prompt, and FLUX.1 runs no"):
+    with pytest.raises(ConfigError, match="a line sets a negative prompt, and FLUX.1 runs a "
+                                          "negative pass only with true CFG"):  # fmt: skip
         build_task(config(parts, task_params={"prompts": str(prompts)}))
+    # with true CFG the line's negative is its pass's
+    task = build_task(config(parts, task_params={"prompts": str(prompts), "true_cfg": 2.0}))
+    assert task.negatives == ["", "blurry"]
+
+
+@pytest.mark.parametrize("negative", ["blurry", ""])
+def test_true_cfg_is_the_pipelines_negative_pass(parts, negative):
+    task = build_task(config(parts, task_params={"true_cfg": 4.0, "negative_prompt": negative}))
+    pipe = pipeline(parts)
+    x = torch.randn((2, *task.sample_shape), generator=torch.Generator().manual_seed(4))
+    k, cond = torch.tensor([1, 3]), torch.tensor([0, 2])
+    sigma = task.kernel.model_time(k)
+    pos, pooled = pipe.encode_prompt(task.prompts_of(cond), None, device="cpu")[:2]
+    # the pipeline encodes "" as the empty prompt's pass (any string negative runs true CFG)
+    neg, neg_pooled = pipe.encode_prompt([negative] * 2, None, device="cpu")[:2]
+    g = task.options.guidance  # FLUX.1-dev's guidance input, in both passes
+    c = pipeline_velocity(pipe, x, sigma, pos, pooled, guidance=g)
+    u = pipeline_velocity(pipe, x, sigma, neg, neg_pooled, guidance=g)
+    with torch.no_grad():
+        ours = task.model_output(x, sigma, cond, policy=False)
+    torch.testing.assert_close(ours, u + 4.0 * (c - u), rtol=1e-4, atol=1e-4)
+
+
+def test_true_cfg_on_a_unet_family_is_refused(tmp_path):
+    from sqdf.tasks.sd import SDConfig
+
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(ConfigError, match="sd true_cfg is FLUX.1's negative pass; SD 1.x/2.x runs"):
+        SDConfig(model=str(tmp_path), true_cfg=2.0)
