@@ -101,9 +101,9 @@ def every_method_runs_through_compare(base: dict[str, Any], tmp_path: Path) -> N
     assert all(runs[m]["updates"] == 1 for m in METHODS)
 
 
-def checkpointing_keeps_the_gradient(config_of: Any) -> None:
-    """The SQDF loss's LoRA gradient on a transformer family with and without gradient
-    checkpointing (``config_of(checkpointing) -> TrainConfig``): the same."""
+def checkpointing_keeps_the_gradient(config_of: Any, steps: tuple[int, int] = (0, 2)) -> None:
+    """The SQDF loss's LoRA gradient on an sd run with and without gradient checkpointing
+    (``config_of(checkpointing) -> TrainConfig``), on the cells of ``steps``: the same."""
     import torch
 
     from sqdf.buffer import Cells
@@ -121,7 +121,7 @@ def checkpointing_keeps_the_gradient(config_of: Any) -> None:
                 if ".default." in name and "lora_B" in name:
                     p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
         traj = sample_trajectories(task, 2, torch.Generator().manual_seed(1))
-        k, rows = torch.tensor([0, 2]), torch.arange(2)
+        k, rows = torch.tensor(steps), torch.arange(2)
         cells = Cells(x_t=traj.states[rows, k], x_next=traj.states[rows, k + 1], step=k,
                       cond=traj.cond, reward=torch.zeros(2), index=rows)  # fmt: skip
         loss, _ = METHODS["sqdf"].loss(task, cells, cfg, build_method_params("sqdf", {}),

@@ -28,6 +28,7 @@ from sqdf.tasks.sd_random import (
 )
 from sqdf.trainer import train
 from tests.tasks.sd_runs import (
+    checkpointing_keeps_the_gradient,
     readme_block,
     run_readme_lines,
     sd_config,
@@ -331,35 +332,13 @@ def test_cli_train_eval_and_render_with_the_lora(parts, tmp_path, capsys, monkey
 
 @pytest.mark.parametrize("estimator", ["tweedie", "consistency"])
 def test_checkpointing_gives_the_same_gradient_with_adapters_switched_in_the_loss(parts, estimator):
-    from sqdf.buffer import Cells
-    from sqdf.methods import METHODS, build_method_params
-    from sqdf.sampler import sample_trajectories
-
     lcm = {"lcm": str(parts / "lcm_lora") + "/pytorch_lora_weights.safetensors"}
-    grads = []
-    for checkpointing in (False, True):
-        cfg = config(parts, estimator=estimator,
-                     task_params={**lcm, "gradient_checkpointing": checkpointing})  # fmt: skip
-        torch.manual_seed(0)
-        task = build_task(cfg)
-        with torch.no_grad():
-            for name, p in task.unet.named_parameters():
-                if ".default." in name and "lora_B" in name:
-                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-        traj = sample_trajectories(task, 2, torch.Generator().manual_seed(1))
-        k = torch.tensor([0, 1])
-        rows = torch.arange(2)
-        cells = Cells(x_t=traj.states[rows, k], x_next=traj.states[rows, k + 1], step=k,
-                      cond=traj.cond, reward=torch.zeros(2), index=rows)  # fmt: skip
-        loss, _ = METHODS["sqdf"].loss(task, cells, cfg, build_method_params("sqdf", {}),
-                                       torch.Generator().manual_seed(2))  # fmt: skip
-        loss.backward()
-        grads.append(
-            {n: p.grad.clone() for n, p in task.unet.named_parameters() if p.grad is not None}
-        )
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+    checkpointing_keeps_the_gradient(
+        lambda on: config(
+            parts, estimator=estimator, task_params={**lcm, "gradient_checkpointing": on}
+        ),
+        steps=(0, 1),
+    )
 
 
 def test_readme_sd_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
