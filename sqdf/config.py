@@ -22,6 +22,7 @@ ROLLOUTS = ("full", "truncated")
 BUFFER_STRATEGIES = ("uniform", "on_policy", "prioritized")
 BUFFER_STORES = ("memory", "disk")
 BUFFER_DTYPES = ("float32", "bfloat16", "float16", "auto")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -67,7 +68,17 @@ class TrainConfig:
     steps: int = _f(300, "optimizer updates")
     batch_size: int = _f(128, "trajectories per fresh batch, and cells per micro-batch")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer update")
-    lr: float = _f(1e-3, "AdamW learning rate")
+    lr: float = _f(1e-3, "AdamW learning rate (the peak, under a schedule)")
+    lr_schedule: str = _f(
+        "constant",
+        "learning rate after the warm-up: constant, or a cosine or linear decay from lr to "
+        "lr_min over the rest of the run's steps; a function of the update's index alone, so "
+        "a resumed run follows it exactly (a decaying one cannot change steps on resume)",
+    )
+    lr_warmup: int = _f(0, "updates of linear learning-rate warm-up from 0 to lr")
+    lr_min: float = _f(
+        0.0, "the learning rate (absolute, not a fraction of lr) a cosine or linear decay ends at"
+    )
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clip (0 disables)")
     buffer: str = _f("uniform", "replay strategy: uniform, on_policy or prioritized")
@@ -181,6 +192,23 @@ class TrainConfig:
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(
+            self.lr_schedule in LR_SCHEDULES,
+            f"unknown lr_schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}",
+        )
+        need(
+            0 <= self.lr_warmup < self.steps,
+            f"lr_warmup must be in [0, steps), got {self.lr_warmup} (steps {self.steps})",
+        )
+        need(
+            0 <= self.lr_min < self.lr,
+            f"lr_min must be in [0, lr) = [0, {self.lr:g}), got {self.lr_min}",
+        )
+        need(
+            self.lr_min == 0 or self.lr_schedule != "constant",
+            f"lr_min is the end of a cosine or linear lr_schedule; constant has none, got "
+            f"lr_min {self.lr_min}",
+        )
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")

@@ -74,6 +74,12 @@ def prepare_run(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig | None
                     f"cannot resume {run}: {key} is {getattr(saved, key)!r} there, "
                     f"{value!r} now (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
                 )
+        if saved.lr_schedule != "constant" and cfg.steps != saved.steps:
+            raise SqdfError(
+                f"cannot resume {run} to steps {cfg.steps}: its lr_schedule {saved.lr_schedule} "
+                f"decays over its {saved.steps} steps, and another length would change the "
+                f"rate of every update left; resume it with steps {saved.steps}"
+            )
         return saved
     if run.exists() and any(run.iterdir()):
         raise SqdfError(

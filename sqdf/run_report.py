@@ -59,7 +59,8 @@ def what_ran(run: Path, config: dict[str, Any]) -> str:
     """The run's main settings as given, and how far it got."""
     train, resolved = config["train"], config.get("resolved", {})
     keys = ["task", "method", "alpha", "gamma", "estimator", "buffer", "buffer_size", "steps",
-            "batch_size", "grad_accum", "num_steps", "lr", "seed", "ema_decay"]  # fmt: skip
+            "batch_size", "grad_accum", "num_steps", "lr", "lr_schedule", "seed",
+            "ema_decay"]  # fmt: skip
     rows = [(k, train[k]) for k in keys if k in train]
     rows.insert(2, ("reward", resolved.get("reward") or train.get("reward")))
     for key, value in resolved.get("task_params", {}).items():

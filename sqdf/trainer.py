@@ -249,10 +249,39 @@ def use_fused(params: list[torch.nn.Parameter]) -> bool:
 def make_optimizer(
     params: list[torch.nn.Parameter], cfg: TrainConfig, *, fused: bool = False
 ) -> torch.optim.AdamW:
-    """AdamW at a constant learning rate: no LR schedule whose state would need saving."""
+    """AdamW at ``cfg.lr``; ``train`` sets each update's rate from ``scheduled_lr``, so no
+    scheduler state needs saving."""
     return torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if fused else None
     )
+
+
+def scheduled_lr(cfg: TrainConfig, update: int) -> float:
+    """The learning rate of update ``update`` (counted from 0) of a ``cfg.steps``-update run.
+
+    With w = lr_warmup and progress p = (update - w) / (steps - w) in [0, 1]:
+    warm-up lr * update / w while update < w (as diffusers' and transformers' schedules,
+    whose first warm-up update is made at 0), then lr_min + (lr - lr_min) * s(p) with
+    s = 1 (constant, which has no lr_min), (1 + cos(pi p)) / 2 (cosine) or 1 - p (linear);
+    p = 1, after the last update, is lr_min.
+    """
+    w, total = cfg.lr_warmup, cfg.steps
+    if update < w:
+        return cfg.lr * update / w
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    p = min((update - w) / (total - w), 1.0)  # config: w < steps
+    shape = (1 + math.cos(math.pi * p)) / 2 if cfg.lr_schedule == "cosine" else 1 - p
+    return cfg.lr_min + (cfg.lr - cfg.lr_min) * shape
+
+
+def set_learning_rate(s: TrainingRun, update: int) -> None:
+    """Every parameter group at update ``update``'s scheduled rate, before its step: a pure
+    function of the update, so a resumed run (whose optimizer state holds the rate of the
+    checkpoint's last update) continues the schedule exactly. A skipped update keeps its place."""
+    lr = scheduled_lr(s.cfg, update)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
 
 
 def check_fsdp(task: Task, cfg: TrainConfig) -> None:
@@ -376,6 +405,7 @@ def train(
     step = s.start
     try:
         for step in bar:
+            set_learning_rate(s, step)
             fresh = sample_fresh(s, step)
             grads = accumulate_gradients(s, fresh)
             tally = count_update(s, fresh, grads)

@@ -100,3 +100,91 @@ def test_resume_with_another_log_every_keeps_the_rows_logged_so_far(tiny_config,
     run = train(cfg, tmp_path / "run", progress=False)
     train(dataclasses.replace(cfg, steps=6, log_every=2), run, resume=True, progress=False)
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 6]
+
+
+def _diffusers_rates(make, steps: int, lr: float, **kw) -> list[float]:
+    """The rate of each of ``steps`` optimizer steps under a diffusers scheduler."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = make(optimizer, **kw)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_lr_schedules_are_diffusers_own_with_their_closed_form_values(tiny_config):
+    from diffusers.optimization import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_polynomial_decay_schedule_with_warmup,
+    )
+
+    from sqdf.trainer import scheduled_lr
+
+    lr, w, T = 1e-3, 4, 20
+
+    def rates(schedule: str, lr_min: float = 0.0) -> list[float]:
+        cfg = dataclasses.replace(tiny_config, steps=T, lr=lr, lr_schedule=schedule,
+                                  lr_warmup=w, lr_min=lr_min)  # fmt: skip
+        return [scheduled_lr(cfg, u) for u in range(T + 1)]
+
+    cosine, linear, constant = rates("cosine"), rates("linear", 1e-4), rates("constant")
+    assert cosine[:T] == pytest.approx(_diffusers_rates(
+        get_cosine_schedule_with_warmup, T, lr, num_warmup_steps=w, num_training_steps=T
+    ), rel=1e-12)  # fmt: skip
+    assert linear[:T] == pytest.approx(_diffusers_rates(
+        get_polynomial_decay_schedule_with_warmup, T, lr, num_warmup_steps=w,
+        num_training_steps=T, lr_end=1e-4, power=1.0,
+    ), rel=1e-12)  # fmt: skip
+    assert constant[:T] == pytest.approx(_diffusers_rates(
+        get_constant_schedule_with_warmup, T, lr, num_warmup_steps=w
+    ), rel=1e-12)  # fmt: skip
+    # warm-up from 0 to lr, linear in between
+    for r in (cosine, linear, constant):
+        assert r[0] == 0.0 and r[w // 2] == pytest.approx(lr / 2) and r[w] == pytest.approx(lr)
+    floored = rates("cosine", 2e-4)
+    mid = w + (T - w) // 2
+    assert floored[mid] == pytest.approx((lr + 2e-4) / 2)  # cos(pi/2) = 0
+    assert floored[T] == pytest.approx(2e-4) and linear[T] == pytest.approx(1e-4)
+    assert linear[mid] == pytest.approx((lr + 1e-4) / 2)
+    assert constant[T] == lr
+    # without warm-up the first update is made at the full rate
+    assert scheduled_lr(dataclasses.replace(tiny_config, lr_schedule="cosine"), 0) == tiny_config.lr
+
+
+def test_a_cosine_run_interrupted_and_resumed_gives_the_uninterrupted_result(
+    tiny_config, tmp_path, monkeypatch
+):
+    import sqdf.trainer as trainer
+    from sqdf.trainer import scheduled_lr
+
+    cfg = dataclasses.replace(tiny_config, lr=1e-2, lr_schedule="cosine", lr_warmup=2,
+                              lr_min=1e-3, log_every=1, checkpoint_every=3)  # fmt: skip
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    # killed after update 5 is logged: updates 4 and 5, past the checkpoint at 3, are lost
+    log_update = trainer.log_update
+
+    def log_then_die(s, done, *args):
+        row = log_update(s, done, *args)
+        if done == 5:
+            raise RuntimeError("killed")
+        return row
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "log_update", log_then_die)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(cfg, tmp_path / "resumed", progress=False)
+    resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    ws, wr = (load_file(str(r / "final" / "policy.safetensors")) for r in (straight, resumed))
+    assert all(torch.equal(ws[k], wr[k]) for k in ws)
+    rows_s, rows_r = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in rows_r] == [r["step"] for r in rows_s] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows_r] == [r["loss"] for r in rows_s]
+    # the row of update n (counted from 1) has the rate it was made at
+    want = [scheduled_lr(cfg, r["step"] - 1) for r in rows_s]
+    assert [r["lr"] for r in rows_s] == [r["lr"] for r in rows_r] == pytest.approx(want)
+    assert want[0] == 0.0 and want[2] == pytest.approx(cfg.lr) and want[3] > want[5] > cfg.lr_min
+    with pytest.raises(SqdfError, match="lr_schedule cosine decays over its 6 steps"):
+        train(dataclasses.replace(cfg, steps=8), resumed, resume=True, progress=False)

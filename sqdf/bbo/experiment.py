@@ -13,7 +13,7 @@ from typing import Any
 
 from sqdf.atomic import atomic_write_text
 from sqdf.bbo.config import BboConfig
-from sqdf.bbo.loop import BBO_METHODS, run_method
+from sqdf.bbo.loop import BBO_METHODS, check_constant_lr, run_method
 from sqdf.bbo.oracle import user_oracle
 from sqdf.config import TrainConfig
 from sqdf.distributed import Processes
@@ -58,6 +58,7 @@ def run_bbo(
         )
     if seeds < 1:
         raise SqdfError(f"seeds must be >= 1, got {seeds}")
+    check_constant_lr(base)  # before the folder is made
     if bbo.oracle != "task":
         user_oracle(bbo.oracle, bbo.oracle_params)  # a bad name fails before a folder exists
     procs = Processes(base.device)

@@ -127,6 +127,16 @@ def round_config(base: TrainConfig, method: str, bbo: BboConfig, seed: int) -> T
     return make_config(values, source=f"bbo method {method}")
 
 
+def check_constant_lr(base: TrainConfig) -> None:
+    """Each round is a ``train`` call of its own, which would restart a schedule."""
+    if base.lr_schedule != "constant" or base.lr_warmup > 0:
+        raise ConfigError(
+            "sqdf bbo fine-tunes every round at a constant lr (each round is a run of its own, "
+            "which would restart a schedule): set lr_schedule constant and lr_warmup 0, not "
+            f"{base.lr_schedule} and {base.lr_warmup}"
+        )
+
+
 def build_oracle(bbo: BboConfig, cfg: TrainConfig, task: Task, used: int) -> Oracle:
     if bbo.oracle == "task":
         name = resolved_reward_name(cfg)
@@ -150,6 +160,7 @@ def run_method(
     """Run (or, with ``resume``, continue) one method on one seed in folder ``run``; returns
     the per-round metrics, also in ``run/rounds.jsonl``."""
     spec = BBO_METHODS[method]
+    check_constant_lr(base)
     cfg = round_config(base, method, bbo, seed)
     check_installed(parse_log_with(cfg.log_with))  # before a model is loaded
     if cfg.ema_decay > 0:
