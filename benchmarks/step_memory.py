@@ -4,9 +4,11 @@ update that holds activations (sampling runs without gradients), so its peak is 
     python benchmarks/step_memory.py --preset sd15 --parts /tmp/sd15 --resolution 512
     python benchmarks/step_memory.py --preset sd15 --task-param dtype=bfloat16   # on a GPU
     python benchmarks/step_memory.py --preset sdxl --parts /tmp/sdxl --batch-size 2   # 1024 px
+    python benchmarks/step_memory.py --preset fluxdev --parts /tmp/fluxdev --resolution 512
 
 Builds the sd task on random-initialised parts of the real classes (the settings of
-``update_speed.py``: CFG 5, LCM UNet x̂0 (an LCM-LoRA on SDXL), CLIP + aesthetic head,
+``update_speed.py``: CFG 5, LCM UNet x̂0 (an LCM-LoRA on SDXL; Tweedie's on SD 3.5 and
+FLUX.1, whose guidance 5 is an input), CLIP + aesthetic head,
 gradient checkpointing on, the family's native resolution),
 draws ``--batch-size`` random latents as the states before step ``--step`` (0: the first and
 noisiest, where the LCM estimator runs; the last step needs none), and times the SQDF loss

@@ -64,7 +64,7 @@ DIGITS = {"task": "digits", "reward": "ink", "alpha": 0.1, "gamma": 0.9,
 
 
 # each family's native size; the tiny ones 16
-RESOLUTIONS = {"sd15": 512, "sdxl": 1024, "sd35m": 1024}
+RESOLUTIONS = {"sd15": 512, "sdxl": 1024, "sd35m": 1024, "fluxdev": 1024}
 
 
 def base_config(task: str, preset: str, parts: Path, batch_size: int = SD_BATCH) -> dict:
@@ -73,7 +73,9 @@ def base_config(task: str, preset: str, parts: Path, batch_size: int = SD_BATCH)
     from sqdf.tasks.sd_random import write_parts
 
     paths = write_parts(parts, preset)
-    # SD 3/3.5 has no consistency model here: Tweedie's x̂0 (the flow's x_t - t v)
+    # SD 3/3.5 and FLUX.1 have no consistency model here: Tweedie's x̂0 (the flow's x_t - t v);
+    # FLUX.1-dev takes the guidance scale as an input (one pass, no negative) where the
+    # others run CFG's two
     lcm = {"lcm": paths["lcm"]} if "lcm" in paths else {}
     return {
         "task": "sd", "reward": "aesthetic", "alpha": 0.1, "gamma": 0.9,

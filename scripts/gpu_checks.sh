@@ -25,6 +25,15 @@
 #           transformer in bf16, CLIP-L/G, no T5; Tweedie's x̂0): one gradient step's peak
 #           memory at batch 4 x 512 px, then s/update of the reference design and replay4
 #           (issue 20's table). Only when named, like sdxl
+#   flux    FLUX.1-dev size on the flow kernel (random parts: its 11.9 B-parameter transformer
+#           in bf16, CLIP-L, a T5 of T5-XXL's width with 2 of its 24 layers, as prompts are
+#           encoded once and the encoders let go; Tweedie's x̂0; the guidance scale an input,
+#           one pass per step): one gradient step's peak memory at batch 4 x 512 px and batch
+#           1 x 1024 px, then s/update of the reference design and replay4 at batch 4 x 512 px
+#           (s/update at 1024 px is left out: by estimate it would not fit the same call).
+#           Only when named, like sdxl. The parts (~27 GB in /tmp/fluxdev) are initialised on
+#           the GPU, then written (estimated 1-3 minutes, not timed); a warm machine that
+#           still holds /tmp/sdxl and /tmp/sd35m has little of its 64 GiB disk left for them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -35,7 +44,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(sd15 tests knobs)  # sdxl, flow: only when asked (minutes of writing parts)
+[ ${#stages[@]} -eq 0 ] && stages=(sd15 tests knobs)  # sdxl, flow, flux: only when asked (minutes of writing parts)
 for stage in "${stages[@]}"; do
     case $stage in
     tests)
@@ -80,6 +89,17 @@ for stage in "${stages[@]}"; do
             --batch-size 4 --task-param resolution=512 --designs reference,replay4 \
             --updates 5 --eval-samples 0 --out "$OUT/sd35m-speed-b4-512px.json"
         ;;
-    *) echo "unknown stage $stage (tests, sd15, knobs, sdxl, flow)" >&2; exit 2 ;;
+    flux)
+        python3 -c "from sqdf.tasks.sd_random import write_parts; write_parts('/tmp/fluxdev', 'fluxdev')"
+        for size in "4 512" "1 1024"; do
+            set -- $size
+            python3 benchmarks/step_memory.py --preset fluxdev --parts /tmp/fluxdev \
+                --batch-size "$1" --resolution "$2" --out "$OUT/fluxdev-step-b$1-$2px.json"
+        done
+        python3 benchmarks/update_speed.py --task sd --preset fluxdev --parts /tmp/fluxdev \
+            --batch-size 4 --task-param resolution=512 --designs reference,replay4 \
+            --updates 5 --eval-samples 0 --out "$OUT/fluxdev-speed-b4-512px.json"
+        ;;
+    *) echo "unknown stage $stage (tests, sd15, knobs, sdxl, flow, flux)" >&2; exit 2 ;;
     esac
 done

@@ -85,6 +85,57 @@ def test_the_flow_stage_runs_on_tiny_sd3_parts(tmp_path):
     assert [r["design"] for r in results] == ["reference", "replay4"]
 
 
+def test_the_flux_stage_runs_on_tiny_flux_parts(tmp_path):
+    """gpu_checks.sh's flux stage, on the tiny FLUX.1-dev-like parts: the packed transformer
+    with its guidance input, the flow kernel and Tweedie's x̂0 through both benchmarks, at
+    two (batch, side) sizes as the stage's two."""
+    parts = str(tmp_path / "parts")
+    step = load("step_memory")
+    for batch, side in (2, 16), (1, 32):
+        out = tmp_path / f"step-b{batch}-{side}px.json"
+        argv = ["--preset", "tiny-flux", "--parts", parts, "--batch-size", str(batch),
+                "--resolution", str(side), "--out", str(out)]  # fmt: skip
+        assert step.main(argv) == 0
+        doc = json.loads(out.read_text())
+        assert doc["loss_finite"] and doc["task_params"]["resolution"] == side
+    speed = load("update_speed")
+    argv = ["--task", "sd", "--preset", "tiny-flux", "--parts", parts, "--batch-size", "2",
+            "--designs", "reference,replay4", "--updates", "5", "--num-steps", "4",
+            "--eval-samples", "0", "--out", str(tmp_path / "speed.json")]  # fmt: skip
+    assert speed.main(argv) == 0
+    results = json.loads((tmp_path / "speed.json").read_text())["results"]
+    assert [r["design"] for r in results] == ["reference", "replay4"]
+
+
+def test_the_fluxdev_preset_has_flux1_dev_sizes():
+    """The flux stage's parts, built on the meta device (shapes, no storage): FLUX.1-dev's
+    11.9 B-parameter transformer in bfloat16, reading T5's 4096-wide states, CLIP-L's pooled
+    768 and the VAE's 16 channels packed 2x2; the shallow T5 at T5-XXL's width and layer shape."""
+    import torch
+
+    from sqdf.tasks.sd_random import FLUX_PRESETS, PRESETS, fluxdev_parts
+
+    assert "fluxdev" in FLUX_PRESETS and "fluxdev" in PRESETS
+    parts = dict(fluxdev_parts(torch.device("meta")))
+    assert list(parts) == ["transformer", "text_encoder_2", "text_encoder", "vae"]
+    net, t5, clip, vae = parts.values()
+    weights = list(net.parameters())
+    assert {p.device.type for p in weights} == {"meta"}
+    assert {p.dtype for p in weights} == {torch.bfloat16}
+    assert sum(p.numel() for p in weights) == pytest.approx(11.9e9, rel=2e-3)  # FLUX.1-dev's
+    assert len(net.transformer_blocks) == 19 and len(net.single_transformer_blocks) == 38
+    assert net.config.guidance_embeds
+    assert sum(net.config.axes_dims_rope) == net.config.attention_head_dim == 128
+    assert net.config.joint_attention_dim == t5.config.d_model == 4096
+    assert net.config.pooled_projection_dim == clip.config.hidden_size == 768
+    assert net.config.in_channels == 4 * vae.config.latent_channels == 64
+    assert vae.config.scaling_factor == 0.3611 and vae.config.shift_factor == 0.1159
+    # T5-XXL's layer: 64 heads of 64, a gated-GELU feed-forward of 10240; 2 of its 24 layers
+    assert (t5.config.num_heads, t5.config.d_kv, t5.config.d_ff) == (64, 64, 10240)
+    assert t5.config.num_layers == 2 and {p.dtype for p in t5.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # building in bf16 left no trace
+
+
 def test_step_memory_times_one_gradient_step(tmp_path, capsys):
     bench = load("step_memory")
     out = tmp_path / "step.json"

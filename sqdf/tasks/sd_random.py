@@ -1,9 +1,10 @@
 """Random-initialised Stable Diffusion parts of the real classes, written as diffusers and
-transformers folders: for tests (``tiny``, ``tiny-xl``; a tiny SD3 folder by
-:func:`write_random_sd3`, a tiny FLUX.1 folder by :func:`write_random_flux`) and for speed and
-memory checks at full size (``sd15``: the SD 1.5 UNet/VAE/text encoder; ``sdxl``: the SDXL base
-UNet, VAE and both text encoders; either with a CLIP ViT-L/14 reward). Nothing is downloaded;
-the weights mean nothing, the shapes and the code paths are the real ones.
+transformers folders: for tests (``tiny``, ``tiny-xl``, ``tiny-sd3`` by :func:`write_random_sd3`,
+``tiny-flux`` by :func:`write_random_flux`) and for speed and memory checks at full size
+(``sd15``: the SD 1.5 UNet/VAE/text encoder; ``sdxl``: the SDXL base UNet, VAE and both text
+encoders; ``sd35m``: SD 3.5 Medium's transformer, VAE and CLIPs; ``fluxdev``: FLUX.1-dev's
+transformer, VAE, CLIP-L and a shallow T5 of T5-XXL's width; each with a CLIP ViT-L/14 reward).
+Nothing is downloaded; the weights mean nothing, the shapes and the code paths are the real ones.
 
 The CLIP tokenizer is a byte-level one with no merges (every character a token): a real
 CLIPTokenizer, small enough to write here. SD3's and FLUX's T5 tokenizer is a real T5 tokenizer (the
@@ -13,6 +14,8 @@ tokenizers-backed class) over a Unigram vocabulary of single characters, built i
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,10 @@ import torch
 
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD
 
-PRESETS = ("tiny", "sd15", "tiny-xl", "sdxl", "tiny-sd3", "sd35m")
+PRESETS = ("tiny", "sd15", "tiny-xl", "sdxl", "tiny-sd3", "sd35m", "tiny-flux", "fluxdev")
 XL_PRESETS = ("tiny-xl", "sdxl")
 SD3_PRESETS = ("tiny-sd3", "sd35m")  # write_random_sd3: tiny, or SD 3.5 Medium's sizes
+FLUX_PRESETS = ("tiny-flux", "fluxdev")  # write_random_flux: tiny, or FLUX.1-dev's sizes
 
 
 def _byte_chars() -> list[str]:
@@ -122,7 +126,7 @@ def write_random_sd(folder: str | Path, preset: str = "tiny", *, seed: int = 0) 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if preset not in PRESETS or preset in SD3_PRESETS:
+    if preset not in PRESETS[:4]:
         raise ValueError(f"preset must be one of {PRESETS[:4]}, got {preset!r}")
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -405,43 +409,115 @@ FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_
                       base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
 
 
-def write_random_flux(folder: str | Path, *, guidance_embeds: bool = True, seed: int = 0) -> Path:
+# FLUX.1-dev's transformer/config.json: 19 double-stream and 38 single-stream blocks of 24
+# heads of 128, 11.9 B parameters (FLUX.1 schnell's is the same without guidance_embeds)
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+# FLUX.1-dev's text_encoder_2 is T5-XXL (24 layers, 4.7 B parameters, 9.5 GB in bf16); the
+# preset's has its vocabulary, width and layer shape but 2 of its layers. The transformer
+# only reads 4096-wide states, and the sd task encodes the prompts once and lets the encoders
+# go before training, so a gradient step's memory and an update's time do not include T5;
+# all 24 layers would only lengthen writing and loading the parts (and, held beside the
+# transformer while prompts are encoded, could put the CUDA peak there instead of the step)
+FLUX_DEV_T5 = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=2,
+                   num_heads=64, feed_forward_proj="gated-gelu")  # fmt: skip
+
+
+def write_random_flux(
+    folder: str | Path, *, guidance_embeds: bool = True, seed: int = 0, preset: str = "tiny-flux"
+) -> Path:
     """A tiny FluxPipeline folder: a FluxTransformer2DModel (one double-stream and one
     single-stream block; with ``guidance_embeds`` a guidance-distilled one as FLUX.1-dev, else
     as FLUX.1 schnell), 16-channel latents packed into its 64 input channels, CLIP-L (the
     CLIPTextModel whose pooled output FLUX takes), T5 with a real T5 tokenizer, the VAE with
-    FLUX's scaling and shift factors and FLUX's FlowMatchEulerDiscreteScheduler."""
+    FLUX's scaling and shift factors and FLUX's FlowMatchEulerDiscreteScheduler. With
+    ``preset`` "fluxdev": FLUX.1-dev's sizes (:func:`fluxdev_parts`), for the GPU benchmarks."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+    if preset not in FLUX_PRESETS:
+        raise ValueError(f"preset must be one of {FLUX_PRESETS}, got {preset!r}")
     folder = Path(folder)
     torch.manual_seed(seed)
     vocab = _write_tokenizer(folder / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(**_text_config("tiny", vocab))).save_pretrained(
-        str(folder / "text_encoder")
-    )
-    t5_width = 48
-    vocab = _write_t5_tokenizer(folder / "tokenizer_2")
-    config = T5Config(vocab_size=vocab, d_model=t5_width, d_kv=8, d_ff=37, num_layers=2,
-                      num_heads=4, feed_forward_proj="gated-gelu")  # fmt: skip
-    T5EncoderModel(config).save_pretrained(str(folder / "text_encoder_2"))
-    FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=t5_width, pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
-    ).save_pretrained(str(folder / "transformer"))  # fmt: skip
-    AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=16, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159,
-    ).save_pretrained(str(folder / "vae"))  # fmt: skip
+    t5_vocab = _write_t5_tokenizer(folder / "tokenizer_2")
+    if preset == "fluxdev":
+        # the weights are created where they will run, in bf16: a GPU initialises 12 B
+        # parameters in seconds; a CPU needs 24 GB of memory for them
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        for sub, model in fluxdev_parts(device, guidance_embeds=guidance_embeds):
+            model.save_pretrained(str(folder / sub))
+    else:
+        CLIPTextModel(CLIPTextConfig(**_text_config("tiny", vocab))).save_pretrained(
+            str(folder / "text_encoder")
+        )
+        t5_width = 48
+        config = T5Config(vocab_size=t5_vocab, d_model=t5_width, d_kv=8, d_ff=37, num_layers=2,
+                          num_heads=4, feed_forward_proj="gated-gelu")  # fmt: skip
+        T5EncoderModel(config).save_pretrained(str(folder / "text_encoder_2"))
+        FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=t5_width,
+            pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+        ).save_pretrained(str(folder / "transformer"))  # fmt: skip
+        AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16,
+            use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+            shift_factor=0.1159,
+        ).save_pretrained(str(folder / "vae"))  # fmt: skip
     FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER).save_pretrained(str(folder / "scheduler"))
     (folder / "model_index.json").write_text(json.dumps(FLUX_INDEX))
     return folder
 
 
-CLIP_DIMS = {"tiny": 16, "sd15": 768, "tiny-xl": 16, "sdxl": 768, "tiny-sd3": 16, "sd35m": 768}
+@contextmanager
+def _created_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside create their weights on ``device`` in ``dtype`` directly (no
+    float32 copy on the CPU first); on the meta device, shapes without storage."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def fluxdev_parts(
+    device: torch.device, *, guidance_embeds: bool = True
+) -> Iterator[tuple[str, Any]]:
+    """FLUX.1-dev's networks, one at a time, as (subfolder, random-initialised model) on
+    ``device``: the transformer (:data:`FLUX_DEV_TRANSFORMER`; without ``guidance_embeds``
+    FLUX.1 schnell's) and the shallow T5 (:data:`FLUX_DEV_T5`) created in bfloat16, CLIP-L and
+    the VAE (FLUX's: 16 latent channels, scaling 0.3611, shift 0.1159) in float32."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with _created_on(device, torch.bfloat16):
+        net = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER | {"guidance_embeds": guidance_embeds})
+    yield "transformer", net
+    with _created_on(device, torch.bfloat16):
+        t5 = T5EncoderModel(T5Config(**FLUX_DEV_T5))
+    yield "text_encoder_2", t5
+    with _created_on(device, torch.float32):
+        clip = CLIPTextModel(CLIPTextConfig(**_text_config("sd15", 0)))  # CLIP-L, 49408 tokens
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, use_quant_conv=False,
+            use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+        )  # fmt: skip
+    yield "text_encoder", clip
+    yield "vae", vae
+
+
+CLIP_DIMS = {"tiny": 16, "sd15": 768, "tiny-xl": 16, "sdxl": 768, "tiny-sd3": 16, "sd35m": 768,
+             "tiny-flux": 16, "fluxdev": 768}  # fmt: skip
 
 
 def write_parts(root: str | Path, preset: str = "tiny") -> dict[str, str]:
@@ -449,16 +525,20 @@ def write_parts(root: str | Path, preset: str = "tiny") -> dict[str, str]:
     model, a consistency model, a CLIP and an aesthetic head. Returns the task and reward
     params. The consistency model is an LCM UNet for the SD 1.5 presets and, for the SDXL
     ones, an LCM-LoRA (rank 64, as the public LCM-LoRA for SDXL): a second SDXL UNet would
-    double the largest weights in memory."""
+    double the largest weights in memory. The SD 3/3.5 and FLUX.1 presets have none (their
+    runs use Tweedie's x̂0)."""
     from sqdf.rewards.clip_rewards import convert_aesthetic_head
 
     root = Path(root)
     xl = preset in XL_PRESETS
     lcm = root / "lcm_lora" / "pytorch_lora_weights.safetensors" if xl else root / "lcm"
-    if preset in SD3_PRESETS:  # no consistency model for SD 3/3.5 (estimator tweedie)
+    if preset in SD3_PRESETS + FLUX_PRESETS:  # no consistency model (estimator tweedie)
         if not (root / "done").exists():
-            write_random_sd3(root / "sd", t5=False, preset=preset)
-            write_random_clip(root / "clip", "tiny" if preset == "tiny-sd3" else "sd15")
+            if preset in SD3_PRESETS:
+                write_random_sd3(root / "sd", t5=False, preset=preset)
+            else:
+                write_random_flux(root / "sd", preset=preset)
+            write_random_clip(root / "clip", "tiny" if preset.startswith("tiny") else "sd15")
             write_random_aesthetic_head(root / "head.pth", CLIP_DIMS[preset])
             convert_aesthetic_head(root / "head.pth", root / "head.safetensors")
             (root / "done").write_text("ok")
