@@ -1,0 +1,81 @@
+"""The Gaussian-step floor on the random mixtures of scripts/gmm_families.py: no training,
+the chain whose every step is a fixed-variance Gaussian chosen with the exact soft value
+(sqdf.gaussian_floor), measured against each mixture's exact target and the goal as the
+trained runs are.
+
+    .venv/bin/python scripts/gaussian_floor.py --out runs/results/gmm2d-families-floor \
+        --projections sqdf,first_order,moment --num-steps 50,200
+
+Projections: sqdf, the optimum of SQDF's per-step objective with the exact soft value (what
+a perfectly trained policy of fixed-variance Gaussian steps takes); first_order, its
+first-order step μ + (σ²/α) ∇V(μ); moment, the tilted step's mean. Writes OUT/summary.md,
+OUT/summary.json and OUT/families.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/gmm_families.py
+
+from gmm_families import distances, meets_goal, random_mixture, summary_markdown  # noqa: E402
+
+from sqdf.atomic import atomic_write_text  # noqa: E402
+from sqdf.gaussian_floor import PROJECTIONS, measure_gaussian_floor  # noqa: E402
+from sqdf.settings import make_config  # noqa: E402
+from sqdf.tasks import build_task  # noqa: E402
+
+SWEEP_KEY = "Gaussian step, sampling steps"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--families", type=int, default=4)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--rewards", default="linear,quadratic")
+    p.add_argument("--projections", default=",".join(PROJECTIONS))
+    p.add_argument("--num-steps", default="50,200")
+    p.add_argument("--samples", type=int, default=4096, help="as sqdf eval measures a run")
+    p.add_argument("--iters", type=int, default=4, help="fixed-point iterations (sqdf)")
+    p.add_argument("--points", type=int, default=5, help="Gauss-Hermite nodes a dimension")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    families = [random_mixture(1000 + i) for i in range(args.families)]
+    atomic_write_text(out / "families.json", json.dumps(families, indent=1))
+    rows = []
+    for num_steps in (int(v) for v in args.num_steps.split(",")):
+        for projection in args.projections.split(","):
+            for i, mixture in enumerate(families):
+                for reward in args.rewards.split(","):
+                    cfg = make_config({
+                        "task": "gmm2d", "reward": reward, "alpha": args.alpha, "gamma": 1.0,
+                        "estimator": "exact", "num_steps": num_steps, "task_params": mixture,
+                    }, source="gaussian_floor")  # fmt: skip
+                    task = build_task(cfg)
+                    for seed in range(args.seeds):
+                        run = measure_gaussian_floor(
+                            task, args.samples, seed, projection=projection,
+                            iters=args.iters, points=args.points,
+                        )  # fmt: skip
+                        d = distances(run)
+                        rows.append({
+                            "family": i, "modes": len(mixture["means"]), "reward": reward,
+                            "alpha": args.alpha, "value": f"{projection}, {num_steps}",
+                            "seed": seed, "kl_path": run["kl_path"],
+                            "fixed_point_change": run["fixed_point_change"], **d,
+                            "goal": meets_goal(d),
+                        })  # fmt: skip
+                    print(f"{projection} {num_steps} family{i} {reward} done", flush=True)
+            atomic_write_text(out / "summary.json", json.dumps(rows, indent=1))
+    atomic_write_text(out / "summary.md", summary_markdown(rows, SWEEP_KEY))
+    print(summary_markdown(rows, SWEEP_KEY))
+
+
+if __name__ == "__main__":
+    main()
