@@ -7,6 +7,16 @@ Per replayed cell (x_t, k):
 estimator "gaussian_posterior" the log-mean-exp of r over draws from the posterior's Gaussian).
 The reward gradient flows through the frozen x̂0 estimator into x_{t-1} and mean_θ; nothing
 is back-propagated through the rest of the chain, so memory is one step.
+
+With ``q_at = "reference_mean"`` the soft Q is taken to first order about the reference's
+step mean instead of at the drawn x_{t-1}:
+
+    Q(x_{t-1}) ≈ Q(mean_ref) + ∇Q(mean_ref) · (x_{t-1} - mean_ref)
+
+(value and gradient computed once, without the policy's graph), whose per-step optimum is the
+step mean_ref + (σ²/α) ∇Q(mean_ref): the first-order step of sqdf.core.gaussian_step. With the
+exact soft value on gmm2d it lands nearer the target than the optimum of the Q at x_{t-1}
+(docs/results.md, the Gaussian-step floor).
 """
 
 from __future__ import annotations
@@ -23,10 +33,20 @@ from sqdf.core.loss import soft_q_loss
 from sqdf.sampler import step_mean_std
 from sqdf.tasks.base import Task
 
+Q_POINTS = ("sample", "reference_mean")
+
 
 @dataclass
 class SqdfParams:
-    """SQDF's settings are the shared alpha, gamma, estimator and buffer of TrainConfig."""
+    """Where the soft Q is read: at the drawn x_{t-1} ("sample", the paper's) or to first
+    order about the reference's step mean ("reference_mean"); SQDF's other settings are the
+    shared alpha, gamma, estimator and buffer of TrainConfig."""
+
+    q_at: str = "sample"
+
+    def __post_init__(self) -> None:
+        if self.q_at not in Q_POINTS:
+            raise ValueError(f"q_at must be one of {', '.join(Q_POINTS)}, got {self.q_at!r}")
 
 
 def sqdf_loss(
@@ -39,7 +59,10 @@ def sqdf_loss(
         ref_mean, _ = step_mean_std(task, x_t, step, cond, policy=False)
     z = torch.randn(x_t.shape, generator=generator).to(dev)
     x_prev = mean + std * z
-    reward = task.soft_q(x_prev, step.to(dev), cond, generator)
+    if params.q_at == "reference_mean":
+        reward = linearised_q(task, ref_mean, x_prev, step.to(dev), cond, generator)
+    else:
+        reward = task.soft_q(x_prev, step.to(dev), cond, generator)
     kl = gaussian_kl(mean, ref_mean, std)
     T = task.kernel.num_steps
     loss = soft_q_loss(reward, kl, step.to(dev), T, cfg.gamma, cfg.alpha)
@@ -51,3 +74,23 @@ def sqdf_loss(
     stats = {"kl_mean": kl.mean().item(), "q_mean": reward.mean().item(),
              "reward_evals": float(evals)}  # fmt: skip
     return loss.mean(), stats
+
+
+def linearised_q(
+    task: Task,
+    anchor: Tensor,
+    x_prev: Tensor,
+    step: Tensor,
+    cond: Tensor,
+    generator: torch.Generator,
+) -> Tensor:
+    """Q(anchor) + ∇Q(anchor) · (x_prev - anchor) per sample, differentiable in x_prev only:
+    the value and its gradient at the anchor are constants of the loss.
+
+    # anchor, x_prev: (B, ...); returns (B,)
+    """
+    at = anchor.detach().requires_grad_(True)
+    with torch.enable_grad():
+        q = task.soft_q(at, step, cond, generator)
+        (grad,) = torch.autograd.grad(q.sum(), at)
+    return q.detach() + ((x_prev - at.detach()) * grad).flatten(1).sum(1)
