@@ -71,3 +71,21 @@ def test_the_script_writes_the_goal_table(tmp_path):
     table = (tmp_path / "summary.md").read_text()
     assert table.startswith("| Gaussian step, sampling steps | reward |")
     assert "| first_order, 8 | linear | 1 |" in table and "| sqdf, 8 | linear | 1 |" in table
+
+
+def test_the_readme_command_runs(tmp_path):
+    """The README's command as written, shrunk by flags appended after it (the last wins)."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [b.strip() for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+               if "scripts/gaussian_floor.py" in b]  # fmt: skip
+    argv = shlex.split(line)
+    assert argv[:2] == [".venv/bin/python", "scripts/gaussian_floor.py"]
+    argv = [sys.executable, *argv[1:], "--out", str(tmp_path), "--families", "1",
+            "--num-steps", "6", "--samples", "128", "--iters", "1"]  # fmt: skip
+    subprocess.run(argv, check=True, capture_output=True, cwd=ROOT)
+    table = (tmp_path / "summary.md").read_text()
+    for projection in ("sqdf", "first_order", "moment"):
+        assert f"| {projection}, 6 | quadratic | 1 |" in table
