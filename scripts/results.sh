@@ -49,7 +49,14 @@ declare -A EXPERIMENTS=(
     [gmm2d-families-hidden64]="families --families 4 --alphas 1.0 --sweep estimator=exact --set gamma=1.0 --set 'task_params={hidden = 64}'"
     [gmm2d-families-hidden256]="families --families 4 --alphas 1.0 --sweep estimator=exact --set gamma=1.0 --set 'task_params={hidden = 256}'"
     [gmm2d-families-200-long]="families --families 4 --alphas 1.0 --sweep steps=1000 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set lr=0.003"
+    # the same 1,000 updates under a cosine decay from twice the peak (the same mean rate)
+    [gmm2d-families-200-cosine]="families --families 4 --alphas 1.0 --sweep lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000"
     [gmm2d-families-num-steps]="families --families 4 --alphas 1.0 --sweep num_steps=50,200 --set gamma=1.0 --set estimator=exact --set lr=0.003 --set steps=600"
+    # no training: the best fixed-variance Gaussian steps with the exact soft value (the floor)
+    [gmm2d-families-floor]="floor --families 4 --projections sqdf,first_order,moment --num-steps 50,200"
+    # the num-steps table's runs with the soft Q taken to first order at the reference's step mean
+    [gmm2d-families-q-at-mean]="families --families 4 --alphas 1.0 --sweep num_steps=50,200 --set gamma=1.0 --set estimator=exact --set lr=0.003 --set steps=600 --set 'method_params={q_at = \"reference_mean\"}'"
+    [gmm2d-families-gamma]="families --families 4 --alphas 1.0 --sweep gamma=1.0,0.9,0.7 --set estimator=exact"
     [digits-methods]="${DIGITS[*]} --methods $ALL --seeds 3"
     # GRPO (added after the tables above were run): its rows with the same settings
     [gmm2d-quadratic-grpo]="--task gmm2d --methods grpo --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie"
@@ -68,7 +75,7 @@ declare -A EXPERIMENTS=(
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
        gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-gaussian-q gmm2d-quadratic-gaussian-q gmm2d-buffer gmm2d-alpha
-       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-200-long gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args
@@ -77,13 +84,17 @@ run() {  # name
     if [ "${args[0]}" = bbo ]; then  # an entry may name its command; compare by default
         command=bbo files=(results.md results.json bbo_curve.png)
         args=("${args[@]:1}")
-    elif [ "${args[0]}" = families ]; then  # scripts/gmm_families.py: compare on random mixtures
-        command=families files=(summary.md summary.json families.json)
+    elif [ "${args[0]}" = families ] || [ "${args[0]}" = floor ]; then
+        # scripts/gmm_families.py: compare on random mixtures; scripts/gaussian_floor.py: the
+        # Gaussian-step floor on the same mixtures
+        command=${args[0]} files=(summary.md summary.json families.json)
         args=("${args[@]:1}")
     fi
     rm -rf "runs/results/$name"
     if [ "$command" = families ]; then
         .venv/bin/python scripts/gmm_families.py --out "runs/results/$name" "${args[@]}" > /dev/null
+    elif [ "$command" = floor ]; then
+        .venv/bin/python scripts/gaussian_floor.py --out "runs/results/$name" "${args[@]}" > /dev/null
     else
         "$SQDF" "$command" --out "runs/results/$name" --no-progress "${args[@]}" > /dev/null
     fi
@@ -94,6 +105,7 @@ run() {  # name
     done
     local line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: sqdf $command --out runs/results/$name --no-progress ${args[*]}"
     [ "$command" = families ] && line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: python scripts/gmm_families.py --out runs/results/$name ${args[*]}"
+    [ "$command" = floor ] && line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: python scripts/gaussian_floor.py --out runs/results/$name ${args[*]}"
     # flock: several invocations may run side by side (e.g. one torch thread each)
     (flock 9; { grep -v "^$name: " "$LOG" || true; } > "$LOG.tmp"; echo "$line" >> "$LOG.tmp"
      mv "$LOG.tmp" "$LOG") 9> "$LOG.lock"
