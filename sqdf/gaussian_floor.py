@@ -1,8 +1,9 @@
-"""The Gaussian-step floor on gmm2d: the chain whose every step is the best fixed-variance
-Gaussian (sqdf.core.gaussian_step) under the exact soft value, sampled and measured as a
-trained run is. No network and no training: where it misses the exact target is what the
-policy's family of steps (a Gaussian of the reference's variance, at this many steps) leaves,
-and a trained SQDF run's distance beyond it is the training's."""
+"""The Gaussian-step floor on gmm2d: the chain whose every step is the optimum of SQDF's
+per-step objective over Gaussians of the reference's variance (sqdf.core.gaussian_step) under
+the exact soft value, sampled and measured as a trained run is. No network and no training:
+where it misses the exact target is what SQDF's objective itself leaves at this many steps, and
+a trained run's distance beyond it is the training's. Other fixed-variance steps (the
+first-order one, the tilted step's mean) are sampled the same way for comparison."""
 
 from __future__ import annotations
 

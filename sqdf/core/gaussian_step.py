@@ -16,8 +16,10 @@ stationary where
 
 the fixed point iterated here (a contraction while σ² |∇²V| < α). It is exact for a
 linear V (one step from μ) and, for a quadratic V, is the tilted Gaussian's mean. Sampling
-with it is the floor of what SQDF's fixed-variance Gaussian steps can reach with the exact V,
-whatever the network and the training: the part of the gap the step's family leaves.
+with it is where a perfectly trained SQDF policy lands with the exact V, whatever the network
+and the training: the floor of what training on SQDF's objective can reach. It is not a bound
+on fixed-variance Gaussian chains: other steps of the family (the first-order one below) can
+land nearer the target, so a gap it leaves is the per-step objective's, not the family's.
 
 That optimum is the reverse-KL projection of the tilted step onto the Gaussians of its
 variance (J(m) = −α KL(N(m, σ² I) || tilted) + const), which leans to one side where the

@@ -14,9 +14,10 @@ step mean instead of at the drawn x_{t-1}:
     Q(x_{t-1}) ≈ Q(mean_ref) + ∇Q(mean_ref) · (x_{t-1} - mean_ref)
 
 (value and gradient computed once, without the policy's graph), whose per-step optimum is the
-step mean_ref + (σ²/α) ∇Q(mean_ref): the first-order step of sqdf.core.gaussian_step. With the
-exact soft value on gmm2d it lands nearer the target than the optimum of the Q at x_{t-1}
-(docs/results.md, the Gaussian-step floor).
+step mean_ref + γ^(T-k-1) (σ²/α) ∇Q(mean_ref): at γ = 1 the first-order step of
+sqdf.core.gaussian_step, which with the exact soft value on gmm2d lands nearer the target than
+the optimum of the Q at x_{t-1} does (docs/results.md, "What a perfectly trained policy
+reaches").
 """
 
 from __future__ import annotations

@@ -299,7 +299,14 @@ class SDTask(Task):
         self.shardable = self.nets.shardable
         self._consistency_net = None  # an LCM UNet or a distilled transformer
         if options.lcm and self.family.flow:
-            self._attach_distilled(distilled_transformer(options.lcm, folder, self.family))
+            # billions of parameters: loaded only for the estimator that reads them
+            if cfg.estimator == "consistency":
+                self._attach_distilled(distilled_transformer(options.lcm, folder, self.family))
+            else:
+                warnings.warn(
+                    f"sd lcm {options.lcm} is not loaded: estimator {cfg.estimator} does not "
+                    "read a consistency model", stacklevel=2,
+                )  # fmt: skip
         elif options.lcm:
             self._attach_lcm(Path(options.lcm))
         if options.gradient_checkpointing:

@@ -274,6 +274,10 @@ def test_a_distilled_transformer_is_the_consistency_estimator(parts, tmp_path):
     run = train(config(parts, estimator="consistency", task_params={"lcm": str(lcm)}),
                 tmp_path / "run", progress=False)  # fmt: skip
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+    # with another estimator its billions of parameters are not loaded, and it says so
+    with pytest.warns(UserWarning, match="is not loaded: estimator tweedie does not read"):
+        task = build_task(config(parts, task_params={"lcm": str(lcm)}))
+    assert task._consistency_net is None
 
 
 def test_a_consistency_model_that_is_not_a_fitting_transformer_is_refused(parts, tmp_path):
