@@ -60,6 +60,18 @@ def _index(points: int, dim: int, d: int) -> Tensor:
     return (torch.arange(points**dim) // points ** (dim - 1 - d)) % points
 
 
+def _column(std: Tensor | float, mean: Tensor) -> Tensor:
+    """A per-sample (or shared) std as a (B, 1) column of ``mean``'s dtype and device."""
+    sd = std if torch.is_tensor(std) else torch.tensor(std)
+    return sd.to(mean).reshape(-1, 1).expand(mean.shape[0], 1)
+
+
+def _quadrature_points(centre: Tensor, sd: Tensor, points: int) -> tuple[Tensor, Tensor]:
+    """The nodes of N(centre, sd² I) for each sample, (B, P^D, D), and their weights (P^D,)."""
+    nodes, weights = (t.to(centre) for t in gauss_hermite_nodes(points, centre.shape[1]))
+    return centre[:, None, :] + sd[:, None, :] * nodes[None], weights
+
+
 def best_gaussian_mean(
     mean: Tensor,
     std: Tensor,
@@ -77,15 +89,12 @@ def best_gaussian_mean(
     # mean: (B, D); std: (B,) or scalar; returns (B, D), float
     """
     b, dim = mean.shape
-    var = (std if torch.is_tensor(std) else torch.tensor(std)).to(mean).reshape(-1, 1) ** 2
-    var = var.expand(b, 1)
+    sd = _column(std, mean)
+    var = sd**2
     m = mean + var / alpha * grad_value(mean)
     change = float("nan")
-    if iters == 0:
-        return m, change
-    nodes, weights = (t.to(mean) for t in gauss_hermite_nodes(points, dim))
     for _ in range(iters):
-        y = m[:, None, :] + var.sqrt()[:, None, :] * nodes[None]  # (B, P^D, D)
+        y, weights = _quadrature_points(m, sd, points)
         g = grad_value(y.reshape(-1, dim)).reshape(b, -1, dim)
         new = mean + var / alpha * (weights[None, :, None] * g).sum(1)
         change = float((new - m).abs().max())
@@ -107,8 +116,6 @@ def tilted_mean(
     # mean: (B, D); std: (B,) or scalar; value: (N, D) -> (N,); returns (B, D)
     """
     b, dim = mean.shape
-    sd = (std if torch.is_tensor(std) else torch.tensor(std)).to(mean).reshape(-1, 1)
-    nodes, weights = (t.to(mean) for t in gauss_hermite_nodes(points, dim))
-    y = mean[:, None, :] + sd.expand(b, 1)[:, None, :] * nodes[None]  # (B, P^D, D)
+    y, weights = _quadrature_points(mean, _column(std, mean), points)
     log_w = weights.log()[None] + value(y.reshape(-1, dim)).reshape(b, -1) / alpha
     return (torch.softmax(log_w, dim=1)[..., None] * y).sum(1)
