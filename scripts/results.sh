@@ -60,6 +60,9 @@ declare -A EXPERIMENTS=(
     [gmm2d-families-200-cosine-q-at-mean]="families --families 4 --alphas 1.0 --sweep lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
     # and four micro-batches of replayed cells an update (the same fresh samples)
     [gmm2d-families-200-cosine-q-at-mean-accum4]="families --families 4 --alphas 1.0 --sweep grad_accum=4 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
+    [gmm2d-families-200-cosine-q-at-mean-accum8]="families --families 4 --alphas 1.0 --sweep grad_accum=8 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
+    # the same with the soft Q at the drawn sample (the paper's): what q_at adds
+    [gmm2d-families-200-cosine-accum4]="families --families 4 --alphas 1.0 --sweep grad_accum=4 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000"
     [gmm2d-families-gamma]="families --families 4 --alphas 1.0 --sweep gamma=1.0,0.9,0.7 --set estimator=exact"
     [digits-methods]="${DIGITS[*]} --methods $ALL --seeds 3"
     # GRPO (added after the tables above were run): its rows with the same settings
@@ -79,7 +82,7 @@ declare -A EXPERIMENTS=(
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
        gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-gaussian-q gmm2d-quadratic-gaussian-q gmm2d-buffer gmm2d-alpha
-       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-200-cosine-q-at-mean gmm2d-families-200-cosine-q-at-mean-accum4 gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-200-cosine-q-at-mean gmm2d-families-200-cosine-q-at-mean-accum4 gmm2d-families-200-cosine-q-at-mean-accum8 gmm2d-families-200-cosine-accum4 gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args
