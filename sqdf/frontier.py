@@ -162,6 +162,19 @@ def _point_near(curve: list[FrontierPoint], alpha: float) -> FrontierPoint:
     return min(curve, key=lambda p: abs(math.log(p.alpha / alpha)))
 
 
+KL_DECADES_LINEAR = 2  # beyond this many decades of path KL the axis is logarithmic
+
+
+def kl_axis_threshold(kls: list[float]) -> float | None:
+    """Where a symmetric-log KL axis turns linear (the least positive KL shown), or None for a
+    linear axis: the runs' KLs span at most KL_DECADES_LINEAR decades (DRaFT's thousands of
+    nats beside best-of-N's few would otherwise squeeze every other method onto 0)."""
+    positive = [k for k in kls if k > 0]
+    if not positive or max(positive) <= 10**KL_DECADES_LINEAR * min(positive):
+        return None
+    return min(positive)
+
+
 def frontier_plot(
     task_name: str, records: list[dict[str, Any]], curve: list[FrontierPoint] | None, path: Path
 ) -> None:
@@ -183,6 +196,7 @@ def frontier_plot(
         return math.isfinite(kl) and math.isfinite(v) and in_range
 
     kls = [r["kl_path"] for r in records if shown(r, "reward_mean")]
+    threshold = kl_axis_threshold(kls)
     offsets = [r["frontier_offset"] for r in records if "frontier_offset" in r]
     offset = statistics.mean(offsets) if offsets else 0.0
     for ax, y in zip(axes[0], ys, strict=True):
@@ -208,6 +222,9 @@ def frontier_plot(
         if y == "frontier_gap":
             ax.axhline(0.0, color="black", lw=1.0)
         ax.set(xlabel="kl_path", ylabel=y, title=f"{y} against path KL")
+        if threshold is not None:
+            ax.set_xscale("symlog", linthresh=threshold)
+            ax.set_xlabel("kl_path (symmetric log scale)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -281,3 +281,11 @@ def test_the_sampler_offset_is_the_untouched_samplers_own_error():
     curve, offset = gmm2d_frontier(base)
     assert curve[0].kl < 1e-9 and offset.samples == 65_536
     assert offset.value > 3 * offset.se and offset.se < 0.03
+
+
+def test_the_frontier_plot_takes_a_log_kl_axis_only_when_the_kls_span_decades():
+    from sqdf.frontier import kl_axis_threshold
+
+    assert kl_axis_threshold([0.0, 0.05, 1.2, 3.1]) is None  # within two decades: linear
+    assert kl_axis_threshold([]) is None and kl_axis_threshold([0.0]) is None
+    assert kl_axis_threshold([0.0, 0.09, 1.1, 86893.5]) == 0.09  # DRaFT beside SQDF
