@@ -82,3 +82,26 @@ def test_a_run_with_it_trains_and_a_bad_value_is_refused(tmp_path):
     assert (run / "final" / "policy.safetensors").is_file()
     with pytest.raises(Exception, match="q_at must be one of sample, reference_mean, got 'mode'"):
         build_method_params("sqdf", {"q_at": "mode"})
+
+
+def test_the_gmm2d_exact_preset_trains_with_the_first_order_q(tmp_path):
+    """The preset of docs/results.md's recommended gmm2d setting, shrunk by flags."""
+    import json
+
+    from sqdf.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "gmm2d-exact", "--steps", "3", "--lr-warmup", "1",
+            "--num-steps", "10", "--grad-accum", "2", "--batch-size", "16", "--buffer-size",
+            "32", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    train_cfg = json.loads((out / "config.json").read_text())["train"]
+    assert train_cfg["method_params"] == {"q_at": "reference_mean"}
+    assert (train_cfg["estimator"], train_cfg["lr_schedule"], train_cfg["gamma"]) == (
+        "exact",
+        "cosine",
+        1.0,
+    )
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    # update 2 of 3 after one warm-up update: half way down the cosine from 0.006
+    assert last["step"] == 3 and last["lr"] == pytest.approx(0.003)
