@@ -31,12 +31,38 @@ from sqdf.tasks import build_task  # noqa: E402
 SWEEP_KEY = "Gaussian step, sampling steps"
 
 
+def floor_rows(
+    args: argparse.Namespace, mixture: dict, family: int, reward: str, alpha: float,
+    num_steps: int, projection: str,
+) -> list[dict]:  # fmt: skip
+    """One mixture's floor runs (one per seed), as summary rows."""
+    cfg = make_config({
+        "task": "gmm2d", "reward": reward, "alpha": alpha, "gamma": 1.0,
+        "estimator": "exact", "num_steps": num_steps, "task_params": mixture,
+    }, source="gaussian_floor")  # fmt: skip
+    task = build_task(cfg)
+    rows = []
+    for seed in range(args.seeds):
+        run = measure_gaussian_floor(
+            task, args.samples, seed, projection=projection, iters=args.iters,
+            points=args.points,
+        )  # fmt: skip
+        d = distances(run)
+        rows.append({
+            "family": family, "modes": len(mixture["means"]), "reward": reward,
+            "alpha": alpha, "value": f"{projection}, {num_steps}", "seed": seed,
+            "kl_path": run["kl_path"], "fixed_point_change": run["fixed_point_change"], **d,
+            "goal": meets_goal(d),
+        })  # fmt: skip
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--families", type=int, default=4)
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alphas", default="1.0", help="KL weights, comma-separated")
     p.add_argument("--rewards", default="linear,quadratic")
     p.add_argument("--projections", default=",".join(PROJECTIONS))
     p.add_argument("--num-steps", default="50,200")
@@ -49,29 +75,15 @@ def main() -> None:
     families = [random_mixture(1000 + i) for i in range(args.families)]
     atomic_write_text(out / "families.json", json.dumps(families, indent=1))
     rows = []
+    alphas = [float(v) for v in args.alphas.split(",")]
     for num_steps in (int(v) for v in args.num_steps.split(",")):
         for projection in args.projections.split(","):
-            for i, mixture in enumerate(families):
-                for reward in args.rewards.split(","):
-                    cfg = make_config({
-                        "task": "gmm2d", "reward": reward, "alpha": args.alpha, "gamma": 1.0,
-                        "estimator": "exact", "num_steps": num_steps, "task_params": mixture,
-                    }, source="gaussian_floor")  # fmt: skip
-                    task = build_task(cfg)
-                    for seed in range(args.seeds):
-                        run = measure_gaussian_floor(
-                            task, args.samples, seed, projection=projection,
-                            iters=args.iters, points=args.points,
-                        )  # fmt: skip
-                        d = distances(run)
-                        rows.append({
-                            "family": i, "modes": len(mixture["means"]), "reward": reward,
-                            "alpha": args.alpha, "value": f"{projection}, {num_steps}",
-                            "seed": seed, "kl_path": run["kl_path"],
-                            "fixed_point_change": run["fixed_point_change"], **d,
-                            "goal": meets_goal(d),
-                        })  # fmt: skip
-                    print(f"{projection} {num_steps} family{i} {reward} done", flush=True)
+            for alpha in alphas:
+                for i, mixture in enumerate(families):
+                    for reward in args.rewards.split(","):
+                        rows += floor_rows(args, mixture, i, reward, alpha, num_steps, projection)
+                        print(f"{projection} {num_steps} alpha {alpha} family{i} {reward} done",
+                              flush=True)  # fmt: skip
             atomic_write_text(out / "summary.json", json.dumps(rows, indent=1))
     atomic_write_text(out / "summary.md", summary_markdown(rows, SWEEP_KEY))
     print(summary_markdown(rows, SWEEP_KEY))

@@ -18,6 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ESTIMATORS = ("tweedie", "consistency", "exact", "gaussian_posterior")
+Q_COVARIANCES = ("full", "isotropic")
 ROLLOUTS = ("full", "truncated")
 BUFFER_STRATEGIES = ("uniform", "on_policy", "prioritized")
 BUFFER_STORES = ("memory", "disk")
@@ -59,10 +60,16 @@ class TrainConfig:
         "consistency",
         "x̂0 estimator for the soft Q: tweedie or consistency; exact (gmm2d only): the "
         "closed-form soft value alpha log E[exp(r(x0)/alpha) | x_t], no x̂0; "
-        "gaussian_posterior (samples of <= 64 dimensions): alpha log-mean-exp of r/alpha "
-        "over q_draws draws from a Gaussian with Tweedie's posterior mean and covariance",
+        "gaussian_posterior: alpha log-mean-exp of r/alpha over q_draws draws from a "
+        "Gaussian with Tweedie's posterior mean and covariance (q_cov)",
     )
     q_draws: int = _f(16, "draws per soft value for estimator gaussian_posterior")
+    q_cov: str = _f(
+        "full",
+        "estimator gaussian_posterior's covariance: full (the denoiser's Jacobian, one backward "
+        "pass per dimension: samples of <= 64 dimensions) or isotropic (its trace by one "
+        "Hutchinson probe: one backward pass, any size)",
+    )
     num_steps: int = _f(50, "DDIM sampling steps T")
     eta: float = _f(1.0, "DDIM eta in (0, 1]; the KL needs a stochastic policy")
     steps: int = _f(300, "optimizer updates")
@@ -183,6 +190,10 @@ class TrainConfig:
             f"{self.task!r} has tweedie and consistency",
         )
         need(self.q_draws >= 1, f"q_draws must be >= 1, got {self.q_draws}")
+        need(
+            self.q_cov in Q_COVARIANCES,
+            f"unknown q_cov {self.q_cov!r}; known: {', '.join(Q_COVARIANCES)}",
+        )
         # 999 at most: with steps_offset=1 the first of 1000 steps would be timestep 1000
         need(1 <= self.num_steps <= 999, f"num_steps must be in [1, 999], got {self.num_steps}")
         need(0 < self.eta <= 1, f"eta must be in (0, 1], got {self.eta}")

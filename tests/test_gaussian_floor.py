@@ -64,13 +64,17 @@ def test_a_task_without_the_exact_value_or_a_bad_projection_is_refused():
 def test_the_script_writes_the_goal_table(tmp_path):
     argv = [sys.executable, str(ROOT / "scripts" / "gaussian_floor.py"), "--out", str(tmp_path),
             "--families", "1", "--rewards", "linear", "--projections", "first_order,sqdf",
-            "--num-steps", "8", "--samples", "256", "--iters", "1"]  # fmt: skip
+            "--num-steps", "8", "--samples", "256", "--iters", "1", "--alphas", "1,2"]  # fmt: skip
     subprocess.run(argv, check=True, capture_output=True, cwd=ROOT)
     rows = json.loads((tmp_path / "summary.json").read_text())
-    assert [r["value"] for r in rows] == ["first_order, 8", "sqdf, 8"]
+    assert [(r["value"], r["alpha"]) for r in rows] == [
+        ("first_order, 8", 1.0), ("first_order, 8", 2.0), ("sqdf, 8", 1.0), ("sqdf, 8", 2.0)
+    ]  # fmt: skip
+    assert rows[0]["kl_path"] > rows[1]["kl_path"]  # a lighter tilt moves less
     table = (tmp_path / "summary.md").read_text()
     assert table.startswith("| Gaussian step, sampling steps | reward |")
-    assert "| first_order, 8 | linear | 1 |" in table and "| sqdf, 8 | linear | 1 |" in table
+    for value in ("first_order, 8", "sqdf, 8"):
+        assert f"| {value} | linear | 1 |" in table and f"| {value} | linear | 2 |" in table
 
 
 def test_the_readme_command_runs(tmp_path):

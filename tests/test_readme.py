@@ -63,3 +63,27 @@ def test_frontier_example_runs(tmp_path, monkeypatch):
         "| best_of_n | best_of=64 |",
     ):
         assert row in table, row
+
+
+def test_isotropic_posterior_example_runs(tmp_path, monkeypatch):
+    """The README's digits command with the isotropic Gaussian posterior, shrunk by flags
+    appended after it: 2 updates of 4 trajectories, 4 steps."""
+    monkeypatch.chdir(tmp_path)
+    (line,) = [b.strip() for b in blocks("bash") if "--q-cov isotropic" in b]
+    argv = shlex.split(line)
+    assert argv[0] == ".venv/bin/sqdf"
+    argv = argv[1:] + [
+        "--num-steps", "4", "--steps", "2", "--batch-size", "4", "--buffer-size", "8",
+        "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    run = tmp_path / "runs" / "digits-posterior"
+    config = json.loads((run / "config.json").read_text())["train"]
+    assert (config["estimator"], config["q_cov"], config["q_draws"]) == (
+        "gaussian_posterior", "isotropic", 8,
+    )  # fmt: skip
+    assert sorted(run.glob("**/*.safetensors")), "no policy saved"
+    losses = [json.loads(line).get("loss") for line in (run / "metrics.jsonl").open()]
+    assert any(v is not None for v in losses) and all(
+        v is None or v == v for v in losses
+    ), losses  # fmt: skip

@@ -14,9 +14,19 @@ the Jacobian of the posterior mean), and combines their rewards by log-mean-exp:
     V(x) ≈ α log (1/K) Σ_k exp(r(x̂0 + L z_k) / α),   L Lᵀ = Cov[x0 | x],  z_k ~ N(0, I).
 
 It is exact where the posterior is Gaussian (K → ∞); a multimodal posterior keeps only its
-first two moments. The Jacobian costs D backward passes through the denoiser, so this is for
-small samples (D <= MAX_DIM): the instrument that measures how much of the Q-estimate's bias
-the posterior's spread explains.
+first two moments. The full Jacobian costs D backward passes through the denoiser, so the full
+covariance is for small samples (D <= MAX_DIM): the instrument that measures how much of the
+Q-estimate's bias the posterior's spread explains.
+
+At any size, the isotropic covariance v·I keeps the spread's mean level alone,
+
+    v = (b² / a) tr(∂E[x0 | x] / ∂x) / D,
+
+with the trace read by Hutchinson's estimator zᵀ J z from one Rademacher probe z: one
+backward pass through the denoiser, whose relative error falls as 1/√D, so it is nearly
+exact at image sizes. v is taken without its own gradient (the value's gradient still runs
+through the posterior's mean and the draws), which spares a second derivative of the
+denoiser that fused attention kernels do not provide.
 """
 
 from __future__ import annotations
@@ -78,9 +88,53 @@ def gaussian_soft_value(
 
     # mean: (B, D); cov: (B, D, D); z: (B, K, D) standard normal; returns (B,)
     """
+    draws = mean[:, None, :] + torch.einsum("bij,bkj->bki", covariance_root(cov), z)
+    return log_mean_exp_value(reward_fn, draws, alpha)
+
+
+def tweedie_isotropic_variance(
+    x0_fn: Callable[[Tensor], Tensor], x: Tensor, scale: Tensor, spread: Tensor, probe: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(E[x0 | x], v) with v = (spread² / scale) zᵀ J z / D, J = ∂E[x0 | x]/∂x, one probe z a
+    sample: Hutchinson's estimate of the posterior's mean variance tr Cov[x0 | x] / D. The mean
+    keeps its graph; v is detached and clamped at 0 (one probe can fall below it where the
+    posterior is narrow and D small).
+
+    # x: (B, *S); scale, spread: (B,); probe: (B, D) Rademacher; returns (B, D), (B,)
+    """
+    if not x.requires_grad:  # a frozen input still needs the vector-Jacobian product in it
+        x = x.detach().requires_grad_(True)
+    with torch.enable_grad():  # the product needs the denoiser's graph, whatever the caller's mode
+        mean = x0_fn(x).flatten(1)
+        if probe.shape != mean.shape:
+            raise ValueError(
+                f"probe must have the shape {tuple(mean.shape)}, got {tuple(probe.shape)}"
+            )
+        (vjp,) = torch.autograd.grad(mean, x, grad_outputs=probe, retain_graph=True)
+    trace = (vjp.flatten(1) * probe).sum(1).detach()
+    factor = spread.double() ** 2 / scale.double() / mean.shape[1]
+    return mean, (factor * trace.double()).clamp(min=0).to(mean.dtype)
+
+
+def isotropic_soft_value(
+    reward_fn: Callable[[Tensor], Tensor], mean: Tensor, var: Tensor, alpha: float, z: Tensor
+) -> Tensor:
+    """α log (1/K) Σ_k exp(r(mean + √v z_k)/α); reward_fn takes (N, D).
+
+    # mean: (B, D); var: (B,); z: (B, K, D) standard normal; returns (B,)
+    """
+    return log_mean_exp_value(reward_fn, mean[:, None, :] + var.sqrt()[:, None, None] * z, alpha)
+
+
+def log_mean_exp_value(
+    reward_fn: Callable[[Tensor], Tensor], draws: Tensor, alpha: float
+) -> Tensor:
+    """α log (1/K) Σ_k exp(r(draw_k)/α) over each row's K draws.
+
+    # draws: (B, K, D); returns (B,)
+    """
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    b, k, d = z.shape
-    draws = mean[:, None, :] + torch.einsum("bij,bkj->bki", covariance_root(cov), z)
+    b, k, d = draws.shape
     r = reward_fn(draws.reshape(b * k, d)).view(b, k)
     return alpha * (torch.logsumexp(r / alpha, dim=1) - math.log(k))

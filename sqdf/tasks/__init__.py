@@ -83,11 +83,12 @@ def build_task(cfg: Any) -> Task:
     reward = build_reward(resolved_reward_name(cfg), cfg.reward_params)
     cfg = with_summed_alpha(cfg)
     dims = math.prod(sample_shape(cfg))
-    if cfg.estimator == GAUSSIAN_POSTERIOR and dims > MAX_DIM:
+    if cfg.estimator == GAUSSIAN_POSTERIOR and cfg.q_cov == "full" and dims > MAX_DIM:
         raise ConfigError(
-            f"estimator {GAUSSIAN_POSTERIOR!r} reads the posterior covariance with one backward "
-            f"pass per dimension, for samples of at most {MAX_DIM}; task {cfg.task!r} has "
-            f"{dims}: use tweedie or consistency"
+            f"estimator {GAUSSIAN_POSTERIOR!r} with q_cov 'full' reads the posterior covariance "
+            f"with one backward pass per dimension, for samples of at most {MAX_DIM}; task "
+            f"{cfg.task!r} has {dims}: use q_cov 'isotropic' (one backward pass), or tweedie "
+            f"or consistency"
         )
     try:
         task = TASKS[cfg.task](cfg, reward, resolve_device(cfg.device))
@@ -95,7 +96,7 @@ def build_task(cfg: Any) -> Task:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"task {cfg.task!r}: {err}") from None
-    task.alpha, task.q_draws = cfg.alpha, cfg.q_draws
+    task.alpha, task.q_draws, task.q_cov = cfg.alpha, cfg.q_draws, cfg.q_cov
     return task
 
 

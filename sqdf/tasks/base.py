@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sqdf.core.gaussian_q import gaussian_soft_value, tweedie_covariance
+from sqdf.core.gaussian_q import (
+    gaussian_soft_value,
+    isotropic_soft_value,
+    tweedie_covariance,
+    tweedie_isotropic_variance,
+)
 from sqdf.core.kernel import StepKernel
 from sqdf.core.schedule import DDIMSchedule
 from sqdf.errors import SqdfError
@@ -33,6 +39,7 @@ class Task(ABC):
     sample_shape: tuple[int, ...]
     alpha: float  # the KL weight, summed convention (set by build_task)
     q_draws: int  # estimator "gaussian_posterior": draws per soft value (set by build_task)
+    q_cov: str = "full"  # estimator "gaussian_posterior": "full" or "isotropic" (build_task)
     eval_samples: int = 4096  # sqdf eval's default sample count
     eval_batch: int | None = None  # evaluation samples per chunk (None: all at once)
     picture_samples: int = 1024  # samples in each --sample-every picture (gmm2d: a scatter)
@@ -103,24 +110,32 @@ class Task(ABC):
         """The soft Q-value of step k that reached x_prev, (B,): SQDF's training-free estimate
         r(x̂0(x_prev)) (the reward itself after the last step); with estimator
         "gaussian_posterior", the log-mean-exp of the reward over ``q_draws`` draws from a
-        Gaussian with the posterior's mean and covariance (sqdf.core.gaussian_q; ``generator``
-        draws them). A task that knows the exact soft value (gmm2d, estimator "exact") gives
-        that instead."""
+        Gaussian with the posterior's mean and covariance, full or isotropic (``q_cov``;
+        sqdf.core.gaussian_q; ``generator`` draws them and the isotropic trace's probe). A
+        task that knows the exact soft value (gmm2d, estimator "exact") gives that instead."""
         if self.estimator != GAUSSIAN_POSTERIOR:
             return self.reward(self.x0_after_step(x_prev, step_index, cond), cond)
         T = self.kernel.num_steps
         state = (step_index.cpu() + 1).clamp(max=T - 1)  # after the last step: unused below
-        scale, spread = self.kernel.marginal(state)
-        mean, cov = tweedie_covariance(
-            lambda x: self.reference_x0(x, state, cond), x_prev, scale.to(x_prev.device),
-            spread.to(x_prev.device),
-        )  # fmt: skip
-        z = torch.randn((len(x_prev), self.q_draws, mean.shape[1]), generator=generator)
+        scale, spread = (v.to(x_prev.device) for v in self.kernel.marginal(state))
         cond_k = cond.repeat_interleave(self.q_draws, dim=0)
-        value = gaussian_soft_value(
-            lambda d: self.reward(d.view(-1, *self.sample_shape), cond_k), mean, cov,
-            self.alpha, z.to(mean),
-        )  # fmt: skip
+
+        def x0_fn(x: Tensor) -> Tensor:
+            return self.reference_x0(x, state, cond)
+
+        def reward_fn(d: Tensor) -> Tensor:
+            return self.reward(d.view(-1, *self.sample_shape), cond_k)
+
+        dim = math.prod(self.sample_shape)
+        z = torch.randn((len(x_prev), self.q_draws, dim), generator=generator).to(x_prev)
+        if self.q_cov == "isotropic":
+            signs = torch.randint(0, 2, (len(x_prev), dim), generator=generator)
+            probe = (2.0 * signs - 1.0).to(x_prev)
+            mean, var = tweedie_isotropic_variance(x0_fn, x_prev, scale, spread, probe)
+            value = isotropic_soft_value(reward_fn, mean, var, self.alpha, z)
+        else:
+            mean, cov = tweedie_covariance(x0_fn, x_prev, scale, spread)
+            value = gaussian_soft_value(reward_fn, mean, cov, self.alpha, z)
         last = (step_index == T - 1).to(x_prev.device)
         return torch.where(last, self.reward(x_prev, cond), value)
 

@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sqdf.core.gaussian_q import covariance_root, gaussian_soft_value, tweedie_covariance
+from sqdf.core.gaussian_q import (
+    covariance_root,
+    gaussian_soft_value,
+    isotropic_soft_value,
+    tweedie_covariance,
+    tweedie_isotropic_variance,
+)
 from sqdf.core.gmm import GaussianMixture
 from sqdf.core.soft_value import gmm_posterior, soft_value
 from sqdf.errors import ConfigError
@@ -21,7 +27,17 @@ GAUSS = GaussianMixture(  # one anisotropic component: its posteriors are Gaussi
     means=torch.tensor([[0.5, -0.3]], dtype=torch.float64),
     variances=torch.tensor([[0.4, 0.9]], dtype=torch.float64),
 )
+ROUND = GaussianMixture(  # one isotropic component: its posteriors are isotropic Gaussians
+    weights=torch.tensor([1.0], dtype=torch.float64),
+    means=torch.tensor([[0.5, -0.3]], dtype=torch.float64),
+    variances=torch.tensor([[0.6, 0.6]], dtype=torch.float64),
+)
 X = torch.tensor([[0.3, -0.7], [-1.0, 0.4], [1.2, 0.9]], dtype=torch.float64)
+
+
+def rademacher(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (2.0 * torch.randint(0, 2, (n, d), generator=g) - 1.0).double()
 
 
 def posterior_mean_fn(gmm, scale, noise_var):
@@ -83,6 +99,71 @@ def test_value_is_differentiable_in_the_state():
         assert float(grad[0, j].detach()) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
 
 
+@pytest.mark.parametrize("scale, noise_var", STATES)
+def test_isotropic_variance_is_the_mean_posterior_variance_on_average(scale, noise_var):
+    """Hutchinson's zᵀJz is unbiased for tr J: over many probes, the mixture's exact mean
+    posterior variance tr Cov / D; with a diagonal Jacobian (one axis-aligned component) every
+    single probe gives it exactly."""
+    fn = posterior_mean_fn(MIX, scale, noise_var)
+    n = X.shape[0]
+    _, cov = tweedie_covariance(fn, X, full(n, scale), full(n, noise_var**0.5))
+    exact = cov.diagonal(dim1=-2, dim2=-1).mean(-1).detach()
+    reps = 4000
+    x = X.repeat(reps, 1)
+    mean, var = tweedie_isotropic_variance(
+        fn, x, full(len(x), scale), full(len(x), noise_var**0.5), rademacher(len(x), 2, 0)
+    )
+    torch.testing.assert_close(mean.detach(), fn(x))
+    assert not var.requires_grad
+    got = var.view(reps, n).mean(0)
+    torch.testing.assert_close(got, exact, rtol=0.03, atol=1e-4)
+    diag_fn = posterior_mean_fn(GAUSS, scale, noise_var)
+    _, cov = tweedie_covariance(diag_fn, X, full(n, scale), full(n, noise_var**0.5))
+    _, var = tweedie_isotropic_variance(
+        diag_fn, X, full(n, scale), full(n, noise_var**0.5), rademacher(n, 2, 1)
+    )
+    torch.testing.assert_close(var, cov.diagonal(dim1=-2, dim2=-1).mean(-1).detach())
+
+
+@pytest.mark.parametrize("reward", REWARDS, ids=["linear", "quadratic"])
+def test_isotropic_value_is_the_soft_value_where_the_posterior_is_round(reward):
+    alpha, (scale, noise_var), n = 1.5, STATES[1], X.shape[0]
+    fn = posterior_mean_fn(ROUND, scale, noise_var)
+    mean, var = tweedie_isotropic_variance(
+        fn, X, full(n, scale), full(n, noise_var**0.5), rademacher(n, 2, 2)
+    )
+    z = torch.randn(n, 400_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = isotropic_soft_value(lambda d: reward(d, None), mean.detach(), var, alpha, z)
+    post = gmm_posterior(ROUND, X, full(n, scale), full(n, noise_var))
+    exact = soft_value(post, reward.log_mgf(post.means, post.variances, alpha), alpha)
+    torch.testing.assert_close(got, exact, rtol=0, atol=5e-3)
+
+
+def test_isotropic_value_is_differentiable_through_the_mean_alone():
+    """Its gradient is the value's with the variance held at its probe's reading: autograd
+    against central differences of that function; the input keeps no gradient of its own."""
+    alpha, (scale, noise_var) = 1.5, STATES[1]
+    fn = posterior_mean_fn(MIX, scale, noise_var)
+    z = torch.randn(1, 64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    probe = rademacher(1, 2, 3)
+    x = X[:1].clone().requires_grad_(True)
+    mean, var = tweedie_isotropic_variance(fn, x, full(1, scale), full(1, noise_var**0.5), probe)
+    assert x.grad is None  # the probe's product went to the variance, not into x.grad
+
+    def value(y):
+        return isotropic_soft_value(lambda d: REWARDS[1](d, None), fn(y), var, alpha, z).sum()
+
+    (grad,) = torch.autograd.grad(
+        isotropic_soft_value(lambda d: REWARDS[1](d, None), mean, var, alpha, z).sum(), x
+    )
+    h = 1e-6
+    for j in range(2):
+        e = torch.zeros_like(x)
+        e[0, j] = h
+        fd = (value(x.detach() + e) - value(x.detach() - e)) / (2 * h)
+        assert float(grad[0, j]) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
+
+
 def test_a_covariance_that_is_not_positive_definite_falls_back_to_its_diagonal():
     cov = torch.tensor([[[1.0, 2.0], [2.0, 1.0]], [[2.0, 0.5], [0.5, 1.0]]], dtype=torch.float64)
     root = covariance_root(cov)
@@ -98,8 +179,11 @@ def test_bad_input():
                             torch.zeros(1, 3, 2))  # fmt: skip
     cfg = make_config(dict(task="digits", method="sqdf", estimator="gaussian_posterior",
                            device="cpu"), source="test")  # fmt: skip
-    with pytest.raises(ConfigError, match="at most 64; task 'digits' has 256"):
+    with pytest.raises(ConfigError, match="at most 64; task 'digits' has 256: use q_cov 'iso"):
         build_task(cfg)
+    with pytest.raises(ValueError, match=r"probe must have the shape \(1, 2\), got \(1, 3\)"):
+        tweedie_isotropic_variance(lambda x: x, torch.zeros(1, 2), torch.ones(1), torch.ones(1),
+                                   torch.ones(1, 3))  # fmt: skip
 
 
 def test_gmm2d_soft_q_is_nearer_the_exact_value_than_tweedie():
@@ -109,14 +193,42 @@ def test_gmm2d_soft_q_is_nearer_the_exact_value_than_tweedie():
     x = torch.randn(256, 2, generator=torch.Generator().manual_seed(2)) * 1.5
     step, cond = torch.full((256,), 20), torch.zeros(256, dtype=torch.long)
     q = {}
-    for est in ("tweedie", "gaussian_posterior", "exact"):
-        task = build_task(make_config(dict(task="gmm2d", method="sqdf", estimator=est,
-                                           gamma=1.0, device="cpu"), source="test"))  # fmt: skip
-        q[est] = task.soft_q(x, step, cond, torch.Generator().manual_seed(3)).detach()
-    bias = {e: float((q[e] - q["exact"]).mean()) for e in ("tweedie", "gaussian_posterior")}
-    err = {e: float((q[e] - q["exact"]).abs().mean()) for e in ("tweedie", "gaussian_posterior")}
-    assert bias["tweedie"] < -0.5 and abs(bias["gaussian_posterior"]) < 0.1 * -bias["tweedie"]
-    assert err["gaussian_posterior"] < err["tweedie"], err
+    for est, q_cov in (("tweedie", "full"), ("gaussian_posterior", "full"),
+                       ("gaussian_posterior", "isotropic"), ("exact", "full")):  # fmt: skip
+        cfg = dict(task="gmm2d", method="sqdf", estimator=est, q_cov=q_cov, gamma=1.0)
+        task = build_task(make_config(dict(cfg, device="cpu"), source="test"))
+        q[est, q_cov] = task.soft_q(x, step, cond, torch.Generator().manual_seed(3)).detach()
+    exact = q["exact", "full"]
+    ests = [
+        ("tweedie", "full"),
+        ("gaussian_posterior", "full"),
+        ("gaussian_posterior", "isotropic"),
+    ]
+    bias = {e: float((q[e] - exact).mean()) for e in ests}
+    err = {e: float((q[e] - exact).abs().mean()) for e in ests}
+    assert bias[ests[0]] < -0.5, bias
+    for e in ests[1:]:
+        assert abs(bias[e]) < 0.1 * -bias[ests[0]] and err[e] < err[ests[0]], (bias, err)
     # after the last step the sample is scored as it is
     last = task.soft_q(x, torch.full((256,), 49), cond)
     torch.testing.assert_close(last, task.reward(x, cond))
+
+
+def test_isotropic_soft_q_on_digits():
+    """At 256 dimensions, where the full covariance is refused: finite values, a gradient in
+    the state, under no_grad too (the probe's product needs the denoiser's graph), and the
+    same value again from the same generator."""
+    cfg = make_config(dict(task="digits", method="sqdf", estimator="gaussian_posterior",
+                           q_cov="isotropic", q_draws=4, device="cpu"), source="test")  # fmt: skip
+    task = build_task(cfg)
+    n = 3
+    x = torch.randn(n, *task.sample_shape, generator=torch.Generator().manual_seed(0))
+    x.requires_grad_(True)
+    step, cond = torch.full((n,), 5), task.sample_conditions(n, torch.Generator().manual_seed(1))
+    q = task.soft_q(x, step, cond, torch.Generator().manual_seed(2))
+    assert q.shape == (n,) and bool(torch.isfinite(q).all())
+    (grad,) = torch.autograd.grad(q.sum(), x)
+    assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+    with torch.no_grad():
+        again = task.soft_q(x.detach(), step, cond, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(again, q.detach())
