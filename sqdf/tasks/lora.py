@@ -100,22 +100,31 @@ def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
 
     def run(block: nn.Module, *args: Any) -> Any:
         layers = [m for m in block.modules() if isinstance(m, BaseTunerLayer)]
-        seen = [(m._disable_adapters, m._active_adapter) for m in layers]
-
-        @contextmanager
-        def as_in_forward() -> Iterator[None]:
-            now = [(m._disable_adapters, m._active_adapter) for m in layers]
-            for m, (disabled, active) in zip(layers, seen, strict=True):
-                m._disable_adapters, m._active_adapter = disabled, active
-            try:
-                yield
-            finally:
-                for m, (disabled, active) in zip(layers, now, strict=True):
-                    m._disable_adapters, m._active_adapter = disabled, active
-
+        as_in_forward = _AdapterStateAsRecorded(layers)
         return checkpoint(
             block.__call__, *args, use_reentrant=False,
-            context_fn=lambda: (nullcontext(), as_in_forward()),
+            context_fn=lambda: (nullcontext(), as_in_forward),
         )  # fmt: skip
 
     model.enable_gradient_checkpointing(run)
+
+
+class _AdapterStateAsRecorded:
+    """Puts ``layers``' adapter state back as it was at construction for the span of a
+    ``with``, then restores what it found. Re-enterable: a block whose graph is backpropagated
+    twice (a vector-Jacobian product with retain_graph, then the loss) is recomputed twice
+    under the same context object, which a generator-based context manager cannot do."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = layers
+        self.seen = [(m._disable_adapters, m._active_adapter) for m in layers]
+        self.found: list[list[tuple[Any, Any]]] = []
+
+    def __enter__(self) -> None:
+        self.found.append([(m._disable_adapters, m._active_adapter) for m in self.layers])
+        for m, (disabled, active) in zip(self.layers, self.seen, strict=True):
+            m._disable_adapters, m._active_adapter = disabled, active
+
+    def __exit__(self, *exc: object) -> None:
+        for m, (disabled, active) in zip(self.layers, self.found.pop(), strict=True):
+            m._disable_adapters, m._active_adapter = disabled, active

@@ -341,6 +341,20 @@ def test_checkpointing_gives_the_same_gradient_with_adapters_switched_in_the_los
     )
 
 
+def test_isotropic_gaussian_posterior_trains_the_lora(parts, tmp_path):
+    """The Gaussian posterior with its isotropic covariance at SD's latent size: its probe's
+    backward pass runs through a checkpointed UNet to the same gradient, and a run moves
+    the LoRA."""
+    posterior = {"estimator": "gaussian_posterior", "q_cov": "isotropic", "q_draws": 2}
+    checkpointing_keeps_the_gradient(
+        lambda on: config(parts, **posterior, task_params={"gradient_checkpointing": on}),
+        steps=(0, 1),
+    )
+    run = train(config(parts, **posterior), tmp_path / "run", progress=False)
+    final = load_file(str(run / "final" / "policy.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in final.items() if "lora_B" in k)
+
+
 def test_readme_sd_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
     lines = readme_block('sqdf sample --task sd --model "$W/sd15"')
     assert len(lines) == 5
