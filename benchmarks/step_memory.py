@@ -5,6 +5,8 @@ update that holds activations (sampling runs without gradients), so its peak is 
     python benchmarks/step_memory.py --preset sd15 --task-param dtype=bfloat16   # on a GPU
     python benchmarks/step_memory.py --preset sdxl --parts /tmp/sdxl --batch-size 2   # 1024 px
     python benchmarks/step_memory.py --preset fluxdev --parts /tmp/fluxdev --resolution 512
+    python benchmarks/step_memory.py --preset sd15 --set estimator=gaussian_posterior \
+        --set q_cov=isotropic --set q_draws=4   # another soft-Q estimator
 
 Builds the sd task on random-initialised parts of the real classes (the settings of
 ``update_speed.py``: CFG 5, LCM UNet x̂0 (an LCM-LoRA on SDXL; Tweedie's on SD 3.5 and
@@ -46,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         "--task-param", action="append", default=[], metavar="KEY=VALUE",
         help="a task parameter, e.g. dtype=bfloat16 or gradient_checkpointing=false",
     )  # fmt: skip
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a train setting, e.g. estimator=gaussian_posterior (read as sqdf compare's --set)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     import torch
 
@@ -57,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     from sqdf.tasks import build_task
     from sqdf.trainer import wait_for
 
-    try:  # read as sqdf train reads --task-param
+    try:  # read as sqdf train reads --task-param, and sqdf compare --set
         extra = key_values(args.task_param, "--task-param")
+        settings = key_values(args.set, "--set")
     except SqdfError as err:
         ap.error(str(err))
     parts = Path(args.parts or tempfile.mkdtemp(prefix="sqdf-step-"))
@@ -67,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"resolution": args.resolution, **extra}
     base["task_params"] = {**base["task_params"], **extra}
     try:
-        cfg = make_config({**base, "batch_size": args.batch_size, "steps": 1}, source="bench")
+        cfg = make_config(
+            {**base, **settings, "batch_size": args.batch_size, "steps": 1}, source="bench"
+        )
     except SqdfError as err:
         ap.error(str(err))
     if not 0 <= args.step < cfg.num_steps:
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "device": device_name(),
         "command": " ".join(["python", "benchmarks/step_memory.py", *(argv or sys.argv[1:])]),
-        "preset": args.preset, "batch_size": n, "step": args.step,
+        "preset": args.preset, "batch_size": n, "step": args.step, "settings": settings,
         "task_params": {k: v for k, v in base["task_params"].items()
                         if k not in ("model", "lcm")},
         "loss_finite": bool(torch.isfinite(loss)),

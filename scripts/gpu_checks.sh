@@ -11,7 +11,8 @@
 # device time is short,
 # so give one stage per call, `sd15` first; each is meant to fit one 10-minute call, but none
 # has been timed on a GPU yet):
-#   sd15    one gradient step's peak memory (step_memory.py), then the five update designs
+#   sd15    one gradient step's peak memory (step_memory.py; also with the isotropic Gaussian
+#           posterior's soft value at 4 draws), then the five update designs
 #           at SD 1.5 size (s/update, sampling share, peak memory, reward gain/s): issue 6's
 #           24 GB check and issue 7's table
 #   tests   tests/test_gpu.py and the FSDP config through accelerate launch on one GPU
@@ -60,6 +61,10 @@ for stage in "${stages[@]}"; do
     sd15)
         python3 benchmarks/step_memory.py --preset sd15 --parts /tmp/sd15 \
             --out "$OUT/sd15-step.json"
+        # the same step with the isotropic Gaussian posterior's soft value (4 draws)
+        python3 benchmarks/step_memory.py --preset sd15 --parts /tmp/sd15 \
+            --set estimator=gaussian_posterior --set q_cov=isotropic --set q_draws=4 \
+            --out "$OUT/sd15-step-posterior.json"
         python3 benchmarks/update_speed.py --task sd --preset sd15 --updates 9 \
             --eval-samples 8 --parts /tmp/sd15 --out "$OUT/sd15-speed.json"
         ;;

@@ -148,6 +148,14 @@ def test_step_memory_times_one_gradient_step(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--parts", str(tmp_path / "parts"), "--step", "50"])
     assert "--step must be in [0, 49], got 50" in capsys.readouterr().err
+    posterior = ["--set", "estimator=gaussian_posterior", "--set", "q_cov=isotropic",
+                 "--set", "q_draws=2"]  # fmt: skip
+    assert bench.main([*argv, *posterior]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["loss_finite"] and doc["settings"]["q_cov"] == "isotropic"
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--set", "q_cov=diagonal"])
+    assert "unknown q_cov 'diagonal'" in capsys.readouterr().err
 
 
 def test_buffer_memory_measures_every_store_and_dtype(tmp_path, capsys):
