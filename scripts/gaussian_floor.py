@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/gmm_families.py
 
-from gmm_families import distances, meets_goal, random_mixture, summary_markdown  # noqa: E402
+from gmm_families import distances, meets_goal, mixtures, summary_markdown  # noqa: E402
 
 from sqdf.atomic import atomic_write_text  # noqa: E402
 from sqdf.gaussian_floor import PROJECTIONS, measure_gaussian_floor  # noqa: E402
@@ -60,7 +60,8 @@ def floor_rows(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--families", type=int, default=4)
+    p.add_argument("--families", type=int, default=4, help="how many mixtures")
+    p.add_argument("--first-family", type=int, default=0, help="index of the first mixture")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--alphas", default="1.0", help="KL weights, comma-separated")
     p.add_argument("--rewards", default="linear,quadratic")
@@ -72,14 +73,17 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    families = [random_mixture(1000 + i) for i in range(args.families)]
-    atomic_write_text(out / "families.json", json.dumps(families, indent=1))
+    families = mixtures(args.first_family, args.families)
+    atomic_write_text(
+        out / "families.json",
+        json.dumps([{"index": i, **m} for i, m in families.items()], indent=1),
+    )
     rows = []
     alphas = [float(v) for v in args.alphas.split(",")]
     for num_steps in (int(v) for v in args.num_steps.split(",")):
         for projection in args.projections.split(","):
             for alpha in alphas:
-                for i, mixture in enumerate(families):
+                for i, mixture in families.items():
                     for reward in args.rewards.split(","):
                         rows += floor_rows(args, mixture, i, reward, alpha, num_steps, projection)
                         print(f"{projection} {num_steps} alpha {alpha} family{i} {reward} done",

@@ -53,6 +53,14 @@ def random_mixture(seed: int) -> dict[str, Any]:
     return {"means": means, "stds": stds, "weights": weights}
 
 
+def mixtures(first: int, count: int) -> dict[int, dict[str, Any]]:
+    """Mixtures first .. first + count - 1 of the benchmark's sequence, by index: the same
+    index is the same mixture in every script and run."""
+    if first < 0 or count < 1:
+        raise SystemExit(f"--first-family must be >= 0 and --families >= 1, got {first}, {count}")
+    return {i: random_mixture(1000 + i) for i in range(first, first + count)}
+
+
 def distances(run: dict[str, Any]) -> dict[str, float]:
     return {
         "target_mode_tv": run["target_mode_tv"],
@@ -92,7 +100,8 @@ def summary_markdown(rows: list[dict[str, Any]], sweep_key: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--families", type=int, default=4)
+    p.add_argument("--families", type=int, default=4, help="how many mixtures")
+    p.add_argument("--first-family", type=int, default=0, help="index of the first mixture")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--alphas", default="1.0,4.0")
     p.add_argument("--rewards", default="linear,quadratic")
@@ -103,10 +112,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sweep = _key_and_values(args.sweep, "--sweep", "KEY")
     shared = key_values(args.set, "--set")
-    families = [random_mixture(1000 + i) for i in range(args.families)]
-    atomic_write_text(out / "families.json", json.dumps(families, indent=1))
+    families = mixtures(args.first_family, args.families)
+    atomic_write_text(
+        out / "families.json",
+        json.dumps([{"index": i, **m} for i, m in families.items()], indent=1),
+    )
     rows = []
-    for i, mixture in enumerate(families):
+    for i, mixture in families.items():
         for reward in args.rewards.split(","):
             for alpha in (float(a) for a in args.alphas.split(",")):
                 name = f"family{i}-{reward}-alpha{alpha:g}"

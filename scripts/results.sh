@@ -61,6 +61,22 @@ declare -A EXPERIMENTS=(
     # and four micro-batches of replayed cells an update (the same fresh samples)
     [gmm2d-families-200-cosine-q-at-mean-accum4]="families --families 4 --alphas 1.0 --sweep grad_accum=4 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
     [gmm2d-families-200-cosine-q-at-mean-accum8]="families --families 4 --alphas 1.0 --sweep grad_accum=8 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
+    # the recommended settings (preset gmm2d-exact) at the other alphas, with their floor
+    [gmm2d-families-exact-alphas]="families --families 4 --alphas 0.5,2.0,4.0 --sweep grad_accum=8 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
+    [gmm2d-families-floor-alphas]="floor --families 4 --alphas 0.5,2.0,4.0 --projections first_order,sqdf --num-steps 200"
+    # the Gaussian posterior's covariance, full or isotropic (one Hutchinson probe)
+    [gmm2d-families-q-cov]="families --families 4 --alphas 1.0,4.0 --sweep q_cov=full,isotropic --set estimator=gaussian_posterior --set gamma=1.0"
+    # training-free soft values at the recommended settings (the preset's, estimator swapped)
+    [gmm2d-families-exact-settings-training-free]="families --families 4 --alphas 1.0 --sweep estimator=tweedie,gaussian_posterior --set q_cov=isotropic --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set num_steps=200 --set steps=1000 --set grad_accum=8 --set 'method_params={q_at = \"reference_mean\"}'"
+    # the consistency model beside the estimator table's three
+    [gmm2d-families-consistency]="families --families 4 --alphas 1.0,4.0 --sweep estimator=consistency --set gamma=1.0"
+    # the recommended settings on the flow path (the exact value needs the SDE at noise level sqrt 2)
+    [gmm2d-families-flow-exact]="families --families 4 --alphas 1.0 --sweep estimator=exact --set 'task_params={process = \"flow\", noise_level = 1.4142135623730951}' --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set num_steps=200 --set steps=1000 --set grad_accum=8 --set 'method_params={q_at = \"reference_mean\"}'"
+    # the recommended settings on four mixtures they were not chosen on (mixtures 4-7)
+    [gmm2d-families-exact-heldout]="families --families 4 --first-family 4 --alphas 1.0 --sweep grad_accum=8 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
+    [gmm2d-families-floor-heldout]="floor --families 4 --first-family 4 --projections first_order --num-steps 200"
+    # sixteen micro-batches an update
+    [gmm2d-families-exact-accum16]="families --families 4 --alphas 1.0 --sweep grad_accum=16 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
     # the same with the soft Q at the drawn sample (the paper's): what q_at adds
     [gmm2d-families-200-cosine-accum4]="families --families 4 --alphas 1.0 --sweep grad_accum=4 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000"
     [gmm2d-families-gamma]="families --families 4 --alphas 1.0 --sweep gamma=1.0,0.9,0.7 --set estimator=exact"
@@ -71,6 +87,8 @@ declare -A EXPERIMENTS=(
     [digits-grpo]="${DIGITS[*]} --methods grpo --seeds 3"
     [digits-gamma]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep gamma=1.0,0.9,0.7"
     [digits-estimator]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
+    # the Gaussian posterior with its isotropic covariance, beside digits-estimator's two
+    [digits-posterior]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep estimator=gaussian_posterior --set q_cov=isotropic"
     [digits-buffer]="${DIGITS[*]} --methods sqdf --seeds 3 --set replay_ratio=1 --sweep buffer=on_policy,uniform,prioritized"
     [digits-alpha]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep alpha=0.03,0.1,0.3"
     # online black-box optimisation (sqdf bbo): every method at the same oracle query budget
@@ -82,7 +100,7 @@ declare -A EXPERIMENTS=(
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
        gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-gaussian-q gmm2d-quadratic-gaussian-q gmm2d-buffer gmm2d-alpha
-       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-200-cosine-q-at-mean gmm2d-families-200-cosine-q-at-mean-accum4 gmm2d-families-200-cosine-q-at-mean-accum8 gmm2d-families-200-cosine-accum4 gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-200-cosine-q-at-mean gmm2d-families-200-cosine-q-at-mean-accum4 gmm2d-families-200-cosine-q-at-mean-accum8 gmm2d-families-200-cosine-accum4 gmm2d-families-exact-alphas gmm2d-families-floor-alphas gmm2d-families-exact-accum16 gmm2d-families-exact-heldout gmm2d-families-floor-heldout gmm2d-families-q-cov gmm2d-families-exact-settings-training-free gmm2d-families-consistency gmm2d-families-flow-exact gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-posterior digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args

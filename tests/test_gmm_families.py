@@ -57,6 +57,24 @@ def test_the_goal_and_a_tiny_run(tmp_path, monkeypatch):
     assert "| tweedie | linear | 2 |" in (tmp_path / "summary.md").read_text()
 
 
+def test_later_mixtures_by_index(tmp_path, monkeypatch):
+    """--first-family 3 --families 2: mixtures 3 and 4 of the same sequence, named by index."""
+    fam = load()
+    argv = ["gmm_families.py", "--out", str(tmp_path), "--families", "2", "--first-family", "3",
+            "--alphas", "2.0", "--rewards", "linear", "--sweep", "estimator=tweedie",
+            "--set", "steps=1", "--set", "num_steps=3", "--set", "batch_size=4",
+            "--set", "buffer_size=8", "--set", "task_params={hidden = 4}"]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    fam.main()
+    written = json.loads((tmp_path / "families.json").read_text())
+    assert written == [{"index": i, **fam.mixtures(0, 5)[i]} for i in (3, 4)]
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["family"] for r in rows] == [3, 4]
+    assert (tmp_path / "family4-linear-alpha2" / "results.json").exists()
+    with pytest.raises(SystemExit, match="--first-family must be >= 0"):
+        fam.mixtures(-1, 2)
+
+
 def test_the_readme_command_runs(tmp_path, monkeypatch):
     """The README's command as written, shrunk by flags appended after it (the last wins)."""
     import re
