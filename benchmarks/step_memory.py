@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     base = base_config("sd", args.preset, parts)
     if args.resolution is not None:
         extra = {"resolution": args.resolution, **extra}
+    extra = {**extra, **settings.pop("task_params", {})}
     base["task_params"] = {**base["task_params"], **extra}
+    if settings.get("estimator", base["estimator"]) != "consistency":
+        base["task_params"].pop("lcm", None)  # unread: its weights would count in the peak
     try:
         cfg = make_config(
             {**base, **settings, "batch_size": args.batch_size, "steps": 1}, source="bench"
@@ -104,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(),
         "command": " ".join(["python", "benchmarks/step_memory.py", *(argv or sys.argv[1:])]),
         "preset": args.preset, "batch_size": n, "step": args.step, "settings": settings,
-        "task_params": {k: v for k, v in base["task_params"].items()
-                        if k not in ("model", "lcm")},
+        "task_params": {k: v for k, v in cfg.task_params.items() if k not in ("model", "lcm")},
+        "estimator": cfg.estimator,
         "loss_finite": bool(torch.isfinite(loss)),
         "first_step_s": round(seconds[0], 2), "step_s": round(seconds[1], 2),
         "memory_kind": peak_memory()[1],

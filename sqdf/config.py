@@ -68,7 +68,12 @@ class TrainConfig:
         "full",
         "estimator gaussian_posterior's covariance: full (the denoiser's Jacobian, one backward "
         "pass per dimension: samples of <= 64 dimensions) or isotropic (its trace by one "
-        "Hutchinson probe: one backward pass, any size)",
+        "q_probes Hutchinson probes: one backward pass each, any size)",
+    )
+    q_probes: int = _f(
+        1,
+        "q_cov isotropic: Hutchinson probes of the trace, one backward pass through the "
+        "reference each (the trace's relative error falls as 1/sqrt(q_probes))",
     )
     num_steps: int = _f(50, "DDIM sampling steps T")
     eta: float = _f(1.0, "DDIM eta in (0, 1]; the KL needs a stochastic policy")
@@ -190,6 +195,7 @@ class TrainConfig:
             f"{self.task!r} has tweedie and consistency",
         )
         need(self.q_draws >= 1, f"q_draws must be >= 1, got {self.q_draws}")
+        need(self.q_probes >= 1, f"q_probes must be >= 1, got {self.q_probes}")
         need(
             self.q_cov in Q_COVARIANCES,
             f"unknown q_cov {self.q_cov!r}; known: {', '.join(Q_COVARIANCES)}",

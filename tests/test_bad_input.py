@@ -120,6 +120,7 @@ CASES = [
     ("gaussian posterior estimator on digits", lambda r: ["train", "--task", "digits", "--estimator", "gaussian_posterior", "--out", str(r / "x")],
      "for samples of at most 64; task 'digits' has 256: use q_cov 'isotropic' (one backward pass), or tweedie or consistency"),
     ("unknown posterior covariance", lambda r: ["train", "--q-cov", "diagonal"], "unknown q_cov 'diagonal'; known: full, isotropic"),
+    ("no trace probes", lambda r: ["train", "--q-probes", "0"], "q_probes must be >= 1, got 0"),
     ("unknown buffer store", lambda r: ["train", "--buffer-store", "cloud"], "unknown buffer_store 'cloud'; known: memory, disk"),
     ("unknown buffer dtype", lambda r: ["train", "--buffer-dtype", "int8"], "unknown buffer_dtype 'int8'; known: float32, bfloat16, float16, auto"),
     ("ddpo with a half-precision buffer", lambda r: ["train", "--method", "ddpo", "--buffer", "on_policy", "--buffer-dtype", "bfloat16"], "method 'ddpo' takes likelihood ratios of the stored steps"),

@@ -153,6 +153,7 @@ def test_step_memory_times_one_gradient_step(tmp_path, capsys):
     assert bench.main([*argv, *posterior]) == 0
     doc = json.loads(out.read_text())
     assert doc["loss_finite"] and doc["settings"]["q_cov"] == "isotropic"
+    assert doc["estimator"] == "gaussian_posterior"
     with pytest.raises(SystemExit):
         bench.main([*argv, "--set", "q_cov=diagonal"])
     assert "unknown q_cov 'diagonal'" in capsys.readouterr().err

@@ -96,7 +96,8 @@ def build_task(cfg: Any) -> Task:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"task {cfg.task!r}: {err}") from None
-    task.alpha, task.q_draws, task.q_cov = cfg.alpha, cfg.q_draws, cfg.q_cov
+    task.alpha, task.q_draws = cfg.alpha, cfg.q_draws
+    task.q_cov, task.q_probes = cfg.q_cov, cfg.q_probes
     return task
 
 

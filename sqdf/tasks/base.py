@@ -40,6 +40,7 @@ class Task(ABC):
     alpha: float  # the KL weight, summed convention (set by build_task)
     q_draws: int  # estimator "gaussian_posterior": draws per soft value (set by build_task)
     q_cov: str = "full"  # estimator "gaussian_posterior": "full" or "isotropic" (build_task)
+    q_probes: int = 1  # q_cov "isotropic": Hutchinson probes of the trace (build_task)
     eval_samples: int = 4096  # sqdf eval's default sample count
     eval_batch: int | None = None  # evaluation samples per chunk (None: all at once)
     picture_samples: int = 1024  # samples in each --sample-every picture (gmm2d: a scatter)
@@ -129,9 +130,9 @@ class Task(ABC):
         dim = math.prod(self.sample_shape)
         z = torch.randn((len(x_prev), self.q_draws, dim), generator=generator).to(x_prev)
         if self.q_cov == "isotropic":
-            signs = torch.randint(0, 2, (len(x_prev), dim), generator=generator)
-            probe = (2.0 * signs - 1.0).to(x_prev)
-            mean, var = tweedie_isotropic_variance(x0_fn, x_prev, scale, spread, probe)
+            signs = torch.randint(0, 2, (len(x_prev), self.q_probes, dim), generator=generator)
+            probes = (2.0 * signs - 1.0).to(x_prev)
+            mean, var = tweedie_isotropic_variance(x0_fn, x_prev, scale, spread, probes)
             value = isotropic_soft_value(reward_fn, mean, var, self.alpha, z)
         else:
             mean, cov = tweedie_covariance(x0_fn, x_prev, scale, spread)

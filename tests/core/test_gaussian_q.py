@@ -35,9 +35,9 @@ ROUND = GaussianMixture(  # one isotropic component: its posteriors are isotropi
 X = torch.tensor([[0.3, -0.7], [-1.0, 0.4], [1.2, 0.9]], dtype=torch.float64)
 
 
-def rademacher(n, d, seed):
+def rademacher(n, d, seed, probes=1):
     g = torch.Generator().manual_seed(seed)
-    return (2.0 * torch.randint(0, 2, (n, d), generator=g) - 1.0).double()
+    return (2.0 * torch.randint(0, 2, (n, probes, d), generator=g) - 1.0).double()
 
 
 def posterior_mean_fn(gmm, scale, noise_var):
@@ -125,6 +125,18 @@ def test_isotropic_variance_is_the_mean_posterior_variance_on_average(scale, noi
     torch.testing.assert_close(var, cov.diagonal(dim1=-2, dim2=-1).mean(-1).detach())
 
 
+def test_several_probes_average_their_readings():
+    fn, (scale, noise_var), n = posterior_mean_fn(MIX, *STATES[1]), STATES[1], X.shape[0]
+    args = (fn, X, full(n, scale), full(n, noise_var**0.5))
+    probes = rademacher(n, 2, 4, probes=5)
+    _, var = tweedie_isotropic_variance(*args, probes)
+    single = [tweedie_isotropic_variance(*args, probes[:, p : p + 1])[1] for p in range(5)]
+    # clamping at 0 comes after the average: compare where no single reading is clamped
+    keep = torch.stack(single).min(0).values > 0
+    assert bool(keep.any())
+    torch.testing.assert_close(var[keep], torch.stack(single).mean(0)[keep])
+
+
 @pytest.mark.parametrize("reward", REWARDS, ids=["linear", "quadratic"])
 def test_isotropic_value_is_the_soft_value_where_the_posterior_is_round(reward):
     alpha, (scale, noise_var), n = 1.5, STATES[1], X.shape[0]
@@ -146,9 +158,10 @@ def test_isotropic_value_is_differentiable_through_the_mean_alone():
     fn = posterior_mean_fn(MIX, scale, noise_var)
     z = torch.randn(1, 64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     probe = rademacher(1, 2, 3)
-    x = X[:1].clone().requires_grad_(True)
+    layer = torch.nn.Linear(2, 2, dtype=torch.float64)  # x as a policy's output
+    x = X[:1] + layer(X[:1])
     mean, var = tweedie_isotropic_variance(fn, x, full(1, scale), full(1, noise_var**0.5), probe)
-    assert x.grad is None  # the probe's product went to the variance, not into x.grad
+    assert all(p.grad is None for p in layer.parameters())  # the probe's product stops at x
 
     def value(y):
         return isotropic_soft_value(lambda d: REWARDS[1](d, None), fn(y), var, alpha, z).sum()
@@ -181,7 +194,7 @@ def test_bad_input():
                            device="cpu"), source="test")  # fmt: skip
     with pytest.raises(ConfigError, match="at most 64; task 'digits' has 256: use q_cov 'iso"):
         build_task(cfg)
-    with pytest.raises(ValueError, match=r"probe must have the shape \(1, 2\), got \(1, 3\)"):
+    with pytest.raises(ValueError, match=r"probes must have the shape \(1, P, 2\), got \(1, 3\)"):
         tweedie_isotropic_variance(lambda x: x, torch.zeros(1, 2), torch.ones(1), torch.ones(1),
                                    torch.ones(1, 3))  # fmt: skip
 
@@ -219,7 +232,8 @@ def test_isotropic_soft_q_on_digits():
     the state, under no_grad too (the probe's product needs the denoiser's graph), and the
     same value again from the same generator."""
     cfg = make_config(dict(task="digits", method="sqdf", estimator="gaussian_posterior",
-                           q_cov="isotropic", q_draws=4, device="cpu"), source="test")  # fmt: skip
+                           q_cov="isotropic", q_draws=4, q_probes=2, device="cpu"),
+                      source="test")  # fmt: skip
     task = build_task(cfg)
     n = 3
     x = torch.randn(n, *task.sample_shape, generator=torch.Generator().manual_seed(0))
