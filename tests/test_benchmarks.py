@@ -176,3 +176,15 @@ def test_buffer_memory_measures_every_store_and_dtype(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--shapes", "sd3"])
     assert "unknown shape 'sd3'" in capsys.readouterr().err
+
+
+def test_posterior_trace_reads_the_probes_error(tmp_path, capsys):
+    bench = load("posterior_trace")
+    out = tmp_path / "trace.json"
+    assert bench.main(["--samples", "2", "--steps", "30", "--repeats", "3", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["step"] == 30 and row["states"] == 2 and 0 <= row["negative_traces"] <= 2
+    assert 0 < row["one_probe_rel_std_min"] <= row["one_probe_rel_std_median"]
+    with pytest.raises(SystemExit):
+        bench.main(["--steps", "49"])
+    assert "--steps must lie in [0, 48] (got 49)" in capsys.readouterr().err

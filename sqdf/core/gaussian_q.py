@@ -25,9 +25,9 @@ At any size, the isotropic covariance v·I keeps the spread's mean level alone,
 with the trace read by Hutchinson's estimator, the mean of zᵀ J z over P Rademacher probes z:
 P backward passes through the denoiser. Its relative error is about
 √(2/P) ‖offdiag J‖_F / tr J: small where the posterior's correlations are weak, but not
-falling as 1/√D where they are strong (on digits, 256 pixels, one probe reads the trace
-within 15-35 % at mid and late steps). Where the denoiser's Jacobian is not positive (an
-inexact model at high noise), the trace can read negative and v is clamped at 0. v is taken
+falling as 1/√D where they are strong (on digits, 256 pixels, one probe's median error is
+16-30 %: benchmarks/posterior_trace.py). Where an inexact denoiser's Jacobian has a negative
+trace (digits: 3-4 states of 8 in the first steps), v is clamped at 0: Tweedie's value. v is taken
 without its own gradient (the value's gradient still runs through the posterior's mean and
 the draws), which spares a second derivative of the denoiser that fused attention kernels
 do not provide.
