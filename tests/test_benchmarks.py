@@ -188,3 +188,18 @@ def test_posterior_trace_reads_the_probes_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--steps", "49"])
     assert "--steps must lie in [0, 48] (got 49)" in capsys.readouterr().err
+
+
+def test_posterior_gradient_compares_each_estimators_gradient_with_the_exact_one(tmp_path):
+    bench = load("posterior_gradient")
+    out = tmp_path / "grad.json"
+    argv = ["--samples", "8", "--steps", "20", "--probes", "2", "--draws", "4", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = {(r["reward"], r["estimator"]): r for r in json.loads(out.read_text())["rows"]}
+    assert {e for _, e in rows} == {"tweedie", "full", "isotropic-2", "isotropic_grad-2"}
+    assert all(r["grad_rel_error"] > 0 for r in rows.values())
+    # a linear reward's log-mean-exp about the mean, its spread held fixed, has Tweedie's
+    # gradient; keeping the trace's gradient moves it
+    lin = {e: rows["linear", e]["grad_rel_error"] for e in ("tweedie", "isotropic-2",
+                                                           "isotropic_grad-2")}  # fmt: skip
+    assert lin["isotropic-2"] == lin["tweedie"] != lin["isotropic_grad-2"]

@@ -27,10 +27,18 @@ P backward passes through the denoiser. Its relative error is about
 √(2/P) ‖offdiag J‖_F / tr J: small where the posterior's correlations are weak, but not
 falling as 1/√D where they are strong (on digits, 256 pixels, one probe's median error is
 16-30 %: benchmarks/posterior_trace.py). Where an inexact denoiser's Jacobian has a negative
-trace (digits: 3-4 states of 8 in the first steps), v is clamped at 0: Tweedie's value. v is taken
-without its own gradient (the value's gradient still runs through the posterior's mean and
-the draws), which spares a second derivative of the denoiser that fused attention kernels
-do not provide.
+trace (digits: 3-4 states of 8 in the first steps), v is clamped at 0: Tweedie's value.
+
+By default v is taken without its own gradient: the value's gradient runs through the
+posterior's mean and the draws alone, which spares a second derivative of the denoiser that
+fused attention kernels do not provide. Then, for a linear reward, the gradient is exactly
+Tweedie's (the log-mean-exp over draws about the mean moves with the mean alone), and the
+spread acts only through a curved reward. ``keep_graph`` keeps v's gradient, the pull towards
+states whose posterior is wider (to second order, ‖∇r‖² ∇v / (2α)), as the full covariance has
+it, at the price of a double backward pass through the denoiser. Measured on gmm2d
+(benchmarks/posterior_gradient.py) it does not pay: with one or four probes its gradient is
+no nearer the exact soft value's than with v held, so it is a parameter of this function for
+that measurement, not a training setting.
 """
 
 from __future__ import annotations
@@ -97,11 +105,17 @@ def gaussian_soft_value(
 
 
 def tweedie_isotropic_variance(
-    x0_fn: Callable[[Tensor], Tensor], x: Tensor, scale: Tensor, spread: Tensor, probes: Tensor
+    x0_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    scale: Tensor,
+    spread: Tensor,
+    probes: Tensor,
+    keep_graph: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(E[x0 | x], v) with v = (spread² / scale) mean_p(z_pᵀ J z_p) / D, J = ∂E[x0 | x]/∂x:
     Hutchinson's estimate of the posterior's mean variance tr Cov[x0 | x] / D from P probes a
-    sample, one backward pass each. The mean keeps its graph; v is detached and clamped at 0.
+    sample, one backward pass each. The mean keeps its graph; v is clamped at 0 and detached,
+    or, with ``keep_graph``, differentiable in x (its backward is a second derivative of x0_fn).
 
     # x: (B, *S); scale, spread: (B,); probes: (B, P, D) Rademacher; returns (B, D), (B,)
     """
@@ -115,8 +129,11 @@ def tweedie_isotropic_variance(
         trace = torch.zeros(b, dtype=torch.float64, device=mean.device)
         for p in range(probes.shape[1]):
             z = probes[:, p]
-            (vjp,) = torch.autograd.grad(mean, x, grad_outputs=z, retain_graph=True)
-            trace += (vjp.flatten(1) * z).sum(1).detach().double()
+            (vjp,) = torch.autograd.grad(
+                mean, x, grad_outputs=z, retain_graph=True, create_graph=keep_graph
+            )
+            reading = (vjp.flatten(1) * z).sum(1).double()
+            trace = trace + (reading if keep_graph else reading.detach())
     factor = spread.double() ** 2 / scale.double() / (d * probes.shape[1])
     return mean, (factor * trace).clamp(min=0).to(mean.dtype)
 

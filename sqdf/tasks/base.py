@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,17 +117,7 @@ class Task(ABC):
         task that knows the exact soft value (gmm2d, estimator "exact") gives that instead."""
         if self.estimator != GAUSSIAN_POSTERIOR:
             return self.reward(self.x0_after_step(x_prev, step_index, cond), cond)
-        T = self.kernel.num_steps
-        state = (step_index.cpu() + 1).clamp(max=T - 1)  # after the last step: unused below
-        scale, spread = (v.to(x_prev.device) for v in self.kernel.marginal(state))
-        cond_k = cond.repeat_interleave(self.q_draws, dim=0)
-
-        def x0_fn(x: Tensor) -> Tensor:
-            return self.reference_x0(x, state, cond)
-
-        def reward_fn(d: Tensor) -> Tensor:
-            return self.reward(d.view(-1, *self.sample_shape), cond_k)
-
+        x0_fn, reward_fn, scale, spread = self.posterior_parts(x_prev, step_index, cond)
         dim = math.prod(self.sample_shape)
         z = torch.randn((len(x_prev), self.q_draws, dim), generator=generator).to(x_prev)
         if self.q_cov == "isotropic":
@@ -137,8 +128,26 @@ class Task(ABC):
         else:
             mean, cov = tweedie_covariance(x0_fn, x_prev, scale, spread)
             value = gaussian_soft_value(reward_fn, mean, cov, self.alpha, z)
-        last = (step_index == T - 1).to(x_prev.device)
+        last = (step_index == self.kernel.num_steps - 1).to(x_prev.device)
         return torch.where(last, self.reward(x_prev, cond), value)
+
+    def posterior_parts(
+        self, x_prev: Tensor, step_index: Tensor, cond: Tensor
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Tensor, Tensor]:
+        """What sqdf.core.gaussian_q needs at the state step k reached: the reference's x̂0 of
+        a state, the reward of flat draws (``q_draws`` per state), and the state's marginal
+        scale and spread (x = scale · x0 + spread · ε)."""
+        state = (step_index.cpu() + 1).clamp(max=self.kernel.num_steps - 1)  # last: unused
+        scale, spread = (v.to(x_prev.device) for v in self.kernel.marginal(state))
+        cond_k = cond.repeat_interleave(self.q_draws, dim=0)
+
+        def x0_fn(x: Tensor) -> Tensor:
+            return self.reference_x0(x, state, cond)
+
+        def reward_fn(d: Tensor) -> Tensor:
+            return self.reward(d.view(-1, *self.sample_shape), cond_k)
+
+        return x0_fn, reward_fn, scale, spread
 
     def x0_after_step(self, x_prev: Tensor, step_index: Tensor, cond: Tensor) -> Tensor:
         """x̂0 of the state reached by step k (state k + 1): the frozen estimator, or x_prev

@@ -177,6 +177,51 @@ def test_isotropic_value_is_differentiable_through_the_mean_alone():
         assert float(grad[0, j]) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
 
 
+@pytest.mark.parametrize("reward", REWARDS, ids=["linear", "quadratic"])
+def test_isotropic_value_keeps_its_variances_gradient_on_request(reward):
+    """keep_graph: the gradient is the whole function's, the probe's reading of the trace
+    moving with x too (central differences, the probe fixed); it differs from the gradient with
+    the reading held, which for a linear reward is exactly Tweedie's."""
+    alpha, (scale, noise_var) = 1.5, STATES[1]
+    fn = posterior_mean_fn(MIX, scale, noise_var)
+    z = torch.randn(1, 64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    probe, args = rademacher(1, 2, 3, probes=2), (full(1, scale), full(1, noise_var**0.5))
+    x = X[:1].clone().requires_grad_(True)
+
+    def value(y, keep):
+        mean, var = tweedie_isotropic_variance(fn, y, *args, probe, keep_graph=keep)
+        return isotropic_soft_value(lambda d: reward(d, None), mean, var, alpha, z).sum()
+
+    (kept,) = torch.autograd.grad(value(x, True), x)
+    (held,) = torch.autograd.grad(value(x, False), x)
+    h = 1e-5
+    for j in range(2):
+        e = torch.zeros_like(x)
+        e[0, j] = h
+        fd = (value(x.detach() + e, False) - value(x.detach() - e, False)).detach() / (2 * h)
+        assert float(kept[0, j]) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
+    assert float((kept - held).norm()) > 1e-3
+    if reward is REWARDS[0]:
+        (tweedie,) = torch.autograd.grad(reward(fn(x), None).sum(), x)
+        torch.testing.assert_close(held, tweedie)
+
+
+def test_a_clamped_variance_has_a_finite_gradient():
+    """A negative trace (an inexact denoiser) clamps v at 0: the value is Tweedie's and its
+    gradient finite, the trace's gradient kept or not."""
+    x = X[:2].clone().requires_grad_(True)
+    for keep in (False, True):
+        mean, var = tweedie_isotropic_variance(
+            lambda y: -y, x, full(2, 0.6), full(2, 0.8), rademacher(2, 2, 5), keep_graph=keep
+        )
+        assert bool((var == 0).all())
+        z = torch.randn(2, 8, 2, dtype=torch.float64)
+        (grad,) = torch.autograd.grad(
+            isotropic_soft_value(lambda d: REWARDS[1](d, None), mean, var, 1.0, z).sum(), x
+        )
+        assert bool(torch.isfinite(grad).all())
+
+
 def test_a_covariance_that_is_not_positive_definite_falls_back_to_its_diagonal():
     cov = torch.tensor([[[1.0, 2.0], [2.0, 1.0]], [[2.0, 0.5], [0.5, 1.0]]], dtype=torch.float64)
     root = covariance_root(cov)
