@@ -68,6 +68,9 @@ def distances(run: dict[str, Any]) -> dict[str, float]:
         "kl_rel_error": run["kl_path"] / run["target_kl"] - 1,
         "reward_gap": run["target_reward_mean"] - run["reward_mean"],
         "ref_target_mode_tv": run["ref_target_mode_tv"],
+        # the raw values behind the ratio, for a floor read another way (w2_floor_noise.py)
+        "target_sliced_w2": run["target_sliced_w2"],
+        "floor_sliced_w2": run["ref_sampler_sliced_w2"],
     }
 
 

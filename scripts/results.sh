@@ -80,6 +80,11 @@ declare -A EXPERIMENTS=(
     # on the held-out mixtures: sixteen micro-batches, and a policy network twice as wide
     [gmm2d-families-exact-heldout-accum16]="families --families 4 --first-family 4 --alphas 1.0 --sweep grad_accum=16 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
     [gmm2d-families-exact-heldout-hidden256]="families --families 4 --first-family 4 --alphas 1.0 --sweep grad_accum=8 --set 'task_params={hidden = 256}' --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
+    # the two held-out runs furthest from the target's shape, given 2 and 4 times the updates
+    [gmm2d-family6-linear-exact-updates]="families --families 1 --first-family 6 --rewards linear --alphas 1.0 --sweep steps=1000,2000,4000 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set grad_accum=8 --set 'method_params={q_at = \"reference_mean\"}'"
+    [gmm2d-family4-quadratic-exact-updates]="families --families 1 --first-family 4 --rewards quadratic --alphas 1.0 --sweep steps=1000,2000,4000 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set grad_accum=8 --set 'method_params={q_at = \"reference_mean\"}'"
+    # the W2 floor read 8 times a mixture, and those runs' W2 bound against its mean
+    [gmm2d-families-w2-floor-noise]="noise --families 8 --draws 8 --summary docs/results/gmm2d-families-200-cosine-q-at-mean-accum8/summary.json --summary docs/results/gmm2d-families-exact-heldout/summary.json --summary docs/results/gmm2d-families-exact-heldout-accum16/summary.json --summary docs/results/gmm2d-families-exact-heldout-hidden256/summary.json --summary docs/results/gmm2d-family6-linear-exact-updates/summary.json --summary docs/results/gmm2d-family4-quadratic-exact-updates/summary.json"
     # the same with the soft Q at the drawn sample (the paper's): what q_at adds
     [gmm2d-families-200-cosine-accum4]="families --families 4 --alphas 1.0 --sweep grad_accum=4 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000"
     [gmm2d-families-gamma]="families --families 4 --alphas 1.0 --sweep gamma=1.0,0.9,0.7 --set estimator=exact"
@@ -103,7 +108,7 @@ declare -A EXPERIMENTS=(
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
        gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-gaussian-q gmm2d-quadratic-gaussian-q gmm2d-buffer gmm2d-alpha
-       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-200-cosine-q-at-mean gmm2d-families-200-cosine-q-at-mean-accum4 gmm2d-families-200-cosine-q-at-mean-accum8 gmm2d-families-200-cosine-accum4 gmm2d-families-exact-alphas gmm2d-families-floor-alphas gmm2d-families-exact-accum16 gmm2d-families-exact-heldout gmm2d-families-floor-heldout gmm2d-families-exact-heldout-accum16 gmm2d-families-exact-heldout-hidden256 gmm2d-families-q-cov gmm2d-families-exact-settings-training-free gmm2d-families-consistency gmm2d-families-flow-exact gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-posterior digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-200-cosine-q-at-mean gmm2d-families-200-cosine-q-at-mean-accum4 gmm2d-families-200-cosine-q-at-mean-accum8 gmm2d-families-200-cosine-accum4 gmm2d-families-exact-alphas gmm2d-families-floor-alphas gmm2d-families-exact-accum16 gmm2d-families-exact-heldout gmm2d-families-floor-heldout gmm2d-families-exact-heldout-accum16 gmm2d-families-exact-heldout-hidden256 gmm2d-family6-linear-exact-updates gmm2d-family4-quadratic-exact-updates gmm2d-families-w2-floor-noise gmm2d-families-q-cov gmm2d-families-exact-settings-training-free gmm2d-families-consistency gmm2d-families-flow-exact gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-posterior digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args
@@ -117,12 +122,17 @@ run() {  # name
         # Gaussian-step floor on the same mixtures
         command=${args[0]} files=(summary.md summary.json families.json)
         args=("${args[@]:1}")
+    elif [ "${args[0]}" = noise ]; then  # scripts/w2_floor_noise.py: the W2 floor's spread
+        command=noise files=(floor_noise.json)
+        args=("${args[@]:1}")
     fi
     rm -rf "runs/results/$name"
     if [ "$command" = families ]; then
         .venv/bin/python scripts/gmm_families.py --out "runs/results/$name" "${args[@]}" > /dev/null
     elif [ "$command" = floor ]; then
         .venv/bin/python scripts/gaussian_floor.py --out "runs/results/$name" "${args[@]}" > /dev/null
+    elif [ "$command" = noise ]; then
+        .venv/bin/python scripts/w2_floor_noise.py --out "runs/results/$name" "${args[@]}" > /dev/null
     else
         "$SQDF" "$command" --out "runs/results/$name" --no-progress "${args[@]}" > /dev/null
     fi
@@ -134,6 +144,7 @@ run() {  # name
     local line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: sqdf $command --out runs/results/$name --no-progress ${args[*]}"
     [ "$command" = families ] && line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: python scripts/gmm_families.py --out runs/results/$name ${args[*]}"
     [ "$command" = floor ] && line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: python scripts/gaussian_floor.py --out runs/results/$name ${args[*]}"
+    [ "$command" = noise ] && line="$name: $((SECONDS - t0)) s, threads=${OMP_NUM_THREADS:-all}: python scripts/w2_floor_noise.py --out runs/results/$name ${args[*]}"
     # flock: several invocations may run side by side (e.g. one torch thread each)
     (flock 9; { grep -v "^$name: " "$LOG" || true; } > "$LOG.tmp"; echo "$line" >> "$LOG.tmp"
      mv "$LOG.tmp" "$LOG") 9> "$LOG.lock"

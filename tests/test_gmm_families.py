@@ -54,6 +54,10 @@ def test_the_goal_and_a_tiny_run(tmp_path, monkeypatch):
     assert [r["value"] for r in rows] == ["tweedie", "exact"]
     run = json.loads((tmp_path / "family0-linear-alpha2" / "results.json").read_text())["runs"][0]
     assert rows[0]["kl_rel_error"] == pytest.approx(run["kl_path"] / run["target_kl"] - 1)
+    assert rows[0]["w2_over_floor"] == pytest.approx(
+        rows[0]["target_sliced_w2"] / rows[0]["floor_sliced_w2"]
+    )
+    assert rows[0]["floor_sliced_w2"] == run["ref_sampler_sliced_w2"]
     assert "| tweedie | linear | 2 |" in (tmp_path / "summary.md").read_text()
 
 
@@ -92,3 +96,39 @@ def test_the_readme_command_runs(tmp_path, monkeypatch):
     load().main()
     table = (tmp_path / "summary.md").read_text()
     assert "| tweedie | linear | 2 |" in table and "| exact | quadratic | 2 |" in table
+
+
+def load_noise():
+    spec = importlib.util.spec_from_file_location(
+        "w2_floor_noise", ROOT / "scripts" / "w2_floor_noise.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_w2_bound_against_the_floors_mean(tmp_path, capsys):
+    """The floor read several times a mixture; a run's W2 over that mean decides the bound
+    where the one-draw ratio did, the other two bounds unchanged."""
+    noise = load_noise()
+    row = dict(family=0, reward="linear", alpha=1.0, value="8", target_mode_tv=0.02,
+               kl_rel_error=-0.05, w2_over_floor=2.0, target_sliced_w2=0.09,
+               goal=False)  # fmt: skip
+    rows = [row, {**row, "target_mode_tv": 0.05}, {**row, "family": 9},
+            {k: v for k, v in row.items() if k != "target_sliced_w2"}]  # fmt: skip
+    got = noise.renormalised(rows, {0: 0.07})
+    assert (got["runs"], got["goal_one_draw"], got["goal_mean_floor"]) == (2, 0, 1)
+    assert got["per_run"][0]["w2_over_mean_floor"] == pytest.approx(0.09 / 0.07, abs=1e-3)
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps(rows))
+    argv = ["--out", str(tmp_path / "out"), "--families", "1", "--draws", "2",
+            "--num-samples", "64", "--num-steps", "5", "--summary", str(summary)]  # fmt: skip
+    assert noise.main(argv) == 0
+    doc = json.loads((tmp_path / "out" / "floor_noise.json").read_text())
+    (fam,) = doc["families"]
+    assert fam["family"] == 0 and fam["floor_mean"] > 0 and fam["floor_std"] >= 0
+    assert fam["linear_target_noise_mean"] > 0 and fam["quadratic_target_noise_mean"] > 0
+    assert doc["summaries"][str(summary)]["runs"] == 2  # family 9 and a row without raw W2: no
+    with pytest.raises(SystemExit):
+        noise.main(["--out", str(tmp_path), "--draws", "1"])
+    assert "--draws and --num-samples must be >= 2, got 1, 4096" in capsys.readouterr().err
