@@ -8,8 +8,8 @@ gradients, not values. On ``--samples`` states of reference chains after each of
 posterior with the full covariance (whose graph is kept); the isotropic one with its trace
 held fixed (``--q-cov isotropic``) and with the trace's own gradient kept
 (``tweedie_isotropic_variance(keep_graph=True)``, a double backward pass), at each of
-``--probes``. Reports each one's gradient error relative to the exact soft value's,
-mean ‖∇Q − ∇V‖ / mean ‖∇V‖ over the states, and its value's mean error (bias).
+``--probes`` (the same probes for both). Reports each one's gradient error relative to the
+exact soft value's, mean ‖∇Q − ∇V‖ / mean ‖∇V‖ over the states, and its value's mean error.
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ def soft_values(task, x, step, cond, probes: list[int], g) -> dict:
     x0_fn, reward_fn, scale, spread = task.posterior_parts(x, step, cond)
     z = torch.randn((len(x), task.q_draws, x.shape[1]), generator=g)
 
+    # the same probes with the trace's gradient held and kept: the difference is that gradient
+    signs = {p: torch.randint(0, 2, (len(x), p, x.shape[1]), generator=g) for p in probes}
+
     def isotropic(p: int, keep: bool) -> torch.Tensor:
-        signs = torch.randint(0, 2, (len(x), p, x.shape[1]), generator=g)
         mean, var = tweedie_isotropic_variance(
-            x0_fn, x, scale, spread, 2.0 * signs - 1.0, keep_graph=keep
+            x0_fn, x, scale, spread, 2.0 * signs[p] - 1.0, keep_graph=keep
         )
         return isotropic_soft_value(reward_fn, mean, var, task.alpha, z)
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(not 0 <= k < cfg.num_steps - 1 for k in steps):
             ap.error(f"--steps must lie in [0, {cfg.num_steps - 2}], got {args.steps}")
         g = torch.Generator().manual_seed(0)
-        traj = sample_trajectories(task, args.samples, g)
+        traj = sample_trajectories(task, args.samples, g, policy=False)
         for k in steps:
             x = traj.states[:, k + 1].detach().clone().requires_grad_(True)
             values = soft_values(task, x, torch.full((args.samples,), k), traj.cond, probes, g)

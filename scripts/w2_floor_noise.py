@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gmm_families import GOAL, mixtures  # noqa: E402
+from gmm_families import meets_goal, mixtures  # noqa: E402
 
 from sqdf.atomic import atomic_write_text  # noqa: E402
 from sqdf.metrics import sliced_w2  # noqa: E402
@@ -62,17 +62,14 @@ def readings(
 
 def renormalised(rows: list[dict[str, Any]], floors: dict[int, float]) -> dict[str, Any]:
     """The goal counted with each run's W2 over its mixture's mean floor."""
-    counts = {"runs": 0, "goal_one_draw": 0, "goal_mean_floor": 0}
+    counts = {"runs": 0, "goal_one_draw": 0, "goal_mean_floor": 0, "skipped": 0}
     per_run = []
     for r in rows:
         if r["family"] not in floors or "target_sliced_w2" not in r:
+            counts["skipped"] += 1  # another mixture, or a summary from before the raw W2
             continue
         ratio = r["target_sliced_w2"] / floors[r["family"]]
-        meets = (
-            r["target_mode_tv"] <= GOAL["target_mode_tv"]
-            and ratio <= GOAL["w2_over_floor"]
-            and abs(r["kl_rel_error"]) <= GOAL["kl_rel_error"]
-        )
+        meets = meets_goal({**r, "w2_over_floor": ratio})
         counts["runs"] += 1
         counts["goal_one_draw"] += bool(r["goal"])
         counts["goal_mean_floor"] += meets
@@ -119,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                            "summaries": {}}  # fmt: skip
     for path in args.summary:
         got = renormalised(json.loads(Path(path).read_text()), floors)
+        if got["skipped"]:
+            print(f"{path}: {got['skipped']} runs skipped (no raw W2, or a mixture not read)",
+                  file=sys.stderr)  # fmt: skip
         doc["summaries"][path] = got
         print(path, {k: v for k, v in got.items() if k != "per_run"}, flush=True)
     atomic_write_text(out / "floor_noise.json", json.dumps(doc, indent=1))

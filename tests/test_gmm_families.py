@@ -116,8 +116,10 @@ def test_the_w2_bound_against_the_floors_mean(tmp_path, capsys):
                goal=False)  # fmt: skip
     rows = [row, {**row, "target_mode_tv": 0.05}, {**row, "family": 9},
             {k: v for k, v in row.items() if k != "target_sliced_w2"}]  # fmt: skip
+    rows += [{**row, "kl_rel_error": -0.11}, {**row, "target_sliced_w2": 0.11}]  # 1.57x
     got = noise.renormalised(rows, {0: 0.07})
-    assert (got["runs"], got["goal_one_draw"], got["goal_mean_floor"]) == (2, 0, 1)
+    assert (got["runs"], got["goal_one_draw"], got["goal_mean_floor"]) == (4, 0, 1)
+    assert got["skipped"] == 2
     assert got["per_run"][0]["w2_over_mean_floor"] == pytest.approx(0.09 / 0.07, abs=1e-3)
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps(rows))
@@ -128,7 +130,8 @@ def test_the_w2_bound_against_the_floors_mean(tmp_path, capsys):
     (fam,) = doc["families"]
     assert fam["family"] == 0 and fam["floor_mean"] > 0 and fam["floor_std"] >= 0
     assert fam["linear_target_noise_mean"] > 0 and fam["quadratic_target_noise_mean"] > 0
-    assert doc["summaries"][str(summary)]["runs"] == 2  # family 9 and a row without raw W2: no
+    assert doc["summaries"][str(summary)]["runs"] == 4  # family 9 and a row without raw W2: no
+    assert "2 runs skipped" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         noise.main(["--out", str(tmp_path), "--draws", "1"])
     assert "--draws and --num-samples must be >= 2, got 1, 4096" in capsys.readouterr().err
