@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_speed import write_json  # noqa: E402
+from update_speed import command_line, write_json  # noqa: E402
 
 
 def soft_values(task, x, step, cond, probes: list[int], g) -> dict:
@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "date": time.strftime("%Y-%m-%d"), "task": "gmm2d", "alpha": args.alpha,
         "samples": args.samples, "draws": args.draws,
-        "command": " ".join(
-            ["python", "benchmarks/posterior_gradient.py", *(argv or sys.argv[1:])]
-        ),
+        "command": command_line(__file__, argv),
         "rows": rows,
     }  # fmt: skip
     write_json(doc, args.out)

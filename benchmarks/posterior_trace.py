@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_speed import write_json  # noqa: E402
+from update_speed import command_line, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "date": time.strftime("%Y-%m-%d"), "task": "digits", "num_steps": cfg.num_steps,
         "dimensions": int(mean.shape[1]), "repeats": args.repeats,
-        "command": " ".join(["python", "benchmarks/posterior_trace.py", *(argv or sys.argv[1:])]),
+        "command": command_line(__file__, argv),
         "rows": rows,
     }  # fmt: skip
     write_json(doc, args.out)

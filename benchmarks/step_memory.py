@@ -31,7 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the same model, reward and settings, measured and written the same way
-from update_speed import base_config, device_name, peak_memory, write_json  # noqa: E402
+from update_speed import (  # noqa: E402
+    base_config,
+    command_line,
+    device_name,
+    peak_memory,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "date": time.strftime("%Y-%m-%d"),
         "device": device_name(),
-        "command": " ".join(["python", "benchmarks/step_memory.py", *(argv or sys.argv[1:])]),
+        "command": command_line(__file__, argv),
         "preset": args.preset, "batch_size": n, "step": args.step, "settings": settings,
         "task_params": {k: v for k, v in cfg.task_params.items() if k not in ("model", "lcm")},
         "estimator": cfg.estimator,

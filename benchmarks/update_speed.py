@@ -104,6 +104,11 @@ def peak_memory() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, "process max RSS"
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How a benchmark was run, for its JSON: ``script`` is the caller's ``__file__``."""
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *(argv or sys.argv[1:])])
+
+
 def write_json(doc: dict, out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "device": device_name(),
         "updates": args.updates, "eval_samples": args.eval_samples, "base": base,
-        "command": " ".join(["python", "benchmarks/update_speed.py", *(argv or sys.argv[1:])]),
+        "command": command_line(__file__, argv),
         "results": results,
     }  # fmt: skip
     print(f"{doc['task']} on {doc['device']}, {args.updates} updates per design")

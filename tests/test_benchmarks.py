@@ -196,7 +196,9 @@ def test_posterior_gradient_compares_each_estimators_gradient_with_the_exact_one
     argv = ["--samples", "8", "--steps", "20,45", "--probes", "2", "--draws", "4", "--out",
             str(out)]  # fmt: skip
     assert bench.main(argv) == 0
-    got = json.loads(out.read_text())["rows"]
+    doc = json.loads(out.read_text())
+    assert doc["command"] == " ".join(["python", "benchmarks/posterior_gradient.py", *argv])
+    got = doc["rows"]
     rows = {(r["reward"], r["estimator"]): r for r in got if r["step"] == 20}
     assert {e for _, e in rows} == {"tweedie", "full", "isotropic-2", "isotropic_grad-2"}
     assert all(r["grad_rel_error"] > 0 for r in rows.values())

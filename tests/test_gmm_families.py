@@ -13,10 +13,8 @@ from sqdf.tasks.gmm2d import GMM2DConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load():
-    spec = importlib.util.spec_from_file_location(
-        "gmm_families", ROOT / "scripts" / "gmm_families.py"
-    )
+def load(name="gmm_families"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -98,19 +96,10 @@ def test_the_readme_command_runs(tmp_path, monkeypatch):
     assert "| tweedie | linear | 2 |" in table and "| exact | quadratic | 2 |" in table
 
 
-def load_noise():
-    spec = importlib.util.spec_from_file_location(
-        "w2_floor_noise", ROOT / "scripts" / "w2_floor_noise.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_w2_bound_against_the_floors_mean(tmp_path, capsys):
     """The floor read several times a mixture; a run's W2 over that mean decides the bound
     where the one-draw ratio did, the other two bounds unchanged."""
-    noise = load_noise()
+    noise = load("w2_floor_noise")
     row = dict(family=0, reward="linear", alpha=1.0, value="8", target_mode_tv=0.02,
                kl_rel_error=-0.05, w2_over_floor=2.0, target_sliced_w2=0.09,
                goal=False)  # fmt: skip

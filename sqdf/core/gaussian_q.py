@@ -26,8 +26,9 @@ with the trace read by Hutchinson's estimator, the mean of zᵀ J z over P Radem
 P backward passes through the denoiser. Its relative error is about
 √(2/P) ‖offdiag J‖_F / tr J: small where the posterior's correlations are weak, but not
 falling as 1/√D where they are strong (on digits, 256 pixels, one probe's standard deviation
-is 16-30 % of the trace, median over states: benchmarks/posterior_trace.py). Where an inexact denoiser's Jacobian has a negative
-trace (digits: 3-4 states of 8 in the first steps), v is clamped at 0: Tweedie's value.
+is 16-30 % of the trace, median over states: benchmarks/posterior_trace.py). Where an inexact
+denoiser's Jacobian has a negative trace (digits: 3-4 states of 8 in the first steps), v is
+clamped at 0: Tweedie's value.
 
 By default v is taken without its own gradient: the value's gradient runs through the
 posterior's mean and the draws alone, which spares a second derivative of the denoiser that
