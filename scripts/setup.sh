@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up sqdf for development or use: a virtual environment at .venv in the repository
-# root, torch installed first (pinned, so pip takes the CPU build that lies on disk here,
-# or the CUDA build from PyPI on a machine with a GPU), then sqdf with its test tools.
+# root, torch and torchvision installed first as a matching pinned pair (PyPI's Linux wheels,
+# a CUDA build that also runs on the CPU), then sqdf with its test tools. In an existing CUDA
+# environment, any matching torch/torchvision pair from PyPI will do: pip install -e ".[dev]".
 # With --browser it also installs Debian's chromium (where apt-get exists) for the tests that
 # open HTML reports in a headless browser (tests/browser.py); without one those tests skip.
 set -euo pipefail
@@ -17,12 +18,17 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-# The digits evaluator's weights come inside this MIT-licensed package. Its declared
-# dependencies include torchvision, which breaks beside this torch, and we only read its
-# weight file, so it is installed without them.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "digit-recognizer-py==0.1.0"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,hpsv2,metrics]"
+# The reward packages the tests check our rewards against. Their own pins (hpsv2x: pytest==7.2.0
+# and protobuf<4; image-reward: timm==0.6.13, against open_clip's timm>=1.0.17) would break the
+# test tools and open_clip, and the tests import only their scoring code, so they come without
+# their declared dependencies; clint is what hpsv2x's scoring module imports beyond ours.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+    "hpsv2x==1.2.0" "image-reward==1.5"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "clint==0.5.1"
+# The digits evaluator's weights come inside this MIT-licensed package (we read its weight file).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "digit-recognizer-py==0.1.0"
 
 # Optional: Debian's chromium for the browser tests, only where it is missing. A failed install
 # is not fatal: those tests then skip, saying so.

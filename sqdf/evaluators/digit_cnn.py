@@ -2,8 +2,8 @@
 
 Over-optimisation of a reward shows up as a gap between the reward and a model the reward
 never saw. This one was trained by someone else, on full-size MNIST, and is only read here:
-its weights are loaded into our own copy of its architecture, because its package imports
-torchvision, which we neither need nor install.
+its weights are loaded into our own copy of its architecture, so that loading it reads one
+weight file (with ``weights_only=True``) and runs none of the package's code.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class DigitCNN(nn.Module):
 
 def weights_path() -> Path:
     """The CNN's weight file inside the installed package, found without importing it."""
-    # find_spec locates a top-level package without running its __init__, which would
-    # import torchvision.
+    # find_spec locates a top-level package without running its __init__ (module-level code
+    # of a third party, which loading a weight file has no need to run).
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise SqdfError(
