@@ -1,6 +1,7 @@
-"""Image-text rewards on CLIP features, from local weights: LAION aesthetic, PickScore, CLIP
-score, and HPSv2 (optional extra). They score images in [0, 1], (B, 3, H, W), for the
-prompts (a list of B strings), and are differentiable in the images.
+"""Image-text rewards on CLIP features: LAION aesthetic, PickScore, CLIP score (local
+transformers folders), and HPSv2 / HPSv2.1 (open_clip, an optional extra). They score images
+in [0, 1], (B, 3, H, W), for the prompts (a list of B strings), and are differentiable in the
+images.
 
 Preprocessing stays in torch (resize, centre crop, normalise), so the reward's gradient
 reaches the pixels with no PIL round trip. The CLIP weights are frozen; they are kept in
@@ -11,6 +12,7 @@ their activation memory: CLIP has no dropout, so train mode computes the same fu
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -236,36 +238,99 @@ class ClipScoreReward(_PromptClipReward):
         return (100.0 * self.cosine(images, prompts)).clamp(min=0.0)
 
 
+# HPSv2's weights: the Hub repository its authors' hpsv2 package downloads from, and the file of
+# each version (hpsv2/utils.py, ``hps_version_map``). The official SQDF code trains on v2.0.
+HPS_REPO = "xswu/HPSv2"
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+
+
+def hps_preprocess(images: Tensor, size: int, mean: tuple, std: tuple) -> Tensor:
+    """[0, 1] images -> HPSv2's input, as its evaluation transform makes it (hpsv2's
+    ``ResizeMaxSize``): the longer side resized to ``size`` (bicubic, antialiased), the shorter
+    padded with black on both sides to a square, no crop; then normalised. Differentiable."""
+    h, w = images.shape[-2:]
+    x = images
+    if max(h, w) != size:
+        scale = size / max(h, w)
+        nh, nw = round(h * scale), round(w * scale)
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        ph, pw = size - nh, size - nw
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def hub_file(repo: str, filename: str, reward: str) -> str:
+    """A reward's default weight file from the Hugging Face Hub, through huggingface_hub's
+    cache (HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN as it reads them); a file that
+    cannot be had is one line naming it."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo, filename)
+    except LocalEntryNotFoundError:
+        raise ConfigError(
+            f"reward {reward!r}: {filename} of the Hub repository {repo} is not in the Hub "
+            "cache and cannot be downloaded (offline, or HF_HUB_OFFLINE=1); download it once "
+            "online, or give its local path as a reward parameter"
+        ) from None
+    except HfHubHTTPError as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"reward {reward!r}: {filename} of {repo}: {first}") from None
+
+
 @dataclass
 class HPSv2Reward:
-    """HPSv2 (needs the optional extra: ``pip install 'sqdf[hpsv2]'``, which brings
-    open_clip). The checkpoint is the HPS_v2 ViT-H-14 state dict, read with
-    weights_only=True."""
+    """Human Preference Score v2 / v2.1 (Wu et al., 2023): the cosine of an open_clip
+    ViT-H-14's image and prompt embeddings, fine-tuned on human preferences, built as the
+    authors' hpsv2 package builds it (``hpsv2.img_score.score``; tested against it). Needs
+    the optional extra: ``pip install 'sqdf[hpsv2]'`` (open_clip).
 
-    checkpoint: str | None = None
+    ``checkpoint`` is the state dict (read with weights_only=True); without it, ``version``'s
+    file is taken from the Hub repository ``xswu/HPSv2`` through the Hub cache."""
+
+    checkpoint: str | None = None  # local HPS state dict (.pt); default: version's Hub file
+    version: str = "v2.0"  # v2.0 (HPS_v2_compressed.pt, the SQDF paper's) or v2.1
+    arch: str = "ViT-H-14"  # the open_clip architecture the checkpoint is of
     domain = "rgb"  # (B, 3, H, W) in [0, 1], with prompts: the sd task
 
     def __post_init__(self) -> None:
+        if self.version not in HPS_FILES:
+            raise ConfigError(
+                f"reward 'hpsv2': version={self.version!r} is not one of {', '.join(HPS_FILES)}"
+            )
         try:
-            import open_clip  # noqa: F401
+            import open_clip
         except ImportError:
             raise ConfigError(
                 "reward 'hpsv2' needs the optional extra: pip install 'sqdf[hpsv2]' (open_clip)"
             ) from None
+        if self.arch not in open_clip.list_models():
+            raise ConfigError(f"reward 'hpsv2': arch={self.arch!r} is not an open_clip model")
         if self.checkpoint:
             self.checkpoint = str(Path(self.checkpoint).expanduser())
-        if not self.checkpoint or not Path(self.checkpoint).is_file():
-            raise ConfigError(f"reward 'hpsv2' needs checkpoint=FILE, got {self.checkpoint!r}")
+            if not Path(self.checkpoint).is_file():
+                raise ConfigError(f"reward 'hpsv2': checkpoint file not found: {self.checkpoint}")
 
     @cached_property
     def _parts(self) -> tuple[Any, Any]:
         import open_clip
 
-        model = open_clip.create_model("ViT-H-14", pretrained=None)
-        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state))
+        path = self.checkpoint or hub_file(HPS_REPO, HPS_FILES[self.version], "hpsv2")
+        model = open_clip.create_model(self.arch, pretrained=None)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state))
+        except (RuntimeError, pickle.UnpicklingError, AttributeError) as err:
+            first = str(err).splitlines()[0]
+            raise ConfigError(
+                f"reward 'hpsv2': {path} is not an HPS {self.arch} state dict: {first}"
+            ) from None
         model.requires_grad_(False)
-        return model, open_clip.get_tokenizer("ViT-H-14")
+        model.eval()  # no dropout in CLIP; eval as the hpsv2 package scores
+        return model, open_clip.get_tokenizer(self.arch)
 
     def to(self, device: torch.device) -> HPSv2Reward:
         self._parts[0].to(device)
@@ -274,8 +339,13 @@ class HPSv2Reward:
     def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
         model, tokenizer = self._parts
         device = next(model.parameters()).device
-        pixels = clip_preprocess(images.to(device), CLIP_SIZE, CLIP_MEAN, CLIP_STD)
-        img = F.normalize(model.encode_image(pixels).float(), dim=-1)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        mean = getattr(model.visual, "image_mean", None) or CLIP_MEAN
+        std = getattr(model.visual, "image_std", None) or CLIP_STD
+        pixels = hps_preprocess(images.to(device).float(), int(size), mean, std)
+        img = model.encode_image(pixels, normalize=True).float()
         tokens = tokenizer(_prompts(prompts, images.shape[0], "hpsv2")).to(device)
-        txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        with torch.no_grad():
+            txt = model.encode_text(tokens, normalize=True).float()
         return (img * txt).sum(-1)

@@ -220,12 +220,6 @@ def test_clip_preprocess_normalises_and_crops():
     torch.testing.assert_close(out[0, :, 5, 7], want, rtol=1e-5, atol=1e-5)
 
 
-def test_hpsv2_without_its_extra_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "open_clip", None)
-    with pytest.raises(ConfigError, match=r"pip install 'sqdf\[hpsv2\]'"):
-        build_reward("hpsv2", {"checkpoint": "x.pt"})
-
-
 def test_custom_reward_gets_images_in_unit_range_and_prompt_strings(parts, tmp_path, monkeypatch):
     (tmp_path / "sd_user_reward.py").write_text(
         "import torch\n"
