@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sqdf.atomic import atomic_write, fsync_path, sha256_file
+from sqdf.atomic import atomic_write, fsync_path, os_error, sha256_file
 
 PREFIX = "step_"
 STATE = "state.json"
@@ -59,8 +60,7 @@ def _rank_suffix(rank: int) -> str:
 
 def save_weights(weights: dict[str, Tensor], path: Path) -> None:
     """Tensors as safetensors, written atomically."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(Path(path), lambda tmp: write_safetensors(weights, tmp))
 
 
 def load_weights(path: Path) -> dict[str, Tensor]:
@@ -100,35 +100,94 @@ def _slow_for_fault_tests() -> None:
         time.sleep(delay)
 
 
-def save_checkpoint(root: Path, ckpt: Checkpoint, keep: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{ckpt.step:07d}"
-    tmp = root / f".tmp-{PREFIX}{ckpt.step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O failures raised as the OSError they are (safetensors
+    names the cause only in its message)."""
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    except Exception as err:
+        cause = os_error(err)
+        if cause is None:
+            raise
+        raise cause from err
+
+
+class _RecordingFile:
+    """A file whose failed write is kept: torch.save reports one as a RuntimeError that no
+    longer says why ("unexpected pos 704 vs 598")."""
+
+    def __init__(self, fh: Any):
+        self.fh, self.error = fh, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def write_torch(obj: Any, path: Path) -> None:
+    """torch.save, its I/O failures raised as the OSError they are."""
+    with Path(path).open("wb") as fh:
+        recording = _RecordingFile(fh)
+        try:
+            torch.save(obj, recording)
+        except RuntimeError as err:
+            if recording.error is None:
+                raise
+            raise recording.error from err
+
+
+def checkpoint_writers(ckpt: Checkpoint) -> dict[str, Callable[[Path], None]]:
+    """Each file of a checkpoint folder but state.json, and how to write it."""
     rng_tensors, rng_meta = _global_rng_state()
-    writers = {
-        "policy.safetensors": lambda p: save_file(
-            {k: v.detach().cpu().contiguous() for k, v in ckpt.policy.items()}, str(p)
-        ),
-        "optimizer.pt": lambda p: torch.save(ckpt.optimizer, p),
-        "rng.safetensors": lambda p: save_file(
-            {**{f"generator{_rank_suffix(r)}": g for r, g in enumerate(ckpt.rngs)}, **rng_tensors},
-            str(p),
-        ),
+    generators = {f"generator{_rank_suffix(r)}": g for r, g in enumerate(ckpt.rngs)}
+    writers: dict[str, Callable[[Path], None]] = {
+        "policy.safetensors": lambda p: write_safetensors(ckpt.policy, p),
+        "optimizer.pt": lambda p: write_torch(ckpt.optimizer, p),
+        "rng.safetensors": lambda p: write_safetensors({**generators, **rng_tensors}, p),
         "rng.json": lambda p: p.write_text(json.dumps(rng_meta)),
     }
     if ckpt.ema is not None:
-        writers["ema.safetensors"] = lambda p: save_file(
-            {k: v.detach().cpu().contiguous() for k, v in ckpt.ema.items()}, str(p)
-        )
+        writers["ema.safetensors"] = lambda p: write_safetensors(ckpt.ema, p)
     for rank, buffer in enumerate(ckpt.buffers):
         if buffer:
-            writers[f"buffer{_rank_suffix(rank)}.safetensors"] = lambda p, b=buffer: save_file(
-                b, str(p)
-            )
+            name = f"buffer{_rank_suffix(rank)}.safetensors"
+            writers[name] = lambda p, b=buffer: write_safetensors(b, p)
+    return writers
+
+
+def save_checkpoint(root: Path, ckpt: Checkpoint, keep: int) -> Path:
+    """``ckpt`` as ROOT/step_NNNNNNN, built under a temporary name and renamed into place;
+    the ``keep`` newest are kept. A write that fails removes the temporary folder and leaves
+    the earlier checkpoints as they were; ROOT is made again if it was removed, but not the
+    run folder above it (a run folder removed under a run stops it)."""
+    root.mkdir(exist_ok=True)
+    final = root / f"{PREFIX}{ckpt.step:07d}"
+    tmp = root / f".tmp-{PREFIX}{ckpt.step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        _write_folder(tmp, ckpt)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_folder(tmp: Path, ckpt: Checkpoint) -> None:
     manifest = {}
-    for name, write in writers.items():
+    for name, write in checkpoint_writers(ckpt).items():
         write(tmp / name)
         fsync_path(tmp / name)
         manifest[name] = sha256_file(tmp / name)
@@ -137,13 +196,23 @@ def save_checkpoint(root: Path, ckpt: Checkpoint, keep: int) -> Path:
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     fsync_path(tmp / STATE)
     fsync_path(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_path(root)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def checkpoint_bytes(ckpt: Checkpoint) -> int:
+    """About the bytes ``ckpt`` takes on disk: its tensors' (the rest is small)."""
+    parts = [ckpt.policy, ckpt.optimizer, ckpt.ema or {}, *ckpt.buffers]
+    return sum(tensor_bytes(p) for p in parts)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in ``obj`` (nested dicts, lists and tuples)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -15,6 +15,7 @@ from sqdf.config import config_fields, read_toml, tomllib
 from sqdf.distributed import launched
 from sqdf.errors import SqdfError
 from sqdf.evaluate import EVAL_SEED
+from sqdf.preemption import Preempted
 from sqdf.settings import Resolved, config_sources, make_config, resolve_settings
 from sqdf.tasks import resolve_device
 
@@ -283,6 +284,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         per_prompt=args.per_prompt,
         clip=args.clip,
         lpips=args.lpips,
+        dreamsim=args.dreamsim,
+        dreamsim_type=args.dreamsim_type,
+        fid=args.fid,
     )
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_prompt"}, indent=1))
     written = ["eval.json", "eval.md"] if "per_prompt" in metrics else ["eval.json"]
@@ -336,13 +340,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_convert_lpips(args: argparse.Namespace) -> int:
-    from sqdf.evaluators.lpips import convert_lpips_weights
-
-    print(f"wrote {convert_lpips_weights(args.alexnet, args.lin, args.out)}")
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sqdf.demo import run_demo, summary_rows
 
@@ -361,8 +358,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from sqdf.compare import compare
+    from sqdf.compare import compare, resume_compare
 
+    if args.resume:  # the folder's own arguments; only --no-progress may be given
+        given = (args.task, args.methods, args.out, args.config, args.preset, args.steps,
+                 args.sweep, args.num_samples, args.best_of)  # fmt: skip
+        if any(v is not None for v in given) or args.set or args.frontier or args.bbo:
+            raise SqdfError("--resume takes the folder's own settings; give no other options")
+        return _print_compare(resume_compare(args.resume, progress=not args.no_progress), False)
     if args.bbo:
         own = {"--steps": args.steps, "--sweep": args.sweep, "--num-samples": args.num_samples,
                "--best-of": args.best_of}  # fmt: skip
@@ -412,9 +415,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         frontier_values=frontier_values or None,
         progress=not args.no_progress,
     )
+    return _print_compare(folder, args.frontier)
+
+
+def _print_compare(folder: Path, frontier: bool) -> int:
     print((folder / "results.md").read_text())
     written = "results.json, results.md, pareto.png, curves.png"
-    if args.frontier:
+    if frontier or (folder / "frontier.md").is_file():
         print((folder / "frontier.md").read_text())
         written += ", frontier.json, frontier.md, frontier.png"
     print(f"wrote {folder}/{written}")
@@ -551,6 +558,10 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--num-samples", type=int, default=None, help="evaluation samples per run")
     c.add_argument("--best-of", type=int, default=None, help="N for best_of_n (default: 16)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")  # fmt: skip
+    c.add_argument(
+        "--resume", metavar="DIR", default=None,
+        help="continue DIR after an interruption: its finished variants are kept",
+    )  # fmt: skip
     g = c.add_argument_group(
         "online black-box optimisation (--bbo)",
         "the methods compared at a query budget against an oracle, as sqdf bbo runs them",
@@ -769,8 +780,26 @@ def build_parser() -> argparse.ArgumentParser:
         "first reward that has one, else 32x32 pixels)",
     )  # fmt: skip
     e.add_argument(
-        "--lpips", default=None, metavar="FILE",
-        help="sd: LPIPS weights (safetensors, sqdf convert-lpips) for LPIPS diversity",
+        "--lpips", nargs="?", const=True, default=None, metavar="FILE",
+        help="sd: LPIPS diversity (lpips package, AlexNet v0.1); FILE: torchvision's "
+        "alexnet-owt-7be5be79.pth (or a safetensors file of its features.*), else torchvision "
+        "fetches it into the torch hub cache",
+    )  # fmt: skip
+    e.add_argument(
+        "--dreamsim", nargs="?", const=True, default=None, metavar="DIR",
+        help="sd: DreamSim diversity (dreamsim package); DIR holds its unzipped checkpoint "
+        "(default $TORCH_HOME/hub/dreamsim, where the package downloads it)",
+    )  # fmt: skip
+    e.add_argument(
+        "--dreamsim-type", default=None, metavar="TYPE",
+        help="sd: DreamSim's model: ensemble (default), dino_vitb16, clip_vitb32, "
+        "open_clip_vitb32, dinov2_vitb14, synclr_vitb16",
+    )  # fmt: skip
+    e.add_argument(
+        "--fid", nargs="?", const=True, default=None, metavar="FILE",
+        help="sd: FID on Inception features between the fine-tuned and the reference images "
+        "(torchmetrics, torch-fidelity's InceptionV3); FILE: "
+        "weights-inception-2015-12-05-6726825d.pth, else torch-fidelity fetches it",
     )  # fmt: skip
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--seed", type=int, default=EVAL_SEED, help=f"sampling seed ({EVAL_SEED})")
@@ -831,14 +860,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("pth", metavar="IN.pth")
     c.add_argument("out", metavar="OUT.safetensors")
-    c = sub.add_parser(
-        "convert-lpips",
-        help="torchvision's AlexNet and lpips' v0.1 alex.pth as one LPIPS safetensors file "
-        "(for sqdf eval --lpips), both read with weights_only",
-    )  # fmt: skip
-    c.add_argument("alexnet", metavar="alexnet-owt-7be5be79.pth")
-    c.add_argument("lin", metavar="alex.pth")
-    c.add_argument("out", metavar="OUT.safetensors")
     pr = sub.add_parser(
         "presets",
         help="list the shipped presets (the settings of published runs), or show one",
@@ -869,12 +890,15 @@ def main(argv: list[str] | None = None) -> int:
         "distill-cm": _cmd_distill,
         "train-reward": _cmd_train_reward,
         "convert-aesthetic-head": _cmd_convert_head,
-        "convert-lpips": _cmd_convert_lpips,
         "bbo": _cmd_bbo,
         "presets": _cmd_presets,
     }[args.command]
     try:
         return handler(args)
+    except Preempted as stop:  # a checkpoint is written; the line says how to go on
+        if launched()[0] == 0:
+            print(f"sqdf {args.command}: {stop}", file=sys.stderr)
+        return stop.code
     except SqdfError as err:
         print(f"sqdf {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sqdf.atomic import atomic_write_text
+from sqdf.atomic import atomic_write_text, folder_writes
 from sqdf.config import TrainConfig
 from sqdf.distributed import Processes
 from sqdf.errors import ConfigError, DivergedError, SqdfError
@@ -32,6 +33,7 @@ from sqdf.heldout import (
     scored_side,
 )
 from sqdf.methods import METHODS
+from sqdf.preemption import Preempted, agreed_signal, signal_name, stop_on_signals
 from sqdf.report import mean_std, pyplot
 from sqdf.run import read_metrics
 from sqdf.sampler import sample_in_chunks, sample_trajectories
@@ -42,6 +44,7 @@ from sqdf.trackers import check_installed, parse_log_with
 from sqdf.trainer import train
 
 BEST_OF_N = "best_of_n"
+SPEC = "compare.json"  # the arguments, for resume_compare
 PANEL_POINTS = 1024  # samples drawn in each variant's panel of samples.png
 # (metric, direction) shown per task; "up" means higher is better
 COLUMNS = {
@@ -239,12 +242,43 @@ def compare(
     frontier: bool = False,
     frontier_values: dict[str, list[Any]] | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> Path:
     """Train and evaluate every variant on seeds 0..seeds-1; write results and plots to ``out``.
     ``frontier``: every method over its regularisation (``plan_frontier``), with the
-    reward–KL frontier written beside the results (sqdf.frontier)."""
+    reward–KL frontier written beside the results (sqdf.frontier). SIGTERM, SIGINT or SIGUSR1
+    stop it after the training update in flight, with a checkpoint (``Preempted``);
+    ``resume_compare`` goes on from there. ``resume``: keep the variants ``out`` has finished."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    args = {"base": base, "methods": methods, "seeds": seeds, "sweep": sweep,
+            "num_samples": num_samples, "best_of": best_of, "frontier": frontier,
+            "frontier_values": frontier_values}  # fmt: skip
+    with stop_on_signals(), folder_writes(out, lambda: f"; continue with: {_again(out)}"):
+        return _compare(out, args, progress=progress, resume=resume)
+
+
+def resume_compare(out: str | Path, *, progress: bool = True) -> Path:
+    """Continue a ``compare`` that stopped: the variants it finished are kept (and scored
+    again), one stopped part way continues from its checkpoint, the rest run."""
+    out = Path(out)
+    try:
+        args = json.loads((out / SPEC).read_text())
+        sweep = args["sweep"]
+        args["sweep"] = (sweep[0], sweep[1]) if sweep else None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SqdfError(f"not an sqdf compare folder (no valid {SPEC}): {out}") from None
+    return compare(**args, out=out, progress=progress, resume=True)
+
+
+def _again(out: Path) -> str:
+    return f"sqdf compare --resume {out}"
+
+
+def _compare(out: Path, args: dict[str, Any], *, progress: bool, resume: bool) -> Path:
+    base, methods, seeds, sweep = args["base"], args["methods"], args["seeds"], args["sweep"]
+    num_samples, best_of, frontier = args["num_samples"], args["best_of"], args["frontier"]
+    frontier_values = args["frontier_values"]
+    if not resume and out.exists() and any(out.iterdir()):
         raise SqdfError(f"output folder {out} already exists and is not empty; pick another")
     if seeds < 1:
         raise SqdfError(f"seeds must be >= 1, got {seeds}")
@@ -279,11 +313,13 @@ def compare(
     procs.barrier()  # every process has checked the folder before the main one fills it
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / SPEC, json.dumps(args, indent=1))  # what resume_compare reruns
     records: list[dict[str, Any]] = []
     samples: dict[str, torch.Tensor] = {}
     curves: dict[str, list[list[dict]]] = {}
     for variant in variants:
         for seed in range(seeds):
+            stop_if_signalled(procs, f"before {variant.name} seed {seed}", out)
             t0 = time.perf_counter()
             if variant.method == BEST_OF_N:
                 if not procs.is_main:
@@ -294,11 +330,8 @@ def compare(
             else:
                 cfg = _config(base, variant, seed)
                 run = out / "runs" / f"{variant.name}-seed{seed}"
-                sample, metrics = None, {}
-                try:
-                    train(cfg, run, progress=progress)
-                except DivergedError as err:  # a method that blows up is a result
-                    metrics = {"diverged": str(err)}
+                sample = None
+                metrics = train_variant(cfg, run, procs, resume=resume, progress=progress)
                 if not procs.is_main:
                     continue
                 if "diverged" not in metrics:
@@ -339,6 +372,40 @@ def compare(
         _gmm_samples(base, variants, samples, out / "samples.png")
     procs.barrier()
     return out
+
+
+def train_variant(
+    cfg: TrainConfig, run: Path, procs: Processes, *, resume: bool, progress: bool
+) -> dict[str, Any]:
+    """Train one variant's run: {} when it trained, {"diverged": why} when the method blew up
+    (a result, not an error). ``resume``: a finished run is kept, one with a checkpoint
+    continues from it, a run that never got a checkpoint starts again."""
+    if resume and (run / "final" / "policy.safetensors").is_file():
+        return {}
+    again = resume and (run / "config.json").is_file()
+    if resume and not again and procs.is_main:
+        shutil.rmtree(run, ignore_errors=True)
+    try:
+        train(cfg, run, resume=again, progress=progress)
+    except DivergedError as err:  # a method that blows up is a result
+        return {"diverged": str(err)}
+    except Preempted as stop:
+        where = str(stop).split(";")[0]  # "stopped by SIGTERM at update N"
+        raise Preempted(
+            stop.signum,
+            f"{where} of {run.name}; checkpoint written; continue with: "
+            f"{_again(run.parent.parent)}",
+        ) from None
+    return {}
+
+
+def stop_if_signalled(procs: Processes, where: str, out: Path) -> None:
+    """Every process stops here if any received a stop signal (collective)."""
+    signum = agreed_signal(procs)
+    if signum is not None:
+        raise Preempted(
+            signum, f"stopped by {signal_name(signum)} {where}; continue with: {_again(out)}"
+        )
 
 
 def _shared_note(records: list[dict[str, Any]], variants: list[str], key: str) -> str:

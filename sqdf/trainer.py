@@ -34,14 +34,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sqdf.atomic import WriteError, folder_writes, free_bytes, size_text, writing
 from sqdf.buffer import STATE_DTYPES, Cells, DiskStore, MemoryStore, ReplayBuffer
 from sqdf.checkpoint import (
     Checkpoint,
+    checkpoint_bytes,
     checkpoint_step,
     list_checkpoints,
     load_latest_checkpoint,
     save_checkpoint,
     save_weights,
+    tensor_bytes,
 )
 from sqdf.config import TrainConfig
 from sqdf.core.kl import KL_SCALES
@@ -56,6 +59,7 @@ from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.methods import METHODS, build_method_params, group_size
 from sqdf.periodic_eval import PeriodicEval
 from sqdf.rewards import reward_params
+from sqdf.preemption import Preempted, agreed_signal, signal_name, stop_on_signals
 from sqdf.run import (
     EVAL_METRICS,
     append_metrics,
@@ -354,6 +358,7 @@ class TrainingRun:
     picture_reference: tuple[torch.Tensor, torch.Tensor] | None = None
     ema: list[torch.Tensor] | None = None  # --ema-decay: a moving average of each of params
     evaluation: PeriodicEval | None = None  # --eval-every, with its reference kept
+    last_checkpoint: int = -1  # the update of the newest checkpoint this run has (-1: none)
 
 
 @dataclass
@@ -396,10 +401,23 @@ def train(
     ``torchrun`` every process runs this (sqdf.distributed). ``sources`` says where each
     setting came from (sqdf.settings), for config.json.
     """
-    s = set_up(cfg, Path(out), resume=resume, progress=progress, state=state, sources=sources)
+    run = Path(out)
+    # a caller (sqdf bbo) keeps its own checkpoints and says how to go on
+    again = (lambda: "") if state is not None else (lambda: continue_note(run))
+    with stop_on_signals(), folder_writes(run, again):
+        s = set_up(cfg, run, resume=resume, progress=progress, state=state, sources=sources)
+        s.last_checkpoint = s.start if s.start else -1  # a resumed run starts at its checkpoint
+        check_free_space(s)
+        run_updates(s, progress)
+        return finish(s)
+
+
+def run_updates(s: TrainingRun, progress: bool) -> None:
+    """Updates ``s.start`` to ``steps``, each in its phases, with its log row, pictures,
+    evaluation and checkpoint as the config asks, and a stop where a signal asked for one."""
     bar = tqdm(
         range(s.start, s.cfg.steps), initial=s.start, total=s.cfg.steps,
-        disable=not (progress and s.procs.is_main), desc=f"{cfg.method} on {cfg.task}",
+        disable=not (progress and s.procs.is_main), desc=f"{s.cfg.method} on {s.cfg.task}",
         dynamic_ncols=True,
     )  # fmt: skip
     step = s.start
@@ -420,6 +438,7 @@ def train(
                 log_evaluation(s, done)
             if s.cfg.checkpoint_every and done % s.cfg.checkpoint_every == 0:
                 checkpoint(s, done)
+            stop_if_signalled(s, done)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
         if s.phase == "checkpoint":
             raise  # not a batch too large: the message would mislead
@@ -428,7 +447,73 @@ def train(
         bar.close()
         if s.trackers is not None:  # flushed and closed, whether the run ended or failed
             s.trackers.finish()
-    return finish(s)
+
+
+def stop_if_signalled(s: TrainingRun, done: int) -> None:
+    """After update ``done``: if any process received SIGTERM, SIGINT or SIGUSR1, every
+    process stops here (an all-reduce of the flag), after a checkpoint at ``done`` (a
+    caller's run: the caller keeps what it needs)."""
+    signum = agreed_signal(s.procs)
+    if signum is None:
+        return
+    name = signal_name(signum)
+    if s.caller is not None:
+        raise Preempted(signum, f"stopped by {name} at update {done}")
+    if s.last_checkpoint != done:
+        checkpoint(s, done)
+    raise Preempted(
+        signum,
+        f"stopped by {name} at update {done}; checkpoint written; continue with: "
+        f"sqdf train --resume {s.run}",
+    )
+
+
+def continue_note(run: Path) -> str:
+    """What a failed write leaves to go on from, for the end of its message."""
+    kept = list_checkpoints(run / "checkpoints")
+    if not kept:
+        return "; no checkpoint was written yet"
+    return (
+        f"; the checkpoints before it are kept (newest: {kept[-1].name}): free space or make "
+        f"the folder writable, then continue with: sqdf train --resume {run}"
+    )
+
+
+def first_checkpoint_bytes(s: TrainingRun) -> int:
+    """About the bytes of the run's first checkpoint: its weights, AdamW's two moments of the
+    trained ones, the moving average, and every process's replay buffer at full size (a
+    disk store's states stay in RUN/buffer/, reserved when it is made)."""
+    weights = tensor_bytes(s.task.policy.state_dict())
+    moments = 2 * sum(p.numel() * p.element_size() for p in s.params)
+    average = weights if s.ema is not None else 0
+    buffer = 0
+    if s.cfg.rollout == "full" and not s.buffer.store.on_disk:
+        dtype = s.buffer.store.dtype or torch.float32
+        per_sample = (s.cfg.num_steps + 1) * math.prod(s.task.sample_shape)
+        buffer = s.cfg.buffer_size * per_sample * dtype.itemsize * s.procs.world
+    return weights + moments + average + buffer
+
+
+def check_free_space(s: TrainingRun) -> None:
+    """Before the first update: stop (every process) if the run folder's file system has
+    less room than the first checkpoint needs (the final weights where the run keeps no
+    checkpoints), rather than training until a write fails."""
+    if s.caller is not None:
+        return
+    problem = ""
+    if s.procs.is_main:
+        needs = first_checkpoint_bytes(s)
+        what = "its first checkpoint"
+        if not s.cfg.checkpoint_every:
+            needs, what = tensor_bytes(s.task.policy.state_dict()), "its final weights"
+        free = free_bytes(s.run)
+        if free is not None and free < needs:
+            problem = (
+                f"not enough space for {s.run}: {what} needs about {size_text(needs)}, "
+                f"{size_text(free)} free there; free space or give another --out"
+            )
+    if float(s.procs.sum(torch.tensor(float(bool(problem))))) > 0:
+        raise WriteError(problem or "the main process found too little space for the run")
 
 
 def set_up(
@@ -849,24 +934,25 @@ def checkpoint(s: TrainingRun, step: int) -> None:
             state = procs.model_state(s.task.policy)
             ema = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
     if procs.is_main:
-        save_checkpoint(
-            s.run / "checkpoints",
-            Checkpoint(
-                step=step,
-                policy=policy,
-                optimizer=optimizer_state,
-                buffers=buffers,
-                rngs=rngs,
-                state={
-                    **s.counters,
-                    "wall_s": time.perf_counter() - s.t0,
-                    "consecutive_skips": s.consecutive_skips,
-                    **scaler_state(s.scaler),
-                },
-                ema=ema,
-            ),
-            keep=s.cfg.keep_checkpoints,
+        ck = Checkpoint(
+            step=step,
+            policy=policy,
+            optimizer=optimizer_state,
+            buffers=buffers,
+            rngs=rngs,
+            state={
+                **s.counters,
+                "wall_s": time.perf_counter() - s.t0,
+                "consecutive_skips": s.consecutive_skips,
+                **scaler_state(s.scaler),
+            },
+            ema=ema,
         )
+        root = s.run / "checkpoints"
+        note = (lambda: continue_note(s.run)) if s.caller is None else str
+        with writing(f"checkpoint step_{step:07d}", root, checkpoint_bytes(ck), note):
+            save_checkpoint(root, ck, keep=s.cfg.keep_checkpoints)
+    s.last_checkpoint = step
     if s.buffer.store.on_disk:
         # a process writes its shard's free rows with its next batch, which may be rows of
         # the checkpoint before: not until this one is written
@@ -875,15 +961,32 @@ def checkpoint(s: TrainingRun, step: int) -> None:
 
 def finish(s: TrainingRun) -> Path:
     """The final policy (and the task's extra files) into RUN/final, its moving average
-    likewise into RUN/final/ema; returns the run folder."""
+    likewise into RUN/final/ema; returns the run folder. A run that keeps checkpoints writes
+    one at its last update first, so that weights final/ cannot hold stay resumable."""
+    if s.caller is None and s.cfg.checkpoint_every and s.last_checkpoint != s.cfg.steps:
+        checkpoint(s, s.cfg.steps)
     if s.procs.is_main:  # an earlier attempt's average must not outlive a newer final/
         shutil.rmtree(s.run / "final" / "ema", ignore_errors=True)
-    save_final_weights(s, s.run / "final")
-    if s.ema is not None:
-        with ema_weights(s):
-            save_final_weights(s, s.run / "final" / "ema")
+    needs = tensor_bytes(s.task.policy.state_dict()) * (2 if s.ema is not None else 1)
+    with writing("the final weights", s.run / "final", needs, lambda: final_note(s)):
+        save_final_weights(s, s.run / "final")
+        if s.ema is not None:
+            with ema_weights(s):
+                save_final_weights(s, s.run / "final" / "ema")
     s.procs.barrier()  # no process returns before the run folder is complete
     return s.run
+
+
+def final_note(s: TrainingRun) -> str:
+    """Where the weights are when final/ could not be written, for the end of its message."""
+    if s.caller is not None:
+        return ""
+    if s.last_checkpoint != s.cfg.steps:
+        return "; the run keeps no checkpoint (checkpoint_every 0), so these weights are lost"
+    return (
+        f"; the trained weights are in checkpoints/step_{s.cfg.steps:07d}: free space, then "
+        f"write final/ with: sqdf train --resume {s.run}"
+    )
 
 
 def save_final_weights(s: TrainingRun, folder: Path) -> None:

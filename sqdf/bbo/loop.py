@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sqdf.atomic import atomic_write_text
+from sqdf.atomic import atomic_write_text, folder_writes
 from sqdf.bbo.config import BboConfig
 from sqdf.bbo.data import (
     EXCLUDED,
@@ -62,6 +62,7 @@ from sqdf.config import TrainConfig
 from sqdf.distributed import Processes, rank_seed
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.methods import METHODS
+from sqdf.preemption import Preempted, agreed_signal, received, signal_name, stop_on_signals
 from sqdf.sampler import sample_trajectories
 from sqdf.settings import make_config
 from sqdf.tasks import Task, build_task, resolved_reward_name
@@ -158,7 +159,37 @@ def run_method(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run (or, with ``resume``, continue) one method on one seed in folder ``run``; returns
-    the per-round metrics, also in ``run/rounds.jsonl``."""
+    the per-round metrics, also in ``run/rounds.jsonl``. SIGTERM, SIGINT or SIGUSR1 stop it
+    (``Preempted``) once the answers in hand are saved: after the round's queries, the
+    fine-tuning update or the round's checkpoint in progress."""
+    with stop_on_signals(), folder_writes(run, lambda: f"; {_continue_with(run)}"):
+        return _run_rounds(bbo, base, method, seed, run, resume=resume, progress=progress)
+
+
+def _continue_with(run: Path) -> str:
+    """How to go on with ``run`` (an experiment's: its folder's resume)."""
+    if run.parent.name == "runs":
+        return f"continue with: sqdf bbo --resume {run.parent.parent}"
+    return f"continue with run_method(..., resume=True) on {run}"
+
+
+def _stop_if_signalled(procs: Processes, run: Path, where: str) -> None:
+    """Every process stops here if any received a stop signal (collective)."""
+    signum = agreed_signal(procs)
+    if signum is not None:
+        raise Preempted(signum, f"stopped by {signal_name(signum)} {where}; {_continue_with(run)}")
+
+
+def _run_rounds(
+    bbo: BboConfig,
+    base: TrainConfig,
+    method: str,
+    seed: int,
+    run: Path,
+    *,
+    resume: bool,
+    progress: bool,
+) -> list[dict[str, Any]]:
     spec = BBO_METHODS[method]
     check_constant_lr(base)
     cfg = round_config(base, method, bbo, seed)
@@ -229,19 +260,21 @@ def run_method(
         if procs.is_main:
             if k == len(rounds):
                 rounds.append(_draw(task, spec, all_cond[: bbo.queries(k)], seed, k, path))
-            _query(oracle, rounds[k], path, bbo.oracle_batch, run)
-            row = _round_metrics(bbo, cfg, task, method, rounds, oracle, run, k, features, dim)
-            row["wall_s"] = round(time.perf_counter() - t0, 3)
-            rows.append(row)
-            with (run / "rounds.jsonl").open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            if progress:
-                print(
-                    f"sqdf bbo: {method} seed {seed} round {k}: {row['queries']} queries, "
-                    f"oracle reward {row['oracle_mean']:.4g}",
-                    flush=True,
-                )
+            # a signal stops the queries after the call in flight: the rest go on resume
+            if _query(oracle, rounds[k], path, bbo.oracle_batch, run):
+                row = _round_metrics(bbo, cfg, task, method, rounds, oracle, run, k, features, dim)
+                row["wall_s"] = round(time.perf_counter() - t0, 3)
+                rows.append(row)
+                with (run / "rounds.jsonl").open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                if progress:
+                    print(
+                        f"sqdf bbo: {method} seed {seed} round {k}: {row['queries']} queries, "
+                        f"oracle reward {row['oracle_mean']:.4g}",
+                        flush=True,
+                    )
         procs.barrier()  # the round's answers are on disk
+        _stop_if_signalled(procs, run, f"in round {k} of {method} seed {seed}, its answers saved")
         if not procs.is_main:
             rounds[k:] = [load_round(path)]
         if k == bbo.rounds - 1:
@@ -251,6 +284,12 @@ def run_method(
                 _fine_tune(
                     bbo, cfg, spec, state, rounds, run, k, features, dim, seed, progress, procs
                 )
+            except Preempted as stop:  # the round is fine-tuned again from its start
+                raise Preempted(
+                    stop.signum,
+                    f"{stop} of round {k}'s fine-tuning ({method} seed {seed}; redone from its "
+                    f"start on resume, its queries saved); {_continue_with(run)}",
+                ) from None
             except DivergedError as err:
                 # the method blew up fine-tuning after round k (in every process at once):
                 # its curve ends there, and a resume does not retry it
@@ -262,23 +301,31 @@ def run_method(
                         print(f"sqdf bbo: {method} seed {seed} diverged after round {k}: {err}")
                 procs.barrier()
                 return rows
-        # every process's buffer and stream, as the trainer's checkpoints keep them
-        buffers, rngs = gather_process_states(procs, state.buffer, state.generator)
-        if procs.is_main:
-            save_checkpoint(
-                run / "checkpoints",
-                Checkpoint(
-                    step=k + 1,
-                    policy=task.policy.state_dict(),
-                    optimizer=state.optimizer.state_dict(),
-                    buffers=buffers,
-                    rngs=rngs,
-                    state={"queries": oracle.used, **scaler_state(state.scaler)},
-                ),
-                keep=2,
-            )
+        _save_round(procs, state, oracle, run, k)
+        _stop_if_signalled(procs, run, f"after round {k} of {method} seed {seed}, checkpointed")
     procs.barrier()  # no process moves on before the run's files are complete
     return rows
+
+
+def _save_round(
+    procs: Processes, state: TrainState, oracle: Oracle | None, run: Path, k: int
+) -> None:
+    """The checkpoint after round ``k``: every process's buffer and stream, as the trainer's
+    checkpoints keep them; the main process writes."""
+    buffers, rngs = gather_process_states(procs, state.buffer, state.generator)
+    if procs.is_main:
+        save_checkpoint(
+            run / "checkpoints",
+            Checkpoint(
+                step=k + 1,
+                policy=state.task.policy.state_dict(),
+                optimizer=state.optimizer.state_dict(),
+                buffers=buffers,
+                rngs=rngs,
+                state={"queries": oracle.used, **scaler_state(state.scaler)},
+            ),
+            keep=2,
+        )
 
 
 def _read_rows(run: Path) -> list[dict[str, Any]]:
@@ -318,11 +365,14 @@ def _draw(task: Task, spec: BboMethod, cond: Tensor, seed: int, k: int, path: Pa
     return data
 
 
-def _query(oracle: Oracle, data: RoundData, path: Path, batch: int, run: Path) -> None:
-    """Send the pending samples, ``batch`` per call, saving the answers after each call."""
+def _query(oracle: Oracle, data: RoundData, path: Path, batch: int, run: Path) -> bool:
+    """Send the pending samples, ``batch`` per call, saving the answers after each call;
+    False if a stop signal came first and some are still pending."""
     pending = data.pending.nonzero().squeeze(1)
     size = batch or pending.numel()
     for chunk in pending.split(size) if pending.numel() else []:
+        if received() is not None:
+            return False
         try:
             reply = oracle.query(data.samples[chunk], data.cond[chunk])
         except OracleError as err:
@@ -334,6 +384,7 @@ def _query(oracle: Oracle, data: RoundData, path: Path, batch: int, run: Path) -
         data.value[chunk] = reply.values
         data.status[chunk] = torch.where(reply.ok, OK, EXCLUDED).to(torch.int8)
         save_round(path, data)
+    return True
 
 
 def _valid_data(rounds: list[RoundData]) -> tuple[Tensor, Tensor]:
