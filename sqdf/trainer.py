@@ -56,10 +56,11 @@ from sqdf.distributed import (
     rank_seed,
 )
 from sqdf.errors import ConfigError, DivergedError, SqdfError
-from sqdf.methods import METHODS, build_method_params, group_size
+from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
 from sqdf.periodic_eval import PeriodicEval
-from sqdf.rewards import reward_params
 from sqdf.preemption import Preempted, agreed_signal, signal_name, stop_on_signals
+from sqdf.rewards import is_differentiable, reward_params
+from sqdf.rewards.mixture import WeightedReward
 from sqdf.run import (
     EVAL_METRICS,
     append_metrics,
@@ -359,6 +360,8 @@ class TrainingRun:
     ema: list[torch.Tensor] | None = None  # --ema-decay: a moving average of each of params
     evaluation: PeriodicEval | None = None  # --eval-every, with its reference kept
     last_checkpoint: int = -1  # the update of the newest checkpoint this run has (-1: none)
+    # a reward mixture's components of the newest stored batch (what Fresh.parts reports)
+    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -369,6 +372,8 @@ class Fresh:
     sampled: int = 0
     cause: str = ""
     rewards: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    # a reward mixture's components of the newest stored batch, by name (float64)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -544,7 +549,9 @@ def set_up(
             f"{checkpoint_step(trained[-1])}; give steps >= that (training cannot be undone)"
         )
     method_params = build_method_params(cfg.method, cfg.method_params)
-    if state is None:
+    if state is None:  # (a caller's task trains on the caller's reward: BBO's proxy)
+        reward = resolved_reward_name(cfg)
+        check_reward_gradient(cfg.method, reward, is_differentiable(reward, cfg.reward_params))
         torch.manual_seed(cfg.seed)  # the policy's initialisation, the same in every process
         task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
     else:
@@ -669,12 +676,14 @@ def sample_fresh(s: TrainingRun, step: int) -> Fresh:
     if step % cfg.replay_ratio == 0 and cfg.rollout == "full":
         began = time.perf_counter()
         if step == s.start and s.caller is not None and s.caller.fresh is not None:
-            traj, rewards = s.caller.fresh
+            (traj, rewards), parts = s.caller.fresh, {}
         else:
             cond = fresh_conditions(s)  # None: the sampler draws them
             traj = sample_trajectories(s.task, cfg.batch_size, s.generator, cond=cond)
             with torch.no_grad():
-                rewards = s.task.reward(traj.x0.to(s.task.device), traj.cond.to(s.task.device))
+                rewards, parts = s.task.reward_with_parts(
+                    traj.x0.to(s.task.device), traj.cond.to(s.task.device)
+                )
         finite = torch.isfinite(rewards).cpu()  # waits for the GPU
         s.counters["sample_s"] += time.perf_counter() - began
         fresh.bad, fresh.sampled = int((~finite).sum()), finite.shape[0]
@@ -685,7 +694,9 @@ def sample_fresh(s: TrainingRun, step: int) -> Fresh:
         keep = whole_groups(finite, group_size(cfg.method, s.method_params))
         if keep.numel():
             s.buffer.add(traj.select(keep), rewards.cpu()[keep])
+            s.reward_parts = {n: p.cpu()[keep].double() for n, p in parts.items()}
     fresh.rewards = s.buffer.rewards[s.buffer.newest].double()
+    fresh.parts = s.reward_parts
     return fresh
 
 
@@ -778,11 +789,13 @@ def accumulate_gradients(s: TrainingRun, fresh: Fresh) -> Gradients:
 def count_update(s: TrainingRun, fresh: Fresh, grads: Gradients) -> torch.Tensor:
     """One small all-reduce of what every process counted (samples, rewards, skips) into the
     run's counters; a skip anywhere skips the update everywhere. Returns the summed tally:
-    bad, sampled, method evals, skips, reward sum, sum of squares, count, partial."""
+    bad, sampled, method evals, skips, reward sum, sum of squares, count, partial, then each
+    mixture component's sum and count (``reward_part_names``)."""
     r = fresh.rewards
+    parts = [fresh.parts.get(name, r[:0]) for name in reward_part_names(s)]
     tally = s.procs.sum(torch.tensor([
         fresh.bad, fresh.sampled, grads.method_evals, float(grads.skip), r.sum(), (r**2).sum(),
-        r.numel(), grads.partial,
+        r.numel(), grads.partial, *[v for p in parts for v in (p.sum(), p.numel())],
     ], dtype=torch.float64))  # fmt: skip
     bad, sampled, method_evals = int(tally[0]), int(tally[1]), int(tally[2])
     s.counters["nonfinite_rewards"] += bad
@@ -791,6 +804,22 @@ def count_update(s: TrainingRun, fresh: Fresh, grads: Gradients) -> torch.Tensor
     if tally[3] > 0 and not grads.skip:
         grads.skip, grads.cause = True, "another process skipped this update"
     return tally
+
+
+def reward_part_names(s: TrainingRun) -> list[str]:
+    """The components of the trained reward, if it is a mixture (logged one by one)."""
+    reward = s.task.reward_model
+    return list(reward.weights) if isinstance(reward, WeightedReward) else []
+
+
+def reward_part_means(s: TrainingRun, tally: torch.Tensor) -> dict[str, float]:
+    """``reward_NAME_mean`` of each mixture component over the processes' newest batches,
+    from :func:`count_update`'s tally (NaN before any batch was stored)."""
+    out = {}
+    for i, name in enumerate(reward_part_names(s)):
+        total, count = float(tally[8 + 2 * i]), float(tally[9 + 2 * i])
+        out[f"reward_{name}_mean"] = total / count if count else math.nan
+    return out
 
 
 def apply_update(s: TrainingRun, grads: Gradients, tally: torch.Tensor) -> float:
@@ -853,6 +882,7 @@ def log_update(
         "loss": loss if not grads.skip else math.nan,
         "reward_mean": mean,
         "reward_std": math.sqrt(max(var, 0.0)),
+        **reward_part_means(s, tally),
         **stats,
         "grad_norm": grad_norm,
         "lr": s.optimizer.param_groups[0]["lr"],

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sqdf.errors import ConfigError
 from sqdf.methods.alignprop import AlignPropParams, alignprop_loss
 from sqdf.methods.ddpo import DdpoParams, ddpo_loss
 from sqdf.methods.draft import DraftParams, draft_kl_loss, draft_loss, draft_lv_loss
@@ -38,6 +39,9 @@ class Method:
     # whether the loss reads the sampler's log-likelihood of each stored step (cells.logp):
     # a likelihood ratio needs the states stored as they were sampled, in float32
     likelihood_ratio: bool = False
+    # whether the loss back-propagates the reward's gradient into the samples (every method
+    # but the policy-gradient ones, which only read rewards)
+    reward_gradient: bool = True
 
 
 METHODS: dict[str, Method] = {
@@ -55,6 +59,7 @@ METHODS: dict[str, Method] = {
         buffer="on_policy",
         stats=("kl_mean", "q_mean", "clip_frac"),
         likelihood_ratio=True,
+        reward_gradient=False,
     ),
     "grpo": Method(
         grpo_loss,
@@ -63,8 +68,21 @@ METHODS: dict[str, Method] = {
         stats=("kl_mean", "q_mean", "clip_frac"),
         grouped=True,
         likelihood_ratio=True,
+        reward_gradient=False,
     ),
 }
+
+
+def check_reward_gradient(method: str, reward: str, differentiable: bool) -> None:
+    """A method that back-propagates the reward refuses a reward without a gradient, in one
+    line saying what takes it instead."""
+    if METHODS[method].reward_gradient and not differentiable:
+        takers = ", ".join(n for n, m in METHODS.items() if not m.reward_gradient)
+        raise ConfigError(
+            f"method {method!r} back-propagates the reward's gradient, and reward {reward!r} "
+            f"is not differentiable; train on it with a policy-gradient method ({takers}), "
+            "compare best_of_n, or sqdf bbo (which fine-tunes on a differentiable proxy of it)"
+        )
 
 
 def group_size(name: str, params: Any) -> int:

@@ -3,6 +3,8 @@
 The module is imported only because the user named it. The function gets the task's
 images (digits: (B, 1, H, W) in [0, 1]; gmm2d: points (B, 2)) and the conditions (B,),
 plus any reward parameters as keyword arguments, and returns one value per sample.
+The parameter ``differentiable=false`` (not passed on) declares that its value carries no
+gradient to the images, so that only the methods that need none take it.
 """
 
 from __future__ import annotations
@@ -38,9 +40,14 @@ def import_function(spec: str, what: str) -> Callable[..., Any]:
 class CustomReward:
     domain = "any"
 
-    def __init__(self, spec: str, **params: Any):
+    def __init__(self, spec: str, differentiable: bool = True, **params: Any):
+        if not isinstance(differentiable, bool):
+            raise ConfigError(
+                f"reward {spec!r}: differentiable must be true or false, got {differentiable!r}"
+            )
         func = import_function(spec, "custom reward")
         self.spec = spec
+        self.differentiable = differentiable
         self.params = params
         self._func: Callable[..., Tensor] = func
 

@@ -93,6 +93,15 @@ class Task(ABC):
         """r(x0, cond) per sample, x0 in the model's sample space; (B,)."""
         return self.reward_model(self.reward_input(x0), self.reward_conditions(cond))
 
+    def reward_with_parts(self, x0: Tensor, cond: Tensor | None) -> tuple[Tensor, dict]:
+        """:meth:`reward` and, for a mixture of rewards, each component's value by name (an
+        empty dict for a single reward): one evaluation of each component serves both."""
+        parts_of = getattr(self.reward_model, "parts", None)
+        if parts_of is None:
+            return self.reward(x0, cond), {}
+        parts = parts_of(self.reward_input(x0), self.reward_conditions(cond))
+        return self.reward_model.combine(parts), parts
+
     def model_time(self, k: Tensor, like: Tensor) -> Tensor:
         """The model's time input at state(s) ``k``, on ``like``'s device."""
         return self.kernel.model_time(k.cpu()).to(like.device)

@@ -153,8 +153,8 @@ class DigitsTask(Task):
 
 def build_digits(cfg: Any, reward: Any, device: torch.device) -> DigitsTask:
     options = build_settings(DigitsConfig, cfg.task_params, "task 'digits'")
-    if getattr(reward, "domain", None) not in ("image", "any"):
+    if getattr(reward, "domain", None) not in ("image", "pixels", "any"):
         raise ConfigError(
-            "task 'digits' needs an image reward (ink, classifier or module:function)"
+            "task 'digits' needs an image reward (ink, classifier, jpeg or module:function)"
         )
     return DigitsTask(cfg, options, reward, device)

@@ -639,9 +639,9 @@ def build_sd(cfg: Any, reward: Any, device: torch.device) -> SDTask:
             f"eta is DDIM's; the flow SDE's noise ({family.label}) is task_params.noise_level "
             f"(got eta {cfg.eta})"
         )
-    if getattr(reward, "domain", None) not in ("rgb", "image", "any"):
+    if getattr(reward, "domain", None) not in ("rgb", "image", "pixels", "any"):
         raise ConfigError(
-            "task 'sd' needs an image reward (aesthetic, pickscore, clipscore, hpsv2 or "
-            "module:function)"
+            "task 'sd' needs an image reward (aesthetic, pickscore, clipscore, hpsv2, "
+            "imagereward, jpeg or module:function)"
         )
     return SDTask(cfg, options, reward, device)
