@@ -19,11 +19,12 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,hpsv2,metrics]"
-# The reward packages the tests check our rewards against. Their own pins (hpsv2x: pytest==7.2.0
-# and protobuf<4; image-reward: timm==0.6.13, against open_clip's timm>=1.0.17) would break the
-# test tools and open_clip, and the tests import only their scoring code, so they come without
-# their declared dependencies; clint is what hpsv2x's scoring module imports beyond ours.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,hpsv2,metrics,imagereward]"
+# The reward packages the tests check our rewards against (image-reward is also what the
+# imagereward reward runs). Their own pins (hpsv2x: pytest==7.2.0 and protobuf<4; image-reward:
+# timm==0.6.13, against open_clip's timm>=1.0.17) would break the test tools and open_clip, and
+# only their scoring code is imported, so they come without their declared dependencies; clint
+# is what hpsv2x's scoring module imports beyond ours, the imagereward extra what BLIP's does.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
     "hpsv2x==1.2.0" "image-reward==1.5"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "clint==0.5.1"
