@@ -759,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--rewards", metavar="NAME[,NAME...]", default=None,
         help="rewards the run was not trained on, scored beside its own (cross-rewards): "
-        "aesthetic, pickscore, clipscore, hpsv2, ink, classifier, module:function",
+        "aesthetic, pickscore, clipscore, hpsv2, imagereward, jpeg, ink, classifier, "
+        "module:function",
     )  # fmt: skip
     e.add_argument(
         "--reward-param", action="append", default=[], metavar="NAME.KEY=VALUE",

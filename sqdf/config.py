@@ -42,10 +42,13 @@ class TrainConfig:
     )
     reward: str = _f(
         "auto",
-        "reward: linear, quadratic (gmm2d); ink, classifier (digits); module:function; "
-        "auto = the task's default",
+        "reward: linear, quadratic (gmm2d); ink, classifier (digits); aesthetic, pickscore, "
+        "clipscore, hpsv2, imagereward (sd); jpeg (images, no gradient); module:function; "
+        "NAME=WEIGHT,NAME=WEIGHT for a weighted sum; auto = the task's default",
     )
-    reward_params: dict = _f({}, "reward parameters, e.g. {b = [1.0, 0.0]} for linear")
+    reward_params: dict = _f(
+        {}, "reward parameters, e.g. {b = [1.0, 0.0]} for linear; NAME.KEY for a mixture's"
+    )
     task_params: dict = _f({}, "task parameters, e.g. {radius = 3.0} for gmm2d")
     method_params: dict = _f({}, "method parameters, e.g. {k = 1} for draft")
     alpha: float = _f(2.0, "KL weight alpha, in the convention kl_scale names")
