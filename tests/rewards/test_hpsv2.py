@@ -30,29 +30,33 @@ TINY = {
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(their model and evaluation transform, our checkpoint file) of one random init."""
+def write_tiny_hps(root) -> tuple:
+    """A random HPS model of ``ARCH`` made by the hpsv2 package's own factory, with the
+    arguments its ``initialize_model`` passes but no pretrained tower, and its state dict
+    saved as ``root/hps.pt``: (their model, their evaluation transform, the file)."""
     import open_clip
     from hpsv2.src import open_clip as their_open_clip
 
-    root = tmp_path_factory.mktemp("hps")
     config = root / f"{ARCH}.json"
     config.write_text(json.dumps(TINY))
     open_clip.add_model_config(config)
     their_open_clip.add_model_config(config)
     torch.manual_seed(0)
-    # the arguments hpsv2.img_score.initialize_model passes, but no pretrained tower
     model, _, preprocess_val = their_open_clip.create_model_and_transforms(
         ARCH, None, precision="fp32", device="cpu", jit=False, force_quick_gelu=False,
         force_custom_text=False, force_patch_dropout=False, force_image_size=None,
         pretrained_image=False, image_mean=None, image_std=None, light_augmentation=True,
         aug_cfg={}, output_dict=True, with_score_predictor=False, with_region_predictor=False,
     )  # fmt: skip
-    # logit_scale plays no part in HPS; the rest of a random init is all that is scored
     checkpoint = root / "hps.pt"
     torch.save({"state_dict": model.state_dict()}, checkpoint)
     return model, preprocess_val, checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(their model and evaluation transform, our checkpoint file) of one random init."""
+    return write_tiny_hps(tmp_path_factory.mktemp("hps"))
 
 
 def their_scores(tiny, monkeypatch, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -56,11 +56,9 @@ def tiny_vision(monkeypatch):
     monkeypatch.setattr(blip_pretrain, "create_vit", tiny_vit)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(their model, in eval mode as ImageReward.load leaves it, and our reward's params) of one
-    random init saved as a state dict."""
-    root = tmp_path_factory.mktemp("imagereward")
+def write_tiny_image_reward(root) -> tuple:
+    """(the package's model of one random init, in eval mode as ImageReward.load leaves it,
+    and our reward's params) with its state dict, med_config and vocabulary under ``root``."""
     (root / "bert").mkdir()
     (root / "bert" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     (root / "med_config.json").write_text(json.dumps(MED))
@@ -81,6 +79,11 @@ def tiny(tmp_path_factory):
               "med_config": str(root / "med_config.json"),
               "tokenizer": str(root / "bert")}  # fmt: skip
     return model.eval(), params
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_image_reward(tmp_path_factory.mktemp("imagereward"))
 
 
 def smooth_uint8(n: int, h: int, w: int, seed: int) -> np.ndarray:

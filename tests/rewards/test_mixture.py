@@ -206,13 +206,14 @@ def test_policy_gradient_methods_train_on_jpeg(method, tmp_path):
 
 def test_best_of_n_and_bbo_take_jpeg(tmp_path):
     small = ["--set", "reward=jpeg", "--set", "num_steps=3", "--set", "batch_size=4",
-             "--set", "buffer_size=8", "--set", "device='cpu'", "--seeds", "1", "--no-progress"]
+             "--set", "buffer_size=8", "--set", "device='cpu'", "--seeds", "1",
+             "--no-progress"]  # fmt: skip
     out = tmp_path / "cmp"
     code = main(["compare", "--task", "digits", "--methods", "best_of_n,ddpo", "--steps", "1",
-                 "--num-samples", "8", "--best-of", "2", "--out", str(out), *small])
+                 "--num-samples", "8", "--best-of", "2", "--out", str(out), *small])  # fmt: skip
     assert code == 0
     bbo = tmp_path / "bbo"
     code = main(["bbo", "--task", "digits", "--methods", "sqdf,ddpo", "--rounds", "1",
                  "--queries-per-round", "8", "--updates-per-round", "1", "--out", str(bbo),
-                 *small])
+                 *small])  # fmt: skip
     assert code == 0
