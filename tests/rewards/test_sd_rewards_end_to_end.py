@@ -52,9 +52,9 @@ def test_sqdf_on_a_mixture_then_eval_with_the_papers_rewards_and_metrics(weights
     # the first update starts at the reference: its gradient is the mixture's alone
     assert rows[0]["grad_norm"] > 0
 
+    reward_params = [a for k, v in params.items() for a in ("--reward-param", f"{k}={v}")]
     code = main(["eval", str(run), "--rewards", "imagereward,hpsv2", "--per-prompt", "2",
-                 "--prompts", "varied", "--device", "cpu",
-                 *[a for k, v in params.items() for a in ("--reward-param", f"{k}={v}")]])  # fmt: skip
+                 "--prompts", "varied", "--device", "cpu", *reward_params])  # fmt: skip
     assert code == 0
     rewards = json.loads((run / "eval.json").read_text())["rewards"]
     # the mixture and each of its rewards, scored on their own over the same held-out images
