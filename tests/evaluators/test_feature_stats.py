@@ -103,3 +103,41 @@ def test_vendi_matches_definition_with_the_n_by_n_kernel(n, dim):
     eig = eig[eig > 0]
     expected = math.exp(-(eig * np.log(eig)).sum())
     assert vendi_score(torch.from_numpy(x)) == pytest.approx(expected, rel=1e-9)
+
+
+class _Features(torch.nn.Module):
+    """torchmetrics' FID over given features: a "feature extractor" that returns its input."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize(
+    "n, m, dim, rel",
+    [
+        (400, 300, 5, 1e-12),  # full-rank covariances: both are exact up to round-off
+        (50, 80, 8, 1e-12),
+        # Fewer points than dimensions, as in sqdf eval: torchmetrics takes the square roots of
+        # S_a S_b's eigenvalues from a general (non-symmetric) eig, whose zero eigenvalues come
+        # out as round-off of about 1e-16 of the largest; their roots add ~1e-8 each, about
+        # 2e-7 of the distance at 2048 dims (ours clamps a symmetric eigh's to 0).
+        (6, 6, 64, 1e-6),
+        (12, 12, 2048, 1e-6),
+    ],
+)
+def test_frechet_equals_torchmetrics_fid_on_the_same_features(n, m, dim, rel):
+    from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+
+    a, b = _correlated(n, dim, seed=2), _correlated(m, dim, seed=3) + 0.5
+    # torchmetrics' formula on the means and unbiased covariances ...
+    formula = _compute_fid(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+    assert frechet_distance(a, b) == pytest.approx(float(formula), rel=rel)
+    # ... and its whole metric, which accumulates the sums itself (float64)
+    fid = FrechetInceptionDistance(feature=_Features(dim))
+    fid.update(a, real=True)
+    fid.update(b, real=False)
+    assert frechet_distance(a, b) == pytest.approx(float(fid.compute()), rel=rel)
