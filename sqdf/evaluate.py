@@ -91,18 +91,26 @@ def evaluate_run(
     prompts: str | None = None,
     per_prompt: int | None = None,
     clip: str | None = None,
-    lpips: str | None = None,
+    lpips: str | bool | None = None,
+    dreamsim: str | bool | None = None,
+    dreamsim_type: str | None = None,
+    fid: str | bool | None = None,
 ) -> dict[str, Any]:
     """Sample the fine-tuned policy and the reference, compute metrics, write ``eval.json``.
 
     ``num_samples`` defaults to the task's (gmm2d 4096, digits 1000). ``rewards`` (name ->
     parameters) are scored beside the trained one (cross-rewards). An sd run is evaluated on
     held-out prompts instead (``prompts``: a set or a file, default the run's
-    ``eval_prompts``), ``per_prompt`` images each (4), with diversity on ``clip``'s features and
-    LPIPS from the ``lpips`` weight file where given (sqdf.heldout); it also writes
-    ``eval.md``."""
+    ``eval_prompts``), ``per_prompt`` images each (4), with diversity on ``clip``'s features
+    (sqdf.heldout); it also writes ``eval.md``. ``lpips`` and ``dreamsim`` add those diversities
+    and ``fid`` the FID on Inception features to the reference images: each True for its
+    package's default weights or a local path (sqdf.evaluators.image_metrics; ``dreamsim_type``
+    picks DreamSim's model)."""
+    from sqdf.evaluators.image_metrics import ImageMetricRequest
+
     run = Path(run)
     cfg = read_run_config(run)
+    request = ImageMetricRequest(lpips, dreamsim, dreamsim_type, fid)
     if cfg.task == "sd":  # the options are checked before the model loads
         if num_samples is not None:
             raise ConfigError(
@@ -113,9 +121,10 @@ def evaluate_run(
             from sqdf.tasks.sd_prompts import load_prompt_pairs
 
             load_prompt_pairs(prompts)
+        _check_image_metrics(request, cfg)
     else:
         given = (("--prompts", prompts), ("--per-prompt", per_prompt), ("--clip", clip),
-                 ("--lpips", lpips))  # fmt: skip
+                 *request.flags().items(), ("--dreamsim-type", dreamsim_type))  # fmt: skip
         for flag, value in given:
             if value is not None:
                 raise ConfigError(f"{flag} is for sd runs; {run} is a {cfg.task} run")
@@ -124,7 +133,7 @@ def evaluate_run(
     extra = cross_rewards(cfg.task, trained, rewards or {}, task.device)
     if cfg.task == "sd":
         metrics = _evaluate_sd(task, run, extra, trained, prompts, per_prompt or PER_PROMPT,
-                               seed, clip, lpips, progress)  # fmt: skip
+                               seed, clip, request, progress)  # fmt: skip
         atomic_write_text(run / "eval.json", json.dumps(metrics, indent=1))
         title = f"Held-out evaluation of {run.name}"
         atomic_write_text(run / "eval.md", eval_markdown(metrics, title))
@@ -174,25 +183,16 @@ def _evaluate_sd(
     per_prompt: int,
     seed: int,
     clip: str | None,
-    lpips: str | None,
+    request: Any,
     progress: bool,
 ) -> dict[str, Any]:
+    from sqdf.evaluators.image_metrics import load_image_metrics
     from sqdf.tasks.sd_prompts import load_prompt_pairs
 
     spec = prompts or task.options.eval_prompts
     pairs = load_prompt_pairs(spec)
     rewards = {trained: task.reward_model, **extra}
-    lpips_distance = None
-    if lpips:
-        from sqdf.evaluators.lpips import MIN_SIZE, load_lpips
-        from sqdf.tasks.sd import image_side
-
-        lpips_distance = load_lpips(Path(lpips).expanduser(), task.device).mean_pairwise
-        side = image_side(task.options)
-        if side < MIN_SIZE:  # before anything is sampled
-            raise ConfigError(
-                f"LPIPS needs images of at least {MIN_SIZE} px a side; this run's are {side}"
-            )
+    image_metrics = load_image_metrics(request, task.device, progress)
     metrics: dict[str, Any] = {
         "weights": final_weights(run).parent.name,
         "updates": trained_updates(run),
@@ -205,16 +205,29 @@ def _evaluate_sd(
         "trained_prompts_among_them": sorted(
             {p for p, _ in pairs} & set(task.prompts[: task.train_prompts])
         ),
-        "lpips": lpips or "not computed (no --lpips weight file)",
-    }
+        **{name: image_metrics.described.get(name, f"not computed (no --{name})")
+           for name in ("lpips", "dreamsim", "fid")},
+    }  # fmt: skip
     metrics.update(
         evaluate_prompts(
             task, pairs, rewards=rewards, trained=trained, per_prompt=per_prompt, seed=seed,
-            features=image_features(rewards, clip, task.device), lpips=lpips_distance,
-            progress=progress,
+            features=image_features(rewards, clip, task.device),
+            distances=image_metrics.diversity, fid=image_metrics.fid, progress=progress,
         )
     )  # fmt: skip
     return metrics
+
+
+def _check_image_metrics(request: Any, cfg: Any) -> None:
+    """Packages, weight files and image size of the requested image metrics, before the model
+    loads and anything is sampled."""
+    from sqdf.evaluators.image_metrics import check_request
+    from sqdf.params import build_settings
+    from sqdf.tasks.sd import SDConfig, image_side
+
+    check_request(
+        request, lambda: image_side(build_settings(SDConfig, cfg.task_params, "task 'sd'"))
+    )
 
 
 def sample_run(

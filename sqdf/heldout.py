@@ -3,7 +3,8 @@ not train on, several images per prompt from fixed seeds, the fine-tuned policy 
 reference from the same noise; scored by the trained reward and by rewards it was not trained
 on (cross-rewards), with diversity within each prompt, the Fréchet distance between the
 fine-tuned and the reference images' features (how far the distribution moved) and the
-path KL, per prompt and on average.
+path KL, per prompt and on average; LPIPS and DreamSim diversity and FID on Inception features
+where asked for (sqdf.evaluators.image_metrics).
 
 Cross-rewards are scored on every task (``cross_rewards``, ``score_rewards``); prompts are
 the sd task's.
@@ -23,6 +24,12 @@ from sqdf.evaluators.feature_stats import frechet_distance, mean_pairwise_distan
 from sqdf.sampler import sample_in_chunks
 
 Features = Callable[[Tensor], Tensor]  # images (N, 3, H, W) in [0, 1] -> (N, D) on the CPU
+# name -> mean pairwise distance of a set of images; rows get "<name>_diversity"
+Distances = Mapping[str, Callable[[Tensor], float]]
+FID = Callable[[Tensor, Tensor], float]  # (fine-tuned images, reference images) -> FID
+# eval.md's words for each image metric's diversity
+DIVERSITY_LABELS = {"lpips": "LPIPS diversity", "dreamsim": "DreamSim diversity"}
+FID_LABEL = "FID (Inception) to the reference images"
 # what each task's samples are to a reward (sqdf.rewards' ``domain``)
 # (sd takes no "image" cross-rewards: those score 1-channel digits)
 TASK_DOMAINS = {"gmm2d": ("points", "any"), "digits": ("image", "any"), "sd": ("rgb", "any")}
@@ -119,12 +126,13 @@ def prompt_table(
     scores: Mapping[str, tuple[Tensor, Tensor]],
     kl: Tensor,
     features: tuple[Tensor, Tensor],
-    lpips: Callable[[Tensor], float] | None = None,
+    distances: Distances | None = None,
     images: tuple[Tensor, Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per prompt: each reward's mean (fine-tuned, reference), the path KL, and the
-    diversity within the prompt's images (mean pairwise feature distance; LPIPS too where
-    ``lpips`` is given). Samples are grouped by prompt: ``per_prompt`` consecutive ones each.
+    diversity within the prompt's images (mean pairwise feature distance; each of
+    ``distances``, e.g. LPIPS, too). Samples are grouped by prompt: ``per_prompt`` consecutive
+    ones each.
 
     # scores: name -> ((N,), (N,)); kl: (N,); features: ((N, D), (N, D)); N = P * per_prompt
     """
@@ -137,9 +145,10 @@ def prompt_table(
             "diversity": mean_pairwise_distance(features[0][part]),
             "ref_diversity": mean_pairwise_distance(features[1][part]),
         }
-        if lpips is not None and images is not None:
-            row["lpips_diversity"] = lpips(images[0][part])
-            row["ref_lpips_diversity"] = lpips(images[1][part])
+        for name, distance in (distances or {}).items():
+            if images is not None:
+                row[f"{name}_diversity"] = distance(images[0][part])
+                row[f"ref_{name}_diversity"] = distance(images[1][part])
         row["rewards"] = {
             name: {"fine_tuned": float(ft[part].mean()), "reference": float(ref[part].mean())}
             for name, (ft, ref) in scores.items()
@@ -167,9 +176,10 @@ def summarise(
             for name, (a, b) in scores.items()
         },
     }
-    if rows and "lpips_diversity" in rows[0]:
-        out["lpips_diversity"] = sum(r["lpips_diversity"] for r in rows) / len(rows)
-        out["ref_lpips_diversity"] = sum(r["ref_lpips_diversity"] for r in rows) / len(rows)
+    for name in DIVERSITY_LABELS:
+        if rows and f"{name}_diversity" in rows[0]:
+            for key in (f"{name}_diversity", f"ref_{name}_diversity"):
+                out[key] = sum(r[key] for r in rows) / len(rows)
     return out
 
 
@@ -201,18 +211,22 @@ def compare_sides(
     kl: Tensor,
     trained: str,
     features: str,
-    lpips: Callable[[Tensor], float] | None = None,
+    distances: Distances | None = None,
+    fid: FID | None = None,
 ) -> dict[str, Any]:
     """The held-out metrics of two sides (:func:`scored_side`) drawn for the same conditions:
-    summary, Fréchet distance and per-prompt rows. ``kl``: (N,) path KL per image."""
+    summary, Fréchet distance (and FID where ``fid`` is given) and per-prompt rows. ``kl``:
+    (N,) path KL per image."""
     both = {name: (ours["scores"][name], ref["scores"][name]) for name in ours["scores"]}
     rows = prompt_table(
         [p for p, _ in pairs], per_prompt, both, kl, (ours["features"], ref["features"]),
-        lpips, (ours["images"], ref["images"]),
+        distances, (ours["images"], ref["images"]),
     )  # fmt: skip
     out = summarise(rows, both, trained)
     out["diversity_features"] = features
     out["frechet_to_reference"] = frechet_distance(ours["features"], ref["features"])
+    if fid is not None:
+        out["fid_inception_to_reference"] = fid(ours["images"], ref["images"])
     out["per_prompt"] = rows
     return out
 
@@ -226,7 +240,8 @@ def evaluate_prompts(
     per_prompt: int,
     seed: int,
     features: tuple[Features, str],
-    lpips: Callable[[Tensor], float] | None = None,
+    distances: Distances | None = None,
+    fid: FID | None = None,
     reference: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -250,7 +265,7 @@ def evaluate_prompts(
             reference.update(ref)
     assert traj.kl is not None
     return compare_sides(
-        pairs, per_prompt, ours, ref, traj.kl.sum(dim=1), trained, features[1], lpips
+        pairs, per_prompt, ours, ref, traj.kl.sum(dim=1), trained, features[1], distances, fid
     )
 
 
@@ -261,10 +276,15 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, float, float]]:
         for name, r in metrics["rewards"].items()
     ]
     rows.append(("diversity", metrics["ref_eval_diversity"], metrics["eval_diversity"]))
-    if "lpips_diversity" in metrics:
-        rows.append(("LPIPS diversity", metrics["ref_lpips_diversity"], metrics["lpips_diversity"]))
+    rows += [
+        (label, metrics[f"ref_{name}_diversity"], metrics[f"{name}_diversity"])
+        for name, label in DIVERSITY_LABELS.items()
+        if f"{name}_diversity" in metrics
+    ]
     rows.append(("path KL", 0.0, metrics["kl_path"]))
     rows.append(("Fréchet distance to the reference", 0.0, metrics["frechet_to_reference"]))
+    if "fid_inception_to_reference" in metrics:
+        rows.append((FID_LABEL, 0.0, metrics["fid_inception_to_reference"]))
     return rows
 
 
@@ -272,9 +292,10 @@ def prompt_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     """(header, rows) of the per-prompt table: "reference → fine-tuned" for each reward and
     the diversity, then the path KL."""
     names = list(metrics["rewards"])
-    lpips = bool(metrics["per_prompt"]) and "lpips_diversity" in metrics["per_prompt"][0]
+    first = metrics["per_prompt"][0] if metrics["per_prompt"] else {}
+    extra = [name for name in DIVERSITY_LABELS if f"{name}_diversity" in first]
     header = ["prompt", *(f"{n} ref → ft" for n in names), "diversity ref → ft"]
-    header += ["LPIPS diversity ref → ft"] * lpips + ["KL"]
+    header += [f"{DIVERSITY_LABELS[name]} ref → ft" for name in extra] + ["KL"]
     rows = []
     for row in metrics["per_prompt"]:
         cells = [row["prompt"]]
@@ -283,21 +304,27 @@ def prompt_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
             for n in names
         ]
         cells.append(f"{row['ref_diversity']:.4g} → {row['diversity']:.4g}")
-        if lpips:
-            cells.append(f"{row['ref_lpips_diversity']:.4g} → {row['lpips_diversity']:.4g}")
+        for name in extra:
+            cells.append(f"{row[f'ref_{name}_diversity']:.4g} → {row[f'{name}_diversity']:.4g}")
         cells.append(f"{row['kl_path']:.4g}")
         rows.append(cells)
     return header, rows
 
 
 def describe(metrics: Mapping[str, Any]) -> str:
-    """One sentence on what a held-out evaluation drew and measured."""
-    return (
+    """What a held-out evaluation drew and measured, in a sentence or three."""
+    text = (
         f"{metrics['num_prompts']} prompts ({metrics['prompts']}), "
         f"{metrics['images_per_prompt']} images each from seed {metrics['seed']}; weights: "
         f"{metrics['weights']}. Diversity: mean pairwise distance of "
         f"{metrics['diversity_features']} within a prompt's images."
     )
+    for name, label in DIVERSITY_LABELS.items():
+        if f"{name}_diversity" in metrics and name in metrics:
+            text += f" {label}: mean pairwise distance, {metrics[name]}."
+    if "fid_inception_to_reference" in metrics:
+        text += f" {FID_LABEL}: {metrics['fid']}, {metrics['num_samples']} images each."
+    return text
 
 
 def eval_markdown(metrics: Mapping[str, Any], title: str) -> str:

@@ -133,8 +133,17 @@ CASES = [
      "--reward-param expects NAME.KEY=VALUE, got 'b=1'"),
     ("eval ImageReward", lambda r: ["eval", str(_finished_run(r)), "--rewards", "ImageReward"],
      "unknown reward 'ImageReward'; known rewards:"),
-    ("convert-lpips from missing files", lambda r: ["convert-lpips", str(r / "a.pth"), str(r / "b.pth"), str(r / "o")],
-     "torchvision's AlexNet checkpoint not found"),
+    ("eval LPIPS with a missing weight file", lambda r: ["eval", _sd_run(r), "--lpips", str(r / "none.pth")],
+     "LPIPS weight file not found"),
+    ("eval LPIPS on images too small", lambda r: ["eval", _sd_run(r), "--lpips"],
+     "LPIPS (AlexNet) needs images of at least 31 px a side; these are 16"),
+    ("eval FID with a missing weight file", lambda r: ["eval", _sd_run(r), "--fid", str(r / "none.pth")],
+     "FID Inception weight file not found"),
+    ("eval DreamSim with a missing folder", lambda r: ["eval", _sd_run(r), "--dreamsim", str(r / "none")],
+     "DreamSim weights folder not found"),
+    ("eval an unknown DreamSim type", lambda r: ["eval", _sd_run(r), "--dreamsim", "--dreamsim-type", "vit_tiny"],
+     "unknown DreamSim type 'vit_tiny'; known: ensemble"),
+    ("eval LPIPS on a gmm2d run", lambda r: ["eval", str(_finished_run(r)), "--lpips"], "--lpips is for sd runs"),
     ("gaussian posterior estimator on digits", lambda r: ["train", "--task", "digits", "--estimator", "gaussian_posterior", "--out", str(r / "x")],
      "for samples of at most 64; task 'digits' has 256: use q_cov 'isotropic' (one backward pass), or tweedie or consistency"),
     ("unknown posterior covariance", lambda r: ["train", "--q-cov", "diagonal"], "unknown q_cov 'diagonal'; known: full, isotropic"),
@@ -278,6 +287,19 @@ def _sd_scheduler(root, scheduler: dict) -> str:
     folder = Path(_sd_shaped(root))
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     return str(folder)
+
+
+def _sd_run(root) -> str:
+    """A run folder whose config.json is an sd run's on a model folder of configs only (16 px
+    images): enough for sqdf eval's checks, which come before the model loads."""
+    from sqdf.settings import make_config
+
+    model = _sd_configs(root, {"sample_size": 2, "in_channels": 4})
+    cfg = make_config({"task": "sd", "task_params": {"model": model}}, source="test")
+    run = root / "sd-run"
+    run.mkdir(exist_ok=True)
+    (run / "config.json").write_text(json.dumps({"format": "sqdf-run", "train": cfg.to_dict()}))
+    return str(run)
 
 
 def _not_a_head(root) -> str:

@@ -250,18 +250,6 @@ def write_random_aesthetic_head(path: str | Path, in_dim: int, *, seed: int = 3)
     return Path(path)
 
 
-def write_random_lpips(path: str | Path, *, seed: int = 4) -> Path:
-    """An LPIPS weight file (sqdf.evaluators.lpips' layout) with random weights."""
-    from safetensors.torch import save_file
-
-    from sqdf.evaluators.lpips import LPIPS
-
-    torch.manual_seed(seed)
-    state = {k: v.abs() if k.startswith("lin") else v for k, v in LPIPS().state_dict().items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return Path(path)
-
-
 def write_random_lcm_lora(
     model: str | Path, out: str | Path, *, rank: int = 4, seed: int = 4
 ) -> Path:

@@ -220,60 +220,127 @@ def test_digits_runs_take_cross_rewards_but_not_prompts(tmp_path, capsys):
         evaluate_run(run, num_samples=20, rewards={"clipscore": {"model": "x"}})
 
 
-def test_lpips_diversity_per_prompt(parts, tmp_path):
-    from sqdf.evaluators.lpips import load_lpips
-    from sqdf.tasks.sd_random import write_random_lpips
+def _metric_weights(root):
+    """Random weights of the three metric packages' own networks, in their public files' layouts."""
+    from sqdf.evaluators.fid import WEIGHTS_FILE
+    from sqdf.evaluators.lpips import TRUNK_FILE
+    from tests.evaluators.metric_weights import (
+        random_alexnet,
+        write_random_dreamsim,
+        write_random_inception,
+    )
 
-    lpips = write_random_lpips(tmp_path / "lpips.safetensors")
+    torch.save(random_alexnet(seed=0), root / TRUNK_FILE)
+    return (
+        root / TRUNK_FILE,
+        write_random_dreamsim(root / "dreamsim"),
+        write_random_inception(root / WEIGHTS_FILE),
+    )
+
+
+def test_lpips_dreamsim_and_fid_are_recomputed_from_the_images(parts, tmp_path, monkeypatch):
+    """sqdf eval with the three image metrics against their definitions on the same images drawn
+    again: LPIPS by the float64 reference, DreamSim by the package's own forward per pair, FID by
+    torch-fidelity's network and the Fréchet distance."""
+    import itertools
+
+    from dreamsim import dreamsim
+    from torchvision.transforms.functional import to_pil_image
+
+    from sqdf.evaluate import load_run
+    from sqdf.heldout import FID_LABEL
+    from sqdf.sampler import sample_in_chunks
+    from tests.evaluators.metric_weights import (
+        offline,
+        package_lins,
+        random_alexnet,
+        reference_fid,
+        reference_lpips,
+    )
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    alexnet, folder, inception = _metric_weights(tmp_path)
     config = sd_config(parts / "sd", parts, steps=1, task_params={"resolution": 32})
     run = train(config, tmp_path / "run", progress=False)  # 32 px: LPIPS needs 31 or more
     prompts = tmp_path / "p.txt"
     prompts.write_text("an owl\na crab\n")
-    argv = ["eval", str(run), "--prompts", str(prompts), "--per-prompt", "3",
-            "--lpips", str(lpips), "--no-progress"]  # fmt: skip
-    assert main(argv) == 0
+    argv = ["eval", str(run), "--prompts", str(prompts), "--per-prompt", "3", "--lpips",
+            str(alexnet), "--dreamsim", str(folder), "--dreamsim-type", "clip_vitb32", "--fid",
+            str(inception), "--no-progress"]  # fmt: skip
+    with offline():  # nothing is downloaded
+        assert main(argv) == 0
     metrics = json.loads((run / "eval.json").read_text())
-    assert metrics["lpips"] == str(lpips) and "| LPIPS diversity |" in (run / "eval.md").read_text()
-    rows = metrics["per_prompt"]
-    assert metrics["lpips_diversity"] == pytest.approx(
-        (rows[0]["lpips_diversity"] + rows[1]["lpips_diversity"]) / 2
-    )
-    # the reference side against LPIPS of the reference's own images, drawn again
-    from sqdf.evaluate import load_run
-    from sqdf.sampler import sample_in_chunks
+    text = (run / "eval.md").read_text()
+    assert all(f"| {label} |" in text for label in ("LPIPS diversity", "DreamSim diversity",
+                                                    FID_LABEL))  # fmt: skip
+    assert str(inception) in metrics["fid"] and "reference model's images" in metrics["fid"]
+    assert "clip_vitb32" in metrics["dreamsim"] and str(alexnet) in metrics["lpips"]
 
     task = load_run(run)
     cond = task.add_prompts([("an owl", None), ("a crab", None)]).repeat_interleave(3)
+    ft = task.decode_batches(sample_in_chunks(task, 6, 1234, cond=cond, with_kl=True).x0)
     ref = task.decode_batches(sample_in_chunks(task, 6, 1234, cond=cond, policy=False).x0)
-    model = load_lpips(lpips)
-    for i, row in enumerate(rows):
-        expected = model.mean_pairwise(ref[3 * i : 3 * i + 3])
-        assert row["ref_lpips_diversity"] == pytest.approx(expected, rel=1e-4)
+    state = {**random_alexnet(seed=0), **package_lins()}
+    model, preprocess = dreamsim(pretrained=True, device="cpu", cache_dir=str(folder),
+                                 dreamsim_type="clip_vitb32")  # fmt: skip
+    pairs = list(itertools.combinations(range(3), 2))
+    for p, row in enumerate(metrics["per_prompt"]):
+        for key, images in (("lpips_diversity", ft), ("ref_lpips_diversity", ref)):
+            x = images[3 * p : 3 * p + 3]
+            lpips = [float(reference_lpips(state, x[i : i + 1], x[j : j + 1])) for i, j in pairs]
+            assert row[key] == pytest.approx(sum(lpips) / 3, rel=1e-4), key
+        x = [preprocess(to_pil_image(image)) for image in ref[3 * p : 3 * p + 3]]
+        with torch.no_grad():
+            sims = [float(model(x[i], x[j])) for i, j in pairs]
+        assert row["ref_dreamsim_diversity"] == pytest.approx(sum(sims) / 3, rel=1e-4)
+        assert row["dreamsim_diversity"] > 0
+    assert metrics["lpips_diversity"] == pytest.approx(
+        sum(r["lpips_diversity"] for r in metrics["per_prompt"]) / 2
+    )
+    # One update barely moves the images: the FID is about 1e-4, so float32 round-off of the
+    # order-one features (about 1e-7 each) is compared in absolute terms; test_fid checks a
+    # large FID to 1e-4 relative.
+    fid = reference_fid(inception, ft, ref)
+    assert fid > 1e-5
+    assert metrics["fid_inception_to_reference"] == pytest.approx(fid, rel=1e-3, abs=1e-6)
 
 
 def test_lpips_on_images_too_small_names_their_size(run, tmp_path, capsys):
-    from sqdf.tasks.sd_random import write_random_lpips
-
-    lpips = write_random_lpips(tmp_path / "lpips.safetensors")
-    assert main(["eval", str(run), "--lpips", str(lpips), "--no-progress"]) == 2
+    path = tmp_path / "alexnet.pth"
+    path.write_bytes(b"")  # not read: the size is checked first
+    assert main(["eval", str(run), "--lpips", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "16" in err and "31" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "flag, module, package",
+    [("--lpips", "lpips", "lpips"), ("--dreamsim", "dreamsim", "dreamsim"),
+     ("--fid", "torch_fidelity", "torch-fidelity"), ("--fid", "torchmetrics", "torchmetrics")],
+)  # fmt: skip
+def test_a_metric_without_its_package_names_the_extra(run, monkeypatch, capsys, flag, module,
+                                                       package):  # fmt: skip
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    assert main(["eval", str(run), flag, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"needs the {package} package: pip install 'sqdf[metrics]'" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_readme_held_out_block_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
-    from sqdf.evaluators.lpips import LPIPS
+    from sqdf.evaluators.lpips import TRUNK_FILE
+    from tests.evaluators.metric_weights import offline, random_alexnet
     from tests.tasks.sd_runs import readme_block, run_readme_lines
 
-    lines = readme_block("lpips-alex.safetensors")
+    lines = readme_block(TRUNK_FILE)
     monkeypatch.chdir(tmp_path)
     config = sd_config(parts / "sd", parts, steps=1, task_params={"resolution": 32})
     train(config, tmp_path / "runs" / "sd", progress=False)  # 32 px: LPIPS needs 31 or more
-    state = LPIPS().state_dict()  # the two public files' layouts, with random weights
-    torch.save({k: v for k, v in state.items() if k.startswith("features.")}, tmp_path / "a.pth")
-    torch.save({k: v.abs() for k, v in state.items() if k.startswith("lin")}, tmp_path / "l.pth")
-    layout = {"alexnet-owt-7be5be79.pth": tmp_path / "a.pth", "lpips-alex.pth": tmp_path / "l.pth",
-              "PickScore_v1": parts / "clip", "clip-vit-large-patch14": parts / "clip"}  # fmt: skip
-    run_readme_lines(lines, layout, tmp_path)
+    torch.save(random_alexnet(seed=0), tmp_path / "a.pth")  # torchvision's layout
+    layout = {TRUNK_FILE: tmp_path / "a.pth", "PickScore_v1": parts / "clip",
+              "clip-vit-large-patch14": parts / "clip"}  # fmt: skip
+    with offline():
+        run_readme_lines(lines, layout, tmp_path)
     metrics = json.loads((tmp_path / "runs/sd/eval.json").read_text())
     assert set(metrics["rewards"]) == {"aesthetic", "pickscore", "clipscore"}
     assert metrics["lpips_diversity"] > 0 and metrics["images_per_prompt"] == 4
