@@ -22,6 +22,7 @@ from sqdf.heldout import (
     reward_inputs,
     score_rewards,
 )
+from sqdf.rewards import mixture_components
 from sqdf.run import read_metrics, read_run_config
 from sqdf.sampler import sample_in_chunks, sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
@@ -162,13 +163,16 @@ def evaluate_run(
         "ref_reward_std": float(r_ref.std()),
     }
     metrics.update(task.evaluate(traj.x0, ref.x0, traj.cond, gen))
-    if extra:
-        ours = score_rewards(task, extra, reward_inputs(task, traj.x0), traj.cond)
-        theirs = score_rewards(task, extra, reward_inputs(task, ref.x0), ref.cond)
+    parts = mixture_components(task.reward_model)  # a mixture's rewards, each on its own
+    scored = {**parts, **extra}
+    if scored:
+        ours = score_rewards(task, scored, reward_inputs(task, traj.x0), traj.cond)
+        theirs = score_rewards(task, scored, reward_inputs(task, ref.x0), ref.cond)
         metrics["rewards"] = {
             name: {"mean": float(ours[name].mean()), "ref_mean": float(theirs[name].mean()),
-                   "trained": False}
-            for name in extra
+                   "trained": name in parts,
+                   **({"weight": task.reward_model.weights[name]} if name in parts else {})}
+            for name in scored
         }  # fmt: skip
     atomic_write_text(run / "eval.json", json.dumps(metrics, indent=1))
     return metrics
@@ -191,7 +195,7 @@ def _evaluate_sd(
 
     spec = prompts or task.options.eval_prompts
     pairs = load_prompt_pairs(spec)
-    rewards = {trained: task.reward_model, **extra}
+    rewards = {trained: task.reward_model, **mixture_components(task.reward_model), **extra}
     image_metrics = load_image_metrics(request, task.device, progress)
     metrics: dict[str, Any] = {
         "weights": final_weights(run).parent.name,

@@ -32,7 +32,11 @@ DIVERSITY_LABELS = {"lpips": "LPIPS diversity", "dreamsim": "DreamSim diversity"
 FID_LABEL = "FID (Inception) to the reference images"
 # what each task's samples are to a reward (sqdf.rewards' ``domain``)
 # (sd takes no "image" cross-rewards: those score 1-channel digits)
-TASK_DOMAINS = {"gmm2d": ("points", "any"), "digits": ("image", "any"), "sd": ("rgb", "any")}
+TASK_DOMAINS = {
+    "gmm2d": ("points", "any"),
+    "digits": ("image", "pixels", "any"),
+    "sd": ("rgb", "pixels", "any"),
+}
 
 
 def cross_rewards(
