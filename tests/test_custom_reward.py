@@ -8,13 +8,18 @@ import torch
 from sqdf import TrainConfig, train
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.rewards import build_reward
+from sqdf.tasks import sample_shape
+from tests.learning import assert_reward_rose
 
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(
         "import torch\n"
+        "CALLS = []\n"
         "def brightness(images, cond, scale=1.0):\n"
+        "    CALLS.append((tuple(images.shape), getattr(cond, 'dtype', None),\n"
+        "                  getattr(cond, 'shape', None), images.requires_grad))\n"
         "    return scale * images.flatten(1).mean(1)\n"
         "def wrong_shape(images, cond):\n"
         "    return images.sum()\n"
@@ -53,4 +58,11 @@ def test_custom_reward_trains_the_digits_task(user_module, tmp_path):
         checkpoint_every=0,
     )
     run = train(cfg, tmp_path / "run", progress=False)
-    assert (run / "final" / "policy.safetensors").exists()
+    calls = list(sys.modules[user_module].CALLS)
+    # the fresh batch is scored without a gradient, the loss's x̂0 with one; both are a batch
+    # of digit images with their class labels
+    image = (cfg.batch_size, *sample_shape(cfg))
+    assert (image, torch.long, (cfg.batch_size,), False) in calls
+    assert (image, torch.long, (cfg.batch_size,), True) in calls
+    assert {shape for shape, *_ in calls} == {image}
+    assert_reward_rose(run)  # the images got brighter than the reference's

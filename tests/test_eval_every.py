@@ -15,6 +15,7 @@ from sqdf.periodic_eval import SAMPLES, SEED
 from sqdf.run import EVAL_METRICS, read_metrics
 from sqdf.sampler import sample_in_chunks
 from sqdf.trainer import train
+from tests.learning import assert_reward_rose
 from tests.test_trackers import die_in_update, tensorboard_scalars
 
 
@@ -67,8 +68,12 @@ def test_eval_every_on_digits_logs_the_evaluator_metrics(tmp_path):
     from sqdf.settings import config_for
 
     cfg = config_for("digits", steps=2, batch_size=4, num_steps=4, eval_every=2)
-    (row,) = read_metrics(train(cfg, tmp_path / "d", progress=False), EVAL_METRICS)
+    run = train(cfg, tmp_path / "d", progress=False)
+    (row,) = read_metrics(run, EVAL_METRICS)
     assert {"eval_agreement", "ref_eval_agreement", "eval_frechet", "kl_path"} <= set(row)
+    # it evaluated the trained policy (which learned), not the reference
+    assert_reward_rose(run)
+    assert row["kl_path"] > 0 and row["reward_mean"] > row["ref_reward_mean"]  # same noise
 
 
 def test_eval_every_on_sd_scores_the_held_out_prompts(tmp_path):

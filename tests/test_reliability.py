@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from sqdf import SqdfError, TrainConfig, train
 from sqdf.checkpoint import list_checkpoints, load_latest_checkpoint
+from sqdf.tasks.digits_model import to_pixels
+from tests.learning import assert_reward_rose
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 6  # SIGKILLs per kill test (docs/reliability.md quotes this)
@@ -179,6 +181,8 @@ def test_partly_nan_rewards_are_dropped_and_training_goes_on(tmp_path, monkeypat
     assert rows[-1]["nonfinite_rewards"] == 6 and rows[-1]["skipped_updates"] == 0
     weights = load_file(str(run / "final" / "policy.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
+    # and it went on learning: the reward without its injected infinities rose
+    assert_reward_rose(run, reward=lambda x0, cond: to_pixels(x0).flatten(1).mean(1))
 
 
 def test_no_unsafe_loading_in_the_package():

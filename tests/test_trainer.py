@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdf import SqdfError, evaluate_run, read_metrics, sample_run, train
+from sqdf import SqdfError, TrainConfig, evaluate_run, read_metrics, sample_run, train
 from sqdf.checkpoint import list_checkpoints
+from tests.learning import assert_reward_rose
 
 METRIC_KEYS = {
     "step",
@@ -89,6 +90,9 @@ def test_eval_and_sample(tiny_config, tmp_path):
     ):
         assert isinstance(metrics[key], float) and metrics[key] == metrics[key]
     assert metrics["kl_path"] > 0
+    # the evaluation scores the trained policy, which has learned: the reward rose
+    assert_reward_rose(run)
+    assert metrics["reward_mean"] > metrics["ref_reward_mean"]  # same noise for both
     assert json.loads((run / "eval.json").read_text()) == metrics
     picture = sample_run(run, num_samples=64, out=tmp_path / "pics" / "s.png")
     assert picture.stat().st_size > 1000
@@ -188,3 +192,27 @@ def test_a_cosine_run_interrupted_and_resumed_gives_the_uninterrupted_result(
     assert want[0] == 0.0 and want[2] == pytest.approx(cfg.lr) and want[3] > want[5] > cfg.lr_min
     with pytest.raises(SqdfError, match="lr_schedule cosine decays over its 6 steps"):
         train(dataclasses.replace(cfg, steps=8), resumed, resume=True, progress=False)
+
+
+def loss_check_config(**over) -> TrainConfig:
+    """A gmm2d run whose every update is logged, one micro-batch each, whose reward is far
+    from zero (so that a misweighted reward term shows) and whose lr lets the policy leave the
+    reference within a few updates (so that the KL term does)."""
+    values = dict(num_steps=10, steps=4, batch_size=16, buffer_size=64, log_every=1,
+                  checkpoint_every=0, device="cpu", estimator="tweedie", reward="quadratic",
+                  gamma=0.9, alpha=2.0, kl_scale="sum", lr=1e-2,
+                  task_params={"hidden": 16})  # fmt: skip
+    return TrainConfig(**{**values, **over})
+
+
+def test_the_logged_loss_is_the_discounted_soft_q_objective_of_its_cells(tmp_path, monkeypatch):
+    from sqdf.tasks.gmm2d import GMM2DTask
+    from tests.learning import assert_loss_is_the_soft_q_objective, recording_sqdf_cells
+
+    cfg = loss_check_config()
+    with recording_sqdf_cells(monkeypatch, GMM2DTask) as cells:
+        run = train(cfg, tmp_path / "run", progress=False)
+    losses = [r["loss"] for r in read_metrics(run)]
+    assert_loss_is_the_soft_q_objective(
+        losses, cells, num_steps=cfg.num_steps, gamma=cfg.gamma, alpha=cfg.alpha
+    )

@@ -1,5 +1,5 @@
 """Truncated rollouts (issue 7): the states equal a full rollout's, and training with them
-runs the SQDF update on exactly those cells."""
+runs the SQDF update on exactly those cells, and learns."""
 
 import math
 
@@ -12,6 +12,7 @@ from sqdf.run import read_metrics
 from sqdf.sampler import sample_states_at, sample_trajectories
 from sqdf.tasks import build_task
 from sqdf.trainer import train
+from tests.learning import assert_reward_rose
 
 
 def cfg(**over) -> TrainConfig:
@@ -36,8 +37,35 @@ def test_truncated_states_equal_a_full_rollouts():
     torch.testing.assert_close(states, want, rtol=1e-5, atol=1e-6)
 
 
-def test_truncated_training_counts_partial_trajectories_and_learns(tmp_path):
+def test_truncated_training_counts_partial_trajectories_and_learns(tmp_path, monkeypatch):
+    import dataclasses
+
+    import sqdf.trainer
+    from sqdf.methods import METHODS
+
+    drawn, trained = [], []
+    draw, loss = sqdf.trainer.truncated_cells, METHODS["sqdf"].loss
+
+    def recorded_draw(*args):
+        drawn.append(draw(*args))
+        return drawn[-1]
+
+    def recorded_loss(task, cells, *args):
+        trained.append(cells)
+        return loss(task, cells, *args)
+
+    monkeypatch.setattr(sqdf.trainer, "truncated_cells", recorded_draw)
+    monkeypatch.setitem(METHODS, "sqdf", dataclasses.replace(METHODS["sqdf"], loss=recorded_loss))
     run = train(cfg(cells_per_trajectory=2), tmp_path / "r", progress=False)
+    # every update's loss is taken on the cells drawn for it, and on nothing else: 16
+    # trajectories, each at 2 distinct steps
+    assert len(trained) == len(drawn) == 4
+    assert all(t is d for t, d in zip(trained, drawn, strict=True))
+    for cells in drawn:
+        assert cells.x_t.shape == (16 * 2, 2) and cells.x_next is None
+        pairs = cells.step.reshape(16, 2)
+        assert bool((pairs[:, 0] != pairs[:, 1]).all())
+    assert_reward_rose(run)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["samples_seen"] == 4 * 16

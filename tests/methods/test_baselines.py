@@ -16,6 +16,7 @@ from sqdf.methods.ddpo import ddpo_loss, per_condition_advantages
 from sqdf.sampler import rollout_with_grad, sample_trajectories
 from sqdf.settings import make_config
 from sqdf.tasks import build_task
+from tests.learning import assert_reward_rose
 
 GMM = dict(num_steps=6, steps=3, batch_size=8, buffer_size=16, checkpoint_every=0, log_every=1,
            device="cpu", estimator="tweedie", task_params={"hidden": 16}, lr=1e-2)  # fmt: skip
@@ -43,12 +44,12 @@ def test_methods_train_digits(method, tmp_path):
         method,
         task="digits",
         num_steps=3,
-        batch_size=2,
-        buffer_size=4,
-        steps=1,
+        batch_size=4,  # DDPO's advantages need two different trajectories in a micro-batch
+        buffer_size=8,
+        steps=2,
         task_params={"classes": [1]},
     )
-    assert train(cfg, tmp_path / method, progress=False).exists()
+    assert_reward_rose(train(cfg, tmp_path / method, progress=False))  # the default ink reward
 
 
 def test_draft_gradient_flows_through_the_last_k_steps_only():

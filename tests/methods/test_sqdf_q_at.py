@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from sqdf.buffer import Cells
+from sqdf.errors import ConfigError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.methods.sqdf import linearised_q
 from sqdf.sampler import sample_trajectories, step_mean_std
 from sqdf.settings import make_config
 from sqdf.tasks import build_task
 from sqdf.trainer import train
+from tests.learning import assert_reward_rose
 
 
 def gmm_config(**over):
@@ -79,8 +81,9 @@ def test_its_per_step_optimum_is_the_first_order_step(q_at):
 def test_a_run_with_it_trains_and_a_bad_value_is_refused(tmp_path):
     run = train(gmm_config(method_params={"q_at": "reference_mean"}), tmp_path / "run",
                 progress=False)  # fmt: skip
-    assert (run / "final" / "policy.safetensors").is_file()
-    with pytest.raises(Exception, match="q_at must be one of sample, reference_mean, got 'mode'"):
+    assert_reward_rose(run)
+    message = "method 'sqdf': q_at must be one of sample, reference_mean, got 'mode'"
+    with pytest.raises(ConfigError, match=message):
         build_method_params("sqdf", {"q_at": "mode"})
 
 

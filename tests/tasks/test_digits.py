@@ -12,6 +12,7 @@ from sqdf.rewards import build_reward
 from sqdf.tasks import build_task
 from sqdf.tasks.digits import shipped_model
 from sqdf.tasks.digits_model import load_unet
+from tests.learning import assert_reward_rose
 
 TINY = dict(
     task="digits",
@@ -122,13 +123,15 @@ def test_bad_task_params_and_reward_domain():
 
 
 def test_short_run_and_eval(tmp_path):
-    run = train(
-        TrainConfig(**TINY, reward="classifier", task_params={"classes": [0, 1]}),
-        tmp_path / "r",
-        progress=False,
-    )
+    # zeros and ones steered toward a 3: a reward the reference is far from (its own classes'
+    # log-probabilities are near their maximum 0, and two updates move them little)
+    cfg = TrainConfig(**TINY, reward="classifier", reward_params={"target": 3},
+                      task_params={"classes": [0, 1]})  # fmt: skip
+    run = train(cfg, tmp_path / "r", progress=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["kl_mean"] >= 0 for r in rows)
+    assert rows[0]["kl_mean"] == 0 < rows[1]["kl_mean"]  # the policy left the reference
+    assert_reward_rose(run)
     metrics = evaluate_run(run, num_samples=8)
     for key in (
         "eval_agreement",
