@@ -46,6 +46,13 @@ def os_error(err: BaseException) -> OSError | None:
     return None
 
 
+def fixable_cause(err: BaseException) -> OSError | None:
+    """The operating system's error behind ``err`` when it is one the user can fix (a full
+    disk or quota, a read-only or missing folder, no permission); None otherwise."""
+    cause = os_error(err)
+    return cause if cause is not None and cause.errno in USER_FIXABLE else None
+
+
 def free_bytes(path: Path) -> int | None:
     """Free bytes on the file system of ``path`` or its nearest existing parent."""
     for folder in (Path(path), *Path(path).parents):
@@ -83,8 +90,8 @@ def writing(
     except WriteError:
         raise
     except Exception as err:
-        cause = os_error(err)
-        if cause is None or cause.errno not in USER_FIXABLE:
+        cause = fixable_cause(err)
+        if cause is None:
             raise
         raise WriteError(write_error_text(what, where, cause, needs) + then()) from None
 
@@ -142,8 +149,8 @@ def folder_writes(folder: Path, then: Callable[[], str] = str) -> Iterator[None]
     except WriteError:
         raise
     except Exception as err:
-        cause = os_error(err)
-        if cause is None or cause.errno not in USER_FIXABLE:
+        cause = fixable_cause(err)
+        if cause is None:
             raise
         path = Path(cause.filename) if isinstance(cause.filename, (str, Path)) else None
         inside = path is not None and Path(folder).resolve() in (

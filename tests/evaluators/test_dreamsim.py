@@ -11,14 +11,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from sqdf.errors import ConfigError
 from sqdf.evaluators.dreamsim import default_folder, load_dreamsim
-from tests.evaluators.metric_weights import offline, write_random_dreamsim
-
-
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    with offline():
-        yield
+from tests.evaluators.metric_weights import write_random_dreamsim
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,7 @@ import torch
 
 from sqdf.errors import ConfigError
 from sqdf.evaluators.fid import WEIGHTS_FILE, inception_fid, load_fid
-from tests.evaluators.metric_weights import offline, reference_fid, write_random_inception
-
-
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    with offline():
-        yield
+from tests.evaluators.metric_weights import reference_fid, write_random_inception
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,6 @@ def _one_line_naming(err: pytest.ExceptionInfo, *parts: str) -> None:
         assert part in message, (part, message)
 
 
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch, tmp_path):
-    """Nothing here may reach the network, and the torch hub cache starts empty."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    with offline():
-        yield
-
-
 @pytest.fixture(scope="module")
 def alexnet_pth(tmp_path_factory) -> Path:
     """torchvision's alexnet-owt-7be5be79.pth layout (classifier included), random weights."""
