@@ -212,6 +212,35 @@ def test_aesthetic_reward_is_the_head_on_normalised_clip_features(parts):
         torch.testing.assert_close(reward(images), x.squeeze(1), rtol=1e-4, atol=1e-5)
 
 
+def test_pickscore_and_clipscore_are_clips_own_scoring(parts):
+    """PickScore as its authors compute it (logit scale x cosine of the L2-normalised image
+    and prompt embeddings) and CLIPScore as torchmetrics does (max(100 x cosine, 0)), from
+    transformers' CLIPModel forward, its image processor and its tokenizer padding to the
+    longest prompt (ours pads to 77 tokens: the pooled EOS token must not care)."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = str(parts / "clip")
+    clip = CLIPModel.from_pretrained(folder).eval()
+    images = torch.rand((4, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    prompts = ["a red fox", "a lighthouse at dusk on a rocky shore", "a red fox", "an owl"]
+    pixels = CLIPImageProcessor.from_pretrained(folder)(
+        images=list(images), do_resize=False, do_center_crop=False, do_rescale=False,
+        return_tensors="pt",
+    ).pixel_values  # fmt: skip
+    text = CLIPTokenizer.from_pretrained(folder)(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = clip(pixel_values=pixels, input_ids=text.input_ids,
+                   attention_mask=text.attention_mask)  # fmt: skip
+    pick = out.logits_per_image.diagonal()  # image i against its own prompt i
+    cosine = (out.image_embeds * out.text_embeds).sum(-1)  # both L2-normalised by CLIPModel
+    assert clip.logit_scale.exp() > 1 and (cosine > 0).any() and (cosine < 0).any()
+    ours = {name: build_reward(name, {"model": folder}) for name in ("pickscore", "clipscore")}
+    torch.testing.assert_close(ours["pickscore"](images, prompts), pick, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        ours["clipscore"](images, prompts), (100 * cosine).clamp(min=0), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_clip_preprocess_normalises_and_crops():
     const = torch.full((1, 3, 50, 80), 0.25)
     out = clip_preprocess(const, 32, CLIP_MEAN, CLIP_STD)
