@@ -32,16 +32,21 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "digit-recognizer-py==0.1.0"
 
 # Optional: Debian's chromium for the browser tests, only where it is missing. A failed install
-# is not fatal: those tests then skip, saying so.
+# is not fatal: those tests then skip, saying so; why is kept in .venv/chromium-unavailable,
+# without which a skip fails under CI (tests/browser.py).
+rm -f .venv/chromium-unavailable
 if [ "$BROWSER" = 1 ] && [ ! -x /usr/bin/chromium ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""
     elif command -v sudo >/dev/null; then SUDO="sudo"
     else SUDO="none"
     fi
     if ! command -v apt-get >/dev/null || [ "$SUDO" = none ]; then
-        echo "note: cannot install chromium here (needs apt-get, as root or with sudo); browser tests will be skipped"
+        echo "cannot install chromium here (needs apt-get, as root or with sudo)" >.venv/chromium-unavailable
     elif ! { $SUDO apt-get update -qq \
         && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
-        echo "note: apt-get install chromium failed; browser tests will be skipped" >&2
+        echo "apt-get install chromium failed" >.venv/chromium-unavailable
+    fi
+    if [ -f .venv/chromium-unavailable ]; then
+        echo "note: $(cat .venv/chromium-unavailable); browser tests will be skipped" >&2
     fi
 fi

@@ -3,7 +3,7 @@
 `open_page(path)` loads the file from a file:// URL and returns a `PageCheck`: the JavaScript
 exceptions, console errors and failed loads it raised, how many <img> elements it has and how
 many decoded (naturalWidth > 0), and its visible text (document.body.innerText). Tests call it
-directly; without a browser it skips the test (see `chromium_or_skip`).
+directly; without a browser it skips the test, or under CI fails it (see `chromium_or_skip`).
 
 The browser is driven over the DevTools protocol on `--remote-debugging-pipe` (fds 3 and 4,
 NUL-separated JSON), with the standard library only: no websocket client, no Playwright with
@@ -101,12 +101,28 @@ def find_chromium() -> str | None:
     return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
 
 
+def unavailable_note() -> Path:
+    """Where scripts/setup.sh --browser says why it could not install Chromium: in the
+    environment that runs the tests (.venv)."""
+    return Path(sys.prefix) / "chromium-unavailable"
+
+
 def chromium_or_skip() -> str:
-    """Path of the browser, or skip the calling test saying how to install one."""
+    """Path of the browser, or skip the calling test saying how to install one. Under CI (the
+    CI variable set) a skip fails instead, unless scripts/setup.sh --browser said why it
+    could not install one: CI must not lose the browser tests quietly."""
     found = find_chromium()
-    if found is None:
-        pytest.skip(SKIP_REASON)
-    return found
+    if found is not None:
+        return found
+    note = unavailable_note()
+    if note.is_file():
+        pytest.skip(f"{SKIP_REASON}; here: {note.read_text().strip()}")
+    if os.environ.get("CI"):
+        pytest.fail(
+            f"no Chromium under CI, though scripts/setup.sh --browser did not say it cannot "
+            f"install one ({note} is absent): run it before the tests"
+        )
+    pytest.skip(SKIP_REASON)
 
 
 def open_page(path: Path | str, timeout_s: float = 30, browser: str | None = None) -> PageCheck:

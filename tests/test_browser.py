@@ -91,8 +91,24 @@ def test_no_such_page(tmp_path: Path) -> None:
         open_page(tmp_path / "absent.html")
 
 
-def test_skips_without_chromium(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_skips_without_chromium(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(browser, "find_chromium", lambda: None)
+    monkeypatch.setattr(browser, "unavailable_note", lambda: tmp_path / "chromium-unavailable")
+    monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
         chromium_or_skip()
     assert "scripts/setup.sh --browser" in SKIP_REASON
+
+
+def test_under_ci_a_missing_chromium_fails_unless_setup_said_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    note = tmp_path / "chromium-unavailable"
+    monkeypatch.setattr(browser, "find_chromium", lambda: None)
+    monkeypatch.setattr(browser, "unavailable_note", lambda: note)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="did not say it cannot install one"):
+        chromium_or_skip()
+    note.write_text("apt-get install chromium failed\n")
+    with pytest.raises(pytest.skip.Exception, match="here: apt-get install chromium failed$"):
+        chromium_or_skip()
