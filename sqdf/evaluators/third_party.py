@@ -1,7 +1,7 @@
 """What every metric from another package needs: the package itself (or one line naming the pip
 extra), its weights read without running code, and a one-line reason when they cannot be had.
 
-The packages load their weights themselves, some with ``torch.load(weights_only=False)``
+The packages load their weights themselves, some with ``torch.load`` and ``weights_only=False``
 (torch-fidelity) or without the argument (lpips); :func:`weights_only_loads` makes every such
 call inside it read tensors only, so a file holding anything else is refused, never run.
 """

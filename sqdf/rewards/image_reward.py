@@ -244,7 +244,8 @@ class ImageRewardReward:
         tokenizer = lambda: blip_tokenizer(self._tokenizer)  # noqa: E731
         with _replaced(blip_pretrain, "init_tokenizer", tokenizer):
             model = module.ImageReward(med_config=str(self._med_config), device="cpu")
-        state = torch.load(str(self._checkpoint), map_location="cpu", weights_only=True)
+        checkpoint = str(self._checkpoint)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise ConfigError(f"reward 'imagereward': {self._checkpoint} is not a state dict")
         try:
