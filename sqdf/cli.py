@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from sqdf.atomic import folder_writes
 from sqdf.config import config_fields, read_toml, tomllib
 from sqdf.distributed import launched
 from sqdf.errors import SqdfError
@@ -62,6 +64,7 @@ examples:
   sqdf sample --task sd --model ~/sd15 --lora runs/sd/final --prompts animals --out grid.png"""
 
 
+WRITES_TO_RUN = ("eval", "report", "sample")
 DICT_FIELDS = {"task_params": "--task-param", "reward_params": "--reward-param",
                "method_params": "--method-param"}  # fmt: skip
 
@@ -894,8 +897,12 @@ def main(argv: list[str] | None = None) -> int:
         "bbo": _cmd_bbo,
         "presets": _cmd_presets,
     }[args.command]
+    # eval, report and sample write into the run folder: a full or read-only disk there is
+    # one line, as it is for train, bbo and compare (which guard their own folders)
+    run_folder = getattr(args, "run", None) if args.command in WRITES_TO_RUN else None
     try:
-        return handler(args)
+        with folder_writes(Path(run_folder)) if run_folder else contextlib.nullcontext():
+            return handler(args)
     except Preempted as stop:  # a checkpoint is written; the line says how to go on
         if launched()[0] == 0:
             print(f"sqdf {args.command}: {stop}", file=sys.stderr)

@@ -457,3 +457,25 @@ def test_compare_stops_on_a_signal_and_resumes_its_variants(
         _assert_equal(whole / "runs" / name, out / "runs" / name)
     a, b = (json.loads((r / "results.json").read_text())["runs"] for r in (whole, out))
     assert [r["reward_mean"] for r in a] == [r["reward_mean"] for r in b]
+
+
+def test_a_full_disk_under_eval_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import sqdf.evaluate as evaluate_module
+
+    run = tmp_path / "run"
+    argv = ["train", "--task", "gmm2d", "--num-steps", "3", "--steps", "1", "--batch-size", "2",
+            "--buffer-size", "4", "--device", "cpu", "--no-progress",
+            "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(evaluate_module, "atomic_write_text", full)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--num-samples", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "eval.json" in err and "No space left on device" in err, err
