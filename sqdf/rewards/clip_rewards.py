@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sqdf.errors import ConfigError, SqdfError
+from sqdf.rewards.hub import hub_file
 
 # OpenAI CLIP's preprocessing, used when a folder has no preprocessor_config.json
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -259,26 +260,6 @@ def hps_preprocess(images: Tensor, size: int, mean: tuple, std: tuple) -> Tensor
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
-
-
-def hub_file(repo: str, filename: str, reward: str) -> str:
-    """A reward's default weight file from the Hugging Face Hub, through huggingface_hub's
-    cache (HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN as it reads them); a file that
-    cannot be had is one line naming it."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return hf_hub_download(repo, filename)
-    except LocalEntryNotFoundError:
-        raise ConfigError(
-            f"reward {reward!r}: {filename} of the Hub repository {repo} is not in the Hub "
-            "cache and cannot be downloaded (offline, or HF_HUB_OFFLINE=1); download it once "
-            "online, or give its local path as a reward parameter"
-        ) from None
-    except HfHubHTTPError as err:
-        first = str(err).splitlines()[0]
-        raise ConfigError(f"reward {reward!r}: {filename} of {repo}: {first}") from None
 
 
 @dataclass

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from sqdf.errors import ConfigError
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD, _prompts, clip_preprocess
+from sqdf.rewards.hub import hub_file
 
 # where the official weights are: ImageReward's Hub repository (the package's utils.py downloads
 # both files from it) and BLIP's BERT tokenizer
@@ -178,9 +179,10 @@ def blip_tokenizer(folder: Path) -> Any:
     return tokenizer
 
 
-def _need_file(path: str | None, key: str, what: str) -> Path:
+def _local_file(path: str | None, key: str, what: str) -> Path | None:
+    """A file the user named (None if none was: the Hub's is taken when the model loads)."""
     if not path:
-        raise ConfigError(f"reward 'imagereward' needs {key}=FILE: {what}")
+        return None
     file = Path(path).expanduser()  # ~ in a NAME.KEY=~/x flag reaches us unexpanded
     if not file.is_file():
         raise ConfigError(f"reward 'imagereward': {key}={path!r} not found; it is {what}")
@@ -189,9 +191,10 @@ def _need_file(path: str | None, key: str, what: str) -> Path:
 
 @dataclass
 class ImageRewardReward:
-    """ImageReward, the image-reward package's model on local files (none is downloaded):
+    """ImageReward, the image-reward package's model on three files, each a local path or,
+    when not given, taken from the Hugging Face Hub through its cache when the model loads:
 
-    - ``checkpoint``: ``ImageReward.pt``, the state dict, from the Hugging Face Hub repository
+    - ``checkpoint``: ``ImageReward.pt``, the state dict, from the Hub repository
       ``THUDM/ImageReward`` (read with ``weights_only=True``);
     - ``med_config``: ``med_config.json`` from the same repository (BLIP's BERT settings);
     - ``tokenizer``: a folder with BERT's ``vocab.txt``, i.e. ``bert-base-uncased``
@@ -222,39 +225,41 @@ class ImageRewardReward:
                 f"reward 'imagereward' needs the image-reward package ({what}): {INSTALL}"
             ) from None
         hub = f"from the Hugging Face Hub repository {HUB_REPO}"
-        self._checkpoint = _need_file(self.checkpoint, "checkpoint", f"ImageReward.pt {hub}")
-        self._med_config = _need_file(self.med_config, "med_config", f"med_config.json {hub}")
-        if not self.tokenizer:
-            raise ConfigError(
-                "reward 'imagereward' needs tokenizer=FOLDER: bert-base-uncased's tokenizer "
-                f"(vocab.txt), from the Hugging Face Hub repository {TOKENIZER_REPO}"
-            )
-        self._tokenizer = Path(self.tokenizer).expanduser()
-        if not (self._tokenizer / "vocab.txt").is_file():
+        self._checkpoint = _local_file(self.checkpoint, "checkpoint", f"ImageReward.pt {hub}")
+        self._med_config = _local_file(self.med_config, "med_config", f"med_config.json {hub}")
+        self._tokenizer = Path(self.tokenizer).expanduser() if self.tokenizer else None
+        if self._tokenizer is not None and not (self._tokenizer / "vocab.txt").is_file():
             raise ConfigError(
                 f"reward 'imagereward': tokenizer={self.tokenizer!r} has no vocab.txt (it is "
                 f"bert-base-uncased's tokenizer folder, {TOKENIZER_REPO} on the Hub)"
             )
 
+    def _files(self) -> tuple[Path, Path, Path]:
+        """(checkpoint, med_config, tokenizer folder): each as given, else from the Hub."""
+        checkpoint = self._checkpoint or Path(hub_file(HUB_REPO, "ImageReward.pt", self.name))
+        med_config = self._med_config or Path(hub_file(HUB_REPO, "med_config.json", self.name))
+        tokenizer = self._tokenizer or Path(hub_file(TOKENIZER_REPO, "vocab.txt", self.name)).parent
+        return checkpoint, med_config, tokenizer
+
     @cached_property
     def model(self) -> Any:
         """The package's ImageReward with the checkpoint loaded, frozen, in eval mode."""
         module = image_reward_module()
+        checkpoint, med_config, tokenizer_folder = self._files()
         blip_pretrain = sys.modules["ImageReward.models.BLIP.blip_pretrain"]
-        tokenizer = lambda: blip_tokenizer(self._tokenizer)  # noqa: E731
+        tokenizer = lambda: blip_tokenizer(tokenizer_folder)  # noqa: E731
         with _replaced(blip_pretrain, "init_tokenizer", tokenizer):
-            model = module.ImageReward(med_config=str(self._med_config), device="cpu")
-        checkpoint = str(self._checkpoint)
+            model = module.ImageReward(med_config=str(med_config), device="cpu")
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise ConfigError(f"reward 'imagereward': {self._checkpoint} is not a state dict")
+            raise ConfigError(f"reward 'imagereward': {checkpoint} is not a state dict")
         try:
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[-1].strip()
             raise ConfigError(
-                f"reward 'imagereward': {self._checkpoint} does not fit the model of "
-                f"{self._med_config.name}: {first}"
+                f"reward 'imagereward': {checkpoint} does not fit the model of "
+                f"{med_config.name}: {first}"
             ) from None
         # what the score reads must all come from the file: no silent random weights
         # (position_ids is a fixed arange; vision_proj/text_proj are BLIP's, unused here)
@@ -263,7 +268,7 @@ class ImageRewardReward:
                    if k.startswith(used) and not k.endswith("position_ids")]  # fmt: skip
         if missing:
             raise ConfigError(
-                f"reward 'imagereward': {self._checkpoint} lacks {len(missing)} of the model's "
+                f"reward 'imagereward': {checkpoint} lacks {len(missing)} of the model's "
                 f"weights (e.g. {missing[0]}); it is not an ImageReward state dict"
             )
         model.requires_grad_(False)

@@ -15,6 +15,7 @@ from PIL import Image
 from sqdf.errors import ConfigError
 from sqdf.rewards import build_reward
 from sqdf.rewards.clip_rewards import HPS_FILES, HPS_REPO
+from tests.rewards.hub_cache import offline_hub_cache
 
 pytest.importorskip("open_clip")
 hps_score = pytest.importorskip("hpsv2.img_score")
@@ -116,17 +117,7 @@ def test_the_reward_has_the_images_gradient(tiny):
 def test_without_a_checkpoint_the_versions_hub_file_is_read_from_the_cache(
     tiny, tmp_path, monkeypatch, version
 ):
-    # a pre-filled Hub cache laid out as huggingface_hub writes it, read offline
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / ("models--" + HPS_REPO.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(sha)
-    (repo / "snapshots" / sha).mkdir(parents=True)
-    (repo / "snapshots" / sha / HPS_FILES[version]).write_bytes(tiny[2].read_bytes())
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    offline_hub_cache(tmp_path / "hub", monkeypatch, {HPS_REPO: {HPS_FILES[version]: tiny[2]}})
     images = uint8_images(2, 224, 224, seed=4)
     reward = build_reward("hpsv2", {"version": version, "arch": ARCH})
     torch.testing.assert_close(reward(images, PROMPTS[:2]), ours(tiny)(images, PROMPTS[:2]))

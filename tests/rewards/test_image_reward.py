@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from sqdf.errors import ConfigError
 from sqdf.rewards import build_reward
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD
 from sqdf.rewards.image_reward import blip_tokenizer, image_reward_module
+from tests.rewards.hub_cache import offline_hub_cache
 from tests.tasks.sd_runs import write_tiny_parts
 from tests.tasks.test_sd import directional_check
 
@@ -174,13 +176,8 @@ def test_masked_image_tokens_are_ignored_by_the_cross_attention(tiny):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("checkpoint", None, "needs checkpoint=FILE: ImageReward.pt from the Hugging Face Hub "
-                             "repository THUDM/ImageReward"),
         ("checkpoint", "/no/ImageReward.pt", "checkpoint='/no/ImageReward.pt' not found"),
-        ("med_config", None, "needs med_config=FILE: med_config.json from the Hugging Face Hub "
-                             "repository THUDM/ImageReward"),
-        ("tokenizer", None, "needs tokenizer=FOLDER: bert-base-uncased's tokenizer (vocab.txt), "
-                            "from the Hugging Face Hub repository google-bert/bert-base-uncased"),
+        ("med_config", "/no/med.json", "med_config='/no/med.json' not found"),
         ("tokenizer", "/no/bert", "has no vocab.txt"),
     ],
 )  # fmt: skip
@@ -188,6 +185,29 @@ def test_missing_files_are_one_line(tiny, key, value, message):
     with pytest.raises(ConfigError) as info:
         build_reward("imagereward", {**tiny[1], key: value})
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_without_paths_the_files_come_from_the_hub_cache(tiny, tmp_path, monkeypatch):
+    from sqdf.rewards.image_reward import HUB_REPO, TOKENIZER_REPO
+
+    params = tiny[1]
+    files = {HUB_REPO: {"ImageReward.pt": Path(params["checkpoint"]),
+                        "med_config.json": Path(params["med_config"])},
+             TOKENIZER_REPO: {"vocab.txt": Path(params["tokenizer"]) / "vocab.txt"}}  # fmt: skip
+    offline_hub_cache(tmp_path / "hub", monkeypatch, files)
+    pixels = smooth_uint8(2, 224, 224, seed=7)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        given = build_reward("imagereward", params)(images, PROMPTS[:2])
+        default = build_reward("imagereward", {})(images, PROMPTS[:2])
+    torch.testing.assert_close(default, given)
+    # a repository not in the offline cache is one line naming it and HF_HUB_OFFLINE
+    offline_hub_cache(tmp_path / "empty", monkeypatch, {})
+    with pytest.raises(ConfigError) as info:
+        build_reward("imagereward", {}).model  # noqa: B018
+    message = str(info.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE" in message
+    assert "ImageReward.pt of the Hub repository THUDM/ImageReward" in message
 
 
 def test_a_checkpoint_of_another_model_is_refused(tiny, tmp_path):
