@@ -193,3 +193,65 @@ def reloaded_lora_matches_the_run(
     torch.testing.assert_close(before, ours_ref, rtol=1e-4, atol=1e-5)  # adapter off
     assert after_image.shape == (1, 3, side, side) and torch.isfinite(after_image).all()
     assert not torch.allclose(before_image, after_image)
+
+
+def held_out_drawn_again(run: Path, per_prompt: int, seed: int) -> dict[str, Any]:
+    """The held-out evaluation of ``run`` drawn again outside sqdf.heldout: the run's eval
+    prompts, ``per_prompt`` images each, from the same noise through the task's own sampler
+    for the policy and the reference, decoded, scored by the run's reward called directly,
+    with the path KL and the reward's CLIP image features of each image.
+
+    # images: (N, 3, H, W); kl, reward: (N,); features: (N, D); N = prompts * per_prompt
+    """
+    import torch
+
+    from sqdf.evaluate import load_run
+    from sqdf.sampler import sample_in_chunks
+    from sqdf.tasks.sd_prompts import load_prompt_pairs
+
+    task = load_run(run)
+    pairs = load_prompt_pairs(task.options.eval_prompts)
+    cond = task.add_prompts(pairs).repeat_interleave(per_prompt)
+    traj = sample_in_chunks(task, len(cond), seed, cond=cond, with_kl=True)
+    ref = sample_in_chunks(task, len(cond), seed, cond=cond, policy=False)
+    out: dict[str, Any] = {"prompts": [p for p, _ in pairs], "kl": traj.kl.sum(dim=1)}
+    for side, x0 in (("", traj.x0), ("ref_", ref.x0)):
+        images = task.decode_batches(x0)
+        with torch.no_grad():
+            out[f"{side}reward"] = task.reward_model(images, task.reward_conditions(cond))
+            out[f"{side}features"] = task.reward_model.clip_model.image_features(images)
+        out[f"{side}images"] = images
+    return out
+
+
+def held_out_numbers_are_the_images(metrics: dict[str, Any], again: dict[str, Any]) -> None:
+    """``metrics`` (sqdf eval of an sd run) against its images drawn again
+    (:func:`held_out_drawn_again`): per prompt, the trained reward's means on each side, the
+    path KL and the diversity of the prompt's own images; over all, the reward means, the
+    KL and the Fréchet distance of the features."""
+    import pytest
+    import torch
+
+    from sqdf.evaluators.feature_stats import frechet_distance, mean_pairwise_distance
+
+    def close(value: Any) -> Any:
+        return pytest.approx(float(value), rel=1e-4, abs=1e-6)
+
+    per_prompt = len(again["kl"]) // len(again["prompts"])
+    name = metrics["reward"]
+    assert [r["prompt"] for r in metrics["per_prompt"]] == again["prompts"]
+    for i, row in enumerate(metrics["per_prompt"]):
+        part = slice(per_prompt * i, per_prompt * (i + 1))
+        assert row["rewards"][name]["fine_tuned"] == close(again["reward"][part].mean())
+        assert row["rewards"][name]["reference"] == close(again["ref_reward"][part].mean())
+        assert row["kl_path"] == close(again["kl"][part].mean())
+        assert row["diversity"] == close(mean_pairwise_distance(again["features"][part]))
+        assert row["ref_diversity"] == close(mean_pairwise_distance(again["ref_features"][part]))
+    assert metrics["reward_mean"] == close(again["reward"].mean())
+    assert metrics["ref_reward_mean"] == close(again["ref_reward"].mean())
+    assert metrics["kl_path"] == close(again["kl"].mean()) and metrics["kl_path"] > 0
+    assert metrics["frechet_to_reference"] == pytest.approx(
+        frechet_distance(again["features"], again["ref_features"]), rel=1e-3, abs=1e-6
+    )
+    # the two sides differ, so a swap of policy and reference would show
+    assert not torch.allclose(again["features"], again["ref_features"])

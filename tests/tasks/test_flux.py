@@ -28,6 +28,8 @@ from tests.tasks.sd_runs import (
     distilled_x0_is_one_call,
     edit_json,
     every_method_runs_through_compare,
+    held_out_drawn_again,
+    held_out_numbers_are_the_images,
     readme_block,
     reloaded_lora_matches_the_run,
     run_readme_lines,
@@ -314,11 +316,14 @@ def test_a_resolution_off_the_packing_grid_is_refused(parts, tmp_path):
 
 
 def test_eval_scores_a_flux_run_on_held_out_prompts(trained):
+    """sqdf eval of a FLUX run against its held-out images drawn again: the rewards, the
+    path KL, the diversity and the Fréchet distance recomputed from them."""
     from sqdf.cli import main
+    from sqdf.evaluate import EVAL_SEED
 
     assert main(["eval", str(trained), "--per-prompt", "2", "--no-progress"]) == 0
     metrics = json.loads((trained / "eval.json").read_text())
-    assert {"eval_diversity", "ref_eval_diversity", "reward_mean"} <= set(metrics)
+    held_out_numbers_are_the_images(metrics, held_out_drawn_again(trained, 2, EVAL_SEED))
 
 
 def test_readme_flux_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
