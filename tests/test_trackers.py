@@ -115,7 +115,53 @@ def test_pictures_every_n_updates_leave_the_run_as_it_was(tiny_config, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_wandb_offline_writes_its_run_folder_in_the_run(tiny_config, tmp_path, monkeypatch):
+def wandb_records(path):
+    """The records of a W&B transaction log (an offline run's ``run-ID.wandb``), each a
+    wandb.proto Record. The file is wandb's header (":W&B", magic 0xBEE1, version 0) then
+    LevelDB's log format: 32 KiB blocks of chunks, each with a 7-byte header (CRC-32 of its
+    type byte and data, length, type FULL 1, FIRST 2, MIDDLE 3 or LAST 4), a block's last
+    bytes padding where a header no longer fits. wandb 0.31 reads it only in its Go core."""
+    import zlib
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block = path.read_bytes(), 1 << 15
+    assert data[:7] == b":W&B" + (0xBEE1).to_bytes(2, "little") + b"\0", data[:7]
+    pos, parts = 7, []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        crc = int.from_bytes(data[pos : pos + 4], "little")
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + 7 : pos + 7 + length]
+        assert kind in (1, 2, 3, 4) and zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, pos
+        parts.append(chunk)
+        pos += 7 + length
+        if kind in (1, 4):  # a record's whole or last chunk
+            record = Record()
+            record.ParseFromString(b"".join(parts))
+            parts = []
+            yield record
+    assert pos == len(data) and not parts  # no record cut short
+
+
+def wandb_scalars(path) -> dict[str, list[tuple[int, float]]]:
+    """Each logged scalar's (step, value) series in an offline run's ``.wandb`` file, less
+    wandb's own (_step, _runtime, _timestamp)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        for item in record.history.item:
+            key = item.key or "/".join(item.nested_key)
+            if not key.startswith("_"):
+                value = json.loads(item.value_json)
+                series.setdefault(key, []).append((record.history.step.num, float(value)))
+    return series
+
+
+def test_wandb_offline_gets_every_metrics_row_and_the_config(tiny_config, tmp_path, monkeypatch):
     from accelerate.state import PartialState
 
     pytest.importorskip("wandb")
@@ -126,7 +172,13 @@ def test_wandb_offline_writes_its_run_folder_in_the_run(tiny_config, tmp_path, m
     run = train(cfg, tmp_path / "run", progress=False)
     run_id = (run / "tracker_id.txt").read_text().strip()
     (folder,) = (run / "wandb").glob(f"offline-run-*-{run_id}")
-    assert (folder / f"run-{run_id}.wandb").stat().st_size > 0
+    scalars = wandb_scalars(folder / f"run-{run_id}.wandb")
+    assert_series_equal(scalars, metrics_series(run))
+    assert [s for s, _ in scalars["reward_mean"]] == [2, 4, 6]
+    (config,) = [r.config for r in wandb_records(folder / f"run-{run_id}.wandb")
+                 if r.WhichOneof("record_type") == "config"]  # fmt: skip
+    sent = {item.key: json.loads(item.value_json) for item in config.update}
+    assert sent["train.alpha"] == 2.0 and sent["resolved.task_params.hidden"] == 16
 
 
 def test_a_missing_tracker_package_names_the_extra(tiny_config, tmp_path, monkeypatch):
