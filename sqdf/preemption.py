@@ -7,7 +7,9 @@ after each update (``agreed_signal``: one all-reduce, so every process stops aft
 update), writes a checkpoint and raises ``Preempted``; the command prints its one line and
 exits with 128 + the signal's number, as a shell reports a process the signal ended. A second
 signal ends the process at once (the checkpoints are written atomically, so the newest
-complete one stays usable).
+complete one stays usable), except a repeat of the first under a launcher (``_record``). A
+signal that arrives after the last look, once the work is saved, is delivered again when the
+block ends.
 """
 
 from __future__ import annotations
@@ -45,8 +47,19 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+def under_launcher() -> bool:
+    """Whether a launcher (torchrun, accelerate launch) started this process: it forwards a
+    SIGTERM it receives to its workers, and kills them itself after its own grace period."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
 def _record(signum: int, frame: Any) -> None:
-    if _received:  # the second: stop now, by the signal's own default action
+    if _received:
+        # SLURM signals every process of a job step, and torchrun passes its own copy on:
+        # under a launcher the same signal twice is one preemption (the launcher's SIGKILL
+        # ends a stop that takes too long); anywhere else a second signal stops at once.
+        if signum == _received[0] and under_launcher():
+            return
         os.write(2, f"sqdf: second {signal_name(signum)}: stopping at once\n".encode())
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
@@ -62,14 +75,21 @@ def stop_on_signals() -> Iterator[None]:
     outermost = _depth[0] == 0 and threading.current_thread() is threading.main_thread()
     before = {s: signal.signal(s, _record) for s in SIGNALS} if outermost else {}
     _depth[0] += 1
+    finished = False
     try:
         yield
+        finished = True
     finally:
         _depth[0] -= 1
         for s, handler in before.items():  # None: a handler not set from Python
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        late = _received[0] if outermost and finished and _received else None
         if outermost:
             _received.clear()
+    if late is not None:
+        # a signal after the loop's last look (the final write, a report): the work is done
+        # and saved, so it now does what it would have done outside the block
+        signal.raise_signal(late)
 
 
 def received() -> int | None:

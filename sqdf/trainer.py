@@ -413,6 +413,7 @@ def train(
         s = set_up(cfg, run, resume=resume, progress=progress, state=state, sources=sources)
         s.last_checkpoint = s.start if s.start else -1  # a resumed run starts at its checkpoint
         check_free_space(s)
+        stop_before_training(s)
         run_updates(s, progress)
         return finish(s)
 
@@ -473,6 +474,17 @@ def stop_if_signalled(s: TrainingRun, done: int) -> None:
     )
 
 
+def stop_before_training(s: TrainingRun) -> None:
+    """A signal during set-up (loading a model can take minutes) stops before any update:
+    nothing is trained, so there is nothing new to checkpoint."""
+    signum = agreed_signal(s.procs)
+    if signum is None:
+        return
+    where = f"at update {s.start}" if s.start else "before the first update"
+    again = f"; continue with: sqdf train --resume {s.run}" if s.caller is None else ""
+    raise Preempted(signum, f"stopped by {signal_name(signum)} {where}, nothing new trained{again}")
+
+
 def continue_note(run: Path) -> str:
     """What a failed write leaves to go on from, for the end of its message."""
     kept = list_checkpoints(run / "checkpoints")
@@ -487,7 +499,8 @@ def continue_note(run: Path) -> str:
 def first_checkpoint_bytes(s: TrainingRun) -> int:
     """About the bytes of the run's first checkpoint: its weights, AdamW's two moments of the
     trained ones, the moving average, and every process's replay buffer at full size (a
-    disk store's states stay in RUN/buffer/, reserved when it is made)."""
+    disk store's states stay in RUN/buffer/, reserved at its first batch and not counted
+    here). An estimate: rotation writes a checkpoint before it removes the oldest."""
     weights = tensor_bytes(s.task.policy.state_dict())
     moments = 2 * sum(p.numel() * p.element_size() for p in s.params)
     average = weights if s.ema is not None else 0
@@ -509,7 +522,8 @@ def check_free_space(s: TrainingRun) -> None:
     if s.procs.is_main:
         needs = first_checkpoint_bytes(s)
         what = "its first checkpoint"
-        if not s.cfg.checkpoint_every:
+        if not s.cfg.checkpoint_every or s.start >= s.cfg.steps:
+            # no checkpoint to write (none asked for, or a resume that only writes final/)
             needs, what = tensor_bytes(s.task.policy.state_dict()), "its final weights"
         free = free_bytes(s.run)
         if free is not None and free < needs:

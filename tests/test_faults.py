@@ -479,3 +479,65 @@ def test_a_full_disk_under_eval_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "eval.json" in err and "No space left on device" in err, err
+
+
+def test_under_a_launcher_the_same_signal_twice_is_one_stop(monkeypatch):
+    # SLURM signals every process of the step and torchrun forwards its own copy: a worker
+    # gets SIGTERM twice, milliseconds apart, and must still stop after a checkpoint
+    from sqdf.preemption import received, stop_on_signals
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(RuntimeError, match="leave the block"), stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # without the rule, this would end pytest
+        assert received() == signal.SIGTERM
+        raise RuntimeError("leave the block by an error: the recorded signal is not resent")
+
+
+def test_a_signal_after_the_last_look_is_delivered_when_the_block_ends():
+    from sqdf.preemption import stop_on_signals
+
+    with pytest.raises(KeyboardInterrupt), stop_on_signals():
+        os.kill(os.getpid(), signal.SIGINT)  # recorded, and nothing reads it in the block
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_during_set_up_stops_before_any_update(tmp_path, capsys, monkeypatch):
+    real = trainer_module.check_free_space
+
+    def check_then_signal(s):
+        real(s)
+        os.kill(os.getpid(), signal.SIGTERM)  # as if it came while the model loaded
+
+    monkeypatch.setattr(trainer_module, "check_free_space", check_then_signal)
+    run = tmp_path / "run"
+    code, lines = _in_process(capsys, _cmd(run, False))
+    assert code == 128 + signal.SIGTERM and len(lines) == 1, lines
+    assert lines[0].endswith(
+        f"stopped by SIGTERM before the first update, nothing new trained; continue with: "
+        f"sqdf train --resume {run}"
+    ), lines[0]
+    assert _rows(run) == 0 and not list_checkpoints(run / "checkpoints")
+
+
+def test_too_little_space_is_refused_before_training_without_a_mount(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(trainer_module, "free_bytes", lambda path: 1000)
+    run = tmp_path / "run"
+    code, lines = _in_process(capsys, _cmd(run, False))
+    assert code == 2 and len(lines) == 1, lines
+    assert f"not enough space for {run}: its first checkpoint needs about" in lines[0]
+    assert _rows(run) == 0
+
+
+def test_a_resume_that_only_writes_final_needs_room_for_final_alone(
+    tmp_path, capsys, monkeypatch, one_thread
+):
+    run = tmp_path / "run"
+    assert main(_cmd(run, False, 8)) == 0  # its checkpoint at 8 holds every update
+    final = run / "final" / "policy.safetensors"
+    room = 2 * final.stat().st_size  # the weights fit; a whole checkpoint (AdamW, buffer) not
+    shutil.rmtree(run / "final")  # as a run whose final/ could not be written leaves it
+    monkeypatch.setattr(trainer_module, "free_bytes", lambda path: room)
+    code, lines = _in_process(capsys, _cmd(run, True, 8))
+    assert code == 0, lines
+    assert final.is_file()
