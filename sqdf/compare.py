@@ -41,7 +41,7 @@ from sqdf.settings import make_config, resolve_settings
 from sqdf.tasks import build_task, resolved_reward_name, sample_shape
 from sqdf.tasks.sd_prompts import load_prompt_pairs
 from sqdf.trackers import check_installed, parse_log_with
-from sqdf.trainer import train
+from sqdf.trainer import check_method_takes_reward, train
 
 BEST_OF_N = "best_of_n"
 SPEC = "compare.json"  # the arguments, for resume_compare
@@ -307,7 +307,7 @@ def _compare(out: Path, args: dict[str, Any], *, progress: bool, resume: bool) -
         )
     for variant in variants:  # every variant's settings, before any of them trains
         if variant.method != BEST_OF_N:
-            _config(base, variant, 0)
+            check_method_takes_reward(_config(base, variant, 0))
     # launched on several processes, every one trains; the main one evaluates and writes
     procs = Processes(str(base.get("device", "auto")))
     procs.barrier()  # every process has checked the folder before the main one fills it

@@ -13,7 +13,7 @@ from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
 from sqdf.methods import METHODS
 from sqdf.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name, sample_shape
-from sqdf.trainer import alpha_note
+from sqdf.trainer import alpha_note, check_method_takes_reward
 
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per stored value
 
@@ -52,6 +52,7 @@ def plan(resolved: Resolved, processes: int = 1) -> dict[str, Any]:
     """The numbers a dry run shows: the model's D, alpha in both conventions, the effective
     batch and the replay buffer's host memory."""
     cfg = resolved.config()
+    check_method_takes_reward(cfg)
     shape = sample_shape(cfg)
     dims = math.prod(shape)
     cells = cfg.batch_size * cfg.cells_per_trajectory

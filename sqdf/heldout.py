@@ -48,8 +48,11 @@ def cross_rewards(
     from sqdf.rewards import build_reward, reward_domain
 
     out = {}
+    from sqdf.rewards.mixture import parse_mixture
+
+    scored = {trained, *(parse_mixture(trained) or {})}  # a mixture's rewards are scored anyway
     for name, params in requested.items():
-        if name == trained:
+        if name in scored:
             continue
         domain = reward_domain(name)  # before the reward loads its weights
         if domain not in TASK_DOMAINS.get(task_name, ("any",)):

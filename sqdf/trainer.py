@@ -474,6 +474,13 @@ def stop_if_signalled(s: TrainingRun, done: int) -> None:
     )
 
 
+def check_method_takes_reward(cfg: TrainConfig) -> None:
+    """A method that back-propagates the reward refuses one without a gradient, in one line,
+    before anything loads (train, compare's variants and --dry-run all ask)."""
+    reward = resolved_reward_name(cfg)
+    check_reward_gradient(cfg.method, reward, is_differentiable(reward, cfg.reward_params))
+
+
 def stop_before_training(s: TrainingRun) -> None:
     """A signal during set-up (loading a model can take minutes) stops before any update:
     nothing is trained, so there is nothing new to checkpoint."""
@@ -564,8 +571,7 @@ def set_up(
         )
     method_params = build_method_params(cfg.method, cfg.method_params)
     if state is None:  # (a caller's task trains on the caller's reward: BBO's proxy)
-        reward = resolved_reward_name(cfg)
-        check_reward_gradient(cfg.method, reward, is_differentiable(reward, cfg.reward_params))
+        check_method_takes_reward(cfg)
         torch.manual_seed(cfg.seed)  # the policy's initialisation, the same in every process
         task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
     else:
@@ -828,7 +834,8 @@ def reward_part_names(s: TrainingRun) -> list[str]:
 
 def reward_part_means(s: TrainingRun, tally: torch.Tensor) -> dict[str, float]:
     """``reward_NAME_mean`` of each mixture component over the processes' newest batches,
-    from :func:`count_update`'s tally (NaN before any batch was stored)."""
+    from :func:`count_update`'s tally: NaN before the first fresh batch is stored, and after a
+    resume until the next one (the components are not checkpointed; the total is)."""
     out = {}
     for i, name in enumerate(reward_part_names(s)):
         total, count = float(tally[8 + 2 * i]), float(tally[9 + 2 * i])

@@ -12,7 +12,6 @@ their activation memory: CLIP has no dropout, so train mode computes the same fu
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -304,8 +303,10 @@ class HPSv2Reward:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("state_dict", state))
-        except (RuntimeError, pickle.UnpicklingError, AttributeError) as err:
-            first = str(err).splitlines()[0]
+        except (
+            Exception
+        ) as err:  # a damaged or foreign pickle raises anything, EOFError to KeyError
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(
                 f"reward 'hpsv2': {path} is not an HPS {self.arch} state dict: {first}"
             ) from None

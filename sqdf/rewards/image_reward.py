@@ -250,7 +250,15 @@ class ImageRewardReward:
         tokenizer = lambda: blip_tokenizer(tokenizer_folder)  # noqa: E731
         with _replaced(blip_pretrain, "init_tokenizer", tokenizer):
             model = module.ImageReward(med_config=str(med_config), device="cpu")
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except (
+            Exception
+        ) as err:  # a damaged or foreign pickle raises anything, EOFError to KeyError
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"reward 'imagereward': cannot read {checkpoint} as a state dict ({first})"
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise ConfigError(f"reward 'imagereward': {checkpoint} is not a state dict")
         try:

@@ -70,8 +70,14 @@ def split_params(weights: Mapping[str, float], params: Mapping[str, Any]) -> dic
             )
         return out[name]
 
+    def owner(key: str) -> str | None:
+        # the longest component NAME with NAME.KEY = key: a module:function may hold dots
+        names = [n for n in out if key.startswith(n + ".")]
+        return max(names, key=len) if names else None
+
+    dotted = {k: v for k, v in params.items() if k not in out and "." in k}
     for key, value in params.items():
-        if "." in key:
+        if key in dotted:
             continue
         if not isinstance(value, Mapping):
             raise ConfigError(
@@ -79,10 +85,9 @@ def split_params(weights: Mapping[str, float], params: Mapping[str, Any]) -> dic
                 f"NAME.KEY=VALUE (for example {next(iter(weights))}.{key}=...)"
             )
         component(key).update(value)
-    for key, value in params.items():
-        if "." in key:
-            name, _, sub = key.partition(".")
-            component(name)[sub] = value
+    for key, value in dotted.items():
+        name = owner(key) or key.partition(".")[0]
+        component(name)[key[len(name) + 1 :]] = value
     return out
 
 
@@ -128,6 +133,16 @@ class WeightedReward:
         self.b: tuple[float, ...] = linear.b
         self.tilt: Callable[..., Any] = linear.tilt
         self.log_mgf: Callable[..., Tensor] = linear.log_mgf
+
+    @property
+    def clip_model(self) -> Any:
+        """The first of its rewards' CLIP models (what sd's diversity features and the BBO
+        proxy read), or None."""
+        for reward in self.rewards.values():
+            clip = getattr(reward, "clip_model", None)
+            if clip is not None:
+                return clip
+        return None
 
     def parts(self, x: Tensor, cond: Any = None) -> dict[str, Tensor]:
         """Each component's reward of ``x``, by name, (B,) each."""

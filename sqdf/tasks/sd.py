@@ -514,6 +514,16 @@ class SDTask(Task):
         with self._autocast():
             return self.reward_model(images, prompts).float()
 
+    def reward_with_parts(self, x0: Tensor, cond: Tensor | None) -> tuple[Tensor, dict]:
+        if getattr(self.reward_model, "parts", None) is None:
+            return self.reward(x0, cond), {}
+        prompts = self.reward_conditions(cond)
+        images = self.reward_input(x0)
+        with self._autocast():  # each reward in the run's precision, as reward() runs them
+            parts = self.reward_model.parts(images, prompts)
+            total = self.reward_model.combine(parts)
+        return total.float(), {name: value.float() for name, value in parts.items()}
+
     @torch.no_grad()
     def decode_batches(self, latents: Tensor, batch: int = 8) -> Tensor:
         return torch.cat(

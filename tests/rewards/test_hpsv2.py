@@ -91,12 +91,15 @@ def test_scores_equal_the_hpsv2_package_at_the_models_size(tiny, monkeypatch):
 
 
 def test_other_sizes_are_resized_and_padded_as_the_package_does(tiny, monkeypatch):
-    # a wide image: longer side to 224, the shorter padded with black, no crop. PIL's bicubic
-    # and torch's antialiased bicubic differ by a few levels of 255 at edges, hence the looser
-    # tolerance; a centre crop instead of the padding would miss it by far more.
-    images = uint8_images(3, 96, 160, seed=2)
-    theirs = their_scores(tiny, monkeypatch, images, PROMPTS)
-    torch.testing.assert_close(ours(tiny)(images, PROMPTS), theirs, rtol=0, atol=2e-3)
+    # a wide image, and a tall one larger than the model's size: longer side to 224, the
+    # shorter padded with black, no crop. hpsv2's transform resizes the tensor ToTensor made
+    # (torchvision's antialiased bicubic), as ours does; a crop, or a resize without antialias,
+    # misses by 5e-4 or more. The long prompt is cut at 77 tokens on both sides.
+    long = " ".join(["a red fox in the snow"] * 20)
+    for size, prompts in (((96, 160), PROMPTS), ((320, 240), [long, *PROMPTS[1:]])):
+        images = uint8_images(3, *size, seed=2)
+        theirs = their_scores(tiny, monkeypatch, images, prompts)
+        torch.testing.assert_close(ours(tiny)(images, prompts), theirs, rtol=0, atol=1e-5)
 
 
 def test_the_reward_has_the_images_gradient(tiny):
@@ -144,6 +147,13 @@ def test_bad_settings_are_one_line(tiny, tmp_path, monkeypatch):
         build_reward("hpsv2", {"checkpoint": str(junk), "arch": ARCH})(
             uint8_images(1, 32, 32, seed=5), PROMPTS[:1]
         )
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(tiny[2].read_bytes()[:500])  # a download cut short
+    with pytest.raises(ConfigError, match="is not an HPS tiny-hps state dict") as err:
+        build_reward("hpsv2", {"checkpoint": str(torn), "arch": ARCH})(
+            uint8_images(1, 32, 32, seed=5), PROMPTS[:1]
+        )
+    assert "\n" not in str(err.value)
     monkeypatch.setitem(sys.modules, "open_clip", None)
     with pytest.raises(ConfigError, match=r"pip install 'sqdf\[hpsv2\]'"):
         build_reward("hpsv2", {"checkpoint": str(tiny[2])})

@@ -210,6 +210,14 @@ def test_without_paths_the_files_come_from_the_hub_cache(tiny, tmp_path, monkeyp
     assert "ImageReward.pt of the Hub repository THUDM/ImageReward" in message
 
 
+def test_a_torn_checkpoint_is_one_line(tiny, tmp_path):
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(Path(tiny[1]["checkpoint"]).read_bytes()[:500])  # a download cut short
+    with pytest.raises(ConfigError) as info:
+        build_reward("imagereward", {**tiny[1], "checkpoint": str(torn)}).model  # noqa: B018
+    assert "cannot read" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_a_checkpoint_of_another_model_is_refused(tiny, tmp_path):
     state = torch.load(tiny[1]["checkpoint"], weights_only=True)
     cases = [

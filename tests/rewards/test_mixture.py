@@ -151,6 +151,19 @@ def test_jpeg_compressibility_is_minus_the_jpeg_size_in_kb(channels):
     assert (low(noise) > reward(noise)).all()  # lower quality, smaller files
 
 
+def test_a_dotted_module_in_a_mixture_takes_its_parameters():
+    from sqdf.rewards.mixture import split_params
+
+    weights = {"pkg.mod:f": 1.0, "ink": 0.5}
+    params = {"pkg.mod:f.differentiable": False, "pkg.mod:f.scale": 2, "ink.scale": 3}
+    assert split_params(weights, params) == {
+        "pkg.mod:f": {"differentiable": False, "scale": 2}, "ink": {"scale": 3}
+    }  # fmt: skip
+    table = {"pkg.mod:f": {"scale": 4}}  # [reward_params."pkg.mod:f"] in a config file
+    assert split_params(weights, table)["pkg.mod:f"] == {"scale": 4}
+    assert not is_differentiable("json.decoder:f=1,ink=1", {"json.decoder:f.differentiable": False})
+
+
 def test_what_declares_itself_not_differentiable():
     assert not is_differentiable("jpeg", {})
     assert is_differentiable("ink", {})
