@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sqdf.atomic import WriteError, folder_writes, free_bytes, size_text, writing
+from sqdf.atomic import WriteError, folder_writes, free_bytes, fsync_path, size_text, writing
 from sqdf.buffer import STATE_DTYPES, Cells, DiskStore, MemoryStore, ReplayBuffer
 from sqdf.checkpoint import (
     Checkpoint,
@@ -1016,14 +1017,26 @@ def finish(s: TrainingRun) -> Path:
     one at its last update first, so that weights final/ cannot hold stay resumable."""
     if s.caller is None and s.cfg.checkpoint_every and s.last_checkpoint != s.cfg.steps:
         checkpoint(s, s.cfg.steps)
-    if s.procs.is_main:  # an earlier attempt's average must not outlive a newer final/
-        shutil.rmtree(s.run / "final" / "ema", ignore_errors=True)
+    # built under a temporary name and renamed into place, so that a final/ that exists is
+    # whole (sqdf compare --resume takes a variant with one as finished)
+    staging, final = s.run / ".tmp-final", s.run / "final"
+    if s.procs.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
     needs = tensor_bytes(s.task.policy.state_dict()) * (2 if s.ema is not None else 1)
-    with writing("the final weights", s.run / "final", needs, lambda: final_note(s)):
-        save_final_weights(s, s.run / "final")
-        if s.ema is not None:
-            with ema_weights(s):
-                save_final_weights(s, s.run / "final" / "ema")
+    with writing("the final weights", final, needs, lambda: final_note(s)):
+        try:
+            save_final_weights(s, staging)
+            if s.ema is not None:
+                with ema_weights(s):
+                    save_final_weights(s, staging / "ema")
+            if s.procs.is_main:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(staging, final)
+                fsync_path(s.run)
+        except BaseException:
+            if s.procs.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
     s.procs.barrier()  # no process returns before the run folder is complete
     return s.run
 

@@ -256,9 +256,10 @@ def test_final_weights_that_cannot_be_written_stay_in_a_checkpoint(
 ):
     straight, run = tmp_path / "straight", tmp_path / "run"
     assert main(_cmd(straight, False, 10)) == 0  # 10: the last update is off the grid of 4
-    _disk_full_at(monkeypatch, lambda p: "final" in p.parts)
+    _disk_full_at(monkeypatch, lambda p: p.parent.name == ".tmp-final")  # final/ is staged
     code, lines = _in_process(capsys, _cmd(run, False, 10))
     assert code == 2 and len(lines) == 1, lines
+    assert not (run / "final").exists()  # no half final/ for compare --resume to take as done
     assert lines[0].startswith(
         f"sqdf train: error: could not write the final weights to {run}/final"
     )
