@@ -205,6 +205,16 @@ def test_a_users_reward_declared_not_differentiable_is_refused_by_sqdf(tmp_path,
     assert "reward 'user_jpeg:darkness' is not differentiable" in capsys.readouterr().err
 
 
+def test_compare_and_dry_run_refuse_before_anything_trains(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--task", "digits", "--methods", "ddpo,sqdf", "--set", "reward=jpeg",
+            "--steps", "1", "--seeds", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    assert "method 'sqdf' back-propagates" in capsys.readouterr().err
+    assert not (out / "ddpo-seed0").exists()  # ddpo, first in the list, never trained
+    assert main(["train", "--task", "digits", "--reward", "jpeg", "--dry-run"]) == 2
+
+
 @pytest.mark.parametrize("method", ["ddpo", "grpo"])
 def test_policy_gradient_methods_train_on_jpeg(method, tmp_path):
     run = tmp_path / method
