@@ -175,6 +175,9 @@ class AestheticReward:
     def clip_model(self) -> ClipModel:
         return ClipModel(self._folder)
 
+    def enable_checkpointing(self) -> None:
+        self.clip_model.enable_checkpointing()
+
     def to(self, device: torch.device) -> AestheticReward:
         self.clip_model.model.to(device)
         self._layers = [(w.to(device), b.to(device)) for w, b in self._layers]
@@ -206,6 +209,9 @@ class _PromptClipReward:
     @cached_property
     def clip_model(self) -> ClipModel:
         return ClipModel(self._folder)
+
+    def enable_checkpointing(self) -> None:
+        self.clip_model.enable_checkpointing()
 
     def to(self, device: torch.device) -> _PromptClipReward:
         self.clip_model.model.to(device)
@@ -313,6 +319,10 @@ class HPSv2Reward:
         model.requires_grad_(False)
         model.eval()  # no dropout in CLIP; eval as the hpsv2 package scores
         return model, open_clip.get_tokenizer(self.arch)
+
+    def enable_checkpointing(self) -> None:
+        """Recompute the ViT's blocks in the backward pass (open_clip's own switch)."""
+        self._parts[0].set_grad_checkpointing(True)
 
     def to(self, device: torch.device) -> HPSv2Reward:
         self._parts[0].to(device)

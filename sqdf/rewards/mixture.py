@@ -160,6 +160,12 @@ class WeightedReward:
     def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
         return self.combine(self.parts(x, cond))
 
+    def enable_checkpointing(self) -> None:
+        for reward in self.rewards.values():
+            enable = getattr(reward, "enable_checkpointing", None)
+            if enable is not None:
+                enable()
+
     def to(self, device: torch.device) -> WeightedReward:
         for reward in self.rewards.values():
             if hasattr(reward, "to"):

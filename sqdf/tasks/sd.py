@@ -90,7 +90,7 @@ class SDConfig:
     lcm: str | None = None
     lcm_guidance: float = 8.0  # w for an LCM UNet with a guidance embedding (time_cond_proj_dim)
     dtype: str = "auto"  # weights and autocast: auto (bfloat16 on CUDA, float32 on CPU) or a name
-    gradient_checkpointing: bool = True  # denoiser, consistency model, VAE decoder, reward model
+    gradient_checkpointing: bool = True  # denoiser, consistency model, VAE decoder, CLIP rewards
     finetune: str = "lora"  # lora, or full (every UNet weight, in float32; what FSDP shards)
     compile: bool = False  # torch.compile the denoiser(s)
     channels_last: bool = False  # channels-last denoiser weights
@@ -315,9 +315,9 @@ class SDTask(Task):
             if self._consistency_net is not None:  # frozen, but x̂0's gradient runs through it
                 self._consistency_net.enable_gradient_checkpointing()
             self.vae.enable_gradient_checkpointing()
-            clip = getattr(reward, "clip_model", None)
-            if clip is not None:
-                clip.enable_checkpointing()
+            enable = getattr(reward, "enable_checkpointing", None)  # CLIP-based rewards
+            if enable is not None:
+                enable()
         # after checkpointing is set up, so that compile sees the blocks as they will run
         self.nets.speed_up(compile=options.compile, channels_last=options.channels_last)
         if hasattr(reward, "to"):

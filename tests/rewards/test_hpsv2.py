@@ -179,3 +179,19 @@ def test_sqdf_trains_on_hpsv2_with_tiny_sd_parts(tiny, tmp_path):
     assert rows[0]["grad_norm"] > 0 and all(np.isfinite(r["reward_mean"]) for r in rows)
     resolved = json.loads((run / "config.json").read_text())["resolved"]
     assert resolved["reward"] == "hpsv2" and resolved["reward_params"]["version"] == "v2.0"
+
+
+def test_checkpointing_keeps_the_value_and_the_gradient(tiny):
+    images = uint8_images(2, 64, 64, seed=6)
+    out = []
+    for checkpointed in (False, True):
+        reward = ours(tiny)
+        if checkpointed:
+            reward.enable_checkpointing()
+            assert reward._parts[0].transformer.grad_checkpointing
+        x = images.clone().requires_grad_(True)
+        value = reward(x, PROMPTS[:2])
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        out.append((value.detach(), grad))
+    torch.testing.assert_close(out[1][0], out[0][0])
+    torch.testing.assert_close(out[1][1], out[0][1])
