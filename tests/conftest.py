@@ -1,3 +1,10 @@
+import os
+
+# The tests never reach the Hugging Face Hub: a weight that is not given nor in a cache the
+# test filled is an error at once, not five network retries (set before huggingface_hub is
+# imported, which reads it once).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import pytest
 
 from sqdf.config import TrainConfig
