@@ -116,7 +116,7 @@ class WeightedReward:
             )
         self.domain = domain
         self.differentiable = all(getattr(r, "differentiable", True) for r in rewards.values())
-        self.name = ",".join(f"{n}={w:g}" for n, w in self.weights.items())
+        self.name = ",".join(f"{n}={w!r}" for n, w in self.weights.items())  # weights exact
         if all(isinstance(r, LinearReward) for r in self.rewards.values()):
             self._take_closed_form(self._as_linear())
 
