@@ -75,6 +75,10 @@ def test_interpolation_inverts_and_stops_at_the_curves_end():
     for kl in (0.05, 0.4, 1.5):
         assert frontier_kl_at(curve, frontier_reward_at(curve, kl)) == pytest.approx(kl, rel=1e-6)
     assert frontier_kl_at(curve, curve[0].reward - 1.0) == 0.0  # below the reference's reward
+    assert frontier_kl_at(curve, curve[0].reward) == 0.0  # at it (curve[0].kl is about 1e-11)
+    mid = (curve[0].reward + curve[1].reward) / 2  # the first segment is interpolated too
+    assert frontier_kl_at(curve, mid) == pytest.approx((curve[0].kl + curve[1].kl) / 2, rel=1e-9)
+    assert frontier_kl_at(curve, curve[-1].reward) == curve[-1].kl  # the end is on the curve
     assert math.isnan(frontier_reward_at(curve, curve[-1].kl * 2))
     assert math.isnan(frontier_kl_at(curve, curve[-1].reward + 1.0))
     with pytest.raises(ValueError, match="alpha must be > 0, got 0"):

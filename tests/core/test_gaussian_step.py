@@ -22,6 +22,8 @@ def test_the_quadrature_has_the_standard_normals_moments():
     assert math.isclose(float((w * nodes[:, 0] ** 4).sum()), 3.0, rel_tol=1e-12)
     with pytest.raises(ValueError, match="at most 3"):
         gauss_hermite_nodes(3, 4)
+    nodes, w = gauss_hermite_nodes(3, 3)  # three dimensions, the most, are allowed
+    assert nodes.shape == (27, 3) and math.isclose(float(w.sum()), 1.0, rel_tol=1e-12)
 
 
 def quadratic(c, a):
@@ -34,8 +36,12 @@ def test_a_linear_value_shifts_the_mean_by_sigma_squared_over_alpha(iters):
     mu = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     std = torch.linspace(0.1, 0.6, 6, dtype=torch.float64)
     b = torch.tensor([0.7, -1.3], dtype=torch.float64)
-    m, _ = best_gaussian_mean(mu, std, lambda y: b.expand(len(y), 2), 2.0, iters=iters)
+    m, change = best_gaussian_mean(mu, std, lambda y: b.expand(len(y), 2), 2.0, iters=iters)
     torch.testing.assert_close(m, mu + std[:, None] ** 2 / 2.0 * b)
+    assert math.isnan(change) if iters == 0 else change < 1e-12  # no iteration: no change
+    # a std shared by every sample may be a float (it passes through float32 on its way)
+    one, _ = best_gaussian_mean(mu, 0.3, lambda y: b.expand(len(y), 2), 2.0, iters=iters)
+    torch.testing.assert_close(one, mu + 0.3**2 / 2.0 * b, rtol=1e-6, atol=1e-7)
     # the tilted step of a linear value is that Gaussian itself
     value = lambda y: y @ b  # noqa: E731
     torch.testing.assert_close(tilted_mean(mu, std, value, 2.0), m)

@@ -51,8 +51,8 @@ def test_posterior_mean_and_eps_by_quadrature(abar):
             lambda x: x @ torch.tensor([0.8, -0.5], dtype=x.dtype),
         ),
         (
-            lambda g, a: tilt_quadratic(g, torch.tensor([1.0, 1.0]), 1.5, a),
-            lambda x: -0.75 * ((x - torch.tensor([1.0, 1.0], dtype=x.dtype)) ** 2).sum(-1),
+            lambda g, a: tilt_quadratic(g, torch.tensor([1.0, -0.5]), 1.5, a),
+            lambda x: -0.75 * ((x - torch.tensor([1.0, -0.5], dtype=x.dtype)) ** 2).sum(-1),
         ),
     ],
     ids=["linear", "quadratic"],
@@ -81,3 +81,15 @@ def test_noised_marginal_matches_sampling():
     mean = (noised.weights[:, None] * noised.means).sum(0)
     torch.testing.assert_close(xt.mean(0), mean, atol=1e-2, rtol=0)
     assert math.isfinite(float(noised.log_prob(xt[:10]).sum()))
+
+
+def test_responsibilities_are_bayes_rule_over_the_components():
+    from torch.distributions import Independent, Normal
+
+    mix = mixture()
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    joint = torch.stack([
+        w * Independent(Normal(m, v.sqrt()), 1).log_prob(x).exp()
+        for w, m, v in zip(mix.weights, mix.means, mix.variances, strict=True)
+    ], dim=1)  # fmt: skip
+    torch.testing.assert_close(mix.responsibilities(x), joint / joint.sum(1, keepdim=True))

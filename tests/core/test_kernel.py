@@ -188,3 +188,15 @@ def test_flow_kernel_noise_and_x0_invert_each_other():
 def test_flow_kernel_refuses_a_bad_grid_or_a_deterministic_step(sigmas, noise_level, match):
     with pytest.raises(ValueError, match=match):
         FlowKernel(sigmas, noise_level)
+
+
+def test_flow_noised_is_the_schedulers_scale_noise():
+    from sqdf.core.flow import flow_noised
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(8)
+    g = torch.Generator().manual_seed(6)
+    for t, sigma in zip(sched.timesteps, sched.sigmas, strict=False):
+        x0, eps = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+        expected = sched.scale_noise(x0, t[None], eps)
+        torch.testing.assert_close(flow_noised(x0, eps, sigma), expected)

@@ -48,5 +48,23 @@ def test_alpha_conversion_gives_the_weighted_kl_each_code_writes():
     for scale, term in written.items():
         alpha_sum = alpha_in_sum_convention(1.7, scale, dims)
         torch.testing.assert_close(alpha_sum * gaussian_kl(mp, mq, std)[0], 1.7 * term)
-    with pytest.raises(ValueError, match="unknown KL scale"):
+    with pytest.raises(ValueError, match="^unknown KL scale 'avg'; known: sum, mean, half_mean$"):
         alpha_in_sum_convention(1.0, "avg", dims)
+    with pytest.raises(ValueError, match="^a sample needs at least one dimension, got 0$"):
+        alpha_in_sum_convention(1.0, "mean", 0)
+    assert alpha_in_sum_convention(1.0, "mean", 1) == 2.0  # one dimension is enough
+
+
+def test_log_prob_and_the_kernels_are_torch_distributions():
+    from sqdf.core import make_ddim_schedule
+    from sqdf.core.kernel import DDIMKernel
+    from sqdf.core.kl import gaussian_log_prob
+
+    g = torch.Generator().manual_seed(4)
+    x, mean = torch.randn(2, 3, 2, 4, generator=g, dtype=torch.float64).unbind(0)
+    per_sample = torch.tensor([0.3, 1.7, 0.9], dtype=torch.float64).view(-1, 1, 1)
+    for std in (torch.tensor(0.4, dtype=torch.float64), per_sample):
+        expected = Independent(Normal(mean, std.expand_as(mean)), 2).log_prob(x)
+        torch.testing.assert_close(gaussian_log_prob(x, mean, std), expected)
+        kernel = DDIMKernel(make_ddim_schedule(10, eta=1.0))
+        torch.testing.assert_close(kernel.log_prob(x, mean, std), expected)
