@@ -32,8 +32,8 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "digit-recognizer-py==0.1.0"
 
 # Optional: Debian's chromium for the browser tests, only where it is missing. A failed install
-# is not fatal: those tests then skip, saying so; why is kept in .venv/chromium-unavailable,
-# without which a skip fails under CI (tests/browser.py).
+# is not fatal here: outside CI those tests then skip, giving the reason kept in
+# .venv/chromium-unavailable; under CI (CI set) they fail (tests/browser.py).
 rm -f .venv/chromium-unavailable
 if [ "$BROWSER" = 1 ] && [ ! -x /usr/bin/chromium ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""
