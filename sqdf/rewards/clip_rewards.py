@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.rewards.hub import hub_file
+from sqdf.rewards.hub import hub_file, read_torch_weights
 
 # OpenAI CLIP's preprocessing, used when a folder has no preprocessor_config.json
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -306,13 +306,11 @@ class HPSv2Reward:
 
         path = self.checkpoint or hub_file(HPS_REPO, HPS_FILES[self.version], "hpsv2")
         model = open_clip.create_model(self.arch, pretrained=None)
+        state = read_torch_weights(path, "hpsv2")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("state_dict", state))
-        except (
-            Exception
-        ) as err:  # a damaged or foreign pickle raises anything, EOFError to KeyError
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        except (RuntimeError, AttributeError) as err:  # other keys or shapes; not a dict
+            first = str(err).splitlines()[0]
             raise ConfigError(
                 f"reward 'hpsv2': {path} is not an HPS {self.arch} state dict: {first}"
             ) from None

@@ -1,6 +1,12 @@
-"""A reward's default weights from the Hugging Face Hub, through huggingface_hub's cache."""
+"""A reward's weight files: its defaults from the Hugging Face Hub through huggingface_hub's
+cache, and torch pickles read safely."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from sqdf.errors import ConfigError
 
@@ -23,3 +29,16 @@ def hub_file(repo: str, filename: str, reward: str) -> str:
     except HfHubHTTPError as err:
         first = str(err).splitlines()[0]
         raise ConfigError(f"reward {reward!r}: {filename} of {repo}: {first}") from None
+
+
+def read_torch_weights(path: str | Path, reward: str) -> Any:
+    """A torch pickle of tensors, read with weights_only=True; a file that is damaged, cut
+    short or holds other objects is one line naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged pickle raises anything, EOFError to KeyError
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise ConfigError(
+            f"reward {reward!r}: cannot read {path} as a state dict ({first})"
+        ) from None

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from sqdf.errors import ConfigError
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD, _prompts, clip_preprocess
-from sqdf.rewards.hub import hub_file
+from sqdf.rewards.hub import hub_file, read_torch_weights
 
 # where the official weights are: ImageReward's Hub repository (the package's utils.py downloads
 # both files from it) and BLIP's BERT tokenizer
@@ -250,15 +250,7 @@ class ImageRewardReward:
         tokenizer = lambda: blip_tokenizer(tokenizer_folder)  # noqa: E731
         with _replaced(blip_pretrain, "init_tokenizer", tokenizer):
             model = module.ImageReward(med_config=str(med_config), device="cpu")
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except (
-            Exception
-        ) as err:  # a damaged or foreign pickle raises anything, EOFError to KeyError
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(
-                f"reward 'imagereward': cannot read {checkpoint} as a state dict ({first})"
-            ) from None
+        state = read_torch_weights(checkpoint, "imagereward")
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise ConfigError(f"reward 'imagereward': {checkpoint} is not a state dict")
         try:
