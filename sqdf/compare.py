@@ -33,7 +33,7 @@ from sqdf.heldout import (
     scored_side,
 )
 from sqdf.methods import METHODS
-from sqdf.preemption import Preempted, agreed_signal, signal_name, stop_on_signals
+from sqdf.preemption import Preempted, stop_here_if_signalled, stop_on_signals
 from sqdf.report import mean_std, pyplot
 from sqdf.run import read_metrics
 from sqdf.sampler import sample_in_chunks, sample_trajectories
@@ -319,7 +319,8 @@ def _compare(out: Path, args: dict[str, Any], *, progress: bool, resume: bool) -
     curves: dict[str, list[list[dict]]] = {}
     for variant in variants:
         for seed in range(seeds):
-            stop_if_signalled(procs, f"before {variant.name} seed {seed}", out)
+            where = f"before {variant.name} seed {seed}; continue with: {_again(out)}"
+            stop_here_if_signalled(procs, where)
             t0 = time.perf_counter()
             if variant.method == BEST_OF_N:
                 if not procs.is_main:
@@ -397,15 +398,6 @@ def train_variant(
             f"{_again(run.parent.parent)}",
         ) from None
     return {}
-
-
-def stop_if_signalled(procs: Processes, where: str, out: Path) -> None:
-    """Every process stops here if any received a stop signal (collective)."""
-    signum = agreed_signal(procs)
-    if signum is not None:
-        raise Preempted(
-            signum, f"stopped by {signal_name(signum)} {where}; continue with: {_again(out)}"
-        )
 
 
 def _shared_note(records: list[dict[str, Any]], variants: list[str], key: str) -> str:

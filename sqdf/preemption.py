@@ -106,3 +106,11 @@ def agreed_signal(procs: Any) -> int | None:
     flags = torch.tensor([float(mine == s) for s in SIGNALS], dtype=torch.float64)
     total = procs.sum(flags).tolist()
     return next((int(s) for s, n in zip(SIGNALS, total, strict=True) if n > 0), None)
+
+
+def stop_here_if_signalled(procs: Any, where: str) -> None:
+    """Every process raises ``Preempted`` here, "stopped by SIG{where}", if any received a
+    stop signal (collective): for a place where what is saved already suffices."""
+    signum = agreed_signal(procs)
+    if signum is not None:
+        raise Preempted(signum, f"stopped by {signal_name(signum)} {where}")

@@ -59,7 +59,13 @@ from sqdf.distributed import (
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
 from sqdf.periodic_eval import PeriodicEval
-from sqdf.preemption import Preempted, agreed_signal, signal_name, stop_on_signals
+from sqdf.preemption import (
+    Preempted,
+    agreed_signal,
+    signal_name,
+    stop_here_if_signalled,
+    stop_on_signals,
+)
 from sqdf.rewards import is_differentiable, reward_params
 from sqdf.rewards.mixture import WeightedReward
 from sqdf.run import (
@@ -485,12 +491,9 @@ def check_method_takes_reward(cfg: TrainConfig) -> None:
 def stop_before_training(s: TrainingRun) -> None:
     """A signal during set-up (loading a model can take minutes) stops before any update:
     nothing is trained, so there is nothing new to checkpoint."""
-    signum = agreed_signal(s.procs)
-    if signum is None:
-        return
     where = f"at update {s.start}" if s.start else "before the first update"
     again = f"; continue with: sqdf train --resume {s.run}" if s.caller is None else ""
-    raise Preempted(signum, f"stopped by {signal_name(signum)} {where}, nothing new trained{again}")
+    stop_here_if_signalled(s.procs, f"{where}, nothing new trained{again}")
 
 
 def continue_note(run: Path) -> str:

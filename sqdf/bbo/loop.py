@@ -62,7 +62,7 @@ from sqdf.config import TrainConfig
 from sqdf.distributed import Processes, rank_seed
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.methods import METHODS
-from sqdf.preemption import Preempted, agreed_signal, received, signal_name, stop_on_signals
+from sqdf.preemption import Preempted, received, stop_here_if_signalled, stop_on_signals
 from sqdf.sampler import sample_trajectories
 from sqdf.settings import make_config
 from sqdf.tasks import Task, build_task, resolved_reward_name
@@ -173,13 +173,6 @@ def _continue_with(run: Path) -> str:
     return f"continue with run_method(..., resume=True) on {run}"
 
 
-def _stop_if_signalled(procs: Processes, run: Path, where: str) -> None:
-    """Every process stops here if any received a stop signal (collective)."""
-    signum = agreed_signal(procs)
-    if signum is not None:
-        raise Preempted(signum, f"stopped by {signal_name(signum)} {where}; {_continue_with(run)}")
-
-
 def _run_rounds(
     bbo: BboConfig,
     base: TrainConfig,
@@ -274,7 +267,9 @@ def _run_rounds(
                         flush=True,
                     )
         procs.barrier()  # the round's answers are on disk
-        _stop_if_signalled(procs, run, f"in round {k} of {method} seed {seed}, its answers saved")
+        stop_here_if_signalled(
+            procs, f"in round {k} of {method} seed {seed}, its answers saved; {_continue_with(run)}"
+        )
         if not procs.is_main:
             rounds[k:] = [load_round(path)]
         if k == bbo.rounds - 1:
@@ -302,7 +297,9 @@ def _run_rounds(
                 procs.barrier()
                 return rows
         _save_round(procs, state, oracle, run, k)
-        _stop_if_signalled(procs, run, f"after round {k} of {method} seed {seed}, checkpointed")
+        stop_here_if_signalled(
+            procs, f"after round {k} of {method} seed {seed}, checkpointed; {_continue_with(run)}"
+        )
     procs.barrier()  # no process moves on before the run's files are complete
     return rows
 
