@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 
 from sqdf.errors import SqdfError
@@ -79,21 +79,32 @@ def write_error_text(what: str, where: Path, cause: OSError, needs: int | None) 
 
 
 @contextmanager
-def writing(
-    what: str, where: Path, needs: int | None = None, then: Callable[[], str] = str
+def _one_line_writes(
+    place: Callable[[OSError], tuple[str, Path, int | None] | None], then: Callable[[], str]
 ) -> Iterator[None]:
-    """A failed write inside the block becomes a ``WriteError`` (one line, ``then()`` after
-    it: what was kept and how to go on, read after the failure) when its cause is one the user
-    can fix; other errors pass as they are."""
+    """A failure inside the block whose cause the user can fix, and that ``place`` names
+    (what, where, bytes needed; None: not a write of ours), becomes one ``WriteError`` with
+    ``then()`` after it; other errors pass as they are."""
     try:
         yield
     except WriteError:
         raise
     except Exception as err:
         cause = fixable_cause(err)
-        if cause is None:
+        found = place(cause) if cause is not None else None
+        if cause is None or found is None:
             raise
+        what, where, needs = found
         raise WriteError(write_error_text(what, where, cause, needs) + then()) from None
+
+
+def writing(
+    what: str, where: Path, needs: int | None = None, then: Callable[[], str] = str
+) -> AbstractContextManager[None]:
+    """A failed write inside the block becomes a ``WriteError`` (one line, ``then()`` after
+    it: what was kept and how to go on, read after the failure) when its cause is one the user
+    can fix; other errors pass as they are."""
+    return _one_line_writes(lambda cause: (what, where, needs), then)
 
 
 def fsync_path(path: Path) -> None:
@@ -139,26 +150,21 @@ def sha256_file(path: Path) -> str:
 _WRITE_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-@contextmanager
-def folder_writes(folder: Path, then: Callable[[], str] = str) -> Iterator[None]:
+def folder_writes(folder: Path, then: Callable[[], str] = str) -> AbstractContextManager[None]:
     """A write the block fails (a file in ``folder``, or any file on a full or read-only disk)
     as one ``WriteError`` naming the file, ``then()`` after it (what was kept and how to go
     on); a missing or unreadable file elsewhere is not a write and passes as it is."""
-    try:
-        yield
-    except WriteError:
-        raise
-    except Exception as err:
-        cause = fixable_cause(err)
-        if cause is None:
-            raise
+
+    def place(cause: OSError) -> tuple[str, Path, None] | None:
         path = Path(cause.filename) if isinstance(cause.filename, (str, Path)) else None
         inside = path is not None and Path(folder).resolve() in (
             path.resolve(),
             *path.resolve().parents,
         )
         if cause.errno not in _WRITE_ONLY and not inside:
-            raise
-        what, where = (path.name, path.parent) if path is not None else ("a file", Path(folder))
-        what = what.removeprefix(".tmp-")  # atomic_write's temporary name for the file
-        raise WriteError(write_error_text(what, where, cause, None) + then()) from None
+            return None
+        if path is None:
+            return "a file", Path(folder), None
+        return path.name.removeprefix(".tmp-"), path.parent, None  # atomic_write's temp name
+
+    return _one_line_writes(place, then)
