@@ -138,6 +138,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+@contextmanager
+def atomic_folder(path: Path, owner: bool = True) -> Iterator[Path]:
+    """A folder built whole or not at all: the block fills the temporary sibling it is given
+    (``.tmp-NAME``), which then replaces ``path`` and the parent is flushed; if the block
+    fails, the temporary folder is removed and ``path`` stays as it was. ``owner`` False (a
+    process that takes part in a collective write but does not write) touches nothing."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    if owner:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if owner:
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    except BaseException:
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if owner:
+        fsync_path(path.parent)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with Path(path).open("rb") as fh:

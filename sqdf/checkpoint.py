@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sqdf.atomic import atomic_write, fsync_path, os_error, sha256_file
+from sqdf.atomic import atomic_folder, atomic_write, fsync_path, os_error, sha256_file
 
 PREFIX = "step_"
 STATE = "state.json"
@@ -168,18 +168,9 @@ def save_checkpoint(root: Path, ckpt: Checkpoint, keep: int) -> Path:
     run folder above it (a run folder removed under a run stops it)."""
     root.mkdir(exist_ok=True)
     final = root / f"{PREFIX}{ckpt.step:07d}"
-    tmp = root / f".tmp-{PREFIX}{ckpt.step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(final) as tmp:
         tmp.mkdir()
         _write_folder(tmp, ckpt)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_path(root)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -22,8 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +33,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sqdf.atomic import WriteError, folder_writes, free_bytes, fsync_path, size_text, writing
+from sqdf.atomic import (
+    WriteError,
+    atomic_folder,
+    folder_writes,
+    free_bytes,
+    size_text,
+    writing,
+)
 from sqdf.buffer import STATE_DTYPES, Cells, DiskStore, MemoryStore, ReplayBuffer
 from sqdf.checkpoint import (
     Checkpoint,
@@ -1022,24 +1027,16 @@ def finish(s: TrainingRun) -> Path:
         checkpoint(s, s.cfg.steps)
     # built under a temporary name and renamed into place, so that a final/ that exists is
     # whole (sqdf compare --resume takes a variant with one as finished)
-    staging, final = s.run / ".tmp-final", s.run / "final"
-    if s.procs.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
+    final = s.run / "final"
     needs = tensor_bytes(s.task.policy.state_dict()) * (2 if s.ema is not None else 1)
-    with writing("the final weights", final, needs, lambda: final_note(s)):
-        try:
-            save_final_weights(s, staging)
-            if s.ema is not None:
-                with ema_weights(s):
-                    save_final_weights(s, staging / "ema")
-            if s.procs.is_main:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(staging, final)
-                fsync_path(s.run)
-        except BaseException:
-            if s.procs.is_main:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
+    with (
+        writing("the final weights", final, needs, lambda: final_note(s)),
+        atomic_folder(final, owner=s.procs.is_main) as staging,
+    ):
+        save_final_weights(s, staging)
+        if s.ema is not None:
+            with ema_weights(s):
+                save_final_weights(s, staging / "ema")
     s.procs.barrier()  # no process returns before the run folder is complete
     return s.run
 
