@@ -26,7 +26,9 @@ source_suffix = {".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build", "_ext", "results/**/*.md", "results/README.md"]
 
-myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]
+# no dollarmath: MathJax would load from a CDN, and the site must work offline (the formulas
+# are written in Unicode instead)
+myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3  # links like page.md#a-heading resolve, as on GitHub
 
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
@@ -42,5 +44,8 @@ html_theme_options = {
     "footer_start": ["copyright"],
     "footer_end": [],
 }
-html_static_path: list[str] = []
+# "auto" follows the reader's light or dark setting (left empty, the theme logs an error)
+html_context = {"default_mode": "auto"}
+html_static_path = ["_static"]
+html_favicon = "_static/favicon.svg"
 html_last_updated_fmt = None

@@ -176,7 +176,8 @@ def type_name(f: dataclasses.Field) -> str:
 
 
 def config_table(which: str) -> list[str]:
-    """TrainConfig (``train``) or BboConfig (``bbo``): key, flag, type, default, help, checks."""
+    """TrainConfig (``train``) or BboConfig (``bbo``) as a definition list: each key with its
+    flag, type and default, its help text, and the checks its validation makes."""
     if which == "train":
         from sqdf.cli import DICT_FIELDS
         from sqdf.config import TrainConfig as cls
@@ -191,18 +192,17 @@ def config_table(which: str) -> list[str]:
         flags = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)}
     else:
         raise ValueError(f"sqdf-config takes train or bbo, got {which!r}")
-    rows = [
-        [
-            f"`{f.name}`",
-            f"`{flags[f.name]}`",
-            type_name(f),
-            code(default_of(f)),
-            cell(f.metadata.get("help", "")),
-            "<br>".join(code(c) for c in checks.get(f.name, [])),
+    lines: list[str] = []
+    for f in dataclasses.fields(cls):
+        default = code(default_of(f))
+        lines += [
+            f"`{f.name}` · {type_name(f)} · default {default} · flag `{flags[f.name]}`",
+            f": {cell(f.metadata.get('help', ''))}",
         ]
-        for f in dataclasses.fields(cls)
-    ]
-    return table(["key", "flag", "type", "default", "meaning", "checked"], rows)
+        if f.name in checks:
+            lines += ["", "  Checked: " + "; ".join(code(c) for c in checks[f.name]) + "."]
+        lines.append("")
+    return lines
 
 
 def params_tables(which: str) -> list[str]:
