@@ -5,9 +5,13 @@ seconds (later flags win, so the command itself stays as written)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 
+import pytest
+
+import sqdf.demo
 from sqdf.cli import main
 
 # sqdf's own names for itself in the docs: the installed script, the one setup.sh puts in .venv
@@ -25,6 +29,10 @@ QUICK = {
             "--seeds", "1", "--no-progress"],
     "presets": [],
 }  # fmt: skip
+# sqdf demo has no flags for its sampling steps and batch: its library call gets them, as
+# tests/test_demo.py gives them
+DEMO_QUICK = {"quality_samples": 8, "num_steps": 4, "batch_size": 4, "buffer_size": 8,
+              "checkpoint_every": 0}  # fmt: skip
 
 
 def code_blocks(text: str, lang: str) -> list[str]:
@@ -44,6 +52,10 @@ def quick(args: list[str]) -> list[str]:
     return [*args, *QUICK[args[0]]]
 
 
-def run_sqdf(args: list[str]) -> int:
+def run_sqdf(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     """Run ``sqdf ARGS`` in this process, shrunk; its exit status."""
+    if args[0] == "demo":
+        monkeypatch.setattr(
+            sqdf.demo, "run_demo", functools.partial(sqdf.demo.run_demo, **DEMO_QUICK)
+        )
     return main(quick(args))

@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 import threading
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 from filelock import FileLock
 
 from sqdf.cli import build_parser
+from sqdf.config import tomllib
 from sqdf.settings import load_preset, preset_names, resolve_settings
 from tests.browser import open_urls
 from tests.doc_commands import SQDF, code_blocks, command_lines, quick, run_sqdf
@@ -188,9 +188,7 @@ def _launch(launcher: str, args: list[str], tmp_path: Path) -> None:
     assert (tmp_path / args[at]).is_dir()
 
 
-@pytest.mark.parametrize(
-    "page", [p for p in PAGES if code_blocks((DOCS / p).read_text(), "bash")]
-)
+@pytest.mark.parametrize("page", [p for p in PAGES if code_blocks((DOCS / p).read_text(), "bash")])
 def test_page_commands_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each command of the page in order, in one folder (an eval finds the run its train
     wrote): sqdf commands on the embedded defaults run, shrunk; those that need Stable
@@ -210,14 +208,12 @@ def test_page_commands_run(page: str, tmp_path: Path, monkeypatch: pytest.Monkey
             elif launcher:
                 _launch(launcher, args, tmp_path)
             else:
-                assert run_sqdf(args) == 0, where
+                assert run_sqdf(args, monkeypatch) == 0, where
                 if "--out" in args:
                     assert Path(args[args.index("--out") + 1]).is_dir(), where
 
 
-@pytest.mark.parametrize(
-    "page", [p for p in PAGES if code_blocks((DOCS / p).read_text(), "toml")]
-)
+@pytest.mark.parametrize("page", [p for p in PAGES if code_blocks((DOCS / p).read_text(), "toml")])
 def test_page_config_files_are_valid(page: str) -> None:
     for block in code_blocks((DOCS / page).read_text(), "toml"):
         resolve_settings(config_file=tomllib.loads(block), config_name=page).config()
@@ -279,7 +275,7 @@ def test_navigation_reaches_every_guide(built: Site, served: str) -> None:
     expected.discard(served + "guides/index.html")
     assert expected <= set(sidebar), sorted(expected - set(sidebar))
     landed = open_urls(sorted(expected))
-    for (href, check) in zip(sorted(expected), landed, strict=True):
+    for href, check in zip(sorted(expected), landed, strict=True):
         assert check.errors == [], (href, check.errors)
         assert check.title.startswith(sidebar[href]), (href, check.title, sidebar[href])
 

@@ -230,7 +230,8 @@ def _registry(which: str) -> Iterator[tuple[str, type, str]]:
 
         for name in TASKS:
             cls = _task_settings(name)
-            yield name, cls, f"{first_sentence(cls.__doc__)} Default reward: `{DEFAULT_REWARDS[name]}`."
+            reward = f"Default reward: `{DEFAULT_REWARDS[name]}`."
+            yield name, cls, f"{first_sentence(cls.__doc__)} {reward}"
     elif which == "methods":
         from sqdf.methods import METHODS
 
@@ -288,8 +289,10 @@ def cli_reference() -> list[str]:
             if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
                 continue
             names = ", ".join(action.option_strings) or (action.metavar or action.dest)
-            metavar = "" if action.nargs == 0 or not action.option_strings else (
-                action.metavar or action.dest.upper()
+            metavar = (
+                ""
+                if action.nargs == 0 or not action.option_strings
+                else (action.metavar or action.dest.upper())
             )
             help_text = formatter._expand_help(action) if action.help else ""
             rows.append([f"`{cell(names)}`", code(metavar), cell(help_text)])
