@@ -49,3 +49,8 @@ html_context = {"default_mode": "auto"}
 html_static_path = ["_static"]
 html_favicon = "_static/favicon.svg"
 html_last_updated_fmt = None
+# pages without sub-pages get no (empty) section navigation on the left
+html_sidebars = {
+    page: [] for page in ("index", "getting-started", "concepts", "results", "performance",
+                          "reliability")
+}  # fmt: skip
