@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up sqdf for development or use: a virtual environment at .venv in the repository
 # root, torch and torchvision installed first as a matching pinned pair (PyPI's Linux wheels,
-# a CUDA build that also runs on the CPU), then sqdf with its test tools. In an existing CUDA
-# environment, any matching torch/torchvision pair from PyPI will do: pip install -e ".[dev]".
+# a CUDA build that also runs on the CPU), then sqdf with its test tools and the documentation
+# site's Sphinx packages (the docs extra). In an existing CUDA environment, any matching
+# torch/torchvision pair from PyPI will do: pip install -e ".[dev]".
 # With --browser it also installs Debian's chromium (where apt-get exists) for the tests that
 # open HTML reports in a headless browser (tests/browser.py); without one those tests skip.
 set -euo pipefail
@@ -19,7 +20,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,hpsv2,metrics,imagereward]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,docs,hpsv2,metrics,imagereward]"
 # The reward packages the tests check our rewards against (image-reward is also what the
 # imagereward reward runs). Their own pins (hpsv2x: pytest==7.2.0 and protobuf<4; image-reward:
 # timm==0.6.13, against open_clip's timm>=1.0.17) would break the test tools and open_clip, and

@@ -2,8 +2,11 @@
 
 `open_page(path)` loads the file from a file:// URL and returns a `PageCheck`: the JavaScript
 exceptions, console errors and failed loads it raised, how many <img> elements it has and how
-many decoded (naturalWidth > 0), and its visible text (document.body.innerText). Tests call it
-directly; without a browser it skips the test, or under CI fails it (see `chromium_or_skip`).
+many decoded (naturalWidth > 0), its title and its visible text (document.body.innerText).
+`open_urls(urls)` does the same for several pages (a served site) in one browser, optionally
+waiting for a JavaScript condition (search results filled in) and reading a JavaScript value
+(the links a page offers). Tests call them directly; without a browser they skip the test,
+or under CI fail it (see `chromium_or_skip`).
 
 The browser is driven over the DevTools protocol on `--remote-debugging-pipe` (fds 3 and 4,
 NUL-separated JSON), with the standard library only: no websocket client, no Playwright with
@@ -77,6 +80,7 @@ _PROBE = """(() => {
   return {
     images: imgs.length,
     loaded: imgs.filter((i) => i.complete && i.naturalWidth > 0).length,
+    title: document.title,
     text: document.body ? document.body.innerText : "",
   };
 })()"""
@@ -90,6 +94,8 @@ class PageCheck:
     images: int  # <img> elements in the document
     images_loaded: int  # of those, how many decoded (complete and naturalWidth > 0)
     text: str  # document.body.innerText: the text a reader sees (CSS-hidden text excluded)
+    title: str = ""  # document.title
+    probed: Any = None  # the value of the caller's `probe` expression, if one was given
 
 
 def find_chromium() -> str | None:
@@ -141,7 +147,48 @@ def open_page(path: Path | str, timeout_s: float = 30, browser: str | None = Non
         return _check(cdp, page.as_uri(), deadline)
 
 
-def _check(cdp: _Browser, url: str, deadline: float) -> PageCheck:
+def open_urls(
+    urls: list[str],
+    timeout_s: float = 60,
+    until: str | None = None,
+    probe: str | None = None,
+    browser: str | None = None,
+) -> list[PageCheck]:
+    """Load each URL (e.g. pages of a site served on 127.0.0.1) in its own tab of one fresh
+    headless Chromium and report what each shows, as `open_page` does.
+
+    `until` is a JavaScript expression polled after the load event until it is truthy (for
+    content a page fills in itself, such as search results); `probe` one whose value comes
+    back as `PageCheck.probed`. Raises TimeoutError past `timeout_s` seconds for all pages
+    together."""
+    exe = browser or chromium_or_skip()
+    deadline = time.monotonic() + timeout_s
+    with (
+        tempfile.TemporaryDirectory(prefix="sqdf-chromium-", ignore_cleanup_errors=True) as tmp,
+        _Browser(exe, tmp) as cdp,
+    ):
+        return [_check(cdp, url, deadline, until, probe) for url in urls]
+
+
+def _evaluate(cdp: _Browser, expression: str, deadline: float, session: str) -> Any:
+    answer = cdp.call(
+        "Runtime.evaluate",
+        {"expression": expression, "returnByValue": True, "awaitPromise": True},
+        deadline,
+        session,
+    )
+    if "exceptionDetails" in answer:
+        raise RuntimeError(f"script {expression[:80]!r} failed: {answer['exceptionDetails']}")
+    return answer["result"].get("value")
+
+
+def _check(
+    cdp: _Browser,
+    url: str,
+    deadline: float,
+    until: str | None = None,
+    probe: str | None = None,
+) -> PageCheck:
     target = cdp.call("Target.createTarget", {"url": "about:blank"}, deadline=deadline)
     attached = cdp.call(
         "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}, deadline
@@ -153,20 +200,18 @@ def _check(cdp: _Browser, url: str, deadline: float) -> PageCheck:
     if nav.get("errorText"):
         raise RuntimeError(f"Chromium could not open {url}: {nav['errorText']}")
     cdp.wait_for("Page.loadEventFired", session, deadline)
-    probe = cdp.call(
-        "Runtime.evaluate",
-        {"expression": _PROBE, "returnByValue": True, "awaitPromise": True},
-        deadline,
-        session,
-    )
-    if "exceptionDetails" in probe:
-        raise RuntimeError(f"probe script failed: {probe['exceptionDetails']}")
-    value = probe["result"]["value"]
+    while until is not None and not _evaluate(cdp, until, deadline, session):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}: {until!r} still false when the time ran out")
+        time.sleep(0.1)
+    value = _evaluate(cdp, _PROBE, deadline, session)
     return PageCheck(
         errors=_errors(cdp.events, session),
         images=value["images"],
         images_loaded=value["loaded"],
         text=value["text"],
+        title=value["title"],
+        probed=None if probe is None else _evaluate(cdp, probe, deadline, session),
     )
 
 

@@ -1,18 +1,18 @@
 """The README's examples run as written, and say what they do."""
 
 import json
-import re
 import shlex
 from pathlib import Path
 
 from sqdf.cli import main
+from tests.doc_commands import code_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
 def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+    return code_blocks(README, lang)
 
 
 def test_python_example_runs(tmp_path, monkeypatch, capsys):
