@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.rewards.hub import hub_file, read_torch_weights
+from sqdf.weights import hub_file, read_torch_weights
 
 # OpenAI CLIP's preprocessing, used when a folder has no preprocessor_config.json
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from sqdf.errors import ConfigError
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD, _prompts, clip_preprocess
-from sqdf.rewards.hub import hub_file, read_torch_weights
+from sqdf.weights import hub_file, read_torch_weights
 
 # where the official weights are: ImageReward's Hub repository (the package's utils.py downloads
 # both files from it) and BLIP's BERT tokenizer

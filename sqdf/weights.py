@@ -1,4 +1,4 @@
-"""A reward's weight files: its defaults from the Hugging Face Hub through huggingface_hub's
+"""Where every weight comes from: a local path, or the Hugging Face Hub through huggingface_hub's
 cache, and torch pickles read safely."""
 
 from __future__ import annotations
