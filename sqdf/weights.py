@@ -94,6 +94,7 @@ def parse_hub_ref(text: str) -> HubRef | None:
 
 _RESOLVED: dict[str, dict[str, Any]] = {}  # given -> how it resolved, in this process
 _PINS: dict[str, str] = {}  # given -> the same reference at its recorded commit
+_PATHS: dict[tuple[str, bool, str], str] = {}  # (given, half, as pinned) -> its local path
 
 
 def resolutions() -> dict[str, dict[str, Any]]:
@@ -116,6 +117,7 @@ def clear() -> None:
     """Forget the record and the pins (a new run in the same process)."""
     _RESOLVED.clear()
     _PINS.clear()
+    _PATHS.clear()
 
 
 # ---- planning: what a run would download, without downloading it --------------------------
@@ -134,6 +136,11 @@ def planning() -> Iterator[list[dict[str, Any]]]:
         yield _PLAN
     finally:
         _PLAN = outer
+
+
+def planning_now() -> bool:
+    """Whether resolution only plans (a dry run): weights are listed, not loaded."""
+    return _PLAN is not None
 
 
 def plan_text(plan: list[dict[str, Any]]) -> list[str]:
@@ -172,23 +179,30 @@ def hub_cache() -> str:
 def resolve(given: str, what: str, *, half: bool = False) -> str:
     """The local path of weight ``given`` (``what`` names it in messages: "task 'sd' model"):
     ``given`` itself where it exists on disk, else the Hub reference's file or folder in the
-    Hub cache, downloaded if it is not there. ``half``: the run computes in 16 bits, so a
+    Hub cache, downloaded if it is not there (any other string is returned as a local path,
+    which the caller checks with its own message). ``half``: the run computes in 16 bits, so a
     component's fp16 variant is taken where the repository has one."""
     local = Path(given).expanduser()
     if local.exists():
         return str(local)
-    ref = parse_hub_ref(given)
-    if ref is None:
-        raise ConfigError(
-            f"{what}: {given!r} is neither a local path nor a Hub reference "
-            "(ORG/NAME[@REVISION][/PATH], see docs/weights.md)"
-        )
+    if parse_hub_ref(given) is None:
+        return str(local)  # a local path that is not there: its user says what it should be
     pinned = parse_hub_ref(_PINS.get(given, given))
     assert pinned is not None
+    key = (given, half, str(pinned))
+    if _PLAN is None and key in _PATHS and Path(_PATHS[key]).exists():
+        return _PATHS[key]  # a config is checked more than once; the Hub is asked once
     with _one_line(pinned, what):
-        if pinned.is_file:
-            return _resolve_file(given, pinned)
-        return _resolve_folder(given, pinned, half)
+        path = (
+            _resolve_file(given, pinned) if pinned.is_file else _resolve_folder(given, pinned, half)
+        )
+    if _PLAN is None:
+        _PATHS[key] = path
+        record = _RESOLVED[given]
+        record["revision"] = parse_hub_ref(given).revision  # as given; its commit pins it
+        if given in _PINS:
+            record["pinned_by"] = "the run's config.json"
+    return path
 
 
 def resolve_optional(given: str | None, what: str, *, half: bool = False) -> str | None:
@@ -233,9 +247,7 @@ def _resolve_folder(given: str, ref: HubRef, half: bool) -> str:
     if not inside:
         raise ConfigError(f"{ref} has no folder {sub!r} at commit {commit[:12]}")
     if "model_index.json" in inside:
-        index_path = hub.hf_hub_download(
-            ref.repo, _join(sub, "model_index.json"), revision=commit
-        )
+        index_path = hub.hf_hub_download(ref.repo, _join(sub, "model_index.json"), revision=commit)
         chosen = pipeline_files(inside, json.loads(Path(index_path).read_text()), half)
     else:
         chosen = folder_files(inside, half)
@@ -266,6 +278,8 @@ def _literal(files: list[str]) -> list[str]:
 
 def _planned(given: str, ref: HubRef, commit: str, infos: list[Any]) -> None:
     assert _PLAN is not None
+    if any(entry["given"] == given for entry in _PLAN):
+        return  # a config checked twice lists its weights once
     _PLAN.append({
         "given": given, "repo": ref.repo, "commit": commit,
         "files": [{"name": i.filename, "size": i.file_size, "cached": i.is_cached} for i in infos],
@@ -339,6 +353,16 @@ def _variant(name: str) -> str | None:
     if len(parts) < 3:
         return None
     return re.sub(r"-\d+-of-\d+$", "", parts[-2])
+
+
+def weights_variant(folder: str | Path) -> str | None:
+    """The variant of the safetensors weights in ``folder`` that from_pretrained must be told:
+    None where plain ones are there (or none at all), else the one there is."""
+    names = [p.name for p in Path(folder).glob(f"*{WEIGHT_SUFFIX}")]
+    variants = {_variant(n) for n in names}
+    if not variants or None in variants:
+        return None
+    return HALF_VARIANT if HALF_VARIANT in variants else sorted(variants)[0]
 
 
 def _index_variant(name: str) -> str | None:

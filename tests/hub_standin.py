@@ -123,11 +123,27 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
                 entry, sha = found
                 files = entry.commits[sha]
                 if kind == "revision":
-                    self._json({"id": repo, "sha": sha, "siblings": [
-                        {"rfilename": n, "size": len(b)} for n, b in files.items()]})
+                    self._json(
+                        {
+                            "id": repo,
+                            "sha": sha,
+                            "siblings": [
+                                {"rfilename": n, "size": len(b)} for n, b in files.items()
+                            ],
+                        }
+                    )
                 elif kind == "tree":
-                    self._json([{"type": "file", "path": n, "size": len(b),
-                                 "oid": hashlib.sha1(b).hexdigest()} for n, b in files.items()])
+                    self._json(
+                        [
+                            {
+                                "type": "file",
+                                "path": n,
+                                "size": len(b),
+                                "oid": hashlib.sha1(b).hexdigest(),
+                            }
+                            for n, b in files.items()
+                        ]
+                    )
                 else:
                     self._error(404, "NotFound")
                 return
