@@ -176,12 +176,13 @@ def hub_cache() -> str:
 # ---- resolution ----------------------------------------------------------------------------
 
 
-def resolve(given: str, what: str, *, half: bool = False) -> str:
+def resolve(given: str, what: str, *, half: bool = False, configs_only: bool = False) -> str:
     """The local path of weight ``given`` (``what`` names it in messages: "task 'sd' model"):
     ``given`` itself where it exists on disk, else the Hub reference's file or folder in the
     Hub cache, downloaded if it is not there (any other string is returned as a local path,
     which the caller checks with its own message). ``half``: the run computes in 16 bits, so a
-    component's fp16 variant is taken where the repository has one."""
+    component's fp16 variant is taken where the repository has one. ``configs_only``: of a
+    folder, its configs and tokenizer files alone (PickScore's processor)."""
     local = Path(given).expanduser()
     if local.exists():
         return str(local)
@@ -189,7 +190,7 @@ def resolve(given: str, what: str, *, half: bool = False) -> str:
         return str(local)  # a local path that is not there: its user says what it should be
     pinned = parse_hub_ref(_PINS.get(given, given))
     assert pinned is not None
-    key = (given, half, str(pinned))
+    key = (given, half or configs_only, str(pinned))
     if _PLAN is None and key in _PATHS and Path(_PATHS[key]).exists():
         return _PATHS[key]  # a config is checked more than once; the Hub is asked once
     with _one_line(pinned, what):
@@ -238,7 +239,7 @@ def _commit_of(path: str, inner: str) -> str:
     return folder.name
 
 
-def _resolve_folder(given: str, ref: HubRef, half: bool) -> str:
+def _resolve_folder(given: str, ref: HubRef, half: bool, configs_only: bool = False) -> str:
     hub = _hub()
     commit, listing = _listing(ref)
     sub = ref.path or ""
@@ -251,7 +252,7 @@ def _resolve_folder(given: str, ref: HubRef, half: bool) -> str:
         chosen = pipeline_files(inside, json.loads(Path(index_path).read_text()), half)
     else:
         chosen = folder_files(inside, half)
-    files = sorted(_join(sub, f) for f in chosen)
+    files = sorted(_join(sub, f) for f in chosen if not configs_only or f.endswith(CONFIG_SUFFIXES))
     if _PLAN is not None:
         configs = [f for f in files if f.endswith(CONFIG_SUFFIXES)]
         folder = hub.snapshot_download(ref.repo, revision=commit, allow_patterns=configs)

@@ -51,8 +51,11 @@ def test_train_by_hub_id_then_offline_then_eval_at_the_runs_commits(hub, tmp_pat
     # --dry-run: the weights with their sizes, and nothing but configs fetched
     assert main([*train_argv(tmp_path / "dry"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    sd_bytes = sum(len(b) for n, b in hub.repos["tiny/sd"].commits[
-        hub.repos["tiny/sd"].branches["main"]].items() if n.endswith(".safetensors"))
+    sd_bytes = sum(
+        len(b)
+        for n, b in hub.repos["tiny/sd"].commits[hub.repos["tiny/sd"].branches["main"]].items()
+        if n.endswith(".safetensors")
+    )
     assert "tiny/sd: tiny/sd@" in out and "to download" in out
     assert not any(k.endswith((".safetensors", ".pth")) for k in hub.gets)
     assert sd_bytes > 0

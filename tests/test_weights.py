@@ -211,3 +211,39 @@ def test_offline_with_nothing_cached_is_one_line(hub, tmp_path, monkeypatch, giv
     assert "\n" not in message
     assert parse_hub_ref(given).repo in message and "HF_HUB_OFFLINE" in message
     assert sum(hub.requests.values()) == 0
+
+
+def _default_weights() -> dict[str, str]:
+    """Every default weight: the presets' model and lcm, the rewards' dataclass defaults."""
+    import dataclasses
+
+    from sqdf.rewards import REWARDS
+    from sqdf.rewards.clip_rewards import HPS_COMMIT, HPS_FILES, HPS_REPO
+    from sqdf.settings import load_preset, preset_names
+
+    found = {}
+    for name in preset_names():
+        for key, value in load_preset(name).train.get("task_params", {}).items():
+            if key in ("model", "lcm"):
+                found[f"preset {name} {key}"] = value
+    for name, cls in REWARDS.items():
+        for f in dataclasses.fields(cls):
+            if isinstance(f.default, str) and parse_hub_ref(f.default) and "/" in f.default:
+                found[f"reward {name} {f.name}"] = f.default
+    for version, file in HPS_FILES.items():
+        found[f"reward hpsv2 {version}"] = f"{HPS_REPO}@{HPS_COMMIT}/{file}"
+    return found
+
+
+def test_every_default_weight_is_pinned_and_in_the_docs_table():
+    from pathlib import Path
+
+    table = (Path(__file__).resolve().parents[1] / "docs" / "weights.md").read_text()
+    defaults = _default_weights()
+    assert len(defaults) >= 12
+    for where, given in defaults.items():
+        ref = parse_hub_ref(given)
+        assert ref is not None and weights.COMMIT.fullmatch(ref.revision or ""), where
+        assert ref.repo in table and ref.revision in table, where
+        if ref.path:
+            assert ref.path.split("/")[-1] in table, where

@@ -45,13 +45,18 @@ def clip_preprocess(images: Tensor, size: int, mean: tuple, std: tuple) -> Tenso
 
 
 # the default weights (docs/weights.md): Hub references, resolved through sqdf.weights
-CLIP_L14 = "openai/clip-vit-large-patch14"  # the CLIP of the LAION aesthetic head
+# the CLIP of the LAION aesthetic head
+CLIP_L14 = "openai/clip-vit-large-patch14@32bd64288804d66eefd0ccbe215aa642df71cc41"
 # the LAION improved aesthetic predictor's sac+logos+ava1-l14-linearMSE head, as TRL's DDPO
 # example fetches it (trl-lib/ddpo-aesthetic-predictor, aesthetic-model.pth)
-AESTHETIC_HEAD = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
-PICKSCORE = "yuvalkirstain/PickScore_v1"
+AESTHETIC_HEAD = (
+    "trl-lib/ddpo-aesthetic-predictor@cf4bd10345610935a80a5d3be9a3133c50f121e4/aesthetic-model.pth"
+)
+PICKSCORE = "yuvalkirstain/PickScore_v1@a4e4367c6dfa7288a00c550414478f865b875800"
 # PickScore's tokenizer and image preprocessing: its authors' processor
-PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+PICKSCORE_PROCESSOR = (
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K@1c2b8495b28150b8a4922ee1c8edee224c284c0c"
+)
 
 
 def _need_folder(path: str | None, reward: str, key: str) -> Path:
@@ -268,7 +273,9 @@ class PickScoreReward(_PromptClipReward):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.processor:
-            self._processor = Path(resolve(self.processor, "reward 'pickscore' processor"))
+            self._processor = Path(
+                resolve(self.processor, "reward 'pickscore' processor", configs_only=True)
+            )
             self.processor = str(self._processor)
 
     def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
@@ -291,6 +298,7 @@ class ClipScoreReward(_PromptClipReward):
 # HPSv2's weights: the Hub repository its authors' hpsv2 package downloads from, and the file of
 # each version (hpsv2/utils.py, ``hps_version_map``). The official SQDF code trains on v2.0.
 HPS_REPO = "xswu/HPSv2"
+HPS_COMMIT = "697403c78157020a1ae59d23f111aa58ced35b0a"  # docs/weights.md
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
 
@@ -345,7 +353,8 @@ class HPSv2Reward:
                 raise ConfigError(f"reward 'hpsv2': checkpoint file not found: {self.checkpoint}")
         # resolved now (a dry run lists it, a run records it); loaded when first scored
         self.checkpoint = resolve(
-            self.checkpoint or f"{HPS_REPO}/{HPS_FILES[self.version]}", "reward 'hpsv2'"
+            self.checkpoint or f"{HPS_REPO}@{HPS_COMMIT}/{HPS_FILES[self.version]}",
+            "reward 'hpsv2'",
         )
 
     @cached_property
