@@ -43,22 +43,28 @@ class StandInHub:
     gets: Counter = field(default_factory=Counter)  # "repo/path" -> GETs of its bytes
     url: str = ""
 
-    def add_folder(self, repo: str, folder: Path, *, gated: bool = False) -> str:
+    def add_folder(
+        self, repo: str, folder: Path, *, gated: bool = False, commit: str | None = None
+    ) -> str:
         """Publish ``folder``'s files as a new commit of ``repo`` on main; returns its sha."""
         files = {
             p.relative_to(folder).as_posix(): p.read_bytes()
             for p in sorted(folder.rglob("*"))
             if p.is_file()
         }
-        return self.add_files(repo, files, gated=gated)
+        return self.add_files(repo, files, gated=gated, commit=commit)
 
-    def add_files(self, repo: str, files: dict[str, bytes], *, gated: bool = False) -> str:
+    def add_files(
+        self, repo: str, files: dict[str, bytes], *, gated: bool = False, commit: str | None = None
+    ) -> str:
+        """Publish ``files`` as a new commit of ``repo`` on main: ``commit`` (a pinned
+        default's), else a sha made from the contents; returns it."""
         digest = hashlib.sha1(repo.encode())
         for name, data in sorted(files.items()):
             digest.update(name.encode() + hashlib.sha256(data).digest())
         entry = self.repos.setdefault(repo, Repo({}, {}, gated))
         digest.update(str(len(entry.commits)).encode())
-        sha = digest.hexdigest()
+        sha = commit or digest.hexdigest()
         entry.commits[sha] = dict(files)
         entry.branches["main"] = sha
         entry.gated = gated

@@ -101,3 +101,95 @@ def test_a_gated_model_is_one_line(hub, tmp_path, capsys):
     assert "gated/sd is a gated repository" in err and "hf auth login" in err
     assert f"{hub.url}/gated/sd" in err
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def family_parts(parts, tmp_path_factory):
+    """Tiny random stand-ins of every preset's default weights, by preset key."""
+    from sqdf.tasks.sd_random import (
+        write_random_flux,
+        write_random_lcm_lora,
+        write_random_sd,
+        write_random_sd3,
+    )
+
+    root = tmp_path_factory.mktemp("family_parts")
+    write_random_lcm_lora(parts / "sd", root / "lcm15")
+    write_random_sd(root / "sdxl", "tiny-xl")
+    write_random_lcm_lora(root / "sdxl", root / "lcmxl")
+    write_random_sd3(root / "sd35m", t5=False)
+    write_random_flux(root / "flux-dev")
+    write_random_flux(root / "flux-schnell", guidance_embeds=False)
+    return root
+
+
+def publish_defaults(hub: StandInHub, parts, family_parts) -> None:
+    """Every default weight the README's preset commands name, at its pinned commit."""
+    from sqdf.rewards.clip_rewards import AESTHETIC_HEAD, CLIP_L14
+    from sqdf.settings import load_preset, preset_names
+
+    def at(given: str, folder=None, files=None) -> None:
+        ref = weights.parse_hub_ref(given)
+        if ref.repo in hub.repos and ref.revision in hub.repos[ref.repo].commits:
+            return
+        if folder is not None:
+            hub.add_folder(ref.repo, folder, commit=ref.revision)
+        else:
+            hub.add_files(ref.repo, files, commit=ref.revision)
+
+    at(CLIP_L14, parts / "clip")
+    at(AESTHETIC_HEAD, files={"aesthetic-model.pth": (parts / "head.pth").read_bytes()})
+    folders = {"sd15": parts / "sd", "sdxl": family_parts / "sdxl",
+               "sd35m": family_parts / "sd35m", "flux-dev": family_parts / "flux-dev",
+               "flux-schnell": family_parts / "flux-schnell"}  # fmt: skip
+    loras = {"sd15": family_parts / "lcm15", "sdxl": family_parts / "lcmxl"}
+    for name in preset_names():
+        params = load_preset(name).train.get("task_params", {})
+        family = name.rsplit("-", 1)[0]
+        if "model" in params:
+            at(params["model"], folders[family])
+        lcm = params.get("lcm")
+        if lcm and lcm.endswith(".safetensors"):
+            at(lcm, loras[family])
+        elif lcm:  # FLUX.1-dev's consistency model: [schnell]'s transformer/
+            at(lcm, folders["flux-schnell"])
+
+
+def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path,
+                                             monkeypatch, capsys):  # fmt: skip
+    """The README's command per family, against the stand-in serving every default weight
+    at its pinned commit: SD 1.5's train and sample run (made small); the other families'
+    trains run as --dry-run (their configs fetched, their weights listed)."""
+    import shlex
+
+    from tests.tasks.sd_runs import QUICK, readme_block
+
+    publish_defaults(hub, parts, family_parts)
+    monkeypatch.chdir(tmp_path)
+    lines = readme_block("sqdf train --preset sdxl-aesthetic")
+    assert [ln.split()[3] for ln in lines if ln.startswith("sqdf train")] == [
+        "sd15-aesthetic", "sd15-aesthetic", "sdxl-aesthetic", "sd35m-aesthetic",
+        "flux-dev-aesthetic", "flux-schnell-aesthetic",
+    ]  # fmt: skip
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        if argv[0] == "train" and "sd15-aesthetic" not in argv and "--dry-run" not in argv:
+            argv += ["--dry-run"]
+        extra = [] if "--dry-run" in argv else QUICK.get(argv[0], [])
+        if argv[0] == "sample":
+            extra = ["--num-samples", "2"]
+        assert main(argv + extra) == 0, line
+        out = capsys.readouterr().out
+        if "--dry-run" in argv:
+            model = weights.parse_hub_ref(
+                __import__("sqdf.settings", fromlist=["x"])
+                .load_preset(argv[2])
+                .train["task_params"]["model"]
+            )
+            assert f"{model.repo}@{model.revision[:12]}" in out, line
+    assert (tmp_path / "runs/sd/final/pytorch_lora_weights.safetensors").is_file()
+    recorded = json.loads((tmp_path / "runs/sd/config.json").read_text())["weights"]
+    assert {weights.parse_hub_ref(g).repo for g in recorded} == {
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", "latent-consistency/lcm-lora-sdv1-5",
+        "openai/clip-vit-large-patch14", "trl-lib/ddpo-aesthetic-predictor",
+    }  # fmt: skip

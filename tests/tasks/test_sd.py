@@ -288,7 +288,7 @@ def test_prompt_sets_and_files(tmp_path):
 
 
 def test_bad_sd_settings_are_one_clear_error(parts, tmp_path):
-    with pytest.raises(ConfigError, match="needs a local Stable Diffusion folder"):
+    with pytest.raises(ConfigError, match="needs a Stable Diffusion model"):
         build_task(config(parts, task_params={"model": None}))
     with pytest.raises(ConfigError, match="is not a complete SD 1.x/2.x folder"):
         build_task(config(parts, task_params={"model": str(tmp_path)}))
