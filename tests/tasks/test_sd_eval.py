@@ -173,7 +173,7 @@ def test_cli_eval_with_cross_rewards_writes_eval_json_and_md(parts, run, capsys,
     [
         (["--reward-param", "pickscore.model=x"], "reward 'pickscore' is not in --rewards"),
         (["--rewards", "pickscore", "--reward-param", "model=x"], "expects NAME.KEY=VALUE"),
-        (["--rewards", "pickscore"], "PickScore_v1@a4e4367c6dfa7288a00c550414478f865b875800 is not"),
+        (["--rewards", "pickscore"], "PickScore_v1@a4e4367c6dfa7288a00c550414478f865b875800 is"),
         (["--rewards", "imagereward"], "THUDM/ImageReward/ImageReward.pt is not in the Hub cache"),
         (["--rewards", "classifier"], "reward 'classifier' scores image samples, not what the sd"),
         (["--rewards", "linear"], "reward 'linear' scores points samples, not what the sd task"),
