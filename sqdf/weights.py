@@ -257,8 +257,9 @@ def _resolve_folder(given: str, ref: HubRef, half: bool, configs_only: bool = Fa
         configs = [f for f in files if f.endswith(CONFIG_SUFFIXES)]
         folder = hub.snapshot_download(ref.repo, revision=commit, allow_patterns=configs)
         infos = hub.snapshot_download(
-            ref.repo, revision=commit, allow_patterns=_literal(files), dry_run=True
-        )
+            ref.repo, revision=commit, allow_patterns=_literal(files), dry_run=True,
+            tqdm_class=_quiet_tqdm(),
+        )  # fmt: skip
         _planned(given, ref, commit, infos)
     else:
         folder = hub.snapshot_download(ref.repo, revision=commit, allow_patterns=_literal(files))
@@ -296,7 +297,9 @@ def _listing(ref: HubRef) -> tuple[str, dict[str, int]]:
 
     if not constants.HF_HUB_OFFLINE:
         try:
-            infos = hub.snapshot_download(ref.repo, revision=ref.revision, dry_run=True)
+            infos = hub.snapshot_download(
+                ref.repo, revision=ref.revision, dry_run=True, tqdm_class=_quiet_tqdm()
+            )
             return infos[0].commit_hash if infos else "", {i.filename: i.file_size or 0
                                                           for i in infos}  # fmt: skip
         except DryRunError as err:
@@ -304,6 +307,19 @@ def _listing(ref: HubRef) -> tuple[str, dict[str, int]]:
             if cause is not None and not _unreachable(cause):
                 raise cause from None
     return _cached_listing(ref)
+
+
+def _quiet_tqdm() -> type:
+    """A progress bar that shows nothing: listing a repository is not a download (the
+    downloads keep huggingface_hub's own bars)."""
+    from tqdm.auto import tqdm
+
+    class Quiet(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Quiet
 
 
 def _unreachable(err: BaseException) -> bool:
