@@ -148,7 +148,7 @@ def publish_defaults(hub: StandInHub, parts, family_parts) -> None:
     loras = {"sd15": family_parts / "lcm15", "sdxl": family_parts / "lcmxl"}
     for name in preset_names():
         params = load_preset(name).train.get("task_params", {})
-        family = name.rsplit("-", 1)[0]
+        family = name.split("-")[0] if name.startswith("sd15") else name.rsplit("-", 1)[0]
         if "model" in params:
             at(params["model"], folders[family])
         lcm = params.get("lcm")
