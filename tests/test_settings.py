@@ -266,9 +266,13 @@ def test_presets_command_lists_and_shows_them(capsys):
     listing = capsys.readouterr().out
     for name in preset_names():
         assert name in listing
+    for name in ("sdxl-aesthetic", "sd35m-aesthetic", "flux-dev-aesthetic",
+                 "flux-schnell-aesthetic"):  # fmt: skip
+        (line,) = [ln for ln in listing.splitlines() if ln.startswith(name + " ")]
+        assert "not yet run on real weights" in line
     assert main(["presets", "sd15-bbo-aesthetic"]) == 0
     shown = capsys.readouterr().out
-    assert "sqdf bbo --preset sd15-bbo-aesthetic needs:" in shown
+    assert "sqdf bbo --preset sd15-bbo-aesthetic needs no paths" in shown
     assert "bbo.query_schedule = [1024, 2048, 4096, 8192]" in shown
 
 
