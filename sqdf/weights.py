@@ -94,7 +94,8 @@ def parse_hub_ref(text: str) -> HubRef | None:
 
 _RESOLVED: dict[str, dict[str, Any]] = {}  # given -> how it resolved, in this process
 _PINS: dict[str, str] = {}  # given -> the same reference at its recorded commit
-_PATHS: dict[tuple[str, bool, str], str] = {}  # (given, half, as pinned) -> its local path
+# (given, half, as pinned, Hub cache) -> its local path
+_PATHS: dict[tuple[str, bool, str, str], str] = {}
 
 
 def resolutions() -> dict[str, dict[str, Any]]:
@@ -190,7 +191,7 @@ def resolve(given: str, what: str, *, half: bool = False, configs_only: bool = F
         return str(local)  # a local path that is not there: its user says what it should be
     pinned = parse_hub_ref(_PINS.get(given, given))
     assert pinned is not None
-    key = (given, half or configs_only, str(pinned))
+    key = (given, half or configs_only, str(pinned), hub_cache())
     if _PLAN is None and key in _PATHS and Path(_PATHS[key]).exists():
         return _PATHS[key]  # a config is checked more than once; the Hub is asked once
     with _one_line(pinned, what):
