@@ -213,6 +213,7 @@ def resolve_optional(given: str | None, what: str, *, half: bool = False) -> str
 
 def _hub() -> Any:
     import huggingface_hub
+    import huggingface_hub.errors  # noqa: F401  (hub.errors below)
 
     return huggingface_hub
 
@@ -221,7 +222,11 @@ def _resolve_file(given: str, ref: HubRef) -> str:
     hub = _hub()
     assert ref.path is not None
     if _PLAN is not None:
-        info = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision, dry_run=True)
+        try:
+            info = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision, dry_run=True)
+        except hub.errors.DryRunError:  # offline: the plan is what the cache holds
+            path = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision)
+            info = _Cached(ref.path, Path(path).stat().st_size, _commit_of(path, ref.path), path)
         _planned(given, ref, info.commit_hash, [info])
         return info.local_path
     path = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision)
@@ -257,10 +262,13 @@ def _resolve_folder(given: str, ref: HubRef, half: bool, configs_only: bool = Fa
     if _PLAN is not None:
         configs = [f for f in files if f.endswith(CONFIG_SUFFIXES)]
         folder = hub.snapshot_download(ref.repo, revision=commit, allow_patterns=configs)
-        infos = hub.snapshot_download(
-            ref.repo, revision=commit, allow_patterns=_literal(files), dry_run=True,
-            tqdm_class=_quiet_tqdm(),
-        )  # fmt: skip
+        try:
+            infos = hub.snapshot_download(
+                ref.repo, revision=commit, allow_patterns=_literal(files), dry_run=True,
+                tqdm_class=_quiet_tqdm(),
+            )  # fmt: skip
+        except hub.errors.DryRunError:  # offline: the plan is what the cache holds
+            infos = [_Cached(f, listing.get(f)) for f in files]
         _planned(given, ref, commit, infos)
     else:
         folder = hub.snapshot_download(ref.repo, revision=commit, allow_patterns=_literal(files))
@@ -268,6 +276,18 @@ def _resolve_folder(given: str, ref: HubRef, half: bool, configs_only: bool = Fa
             "repo": ref.repo, "revision": ref.revision, "commit": commit, "files": files,
         }  # fmt: skip
     return str(Path(folder) / sub) if sub else str(folder)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """A planned file found in the cache offline (huggingface_hub's DryRunFileInfo's fields
+    that a plan reads)."""
+
+    filename: str
+    file_size: int | None
+    commit_hash: str = ""
+    local_path: str = ""
+    is_cached: bool = True
 
 
 def _join(sub: str, name: str) -> str:
@@ -294,7 +314,6 @@ def _listing(ref: HubRef) -> tuple[str, dict[str, int]]:
     (HF_HUB_OFFLINE, or the Hub unreachable) from the cache's snapshot of that revision."""
     hub = _hub()
     from huggingface_hub import constants
-    from huggingface_hub.errors import DryRunError
 
     if not constants.HF_HUB_OFFLINE:
         try:
@@ -303,7 +322,7 @@ def _listing(ref: HubRef) -> tuple[str, dict[str, int]]:
             )
             return infos[0].commit_hash if infos else "", {i.filename: i.file_size or 0
                                                           for i in infos}  # fmt: skip
-        except DryRunError as err:
+        except hub.errors.DryRunError as err:
             cause = err.__cause__
             if cause is not None and not _unreachable(cause):
                 raise cause from None

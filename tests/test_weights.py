@@ -247,3 +247,20 @@ def test_every_default_weight_is_pinned_and_in_the_docs_table():
         assert ref.repo in table and ref.revision in table, where
         if ref.path:
             assert ref.path.split("/")[-1] in table, where
+
+
+def test_dry_run_offline_lists_what_the_cache_holds(hub, tmp_path, monkeypatch):
+    weights.resolve("org/pipe", "model")
+    weights.resolve("org/files/head.pth", "head")
+    point_at(monkeypatch, hub.url, tmp_path / "hub", offline=True)
+    weights.clear()
+    before = sum(hub.requests.values())
+    with weights.planning() as plan:
+        weights.resolve("org/pipe", "model")
+        weights.resolve("org/files/head.pth", "head")
+    assert sum(hub.requests.values()) == before
+    files = {f["name"]: f for entry in plan for f in entry["files"]}
+    assert sorted(n for n in files if n != "head.pth") == FULL
+    assert all(f["cached"] for f in files.values())
+    assert files["unet/diffusion_pytorch_model.safetensors"]["size"] == 4000
+    assert files["head.pth"]["size"] == 64
