@@ -238,9 +238,15 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     print(f"{preset.name}: {preset.description}\n\nsource: {preset.source}")
     if preset.notes:
         print(f"notes: {preset.notes}")
-    print(f"\n{command} --preset {preset.name} needs:")
-    for hint in preset.needs.values():
-        print(f"  {hint}")
+    if preset.needs:
+        print(f"\n{command} --preset {preset.name} needs:")
+        for hint in preset.needs.values():
+            print(f"  {hint}")
+    else:
+        print(
+            f"\n{command} --preset {preset.name} needs no paths: its weights are fetched "
+            "from the Hub on first use (--dry-run lists them and their sizes; docs/weights.md)"
+        )
     print("\nsettings (over the task defaults; --dry-run shows every value and its source):")
     for key, value in preset.train.items():
         if isinstance(value, dict):

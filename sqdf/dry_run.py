@@ -11,9 +11,11 @@ import torch
 from sqdf.config import TrainConfig, config_fields
 from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
 from sqdf.methods import METHODS
+from sqdf.rewards import build_reward
 from sqdf.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name, sample_shape
 from sqdf.trainer import alpha_note, check_method_takes_reward
+from sqdf.weights import OfflineWeightError, plan_text, planning, resolve
 
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per stored value
 
@@ -71,8 +73,29 @@ def plan(resolved: Resolved, processes: int = 1) -> dict[str, Any]:
 
 
 def dry_run_text(resolved: Resolved, processes: int = 1) -> str:
-    """The dry run's report: every setting with the layer it came from, then the sizes."""
-    p = plan(resolved, processes)
+    """The dry run's report: every setting with the layer it came from, then the sizes, then
+    the weights the run would download (of Hub references: configs only are fetched here)."""
+    with planning() as downloads:
+        p = plan(resolved, processes)
+        cfg = p["config"]
+        reward = resolved_reward_name(cfg)
+        unlisted = None
+        if ":" not in reward:  # a user's module:function is imported by the run alone
+            try:
+                build_reward(reward, cfg.reward_params)
+            except OfflineWeightError as err:  # the run itself will say so; a plan goes on
+                unlisted = str(err)
+        model = resolve(cfg.task_params["model"], "task 'sd' model") if cfg.task == "sd" else None
+    text = _settings_text(resolved, p, processes, model)
+    if downloads:
+        text += "\nweights (Hub references; sizes from the Hub's file metadata or the cache):\n"
+        text += "\n".join(plan_text(downloads))
+    if unlisted:
+        text += f"\nweights not listed: {unlisted}"
+    return text
+
+
+def _settings_text(resolved: Resolved, p: dict[str, Any], processes: int, model: str | None) -> str:
     cfg: TrainConfig = p["config"]
     lines = ["sqdf train --dry-run: nothing is trained; the run would use (value, from)"]
     if resolved.preset is not None:
@@ -89,10 +112,10 @@ def dry_run_text(resolved: Resolved, processes: int = 1) -> str:
             shown = f"auto ({resolved_reward_name(cfg)})"
         lines.append(f"  {f.name:<28} {str(shown):<28} {resolved.source_of(f.name)}")
     shape = " x ".join(str(s) for s in p["shape"])
-    if cfg.task == "sd":
+    if model is not None:
         from sqdf.tasks.sd_family import family_of
 
-        family = family_of(cfg.task_params["model"])
+        family = family_of(model)
         lines.append(f"model: {family.label} ({family.pipeline}) in {cfg.task_params['model']}")
     lines.append(f"sample: D = {p['dims']:,} dimensions ({shape})")
     if cfg.kl_scale == "sum":

@@ -102,9 +102,12 @@ def image_features(
 
     model, name = None, ""
     if clip is not None:
-        if not (Path(clip).expanduser() / "config.json").is_file():
+        from sqdf.weights import resolve
+
+        local = resolve(clip, "--clip")
+        if not (Path(local) / "config.json").is_file():
             raise ConfigError(f"--clip {clip!r} is not a model folder (no config.json)")
-        clip = str(Path(clip).expanduser())
+        clip = local
         model, name = ClipModel(Path(clip), device), f"CLIP image features ({clip})"
     else:
         for reward_name, reward in rewards.items():

@@ -16,6 +16,7 @@ import torch
 from sqdf.errors import SqdfError
 from sqdf.tasks.sd_family import Family, absent_components, load_part, read_config
 from sqdf.tasks.sd_prompts import load_prompt_pairs
+from sqdf.weights import resolve, weights_variant
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -96,6 +97,11 @@ def render_sd(
 
     if num_images < 1:
         raise SqdfError(f"--num-samples must be >= 1, got {num_images}")
+    dev = resolve_device(device)
+    # a Hub reference is fetched (16-bit weights where the pipeline renders in bfloat16); the
+    # run's record pins it to the commit it trained on
+    model = resolve(model, "sqdf sample --model", half=dev.type == "cuda")
+    lora = None if lora is None else resolve(lora, "sqdf sample --lora")
     final = Path(lora) if lora is not None else None
     full = final is not None and (final / "unet" / "config.json").is_file()  # a whole UNet
     if final is not None and not full and not (final / LORA_FILE).is_file():
@@ -119,7 +125,6 @@ def render_sd(
             file=sys.stderr,
         )
     pairs = load_prompt_pairs(prompts)  # before any weights are loaded
-    dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     try:
         pipe = _load_pipeline(Path(model), family, dtype)
@@ -183,6 +188,9 @@ def _load_pipeline(folder: Path, family: Family, dtype: torch.dtype) -> Any:
     cls, extra = family.pipeline_class(), dict(family.render_options)
     extra |= {c: None for c in absent_components(folder, family)}  # SD3 without T5
     if (folder / "model_index.json").is_file():
+        variant = weights_variant(folder / family.denoiser)  # fp16 alone, from the Hub
+        if variant is not None:
+            extra["variant"] = variant
         return cls.from_pretrained(
             str(folder), local_files_only=True, use_safetensors=True, dtype=dtype, **extra
         )

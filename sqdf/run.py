@@ -11,6 +11,7 @@ from sqdf.atomic import atomic_write_text
 from sqdf.config import TrainConfig
 from sqdf.errors import SqdfError
 from sqdf.settings import make_config
+from sqdf.weights import pin, resolutions
 
 FORMAT = "sqdf-run"
 FORMAT_VERSION = 1
@@ -43,6 +44,9 @@ def write_config(
         "train": cfg.to_dict(),
         "resolved": resolved,
         "sources": sources,
+        # every weight as given -> its repository, revision, commit and files (sha256 of a
+        # single file); resume, eval, sample and report load these commits again
+        "weights": resolutions(),
     }
     atomic_write_text(config_path(run), json.dumps(doc, indent=1))
 
@@ -61,6 +65,8 @@ def read_run_config(run: str | Path) -> TrainConfig:
         raise SqdfError(f"not an sqdf run folder (config.json is not JSON): {run}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise SqdfError(f"not an sqdf run folder (config.json was not written by sqdf): {run}")
+    if isinstance(doc.get("weights"), dict):
+        pin(doc["weights"])  # the commits the run trained on, whatever the branches say now
     return make_config(doc["train"], source=str(path))
 
 

@@ -34,6 +34,7 @@ from sqdf.evaluators.third_party import (
     read_state_dict,
     weights_only_loads,
 )
+from sqdf.weights import resolve
 
 TRUNK_FILE = "alexnet-owt-7be5be79.pth"
 LIN_KEYS = tuple(f"lin{i}.model.1.weight" for i in range(5))
@@ -86,6 +87,7 @@ def load_lpips(
     if weights is None:
         state, source = default_trunk(progress), f"torchvision's {TRUNK_FILE}"
     else:
+        weights = resolve(str(weights), "--lpips")  # a local file or a Hub reference
         state = read_state_dict(weights, "LPIPS weight file")
         source = f"LPIPS weight file {Path(weights).expanduser()}"
     if not any(key.startswith("features.") for key in state):
@@ -104,6 +106,8 @@ def load_lpips(
 def check_request(weights: str | Path | None, image_side: Callable[[], int]) -> None:
     """The package, the named file if any, and images of ``image_side()`` px large enough."""
     metric_package("lpips", "LPIPS")
+    if weights is not None:
+        weights = resolve(str(weights), "--lpips")
     if weights is not None and not Path(weights).expanduser().is_file():
         raise ConfigError(f"LPIPS weight file not found: {Path(weights).expanduser()}")
     check_side(image_side())

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.rewards.hub import hub_file, read_torch_weights
+from sqdf.weights import as_safetensors, parse_hub_ref, planning_now, read_torch_weights, resolve
 
 # OpenAI CLIP's preprocessing, used when a folder has no preprocessor_config.json
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,10 +44,28 @@ def clip_preprocess(images: Tensor, size: int, mean: tuple, std: tuple) -> Tenso
     return (x - m) / s
 
 
+# the default weights (docs/weights.md): Hub references, resolved through sqdf.weights
+# the CLIP of the LAION aesthetic head
+CLIP_L14 = "openai/clip-vit-large-patch14@32bd64288804d66eefd0ccbe215aa642df71cc41"
+# the LAION improved aesthetic predictor's sac+logos+ava1-l14-linearMSE head, as TRL's DDPO
+# example fetches it (trl-lib/ddpo-aesthetic-predictor, aesthetic-model.pth)
+AESTHETIC_HEAD = (
+    "trl-lib/ddpo-aesthetic-predictor@cf4bd10345610935a80a5d3be9a3133c50f121e4/aesthetic-model.pth"
+)
+PICKSCORE = "yuvalkirstain/PickScore_v1@a4e4367c6dfa7288a00c550414478f865b875800"
+# PickScore's tokenizer and image preprocessing: its authors' processor
+PICKSCORE_PROCESSOR = (
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K@1c2b8495b28150b8a4922ee1c8edee224c284c0c"
+)
+
+
 def _need_folder(path: str | None, reward: str, key: str) -> Path:
     if not path:
-        raise ConfigError(f"reward {reward!r} needs {key}=FOLDER (a local transformers CLIP model)")
-    folder = Path(path).expanduser()  # ~ in a NAME.KEY=~/x flag reaches us unexpanded
+        raise ConfigError(
+            f"reward {reward!r} needs {key}=FOLDER (a transformers CLIP model: a local folder "
+            "or a Hub reference)"
+        )
+    folder = Path(resolve(path, f"reward {reward!r} {key}"))
     if not (folder / "config.json").is_file():
         raise ConfigError(
             f"reward {reward!r}: {key}={path!r} is not a model folder (no config.json)"
@@ -58,15 +76,22 @@ def _need_folder(path: str | None, reward: str, key: str) -> Path:
 class ClipModel:
     """A frozen transformers CLIPModel with its tokenizer and preprocessing, on one device."""
 
-    def __init__(self, folder: Path, device: torch.device | str = "cpu"):
+    def __init__(
+        self, folder: Path, device: torch.device | str = "cpu", processor: Path | None = None
+    ):
+        """``processor``: the folder of its tokenizer and preprocessor config where they are
+        not beside the weights (PickScore's are its base CLIP's)."""
         from transformers import CLIPModel, CLIPTokenizer
 
-        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).to(device)
+        self.model = CLIPModel.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True
+        ).to(device)
         self.model.requires_grad_(False)
         self.model.train()  # see the module docstring: checkpointing only acts in train mode
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        processor = processor or folder
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(processor), local_files_only=True)
         size, mean, std = CLIP_SIZE, CLIP_MEAN, CLIP_STD
-        pre = folder / "preprocessor_config.json"
+        pre = processor / "preprocessor_config.json"
         if pre.is_file():
             conf = json.loads(pre.read_text())
             crop = conf.get("crop_size", size)
@@ -161,14 +186,25 @@ def convert_aesthetic_head(pth: str | Path, out: str | Path) -> Path:
 class AestheticReward:
     """LAION aesthetic predictor: its linear head on normalised CLIP ViT-L/14 image features."""
 
-    clip: str | None = None  # local CLIP folder (openai/clip-vit-large-patch14 layout)
-    head: str | None = None  # the head as safetensors (sqdf convert-aesthetic-head)
+    clip: str = CLIP_L14  # CLIP ViT-L/14: a local folder or a Hub reference
+    # the head: safetensors, or the public torch state dict (.pth, converted once into sqdf's
+    # cache); a local file or a Hub reference
+    head: str = AESTHETIC_HEAD
     domain = "rgb"  # (B, 3, H, W) in [0, 1], with prompts: the sd task
 
     def __post_init__(self) -> None:
         self._folder = _need_folder(self.clip, "aesthetic", "clip")
+        self.clip = str(self._folder)
         if not self.head:
-            raise ConfigError("reward 'aesthetic' needs head=FILE (the head as safetensors)")
+            raise ConfigError("reward 'aesthetic' needs head=FILE (a local file or Hub reference)")
+        given = self.head
+        head = resolve(given, "reward 'aesthetic' head")
+        if planning_now():
+            self._layers = []  # a dry run lists the head; it loads nothing
+            return
+        self.head = as_safetensors(
+            head, convert_aesthetic_head, "reward 'aesthetic' head", given=given
+        )
         self._layers = load_linear_head(self.head)
 
     @cached_property
@@ -199,16 +235,18 @@ class AestheticReward:
 class _PromptClipReward:
     """A CLIP model from a folder scoring an image against its prompt."""
 
-    model: str | None = None  # local folder of the CLIP model
+    model: str | None = None  # the CLIP model: a local folder or a Hub reference
     domain = "rgb"  # (B, 3, H, W) in [0, 1], with prompts: the sd task
     name = ""
 
     def __post_init__(self) -> None:
         self._folder = _need_folder(self.model, self.name, "model")
+        self.model = str(self._folder)
+        self._processor: Path | None = None
 
     @cached_property
     def clip_model(self) -> ClipModel:
-        return ClipModel(self._folder)
+        return ClipModel(self._folder, processor=self._processor)
 
     def enable_checkpointing(self) -> None:
         self.clip_model.enable_checkpointing()
@@ -226,7 +264,19 @@ class _PromptClipReward:
 class PickScoreReward(_PromptClipReward):
     """PickScore: the CLIP logit scale times the cosine of image and prompt embeddings."""
 
+    model: str | None = PICKSCORE
+    # its tokenizer and preprocessing (PickScore_v1 holds the weights alone): a folder or a
+    # Hub reference; "" reads them from model's folder
+    processor: str = PICKSCORE_PROCESSOR
     name = "pickscore"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.processor:
+            self._processor = Path(
+                resolve(self.processor, "reward 'pickscore' processor", configs_only=True)
+            )
+            self.processor = str(self._processor)
 
     def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
         scale = self.clip_model.model.logit_scale.exp().float()
@@ -238,6 +288,7 @@ class ClipScoreReward(_PromptClipReward):
     """CLIP score: 100 × the cosine of image and prompt embeddings, floored at 0 (as in
     torchmetrics' CLIPScore)."""
 
+    model: str | None = CLIP_L14  # torchmetrics' CLIPScore default
     name = "clipscore"
 
     def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
@@ -247,6 +298,7 @@ class ClipScoreReward(_PromptClipReward):
 # HPSv2's weights: the Hub repository its authors' hpsv2 package downloads from, and the file of
 # each version (hpsv2/utils.py, ``hps_version_map``). The official SQDF code trains on v2.0.
 HPS_REPO = "xswu/HPSv2"
+HPS_COMMIT = "697403c78157020a1ae59d23f111aa58ced35b0a"  # docs/weights.md
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
 
@@ -277,7 +329,7 @@ class HPSv2Reward:
     ``checkpoint`` is the state dict (read with weights_only=True); without it, ``version``'s
     file is taken from the Hub repository ``xswu/HPSv2`` through the Hub cache."""
 
-    checkpoint: str | None = None  # local HPS state dict (.pt); default: version's Hub file
+    checkpoint: str | None = None  # HPS state dict (.pt), local or Hub; default: version's file
     version: str = "v2.0"  # v2.0 (HPS_v2_compressed.pt, the SQDF paper's) or v2.1
     arch: str = "ViT-H-14"  # the open_clip architecture the checkpoint is of
     domain = "rgb"  # (B, 3, H, W) in [0, 1], with prompts: the sd task
@@ -296,15 +348,20 @@ class HPSv2Reward:
         if self.arch not in open_clip.list_models():
             raise ConfigError(f"reward 'hpsv2': arch={self.arch!r} is not an open_clip model")
         if self.checkpoint:
-            self.checkpoint = str(Path(self.checkpoint).expanduser())
-            if not Path(self.checkpoint).is_file():
+            local = Path(self.checkpoint).expanduser()
+            if parse_hub_ref(self.checkpoint) is None and not local.is_file():
                 raise ConfigError(f"reward 'hpsv2': checkpoint file not found: {self.checkpoint}")
+        # resolved now (a dry run lists it, a run records it); loaded when first scored
+        self.checkpoint = resolve(
+            self.checkpoint or f"{HPS_REPO}@{HPS_COMMIT}/{HPS_FILES[self.version]}",
+            "reward 'hpsv2'",
+        )
 
     @cached_property
     def _parts(self) -> tuple[Any, Any]:
         import open_clip
 
-        path = self.checkpoint or hub_file(HPS_REPO, HPS_FILES[self.version], "hpsv2")
+        path = self.checkpoint
         model = open_clip.create_model(self.arch, pretrained=None)
         state = read_torch_weights(path, "hpsv2")
         try:

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from sqdf.errors import ConfigError
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD, _prompts, clip_preprocess
-from sqdf.rewards.hub import hub_file, read_torch_weights
+from sqdf.weights import hub_file, read_torch_weights, resolve
 
 # where the official weights are: ImageReward's Hub repository (the package's utils.py downloads
 # both files from it) and BLIP's BERT tokenizer
@@ -183,7 +183,7 @@ def _local_file(path: str | None, key: str, what: str) -> Path | None:
     """A file the user named (None if none was: the Hub's is taken when the model loads)."""
     if not path:
         return None
-    file = Path(path).expanduser()  # ~ in a NAME.KEY=~/x flag reaches us unexpanded
+    file = Path(resolve(path, f"reward 'imagereward' {key}"))  # local, or a Hub reference
     if not file.is_file():
         raise ConfigError(f"reward 'imagereward': {key}={path!r} not found; it is {what}")
     return file
@@ -227,7 +227,11 @@ class ImageRewardReward:
         hub = f"from the Hugging Face Hub repository {HUB_REPO}"
         self._checkpoint = _local_file(self.checkpoint, "checkpoint", f"ImageReward.pt {hub}")
         self._med_config = _local_file(self.med_config, "med_config", f"med_config.json {hub}")
-        self._tokenizer = Path(self.tokenizer).expanduser() if self.tokenizer else None
+        self._tokenizer = (
+            Path(resolve(self.tokenizer, "reward 'imagereward' tokenizer"))
+            if self.tokenizer
+            else None
+        )
         if self._tokenizer is not None and not (self._tokenizer / "vocab.txt").is_file():
             raise ConfigError(
                 f"reward 'imagereward': tokenizer={self.tokenizer!r} has no vocab.txt (it is "

@@ -57,6 +57,7 @@ from sqdf.tasks.sd_family import (
 from sqdf.tasks.sd_flux import latent_ids, pack_latents, text_ids, unpack_latents
 from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
 from sqdf.tasks.sd_text import encode_prompts, sdxl_time_ids
+from sqdf.weights import planning_now, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LCM_ADAPTER = "lcm"
@@ -66,7 +67,8 @@ LCM_ADAPTER = "lcm"
 class SDConfig:
     """The model folder, prompts, guidance, LoRA, consistency model and memory settings."""
 
-    model: str | None = None  # diffusers pipeline folder (SD 1.x/2.x, SDXL, SD 3/3.5, FLUX.1)
+    # diffusers pipeline (SD 1.x/2.x, SDXL, SD 3/3.5, FLUX.1): a folder or a Hub reference
+    model: str | None = None
     prompts: str = "animals"  # a built-in set (animals, varied) or a file, one prompt a line
     # prompts the run does not train on, for sqdf eval and --eval-every (a set or a file)
     eval_prompts: str = "animals-heldout"
@@ -86,7 +88,8 @@ class SDConfig:
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
     )
     # estimator consistency's model: an LCM UNet folder or LCM-LoRA .safetensors (SD 1.x/2.x,
-    # SDXL); a few-step distilled transformer folder or its pipeline folder (SD 3/3.5, FLUX.1)
+    # SDXL); a few-step distilled transformer folder or its pipeline folder (SD 3/3.5, FLUX.1);
+    # each a local path or a Hub reference (docs/weights.md)
     lcm: str | None = None
     lcm_guidance: float = 8.0  # w for an LCM UNet with a guidance embedding (time_cond_proj_dim)
     dtype: str = "auto"  # weights and autocast: auto (bfloat16 on CUDA, float32 on CPU) or a name
@@ -101,9 +104,13 @@ class SDConfig:
         check_network_options(self.finetune, self.compile, self.channels_last, "sd")
         if not self.model:
             raise ConfigError(
-                "task 'sd' needs a local Stable Diffusion folder: --model PATH "
-                "(or task_params.model)"
+                "task 'sd' needs a Stable Diffusion model: --model PATH or a Hub reference "
+                "ORG/NAME[@REVISION] (or task_params.model)"
             )
+        half = self.dtype in ("bfloat16", "float16") or (
+            self.dtype == "auto" and torch.cuda.is_available()  # auto: bfloat16 on a GPU
+        )
+        self.model = resolve(self.model, "task 'sd' model", half=half)
         family = family_of(self.model)  # a folder of another family, or incomplete, fails here
         if not self.noise_level > 0:
             raise ConfigError(
@@ -138,8 +145,10 @@ class SDConfig:
             )
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ConfigError(f"sd resolution must be a multiple of 8, got {self.resolution}")
-        if self.lcm is not None and not Path(self.lcm).exists():
-            raise ConfigError(f"sd lcm: no such folder or file {self.lcm!r}")
+        if self.lcm is not None:
+            self.lcm = resolve(self.lcm, "sd lcm", half=half)
+            if not Path(self.lcm).exists() and not planning_now():
+                raise ConfigError(f"sd lcm: no such folder or file {self.lcm!r}")
         if self.lcm is not None and family.flow:
             distilled_transformer(self.lcm, self.model, family)
         load_prompts(self.prompts)  # a bad prompt set fails here, not mid-run

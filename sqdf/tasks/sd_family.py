@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqdf.errors import ConfigError, SqdfError
+from sqdf.weights import weights_variant
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,12 @@ def read_config(folder: str | Path, sub: str) -> dict[str, Any]:
 
 
 def load_part(cls: Any, folder: str | Path, sub: str, **kw: Any) -> Any:
-    """One component, from the local folder only (nothing is downloaded)."""
+    """One component, from the local folder only (nothing is downloaded); its safetensors in
+    the variant the folder holds (a Hub download for a 16-bit run keeps fp16 alone)."""
+    if kw.get("use_safetensors"):
+        variant = weights_variant(Path(folder) / sub)
+        if variant is not None:
+            kw["variant"] = variant
     try:
         return cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, **kw)
     except (OSError, ValueError) as err:

@@ -9,15 +9,18 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def offline_hub_cache(root: Path, monkeypatch, files: dict[str, dict[str, Path]]) -> Path:
-    """``files``: repository -> {file name in it: local file to place there}. The cache is
+    """``files``: repository (or REPOSITORY@COMMIT) -> {file name in it: local file to place
+    there}. The cache is
     ``root``; huggingface_hub is made offline and pointed at it for the test."""
-    for repo, entries in files.items():
+    for given, entries in files.items():
+        repo, _, commit = given.partition("@")  # REPO@COMMIT: a pinned default's snapshot
+        commit = commit or SHA
         folder = root / ("models--" + repo.replace("/", "--"))
         (folder / "refs").mkdir(parents=True, exist_ok=True)
-        (folder / "refs" / "main").write_text(SHA)
-        (folder / "snapshots" / SHA).mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(commit)
+        (folder / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
         for name, source in entries.items():
-            (folder / "snapshots" / SHA / name).write_bytes(source.read_bytes())
+            (folder / "snapshots" / commit / name).write_bytes(source.read_bytes())
     monkeypatch.setenv("HF_HUB_CACHE", str(root))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # huggingface_hub reads both once, at import

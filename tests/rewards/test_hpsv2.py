@@ -14,7 +14,7 @@ from PIL import Image
 
 from sqdf.errors import ConfigError
 from sqdf.rewards import build_reward
-from sqdf.rewards.clip_rewards import HPS_FILES, HPS_REPO
+from sqdf.rewards.clip_rewards import HPS_COMMIT, HPS_FILES, HPS_REPO
 from tests.rewards.hub_cache import offline_hub_cache
 
 pytest.importorskip("open_clip")
@@ -120,7 +120,8 @@ def test_the_reward_has_the_images_gradient(tiny):
 def test_without_a_checkpoint_the_versions_hub_file_is_read_from_the_cache(
     tiny, tmp_path, monkeypatch, version
 ):
-    offline_hub_cache(tmp_path / "hub", monkeypatch, {HPS_REPO: {HPS_FILES[version]: tiny[2]}})
+    cached = {f"{HPS_REPO}@{HPS_COMMIT}": {HPS_FILES[version]: tiny[2]}}
+    offline_hub_cache(tmp_path / "hub", monkeypatch, cached)
     images = uint8_images(2, 224, 224, seed=4)
     reward = build_reward("hpsv2", {"version": version, "arch": ARCH})
     torch.testing.assert_close(reward(images, PROMPTS[:2]), ours(tiny)(images, PROMPTS[:2]))

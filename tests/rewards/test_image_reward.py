@@ -207,7 +207,7 @@ def test_without_paths_the_files_come_from_the_hub_cache(tiny, tmp_path, monkeyp
         build_reward("imagereward", {}).model  # noqa: B018
     message = str(info.value)
     assert "\n" not in message and "HF_HUB_OFFLINE" in message
-    assert "ImageReward.pt of the Hub repository THUDM/ImageReward" in message
+    assert "THUDM/ImageReward/ImageReward.pt is not in the Hub cache" in message
 
 
 def test_a_torn_checkpoint_is_one_line(tiny, tmp_path):

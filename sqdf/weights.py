@@ -1,0 +1,576 @@
+"""Where every weight comes from: a local path, or the Hugging Face Hub through huggingface_hub's
+cache (HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN as it reads them, with its progress
+bars), and torch pickles read safely.
+
+A weight is given as a local path or a Hub reference::
+
+    [hf://]ORG/NAME[@REVISION][/PATH/IN/REPO]
+
+(huggingface_hub's HfFileSystem spelling): a repository, pinned to a commit, branch or tag
+after ``@``, optionally one file or subfolder in it. A path that exists on disk always wins;
+a reference never holds ``:`` after its optional ``hf://``, so it cannot be read as a
+``module:function`` reward. A PATH whose last part has a weight or config suffix
+(``.safetensors``, ``.pth``, ``.json`` ...) is one file; any other PATH is a subfolder.
+
+Only what a run loads is fetched: of a diffusers pipeline, the components its family uses
+(not the safety checker), of every component its safetensors (not ``.bin``/``.ckpt``
+duplicates), in the fp16 variant where the run computes in 16 bits and the repository has
+one. Every resolution is recorded (given, repository, revision, commit, files; sha256 of a
+single file) for a run's config.json, and a run folder's record pins later loads (resume,
+eval, sample, report) to the same commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sqdf.errors import ConfigError, SqdfError
+
+HUB_PREFIX = "hf://"
+# a repository id as the Hub spells it: ORG/NAME of letters, digits, '-', '_' and '.'
+_REF = re.compile(
+    r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[^/@\s]+))?(?:/(?P<path>[^@\s]+))?"
+)
+FILE_SUFFIXES = (
+    ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".json", ".txt", ".model", ".yaml", ".npz",
+)  # fmt: skip
+WEIGHT_SUFFIX = ".safetensors"
+# per-folder text files a component loads: configs, tokenizer vocabularies (CLIP's BPE merges,
+# T5's sentencepiece model)
+CONFIG_SUFFIXES = (".json", ".txt", ".model")
+HALF_VARIANT = "fp16"
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A Hub reference: repository, revision (None: its default branch), path in it."""
+
+    repo: str
+    revision: str | None = None
+    path: str | None = None
+
+    @property
+    def is_file(self) -> bool:
+        return self.path is not None and self.path.lower().endswith(FILE_SUFFIXES)
+
+    def __str__(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{self.repo}{rev}" + (f"/{self.path}" if self.path else "")
+
+    @property
+    def page(self) -> str:
+        from huggingface_hub import constants
+
+        return f"{constants.ENDPOINT}/{self.repo}"
+
+
+def parse_hub_ref(text: str) -> HubRef | None:
+    """The Hub reference ``text`` spells, or None where it is not one (a ``module:function``,
+    an absolute or home-relative path, anything else)."""
+    body = text[len(HUB_PREFIX) :] if text.startswith(HUB_PREFIX) else text
+    if ":" in body or body.startswith(("/", "~", ".")):
+        return None
+    match = _REF.fullmatch(body.rstrip("/"))
+    if match is None:
+        return None
+    path = match["path"]
+    if path is not None and any(p in ("", ".", "..") for p in path.split("/")):
+        return None
+    return HubRef(match["repo"], match["rev"], path)
+
+
+# ---- the record of what was resolved, and pins from a run's record -------------------------
+
+_RESOLVED: dict[str, dict[str, Any]] = {}  # given -> how it resolved, in this process
+_PINS: dict[str, str] = {}  # given -> the same reference at its recorded commit
+# (given, half, as pinned, Hub cache) -> its local path
+_PATHS: dict[tuple[str, bool, str, str], str] = {}
+
+
+def resolutions() -> dict[str, dict[str, Any]]:
+    """Every Hub reference resolved in this process: given -> repository, revision, commit,
+    files (and sha256 of a single file), for a run's config.json."""
+    return {k: dict(v) for k, v in _RESOLVED.items()}
+
+
+def pin(recorded: dict[str, dict[str, Any]]) -> None:
+    """Load each reference ``recorded`` (a run's config.json "weights") at the commit it
+    resolved to then, whatever its branch points at now: resume, eval, sample and report load
+    what the run trained on."""
+    for given, rec in recorded.items():
+        ref = parse_hub_ref(given)
+        if ref is not None and isinstance(rec, dict) and COMMIT.fullmatch(str(rec.get("commit"))):
+            _PINS[given] = str(HubRef(ref.repo, rec["commit"], ref.path))
+
+
+def clear() -> None:
+    """Forget the record and the pins (a new run in the same process)."""
+    _RESOLVED.clear()
+    _PINS.clear()
+    _PATHS.clear()
+
+
+# ---- planning: what a run would download, without downloading it --------------------------
+
+_PLAN: list[dict[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[list[dict[str, Any]]]:
+    """Within it, resolving a reference fetches only configs (kilobytes, for a model's shapes)
+    and lists every weight file it would download or finds cached, with its size from the
+    Hub's file metadata or the cache: what ``--dry-run`` shows."""
+    global _PLAN
+    outer, _PLAN = _PLAN, []
+    try:
+        yield _PLAN
+    finally:
+        _PLAN = outer
+
+
+def planning_now() -> bool:
+    """Whether resolution only plans (a dry run): weights are listed, not loaded."""
+    return _PLAN is not None
+
+
+def plan_text(plan: list[dict[str, Any]]) -> list[str]:
+    """Lines for the planned files: per reference, cached and to-download sizes."""
+    lines = []
+    total = 0
+    for entry in plan:
+        new = sum(f["size"] or 0 for f in entry["files"] if not f["cached"])
+        have = sum(f["size"] or 0 for f in entry["files"] if f["cached"])
+        total += new
+        lines.append(
+            f"  {entry['given']}: {entry['repo']}@{entry['commit'][:12]}, "
+            f"{len(entry['files'])} file(s), {human_size(new)} to download, "
+            f"{human_size(have)} cached"
+        )
+    lines.append(f"  in all {human_size(total)} to download into {hub_cache()}")
+    return lines
+
+
+def human_size(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+# ---- resolution ----------------------------------------------------------------------------
+
+
+def resolve(given: str, what: str, *, half: bool = False, configs_only: bool = False) -> str:
+    """The local path of weight ``given`` (``what`` names it in messages: "task 'sd' model"):
+    ``given`` itself where it exists on disk, else the Hub reference's file or folder in the
+    Hub cache, downloaded if it is not there (any other string is returned as a local path,
+    which the caller checks with its own message). ``half``: the run computes in 16 bits, so a
+    component's fp16 variant is taken where the repository has one. ``configs_only``: of a
+    folder, its configs and tokenizer files alone (PickScore's processor)."""
+    local = Path(given).expanduser()
+    if local.exists():
+        return str(local)
+    if parse_hub_ref(given) is None:
+        return str(local)  # a local path that is not there: its user says what it should be
+    pinned = parse_hub_ref(_PINS.get(given, given))
+    assert pinned is not None
+    key = (given, half or configs_only, str(pinned), hub_cache())
+    if _PLAN is None and key in _PATHS and Path(_PATHS[key]).exists():
+        return _PATHS[key]  # a config is checked more than once; the Hub is asked once
+    with _one_line(pinned, what):
+        path = (
+            _resolve_file(given, pinned) if pinned.is_file else _resolve_folder(given, pinned, half)
+        )
+    if _PLAN is None:
+        _PATHS[key] = path
+        record = _RESOLVED[given]
+        record["revision"] = parse_hub_ref(given).revision  # as given; its commit pins it
+        if given in _PINS:
+            record["pinned_by"] = "the run's config.json"
+    return path
+
+
+def resolve_optional(given: str | None, what: str, *, half: bool = False) -> str | None:
+    return None if given in (None, "") else resolve(str(given), what, half=half)
+
+
+def _hub() -> Any:
+    import huggingface_hub
+    import huggingface_hub.errors  # noqa: F401  (hub.errors below)
+
+    return huggingface_hub
+
+
+def _resolve_file(given: str, ref: HubRef) -> str:
+    hub = _hub()
+    assert ref.path is not None
+    if _PLAN is not None:
+        try:
+            info = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision, dry_run=True)
+        except hub.errors.DryRunError:  # offline: the plan is what the cache holds
+            path = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision)
+            info = _Cached(ref.path, Path(path).stat().st_size, _commit_of(path, ref.path), path)
+        _planned(given, ref, info.commit_hash, [info])
+        return info.local_path
+    path = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision)
+    commit = Path(path).parent.name if ref.path.count("/") == 0 else _commit_of(path, ref.path)
+    _RESOLVED[given] = {
+        "repo": ref.repo, "revision": ref.revision, "commit": commit, "files": [ref.path],
+        "sha256": sha256_of(path),
+    }  # fmt: skip
+    return path
+
+
+def _commit_of(path: str, inner: str) -> str:
+    folder = Path(path)
+    for _ in inner.split("/"):
+        folder = folder.parent
+    return folder.name
+
+
+def _resolve_folder(given: str, ref: HubRef, half: bool, configs_only: bool = False) -> str:
+    hub = _hub()
+    commit, listing = _listing(ref)
+    sub = ref.path or ""
+    inside = {p[len(sub) + 1 :] if sub else p: s for p, s in listing.items()
+              if not sub or p.startswith(sub + "/")}  # fmt: skip
+    if not inside:
+        raise ConfigError(f"{ref} has no folder {sub!r} at commit {commit[:12]}")
+    if "model_index.json" in inside:
+        index_path = hub.hf_hub_download(ref.repo, _join(sub, "model_index.json"), revision=commit)
+        chosen = pipeline_files(inside, json.loads(Path(index_path).read_text()), half)
+    else:
+        chosen = folder_files(inside, half)
+    files = sorted(_join(sub, f) for f in chosen if not configs_only or f.endswith(CONFIG_SUFFIXES))
+    if _PLAN is not None:
+        configs = [f for f in files if f.endswith(CONFIG_SUFFIXES)]
+        folder = hub.snapshot_download(ref.repo, revision=commit, allow_patterns=configs)
+        try:
+            infos = hub.snapshot_download(
+                ref.repo, revision=commit, allow_patterns=_literal(files), dry_run=True,
+                tqdm_class=_quiet_tqdm(),
+            )  # fmt: skip
+        except hub.errors.DryRunError:  # offline: the plan is what the cache holds
+            infos = [_Cached(f, listing.get(f)) for f in files]
+        _planned(given, ref, commit, infos)
+    else:
+        folder = hub.snapshot_download(ref.repo, revision=commit, allow_patterns=_literal(files))
+        _RESOLVED[given] = {
+            "repo": ref.repo, "revision": ref.revision, "commit": commit, "files": files,
+        }  # fmt: skip
+    return str(Path(folder) / sub) if sub else str(folder)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """A planned file found in the cache offline (huggingface_hub's DryRunFileInfo's fields
+    that a plan reads)."""
+
+    filename: str
+    file_size: int | None
+    commit_hash: str = ""
+    local_path: str = ""
+    is_cached: bool = True
+
+
+def _join(sub: str, name: str) -> str:
+    return f"{sub}/{name}" if sub else name
+
+
+def _literal(files: list[str]) -> list[str]:
+    """fnmatch patterns matching exactly these names ([ is fnmatch's only special we meet)."""
+    return [re.sub(r"([\[\]*?])", r"[\1]", f) for f in files]
+
+
+def _planned(given: str, ref: HubRef, commit: str, infos: list[Any]) -> None:
+    assert _PLAN is not None
+    if any(entry["given"] == given for entry in _PLAN):
+        return  # a config checked twice lists its weights once
+    _PLAN.append({
+        "given": given, "repo": ref.repo, "commit": commit,
+        "files": [{"name": i.filename, "size": i.file_size, "cached": i.is_cached} for i in infos],
+    })  # fmt: skip
+
+
+def _listing(ref: HubRef) -> tuple[str, dict[str, int]]:
+    """The commit ``ref`` resolves to and its files with their sizes: from the Hub, or offline
+    (HF_HUB_OFFLINE, or the Hub unreachable) from the cache's snapshot of that revision."""
+    hub = _hub()
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            infos = hub.snapshot_download(
+                ref.repo, revision=ref.revision, dry_run=True, tqdm_class=_quiet_tqdm()
+            )
+            return infos[0].commit_hash if infos else "", {i.filename: i.file_size or 0
+                                                          for i in infos}  # fmt: skip
+        except hub.errors.DryRunError as err:
+            cause = err.__cause__
+            if cause is not None and not _unreachable(cause):
+                raise cause from None
+    return _cached_listing(ref)
+
+
+def _quiet_tqdm() -> type:
+    """A progress bar that shows nothing: listing a repository is not a download (the
+    downloads keep huggingface_hub's own bars)."""
+    from tqdm.auto import tqdm
+
+    class Quiet(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Quiet
+
+
+def _unreachable(err: BaseException) -> bool:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(err, OfflineModeIsEnabled):
+        return True
+    name = type(err).__name__
+    return name in ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException")
+
+
+def _cached_listing(ref: HubRef) -> tuple[str, dict[str, int]]:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo, repo_type="model")
+    revision = ref.revision or "main"
+    commit = revision if COMMIT.fullmatch(revision) else None
+    refs = storage / "refs" / revision
+    if commit is None and refs.is_file():
+        commit = refs.read_text().strip()
+    snapshot = storage / "snapshots" / (commit or "-")
+    if commit is None or not snapshot.is_dir():
+        raise _offline_error(ref)
+    files = {
+        p.relative_to(snapshot).as_posix(): p.stat().st_size
+        for p in snapshot.rglob("*")
+        if p.is_file()
+    }
+    return commit, files
+
+
+def _offline_error(ref: HubRef) -> ConfigError:
+    return OfflineWeightError(
+        f"{ref} is not in the Hub cache ({hub_cache()}) and the Hub cannot be reached "
+        "(HF_HUB_OFFLINE=1, or no network): run once online, or give a local path"
+    )
+
+
+# ---- which files of a folder a run loads ---------------------------------------------------
+
+
+def _variant(name: str) -> str | None:
+    """The diffusers/transformers variant of a weight file name: model.fp16.safetensors,
+    diffusion_pytorch_model.fp16-00001-of-00002.safetensors -> fp16; model.safetensors or
+    model-00001-of-00002.safetensors -> None."""
+    parts = name.split(".")
+    if len(parts) < 3:
+        return None
+    return re.sub(r"-\d+-of-\d+$", "", parts[-2])
+
+
+def weights_variant(folder: str | Path) -> str | None:
+    """The variant of the safetensors weights in ``folder`` that from_pretrained must be told:
+    None where plain ones are there (or none at all), else the one there is."""
+    names = [p.name for p in Path(folder).glob(f"*{WEIGHT_SUFFIX}")]
+    variants = {_variant(n) for n in names}
+    if not variants or None in variants:
+        return None
+    return HALF_VARIANT if HALF_VARIANT in variants else sorted(variants)[0]
+
+
+def _index_variant(name: str) -> str | None:
+    """X.safetensors.index.json -> None; X.safetensors.index.fp16.json -> fp16."""
+    head, _, tail = name.partition(".safetensors.index.")
+    return None if tail == "json" else tail.removesuffix(".json")
+
+
+def folder_files(files: dict[str, int], half: bool) -> list[str]:
+    """Of a model folder's files (relative names, one folder deep counted as its own), the
+    configs and tokenizer files, and the safetensors weights of one variant: fp16 where
+    ``half`` and the folder has it, else the plain one (else the one there is)."""
+    names = [f for f in files if "/" not in f]
+    weights = [f for f in names if f.endswith(WEIGHT_SUFFIX)]
+    variants = {_variant(f) for f in weights}
+    if half and HALF_VARIANT in variants:
+        variant = HALF_VARIANT
+    elif None in variants or not variants:
+        variant = None
+    else:
+        variant = sorted(v for v in variants if v is not None)[0]
+    chosen = [f for f in weights if _variant(f) == variant]
+    for f in names:
+        if ".safetensors.index." in f:
+            if _index_variant(f) == variant:
+                chosen.append(f)
+        elif f.endswith(CONFIG_SUFFIXES) and not f.endswith(".bin.index.json"):
+            chosen.append(f)
+    return sorted(chosen)
+
+
+# the subfolders a diffusers pipeline repository holds that no sqdf run loads
+UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def pipeline_files(files: dict[str, int], index: dict[str, Any], half: bool) -> list[str]:
+    """Of a diffusers pipeline's files: model_index.json and, for each component it names
+    (the safety checker, feature extractor and image encoder left out), ``folder_files`` of
+    its subfolder."""
+    chosen = ["model_index.json"]
+    for name, entry in index.items():
+        if name.startswith("_") or name in UNUSED_COMPONENTS:
+            continue
+        if not (isinstance(entry, list) and entry and entry[-1] is not None):
+            continue
+        inside = {f[len(name) + 1 :]: s for f, s in files.items() if f.startswith(name + "/")}
+        chosen += [f"{name}/{f}" for f in folder_files(inside, half)]
+    return chosen
+
+
+# ---- one line for each way a download fails -------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_line(ref: HubRef, what: str) -> Iterator[None]:
+    from huggingface_hub import errors
+
+    try:
+        yield
+    except SqdfError as err:
+        raise type(err)(f"{what}: {err}") from None
+    except errors.GatedRepoError:
+        raise GatedWeightError(
+            f"{what}: {ref.repo} is a gated repository and this machine's token has no access: "
+            f"accept its licence at {ref.page}, then log in (hf auth login) or set HF_TOKEN"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise MissingWeightError(
+            f"{what}: {ref.repo} has no revision {ref.revision!r} on the Hub"
+        ) from None
+    except errors.LocalEntryNotFoundError:
+        raise OfflineWeightError(f"{what}: {_offline_error(ref)}") from None
+    except errors.EntryNotFoundError:
+        raise MissingWeightError(
+            f"{what}: {ref.repo} has no file {ref.path!r} at {ref.revision or 'main'}"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise MissingWeightError(
+            f"{what}: no Hub repository {ref.repo} (or it is private: log in with hf auth "
+            "login or set HF_TOKEN)"
+        ) from None
+    except errors.HfHubHTTPError as err:
+        first = str(err).strip().splitlines()[0]
+        raise MissingWeightError(f"{what}: {ref}: {first}") from None
+    except OSError as err:  # a full disk, an unwritable cache
+        raise SqdfError(f"{what}: cannot download {ref} into {hub_cache()}: {err}") from None
+
+
+class GatedWeightError(ConfigError):
+    """A gated Hub repository this machine's token cannot read."""
+
+
+class MissingWeightError(ConfigError):
+    """A Hub repository, revision or file that does not exist."""
+
+
+class OfflineWeightError(ConfigError):
+    """A Hub weight neither cached nor downloadable (offline)."""
+
+
+# ---- single files: checksums, torch pickles, their safetensors conversion -------------------
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sqdf_cache() -> Path:
+    """sqdf's own cache (converted weights): $SQDF_CACHE, else sqdf/ beside the Hub cache
+    under HF_HOME."""
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("SQDF_CACHE") or Path(constants.HF_HOME) / "sqdf")
+
+
+def as_safetensors(
+    path: str | Path, convert: Callable[[Path, Path], Any], what: str, given: str | None = None
+) -> str:
+    """``path`` itself if it is safetensors; a torch pickle (.pth/.pt) converted once by
+    ``convert(source, out)`` into sqdf's cache, named by the pickle's sha256 (checked against
+    the Hub's where it came from there), and read from there afterwards."""
+    path = Path(path)
+    if path.suffix == WEIGHT_SUFFIX or _PLAN is not None:
+        return str(path)
+    digest = sha256_of(path)
+    recorded = _RESOLVED.get(given or "", {}).get("sha256")
+    expected = _hub_sha256(path)
+    if expected is not None and expected != digest:
+        raise ConfigError(
+            f"{what}: {path} has sha256 {digest}, the Hub's file {expected}: a damaged "
+            "download; delete it from the Hub cache and run again"
+        )
+    assert recorded in (None, digest)
+    out = sqdf_cache() / "converted" / f"{digest}.safetensors"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            convert(path, tmp)
+            os.replace(tmp, out)  # a half-written conversion is never read
+        finally:
+            tmp.unlink(missing_ok=True)
+    return str(out)
+
+
+def _hub_sha256(path: Path) -> str | None:
+    """The sha256 the Hub gave for a cached LFS file: the name of the blob its snapshot entry
+    links to (huggingface_hub names LFS blobs by their sha256)."""
+    if not path.is_symlink():
+        return None
+    blob = Path(os.readlink(path)).name
+    return blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
+
+
+def hub_file(repo: str, filename: str, reward: str) -> str:
+    """The local path of ``filename`` in Hub repository ``repo`` (a reward's default file)."""
+    return resolve(f"{repo}/{filename}", f"reward {reward!r}")
+
+
+def read_torch_weights(path: str | Path, reward: str) -> Any:
+    """A torch pickle of tensors, read with weights_only=True; a file that is damaged, cut
+    short or holds other objects is one line naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged pickle raises anything, EOFError to KeyError
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise ConfigError(
+            f"reward {reward!r}: cannot read {path} as a state dict ({first})"
+        ) from None

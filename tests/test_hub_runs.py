@@ -1,0 +1,198 @@
+"""sqdf train, eval and --dry-run by Hub id against a stand-in Hub on 127.0.0.1 serving tiny
+random models written at test time: from an empty cache, then offline from the cache, the
+run's commits pinned for eval after the repository moves on, and a gated model as one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sqdf import weights
+from sqdf.cli import main
+from tests.hub_standin import StandInHub, point_at, serve
+from tests.tasks.sd_runs import write_tiny_parts
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from sqdf.tasks.sd_random import write_random_lcm_unet
+
+    root = write_tiny_parts(tmp_path_factory.mktemp("hub_parts"))
+    write_random_lcm_unet(root / "lcm")
+    return root
+
+
+@pytest.fixture
+def hub(parts, tmp_path, monkeypatch):
+    standin = StandInHub()
+    standin.add_folder("tiny/sd", parts / "sd")
+    standin.add_folder("tiny/lcm", parts / "lcm")
+    standin.add_folder("tiny/clip", parts / "clip")
+    standin.add_files("tiny/head", {"head.pth": (parts / "head.pth").read_bytes()})
+    standin.add_folder("gated/sd", parts / "sd", gated=True)
+    weights.clear()
+    with serve(standin) as url:
+        point_at(monkeypatch, url, tmp_path / "cache" / "hub")
+        yield standin
+    weights.clear()
+
+
+def train_argv(out, model="tiny/sd"):
+    return ["train", "--task", "sd", "--model", model, "--task-param", "lcm=tiny/lcm",
+            "--reward", "aesthetic", "--reward-param", "clip=tiny/clip",
+            "--reward-param", "head=hf://tiny/head/head.pth", "--estimator", "consistency",
+            "--num-steps", "3", "--steps", "1", "--batch-size", "2", "--buffer-size", "4",
+            "--device", "cpu", "--out", str(out), "--no-progress"]  # fmt: skip
+
+
+def test_train_by_hub_id_then_offline_then_eval_at_the_runs_commits(hub, tmp_path, monkeypatch,
+                                                                     capsys):  # fmt: skip
+    # --dry-run: the weights with their sizes, and nothing but configs fetched
+    assert main([*train_argv(tmp_path / "dry"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    sd_bytes = sum(
+        len(b)
+        for n, b in hub.repos["tiny/sd"].commits[hub.repos["tiny/sd"].branches["main"]].items()
+        if n.endswith(".safetensors")
+    )
+    assert "tiny/sd: tiny/sd@" in out and "to download" in out
+    assert not any(k.endswith((".safetensors", ".pth")) for k in hub.gets)
+    assert sd_bytes > 0
+    # from an empty cache
+    run = tmp_path / "run"
+    assert main(train_argv(run)) == 0
+    doc = json.loads((run / "config.json").read_text())
+    recorded = doc["weights"]
+    assert set(recorded) == {"tiny/sd", "tiny/lcm", "tiny/clip", "hf://tiny/head/head.pth"}
+    for given, rec in recorded.items():
+        repo = weights.parse_hub_ref(given).repo
+        assert rec["commit"] == hub.repos[repo].branches["main"]
+    head = hub.repos["tiny/head"].commits[hub.repos["tiny/head"].branches["main"]]["head.pth"]
+    import hashlib
+
+    assert recorded["hf://tiny/head/head.pth"]["sha256"] == hashlib.sha256(head).hexdigest()
+    assert doc["train"]["task_params"]["model"] == "tiny/sd"  # as given
+    # offline, from the cache: no request reaches the Hub
+    weights.clear()
+    point_at(monkeypatch, hub.url, tmp_path / "cache" / "hub", offline=True)
+    before = sum(hub.requests.values())
+    assert main(train_argv(tmp_path / "offline")) == 0
+    assert sum(hub.requests.values()) == before
+    # the CLIP repository moves on; eval of the run loads the commit it trained on
+    point_at(monkeypatch, hub.url, tmp_path / "cache" / "hub")
+    trained = hub.repos["tiny/clip"].branches["main"]
+    clip = hub.repos["tiny/clip"].commits[trained]
+    hub.add_files("tiny/clip", {**clip, "README.md": b"a later commit"})
+    weights.clear()
+    from sqdf.run import read_run_config
+
+    read_run_config(run)
+    assert f"/snapshots/{trained}" in weights.resolve("tiny/clip", "clip")
+    assert main(["eval", str(run), "--per-prompt", "2", "--no-progress"]) == 0
+    assert "tiny/clip" in weights.resolutions()
+    assert weights.resolutions()["tiny/clip"]["commit"] == trained
+
+
+def test_a_gated_model_is_one_line(hub, tmp_path, capsys):
+    assert main(train_argv(tmp_path / "run", model="gated/sd")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # huggingface_hub's progress bars may come first; sqdf's error is one line
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("sqdf train: error:")]
+    err = line
+    assert "gated/sd is a gated repository" in err and "hf auth login" in err
+    assert f"{hub.url}/gated/sd" in err
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def family_parts(parts, tmp_path_factory):
+    """Tiny random stand-ins of every preset's default weights, by preset key."""
+    from sqdf.tasks.sd_random import (
+        write_random_flux,
+        write_random_lcm_lora,
+        write_random_sd,
+        write_random_sd3,
+    )
+
+    root = tmp_path_factory.mktemp("family_parts")
+    write_random_lcm_lora(parts / "sd", root / "lcm15")
+    write_random_sd(root / "sdxl", "tiny-xl")
+    write_random_lcm_lora(root / "sdxl", root / "lcmxl")
+    write_random_sd3(root / "sd35m", t5=False)
+    write_random_flux(root / "flux-dev")
+    write_random_flux(root / "flux-schnell", guidance_embeds=False)
+    return root
+
+
+def publish_defaults(hub: StandInHub, parts, family_parts) -> None:
+    """Every default weight the README's preset commands name, at its pinned commit."""
+    from sqdf.rewards.clip_rewards import AESTHETIC_HEAD, CLIP_L14
+    from sqdf.settings import load_preset, preset_names
+
+    def at(given: str, folder=None, files=None) -> None:
+        ref = weights.parse_hub_ref(given)
+        if ref.repo in hub.repos and ref.revision in hub.repos[ref.repo].commits:
+            return
+        if folder is not None:
+            hub.add_folder(ref.repo, folder, commit=ref.revision)
+        else:
+            hub.add_files(ref.repo, files, commit=ref.revision)
+
+    at(CLIP_L14, parts / "clip")
+    at(AESTHETIC_HEAD, files={"aesthetic-model.pth": (parts / "head.pth").read_bytes()})
+    folders = {"sd15": parts / "sd", "sdxl": family_parts / "sdxl",
+               "sd35m": family_parts / "sd35m", "flux-dev": family_parts / "flux-dev",
+               "flux-schnell": family_parts / "flux-schnell"}  # fmt: skip
+    loras = {"sd15": family_parts / "lcm15", "sdxl": family_parts / "lcmxl"}
+    for name in preset_names():
+        params = load_preset(name).train.get("task_params", {})
+        family = name.split("-")[0] if name.startswith("sd15") else name.rsplit("-", 1)[0]
+        if "model" in params:
+            at(params["model"], folders[family])
+        lcm = params.get("lcm")
+        if lcm and lcm.endswith(".safetensors"):
+            at(lcm, loras[family])
+        elif lcm:  # FLUX.1-dev's consistency model: [schnell]'s transformer/
+            at(lcm, folders["flux-schnell"])
+
+
+def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path,
+                                             monkeypatch, capsys):  # fmt: skip
+    """The README's command per family, against the stand-in serving every default weight
+    at its pinned commit: SD 1.5's train and sample run (made small); the other families'
+    trains run as --dry-run (their configs fetched, their weights listed)."""
+    import shlex
+
+    from tests.tasks.sd_runs import QUICK, readme_block
+
+    publish_defaults(hub, parts, family_parts)
+    monkeypatch.chdir(tmp_path)
+    lines = readme_block("sqdf train --preset sdxl-aesthetic")
+    assert [ln.split()[3] for ln in lines if ln.startswith("sqdf train")] == [
+        "sd15-aesthetic", "sd15-aesthetic", "sdxl-aesthetic", "sd35m-aesthetic",
+        "flux-dev-aesthetic", "flux-schnell-aesthetic",
+    ]  # fmt: skip
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        if argv[0] == "train" and "sd15-aesthetic" not in argv and "--dry-run" not in argv:
+            argv += ["--dry-run"]
+        extra = [] if "--dry-run" in argv else QUICK.get(argv[0], [])
+        if argv[0] == "sample":
+            extra = ["--num-samples", "2"]
+        assert main(argv + extra) == 0, line
+        out = capsys.readouterr().out
+        if "--dry-run" in argv:
+            model = weights.parse_hub_ref(
+                __import__("sqdf.settings", fromlist=["x"])
+                .load_preset(argv[2])
+                .train["task_params"]["model"]
+            )
+            assert f"{model.repo}@{model.revision[:12]}" in out, line
+    assert (tmp_path / "runs/sd/final/pytorch_lora_weights.safetensors").is_file()
+    recorded = json.loads((tmp_path / "runs/sd/config.json").read_text())["weights"]
+    assert {weights.parse_hub_ref(g).repo for g in recorded} == {
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", "latent-consistency/lcm-lora-sdv1-5",
+        "openai/clip-vit-large-patch14", "trl-lib/ddpo-aesthetic-predictor",
+    }  # fmt: skip
