@@ -216,3 +216,20 @@ def test_the_logged_loss_is_the_discounted_soft_q_objective_of_its_cells(tmp_pat
     assert_loss_is_the_soft_q_objective(
         losses, cells, num_steps=cfg.num_steps, gamma=cfg.gamma, alpha=cfg.alpha
     )
+
+
+def test_fresh_trajectories_sets_the_fresh_count_per_round(tmp_path):
+    # the reference code's budget: batch x accumulation fresh trajectories a round, sampled
+    # in batches of batch_size; 0 keeps one batch's worth
+    from sqdf.trainer import batch_note
+
+    cfg = TrainConfig(task="gmm2d", steps=4, num_steps=4, batch_size=4, grad_accum=2,
+                      fresh_trajectories=10, replay_ratio=2, buffer_size=64, device="cpu",
+                      log_every=1, checkpoint_every=0)  # fmt: skip
+    run = train(cfg, tmp_path / "r", progress=False)
+    rows = read_metrics(run)
+    assert [r["samples_seen"] for r in rows] == [10, 10, 20, 20]  # every replay_ratio updates
+    assert "20 fresh trajectories every 2 update(s) = 10 per process x 2 process(es)" in (
+        batch_note(cfg, 2)
+    )
+    assert TrainConfig(batch_size=4).fresh_count == 4
