@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print("digits CM, states of 50-step DDIM reference trajectories "
           f"({args.samples} samples): state, t chain -> grid, RMS change of x̂0, "
           "RMS to the final sample (chain, grid), ink of x̂0 (chain, grid)")  # fmt: skip
-    for r in rows[::8] + [rows[-1]]:
+    for r in rows[::8] + ([rows[-1]] if (len(rows) - 1) % 8 else []):
         print(f"  {r['state']:2d}  {r['t_chain']:3d} -> {r['t_grid']:3d}  {r['rms_change']:.4f}  "
               f"{r['rms_to_final_chain']:.4f} {r['rms_to_final_grid']:.4f}  "
               f"{r['ink_chain']:.4f} {r['ink_grid']:.4f}")  # fmt: skip

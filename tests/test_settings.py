@@ -411,3 +411,19 @@ def test_the_oom_error_is_a_sqdf_error_for_library_callers(tmp_path, monkeypatch
                       task_params={"hidden": 8})  # fmt: skip
     with pytest.raises(SqdfError, match="out of GPU memory"):
         train(cfg, tmp_path / "c", progress=False)
+
+
+def test_dry_run_says_the_presets_fresh_trajectories_and_shared_buffer(sd15_configs, capsys):
+    flags = []
+    for table, values in _needed("sd15-aesthetic", sd15_configs).items():
+        for key, value in values.items():
+            flag = {"task_params": "--task-param", "reward_params": "--reward-param"}[table]
+            flags += [flag, f"{key}='{value}'"]
+    rows, out = _dry_run(["--preset", "sd15-aesthetic", *flags], capsys)
+    assert rows["fresh_trajectories"] == ("32", "preset sd15-aesthetic")
+    assert rows["buffer_scope"] == ("shared", "preset sd15-aesthetic")
+    assert "fresh trajectories: 32 per process every 1 update(s) (fresh_trajectories 32)" in out
+    assert "every process stores every process's fresh trajectories" in out
+    rows, out = _dry_run(["--task", "gmm2d"], capsys)
+    assert "fresh trajectories: 128 per process every 1 update(s) (fresh_trajectories " \
+           "batch_size), 128 in all" in out  # fmt: skip
