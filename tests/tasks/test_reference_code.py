@@ -52,7 +52,7 @@ def test_lora_init_draws_a_as_peft_documents_and_b_zero(init):
 def test_sd_task_takes_the_lora_init(parts):
     torch.manual_seed(0)
     task = build_task(config(parts, task_params={"lora_init": "gaussian"}))
-    a = [p for n, p in task.unet.named_parameters() if "lora_A.default" in n]
+    a = [p.detach() for n, p in task.unet.named_parameters() if "lora_A.default" in n]
     rank = task.options.lora_rank
     assert float(torch.cat([p.flatten() for p in a]).std()) == pytest.approx(1 / rank, rel=0.1)
     with pytest.raises(ConfigError, match="lora_init must be one of default, gaussian"):
