@@ -23,6 +23,7 @@ ROLLOUTS = ("full", "truncated")
 BUFFER_STRATEGIES = ("uniform", "on_policy", "prioritized")
 BUFFER_STORES = ("memory", "disk")
 BUFFER_DTYPES = ("float32", "bfloat16", "float16", "auto")
+BUFFER_SCOPES = ("process", "shared")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -110,6 +111,18 @@ class TrainConfig:
         "auto = the model's dtype where the task has one (sd), else float32",
     )
     replay_ratio: int = _f(1, "optimizer updates per freshly sampled batch")
+    fresh_trajectories: int = _f(
+        0,
+        "trajectories each process samples fresh every replay_ratio updates, in batches of "
+        "batch_size (0: batch_size, one micro-batch's worth; the SQDF reference code samples "
+        "batch_size x grad_accum)",
+    )
+    buffer_scope: str = _f(
+        "process",
+        "process: each process replays its own trajectories; shared: every process stores "
+        "every process's fresh trajectories and replays from their union (the SQDF reference "
+        "code's buffer), buffer_size in all",
+    )
     rollout: str = _f(
         "full",
         "full: whole trajectories into the replay buffer; truncated: each fresh trajectory "
@@ -250,6 +263,15 @@ class TrainConfig:
         )
         need(self.replay_ratio >= 1, f"replay_ratio must be >= 1, got {self.replay_ratio}")
         need(
+            0 <= self.fresh_trajectories <= self.buffer_size,
+            f"fresh_trajectories must be in [0, buffer_size] = [0, {self.buffer_size}], got "
+            f"{self.fresh_trajectories}",
+        )
+        need(
+            self.buffer_scope in BUFFER_SCOPES,
+            f"unknown buffer_scope {self.buffer_scope!r}; known: {', '.join(BUFFER_SCOPES)}",
+        )
+        need(
             self.rollout in ROLLOUTS,
             f"unknown rollout {self.rollout!r}; known: {', '.join(ROLLOUTS)}",
         )
@@ -259,6 +281,11 @@ class TrainConfig:
                 self.method == "sqdf" and self.buffer == "on_policy" and self.replay_ratio == 1,
                 "rollout 'truncated' needs method sqdf, buffer on_policy and replay_ratio 1, "
                 f"got {self.method}, {self.buffer}, {self.replay_ratio}",
+            )
+            need(
+                self.fresh_trajectories == 0 and self.buffer_scope == "process",
+                "rollout 'truncated' samples each micro-batch fresh and keeps no buffer: "
+                "fresh_trajectories and buffer_scope do not apply",
             )
         need(
             1 <= self.cells_per_trajectory <= self.num_steps,
@@ -281,6 +308,11 @@ class TrainConfig:
             f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}",
         )
         need(self.max_skips >= 1, f"max_skips must be >= 1, got {self.max_skips}")
+
+    @property
+    def fresh_count(self) -> int:
+        """Trajectories each process samples fresh every ``replay_ratio`` updates."""
+        return self.fresh_trajectories or self.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

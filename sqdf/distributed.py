@@ -334,6 +334,25 @@ def average_gradients(procs: Processes, params: Iterable[torch.nn.Parameter]) ->
         offset += n
 
 
+def all_gather_rows(procs: Processes, fields: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every process's ``fields`` joined along their first dimension, in rank order, in every
+    process (each field's first dimension is the same within a process, any length across
+    processes; the other dimensions agree). Padded to the longest to travel."""
+    if procs.world == 1:
+        return dict(fields)
+    rows = next(iter(fields.values())).shape[0]
+    lengths = procs.gather(torch.tensor(rows)).tolist()
+    out = {}
+    for key in sorted(fields):
+        t = fields[key].contiguous()
+        pad = max(lengths) - t.shape[0]
+        if pad:
+            t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
+        stacked = procs.gather(t)
+        out[key] = torch.cat([stacked[r, :n] for r, n in enumerate(lengths)])
+    return out
+
+
 def gather_states(procs: Processes, state: dict[str, Tensor]) -> list[dict[str, Tensor]]:
     """Every process's ``state`` (same keys everywhere, first dimensions may differ), in rank
     order, for the main process to save (the others get an empty list: a replay buffer can

@@ -68,6 +68,7 @@ def plan(resolved: Resolved, processes: int = 1) -> dict[str, Any]:
         "cells_per_micro_batch": cells,
         "processes": processes,
         "effective_batch": cells * processes * cfg.grad_accum,
+        "fresh_per_process": cfg.fresh_count,
         "buffer_bytes": buffer_bytes(cfg, dims),
     }
 
@@ -136,9 +137,15 @@ def _settings_text(resolved: Resolved, p: dict[str, Any], processes: int, model:
         lines.append("replay buffer: none (truncated rollouts)")
     else:
         lines.append(
-            f"fresh trajectories: {cfg.batch_size} per process every {cfg.replay_ratio} "
-            f"update(s); {cfg.steps} updates"
+            f"fresh trajectories: {cfg.fresh_count} per process every {cfg.replay_ratio} "
+            f"update(s) (fresh_trajectories {cfg.fresh_trajectories or 'batch_size'}), "
+            f"{cfg.fresh_count * processes} in all; {cfg.steps} updates"
         )
+        if cfg.buffer_scope == "shared":
+            lines.append(
+                "buffer_scope shared: every process stores every process's fresh "
+                "trajectories and replays from their union"
+            )
         dtype = buffer_dtype(cfg)
         where = (
             "of host memory per process when full"

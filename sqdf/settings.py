@@ -50,6 +50,11 @@ def check_registered(cfg: TrainConfig) -> None:
                 f"which must divide batch_size {cfg.batch_size} (set method_params.group_size "
                 "or batch_size)"
             )
+        if cfg.fresh_count % size:
+            raise ConfigError(
+                f"method {cfg.method!r} samples groups of group_size {size} per condition, "
+                f"which must divide fresh_trajectories {cfg.fresh_trajectories}"
+            )
     if METHODS[cfg.method].likelihood_ratio and cfg.buffer_dtype in ("bfloat16", "float16"):
         raise ConfigError(
             f"method {cfg.method!r} takes likelihood ratios of the stored steps, which states "

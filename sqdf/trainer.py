@@ -56,6 +56,7 @@ from sqdf.config import TrainConfig
 from sqdf.core.kl import KL_SCALES
 from sqdf.distributed import (
     Processes,
+    all_gather_rows,
     average_gradients,
     gather_states,
     process_change,
@@ -551,6 +552,16 @@ def check_free_space(s: TrainingRun) -> None:
         raise WriteError(problem or "the main process found too little space for the run")
 
 
+def check_shared_buffer(cfg: TrainConfig, world: int) -> None:
+    """A shared buffer stores every process's fresh trajectories: one round of them must fit."""
+    union = cfg.fresh_count * world
+    if cfg.buffer_scope == "shared" and union > cfg.buffer_size:
+        raise ConfigError(
+            f"buffer_scope shared stores {cfg.fresh_count} fresh trajectories x {world} "
+            f"processes = {union} a round, more than buffer_size {cfg.buffer_size}"
+        )
+
+
 def set_up(
     cfg: TrainConfig,
     run: Path,
@@ -569,6 +580,7 @@ def set_up(
         raise ValueError(f"train: method {cfg.method} samples its own groups, not a caller's batch")
     check_installed(parse_log_with(cfg.log_with))  # before a model is loaded
     procs = Processes(cfg.device)
+    check_shared_buffer(cfg, procs.world)
     saved = prepare_run(run, cfg, resume) if procs.is_main else None
     procs.barrier()  # the folder is checked (and made) before any process reads it
     trained = list_checkpoints(run / "checkpoints") if resume else []
@@ -585,6 +597,13 @@ def set_up(
         task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
     else:
         task = state.task
+    if getattr(task, "reference_compat", False) and procs.world > 1:
+        # the reference code's ranks train a LoRA each (gradients never averaged); sqdf
+        # checkpoints and resumes one policy, so it cannot reproduce that honestly
+        raise ConfigError(
+            "task_params.reference_compat reproduces one rank of the SQDF reference code, "
+            f"which trains a separate LoRA per process; run it on one process, not {procs.world}"
+        )
     given, cfg = cfg, with_summed_alpha(cfg)  # the losses weight the exact, summed KL
     if procs.is_main:
         write_config(
@@ -597,6 +616,7 @@ def set_up(
                 "method_params": dataclasses.asdict(method_params),
                 "device": str(task.device),
                 "processes": procs.world,
+                "fresh_trajectories_per_process": cfg.fresh_count,
                 "kl": kl_resolution(given, cfg, task),
             },
             config_sources(given, sources),
@@ -688,7 +708,8 @@ def batch_note(cfg: TrainConfig, world: int) -> str:
     fresh = (
         f"{cfg.batch_size * world * cfg.grad_accum} truncated trajectories per update"
         if cfg.rollout == "truncated"
-        else f"{cfg.batch_size * world} fresh trajectories every {cfg.replay_ratio} update(s)"
+        else f"{cfg.fresh_count * world} fresh trajectories every {cfg.replay_ratio} update(s) "
+        f"= {cfg.fresh_count} per process x {world} process(es)"
     )
     return (
         f"effective batch {cells * world * cfg.grad_accum} cells per update = {cells} per "
@@ -707,12 +728,7 @@ def sample_fresh(s: TrainingRun, step: int) -> Fresh:
         if step == s.start and s.caller is not None and s.caller.fresh is not None:
             (traj, rewards), parts = s.caller.fresh, {}
         else:
-            cond = fresh_conditions(s)  # None: the sampler draws them
-            traj = sample_trajectories(s.task, cfg.batch_size, s.generator, cond=cond)
-            with torch.no_grad():
-                rewards, parts = s.task.reward_with_parts(
-                    traj.x0.to(s.task.device), traj.cond.to(s.task.device)
-                )
+            traj, rewards, parts = sample_scored(s)
         finite = torch.isfinite(rewards).cpu()  # waits for the GPU
         s.counters["sample_s"] += time.perf_counter() - began
         fresh.bad, fresh.sampled = int((~finite).sum()), finite.shape[0]
@@ -721,22 +737,83 @@ def sample_fresh(s: TrainingRun, step: int) -> Fresh:
                 f"the reward was not finite for {fresh.bad} of {fresh.sampled} fresh samples"
             )
         keep = whole_groups(finite, group_size(cfg.method, s.method_params))
-        if keep.numel():
-            s.buffer.add(traj.select(keep), rewards.cpu()[keep])
-            s.reward_parts = {n: p.cpu()[keep].double() for n, p in parts.items()}
+        kept, kept_rewards = traj.select(keep), rewards.cpu()[keep]
+        kept_parts = {n: p.cpu()[keep].double() for n, p in parts.items()}
+        if cfg.buffer_scope == "shared":  # every process stores the union, in rank order
+            kept, kept_rewards, kept_parts = share_fresh(s.procs, kept, kept_rewards, kept_parts)
+        if kept_rewards.numel():
+            s.buffer.add(kept, kept_rewards)
+            s.reward_parts = kept_parts
     fresh.rewards = s.buffer.rewards[s.buffer.newest].double()
     fresh.parts = s.reward_parts
     return fresh
 
 
-def fresh_conditions(s: TrainingRun) -> torch.Tensor | None:
+def sample_scored(s: TrainingRun) -> tuple[Trajectories, torch.Tensor, dict[str, torch.Tensor]]:
+    """``fresh_count`` fresh trajectories of this process, sampled and scored in batches of
+    at most ``batch_size`` (what one sampling pass holds in memory), with their rewards and a
+    mixture's components."""
+    cfg, task = s.cfg, s.task
+    trajs, rewards, parts = [], [], []
+    left = cfg.fresh_count
+    while left > 0:
+        n = min(cfg.batch_size, left)
+        cond = fresh_conditions(s, n)  # None: the sampler draws them
+        traj = sample_trajectories(task, n, s.generator, cond=cond)
+        with torch.no_grad():
+            r, p = task.reward_with_parts(traj.x0.to(task.device), traj.cond.to(task.device))
+        trajs.append(traj)
+        rewards.append(r)
+        parts.append(p)
+        left -= n
+    if len(trajs) == 1:
+        return trajs[0], rewards[0], parts[0]
+    joined = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return concat_trajectories(trajs), torch.cat(rewards), joined
+
+
+def concat_trajectories(trajs: list[Trajectories]) -> Trajectories:
+    """Batches of trajectories as one, in order."""
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(t, name) for t in trajs]
+        return None if values[0] is None else torch.cat(values)
+
+    return Trajectories(cat("states"), cat("cond"), cat("kl"), cat("logp"))
+
+
+def share_fresh(
+    procs: Processes,
+    traj: Trajectories,
+    rewards: torch.Tensor,
+    parts: dict[str, torch.Tensor],
+) -> tuple[Trajectories, torch.Tensor, dict[str, torch.Tensor]]:
+    """Every process's kept fresh trajectories, rewards and reward components, joined in rank
+    order: what each process stores with buffer_scope shared, so that every buffer holds the
+    same union and each process replays from all of it (collective)."""
+    if procs.world == 1:
+        return traj, rewards, parts
+    fields = {"states": traj.states, "cond": traj.cond, "rewards": rewards}
+    for name in ("kl", "logp"):
+        if getattr(traj, name) is not None:
+            fields[name] = getattr(traj, name)
+    fields.update({f"part.{k}": v for k, v in parts.items()})
+    joined = all_gather_rows(procs, fields)
+    union = Trajectories(
+        joined["states"], joined["cond"], joined.get("kl"), joined.get("logp")
+    )
+    shared_parts = {k.removeprefix("part."): v for k, v in joined.items() if k.startswith("part.")}
+    return union, joined["rewards"], shared_parts
+
+
+def fresh_conditions(s: TrainingRun, n: int) -> torch.Tensor | None:
     """A fresh batch's conditions for a method that learns from groups of G (GRPO):
-    batch_size / G of the task's draws, each repeated G times in a row. None for the others:
+    n / G of the task's draws, each repeated G times in a row. None for the others:
     the sampler draws them, one per sample."""
     size = group_size(s.cfg.method, s.method_params)
     if size == 1:
         return None
-    return s.task.sample_conditions(s.cfg.batch_size // size, s.generator).repeat_interleave(size)
+    return s.task.sample_conditions(n // size, s.generator).repeat_interleave(size)
 
 
 def whole_groups(finite: torch.Tensor, size: int) -> torch.Tensor:

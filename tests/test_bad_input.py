@@ -47,6 +47,8 @@ def _corrupt_final(root) -> str:
 
 
 # (id, argv builder given a tmp folder, expected text in the one-line message)
+SD15_UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4}
+
 CASES = [
     ("unknown config key, suggested", lambda r: ["train", "--config", _folder_with(r, {"c.toml": "alhpa = 1.0\n"}) + "/c.toml"],
      "unknown config key 'alhpa' in"),
@@ -258,6 +260,25 @@ CASES = [
     ("best-of-N with an uneven schedule says what to pass", lambda r: ["bbo", "--methods", "sqdf,best_of_n", "--query-schedule", "8,16", "--rounds", "2"], "leave it out of --methods (e.g. --methods sqdf)"),
     ("sd render from a folder with neither LoRA nor UNet", lambda r: ["sample", "--task", "sd", "--model", _sd_shaped(r), "--lora", _folder_with(r, {}), "--device", "cpu"],
      "holds neither pytorch_lora_weights.safetensors nor unet/"),
+    ("negative fresh trajectories", lambda r: ["train", "--fresh-trajectories", "-1"],
+     "fresh_trajectories must be in [0, buffer_size] = [0, 1024], got -1"),
+    ("more fresh trajectories than the buffer holds", lambda r: ["train", "--fresh-trajectories", "2000"],
+     "fresh_trajectories must be in [0, buffer_size] = [0, 1024], got 2000"),
+    ("unknown buffer scope", lambda r: ["train", "--buffer-scope", "global"], "unknown buffer_scope 'global'; known: process, shared"),
+    ("fresh trajectories with truncated rollouts", lambda r: ["train", "--rollout", "truncated", "--buffer", "on_policy", "--fresh-trajectories", "4"],
+     "rollout 'truncated' samples each micro-batch fresh and keeps no buffer"),
+    ("fresh trajectories not whole groups", lambda r: ["train", "--method", "grpo", "--buffer", "on_policy", "--batch-size", "8", "--fresh-trajectories", "6", "--method-param", "group_size=4", "--out", str(r / "x")],
+     "which must divide fresh_trajectories 6"),
+    ("unknown LoRA init", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_configs(r, SD15_UNET), "--task-param", "lora_init=xavier", "--out", str(r / "x")],
+     "sd lora_init must be one of default, gaussian, got 'xavier'"),
+    ("unknown LCM timesteps", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_configs(r, SD15_UNET), "--task-param", "lcm_timesteps=nearest", "--out", str(r / "x")],
+     "sd lcm_timesteps must be one of chain, distilled, got 'nearest'"),
+    ("reference_compat not a boolean", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_configs(r, SD15_UNET), "--task-param", "reference_compat=1", "--out", str(r / "x")],
+     "sd reference_compat must be true or false, got 1"),
+    ("tf32 not a boolean", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_configs(r, SD15_UNET), "--task-param", "tf32='yes'", "--out", str(r / "x")],
+     "sd tf32 must be true or false, got 'yes'"),
+    ("positive reward mask not a boolean", lambda r: ["train", "--method-param", "positive_reward_mask=2", "--out", str(r / "x")],
+     "positive_reward_mask must be true or false, got 2"),
 ]  # fmt: skip
 
 

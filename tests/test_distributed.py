@@ -376,3 +376,49 @@ def test_two_processes_log_once_draw_pictures_together_and_average_the_weights(t
     ema = load_file(str(run / "final" / "ema" / "policy.safetensors"))
     raw = load_file(str(run / "final" / "policy.safetensors"))
     assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in ema)
+
+
+def test_a_shared_buffer_holds_every_processs_trajectories_and_resumes_exactly(tmp_path):
+    # each process samples 6 fresh trajectories a round (fresh_trajectories), both store the
+    # union of 12 in rank order; checkpointed at 2 and resumed, the run ends as the whole one
+    flags = ["--task", "gmm2d", "--num-steps", "6", "--batch-size", "4", "--device", "cpu",
+             "--fresh-trajectories", "6", "--buffer-scope", "shared", "--buffer-size", "36",
+             "--checkpoint-every", "2", "--log-every", "1"]  # fmt: skip
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    sqdf_train(whole, *flags, "--steps", "4")
+    ck = whole / "checkpoints" / "step_0000002"
+    b0, b1 = (load_file(str(ck / n)) for n in ("buffer.safetensors", "buffer.rank1.safetensors"))
+    assert all(torch.equal(b0[k], b1[k]) for k in b0)  # the same union in both processes
+    assert b0["size_ptr"].tolist() == [24, 24]  # 2 rounds x 6 fresh x 2 processes
+    # the union holds both processes' own draws: rank 1's half differs from rank 0's
+    first = b0["states"][:12]
+    assert not torch.equal(first[:6], first[6:])
+    rows = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["samples_seen"] == 4 * 6 * 2
+    resolved = json.loads((whole / "config.json").read_text())["resolved"]
+    assert resolved["fresh_trajectories_per_process"] == 6
+    sqdf_train(parts, *flags, "--steps", "2")
+    launch(["-m", "sqdf.cli", "train", "--resume", str(parts), "--steps", "4", "--no-progress"])
+    a, c = (final_weights(r) for r in (whole, parts))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_process_buffer_keeps_only_its_own(tmp_path):
+    flags = ["--task", "gmm2d", "--num-steps", "6", "--batch-size", "4", "--device", "cpu",
+             "--fresh-trajectories", "6", "--buffer-size", "36", "--checkpoint-every", "1",
+             "--steps", "1"]  # fmt: skip
+    sqdf_train(tmp_path / "r", *flags)
+    ck = tmp_path / "r" / "checkpoints" / "step_0000001"
+    b0, b1 = (load_file(str(ck / n)) for n in ("buffer.safetensors", "buffer.rank1.safetensors"))
+    assert b0["size_ptr"].tolist() == [6, 6] and not torch.equal(b0["states"], b1["states"])
+
+
+def test_a_shared_buffer_that_cannot_hold_one_round_is_refused():
+    from sqdf.config import TrainConfig
+    from sqdf.errors import ConfigError
+    from sqdf.trainer import check_shared_buffer
+
+    cfg = TrainConfig(fresh_trajectories=600, buffer_scope="shared")
+    check_shared_buffer(cfg, 1)
+    with pytest.raises(ConfigError, match="600 fresh trajectories x 2 processes = 1200 a round"):
+        check_shared_buffer(cfg, 2)

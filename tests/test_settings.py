@@ -149,45 +149,61 @@ def test_dry_run_reads_configs_only_and_sizes_an_sd15_run(sd15_configs, capsys):
 
 
 # Each preset resolved at SD 1.5 size (D = 16,384; digits D = 256) against the run it names:
-# per-process batch, accumulation, alpha as written and in the exact summed KL, gamma, updates,
-# buffer, LoRA rank, learning rate.
+# per-process batch, accumulation, fresh trajectories per process a round and the buffer's
+# scope, alpha as written and in the exact summed KL, gamma, updates, buffer, LoRA rank and
+# init, learning rate, precision and TF32, the LCM's timesteps. The SD 1.5 rows' sources,
+# file:line in github.com/Shin-woocheol/SQDF, are in docs/reproducing.md.
+OFFICIAL_T2I = dict(kl_scale="mean", gamma=0.9, steps=2000, buffer=1024, lr=1e-3,
+                    guidance=5.0, scope="shared", lora_init="gaussian", dtype="float16",
+                    tf32=True, lcm_timesteps="distilled", num_steps=50, eta=1.0, replay=1,
+                    strategy="uniform", weight_decay=1e-4, clip=1.0, estimator="consistency",
+                    seed=0)  # fmt: skip
+SQDF_DEFAULTS = dict(scope="process", lora_init="default", dtype="auto", tf32=False,
+                     lcm_timesteps="chain", eta=1.0, weight_decay=1e-4, clip=1.0,
+                     seed=0)  # fmt: skip
 PRESETS = {
-    # official T2I/aesthetic.sh: 2 GPUs x batch 4 x 8 accumulation, alpha 2.0 (mean), 2,000
-    "sd15-aesthetic": dict(batch=4, accum=8, alpha=2.0, kl_scale="mean",
-                           alpha_sum=2 * 2.0 / SD15_D, gamma=0.9, steps=2000, buffer=1024,
-                           rank=4, lr=1e-3, reward="aesthetic", guidance=5.0),
-    # official T2I/hps.sh: 2 GPUs x batch 2 x 2 accumulation, alpha 2 (mean), LoRA rank 8
-    "sd15-hpsv2": dict(batch=2, accum=2, alpha=2.0, kl_scale="mean",
-                       alpha_sum=2 * 2.0 / SD15_D, gamma=0.9, steps=2000, buffer=1024,
-                       rank=8, lr=1e-3, reward="hpsv2", guidance=5.0),
-    # official BBO/aesthetic.sh + Bootstrap.py: batch 64 = 2 GPUs x 1 x 32, alpha 1 (mean),
-    # weight decay 0.1, clip 5.0, CFG 7.5, prioritised buffer of 1,024
-    "sd15-bbo-aesthetic": dict(batch=1, accum=32, alpha=1.0, kl_scale="mean",
-                               alpha_sum=2 * 1.0 / SD15_D, gamma=0.9, steps=2000, buffer=1024,
-                               rank=4, lr=1e-3, reward="aesthetic", guidance=7.5),
+    # official T2I/aesthetic.sh lines 3-21: per rank batch 4 x 8 accumulation, 32 fresh
+    # (alignprop_trainer.py 814-816), alpha 2.0 (mean), 2,000 updates, rank 4
+    "sd15-aesthetic": dict(OFFICIAL_T2I, batch=4, accum=8, fresh=32, alpha=2.0,
+                           alpha_sum=2 * 2.0 / SD15_D, rank=4, reward="aesthetic"),
+    # official T2I/hps.sh lines 4-22: per rank batch 2 x 2, 4 fresh, alpha 2 (mean), rank 8
+    "sd15-hpsv2": dict(OFFICIAL_T2I, batch=2, accum=2, fresh=4, alpha=2.0,
+                       alpha_sum=2 * 2.0 / SD15_D, rank=8, reward="hpsv2"),
+    # official BBO/aesthetic.sh + Bootstrap.py: batch 64 = 2 GPUs x 1 x 32, 16 fresh
+    # (on_policy_batch_size 0.5 x 32), alpha 1 (mean), weight decay 0.1, clip 5.0, CFG 7.5,
+    # prioritised buffer of 1,024 (each process its share of the queried batch: scope process)
+    "sd15-bbo-aesthetic": dict(OFFICIAL_T2I, batch=1, accum=32, fresh=16, alpha=1.0,
+                               alpha_sum=2 * 1.0 / SD15_D, rank=4, reward="aesthetic",
+                               guidance=7.5, scope="process", strategy="prioritized",
+                               weight_decay=0.1, clip=5.0),
     # sd15-aesthetic's SQDF settings carried over to the other families (not yet run on real
-    # weights); guidance: each pipeline's default (FLUX.1 [schnell]: none, guidance 1)
-    "sdxl-aesthetic": dict(batch=4, accum=8, alpha=2.0, kl_scale="mean",
-                           alpha_sum=2 * 2.0 / SD15_D, gamma=0.9, steps=2000, buffer=1024,
-                           rank=4, lr=1e-3, reward="aesthetic", guidance=5.0),
-    "sd35m-aesthetic": dict(batch=4, accum=8, alpha=2.0, kl_scale="mean",
-                            alpha_sum=2 * 2.0 / SD15_D, gamma=0.9, steps=2000, buffer=1024,
-                            rank=4, lr=1e-3, reward="aesthetic", guidance=7.0),
-    "flux-dev-aesthetic": dict(batch=4, accum=8, alpha=2.0, kl_scale="mean",
-                               alpha_sum=2 * 2.0 / SD15_D, gamma=0.9, steps=2000, buffer=1024,
-                               rank=4, lr=1e-3, reward="aesthetic", guidance=3.5),
-    "flux-schnell-aesthetic": dict(batch=4, accum=8, alpha=2.0, kl_scale="mean",
-                                   alpha_sum=2 * 2.0 / SD15_D, gamma=0.9, steps=2000,
-                                   buffer=1024, rank=4, lr=1e-3, reward="aesthetic",
-                                   guidance=1.0),
+    # weights; precision stays sqdf's default); steps and guidance: each pipeline's default
+    # (FLUX.1 [schnell]: its model card's 4 steps, no guidance)
+    "sdxl-aesthetic": dict(OFFICIAL_T2I, batch=4, accum=8, fresh=32, alpha=2.0,
+                           alpha_sum=2 * 2.0 / SD15_D, rank=4, reward="aesthetic",
+                           dtype="auto", tf32=False),
+    "sd35m-aesthetic": dict(OFFICIAL_T2I, batch=4, accum=8, fresh=32, alpha=2.0,
+                            alpha_sum=2 * 2.0 / SD15_D, rank=4, reward="aesthetic",
+                            guidance=7.0, num_steps=28, estimator="tweedie", dtype="auto",
+                            tf32=False, lcm_timesteps="chain"),
+    "flux-dev-aesthetic": dict(OFFICIAL_T2I, batch=4, accum=8, fresh=32, alpha=2.0,
+                               alpha_sum=2 * 2.0 / SD15_D, rank=4, reward="aesthetic",
+                               guidance=3.5, num_steps=28, dtype="auto", tf32=False,
+                               lcm_timesteps="chain"),
+    "flux-schnell-aesthetic": dict(OFFICIAL_T2I, batch=4, accum=8, fresh=32, alpha=2.0,
+                                   alpha_sum=2 * 2.0 / SD15_D, rank=4, reward="aesthetic",
+                                   guidance=1.0, num_steps=4, estimator="tweedie",
+                                   dtype="auto", tf32=False, lcm_timesteps="chain"),
     # docs/results.md, across random mixtures: the setting that meets the gmm2d goal's means
-    "gmm2d-exact": dict(batch=128, accum=8, alpha=2.0, kl_scale="sum", alpha_sum=2.0,
-                        gamma=1.0, steps=1000, buffer=1024, rank=8, lr=0.006, reward="auto",
-                        guidance=1.0),
+    "gmm2d-exact": dict(SQDF_DEFAULTS, batch=128, accum=8, fresh=128, alpha=2.0,
+                        kl_scale="sum", alpha_sum=2.0, gamma=1.0, steps=1000, buffer=1024,
+                        rank=8, lr=0.006, reward="auto", guidance=1.0, num_steps=200,
+                        replay=1, strategy="uniform", estimator="exact"),
     # sqdf demo
-    "digits-demo": dict(batch=32, accum=1, alpha=0.1, kl_scale="sum", alpha_sum=0.1,
-                        gamma=0.9, steps=100, buffer=512, rank=8, lr=1e-3, reward="ink",
-                        guidance=1.0),
+    "digits-demo": dict(SQDF_DEFAULTS, batch=32, accum=1, fresh=32, alpha=0.1, kl_scale="sum",
+                        alpha_sum=0.1, gamma=0.9, steps=100, buffer=512, rank=8, lr=1e-3,
+                        reward="ink", guidance=1.0, num_steps=20, replay=2,
+                        strategy="prioritized", estimator="consistency"),
 }  # fmt: skip
 
 
@@ -224,9 +240,15 @@ def test_preset_reproduces_the_numbers_of_the_run_it_names(name, sd15_configs):
         alpha_sum=sizes["alpha_sum"], gamma=cfg.gamma, steps=cfg.steps,
         buffer=cfg.buffer_size, lr=cfg.lr, reward=cfg.reward,
         rank=cfg.task_params.get("lora_rank", 8),  # digits' LoRA default is 8
-        guidance=cfg.task_params.get("guidance", 1.0),
+        guidance=cfg.task_params.get("guidance", 1.0), fresh=cfg.fresh_count,
+        scope=cfg.buffer_scope, lora_init=cfg.task_params.get("lora_init", "default"),
+        dtype=cfg.task_params.get("dtype", "auto"), tf32=cfg.task_params.get("tf32", False),
+        lcm_timesteps=cfg.task_params.get("lcm_timesteps", "chain"), num_steps=cfg.num_steps,
+        eta=cfg.eta, replay=cfg.replay_ratio, strategy=cfg.buffer, weight_decay=cfg.weight_decay,
+        clip=cfg.max_grad_norm, estimator=cfg.estimator, seed=cfg.seed,
     )  # fmt: skip
-    texts = ("kl_scale", "reward")
+    texts = ("kl_scale", "reward", "scope", "lora_init", "dtype", "tf32", "lcm_timesteps",
+             "strategy", "estimator")
     assert {k: got[k] for k in texts} == {k: want[k] for k in texts}
     numbers = {k: v for k, v in got.items() if k not in texts}
     assert numbers == pytest.approx({k: v for k, v in want.items() if k not in texts}, rel=1e-12)
@@ -416,3 +438,19 @@ def test_the_oom_error_is_a_sqdf_error_for_library_callers(tmp_path, monkeypatch
                       task_params={"hidden": 8})  # fmt: skip
     with pytest.raises(SqdfError, match="out of GPU memory"):
         train(cfg, tmp_path / "c", progress=False)
+
+
+def test_dry_run_says_the_presets_fresh_trajectories_and_shared_buffer(sd15_configs, capsys):
+    flags = []
+    for table, values in _needed("sd15-aesthetic", sd15_configs).items():
+        for key, value in values.items():
+            flag = {"task_params": "--task-param", "reward_params": "--reward-param"}[table]
+            flags += [flag, f"{key}='{value}'"]
+    rows, out = _dry_run(["--preset", "sd15-aesthetic", *flags], capsys)
+    assert rows["fresh_trajectories"] == ("32", "preset sd15-aesthetic")
+    assert rows["buffer_scope"] == ("shared", "preset sd15-aesthetic")
+    assert "fresh trajectories: 32 per process every 1 update(s) (fresh_trajectories 32)" in out
+    assert "every process stores every process's fresh trajectories" in out
+    rows, out = _dry_run(["--task", "gmm2d"], capsys)
+    assert "fresh trajectories: 128 per process every 1 update(s) (fresh_trajectories " \
+           "batch_size), 128 in all" in out  # fmt: skip

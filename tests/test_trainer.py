@@ -216,3 +216,50 @@ def test_the_logged_loss_is_the_discounted_soft_q_objective_of_its_cells(tmp_pat
     assert_loss_is_the_soft_q_objective(
         losses, cells, num_steps=cfg.num_steps, gamma=cfg.gamma, alpha=cfg.alpha
     )
+
+
+def test_fresh_trajectories_sets_the_fresh_count_per_round(tmp_path):
+    # the reference code's budget: batch x accumulation fresh trajectories a round, sampled
+    # in batches of batch_size; 0 keeps one batch's worth
+    from sqdf.trainer import batch_note
+
+    cfg = TrainConfig(task="gmm2d", steps=4, num_steps=4, batch_size=4, grad_accum=2,
+                      fresh_trajectories=10, replay_ratio=2, buffer_size=64, device="cpu",
+                      log_every=1, checkpoint_every=0)  # fmt: skip
+    run = train(cfg, tmp_path / "r", progress=False)
+    rows = read_metrics(run)
+    assert [r["samples_seen"] for r in rows] == [10, 10, 20, 20]  # every replay_ratio updates
+    assert "20 fresh trajectories every 2 update(s) = 10 per process x 2 process(es)" in (
+        batch_note(cfg, 2)
+    )
+    assert TrainConfig(batch_size=4).fresh_count == 4
+
+
+def test_the_loss_scaler_unscales_before_the_clip_and_skips_an_overflow():
+    # float16's path on the CPU: the scaled gradient is unscaled before the norm is taken and
+    # the step made; an infinite gradient skips the update (weights untouched), halves the scale
+    from types import SimpleNamespace
+
+    from sqdf.distributed import Processes
+    from sqdf.trainer import Gradients, apply_update
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    s = SimpleNamespace(
+        cfg=TrainConfig(max_grad_norm=0.0, max_skips=5), scaler=scaler, procs=Processes("cpu"),
+        params=[w], optimizer=opt, counters={"skipped_updates": 0}, consecutive_skips=0, ema=None,
+    )  # fmt: skip
+    scaler.scale((w * torch.tensor([3.0, 4.0])).sum()).backward()  # true gradient (3, 4)
+    norm = apply_update(s, Gradients(), torch.zeros(4))
+    assert norm == pytest.approx(5.0)  # the unscaled gradient's norm, not 1024 x 5
+    assert w.detach().tolist() == pytest.approx([1.0 - 1.5, -2.0 - 2.0])
+    assert scaler.get_scale() == 1024.0
+    before = w.detach().clone()
+    opt.zero_grad()
+    scaler.scale((w * torch.tensor([float("inf"), 1.0])).sum()).backward()
+    grads = Gradients()
+    apply_update(s, grads, torch.zeros(4))
+    assert grads.skip and "float16 overflow" in grads.cause
+    assert torch.equal(w.detach(), before) and s.counters["skipped_updates"] == 1
+    assert scaler.get_scale() == 512.0

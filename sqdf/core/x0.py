@@ -62,6 +62,15 @@ def consistency_x0(
     return c_out.to(x0.dtype) * x0 + c_skip.to(x0.dtype) * x_t
 
 
+def nearest_timesteps(timesteps: Tensor, grid: Tensor) -> Tensor:
+    """Each of ``timesteps`` replaced by the nearest value of ``grid``, on a tie the first in
+    ``grid``'s order (the SQDF reference code's argmin over LCMScheduler's descending
+    timesteps): a latent consistency model read at the timesteps it was distilled at."""
+    grid = grid.to(timesteps.device, timesteps.dtype)
+    diff = (timesteps.reshape(-1, 1) - grid.reshape(1, -1)).abs()
+    return grid[diff.argmin(dim=1)].reshape(timesteps.shape)
+
+
 def guidance_embedding(w: Tensor, dim: int) -> Tensor:
     """Sinusoidal embedding of a guidance scale, (B,) -> (B, dim): the ``timestep_cond`` an LCM
     UNet distilled with guidance takes. The scale is multiplied by 1000 first so it spans the

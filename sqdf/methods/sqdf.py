@@ -44,10 +44,18 @@ class SqdfParams:
     shared alpha, gamma, estimator and buffer of TrainConfig."""
 
     q_at: str = "sample"
+    # keep only the cells whose soft-Q estimate r(x̂0) is positive, their reward and KL terms
+    # both, averaged over all cells: the SQDF reference code's loss (T2I/alignprop_trainer.py
+    # lines 545-550), not the method's; on by itself with task_params.reference_compat
+    positive_reward_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.q_at not in Q_POINTS:
             raise ValueError(f"q_at must be one of {', '.join(Q_POINTS)}, got {self.q_at!r}")
+        if not isinstance(self.positive_reward_mask, bool):
+            raise ValueError(
+                f"positive_reward_mask must be true or false, got {self.positive_reward_mask!r}"
+            )
 
 
 def sqdf_loss(
@@ -67,6 +75,8 @@ def sqdf_loss(
     kl = gaussian_kl(mean, ref_mean, std)
     T = task.kernel.num_steps
     loss = soft_q_loss(reward, kl, step.to(dev), T, cfg.gamma, cfg.alpha)
+    if params.positive_reward_mask or getattr(task, "reference_compat", False):
+        loss = loss * (reward.detach() > 0).to(loss.dtype)
     # the exact soft value is no reward evaluation: only the cells that end a chain are; the
     # Gaussian posterior's is q_draws of them
     ends = int((step == T - 1).sum())

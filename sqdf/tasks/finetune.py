@@ -35,11 +35,19 @@ class PolicyAndReference:
     the reference. ``policy`` is the module holding every trainable weight (its state dict is
     what a run saves); ``reference_net`` is where frozen extras (an LCM-LoRA) belong."""
 
-    def __init__(self, net: nn.Module, finetune: str, rank: int, alpha: float, targets: list[str]):
+    def __init__(
+        self,
+        net: nn.Module,
+        finetune: str,
+        rank: int,
+        alpha: float,
+        targets: list[str],
+        lora_init: str = "default",
+    ):
         self.finetune = finetune
         self.net = net
         if finetune == "lora":
-            add_lora(net, rank, alpha, targets)
+            add_lora(net, rank, alpha, targets, lora_init)
             self.reference_net = net
             self.policy: nn.Module = LoraPolicy(net)
         else:

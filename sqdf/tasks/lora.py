@@ -11,16 +11,35 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
+from sqdf.errors import ConfigError
+
 LORA_KEY = "lora_"
 POLICY_ADAPTER = "default"  # peft's name for the first adapter
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str]) -> nn.Module:
-    """Inject LoRA adapters; peft zero-initialises B, so the policy starts as the reference."""
+# how A is drawn (B is zero either way): peft's default, Kaiming-uniform with a = sqrt(5)
+# (|A| <= 1 / sqrt(fan_in)); or gaussian, N(0, 1 / rank) (the SQDF reference code's,
+# T2I/sd_pipeline.py line 1731), 8-12x larger at SD 1.5's widths and rank 4
+LORA_INITS = {"default": True, "gaussian": "gaussian"}
+
+
+def check_lora_init(init: str, task: str) -> None:
+    if init not in LORA_INITS:
+        raise ConfigError(
+            f"{task} lora_init must be one of {', '.join(LORA_INITS)}, got {init!r}"
+        )
+
+
+def add_lora(
+    model: nn.Module, rank: int, alpha: float, target_modules: list[str], init: str = "default"
+) -> nn.Module:
+    """Inject LoRA adapters, A drawn as ``init`` says (``LORA_INITS``); peft zero-initialises
+    B, so the policy starts as the reference."""
     model.requires_grad_(False)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True
-    )
+        r=rank, lora_alpha=alpha, target_modules=target_modules,
+        init_lora_weights=LORA_INITS[init],
+    )  # fmt: skip
     return inject_adapter_in_model(config, model, adapter_name=POLICY_ADAPTER)
 
 

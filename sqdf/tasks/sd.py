@@ -31,7 +31,7 @@ from torch import Tensor
 from sqdf.checkpoint import save_weights
 from sqdf.core.flow import flow_x0
 from sqdf.core.kernel import DDIMKernel, FlowKernel
-from sqdf.core.x0 import consistency_x0, guidance_embedding
+from sqdf.core.x0 import consistency_x0, guidance_embedding, nearest_timesteps
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.params import build_settings
 from sqdf.tasks.base import Task, _expand, schedule_of
@@ -39,6 +39,7 @@ from sqdf.tasks.finetune import PolicyAndReference, check_network_options
 from sqdf.tasks.lora import (
     POLICY_ADAPTER,
     activate_only,
+    check_lora_init,
     enable_adapter_aware_checkpointing,
     is_policy_weight,
     only_adapter,
@@ -61,6 +62,7 @@ from sqdf.weights import planning_now, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LCM_ADAPTER = "lcm"
+LCM_TIMESTEPS = ("chain", "distilled")
 
 
 @dataclass
@@ -87,6 +89,19 @@ class SDConfig:
     lora_targets: list = dataclasses.field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
     )
+    # how the LoRA's A is drawn: default (peft's Kaiming-uniform) or gaussian (N(0, 1/rank),
+    # the SQDF reference code's)
+    lora_init: str = "default"
+    # reproduce the SQDF reference code rather than the method: the reward sees the decoded
+    # image mapped twice to [0, 1] (x/2 + 1/2 again: [0.5, 1]) and resized bilinearly without
+    # a crop; the sqdf loss keeps positive-reward cells only (docs/reproducing.md)
+    reference_compat: bool = False
+    # estimator consistency with an LCM: read it at the nearest of its own distilled timesteps
+    # (with that timestep's alpha-bar, c_skip, c_out), as it was distilled and as the
+    # reference code does, or at the chain's timestep ("chain")
+    lcm_timesteps: str = "chain"
+    # TF32 matrix products on CUDA (torch.backends.cuda.matmul), as the reference code sets
+    tf32: bool = False
     # estimator consistency's model: an LCM UNet folder or LCM-LoRA .safetensors (SD 1.x/2.x,
     # SDXL); a few-step distilled transformer folder or its pipeline folder (SD 3/3.5, FLUX.1);
     # each a local path or a Hub reference (docs/weights.md)
@@ -138,6 +153,15 @@ class SDConfig:
             raise ConfigError(
                 f"sd lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, "
                 f"{self.lora_alpha}"
+            )
+        check_lora_init(self.lora_init, "sd")
+        for name in ("reference_compat", "tf32"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"sd {name} must be true or false, got {getattr(self, name)!r}")
+        if self.lcm_timesteps not in LCM_TIMESTEPS:
+            raise ConfigError(
+                f"sd lcm_timesteps must be one of {', '.join(LCM_TIMESTEPS)}, got "
+                f"{self.lcm_timesteps!r}"
             )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(
@@ -299,7 +323,7 @@ class SDTask(Task):
 
         self.nets = PolicyAndReference(
             self.denoiser, options.finetune, options.lora_rank, options.lora_alpha,
-            list(options.lora_targets),
+            list(options.lora_targets), options.lora_init,
         )  # fmt: skip
         for p in self.denoiser.parameters():
             if p.requires_grad:  # trainable weights are float32 whatever the loaded dtype
@@ -318,6 +342,14 @@ class SDTask(Task):
                 )  # fmt: skip
         elif options.lcm:
             self._attach_lcm(Path(options.lcm))
+        self.lcm_grid = (
+            lcm_distilled_timesteps(folder)
+            if options.lcm_timesteps == "distilled" and not self.family.flow
+            else None
+        )
+        if options.tf32 and device.type == "cuda":
+            # the reference code's allow_tf32 (matrix products only; cuDNN's stays as is)
+            torch.backends.cuda.matmul.allow_tf32 = True
         if options.gradient_checkpointing:
             for net in self.nets.networks:
                 enable_adapter_aware_checkpointing(net)
@@ -449,6 +481,8 @@ class SDTask(Task):
     def consistency_x0(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         if self.family.flow:
             return self._distilled_x0(x, timesteps, cond)
+        if self.lcm_grid is not None:  # the LCM's own timestep: its ᾱ, c_skip, c_out too
+            timesteps = nearest_timesteps(timesteps, self.lcm_grid)
         t, cond = timesteps.clamp(min=0).to(self.device), cond.to(self.device)
         abar = _expand(self.schedule.abar(timesteps.cpu()), x).to(x)
         text = self.text.unet_kwargs(cond)
@@ -506,8 +540,16 @@ class SDTask(Task):
                 img = self.vae.decode(latents)
         return (img.sample.float() / 2 + 0.5).clamp(0, 1)
 
+    @property
+    def reference_compat(self) -> bool:
+        """Whether the run reproduces the SQDF reference code's quirks (task_params)."""
+        return self.options.reference_compat
+
     def reward_input(self, x0: Tensor) -> Tensor:
-        return self.decode(x0)
+        images = self.decode(x0)
+        if self.options.reference_compat:
+            images = reference_code_image(images)
+        return images
 
     def prompts_of(self, cond: Tensor) -> list[str]:
         return [self.prompts[int(i)] for i in cond]
@@ -584,6 +626,40 @@ class SDTask(Task):
         unet_dir.mkdir(parents=True, exist_ok=True)
         self.denoiser.save_config(str(unet_dir))
         save_weights(policy, unet_dir / "diffusion_pytorch_model.safetensors")
+
+
+# the reward's input side in the SQDF reference code (T2I/alignprop_trainer.py lines 109 and
+# 166/171: target_size = 224 for HPSv2 and the aesthetic scorer)
+REFERENCE_REWARD_SIDE = 224
+
+
+def reference_code_image(images: Tensor, side: int = REFERENCE_REWARD_SIDE) -> Tensor:
+    """What the SQDF reference code's rewards see of a decoded image in [0, 1], (B, 3, H, W):
+    mapped to [0, 1] a second time (x/2 + 1/2, so [0.5, 1]: T2I/alignprop_trainer.py line 173,
+    after the pipeline's postprocess of sd_pipeline.py line 1139), then the shorter side
+    resized to ``side`` bilinearly, without a crop (torchvision's Resize(224) on a tensor,
+    antialiased). Differentiable."""
+    x = (images / 2 + 0.5).clamp(0, 1)
+    h, w = x.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    other = int(side * long / short)  # torchvision's rounding of the longer side
+    size = (side, other) if h <= w else (other, side)
+    return torch.nn.functional.interpolate(
+        x, size=size, mode="bilinear", align_corners=False, antialias=True
+    )
+
+
+def lcm_distilled_timesteps(folder: Path) -> Tensor:
+    """The timesteps a latent consistency model of this model was distilled at: diffusers'
+    LCMScheduler on the model's noise schedule, at its ``original_inference_steps`` (50: 19,
+    39, ..., 999 on 1,000 training steps), in its descending order. The SQDF reference code
+    builds this scheduler from the pipeline's config (T2I/sd_pipeline.py line 1711) and at
+    its 50 sampling steps takes exactly these (line 1005)."""
+    from diffusers import LCMScheduler
+
+    sched = load_part(LCMScheduler, folder, "scheduler")
+    sched.set_timesteps(sched.config.original_inference_steps)
+    return sched.timesteps.long().cpu()
 
 
 def save_diffusers_lora(
