@@ -62,6 +62,7 @@ from sqdf.distributed import (
     rank_seed,
 )
 from sqdf.errors import ConfigError, DivergedError, SqdfError
+from sqdf.grouped_cells import CellSchedule, newest_groups
 from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
 from sqdf.periodic_eval import PeriodicEval
 from sqdf.preemption import (
@@ -374,6 +375,8 @@ class TrainingRun:
     last_checkpoint: int = -1  # the update of the newest checkpoint this run has (-1: none)
     # a reward mixture's components of the newest stored batch (what Fresh.parts reports)
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    # a grouped method's order over the newest batch's cells, where it asks for its own
+    cell_schedule: CellSchedule = field(default_factory=CellSchedule)
 
 
 @dataclass
@@ -723,6 +726,7 @@ def sample_fresh(s: TrainingRun, step: int) -> Fresh:
         keep = whole_groups(finite, group_size(cfg.method, s.method_params))
         if keep.numel():
             s.buffer.add(traj.select(keep), rewards.cpu()[keep])
+            s.cell_schedule.new_batch()
             s.reward_parts = {n: p.cpu()[keep].double() for n, p in parts.items()}
     fresh.rewards = s.buffer.rewards[s.buffer.newest].double()
     fresh.parts = s.reward_parts
@@ -746,26 +750,12 @@ def whole_groups(finite: torch.Tensor, size: int) -> torch.Tensor:
     return finite.view(-1, size).all(dim=1).repeat_interleave(size).nonzero().squeeze(1)
 
 
-def newest_groups(s: TrainingRun, cells: Cells) -> dict[str, torch.Tensor]:
-    """What a grouped method's loss is told besides the cells: each cell's group, and the
-    newest batch's rewards and groups. The newest batch is whole groups of G consecutive
-    samples (``fresh_conditions``, ``whole_groups``), so its sample i is in group i // G."""
-    newest = s.buffer.newest
-    found = cells.index[:, None] == newest[None, :]  # (cells, newest)
-    if not bool(found.any(dim=1).all()):  # the on-policy buffer draws from the newest only
-        raise RuntimeError("a grouped method got cells from outside the newest batch")
-    batch_group = torch.arange(newest.shape[0]) // s.method_params.group_size
-    return {
-        "group": batch_group[found.int().argmax(dim=1)],
-        "batch_reward": s.buffer.rewards[newest],
-        "batch_group": batch_group,
-    }
-
-
 def draw_cells(s: TrainingRun, grads: Gradients) -> Cells:
     """One micro-batch of (trajectory, step) cells: from the replay buffer, or (truncated
     rollouts) fresh trajectories run only as far as the steps they are used at."""
     cfg = s.cfg
+    if METHODS[cfg.method].grouped and CellSchedule.needed(s.method_params):
+        return s.cell_schedule.draw(s.buffer, cfg.batch_size, s.method_params, s.generator)
     if cfg.rollout != "truncated":
         return s.buffer.sample_cells(cfg.batch_size, s.generator)
     s.phase = "sampling"
@@ -798,7 +788,8 @@ def accumulate_gradients(s: TrainingRun, fresh: Fresh) -> Gradients:
     loss_fn = METHODS[cfg.method].loss
     for _ in range(cfg.grad_accum if not grads.skip else 0):
         cells = draw_cells(s, grads)
-        extra = newest_groups(s, cells) if METHODS[cfg.method].grouped else {}
+        grouped = METHODS[cfg.method].grouped
+        extra = newest_groups(s.buffer, cells, s.method_params, procs) if grouped else {}
         loss, stats = loss_fn(s.task, cells, cfg, s.method_params, s.generator, **extra)
         if not torch.isfinite(loss):
             grads.skip, grads.cause = True, f"the loss was {loss.item()}"
