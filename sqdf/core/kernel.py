@@ -27,11 +27,11 @@ from sqdf.core.kl import (
     flow_grpo_kl_weights,
     gaussian_log_prob,
 )
+from sqdf.core.schedule import DDIMSchedule
+from sqdf.core.x0 import tweedie_x0
 
 # the conventions a KL weight may be written in for ``StepKernel.step_kl_weights``
 STEP_KL_SCALES = (*KL_SCALES, "flow_grpo")
-from sqdf.core.schedule import DDIMSchedule
-from sqdf.core.x0 import tweedie_x0
 
 
 def _expand(v: Tensor, like: Tensor) -> Tensor:
