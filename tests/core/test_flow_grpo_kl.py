@@ -19,9 +19,10 @@ def their_step(velocity, sample, sigmas, k, noise_level):
     sigma, sigma_prev, sigma_max = sigmas[k], sigmas[k + 1], sigmas[1]
     dt = sigma_prev - sigma
     std_dev_t = np.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * noise_level
-    mean = sample * (1 + std_dev_t**2 / (2 * sigma) * dt) + velocity * (
-        1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)
-    ) * dt
+    mean = (
+        sample * (1 + std_dev_t**2 / (2 * sigma) * dt)
+        + velocity * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    )
     return mean, std_dev_t
 
 
