@@ -64,6 +64,7 @@ from sqdf.distributed import (
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.grouped_cells import CellSchedule, newest_groups
 from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
+from sqdf.methods.grpo import check_kl_scale
 from sqdf.periodic_eval import PeriodicEval
 from sqdf.preemption import (
     Preempted,
@@ -588,6 +589,8 @@ def set_up(
         task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
     else:
         task = state.task
+    if METHODS[cfg.method].grouped:
+        check_kl_scale(task, method_params)
     given, cfg = cfg, with_summed_alpha(cfg)  # the losses weight the exact, summed KL
     if procs.is_main:
         write_config(

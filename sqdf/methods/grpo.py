@@ -56,6 +56,7 @@ from torch import Tensor
 from sqdf.buffer import Cells
 from sqdf.config import TrainConfig
 from sqdf.core.kernel import STEP_KL_SCALES
+from sqdf.errors import ConfigError
 from sqdf.methods.ddpo import clipped_ratio_loss, masked_mean, per_condition_advantages
 from sqdf.tasks.base import Task
 
@@ -101,6 +102,15 @@ class GrpoParams:
                 )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+
+
+def check_kl_scale(task: Task, params: GrpoParams) -> None:
+    """Refuse, in one line, a KL convention the task's sampler has no weights for (flow_grpo
+    on a DDIM task)."""
+    try:
+        task.kernel.step_kl_weights(params.beta, params.kl_scale, math.prod(task.sample_shape))
+    except ValueError as err:
+        raise ConfigError(f"method 'grpo': {err}") from None
 
 
 def trained_steps(num_steps: int, fraction: float) -> int:
