@@ -5,6 +5,8 @@ zero-advantage samples (lines 796-817) and its KL (line 895)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -182,3 +184,20 @@ def test_bad_parity_params_are_one_clear_error(params, match):
 
     with pytest.raises(ConfigError, match=match):
         build_method_params("grpo", params)
+
+
+@pytest.mark.parametrize("group_by", ["condition", "block"])
+def test_groups_and_global_std_span_processes(group_by, tmp_path):
+    # two real processes (torchrun, gloo) with batches of different lengths
+    from tests.distributed.grouped_gather import batch
+    from tests.test_distributed import ROOT, launch
+
+    launch([str(ROOT / "tests/distributed/grouped_gather.py"), str(tmp_path), group_by])
+    got = [v for r in (0, 1) for v in json.loads((tmp_path / f"{r}.json").read_text())]
+    (c0, r0), (c1, r1) = batch(0), batch(1)
+    if group_by == "condition":  # the prompt's samples on both processes form one group
+        prompts = c0 + c1
+    else:  # blocks of 2 on each process, apart
+        prompts = [f"0-{i // 2}" for i in range(len(c0))] + [f"1-{i // 2}" for i in range(len(c1))]
+    expected = their_advantages(prompts, r0 + r1, global_std=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
