@@ -3,18 +3,19 @@
 to a group of samples of the same condition, plus an optional KL penalty to the reference.
 
 Each fresh batch is B / G groups of G samples: the trainer draws B / G conditions (classes,
-prompts) and repeats each G times in a row, and stores only whole groups. A group is such a
-block, not a condition value: on gmm2d, where every condition is 0, G still sets the group,
-and two blocks that drew the same class on digits are normalised apart, as the two
-separately drawn groups they are. Per cell (x_t, x_{t-1}) of trajectory i in group g:
+prompts) and repeats each G times in a row, and stores only whole groups. By default a group
+is such a block, not a condition value: on gmm2d, where every condition is 0, G still sets the
+group, and two blocks that drew the same class on digits are normalised apart, as the two
+separately drawn groups they are (``group_by = "condition"`` merges them). Per cell (x_t, x_{t-1}) of trajectory i in group g:
 
     A_i = clip((r_i - mean_g) / std_g, ±adv_clip)     mean_g, std_g over group g of the newest batch
     ρ   = exp((log p_θ(x_{t-1}|x_t) - log p_old(x_{t-1}|x_t)) / D)          per dimension, as DDPO
     L   = -min(ρ A, clip(ρ, 1 ± clip_range) A)  +  beta · KL(p_θ(·|x_t) || p_ref(·|x_t))
 
-with the exact Gaussian KL of the step, summed over the D dimensions (``gaussian_kl``). std_g
-is the group's unbiased sample std, as DanceGRPO's torch ``std`` (Flow-GRPO's numpy std
-divides by G, and its SD 3.5 configs take it over the whole batch, ``global_std``). Use
+with the exact Gaussian KL of the step, summed over the D dimensions (``gaussian_kl``), by
+default. std_g is the group's unbiased sample std, as DanceGRPO's torch ``std`` (Flow-GRPO's
+numpy std divides by G, and its SD 3.5 configs take it over the whole batch: the parity
+options below). Use
 ``buffer = "on_policy"``: the cells come from the newest batch, and the replay ratio is the
 number of updates per batch.
 
