@@ -64,7 +64,7 @@ from sqdf.distributed import (
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.grouped_cells import CellSchedule, newest_groups
 from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
-from sqdf.methods.grpo import check_kl_scale
+from sqdf.methods.grpo import beta_note, check_kl_scale
 from sqdf.periodic_eval import PeriodicEval
 from sqdf.preemption import (
     Preempted,
@@ -611,6 +611,9 @@ def set_up(
         print(f"sqdf: {batch_note(cfg, procs.world)}", file=sys.stderr)
     if given.kl_scale != "sum" and procs.is_main:  # said even without progress: it sets the KL
         print(f"sqdf: {alpha_note(kl_resolution(given, cfg, task))}", file=sys.stderr)
+    note = beta_note(task, method_params) if METHODS[cfg.method].grouped else None
+    if note and procs.is_main:
+        print(f"sqdf: {note}", file=sys.stderr)
     params = [p for p in task.policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, fused=use_fused(params) and not procs.fsdp)
     if procs.fsdp:

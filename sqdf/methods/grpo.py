@@ -6,7 +6,8 @@ Each fresh batch is B / G groups of G samples: the trainer draws B / G condition
 prompts) and repeats each G times in a row, and stores only whole groups. By default a group
 is such a block, not a condition value: on gmm2d, where every condition is 0, G still sets the
 group, and two blocks that drew the same class on digits are normalised apart, as the two
-separately drawn groups they are (``group_by = "condition"`` merges them). Per cell (x_t, x_{t-1}) of trajectory i in group g:
+separately drawn groups they are (``group_by = "condition"`` merges them). Per cell
+(x_t, x_{t-1}) of trajectory i in group g:
 
     A_i = clip((r_i - mean_g) / std_g, ±adv_clip)     mean_g, std_g over group g of the newest batch
     ρ   = exp((log p_θ(x_{t-1}|x_t) - log p_old(x_{t-1}|x_t)) / D)          per dimension, as DDPO
@@ -15,9 +16,8 @@ separately drawn groups they are (``group_by = "condition"`` merges them). Per c
 with the exact Gaussian KL of the step, summed over the D dimensions (``gaussian_kl``), by
 default. std_g is the group's unbiased sample std, as DanceGRPO's torch ``std`` (Flow-GRPO's
 numpy std divides by G, and its SD 3.5 configs take it over the whole batch: the parity
-options below). Use
-``buffer = "on_policy"``: the cells come from the newest batch, and the replay ratio is the
-number of updates per batch.
+options below). Use ``buffer = "on_policy"``: the cells come from the newest batch, and the
+replay ratio is the number of updates per batch.
 
 Defaults and their sources:
 - clip_range 1e-4, adv_clip 5: Flow-GRPO's config/base.py (train.clip_range,
@@ -112,6 +112,20 @@ def check_kl_scale(task: Task, params: GrpoParams) -> None:
         task.kernel.step_kl_weights(params.beta, params.kl_scale, math.prod(task.sample_shape))
     except ValueError as err:
         raise ConfigError(f"method 'grpo': {err}") from None
+
+
+def beta_note(task: Task, params: GrpoParams) -> str | None:
+    """One line saying how a beta written in another convention weights the exact summed KL
+    at each step; None for beta 0 or the summed convention itself."""
+    if params.beta == 0 or params.kl_scale == "sum":
+        return None
+    dims = math.prod(task.sample_shape)
+    weights = task.kernel.step_kl_weights(params.beta, params.kl_scale, dims)
+    each = ", ".join(f"{float(w):.3g}" for w in weights)
+    return (
+        f"grpo beta {params.beta:g} (kl_scale {params.kl_scale}) weights the exact KL summed "
+        f"over D = {dims:,} dimensions by {each} at steps 0..{weights.shape[0] - 1}"
+    )
 
 
 def trained_steps(num_steps: int, fraction: float) -> int:

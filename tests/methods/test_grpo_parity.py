@@ -201,3 +201,17 @@ def test_groups_and_global_std_span_processes(group_by, tmp_path):
         prompts = [f"0-{i // 2}" for i in range(len(c0))] + [f"1-{i // 2}" for i in range(len(c1))]
     expected = their_advantages(prompts, r0 + r1, global_std=True)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_run_says_how_flow_grpos_beta_weights_each_step():
+    from sqdf.methods.grpo import beta_note
+
+    _, task = _task()
+    params = build_method_params("grpo", {"beta": 0.01, "kl_scale": "flow_grpo"})
+    grid = task.kernel.sigmas.double()
+    each = ", ".join(f"{float(w):.3g}" for w in 0.01 * (grid[:-1] - grid[1:]) / 2)
+    assert beta_note(task, params) == (
+        "grpo beta 0.01 (kl_scale flow_grpo) weights the exact KL summed over D = 2 dimensions "
+        f"by {each} at steps 0..4"
+    )
+    assert beta_note(task, build_method_params("grpo", {"beta": 0.01})) is None
