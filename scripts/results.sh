@@ -11,6 +11,7 @@ SQDF=.venv/bin/sqdf
 LOG=docs/results/commands.txt
 ALL=sqdf,draft,draft_lv,draft_kl,refl,alignprop,ddpo,best_of_n
 BBO=sqdf,seiko,draft,alignprop,ddpo,best_of_n
+GRPO_PARITY='method_params={std="population", global_std=true, group_by="condition", timestep_fraction=0.99, cell_order="sweep", drop_zero_advantage=true}'
 DIGITS=(--task digits --config docs/results/digits.toml --num-samples 300)
 declare -A EXPERIMENTS=(
     [gmm2d-linear]="--task gmm2d --methods $ALL --seeds 3"
@@ -94,6 +95,10 @@ declare -A EXPERIMENTS=(
     [gmm2d-quadratic-grpo]="--task gmm2d --methods grpo --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie"
     [gmm2d-flow-quadratic-grpo]="--task gmm2d --methods grpo --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --set 'task_params={process=\"flow\"}'"
     [digits-grpo]="${DIGITS[*]} --methods grpo --seeds 3"
+    # the same GRPO rows with Flow-GRPO's advantages, groups and cells (docs/flow-grpo.md)
+    [gmm2d-quadratic-grpo-parity]="--task gmm2d --methods grpo --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --set '$GRPO_PARITY'"
+    [gmm2d-flow-quadratic-grpo-parity]="--task gmm2d --methods grpo --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --set 'task_params={process=\"flow\"}' --set '$GRPO_PARITY'"
+    [digits-grpo-parity]="${DIGITS[*]} --methods grpo --seeds 3 --set '$GRPO_PARITY'"
     [digits-gamma]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep gamma=1.0,0.9,0.7"
     [digits-estimator]="${DIGITS[*]} --methods sqdf --seeds 3 --sweep estimator=tweedie,consistency"
     # the Gaussian posterior with its isotropic covariance, beside digits-estimator's two
@@ -109,7 +114,7 @@ declare -A EXPERIMENTS=(
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
        gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-gaussian-q gmm2d-quadratic-gaussian-q gmm2d-buffer gmm2d-alpha
-       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-200-cosine-q-at-mean gmm2d-families-200-cosine-q-at-mean-accum4 gmm2d-families-200-cosine-q-at-mean-accum8 gmm2d-families-200-cosine-accum4 gmm2d-families-exact-alphas gmm2d-families-floor-alphas gmm2d-families-exact-accum16 gmm2d-families-exact-heldout gmm2d-families-floor-heldout gmm2d-families-exact-heldout-accum16 gmm2d-families-exact-heldout-hidden256 gmm2d-family6-linear-exact-updates gmm2d-family4-quadratic-exact-updates gmm2d-families-w2-floor-noise gmm2d-families-q-cov gmm2d-families-exact-settings-training-free gmm2d-families-consistency gmm2d-families-flow-exact gmm2d-families-flow-exact-alphas gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo digits-gamma digits-estimator digits-posterior digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-200-cosine-q-at-mean gmm2d-families-200-cosine-q-at-mean-accum4 gmm2d-families-200-cosine-q-at-mean-accum8 gmm2d-families-200-cosine-accum4 gmm2d-families-exact-alphas gmm2d-families-floor-alphas gmm2d-families-exact-accum16 gmm2d-families-exact-heldout gmm2d-families-floor-heldout gmm2d-families-exact-heldout-accum16 gmm2d-families-exact-heldout-hidden256 gmm2d-family6-linear-exact-updates gmm2d-family4-quadratic-exact-updates gmm2d-families-w2-floor-noise gmm2d-families-q-cov gmm2d-families-exact-settings-training-free gmm2d-families-consistency gmm2d-families-flow-exact gmm2d-families-flow-exact-alphas gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo gmm2d-quadratic-grpo-parity gmm2d-flow-quadratic-grpo-parity digits-grpo-parity digits-gamma digits-estimator digits-posterior digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args

@@ -65,8 +65,9 @@ PARETO = {
 KNOBS = {"sqdf": "alpha", "draft_kl": "alpha", "grpo": "beta", BEST_OF_N: "best_of"}
 UPDATES_KNOB = "steps"
 # default values: alpha and updates as multiples of the base run's (updates rounded); GRPO's
-# beta as Flow-GRPO's values on the KL averaged over dimensions (0.01 PickScore, 0.04
-# GenEval), divided by the sample's dimensions D for our summed KL; N as they are
+# beta as weights of the exact KL per dimension, divided by the sample's dimensions D for our
+# summed KL (values on the scale of Flow-GRPO's 0.01 PickScore and 0.04 GenEval, which weight
+# another, per-step KL: docs/flow-grpo.md); N as they are
 KNOB_FACTORS = {"alpha": (4.0, 2.0, 1.0, 0.5, 0.25), UPDATES_KNOB: (0.25, 0.5, 1.0)}
 KNOB_PER_DIM = {"beta": (0.16, 0.04, 0.01, 0.0)}
 KNOB_VALUES = {"best_of": (2, 4, 16, 64)}

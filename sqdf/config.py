@@ -57,7 +57,9 @@ class TrainConfig:
         "sum",
         "how alpha is written: sum = weight of the exact KL summed over a sample's D dimensions; "
         "mean = of mean((mu - mu_ref)^2 / sigma^2), as the SQDF reference code (alpha_sum = "
-        "2 alpha / D); half_mean = of the mean with the 1/2, as Flow-GRPO's beta (alpha / D)",
+        "2 alpha / D); half_mean = of the mean with the 1/2, the exact KL per dimension "
+        "(alpha / D); sigma is the step's std in all three (Flow-GRPO's beta is per step: "
+        "grpo's kl_scale)",
     )
     gamma: float = _f(0.9, "discount gamma in (0, 1]: step k's reward is weighted gamma^(T-k-1)")
     estimator: str = _f(

@@ -63,7 +63,9 @@ from sqdf.distributed import (
     rank_seed,
 )
 from sqdf.errors import ConfigError, DivergedError, SqdfError
+from sqdf.grouped_cells import CellSchedule, newest_groups
 from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
+from sqdf.methods.grpo import beta_note, check_kl_scale
 from sqdf.periodic_eval import PeriodicEval
 from sqdf.preemption import (
     Preempted,
@@ -375,6 +377,8 @@ class TrainingRun:
     last_checkpoint: int = -1  # the update of the newest checkpoint this run has (-1: none)
     # a reward mixture's components of the newest stored batch (what Fresh.parts reports)
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    # a grouped method's order over the newest batch's cells, where it asks for its own
+    cell_schedule: CellSchedule = field(default_factory=CellSchedule)
 
 
 @dataclass
@@ -604,6 +608,8 @@ def set_up(
             "task_params.reference_compat reproduces one rank of the SQDF reference code, "
             f"which trains a separate LoRA per process; run it on one process, not {procs.world}"
         )
+    if METHODS[cfg.method].grouped:
+        check_kl_scale(task, method_params)
     given, cfg = cfg, with_summed_alpha(cfg)  # the losses weight the exact, summed KL
     if procs.is_main:
         write_config(
@@ -625,6 +631,9 @@ def set_up(
         print(f"sqdf: {batch_note(cfg, procs.world)}", file=sys.stderr)
     if given.kl_scale != "sum" and procs.is_main:  # said even without progress: it sets the KL
         print(f"sqdf: {alpha_note(kl_resolution(given, cfg, task))}", file=sys.stderr)
+    note = beta_note(task, method_params) if METHODS[cfg.method].grouped else None
+    if note and procs.is_main:
+        print(f"sqdf: {note}", file=sys.stderr)
     params = [p for p in task.policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, fused=use_fused(params) and not procs.fsdp)
     if procs.fsdp:
@@ -743,6 +752,7 @@ def sample_fresh(s: TrainingRun, step: int) -> Fresh:
             kept, kept_rewards, kept_parts = share_fresh(s.procs, kept, kept_rewards, kept_parts)
         if kept_rewards.numel():
             s.buffer.add(kept, kept_rewards)
+            s.cell_schedule.new_batch()
             s.reward_parts = kept_parts
     fresh.rewards = s.buffer.rewards[s.buffer.newest].double()
     fresh.parts = s.reward_parts
@@ -823,26 +833,12 @@ def whole_groups(finite: torch.Tensor, size: int) -> torch.Tensor:
     return finite.view(-1, size).all(dim=1).repeat_interleave(size).nonzero().squeeze(1)
 
 
-def newest_groups(s: TrainingRun, cells: Cells) -> dict[str, torch.Tensor]:
-    """What a grouped method's loss is told besides the cells: each cell's group, and the
-    newest batch's rewards and groups. The newest batch is whole groups of G consecutive
-    samples (``fresh_conditions``, ``whole_groups``), so its sample i is in group i // G."""
-    newest = s.buffer.newest
-    found = cells.index[:, None] == newest[None, :]  # (cells, newest)
-    if not bool(found.any(dim=1).all()):  # the on-policy buffer draws from the newest only
-        raise RuntimeError("a grouped method got cells from outside the newest batch")
-    batch_group = torch.arange(newest.shape[0]) // s.method_params.group_size
-    return {
-        "group": batch_group[found.int().argmax(dim=1)],
-        "batch_reward": s.buffer.rewards[newest],
-        "batch_group": batch_group,
-    }
-
-
 def draw_cells(s: TrainingRun, grads: Gradients) -> Cells:
     """One micro-batch of (trajectory, step) cells: from the replay buffer, or (truncated
     rollouts) fresh trajectories run only as far as the steps they are used at."""
     cfg = s.cfg
+    if METHODS[cfg.method].grouped and CellSchedule.needed(s.method_params):
+        return s.cell_schedule.draw(s.buffer, cfg.batch_size, s.method_params, s.generator)
     if cfg.rollout != "truncated":
         return s.buffer.sample_cells(cfg.batch_size, s.generator)
     s.phase = "sampling"
@@ -875,7 +871,8 @@ def accumulate_gradients(s: TrainingRun, fresh: Fresh) -> Gradients:
     loss_fn = METHODS[cfg.method].loss
     for _ in range(cfg.grad_accum if not grads.skip else 0):
         cells = draw_cells(s, grads)
-        extra = newest_groups(s, cells) if METHODS[cfg.method].grouped else {}
+        grouped = METHODS[cfg.method].grouped
+        extra = newest_groups(s.buffer, cells, s.method_params, procs) if grouped else {}
         loss, stats = loss_fn(s.task, cells, cfg, s.method_params, s.generator, **extra)
         if not torch.isfinite(loss):
             grads.skip, grads.cause = True, f"the loss was {loss.item()}"

@@ -226,7 +226,8 @@ def test_frontier_defaults_follow_the_base():
     (grpo,) = plan_frontier(["grpo"], {**base, "method_params": {"group_size": 2}},
                             {"grpo": [0.5]})  # fmt: skip
     assert grpo.overrides == {"method": "grpo", "method_params": {"group_size": 2, "beta": 0.5}}
-    # Flow-GRPO's betas on the per-dimension KL, over D for the summed one; whole updates
+    # betas on the exact KL per dimension (the scale of Flow-GRPO's), over D for the summed one;
+    # whole updates
     dims = {**base, "dims": 2}
     assert [v.value for v in plan_frontier(["grpo"], dims)] == [0.08, 0.02, 0.005, 0.0]
     short = plan_frontier(["draft"], {**base, "steps": 10})

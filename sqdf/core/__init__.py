@@ -7,8 +7,14 @@ function can be checked against a closed form or against diffusers' own schedule
 
 from sqdf.core.ddim import ddim_sigma, ddim_step_mean_std
 from sqdf.core.flow import flow_sigmas, flow_step_mean_std, flow_x0
-from sqdf.core.kernel import DDIMKernel, FlowKernel, StepKernel
-from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention, gaussian_kl, gaussian_log_prob
+from sqdf.core.kernel import STEP_KL_SCALES, DDIMKernel, FlowKernel, StepKernel
+from sqdf.core.kl import (
+    KL_SCALES,
+    alpha_in_sum_convention,
+    flow_grpo_kl_weights,
+    gaussian_kl,
+    gaussian_log_prob,
+)
 from sqdf.core.loss import discount_weight, soft_q_loss
 from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import DDIMSchedule, make_ddim_schedule
@@ -18,12 +24,14 @@ __all__ = [
     "DDIMKernel",
     "DDIMSchedule",
     "FlowKernel",
+    "STEP_KL_SCALES",
     "StepKernel",
     "flow_sigmas",
     "flow_step_mean_std",
     "flow_x0",
     "KL_SCALES",
     "alpha_in_sum_convention",
+    "flow_grpo_kl_weights",
     "consistency_x0",
     "ddim_sigma",
     "ddim_step_mean_std",

@@ -20,8 +20,10 @@ replaced by the grid's next time (``t_cap``), as Flow-GRPO does.
 
 Policy and reference share the std, so their per-step KL is ``gaussian_kl`` (the exact KL,
 summed, with the 1/2): mean_θ - mean_ref = (v_θ - v_ref) [1 + σ_t² (1 - t) / (2t)] Δ. Flow-GRPO
-writes its KL weight β against the per-dimension mean of the same quantity: β = α D in our
-convention (``kl_scale = "half_mean"`` converts, beside the SQDF code's ``mean``: sqdf.core.kl).
+writes its KL as mean_d (mean_θ - mean_ref)² / (2 σ_t²): over σ_t, the diffusion coefficient,
+not the step's std σ_t sqrt(-Δ). Ours is D / |Δ| times theirs, so their β is the per-step
+weight β |Δ| / D on ours (``kl.flow_grpo_kl_weights``; ``FlowKernel.step_kl_weights`` with
+scale "flow_grpo"), not one scalar.
 """
 
 from __future__ import annotations

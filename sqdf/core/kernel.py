@@ -16,13 +16,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from sqdf.core.ddim import ddim_step_mean_std
 from sqdf.core.flow import flow_step_mean_std, flow_x0, sde_sigma
-from sqdf.core.kl import gaussian_log_prob
+from sqdf.core.kl import (
+    KL_SCALES,
+    alpha_in_sum_convention,
+    flow_grpo_kl_weights,
+    gaussian_log_prob,
+)
 from sqdf.core.schedule import DDIMSchedule
 from sqdf.core.x0 import tweedie_x0
+
+# the conventions a KL weight may be written in for ``StepKernel.step_kl_weights``
+STEP_KL_SCALES = (*KL_SCALES, "flow_grpo")
 
 
 def _expand(v: Tensor, like: Tensor) -> Tensor:
@@ -69,6 +78,18 @@ class StepKernel(ABC):
     def log_prob(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         """The step's log-likelihood of reaching ``x_next``, summed over dimensions: (B,)."""
         return gaussian_log_prob(x_next, mean, std)
+
+    def step_kl_weights(self, weight: float, scale: str, dims: int) -> Tensor:
+        """(T,) float64: a KL weight written in convention ``scale`` as the weight of the exact
+        summed KL (``gaussian_kl``) at each step. ``scale``: a key of KL_SCALES (one weight for
+        every step), or "flow_grpo" (flow kernels only: Flow-GRPO's beta, a weight per step)."""
+        if scale == "flow_grpo":
+            raise ValueError(
+                f"KL scale 'flow_grpo' is Flow-GRPO's beta on the flow SDE's step; "
+                f"{type(self).__name__} has no flow grid (use sum, mean or half_mean)"
+            )
+        summed = alpha_in_sum_convention(weight, scale, dims)
+        return torch.full((self.num_steps,), summed, dtype=torch.float64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,6 +172,12 @@ class FlowKernel(StepKernel):
     def marginal(self, k: Tensor) -> tuple[Tensor, Tensor]:
         t = self.sigmas[k].double()
         return 1 - t, t  # the path of flow.flow_noised
+
+    def step_kl_weights(self, weight: float, scale: str, dims: int) -> Tensor:
+        if scale != "flow_grpo":
+            return super().step_kl_weights(weight, scale, dims)
+        step_sizes = self.sigmas[:-1].double() - self.sigmas[1:].double()
+        return flow_grpo_kl_weights(weight, step_sizes, dims)
 
     @property
     def stds(self) -> Tensor:

@@ -43,7 +43,10 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 # summed over the D dimensions of a sample): alpha_sum = alpha * factor / D.
 #   sum:       sum  (mean_p - mean_q)^2 / (2 std^2)   the exact KL (ours)
 #   mean:      mean (mean_p - mean_q)^2 / std^2       the SQDF reference code (T2I and BBO)
-#   half_mean: mean (mean_p - mean_q)^2 / (2 std^2)   Flow-GRPO's beta
+#   half_mean: mean (mean_p - mean_q)^2 / (2 std^2)   the exact KL per dimension
+# std is the step's own standard deviation in all three. Flow-GRPO's beta is none of them: it
+# divides by the flow SDE's diffusion coefficient, not the step's std, which makes it a
+# different weight at each step (``flow_grpo_kl_weights``).
 KL_SCALES = {"sum": None, "mean": 2.0, "half_mean": 1.0}
 
 
@@ -56,3 +59,19 @@ def alpha_in_sum_convention(alpha: float, scale: str, dims: int) -> float:
         raise ValueError(f"a sample needs at least one dimension, got {dims}")
     factor = KL_SCALES[scale]
     return alpha if factor is None else alpha * factor / dims
+
+
+def flow_grpo_kl_weights(beta: float, step_sizes: Tensor, dims: int) -> Tensor:
+    """Flow-GRPO's KL weight ``beta`` as the weight of our exact summed KL at each step.
+
+    # step_sizes: (T,) |Δ_k| = t_k - t_{k+1} of the flow grid; returns (T,) float64
+    Flow-GRPO's KL is mean_d (μ_θ - μ_ref)² / (2 σ_t²) with σ_t the SDE's diffusion
+    coefficient; the step's std is σ_t sqrt(|Δ_k|), so our summed KL is D / |Δ_k| times theirs
+    and β · KL_theirs = (β |Δ_k| / D) · KL_ours. No single scalar does this on a non-uniform
+    grid: the weight falls with the step size.
+    """
+    if dims < 1:
+        raise ValueError(f"a sample needs at least one dimension, got {dims}")
+    if bool((step_sizes <= 0).any()):
+        raise ValueError("flow_grpo_kl_weights needs every step size |Δ_k| > 0")
+    return beta * step_sizes.double() / dims

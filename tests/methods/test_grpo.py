@@ -2,8 +2,6 @@
 (its gradient at ratio 1 is the plain policy gradient), an exact KL penalty, and a trainer
 that samples G copies of each condition."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,12 +11,13 @@ from sqdf.buffer import ReplayBuffer
 from sqdf.core.kl import gaussian_log_prob
 from sqdf.distributed import rank_seed
 from sqdf.errors import ConfigError
+from sqdf.grouped_cells import newest_groups
 from sqdf.methods import build_method_params
 from sqdf.methods.grpo import grpo_loss
 from sqdf.sampler import sample_trajectories, step_mean_std
 from sqdf.settings import make_config
 from sqdf.tasks import build_task
-from sqdf.trainer import TrainState, newest_groups, train, whole_groups
+from sqdf.trainer import TrainState, train, whole_groups
 
 # tiny gmm2d settings, as tests/test_compare.py's BASE
 BASE = dict(task="gmm2d", method="grpo", buffer="on_policy", num_steps=5, steps=3, batch_size=8,
@@ -54,8 +53,7 @@ def _grouped_cells(task, cfg, rewards: torch.Tensor, n_cells: int = 32):
     buf.add(sample_trajectories(task, 8, g), torch.zeros(8))  # the newest lands in 8..11, 0..3
     buf.add(sample_trajectories(task, 8, g), rewards)
     cells = buf.sample_cells(n_cells, torch.Generator().manual_seed(1))
-    run = SimpleNamespace(buffer=buf, method_params=build_method_params("grpo", {}))
-    return cells, newest_groups(run, cells)
+    return cells, newest_groups(buf, cells, build_method_params("grpo", {}))
 
 
 def test_advantages_are_standardised_within_each_group_of_the_newest_batch():
@@ -140,7 +138,7 @@ def test_beta_adds_exactly_beta_times_the_exact_kl():
         ({"clip_range": 0}, "clip_range must be > 0, got 0"),
         ({"adv_clip": -1.0}, r"adv_clip must be > 0, got -1.0"),
         ({"beta": -0.1}, r"beta must be >= 0, got -0.1"),
-        ({"group": 4}, "unknown parameter 'group' for method 'grpo'.*did you mean 'group_size'"),
+        ({"groupsize": 4}, "unknown parameter 'groupsize'.*did you mean 'group_size'"),
     ],
 )
 def test_bad_params_are_one_clear_error(params, match):

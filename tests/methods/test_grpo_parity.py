@@ -1,0 +1,217 @@
+"""GRPO's Flow-GRPO parity options against independent computations: a numpy re-implementation
+of Flow-GRPO's PerPromptStatTracker (flow_grpo/stat_tracking.py lines 11-31, at ac4c86e), the
+cells its inner epoch visits (scripts/train_sd3.py lines 345, 827-864), the mean without
+zero-advantage samples (lines 796-817) and its KL (line 895)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sqdf.buffer import ReplayBuffer
+from sqdf.grouped_cells import CellSchedule, newest_groups
+from sqdf.methods import build_method_params
+from sqdf.methods.grpo import group_advantages, grpo_loss, trained_steps
+from sqdf.sampler import sample_trajectories, step_mean_std
+from sqdf.settings import make_config
+from sqdf.tasks import build_task
+
+BASE = dict(task="gmm2d", method="grpo", buffer="on_policy", num_steps=5, steps=3, batch_size=8,
+            buffer_size=16, log_every=1, checkpoint_every=0, device="cpu", estimator="tweedie",
+            task_params={"hidden": 8, "process": "flow"}, lr=1e-2)  # fmt: skip
+
+
+def their_advantages(prompts, rewards, global_std):
+    """PerPromptStatTracker(global_std).update(prompts, rewards) for type 'grpo', after a
+    clear(): per prompt, (r - mean) / (np.std + 1e-4), the std the whole batch's if global."""
+    prompts, rewards = np.array(prompts), np.array(rewards, dtype=np.float64)
+    advantages = np.empty_like(rewards)
+    for prompt in np.unique(prompts):
+        mine = rewards[prompts == prompt]
+        std = (np.std(rewards) if global_std else np.std(mine)) + 1e-4
+        advantages[prompts == prompt] = (mine - np.mean(mine)) / std
+    return advantages
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+def test_population_std_advantages_are_flow_grpos_stat_tracker(global_std):
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, 5, 40)
+    prompts[:3] = 7  # a constant group: advantage 0, not blown up to unit scale
+    prompts[3] = 9  # a group of one
+    rewards = rng.normal(size=40) * rng.uniform(0.01, 3, 40)
+    rewards[:3] = 0.25
+    expected = their_advantages(prompts, rewards, global_std)
+    cond = torch.from_numpy(prompts)
+    r = torch.from_numpy(rewards)
+    got = group_advantages(r, cond, r, cond, std="population", global_std=global_std)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert not got[:4].any()
+    # today's default differs: the unbiased std, a constant group floored at 1e-6
+    default = group_advantages(r, cond, r, cond)
+    assert not np.allclose(default.numpy(), expected)
+
+
+def _task():
+    cfg = make_config(BASE)
+    torch.manual_seed(0)
+    task = build_task(cfg)
+    for p in task.policy.parameters():
+        p.data.normal_(0, 0.3)
+    return cfg, task
+
+
+def _buffer(task, cfg, rewards, cond=None):
+    buf = ReplayBuffer(16, "on_policy", cfg.num_steps, cfg.gamma)
+    buf.add(sample_trajectories(task, len(rewards), torch.Generator().manual_seed(0)), rewards)
+    if cond is not None:
+        buf.cond[buf.newest] = cond.to(buf.cond.dtype)
+    return buf
+
+
+def test_grouping_by_condition_merges_blocks_of_one_condition():
+    cfg, task = _task()
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 10.0, 10.0, 20.0, 40.0])
+    cond = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0])  # not the blocks of G = 4
+    buf = _buffer(task, cfg, rewards, cond)
+    cells = buf.sample_cells(16, torch.Generator().manual_seed(1))
+    params = build_method_params("grpo", {"group_by": "condition", "std": "population"})
+    groups = newest_groups(buf, cells, params)
+    adv = group_advantages(cells.reward, groups["group"], groups["batch_reward"],
+                           groups["batch_group"], std="population")  # fmt: skip
+    expected = their_advantages(cond.tolist(), rewards.tolist(), global_std=False)
+    position = {int(s): i for i, s in enumerate(buf.newest)}
+    want = torch.tensor([expected[position[int(s)]] for s in cells.index])
+    torch.testing.assert_close(adv.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.99, 0.5])
+def test_sweep_visits_each_trained_step_of_each_trajectory_once_a_pass(fraction):
+    cfg, task = _task()
+    buf = _buffer(task, cfg, torch.arange(8.0))
+    params = build_method_params("grpo", {"cell_order": "sweep", "timestep_fraction": fraction})
+    steps = int(cfg.num_steps * fraction)  # Flow-GRPO's num_train_timesteps
+    assert trained_steps(cfg.num_steps, fraction) == steps
+    schedule, g = CellSchedule(), torch.Generator().manual_seed(0)
+    seen = [schedule.draw(buf, 4, params, g) for _ in range(2 * 8 * steps // 4)]
+    pairs = [(int(i), int(k)) for c in seen for i, k in zip(c.index, c.step, strict=True)]
+    every = {(int(i), k) for i in buf.newest for k in range(steps)}
+    first, second = pairs[: len(every)], pairs[len(every) :]
+    assert sorted(first) == sorted(every) and sorted(second) == sorted(every)
+    # a trajectory's steps come together, in order, as Flow-GRPO's loop over j
+    for i in range(0, len(first), steps):
+        assert [k for _, k in first[i : i + steps]] == list(range(steps))
+        assert len({s for s, _ in first[i : i + steps]}) == 1
+    # the cells are the buffer's states at those steps
+    c = seen[0]
+    states = buf.states
+    torch.testing.assert_close(c.x_t, states[c.index, c.step])
+    torch.testing.assert_close(c.x_next, states[c.index, c.step + 1])
+    schedule.new_batch()
+    assert schedule.queue.shape[0] == 0
+
+
+def test_random_order_with_a_fraction_never_draws_the_skipped_steps():
+    cfg, task = _task()
+    buf = _buffer(task, cfg, torch.arange(8.0))
+    params = build_method_params("grpo", {"timestep_fraction": 0.99})
+    cells = CellSchedule().draw(buf, 400, params, torch.Generator().manual_seed(0))
+    assert set(cells.step.tolist()) == set(range(cfg.num_steps - 1))
+    assert CellSchedule.needed(params)
+    assert not CellSchedule.needed(build_method_params("grpo", {}))
+
+
+def _sde_sigma(t, t1, a):
+    """Flow-GRPO's std_dev_t (sd3_sde_with_logprob.py line 47)."""
+    return np.sqrt(t / (1 - (t1 if t == 1 else t))) * a
+
+
+def test_zero_advantage_cells_leave_the_mean_and_the_kl_and_beta_is_flow_grpos():
+    cfg, task = _task()
+    rewards = torch.tensor([5.0, 5.0, 5.0, 5.0, 1.0, 2.0, 4.0, 8.0])  # group 0: all equal
+    buf = _buffer(task, cfg, rewards)
+    cells = buf.sample_cells(24, torch.Generator().manual_seed(2))
+    beta = 0.3
+    params = build_method_params("grpo", {"std": "population", "drop_zero_advantage": True,
+                                          "beta": beta, "kl_scale": "flow_grpo"})  # fmt: skip
+    loss, _ = grpo_loss(task, cells, cfg, params, torch.Generator(),
+                        **newest_groups(buf, cells, params))  # fmt: skip
+    # independently: at ratio 1 the policy loss is -mean(A) over the kept cells, and the KL is
+    # Flow-GRPO's mean_d (μ_θ - μ_ref)² / (2 σ_t²), averaged over the kept cells
+    block = [0, 0, 0, 0, 1, 1, 1, 1]
+    adv = their_advantages(block, rewards.tolist(), global_std=False)
+    position = {int(s): i for i, s in enumerate(buf.newest)}
+    cell_adv = np.array([adv[position[int(s)]] for s in cells.index])
+    kept = cell_adv != 0
+    assert 0 < kept.sum() < len(kept)
+    mean, _ = step_mean_std(task, cells.x_t, cells.step, cells.cond, policy=True)
+    ref, _ = step_mean_std(task, cells.x_t, cells.step, cells.cond, policy=False)
+    grid = task.kernel.sigmas.double().numpy()
+    sigma_t = np.array([_sde_sigma(grid[k], grid[1], 0.7) for k in cells.step.tolist()])
+    kl = ((mean - ref) ** 2).detach().double().numpy().mean(axis=1) / (2 * sigma_t**2)
+    assert kl[kept].mean() > 1e-4
+    expected = -cell_adv[kept].mean() + beta * kl[kept].mean()
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_a_batch_of_zero_advantages_gives_a_zero_loss_that_still_back_propagates():
+    cfg, task = _task()
+    buf = _buffer(task, cfg, torch.full((8,), 3.0))
+    cells = buf.sample_cells(8, torch.Generator().manual_seed(3))
+    params = build_method_params("grpo", {"drop_zero_advantage": True, "beta": 0.1})
+    loss, _ = grpo_loss(task, cells, cfg, params, torch.Generator(),
+                        **newest_groups(buf, cells, params))  # fmt: skip
+    assert float(loss) == 0.0
+    loss.backward()
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"std": "biased"}, "unknown std 'biased'; known: sample, population"),
+        ({"group_by": "prompt"}, "unknown group_by 'prompt'; known: block, condition"),
+        ({"cell_order": "epoch"}, "unknown cell_order 'epoch'; known: random, sweep"),
+        ({"kl_scale": "avg"}, "unknown kl_scale 'avg'; known: sum, mean, half_mean, flow_grpo"),
+        ({"timestep_fraction": 0}, r"timestep_fraction must be in \(0, 1\], got 0"),
+        ({"timestep_fraction": 1.5}, r"timestep_fraction must be in \(0, 1\], got 1.5"),
+    ],
+)
+def test_bad_parity_params_are_one_clear_error(params, match):
+    from sqdf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        build_method_params("grpo", params)
+
+
+@pytest.mark.parametrize("group_by", ["condition", "block"])
+def test_groups_and_global_std_span_processes(group_by, tmp_path):
+    # two real processes (torchrun, gloo) with batches of different lengths
+    from tests.distributed.grouped_gather import batch
+    from tests.test_distributed import ROOT, launch
+
+    launch([str(ROOT / "tests/distributed/grouped_gather.py"), str(tmp_path), group_by])
+    got = [v for r in (0, 1) for v in json.loads((tmp_path / f"{r}.json").read_text())]
+    (c0, r0), (c1, r1) = batch(0), batch(1)
+    if group_by == "condition":  # the prompt's samples on both processes form one group
+        prompts = c0 + c1
+    else:  # blocks of 2 on each process, apart
+        prompts = [f"0-{i // 2}" for i in range(len(c0))] + [f"1-{i // 2}" for i in range(len(c1))]
+    expected = their_advantages(prompts, r0 + r1, global_std=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_run_says_how_flow_grpos_beta_weights_each_step():
+    from sqdf.methods.grpo import beta_note
+
+    _, task = _task()
+    params = build_method_params("grpo", {"beta": 0.01, "kl_scale": "flow_grpo"})
+    grid = task.kernel.sigmas.double()
+    each = ", ".join(f"{float(w):.3g}" for w in 0.01 * (grid[:-1] - grid[1:]) / 2)
+    assert beta_note(task, params) == (
+        "grpo beta 0.01 (kl_scale flow_grpo) weights the exact KL summed over D = 2 dimensions "
+        f"by {each} at steps 0..4"
+    )
+    assert beta_note(task, build_method_params("grpo", {"beta": 0.01})) is None
