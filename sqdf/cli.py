@@ -74,6 +74,11 @@ BBO_DEFAULT_METHODS = "sqdf,seiko,ddpo,best_of_n"
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # no abbreviations: --updates must not silently mean --updates-per-round
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, status 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -91,7 +96,7 @@ def key_values(items: list[str], flag: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise SqdfError(f"{flag} expects KEY=VALUE, got {item!r}")
         out[key.strip()] = _parse_value(value.strip())
     return out
@@ -107,36 +112,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with config keys")
     p.add_argument(
-        "--preset", metavar="NAME",
-        help="a shipped configuration of a published run (sqdf presets lists them)",
-    )  # fmt: skip
-    p.add_argument(
         "--dry-run", action="store_true",
         help="print every resolved setting and where it came from, the model's D, alpha in "
         "both conventions, the effective batch and the replay buffer's memory; train nothing",
     )  # fmt: skip
     p.add_argument("--out", metavar="RUN", help="run folder (default: runs/TASK-METHOD-TIME)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
-    for key, example in (
-        ("task_params", "radius=4.0"),
-        ("reward_params", "'b=[1.0, 0.0]'"),
-        ("method_params", "k=2 (draft)"),
-    ):
-        p.add_argument(
-            DICT_FIELDS[key],
-            dest=key,
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help=f"{key[:-7]} parameter, e.g. {example} (repeatable)",
-        )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--model", metavar="PATH",
-        help="sd: local diffusers folder, SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1 "
-        "(= --task-param model=)",
-    )  # fmt: skip
-    p.add_argument("--prompts", metavar="SET|FILE", help="sd: prompts (= --task-param prompts=)")
+    add_setting_flags(p)
     for f in config_fields():
         if f.name in DICT_FIELDS:
             continue
@@ -150,6 +133,60 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         )
 
 
+SHORTHANDS = ("model", "prompts")  # flags for the sd task's most used parameters
+PARAM_EXAMPLES = {"task_params": "radius=4.0", "reward_params": "'b=[1.0, 0.0]'",
+                  "method_params": "k=2 (draft)"}  # fmt: skip
+
+
+def add_setting_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    preset: bool = True,
+    params: tuple[str, ...] = tuple(DICT_FIELDS),
+    shorthands: tuple[str, ...] = SHORTHANDS,
+) -> None:
+    """--preset, --model, --prompts and the KEY=VALUE parameter flags, as every command that
+    builds a task takes them (read back by ``setting_flags``)."""
+    if preset:
+        parser.add_argument(
+            "--preset", metavar="NAME", default=None,
+            help="a shipped configuration of a published run (sqdf presets lists them), "
+            "under --config and the flags",
+        )  # fmt: skip
+    for key in params:
+        parser.add_argument(
+            DICT_FIELDS[key], dest=key, action="append", default=[], metavar="KEY=VALUE",
+            help=f"{key[:-7]} parameter, e.g. {PARAM_EXAMPLES[key]} (repeatable)",
+        )  # fmt: skip
+    if "model" in shorthands:
+        parser.add_argument(
+            "--model", metavar="PATH", default=None,
+            help="sd: local diffusers folder, SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1 "
+            "(= --task-param model=)",
+        )  # fmt: skip
+    if "prompts" in shorthands:
+        parser.add_argument(
+            "--prompts", metavar="SET|FILE", default=None,
+            help="sd: prompts, a built-in set or a file (= --task-param prompts=)",
+        )  # fmt: skip
+
+
+def setting_flags(
+    args: argparse.Namespace, shorthands: tuple[str, ...] = SHORTHANDS
+) -> dict[str, Any]:
+    """The parameter tables given by ``add_setting_flags``' flags: KEY=VALUE items, and
+    --model/--prompts as the sd task's parameters of those names."""
+    flags: dict[str, Any] = {}
+    for key, flag in DICT_FIELDS.items():
+        given = key_values(getattr(args, key, []), flag)
+        if given:
+            flags[key] = given
+    for key in shorthands:
+        if getattr(args, key, None):
+            flags.setdefault("task_params", {})[key] = getattr(args, key)
+    return flags
+
+
 def _default_out(name: str) -> str:
     if launched()[1] > 1:  # the processes' clocks may read different seconds
         raise SqdfError("give --out when launching several processes (they share one folder)")
@@ -160,14 +197,7 @@ def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The config values given as flags: plain keys, KEY=VALUE parameters, --model/--prompts."""
     flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     flags = {k: v for k, v in flags.items() if v is not None and k not in DICT_FIELDS}
-    for key, flag in DICT_FIELDS.items():
-        given = key_values(getattr(args, key), flag)
-        if given:
-            flags[key] = given
-    for key in ("model", "prompts"):  # shorthands for the sd task's most used parameters
-        if getattr(args, key):
-            flags.setdefault("task_params", {})[key] = getattr(args, key)
-    return flags
+    return {**flags, **setting_flags(args)}
 
 
 def _resumed_settings(args: argparse.Namespace, flags: dict[str, Any]) -> Resolved:
@@ -276,13 +306,19 @@ def reward_choices(names: str | None, params: list[str]) -> dict[str, dict[str, 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from sqdf.evaluate import evaluate_run
 
+    own, cross = [], []  # the run's own reward's parameters, and a --rewards reward's
+    for item in args.reward_param:
+        (cross if "." in item.partition("=")[0] else own).append(item)
+    overrides = setting_flags(args, shorthands=("model",))
+    if own:
+        overrides["reward_params"] = key_values(own, "--reward-param")
     metrics = evaluate_run(
         args.run,
         num_samples=args.num_samples,
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
-        rewards=reward_choices(args.rewards, args.reward_param),
+        rewards=reward_choices(args.rewards, cross),
         prompts=args.prompts,
         per_prompt=args.per_prompt,
         clip=args.clip,
@@ -290,6 +326,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         dreamsim=args.dreamsim,
         dreamsim_type=args.dreamsim_type,
         fid=args.fid,
+        overrides=overrides or None,
     )
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_prompt"}, indent=1))
     written = ["eval.json", "eval.md"] if "per_prompt" in metrics else ["eval.json"]
@@ -300,16 +337,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from sqdf.evaluate import sample_run
 
-    if args.task == "sd":
+    if args.task == "sd" or (args.preset and not args.run):
         from sqdf.render import render_sd
 
-        if not args.model:
-            raise SqdfError(
-                "sqdf sample --task sd needs --model PATH (a local SD 1.x/2.x, SDXL, SD 3/3.5 or "
-                "FLUX.1 folder)"
-            )
+        model, prompts = _render_settings(args)
         picture = render_sd(
-            args.model, args.lora, args.prompts, args.out or "sd_samples.png",
+            model, args.lora, prompts, args.out or "sd_samples.png",
             num_images=8 if args.num_samples is None else args.num_samples, seed=args.seed,
             guidance=args.guidance, num_steps=args.num_steps, device=args.device,
         )  # fmt: skip
@@ -317,15 +350,39 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         return 0
     if not args.run:
         raise SqdfError("give a run folder (or --task sd --model PATH --lora RUN/final)")
+    if args.preset:
+        raise SqdfError("a run folder carries its own settings: give --preset without RUN")
     picture = sample_run(
         args.run,
         num_samples=1024 if args.num_samples is None else args.num_samples,
         seed=args.seed,
         out=args.out,
         with_reference=not args.no_reference,
+        overrides=setting_flags(args) or None,
     )
     print(f"wrote {picture} and {picture.with_suffix('.safetensors')}")
     return 0
+
+
+def _render_settings(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The model and prompts sqdf sample --task sd renders with: the flags over --preset's
+    (the rest of the render's settings are the --lora run's, or its defaults)."""
+    if args.run:
+        raise SqdfError("give a run folder or --task sd / --preset, not both")
+    resolved = resolve_settings(
+        flags={"task": "sd", **setting_flags(args)}, preset=args.preset, needs=False
+    )
+    resolved.config()  # unknown keys and non-finite values, in one line
+    params = resolved.values.get("task_params", {})
+    model = params.get("model")
+    if not model:
+        raise SqdfError(
+            "sqdf sample --task sd needs --model PATH (a local SD 1.x/2.x, SDXL, SD 3/3.5 or "
+            "FLUX.1 folder)"
+        )
+    # the task's default prompts would hide the --lora run's own: only those given count
+    given = not resolved.source_of("task_params.prompts").startswith("task defaults")
+    return str(model), params.get("prompts") if given else None
 
 
 def _cmd_convert_head(args: argparse.Namespace) -> int:
@@ -366,7 +423,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.resume:  # the folder's own arguments; only --no-progress may be given
         given = (args.task, args.methods, args.out, args.config, args.preset, args.steps,
                  args.sweep, args.num_samples, args.best_of)  # fmt: skip
-        if any(v is not None for v in given) or args.set or args.frontier or args.bbo:
+        if any(v is not None for v in given) or args.set or args.frontier or args.bbo \
+                or setting_flags(args):
             raise SqdfError("--resume takes the folder's own settings; give no other options")
         return _print_compare(resume_compare(args.resume, progress=not args.no_progress), False)
     if args.bbo:
@@ -383,7 +441,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     stray += ["--oracle-param"] if args.oracle_params else []
     if stray:
         raise SqdfError(f"{stray[0]} is a BBO setting; add --bbo to compare BBO methods")
-    flags = key_values(args.set, "--set")
+    flags = _set_flags(args)
     if args.task:
         flags["task"] = args.task
     if args.steps is not None:
@@ -405,7 +463,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         frontier_values[method] = values
     methods = [m.strip() for m in (args.methods or COMPARE_DEFAULT_METHODS).split(",")]
     methods = [m for m in methods if m]
-    out = args.out or _default_out(f"compare-{base['task']}")
+    out = args.out or _default_out(f"compare-{resolved.task}")
     folder = compare(
         base,
         methods,
@@ -419,6 +477,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     return _print_compare(folder, args.frontier)
+
+
+def _set_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """sqdf compare's and sqdf bbo's config values: --set KEY=VALUE items, with the
+    parameter flags (--model, --task-param ...) merged over any table --set gives."""
+    flags = key_values(args.set, "--set")
+    for key, table in setting_flags(args).items():
+        flags[key] = {**(flags[key] if isinstance(flags.get(key), dict) else {}), **table}
+    return flags
 
 
 def _print_compare(folder: Path, frontier: bool) -> int:
@@ -525,18 +592,13 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", default=None, help="output folder (default: runs/compare-TASK-TIME)")
     c.add_argument("--config", default=None, help="TOML file with the shared config keys")
     c.add_argument(
-        "--preset",
-        default=None,
-        metavar="NAME",
-        help="a shipped configuration (sqdf presets), under --config and --set",
-    )
-    c.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="a shared config key, e.g. alpha=1.0 (repeatable)",
     )
+    add_setting_flags(c)
     c.add_argument("--steps", type=int, default=None, help="optimizer updates per run")
     c.add_argument(
         "--sweep",
@@ -610,15 +672,10 @@ def _add_bbo(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--resume", metavar="DIR", help="continue DIR from its last completed round")
     b.add_argument("--config", default=None, help="TOML file: train keys and a [bbo] table")
     b.add_argument(
-        "--preset",
-        default=None,
-        metavar="NAME",
-        help="a shipped configuration (sqdf presets), under --config and --set",
-    )
-    b.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a train config key, e.g. alpha=1.0 (repeatable)",
     )  # fmt: skip
+    add_setting_flags(b)
     b.add_argument("--no-progress", action="store_true", help="no progress lines")
     _add_bbo_options(b)
 
@@ -668,7 +725,8 @@ def _cmd_bbo(args: argparse.Namespace) -> int:
     from sqdf.bbo import resume_bbo
 
     if args.resume:
-        others = args.config or args.preset or args.set or args.oracle_params or _bbo_given(args)
+        others = (args.config or args.preset or args.set or args.oracle_params
+                  or _bbo_given(args) or setting_flags(args))  # fmt: skip
         if others or args.task or args.out or args.methods:
             raise SqdfError("--resume takes the folder's own settings; give no other options")
         folder = resume_bbo(args.resume, progress=not args.no_progress)
@@ -681,7 +739,7 @@ def _run_bbo(args: argparse.Namespace, task: str | None, methods: str) -> int:
     from sqdf.bbo import BboConfig, run_bbo
     from sqdf.params import build_settings
 
-    flags = key_values(args.set, "--set")
+    flags = _set_flags(args)
     if task:
         flags["task"] = task
     resolved = resolve_settings(
@@ -766,9 +824,11 @@ def build_parser() -> argparse.ArgumentParser:
         "module:function",
     )  # fmt: skip
     e.add_argument(
-        "--reward-param", action="append", default=[], metavar="NAME.KEY=VALUE",
-        help="a parameter of a --rewards reward, e.g. pickscore.model=~/pickscore (repeatable)",
+        "--reward-param", action="append", default=[], metavar="[NAME.]KEY=VALUE",
+        help="a parameter of a --rewards reward, e.g. pickscore.model=~/pickscore, or without "
+        "NAME. of the run's own reward (over its config.json), e.g. clip=~/clip (repeatable)",
     )  # fmt: skip
+    add_setting_flags(e, preset=False, params=("task_params",), shorthands=("model",))
     e.add_argument(
         "--prompts", default=None, metavar="SET|FILE",
         help="sd: held-out prompts, a built-in set or a file (default: the run's eval_prompts, "
@@ -834,20 +894,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-reference", action="store_true", help="skip the reference panel")
     s.add_argument("--task", choices=["sd"], help="sd: render with a plain diffusers pipeline")
-    s.add_argument(
-        "--model",
-        metavar="PATH",
-        help="sd: local SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1 diffusers folder",
-    )
+    add_setting_flags(s, params=("task_params", "reward_params"))
     s.add_argument(
         "--lora",
         metavar="DIR",
         help="sd: the RUN/final folder of an sd run (its LoRA, or its fully fine-tuned unet/)",
     )
-    s.add_argument(
-        "--prompts", default=None,
-        help="sd: built-in set or file (default: the run's, else animals)",
-    )  # fmt: skip
     s.add_argument(
         "--guidance", type=float, default=None, help="sd: CFG scale (default: the run's, else 5.0)"
     )

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqdf.atomic import atomic_write_text
+from sqdf.atomic import atomic_write_text, make_folder
 from sqdf.bbo.config import BboConfig
 from sqdf.bbo.loop import BBO_METHODS, check_constant_lr, run_method
 from sqdf.bbo.oracle import user_oracle
@@ -63,11 +63,11 @@ def run_bbo(
         user_oracle(bbo.oracle, bbo.oracle_params)  # a bad name fails before a folder exists
     procs = Processes(base.device)
     if procs.is_main:  # another process's error ends the launch (the launcher stops them all)
-        if out.exists() and any(out.iterdir()):
+        if out.is_dir() and any(out.iterdir()):
             raise SqdfError(
                 f"output folder {out} already exists and is not empty; resume it or pick another"
             )
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "output folder")
         doc = {"format": FORMAT, "bbo": bbo.to_dict(), "train": base.to_dict(),
                "methods": methods, "seeds": seeds}  # fmt: skip
         atomic_write_text(out / SPEC, json.dumps(doc, indent=1))
