@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -78,9 +79,18 @@ class _Parser(argparse.ArgumentParser):
         # no abbreviations: --updates must not silently mean --updates-per-round
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # every text value (a flag without a type of its own) must say something: an empty
+        # --config or --task would otherwise read as not given
+        self.register("type", None, _given_text)
 
     def error(self, message: str) -> None:  # one line, status 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _given_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty text")
+    return text
 
 
 def _parse_value(text: str) -> Any:
@@ -249,7 +259,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = args.resume or args.out or _default_out(f"{cfg.task}-{cfg.method}")
     run = train(
         cfg, out, resume=bool(args.resume), progress=not args.no_progress,
-        sources=resolved.sources,
+        sources=resolved.sources, command=shlex.join(["sqdf", *args.argv]),
     )  # fmt: skip
     print(f"run folder: {run}\nnext: sqdf eval {run}   (or: sqdf sample {run})")
     return 0
@@ -352,6 +362,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise SqdfError("give a run folder (or --task sd --model PATH --lora RUN/final)")
     if args.preset:
         raise SqdfError("a run folder carries its own settings: give --preset without RUN")
+    sd_only = {"--lora": args.lora, "--guidance": args.guidance, "--num-steps": args.num_steps,
+               "--device": None if args.device == "auto" else args.device}  # fmt: skip
+    for flag, value in sd_only.items():
+        if value is not None:
+            raise SqdfError(f"{flag} is for sqdf sample --task sd; {args.run} is sampled as run")
     picture = sample_run(
         args.run,
         num_samples=1024 if args.num_samples is None else args.num_samples,
@@ -423,8 +438,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.resume:  # the folder's own arguments; only --no-progress may be given
         given = (args.task, args.methods, args.out, args.config, args.preset, args.steps,
                  args.sweep, args.num_samples, args.best_of)  # fmt: skip
-        if any(v is not None for v in given) or args.set or args.frontier or args.bbo \
-                or setting_flags(args):
+        others = args.set or args.frontier or args.bbo or setting_flags(args)
+        if any(v is not None for v in given) or others:
             raise SqdfError("--resume takes the folder's own settings; give no other options")
         return _print_compare(resume_compare(args.resume, progress=not args.no_progress), False)
     if args.bbo:
@@ -706,7 +721,10 @@ def _add_bbo_options(parser: argparse.ArgumentParser) -> None:
 def _int_list(text: str) -> list[int]:
     """'1024,2048' as [1024, 2048] (an argparse type: a bad item is a one-line error)."""
     try:
-        return [int(item) for item in text.split(",") if item.strip()]
+        values = [int(item) for item in text.split(",") if item.strip()]
+        if not values:
+            raise ValueError
+        return values
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected integers separated by commas, got {text!r}"
@@ -932,7 +950,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="sqdf: %(message)s", level=logging.WARNING)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line, for a run's model card
     if launched()[0] > 0:  # one process speaks for all; errors still reach stderr
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     handler = {

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sqdf.atomic import atomic_write_text
+from sqdf.atomic import atomic_write_text, make_folder
 from sqdf.checkpoint import load_weights
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.heldout import (
@@ -251,6 +251,8 @@ def sample_run(
     if num_samples < 1:
         raise SqdfError(f"num_samples must be >= 1, got {num_samples}")
     run = Path(run)
+    if out is not None:  # a place that cannot take the picture is found before sampling
+        make_folder(Path(out).parent, "folder")
     task = load_run(run, overrides=overrides)
     traj = sample_trajectories(task, num_samples, torch.Generator().manual_seed(seed))
     x0 = traj.x0

@@ -100,7 +100,7 @@ CASES = [
     ("jpeg quality out of range", lambda r: ["train", "--task", "digits", "--method", "ddpo", "--buffer", "on_policy", "--reward", "jpeg", "--reward-param", "quality=100", "--out", str(r / "x")],
      "quality must be in 1..95, got 100"),
     ("ink scale not finite", lambda r: ["train", "--task", "digits", "--reward-param", "scale=inf", "--out", str(r / "x")],
-     "scale must be a finite number > 0, got inf"),
+     "reward_params.scale must be a finite number, got inf"),
     ("hpsv2 version unknown", lambda r: ["train", "--task", "sd", "--model", _sd_shaped(r), "--reward", "hpsv2", "--reward-param", "version=v3", "--out", str(r / "x")],
      "reward 'hpsv2': version='v3' is not one of v2.0, v2.1"),
     ("missing model folder", lambda r: ["train", "--task", "digits", "--task-param", f"model='{r / 'nowhere'}'", *TINY],

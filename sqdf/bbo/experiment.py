@@ -4,6 +4,7 @@ against oracle queries, mean ± std over seeds, one line per method)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -18,6 +19,7 @@ from sqdf.bbo.oracle import user_oracle
 from sqdf.config import TrainConfig
 from sqdf.distributed import Processes
 from sqdf.errors import SqdfError
+from sqdf.methods import METHODS
 from sqdf.params import suggest
 from sqdf.report import pyplot
 from sqdf.settings import make_config
@@ -37,6 +39,22 @@ def check_methods(methods: list[str]) -> None:
             )
 
 
+def check_method_params(base: TrainConfig, methods: list[str]) -> None:
+    """Every shared method parameter belongs to one of ``methods`` (each round passes a
+    method those it knows, so a misspelt one would be dropped without a word)."""
+    known: set[str] = set()
+    for m in methods:
+        train_method = BBO_METHODS[m].train_method
+        if train_method is not None:
+            known |= {f.name for f in dataclasses.fields(METHODS[train_method].params)}
+    for key in base.method_params:
+        if key not in known:
+            raise SqdfError(
+                f"unknown method parameter {key!r} for {', '.join(methods)}; known: "
+                f"{', '.join(sorted(known)) or 'none'}{suggest(key, known)}"
+            )
+
+
 def run_bbo(
     bbo: BboConfig,
     base: TrainConfig,
@@ -49,6 +67,7 @@ def run_bbo(
     """Run every method on seeds 0..seeds-1 into a new folder ``out``."""
     out = Path(out)
     check_methods(methods)
+    check_method_params(base, methods)
     if "best_of_n" in methods and len(set(bbo.query_schedule)) > 1:
         others = ",".join(m for m in methods if m != "best_of_n") or "sqdf"
         raise SqdfError(
