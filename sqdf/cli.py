@@ -79,18 +79,17 @@ class _Parser(argparse.ArgumentParser):
         # no abbreviations: --updates must not silently mean --updates-per-round
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
-        # every text value (a flag without a type of its own) must say something: an empty
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        # every text value (one without a type of its own) must say something: an empty
         # --config or --task would otherwise read as not given
-        self.register("type", None, _given_text)
+        text = action.type is None and not isinstance(action, argparse._SubParsersAction)
+        if text and not arg_string.strip():
+            raise argparse.ArgumentError(action, "expected a value, got an empty text")
+        return super()._get_value(action, arg_string)
 
     def error(self, message: str) -> None:  # one line, status 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _given_text(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a value, got an empty text")
-    return text
 
 
 def _parse_value(text: str) -> Any:

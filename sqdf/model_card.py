@@ -108,7 +108,14 @@ def write_model_card(
     lines = [f"# {cfg.method} fine-tune of {cfg.task_params.get('model', cfg.task)} on {reward}",
              "", "Fine-tuned with sqdf (Soft Q-based Diffusion Fine-tuning): a reward "
              "fine-tune KL-regularised to the base model.", ""]  # fmt: skip
-    lines += ["## Command", "", "```", command or "unrecorded (trained from Python)", "```", ""]
+    lines += [
+        "## Command",
+        "",
+        "```",
+        command or "unrecorded (not started by sqdf train)",
+        "```",
+        "",
+    ]
     lines += ["## Reward and KL", "", "From the run's metrics.jsonl (training batches, not a "
               "held-out evaluation; `sqdf eval RUN` measures one):", "",
               "| quantity | first update | last update |", "| --- | --- | --- |"]  # fmt: skip

@@ -25,7 +25,7 @@ def test_a_finished_run_has_a_card_the_hub_client_reads_with_the_runs_numbers(tm
     card = ModelCard.load(path)  # parses the YAML header as the Hub does
     meta = metadata_load(path)
     assert card.data.to_dict() == meta
-    assert {"sqdf", "sqdf", "linear"} <= set(meta["tags"])
+    assert {"sqdf", "linear"} <= set(meta["tags"])
     assert "lora" not in meta["tags"]  # gmm2d fine-tunes its whole network
     assert "base_model" not in meta and "library_name" not in meta  # gmm2d: no Hub base
     rows = read_metrics(run)
