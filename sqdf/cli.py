@@ -83,7 +83,7 @@ class _Parser(argparse.ArgumentParser):
     def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
         # every text value (one without a type of its own) must say something: an empty
         # --config or --task would otherwise read as not given
-        text = action.type is None and not isinstance(action, argparse._SubParsersAction)
+        text = action.type in (None, str) and not isinstance(action, argparse._SubParsersAction)
         if text and not arg_string.strip():
             raise argparse.ArgumentError(action, "expected a value, got an empty text")
         return super()._get_value(action, arg_string)
