@@ -399,6 +399,14 @@ def _render_settings(args: argparse.Namespace) -> tuple[str, str | None]:
     return str(model), params.get("prompts") if given else None
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from sqdf.push import push_run
+
+    url = push_run(args.run, args.repo_id, private=True if args.private else None)
+    print(f"pushed {Path(args.run) / 'final'} to {args.repo_id}: {url}")
+    return 0
+
+
 def _cmd_convert_head(args: argparse.Namespace) -> int:
     from sqdf.rewards.clip_rewards import convert_aesthetic_head
 
@@ -933,6 +941,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("pth", metavar="IN.pth")
     c.add_argument("out", metavar="OUT.safetensors")
+    pu = sub.add_parser(
+        "push",
+        help="upload a finished run's final/ (weights and model card) to the Hugging Face Hub",
+        description="Uploads RUN/final with huggingface_hub (the same as hf upload REPO_ID "
+        "RUN/final .), making the model repository if it does not exist. Log in first with "
+        "hf auth login, or set HF_TOKEN.",
+    )  # fmt: skip
+    pu.add_argument("run", metavar="RUN", help="run folder written by sqdf train")
+    pu.add_argument("repo_id", metavar="REPO_ID", help="the model repository, e.g. user/name")
+    pu.add_argument("--private", action="store_true", help="make a new repository private")
     pr = sub.add_parser(
         "presets",
         help="list the shipped presets (the settings of published runs), or show one",
@@ -967,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert-aesthetic-head": _cmd_convert_head,
         "bbo": _cmd_bbo,
         "presets": _cmd_presets,
+        "push": _cmd_push,
     }[args.command]
     # eval, report and sample write into the run folder: a full or read-only disk there is
     # one line, as it is for train, bbo and compare (which guard their own folders)

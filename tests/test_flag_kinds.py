@@ -20,7 +20,7 @@ from sqdf.cli import build_parser, main
 
 TINY = ["--num-steps", "3", "--steps", "1", "--batch-size", "2", "--buffer-size", "4",
         "--device", "cpu", "--no-progress"]  # fmt: skip
-COMMANDS = ("train", "compare", "bbo", "eval", "sample", "report", "presets")
+COMMANDS = ("train", "compare", "bbo", "eval", "sample", "report", "presets", "push")
 # the rebuild commands (demo, pretrain, distill-cm, train-reward, convert-aesthetic-head)
 # train for minutes once their input is good, so they are left to tests/test_rebuild.py
 
@@ -96,6 +96,7 @@ def _base(command: str, run: str, tmp: str) -> list[str]:
         "sample": ["sample", run, "--out", f"{tmp}/s.png"],
         "report": ["report", run, "--no-progress"],
         "presets": ["presets"],
+        "push": ["push", run, "me/x"],
     }[command]  # fmt: skip
 
 
@@ -114,13 +115,20 @@ def _cases() -> list[tuple[str, str, str, list[str]]]:
 
 
 CASES = _cases()
-# wrong values of the other modes: resuming and the positional run folders
+# wrong values of the other modes and the positional arguments: whole command lines (RUN is a
+# finished run)
 CASES += [
-    ("train", "--resume", "absent", ["--resume", "TMP/absent"]),
-    ("compare", "--resume", "absent", ["--resume", "TMP/absent"]),
-    ("bbo", "--resume", "absent", ["--resume", "TMP/absent"]),
-    ("eval", "RUN", "absent", ["TMP/absent"]),
-    ("presets", "NAME", "unknown name", ["nope"]),
+    ("train", "--resume", "absent", ["train", "--resume", "TMP/absent"]),
+    ("compare", "--resume", "absent", ["compare", "--resume", "TMP/absent"]),
+    ("bbo", "--resume", "absent", ["bbo", "--resume", "TMP/absent"]),
+    ("eval", "RUN", "absent", ["eval", "TMP/absent"]),
+    ("eval", "RUN", "empty", ["eval", ""]),
+    ("sample", "RUN", "not a run", ["sample", "TMP"]),
+    ("report", "RUN", "absent", ["report", "TMP/absent"]),
+    ("presets", "NAME", "unknown name", ["presets", "nope"]),
+    ("push", "RUN", "absent", ["push", "TMP/absent", "me/x"]),
+    ("push", "REPO_ID", "empty", ["push", "RUN", ""]),
+    ("push", "REPO_ID", "not a repository id", ["push", "RUN", "a b/c d"]),
 ]
 
 
@@ -141,10 +149,8 @@ def test_a_wrong_value_of_any_flag_is_one_line(
         if name.startswith("sqdf") and hasattr(module, "sample_trajectories"):
             monkeypatch.setattr(module, "sample_trajectories", _stop)
     monkeypatch.chdir(tmp_path)
-    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
-    base = _base(command, finished_run, str(tmp_path))
-    if argv[0] == "--resume":  # resuming takes the folder alone
-        base = [command]
+    argv = [a.replace("TMP", str(tmp_path)).replace("RUN", finished_run) for a in argv]
+    base = [] if argv[0] == command else _base(command, finished_run, str(tmp_path))
     capsys.readouterr()
     try:
         code = main([*base, *argv])
