@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from sqdf.buffer import Cells
-    from sqdf.cli import key_values
+    from sqdf.commands.args import key_values
     from sqdf.errors import SqdfError
     from sqdf.methods import METHODS, build_method_params
     from sqdf.settings import make_config

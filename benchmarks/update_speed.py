@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_steps < 1:
             ap.error(f"--num-steps must be >= 1, got {args.num_steps}")
         base["num_steps"] = args.num_steps
-    from sqdf.cli import key_values
+    from sqdf.commands.args import key_values
     from sqdf.errors import SqdfError
 
     try:  # read as sqdf train reads --task-param

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from sqdf.atomic import atomic_write_text
-from sqdf.cli import _key_and_values, key_values
+from sqdf.commands.args import key_and_values, key_values
 from sqdf.compare import compare
 from sqdf.report import mean_std
 
@@ -113,7 +113,7 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sweep = _key_and_values(args.sweep, "--sweep", "KEY")
+    sweep = key_and_values(args.sweep, "--sweep", "KEY")
     shared = key_values(args.set, "--set")
     families = mixtures(args.first_family, args.families)
     atomic_write_text(

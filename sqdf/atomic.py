@@ -107,6 +107,19 @@ def writing(
     return _one_line_writes(lambda cause: (what, where, needs), then)
 
 
+def make_folder(path: Path, what: str) -> None:
+    """Make the folder ``path`` and its parents, or stop with one line naming it when that
+    cannot be (a file in the way, a read-only or pseudo file system such as /proc, no
+    permission)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SqdfError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SqdfError(f"cannot make {what} {path}: {err.strerror or err}") from None
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's or a folder's contents to disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sqdf.atomic import atomic_write_text, folder_writes
+from sqdf.atomic import atomic_write_text, folder_writes, make_folder
 from sqdf.config import TrainConfig
 from sqdf.distributed import Processes
 from sqdf.errors import ConfigError, DivergedError, SqdfError
@@ -279,7 +279,7 @@ def _compare(out: Path, args: dict[str, Any], *, progress: bool, resume: bool) -
     base, methods, seeds, sweep = args["base"], args["methods"], args["seeds"], args["sweep"]
     num_samples, best_of, frontier = args["num_samples"], args["best_of"], args["frontier"]
     frontier_values = args["frontier_values"]
-    if not resume and out.exists() and any(out.iterdir()):
+    if not resume and out.is_dir() and any(out.iterdir()):
         raise SqdfError(f"output folder {out} already exists and is not empty; pick another")
     if seeds < 1:
         raise SqdfError(f"seeds must be >= 1, got {seeds}")
@@ -313,7 +313,7 @@ def _compare(out: Path, args: dict[str, Any], *, progress: bool, resume: bool) -
     procs = Processes(str(base.get("device", "auto")))
     procs.barrier()  # every process has checked the folder before the main one fills it
     if procs.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "output folder")
         atomic_write_text(out / SPEC, json.dumps(args, indent=1))  # what resume_compare reruns
     records: list[dict[str, Any]] = []
     samples: dict[str, torch.Tensor] = {}

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqdf.core.kl import KL_SCALES
 from sqdf.errors import ConfigError
+from sqdf.params import check_finite
 from sqdf.trackers import parse_log_with
 
 if sys.version_info >= (3, 11):
@@ -181,6 +182,7 @@ class TrainConfig:
             }[kind]
             if not ok:
                 raise ConfigError(f"{f.name} must be a {kind}, got {value!r}")
+            check_finite(value, f.name)  # a parameter table's too: reward_params.scale = inf
             setattr(self, f.name, value)
 
     def _check(self) -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sqdf.atomic import atomic_write_text
+from sqdf.atomic import atomic_write_text, make_folder
 from sqdf.checkpoint import load_weights
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.heldout import (
@@ -42,11 +42,13 @@ def trained_updates(run: Path) -> int:
     return int(rows[-1]["step"]) if rows else 0
 
 
-def load_run(run: str | Path, device: str | None = None) -> Task:
+def load_run(
+    run: str | Path, device: str | None = None, overrides: dict[str, Any] | None = None
+) -> Task:
     """The task of a run folder with its fine-tuned policy weights (:func:`final_weights`)
-    loaded."""
+    loaded; ``overrides``: parameter tables over the run's own (``read_run_config``)."""
     run = Path(run)
-    cfg = read_run_config(run)
+    cfg = read_run_config(run, overrides)
     if device is not None:
         cfg.device = device
     weights = final_weights(run)
@@ -96,6 +98,7 @@ def evaluate_run(
     dreamsim: str | bool | None = None,
     dreamsim_type: str | None = None,
     fid: str | bool | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sample the fine-tuned policy and the reference, compute metrics, write ``eval.json``.
 
@@ -106,11 +109,12 @@ def evaluate_run(
     (sqdf.heldout); it also writes ``eval.md``. ``lpips`` and ``dreamsim`` add those diversities
     and ``fid`` the FID on Inception features to the reference images: each True for its
     package's default weights or a local path (sqdf.evaluators.image_metrics; ``dreamsim_type``
-    picks DreamSim's model)."""
+    picks DreamSim's model). ``overrides``: parameter tables over the run's own
+    (``read_run_config``)."""
     from sqdf.evaluators.image_metrics import ImageMetricRequest
 
     run = Path(run)
-    cfg = read_run_config(run)
+    cfg = read_run_config(run, overrides)
     request = ImageMetricRequest(lpips, dreamsim, dreamsim_type, fid)
     if cfg.task == "sd":  # the options are checked before the model loads
         if num_samples is not None:
@@ -129,7 +133,7 @@ def evaluate_run(
         for flag, value in given:
             if value is not None:
                 raise ConfigError(f"{flag} is for sd runs; {run} is a {cfg.task} run")
-    task = load_run(run, device)
+    task = load_run(run, device, overrides)
     trained = resolved_reward_name(cfg)
     extra = cross_rewards(cfg.task, trained, rewards or {}, task.device)
     if cfg.task == "sd":
@@ -240,12 +244,16 @@ def sample_run(
     seed: int = 0,
     out: str | Path | None = None,
     with_reference: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """Sample a run's policy; save the samples (safetensors) and a picture; return its path."""
+    """Sample a run's policy; save the samples (safetensors) and a picture; return its path.
+    ``overrides``: parameter tables over the run's own (``read_run_config``)."""
     if num_samples < 1:
         raise SqdfError(f"num_samples must be >= 1, got {num_samples}")
     run = Path(run)
-    task = load_run(run)
+    if out is not None:  # a place that cannot take the picture is found before sampling
+        make_folder(Path(out).parent, "folder")
+    task = load_run(run, overrides=overrides)
     traj = sample_trajectories(task, num_samples, torch.Generator().manual_seed(seed))
     x0 = traj.x0
     ref = None

@@ -6,6 +6,7 @@ user of the fine-tuned weights would, into one picture."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sqdf.atomic import make_folder
 from sqdf.errors import SqdfError
 from sqdf.tasks.sd_family import Family, absent_components, load_part, read_config
 from sqdf.tasks.sd_prompts import load_prompt_pairs
@@ -112,6 +114,11 @@ def render_sd(
     prompts = prompts if prompts is not None else trained.prompts
     guidance = guidance if guidance is not None else trained.guidance
     num_steps = num_steps if num_steps is not None else trained.num_steps
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise SqdfError(f"--guidance must be a finite number >= 0, got {guidance}")
+    if num_steps < 1:
+        raise SqdfError(f"--num-steps must be >= 1, got {num_steps}")
+    make_folder(Path(out).parent, "folder")
     family = family_of(model)
     if full and family.denoiser != "unet":
         raise SqdfError(f"{lora} holds a fine-tuned UNet; {family.label} has a {family.denoiser}")

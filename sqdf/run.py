@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqdf.atomic import atomic_write_text
+from sqdf.atomic import atomic_write_text, make_folder
 from sqdf.config import TrainConfig
 from sqdf.errors import SqdfError
 from sqdf.settings import make_config
@@ -51,8 +51,10 @@ def write_config(
     atomic_write_text(config_path(run), json.dumps(doc, indent=1))
 
 
-def read_run_config(run: str | Path) -> TrainConfig:
-    """The TrainConfig of an existing run folder; a clear SqdfError for anything else."""
+def read_run_config(run: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The TrainConfig of an existing run folder; a clear SqdfError for anything else.
+    ``overrides``: parameter tables (task_params, reward_params, method_params) merged key by
+    key over the run's own, e.g. a model folder that moved since the run was trained."""
     run = Path(run)
     if not run.is_dir():
         raise SqdfError(f"run folder not found: {run}")
@@ -67,7 +69,10 @@ def read_run_config(run: str | Path) -> TrainConfig:
         raise SqdfError(f"not an sqdf run folder (config.json was not written by sqdf): {run}")
     if isinstance(doc.get("weights"), dict):
         pin(doc["weights"])  # the commits the run trained on, whatever the branches say now
-    return make_config(doc["train"], source=str(path))
+    values = dict(doc["train"])
+    for key, table in (overrides or {}).items():
+        values[key] = {**values.get(key, {}), **table}
+    return make_config(values, source=f"{path} with the flags" if overrides else str(path))
 
 
 def prepare_run(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig | None:
@@ -87,11 +92,11 @@ def prepare_run(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig | None
                 f"rate of every update left; resume it with steps {saved.steps}"
             )
         return saved
-    if run.exists() and any(run.iterdir()):
+    if run.is_dir() and any(run.iterdir()):
         raise SqdfError(
             f"run folder {run} already exists and is not empty; resume it or pick another"
         )
-    run.mkdir(parents=True, exist_ok=True)
+    make_folder(run, "run folder")
     return None
 
 

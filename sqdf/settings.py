@@ -147,6 +147,11 @@ class Resolved:
     bbo: dict[str, Any] = field(default_factory=dict)
     preset: Preset | None = None
 
+    @property
+    def task(self) -> str:
+        """The task the layers name, else the built-in default (gmm2d)."""
+        return str(self.values.get("task", TrainConfig.task))
+
     def config(self) -> TrainConfig:
         known = {f.name for f in config_fields()}
         unknown = sorted(set(self.values) - known)
@@ -171,12 +176,15 @@ def resolve_settings(
     config_file: dict[str, Any] | None = None,
     config_name: str = "--config",
     preset: str | None = None,
+    needs: bool = True,
 ) -> Resolved:
     """Layer built-in < task defaults < ``preset`` < ``config_file`` < ``flags``. Parameter
     tables (task_params, reward_params, method_params) merge key by key; a [bbo] table in the
     preset or the file is kept apart in ``Resolved.bbo``. The task is the one the highest layer
     names (gmm2d when none does). A layer that sets alpha without kl_scale writes it in the
-    summed convention: an alpha never takes its convention from another layer."""
+    summed convention: an alpha never takes its convention from another layer. ``needs``
+    False skips the preset's list of what a training run must be given (a render needs the
+    model alone)."""
     flags = dict(flags or {})
     file_values = dict(config_file or {})
     file_bbo = file_values.pop("bbo", {})
@@ -214,7 +222,7 @@ def resolve_settings(
         for key, value in layer.items():
             bbo[key] = value
             sources[f"bbo.{key}"] = name
-    if chosen is not None:
+    if chosen is not None and needs:
         missing = [hint for key, hint in chosen.needs.items() if not _has(values, key)]
         if missing:
             raise ConfigError(f"preset {chosen.name!r} needs " + "; ".join(missing))

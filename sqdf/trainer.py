@@ -66,6 +66,7 @@ from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.grouped_cells import CellSchedule, newest_groups
 from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
 from sqdf.methods.grpo import beta_note, check_kl_scale
+from sqdf.model_card import write_model_card
 from sqdf.periodic_eval import PeriodicEval
 from sqdf.preemption import (
     Preempted,
@@ -413,6 +414,7 @@ def train(
     progress: bool = True,
     state: TrainState | None = None,
     sources: dict[str, str] | None = None,
+    command: str | None = None,
 ) -> Path:
     """Fine-tune ``cfg.task``'s model with ``cfg.method``; returns the run folder.
 
@@ -421,7 +423,8 @@ def train(
     With ``state``, the task, optimizer, buffer and generator are the caller's and stay
     there (no resume: the caller checkpoints them). Under ``accelerate launch`` or
     ``torchrun`` every process runs this (sqdf.distributed). ``sources`` says where each
-    setting came from (sqdf.settings), for config.json.
+    setting came from (sqdf.settings), for config.json; ``command``, the command line that
+    started it, for final/README.md (sqdf.model_card).
     """
     run = Path(out)
     # a caller (sqdf bbo) keeps its own checkpoints and says how to go on
@@ -432,7 +435,7 @@ def train(
         check_free_space(s)
         stop_before_training(s)
         run_updates(s, progress)
-        return finish(s)
+        return finish(s, command)
 
 
 def run_updates(s: TrainingRun, progress: bool) -> None:
@@ -1093,9 +1096,10 @@ def checkpoint(s: TrainingRun, step: int) -> None:
         procs.barrier()
 
 
-def finish(s: TrainingRun) -> Path:
+def finish(s: TrainingRun, command: str | None = None) -> Path:
     """The final policy (and the task's extra files) into RUN/final, its moving average
-    likewise into RUN/final/ema; returns the run folder. A run that keeps checkpoints writes
+    likewise into RUN/final/ema, with a model card (README.md) of a run of its own (not a
+    round of sqdf bbo); returns the run folder. A run that keeps checkpoints writes
     one at its last update first, so that weights final/ cannot hold stay resumable."""
     if s.caller is None and s.cfg.checkpoint_every and s.last_checkpoint != s.cfg.steps:
         checkpoint(s, s.cfg.steps)
@@ -1111,6 +1115,8 @@ def finish(s: TrainingRun) -> Path:
         if s.ema is not None:
             with ema_weights(s):
                 save_final_weights(s, staging / "ema")
+        if s.caller is None and s.procs.is_main:
+            write_model_card(staging, s.run, s.given, resolved_reward_name(s.given), command)
     s.procs.barrier()  # no process returns before the run folder is complete
     return s.run
 

@@ -141,3 +141,18 @@ def test_console_script_exit_status_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "sqdf train: error: gamma must be in (0, 1], got 2.0"
+
+
+def test_eval_takes_the_runs_settings_flags_over_its_config(tmp_path):
+    """--reward-param without NAME. is the run's own reward's, over its config.json: with
+    b = 0 the linear reward b.x is 0 for every sample, policy and reference alike."""
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--num-steps", "3", "--steps", "1", "--batch-size",
+            "2", "--buffer-size", "4", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["eval", str(run), "--num-samples", "64", "--reward-param", "b=[0.0, 0.0]"]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    assert doc["reward_mean"] == 0.0 and doc["ref_reward_mean"] == 0.0
+    assert json.loads((run / "config.json").read_text())["train"]["reward_params"] == {}
+    assert main(["eval", str(run), "--num-samples", "64"]) == 0  # the run's own b = (1, 0)
+    assert json.loads((run / "eval.json").read_text())["reward_mean"] != 0.0

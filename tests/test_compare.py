@@ -290,3 +290,35 @@ def test_the_frontier_plot_takes_a_log_kl_axis_only_when_the_kls_span_decades():
     assert kl_axis_threshold([0.0, 0.05, 1.2, 3.1]) is None  # within two decades: linear
     assert kl_axis_threshold([]) is None and kl_axis_threshold([0.0]) is None
     assert kl_axis_threshold([0.0, 0.09, 1.1, 86893.5]) == 0.09  # DRaFT beside SQDF
+
+
+def test_compare_runs_an_sd_preset_from_flags_alone(tmp_path):
+    """sqdf compare --preset sd15-aesthetic with the weights as flags, no TOML file: a
+    trained variant and best-of-N on the preset's settings and the given parts (tiny random
+    SD parts; every method takes the same settings path, and two keep the test short)."""
+    from sqdf.tasks.sd_random import write_parts
+
+    parts = write_parts(tmp_path / "parts")
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a red apple\n")
+    out = tmp_path / "c"
+    methods = ["sqdf", "best_of_n"]
+    argv = ["compare", "--preset", "sd15-aesthetic", "--methods", ",".join(methods),
+            "--steps", "1", "--seeds", "1", "--best-of", "2", "--out", str(out),
+            "--model", parts["model"], "--task-param", f"lcm={parts['lcm']}",
+            "--task-param", f"eval_prompts={prompts}", "--prompts", "varied",
+            "--reward-param", f"clip={parts['clip']}", "--reward-param", f"head={parts['head']}",
+            "--set", "num_steps=2", "--set", "batch_size=2", "--set", "grad_accum=1",
+            "--set", "buffer_size=4", "--set", "device='cpu'", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["task"] == "sd"
+    assert [r["variant"] for r in doc["runs"]] == methods
+    assert not any("diverged" in r for r in doc["runs"])
+    for method in methods[:-1]:  # each trained variant: the preset's values and the flags'
+        (run,) = (out / "runs").glob(f"{method}-seed0")
+        cfg = json.loads((run / "config.json").read_text())["train"]
+        assert cfg["reward"] == "aesthetic" and cfg["task_params"]["lora_rank"] == 4
+        assert cfg["task_params"]["model"] == parts["model"]
+        assert cfg["reward_params"]["head"] == parts["head"]
+        assert cfg["steps"] == 1 and cfg["method"] == method

@@ -149,6 +149,7 @@ def publish_defaults(hub: StandInHub, parts, family_parts) -> None:
     for name in preset_names():
         params = load_preset(name).train.get("task_params", {})
         family = name.split("-")[0] if name.startswith("sd15") else name.rsplit("-", 1)[0]
+        family = {"flow-grpo-sd35": "sd35m"}.get(family, family)  # Flow-GRPO's SD 3.5 Medium
         if "model" in params:
             at(params["model"], folders[family])
         lcm = params.get("lcm")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqdf.errors import ConfigError
+from sqdf.params import check_finite
 
 OPTIMISM = ("ucb", "sample")
 
@@ -58,6 +59,7 @@ class BboConfig:
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            check_finite(value, f.name)
             if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
             elif f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):

@@ -4,6 +4,7 @@ against oracle queries, mean ± std over seeds, one line per method)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -11,13 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqdf.atomic import atomic_write_text
+from sqdf.atomic import atomic_write_text, make_folder
 from sqdf.bbo.config import BboConfig
 from sqdf.bbo.loop import BBO_METHODS, check_constant_lr, run_method
 from sqdf.bbo.oracle import user_oracle
 from sqdf.config import TrainConfig
 from sqdf.distributed import Processes
 from sqdf.errors import SqdfError
+from sqdf.methods import METHODS
 from sqdf.params import suggest
 from sqdf.report import pyplot
 from sqdf.settings import make_config
@@ -37,6 +39,22 @@ def check_methods(methods: list[str]) -> None:
             )
 
 
+def check_method_params(base: TrainConfig, methods: list[str]) -> None:
+    """Every shared method parameter belongs to one of ``methods`` (each round passes a
+    method those it knows, so a misspelt one would be dropped without a word)."""
+    known: set[str] = set()
+    for m in methods:
+        train_method = BBO_METHODS[m].train_method
+        if train_method is not None:
+            known |= {f.name for f in dataclasses.fields(METHODS[train_method].params)}
+    for key in base.method_params:
+        if key not in known:
+            raise SqdfError(
+                f"unknown method parameter {key!r} for {', '.join(methods)}; known: "
+                f"{', '.join(sorted(known)) or 'none'}{suggest(key, known)}"
+            )
+
+
 def run_bbo(
     bbo: BboConfig,
     base: TrainConfig,
@@ -49,6 +67,7 @@ def run_bbo(
     """Run every method on seeds 0..seeds-1 into a new folder ``out``."""
     out = Path(out)
     check_methods(methods)
+    check_method_params(base, methods)
     if "best_of_n" in methods and len(set(bbo.query_schedule)) > 1:
         others = ",".join(m for m in methods if m != "best_of_n") or "sqdf"
         raise SqdfError(
@@ -63,11 +82,11 @@ def run_bbo(
         user_oracle(bbo.oracle, bbo.oracle_params)  # a bad name fails before a folder exists
     procs = Processes(base.device)
     if procs.is_main:  # another process's error ends the launch (the launcher stops them all)
-        if out.exists() and any(out.iterdir()):
+        if out.is_dir() and any(out.iterdir()):
             raise SqdfError(
                 f"output folder {out} already exists and is not empty; resume it or pick another"
             )
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "output folder")
         doc = {"format": FORMAT, "bbo": bbo.to_dict(), "train": base.to_dict(),
                "methods": methods, "seeds": seeds}  # fmt: skip
         atomic_write_text(out / SPEC, json.dumps(doc, indent=1))
