@@ -724,7 +724,9 @@ def _add_build_commands(sub: argparse._SubParsersAction) -> None:
         "RUN/report.html and RUN/demo.png (the baseline's run: RUN/baseline/).",
     )
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    d.add_argument("--steps", type=int, default=None, help="optimizer updates per method (default: 60)")
+    d.add_argument(
+        "--steps", type=int, default=None, help="optimizer updates per method (default: 60)"
+    )
     d.add_argument("--num-samples", type=int, default=300, help="samples per model for metrics")
     d.add_argument("--no-baseline", action="store_true", help="SQDF alone, no baseline run")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -57,15 +57,18 @@ def save_digit_grid(
     captions: Sequence[str] = (),
     per_class: int = 8,
     dpi: int = 120,
+    panel_width: float = 3.4,
 ) -> None:
     """Side-by-side class grids, one per (title, images, cond) panel, each with its caption
     (if given) underneath."""
     plt = pyplot()
     height = 4.4 + 0.35 * bool(captions)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), height), squeeze=False)
+    size = (panel_width * len(panels), height)
+    fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
     for i, (ax, (title, images, cond)) in enumerate(zip(axes[0], panels, strict=True)):
         grid = digit_grid(images.detach().cpu(), cond.cpu(), per_class)
-        ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
+        # nearest: each pixel of a 16 x 16 digit a flat block, not a blur (and a small PNG)
+        ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title)
         ax.axis("off")
         if i < len(captions):

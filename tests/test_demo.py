@@ -121,8 +121,11 @@ def test_the_cli_prints_a_column_per_method(tmp_path, monkeypatch, capsys):
 
     shrunk = sqdf.demo.demo_config
     monkeypatch.setattr(sqdf.demo, "demo_config", lambda **kw: shrunk(**{**TINY, **kw}))
-    monkeypatch.setattr(sqdf.demo, "x0_estimator_quality",
-                        lambda task, num_samples: sqdf.x0_quality.x0_estimator_quality(task, 8))
+    monkeypatch.setattr(
+        sqdf.demo,
+        "x0_estimator_quality",
+        lambda task, num_samples: sqdf.x0_quality.x0_estimator_quality(task, 8),
+    )
     argv = ["demo", "--steps", "1", "--num-samples", "8", "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "both")]) == 0
     out = capsys.readouterr().out
