@@ -138,10 +138,12 @@ def _side_by_side(
     )
     (r0, a0), (r1, a1), (r2, a2) = scores
     updates = metrics["updates"]
-    # the verdict only where the numbers carry it: more reward than SQDF for digits the
-    # evaluator reads a tenth less often than the reference's
+    # the verdict only where the numbers carry it: more reward than SQDF, for digits the
+    # evaluator reads as the class asked for at least ten points less often than the reference's
     hacked = r2 > r1 and a2 < a0 - 0.1
-    verdict = ": it bought its reward with digits that are no longer digits" if hacked else ""
+    verdict = (
+        ", a higher reward bought with digits the evaluator no longer recognises" if hacked else ""
+    )
     sentence = (
         f"Left to right, the reference, SQDF and {name} (no KL term) from the same noise and "
         f"classes, each fine-tuned for {updates} updates from the same start and seed on the "
