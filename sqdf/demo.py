@@ -172,9 +172,9 @@ def _reward_curves(run: Path, base_run: Path, name: str, ref_reward: float) -> s
     for folder, label, colour in ((run, "SQDF", "tab:blue"), (base_run, name, "tab:red")):
         rows = read_metrics(folder)
         ax.plot([r["step"] for r in rows], [r["reward_mean"] for r in rows], color=colour,
-                label=label)  # fmt: skip
-    ax.axhline(ref_reward, color="grey", ls="--", label="reference")
-    ax.set(xlabel="update", ylabel="mean reward of fresh samples", title="training")
+                marker=".", label=label)  # fmt: skip
+    ax.axhline(ref_reward, color="grey", ls="--", label="reference (evaluation)")
+    ax.set(xlabel="update", ylabel="mean reward of fresh samples", title="during training")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return figure_png(fig)
