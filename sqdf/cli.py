@@ -725,7 +725,7 @@ def _add_build_commands(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     d.add_argument(
-        "--steps", type=int, default=None, help="optimizer updates per method (default: 60)"
+        "--steps", type=int, default=None, help="optimizer updates per method (default: 50)"
     )
     d.add_argument("--num-samples", type=int, default=300, help="samples per model for metrics")
     d.add_argument("--no-baseline", action="store_true", help="SQDF alone, no baseline run")

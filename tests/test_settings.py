@@ -171,7 +171,7 @@ PRESETS = {
                         guidance=1.0),
     # sqdf demo
     "digits-demo": dict(batch=32, accum=1, alpha=0.1, kl_scale="sum", alpha_sum=0.1,
-                        gamma=0.9, steps=60, buffer=512, rank=8, lr=1e-3, reward="ink",
+                        gamma=0.9, steps=50, buffer=512, rank=8, lr=1e-3, reward="ink",
                         guidance=1.0),
 }  # fmt: skip
 
