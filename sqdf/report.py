@@ -51,18 +51,30 @@ def digit_grid(images: Tensor, cond: Tensor, per_class: int = 8) -> Tensor:
     return canvas
 
 
-def save_digit_grid(panels: Sequence[tuple[str, Tensor, Tensor]], path: Path) -> None:
-    """Side-by-side class grids, one per (title, images, cond) panel."""
+def save_digit_grid(
+    panels: Sequence[tuple[str, Tensor, Tensor]],
+    path: Path,
+    captions: Sequence[str] = (),
+    per_class: int = 8,
+    dpi: int = 120,
+    panel_width: float = 3.4,
+) -> None:
+    """Side-by-side class grids, one per (title, images, cond) panel, each with its caption
+    (if given) underneath."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 4.4), squeeze=False)
-    for ax, (title, images, cond) in zip(axes[0], panels, strict=True):
-        ax.imshow(
-            digit_grid(images.detach().cpu(), cond.cpu()).numpy(), cmap="gray", vmin=0, vmax=1
-        )
+    height = 4.4 + 0.35 * bool(captions)
+    size = (panel_width * len(panels), height)
+    fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
+    for i, (ax, (title, images, cond)) in enumerate(zip(axes[0], panels, strict=True)):
+        grid = digit_grid(images.detach().cpu(), cond.cpu(), per_class)
+        # nearest: each pixel of a 16 x 16 digit a flat block, not a blur (and a small PNG)
+        ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title)
         ax.axis("off")
+        if i < len(captions):
+            ax.text(0.5, -0.02, captions[i], transform=ax.transAxes, ha="center", va="top")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

@@ -204,12 +204,14 @@ def write_run_report(
     *,
     title: str | None = None,
     intro: str = "",
+    lead: Sequence[tuple[str, str]] = (),
     extra: Sequence[tuple[str, str]] = (),
     device: str | None = None,
     progress: bool = False,
 ) -> Path:
     """RUN/report.html (see the module docstring); evaluates the run first where it has no
-    eval.json. ``intro`` (HTML) opens the page; ``extra`` sections (heading, HTML) close it."""
+    eval.json. ``lead`` sections (heading, HTML) open the page, before what ran; ``intro``
+    (HTML) opens the section on what ran; ``extra`` sections close the page."""
     run = Path(run)
     cfg = read_run_config(run)  # a folder that is not a run fails here, in one line
     config = json.loads((run / "config.json").read_text())
@@ -221,6 +223,7 @@ def write_run_report(
     task = load_run(run, device)
     reward = resolved_reward_name(cfg)
     sections = [
+        *lead,
         ("What ran", intro + what_ran(run, config)),
         ("Before and after", before_after(task, final_weights(run).parent.name)),
         ("Training curves", curves(run)),

@@ -210,7 +210,7 @@ PRESETS = {
                                      estimator="tweedie"),
     # sqdf demo
     "digits-demo": dict(SQDF_DEFAULTS, batch=32, accum=1, fresh=32, alpha=0.1, kl_scale="sum",
-                        alpha_sum=0.1, gamma=0.9, steps=100, buffer=512, rank=8, lr=1e-3,
+                        alpha_sum=0.1, gamma=0.9, steps=50, buffer=512, rank=8, lr=1e-3,
                         reward="ink", guidance=1.0, num_steps=20, replay=2,
                         strategy="prioritized", estimator="consistency"),
 }  # fmt: skip

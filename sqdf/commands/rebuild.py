@@ -20,19 +20,22 @@ def _cmd_convert_head(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sqdf.demo import run_demo, summary_rows
+    from sqdf.demo import BASELINE, run_demo, summary_table
 
     t0 = time.perf_counter()
     overrides = {"steps": args.steps} if args.steps is not None else {}
     page = run_demo(
-        args.out, num_samples=args.num_samples, progress=not args.no_progress, **overrides
-    )
-    metrics = json.loads((page.parent / "eval.json").read_text())
-    print(f"\n{'metric':<38}{'before':>10}{'after':>10}{'real':>10}")
-    for label, before, after, real in summary_rows(metrics):
-        real_text = f"{real:>10.3f}" if real is not None else f"{'':>10}"
-        print(f"{label:<38}{before:>10.3f}{after:>10.3f}{real_text}")
-    print(f"\nreport: {page}   ({time.perf_counter() - t0:.0f} s in all)")
+        args.out, num_samples=args.num_samples, progress=not args.no_progress,
+        baseline=None if args.no_baseline else BASELINE, **overrides,
+    )  # fmt: skip
+    columns, rows = summary_table(page.parent)
+    print(f"\n{'metric':<38}" + "".join(f"{c:>10}" for c in columns))
+    for label, values in rows:
+        cells = "".join(f"{v:>10.3f}" if v is not None else f"{'':>10}" for v in values)
+        print(f"{label:<38}{cells}")
+    picture = page.parent / "demo.png"
+    shown = f"   picture: {picture}" if picture.is_file() else ""
+    print(f"\nreport: {page}{shown}   ({time.perf_counter() - t0:.0f} s in all)")
     return 0
 
 
@@ -90,13 +93,17 @@ def _add_build_commands(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="fine-tune the embedded digits model and write report.html",
         description="SQDF on the shipped digits model, ink reward, with the "
-        "consistency-model Q, discount and prioritised replay; about 2-3 "
-        "minutes on 2 CPU cores. Prints a before/after table and writes "
-        "RUN/report.html.",
+        "consistency-model Q, discount and prioritised replay, beside ReFL (a reward-gradient "
+        "method without a KL term) from the same start, seed and number of updates; about "
+        "3 minutes on 2 CPU cores. Prints a table with a column per method and writes "
+        "RUN/report.html and RUN/demo.png (the baseline's run: RUN/baseline/).",
     )
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    d.add_argument("--steps", type=int, default=None, help="optimizer updates (default: 100)")
-    d.add_argument("--num-samples", type=int, default=500, help="samples per model for metrics")
+    d.add_argument(
+        "--steps", type=int, default=None, help="optimizer updates per method (default: 50)"
+    )
+    d.add_argument("--num-samples", type=int, default=300, help="samples per model for metrics")
+    d.add_argument("--no-baseline", action="store_true", help="SQDF alone, no baseline run")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     common = [
         ("--seed", dict(type=int, default=0, help="random seed")),
