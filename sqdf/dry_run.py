@@ -10,6 +10,7 @@ import torch
 
 from sqdf.config import TrainConfig, config_fields
 from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
+from sqdf.errors import SqdfError
 from sqdf.methods import METHODS
 from sqdf.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name, sample_shape
@@ -70,8 +71,11 @@ def plan(resolved: Resolved, processes: int = 1) -> dict[str, Any]:
     }
 
 
-def dry_run_text(resolved: Resolved, processes: int = 1) -> str:
-    """The dry run's report: every setting with the layer it came from, then the sizes."""
+def dry_run_text(
+    resolved: Resolved, processes: int = 1, gpu_memory: int | None = None, cost: bool = True
+) -> str:
+    """The dry run's report: every setting with the layer it came from, then the sizes and
+    (``cost``) what one update costs, with a fit verdict against ``gpu_memory`` bytes."""
     p = plan(resolved, processes)
     cfg: TrainConfig = p["config"]
     lines = ["sqdf train --dry-run: nothing is trained; the run would use (value, from)"]
@@ -130,4 +134,19 @@ def dry_run_text(resolved: Resolved, processes: int = 1) -> str:
         )
     if resolved.preset is not None and resolved.preset.notes:
         lines.append(f"note: {resolved.preset.notes}")
+    if cost:
+        lines += cost_section(cfg, gpu_memory)
     return "\n".join(lines)
+
+
+def cost_section(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
+    """FLOPs per update and traced GPU memory (sqdf.cost): traced on meta tensors from the
+    model folder's configs."""
+    from sqdf.cost.report import cost_lines
+
+    try:
+        return cost_lines(cfg, gpu_memory)
+    except (OSError, KeyError, TypeError, ValueError, SqdfError) as err:
+        # a folder with the configs the sizes need but not every field a network needs
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return [f"cost of one update: not traced ({reason})"]

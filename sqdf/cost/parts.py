@@ -170,7 +170,8 @@ def meta_sd_task(
     networks: dict[str, nn.Module] = {"denoiser": task.denoiser, "VAE decoder": task.vae}
     if cfg.estimator == "consistency" and options.lcm and Path(options.lcm).is_dir():
         # a second network: an LCM UNet, or a distilled transformer (an LCM-LoRA file is an
-        # adapter on the reference's weights, a few MB, and is left out)
+        # adapter on the reference's weights: the reference runs without it, its rank-64
+        # products and few MB of weights left out)
         with made_on_meta(dtype):
             lcm = family.denoiser_model().from_config(read_config(Path(options.lcm), "."))
         task._consistency_net = lcm.requires_grad_(False)

@@ -7,11 +7,13 @@ decode and reward, no gradients), and one gradient micro-batch laid out as
 step, the x̂0 model on the state reached, the VAE decode, the reward, then the backward.
 An update is composed from them by its design (every FLOP count is linear in the batch):
 
-- reference: B whole trajectories sampled and scored every update (rollout full, buffer
-  on_policy, replay ratio 1), then grad_accum micro-batches of B cells;
+- reference: the official SQDF trainer's budget (docs FACTS): B x grad_accum whole
+  trajectories sampled and scored every update, then grad_accum micro-batches of B cells
+  (at grad_accum 1, sqdf's rollout full, buffer on_policy, replay ratio 1);
 - truncated: per micro-batch, B trajectories run only to the step their cell uses
   (E[max of m distinct steps of T] sampling steps each for m cells a trajectory);
-- replay<N>: whole trajectories into a buffer, sampled and scored every N updates.
+- replay<N>: sqdf's trainer with full rollouts: B whole trajectories into the buffer every
+  N updates, then grad_accum micro-batches of B cells drawn from it.
 
 Memory is the peak of live tensors over the three traces, plus the optimizer's float32
 state of the LoRA; the replay buffer lives in host memory (sqdf.dry_run.buffer_bytes).
@@ -124,7 +126,8 @@ def _gradient_micro_batch(task, cfg, tracer, x_t, k, cond, gen) -> None:  # noqa
     state = (k + 1).clamp(max=task.kernel.num_steps - 1)
     with tracer.phase("x̂0 model"):
         if task.estimator == "consistency":
-            x0 = task.consistency_x0(x_prev, task.model_time(state, x_prev), cond)
+            # the model times on the CPU, where the task reads its schedule from them
+            x0 = task.consistency_x0(x_prev, task.kernel.model_time(state), cond)
         else:
             x0 = task.reference_x0(x_prev, state, cond)
     with tracer.phase("VAE decode"):
@@ -162,8 +165,8 @@ def update_flops(traces: Traces, cfg: TrainConfig, design: str) -> dict[str, flo
         scored = 0.0
         cells = cfg.grad_accum * b * m
     else:
-        sampled = b * T / settings["replay_ratio"]
-        scored = b / settings["replay_ratio"]
+        fresh = b * cfg.grad_accum if design == "reference" else b / settings["replay_ratio"]
+        sampled, scored = fresh * T, fresh
         cells = cfg.grad_accum * b
     out = {"sampling": per["sampling"] * sampled, "scoring fresh": per["scoring fresh"] * scored}
     out |= {name: per[name] * cells for name in GRADIENT_PHASES}
@@ -175,8 +178,6 @@ def run_design(cfg: TrainConfig) -> str:
     if cfg.rollout == "truncated":
         m = cfg.cells_per_trajectory
         return "truncated" if m == 1 else f"truncated_x{m}"
-    if cfg.replay_ratio == 1 and cfg.buffer == "on_policy":
-        return "reference"
     return f"replay{cfg.replay_ratio}"
 
 
