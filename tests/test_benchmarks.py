@@ -145,6 +145,8 @@ def test_step_memory_times_one_gradient_step(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["loss_finite"] and doc["step_s"] > 0 and doc["batch_size"] == 2
     assert doc["peak_gib"] >= doc["after_loading_gib"] > 0
+    # the traced estimate of the same step (float32 on the CPU) is written beside it
+    assert 0 < doc["traced_step_peak_gib"] < doc["peak_gib"]  # RSS holds more than tensors
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--parts", str(tmp_path / "parts"), "--step", "50"])
     assert "--step must be in [0, 49], got 50" in capsys.readouterr().err
@@ -154,6 +156,7 @@ def test_step_memory_times_one_gradient_step(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["loss_finite"] and doc["settings"]["q_cov"] == "isotropic"
     assert doc["estimator"] == "gaussian_posterior"
+    assert "traced_step_peak_gib" not in doc  # an estimator the trace does not follow
     with pytest.raises(SystemExit):
         bench.main([*argv, "--set", "q_cov=diagonal"])
     assert "unknown q_cov 'diagonal'" in capsys.readouterr().err

@@ -57,7 +57,8 @@ def _reward_parts(cfg: TrainConfig) -> tuple[dict, list[int], str]:
     folder = cfg.reward_params.get("clip") if cfg.reward == "aesthetic" else None
     if folder and (Path(folder).expanduser() / "config.json").is_file():
         config = json.loads((Path(folder).expanduser() / "config.json").read_text())
-        return config, head, "the aesthetic reward's CLIP"
+        width = int(config.get("projection_dim", head[0]))  # the head reads the projection
+        return config, [width, *head[1:]], "the aesthetic reward's CLIP"
     if cfg.reward == "aesthetic":
         return config, head, "the aesthetic reward (CLIP ViT-L/14, shipped config)"
     return (
@@ -67,12 +68,13 @@ def _reward_parts(cfg: TrainConfig) -> tuple[dict, list[int], str]:
     )
 
 
-def trace_run(cfg: TrainConfig) -> Traces:
+def trace_run(cfg: TrainConfig, *, on_gpu: bool = True, step: int = 0) -> Traces:
     """Traces of one update of ``cfg`` at its micro-batch (batch_size x cells_per_trajectory
-    cells)."""
+    cells), the gradient's cells at step ``step``; dtype auto resolved as on a GPU, or with
+    ``on_gpu`` False as on the CPU."""
     config, head, _ = _reward_parts(cfg)
-    meta = meta_sd_task(cfg, config, head)
-    return trace_update(meta, cfg, batch=cfg.batch_size * cfg.cells_per_trajectory)
+    meta = meta_sd_task(cfg, config, head, on_gpu=on_gpu)
+    return trace_update(meta, cfg, batch=cfg.batch_size * cfg.cells_per_trajectory, step=step)
 
 
 def _with(cfg: TrainConfig, **changes: Any) -> TrainConfig:

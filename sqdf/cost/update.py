@@ -35,8 +35,10 @@ from sqdf.cost.parts import (
     weight_bytes,
 )
 from sqdf.cost.trace import UpdateTracer, fused_attention
+from sqdf.errors import SqdfError
 from sqdf.sampler import step_mean_std
 
+TRACED_ESTIMATORS = ("tweedie", "consistency")  # the x̂0 of one network call
 GRADIENT_PHASES = ("policy step", "reference step", "x̂0 model", "VAE decode", "reward", "backward")
 PHASES = ("sampling", "scoring fresh", *GRADIENT_PHASES)
 BLIND_SPOTS = (
@@ -81,6 +83,11 @@ def trace_update(meta: MetaParts, cfg: TrainConfig, batch: int, step: int = 0) -
     """Trace the three pieces of an update at ``batch`` samples, the gradient's cells at step
     ``step`` (any but the last runs the x̂0 model)."""
     task = meta.task
+    if task.estimator not in TRACED_ESTIMATORS:
+        raise SqdfError(
+            f"the cost trace follows estimators {' and '.join(TRACED_ESTIMATORS)}, not "
+            f"{task.estimator!r}"
+        )
     tracer = UpdateTracer()
     networks = list(meta.networks.values())
     tracer.hold([t for m in networks for t in (*m.parameters(), *m.buffers())])
