@@ -145,7 +145,7 @@ def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
         f"    peak of one update: {gib(peak)} (live tensors {gib(traces.peak)} + optimizer "
         f"state); by phase: "
         + ", ".join(f"{p} {gib(traces.phase_peak.get(p, 0))}" for p in PHASES),
-        f"    while prompts are encoded (denoiser, VAE and every text encoder loaded): "
+        f"    while prompts are encoded (every text encoder, before the denoiser is loaded): "
         f"{gib(prompt_encoding_peak(traces))}",
         f"    {BLIND_SPOTS}",
     ]
@@ -167,8 +167,8 @@ def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
         if fits:
             break
     if prompt_encoding_peak(traces) > gpu_memory:
-        lines.append("    the prompt encoding holds the text encoders beside the denoiser: "
-                     "its peak stays whatever the batch")  # fmt: skip
+        lines.append("    the prompt encoding holds every text encoder at once: its peak "
+                     "stays whatever the batch")  # fmt: skip
     return lines
 
 

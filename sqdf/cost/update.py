@@ -194,6 +194,7 @@ def gpu_peak(traces: Traces) -> int:
 
 
 def prompt_encoding_peak(traces: Traces) -> int:
-    """Bytes while the prompts are encoded: the sd task has loaded the denoiser and the VAE
-    and holds every text encoder at once (their activations, for a few prompts, left out)."""
-    return traces.parts["denoiser"] + traces.parts["VAE decoder"] + traces.text_encoders
+    """Bytes while the prompts are encoded: the sd task encodes them before it loads the
+    denoiser and the VAE, holding every text encoder at once (their activations, for a few
+    prompts, left out)."""
+    return traces.text_encoders
