@@ -198,6 +198,16 @@ def weight_bytes(modules: list[nn.Module]) -> int:
     return sum(seen.values())
 
 
+def linear_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the frozen nn.Linear weights of ``module``: what a weight-only 8-bit
+    quantisation of the base (torchao, bitsandbytes) halves from bf16."""
+    return sum(
+        m.weight.numel() * m.weight.element_size()
+        for m in module.modules()
+        if type(m) is nn.Linear and not m.weight.requires_grad
+    )
+
+
 def trainable_state_bytes(trainable: int) -> int:
     """The optimizer's side of training: float32 weights, gradients, AdamW's two moments."""
     return trainable * TRAINABLE_STATE_BYTES

@@ -30,6 +30,7 @@ import torch
 from sqdf.config import TrainConfig
 from sqdf.cost.parts import (
     MetaParts,
+    linear_weight_bytes,
     made_on_meta,
     trainable_state_bytes,
     weight_bytes,
@@ -77,6 +78,7 @@ class Traces:
     state: int  # float32 LoRA, its gradient and AdamW's moments
     text_encoders: int  # weights of the text encoders, held while prompts are encoded
     parts: dict[str, int] = field(default_factory=dict)  # weight bytes by network
+    denoiser_linear: int = 0  # bytes of the denoiser's frozen Linear weights
 
 
 def trace_update(meta: MetaParts, cfg: TrainConfig, batch: int, step: int = 0) -> Traces:
@@ -115,7 +117,7 @@ def trace_update(meta: MetaParts, cfg: TrainConfig, batch: int, step: int = 0) -
         batch=batch, flops=dict(tracer.flops), peak=tracer.peak,
         phase_peak=dict(tracer.phase_peak), weights=weights,
         state=trainable_state_bytes(meta.trainable), text_encoders=meta.text_encoder_bytes,
-        parts=parts,
+        parts=parts, denoiser_linear=linear_weight_bytes(task.denoiser),
     )  # fmt: skip
 
 
