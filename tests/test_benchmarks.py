@@ -213,3 +213,24 @@ def test_posterior_gradient_compares_each_estimators_gradient_with_the_exact_one
     lin = {e: rows["linear", e]["grad_rel_error"] for e in ("tweedie", "isotropic-2",
                                                            "isotropic_grad-2")}  # fmt: skip
     assert lin["isotropic-2"] == lin["tweedie"] != lin["isotropic_grad-2"]
+
+
+def test_flops_memory_tabulates_ratios_and_the_projected_8bit_base(tmp_path, capsys):
+    bench = load("flops_memory")
+    row = {
+        "model": "fluxdev", "resolution": 1024, "batch": 1, "checkpointing": True,
+        "flops_total": {"replay1": 2e12, "replay4": 1e12, "truncated": 3e12, "reference": 8e12},
+        "traced_peak_bytes": 30 * 2**30, "denoiser_linear_bytes": 20 * 2**30,
+        "weight_bytes": {"denoiser": 22 * 2**30, "VAE decoder": 2**30},
+        "text_encoder_bytes": 9 * 2**30,
+    }  # fmt: skip
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"rows": [row]}))
+    assert bench.main(["--markdown", str(path)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # peak, peak minus half the Linear weights, weights, reference / sqdf, the TFLOP columns
+    assert cells[4:9] == ["30.0 GiB", "20.0 GiB", "23.0 GiB", "1/4.0", "2"]
+    assert cells[-1] == "9.0 GiB"
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "sd9"])
