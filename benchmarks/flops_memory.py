@@ -30,14 +30,21 @@ DESIGNS = ("replay1", "replay4", "truncated", "reference")
 NATIVE = {"sd15": 512, "sdxl": 1024, "sd35m": 1024, "sd35l": 1024, "fluxdev": 1024}
 
 
-def row(model: str, folder: Path, resolution: int, batch: int, checkpointing: bool) -> dict:
+def row(
+    model: str,
+    folder: Path,
+    resolution: int,
+    batch: int,
+    checkpointing: bool,
+    vae_slicing: bool = False,
+) -> dict:
     from sqdf.config import TrainConfig
     from sqdf.cost.model_configs import reward_clip
     from sqdf.cost.parts import meta_sd_task
     from sqdf.cost.update import gpu_peak, prompt_encoding_peak, trace_update, update_flops
 
     params = {"model": str(folder), "resolution": resolution, "guidance": 5.0,
-              "gradient_checkpointing": checkpointing}  # fmt: skip
+              "gradient_checkpointing": checkpointing, "vae_slicing": vae_slicing}  # fmt: skip
     cfg = TrainConfig(
         task="sd", estimator="tweedie", reward="aesthetic", batch_size=batch, grad_accum=8,
         num_steps=50, buffer="uniform", replay_ratio=1, task_params=params,
@@ -47,7 +54,7 @@ def row(model: str, folder: Path, resolution: int, batch: int, checkpointing: bo
     flops = {d: update_flops(traces, cfg, d) for d in DESIGNS}
     return {
         "model": model, "resolution": resolution, "batch": batch, "grad_accum": 8,
-        "checkpointing": checkpointing,
+        "checkpointing": checkpointing, "vae_slicing": vae_slicing,
         "flops": flops, "flops_total": {d: sum(f.values()) for d, f in flops.items()},
         "traced_peak_bytes": gpu_peak(traces), "live_tensor_peak_bytes": traces.peak,
         "phase_peak_bytes": traces.phase_peak, "weight_bytes": traces.parts,
@@ -92,7 +99,8 @@ def markdown(doc: dict) -> str:
         linear = r.get("denoiser_linear_bytes", cache.get(r["model"], 0))
         lines.append(
             f"| {r['model']} | {r['resolution']} | {r['batch']} | "
-            f"{'on' if r['checkpointing'] else 'off'} | "
+            f"{'on' if r['checkpointing'] else 'off'}"
+            f"{', VAE sliced' if r.get('vae_slicing') else ''} | "
             f"{r['traced_peak_bytes'] / 2**30:.1f} GiB | "
             f"{(r['traced_peak_bytes'] - linear / 2) / 2**30:.1f} GiB | "
             f"{sum(r['weight_bytes'].values()) / 2**30:.1f} GiB | "
@@ -113,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated sides in px, or native (each model's own)")  # fmt: skip
     ap.add_argument("--batches", default="1,2,4", help="micro-batch sizes B")
     ap.add_argument("--checkpointing", default="on", help="on, off or on,off")
+    ap.add_argument("--vae-slicing", action="store_true", help="decode one image at a time")
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a results file")
     args = ap.parse_args(argv)
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in sides:
             for ckpt in [c == "on" for c in args.checkpointing.split(",")]:
                 for batch in [int(b) for b in args.batches.split(",")]:
-                    r = row(model, folder, side, batch, ckpt)
+                    r = row(model, folder, side, batch, ckpt, args.vae_slicing)
                     rows.append(r)
                     print(
                         f"{model} {side}px B={batch} ckpt={'on' if ckpt else 'off'}: traced "

@@ -159,6 +159,8 @@ def meta_sd_task(
     task.guidance_input = family.packed and bool(task.denoiser.config.guidance_embeds)
     task.vae_upcast = False
     del task.vae.encoder
+    if options.vae_slicing:
+        task.vae.enable_slicing()
     task.vae.requires_grad_(False)
     task.text = _conditioning(family, net_config, dtype)
     with made_on_meta(dtype):

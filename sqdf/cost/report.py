@@ -83,10 +83,16 @@ def _with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
 
 
 def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
-    """Settings that lower the traced peak, cheapest to the experiment first: checkpointing
-    (time only), a smaller micro-batch with more accumulation (same cells per update), then
-    a lower resolution (another experiment)."""
+    """Settings that lower the traced peak, cheapest to the experiment first: VAE slicing
+    (free), checkpointing (time only), a smaller micro-batch with more accumulation (same
+    cells per update), then a lower resolution (another experiment)."""
     out: list[tuple[str, TrainConfig]] = []
+    if not cfg.task_params.get("vae_slicing", False) and cfg.batch_size > 1:
+        out.append((
+            "--task-param vae_slicing=true (the same images, no more FLOPs)",
+            _with(cfg, task_params={"vae_slicing": True}),
+        ))  # fmt: skip
+        cfg = out[-1][1]
     if not cfg.task_params.get("gradient_checkpointing", True):
         out.append((
             "--task-param gradient_checkpointing=true",

@@ -91,6 +91,9 @@ class SDConfig:
     lcm_guidance: float = 8.0  # w for an LCM UNet with a guidance embedding (time_cond_proj_dim)
     dtype: str = "auto"  # weights and autocast: auto (bfloat16 on CUDA, float32 on CPU) or a name
     gradient_checkpointing: bool = True  # denoiser, consistency model, VAE decoder, CLIP rewards
+    # decode a batch of x̂0 one image at a time (diffusers' VAE slicing): the same images, and
+    # the decode's activations of one image at a time in the gradient step (docs/performance.md)
+    vae_slicing: bool = False
     finetune: str = "lora"  # lora, or full (every UNet weight, in float32; what FSDP shards)
     compile: bool = False  # torch.compile the denoiser(s)
     channels_last: bool = False  # channels-last denoiser weights
@@ -284,6 +287,8 @@ class SDTask(Task):
         vae_dtype = torch.float32 if self.vae_upcast else self.dtype
         self.vae = load_part(AutoencoderKL, folder, "vae", use_safetensors=True, dtype=vae_dtype)
         del self.vae.encoder  # only x̂0 latents are decoded; nothing is encoded
+        if options.vae_slicing:
+            self.vae.enable_slicing()
         self.vae.to(device).requires_grad_(False)
         if self.family.size_ids:
             self.text.time_ids = sdxl_time_ids(

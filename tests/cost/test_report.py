@@ -51,6 +51,7 @@ def test_dry_run_prints_flops_memory_and_fits_a_large_card(model, capsys):
 def test_dry_run_that_does_not_fit_lists_the_levers_in_order(model, capsys):
     out = _dry_run(model, capsys, "--gpu-memory", "1MiB")
     assert "fit: does not fit" in out
+    assert out.index("vae_slicing=true") < out.index("--batch-size 2 --grad-accum 16")
     first = out.index("--batch-size 2 --grad-accum 16 (same cells per update)")
     second = out.index("--batch-size 1 --grad-accum 32 (same cells per update)")
     assert first < second
@@ -64,8 +65,24 @@ def test_levers_lower_the_traced_peak_and_keep_the_cells_per_update(model):
                       "gradient_checkpointing": False})  # fmt: skip
     found = levers(cfg)
     flags = [flag for flag, _ in found]
-    assert flags[0] == "--task-param gradient_checkpointing=true"
-    peaks = [gpu_peak(trace_run(changed)) for _, changed in found[:3]]
-    assert gpu_peak(trace_run(cfg)) > peaks[0] > peaks[1] > peaks[2]
-    for _, changed in found[1:3]:
+    assert flags[0].startswith("--task-param vae_slicing=true")
+    assert flags[1] == "--task-param gradient_checkpointing=true"
+    peaks = [gpu_peak(trace_run(changed)) for _, changed in found[:4]]
+    assert peaks[0] > peaks[1] > peaks[2] > peaks[3]  # slicing: the next test
+    for _, changed in found[2:4]:
         assert changed.batch_size * changed.grad_accum == 8
+        assert changed.task_params["vae_slicing"] and changed.task_params["gradient_checkpointing"]
+
+
+def test_vae_slicing_lowers_the_decode_peak_at_the_same_flops(model):
+    values = dict(task="sd", estimator="tweedie", batch_size=4, reward="aesthetic")
+    whole, sliced = (
+        TrainConfig(
+            **values, task_params={"model": str(model), "resolution": 256, "vae_slicing": on}
+        )  # fmt: skip
+        for on in (False, True)
+    )
+    a, b = trace_run(whole), trace_run(sliced)
+    assert b.phase_peak["VAE decode"] < a.phase_peak["VAE decode"]
+    assert gpu_peak(b) <= gpu_peak(a)  # here the backward's peak is set elsewhere
+    assert b.flops == a.flops

@@ -89,6 +89,15 @@ def test_prompts_are_encoded_before_the_denoiser_is_loaded(parts, monkeypatch):
     assert events.index("encode") < events.index("unet") < events.index("vae")
 
 
+def test_vae_slicing_decodes_the_same_images(parts):
+    task = build_task(config(parts, task_params={"vae_slicing": True}))
+    assert task.vae.use_slicing
+    latents = torch.randn((3, *task.sample_shape), generator=torch.Generator().manual_seed(0))
+    sliced = task.decode(latents)
+    task.vae.disable_slicing()
+    torch.testing.assert_close(sliced, task.decode(latents))
+
+
 def test_two_updates_change_the_lora_and_a_plain_pipeline_loads_it(parts, tmp_path):
     run = train(config(parts, estimator="consistency", task_params={"lcm": str(parts / "lcm")}),
                 tmp_path / "run", progress=False)  # fmt: skip
