@@ -52,7 +52,7 @@ task parameters (--task-param KEY=VALUE; README for their meaning):
           compile, channels_last
   sd      model, prompts, eval_prompts, negative_prompt, guidance, true_cfg, resolution,
           lora_rank, lora_alpha, lora_targets, lcm, lcm_guidance, dtype,
-          gradient_checkpointing, finetune, compile, channels_last, noise_level
+          gradient_checkpointing, vae_slicing, finetune, compile, channels_last, noise_level
 
 A TOML config holds the same keys as the flags (underscores), with [task_params] and
 [reward_params] tables. Flags override the file. The resolved configuration is written to
