@@ -120,9 +120,36 @@ def main(argv: list[str] | None = None) -> int:
         "memory_kind": peak_memory()[1],
         "after_loading_gib": round(loaded, 3), "peak_gib": round(peak_memory()[0], 3),
     }  # fmt: skip
+    try:
+        doc |= traced_peaks(cfg, task.device.type == "cuda", args.step)
+    except SqdfError as err:  # an estimator the trace does not follow
+        print(f"not traced: {err}")
+    if (
+        doc["memory_kind"].startswith("cuda") and "traced_step_peak_gib" in doc
+    ):  # the first GPU run calibrates the tracer
+        print(
+            f"traced against measured: gradient step {doc['traced_step_peak_gib']} GiB, "
+            f"prompt encoding {doc['traced_prompt_encoding_gib']} GiB (traced), "
+            f"max_memory_allocated {doc['peak_gib']} GiB (measured)"
+        )
     print(json.dumps(doc))
     write_json(doc, args.out)
     return 0
+
+
+def traced_peaks(cfg, on_gpu: bool, step: int) -> dict:  # noqa: ANN001
+    """sqdf.cost's traced estimates for the same step: the gradient micro-batch's peak with the
+    optimizer's state, and the peak while prompts are encoded (what max_memory_allocated,
+    counting from the process's start, also sees)."""
+    from sqdf.cost.report import trace_run
+    from sqdf.cost.update import GRADIENT_PHASES, prompt_encoding_peak
+
+    traces = trace_run(cfg, on_gpu=on_gpu, step=step)
+    step_peak = max(traces.phase_peak.get(p, 0) for p in GRADIENT_PHASES) + traces.state
+    return {
+        "traced_step_peak_gib": round(step_peak / 2**30, 3),
+        "traced_prompt_encoding_gib": round(prompt_encoding_peak(traces) / 2**30, 3),
+    }
 
 
 if __name__ == "__main__":

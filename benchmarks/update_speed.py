@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -40,22 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from sqdf.cost.update import design_settings  # the designs sqdf.cost counts
+
 DESIGNS = ["reference", "truncated", "truncated_x2", "replay4", "replay8"]  # the default run
-
-
-def design_settings(name: str) -> dict | None:
-    """The training settings of a design: reference, truncated, truncated_x<M> (M steps per
-    trajectory) or replay<N> (N updates per fresh batch); None for an unknown name."""
-    if name == "reference":
-        return {"rollout": "full", "buffer": "on_policy", "replay_ratio": 1}
-    if name == "truncated":
-        name = "truncated_x1"
-    if m := re.fullmatch(r"truncated_x([1-9]\d*)", name):
-        return {"rollout": "truncated", "buffer": "on_policy", "replay_ratio": 1,
-                "cells_per_trajectory": int(m[1])}  # fmt: skip
-    if m := re.fullmatch(r"replay([1-9]\d*)", name):
-        return {"rollout": "full", "buffer": "prioritized", "replay_ratio": int(m[1])}
-    return None
 
 
 SD_BATCH = 4  # the issue's setting: batch 4 at SD 1.5 size

@@ -11,7 +11,8 @@
 # device time is short,
 # so give one stage per call, `sd15` first; each is meant to fit one 10-minute call, but none
 # has been timed on a GPU yet):
-#   sd15    one gradient step's peak memory (step_memory.py; also with the isotropic Gaussian
+#   sd15    one gradient step's peak memory (step_memory.py, which prints sqdf.cost's traced
+#           estimate of the same step beside max_memory_allocated; also with the isotropic Gaussian
 #           posterior's soft value at 4 draws), then the five update designs
 #           at SD 1.5 size (s/update, sampling share, peak memory, reward gain/s): issue 6's
 #           24 GB check and issue 7's table

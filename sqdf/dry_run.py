@@ -3,6 +3,7 @@ the model folder's configs only (the shape of a sample), never its weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from sqdf.config import TrainConfig, config_fields
 from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
+from sqdf.errors import SqdfError
 from sqdf.methods import METHODS
 from sqdf.rewards import build_reward
 from sqdf.settings import DICT_KEYS, Resolved
@@ -73,9 +75,12 @@ def plan(resolved: Resolved, processes: int = 1) -> dict[str, Any]:
     }
 
 
-def dry_run_text(resolved: Resolved, processes: int = 1) -> str:
-    """The dry run's report: every setting with the layer it came from, then the sizes, then
-    the weights the run would download (of Hub references: configs only are fetched here)."""
+def dry_run_text(
+    resolved: Resolved, processes: int = 1, gpu_memory: int | None = None, cost: bool = True
+) -> str:
+    """The dry run's report: every setting with the layer it came from, then the sizes,
+    (``cost``) what one update costs with a fit verdict against ``gpu_memory`` bytes, then the
+    weights the run would download (of Hub references: configs only are fetched here)."""
     with planning() as downloads:
         p = plan(resolved, processes)
         cfg = p["config"]
@@ -87,7 +92,12 @@ def dry_run_text(resolved: Resolved, processes: int = 1) -> str:
             except OfflineWeightError as err:  # the run itself will say so; a plan goes on
                 unlisted = str(err)
         model = resolve(cfg.task_params["model"], "task 'sd' model") if cfg.task == "sd" else None
-    text = _settings_text(resolved, p, processes, model)
+        text = _settings_text(resolved, p, processes, model)
+        if cost:  # traced from the configs of the resolved folders (configs only fetched here)
+            traced = cfg
+            if model is not None:
+                traced = dataclasses.replace(cfg, task_params={**cfg.task_params, "model": model})
+            text += "\n" + "\n".join(cost_section(traced, gpu_memory))
     if downloads:
         text += "\nweights (Hub references; sizes from the Hub's file metadata or the cache):\n"
         text += "\n".join(plan_text(downloads))
@@ -161,3 +171,16 @@ def _settings_text(resolved: Resolved, p: dict[str, Any], processes: int, model:
     if resolved.preset is not None and resolved.preset.notes:
         lines.append(f"note: {resolved.preset.notes}")
     return "\n".join(lines)
+
+
+def cost_section(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
+    """FLOPs per update and traced GPU memory (sqdf.cost): traced on meta tensors from the
+    model folder's configs."""
+    from sqdf.cost.report import cost_lines
+
+    try:
+        return cost_lines(cfg, gpu_memory)
+    except (OSError, KeyError, TypeError, ValueError, SqdfError) as err:
+        # a folder with the configs the sizes need but not every field a network needs
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return [f"cost of one update: not traced ({reason})"]

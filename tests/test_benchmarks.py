@@ -145,6 +145,8 @@ def test_step_memory_times_one_gradient_step(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["loss_finite"] and doc["step_s"] > 0 and doc["batch_size"] == 2
     assert doc["peak_gib"] >= doc["after_loading_gib"] > 0
+    # the traced estimate of the same step (float32 on the CPU) is written beside it
+    assert 0 < doc["traced_step_peak_gib"] < doc["peak_gib"]  # RSS holds more than tensors
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--parts", str(tmp_path / "parts"), "--step", "50"])
     assert "--step must be in [0, 49], got 50" in capsys.readouterr().err
@@ -154,6 +156,7 @@ def test_step_memory_times_one_gradient_step(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["loss_finite"] and doc["settings"]["q_cov"] == "isotropic"
     assert doc["estimator"] == "gaussian_posterior"
+    assert "traced_step_peak_gib" not in doc  # an estimator the trace does not follow
     with pytest.raises(SystemExit):
         bench.main([*argv, "--set", "q_cov=diagonal"])
     assert "unknown q_cov 'diagonal'" in capsys.readouterr().err
@@ -210,3 +213,24 @@ def test_posterior_gradient_compares_each_estimators_gradient_with_the_exact_one
     lin = {e: rows["linear", e]["grad_rel_error"] for e in ("tweedie", "isotropic-2",
                                                            "isotropic_grad-2")}  # fmt: skip
     assert lin["isotropic-2"] == lin["tweedie"] != lin["isotropic_grad-2"]
+
+
+def test_flops_memory_tabulates_ratios_and_the_projected_8bit_base(tmp_path, capsys):
+    bench = load("flops_memory")
+    row = {
+        "model": "fluxdev", "resolution": 1024, "batch": 1, "checkpointing": True,
+        "flops_total": {"replay1": 2e12, "replay4": 1e12, "truncated": 3e12, "reference": 8e12},
+        "traced_peak_bytes": 30 * 2**30, "denoiser_linear_bytes": 20 * 2**30,
+        "weight_bytes": {"denoiser": 22 * 2**30, "VAE decoder": 2**30},
+        "text_encoder_bytes": 9 * 2**30,
+    }  # fmt: skip
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"rows": [row]}))
+    assert bench.main(["--markdown", str(path)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # peak, peak minus half the Linear weights, weights, reference / sqdf, the TFLOP columns
+    assert cells[4:9] == ["30.0 GiB", "20.0 GiB", "23.0 GiB", "1/4.0", "2"]
+    assert cells[-1] == "9.0 GiB"
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "sd9"])

@@ -46,8 +46,8 @@ task parameters (--task-param KEY=VALUE; README for their meaning):
           compile, channels_last
   sd      model, prompts, eval_prompts, negative_prompt, guidance, true_cfg, resolution,
           lora_rank, lora_alpha, lora_targets, lora_init, reference_compat, lcm_timesteps,
-          tf32, lcm, lcm_guidance, dtype, gradient_checkpointing, finetune, compile,
-          channels_last, noise_level
+          tf32, lcm, lcm_guidance, dtype, gradient_checkpointing, vae_slicing, finetune,
+          compile, channels_last, noise_level
 
 A TOML config holds the same keys as the flags (underscores), with [task_params] and
 [reward_params] tables. Flags override the file. The resolved configuration is written to
@@ -66,7 +66,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run", action="store_true",
         help="print every resolved setting and where it came from, the model's D, alpha in "
-        "both conventions, the effective batch and the replay buffer's memory; train nothing",
+        "both conventions, the effective batch and the replay buffer's memory, and (task sd) "
+        "the FLOPs and traced GPU memory of one update; train nothing",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpu-memory", metavar="SIZE",
+        help="with --dry-run: the card's memory to check the traced peak against, e.g. 24GiB "
+        "(default: the detected GPU's, else no verdict)",
     )  # fmt: skip
     p.add_argument("--out", metavar="RUN", help="run folder (default: runs/TASK-METHOD-TIME)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
@@ -132,10 +138,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         if resolved.bbo:
             raise SqdfError(f"{args.config}: a [bbo] table is for sqdf bbo, not sqdf train")
+    if args.gpu_memory is not None and not args.dry_run:
+        raise SqdfError(f"--gpu-memory {args.gpu_memory} goes with --dry-run (a run's check)")
     if args.dry_run:
+        from sqdf.cost.report import detected_gpu_memory, parse_memory
         from sqdf.dry_run import dry_run_text
 
-        print(dry_run_text(resolved, processes=max(launched()[1], 1)))
+        memory = parse_memory(args.gpu_memory) if args.gpu_memory else detected_gpu_memory()
+        print(dry_run_text(resolved, processes=max(launched()[1], 1), gpu_memory=memory))
         return 0
     cfg = resolved.config()
     out = args.resume or args.out or default_out(f"{cfg.task}-{cfg.method}")

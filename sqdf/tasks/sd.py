@@ -109,6 +109,9 @@ class SDConfig:
     lcm_guidance: float = 8.0  # w for an LCM UNet with a guidance embedding (time_cond_proj_dim)
     dtype: str = "auto"  # weights and autocast: auto (bfloat16 on CUDA, float32 on CPU) or a name
     gradient_checkpointing: bool = True  # denoiser, consistency model, VAE decoder, CLIP rewards
+    # decode a batch of x̂0 one image at a time (diffusers' VAE slicing): the same images, and
+    # the decode's activations of one image at a time in the gradient step (docs/performance.md)
+    vae_slicing: bool = False
     finetune: str = "lora"  # lora, or full (every UNet weight, in float32; what FSDP shards)
     compile: bool = False  # torch.compile the denoiser(s)
     channels_last: bool = False  # channels-last denoiser weights
@@ -292,6 +295,15 @@ class SDTask(Task):
             self.prediction_type = sched.config.prediction_type
             self.schedule = schedule_of(sched, cfg.num_steps, cfg.eta, "sd")
             self.kernel = DDIMKernel(self.schedule, self.prediction_type)
+        # the prompts first, so that the text encoders (T5-XXL: 9.5 GB in bf16) are let go
+        # before the denoiser and the VAE are loaded: never all on the GPU at once
+        pairs = load_prompt_pairs(options.prompts)
+        self.prompts = [p for p, _ in pairs]
+        self.train_prompts = len(pairs)  # training draws from these; later ones are held out
+        self.negatives = [options.negative_prompt if n is None else n for _, n in pairs]
+        self.text = encode_prompts(
+            self.family, folder, self.prompts, self.negatives, device, self.dtype
+        )
         safe = {"use_safetensors": True, "dtype": self.dtype}
         self.denoiser = load_part(
             self.family.denoiser_model(), folder, self.family.denoiser, **safe
@@ -308,14 +320,9 @@ class SDTask(Task):
         vae_dtype = torch.float32 if self.vae_upcast else self.dtype
         self.vae = load_part(AutoencoderKL, folder, "vae", use_safetensors=True, dtype=vae_dtype)
         del self.vae.encoder  # only x̂0 latents are decoded; nothing is encoded
+        if options.vae_slicing:
+            self.vae.enable_slicing()
         self.vae.to(device).requires_grad_(False)
-        pairs = load_prompt_pairs(options.prompts)
-        self.prompts = [p for p, _ in pairs]
-        self.train_prompts = len(pairs)  # training draws from these; later ones are held out
-        self.negatives = [options.negative_prompt if n is None else n for _, n in pairs]
-        self.text = encode_prompts(
-            self.family, folder, self.prompts, self.negatives, device, self.dtype
-        )
         if self.family.size_ids:
             self.text.time_ids = sdxl_time_ids(
                 self.denoiser, self.text.pooled.shape[-1], image_side(options), folder

@@ -70,6 +70,32 @@ def test_prompt_embeddings_and_guidance_match_the_diffusers_pipeline(parts):
     assert task.sample_shape == (4, 8, 8)  # 16 px images through a 2x VAE
 
 
+def test_prompts_are_encoded_before_the_denoiser_is_loaded(parts, monkeypatch):
+    """The text encoders are let go before the denoiser and VAE arrive (sqdf.cost counts
+    the prompt encoding's peak as the encoders' weights alone)."""
+    import sqdf.tasks.sd as sd
+
+    events = []
+    encode, load = sd.encode_prompts, sd.load_part
+    monkeypatch.setattr(
+        sd, "encode_prompts", lambda *a, **k: events.append("encode") or encode(*a, **k)
+    )
+    monkeypatch.setattr(
+        sd, "load_part", lambda cls, f, sub, **k: events.append(sub) or load(cls, f, sub, **k)
+    )
+    build_task(config(parts))
+    assert events.index("encode") < events.index("unet") < events.index("vae")
+
+
+def test_vae_slicing_decodes_the_same_images(parts):
+    task = build_task(config(parts, task_params={"vae_slicing": True}))
+    assert task.vae.use_slicing
+    latents = torch.randn((3, *task.sample_shape), generator=torch.Generator().manual_seed(0))
+    sliced = task.decode(latents)
+    task.vae.disable_slicing()
+    torch.testing.assert_close(sliced, task.decode(latents))
+
+
 def test_two_updates_change_the_lora_and_a_plain_pipeline_loads_it(parts, tmp_path):
     run = train(config(parts, estimator="consistency", task_params={"lcm": str(parts / "lcm")}),
                 tmp_path / "run", progress=False)  # fmt: skip

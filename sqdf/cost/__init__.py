@@ -1,0 +1,7 @@
+"""What one update costs without running it: FLOPs counted and GPU memory traced on the meta
+device (tensors with shapes and no storage), from the model folders' configs alone.
+
+trace.py: the counter (FLOPs by phase, live tensor bytes and their peak) and the fused
+attention a GPU runs; parts.py: the sd task's networks built on meta from configs;
+update.py: one update's phases, per design; model_configs.py: the shipped configs of each
+family at full size."""

@@ -1,0 +1,186 @@
+"""The dry run's cost section: FLOPs per update by phase against the reference design, the
+traced GPU memory by part, and, against a card's memory, whether it fits and what each
+setting that lowers the peak would bring. Every figure is a traced estimate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from sqdf.config import TrainConfig
+from sqdf.cost.model_configs import reward_clip
+from sqdf.cost.parts import meta_sd_task
+from sqdf.cost.update import (
+    BLIND_SPOTS,
+    PHASES,
+    Traces,
+    gpu_peak,
+    prompt_encoding_peak,
+    run_design,
+    trace_update,
+    update_flops,
+)
+from sqdf.errors import ConfigError
+
+UNITS = {"": 2**30, "gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
+
+
+def parse_memory(text: str) -> int:
+    """'24GiB', '24 GB', '80' (GiB) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m[2].lower() if m else ""
+    if m is None or unit not in UNITS or float(m[1]) <= 0:
+        raise ConfigError(f"--gpu-memory {text!r}: give a size such as 24GiB, 24GB or 80 (GiB)")
+    return int(float(m[1]) * UNITS[unit])
+
+
+def detected_gpu_memory() -> int | None:
+    """The first CUDA device's memory, where there is one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _reward_parts(cfg: TrainConfig) -> tuple[dict, list[int], str]:
+    """The reward network to trace: the aesthetic reward's own CLIP config where the run
+    names one, else CLIP ViT-L/14 with the LAION head standing in (said in the output)."""
+    config, head = reward_clip()
+    folder = cfg.reward_params.get("clip") if cfg.reward == "aesthetic" else None
+    if folder and (Path(folder).expanduser() / "config.json").is_file():
+        config = json.loads((Path(folder).expanduser() / "config.json").read_text())
+        width = int(config.get("projection_dim", head[0]))  # the head reads the projection
+        return config, [width, *head[1:]], "the aesthetic reward's CLIP"
+    if cfg.reward == "aesthetic":
+        return config, head, "the aesthetic reward (CLIP ViT-L/14, shipped config)"
+    return (
+        config,
+        head,
+        (f"CLIP ViT-L/14 with the aesthetic head standing in for reward {cfg.reward!r}"),
+    )
+
+
+def trace_run(cfg: TrainConfig, *, on_gpu: bool = True, step: int = 0) -> Traces:
+    """Traces of one update of ``cfg`` at its micro-batch (batch_size x cells_per_trajectory
+    cells), the gradient's cells at step ``step``; dtype auto resolved as on a GPU, or with
+    ``on_gpu`` False as on the CPU."""
+    config, head, _ = _reward_parts(cfg)
+    meta = meta_sd_task(cfg, config, head, on_gpu=on_gpu)
+    return trace_update(meta, cfg, batch=cfg.batch_size * cfg.cells_per_trajectory, step=step)
+
+
+def _with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    params = changes.pop("task_params", {})
+    return dataclasses.replace(cfg, task_params={**cfg.task_params, **params}, **changes)
+
+
+def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """Settings that lower the traced peak, cheapest to the experiment first: VAE slicing
+    (free), checkpointing (time only), a smaller micro-batch with more accumulation (same
+    cells per update), then a lower resolution (another experiment)."""
+    out: list[tuple[str, TrainConfig]] = []
+    if not cfg.task_params.get("vae_slicing", False) and cfg.batch_size > 1:
+        out.append((
+            "--task-param vae_slicing=true (the same images, no more FLOPs)",
+            _with(cfg, task_params={"vae_slicing": True}),
+        ))  # fmt: skip
+        cfg = out[-1][1]
+    if not cfg.task_params.get("gradient_checkpointing", True):
+        out.append((
+            "--task-param gradient_checkpointing=true",
+            _with(cfg, task_params={"gradient_checkpointing": True}),
+        ))  # fmt: skip
+        cfg = out[-1][1]
+    batch = cfg.batch_size
+    while batch > 1 and batch % 2 == 0:
+        batch //= 2
+        accum = cfg.grad_accum * cfg.batch_size // batch
+        out.append((
+            f"--batch-size {batch} --grad-accum {accum} (same cells per update)",
+            _with(cfg, batch_size=batch, grad_accum=accum),
+        ))  # fmt: skip
+    smallest = out[-1][1] if out else cfg
+    side = cfg.task_params.get("resolution")
+    for res in (768, 512):
+        if side is None or res < int(side):
+            out.append((
+                f"--task-param resolution={res} (another experiment), with the above",
+                _with(smallest, task_params={"resolution": res}),
+            ))  # fmt: skip
+    return out
+
+
+def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
+    """The dry run's section on what an update costs (sd task only)."""
+    if cfg.task != "sd":
+        return ["cost of an update: traced for task sd only"]
+    traces = trace_run(cfg)
+    _, _, reward_note = _reward_parts(cfg)
+    design = run_design(cfg)
+    ours, ref = update_flops(traces, cfg, design), update_flops(traces, cfg, "reference")
+    dtype = str(meta_dtype(cfg)).removeprefix("torch.")
+    lines = [
+        f"cost of one update (traced estimates, not measurements; {dtype}, LoRA, reward "
+        f"traced: {reward_note}):",
+        f"  FLOPs by phase        this run ({design})     reference design",
+    ]
+    for phase in PHASES:
+        lines.append(
+            f"    {phase:<18} {ours[phase] / 1e12:>12.2f} TFLOP {ref[phase] / 1e12:>12.2f} TFLOP"
+        )
+    total, ref_total = sum(ours.values()), sum(ref.values())
+    lines.append(
+        f"    {'total':<18} {total / 1e12:>12.2f} TFLOP {ref_total / 1e12:>12.2f} TFLOP "
+        f"(this run: {total / ref_total:.2f} of the reference design)"
+    )
+    peak = gpu_peak(traces)
+    parts = ", ".join(f"{role} {gib(n)}" for role, n in traces.parts.items())
+    lines += [
+        f"  traced GPU memory (micro-batch {traces.batch} cells, checkpointing "
+        f"{'on' if cfg.task_params.get('gradient_checkpointing', True) else 'off'}):",
+        f"    weights: {parts}",
+        f"    LoRA in float32 with its gradient and AdamW moments: {gib(traces.state)}",
+        f"    peak of one update: {gib(peak)} (live tensors {gib(traces.peak)} + optimizer "
+        f"state); by phase: "
+        + ", ".join(f"{p} {gib(traces.phase_peak.get(p, 0))}" for p in PHASES),
+        f"    while prompts are encoded (every text encoder, before the denoiser is loaded): "
+        f"{gib(prompt_encoding_peak(traces))}",
+        f"    {BLIND_SPOTS}",
+    ]
+    if gpu_memory is None:
+        lines.append("  fit: no --gpu-memory given and no GPU detected")
+        return lines
+    worst = max(peak, prompt_encoding_peak(traces))
+    if worst <= gpu_memory:
+        lines.append(f"  fit: fits {gib(gpu_memory)} (traced peak {gib(worst)})")
+        return lines
+    lines.append(
+        f"  fit: does not fit {gib(gpu_memory)} (traced peak {gib(worst)}); the traced peak "
+        "after each change (each with those above it), up to the first that fits:"
+    )
+    for flag, changed in levers(cfg):
+        after = trace_run(changed)
+        fits = max(gpu_peak(after), prompt_encoding_peak(after)) <= gpu_memory
+        lines.append(f"    {flag}: {gib(gpu_peak(after))} ({'fits' if fits else 'does not fit'})")
+        if fits:
+            break
+    if prompt_encoding_peak(traces) > gpu_memory:
+        lines.append("    the prompt encoding holds every text encoder at once: its peak "
+                     "stays whatever the batch")  # fmt: skip
+    return lines
+
+
+def meta_dtype(cfg: TrainConfig) -> Any:
+    from sqdf.cost.parts import compute_dtype
+    from sqdf.params import build_settings
+    from sqdf.tasks.sd import SDConfig
+
+    return compute_dtype(build_settings(SDConfig, cfg.task_params, "task 'sd'"))

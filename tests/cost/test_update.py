@@ -1,0 +1,111 @@
+"""One update's trace on a tiny SD 1.5-shaped model (configs only, meta tensors): each phase
+against an independent count of the network it runs (FlopCounterMode on a direct call), the
+composition of designs against its closed form, and the memory levers in the direction
+they must move."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sqdf.config import TrainConfig
+from sqdf.cost.parts import meta_sd_task
+from sqdf.cost.trace import fused_attention
+from sqdf.cost.update import (
+    expected_steps,
+    gpu_peak,
+    trace_update,
+    update_flops,
+)
+from sqdf.tasks.lora import adapters_disabled
+from tests.cost.conftest import TINY_CLIP
+
+HEAD = [16, 8, 1]
+
+
+def _cfg(model: Path, **over) -> TrainConfig:
+    params = {"model": str(model), "resolution": 32, **over.pop("task_params", {})}
+    values = dict(task="sd", estimator="tweedie", batch_size=2, num_steps=10, reward="aesthetic",
+                  task_params=params)  # fmt: skip
+    return TrainConfig(**(values | over))
+
+
+def _direct_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter, fused_attention():
+        fn()
+    return counter.get_total_flops()
+
+
+def test_phases_count_the_networks_they_run(model):
+    cfg = _cfg(model)
+    meta = meta_sd_task(cfg, TINY_CLIP, HEAD)
+    traces = trace_update(meta, cfg, batch=2)
+    net, vae, task = meta.task.denoiser, meta.task.vae, meta.task
+    # CFG: the denoiser on both halves, 2B = 4 rows, as the task batches them
+    x = torch.zeros(4, *task.sample_shape, device="meta", dtype=task.dtype)
+    t = torch.zeros(4, device="meta")
+    text = torch.zeros(4, 77, 32, device="meta", dtype=task.dtype)
+    with torch.no_grad():
+        policy = _direct_flops(lambda: net(x, t, encoder_hidden_states=text))
+        with adapters_disabled(net):
+            reference = _direct_flops(lambda: net(x, t, encoder_hidden_states=text))
+        decode = _direct_flops(lambda: vae.decode(x[:2]))
+    assert reference < policy  # the LoRA's products
+    assert traces.flops["sampling"] == policy
+    assert traces.flops["policy step"] == policy
+    assert traces.flops["reference step"] == reference
+    assert traces.flops["x̂0 model"] == reference  # Tweedie: the reference with CFG again
+    assert traces.flops["VAE decode"] == decode
+    assert traces.flops["scoring fresh"] == decode + traces.flops["reward"]
+    # backward: at least the input gradients of every network the loss ran through
+    assert traces.flops["backward"] > policy + reference + decode
+    assert gpu_peak(traces) == traces.peak + 16 * meta.trainable
+    assert traces.peak > traces.weights
+
+
+def test_checkpointing_trades_flops_for_memory(model):
+    on, off = (_cfg(model, task_params={"gradient_checkpointing": v}) for v in (True, False))
+    traced_on = trace_update(meta_sd_task(on, TINY_CLIP, HEAD), on, batch=4)
+    traced_off = trace_update(meta_sd_task(off, TINY_CLIP, HEAD), off, batch=4)
+    assert traced_on.peak < traced_off.peak
+    assert traced_on.flops["backward"] > traced_off.flops["backward"]  # the recomputation
+    assert traced_on.flops["policy step"] == traced_off.flops["policy step"]
+
+
+def test_a_larger_batch_costs_more_memory_and_proportionally_more_flops(model):
+    cfg = _cfg(model)
+    small = trace_update(meta_sd_task(cfg, TINY_CLIP, HEAD), cfg, batch=2)
+    large = trace_update(meta_sd_task(cfg, TINY_CLIP, HEAD), cfg, batch=4)
+    assert large.peak > small.peak
+    for phase in ("sampling", "policy step", "VAE decode"):
+        assert large.flops[phase] == 2 * small.flops[phase]
+
+
+def test_expected_steps_of_a_truncated_trajectory_by_enumeration():
+    for T, m in ((5, 1), (6, 2), (7, 3)):
+        draws = list(itertools.combinations(range(T), m))
+        brute = sum(max(d) for d in draws) / len(draws)
+        assert expected_steps(T, m) == pytest.approx(brute)
+
+
+def test_designs_compose_the_traced_pieces(model):
+    cfg = _cfg(model, grad_accum=3)
+    traces = trace_update(meta_sd_task(cfg, TINY_CLIP, HEAD), cfg, batch=2)
+    per = {k: v / 2 for k, v in traces.flops.items()}
+    b, T, accum = 2, 10, 3
+    ref, rep4, trunc = (update_flops(traces, cfg, d) for d in ("reference", "replay4", "truncated"))
+    # the official trainer samples B x grad_accum trajectories an update, sqdf's B every N
+    assert ref["sampling"] == pytest.approx(per["sampling"] * b * accum * T)
+    assert ref["scoring fresh"] == pytest.approx(per["scoring fresh"] * b * accum)
+    assert rep4["sampling"] == pytest.approx(per["sampling"] * b * T / 4)
+    assert rep4["scoring fresh"] == pytest.approx(per["scoring fresh"] * b / 4)
+    assert trunc["sampling"] == pytest.approx(per["sampling"] * accum * b * (T - 1) / 2)
+    assert trunc["scoring fresh"] == 0
+    for phase in ("policy step", "backward", "reward"):
+        assert ref[phase] == rep4[phase] == trunc[phase] == pytest.approx(per[phase] * b * accum)
+    with pytest.raises(ValueError, match="unknown design"):
+        update_flops(traces, cfg, "nonsense")
