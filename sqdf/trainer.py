@@ -63,7 +63,7 @@ from sqdf.distributed import (
     rank_seed,
 )
 from sqdf.errors import ConfigError, DivergedError, SqdfError
-from sqdf.grouped_cells import CellSchedule, newest_groups
+from sqdf.grouped_cells import CellSchedule, gather_newest
 from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
 from sqdf.methods.grpo import beta_note, check_kl_scale
 from sqdf.model_card import write_model_card
@@ -871,11 +871,13 @@ def accumulate_gradients(s: TrainingRun, fresh: Fresh) -> Gradients:
         # sharded passes are collective: all processes skip, or none does
         grads.skip = True
         grads.cause = grads.cause or "another process has no sample to learn from"
-    loss_fn = METHODS[cfg.method].loss
+    loss_fn, grouped = METHODS[cfg.method].loss, METHODS[cfg.method].grouped
+    # collective where groups span processes: once an update on every process, before a
+    # process may leave its micro-batches early (a non-finite loss) or run none
+    newest = gather_newest(s.buffer, s.method_params, procs) if grouped else None
     for _ in range(cfg.grad_accum if not grads.skip else 0):
         cells = draw_cells(s, grads)
-        grouped = METHODS[cfg.method].grouped
-        extra = newest_groups(s.buffer, cells, s.method_params, procs) if grouped else {}
+        extra = newest.cell_groups(s.buffer, cells) if newest is not None else {}
         loss, stats = loss_fn(s.task, cells, cfg, s.method_params, s.generator, **extra)
         if not torch.isfinite(loss):
             grads.skip, grads.cause = True, f"the loss was {loss.item()}"

@@ -188,7 +188,7 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """``group`` (B,): each cell's group; ``batch_reward``, ``batch_group`` (N,): the newest
     batch's rewards and groups (gathered over processes where ``global_std`` or ``group_by``
-    asks), whose statistics normalise the advantages (``sqdf.grouped_cells.newest_groups``)."""
+    asks), whose statistics normalise the advantages (``sqdf.grouped_cells.gather_newest``)."""
     adv = group_advantages(cells.reward, group, batch_reward, batch_group, std=params.std,
                            global_std=params.global_std)  # fmt: skip
     adv = adv.clamp(-params.adv_clip, params.adv_clip).to(task.device)

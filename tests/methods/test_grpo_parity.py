@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sqdf.buffer import ReplayBuffer
-from sqdf.grouped_cells import CellSchedule, newest_groups
+from sqdf.grouped_cells import CellSchedule, gather_newest
 from sqdf.methods import build_method_params
 from sqdf.methods.grpo import group_advantages, grpo_loss, trained_steps
 from sqdf.sampler import sample_trajectories, step_mean_std
@@ -79,7 +79,7 @@ def test_grouping_by_condition_merges_blocks_of_one_condition():
     buf = _buffer(task, cfg, rewards, cond)
     cells = buf.sample_cells(16, torch.Generator().manual_seed(1))
     params = build_method_params("grpo", {"group_by": "condition", "std": "population"})
-    groups = newest_groups(buf, cells, params)
+    groups = gather_newest(buf, params).cell_groups(buf, cells)
     adv = group_advantages(cells.reward, groups["group"], groups["batch_reward"],
                            groups["batch_group"], std="population")  # fmt: skip
     expected = their_advantages(cond.tolist(), rewards.tolist(), global_std=False)
@@ -138,7 +138,7 @@ def test_zero_advantage_cells_leave_the_mean_and_the_kl_and_beta_is_flow_grpos()
     params = build_method_params("grpo", {"std": "population", "drop_zero_advantage": True,
                                           "beta": beta, "kl_scale": "flow_grpo"})  # fmt: skip
     loss, _ = grpo_loss(task, cells, cfg, params, torch.Generator(),
-                        **newest_groups(buf, cells, params))  # fmt: skip
+                        **gather_newest(buf, params).cell_groups(buf, cells))  # fmt: skip
     # independently: at ratio 1 the policy loss is -mean(A) over the kept cells, and the KL is
     # Flow-GRPO's mean_d (μ_θ - μ_ref)² / (2 σ_t²), averaged over the kept cells
     block = [0, 0, 0, 0, 1, 1, 1, 1]
@@ -163,7 +163,7 @@ def test_a_batch_of_zero_advantages_gives_a_zero_loss_that_still_back_propagates
     cells = buf.sample_cells(8, torch.Generator().manual_seed(3))
     params = build_method_params("grpo", {"drop_zero_advantage": True, "beta": 0.1})
     loss, _ = grpo_loss(task, cells, cfg, params, torch.Generator(),
-                        **newest_groups(buf, cells, params))  # fmt: skip
+                        **gather_newest(buf, params).cell_groups(buf, cells))  # fmt: skip
     assert float(loss) == 0.0
     loss.backward()
 
@@ -215,3 +215,15 @@ def test_the_run_says_how_flow_grpos_beta_weights_each_step():
         f"by {each} at steps 0..4"
     )
     assert beta_note(task, build_method_params("grpo", {"beta": 0.01})) is None
+
+
+def test_a_process_that_leaves_its_micro_batches_early_does_not_hang_the_gathers(tmp_path):
+    # global_std and condition groups gather the newest batch over processes: once an update
+    # on every process, not per micro-batch (process 1's non-finite loss stops its
+    # micro-batches after the first, process 0 runs three)
+    from tests.test_distributed import ROOT, launch
+
+    launch([str(ROOT / "tests/distributed/grouped_skip.py"), str(tmp_path)])
+    counts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    # per update, on both: the rewards and the groups, once each
+    assert counts[0] == counts[1] == {"gathers": 2 * counts[0]["steps"], "steps": 3}
