@@ -152,26 +152,35 @@ def group_advantages(
     std: str = "sample",
     global_std: bool = False,
 ) -> Tensor:
-    """(r - mean_g) / s for each cell's group g, with the statistics of the batch.
+    """(r - mean_g) / s for each cell's group g, with the statistics of the batch, in float64
+    (as Flow-GRPO's numpy), and exactly 0 in a group whose rewards are all equal (a float
+    mean of equal values need not be that value, and a loss that drops zero advantages must
+    find them).
 
     # reward, group: (B,) the cells'; batch_reward, batch_group: (N,) the newest batch's
     s: the group's std, or with ``global_std`` the whole batch's; ``std`` "sample" is the
     unbiased std floored at 1e-6 (a group of one falls back to the whole batch), "population"
     numpy's std plus 1e-4 (a group of one gets advantage 0)."""
+    reward, batch_reward = reward.double(), batch_reward.double()
     if std == "sample" and not global_std:
-        return per_condition_advantages(reward, group, batch_reward, batch_group)
+        adv = per_condition_advantages(reward, group, batch_reward, batch_group)
+    else:
 
-    def spread(pool: Tensor) -> Tensor:
-        if std == "population":
-            return pool.std(correction=0) + POPULATION_STD_EPS
-        return pool.std().clamp(min=1e-6)
+        def spread(pool: Tensor) -> Tensor:
+            if std == "population":
+                return pool.std(correction=0) + POPULATION_STD_EPS
+            return pool.std().clamp(min=1e-6)
 
-    adv = torch.empty_like(reward)
-    whole = spread(batch_reward) if global_std else None
+        adv = torch.empty_like(reward)
+        whole = spread(batch_reward) if global_std else None
+        for g in group.unique():
+            pool = batch_reward[batch_group == g]
+            scale = whole if whole is not None else spread(pool)
+            adv[group == g] = (reward[group == g] - pool.mean()) / scale
     for g in group.unique():
         pool = batch_reward[batch_group == g]
-        scale = whole if whole is not None else spread(pool)
-        adv[group == g] = (reward[group == g] - pool.mean()) / scale
+        if pool.numel() > 1 and bool(pool.max() == pool.min()):
+            adv[group == g] = 0.0
     return adv
 
 
@@ -191,7 +200,7 @@ def grpo_loss(
     asks), whose statistics normalise the advantages (``sqdf.grouped_cells.gather_newest``)."""
     adv = group_advantages(cells.reward, group, batch_reward, batch_group, std=params.std,
                            global_std=params.global_std)  # fmt: skip
-    adv = adv.clamp(-params.adv_clip, params.adv_clip).to(task.device)
+    adv = adv.clamp(-params.adv_clip, params.adv_clip).to(task.device, cells.reward.dtype)
     keep = adv != 0 if params.drop_zero_advantage else None
     loss, kl, stats = clipped_ratio_loss(task, cells, adv, params.clip_range, keep=keep)
     if params.beta == 0:  # not 0 * KL, which an infinite KL would make NaN

@@ -227,3 +227,25 @@ def test_a_process_that_leaves_its_micro_batches_early_does_not_hang_the_gathers
     counts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     # per update, on both: the rewards and the groups, once each
     assert counts[0] == counts[1] == {"gathers": 2 * counts[0]["steps"], "steps": 3}
+
+
+@pytest.mark.parametrize(("std", "global_std"), [("sample", False), ("population", False),
+                                                 ("population", True)])  # fmt: skip
+def test_constant_groups_get_advantage_exactly_zero(std, global_std):
+    # values like -2.678 are not representable: a float32 mean of 24 copies is often not the
+    # value itself, and drop_zero_advantage would keep the group with tiny nonzero advantages
+    rng = np.random.default_rng(0)
+    constants = torch.from_numpy(rng.uniform(-5, 5, 500)).float()
+    rewards = constants.repeat_interleave(24)
+    rewards[:24] = torch.linspace(0, 1, 24)  # one group that does vary
+    group = torch.arange(500).repeat_interleave(24)
+    adv = group_advantages(rewards, group, rewards, group, std=std, global_std=global_std)
+    assert not adv[24:].any()
+    assert adv.dtype == torch.float64
+    assert adv[:24].abs().min() > 0
+    # float64, as Flow-GRPO's numpy: the varying group's advantages to rounding
+    r = rewards[:24].double().numpy()
+    spread = {"sample": np.std(r, ddof=1), "population": np.std(r) + 1e-4}[std]
+    if global_std:
+        spread = np.std(rewards.double().numpy()) + 1e-4
+    np.testing.assert_allclose(adv[:24].numpy(), (r - r.mean()) / spread, rtol=1e-12)
