@@ -113,8 +113,11 @@ class CellSchedule:
 
     @staticmethod
     def needed(params: Any) -> bool:
-        """Whether the buffer's own draw (every step, with replacement) will not do."""
-        return params.cell_order != "random" or params.timestep_fraction < 1
+        """Whether the buffer's own draw (every step, with replacement) will not do: also
+        where zero-advantage cells leave the mean, whose count over the update is known only
+        from cells planned before its first micro-batch."""
+        return (params.cell_order != "random" or params.timestep_fraction < 1
+                or params.drop_zero_advantage)  # fmt: skip
 
     def new_batch(self) -> None:
         self.queue = self.queue[:0]

@@ -194,19 +194,25 @@ def grpo_loss(
     group: Tensor,
     batch_reward: Tensor,
     batch_group: Tensor,
+    kept_cells: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """``group`` (B,): each cell's group; ``batch_reward``, ``batch_group`` (N,): the newest
     batch's rewards and groups (gathered over processes where ``global_std`` or ``group_by``
-    asks), whose statistics normalise the advantages (``sqdf.grouped_cells.gather_newest``)."""
+    asks), whose statistics normalise the advantages (``sqdf.grouped_cells.gather_newest``).
+    ``kept_cells``: with ``drop_zero_advantage``, the update's kept cells per micro-batch,
+    which the loss's sum over this micro-batch's kept cells is divided by (every kept cell of
+    the update weighs the same, as in Flow-GRPO's filtered batch); None: this micro-batch's."""
     adv = group_advantages(cells.reward, group, batch_reward, batch_group, std=params.std,
                            global_std=params.global_std)  # fmt: skip
     adv = adv.clamp(-params.adv_clip, params.adv_clip).to(task.device, cells.reward.dtype)
     keep = adv != 0 if params.drop_zero_advantage else None
-    loss, kl, stats = clipped_ratio_loss(task, cells, adv, params.clip_range, keep=keep)
+    count = kept_cells if keep is not None else None
+    loss, kl, stats = clipped_ratio_loss(task, cells, adv, params.clip_range, keep=keep,
+                                         count=count)  # fmt: skip
     if params.beta == 0:  # not 0 * KL, which an infinite KL would make NaN
         return loss, stats
     if params.kl_scale == "sum" and keep is None:
         return loss + params.beta * kl.mean(), stats
     dims = math.prod(cells.x_t.shape[1:])
     weights = task.kernel.step_kl_weights(params.beta, params.kl_scale, dims)[cells.step]
-    return loss + masked_mean(weights.to(kl) * kl, keep), stats
+    return loss + masked_mean(weights.to(kl) * kl, keep, count), stats

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sqdf.buffer import ReplayBuffer
-from sqdf.grouped_cells import CellSchedule, gather_newest
+from sqdf.grouped_cells import CellSchedule, buffer_cells, gather_newest
 from sqdf.methods import build_method_params
 from sqdf.methods.grpo import group_advantages, grpo_loss, trained_steps
 from sqdf.sampler import sample_trajectories, step_mean_std
@@ -249,3 +249,38 @@ def test_constant_groups_get_advantage_exactly_zero(std, global_std):
     if global_std:
         spread = np.std(rewards.double().numpy()) + 1e-4
     np.testing.assert_allclose(adv[:24].numpy(), (r - r.mean()) / spread, rtol=1e-12)
+
+
+def test_dropped_zero_advantages_leave_every_kept_cell_of_the_update_the_same_weight():
+    # Flow-GRPO filters the zero-advantage samples out before it batches: each kept cell of
+    # the update weighs 1 / (kept cells of the update), whatever its micro-batch kept
+    from types import SimpleNamespace
+
+    from sqdf.trainer import planned_cells
+
+    cfg, task = _task()
+    rewards = torch.tensor([2.0] * 4 + [1.0, 2.0, 4.0, 8.0] + [7.0] * 4 + [0.0, 3.0, 1.0, 5.0])
+    buf = _buffer(task, cfg, rewards)
+    params = build_method_params("grpo", {"std": "population", "drop_zero_advantage": True})
+    accum = 4
+    s = SimpleNamespace(cfg=SimpleNamespace(batch_size=5, grad_accum=accum), method_params=params,
+                        cell_schedule=CellSchedule(), buffer=buf,
+                        generator=torch.Generator().manual_seed(4))  # fmt: skip
+    newest = gather_newest(buf, params)
+    plan = planned_cells(s, newest)
+    total = 0.0
+    for position, step in plan.cells:
+        cells = buffer_cells(buf, buf.newest[position], step)
+        loss, _ = grpo_loss(task, cells, cfg, params, torch.Generator(), kept_cells=plan.kept,
+                            **newest.cell_groups(buf, cells))  # fmt: skip
+        total += float(loss.detach()) / accum  # as the trainer accumulates
+    # independently: at ratio 1 the loss is -A; the update's mean over its kept cells
+    adv = their_advantages([i // 4 for i in range(16)], rewards.tolist(), global_std=False)
+    cell_adv = [adv[int(p)] for position, _ in plan.cells for p in position]
+    kept = [a for a in cell_adv if a != 0]
+    assert total == pytest.approx(-sum(kept) / len(kept), rel=1e-5, abs=1e-6)
+    # micro-batches kept different numbers of cells, so the mean of their means differs
+    per_batch = [[adv[int(p)] for p in position if adv[int(p)] != 0] for position, _ in plan.cells]
+    assert len({len(b) for b in per_batch}) > 1
+    mean_of_means = sum(-sum(b) / max(len(b), 1) for b in per_batch) / accum
+    assert abs(mean_of_means - total) > 1e-3
