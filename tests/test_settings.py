@@ -303,7 +303,7 @@ FLOW_GRPO_RUN = dict(
     max_grad_norm=1.0,
 )
 FLOW_GRPO_TASK = dict(noise_level=0.7, resolution=512, guidance=4.5, lora_rank=32,
-                      lora_alpha=64.0, lora_targets=[
+                      lora_alpha=64.0, lora_init="gaussian", lora_targets=[
                           "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
                           "attn.to_add_out", "attn.to_k", "attn.to_out.0", "attn.to_q",
                           "attn.to_v"])  # fmt: skip
