@@ -207,7 +207,7 @@ PRESETS = {
                                      steps=2000, buffer=48, rank=32, lr=3e-4,
                                      reward="pickscore", guidance=4.5, lora_alpha=64.0,
                                      num_steps=10, replay=1, strategy="on_policy",
-                                     estimator="tweedie"),
+                                     estimator="tweedie", lora_init="gaussian"),
     # sqdf demo
     "digits-demo": dict(SQDF_DEFAULTS, batch=32, accum=1, fresh=32, alpha=0.1, kl_scale="sum",
                         alpha_sum=0.1, gamma=0.9, steps=50, buffer=512, rank=8, lr=1e-3,
@@ -302,8 +302,8 @@ FLOW_GRPO_RUN = dict(
     weight_decay=1e-4,
     max_grad_norm=1.0,
 )
-FLOW_GRPO_TASK = dict(noise_level=0.7, resolution=512, guidance=4.5, lora_rank=32,
-                      lora_alpha=64.0, lora_init="gaussian", lora_targets=[
+FLOW_GRPO_TASK = dict(noise_level=0.7, resolution=512, guidance=4.5, cfg_detach_uncond=True,
+                      lora_rank=32, lora_alpha=64.0, lora_init="gaussian", lora_targets=[
                           "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
                           "attn.to_add_out", "attn.to_k", "attn.to_out.0", "attn.to_q",
                           "attn.to_v"])  # fmt: skip
