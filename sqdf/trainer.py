@@ -65,7 +65,7 @@ from sqdf.distributed import (
 from sqdf.errors import ConfigError, DivergedError, SqdfError
 from sqdf.grouped_cells import CellSchedule, buffer_cells, gather_newest
 from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
-from sqdf.methods.grpo import beta_note, check_kl_scale
+from sqdf.methods.grpo import beta_note, check_buffer_scope, check_kl_scale, sweep_note
 from sqdf.model_card import write_model_card
 from sqdf.periodic_eval import PeriodicEval
 from sqdf.preemption import (
@@ -91,7 +91,7 @@ from sqdf.sampler import (
     sample_trajectories,
     samples_from_seed,
 )
-from sqdf.settings import check_registered, config_sources
+from sqdf.settings import check_registered, config_sources, preset_processes_note
 from sqdf.tasks import Task, build_task, resolved_reward_name, with_summed_alpha
 from sqdf.trackers import RunTrackers, check_installed, parse_log_with
 
@@ -613,6 +613,7 @@ def set_up(
         )
     if METHODS[cfg.method].grouped:
         check_kl_scale(task, method_params)
+        check_buffer_scope(cfg, method_params)
     given, cfg = cfg, with_summed_alpha(cfg)  # the losses weight the exact, summed KL
     if procs.is_main:
         write_config(
@@ -634,9 +635,12 @@ def set_up(
         print(f"sqdf: {batch_note(cfg, procs.world)}", file=sys.stderr)
     if given.kl_scale != "sum" and procs.is_main:  # said even without progress: it sets the KL
         print(f"sqdf: {alpha_note(kl_resolution(given, cfg, task))}", file=sys.stderr)
-    note = beta_note(task, method_params) if METHODS[cfg.method].grouped else None
-    if note and procs.is_main:
-        print(f"sqdf: {note}", file=sys.stderr)
+    if METHODS[cfg.method].grouped and procs.is_main:  # said even without progress
+        for note in (beta_note(task, method_params),
+                     sweep_note(cfg, cfg.num_steps, method_params),
+                     preset_processes_note(sources, procs.world)):  # fmt: skip
+            if note:
+                print(f"sqdf: {note}", file=sys.stderr)
     params = [p for p in task.policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, fused=use_fused(params) and not procs.fsdp)
     if procs.fsdp:

@@ -114,6 +114,35 @@ def check_kl_scale(task: Task, params: GrpoParams) -> None:
         raise ConfigError(f"method 'grpo': {err}") from None
 
 
+def check_buffer_scope(cfg: TrainConfig, params: GrpoParams) -> None:
+    """Refuse, in one line, a sweep over a shared buffer: every process would sweep the same
+    union of the processes' batches (each cell trained once per process) and the gathers of
+    the newest batch would count it once per process."""
+    if cfg.buffer_scope == "shared" and params.cell_order == "sweep":
+        raise ConfigError(
+            "method 'grpo': cell_order sweep with buffer_scope shared trains the same union "
+            "of batches on every process and counts it once per process in the groups; use "
+            "buffer_scope process"
+        )
+
+
+def sweep_note(cfg: TrainConfig, steps: int, params: GrpoParams) -> str | None:
+    """One line where a sweep cannot finish a pass before the next fresh batch replaces it
+    (``steps``: the task's sampler steps); None where it can, or without a sweep."""
+    if params.cell_order != "sweep":
+        return None
+    cells = cfg.fresh_count * trained_steps(steps, params.timestep_fraction)
+    trained = cfg.batch_size * cfg.grad_accum * cfg.replay_ratio
+    if cells <= trained:
+        return None
+    return (
+        f"grpo cell_order sweep: a fresh batch has {cells} trained cells "
+        f"({cfg.fresh_count} trajectories x {cells // cfg.fresh_count} steps), more than the "
+        f"{trained} (batch_size x grad_accum x replay_ratio) trained before the next batch: "
+        "a pass never finishes"
+    )
+
+
 def beta_note(task: Task, params: GrpoParams) -> str | None:
     """One line saying how a beta written in another convention weights the exact summed KL
     at each step; None for beta 0 or the summed convention itself."""

@@ -284,3 +284,36 @@ def test_dropped_zero_advantages_leave_every_kept_cell_of_the_update_the_same_we
     assert len({len(b) for b in per_batch}) > 1
     mean_of_means = sum(-sum(b) / max(len(b), 1) for b in per_batch) / accum
     assert abs(mean_of_means - total) > 1e-3
+
+
+def test_a_sweep_that_cannot_finish_a_pass_is_said_and_the_preset_can():
+    from sqdf.methods.grpo import sweep_note
+
+    sweep = build_method_params("grpo", {"cell_order": "sweep", "timestep_fraction": 0.99})
+    cfg = make_config(dict(BASE, num_steps=10, batch_size=8, grad_accum=9, fresh_trajectories=8))
+    assert sweep_note(cfg, 10, sweep) is None  # 8 x 9 cells, 8 x 9 trained: one pass
+    short = make_config(dict(BASE, num_steps=10, batch_size=8, grad_accum=8,
+                             fresh_trajectories=8))  # fmt: skip
+    assert sweep_note(short, 10, sweep) == (
+        "grpo cell_order sweep: a fresh batch has 72 trained cells (8 trajectories x 9 steps), "
+        "more than the 64 (batch_size x grad_accum x replay_ratio) trained before the next "
+        "batch: a pass never finishes"
+    )
+    assert sweep_note(short, 10, build_method_params("grpo", {})) is None
+
+
+def test_the_presets_global_std_on_fewer_processes_than_its_notes_is_said(tmp_path):
+    from sqdf.settings import load_preset, preset_processes_note, resolve_settings
+
+    name = "flow-grpo-sd35-pickscore"
+    (tmp_path / "p.txt").write_text("a cat\n")
+    sources = resolve_settings(flags={"task_params": {"prompts": str(tmp_path / "p.txt")}},
+                               preset=name).sources  # fmt: skip
+    assert load_preset(name).processes == 12  # 12 x 48 = Flow-GRPO's 576 an update
+    assert "1152" in load_preset(name).notes  # their std's samples, an epoch
+    assert preset_processes_note(sources, 1) == (
+        f"preset {name}: global_std spans the batches of the processes, 1 here and 12 in its "
+        "notes: a std over fewer samples (sqdf presets shows the notes)"
+    )
+    assert preset_processes_note(sources, 12) is None
+    assert preset_processes_note({"method_params.global_std": "flag"}, 1) is None
