@@ -319,8 +319,11 @@ def test_flow_grpo_preset_is_flow_grpos_sd35_pickscore_run(sd15_configs):
     preset = load_preset(name)
     assert "Not yet run on real weights" in preset.description
     assert "--num-steps 40" in preset.notes  # Flow-GRPO's eval_num_steps, config/grpo.py:114
-    # one pass over the batch's trained steps an update: batch x accumulation = batch x 9
-    assert cfg.batch_size * cfg.grad_accum == cfg.batch_size * int(10 * 0.99)
+    # one pass over the batch's trained steps an update: the cells trained (batch x
+    # accumulation x replay) are the fresh trajectories' trained cells (fresh x int(T 0.99))
+    trained = cfg.batch_size * cfg.grad_accum * cfg.replay_ratio
+    assert trained == cfg.fresh_count * int(cfg.num_steps * cfg.method_params["timestep_fraction"])
+    assert trained == 48 * 9  # 2 prompts x 24 images, steps 0..8 of 10
     assert cfg.batch_size % FLOW_GRPO_METHOD["group_size"] == 0
 
 
