@@ -76,8 +76,9 @@ def clipped_ratio_loss(
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
     """-min(ρ A, clip(ρ, 1 ± clip_range) A) averaged over the cells (summed over those ``keep``
     marks, when given, and divided by their number or by ``count``), with ρ per dimension
-    against the sampler's stored log-likelihood; also each cell's exact step KL to the reference (B,) and the statistics DDPO and GRPO report. ``adv``: (B,)
-    on the task's device."""
+    against the sampler's stored log-likelihood; also each cell's exact step KL to the
+    reference (B,) and the statistics DDPO and GRPO report. ``adv``: (B,) on the task's
+    device."""
     dev = task.device
     x_t, x_next, cond = cells.x_t.to(dev), cells.x_next.to(dev), cells.cond.to(dev)
     mean, std = step_mean_std(task, x_t, cells.step, cond, policy=True)

@@ -14,8 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 import sqdf.grouped_cells
 import sqdf.trainer
 from sqdf.distributed import Processes, end_process

@@ -428,4 +428,5 @@ def test_cfg_detach_uncond_lets_the_gradient_through_the_prompts_pass_only(parts
     prompt_only = grads(guidance=1.0, cfg_detach_uncond=False)
     for d, c in zip(detached, prompt_only, strict=True):
         torch.testing.assert_close(d, 3.0 * c, rtol=1e-4, atol=1e-6)
-    assert any(not torch.allclose(f, d, rtol=1e-3, atol=1e-6) for f, d in zip(full, detached))
+    pairs = zip(full, detached, strict=True)
+    assert any(not torch.allclose(f, d, rtol=1e-3, atol=1e-6) for f, d in pairs)
