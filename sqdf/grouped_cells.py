@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sqdf.buffer import HALF, Cells, ReplayBuffer
 from sqdf.distributed import Processes
-from sqdf.methods.grpo import sweep_order, trained_steps
+from sqdf.methods.grpo import group_advantages, sweep_order, trained_steps
 
 
 def gather_varying(procs: Processes, t: Tensor) -> tuple[Tensor, int]:
@@ -32,32 +32,57 @@ def gather_varying(procs: Processes, t: Tensor) -> tuple[Tensor, int]:
     return whole, sum(sizes[: procs.rank])
 
 
-def newest_groups(
-    buffer: ReplayBuffer, cells: Cells, params: Any, procs: Processes | None = None
-) -> dict[str, Tensor]:
-    """Each cell's group, and the newest batch's rewards and groups, for ``grpo_loss``. The
-    batch is this process's, or every process's where ``params.global_std`` or
-    ``params.group_by == "condition"`` reaches across them."""
-    newest = buffer.newest
-    found = cells.index[:, None] == newest[None, :]  # (cells, newest)
+@dataclass
+class NewestBatch:
+    """The newest batch's groups and rewards as every cell of an update needs them: this
+    process's samples' group ids, and the rewards and groups whose statistics normalise them
+    (this process's batch, or every process's, gathered once an update)."""
+
+    ids: Tensor  # (N,) the group of each of this process's newest samples
+    batch_reward: Tensor  # (M,) float64
+    batch_group: Tensor  # (M,)
+    reward: Tensor  # (N,) this process's newest rewards, float64
+
+    def cell_groups(self, buffer: ReplayBuffer, cells: Cells) -> dict[str, Tensor]:
+        """Each cell's group and the batch's statistics, the keywords of ``grpo_loss``."""
+        return {"group": self.ids[newest_positions(buffer, cells.index)],
+                "batch_reward": self.batch_reward, "batch_group": self.batch_group}  # fmt: skip
+
+    def advantages(self, params: Any) -> Tensor:
+        """(N,) the clipped advantage of each of this process's newest samples."""
+        adv = group_advantages(self.reward, self.ids, self.batch_reward, self.batch_group,
+                               std=params.std, global_std=params.global_std)  # fmt: skip
+        return adv.clamp(-params.adv_clip, params.adv_clip)
+
+
+def newest_positions(buffer: ReplayBuffer, index: Tensor) -> Tensor:
+    """Where each buffer slot ``index`` sits in the newest batch."""
+    found = index[:, None] == buffer.newest[None, :]  # (cells, newest)
     if not bool(found.any(dim=1).all()):  # the on-policy buffer draws from the newest only
         raise RuntimeError("a grouped method got cells from outside the newest batch")
-    position = found.int().argmax(dim=1)
-    rewards = buffer.rewards[newest]
+    return found.int().argmax(dim=1)
+
+
+def gather_newest(buffer: ReplayBuffer, params: Any, procs: Processes | None = None) -> NewestBatch:
+    """The newest batch's groups and rewards: this process's, or every process's where
+    ``params.global_std`` or ``params.group_by == "condition"`` reaches across them.
+    Collective there: call it once an update on every process, whatever that process then
+    trains on (a process that stops its micro-batches early must not leave a gather open)."""
+    newest = buffer.newest
+    rewards = buffer.rewards[newest].double()
     if params.group_by == "condition":
         ids = buffer.cond[newest].flatten()  # class or prompt indices
     else:
         ids = torch.arange(newest.shape[0]) // params.group_size
     across = params.global_std or params.group_by == "condition"
     if procs is None or procs.world == 1 or not across:
-        return {"group": ids[position], "batch_reward": rewards, "batch_group": ids}
-    batch_rewards, start = gather_varying(procs, rewards.double())
+        return NewestBatch(ids, rewards, ids, rewards)
+    batch_rewards, start = gather_varying(procs, rewards)
     if params.group_by == "block":  # blocks are numbered per process: number them apart
         ids = ids + start  # block ids are below the process's sample count, so these differ
     # indices are exact in float64 for the gather
     batch_ids, _ = gather_varying(procs, ids.double())
-    return {"group": ids[position], "batch_reward": batch_rewards.to(rewards.dtype),
-            "batch_group": batch_ids.to(ids.dtype)}  # fmt: skip
+    return NewestBatch(ids, batch_rewards, batch_ids.to(ids.dtype), rewards)
 
 
 def buffer_cells(buffer: ReplayBuffer, index: Tensor, step: Tensor) -> Cells:
@@ -88,21 +113,30 @@ class CellSchedule:
 
     @staticmethod
     def needed(params: Any) -> bool:
-        """Whether the buffer's own draw (every step, with replacement) will not do."""
-        return params.cell_order != "random" or params.timestep_fraction < 1
+        """Whether the buffer's own draw (every step, with replacement) will not do: also
+        where zero-advantage cells leave the mean, whose count over the update is known only
+        from cells planned before its first micro-batch."""
+        return (params.cell_order != "random" or params.timestep_fraction < 1
+                or params.drop_zero_advantage)  # fmt: skip
 
     def new_batch(self) -> None:
         self.queue = self.queue[:0]
 
     def draw(self, buffer: ReplayBuffer, n: int, params: Any, generator: torch.Generator) -> Cells:
+        position, step = self.plan(buffer, n, params, generator)
+        return buffer_cells(buffer, buffer.newest[position], step)
+
+    def plan(
+        self, buffer: ReplayBuffer, n: int, params: Any, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """The next ``n`` cells as (position in the newest batch, step), not yet read."""
         newest = buffer.newest
         steps = trained_steps(buffer.num_steps, params.timestep_fraction)
         if params.cell_order == "random":
             position = torch.randint(0, newest.shape[0], (n,), generator=generator)
             step = torch.randint(0, steps, (n,), generator=generator)
-        else:
-            while self.queue.shape[0] < n:  # the next pass begins where this one ends
-                self.queue = torch.cat([self.queue, sweep_order(newest.shape[0], steps, generator)])
-            taken, self.queue = self.queue[:n], self.queue[n:]
-            position, step = taken[:, 0], taken[:, 1]
-        return buffer_cells(buffer, newest[position], step)
+            return position, step
+        while self.queue.shape[0] < n:  # the next pass begins where this one ends
+            self.queue = torch.cat([self.queue, sweep_order(newest.shape[0], steps, generator)])
+        taken, self.queue = self.queue[:n], self.queue[n:]
+        return taken[:, 0], taken[:, 1]

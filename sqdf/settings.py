@@ -102,6 +102,8 @@ class Preset:
     needs: dict[str, str]  # dotted key -> what the user must give for it
     train: dict[str, Any]
     bbo: dict[str, Any] = field(default_factory=dict)  # a BBO experiment's [bbo] table
+    # the processes its statistics over the gathered batch assume (global_std), where it says
+    processes: int | None = None
 
     @property
     def is_bbo(self) -> bool:
@@ -134,6 +136,23 @@ def load_preset(name: str) -> Preset:
         needs=dict(meta.get("needs", {})),
         train=doc.get("train", {}),
         bbo=doc.get("bbo", {}),
+        processes=meta.get("processes"),
+    )
+
+
+def preset_processes_note(sources: dict[str, str] | None, world: int) -> str | None:
+    """One line where a preset's ``global_std`` runs on fewer processes than the preset's
+    notes assume: its std is then over fewer samples than in the run it reproduces."""
+    source = (sources or {}).get("method_params.global_std", "")
+    if not source.startswith("preset "):
+        return None
+    preset = load_preset(source.removeprefix("preset "))
+    if preset.processes is None or world >= preset.processes:
+        return None
+    return (
+        f"preset {preset.name}: global_std spans the batches of the processes, {world} here "
+        f"and {preset.processes} in its notes: a std over fewer samples (sqdf presets shows "
+        "the notes)"
     )
 
 

@@ -63,9 +63,9 @@ from sqdf.distributed import (
     rank_seed,
 )
 from sqdf.errors import ConfigError, DivergedError, SqdfError
-from sqdf.grouped_cells import CellSchedule, newest_groups
+from sqdf.grouped_cells import CellSchedule, buffer_cells, gather_newest
 from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
-from sqdf.methods.grpo import beta_note, check_kl_scale
+from sqdf.methods.grpo import beta_note, check_buffer_scope, check_kl_scale, sweep_note
 from sqdf.model_card import write_model_card
 from sqdf.periodic_eval import PeriodicEval
 from sqdf.preemption import (
@@ -91,7 +91,7 @@ from sqdf.sampler import (
     sample_trajectories,
     samples_from_seed,
 )
-from sqdf.settings import check_registered, config_sources
+from sqdf.settings import check_registered, config_sources, preset_processes_note
 from sqdf.tasks import Task, build_task, resolved_reward_name, with_summed_alpha
 from sqdf.trackers import RunTrackers, check_installed, parse_log_with
 
@@ -613,6 +613,7 @@ def set_up(
         )
     if METHODS[cfg.method].grouped:
         check_kl_scale(task, method_params)
+        check_buffer_scope(cfg, method_params)
     given, cfg = cfg, with_summed_alpha(cfg)  # the losses weight the exact, summed KL
     if procs.is_main:
         write_config(
@@ -634,9 +635,12 @@ def set_up(
         print(f"sqdf: {batch_note(cfg, procs.world)}", file=sys.stderr)
     if given.kl_scale != "sum" and procs.is_main:  # said even without progress: it sets the KL
         print(f"sqdf: {alpha_note(kl_resolution(given, cfg, task))}", file=sys.stderr)
-    note = beta_note(task, method_params) if METHODS[cfg.method].grouped else None
-    if note and procs.is_main:
-        print(f"sqdf: {note}", file=sys.stderr)
+    if METHODS[cfg.method].grouped and procs.is_main:  # said even without progress
+        for note in (beta_note(task, method_params),
+                     sweep_note(cfg, cfg.num_steps, method_params),
+                     preset_processes_note(sources, procs.world)):  # fmt: skip
+            if note:
+                print(f"sqdf: {note}", file=sys.stderr)
     params = [p for p in task.policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, fused=use_fused(params) and not procs.fsdp)
     if procs.fsdp:
@@ -836,12 +840,15 @@ def whole_groups(finite: torch.Tensor, size: int) -> torch.Tensor:
     return finite.view(-1, size).all(dim=1).repeat_interleave(size).nonzero().squeeze(1)
 
 
-def draw_cells(s: TrainingRun, grads: Gradients) -> Cells:
-    """One micro-batch of (trajectory, step) cells: from the replay buffer, or (truncated
-    rollouts) fresh trajectories run only as far as the steps they are used at."""
+def draw_cells(
+    s: TrainingRun, grads: Gradients, planned: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> Cells:
+    """One micro-batch of (trajectory, step) cells: those ``planned`` (positions in the newest
+    batch, steps), from the replay buffer, or (truncated rollouts) fresh trajectories run
+    only as far as the steps they are used at."""
     cfg = s.cfg
-    if METHODS[cfg.method].grouped and CellSchedule.needed(s.method_params):
-        return s.cell_schedule.draw(s.buffer, cfg.batch_size, s.method_params, s.generator)
+    if planned is not None:
+        return buffer_cells(s.buffer, s.buffer.newest[planned[0]], planned[1])
     if cfg.rollout != "truncated":
         return s.buffer.sample_cells(cfg.batch_size, s.generator)
     s.phase = "sampling"
@@ -871,11 +878,18 @@ def accumulate_gradients(s: TrainingRun, fresh: Fresh) -> Gradients:
         # sharded passes are collective: all processes skip, or none does
         grads.skip = True
         grads.cause = grads.cause or "another process has no sample to learn from"
-    loss_fn = METHODS[cfg.method].loss
-    for _ in range(cfg.grad_accum if not grads.skip else 0):
-        cells = draw_cells(s, grads)
-        grouped = METHODS[cfg.method].grouped
-        extra = newest_groups(s.buffer, cells, s.method_params, procs) if grouped else {}
+    loss_fn, grouped = METHODS[cfg.method].loss, METHODS[cfg.method].grouped
+    # collective where groups span processes: once an update on every process, before a
+    # process may leave its micro-batches early (a non-finite loss) or run none
+    newest = gather_newest(s.buffer, s.method_params, procs) if grouped else None
+    plan = planned_cells(s, newest) if grouped and not grads.skip else None
+    for i in range(cfg.grad_accum if not grads.skip else 0):
+        cells = draw_cells(s, grads, plan.cells[i] if plan is not None else None)
+        extra = {}
+        if newest is not None:
+            extra = newest.cell_groups(s.buffer, cells)
+            if plan is not None and plan.kept is not None:
+                extra["kept_cells"] = plan.kept
         loss, stats = loss_fn(s.task, cells, cfg, s.method_params, s.generator, **extra)
         if not torch.isfinite(loss):
             grads.skip, grads.cause = True, f"the loss was {loss.item()}"
@@ -890,6 +904,30 @@ def accumulate_gradients(s: TrainingRun, fresh: Fresh) -> Gradients:
         for k, v in stats.items():
             grads.stats[k] = grads.stats.get(k, 0.0) + v / cfg.grad_accum
     return grads
+
+
+@dataclass
+class PlannedCells:
+    """A grouped method's cells of one update, drawn before its first micro-batch."""
+
+    cells: list[tuple[torch.Tensor, torch.Tensor]]  # per micro-batch: (positions, steps)
+    # drop_zero_advantage: the kept cells over the update, per micro-batch (the mean's
+    # denominator, so that every kept cell of the update weighs the same)
+    kept: float | None = None
+
+
+def planned_cells(s: TrainingRun, newest: Any) -> PlannedCells | None:
+    """The update's cells where the method orders them itself (``CellSchedule.needed``)."""
+    cfg, params = s.cfg, s.method_params
+    if not CellSchedule.needed(params):
+        return None
+    cells = [s.cell_schedule.plan(s.buffer, cfg.batch_size, params, s.generator)
+             for _ in range(cfg.grad_accum)]  # fmt: skip
+    if not params.drop_zero_advantage:
+        return PlannedCells(cells)
+    nonzero = newest.advantages(params) != 0
+    kept = sum(int(nonzero[position].sum()) for position, _ in cells)
+    return PlannedCells(cells, kept / cfg.grad_accum)
 
 
 def count_update(s: TrainingRun, fresh: Fresh, grads: Gradients) -> torch.Tensor:

@@ -291,6 +291,8 @@ CASES = [
     ("more fresh trajectories than the buffer holds", lambda r: ["train", "--fresh-trajectories", "2000"],
      "fresh_trajectories must be in [0, buffer_size] = [0, 1024], got 2000"),
     ("unknown buffer scope", lambda r: ["train", "--buffer-scope", "global"], "unknown buffer_scope 'global'; known: process, shared"),
+    ("GRPO sweep over a shared buffer", lambda r: ["train", "--method", "grpo", "--buffer", "on_policy", "--buffer-scope", "shared", "--method-param", "cell_order=sweep", "--out", str(r / "x")],
+     "method 'grpo': cell_order sweep with buffer_scope shared trains the same union"),
     ("fresh trajectories with truncated rollouts", lambda r: ["train", "--rollout", "truncated", "--buffer", "on_policy", "--fresh-trajectories", "4"],
      "rollout 'truncated' samples each micro-batch fresh and keeps no buffer"),
     ("fresh trajectories not whole groups", lambda r: ["train", "--method", "grpo", "--buffer", "on_policy", "--batch-size", "8", "--fresh-trajectories", "6", "--method-param", "group_size=4", "--out", str(r / "x")],

@@ -207,7 +207,7 @@ PRESETS = {
                                      steps=2000, buffer=48, rank=32, lr=3e-4,
                                      reward="pickscore", guidance=4.5, lora_alpha=64.0,
                                      num_steps=10, replay=1, strategy="on_policy",
-                                     estimator="tweedie"),
+                                     estimator="tweedie", lora_init="gaussian"),
     # sqdf demo
     "digits-demo": dict(SQDF_DEFAULTS, batch=32, accum=1, fresh=32, alpha=0.1, kl_scale="sum",
                         alpha_sum=0.1, gamma=0.9, steps=50, buffer=512, rank=8, lr=1e-3,
@@ -296,14 +296,14 @@ FLOW_GRPO_METHOD = dict(
 )
 FLOW_GRPO_RUN = dict(
     num_steps=10,
-    ema_decay=0.9,
+    ema_decay=0.974,  # Flow-GRPO's EMA per update: test_flow_grpo_ema_is_the_presets_per_update
     buffer="on_policy",
     replay_ratio=1,
     weight_decay=1e-4,
     max_grad_norm=1.0,
 )
-FLOW_GRPO_TASK = dict(noise_level=0.7, resolution=512, guidance=4.5, lora_rank=32,
-                      lora_alpha=64.0, lora_targets=[
+FLOW_GRPO_TASK = dict(noise_level=0.7, resolution=512, guidance=4.5, cfg_detach_uncond=True,
+                      lora_rank=32, lora_alpha=64.0, lora_init="gaussian", lora_targets=[
                           "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
                           "attn.to_add_out", "attn.to_k", "attn.to_out.0", "attn.to_q",
                           "attn.to_v"])  # fmt: skip
@@ -319,9 +319,36 @@ def test_flow_grpo_preset_is_flow_grpos_sd35_pickscore_run(sd15_configs):
     preset = load_preset(name)
     assert "Not yet run on real weights" in preset.description
     assert "--num-steps 40" in preset.notes  # Flow-GRPO's eval_num_steps, config/grpo.py:114
-    # one pass over the batch's trained steps an update: batch x accumulation = batch x 9
-    assert cfg.batch_size * cfg.grad_accum == cfg.batch_size * int(10 * 0.99)
+    # one pass over the batch's trained steps an update: the cells trained (batch x
+    # accumulation x replay) are the fresh trajectories' trained cells (fresh x int(T 0.99))
+    trained = cfg.batch_size * cfg.grad_accum * cfg.replay_ratio
+    assert trained == cfg.fresh_count * int(cfg.num_steps * cfg.method_params["timestep_fraction"])
+    assert trained == 48 * 9  # 2 prompts x 24 images, steps 0..8 of 10
     assert cfg.batch_size % FLOW_GRPO_METHOD["group_size"] == 0
+
+
+def _their_ema_weight_on_start(epochs: int) -> float:
+    """The weight Flow-GRPO's EMA keeps on the starting weights after ``epochs`` of its SD 3.5
+    PickScore run: EMAModuleWrapper(decay=0.9, update_step_interval=8) (flow_grpo/ema.py
+    lines 33-45) stepped after each of an epoch's 4 sample batches with the optimizer step
+    count, which advances after the 2nd and 4th (scripts/train_sd3.py lines 948-955)."""
+    kept, global_step = 1.0, 0
+    for _ in range(epochs):
+        for batch in range(4):  # config/grpo.py: num_batches_per_epoch = 48 / (32 * 9 / 24)
+            if batch % 2 == 1:  # gradient_accumulation_steps = 2 sample batches
+                global_step += 1
+            if (global_step + 1) % 8 == 0:
+                kept *= min((1 + global_step) / (10 + global_step), 0.9)
+    return kept
+
+
+def test_flow_grpo_ema_is_the_presets_per_update_decay(sd15_configs):
+    name = "flow-grpo-sd35-pickscore"
+    cfg = resolve_settings(flags=_needed(name, sd15_configs), preset=name).config()
+    # past the warm-up, 4 epochs (8 optimizer steps, 8 sqdf updates) multiply it by:
+    per_8 = _their_ema_weight_on_start(400) / _their_ema_weight_on_start(396)
+    assert per_8 == pytest.approx(0.81, rel=1e-12)  # 0.9 twice on the same weights
+    assert cfg.ema_decay**8 == pytest.approx(per_8, rel=1e-3)
 
 
 def test_bbo_preset_has_the_papers_query_schedule(sd15_configs):

@@ -4,7 +4,7 @@ method's own settings dataclass (from ``method_params``). Methods that sample th
 (DRaFT, AlignProp, ReFL) use only the cells' conditions. ``stats["reward_evals"]`` counts the
 reward evaluations the loss made, so budgets can be compared. A method that learns from groups
 (GRPO, ``grouped``) gets each cell's group in the newest batch too
-(``sqdf.grouped_cells.newest_groups``)."""
+(``sqdf.grouped_cells.gather_newest``)."""
 
 from __future__ import annotations
 

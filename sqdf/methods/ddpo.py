@@ -54,22 +54,31 @@ def per_condition_advantages(
     return adv
 
 
-def masked_mean(values: Tensor, keep: Tensor | None) -> Tensor:
+def masked_mean(values: Tensor, keep: Tensor | None, count: float | None = None) -> Tensor:
     """The mean of ``values`` (B,) over the cells ``keep`` marks (all when None); 0, still
-    differentiable, when it marks none."""
+    differentiable, when it marks none. ``count``: the denominator instead of the number
+    marked (an average over more than this batch)."""
     if keep is None:
         return values.mean()
     kept = torch.where(keep, values, torch.zeros_like(values))
+    if count is not None:
+        return kept.sum() / (count if count > 0 else 1)
     return kept.sum() / keep.sum().clamp(min=1)
 
 
 def clipped_ratio_loss(
-    task: Task, cells: Cells, adv: Tensor, clip_range: float, keep: Tensor | None = None
+    task: Task,
+    cells: Cells,
+    adv: Tensor,
+    clip_range: float,
+    keep: Tensor | None = None,
+    count: float | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
-    """-min(ρ A, clip(ρ, 1 ± clip_range) A) averaged over the cells (those ``keep`` marks, when
-    given), with ρ per dimension against the sampler's stored log-likelihood; also each cell's
-    exact step KL to the reference (B,) and the statistics DDPO and GRPO report. ``adv``: (B,)
-    on the task's device."""
+    """-min(ρ A, clip(ρ, 1 ± clip_range) A) averaged over the cells (summed over those ``keep``
+    marks, when given, and divided by their number or by ``count``), with ρ per dimension
+    against the sampler's stored log-likelihood; also each cell's exact step KL to the
+    reference (B,) and the statistics DDPO and GRPO report. ``adv``: (B,) on the task's
+    device."""
     dev = task.device
     x_t, x_next, cond = cells.x_t.to(dev), cells.x_next.to(dev), cells.cond.to(dev)
     mean, std = step_mean_std(task, x_t, cells.step, cond, policy=True)
@@ -80,7 +89,7 @@ def clipped_ratio_loss(
     ratio = torch.exp((logp - cells.logp.to(dev)) / dims)  # per dimension, as DDPO's code
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), keep)
+    loss = masked_mean(torch.maximum(unclipped, clipped), keep, count)
     kl = gaussian_kl(mean, ref_mean, std)
     stats = {"kl_mean": kl.detach().mean().item(), "q_mean": cells.reward.mean().item(),
              "clip_frac": float(((ratio - 1).abs() > clip_range).float().mean()),

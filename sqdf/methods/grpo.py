@@ -114,6 +114,35 @@ def check_kl_scale(task: Task, params: GrpoParams) -> None:
         raise ConfigError(f"method 'grpo': {err}") from None
 
 
+def check_buffer_scope(cfg: TrainConfig, params: GrpoParams) -> None:
+    """Refuse, in one line, a sweep over a shared buffer: every process would sweep the same
+    union of the processes' batches (each cell trained once per process) and the gathers of
+    the newest batch would count it once per process."""
+    if cfg.buffer_scope == "shared" and params.cell_order == "sweep":
+        raise ConfigError(
+            "method 'grpo': cell_order sweep with buffer_scope shared trains the same union "
+            "of batches on every process and counts it once per process in the groups; use "
+            "buffer_scope process"
+        )
+
+
+def sweep_note(cfg: TrainConfig, steps: int, params: GrpoParams) -> str | None:
+    """One line where a sweep cannot finish a pass before the next fresh batch replaces it
+    (``steps``: the task's sampler steps); None where it can, or without a sweep."""
+    if params.cell_order != "sweep":
+        return None
+    cells = cfg.fresh_count * trained_steps(steps, params.timestep_fraction)
+    trained = cfg.batch_size * cfg.grad_accum * cfg.replay_ratio
+    if cells <= trained:
+        return None
+    return (
+        f"grpo cell_order sweep: a fresh batch has {cells} trained cells "
+        f"({cfg.fresh_count} trajectories x {cells // cfg.fresh_count} steps), more than the "
+        f"{trained} (batch_size x grad_accum x replay_ratio) trained before the next batch: "
+        "a pass never finishes"
+    )
+
+
 def beta_note(task: Task, params: GrpoParams) -> str | None:
     """One line saying how a beta written in another convention weights the exact summed KL
     at each step; None for beta 0 or the summed convention itself."""
@@ -152,26 +181,35 @@ def group_advantages(
     std: str = "sample",
     global_std: bool = False,
 ) -> Tensor:
-    """(r - mean_g) / s for each cell's group g, with the statistics of the batch.
+    """(r - mean_g) / s for each cell's group g, with the statistics of the batch, in float64
+    (as Flow-GRPO's numpy), and exactly 0 in a group whose rewards are all equal (a float
+    mean of equal values need not be that value, and a loss that drops zero advantages must
+    find them).
 
     # reward, group: (B,) the cells'; batch_reward, batch_group: (N,) the newest batch's
     s: the group's std, or with ``global_std`` the whole batch's; ``std`` "sample" is the
     unbiased std floored at 1e-6 (a group of one falls back to the whole batch), "population"
     numpy's std plus 1e-4 (a group of one gets advantage 0)."""
+    reward, batch_reward = reward.double(), batch_reward.double()
     if std == "sample" and not global_std:
-        return per_condition_advantages(reward, group, batch_reward, batch_group)
+        adv = per_condition_advantages(reward, group, batch_reward, batch_group)
+    else:
 
-    def spread(pool: Tensor) -> Tensor:
-        if std == "population":
-            return pool.std(correction=0) + POPULATION_STD_EPS
-        return pool.std().clamp(min=1e-6)
+        def spread(pool: Tensor) -> Tensor:
+            if std == "population":
+                return pool.std(correction=0) + POPULATION_STD_EPS
+            return pool.std().clamp(min=1e-6)
 
-    adv = torch.empty_like(reward)
-    whole = spread(batch_reward) if global_std else None
+        adv = torch.empty_like(reward)
+        whole = spread(batch_reward) if global_std else None
+        for g in group.unique():
+            pool = batch_reward[batch_group == g]
+            scale = whole if whole is not None else spread(pool)
+            adv[group == g] = (reward[group == g] - pool.mean()) / scale
     for g in group.unique():
         pool = batch_reward[batch_group == g]
-        scale = whole if whole is not None else spread(pool)
-        adv[group == g] = (reward[group == g] - pool.mean()) / scale
+        if pool.numel() > 1 and bool(pool.max() == pool.min()):
+            adv[group == g] = 0.0
     return adv
 
 
@@ -185,19 +223,25 @@ def grpo_loss(
     group: Tensor,
     batch_reward: Tensor,
     batch_group: Tensor,
+    kept_cells: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """``group`` (B,): each cell's group; ``batch_reward``, ``batch_group`` (N,): the newest
     batch's rewards and groups (gathered over processes where ``global_std`` or ``group_by``
-    asks), whose statistics normalise the advantages (``sqdf.grouped_cells.newest_groups``)."""
+    asks), whose statistics normalise the advantages (``sqdf.grouped_cells.gather_newest``).
+    ``kept_cells``: with ``drop_zero_advantage``, the update's kept cells per micro-batch,
+    which the loss's sum over this micro-batch's kept cells is divided by (every kept cell of
+    the update weighs the same, as in Flow-GRPO's filtered batch); None: this micro-batch's."""
     adv = group_advantages(cells.reward, group, batch_reward, batch_group, std=params.std,
                            global_std=params.global_std)  # fmt: skip
-    adv = adv.clamp(-params.adv_clip, params.adv_clip).to(task.device)
+    adv = adv.clamp(-params.adv_clip, params.adv_clip).to(task.device, cells.reward.dtype)
     keep = adv != 0 if params.drop_zero_advantage else None
-    loss, kl, stats = clipped_ratio_loss(task, cells, adv, params.clip_range, keep=keep)
+    count = kept_cells if keep is not None else None
+    loss, kl, stats = clipped_ratio_loss(task, cells, adv, params.clip_range, keep=keep,
+                                         count=count)  # fmt: skip
     if params.beta == 0:  # not 0 * KL, which an infinite KL would make NaN
         return loss, stats
     if params.kl_scale == "sum" and keep is None:
         return loss + params.beta * kl.mean(), stats
     dims = math.prod(cells.x_t.shape[1:])
     weights = task.kernel.step_kl_weights(params.beta, params.kl_scale, dims)[cells.step]
-    return loss + masked_mean(weights.to(kl) * kl, keep), stats
+    return loss + masked_mean(weights.to(kl) * kl, keep, count), stats

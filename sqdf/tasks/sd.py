@@ -83,6 +83,10 @@ class SDConfig:
     # FLUX.1: FluxPipeline's true_cfg_scale; above 1 a negative pass (negative_prompt, "" the
     # empty prompt) is run beside the prompt's and the two are mixed as CFG mixes them
     true_cfg: float = 1.0
+    # CFG's unconditional output without a gradient, as Flow-GRPO trains
+    # (scripts/train_sd3.py:190): the loss's gradient reaches the weights through the
+    # prompt's pass only; sampling is unchanged
+    cfg_detach_uncond: bool = False
     resolution: int | None = None  # image side in pixels (default: the model's native size)
     lora_rank: int = 4  # as in the SQDF reference implementation
     lora_alpha: float = 4.0
@@ -468,6 +472,8 @@ class SDTask(Task):
             if true_cfg == 1.0:
                 return out
             uncond, c = out.chunk(2)
+            if self.options.cfg_detach_uncond:
+                uncond = uncond.detach()
             return uncond + true_cfg * (c - uncond)
         if guidance == 1.0:
             return self._denoise(net, x.to(self.dtype), t, self.text.unet_kwargs(cond))
@@ -476,6 +482,8 @@ class SDTask(Task):
             net, torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), self.text.guided_kwargs(cond)
         )
         uncond, c = both.chunk(2)
+        if self.options.cfg_detach_uncond:
+            uncond = uncond.detach()
         return uncond + guidance * (c - uncond)
 
     def model_output(self, x: Tensor, timesteps: Tensor, cond: Tensor, *, policy: bool) -> Tensor:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from sqdf.distributed import Processes, end_process
-from sqdf.grouped_cells import newest_groups
+from sqdf.grouped_cells import gather_newest
 from sqdf.methods import build_method_params
 from sqdf.methods.grpo import group_advantages
 
@@ -36,7 +36,7 @@ if __name__ == "__main__":
     cells = SimpleNamespace(index=torch.arange(n), reward=torch.tensor(reward))
     params = build_method_params("grpo", {"group_size": 2, "group_by": group_by,
                                           "std": "population", "global_std": True})  # fmt: skip
-    groups = newest_groups(buffer, cells, params, procs)
+    groups = gather_newest(buffer, params, procs).cell_groups(buffer, cells)
     adv = group_advantages(cells.reward, groups["group"], groups["batch_reward"],
                            groups["batch_group"], std="population", global_std=True)  # fmt: skip
     (out / f"{procs.rank}.json").write_text(json.dumps(adv.tolist()))

@@ -11,7 +11,7 @@ from sqdf.buffer import ReplayBuffer
 from sqdf.core.kl import gaussian_log_prob
 from sqdf.distributed import rank_seed
 from sqdf.errors import ConfigError
-from sqdf.grouped_cells import newest_groups
+from sqdf.grouped_cells import gather_newest
 from sqdf.methods import build_method_params
 from sqdf.methods.grpo import grpo_loss
 from sqdf.sampler import sample_trajectories, step_mean_std
@@ -53,7 +53,7 @@ def _grouped_cells(task, cfg, rewards: torch.Tensor, n_cells: int = 32):
     buf.add(sample_trajectories(task, 8, g), torch.zeros(8))  # the newest lands in 8..11, 0..3
     buf.add(sample_trajectories(task, 8, g), rewards)
     cells = buf.sample_cells(n_cells, torch.Generator().manual_seed(1))
-    return cells, newest_groups(buf, cells, build_method_params("grpo", {}))
+    return cells, gather_newest(buf, build_method_params("grpo", {})).cell_groups(buf, cells)
 
 
 def test_advantages_are_standardised_within_each_group_of_the_newest_batch():
@@ -62,7 +62,7 @@ def test_advantages_are_standardised_within_each_group_of_the_newest_batch():
     # fewer cells than trajectories: the statistics are the whole batch's, not the cells'
     cells, groups = _grouped_cells(task, cfg, rewards, n_cells=5)
     expected = torch.cat([_hand_advantages([1, 2, 3, 6]), _hand_advantages([10, 10, 20, 40])])
-    torch.testing.assert_close(groups["batch_reward"], rewards)
+    torch.testing.assert_close(groups["batch_reward"], rewards.double())  # float64
     torch.testing.assert_close(groups["batch_group"], torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
     # each cell's group is its trajectory's position in the newest batch // G
     position = {int(slot): i for i, slot in enumerate([8, 9, 10, 11, 0, 1, 2, 3])}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sqdf.buffer import ReplayBuffer
-from sqdf.grouped_cells import CellSchedule, newest_groups
+from sqdf.grouped_cells import CellSchedule, buffer_cells, gather_newest
 from sqdf.methods import build_method_params
 from sqdf.methods.grpo import group_advantages, grpo_loss, trained_steps
 from sqdf.sampler import sample_trajectories, step_mean_std
@@ -79,7 +79,7 @@ def test_grouping_by_condition_merges_blocks_of_one_condition():
     buf = _buffer(task, cfg, rewards, cond)
     cells = buf.sample_cells(16, torch.Generator().manual_seed(1))
     params = build_method_params("grpo", {"group_by": "condition", "std": "population"})
-    groups = newest_groups(buf, cells, params)
+    groups = gather_newest(buf, params).cell_groups(buf, cells)
     adv = group_advantages(cells.reward, groups["group"], groups["batch_reward"],
                            groups["batch_group"], std="population")  # fmt: skip
     expected = their_advantages(cond.tolist(), rewards.tolist(), global_std=False)
@@ -138,7 +138,7 @@ def test_zero_advantage_cells_leave_the_mean_and_the_kl_and_beta_is_flow_grpos()
     params = build_method_params("grpo", {"std": "population", "drop_zero_advantage": True,
                                           "beta": beta, "kl_scale": "flow_grpo"})  # fmt: skip
     loss, _ = grpo_loss(task, cells, cfg, params, torch.Generator(),
-                        **newest_groups(buf, cells, params))  # fmt: skip
+                        **gather_newest(buf, params).cell_groups(buf, cells))  # fmt: skip
     # independently: at ratio 1 the policy loss is -mean(A) over the kept cells, and the KL is
     # Flow-GRPO's mean_d (μ_θ - μ_ref)² / (2 σ_t²), averaged over the kept cells
     block = [0, 0, 0, 0, 1, 1, 1, 1]
@@ -163,7 +163,7 @@ def test_a_batch_of_zero_advantages_gives_a_zero_loss_that_still_back_propagates
     cells = buf.sample_cells(8, torch.Generator().manual_seed(3))
     params = build_method_params("grpo", {"drop_zero_advantage": True, "beta": 0.1})
     loss, _ = grpo_loss(task, cells, cfg, params, torch.Generator(),
-                        **newest_groups(buf, cells, params))  # fmt: skip
+                        **gather_newest(buf, params).cell_groups(buf, cells))  # fmt: skip
     assert float(loss) == 0.0
     loss.backward()
 
@@ -215,3 +215,105 @@ def test_the_run_says_how_flow_grpos_beta_weights_each_step():
         f"by {each} at steps 0..4"
     )
     assert beta_note(task, build_method_params("grpo", {"beta": 0.01})) is None
+
+
+def test_a_process_that_leaves_its_micro_batches_early_does_not_hang_the_gathers(tmp_path):
+    # global_std and condition groups gather the newest batch over processes: once an update
+    # on every process, not per micro-batch (process 1's non-finite loss stops its
+    # micro-batches after the first, process 0 runs three)
+    from tests.test_distributed import ROOT, launch
+
+    launch([str(ROOT / "tests/distributed/grouped_skip.py"), str(tmp_path)])
+    counts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    # per update, on both: the rewards and the groups, once each
+    assert counts[0] == counts[1] == {"gathers": 2 * counts[0]["steps"], "steps": 3}
+
+
+@pytest.mark.parametrize(("std", "global_std"), [("sample", False), ("population", False),
+                                                 ("population", True)])  # fmt: skip
+def test_constant_groups_get_advantage_exactly_zero(std, global_std):
+    # values like -2.678 are not representable: a float32 mean of 24 copies is often not the
+    # value itself, and drop_zero_advantage would keep the group with tiny nonzero advantages
+    rng = np.random.default_rng(0)
+    constants = torch.from_numpy(rng.uniform(-5, 5, 500)).float()
+    rewards = constants.repeat_interleave(24)
+    rewards[:24] = torch.linspace(0, 1, 24)  # one group that does vary
+    group = torch.arange(500).repeat_interleave(24)
+    adv = group_advantages(rewards, group, rewards, group, std=std, global_std=global_std)
+    assert not adv[24:].any()
+    assert adv.dtype == torch.float64
+    assert adv[:24].abs().min() > 0
+    # float64, as Flow-GRPO's numpy: the varying group's advantages to rounding
+    r = rewards[:24].double().numpy()
+    spread = {"sample": np.std(r, ddof=1), "population": np.std(r) + 1e-4}[std]
+    if global_std:
+        spread = np.std(rewards.double().numpy()) + 1e-4
+    np.testing.assert_allclose(adv[:24].numpy(), (r - r.mean()) / spread, rtol=1e-12)
+
+
+def test_dropped_zero_advantages_leave_every_kept_cell_of_the_update_the_same_weight():
+    # Flow-GRPO filters the zero-advantage samples out before it batches: each kept cell of
+    # the update weighs 1 / (kept cells of the update), whatever its micro-batch kept
+    from types import SimpleNamespace
+
+    from sqdf.trainer import planned_cells
+
+    cfg, task = _task()
+    rewards = torch.tensor([2.0] * 4 + [1.0, 2.0, 4.0, 8.0] + [7.0] * 4 + [0.0, 3.0, 1.0, 5.0])
+    buf = _buffer(task, cfg, rewards)
+    params = build_method_params("grpo", {"std": "population", "drop_zero_advantage": True})
+    accum = 4
+    s = SimpleNamespace(cfg=SimpleNamespace(batch_size=5, grad_accum=accum), method_params=params,
+                        cell_schedule=CellSchedule(), buffer=buf,
+                        generator=torch.Generator().manual_seed(4))  # fmt: skip
+    newest = gather_newest(buf, params)
+    plan = planned_cells(s, newest)
+    total = 0.0
+    for position, step in plan.cells:
+        cells = buffer_cells(buf, buf.newest[position], step)
+        loss, _ = grpo_loss(task, cells, cfg, params, torch.Generator(), kept_cells=plan.kept,
+                            **newest.cell_groups(buf, cells))  # fmt: skip
+        total += float(loss.detach()) / accum  # as the trainer accumulates
+    # independently: at ratio 1 the loss is -A; the update's mean over its kept cells
+    adv = their_advantages([i // 4 for i in range(16)], rewards.tolist(), global_std=False)
+    cell_adv = [adv[int(p)] for position, _ in plan.cells for p in position]
+    kept = [a for a in cell_adv if a != 0]
+    assert total == pytest.approx(-sum(kept) / len(kept), rel=1e-5, abs=1e-6)
+    # micro-batches kept different numbers of cells, so the mean of their means differs
+    per_batch = [[adv[int(p)] for p in position if adv[int(p)] != 0] for position, _ in plan.cells]
+    assert len({len(b) for b in per_batch}) > 1
+    mean_of_means = sum(-sum(b) / max(len(b), 1) for b in per_batch) / accum
+    assert abs(mean_of_means - total) > 1e-3
+
+
+def test_a_sweep_that_cannot_finish_a_pass_is_said_and_the_preset_can():
+    from sqdf.methods.grpo import sweep_note
+
+    sweep = build_method_params("grpo", {"cell_order": "sweep", "timestep_fraction": 0.99})
+    cfg = make_config(dict(BASE, num_steps=10, batch_size=8, grad_accum=9, fresh_trajectories=8))
+    assert sweep_note(cfg, 10, sweep) is None  # 8 x 9 cells, 8 x 9 trained: one pass
+    short = make_config(dict(BASE, num_steps=10, batch_size=8, grad_accum=8,
+                             fresh_trajectories=8))  # fmt: skip
+    assert sweep_note(short, 10, sweep) == (
+        "grpo cell_order sweep: a fresh batch has 72 trained cells (8 trajectories x 9 steps), "
+        "more than the 64 (batch_size x grad_accum x replay_ratio) trained before the next "
+        "batch: a pass never finishes"
+    )
+    assert sweep_note(short, 10, build_method_params("grpo", {})) is None
+
+
+def test_the_presets_global_std_on_fewer_processes_than_its_notes_is_said(tmp_path):
+    from sqdf.settings import load_preset, preset_processes_note, resolve_settings
+
+    name = "flow-grpo-sd35-pickscore"
+    (tmp_path / "p.txt").write_text("a cat\n")
+    sources = resolve_settings(flags={"task_params": {"prompts": str(tmp_path / "p.txt")}},
+                               preset=name).sources  # fmt: skip
+    assert load_preset(name).processes == 12  # 12 x 48 = Flow-GRPO's 576 an update
+    assert "1152" in load_preset(name).notes  # their std's samples, an epoch
+    assert preset_processes_note(sources, 1) == (
+        f"preset {name}: global_std spans the batches of the processes, 1 here and 12 in its "
+        "notes: a std over fewer samples (sqdf presets shows the notes)"
+    )
+    assert preset_processes_note(sources, 12) is None
+    assert preset_processes_note({"method_params.global_std": "flag"}, 1) is None

@@ -5,6 +5,7 @@ checked against diffusers' StableDiffusion3Pipeline doing the same thing its own
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -400,3 +401,32 @@ def test_readme_sd3_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
     config = json.loads((tmp_path / "runs/sd3-turbo-q/config.json").read_text())
     assert config["train"]["estimator"] == "consistency"
     assert (tmp_path / "runs/sd3-turbo-q/final/pytorch_lora_weights.safetensors").is_file()
+
+
+def test_cfg_detach_uncond_lets_the_gradient_through_the_prompts_pass_only(parts):
+    # out = u + w (c - u): with u detached the gradient is w ∂c, Flow-GRPO's training CFG
+    # (scripts/train_sd3.py:190); ∂c alone is the unguided output's gradient
+    torch.manual_seed(0)
+    task = build_task(config(parts, task_params={"guidance": 3.0, "lora_init": "gaussian"}))
+    with torch.no_grad():
+        for p in task.policy.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)  # B away from 0: every LoRA weight has a gradient
+    x = torch.randn((2, *task.sample_shape), generator=torch.Generator().manual_seed(0))
+    sigma = task.kernel.model_time(torch.tensor([0, 2]))
+    cond = torch.tensor([3, 0])
+    weights = torch.randn((2, *task.sample_shape), generator=torch.Generator().manual_seed(1))
+    params = [p for p in task.policy.parameters() if p.requires_grad]
+
+    def grads(**options):
+        task.options = dataclasses.replace(task.options, **options)
+        out = task.model_output(x, sigma, cond, policy=True)
+        return torch.autograd.grad((out * weights).sum(), params)
+
+    full = grads(guidance=3.0, cfg_detach_uncond=False)
+    detached = grads(guidance=3.0, cfg_detach_uncond=True)
+    prompt_only = grads(guidance=1.0, cfg_detach_uncond=False)
+    for d, c in zip(detached, prompt_only, strict=True):
+        torch.testing.assert_close(d, 3.0 * c, rtol=1e-4, atol=1e-6)
+    pairs = zip(full, detached, strict=True)
+    assert any(not torch.allclose(f, d, rtol=1e-3, atol=1e-6) for f, d in pairs)
