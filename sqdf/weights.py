@@ -49,6 +49,7 @@ WEIGHT_SUFFIX = ".safetensors"
 # T5's sentencepiece model)
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
 HALF_VARIANT = "fp16"
+OPEN_CLIP_PREFIX = "open_clip_"
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -94,8 +95,8 @@ def parse_hub_ref(text: str) -> HubRef | None:
 
 _RESOLVED: dict[str, dict[str, Any]] = {}  # given -> how it resolved, in this process
 _PINS: dict[str, str] = {}  # given -> the same reference at its recorded commit
-# (given, half, as pinned, Hub cache) -> its local path
-_PATHS: dict[tuple[str, bool, str, str], str] = {}
+# (given, half, configs only, as pinned, Hub cache) -> its local path
+_PATHS: dict[tuple[str, bool, bool, str, str], str] = {}
 
 
 def resolutions() -> dict[str, dict[str, Any]]:
@@ -191,12 +192,14 @@ def resolve(given: str, what: str, *, half: bool = False, configs_only: bool = F
         return str(local)  # a local path that is not there: its user says what it should be
     pinned = parse_hub_ref(_PINS.get(given, given))
     assert pinned is not None
-    key = (given, half or configs_only, str(pinned), hub_cache())
+    key = (given, half, configs_only, str(pinned), hub_cache())
     if _PLAN is None and key in _PATHS and Path(_PATHS[key]).exists():
         return _PATHS[key]  # a config is checked more than once; the Hub is asked once
     with _one_line(pinned, what):
         path = (
-            _resolve_file(given, pinned) if pinned.is_file else _resolve_folder(given, pinned, half)
+            _resolve_file(given, pinned)
+            if pinned.is_file
+            else _resolve_folder(given, pinned, half, configs_only)
         )
     if _PLAN is None:
         _PATHS[key] = path
@@ -412,7 +415,9 @@ def folder_files(files: dict[str, int], half: bool) -> list[str]:
     """Of a model folder's files (relative names, one folder deep counted as its own), the
     configs and tokenizer files, and the safetensors weights of one variant: fp16 where
     ``half`` and the folder has it, else the plain one (else the one there is)."""
-    names = [f for f in files if "/" not in f]
+    # open_clip's own checkpoint and config beside the transformers ones (laion/CLIP-ViT-H-14
+    # holds a 3.9 GB open_clip_model.safetensors) are another library's copy of the same model
+    names = [f for f in files if "/" not in f and not f.startswith(OPEN_CLIP_PREFIX)]
     weights = [f for f in names if f.endswith(WEIGHT_SUFFIX)]
     variants = {_variant(f) for f in weights}
     if half and HALF_VARIANT in variants:

@@ -264,3 +264,28 @@ def test_dry_run_offline_lists_what_the_cache_holds(hub, tmp_path, monkeypatch):
     assert all(f["cached"] for f in files.values())
     assert files["unet/diffusion_pytorch_model.safetensors"]["size"] == 4000
     assert files["head.pth"]["size"] == 64
+
+
+# a processor repository as laion/CLIP-ViT-H-14 holds it: transformers configs and weights, and
+# open_clip's own 3.9 GB checkpoint beside them
+CLIP_REPO = {
+    "config.json": b"{}", "preprocessor_config.json": b"{}", "tokenizer_config.json": b"{}",
+    "vocab.json": b"{}", "merges.txt": b"#", "open_clip_config.json": b"{}",
+    "model.safetensors": b"m" * 500, "open_clip_model.safetensors": b"o" * 900,
+    "open_clip_pytorch_model.bin": b"b" * 900, "pytorch_model.bin": b"p" * 500,
+}  # fmt: skip
+
+
+def test_configs_only_downloads_and_lists_no_weights(hub, tmp_path):
+    hub.add_files("org/clip", CLIP_REPO)
+    with weights.planning() as plan:
+        weights.resolve("org/clip", "reward 'pickscore' processor", configs_only=True)
+    assert [f["name"] for f in plan[0]["files"] if not f["name"].endswith(".json")] == ["merges.txt"]
+    folder = weights.resolve("org/clip", "reward 'pickscore' processor", configs_only=True)
+    got = downloaded(tmp_path / "hub", "org/clip")
+    assert got == ["config.json", "merges.txt", "preprocessor_config.json",
+                   "tokenizer_config.json", "vocab.json"]  # fmt: skip
+    # the same repository as a model afterwards: its weights, not the configs-only folder again
+    assert weights.resolve("org/clip", "model") == folder
+    got = downloaded(tmp_path / "hub", "org/clip")
+    assert "model.safetensors" in got and not any(f.startswith("open_clip") for f in got)
