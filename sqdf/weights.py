@@ -250,22 +250,36 @@ def _commit_of(path: str, inner: str) -> str:
 
 def _resolve_folder(given: str, ref: HubRef, half: bool, configs_only: bool = False) -> str:
     hub = _hub()
-    commit, listing = _listing(ref)
+    fallback: BaseException | None = None
+    if _PLAN is None and ref.revision is not None and COMMIT.fullmatch(ref.revision):
+        commit, listing = _cached_listing(ref, required=False)
+        if listing and not _missing(ref, commit, listing, half, configs_only)[1]:
+            fallback = _PinnedInCache()  # a commit whose files are all here: no request at all
+    if fallback is None:
+        try:
+            commit, listing = _hub_listing(ref)
+        except _Unreachable as err:
+            fallback = err.cause
+            commit, listing = _cached_listing(ref, required=False)
+            if not listing:
+                raise (_offline_error(ref) if _offline(fallback) else fallback) from None
+    files, missing = _missing(ref, commit, listing, half, configs_only)
+    if fallback is not None and missing and _PLAN is None:
+        if not _offline(fallback):
+            raise fallback  # the Hub's own answer (a 503, a 429): one line in _one_line
+        raise OfflineWeightError(
+            f"{ref} is only partly in the Hub cache ({hub_cache()}; no {missing[0]}) and the "
+            "Hub cannot be reached (HF_HUB_OFFLINE=1, or no network): run once online to "
+            "finish the download, or give a local path"
+        )
     sub = ref.path or ""
-    inside = {p[len(sub) + 1 :] if sub else p: s for p, s in listing.items()
-              if not sub or p.startswith(sub + "/")}  # fmt: skip
-    if not inside:
-        raise ConfigError(f"{ref} has no folder {sub!r} at commit {commit[:12]}")
-    if "model_index.json" in inside:
-        index_path = hub.hf_hub_download(ref.repo, _join(sub, "model_index.json"), revision=commit)
-        chosen = pipeline_files(inside, json.loads(Path(index_path).read_text()), half)
-    else:
-        chosen = folder_files(inside, half)
-    files = sorted(_join(sub, f) for f in chosen if not configs_only or f.endswith(CONFIG_SUFFIXES))
+    snapshot = _snapshot(ref, commit)
     if _PLAN is not None:
         configs = [f for f in files if f.endswith(CONFIG_SUFFIXES)]
         folder = hub.snapshot_download(ref.repo, revision=commit, allow_patterns=configs)
         try:
+            if fallback is not None:
+                raise hub.errors.DryRunError("the Hub is not reachable")
             infos = hub.snapshot_download(
                 ref.repo, revision=commit, allow_patterns=_literal(files), dry_run=True,
                 tqdm_class=_quiet_tqdm(),
@@ -274,11 +288,99 @@ def _resolve_folder(given: str, ref: HubRef, half: bool, configs_only: bool = Fa
             infos = [_Cached(f, listing.get(f)) for f in files]
         _planned(given, ref, commit, infos)
     else:
-        folder = hub.snapshot_download(ref.repo, revision=commit, allow_patterns=_literal(files))
+        if fallback is not None:
+            folder = str(snapshot)  # every file is in the cache: the Hub is not asked again
+        else:
+            folder = hub.snapshot_download(
+                ref.repo, revision=commit, allow_patterns=_literal(files)
+            )
         _RESOLVED[given] = {
             "repo": ref.repo, "revision": ref.revision, "commit": commit, "files": files,
         }  # fmt: skip
     return str(Path(folder) / sub) if sub else str(folder)
+
+
+class _PinnedInCache(Exception):
+    """Not an error: a commit-pinned folder found complete in the cache."""
+
+
+class _Unreachable(Exception):
+    """The Hub did not list a repository for a reason the cache may stand in for (offline,
+    no network, a 5xx or 429); ``cause`` is huggingface_hub's error."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _offline(err: BaseException | None) -> bool:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    return isinstance(err, (OfflineModeIsEnabled, _PinnedInCache)) or _transport(err)
+
+
+def _missing(
+    ref: HubRef, commit: str, listing: dict[str, int], half: bool, configs_only: bool
+) -> tuple[list[str], list[str]]:
+    """The files of ``ref``'s folder a run loads (from ``listing``), and what the cache's
+    snapshot of ``commit`` lacks of them: those files, and where the listing came from the cache
+    itself, the weights a model folder there needs (a folder with config.json holds
+    safetensors; a sharded index names only shards that are there; every pipeline component
+    has its folder) - a dry run's configs-only download or a killed one leaves them out."""
+    sub = ref.path or ""
+    inside = {p[len(sub) + 1 :] if sub else p: s for p, s in listing.items()
+              if not sub or p.startswith(sub + "/")}  # fmt: skip
+    if not inside:
+        raise ConfigError(f"{ref} has no folder {sub!r} at commit {commit[:12]}")
+    snapshot = _snapshot(ref, commit)
+    base = snapshot / sub if sub else snapshot
+    folders = [""]
+    if "model_index.json" in inside:
+        index = json.loads(_read_config(ref, commit, _join(sub, "model_index.json")))
+        chosen = pipeline_files(inside, index, half)
+        folders = [
+            name for name, entry in index.items()
+            if not name.startswith("_") and name not in UNUSED_COMPONENTS
+            and isinstance(entry, list) and entry and entry[-1] is not None
+        ]  # fmt: skip
+    else:
+        chosen = folder_files(inside, half)
+    if configs_only:
+        chosen = [f for f in chosen if f.endswith(CONFIG_SUFFIXES)]
+    missing = [f for f in chosen if not (base / f).is_file()]
+    if not configs_only:
+        for folder in folders:
+            mine = [f for f in chosen if (f.rsplit("/", 1)[0] if "/" in f else "") == folder]
+            if not mine:
+                missing.append(f"{folder}/" if folder else "weights")
+            elif _join(folder, "config.json") in mine and not any(
+                f.endswith(WEIGHT_SUFFIX) for f in mine
+            ):
+                missing.append(_join(folder, f"*{WEIGHT_SUFFIX}"))
+            for index_file in (f for f in mine if ".safetensors.index." in f):
+                if (base / index_file).is_file():
+                    shards = json.loads((base / index_file).read_text()).get("weight_map", {})
+                    missing += [
+                        _join(folder, s) for s in sorted(set(shards.values()))
+                        if not (base / _join(folder, s)).is_file()
+                    ]  # fmt: skip
+    return sorted(_join(sub, f) for f in chosen), missing
+
+
+def _snapshot(ref: HubRef, commit: str) -> Path:
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = Path(hub_cache()) / repo_folder_name(repo_id=ref.repo, repo_type="model")
+    return storage / "snapshots" / (commit or "-")
+
+
+def _read_config(ref: HubRef, commit: str, name: str) -> str:
+    """A small file of ``ref`` at ``commit``: from the cache where it is there (no request),
+    else downloaded."""
+    cached = _snapshot(ref, commit) / name
+    if cached.is_file():
+        return cached.read_text()
+    return Path(_hub().hf_hub_download(ref.repo, name, revision=commit)).read_text()
 
 
 @dataclass(frozen=True)
@@ -312,24 +414,50 @@ def _planned(given: str, ref: HubRef, commit: str, infos: list[Any]) -> None:
     })  # fmt: skip
 
 
-def _listing(ref: HubRef) -> tuple[str, dict[str, int]]:
-    """The commit ``ref`` resolves to and its files with their sizes: from the Hub, or offline
-    (HF_HUB_OFFLINE, or the Hub unreachable) from the cache's snapshot of that revision."""
-    hub = _hub()
-    from huggingface_hub import constants
+def _hub_listing(ref: HubRef) -> tuple[str, dict[str, int]]:
+    """The commit ``ref`` resolves to and its files with their sizes, in one request to the
+    Hub; ``_Unreachable`` where the cache may stand in (offline, no network, a 5xx or 429),
+    huggingface_hub's error where it may not (gated, not found, 401, 403)."""
+    from huggingface_hub import HfApi, constants, errors
 
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            infos = hub.snapshot_download(
-                ref.repo, revision=ref.revision, dry_run=True, tqdm_class=_quiet_tqdm()
-            )
-            return infos[0].commit_hash if infos else "", {i.filename: i.file_size or 0
-                                                          for i in infos}  # fmt: skip
-        except hub.errors.DryRunError as err:
-            cause = err.__cause__
-            if cause is not None and not _unreachable(cause):
-                raise cause from None
-    return _cached_listing(ref)
+    if constants.HF_HUB_OFFLINE:
+        raise _Unreachable(errors.OfflineModeIsEnabled("HF_HUB_OFFLINE=1"))
+    try:
+        info = HfApi().model_info(
+            ref.repo, revision=ref.revision or constants.DEFAULT_REVISION, files_metadata=True
+        )
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
+        raise
+    except errors.HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise
+        raise _Unreachable(err) from None
+    except Exception as err:
+        if _transport(err) or isinstance(err, errors.OfflineModeIsEnabled):
+            raise _Unreachable(err) from None
+        raise
+    commit = str(info.sha)
+    _remember_revision(ref, commit)
+    return commit, {s.rfilename: s.size or 0 for s in info.siblings or []}
+
+
+def _remember_revision(ref: HubRef, commit: str) -> None:
+    """Write the cache's refs/REVISION -> commit as huggingface_hub's own downloads do, so
+    that offline the revision finds its snapshot (a download by commit writes none)."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    revision = ref.revision or "main"
+    if revision == commit:
+        return
+    path = Path(hub_cache()) / repo_folder_name(repo_id=ref.repo, repo_type="model") / "refs"
+    path = path / revision
+    if path.is_file() and path.read_text().strip() == commit:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(commit)
+    os.replace(tmp, path)
 
 
 def _quiet_tqdm() -> type:
@@ -345,16 +473,22 @@ def _quiet_tqdm() -> type:
     return Quiet
 
 
-def _unreachable(err: BaseException) -> bool:
-    from huggingface_hub.errors import OfflineModeIsEnabled
+def _transport(err: BaseException | None) -> bool:
+    """A network failure below HTTP (httpx's TransportError: a refused or dropped connection, a
+    timeout, a proxy's refusal), from whichever httpx huggingface_hub uses."""
+    for module in ("httpx2", "httpx"):
+        try:
+            base = __import__(module).TransportError
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(err, base):
+            return True
+    return False
 
-    if isinstance(err, OfflineModeIsEnabled):
-        return True
-    name = type(err).__name__
-    return name in ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException")
 
-
-def _cached_listing(ref: HubRef) -> tuple[str, dict[str, int]]:
+def _cached_listing(ref: HubRef, required: bool = True) -> tuple[str, dict[str, int]]:
+    """The commit ``ref``'s revision points at in the cache and the files its snapshot holds
+    (none, or the offline error where ``required``, if the cache has no snapshot of it)."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
@@ -366,7 +500,9 @@ def _cached_listing(ref: HubRef) -> tuple[str, dict[str, int]]:
         commit = refs.read_text().strip()
     snapshot = storage / "snapshots" / (commit or "-")
     if commit is None or not snapshot.is_dir():
-        raise _offline_error(ref)
+        if required:
+            raise _offline_error(ref)
+        return commit or "", {}
     files = {
         p.relative_to(snapshot).as_posix(): p.stat().st_size
         for p in snapshot.rglob("*")

@@ -289,3 +289,44 @@ def test_configs_only_downloads_and_lists_no_weights(hub, tmp_path):
     assert weights.resolve("org/clip", "model") == folder
     got = downloaded(tmp_path / "hub", "org/clip")
     assert "model.safetensors" in got and not any(f.startswith("open_clip") for f in got)
+
+
+def test_offline_from_a_partly_filled_cache_is_one_line(hub, tmp_path, monkeypatch):
+    with weights.planning():
+        weights.resolve("org/pipe", "model")  # a dry run online caches the configs alone
+    point_at(monkeypatch, hub.url, tmp_path / "hub", offline=True)
+    weights.clear()
+    with pytest.raises(weights.OfflineWeightError) as info:
+        weights.resolve("org/pipe", "model")
+    assert "\n" not in str(info.value) and "partly" in str(info.value)
+    # a download killed after some files: the weights that did arrive are not enough
+    point_at(monkeypatch, hub.url, tmp_path / "hub")
+    weights.clear()
+    folder = weights.resolve("org/pipe", "model")
+    (weights.Path(folder) / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    point_at(monkeypatch, hub.url, tmp_path / "hub", offline=True)
+    weights.clear()
+    with pytest.raises(weights.OfflineWeightError, match="no vae/"):
+        weights.resolve("org/pipe", "model")
+
+
+def test_a_hub_error_falls_back_to_a_full_cache(hub, tmp_path):
+    folder = weights.resolve("org/pipe", "model")
+    commit = weights.resolutions()["org/pipe"]["commit"]
+    hub.max_requests = 0  # from now on every request is answered 429
+    weights.clear()
+    assert weights.resolve("org/pipe", "model") == folder
+    assert weights.resolutions()["org/pipe"]["commit"] == commit
+    # nothing cached: one line
+    with pytest.raises(weights.ConfigError) as info:
+        weights.resolve("org/files/lora.safetensors", "lcm")
+    assert "\n" not in str(info.value)
+
+
+def test_a_commit_whose_files_are_cached_asks_the_hub_nothing(hub):
+    commit = hub.repos["org/pipe"].branches["main"]
+    weights.resolve(f"org/pipe@{commit}", "model")
+    weights.clear()
+    before = sum(hub.requests.values())
+    weights.resolve(f"org/pipe@{commit}", "model")
+    assert sum(hub.requests.values()) == before
