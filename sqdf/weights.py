@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,17 @@ import torch
 from sqdf.errors import ConfigError, SqdfError
 
 HUB_PREFIX = "hf://"
-# a repository id as the Hub spells it: ORG/NAME of letters, digits, '-', '_' and '.'
+# a repository id as the Hub spells it: ORG/NAME of letters, digits, '-', '_' and '.'; a
+# revision a branch, tag or commit, or a pull request's or conversion's refs/pr/N, refs/convert/N
+# (also URL-quoted, refs%2Fpr%2FN, as the Hub's own links spell it)
 _REF = re.compile(
-    r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[^/@\s]+))?(?:/(?P<path>[^@\s]+))?"
+    r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
+    r"(?:@(?P<rev>refs/(?:pr|convert)/\d+|refs%2[Ff](?:pr|convert)%2[Ff]\d+|[^/@\s]+))?"
+    r"(?:/(?P<path>[^@\s]+))?"
 )
+# huggingface_hub's own rules for an id (validate_repo_id): no '--' or '..', no '.git' at the
+# end, at most 96 characters; a reference breaking them is refused before any request
+_BAD_REPO = re.compile(r"--|\.\.|\.git$|^.{97,}$")
 FILE_SUFFIXES = (
     ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".json", ".txt", ".model", ".yaml", ".npz",
 )  # fmt: skip
@@ -83,12 +91,21 @@ def parse_hub_ref(text: str) -> HubRef | None:
     if ":" in body or body.startswith(("/", "~", ".")):
         return None
     match = _REF.fullmatch(body.rstrip("/"))
-    if match is None:
+    if match is None or _BAD_REPO.search(match["repo"]):
         return None
     path = match["path"]
     if path is not None and any(p in ("", ".", "..") for p in path.split("/")):
         return None
-    return HubRef(match["repo"], match["rev"], path)
+    rev = match["rev"]
+    return HubRef(match["repo"], urllib.parse.unquote(rev) if rev else None, path)
+
+
+def _bad_repo_id(text: str) -> str | None:
+    """The repository id in ``text`` where it is spelt like a reference but breaks the Hub's
+    rules for an id (``org/a--b``, ``org/x.git``), else None."""
+    body = text[len(HUB_PREFIX) :] if text.startswith(HUB_PREFIX) else text
+    match = _REF.fullmatch(body.rstrip("/"))
+    return match["repo"] if match is not None and _BAD_REPO.search(match["repo"]) else None
 
 
 # ---- the record of what was resolved, and pins from a run's record -------------------------
@@ -189,6 +206,12 @@ def resolve(given: str, what: str, *, half: bool = False, configs_only: bool = F
     if local.exists():
         return str(local)
     if parse_hub_ref(given) is None:
+        bad = _bad_repo_id(given)
+        if bad is not None:
+            raise ConfigError(
+                f"{what}: {given!r} is not a valid repository id ({bad!r}: no '--' or '..', "
+                "no '.git' at its end, at most 96 characters)"
+            )
         return str(local)  # a local path that is not there: its user says what it should be
     pinned = parse_hub_ref(_PINS.get(given, given))
     assert pinned is not None
@@ -625,8 +648,19 @@ def _one_line(ref: HubRef, what: str) -> Iterator[None]:
     except errors.HfHubHTTPError as err:
         first = str(err).strip().splitlines()[0]
         raise MissingWeightError(f"{what}: {ref}: {first}") from None
+    except errors.HFValidationError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{what}: {ref} is not a valid repository id ({first})") from None
     except OSError as err:  # a full disk, an unwritable cache
         raise SqdfError(f"{what}: cannot download {ref} into {hub_cache()}: {err}") from None
+    except Exception as err:
+        if not _transport(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SqdfError(
+            f"{what}: download of {ref} interrupted ({type(err).__name__}: {first}) after "
+            "huggingface_hub's retries: run again (the files that finished are kept)"
+        ) from None
 
 
 class GatedWeightError(ConfigError):

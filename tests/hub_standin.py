@@ -11,7 +11,7 @@ written at test time.
 A gated repository is answered 401 with ``X-Error-Code: GatedRepo``; an unknown repository,
 revision or file 404 with ``RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``. A file
 named in ``cut`` has its first GET cut off half-way (the connection closed after half the
-body). The server refuses to answer more than ``max_requests`` requests and is shut down when
+body), one in ``cut_always`` every GET; ``ranges`` records each GET's Range header. The server refuses to answer more than ``max_requests`` requests and is shut down when
 the fixture's ``with`` ends.
 """
 
@@ -38,6 +38,8 @@ class Repo:
 class StandInHub:
     repos: dict[str, Repo] = field(default_factory=dict)
     cut: set[str] = field(default_factory=set)  # "repo/path" cut off on their first GET
+    cut_always: set[str] = field(default_factory=set)  # "repo/path" cut off on every GET
+    ranges: list[tuple[str, str | None]] = field(default_factory=list)  # GETs' Range headers
     max_requests: int = 2000
     requests: Counter = field(default_factory=Counter)  # (method, kind) -> count
     gets: Counter = field(default_factory=Counter)  # "repo/path" -> GETs of its bytes
@@ -117,8 +119,9 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
                 if total >= hub.max_requests:
                     self._error(429, "TooManyRequests")
                     return
-            path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-            parts = path.strip("/").split("/")
+            # split before unquoting: a revision refs/pr/1 comes quoted as one part
+            raw = urllib.parse.urlsplit(self.path).path.strip("/").split("/")
+            parts = [urllib.parse.unquote(p) for p in raw]
             if parts[:2] == ["api", "models"] and len(parts) >= 6:
                 repo, kind, rev = "/".join(parts[2:4]), parts[4], parts[5]
                 with lock:
@@ -185,7 +188,8 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
                 return
             with lock:
                 hub.gets[key] += 1
-                cut = key in hub.cut and hub.gets[key] == 1
+                hub.ranges.append((key, self.headers.get("Range")))
+                cut = (key in hub.cut and hub.gets[key] == 1) or key in hub.cut_always
             body = data[start:]
             if cut:  # half the body, then the connection drops
                 self.wfile.write(body[: len(body) // 2])

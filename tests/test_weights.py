@@ -330,3 +330,48 @@ def test_a_commit_whose_files_are_cached_asks_the_hub_nothing(hub):
     before = sum(hub.requests.values())
     weights.resolve(f"org/pipe@{commit}", "model")
     assert sum(hub.requests.values()) == before
+
+
+@pytest.mark.parametrize(
+    "text, ref",
+    [
+        ("org/name@refs/pr/1", HubRef("org/name", "refs/pr/1")),
+        ("org/name@refs%2Fpr%2F12/unet", HubRef("org/name", "refs/pr/12", "unet")),
+        ("hf://org/name@refs/convert/3/a.safetensors",
+         HubRef("org/name", "refs/convert/3", "a.safetensors")),
+    ],
+)  # fmt: skip
+def test_pull_request_revisions(text, ref):
+    assert parse_hub_ref(text) == ref
+    assert parse_hub_ref(str(ref)) == ref
+
+
+@pytest.mark.parametrize("given", ["org/name@refs/pr/1", "org/name@refs%2Fpr%2F1"])
+def test_a_pull_request_revision_downloads(hub, given):
+    sha = hub.add_files("org/name", {"a.safetensors": b"a" * 64})
+    hub.add_files("org/name", {"a.safetensors": b"b" * 64})  # main moves on
+    hub.repos["org/name"].branches["refs/pr/1"] = sha
+    assert open(weights.resolve(f"{given}/a.safetensors", "lcm"), "rb").read() == b"a" * 64
+    folder = weights.resolve(given, "model")
+    assert weights.resolutions()[given]["commit"] == sha
+    assert open(f"{folder}/a.safetensors", "rb").read() == b"a" * 64
+
+
+@pytest.mark.parametrize("given", ["org/a--b", "org/name..x", "org/x.git/f.safetensors"])
+def test_ids_the_hub_refuses_are_one_line(given):
+    assert parse_hub_ref(given) is None
+    with pytest.raises(weights.ConfigError) as info:
+        weights.resolve(given, "model")
+    assert "\n" not in str(info.value) and "not a valid repository id" in str(info.value)
+
+
+def test_a_download_cut_on_every_try_is_one_line(hub, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.file_download.time.sleep", lambda s: None)
+    hub.cut_always.add("org/files/lora.safetensors")
+    with pytest.raises(weights.SqdfError) as info:
+        weights.resolve("org/files/lora.safetensors", "lcm")
+    message = str(info.value)
+    assert "\n" not in message and "interrupted" in message and "run again" in message
+    hub.cut_always.add("org/pipe/unet/diffusion_pytorch_model.safetensors")
+    with pytest.raises(weights.SqdfError, match="interrupted"):
+        weights.resolve("org/pipe", "model")
