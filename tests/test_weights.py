@@ -375,3 +375,16 @@ def test_a_download_cut_on_every_try_is_one_line(hub, monkeypatch):
     hub.cut_always.add("org/pipe/unet/diffusion_pytorch_model.safetensors")
     with pytest.raises(weights.SqdfError, match="interrupted"):
         weights.resolve("org/pipe", "model")
+
+
+def test_a_connection_cut_mid_file_resumes_with_a_range_request(hub, monkeypatch):
+    # huggingface_hub writes what it receives in chunks (10 MB on the real Hub) and asks again
+    # from the end of the last whole chunk: chunks of 1 kB make that visible on a 4 kB file
+    monkeypatch.setattr("huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE", 1000)
+    monkeypatch.setattr("huggingface_hub.file_download.time.sleep", lambda s: None)
+    key = "org/pipe/unet/diffusion_pytorch_model.safetensors"
+    hub.cut.add(key)
+    folder = weights.resolve("org/pipe", "model")
+    assert [r for k, r in hub.ranges if k == key] == [None, "bytes=2000-"]
+    data = open(f"{folder}/unet/diffusion_pytorch_model.safetensors", "rb").read()
+    assert data == PIPELINE["unet/diffusion_pytorch_model.safetensors"]
