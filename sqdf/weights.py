@@ -248,18 +248,15 @@ def _resolve_file(given: str, ref: HubRef) -> str:
     hub = _hub()
     assert ref.path is not None
     if _PLAN is not None:
-        try:
-            info = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision, dry_run=True)
-        except hub.errors.DryRunError:  # offline: the plan is what the cache holds
-            path = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision)
-            info = _Cached(ref.path, Path(path).stat().st_size, _commit_of(path, ref.path), path)
+        # offline this is what the cache holds (huggingface_hub answers a dry run from it)
+        info = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision, dry_run=True)
         _planned(given, ref, info.commit_hash, [info])
         return info.local_path
     path = hub.hf_hub_download(ref.repo, ref.path, revision=ref.revision)
     commit = Path(path).parent.name if ref.path.count("/") == 0 else _commit_of(path, ref.path)
     _RESOLVED[given] = {
         "repo": ref.repo, "revision": ref.revision, "commit": commit, "files": [ref.path],
-        "sha256": sha256_of(path),
+        "sha256": verified_sha256(path, str(ref)),
     }  # fmt: skip
     return path
 
@@ -703,15 +700,7 @@ def as_safetensors(
     path = Path(path)
     if path.suffix == WEIGHT_SUFFIX or _PLAN is not None:
         return str(path)
-    digest = sha256_of(path)
-    recorded = _RESOLVED.get(given or "", {}).get("sha256")
-    expected = _hub_sha256(path)
-    if expected is not None and expected != digest:
-        raise ConfigError(
-            f"{what}: {path} has sha256 {digest}, the Hub's file {expected}: a damaged "
-            "download; delete it from the Hub cache and run again"
-        )
-    assert recorded in (None, digest)
+    digest = verified_sha256(path, what)
     out = sqdf_cache() / "converted" / f"{digest}.safetensors"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -722,6 +711,40 @@ def as_safetensors(
         finally:
             tmp.unlink(missing_ok=True)
     return str(out)
+
+
+def verified_sha256(path: str | Path, what: str) -> str:
+    """The sha256 of ``path``, checked against the Hub's where it is a cached LFS file (a
+    mismatch is one line: a damaged or altered download). Hashed once per file content: the
+    digest is remembered in sqdf's cache keyed by the file's blob name, size and modification
+    time, so a 2 GB checkpoint is not read again on every load, and a file changed in place is
+    hashed (and refused) again."""
+    path = Path(path)
+    real = path.resolve()
+    stat = real.stat()
+    note = sqdf_cache() / "sha256" / f"{real.name}.json"
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        known = json.loads(note.read_text())
+        if {k: known.get(k) for k in stamp} == stamp and re.fullmatch(
+            r"[0-9a-f]{64}", str(known.get("sha256"))
+        ):
+            return str(known["sha256"])
+    except (OSError, ValueError):
+        pass  # not hashed yet, or a torn note: hash again
+    digest = sha256_of(real)
+    expected = _hub_sha256(path)
+    if expected is not None and expected != digest:
+        raise ConfigError(
+            f"{what}: {path} has sha256 {digest}, the Hub's file {expected}: a damaged or "
+            "altered download; delete it from the Hub cache and run again"
+        )
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next hash
+        note.parent.mkdir(parents=True, exist_ok=True)
+        tmp = note.with_name(f".{note.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**stamp, "sha256": digest}))
+        os.replace(tmp, note)
+    return digest
 
 
 def _hub_sha256(path: Path) -> str | None:

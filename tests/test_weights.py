@@ -388,3 +388,26 @@ def test_a_connection_cut_mid_file_resumes_with_a_range_request(hub, monkeypatch
     assert [r for k, r in hub.ranges if k == key] == [None, "bytes=2000-"]
     data = open(f"{folder}/unet/diffusion_pytorch_model.safetensors", "rb").read()
     assert data == PIPELINE["unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_a_file_is_hashed_once_and_a_tampered_one_refused(hub, monkeypatch):
+    import os
+
+    path = weights.resolve("org/files/head.pth", "head")
+    assert weights.resolutions()["org/files/head.pth"]["sha256"] == weights.sha256_of(path)
+    calls = []
+    real = weights.sha256_of
+    monkeypatch.setattr(weights, "sha256_of", lambda p: calls.append(p) or real(p))
+    weights.clear()
+    weights.resolve("org/files/head.pth", "head")
+    weights.as_safetensors(path, lambda src, out: out.write_bytes(b"x"), "head")
+    assert calls == []  # remembered from the first resolve
+    blob = os.path.realpath(path)
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as fh:  # the same size, other bytes: an altered cached file
+        fh.write(b"1")
+    weights.clear()
+    with pytest.raises(weights.ConfigError) as info:
+        weights.resolve("org/files/head.pth", "reward 'aesthetic' head")
+    message = str(info.value)
+    assert "\n" not in message and "sha256" in message and "damaged or altered" in message
