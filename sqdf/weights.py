@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -111,7 +112,8 @@ def _bad_repo_id(text: str) -> str | None:
 # ---- the record of what was resolved, and pins from a run's record -------------------------
 
 _RESOLVED: dict[str, dict[str, Any]] = {}  # given -> how it resolved, in this process
-_PINS: dict[str, str] = {}  # given -> the same reference at its recorded commit
+# (repository, path in it) -> (the commit a run recorded, its revision as given then)
+_PINS: dict[tuple[str, str | None], tuple[str, str | None]] = {}
 # (given, half, configs only, as pinned, Hub cache) -> its local path
 _PATHS: dict[tuple[str, bool, bool, str, str], str] = {}
 
@@ -123,13 +125,34 @@ def resolutions() -> dict[str, dict[str, Any]]:
 
 
 def pin(recorded: dict[str, dict[str, Any]]) -> None:
-    """Load each reference ``recorded`` (a run's config.json "weights") at the commit it
-    resolved to then, whatever its branch points at now: resume, eval, sample and report load
-    what the run trained on."""
+    """Load each weight ``recorded`` (a run's config.json "weights") at the commit it resolved
+    to then, whatever its branch points at now: resume, eval, sample and report load what the
+    run trained on. Pins are by repository and path in it, not by the string given: ``org/name``
+    given unpinned finds the run's ``org/name`` at its commit, and a default that a later sqdf
+    pins to another commit (CLIP_L14, AESTHETIC_HEAD, HPS_COMMIT ...) loads the run's."""
     for given, rec in recorded.items():
         ref = parse_hub_ref(given)
         if ref is not None and isinstance(rec, dict) and COMMIT.fullmatch(str(rec.get("commit"))):
-            _PINS[given] = str(HubRef(ref.repo, rec["commit"], ref.path))
+            rev = rec.get("revision")
+            _PINS[(ref.repo, ref.path)] = (str(rec["commit"]), None if rev is None else str(rev))
+
+
+def _pinned(ref: HubRef) -> HubRef:
+    """``ref`` at the commit a run's record pins it to: where the record holds its repository
+    and path, and ``ref`` names no revision, the recorded one, or a commit (a default's); a
+    branch or tag other than the recorded one is the caller's choice and is kept."""
+    found = _PINS.get((ref.repo, ref.path))
+    if found is None:
+        return ref
+    commit, given_rev = found
+    if ref.revision in (None, commit, given_rev) or COMMIT.fullmatch(ref.revision or ""):
+        if ref.revision not in (None, commit, given_rev):
+            print(
+                f"sqdf: {ref} loaded at {commit[:12]}, the commit the run recorded",
+                file=sys.stderr,
+            )
+        return HubRef(ref.repo, commit, ref.path)
+    return ref
 
 
 def clear() -> None:
@@ -213,8 +236,10 @@ def resolve(given: str, what: str, *, half: bool = False, configs_only: bool = F
                 "no '.git' at its end, at most 96 characters)"
             )
         return str(local)  # a local path that is not there: its user says what it should be
-    pinned = parse_hub_ref(_PINS.get(given, given))
-    assert pinned is not None
+    ref = parse_hub_ref(given)
+    if ref is None:  # checked just above
+        raise ConfigError(f"{what}: {given!r} is not a Hub reference")
+    pinned = _pinned(ref)
     key = (given, half, configs_only, str(pinned), hub_cache())
     if _PLAN is None and key in _PATHS and Path(_PATHS[key]).exists():
         return _PATHS[key]  # a config is checked more than once; the Hub is asked once
@@ -227,8 +252,8 @@ def resolve(given: str, what: str, *, half: bool = False, configs_only: bool = F
     if _PLAN is None:
         _PATHS[key] = path
         record = _RESOLVED[given]
-        record["revision"] = parse_hub_ref(given).revision  # as given; its commit pins it
-        if given in _PINS:
+        record["revision"] = ref.revision  # as given; its commit pins it
+        if pinned != ref:
             record["pinned_by"] = "the run's config.json"
     return path
 

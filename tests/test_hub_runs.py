@@ -196,3 +196,25 @@ def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path
         "stable-diffusion-v1-5/stable-diffusion-v1-5", "latent-consistency/lcm-lora-sdv1-5",
         "openai/clip-vit-large-patch14", "trl-lib/ddpo-aesthetic-predictor",
     }  # fmt: skip
+
+
+def test_resume_and_sample_load_the_commits_the_run_recorded(hub, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([*train_argv(run), "--checkpoint-every", "1"]) == 0
+    trained = {repo: hub.repos[repo].branches["main"] for repo in ("tiny/sd", "tiny/clip")}
+    # both repositories move on: a new commit on main with other bytes
+    for repo in trained:
+        files = hub.repos[repo].commits[trained[repo]]
+        hub.add_files(repo, {**files, "README.md": b"a later commit"})
+    weights.clear()
+    assert main(["train", "--resume", str(run), "--steps", "2", "--no-progress"]) == 0
+    recorded = json.loads((run / "config.json").read_text())["weights"]
+    assert recorded["tiny/sd"]["commit"] == trained["tiny/sd"]
+    assert recorded["tiny/clip"]["commit"] == trained["tiny/clip"]
+    assert recorded["tiny/sd"]["pinned_by"] == "the run's config.json"
+    # sqdf sample given the model unpinned: the run's commit, read from its config first
+    assert main(["sample", "--task", "sd", "--model", "tiny/sd", "--lora", str(run / "final"),
+                 "--num-samples", "1", "--num-steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "s.png")]) == 0  # fmt: skip
+    assert weights.resolutions()["tiny/sd"]["commit"] == trained["tiny/sd"]
+    capsys.readouterr()

@@ -411,3 +411,19 @@ def test_a_file_is_hashed_once_and_a_tampered_one_refused(hub, monkeypatch):
         weights.resolve("org/files/head.pth", "reward 'aesthetic' head")
     message = str(info.value)
     assert "\n" not in message and "sha256" in message and "damaged or altered" in message
+
+
+def test_a_run_pins_by_repository_and_path(hub):
+    first = hub.repos["org/files"].branches["main"]
+    second = hub.add_files("org/files", {"lora.safetensors": b"2" * 64, "head.pth": b"0" * 64})
+    hub.repos["org/files"].branches["v2"] = second
+    # the run gave a default pinned to the first commit
+    weights.pin({f"org/files@{first}/lora.safetensors": {"commit": first, "revision": first}})
+    one = b"1" * 64
+    assert open(weights.resolve("org/files/lora.safetensors", "lcm"), "rb").read() == one
+    # a later sqdf whose default names the second commit: the run's
+    bumped = weights.resolve(f"org/files@{second}/lora.safetensors", "lcm")
+    assert open(bumped, "rb").read() == one
+    assert weights.resolutions()[f"org/files@{second}/lora.safetensors"]["commit"] == first
+    # a branch the caller names is the caller's
+    assert open(weights.resolve("org/files@v2/lora.safetensors", "lcm"), "rb").read() == b"2" * 64
