@@ -341,6 +341,8 @@ def _resolve_folder(given: str, ref: HubRef, half: bool, configs_only: bool = Fa
             )
         _RESOLVED[given] = {
             "repo": ref.repo, "revision": ref.revision, "commit": commit, "files": files,
+            # the weights variant taken (fp16 where the run computes in 16 bits and it exists)
+            "variant": HALF_VARIANT if any(_variant(f) == HALF_VARIANT for f in files) else None,
         }  # fmt: skip
     return str(Path(folder) / sub) if sub else str(folder)
 

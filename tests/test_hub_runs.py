@@ -218,3 +218,22 @@ def test_resume_and_sample_load_the_commits_the_run_recorded(hub, tmp_path, caps
                  "--out", str(tmp_path / "s.png")]) == 0  # fmt: skip
     assert weights.resolutions()["tiny/sd"]["commit"] == trained["tiny/sd"]
     capsys.readouterr()
+
+
+def test_the_weights_variant_follows_the_runs_device_not_the_machine(hub, parts, monkeypatch):
+    from sqdf.params import build_settings
+    from sqdf.tasks.sd import SDConfig, run_device
+
+    files = {p.relative_to(parts / "sd").as_posix(): p.read_bytes()
+             for p in (parts / "sd").rglob("*") if p.is_file()}  # fmt: skip
+    files.update({n.replace(".safetensors", ".fp16.safetensors"): b
+                  for n, b in files.items() if n.endswith(".safetensors")})  # fmt: skip
+    hub.add_files("tiny/sd16", files)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # a machine with a GPU
+    for device, variant in (("cpu", None), ("cuda", "fp16")):
+        weights.clear()
+        with run_device(device):
+            build_settings(SDConfig, {"model": "tiny/sd16"}, "task 'sd'")
+        record = weights.resolutions()["tiny/sd16"]
+        assert record["variant"] == variant, device
+        assert any(".fp16." in f for f in record["files"]) == (variant == "fp16")
