@@ -228,6 +228,7 @@ def resolve(given: str, what: str, *, half: bool = False, configs_only: bool = F
     local = Path(given).expanduser()
     if local.exists():
         return str(local)
+    _check_not_a_path(given, what)
     if parse_hub_ref(given) is None:
         bad = _bad_repo_id(given)
         if bad is not None:
@@ -256,6 +257,26 @@ def resolve(given: str, what: str, *, half: bool = False, configs_only: bool = F
         if pinned != ref:
             record["pinned_by"] = "the run's config.json"
     return path
+
+
+def _check_not_a_path(given: str, what: str) -> None:
+    """One line, before any request, for a string that is not a model repository: a missing
+    local path spelt like ORG/NAME (its first part is a folder here: ``runs/sd/final`` with a
+    typo is not sent to the Hub as repository ``runs/sd``; ``hf://`` forces the Hub), and a
+    Hub dataset or Space (``datasets/...``, ``spaces/...``), which hold no sqdf weights."""
+    hub = given.startswith(HUB_PREFIX)
+    body = given[len(HUB_PREFIX) :] if hub else given
+    first = body.split("/")[0]
+    if not hub and "/" in body and first not in ("", ".", "..") and Path(first).is_dir():
+        raise ConfigError(
+            f"{what}: local path not found: {given} ({first}/ is a folder here, so this is "
+            f"read as a path; write hf://{given} for a Hub repository)"
+        )
+    if first in ("datasets", "spaces") and body.count("/") >= 2:
+        raise ConfigError(
+            f"{what}: {given} names a Hub {first[:-1]}; weights come from model repositories "
+            "(ORG/NAME)"
+        )
 
 
 def resolve_optional(given: str | None, what: str, *, half: bool = False) -> str | None:

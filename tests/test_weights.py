@@ -427,3 +427,22 @@ def test_a_run_pins_by_repository_and_path(hub):
     assert weights.resolutions()[f"org/files@{second}/lora.safetensors"]["commit"] == first
     # a branch the caller names is the caller's
     assert open(weights.resolve("org/files@v2/lora.safetensors", "lcm"), "rb").read() == b"2" * 64
+
+
+def test_a_missing_local_path_is_not_sent_to_the_hub(hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "sd" / "final").mkdir(parents=True)
+    with pytest.raises(weights.ConfigError) as info:
+        weights.resolve("runs/sd/finl", "sqdf sample --lora")  # a typo
+    message = str(info.value)
+    assert "\n" not in message and "local path not found: runs/sd/finl" in message
+    assert sum(hub.requests.values()) == 0
+    assert weights.resolve("runs/sd/final", "lora") == "runs/sd/final"
+
+
+@pytest.mark.parametrize("given", ["datasets/org/name", "hf://spaces/org/app/model.safetensors"])
+def test_datasets_and_spaces_are_one_line(hub, given):
+    with pytest.raises(weights.ConfigError) as info:
+        weights.resolve(given, "model")
+    assert "\n" not in str(info.value) and "model repositories" in str(info.value)
+    assert sum(hub.requests.values()) == 0
