@@ -446,3 +446,31 @@ def test_datasets_and_spaces_are_one_line(hub, given):
         weights.resolve(given, "model")
     assert "\n" not in str(info.value) and "model repositories" in str(info.value)
     assert sum(hub.requests.values()) == 0
+
+
+def test_every_gated_default_is_said_gated_in_the_readme_and_its_presets():
+    from pathlib import Path
+
+    from sqdf.settings import load_preset, preset_names
+
+    root = Path(__file__).resolve().parents[1]
+    rows = [ln for ln in (root / "docs" / "weights.md").read_text().splitlines()
+            if ln.startswith("| ") and ln.rstrip().rstrip("|").split("|")[-1].strip()
+            .startswith("**yes**")]  # fmt: skip
+    gated = {ln.split("|")[3].split("`")[1] for ln in rows}  # the repository column
+    assert "black-forest-labs/FLUX.1-schnell" in gated
+    readme = " ".join((root / "README.md").read_text().split())
+    names = {"stabilityai/stable-diffusion-3.5-medium": "SD 3.5 Medium",
+             "black-forest-labs/FLUX.1-dev": "FLUX.1 [dev]",
+             "black-forest-labs/FLUX.1-schnell": "FLUX.1 [schnell]"}  # fmt: skip
+    sentence = readme[readme.index("(SD 3.5 Medium") :].split("are gated")[0]
+    for repo in gated:
+        assert names[repo] in sentence, repo
+    for name in preset_names():
+        preset = load_preset(name)
+        params = preset.train.get("task_params", {})
+        for key in ("model", "lcm"):
+            ref = parse_hub_ref(str(params.get(key, "")))
+            if ref is not None and ref.repo in gated:
+                notes = " ".join(str(getattr(preset, "notes", "")).split())
+                assert ref.repo in notes and "gated" in notes, (name, key)
