@@ -20,6 +20,7 @@ from sqdf.evaluate import EVAL_SEED
 from sqdf.preemption import Preempted
 from sqdf.settings import Resolved, config_sources, make_config, resolve_settings
 from sqdf.tasks import resolve_device
+from sqdf.weights import clear as clear_weights
 
 DESCRIPTION = """\
 Fine-tune diffusion models on a reward with SQDF (Soft Q-based Diffusion Fine-tuning):
@@ -906,6 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     # eval, report and sample write into the run folder: a full or read-only disk there is
     # one line, as it is for train, bbo and compare (which guard their own folders)
     run_folder = getattr(args, "run", None) if args.command in WRITES_TO_RUN else None
+    clear_weights()  # each command records (and pins) only the weights it resolves itself
     try:
         with folder_writes(Path(run_folder)) if run_folder else contextlib.nullcontext():
             return handler(args)
