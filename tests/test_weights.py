@@ -280,7 +280,9 @@ def test_configs_only_downloads_and_lists_no_weights(hub, tmp_path):
     hub.add_files("org/clip", CLIP_REPO)
     with weights.planning() as plan:
         weights.resolve("org/clip", "reward 'pickscore' processor", configs_only=True)
-    assert [f["name"] for f in plan[0]["files"] if not f["name"].endswith(".json")] == ["merges.txt"]
+    assert [f["name"] for f in plan[0]["files"] if not f["name"].endswith(".json")] == [
+        "merges.txt"
+    ]
     folder = weights.resolve("org/clip", "reward 'pickscore' processor", configs_only=True)
     got = downloaded(tmp_path / "hub", "org/clip")
     assert got == ["config.json", "merges.txt", "preprocessor_config.json",
