@@ -17,6 +17,7 @@ from sqdf.commands.args import DESCRIPTION, Parser
 from sqdf.distributed import launched
 from sqdf.errors import SqdfError
 from sqdf.preemption import Preempted
+from sqdf.weights import clear as clear_weights
 
 COMMANDS = (train, runs, experiments, rebuild)  # each: add_parsers(sub) and HANDLERS
 WRITES_TO_RUN = ("eval", "report", "sample")
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # eval, report and sample write into the run folder: a full or read-only disk there is
     # one line, as it is for train, bbo and compare (which guard their own folders)
     run_folder = getattr(args, "run", None) if args.command in WRITES_TO_RUN else None
+    clear_weights()  # each command records (and pins) only the weights it resolves itself
     try:
         with folder_writes(Path(run_folder)) if run_folder else contextlib.nullcontext():
             return handler(args)

@@ -100,9 +100,6 @@ def render_sd(
     if num_images < 1:
         raise SqdfError(f"--num-samples must be >= 1, got {num_images}")
     dev = resolve_device(device)
-    # a Hub reference is fetched (16-bit weights where the pipeline renders in bfloat16); the
-    # run's record pins it to the commit it trained on
-    model = resolve(model, "sqdf sample --model", half=dev.type == "cuda")
     lora = None if lora is None else resolve(lora, "sqdf sample --lora")
     final = Path(lora) if lora is not None else None
     full = final is not None and (final / "unet" / "config.json").is_file()  # a whole UNet
@@ -110,7 +107,10 @@ def render_sd(
         raise SqdfError(  # before any weights are loaded
             f"{lora} holds neither {LORA_FILE} nor unet/ (use the RUN/final folder of an sd run)"
         )
+    # the run's config first: its record pins the model to the commit the run trained on
     trained = trained_settings(final)
+    # a Hub reference is fetched (16-bit weights where the pipeline renders in bfloat16)
+    model = resolve(model, "sqdf sample --model", half=dev.type == "cuda")
     prompts = prompts if prompts is not None else trained.prompts
     guidance = guidance if guidance is not None else trained.guidance
     num_steps = num_steps if num_steps is not None else trained.num_steps

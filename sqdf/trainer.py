@@ -94,6 +94,7 @@ from sqdf.sampler import (
 from sqdf.settings import check_registered, config_sources, preset_processes_note
 from sqdf.tasks import Task, build_task, resolved_reward_name, with_summed_alpha
 from sqdf.trackers import RunTrackers, check_installed, parse_log_with
+from sqdf.weights import clear as clear_weights
 
 log = logging.getLogger("sqdf")
 
@@ -583,6 +584,8 @@ def set_up(
     if state is not None and resume:
         raise ValueError("train: resume and a caller's state exclude each other")
     check_registered(cfg)  # a TrainConfig built in Python has not met the registries yet
+    if state is None:  # a new run records only its own weights (a caller's task holds its own)
+        clear_weights()
     if state is not None and state.fresh is not None and METHODS[cfg.method].grouped:
         raise ValueError(f"train: method {cfg.method} samples its own groups, not a caller's batch")
     check_installed(parse_log_with(cfg.log_with))  # before a model is loaded

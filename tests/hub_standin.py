@@ -11,8 +11,10 @@ written at test time.
 A gated repository is answered 401 with ``X-Error-Code: GatedRepo``; an unknown repository,
 revision or file 404 with ``RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``. A file
 named in ``cut`` has its first GET cut off half-way (the connection closed after half the
-body). The server refuses to answer more than ``max_requests`` requests and is shut down when
-the fixture's ``with`` ends.
+body), one in ``cut_always`` every GET; ``ranges`` records each GET's Range header. The
+server refuses to answer more than ``max_requests`` requests (429) or any request after
+``deadline_s`` seconds (503), drops a connection silent for 10 s, and is shut down when the
+fixture's ``with`` ends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +41,13 @@ class Repo:
 class StandInHub:
     repos: dict[str, Repo] = field(default_factory=dict)
     cut: set[str] = field(default_factory=set)  # "repo/path" cut off on their first GET
+    cut_always: set[str] = field(default_factory=set)  # "repo/path" cut off on every GET
+    ranges: list[tuple[str, str | None]] = field(default_factory=list)  # GETs' Range headers
     max_requests: int = 2000
+    # seconds from the server's start after which every request is answered 503: a client that
+    # loops (retries without end) fails the test instead of hanging it
+    deadline_s: float = 300.0
+    started: float = 0.0
     requests: Counter = field(default_factory=Counter)  # (method, kind) -> count
     gets: Counter = field(default_factory=Counter)  # "repo/path" -> GETs of its bytes
     url: str = ""
@@ -75,6 +84,8 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # seconds a connection may stay silent before its thread gives up
+
         def log_message(self, *args: object) -> None:  # quiet
             pass
 
@@ -117,8 +128,12 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
                 if total >= hub.max_requests:
                     self._error(429, "TooManyRequests")
                     return
-            path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-            parts = path.strip("/").split("/")
+            if time.monotonic() - hub.started > hub.deadline_s:
+                self._error(503, "StandInDeadline")
+                return
+            # split before unquoting: a revision refs/pr/1 comes quoted as one part
+            raw = urllib.parse.urlsplit(self.path).path.strip("/").split("/")
+            parts = [urllib.parse.unquote(p) for p in raw]
             if parts[:2] == ["api", "models"] and len(parts) >= 6:
                 repo, kind, rev = "/".join(parts[2:4]), parts[4], parts[5]
                 with lock:
@@ -185,7 +200,8 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
                 return
             with lock:
                 hub.gets[key] += 1
-                cut = key in hub.cut and hub.gets[key] == 1
+                hub.ranges.append((key, self.headers.get("Range")))
+                cut = (key in hub.cut and hub.gets[key] == 1) or key in hub.cut_always
             body = data[start:]
             if cut:  # half the body, then the connection drops
                 self.wfile.write(body[: len(body) // 2])
@@ -208,6 +224,7 @@ class serve:
         self.server.daemon_threads = True
 
     def __enter__(self) -> str:
+        self.hub.started = time.monotonic()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         host, port = self.server.server_address[:2]

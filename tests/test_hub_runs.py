@@ -144,7 +144,8 @@ def publish_defaults(hub: StandInHub, parts, family_parts) -> None:
     at(AESTHETIC_HEAD, files={"aesthetic-model.pth": (parts / "head.pth").read_bytes()})
     folders = {"sd15": parts / "sd", "sdxl": family_parts / "sdxl",
                "sd35m": family_parts / "sd35m", "flux-dev": family_parts / "flux-dev",
-               "flux-schnell": family_parts / "flux-schnell"}  # fmt: skip
+               "flux-schnell": family_parts / "flux-schnell",
+               "flow-grpo-sd35": family_parts / "sd35m"}  # fmt: skip
     loras = {"sd15": family_parts / "lcm15", "sdxl": family_parts / "lcmxl"}
     for name in preset_names():
         params = load_preset(name).train.get("task_params", {})
@@ -197,3 +198,78 @@ def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path
         "stable-diffusion-v1-5/stable-diffusion-v1-5", "latent-consistency/lcm-lora-sdv1-5",
         "openai/clip-vit-large-patch14", "trl-lib/ddpo-aesthetic-predictor",
     }  # fmt: skip
+
+
+def test_resume_and_sample_load_the_commits_the_run_recorded(hub, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([*train_argv(run), "--checkpoint-every", "1"]) == 0
+    trained = {repo: hub.repos[repo].branches["main"] for repo in ("tiny/sd", "tiny/clip")}
+    # both repositories move on: a new commit on main with other bytes
+    for repo in trained:
+        files = hub.repos[repo].commits[trained[repo]]
+        hub.add_files(repo, {**files, "README.md": b"a later commit"})
+    weights.clear()
+    assert main(["train", "--resume", str(run), "--steps", "2", "--no-progress"]) == 0
+    recorded = json.loads((run / "config.json").read_text())["weights"]
+    assert recorded["tiny/sd"]["commit"] == trained["tiny/sd"]
+    assert recorded["tiny/clip"]["commit"] == trained["tiny/clip"]
+    assert recorded["tiny/sd"]["pinned_by"] == "the run's config.json"
+    # sqdf sample given the model unpinned: the run's commit, read from its config first
+    weights.clear()  # a fresh process: no pin from the resume above
+    assert main(["sample", "--task", "sd", "--model", "tiny/sd", "--lora", str(run / "final"),
+                 "--num-samples", "1", "--num-steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "s.png")]) == 0  # fmt: skip
+    assert weights.resolutions()["tiny/sd"]["commit"] == trained["tiny/sd"]
+    capsys.readouterr()
+
+
+def test_the_weights_variant_follows_the_runs_device_not_the_machine(hub, parts, monkeypatch):
+    from sqdf.params import build_settings
+    from sqdf.tasks.sd import SDConfig, run_device
+
+    files = {p.relative_to(parts / "sd").as_posix(): p.read_bytes()
+             for p in (parts / "sd").rglob("*") if p.is_file()}  # fmt: skip
+    files.update({n.replace(".safetensors", ".fp16.safetensors"): b
+                  for n, b in files.items() if n.endswith(".safetensors")})  # fmt: skip
+    hub.add_files("tiny/sd16", files)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # a machine with a GPU
+    for device, variant in (("cpu", None), ("cuda", "fp16")):
+        weights.clear()
+        with run_device(device):
+            build_settings(SDConfig, {"model": "tiny/sd16"}, "task 'sd'")
+        record = weights.resolutions()["tiny/sd16"]
+        assert record["variant"] == variant, device
+        assert any(".fp16." in f for f in record["files"]) == (variant == "fp16")
+
+
+def test_a_second_train_in_one_process_records_only_its_own_weights(hub, tmp_path):
+    assert main(train_argv(tmp_path / "one")) == 0
+    argv = train_argv(tmp_path / "two")
+    at = argv.index("lcm=tiny/lcm")
+    del argv[at - 1 : at + 1]  # no consistency model: tweedie
+    argv[argv.index("consistency")] = "tweedie"
+    assert main(argv) == 0
+    recorded = json.loads((tmp_path / "two" / "config.json").read_text())["weights"]
+    assert "tiny/lcm" not in recorded and "tiny/sd" in recorded
+    # the library call too: a run built in Python after another
+    from sqdf.run import read_run_config
+    from sqdf.trainer import train
+
+    cfg = read_run_config(tmp_path / "two")
+    weights.resolve("tiny/lcm", "lcm")  # something this process resolved before
+    train(cfg, tmp_path / "three", progress=False)
+    recorded = json.loads((tmp_path / "three" / "config.json").read_text())["weights"]
+    assert "tiny/lcm" not in recorded
+
+
+def test_eval_takes_hub_ids_for_its_own_weights(hub, tmp_path):
+    # (sqdf compare has no --model / --task-param / --reward-param flags in this tree: its
+    # variants take the weights of their config or preset, which train resolves)
+    run = tmp_path / "run"
+    assert main(train_argv(run)) == 0
+    weights.clear()
+    assert main(["eval", str(run), "--per-prompt", "2", "--no-progress",
+                 "--rewards", "clipscore", "--reward-param", "clipscore.model=hf://tiny/clip",
+                 "--clip", "tiny/clip"]) == 0  # fmt: skip
+    assert weights.resolutions()["tiny/clip"]["commit"] == hub.repos["tiny/clip"].branches["main"]
+    assert "hf://tiny/clip" in weights.resolutions()

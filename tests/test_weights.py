@@ -264,3 +264,215 @@ def test_dry_run_offline_lists_what_the_cache_holds(hub, tmp_path, monkeypatch):
     assert all(f["cached"] for f in files.values())
     assert files["unet/diffusion_pytorch_model.safetensors"]["size"] == 4000
     assert files["head.pth"]["size"] == 64
+
+
+# a processor repository as laion/CLIP-ViT-H-14 holds it: transformers configs and weights, and
+# open_clip's own 3.9 GB checkpoint beside them
+CLIP_REPO = {
+    "config.json": b"{}", "preprocessor_config.json": b"{}", "tokenizer_config.json": b"{}",
+    "vocab.json": b"{}", "merges.txt": b"#", "open_clip_config.json": b"{}",
+    "model.safetensors": b"m" * 500, "open_clip_model.safetensors": b"o" * 900,
+    "open_clip_pytorch_model.bin": b"b" * 900, "pytorch_model.bin": b"p" * 500,
+}  # fmt: skip
+
+
+def test_configs_only_downloads_and_lists_no_weights(hub, tmp_path):
+    hub.add_files("org/clip", CLIP_REPO)
+    with weights.planning() as plan:
+        weights.resolve("org/clip", "reward 'pickscore' processor", configs_only=True)
+    assert [f["name"] for f in plan[0]["files"] if not f["name"].endswith(".json")] == [
+        "merges.txt"
+    ]
+    folder = weights.resolve("org/clip", "reward 'pickscore' processor", configs_only=True)
+    got = downloaded(tmp_path / "hub", "org/clip")
+    assert got == ["config.json", "merges.txt", "preprocessor_config.json",
+                   "tokenizer_config.json", "vocab.json"]  # fmt: skip
+    # the same repository as a model afterwards: its weights, not the configs-only folder again
+    assert weights.resolve("org/clip", "model") == folder
+    got = downloaded(tmp_path / "hub", "org/clip")
+    assert "model.safetensors" in got and not any(f.startswith("open_clip") for f in got)
+
+
+def test_offline_from_a_partly_filled_cache_is_one_line(hub, tmp_path, monkeypatch):
+    with weights.planning():
+        weights.resolve("org/pipe", "model")  # a dry run online caches the configs alone
+    point_at(monkeypatch, hub.url, tmp_path / "hub", offline=True)
+    weights.clear()
+    with pytest.raises(weights.OfflineWeightError) as info:
+        weights.resolve("org/pipe", "model")
+    assert "\n" not in str(info.value) and "partly" in str(info.value)
+    # a download killed after some files: the weights that did arrive are not enough
+    point_at(monkeypatch, hub.url, tmp_path / "hub")
+    weights.clear()
+    folder = weights.resolve("org/pipe", "model")
+    (weights.Path(folder) / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    point_at(monkeypatch, hub.url, tmp_path / "hub", offline=True)
+    weights.clear()
+    with pytest.raises(weights.OfflineWeightError, match="no vae/"):
+        weights.resolve("org/pipe", "model")
+
+
+def test_a_hub_error_falls_back_to_a_full_cache(hub, tmp_path):
+    folder = weights.resolve("org/pipe", "model")
+    commit = weights.resolutions()["org/pipe"]["commit"]
+    hub.max_requests = 0  # from now on every request is answered 429
+    weights.clear()
+    assert weights.resolve("org/pipe", "model") == folder
+    assert weights.resolutions()["org/pipe"]["commit"] == commit
+    # nothing cached: one line
+    with pytest.raises(weights.ConfigError) as info:
+        weights.resolve("org/files/lora.safetensors", "lcm")
+    assert "\n" not in str(info.value)
+
+
+def test_a_commit_whose_files_are_cached_asks_the_hub_nothing(hub):
+    commit = hub.repos["org/pipe"].branches["main"]
+    weights.resolve(f"org/pipe@{commit}", "model")
+    weights.clear()
+    before = sum(hub.requests.values())
+    weights.resolve(f"org/pipe@{commit}", "model")
+    assert sum(hub.requests.values()) == before
+
+
+@pytest.mark.parametrize(
+    "text, ref",
+    [
+        ("org/name@refs/pr/1", HubRef("org/name", "refs/pr/1")),
+        ("org/name@refs%2Fpr%2F12/unet", HubRef("org/name", "refs/pr/12", "unet")),
+        ("hf://org/name@refs/convert/3/a.safetensors",
+         HubRef("org/name", "refs/convert/3", "a.safetensors")),
+    ],
+)  # fmt: skip
+def test_pull_request_revisions(text, ref):
+    assert parse_hub_ref(text) == ref
+    assert parse_hub_ref(str(ref)) == ref
+
+
+@pytest.mark.parametrize("given", ["org/name@refs/pr/1", "org/name@refs%2Fpr%2F1"])
+def test_a_pull_request_revision_downloads(hub, given):
+    sha = hub.add_files("org/name", {"a.safetensors": b"a" * 64})
+    hub.add_files("org/name", {"a.safetensors": b"b" * 64})  # main moves on
+    hub.repos["org/name"].branches["refs/pr/1"] = sha
+    assert open(weights.resolve(f"{given}/a.safetensors", "lcm"), "rb").read() == b"a" * 64
+    folder = weights.resolve(given, "model")
+    assert weights.resolutions()[given]["commit"] == sha
+    assert open(f"{folder}/a.safetensors", "rb").read() == b"a" * 64
+
+
+@pytest.mark.parametrize("given", ["org/a--b", "org/name..x", "org/x.git/f.safetensors"])
+def test_ids_the_hub_refuses_are_one_line(given):
+    assert parse_hub_ref(given) is None
+    with pytest.raises(weights.ConfigError) as info:
+        weights.resolve(given, "model")
+    assert "\n" not in str(info.value) and "not a valid repository id" in str(info.value)
+
+
+def test_a_download_cut_on_every_try_is_one_line(hub, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.file_download.time.sleep", lambda s: None)
+    hub.cut_always.add("org/files/lora.safetensors")
+    with pytest.raises(weights.SqdfError) as info:
+        weights.resolve("org/files/lora.safetensors", "lcm")
+    message = str(info.value)
+    assert "\n" not in message and "interrupted" in message and "run again" in message
+    hub.cut_always.add("org/pipe/unet/diffusion_pytorch_model.safetensors")
+    with pytest.raises(weights.SqdfError, match="interrupted"):
+        weights.resolve("org/pipe", "model")
+
+
+def test_a_connection_cut_mid_file_resumes_with_a_range_request(hub, monkeypatch):
+    # huggingface_hub writes what it receives in chunks (10 MB on the real Hub) and asks again
+    # from the end of the last whole chunk: chunks of 1 kB make that visible on a 4 kB file
+    monkeypatch.setattr("huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE", 1000)
+    monkeypatch.setattr("huggingface_hub.file_download.time.sleep", lambda s: None)
+    key = "org/pipe/unet/diffusion_pytorch_model.safetensors"
+    hub.cut.add(key)
+    folder = weights.resolve("org/pipe", "model")
+    assert [r for k, r in hub.ranges if k == key] == [None, "bytes=2000-"]
+    data = open(f"{folder}/unet/diffusion_pytorch_model.safetensors", "rb").read()
+    assert data == PIPELINE["unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_a_file_is_hashed_once_and_a_tampered_one_refused(hub, monkeypatch):
+    import os
+
+    path = weights.resolve("org/files/head.pth", "head")
+    assert weights.resolutions()["org/files/head.pth"]["sha256"] == weights.sha256_of(path)
+    calls = []
+    real = weights.sha256_of
+    monkeypatch.setattr(weights, "sha256_of", lambda p: calls.append(p) or real(p))
+    weights.clear()
+    weights.resolve("org/files/head.pth", "head")
+    weights.as_safetensors(path, lambda src, out: out.write_bytes(b"x"), "head")
+    assert calls == []  # remembered from the first resolve
+    blob = os.path.realpath(path)
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as fh:  # the same size, other bytes: an altered cached file
+        fh.write(b"1")
+    weights.clear()
+    with pytest.raises(weights.ConfigError) as info:
+        weights.resolve("org/files/head.pth", "reward 'aesthetic' head")
+    message = str(info.value)
+    assert "\n" not in message and "sha256" in message and "damaged or altered" in message
+
+
+def test_a_run_pins_by_repository_and_path(hub):
+    first = hub.repos["org/files"].branches["main"]
+    second = hub.add_files("org/files", {"lora.safetensors": b"2" * 64, "head.pth": b"0" * 64})
+    hub.repos["org/files"].branches["v2"] = second
+    # the run gave a default pinned to the first commit
+    weights.pin({f"org/files@{first}/lora.safetensors": {"commit": first, "revision": first}})
+    one = b"1" * 64
+    assert open(weights.resolve("org/files/lora.safetensors", "lcm"), "rb").read() == one
+    # a later sqdf whose default names the second commit: the run's
+    bumped = weights.resolve(f"org/files@{second}/lora.safetensors", "lcm")
+    assert open(bumped, "rb").read() == one
+    assert weights.resolutions()[f"org/files@{second}/lora.safetensors"]["commit"] == first
+    # a branch the caller names is the caller's
+    assert open(weights.resolve("org/files@v2/lora.safetensors", "lcm"), "rb").read() == b"2" * 64
+
+
+def test_a_missing_local_path_is_not_sent_to_the_hub(hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "sd" / "final").mkdir(parents=True)
+    with pytest.raises(weights.ConfigError) as info:
+        weights.resolve("runs/sd/finl", "sqdf sample --lora")  # a typo
+    message = str(info.value)
+    assert "\n" not in message and "local path not found: runs/sd/finl" in message
+    assert sum(hub.requests.values()) == 0
+    assert weights.resolve("runs/sd/final", "lora") == "runs/sd/final"
+
+
+@pytest.mark.parametrize("given", ["datasets/org/name", "hf://spaces/org/app/model.safetensors"])
+def test_datasets_and_spaces_are_one_line(hub, given):
+    with pytest.raises(weights.ConfigError) as info:
+        weights.resolve(given, "model")
+    assert "\n" not in str(info.value) and "model repositories" in str(info.value)
+    assert sum(hub.requests.values()) == 0
+
+
+def test_every_gated_default_is_said_gated_in_the_readme_and_its_presets():
+    from pathlib import Path
+
+    from sqdf.settings import load_preset, preset_names
+
+    root = Path(__file__).resolve().parents[1]
+    rows = [ln for ln in (root / "docs" / "weights.md").read_text().splitlines()
+            if ln.startswith("| ") and ln.rstrip().rstrip("|").split("|")[-1].strip()
+            .startswith("**yes**")]  # fmt: skip
+    gated = {ln.split("|")[3].split("`")[1] for ln in rows}  # the repository column
+    assert "black-forest-labs/FLUX.1-schnell" in gated
+    readme = " ".join((root / "README.md").read_text().split())
+    names = {"stabilityai/stable-diffusion-3.5-medium": "SD 3.5 Medium",
+             "black-forest-labs/FLUX.1-dev": "FLUX.1 [dev]",
+             "black-forest-labs/FLUX.1-schnell": "FLUX.1 [schnell]"}  # fmt: skip
+    sentence = readme[readme.index("(SD 3.5 Medium") :].split("are gated")[0]
+    for repo in gated:
+        assert names[repo] in sentence, repo
+    for name in preset_names():
+        preset = load_preset(name)
+        params = preset.train.get("task_params", {})
+        for key in ("model", "lcm"):
+            ref = parse_hub_ref(str(params.get(key, "")))
+            if ref is not None and ref.repo in gated:
+                notes = " ".join(str(getattr(preset, "notes", "")).split())
+                assert ref.repo in notes and "gated" in notes, (name, key)

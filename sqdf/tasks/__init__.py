@@ -60,9 +60,10 @@ def sample_shape(cfg: Any) -> tuple[int, ...]:
     if cfg.task != "sd":
         raise ConfigError(f"unknown task {cfg.task!r}; known: {', '.join(sorted(TASKS))}")
     from sqdf.params import build_settings
-    from sqdf.tasks.sd import SDConfig, latent_shape
+    from sqdf.tasks.sd import SDConfig, latent_shape, run_device
 
-    return latent_shape(build_settings(SDConfig, cfg.task_params, "task 'sd'"))
+    with run_device(cfg.device):  # the weights variant of the run's device, not this machine's
+        return latent_shape(build_settings(SDConfig, cfg.task_params, "task 'sd'"))
 
 
 def with_summed_alpha(cfg: Any) -> Any:

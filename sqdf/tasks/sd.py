@@ -18,8 +18,11 @@ velocity at t gives x̂0 = x_t - t v in one call. Only x̂0 latents are decoded 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,9 +132,7 @@ class SDConfig:
                 "task 'sd' needs a Stable Diffusion model: --model PATH or a Hub reference "
                 "ORG/NAME[@REVISION] (or task_params.model)"
             )
-        half = self.dtype in ("bfloat16", "float16") or (
-            self.dtype == "auto" and torch.cuda.is_available()  # auto: bfloat16 on a GPU
-        )
+        half = half_weights(self.dtype, _RUN_DEVICE.get())
         self.model = resolve(self.model, "task 'sd' model", half=half)
         family = family_of(self.model)  # a folder of another family, or incomplete, fails here
         if not self.noise_level > 0:
@@ -741,8 +742,36 @@ def flow_kernel(
     return kernel, 1 if family.packed else int(config.num_train_timesteps)
 
 
+# the device the run computes on, while its SDConfig is built (build_sd, a dry run): which
+# variant of the weights to fetch is decided from it, not from whether this machine has a GPU
+_RUN_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("run_device", default=None)
+
+
+@contextlib.contextmanager
+def run_device(device: str | torch.device) -> Iterator[None]:
+    """Within it, an SDConfig fetches the weights variant a run on ``device`` loads."""
+    token = _RUN_DEVICE.set(str(device))
+    try:
+        yield
+    finally:
+        _RUN_DEVICE.reset(token)
+
+
+def half_weights(dtype: str, device: str | None) -> bool:
+    """Whether a run with task dtype ``dtype`` on ``device`` computes in 16 bits (its fp16
+    weights variant is fetched where there is one): a 16-bit dtype, or auto on a CUDA device
+    (bfloat16 there, float32 on the CPU); ``device`` None or "auto" is CUDA where this machine
+    has it, as resolve_device picks."""
+    if dtype != "auto":
+        return dtype in ("bfloat16", "float16")
+    if device is None or device == "auto":
+        return torch.cuda.is_available()
+    return str(device).startswith("cuda")
+
+
 def build_sd(cfg: Any, reward: Any, device: torch.device) -> SDTask:
-    options = build_settings(SDConfig, cfg.task_params, "task 'sd'")
+    with run_device(device):
+        options = build_settings(SDConfig, cfg.task_params, "task 'sd'")
     family = family_of(options.model)
     if family.flow and cfg.eta != 1.0:
         raise ConfigError(
