@@ -322,6 +322,7 @@ def test_evaluation_guide_held_out_block_runs_on_tiny_parts(parts, tmp_path, mon
     train(config, tmp_path / "runs" / "sd", progress=False)  # 32 px: LPIPS needs 31 or more
     torch.save(random_alexnet(seed=0), tmp_path / "a.pth")  # torchvision's layout
     layout = {TRUNK_FILE: tmp_path / "a.pth", "PickScore_v1": parts / "clip",
+              "CLIP-ViT-H-14-laion2B-s32B-b79K": parts / "clip",
               "clip-vit-large-patch14": parts / "clip"}  # fmt: skip
     with offline():
         run_doc_lines(lines, layout, tmp_path)
