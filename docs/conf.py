@@ -54,3 +54,13 @@ html_sidebars = {
     page: [] for page in ("index", "getting-started", "concepts", "results", "performance",
                           "reliability")
 }  # fmt: skip
+
+
+def _literal_bars(app, what, name, obj, options, lines):  # noqa: ANN001
+    """Docstrings write |x| for an absolute value; reStructuredText would read |Δ| as a
+    substitution that is not defined."""
+    lines[:] = [line.replace("|", "\\|") for line in lines]
+
+
+def setup(app):  # noqa: ANN001
+    app.connect("autodoc-process-docstring", _literal_bars)

@@ -38,7 +38,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     """Everything a training run depends on; written to the run folder as config.json."""
 
-    task: str = _f("gmm2d", "task: backbone, conditions and metrics (gmm2d)")
+    task: str = _f(
+        "gmm2d",
+        "task: backbone, conditions and metrics: gmm2d (the exact 2-D benchmark), digits (the "
+        "shipped model), sd (Stable Diffusion 1.x/2.x, SDXL, SD 3/3.5, FLUX.1)",
+    )
     method: str = _f(
         "sqdf", "fine-tuning method: sqdf, draft, draft_lv, draft_kl, refl, alignprop, ddpo, grpo"
     )

@@ -188,13 +188,10 @@ def test_explicit_device_with_several_processes_is_a_clear_error(tmp_path, flag)
     assert "cannot be used with several processes" in done.stderr
 
 
-def test_readme_cpu_example_runs(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    line = next(
-        ln
-        for ln in readme.splitlines()
-        if ln.startswith("torchrun --standalone --nproc_per_node 2")
-    )
+def test_multi_gpu_guide_cpu_example_runs(tmp_path):
+    from tests.doc_commands import doc_block
+
+    (line,) = doc_block("docs/guides/multi-gpu.md", "torchrun --standalone").strip().splitlines()
     argv = line.split()
     assert argv[1:4] == ["--standalone", "--nproc_per_node", "2"] and argv[-2] == "--out"
     out = tmp_path / "g2"

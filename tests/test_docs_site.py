@@ -27,7 +27,15 @@ from sqdf.cli import build_parser
 from sqdf.config import tomllib
 from sqdf.settings import load_preset, preset_names, resolve_settings
 from tests.browser import open_urls
-from tests.doc_commands import SQDF, code_blocks, command_lines, quick, run_sqdf
+from tests.doc_commands import (
+    SQDF,
+    check_installer,
+    code_blocks,
+    command_lines,
+    quick,
+    run_by,
+    run_sqdf,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -157,24 +165,6 @@ def _sqdf_args(argv: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
-def _check_setup(argv: list[str], where: str) -> None:
-    if argv[:2] == ["bash", "scripts/setup.sh"]:
-        assert set(argv[2:]) <= {"--browser"}, f"{where}: setup.sh takes --browser only"
-        return
-    if argv[:3] == ["pip", "install", "-e"]:
-        extras = re.fullmatch(r"\.\[([\w,-]+)\]", argv[3])
-        assert extras, f"{where}: {argv}"
-        declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-        for extra in extras.group(1).split(","):
-            assert extra in declared["optional-dependencies"], f"{where}: no extra {extra!r}"
-        return
-    if argv[:3] == [".venv/bin/python", "-m", "sphinx"]:  # this site's build: the fixture's
-        assert {"-W", "html", "docs", "docs/_build/html"} <= set(argv), where
-        assert "docs/_build/" in (ROOT / ".gitignore").read_text().splitlines(), where
-        return
-    pytest.fail(f"{where}: a command this test does not know how to check: {' '.join(argv)}")
-
-
 def _launch(launcher: str, args: list[str], tmp_path: Path) -> None:
     """A launcher's command on 2 CPU processes, its --out made absolute (the processes run in
     the repository)."""
@@ -195,12 +185,14 @@ def test_page_commands_run(page: str, tmp_path: Path, monkeypatch: pytest.Monkey
     Diffusion weights must parse (they will run once presets fetch their weights and a tiny
     stand-in Hub serves them); installers are checked against the repository."""
     monkeypatch.chdir(tmp_path)
-    for block in code_blocks((DOCS / page).read_text(), "bash"):
+    text = (DOCS / page).read_text()
+    own = {b for _, _, b in run_by(text)}
+    for block in [b for b in code_blocks(text, "bash") if b not in own]:
         for argv in command_lines(block):
             where = f"{page}: {' '.join(argv)}"
             found = _sqdf_args(argv)
             if found is None:
-                _check_setup(argv, where)
+                check_installer(argv, where)
                 continue
             launcher, args = found
             if _needs_weights(args):
@@ -215,8 +207,24 @@ def test_page_commands_run(page: str, tmp_path: Path, monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("page", [p for p in PAGES if code_blocks((DOCS / p).read_text(), "toml")])
 def test_page_config_files_are_valid(page: str) -> None:
-    for block in code_blocks((DOCS / page).read_text(), "toml"):
+    text = (DOCS / page).read_text()
+    own = {b for _, _, b in run_by(text)}
+    for block in [b for b in code_blocks(text, "toml") if b not in own]:
         resolve_settings(config_file=tomllib.loads(block), config_name=page).config()
+
+
+def test_blocks_with_their_own_test_are_run_by_it() -> None:
+    """Each block marked as run by a test of its own (README.md's and every page's): that
+    test exists and reads the block's page, so no block is left out of both."""
+    marked = 0
+    for path in [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        page = str(path.relative_to(ROOT))
+        for test, lang, _block in run_by(path.read_text()):
+            assert lang in ("bash", "toml", "python"), (page, lang)
+            assert (ROOT / test).is_file(), (page, test)
+            assert f'"{page}"' in (ROOT / test).read_text(), f"{test} does not read {page}"
+            marked += 1
+    assert marked >= 15
 
 
 # --- the built site in a browser ---------------------------------------------------------------

@@ -139,14 +139,14 @@ def test_the_script_writes_the_goal_table(tmp_path):
         assert f"| {value} | linear | 1 |" in table and f"| {value} | linear | 2 |" in table
 
 
-def test_the_readme_command_runs(tmp_path):
-    """The README's command as written, shrunk by flags appended after it (the last wins)."""
-    import re
+def test_the_gmm2d_guide_command_runs(tmp_path):
+    """The gmm2d guide's command as written, shrunk by flags appended after it (the last
+    wins)."""
     import shlex
 
-    readme = (ROOT / "README.md").read_text()
-    (line,) = [b.strip() for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-               if "scripts/gaussian_floor.py" in b]  # fmt: skip
+    from tests.doc_commands import doc_block
+
+    line = doc_block("docs/guides/gmm2d.md", "scripts/gaussian_floor.py").strip()
     argv = shlex.split(line)
     assert argv[:2] == [".venv/bin/python", "scripts/gaussian_floor.py"]
     argv = [sys.executable, *argv[1:], "--out", str(tmp_path), "--families", "1",

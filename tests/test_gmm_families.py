@@ -77,14 +77,14 @@ def test_later_mixtures_by_index(tmp_path, monkeypatch):
         fam.mixtures(-1, 2)
 
 
-def test_the_readme_command_runs(tmp_path, monkeypatch):
-    """The README's command as written, shrunk by flags appended after it (the last wins)."""
-    import re
+def test_the_gmm2d_guide_command_runs(tmp_path, monkeypatch):
+    """The gmm2d guide's command as written, shrunk by flags appended after it (the last
+    wins)."""
     import shlex
 
-    readme = (ROOT / "README.md").read_text()
-    (line,) = [b.strip() for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-               if "scripts/gmm_families.py" in b]  # fmt: skip
+    from tests.doc_commands import doc_block
+
+    line = doc_block("docs/guides/gmm2d.md", "scripts/gmm_families.py").strip()
     argv = shlex.split(line)[1:]
     assert argv[0] == "scripts/gmm_families.py"
     argv += ["--out", str(tmp_path), "--families", "1", "--alphas", "2.0", "--set", "steps=2",

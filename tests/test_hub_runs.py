@@ -167,11 +167,11 @@ def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path
     trains run as --dry-run (their configs fetched, their weights listed)."""
     import shlex
 
-    from tests.tasks.sd_runs import QUICK, readme_block
+    from tests.tasks.sd_runs import QUICK, doc_lines
 
     publish_defaults(hub, parts, family_parts)
     monkeypatch.chdir(tmp_path)
-    lines = readme_block("sqdf train --preset sdxl-aesthetic")
+    lines = doc_lines("README.md", "sqdf train --preset sdxl-aesthetic")
     assert [ln.split()[3] for ln in lines if ln.startswith("sqdf train")] == [
         "sd15-aesthetic", "sd15-aesthetic", "sdxl-aesthetic", "sd35m-aesthetic",
         "flux-dev-aesthetic", "flux-schnell-aesthetic",

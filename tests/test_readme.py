@@ -1,89 +1,79 @@
-"""The README's examples run as written, and say what they do."""
+"""The README: a quick start of at most 10 KB whose commands run as written (shrunk, on the
+embedded defaults) or are checked against the repository, whose test command is the one CI
+runs, and whose links land on files and headings that exist."""
 
-import json
-import shlex
+import re
 from pathlib import Path
 
-from sqdf.cli import main
-from tests.doc_commands import code_blocks
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.doc_commands import (
+    ROOT,
+    SQDF,
+    check_installer,
+    code_blocks,
+    command_lines,
+    run_by,
+    run_sqdf,
+)
+
 README = (ROOT / "README.md").read_text()
+TEST_COMMAND = "bash scripts/setup.sh --browser && .venv/bin/python -m pytest -q -n auto -rs"
 
 
-def blocks(lang: str) -> list[str]:
-    return code_blocks(README, lang)
-
-
-def test_python_example_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    (code,) = blocks("python")
-    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
-    out = capsys.readouterr().out
-    assert "mode TV to the exact target" in out
-    assert "32 0.1 prioritized" in out  # config_for: the digits task's defaults
-    assert (tmp_path / "runs" / "python-demo" / "eval.json").exists()
-
-
-def test_gmm2d_example_moves_towards_the_exact_target(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    example = next(b for b in blocks("bash") if b.startswith("sqdf train --task gmm2d"))
-    for line in example.strip().splitlines():
-        argv = shlex.split(line)
-        assert argv[0] == "sqdf"
-        assert main([*argv[1:], "--no-progress"] if argv[1] == "train" else argv[1:]) == 0
-    metrics = json.loads((tmp_path / "runs" / "gmm2d" / "eval.json").read_text())
-    assert metrics["target_mode_tv"] < metrics["ref_target_mode_tv"]
-    assert metrics["target_sliced_w2"] < metrics["ref_target_sliced_w2"]
+def test_readme_is_at_most_10_kb():
+    assert len(README.encode()) <= 10 * 1024, len(README.encode())
 
 
 def test_ci_runs_the_readme_test_command():
-    test_cmd = next(b for b in blocks("bash") if "pytest" in b).strip()
+    (test_cmd,) = [b.strip() for b in code_blocks(README, "bash") if "pytest" in b]
+    assert test_cmd == TEST_COMMAND
     assert test_cmd in (ROOT / ".ci" / "run").read_text()
 
 
-def test_frontier_example_runs(tmp_path, monkeypatch):
-    """The README's --frontier command as written, shrunk to seconds by flags appended after
-    it (later flags win): 5 sampling steps, 3 updates, 64 evaluation samples, one seed."""
+def test_readme_commands_run(tmp_path, monkeypatch):
+    """Every other command of the README in order, in one folder: sqdf on the embedded
+    defaults runs, shrunk (the demo among them); installers and the site's build are checked
+    against the repository. The preset block is tests/test_hub_runs.py's."""
     monkeypatch.chdir(tmp_path)
-    (line,) = [
-        b.strip() for b in blocks("bash") if b.startswith("sqdf compare --task gmm2d --frontier")
-    ]
-    argv = shlex.split(line)[1:] + [
-        "--set", "num_steps=5", "--steps", "3", "--set", "batch_size=8", "--set", "buffer_size=16",
-        "--set", "task_params={hidden = 8}", "--set", "estimator=tweedie", "--num-samples", "64",
-        "--seeds", "1", "--no-progress",
-    ]  # fmt: skip
-    assert main(argv) == 0
-    table = (tmp_path / "runs" / "frontier" / "frontier.md").read_text()
-    for row in (
-        "| sqdf | alpha=4 |",
-        "| sqdf | alpha=0.25 |",
-        "| draft_kl | alpha=",
-        "| best_of_n | best_of=64 |",
-    ):
-        assert row in table, row
+    own = {b for _, _, b in run_by(README)}
+    ran = []
+    for block in code_blocks(README, "bash"):
+        if block in own or block.strip() == TEST_COMMAND:
+            continue
+        for argv in command_lines(block):
+            where = f"README.md: {' '.join(argv)}"
+            if argv[0] in SQDF:
+                assert run_sqdf(argv[1:], monkeypatch) == 0, where
+                ran.append(argv[1])
+            else:
+                check_installer(argv, where)
+    assert ran == ["demo", "train", "train"]
+    assert (tmp_path / "runs" / "demo" / "report.html").is_file()
+    assert (tmp_path / "runs" / "exact" / "final" / "policy.safetensors").is_file()
 
 
-def test_isotropic_posterior_example_runs(tmp_path, monkeypatch):
-    """The README's digits command with the isotropic Gaussian posterior, shrunk by flags
-    appended after it: 2 updates of 4 trajectories, 4 steps."""
-    monkeypatch.chdir(tmp_path)
-    (line,) = [b.strip() for b in blocks("bash") if "--q-cov isotropic" in b]
-    argv = shlex.split(line)
-    assert argv[0] == ".venv/bin/sqdf"
-    argv = argv[1:] + [
-        "--num-steps", "4", "--steps", "2", "--batch-size", "4", "--buffer-size", "8",
-        "--no-progress",
-    ]  # fmt: skip
-    assert main(argv) == 0
-    run = tmp_path / "runs" / "digits-posterior"
-    config = json.loads((run / "config.json").read_text())["train"]
-    assert (config["estimator"], config["q_cov"], config["q_draws"]) == (
-        "gaussian_posterior", "isotropic", 8,
-    )  # fmt: skip
-    assert sorted(run.glob("**/*.safetensors")), "no policy saved"
-    losses = [json.loads(line).get("loss") for line in (run / "metrics.jsonl").open()]
-    assert any(v is not None for v in losses) and all(
-        v is None or v == v for v in losses
-    ), losses  # fmt: skip
+def slug(heading: str) -> str:
+    """A heading's anchor as GitHub and the site (myst_heading_anchors) write it."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize(
+    "link", sorted(set(re.findall(r"\]\(((?:docs/)[^)\s]+)\)", README))) + ["docs/images/demo.png"]
+)
+def test_readme_links_land(link):
+    path, _, anchor = link.partition("#")
+    target = ROOT / path
+    assert target.is_file(), link
+    if anchor:
+        headings = re.findall(r"^#+ (.+)$", target.read_text(), flags=re.M)
+        assert anchor in {slug(h) for h in headings}, link
+
+
+def test_readme_status_table_says_no_sd_family_has_run():
+    rows = [r for r in README.splitlines() if r.startswith("| [S") or r.startswith("| [FLUX")]
+    assert len(rows) == 4
+    for row in rows:
+        assert row.rstrip().endswith("| no | no |"), row
+    assert Path(ROOT / "docs/images/demo.png").stat().st_size > 0

@@ -102,13 +102,13 @@ def test_the_report_opens_in_a_browser_without_errors(gmm2d_run):
     assert "Before and after" in check.text and "exact target" in check.text
 
 
-def test_readme_report_block_runs(tmp_path, monkeypatch):
+def test_watching_guide_report_block_runs(tmp_path, monkeypatch):
     import shlex
 
-    from tests.tasks.sd_runs import readme_block
+    from tests.tasks.sd_runs import doc_lines
 
     monkeypatch.chdir(tmp_path)
-    lines = readme_block("sqdf report runs/digits-watched")
+    lines = doc_lines("docs/guides/watching.md", "sqdf report runs/digits-watched")
     quick = ["--steps", "4", "--eval-every", "4", "--sample-every", "4", "--num-steps", "4",
              "--batch-size", "4", "--no-progress"]  # fmt: skip
     train_argv = shlex.split(lines[0])[1:]

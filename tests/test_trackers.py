@@ -268,16 +268,13 @@ def test_python_dash_m_sqdf_is_the_sqdf_command(tmp_path):
     json.dumps(done.stdout)  # plain text out
 
 
-def test_readme_watch_example_writes_tensorboard_events(tmp_path, monkeypatch):
-    import re
+def test_watching_guide_example_writes_tensorboard_events(tmp_path, monkeypatch):
     import shlex
-    from pathlib import Path
 
     from sqdf.cli import main
+    from tests.doc_commands import doc_block
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-                if b.startswith("sqdf train --task gmm2d --steps 300 --log-with")]  # fmt: skip
+    block = doc_block("docs/guides/watching.md", "tensorboard --logdir runs/")
     train_line, watch_line = block.strip().splitlines()
     assert watch_line == "tensorboard --logdir runs/"
     monkeypatch.chdir(tmp_path)

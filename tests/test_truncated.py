@@ -90,16 +90,13 @@ def test_truncated_settings_that_cannot_work_are_refused(over, message):
         cfg(**over)
 
 
-def test_readme_speed_commands_run(tmp_path, monkeypatch):
-    import re
+def test_speed_guide_commands_run(tmp_path, monkeypatch):
     import shlex
-    from pathlib import Path
 
     from sqdf.cli import main
+    from tests.doc_commands import doc_block
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-                 if "--rollout truncated" in b)  # fmt: skip
+    block = doc_block("docs/guides/speed.md", "--rollout truncated")
     monkeypatch.chdir(tmp_path)
     quick = ["--steps", "1", "--num-steps", "4", "--batch-size", "4", "--buffer-size", "8",
              "--device", "cpu", "--no-progress"]  # fmt: skip

@@ -179,7 +179,7 @@ def config_table(which: str) -> list[str]:
     """TrainConfig (``train``) or BboConfig (``bbo``) as a definition list: each key with its
     flag, type and default, its help text, and the checks its validation makes."""
     if which == "train":
-        from sqdf.cli import DICT_FIELDS
+        from sqdf.commands.args import DICT_FIELDS
         from sqdf.config import TrainConfig as cls
 
         checks = field_checks(cls, "_check")

@@ -1,10 +1,9 @@
 """What the SD 1.5, SDXL, SD 3 and FLUX tests share: the settings of a tiny sd run, running
-a README block of sd commands on tiny parts laid out under the names the README uses, and
-the checks every transformer family passes."""
+a docs block of sd commands on tiny parts laid out under the names the docs use, and the
+checks every transformer family passes."""
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,9 @@ from typing import Any
 from sqdf.cli import main
 from sqdf.config import TrainConfig
 from sqdf.settings import make_config
+from tests.doc_commands import doc_block
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-# the README's commands made small enough for a test
+# the docs' commands made small enough for a test
 QUICK = {
     "train": ["--num-steps", "3", "--steps", "2", "--batch-size", "2", "--grad-accum", "1",
               "--device", "cpu", "--no-progress"],
@@ -62,16 +61,14 @@ def sd_pipeline(model: Path) -> Any:
     return family_of(model).pipeline_class().from_pretrained(str(model), local_files_only=True)
 
 
-def readme_block(marker: str) -> list[str]:
-    """The lines of the one README bash block that contains ``marker``."""
-    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-                if marker in b]  # fmt: skip
-    return block.strip().splitlines()
+def doc_lines(page: str, marker: str) -> list[str]:
+    """The lines of the one bash block on ``page`` that contains ``marker``."""
+    return doc_block(page, marker).strip().splitlines()
 
 
-def run_readme_lines(lines: list[str], layout: dict[str, Path], tmp_path: Path) -> None:
+def run_doc_lines(lines: list[str], layout: dict[str, Path], tmp_path: Path) -> None:
     """Run ``W=~/weights`` and the sqdf commands after it in ``tmp_path``, with $W a folder
-    of links named as the README names the weights (``layout``: name -> tiny part)."""
+    of links named as the docs name the weights (``layout``: name -> tiny part)."""
     weights = tmp_path / "weights"
     weights.mkdir()
     for name, target in layout.items():

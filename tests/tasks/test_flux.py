@@ -26,13 +26,13 @@ from tests.tasks.sd_runs import (
     checkpointing_keeps_the_gradient,
     copy_model,
     distilled_x0_is_one_call,
+    doc_lines,
     edit_json,
     every_method_runs_through_compare,
     held_out_drawn_again,
     held_out_numbers_are_the_images,
-    readme_block,
     reloaded_lora_matches_the_run,
-    run_readme_lines,
+    run_doc_lines,
     sd_config,
     sd_settings,
 )
@@ -326,8 +326,8 @@ def test_eval_scores_a_flux_run_on_held_out_prompts(trained):
     held_out_numbers_are_the_images(metrics, held_out_drawn_again(trained, 2, EVAL_SEED))
 
 
-def test_readme_flux_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
-    lines = readme_block('--model "$W/flux.1-dev"')
+def test_flux_guide_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
+    lines = doc_lines("docs/guides/flux.md", '--model "$W/flux.1-dev"')
     assert len(lines) == 4
     for i in (1, 3):  # 512 px through the tiny 2× VAE: too big
         assert "resolution=512" in lines[i] and "guidance=3.5" in lines[i]
@@ -335,7 +335,7 @@ def test_readme_flux_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
     layout = {"flux.1-dev": "flux", "flux.1-schnell": "schnell", "clip-vit-large-patch14": "clip",
               "aesthetic.safetensors": "head.safetensors"}  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    run_readme_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
+    run_doc_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
     config = json.loads((tmp_path / "runs/flux/config.json").read_text())
     assert config["train"]["task_params"]["guidance"] == 3.5
     assert (tmp_path / "runs/flux/final/pytorch_lora_weights.safetensors").is_file()

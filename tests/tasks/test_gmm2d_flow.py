@@ -6,9 +6,7 @@ tilted target."""
 from __future__ import annotations
 
 import json
-import re
 import shlex
-from pathlib import Path
 
 import pytest
 import torch
@@ -125,10 +123,10 @@ def test_flow_grid_can_be_shifted_and_bad_settings_are_refused():
             flow_task(task_params=params)
 
 
-def test_readme_flow_example_lands_closer_to_the_exact_target(tmp_path, monkeypatch):
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-                 if "process=flow" in b)  # fmt: skip
+def test_gmm2d_guide_flow_example_lands_closer_to_the_exact_target(tmp_path, monkeypatch):
+    from tests.doc_commands import doc_block
+
+    block = doc_block("docs/guides/gmm2d.md", "process=flow --out")
     monkeypatch.chdir(tmp_path)
     for line in block.strip().splitlines():
         argv = shlex.split(line)
@@ -136,6 +134,6 @@ def test_readme_flow_example_lands_closer_to_the_exact_target(tmp_path, monkeypa
         assert main([*argv[1:], "--no-progress"] if argv[1] == "train" else argv[1:]) == 0
     run = next(p for p in tmp_path.glob("runs/*") if p.is_dir())
     metrics = json.loads((run / "eval.json").read_text())
-    # the thresholds of the VP process's README test
+    # the thresholds of the VP process's guide test
     assert metrics["target_mode_tv"] < metrics["ref_target_mode_tv"]
     assert metrics["target_sliced_w2"] < metrics["ref_target_sliced_w2"]

@@ -574,19 +574,16 @@ def test_float16_bbo_resumes_with_its_loss_scale(parts, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_readme_sd_bbo_config_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
+def test_bbo_guide_sd_config_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
     import json
-    import re
     import shlex
     from pathlib import Path
 
     from sqdf.cli import main
+    from tests.doc_commands import doc_block
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    (toml,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
-               if b.startswith("# sd-bbo.toml")]  # fmt: skip
-    (command,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-                  if b.startswith("sqdf bbo --config sd-bbo.toml")]  # fmt: skip
+    toml = doc_block("docs/guides/bbo.md", "# sd-bbo.toml", "toml")
+    command = doc_block("docs/guides/bbo.md", "sqdf bbo --config sd-bbo.toml")
     layout = {"/weights/sd15": parts / "sd", "/weights/clip-vit-large-patch14": parts / "clip",
               "/weights/aesthetic.safetensors": parts / "head.safetensors"}  # fmt: skip
     for path, target in layout.items():

@@ -30,13 +30,13 @@ from tests.tasks.sd_runs import (
     checkpointing_keeps_the_gradient,
     copy_model,
     distilled_x0_is_one_call,
+    doc_lines,
     edit_json,
     every_method_runs_through_compare,
     held_out_drawn_again,
     held_out_numbers_are_the_images,
-    readme_block,
     reloaded_lora_matches_the_run,
-    run_readme_lines,
+    run_doc_lines,
     sd_config,
     sd_settings,
 )
@@ -384,8 +384,8 @@ def test_noise_level_on_a_ddim_family_is_refused(tmp_path):
         SDConfig(model=str(tmp_path), noise_level=0.5)
 
 
-def test_readme_sd3_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
-    lines = readme_block('--model "$W/sd3.5-medium"')
+def test_sd3_guide_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
+    lines = doc_lines("docs/guides/sd3.md", '--model "$W/sd3.5-medium"')
     assert len(lines) == 4 and all("resolution=512" in lines[i] for i in (1, 3))
     for i in (1, 3):  # 512 px through the tiny 2x VAE: too big here
         lines[i] = lines[i].replace("=512", "=32")
@@ -393,7 +393,7 @@ def test_readme_sd3_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
               "clip-vit-large-patch14": "clip",
               "aesthetic.safetensors": "head.safetensors"}  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    run_readme_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
+    run_doc_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
     config = json.loads((tmp_path / "runs/sd3/config.json").read_text())
     assert config["train"]["task_params"]["resolution"] == 32
     assert (tmp_path / "runs/sd3/final/pytorch_lora_weights.safetensors").is_file()

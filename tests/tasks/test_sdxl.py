@@ -24,8 +24,8 @@ from sqdf.tasks.sd_random import (
 )
 from sqdf.trainer import train
 from tests.tasks.sd_runs import (
-    readme_block,
-    run_readme_lines,
+    doc_lines,
+    run_doc_lines,
     sd_config,
     sd_pipeline,
     sd_settings,
@@ -354,14 +354,14 @@ def test_dry_run_names_the_family_and_sizes_sdxl(tmp_path, capsys):
     assert "12.75 GiB of host memory" in out  # 1,024 x 51 x 65,536 x 4 bytes
 
 
-def test_readme_sdxl_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
-    lines = readme_block('--model "$W/sdxl"')
+def test_sdxl_guide_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
+    lines = doc_lines("docs/guides/sdxl.md", '--model "$W/sdxl"')
     assert len(lines) == 3 and "resolution=512" in lines[1]
     lines[1] = lines[1].replace("=512", "=32")  # 512 px through the tiny 2x VAE: too big here
     layout = {"sdxl": "xl", "lcm-lora-sdxl": "lcm_lora", "clip-vit-large-patch14": "clip",
               "aesthetic.safetensors": "head.safetensors"}  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    run_readme_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
+    run_doc_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
     config = json.loads((tmp_path / "runs/sdxl/config.json").read_text())
     assert config["train"]["task_params"]["resolution"] == 32
     assert (tmp_path / "runs/sdxl/final/pytorch_lora_weights.safetensors").is_file()

@@ -1,20 +1,17 @@
-"""The README's black-box optimisation example runs as written and does what it says."""
+"""The black-box optimisation guide's examples run as written and do what it says."""
 
 import json
-import re
 import shlex
 from pathlib import Path
 
 from sqdf.cli import main
-
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+from tests.doc_commands import doc_block
 
 
 def run_example(start: str, folder: Path, monkeypatch) -> None:
-    """Run the README's one bash block that starts with ``start``, in ``folder``."""
+    """Run the guide's one bash block that contains ``start``, in ``folder``."""
     monkeypatch.chdir(folder)
-    (example,) = [b for b in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-                  if b.startswith(start)]  # fmt: skip
+    example = doc_block("docs/guides/bbo.md", start)
     argv = shlex.split(example.strip())
     assert argv[0] == "sqdf" and main([*argv[1:], "--no-progress"]) == 0
 
@@ -25,7 +22,7 @@ def test_bbo_example_runs_and_sqdf_gains_oracle_reward(tmp_path, monkeypatch):
     assert (out / "bbo_curve.png").stat().st_size > 10000
     rounds = json.loads((out / "results.json").read_text())["methods"]["sqdf"]["rounds"]
     assert rounds[-1]["queries"] == 256
-    # the README says the oracle reward rose well above the reference's (round 0)
+    # the guide says the oracle reward rose well above the reference's (round 0)
     assert rounds[-1]["oracle_mean"] > rounds[0]["oracle_mean"] + 3.0
 
 
