@@ -180,13 +180,35 @@ def make_buffer(cfg: TrainConfig, task: Task, run: Path, rank: int) -> ReplayBuf
 
 
 def gather_process_states(
-    procs: Processes, buffer: ReplayBuffer, generator: torch.Generator
+    procs: Processes, buffer: ReplayBuffer, generator: torch.Generator, shared: bool = False
 ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
     """Every process's replay buffer and random stream, in rank order, for the main process to
-    checkpoint; collective (every process calls it; the others get empty lists)."""
-    buffers = gather_states(procs, buffer.state_dict())
+    checkpoint; collective (every process calls it; the others get empty lists). A ``shared``
+    buffer is the same union in every process: the main process's alone is kept (one copy,
+    not one per process in the main process's memory), after a check that the processes'
+    buffers agree."""
+    if shared:
+        check_same_union(procs, buffer)
+        buffers = [buffer.state_dict()] if procs.is_main else []
+    else:
+        buffers = gather_states(procs, buffer.state_dict())
     rngs = [g["rng"] for g in gather_states(procs, {"rng": generator.get_state()})]
     return buffers, rngs
+
+
+def check_same_union(procs: Processes, buffer: ReplayBuffer) -> None:
+    """Raise in every process unless every process's shared buffer holds the same union (its
+    size, write position and reward sum agree): what checkpointing one copy relies on."""
+    if procs.world == 1:
+        return
+    rewards = buffer.rewards[: buffer.size].double().sum() if buffer.size else 0.0
+    mine = torch.tensor([buffer.size, buffer.ptr, float(rewards)], dtype=torch.float64)
+    every = procs.gather(mine)
+    if not bool((every == every[0]).all()):
+        raise SqdfError(
+            "cannot checkpoint a shared buffer: the processes' buffers differ "
+            f"(size, position, reward sum per process: {every.tolist()})"
+        )
 
 
 def restore_process_states(
@@ -196,19 +218,33 @@ def restore_process_states(
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None,
     seed: int,
+    shared: bool = False,
 ) -> None:
-    """This process's buffer and random stream, and the loss scale, from ``ck``. A process the
-    checkpointed run did not have starts with an empty buffer and a stream of its own; the main
-    process says what the change of process count does."""
+    """This process's buffer and random stream, and the loss scale, from ``ck``. A ``shared``
+    buffer is the checkpoint's one copy (the main process's), loaded in every process,
+    however many there are now. Otherwise a process the checkpointed run did not have starts
+    with an empty buffer; a process without a stream of its own in ``ck`` gets a new one. The
+    main process says what the change of process count does."""
     if scaler is not None and "loss_scaler" in ck.state:
         scaler.load_state_dict(ck.state["loss_scaler"])
-    if procs.rank < len(ck.rngs):
+    if shared:
+        union = ck.buffers[0] if ck.buffers else {}
+        if "rows" in union and procs.world > len(ck.rngs):  # every process sees the same
+            # a disk buffer's rows live in each process's own files, which a new one lacks
+            raise SqdfError(
+                f"cannot resume a shared buffer kept on disk (buffer_store disk) on "
+                f"{procs.world} processes: the run wrote files for {len(ck.rngs)}; resume on "
+                f"at most {len(ck.rngs)}, or with buffer_store memory"
+            )
+        buffer.load_state_dict(union)
+    elif procs.rank < len(ck.buffers):
         buffer.load_state_dict(ck.buffers[procs.rank])
+    if procs.rank < len(ck.rngs):
         generator.set_state(ck.rngs[procs.rank])
     else:
         generator.manual_seed(rank_seed(seed, procs.rank, ck.step))
     if len(ck.rngs) != procs.world and procs.is_main:
-        log.warning(process_change(len(ck.rngs), procs.world))
+        log.warning(process_change(len(ck.rngs), procs.world, shared))
 
 
 def kl_resolution(given: TrainConfig, cfg: TrainConfig, task: Task) -> dict[str, Any]:
@@ -683,7 +719,9 @@ def set_up(
         counters.update({k: ck.state[k] for k in counters if k in ck.state})
         # a run stopped inside a streak of skipped updates resumes inside it
         s.consecutive_skips = int(ck.state.get("consecutive_skips", 0))
-        restore_process_states(procs, ck, buffer, generator, scaler, cfg.seed)
+        restore_process_states(
+            procs, ck, buffer, generator, scaler, cfg.seed, cfg.buffer_scope == "shared"
+        )
     if procs.is_main:
         first_dropped = truncate_metrics(
             run, s.start, saved.log_every if saved is not None else cfg.log_every
@@ -1062,7 +1100,9 @@ def checkpoint(s: TrainingRun, step: int) -> None:
     stream are gathered); the main one writes."""
     procs = s.procs
     s.phase = "checkpoint"
-    buffers, rngs = gather_process_states(procs, s.buffer, s.generator)
+    buffers, rngs = gather_process_states(
+        procs, s.buffer, s.generator, s.cfg.buffer_scope == "shared"
+    )
     policy = procs.model_state(s.task.policy)  # collective under FSDP
     optimizer_state = procs.optimizer_state(s.task.policy, s.optimizer)
     ema = None

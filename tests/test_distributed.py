@@ -387,8 +387,8 @@ def test_a_shared_buffer_holds_every_processs_trajectories_and_resumes_exactly(t
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     sqdf_train(whole, *flags, "--steps", "4")
     ck = whole / "checkpoints" / "step_0000002"
-    b0, b1 = (load_file(str(ck / n)) for n in ("buffer.safetensors", "buffer.rank1.safetensors"))
-    assert all(torch.equal(b0[k], b1[k]) for k in b0)  # the same union in both processes
+    assert not (ck / "buffer.rank1.safetensors").exists()  # one copy of the union
+    b0 = load_file(str(ck / "buffer.safetensors"))
     assert b0["size_ptr"].tolist() == [24, 24]  # 2 rounds x 6 fresh x 2 processes
     # the union holds both processes' own draws: rank 1's half differs from rank 0's
     first = b0["states"][:12]
@@ -401,6 +401,25 @@ def test_a_shared_buffer_holds_every_processs_trajectories_and_resumes_exactly(t
     launch(["-m", "sqdf.cli", "train", "--resume", str(parts), "--steps", "4", "--no-progress"])
     a, c = (final_weights(r) for r in (whole, parts))
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_shared_buffer_is_checkpointed_once_and_resumed_in_every_process(tmp_path):
+    # checkpointed on one process, resumed on two: the new process loads the union too (the
+    # checkpoint at 4 checks that both buffers agree, and keeps the main process's alone)
+    flags = ["--task", "gmm2d", "--num-steps", "6", "--batch-size", "4", "--device", "cpu",
+             "--fresh-trajectories", "6", "--buffer-scope", "shared", "--buffer-size", "36",
+             "--checkpoint-every", "2", "--log-every", "1"]  # fmt: skip
+    run = tmp_path / "r"
+    sqdf_train(run, *flags, "--steps", "2", nproc=1)
+    done = launch(["-m", "sqdf.cli", "train", "--resume", str(run), "--steps", "4",
+                   "--no-progress"])  # fmt: skip
+    assert "every process loads the shared buffer" in done.stderr
+    ck = run / "checkpoints" / "step_0000004"
+    assert sorted(p.name for p in ck.glob("buffer*")) == ["buffer.safetensors"]
+    saved = load_file(str(ck / "buffer.safetensors"))
+    assert saved["size_ptr"].tolist() == [36, 0]  # 12 + 2 rounds x 6 fresh x 2 processes
+    early = load_file(str(run / "checkpoints" / "step_0000002" / "buffer.safetensors"))
+    assert torch.equal(saved["rewards"][:12], early["rewards"][:12])  # kept, not emptied
 
 
 def test_a_process_buffer_keeps_only_its_own(tmp_path):
