@@ -553,10 +553,23 @@ class SDTask(Task):
         return self.options.reference_compat
 
     def reward_input(self, x0: Tensor) -> Tensor:
-        images = self.decode(x0)
-        if self.options.reference_compat:
-            images = reference_code_image(images)
-        return images
+        """The decoded image in [0, 1]: what evaluation scores, reference_compat or not."""
+        return self.decode(x0)
+
+    def trained_reward_input(self, x0: Tensor) -> Tensor:
+        """What the training reward scores: the decoded image, or with reference_compat the
+        reference code's (mapped to [0, 1] twice, resized bilinearly): that quirk is the
+        trained reward's alone, so a compat run's evaluation compares with any other run's."""
+        images = self.reward_input(x0)
+        return reference_code_image(images) if self.options.reference_compat else images
+
+    def eval_reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
+        if not self.options.reference_compat:
+            return self.reward(x0, cond)
+        prompts = self.reward_conditions(cond)
+        images = self.reward_input(x0)
+        with self._autocast():
+            return self.reward_model(images, prompts).float()
 
     def prompts_of(self, cond: Tensor) -> list[str]:
         return [self.prompts[int(i)] for i in cond]
@@ -568,7 +581,7 @@ class SDTask(Task):
 
     def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
         prompts = self.reward_conditions(cond)
-        images = self.reward_input(x0)
+        images = self.trained_reward_input(x0)
         with self._autocast():
             return self.reward_model(images, prompts).float()
 
@@ -576,7 +589,7 @@ class SDTask(Task):
         if getattr(self.reward_model, "parts", None) is None:
             return self.reward(x0, cond), {}
         prompts = self.reward_conditions(cond)
-        images = self.reward_input(x0)
+        images = self.trained_reward_input(x0)
         with self._autocast():  # each reward in the run's precision, as reward() runs them
             parts = self.reward_model.parts(images, prompts)
             total = self.reward_model.combine(parts)

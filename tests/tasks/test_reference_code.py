@@ -132,7 +132,25 @@ def test_compat_reward_input_is_the_vae_decode_mapped_twice_and_resized(parts):
         image = vae.decode(x0 / vae.config.scaling_factor).sample
         postprocessed = (image / 2 + 0.5).clamp(0, 1)  # the pipeline's postprocess
         want = Resize(224)((postprocessed / 2 + 0.5).clamp(0, 1))  # aesthetic_loss_fn's
-        torch.testing.assert_close(compat.reward_input(x0), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compat.trained_reward_input(x0), want, rtol=1e-4, atol=1e-5)
+        # evaluation's input stays the decoded image, compat or not
+        torch.testing.assert_close(compat.reward_input(x0), postprocessed, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compat_runs_evaluation_scores_the_true_image(parts):
+    from sqdf.evaluate import score_samples
+
+    torch.manual_seed(0)
+    compat = build_task(config(parts, task_params={"reference_compat": True}))
+    torch.manual_seed(0)
+    plain = build_task(config(parts))
+    plain.policy.load_state_dict(compat.policy.state_dict())
+    x0 = torch.randn((3, *compat.sample_shape), generator=torch.Generator().manual_seed(2))
+    cond = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        trained = compat.reward(x0, cond)
+        assert not torch.allclose(trained, plain.reward(x0, cond))  # the loss sees compat's
+    torch.testing.assert_close(score_samples(compat, x0, cond), score_samples(plain, x0, cond))
 
 
 def _cells(task, n=4):
