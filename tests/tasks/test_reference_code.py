@@ -166,6 +166,11 @@ def _cells(task, n=4):
 
 def test_positive_reward_mask_keeps_positive_q_cells_kl_included(parts, monkeypatch):
     task = build_task(config(parts))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # B is zero at init (KL 0): moved, so that a masked KL shows
+        for name, p in task.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
     cfg = TrainConfig(**{**config(parts).to_dict(), "alpha": 0.5})
     q = torch.tensor([1.0, -2.0, 0.5, -0.1])
     monkeypatch.setattr(task, "soft_q", lambda x, step, cond, g: q + 0 * x.flatten(1).sum(1))
@@ -192,6 +197,10 @@ def test_positive_reward_mask_keeps_positive_q_cells_kl_included(parts, monkeypa
     assert float(plain) == pytest.approx(float(per_cell.mean()), rel=1e-5)
     keep = (q > 0).double()
     assert float(masked) == pytest.approx(float((per_cell * keep).mean()), rel=1e-5)
+    # the KL is masked too: a mask on the reward term alone would give this, far from it
+    reward_only = (-weight * q.double() * keep + cfg.alpha * kl.double()).mean()
+    assert float(kl.min()) > 0
+    assert abs(float(masked) - float(reward_only)) > 1e-3 * abs(float(masked))
     # reference_compat turns the mask on by itself
     compat = build_task(config(parts, task_params={"reference_compat": True}))
     compat.nets = task.nets
