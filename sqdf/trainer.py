@@ -605,6 +605,17 @@ def check_shared_buffer(cfg: TrainConfig, world: int) -> None:
         )
 
 
+def check_reference_compat(task: Task, world: int) -> None:
+    """reference_compat runs on one process: the reference code's ranks train a LoRA each
+    (gradients never averaged); sqdf checkpoints and resumes one policy, so it cannot
+    reproduce that honestly."""
+    if getattr(task, "reference_compat", False) and world > 1:
+        raise ConfigError(
+            "task_params.reference_compat reproduces one rank of the SQDF reference code, "
+            f"which trains a separate LoRA per process; run it on one process, not {world}"
+        )
+
+
 def set_up(
     cfg: TrainConfig,
     run: Path,
@@ -640,13 +651,7 @@ def set_up(
         task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
     else:
         task = state.task
-    if getattr(task, "reference_compat", False) and procs.world > 1:
-        # the reference code's ranks train a LoRA each (gradients never averaged); sqdf
-        # checkpoints and resumes one policy, so it cannot reproduce that honestly
-        raise ConfigError(
-            "task_params.reference_compat reproduces one rank of the SQDF reference code, "
-            f"which trains a separate LoRA per process; run it on one process, not {procs.world}"
-        )
+    check_reference_compat(task, procs.world)
     if METHODS[cfg.method].grouped:
         check_kl_scale(task, method_params)
     given, cfg = cfg, with_summed_alpha(cfg)  # the losses weight the exact, summed KL

@@ -422,6 +422,22 @@ def test_a_shared_buffer_is_checkpointed_once_and_resumed_in_every_process(tmp_p
     assert torch.equal(saved["rewards"][:12], early["rewards"][:12])  # kept, not emptied
 
 
+def test_a_disk_shared_buffer_refuses_more_processes_than_wrote_it():
+    from types import SimpleNamespace
+
+    from sqdf.checkpoint import Checkpoint
+    from sqdf.errors import SqdfError
+    from sqdf.trainer import restore_process_states
+
+    # a disk buffer's state names rows of the writing process's files: a new process has none
+    ck = Checkpoint(step=2, policy={}, optimizer={}, buffers=[{"rows": torch.zeros(1)}],
+                    rngs=[torch.Generator().get_state()], state={})  # fmt: skip
+    procs = SimpleNamespace(rank=0, world=2, is_main=True)
+    with pytest.raises(SqdfError, match="on 2 processes: the run wrote files for 1; resume on "
+                                        "at most 1, or with buffer_store memory"):  # fmt: skip
+        restore_process_states(procs, ck, None, torch.Generator(), None, 0, shared=True)
+
+
 def test_a_process_buffer_keeps_only_its_own(tmp_path):
     flags = ["--task", "gmm2d", "--num-steps", "6", "--batch-size", "4", "--device", "cpu",
              "--fresh-trajectories", "6", "--buffer-size", "36", "--checkpoint-every", "1",

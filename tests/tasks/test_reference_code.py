@@ -208,3 +208,16 @@ def test_positive_reward_mask_keeps_positive_q_cells_kl_included(parts, monkeypa
     got, _ = loss(compat, cells, cfg, build_method_params("sqdf", {}),
                   torch.Generator().manual_seed(7))  # fmt: skip
     assert float(got) == pytest.approx(float(masked), rel=1e-6)
+
+
+def test_reference_compat_refuses_more_than_one_process():
+    from types import SimpleNamespace
+
+    from sqdf.trainer import check_reference_compat
+
+    compat, plain = SimpleNamespace(reference_compat=True), SimpleNamespace()
+    check_reference_compat(compat, 1)
+    check_reference_compat(plain, 2)
+    with pytest.raises(ConfigError, match="trains a separate LoRA per process; run it on one "
+                                          "process, not 2"):  # fmt: skip
+        check_reference_compat(compat, 2)
