@@ -89,7 +89,7 @@ class SDConfig:
     lora_targets: list = dataclasses.field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
     )
-    # how the LoRA's A is drawn: default (peft's Kaiming-uniform) or gaussian (N(0, 1/rank),
+    # how the LoRA's A is drawn: default (peft's Kaiming-uniform) or gaussian (normal, std 1/rank,
     # the SQDF reference code's)
     lora_init: str = "default"
     # reproduce the SQDF reference code rather than the method: the reward sees the decoded

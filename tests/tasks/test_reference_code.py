@@ -41,7 +41,7 @@ def test_lora_init_draws_a_as_peft_documents_and_b_zero(init):
     a = net.to_q.lora_A["default"].weight.detach()
     b = net.to_q.lora_B["default"].weight.detach()
     assert float(b.abs().max()) == 0.0  # the policy starts as the reference
-    if init == "gaussian":  # N(0, 1/rank): std 1/rank
+    if init == "gaussian":  # normal, std 1/rank (variance 1/rank^2)
         assert float(a.std()) == pytest.approx(1 / rank, rel=0.05)
     else:  # Kaiming-uniform, a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std bound/sqrt(3)
         bound = 1 / math.sqrt(fan_in)
