@@ -940,8 +940,12 @@ def count_update(s: TrainingRun, fresh: Fresh, grads: Gradients) -> torch.Tensor
     run's counters; a skip anywhere skips the update everywhere. Returns the summed tally:
     bad, sampled, method evals, skips, reward sum, sum of squares, count, partial, then each
     mixture component's sum and count (``reward_part_names``)."""
-    r = fresh.rewards
-    parts = [fresh.parts.get(name, r[:0]) for name in reward_part_names(s)]
+    r, own = fresh.rewards, fresh.parts
+    if s.cfg.buffer_scope == "shared" and not s.procs.is_main:
+        # every process holds the same union: counted once (the main process's), not once a
+        # process, so the reward's count, and the n - 1 of its std, are the union's
+        r, own = r[:0], {}
+    parts = [own.get(name, r[:0]) for name in reward_part_names(s)]
     tally = s.procs.sum(torch.tensor([
         fresh.bad, fresh.sampled, grads.method_evals, float(grads.skip), r.sum(), (r**2).sum(),
         r.numel(), grads.partial, *[v for p in parts for v in (p.sum(), p.numel())],

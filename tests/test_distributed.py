@@ -438,6 +438,26 @@ def test_a_disk_shared_buffer_refuses_more_processes_than_wrote_it():
         restore_process_states(procs, ck, None, torch.Generator(), None, 0, shared=True)
 
 
+@pytest.mark.parametrize("scope", ["shared", "process"])
+def test_a_shared_buffers_rewards_are_tallied_once(scope):
+    from types import SimpleNamespace
+
+    from sqdf.trainer import Fresh, Gradients, count_update
+
+    union = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    tally = 0
+    for rank in range(2):  # each process's contribution to the all-reduced sum
+        procs = SimpleNamespace(rank=rank, world=2, is_main=rank == 0, sum=lambda t: t)
+        s = SimpleNamespace(cfg=SimpleNamespace(buffer_scope=scope), procs=procs,
+                            task=SimpleNamespace(reward_model=None),
+                            counters={"nonfinite_rewards": 0, "samples_seen": 0,
+                                      "reward_evals": 0})  # fmt: skip
+        rows = union if scope == "shared" else union[2 * rank : 2 * rank + 2]
+        tally = tally + count_update(s, Fresh(rewards=rows), Gradients())
+    assert float(tally[6]) == 4 and float(tally[4]) == float(union.sum())
+    assert float(tally[5]) == float((union**2).sum())
+
+
 def test_a_process_buffer_keeps_only_its_own(tmp_path):
     flags = ["--task", "gmm2d", "--num-steps", "6", "--batch-size", "4", "--device", "cpu",
              "--fresh-trajectories", "6", "--buffer-size", "36", "--checkpoint-every", "1",
