@@ -354,9 +354,7 @@ class SDTask(Task):
             if options.lcm_timesteps == "distilled" and not self.family.flow
             else None
         )
-        if options.tf32 and device.type == "cuda":
-            # the reference code's allow_tf32 (matrix products only; cuDNN's stays as is)
-            torch.backends.cuda.matmul.allow_tf32 = True
+        apply_tf32(options.tf32, device)
         if options.gradient_checkpointing:
             for net in self.nets.networks:
                 enable_adapter_aware_checkpointing(net)
@@ -651,6 +649,19 @@ class SDTask(Task):
 # the reward's input side in the SQDF reference code (T2I/alignprop_trainer.py lines 109 and
 # 166/171: target_size = 224 for HPSv2 and the aesthetic scorer)
 REFERENCE_REWARD_SIDE = 224
+
+
+def tf32_applies(device: torch.device) -> bool:
+    """Whether ``device``'s matrix products read torch's TF32 switch (CUDA's)."""
+    return device.type == "cuda"
+
+
+def apply_tf32(tf32: bool, device: torch.device) -> None:
+    """torch's process-wide TF32 switch for matrix products (the reference code's
+    allow_tf32; cuDNN's stays as is), set either way by every task built on CUDA, so that a
+    task without tf32 does not run under an earlier one's (sqdf compare, the demo, Python)."""
+    if tf32_applies(device):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def reference_code_image(images: Tensor, side: int = REFERENCE_REWARD_SIDE) -> Tensor:

@@ -221,3 +221,17 @@ def test_reference_compat_refuses_more_than_one_process():
     with pytest.raises(ConfigError, match="trains a separate LoRA per process; run it on one "
                                           "process, not 2"):  # fmt: skip
         check_reference_compat(compat, 2)
+
+
+def test_tf32_is_set_either_way_by_each_task(parts, monkeypatch):
+    import sqdf.tasks.sd as sd
+
+    monkeypatch.setattr(sd, "tf32_applies", lambda device: True)  # as on CUDA
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        build_task(config(parts, task_params={"tf32": True}))
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        build_task(config(parts))  # a later task without tf32 does not inherit it
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
