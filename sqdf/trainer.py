@@ -147,9 +147,10 @@ def average_and_clip(
     return procs.clip(params, max_norm)
 
 
-# float16's loss scale at the start: high enough for small LoRA gradients, low enough that
-# the calibration (halving on each overflow) costs few skipped updates
-INITIAL_LOSS_SCALE = 2.0**12
+# float16's loss scale at the start: torch's GradScaler default, 2^16, which accelerate's
+# scaler (the SQDF reference code's, mixed_precision fp16) starts at too; the first updates
+# halve it on each overflow (skipped) until the gradients fit
+INITIAL_LOSS_SCALE = 2.0**16
 
 
 def loss_scaler(task: Task) -> torch.amp.GradScaler | None:

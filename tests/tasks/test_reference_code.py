@@ -235,3 +235,13 @@ def test_tf32_is_set_either_way_by_each_task(parts, monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 is False
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_the_float16_loss_scale_starts_where_accelerates_does():
+    from types import SimpleNamespace
+
+    from sqdf.trainer import loss_scaler
+
+    # accelerate's fp16 builds torch's GradScaler with its default init_scale
+    scaler = loss_scaler(SimpleNamespace(dtype=torch.float16, device=torch.device("cpu")))
+    assert scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale() == 2.0**16
