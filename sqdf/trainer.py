@@ -559,9 +559,9 @@ def continue_note(run: Path) -> str:
 
 def first_checkpoint_bytes(s: TrainingRun) -> int:
     """About the bytes of the run's first checkpoint: its weights, AdamW's two moments of the
-    trained ones, the moving average, and every process's replay buffer at full size (a
-    disk store's states stay in RUN/buffer/, reserved at its first batch and not counted
-    here). An estimate: rotation writes a checkpoint before it removes the oldest."""
+    trained ones, the moving average, and every process's replay buffer at full size (one
+    copy of a shared buffer; a disk store's states stay in RUN/buffer/, reserved at its first
+    batch and not counted here). An estimate: rotation writes a checkpoint before it removes the oldest."""
     weights = tensor_bytes(s.task.policy.state_dict())
     moments = 2 * sum(p.numel() * p.element_size() for p in s.params)
     average = weights if s.ema is not None else 0
@@ -569,7 +569,8 @@ def first_checkpoint_bytes(s: TrainingRun) -> int:
     if s.cfg.rollout == "full" and not s.buffer.store.on_disk:
         dtype = s.buffer.store.dtype or torch.float32
         per_sample = (s.cfg.num_steps + 1) * math.prod(s.task.sample_shape)
-        buffer = s.cfg.buffer_size * per_sample * dtype.itemsize * s.procs.world
+        copies = 1 if s.cfg.buffer_scope == "shared" else s.procs.world  # one union kept
+        buffer = s.cfg.buffer_size * per_sample * dtype.itemsize * copies
     return weights + moments + average + buffer
 
 

@@ -458,6 +458,22 @@ def test_a_shared_buffers_rewards_are_tallied_once(scope):
     assert float(tally[5]) == float((union**2).sum())
 
 
+@pytest.mark.parametrize(("scope", "copies"), [("shared", 1), ("process", 2)])
+def test_the_first_checkpoints_size_counts_one_shared_buffer(scope, copies):
+    from types import SimpleNamespace
+
+    from sqdf.trainer import first_checkpoint_bytes
+
+    store = SimpleNamespace(on_disk=False, dtype=torch.float32)
+    s = SimpleNamespace(
+        task=SimpleNamespace(policy=torch.nn.Linear(1, 1, bias=False), sample_shape=(2,)),
+        params=[], ema=None, buffer=SimpleNamespace(store=store),
+        cfg=SimpleNamespace(rollout="full", num_steps=4, buffer_size=10, buffer_scope=scope),
+        procs=SimpleNamespace(world=2),
+    )  # fmt: skip
+    assert first_checkpoint_bytes(s) == 4 + copies * 10 * 5 * 2 * 4
+
+
 def test_a_process_buffer_keeps_only_its_own(tmp_path):
     flags = ["--task", "gmm2d", "--num-steps", "6", "--batch-size", "4", "--device", "cpu",
              "--fresh-trajectories", "6", "--buffer-size", "36", "--checkpoint-every", "1",
