@@ -561,7 +561,8 @@ def first_checkpoint_bytes(s: TrainingRun) -> int:
     """About the bytes of the run's first checkpoint: its weights, AdamW's two moments of the
     trained ones, the moving average, and every process's replay buffer at full size (one
     copy of a shared buffer; a disk store's states stay in RUN/buffer/, reserved at its first
-    batch and not counted here). An estimate: rotation writes a checkpoint before it removes the oldest."""
+    batch and not counted here). An estimate: rotation writes a checkpoint before it removes
+    the oldest."""
     weights = tensor_bytes(s.task.policy.state_dict())
     moments = 2 * sum(p.numel() * p.element_size() for p in s.params)
     average = weights if s.ema is not None else 0
@@ -857,9 +858,7 @@ def share_fresh(
             fields[name] = getattr(traj, name)
     fields.update({f"part.{k}": v for k, v in parts.items()})
     joined = all_gather_rows(procs, fields)
-    union = Trajectories(
-        joined["states"], joined["cond"], joined.get("kl"), joined.get("logp")
-    )
+    union = Trajectories(joined["states"], joined["cond"], joined.get("kl"), joined.get("logp"))
     shared_parts = {k.removeprefix("part."): v for k, v in joined.items() if k.startswith("part.")}
     return union, joined["rewards"], shared_parts
 

@@ -27,9 +27,7 @@ LORA_INITS = {"default": True, "gaussian": "gaussian"}
 
 def check_lora_init(init: str, task: str) -> None:
     if init not in LORA_INITS:
-        raise ConfigError(
-            f"{task} lora_init must be one of {', '.join(LORA_INITS)}, got {init!r}"
-        )
+        raise ConfigError(f"{task} lora_init must be one of {', '.join(LORA_INITS)}, got {init!r}")
 
 
 def add_lora(
