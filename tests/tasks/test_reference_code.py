@@ -82,8 +82,8 @@ def test_lcm_read_at_its_distilled_timestep_with_that_timesteps_scalings(parts):
     from diffusers import LCMScheduler, UNet2DConditionModel
 
     lcm_params = {"lcm": str(parts / "lcm"), "lcm_guidance": 6.0}
-    distilled = build_task(config(parts, estimator="consistency",
-                                  task_params={**lcm_params, "lcm_timesteps": "distilled"}))  # fmt: skip
+    distilled_params = {**lcm_params, "lcm_timesteps": "distilled"}
+    distilled = build_task(config(parts, estimator="consistency", task_params=distilled_params))
     chain = build_task(config(parts, estimator="consistency", task_params=lcm_params))
     net = UNet2DConditionModel.from_pretrained(str(parts / "lcm"))
     sched = LCMScheduler.from_pretrained(str(parts / "sd"), subfolder="scheduler")
