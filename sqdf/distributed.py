@@ -307,8 +307,16 @@ def rank_seed(seed: int, rank: int, start: int = 0) -> int:
     return int(words[0] >> 1)
 
 
-def process_change(saved: int, now: int) -> str:
-    """What resuming a ``saved``-process checkpoint on ``now`` processes does to the buffers."""
+def process_change(saved: int, now: int, shared: bool = False) -> str:
+    """What resuming a ``saved``-process checkpoint on ``now`` processes does to the buffers
+    (a ``shared`` buffer: every process loads the one union) and random streams."""
+    streams = f"processes 0..{min(saved, now) - 1} continue with their random streams"
+    if shared:
+        return (
+            f"resuming a {saved}-process run on {now} processes: every process loads the "
+            f"shared buffer; {streams}"
+            + (f", processes {saved}..{now - 1} start new ones" if now > saved else "")
+        )
     fate = (
         f"processes {saved}..{now - 1} start with empty buffers"
         if now > saved

@@ -69,11 +69,12 @@ def load_run(
 
 @torch.no_grad()
 def score_samples(task: Task, x0: Tensor, cond: Tensor) -> Tensor:
-    """The task's reward of samples, (N,) on the CPU, in chunks of ``task.eval_batch``."""
+    """The task's reward of samples as evaluation reports it (``eval_reward``), (N,) on the
+    CPU, in chunks of ``task.eval_batch``."""
     chunk = task.eval_batch or len(x0)
     dev = task.device
     return torch.cat([
-        task.reward(x.to(dev), c.to(dev)).cpu()
+        task.eval_reward(x.to(dev), c.to(dev)).cpu()
         for x, c in zip(x0.split(chunk), cond.split(chunk), strict=True)
     ])  # fmt: skip
 

@@ -148,9 +148,10 @@ def average_and_clip(
     return procs.clip(params, max_norm)
 
 
-# float16's loss scale at the start: high enough for small LoRA gradients, low enough that
-# the calibration (halving on each overflow) costs few skipped updates
-INITIAL_LOSS_SCALE = 2.0**12
+# float16's loss scale at the start: torch's GradScaler default, 2^16, which accelerate's
+# scaler (the SQDF reference code's, mixed_precision fp16) starts at too; the first updates
+# halve it on each overflow (skipped) until the gradients fit
+INITIAL_LOSS_SCALE = 2.0**16
 
 
 def loss_scaler(task: Task) -> torch.amp.GradScaler | None:
@@ -181,13 +182,35 @@ def make_buffer(cfg: TrainConfig, task: Task, run: Path, rank: int) -> ReplayBuf
 
 
 def gather_process_states(
-    procs: Processes, buffer: ReplayBuffer, generator: torch.Generator
+    procs: Processes, buffer: ReplayBuffer, generator: torch.Generator, shared: bool = False
 ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
     """Every process's replay buffer and random stream, in rank order, for the main process to
-    checkpoint; collective (every process calls it; the others get empty lists)."""
-    buffers = gather_states(procs, buffer.state_dict())
+    checkpoint; collective (every process calls it; the others get empty lists). A ``shared``
+    buffer is the same union in every process: the main process's alone is kept (one copy,
+    not one per process in the main process's memory), after a check that the processes'
+    buffers agree."""
+    if shared:
+        check_same_union(procs, buffer)
+        buffers = [buffer.state_dict()] if procs.is_main else []
+    else:
+        buffers = gather_states(procs, buffer.state_dict())
     rngs = [g["rng"] for g in gather_states(procs, {"rng": generator.get_state()})]
     return buffers, rngs
+
+
+def check_same_union(procs: Processes, buffer: ReplayBuffer) -> None:
+    """Raise in every process unless every process's shared buffer holds the same union (its
+    size, write position and reward sum agree): what checkpointing one copy relies on."""
+    if procs.world == 1:
+        return
+    rewards = buffer.rewards[: buffer.size].double().sum() if buffer.size else 0.0
+    mine = torch.tensor([buffer.size, buffer.ptr, float(rewards)], dtype=torch.float64)
+    every = procs.gather(mine)
+    if not bool((every == every[0]).all()):
+        raise SqdfError(
+            "cannot checkpoint a shared buffer: the processes' buffers differ "
+            f"(size, position, reward sum per process: {every.tolist()})"
+        )
 
 
 def restore_process_states(
@@ -197,19 +220,33 @@ def restore_process_states(
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None,
     seed: int,
+    shared: bool = False,
 ) -> None:
-    """This process's buffer and random stream, and the loss scale, from ``ck``. A process the
-    checkpointed run did not have starts with an empty buffer and a stream of its own; the main
-    process says what the change of process count does."""
+    """This process's buffer and random stream, and the loss scale, from ``ck``. A ``shared``
+    buffer is the checkpoint's one copy (the main process's), loaded in every process,
+    however many there are now. Otherwise a process the checkpointed run did not have starts
+    with an empty buffer; a process without a stream of its own in ``ck`` gets a new one. The
+    main process says what the change of process count does."""
     if scaler is not None and "loss_scaler" in ck.state:
         scaler.load_state_dict(ck.state["loss_scaler"])
-    if procs.rank < len(ck.rngs):
+    if shared:
+        union = ck.buffers[0] if ck.buffers else {}
+        if "rows" in union and procs.world > len(ck.rngs):  # every process sees the same
+            # a disk buffer's rows live in each process's own files, which a new one lacks
+            raise SqdfError(
+                f"cannot resume a shared buffer kept on disk (buffer_store disk) on "
+                f"{procs.world} processes: the run wrote files for {len(ck.rngs)}; resume on "
+                f"at most {len(ck.rngs)}, or with buffer_store memory"
+            )
+        buffer.load_state_dict(union)
+    elif procs.rank < len(ck.buffers):
         buffer.load_state_dict(ck.buffers[procs.rank])
+    if procs.rank < len(ck.rngs):
         generator.set_state(ck.rngs[procs.rank])
     else:
         generator.manual_seed(rank_seed(seed, procs.rank, ck.step))
     if len(ck.rngs) != procs.world and procs.is_main:
-        log.warning(process_change(len(ck.rngs), procs.world))
+        log.warning(process_change(len(ck.rngs), procs.world, shared))
 
 
 def kl_resolution(given: TrainConfig, cfg: TrainConfig, task: Task) -> dict[str, Any]:
@@ -523,9 +560,10 @@ def continue_note(run: Path) -> str:
 
 def first_checkpoint_bytes(s: TrainingRun) -> int:
     """About the bytes of the run's first checkpoint: its weights, AdamW's two moments of the
-    trained ones, the moving average, and every process's replay buffer at full size (a
-    disk store's states stay in RUN/buffer/, reserved at its first batch and not counted
-    here). An estimate: rotation writes a checkpoint before it removes the oldest."""
+    trained ones, the moving average, and every process's replay buffer at full size (one
+    copy of a shared buffer; a disk store's states stay in RUN/buffer/, reserved at its first
+    batch and not counted here). An estimate: rotation writes a checkpoint before it removes
+    the oldest."""
     weights = tensor_bytes(s.task.policy.state_dict())
     moments = 2 * sum(p.numel() * p.element_size() for p in s.params)
     average = weights if s.ema is not None else 0
@@ -533,7 +571,8 @@ def first_checkpoint_bytes(s: TrainingRun) -> int:
     if s.cfg.rollout == "full" and not s.buffer.store.on_disk:
         dtype = s.buffer.store.dtype or torch.float32
         per_sample = (s.cfg.num_steps + 1) * math.prod(s.task.sample_shape)
-        buffer = s.cfg.buffer_size * per_sample * dtype.itemsize * s.procs.world
+        copies = 1 if s.cfg.buffer_scope == "shared" else s.procs.world  # one union kept
+        buffer = s.cfg.buffer_size * per_sample * dtype.itemsize * copies
     return weights + moments + average + buffer
 
 
@@ -567,6 +606,17 @@ def check_shared_buffer(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(
             f"buffer_scope shared stores {cfg.fresh_count} fresh trajectories x {world} "
             f"processes = {union} a round, more than buffer_size {cfg.buffer_size}"
+        )
+
+
+def check_reference_compat(task: Task, world: int) -> None:
+    """reference_compat runs on one process: the reference code's ranks train a LoRA each
+    (gradients never averaged); sqdf checkpoints and resumes one policy, so it cannot
+    reproduce that honestly."""
+    if getattr(task, "reference_compat", False) and world > 1:
+        raise ConfigError(
+            "task_params.reference_compat reproduces one rank of the SQDF reference code, "
+            f"which trains a separate LoRA per process; run it on one process, not {world}"
         )
 
 
@@ -607,13 +657,7 @@ def set_up(
         task = build_task(dataclasses.replace(cfg, device=procs.device(cfg.device)))
     else:
         task = state.task
-    if getattr(task, "reference_compat", False) and procs.world > 1:
-        # the reference code's ranks train a LoRA each (gradients never averaged); sqdf
-        # checkpoints and resumes one policy, so it cannot reproduce that honestly
-        raise ConfigError(
-            "task_params.reference_compat reproduces one rank of the SQDF reference code, "
-            f"which trains a separate LoRA per process; run it on one process, not {procs.world}"
-        )
+    check_reference_compat(task, procs.world)
     if METHODS[cfg.method].grouped:
         check_kl_scale(task, method_params)
         check_buffer_scope(cfg, method_params)
@@ -690,7 +734,9 @@ def set_up(
         counters.update({k: ck.state[k] for k in counters if k in ck.state})
         # a run stopped inside a streak of skipped updates resumes inside it
         s.consecutive_skips = int(ck.state.get("consecutive_skips", 0))
-        restore_process_states(procs, ck, buffer, generator, scaler, cfg.seed)
+        restore_process_states(
+            procs, ck, buffer, generator, scaler, cfg.seed, cfg.buffer_scope == "shared"
+        )
     if procs.is_main:
         first_dropped = truncate_metrics(
             run, s.start, saved.log_every if saved is not None else cfg.log_every
@@ -819,9 +865,7 @@ def share_fresh(
             fields[name] = getattr(traj, name)
     fields.update({f"part.{k}": v for k, v in parts.items()})
     joined = all_gather_rows(procs, fields)
-    union = Trajectories(
-        joined["states"], joined["cond"], joined.get("kl"), joined.get("logp")
-    )
+    union = Trajectories(joined["states"], joined["cond"], joined.get("kl"), joined.get("logp"))
     shared_parts = {k.removeprefix("part."): v for k, v in joined.items() if k.startswith("part.")}
     return union, joined["rewards"], shared_parts
 
@@ -938,8 +982,12 @@ def count_update(s: TrainingRun, fresh: Fresh, grads: Gradients) -> torch.Tensor
     run's counters; a skip anywhere skips the update everywhere. Returns the summed tally:
     bad, sampled, method evals, skips, reward sum, sum of squares, count, partial, then each
     mixture component's sum and count (``reward_part_names``)."""
-    r = fresh.rewards
-    parts = [fresh.parts.get(name, r[:0]) for name in reward_part_names(s)]
+    r, own = fresh.rewards, fresh.parts
+    if s.cfg.buffer_scope == "shared" and not s.procs.is_main:
+        # every process holds the same union: counted once (the main process's), not once a
+        # process, so the reward's count, and the n - 1 of its std, are the union's
+        r, own = r[:0], {}
+    parts = [own.get(name, r[:0]) for name in reward_part_names(s)]
     tally = s.procs.sum(torch.tensor([
         fresh.bad, fresh.sampled, grads.method_evals, float(grads.skip), r.sum(), (r**2).sum(),
         r.numel(), grads.partial, *[v for p in parts for v in (p.sum(), p.numel())],
@@ -1103,7 +1151,9 @@ def checkpoint(s: TrainingRun, step: int) -> None:
     stream are gathered); the main one writes."""
     procs = s.procs
     s.phase = "checkpoint"
-    buffers, rngs = gather_process_states(procs, s.buffer, s.generator)
+    buffers, rngs = gather_process_states(
+        procs, s.buffer, s.generator, s.cfg.buffer_scope == "shared"
+    )
     policy = procs.model_state(s.task.policy)  # collective under FSDP
     optimizer_state = procs.optimizer_state(s.task.policy, s.optimizer)
     ema = None

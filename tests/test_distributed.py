@@ -384,8 +384,8 @@ def test_a_shared_buffer_holds_every_processs_trajectories_and_resumes_exactly(t
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     sqdf_train(whole, *flags, "--steps", "4")
     ck = whole / "checkpoints" / "step_0000002"
-    b0, b1 = (load_file(str(ck / n)) for n in ("buffer.safetensors", "buffer.rank1.safetensors"))
-    assert all(torch.equal(b0[k], b1[k]) for k in b0)  # the same union in both processes
+    assert not (ck / "buffer.rank1.safetensors").exists()  # one copy of the union
+    b0 = load_file(str(ck / "buffer.safetensors"))
     assert b0["size_ptr"].tolist() == [24, 24]  # 2 rounds x 6 fresh x 2 processes
     # the union holds both processes' own draws: rank 1's half differs from rank 0's
     first = b0["states"][:12]
@@ -398,6 +398,77 @@ def test_a_shared_buffer_holds_every_processs_trajectories_and_resumes_exactly(t
     launch(["-m", "sqdf.cli", "train", "--resume", str(parts), "--steps", "4", "--no-progress"])
     a, c = (final_weights(r) for r in (whole, parts))
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_shared_buffer_is_checkpointed_once_and_resumed_in_every_process(tmp_path):
+    # checkpointed on one process, resumed on two: the new process loads the union too (the
+    # checkpoint at 4 checks that both buffers agree, and keeps the main process's alone)
+    flags = ["--task", "gmm2d", "--num-steps", "6", "--batch-size", "4", "--device", "cpu",
+             "--fresh-trajectories", "6", "--buffer-scope", "shared", "--buffer-size", "36",
+             "--checkpoint-every", "2", "--log-every", "1"]  # fmt: skip
+    run = tmp_path / "r"
+    sqdf_train(run, *flags, "--steps", "2", nproc=1)
+    done = launch(["-m", "sqdf.cli", "train", "--resume", str(run), "--steps", "4",
+                   "--no-progress"])  # fmt: skip
+    assert "every process loads the shared buffer" in done.stderr
+    ck = run / "checkpoints" / "step_0000004"
+    assert sorted(p.name for p in ck.glob("buffer*")) == ["buffer.safetensors"]
+    saved = load_file(str(ck / "buffer.safetensors"))
+    assert saved["size_ptr"].tolist() == [36, 0]  # 12 + 2 rounds x 6 fresh x 2 processes
+    early = load_file(str(run / "checkpoints" / "step_0000002" / "buffer.safetensors"))
+    assert torch.equal(saved["rewards"][:12], early["rewards"][:12])  # kept, not emptied
+
+
+def test_a_disk_shared_buffer_refuses_more_processes_than_wrote_it():
+    from types import SimpleNamespace
+
+    from sqdf.checkpoint import Checkpoint
+    from sqdf.errors import SqdfError
+    from sqdf.trainer import restore_process_states
+
+    # a disk buffer's state names rows of the writing process's files: a new process has none
+    ck = Checkpoint(step=2, policy={}, optimizer={}, buffers=[{"rows": torch.zeros(1)}],
+                    rngs=[torch.Generator().get_state()], state={})  # fmt: skip
+    procs = SimpleNamespace(rank=0, world=2, is_main=True)
+    with pytest.raises(SqdfError, match="on 2 processes: the run wrote files for 1; resume on "
+                                        "at most 1, or with buffer_store memory"):  # fmt: skip
+        restore_process_states(procs, ck, None, torch.Generator(), None, 0, shared=True)
+
+
+@pytest.mark.parametrize("scope", ["shared", "process"])
+def test_a_shared_buffers_rewards_are_tallied_once(scope):
+    from types import SimpleNamespace
+
+    from sqdf.trainer import Fresh, Gradients, count_update
+
+    union = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    tally = 0
+    for rank in range(2):  # each process's contribution to the all-reduced sum
+        procs = SimpleNamespace(rank=rank, world=2, is_main=rank == 0, sum=lambda t: t)
+        s = SimpleNamespace(cfg=SimpleNamespace(buffer_scope=scope), procs=procs,
+                            task=SimpleNamespace(reward_model=None),
+                            counters={"nonfinite_rewards": 0, "samples_seen": 0,
+                                      "reward_evals": 0})  # fmt: skip
+        rows = union if scope == "shared" else union[2 * rank : 2 * rank + 2]
+        tally = tally + count_update(s, Fresh(rewards=rows), Gradients())
+    assert float(tally[6]) == 4 and float(tally[4]) == float(union.sum())
+    assert float(tally[5]) == float((union**2).sum())
+
+
+@pytest.mark.parametrize(("scope", "copies"), [("shared", 1), ("process", 2)])
+def test_the_first_checkpoints_size_counts_one_shared_buffer(scope, copies):
+    from types import SimpleNamespace
+
+    from sqdf.trainer import first_checkpoint_bytes
+
+    store = SimpleNamespace(on_disk=False, dtype=torch.float32)
+    s = SimpleNamespace(
+        task=SimpleNamespace(policy=torch.nn.Linear(1, 1, bias=False), sample_shape=(2,)),
+        params=[], ema=None, buffer=SimpleNamespace(store=store),
+        cfg=SimpleNamespace(rollout="full", num_steps=4, buffer_size=10, buffer_scope=scope),
+        procs=SimpleNamespace(world=2),
+    )  # fmt: skip
+    assert first_checkpoint_bytes(s) == 4 + copies * 10 * 5 * 2 * 4
 
 
 def test_a_process_buffer_keeps_only_its_own(tmp_path):

@@ -93,6 +93,12 @@ class Task(ABC):
         """r(x0, cond) per sample, x0 in the model's sample space; (B,)."""
         return self.reward_model(self.reward_input(x0), self.reward_conditions(cond))
 
+    def eval_reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
+        """The reward evaluation reports, (B,): :meth:`reward`, unless the task trains on a
+        variant of it (sd's reference_compat), which evaluation leaves out so that runs
+        compare."""
+        return self.reward(x0, cond)
+
     def reward_with_parts(self, x0: Tensor, cond: Tensor | None) -> tuple[Tensor, dict]:
         """:meth:`reward` and, for a mixture of rewards, each component's value by name (an
         empty dict for a single reward): one evaluation of each component serves both."""

@@ -96,7 +96,7 @@ class SDConfig:
     lora_targets: list = dataclasses.field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
     )
-    # how the LoRA's A is drawn: default (peft's Kaiming-uniform) or gaussian (N(0, 1/rank),
+    # how the LoRA's A is drawn: default (peft's Kaiming-uniform) or gaussian (normal, std 1/rank,
     # the SQDF reference code's)
     lora_init: str = "default"
     # reproduce the SQDF reference code rather than the method: the reward sees the decoded
@@ -359,9 +359,7 @@ class SDTask(Task):
             if options.lcm_timesteps == "distilled" and not self.family.flow
             else None
         )
-        if options.tf32 and device.type == "cuda":
-            # the reference code's allow_tf32 (matrix products only; cuDNN's stays as is)
-            torch.backends.cuda.matmul.allow_tf32 = True
+        apply_tf32(options.tf32, device)
         if options.gradient_checkpointing:
             for net in self.nets.networks:
                 enable_adapter_aware_checkpointing(net)
@@ -562,10 +560,23 @@ class SDTask(Task):
         return self.options.reference_compat
 
     def reward_input(self, x0: Tensor) -> Tensor:
-        images = self.decode(x0)
-        if self.options.reference_compat:
-            images = reference_code_image(images)
-        return images
+        """The decoded image in [0, 1]: what evaluation scores, reference_compat or not."""
+        return self.decode(x0)
+
+    def trained_reward_input(self, x0: Tensor) -> Tensor:
+        """What the training reward scores: the decoded image, or with reference_compat the
+        reference code's (mapped to [0, 1] twice, resized bilinearly): that quirk is the
+        trained reward's alone, so a compat run's evaluation compares with any other run's."""
+        images = self.reward_input(x0)
+        return reference_code_image(images) if self.options.reference_compat else images
+
+    def eval_reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
+        if not self.options.reference_compat:
+            return self.reward(x0, cond)
+        prompts = self.reward_conditions(cond)
+        images = self.reward_input(x0)
+        with self._autocast():
+            return self.reward_model(images, prompts).float()
 
     def prompts_of(self, cond: Tensor) -> list[str]:
         return [self.prompts[int(i)] for i in cond]
@@ -577,7 +588,7 @@ class SDTask(Task):
 
     def reward(self, x0: Tensor, cond: Tensor | None) -> Tensor:
         prompts = self.reward_conditions(cond)
-        images = self.reward_input(x0)
+        images = self.trained_reward_input(x0)
         with self._autocast():
             return self.reward_model(images, prompts).float()
 
@@ -585,7 +596,7 @@ class SDTask(Task):
         if getattr(self.reward_model, "parts", None) is None:
             return self.reward(x0, cond), {}
         prompts = self.reward_conditions(cond)
-        images = self.reward_input(x0)
+        images = self.trained_reward_input(x0)
         with self._autocast():  # each reward in the run's precision, as reward() runs them
             parts = self.reward_model.parts(images, prompts)
             total = self.reward_model.combine(parts)
@@ -647,6 +658,19 @@ class SDTask(Task):
 # the reward's input side in the SQDF reference code (T2I/alignprop_trainer.py lines 109 and
 # 166/171: target_size = 224 for HPSv2 and the aesthetic scorer)
 REFERENCE_REWARD_SIDE = 224
+
+
+def tf32_applies(device: torch.device) -> bool:
+    """Whether ``device``'s matrix products read torch's TF32 switch (CUDA's)."""
+    return device.type == "cuda"
+
+
+def apply_tf32(tf32: bool, device: torch.device) -> None:
+    """torch's process-wide TF32 switch for matrix products (the reference code's
+    allow_tf32; cuDNN's stays as is), set either way by every task built on CUDA, so that a
+    task without tf32 does not run under an earlier one's (sqdf compare, the demo, Python)."""
+    if tf32_applies(device):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def reference_code_image(images: Tensor, side: int = REFERENCE_REWARD_SIDE) -> Tensor:

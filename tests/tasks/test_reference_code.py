@@ -41,7 +41,7 @@ def test_lora_init_draws_a_as_peft_documents_and_b_zero(init):
     a = net.to_q.lora_A["default"].weight.detach()
     b = net.to_q.lora_B["default"].weight.detach()
     assert float(b.abs().max()) == 0.0  # the policy starts as the reference
-    if init == "gaussian":  # N(0, 1/rank): std 1/rank
+    if init == "gaussian":  # normal, std 1/rank (variance 1/rank^2)
         assert float(a.std()) == pytest.approx(1 / rank, rel=0.05)
     else:  # Kaiming-uniform, a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std bound/sqrt(3)
         bound = 1 / math.sqrt(fan_in)
@@ -82,8 +82,8 @@ def test_lcm_read_at_its_distilled_timestep_with_that_timesteps_scalings(parts):
     from diffusers import LCMScheduler, UNet2DConditionModel
 
     lcm_params = {"lcm": str(parts / "lcm"), "lcm_guidance": 6.0}
-    distilled = build_task(config(parts, estimator="consistency",
-                                  task_params={**lcm_params, "lcm_timesteps": "distilled"}))  # fmt: skip
+    distilled_params = {**lcm_params, "lcm_timesteps": "distilled"}
+    distilled = build_task(config(parts, estimator="consistency", task_params=distilled_params))
     chain = build_task(config(parts, estimator="consistency", task_params=lcm_params))
     net = UNet2DConditionModel.from_pretrained(str(parts / "lcm"))
     sched = LCMScheduler.from_pretrained(str(parts / "sd"), subfolder="scheduler")
@@ -132,7 +132,25 @@ def test_compat_reward_input_is_the_vae_decode_mapped_twice_and_resized(parts):
         image = vae.decode(x0 / vae.config.scaling_factor).sample
         postprocessed = (image / 2 + 0.5).clamp(0, 1)  # the pipeline's postprocess
         want = Resize(224)((postprocessed / 2 + 0.5).clamp(0, 1))  # aesthetic_loss_fn's
-        torch.testing.assert_close(compat.reward_input(x0), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compat.trained_reward_input(x0), want, rtol=1e-4, atol=1e-5)
+        # evaluation's input stays the decoded image, compat or not
+        torch.testing.assert_close(compat.reward_input(x0), postprocessed, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compat_runs_evaluation_scores_the_true_image(parts):
+    from sqdf.evaluate import score_samples
+
+    torch.manual_seed(0)
+    compat = build_task(config(parts, task_params={"reference_compat": True}))
+    torch.manual_seed(0)
+    plain = build_task(config(parts))
+    plain.policy.load_state_dict(compat.policy.state_dict())
+    x0 = torch.randn((3, *compat.sample_shape), generator=torch.Generator().manual_seed(2))
+    cond = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        trained = compat.reward(x0, cond)
+        assert not torch.allclose(trained, plain.reward(x0, cond))  # the loss sees compat's
+    torch.testing.assert_close(score_samples(compat, x0, cond), score_samples(plain, x0, cond))
 
 
 def _cells(task, n=4):
@@ -148,6 +166,11 @@ def _cells(task, n=4):
 
 def test_positive_reward_mask_keeps_positive_q_cells_kl_included(parts, monkeypatch):
     task = build_task(config(parts))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # B is zero at init (KL 0): moved, so that a masked KL shows
+        for name, p in task.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
     cfg = TrainConfig(**{**config(parts).to_dict(), "alpha": 0.5})
     q = torch.tensor([1.0, -2.0, 0.5, -0.1])
     monkeypatch.setattr(task, "soft_q", lambda x, step, cond, g: q + 0 * x.flatten(1).sum(1))
@@ -174,6 +197,10 @@ def test_positive_reward_mask_keeps_positive_q_cells_kl_included(parts, monkeypa
     assert float(plain) == pytest.approx(float(per_cell.mean()), rel=1e-5)
     keep = (q > 0).double()
     assert float(masked) == pytest.approx(float((per_cell * keep).mean()), rel=1e-5)
+    # the KL is masked too: a mask on the reward term alone would give this, far from it
+    reward_only = (-weight * q.double() * keep + cfg.alpha * kl.double()).mean()
+    assert float(kl.min()) > 0
+    assert abs(float(masked) - float(reward_only)) > 1e-3 * abs(float(masked))
     # reference_compat turns the mask on by itself
     compat = build_task(config(parts, task_params={"reference_compat": True}))
     compat.nets = task.nets
@@ -181,3 +208,40 @@ def test_positive_reward_mask_keeps_positive_q_cells_kl_included(parts, monkeypa
     got, _ = loss(compat, cells, cfg, build_method_params("sqdf", {}),
                   torch.Generator().manual_seed(7))  # fmt: skip
     assert float(got) == pytest.approx(float(masked), rel=1e-6)
+
+
+def test_reference_compat_refuses_more_than_one_process():
+    from types import SimpleNamespace
+
+    from sqdf.trainer import check_reference_compat
+
+    compat, plain = SimpleNamespace(reference_compat=True), SimpleNamespace()
+    check_reference_compat(compat, 1)
+    check_reference_compat(plain, 2)
+    with pytest.raises(ConfigError, match="trains a separate LoRA per process; run it on one "
+                                          "process, not 2"):  # fmt: skip
+        check_reference_compat(compat, 2)
+
+
+def test_tf32_is_set_either_way_by_each_task(parts, monkeypatch):
+    import sqdf.tasks.sd as sd
+
+    monkeypatch.setattr(sd, "tf32_applies", lambda device: True)  # as on CUDA
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        build_task(config(parts, task_params={"tf32": True}))
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        build_task(config(parts))  # a later task without tf32 does not inherit it
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_the_float16_loss_scale_starts_where_accelerates_does():
+    from types import SimpleNamespace
+
+    from sqdf.trainer import loss_scaler
+
+    # accelerate's fp16 builds torch's GradScaler with its default init_scale
+    scaler = loss_scaler(SimpleNamespace(dtype=torch.float16, device=torch.device("cpu")))
+    assert scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale() == 2.0**16
