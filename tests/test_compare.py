@@ -309,7 +309,8 @@ def test_compare_runs_an_sd_preset_from_flags_alone(tmp_path):
             "--task-param", f"eval_prompts={prompts}", "--prompts", "varied",
             "--reward-param", f"clip={parts['clip']}", "--reward-param", f"head={parts['head']}",
             "--set", "num_steps=2", "--set", "batch_size=2", "--set", "grad_accum=1",
-            "--set", "buffer_size=4", "--set", "device='cpu'", "--no-progress"]  # fmt: skip
+            "--set", "buffer_size=4", "--set", "fresh_trajectories=2",
+            "--set", "device='cpu'", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["task"] == "sd"

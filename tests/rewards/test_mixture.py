@@ -115,7 +115,7 @@ def test_digits_trains_and_evaluates_each_component(tmp_path):
         (["--reward", "ink=1,classifier=1", "--reward-param", "jpeg.quality=50"],
          "reward parameter for 'jpeg', which is not in the mixture (ink, classifier)"),
         (["--reward", "ink=1,classifier=1", "--reward-param", "ink.scale=inf"],
-         "scale must be a finite number > 0, got inf"),
+         "ink.scale must be a finite number, got inf"),
         (["--reward", "ink=1,linear=1"], "must score the same kind of sample"),
     ],
 )  # fmt: skip

@@ -258,7 +258,12 @@ def test_pickscore_and_clipscore_are_clips_own_scoring(parts):
     pick = out.logits_per_image.diagonal()  # image i against its own prompt i
     cosine = (out.image_embeds * out.text_embeds).sum(-1)  # both L2-normalised by CLIPModel
     assert clip.logit_scale.exp() > 1 and (cosine > 0).any() and (cosine < 0).any()
-    ours = {name: build_reward(name, {"model": folder}) for name in ("pickscore", "clipscore")}
+    # the tiny CLIP folder holds its own tokenizer and processor (PickScore's default processor
+    # is a Hub repository)
+    ours = {
+        "pickscore": build_reward("pickscore", {"model": folder, "processor": folder}),
+        "clipscore": build_reward("clipscore", {"model": folder}),
+    }
     torch.testing.assert_close(ours["pickscore"](images, prompts), pick, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(
         ours["clipscore"](images, prompts), (100 * cosine).clamp(min=0), rtol=1e-4, atol=1e-4
@@ -458,7 +463,7 @@ def test_sd_task_oracle_scores_with_the_prompts(parts, tmp_path):
     from sqdf.bbo import BboConfig, run_method
     from sqdf.bbo.data import load_rounds
 
-    params = {"model": str(parts / "clip")}
+    params = {"model": str(parts / "clip"), "processor": str(parts / "clip")}
     cfg = config(parts, reward="pickscore", reward_params=params)
     run_method(BboConfig(rounds=1, queries_per_round=2), cfg, "best_of_n", 0, tmp_path / "r",
                progress=False)  # fmt: skip
