@@ -12,8 +12,9 @@ An update is composed from them by its design (every FLOP count is linear in the
   (at grad_accum 1, sqdf's rollout full, buffer on_policy, replay ratio 1);
 - truncated: per micro-batch, B trajectories run only to the step their cell uses
   (E[max of m distinct steps of T] sampling steps each for m cells a trajectory);
-- replay<N>: sqdf's trainer with full rollouts: B whole trajectories into the buffer every
-  N updates, then grad_accum micro-batches of B cells drawn from it.
+- replay<N>: sqdf's trainer with full rollouts: the run's ``fresh_count`` whole trajectories
+  (fresh_trajectories, else B) into the buffer every N updates, then grad_accum
+  micro-batches of B cells drawn from it.
 
 Memory is the peak of live tensors over the three traces, plus the optimizer's float32
 state of the LoRA; the replay buffer lives in host memory (sqdf.dry_run.buffer_bytes).
@@ -174,7 +175,12 @@ def update_flops(traces: Traces, cfg: TrainConfig, design: str) -> dict[str, flo
         scored = 0.0
         cells = cfg.grad_accum * b * m
     else:
-        fresh = b * cfg.grad_accum if design == "reference" else b / settings["replay_ratio"]
+        # the official budget: B x grad_accum trajectories an update; sqdf's trainer samples
+        # the run's fresh_count (fresh_trajectories, else the batch) every N updates
+        if design == "reference":
+            fresh = b * cfg.grad_accum
+        else:
+            fresh = cfg.fresh_count / settings["replay_ratio"]
         sampled, scored = fresh * T, fresh
         cells = cfg.grad_accum * b
     out = {"sampling": per["sampling"] * sampled, "scoring fresh": per["scoring fresh"] * scored}
