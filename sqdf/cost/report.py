@@ -82,6 +82,15 @@ def _with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
     return dataclasses.replace(cfg, task_params={**cfg.task_params, **params}, **changes)
 
 
+def trained_side(cfg: TrainConfig) -> int:
+    """The image side in pixels the run trains at: its resolution, else the model's native
+    side (read from the model folder's configs as the sd task reads it)."""
+    from sqdf.params import build_settings
+    from sqdf.tasks.sd import SDConfig, image_side
+
+    return image_side(build_settings(SDConfig, cfg.task_params, "task 'sd'"))
+
+
 def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """Settings that lower the traced peak, cheapest to the experiment first: VAE slicing
     (free), checkpointing (time only), a smaller micro-batch with more accumulation (same
@@ -108,9 +117,9 @@ def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
             _with(cfg, batch_size=batch, grad_accum=accum),
         ))  # fmt: skip
     smallest = out[-1][1] if out else cfg
-    side = cfg.task_params.get("resolution")
+    side = trained_side(cfg)  # the resolution set, else the model's native side
     for res in (768, 512):
-        if side is None or res < int(side):
+        if res < side:
             out.append((
                 f"--task-param resolution={res} (another experiment), with the above",
                 _with(smallest, task_params={"resolution": res}),

@@ -101,3 +101,33 @@ def test_vae_slicing_lowers_the_decode_peak_at_the_same_flops():
     whole, one_at_a_time = traced
     assert one_at_a_time.peak < whole.peak
     assert one_at_a_time.flops == whole.flops
+
+
+def _native(model, tmp_path, side: int):
+    """A copy of the tiny config-only folder whose denoiser's native image side is ``side``."""
+    import json
+    import shutil
+
+    folder = tmp_path / f"native{side}"
+    if not folder.exists():
+        shutil.copytree(model, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["sample_size"] = side // 2  # the tiny VAE downsamples by 2
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_resolution_levers_only_lower_the_native_side(model, tmp_path):
+    """With no resolution set the run trains at the model's native side: a 512 px model is
+    offered no resolution lever at or above 512, a 1024 px one 768 then 512."""
+
+    def offered(folder, **params) -> list[int]:
+        cfg = TrainConfig(task="sd", estimator="tweedie", batch_size=1, reward="aesthetic",
+                          task_params={"model": str(folder), **params})  # fmt: skip
+        return [changed.task_params["resolution"] for flag, changed in levers(cfg)
+                if flag.startswith("--task-param resolution=")]  # fmt: skip
+
+    assert offered(_native(model, tmp_path, 512)) == []
+    assert offered(_native(model, tmp_path, 1024)) == [768, 512]
+    assert offered(_native(model, tmp_path, 512), resolution=1024) == [768, 512]
+    assert offered(_native(model, tmp_path, 1024), resolution=640) == [512]
