@@ -109,12 +109,18 @@ def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
         ))  # fmt: skip
         cfg = out[-1][1]
     batch = cfg.batch_size
+    # fresh_trajectories 0 means "the batch": pinned to the run's count, a smaller batch
+    # samples as many trajectories (in more passes); a truncated rollout samples per
+    # micro-batch, as many in all
+    pin = {} if cfg.rollout == "truncated" else {"fresh_trajectories": cfg.fresh_count}
+    pin_flag = f" --fresh-trajectories {cfg.fresh_count}" if pin else ""
     while batch > 1 and batch % 2 == 0:
         batch //= 2
         accum = cfg.grad_accum * cfg.batch_size // batch
         out.append((
-            f"--batch-size {batch} --grad-accum {accum} (same cells per update)",
-            _with(cfg, batch_size=batch, grad_accum=accum),
+            f"--batch-size {batch} --grad-accum {accum}{pin_flag} (same cells and fresh "
+            "trajectories per update)",
+            _with(cfg, batch_size=batch, grad_accum=accum, **pin),
         ))  # fmt: skip
     smallest = out[-1][1] if out else cfg
     side = trained_side(cfg)  # the resolution set, else the model's native side

@@ -52,10 +52,11 @@ def test_dry_run_that_does_not_fit_lists_the_levers_in_order(model, capsys):
     out = _dry_run(model, capsys, "--gpu-memory", "1MiB")
     assert "fit: does not fit" in out
     assert out.index("vae_slicing=true") < out.index("--batch-size 2 --grad-accum 16")
-    first = out.index("--batch-size 2 --grad-accum 16 (same cells per update)")
-    second = out.index("--batch-size 1 --grad-accum 32 (same cells per update)")
+    # the task defaults' batch 4 and fresh_trajectories 0: 4 fresh trajectories pinned
+    first = out.index("--batch-size 2 --grad-accum 16 --fresh-trajectories 4 (same cells")
+    second = out.index("--batch-size 1 --grad-accum 32 --fresh-trajectories 4 (same cells")
     assert first < second
-    peaks = [float(v) for v in re.findall(r"same cells per update\): ([0-9.]+) MiB", out)]
+    peaks = [float(v) for v in re.findall(r"fresh trajectories per update\): ([0-9.]+) MiB", out)]
     assert peaks[1] < peaks[0] < _mib(out, "peak of one update")
 
 
@@ -71,6 +72,7 @@ def test_levers_lower_the_traced_peak_and_keep_the_cells_per_update(model):
     assert peaks[0] > peaks[1] > peaks[2] > peaks[3]  # slicing: the next test
     for _, changed in found[2:4]:
         assert changed.batch_size * changed.grad_accum == 8
+        assert changed.fresh_count == cfg.fresh_count == 4  # the same fresh sampling
         assert changed.task_params["vae_slicing"] and changed.task_params["gradient_checkpointing"]
 
 
