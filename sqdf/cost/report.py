@@ -25,6 +25,23 @@ from sqdf.cost.update import (
 )
 from sqdf.errors import ConfigError
 
+# What the trace cannot see, set aside before a verdict: the CUDA context torch creates on
+# the device (about 0.5 GiB, more with cuDNN/cuBLAS workspaces loaded), and a share of the
+# traced peak for the caching allocator's rounding and fragmentation
+CUDA_CONTEXT = 2**29
+ALLOCATOR_MARGIN = 0.10
+
+
+def headroom(peak: int) -> int:
+    """Bytes set aside beside a traced peak before it is said to fit: the CUDA context plus
+    ALLOCATOR_MARGIN of the peak."""
+    return CUDA_CONTEXT + int(ALLOCATOR_MARGIN * peak)
+
+
+def fits(peak: int, gpu_memory: int) -> bool:
+    return peak + headroom(peak) <= gpu_memory
+
+
 UNITS = {"": 2**30, "gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
 
 
@@ -174,18 +191,22 @@ def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
         lines.append("  fit: no --gpu-memory given and no GPU detected")
         return lines
     worst = max(peak, prompt_encoding_peak(traces))
-    if worst <= gpu_memory:
-        lines.append(f"  fit: fits {gib(gpu_memory)} (traced peak {gib(worst)})")
+    room = (
+        f"traced peak {gib(worst)} + headroom {gib(headroom(worst))}: CUDA context "
+        f"{gib(CUDA_CONTEXT)} and allocator margin {ALLOCATOR_MARGIN:.0%} of the peak"
+    )
+    if fits(worst, gpu_memory):
+        lines.append(f"  fit: fits {gib(gpu_memory)} ({room})")
         return lines
     lines.append(
-        f"  fit: does not fit {gib(gpu_memory)} (traced peak {gib(worst)}); the traced peak "
-        "after each change (each with those above it), up to the first that fits:"
+        f"  fit: does not fit {gib(gpu_memory)} ({room}); the traced peak after each change "
+        "(each with those above it; the same headroom added), up to the first that fits:"
     )
     for flag, changed in levers(cfg):
         after = trace_run(changed)
-        fits = max(gpu_peak(after), prompt_encoding_peak(after)) <= gpu_memory
-        lines.append(f"    {flag}: {gib(gpu_peak(after))} ({'fits' if fits else 'does not fit'})")
-        if fits:
+        ok = fits(max(gpu_peak(after), prompt_encoding_peak(after)), gpu_memory)
+        lines.append(f"    {flag}: {gib(gpu_peak(after))} ({'fits' if ok else 'does not fit'})")
+        if ok:
             break
     if prompt_encoding_peak(traces) > gpu_memory:
         lines.append("    the prompt encoding holds every text encoder at once: its peak "
