@@ -142,3 +142,26 @@ def test_replay_sampling_counts_the_trajectories_the_trainer_samples(model, monk
     # the reference design: the official budget, B x grad_accum trajectories every update
     ref = update_flops(traces, cfg, "reference")
     assert ref["sampling"] == pytest.approx(2 * 4 * cfg.num_steps * step)
+
+
+def test_the_vae_is_traced_in_float32_where_the_task_upcasts_it(tmp_path):
+    """A float16 SDXL-family run decodes in float32 (the task's rule, SDXL's VAE overflows
+    float16): the traced VAE holds float32 weights and its decode reads float32 latents;
+    bfloat16 and an SD 1.5-family float16 run keep the compute dtype."""
+    from sqdf.tasks.sd_random import write_random_sd
+
+    xl = write_random_sd(tmp_path / "xl", "tiny-xl")
+    sd = write_random_sd(tmp_path / "sd", "tiny")
+
+    def vae_dtype(folder, dtype):
+        cfg = _cfg(folder, task_params={"dtype": dtype})
+        return next(meta_sd_task(cfg, TINY_CLIP, HEAD).task.vae.parameters()).dtype
+
+    assert vae_dtype(xl, "float16") == torch.float32
+    assert vae_dtype(xl, "bfloat16") == torch.bfloat16
+    assert vae_dtype(sd, "float16") == torch.float16
+    cfg = _cfg(xl, task_params={"dtype": "float16"})
+    meta = meta_sd_task(cfg, TINY_CLIP, HEAD)
+    traces = trace_update(meta, cfg, batch=2)
+    vae = meta.task.vae
+    assert traces.parts["VAE decoder"] == 4 * sum(p.numel() for p in vae.parameters())
