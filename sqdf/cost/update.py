@@ -7,8 +7,10 @@ decode and reward, no gradients), and one gradient micro-batch laid out as
 step, the x̂0 model on the state reached, the VAE decode, the reward, then the backward.
 An update is composed from them by its design (every FLOP count is linear in the batch):
 
-- reference: the official SQDF trainer's budget (docs FACTS): B x grad_accum whole
-  trajectories sampled and scored every update, then grad_accum micro-batches of B cells
+- reference: the official SQDF trainer's budget (Shin-woocheol/SQDF
+  T2I/alignprop_trainer.py, get_on_policy_data, lines 810-830: train_batch_size x
+  train_gradient_accumulation_steps fresh trajectories per process; docs/reproducing.md,
+  row 1): B x grad_accum whole trajectories sampled and scored every update, then grad_accum micro-batches of B cells
   (at grad_accum 1, sqdf's rollout full, buffer on_policy, replay ratio 1);
 - truncated: per micro-batch, B trajectories run only to the step their cell uses
   (E[max of m distinct steps of T] sampling steps each for m cells a trajectory);
