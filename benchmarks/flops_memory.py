@@ -3,14 +3,20 @@
     python benchmarks/flops_memory.py --out benchmarks/results/flops-memory.json
     python benchmarks/flops_memory.py --models sd15 --resolutions 512 --batches 1,2,4 \
         --checkpointing on,off --out /tmp/sd15.json
+    python benchmarks/flops_memory.py --models sd15 --batches 4 --fresh-trajectories 32 \
+        --out benchmarks/results/flops-memory-presets.json
     python benchmarks/flops_memory.py --markdown benchmarks/results/flops-memory.json
 
 Each row traces one update (sqdf.cost) of a model from its shipped configs
 (sqdf/assets/model_configs, no weights) at the sd task defaults (50 steps, CFG 5, batch B
 with 8 accumulation steps, replay ratio 1, bf16, LoRA rank 4, Tweedie's x̂0, the LAION
-aesthetic reward on CLIP ViT-L/14): FLOPs by phase for sqdf's design (replay1: B fresh
-trajectories an update), replay4, truncated and the reference design (the official
-trainer's B x 8 fresh trajectories an update), and the traced peak of live GPU tensors.
+aesthetic reward on CLIP ViT-L/14): FLOPs by phase for sqdf's design (replay1: the run's
+fresh trajectories an update, ``--fresh-trajectories``, by default 0 = B, the task default),
+replay4, truncated and the reference design (the official trainer's B x 8 fresh trajectories
+an update), and the traced peak of live GPU tensors. The presets sample 32 fresh
+trajectories an update (4 x 8, the official budget): ``--batches 4 --fresh-trajectories 32``
+gives their rows; with the default B fresh trajectories sqdf samples an eighth of the
+reference's, which is a smaller budget, not a cheaper design.
 Traced estimates on meta tensors, not measurements; see docs/performance.md for what the
 trace cannot see. ``--markdown`` prints the table of a JSON file for docs/performance.md.
 """
@@ -37,6 +43,7 @@ def row(
     batch: int,
     checkpointing: bool,
     vae_slicing: bool = False,
+    fresh: int = 0,
 ) -> dict:
     from sqdf.config import TrainConfig
     from sqdf.cost.model_configs import reward_clip
@@ -47,13 +54,15 @@ def row(
               "gradient_checkpointing": checkpointing, "vae_slicing": vae_slicing}  # fmt: skip
     cfg = TrainConfig(
         task="sd", estimator="tweedie", reward="aesthetic", batch_size=batch, grad_accum=8,
-        num_steps=50, buffer="uniform", replay_ratio=1, task_params=params,
+        num_steps=50, buffer="uniform", replay_ratio=1, fresh_trajectories=fresh,
+        task_params=params,
     )  # fmt: skip
     clip, head = reward_clip()
     traces = trace_update(meta_sd_task(cfg, clip, head), cfg, batch)
     flops = {d: update_flops(traces, cfg, d) for d in DESIGNS}
     return {
         "model": model, "resolution": resolution, "batch": batch, "grad_accum": 8,
+        "fresh_trajectories": cfg.fresh_count,
         "checkpointing": checkpointing, "vae_slicing": vae_slicing,
         "flops": flops, "flops_total": {d: sum(f.values()) for d, f in flops.items()},
         "traced_peak_bytes": gpu_peak(traces), "live_tensor_peak_bytes": traces.peak,
@@ -82,6 +91,11 @@ def linear_bytes(model: str) -> int:
     return linear_weight_bytes(net.requires_grad_(False))
 
 
+def fresh_set(r: dict) -> bool:
+    """Whether a row's fresh trajectories differ from its batch (rows before the field: no)."""
+    return r.get("fresh_trajectories", r["batch"]) != r["batch"]
+
+
 def markdown(doc: dict) -> str:
     """The table for docs/performance.md."""
     lines = [
@@ -98,7 +112,8 @@ def markdown(doc: dict) -> str:
             cache[r["model"]] = linear_bytes(r["model"])
         linear = r.get("denoiser_linear_bytes", cache.get(r["model"], 0))
         lines.append(
-            f"| {r['model']} | {r['resolution']} | {r['batch']} | "
+            f"| {r['model']} | {r['resolution']} | {r['batch']}"
+            f"{', ' + str(r['fresh_trajectories']) + ' fresh' if fresh_set(r) else ''} | "
             f"{'on' if r['checkpointing'] else 'off'}"
             f"{', VAE sliced' if r.get('vae_slicing') else ''} | "
             f"{r['traced_peak_bytes'] / 2**30:.1f} GiB | "
@@ -121,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated sides in px, or native (each model's own)")  # fmt: skip
     ap.add_argument("--batches", default="1,2,4", help="micro-batch sizes B")
     ap.add_argument("--checkpointing", default="on", help="on, off or on,off")
+    ap.add_argument("--fresh-trajectories", type=int, default=0,
+                    help="fresh trajectories an update (0: the batch, the task default)")
     ap.add_argument("--vae-slicing", action="store_true", help="decode one image at a time")
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a results file")
@@ -141,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         for side in sides:
             for ckpt in [c == "on" for c in args.checkpointing.split(",")]:
                 for batch in [int(b) for b in args.batches.split(",")]:
-                    r = row(model, folder, side, batch, ckpt, args.vae_slicing)
+                    r = row(model, folder, side, batch, ckpt, args.vae_slicing,
+                            args.fresh_trajectories)
                     rows.append(r)
                     print(
                         f"{model} {side}px B={batch} ckpt={'on' if ckpt else 'off'}: traced "

@@ -32,6 +32,7 @@ from sqdf.tasks.sd import (
     flow_kernel,
     latent_shape,
     lcm_distilled_timesteps,
+    vae_upcast,
 )
 from sqdf.tasks.sd_family import family_of, read_config
 from sqdf.tasks.sd_text import FLUX_T5_LENGTH, T5_LENGTH, PromptConditioning
@@ -147,6 +148,7 @@ def meta_sd_task(
     task.family, task.options, task.estimator, task.device = family, options, cfg.estimator, META
     task.dtype = dtype
     task._autocast = nullcontext  # the weights are in the compute dtype already
+    task._no_autocast = nullcontext  # (meta has no autocast; nothing to turn off)
     task.sample_shape = latent_shape(options)
     if family.flow:
         task.schedule = None
@@ -161,10 +163,11 @@ def meta_sd_task(
     net_config = read_config(folder, family.denoiser)
     with made_on_meta(dtype):
         task.denoiser = family.denoiser_model().from_config(net_config)
-        vae_config = read_config(folder, "vae")
+    vae_config = read_config(folder, "vae")
+    task.vae_upcast = vae_upcast(family, dtype, vae_config)  # the task's own rule
+    with made_on_meta(torch.float32 if task.vae_upcast else dtype):
         task.vae = AutoencoderKL.from_config(vae_config)
     task.guidance_input = family.packed and bool(task.denoiser.config.guidance_embeds)
-    task.vae_upcast = False
     del task.vae.encoder
     if options.vae_slicing:
         task.vae.enable_slicing()

@@ -25,6 +25,23 @@ from sqdf.cost.update import (
 )
 from sqdf.errors import ConfigError
 
+# What the trace cannot see, set aside before a verdict: the CUDA context torch creates on
+# the device (about 0.5 GiB, more with cuDNN/cuBLAS workspaces loaded), and a share of the
+# traced peak for the caching allocator's rounding and fragmentation
+CUDA_CONTEXT = 2**29
+ALLOCATOR_MARGIN = 0.10
+
+
+def headroom(peak: int) -> int:
+    """Bytes set aside beside a traced peak before it is said to fit: the CUDA context plus
+    ALLOCATOR_MARGIN of the peak."""
+    return CUDA_CONTEXT + int(ALLOCATOR_MARGIN * peak)
+
+
+def fits(peak: int, gpu_memory: int) -> bool:
+    return peak + headroom(peak) <= gpu_memory
+
+
 UNITS = {"": 2**30, "gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
 
 
@@ -82,6 +99,15 @@ def _with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
     return dataclasses.replace(cfg, task_params={**cfg.task_params, **params}, **changes)
 
 
+def trained_side(cfg: TrainConfig) -> int:
+    """The image side in pixels the run trains at: its resolution, else the model's native
+    side (read from the model folder's configs as the sd task reads it)."""
+    from sqdf.params import build_settings
+    from sqdf.tasks.sd import SDConfig, image_side
+
+    return image_side(build_settings(SDConfig, cfg.task_params, "task 'sd'"))
+
+
 def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """Settings that lower the traced peak, cheapest to the experiment first: VAE slicing
     (free), checkpointing (time only), a smaller micro-batch with more accumulation (same
@@ -100,17 +126,23 @@ def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
         ))  # fmt: skip
         cfg = out[-1][1]
     batch = cfg.batch_size
+    # fresh_trajectories 0 means "the batch": pinned to the run's count, a smaller batch
+    # samples as many trajectories (in more passes); a truncated rollout samples per
+    # micro-batch, as many in all
+    pin = {} if cfg.rollout == "truncated" else {"fresh_trajectories": cfg.fresh_count}
+    pin_flag = f" --fresh-trajectories {cfg.fresh_count}" if pin else ""
     while batch > 1 and batch % 2 == 0:
         batch //= 2
         accum = cfg.grad_accum * cfg.batch_size // batch
         out.append((
-            f"--batch-size {batch} --grad-accum {accum} (same cells per update)",
-            _with(cfg, batch_size=batch, grad_accum=accum),
+            f"--batch-size {batch} --grad-accum {accum}{pin_flag} (same cells and fresh "
+            "trajectories per update)",
+            _with(cfg, batch_size=batch, grad_accum=accum, **pin),
         ))  # fmt: skip
     smallest = out[-1][1] if out else cfg
-    side = cfg.task_params.get("resolution")
+    side = trained_side(cfg)  # the resolution set, else the model's native side
     for res in (768, 512):
-        if side is None or res < int(side):
+        if res < side:
             out.append((
                 f"--task-param resolution={res} (another experiment), with the above",
                 _with(smallest, task_params={"resolution": res}),
@@ -159,18 +191,22 @@ def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
         lines.append("  fit: no --gpu-memory given and no GPU detected")
         return lines
     worst = max(peak, prompt_encoding_peak(traces))
-    if worst <= gpu_memory:
-        lines.append(f"  fit: fits {gib(gpu_memory)} (traced peak {gib(worst)})")
+    room = (
+        f"traced peak {gib(worst)} + headroom {gib(headroom(worst))}: CUDA context "
+        f"{gib(CUDA_CONTEXT)} and allocator margin {ALLOCATOR_MARGIN:.0%} of the peak"
+    )
+    if fits(worst, gpu_memory):
+        lines.append(f"  fit: fits {gib(gpu_memory)} ({room})")
         return lines
     lines.append(
-        f"  fit: does not fit {gib(gpu_memory)} (traced peak {gib(worst)}); the traced peak "
-        "after each change (each with those above it), up to the first that fits:"
+        f"  fit: does not fit {gib(gpu_memory)} ({room}); the traced peak after each change "
+        "(each with those above it; the same headroom added), up to the first that fits:"
     )
     for flag, changed in levers(cfg):
         after = trace_run(changed)
-        fits = max(gpu_peak(after), prompt_encoding_peak(after)) <= gpu_memory
-        lines.append(f"    {flag}: {gib(gpu_peak(after))} ({'fits' if fits else 'does not fit'})")
-        if fits:
+        ok = fits(max(gpu_peak(after), prompt_encoding_peak(after)), gpu_memory)
+        lines.append(f"    {flag}: {gib(gpu_peak(after))} ({'fits' if ok else 'does not fit'})")
+        if ok:
             break
     if prompt_encoding_peak(traces) > gpu_memory:
         lines.append("    the prompt encoding holds every text encoder at once: its peak "

@@ -7,13 +7,16 @@ decode and reward, no gradients), and one gradient micro-batch laid out as
 step, the x̂0 model on the state reached, the VAE decode, the reward, then the backward.
 An update is composed from them by its design (every FLOP count is linear in the batch):
 
-- reference: the official SQDF trainer's budget (docs FACTS): B x grad_accum whole
-  trajectories sampled and scored every update, then grad_accum micro-batches of B cells
+- reference: the official SQDF trainer's budget (Shin-woocheol/SQDF
+  T2I/alignprop_trainer.py, get_on_policy_data, lines 810-830: train_batch_size x
+  train_gradient_accumulation_steps fresh trajectories per process; docs/reproducing.md,
+  row 1): B x grad_accum whole trajectories sampled and scored every update, then grad_accum micro-batches of B cells
   (at grad_accum 1, sqdf's rollout full, buffer on_policy, replay ratio 1);
 - truncated: per micro-batch, B trajectories run only to the step their cell uses
   (E[max of m distinct steps of T] sampling steps each for m cells a trajectory);
-- replay<N>: sqdf's trainer with full rollouts: B whole trajectories into the buffer every
-  N updates, then grad_accum micro-batches of B cells drawn from it.
+- replay<N>: sqdf's trainer with full rollouts: the run's ``fresh_count`` whole trajectories
+  (fresh_trajectories, else B) into the buffer every N updates, then grad_accum
+  micro-batches of B cells drawn from it.
 
 Memory is the peak of live tensors over the three traces, plus the optimizer's float32
 state of the LoRA; the replay buffer lives in host memory (sqdf.dry_run.buffer_bytes).
@@ -174,7 +177,12 @@ def update_flops(traces: Traces, cfg: TrainConfig, design: str) -> dict[str, flo
         scored = 0.0
         cells = cfg.grad_accum * b * m
     else:
-        fresh = b * cfg.grad_accum if design == "reference" else b / settings["replay_ratio"]
+        # the official budget: B x grad_accum trajectories an update; sqdf's trainer samples
+        # the run's fresh_count (fresh_trajectories, else the batch) every N updates
+        if design == "reference":
+            fresh = b * cfg.grad_accum
+        else:
+            fresh = cfg.fresh_count / settings["replay_ratio"]
         sampled, scored = fresh * T, fresh
         cells = cfg.grad_accum * b
     out = {"sampling": per["sampling"] * sampled, "scoring fresh": per["scoring fresh"] * scored}

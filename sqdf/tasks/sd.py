@@ -250,6 +250,16 @@ def _sizes(options: SDConfig) -> tuple[int, int, int]:
     return channels, side, factor
 
 
+def vae_upcast(family: Any, dtype: torch.dtype, vae_config: dict) -> bool:
+    """Whether the VAE decodes in float32: where the family's pipeline does it for float16
+    runs (SDXL's VAE overflows float16), unless the VAE's config says force_upcast false."""
+    return (
+        family.upcast_vae_in_float16
+        and dtype == torch.float16
+        and bool(vae_config.get("force_upcast", True))
+    )
+
+
 def image_side(options: SDConfig) -> int:
     """The side in pixels of the images trained on: ``options.resolution``, else the
     denoiser's native size."""
@@ -315,13 +325,7 @@ class SDTask(Task):
         ).to(device)
         # FLUX.1-dev takes the guidance scale as an input instead of a second, negative pass
         self.guidance_input = self.family.packed and bool(self.denoiser.config.guidance_embeds)
-        vae_config = read_config(folder, "vae")
-        # decode in float32 where the family's pipeline does (SDXL's VAE overflows float16)
-        self.vae_upcast = (
-            self.family.upcast_vae_in_float16
-            and self.dtype == torch.float16
-            and bool(vae_config.get("force_upcast", True))
-        )
+        self.vae_upcast = vae_upcast(self.family, self.dtype, read_config(folder, "vae"))
         vae_dtype = torch.float32 if self.vae_upcast else self.dtype
         self.vae = load_part(AutoencoderKL, folder, "vae", use_safetensors=True, dtype=vae_dtype)
         del self.vae.encoder  # only x̂0 latents are decoded; nothing is encoded
@@ -417,6 +421,10 @@ class SDTask(Task):
     def _autocast(self) -> Any:
         enabled = self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def _no_autocast(self) -> Any:
+        """Autocast off, for the upcast VAE's float32 decode."""
+        return torch.autocast(self.device.type, enabled=False)
 
     def sample_conditions(self, n: int, generator: torch.Generator) -> Tensor:
         return torch.randint(0, self.train_prompts, (n,), generator=generator)
@@ -547,7 +555,7 @@ class SDTask(Task):
         else:
             latents = latents / config.scaling_factor
         if self.vae_upcast:
-            with torch.autocast(self.device.type, enabled=False):
+            with self._no_autocast():
                 img = self.vae.decode(latents)
         else:
             with self._autocast():

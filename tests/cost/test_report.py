@@ -52,10 +52,11 @@ def test_dry_run_that_does_not_fit_lists_the_levers_in_order(model, capsys):
     out = _dry_run(model, capsys, "--gpu-memory", "1MiB")
     assert "fit: does not fit" in out
     assert out.index("vae_slicing=true") < out.index("--batch-size 2 --grad-accum 16")
-    first = out.index("--batch-size 2 --grad-accum 16 (same cells per update)")
-    second = out.index("--batch-size 1 --grad-accum 32 (same cells per update)")
+    # the task defaults' batch 4 and fresh_trajectories 0: 4 fresh trajectories pinned
+    first = out.index("--batch-size 2 --grad-accum 16 --fresh-trajectories 4 (same cells")
+    second = out.index("--batch-size 1 --grad-accum 32 --fresh-trajectories 4 (same cells")
     assert first < second
-    peaks = [float(v) for v in re.findall(r"same cells per update\): ([0-9.]+) MiB", out)]
+    peaks = [float(v) for v in re.findall(r"fresh trajectories per update\): ([0-9.]+) MiB", out)]
     assert peaks[1] < peaks[0] < _mib(out, "peak of one update")
 
 
@@ -71,6 +72,7 @@ def test_levers_lower_the_traced_peak_and_keep_the_cells_per_update(model):
     assert peaks[0] > peaks[1] > peaks[2] > peaks[3]  # slicing: the next test
     for _, changed in found[2:4]:
         assert changed.batch_size * changed.grad_accum == 8
+        assert changed.fresh_count == cfg.fresh_count == 4  # the same fresh sampling
         assert changed.task_params["vae_slicing"] and changed.task_params["gradient_checkpointing"]
 
 
@@ -101,3 +103,49 @@ def test_vae_slicing_lowers_the_decode_peak_at_the_same_flops():
     whole, one_at_a_time = traced
     assert one_at_a_time.peak < whole.peak
     assert one_at_a_time.flops == whole.flops
+
+
+def _native(model, tmp_path, side: int):
+    """A copy of the tiny config-only folder whose denoiser's native image side is ``side``."""
+    import json
+    import shutil
+
+    folder = tmp_path / f"native{side}"
+    if not folder.exists():
+        shutil.copytree(model, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["sample_size"] = side // 2  # the tiny VAE downsamples by 2
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_resolution_levers_only_lower_the_native_side(model, tmp_path):
+    """With no resolution set the run trains at the model's native side: a 512 px model is
+    offered no resolution lever at or above 512, a 1024 px one 768 then 512."""
+
+    def offered(folder, **params) -> list[int]:
+        cfg = TrainConfig(task="sd", estimator="tweedie", batch_size=1, reward="aesthetic",
+                          task_params={"model": str(folder), **params})  # fmt: skip
+        return [changed.task_params["resolution"] for flag, changed in levers(cfg)
+                if flag.startswith("--task-param resolution=")]  # fmt: skip
+
+    assert offered(_native(model, tmp_path, 512)) == []
+    assert offered(_native(model, tmp_path, 1024)) == [768, 512]
+    assert offered(_native(model, tmp_path, 512), resolution=1024) == [768, 512]
+    assert offered(_native(model, tmp_path, 1024), resolution=640) == [512]
+
+
+def test_fit_verdict_keeps_headroom_for_what_the_trace_cannot_see(model, capsys):
+    """A card 1 MiB above the traced peak does not fit: the CUDA context and the allocator's
+    margin come on top of the traced tensors, and the verdict prints that headroom."""
+    out = _dry_run(model, capsys, "--gpu-memory", "1MiB")
+    worst = float(re.search(r"traced peak ([0-9.]+) MiB", out)[1])
+    out = _dry_run(model, capsys, "--gpu-memory", f"{worst + 1:.1f}MiB")
+    assert "fit: does not fit" in out
+    from sqdf.cost.report import ALLOCATOR_MARGIN, CUDA_CONTEXT, headroom
+
+    assert f"CUDA context {CUDA_CONTEXT / 2**20:.1f} MiB" in out
+    needed = worst * 2**20 + headroom(int(worst * 2**20)) + 2**20
+    out = _dry_run(model, capsys, "--gpu-memory", f"{needed / 2**20:.1f}MiB")
+    assert "fit: fits" in out
+    assert headroom(10 * 2**30) == CUDA_CONTEXT + int(ALLOCATOR_MARGIN * 10 * 2**30)

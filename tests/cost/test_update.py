@@ -109,3 +109,59 @@ def test_designs_compose_the_traced_pieces(model):
         assert ref[phase] == rep4[phase] == trunc[phase] == pytest.approx(per[phase] * b * accum)
     with pytest.raises(ValueError, match="unknown design"):
         update_flops(traces, cfg, "nonsense")
+
+
+def test_replay_sampling_counts_the_trajectories_the_trainer_samples(model, monkeypatch):
+    """Sampling FLOPs of an update = (trajectories sqdf.trainer.sample_scored samples every
+    replay_ratio updates) x T steps x one step's FLOPs / replay_ratio, with the samples counted
+    by calling the trainer's own sampling loop, fresh_trajectories set apart from the batch."""
+    from types import SimpleNamespace
+
+    import sqdf.trainer as trainer
+    from sqdf.sampler import Trajectories
+
+    cfg = _cfg(model, batch_size=2, grad_accum=4, fresh_trajectories=8, replay_ratio=2,
+               buffer_size=16)  # fmt: skip
+    sampled: list[int] = []
+
+    def counting(task, n, generator, **kw):  # noqa: ANN001, ANN003
+        sampled.append(n)
+        return Trajectories(torch.zeros(n, cfg.num_steps + 1, 1), torch.zeros(n), None)
+
+    monkeypatch.setattr(trainer, "sample_trajectories", counting)
+    task = SimpleNamespace(device="cpu", reward_with_parts=lambda x, c: (torch.zeros(len(x)), {}))
+    run = SimpleNamespace(cfg=cfg, task=task, generator=None, method_params={})
+    trainer.sample_scored(run)
+    traces = trace_update(meta_sd_task(cfg, TINY_CLIP, HEAD), cfg, batch=2)
+    step = traces.flops["sampling"] / 2  # one sampling step of one trajectory
+    ours = update_flops(traces, cfg, "replay2")
+    assert ours["sampling"] == pytest.approx(sum(sampled) * cfg.num_steps * step / 2)
+    assert ours["scoring fresh"] == pytest.approx(
+        sum(sampled) * traces.flops["scoring fresh"] / 2 / 2
+    )
+    # the reference design: the official budget, B x grad_accum trajectories every update
+    ref = update_flops(traces, cfg, "reference")
+    assert ref["sampling"] == pytest.approx(2 * 4 * cfg.num_steps * step)
+
+
+def test_the_vae_is_traced_in_float32_where_the_task_upcasts_it(tmp_path):
+    """A float16 SDXL-family run decodes in float32 (the task's rule, SDXL's VAE overflows
+    float16): the traced VAE holds float32 weights and its decode reads float32 latents;
+    bfloat16 and an SD 1.5-family float16 run keep the compute dtype."""
+    from sqdf.tasks.sd_random import write_random_sd
+
+    xl = write_random_sd(tmp_path / "xl", "tiny-xl")
+    sd = write_random_sd(tmp_path / "sd", "tiny")
+
+    def vae_dtype(folder, dtype):
+        cfg = _cfg(folder, task_params={"dtype": dtype})
+        return next(meta_sd_task(cfg, TINY_CLIP, HEAD).task.vae.parameters()).dtype
+
+    assert vae_dtype(xl, "float16") == torch.float32
+    assert vae_dtype(xl, "bfloat16") == torch.bfloat16
+    assert vae_dtype(sd, "float16") == torch.float16
+    cfg = _cfg(xl, task_params={"dtype": "float16"})
+    meta = meta_sd_task(cfg, TINY_CLIP, HEAD)
+    traces = trace_update(meta, cfg, batch=2)
+    vae = meta.task.vae
+    assert traces.parts["VAE decoder"] == 4 * sum(p.numel() for p in vae.parameters())
