@@ -156,3 +156,21 @@ def test_eval_takes_the_runs_settings_flags_over_its_config(tmp_path):
     assert json.loads((run / "config.json").read_text())["train"]["reward_params"] == {}
     assert main(["eval", str(run), "--num-samples", "64"]) == 0  # the run's own b = (1, 0)
     assert json.loads((run / "eval.json").read_text())["reward_mean"] != 0.0
+
+
+def test_eval_takes_a_mixture_parts_own_parameters(tmp_path):
+    """--reward-param NAME.KEY=VALUE, NAME a part of the run's own mixture, is that part's
+    parameter (as train spells it), not a --rewards reward's: with both b = 0 the mixture
+    scores 0 for every sample."""
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--reward", "linear#a=1,linear#b=0.5", "--num-steps",
+            "3", "--steps", "1", "--batch-size", "2", "--buffer-size", "4", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    zero = ["--reward-param", "linear#a.b=[0.0, 0.0]", "--reward-param", "linear#b.b=[0.0, 0.0]"]
+    assert main(["eval", str(run), "--num-samples", "64", *zero]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    assert doc["reward_mean"] == 0.0 and doc["ref_reward_mean"] == 0.0
+    assert main(["eval", str(run), "--num-samples", "64"]) == 0  # the run's own b = (1, 0)
+    assert json.loads((run / "eval.json").read_text())["reward_mean"] != 0.0
+

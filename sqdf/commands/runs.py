@@ -42,8 +42,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sqdf.evaluate import evaluate_run
 
     own, cross = [], []  # the run's own reward's parameters, and a --rewards reward's
+    dotted = any("." in item.partition("=")[0] for item in args.reward_param)
+    parts = _mixture_parts(args.run) if dotted else ()
     for item in args.reward_param:
-        (cross if "." in item.partition("=")[0] else own).append(item)
+        key = item.partition("=")[0]
+        # NAME.KEY is the run's own mixture part NAME's (as train spells it), else a --rewards'
+        ours = "." not in key or any(key.startswith(name + ".") for name in parts)
+        (own if ours else cross).append(item)
     overrides = setting_flags(args, shorthands=("model",))
     if own:
         overrides["reward_params"] = key_values(own, "--reward-param")
@@ -67,6 +72,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     written = ["eval.json", "eval.md"] if "per_prompt" in metrics else ["eval.json"]
     print("wrote " + ", ".join(str(Path(args.run) / name) for name in written))
     return 0
+
+
+def _mixture_parts(run: str) -> tuple[str, ...]:
+    """The component names of a run's reward mixture (none for a single reward)."""
+    from sqdf.rewards.mixture import parse_mixture
+    from sqdf.run import read_run_config
+
+    return tuple(parse_mixture(read_run_config(run).reward) or ())
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
