@@ -174,3 +174,13 @@ def test_eval_takes_a_mixture_parts_own_parameters(tmp_path):
     assert main(["eval", str(run), "--num-samples", "64"]) == 0  # the run's own b = (1, 0)
     assert json.loads((run / "eval.json").read_text())["reward_mean"] != 0.0
 
+
+def test_gmm2d_refuses_a_reward_without_a_closed_form_optimum(tmp_path, capsys):
+    """gmm2d measures against the exact tilted optimum: a mixture that has none (linear plus
+    quadratic) is refused in one line before training, not a traceback in sample or eval."""
+    argv = ["train", "--out", str(tmp_path / "run"), "--reward", "linear=1,quadratic=1",
+            "--num-steps", "3", "--steps", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "closed-form optimum" in err, err
+    assert not (tmp_path / "run" / "final").exists()
