@@ -143,7 +143,7 @@ def test_console_script_exit_status_without_traceback(tmp_path):
     assert proc.stderr.strip() == "sqdf train: error: gamma must be in (0, 1], got 2.0"
 
 
-def test_eval_takes_the_runs_settings_flags_over_its_config(tmp_path):
+def test_eval_takes_the_runs_settings_flags_over_its_config(tmp_path, capsys):
     """--reward-param without NAME. is the run's own reward's, over its config.json: with
     b = 0 the linear reward b.x is 0 for every sample, policy and reference alike."""
     run = tmp_path / "run"
@@ -153,9 +153,15 @@ def test_eval_takes_the_runs_settings_flags_over_its_config(tmp_path):
     assert main(["eval", str(run), "--num-samples", "64", "--reward-param", "b=[0.0, 0.0]"]) == 0
     doc = json.loads((run / "eval.json").read_text())
     assert doc["reward_mean"] == 0.0 and doc["ref_reward_mean"] == 0.0
+    # what was measured is not the run as trained: eval.json and the output say so
+    assert doc["overrides"] == {"reward_params": {"b": [0.0, 0.0]}}
+    note = "note: measured with settings over the run's own: reward_params.b=[0.0, 0.0]"
+    assert note in capsys.readouterr().out.splitlines()
     assert json.loads((run / "config.json").read_text())["train"]["reward_params"] == {}
     assert main(["eval", str(run), "--num-samples", "64"]) == 0  # the run's own b = (1, 0)
-    assert json.loads((run / "eval.json").read_text())["reward_mean"] != 0.0
+    doc = json.loads((run / "eval.json").read_text())
+    assert doc["reward_mean"] != 0.0 and "overrides" not in doc
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_eval_takes_a_mixture_parts_own_parameters(tmp_path):
@@ -184,3 +190,18 @@ def test_gmm2d_refuses_a_reward_without_a_closed_form_optimum(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "closed-form optimum" in err, err
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_eval_md_says_which_settings_were_taken_over_the_runs_own():
+    from sqdf.heldout import eval_markdown
+
+    metrics = {"num_prompts": 1, "prompts": "animals", "images_per_prompt": 2, "seed": 0,
+               "weights": "final", "diversity_features": "clip", "num_samples": 2,
+               "rewards": {"aesthetic": {"trained": True, "ref_mean": 5.0, "mean": 6.0}},
+               "ref_eval_diversity": 0.5, "eval_diversity": 0.4, "kl_path": 1.0,
+               "frechet_to_reference": 0.1,
+               "per_prompt": []}  # fmt: skip
+    assert "over the run's own" not in eval_markdown(metrics, "t")
+    metrics["overrides"] = {"task_params": {"guidance": 2.0}}
+    page = eval_markdown(metrics, "t")
+    assert "measured with settings over the run's own: task_params.guidance=2.0." in page

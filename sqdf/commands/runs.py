@@ -71,6 +71,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_prompt"}, indent=1))
     written = ["eval.json", "eval.md"] if "per_prompt" in metrics else ["eval.json"]
     print("wrote " + ", ".join(str(Path(args.run) / name) for name in written))
+    if overrides:
+        from sqdf.heldout import describe_overrides
+
+        print("note: " + describe_overrides(overrides))
     return 0
 
 
