@@ -205,3 +205,22 @@ def test_eval_md_says_which_settings_were_taken_over_the_runs_own():
     metrics["overrides"] = {"task_params": {"guidance": 2.0}}
     page = eval_markdown(metrics, "t")
     assert "measured with settings over the run's own: task_params.guidance=2.0." in page
+
+
+def test_sd_render_takes_guidance_and_steps_from_the_flags_and_the_preset(monkeypatch):
+    """sample --task sd passes the guidance and steps it is given (--task-param, or a preset's)
+    on to the render, and leaves the rest to the --lora run when none is given."""
+    import sqdf.render
+
+    seen = []
+
+    def render(model, lora, prompts, out, **kwargs):
+        seen.append((model, prompts, kwargs["guidance"], kwargs["num_steps"]))
+        return out
+
+    monkeypatch.setattr(sqdf.render, "render_sd", render)
+    base = ["sample", "--task", "sd", "--model", "m", "--device", "cpu"]
+    assert main([*base, "--task-param", "guidance=2.5", "--num-steps", "7"]) == 0
+    assert main(base) == 0  # nothing given: the --lora run's settings, or the render's defaults
+    assert main(["sample", "--preset", "sd35m-aesthetic", "--model", "m"]) == 0
+    assert seen == [("m", None, 2.5, 7), ("m", None, None, None), ("m", "animals", 7.0, 28)]
