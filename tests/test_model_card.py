@@ -126,6 +126,25 @@ def test_reward_tags_are_its_components_as_valid_tags(reward, tags):
     assert reward_tags(reward) == tags
 
 
+def test_a_card_that_fails_leaves_final_whole_with_a_one_line_warning(
+    tmp_path, monkeypatch, capsys
+):
+    import sqdf.trainer
+
+    def broken(*args, **kwargs):
+        raise ValueError("card metadata does not validate\nsecond line")
+
+    monkeypatch.setattr(sqdf.trainer, "write_model_card", broken)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY]) == 0
+    assert (run / "final" / "policy.safetensors").is_file()
+    assert not (run / "final" / "README.md").exists()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "model card" in line]
+    assert warnings == [
+        f"sqdf: warning: no model card in {run / 'final'}: card metadata does not validate"
+    ]
+
+
 def test_a_card_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """A write that fails half-way (here: before its flush) leaves the card there was."""
     import sqdf.atomic
