@@ -16,7 +16,6 @@ from sqdf.checkpoint import load_weights
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.heldout import (
     cross_rewards,
-    describe_overrides,
     eval_markdown,
     evaluate_prompts,
     image_features,

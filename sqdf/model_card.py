@@ -170,8 +170,16 @@ def write_model_card(
         lines.append("No sample grid: the run drew none during training (`--sample-every N` "
                      "draws them; `sqdf sample` renders one after).")  # fmt: skip
     lines += ["", "## Settings", "", "```json", json.dumps(cfg.to_dict(), indent=1), "```"]
-    lines += ["", "## Licence", "", "The base model's: " + (meta.get("license") or
-              "unknown (its model card was not found, or is not in the Hub cache offline)")]
+    lines += [
+        "",
+        "## Licence",
+        "",
+        "The base model's: "
+        + (
+            meta.get("license")
+            or "unknown (its model card was not found, or is not in the Hub cache offline)"
+        ),
+    ]
     if cfg.task == "sd" and "lora" in meta["tags"]:
         base = meta.get("base_model", cfg.task_params.get("model"))
         ref = _base_ref(cfg)

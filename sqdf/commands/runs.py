@@ -157,6 +157,7 @@ def _render_settings(args: argparse.Namespace) -> tuple[str, str | None, float |
             "sqdf sample --task sd needs --model PATH (a local SD 1.x/2.x, SDXL, SD 3/3.5 or "
             "FLUX.1 folder)"
         )
+
     def given(key: str) -> Any:
         # the task's defaults would hide the --lora run's own: only values given count
         source = resolved.source_of(key)
