@@ -34,6 +34,21 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def users_params(reward: str, params: dict[str, Any]) -> set[str]:
+    """The keys of ``params`` (reward_params) that belong to a user's ``module:function``
+    reward, alone or as a part of a mixture (its ``NAME.KEY`` keys or ``NAME`` table). These
+    are passed to the user's function as they are: infinity may mean "no limit" there, so
+    they are not refused as non-finite (sqdf's own rewards' parameters are, when built)."""
+    if ":" not in reward:
+        return set()
+    if "=" not in reward:  # one module:function: every parameter is its own
+        return set(params)
+    parts = [item.rpartition("=")[0].strip() for item in reward.split(",")]
+    users = [part for part in parts if ":" in part.partition("#")[0]]
+    return {key for key in params
+            if any(key == part or key.startswith(part + ".") for part in users)}  # fmt: skip
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; written to the run folder as config.json."""
@@ -186,7 +201,11 @@ class TrainConfig:
             }[kind]
             if not ok:
                 raise ConfigError(f"{f.name} must be a {kind}, got {value!r}")
-            check_finite(value, f.name)  # a parameter table's too: reward_params.scale = inf
+            checked = value  # a parameter table's too: reward_params.scale = inf
+            if f.name == "reward_params":  # but a user's reward's own are its business
+                users = users_params(self.reward, value)
+                checked = {k: v for k, v in value.items() if k not in users}
+            check_finite(checked, f.name)
             setattr(self, f.name, value)
 
     def _check(self) -> None:

@@ -140,6 +140,8 @@ def evaluate_run(
     if cfg.task == "sd":
         metrics = _evaluate_sd(task, run, extra, trained, prompts, per_prompt or PER_PROMPT,
                                seed, clip, request, progress)  # fmt: skip
+        if overrides:
+            metrics["overrides"] = overrides
         atomic_write_text(run / "eval.json", json.dumps(metrics, indent=1))
         title = f"Held-out evaluation of {run.name}"
         atomic_write_text(run / "eval.md", eval_markdown(metrics, title))
@@ -179,6 +181,8 @@ def evaluate_run(
                    **({"weight": task.reward_model.weights[name]} if name in parts else {})}
             for name in scored
         }  # fmt: skip
+    if overrides:  # what was measured is not the run as trained: eval.json says so
+        metrics["overrides"] = overrides
     atomic_write_text(run / "eval.json", json.dumps(metrics, indent=1))
     return metrics
 

@@ -337,9 +337,19 @@ def describe(metrics: Mapping[str, Any]) -> str:
     return text
 
 
+def describe_overrides(overrides: Mapping[str, Mapping[str, Any]]) -> str:
+    """The settings an evaluation took over the run's own, as one line of flags' KEY=VALUE."""
+    items = [f"{table}.{key}={value!r}" for table, values in overrides.items()
+             for key, value in values.items()]  # fmt: skip
+    return "measured with settings over the run's own: " + ", ".join(items)
+
+
 def eval_markdown(metrics: Mapping[str, Any], title: str) -> str:
     """eval.md: the summary (reference against fine-tuned) and the per-prompt table."""
-    lines = [f"# {title}", "", describe(metrics), "", "| metric | reference | fine-tuned |"]
+    lines = [f"# {title}", "", describe(metrics), ""]
+    if metrics.get("overrides"):  # not the run as trained: the page says so before its numbers
+        lines += [describe_overrides(metrics["overrides"]) + ".", ""]
+    lines.append("| metric | reference | fine-tuned |")
     lines.append("|---|---:|---:|")
     lines += [f"| {name} | {ref:.4g} | {ft:.4g} |" for name, ref, ft in summary_rows(metrics)]
     header, rows = prompt_rows(metrics)

@@ -16,9 +16,12 @@ def push_run(run: str | Path, repo_id: str, *, private: bool | None = None) -> s
     """Upload ``run``/final to the model repository ``repo_id``; returns the commit's URL. A
     run finished before runs wrote a model card gets one first. A refusal of the Hub (no
     token, no write access, offline, an invalid id) is one SqdfError line."""
-    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    # the base of every error its HTTP client raises (a refused connection, a timeout), as
+    # huggingface_hub's own errors module names it: whichever client it is built on
+    from huggingface_hub.errors import HTTPError as ClientError
 
     run = Path(run)
     cfg = read_run_config(run)  # a folder that is not a run fails here, in one line
@@ -36,7 +39,8 @@ def push_run(run: str | Path, repo_id: str, *, private: bool | None = None) -> s
             folder_path=str(final), repo_id=repo_id, repo_type="model",
             commit_message=f"sqdf run {run.name}",
         )  # fmt: skip
-    except (HfHubHTTPError, OfflineModeIsEnabled, httpx.HTTPError, ValueError) as err:
+    except (HfHubHTTPError, OfflineModeIsEnabled, ClientError, OSError, RuntimeError,
+            ValueError) as err:  # fmt: skip
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SqdfError(
             f"could not push {final} to {repo_id}: {reason} (log in with hf auth login or "

@@ -1207,9 +1207,19 @@ def finish(s: TrainingRun, command: str | None = None) -> Path:
             with ema_weights(s):
                 save_final_weights(s, staging / "ema")
         if s.caller is None and s.procs.is_main:
-            write_model_card(staging, s.run, s.given, resolved_reward_name(s.given), command)
+            card_or_warning(staging, s, command)
     s.procs.barrier()  # no process returns before the run folder is complete
     return s.run
+
+
+def card_or_warning(staging: Path, s: TrainingRun, command: str | None) -> None:
+    """final/README.md, or one line saying why there is none: the card describes the weights,
+    and a failure to write it must not lose them (sqdf push writes a missing one)."""
+    try:
+        write_model_card(staging, s.run, s.given, resolved_reward_name(s.given), command)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"sqdf: warning: no model card in {s.run / 'final'}: {reason}", file=sys.stderr)
 
 
 def final_note(s: TrainingRun) -> str:

@@ -143,7 +143,7 @@ def test_console_script_exit_status_without_traceback(tmp_path):
     assert proc.stderr.strip() == "sqdf train: error: gamma must be in (0, 1], got 2.0"
 
 
-def test_eval_takes_the_runs_settings_flags_over_its_config(tmp_path):
+def test_eval_takes_the_runs_settings_flags_over_its_config(tmp_path, capsys):
     """--reward-param without NAME. is the run's own reward's, over its config.json: with
     b = 0 the linear reward b.x is 0 for every sample, policy and reference alike."""
     run = tmp_path / "run"
@@ -153,6 +153,74 @@ def test_eval_takes_the_runs_settings_flags_over_its_config(tmp_path):
     assert main(["eval", str(run), "--num-samples", "64", "--reward-param", "b=[0.0, 0.0]"]) == 0
     doc = json.loads((run / "eval.json").read_text())
     assert doc["reward_mean"] == 0.0 and doc["ref_reward_mean"] == 0.0
+    # what was measured is not the run as trained: eval.json and the output say so
+    assert doc["overrides"] == {"reward_params": {"b": [0.0, 0.0]}}
+    note = "note: measured with settings over the run's own: reward_params.b=[0.0, 0.0]"
+    assert note in capsys.readouterr().out.splitlines()
     assert json.loads((run / "config.json").read_text())["train"]["reward_params"] == {}
     assert main(["eval", str(run), "--num-samples", "64"]) == 0  # the run's own b = (1, 0)
+    doc = json.loads((run / "eval.json").read_text())
+    assert doc["reward_mean"] != 0.0 and "overrides" not in doc
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_eval_takes_a_mixture_parts_own_parameters(tmp_path):
+    """--reward-param NAME.KEY=VALUE, NAME a part of the run's own mixture, is that part's
+    parameter (as train spells it), not a --rewards reward's: with both b = 0 the mixture
+    scores 0 for every sample."""
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--reward", "linear#a=1,linear#b=0.5", "--num-steps",
+            "3", "--steps", "1", "--batch-size", "2", "--buffer-size", "4", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    zero = ["--reward-param", "linear#a.b=[0.0, 0.0]", "--reward-param", "linear#b.b=[0.0, 0.0]"]
+    assert main(["eval", str(run), "--num-samples", "64", *zero]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    assert doc["reward_mean"] == 0.0 and doc["ref_reward_mean"] == 0.0
+    assert main(["eval", str(run), "--num-samples", "64"]) == 0  # the run's own b = (1, 0)
     assert json.loads((run / "eval.json").read_text())["reward_mean"] != 0.0
+
+
+def test_gmm2d_refuses_a_reward_without_a_closed_form_optimum(tmp_path, capsys):
+    """gmm2d measures against the exact tilted optimum: a mixture that has none (linear plus
+    quadratic) is refused in one line before training, not a traceback in sample or eval."""
+    argv = ["train", "--out", str(tmp_path / "run"), "--reward", "linear=1,quadratic=1",
+            "--num-steps", "3", "--steps", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "closed-form optimum" in err, err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_eval_md_says_which_settings_were_taken_over_the_runs_own():
+    from sqdf.heldout import eval_markdown
+
+    metrics = {"num_prompts": 1, "prompts": "animals", "images_per_prompt": 2, "seed": 0,
+               "weights": "final", "diversity_features": "clip", "num_samples": 2,
+               "rewards": {"aesthetic": {"trained": True, "ref_mean": 5.0, "mean": 6.0}},
+               "ref_eval_diversity": 0.5, "eval_diversity": 0.4, "kl_path": 1.0,
+               "frechet_to_reference": 0.1,
+               "per_prompt": []}  # fmt: skip
+    assert "over the run's own" not in eval_markdown(metrics, "t")
+    metrics["overrides"] = {"task_params": {"guidance": 2.0}}
+    page = eval_markdown(metrics, "t")
+    assert "measured with settings over the run's own: task_params.guidance=2.0." in page
+
+
+def test_sd_render_takes_guidance_and_steps_from_the_flags_and_the_preset(monkeypatch):
+    """sample --task sd passes the guidance and steps it is given (--task-param, or a preset's)
+    on to the render, and leaves the rest to the --lora run when none is given."""
+    import sqdf.render
+
+    seen = []
+
+    def render(model, lora, prompts, out, **kwargs):
+        seen.append((model, prompts, kwargs["guidance"], kwargs["num_steps"]))
+        return out
+
+    monkeypatch.setattr(sqdf.render, "render_sd", render)
+    base = ["sample", "--task", "sd", "--model", "m", "--device", "cpu"]
+    assert main([*base, "--task-param", "guidance=2.5", "--num-steps", "7"]) == 0
+    assert main(base) == 0  # nothing given: the --lora run's settings, or the render's defaults
+    assert main(["sample", "--preset", "sd35m-aesthetic", "--model", "m"]) == 0
+    assert seen == [("m", None, 2.5, 7), ("m", None, None, None), ("m", "animals", 7.0, 28)]

@@ -66,3 +66,20 @@ def test_custom_reward_trains_the_digits_task(user_module, tmp_path):
     assert (image, torch.long, (cfg.batch_size,), True) in calls
     assert {shape for shape, *_ in calls} == {image}
     assert_reward_rose(run)  # the images got brighter than the reference's
+
+
+def test_a_users_reward_takes_infinity_sqdfs_own_parameters_do_not(user_module):
+    """Infinity may mean "no limit" to a user's function: its own parameters reach it as given,
+    alone or as a mixture's part. sqdf's own settings and rewards' parameters refuse it."""
+    spec = f"{user_module}:brightness"
+    cfg = TrainConfig(task="digits", reward=spec, reward_params={"cap": float("inf")})
+    assert cfg.reward_params == {"cap": float("inf")}
+    mixed = f"{spec}=1,ink=1"
+    cfg = TrainConfig(task="digits", reward=mixed, reward_params={f"{spec}.cap": float("inf")})
+    assert cfg.reward_params[f"{spec}.cap"] == float("inf")
+    with pytest.raises(ConfigError, match="reward_params.ink.scale must be a finite number"):
+        TrainConfig(task="digits", reward=mixed, reward_params={"ink.scale": float("inf")})
+    with pytest.raises(ConfigError, match="reward_params.scale must be a finite number"):
+        TrainConfig(task="digits", reward="ink", reward_params={"scale": float("inf")})
+    with pytest.raises(ConfigError, match="task_params.noise must be a finite number"):
+        TrainConfig(task="digits", reward=spec, task_params={"noise": float("nan")})

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import shlex
 
+import pytest
 from huggingface_hub import ModelCard, metadata_load
 
 from sqdf.cli import main
-from sqdf.model_card import write_model_card
+from sqdf.model_card import base_model_of, reward_tags, write_model_card
 from sqdf.run import read_metrics
 from sqdf.settings import make_config
 
@@ -66,4 +67,98 @@ def test_an_sd_card_names_its_hub_base_its_licence_and_what_it_did_not_measure(t
     write_model_card(folder, run, make_config(values), "aesthetic", "sqdf train ...")
     meta = metadata_load(folder / "README.md")
     assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert "license" not in meta  # not known without the base's card
+    assert "license" not in meta  # offline, and the base's card is not in the Hub cache
+    assert "The base model's: unknown" in (folder / "README.md").read_text()
+
+
+COMMIT = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _cached_card(cache, repo: str, commit: str, text: str) -> None:
+    """The base model's README.md in a Hub cache at ``commit``, laid out as huggingface_hub
+    lays it (blob, snapshot, ref)."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "blobs").mkdir(parents=True)
+    (root / "blobs" / "card").write_text(text)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    (root / "snapshots" / commit / "README.md").symlink_to(root / "blobs" / "card")
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_base_models_licence_is_read_from_its_card_at_the_trained_commit(
+    tmp_path, monkeypatch
+):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    _cached_card(cache, REPO, COMMIT, "---\nlicense: creativeml-openrail-m\n---\n# SD 1.5\n")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    run = tmp_path / "run"
+    run.mkdir()
+    # the run was given the branch; its record pins the commit it trained on
+    (run / "config.json").write_text(json.dumps({"weights": {REPO: {"commit": COMMIT}}}))
+    folder = tmp_path / "final"
+    folder.mkdir()
+    values = {"task": "sd", "reward": "aesthetic", "task_params": {"model": REPO}}
+    write_model_card(folder, run, make_config(values), "aesthetic", None)
+    meta = metadata_load(folder / "README.md")
+    assert meta["license"] == "creativeml-openrail-m" and meta["base_model"] == REPO
+    text = (folder / "README.md").read_text()
+    assert f"DiffusionPipeline.from_pretrained({REPO!r}, revision={COMMIT!r})" in text
+
+
+@pytest.mark.parametrize(
+    "model", ["hf://org/name@v1", "org/name/unet", "org/name@0123abc/unet", "org/name"]
+)
+def test_base_model_is_the_repository_of_any_hub_reference(model):
+    cfg = make_config({"task": "sd", "reward": "aesthetic", "task_params": {"model": model}})
+    assert base_model_of(cfg) == "org/name"
+
+
+@pytest.mark.parametrize(
+    "reward, tags",
+    [("aesthetic", ["aesthetic"]), ("linear=1,quadratic=1", ["linear", "quadratic"]),
+     ("linear#a=1,linear#b=2", ["linear"]), ("my_pkg.rewards:Sharp_Score", ["sharp-score"])],
+)  # fmt: skip
+def test_reward_tags_are_its_components_as_valid_tags(reward, tags):
+    assert reward_tags(reward) == tags
+
+
+def test_a_card_that_fails_leaves_final_whole_with_a_one_line_warning(
+    tmp_path, monkeypatch, capsys
+):
+    import sqdf.trainer
+
+    def broken(*args, **kwargs):
+        raise ValueError("card metadata does not validate\nsecond line")
+
+    monkeypatch.setattr(sqdf.trainer, "write_model_card", broken)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY]) == 0
+    assert (run / "final" / "policy.safetensors").is_file()
+    assert not (run / "final" / "README.md").exists()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "model card" in line]
+    assert warnings == [
+        f"sqdf: warning: no model card in {run / 'final'}: card metadata does not validate"
+    ]
+
+
+def test_a_card_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails half-way (here: before its flush) leaves the card there was."""
+    import sqdf.atomic
+
+    folder, run = tmp_path / "final", tmp_path / "run"
+    folder.mkdir()
+    run.mkdir()
+    (folder / "README.md").write_text("the card there was")
+
+    def crash(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sqdf.atomic, "fsync_path", crash)
+    values = {"task": "gmm2d", "reward": "linear"}
+    with pytest.raises(OSError):
+        write_model_card(folder, run, make_config(values), "linear", None)
+    assert (folder / "README.md").read_text() == "the card there was"

@@ -118,3 +118,22 @@ def test_a_refused_push_is_one_line(finished_run, monkeypatch, capsys):
 def test_push_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert main(["push", str(tmp_path), "me/x"]) == 2
     assert "not an sqdf run folder" in capsys.readouterr().err
+
+
+def test_a_push_to_a_hub_that_cannot_be_reached_is_one_line(finished_run, monkeypatch, capsys):
+    """A connection refused (the HTTP client's own transport error, whichever client
+    huggingface_hub uses) is one line, like a refusal of the Hub."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    with socket.socket() as sock:  # a loopback port with nothing listening on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)  # loopback only
+    monkeypatch.setenv("HF_TOKEN", "hf_stand_in")
+    assert main(["push", str(finished_run), "me/gmm2d-sqdf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "could not push" in err, err

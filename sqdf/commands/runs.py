@@ -10,7 +10,7 @@ from typing import Any
 from sqdf.commands.args import add_setting_flags, key_values, setting_flags
 from sqdf.errors import SqdfError
 from sqdf.evaluate import EVAL_SEED
-from sqdf.settings import resolve_settings
+from sqdf.settings import BUILT_IN, resolve_settings
 
 SAMPLE_EPILOG = """\
 examples:
@@ -42,8 +42,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sqdf.evaluate import evaluate_run
 
     own, cross = [], []  # the run's own reward's parameters, and a --rewards reward's
+    dotted = any("." in item.partition("=")[0] for item in args.reward_param)
+    parts = _mixture_parts(args.run) if dotted else ()
     for item in args.reward_param:
-        (cross if "." in item.partition("=")[0] else own).append(item)
+        key = item.partition("=")[0]
+        # NAME.KEY is the run's own mixture part NAME's (as train spells it), else a --rewards'
+        ours = "." not in key or any(key.startswith(name + ".") for name in parts)
+        (own if ours else cross).append(item)
     overrides = setting_flags(args, shorthands=("model",))
     if own:
         overrides["reward_params"] = key_values(own, "--reward-param")
@@ -66,7 +71,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_prompt"}, indent=1))
     written = ["eval.json", "eval.md"] if "per_prompt" in metrics else ["eval.json"]
     print("wrote " + ", ".join(str(Path(args.run) / name) for name in written))
+    if overrides:
+        from sqdf.heldout import describe_overrides
+
+        print("note: " + describe_overrides(overrides))
     return 0
+
+
+def _mixture_parts(run: str) -> tuple[str, ...]:
+    """The component names of a run's reward mixture (none for a single reward)."""
+    from sqdf.rewards.mixture import parse_mixture
+    from sqdf.run import read_run_config
+
+    return tuple(parse_mixture(read_run_config(run).reward) or ())
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -75,11 +92,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.task == "sd" or (args.preset and not args.run):
         from sqdf.render import render_sd
 
-        model, prompts = _render_settings(args)
+        model, prompts, guidance, num_steps = _render_settings(args)
         picture = render_sd(
             model, args.lora, prompts, args.out or "sd_samples.png",
             num_images=8 if args.num_samples is None else args.num_samples, seed=args.seed,
-            guidance=args.guidance, num_steps=args.num_steps, device=args.device,
+            guidance=guidance, num_steps=num_steps, device=args.device,
         )  # fmt: skip
         print(f"wrote {picture}")
         return 0
@@ -87,6 +104,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise SqdfError("give a run folder (or --task sd --model PATH --lora RUN/final)")
     if args.preset:
         raise SqdfError("a run folder carries its own settings: give --preset without RUN")
+    if args.reward_params:  # sampling scores nothing: a reward's parameter changes no sample
+        raise SqdfError(
+            "--reward-param: sqdf sample draws samples without scoring them (score them with "
+            "sqdf eval RUN --reward-param)"
+        )
     sd_only = {"--lora": args.lora, "--guidance": args.guidance, "--num-steps": args.num_steps,
                "--device": None if args.device == "auto" else args.device}  # fmt: skip
     for flag, value in sd_only.items():
@@ -104,14 +126,29 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _render_settings(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The model and prompts sqdf sample --task sd renders with: the flags over --preset's
-    (the rest of the render's settings are the --lora run's, or its defaults)."""
+# the sd task's parameters a render takes (model, prompts, guidance; --num-steps is a flag):
+# any other was given for a training run and would be dropped without a word
+RENDER_PARAMS = ("model", "prompts", "guidance")
+
+
+def _render_settings(args: argparse.Namespace) -> tuple[str, str | None, float | None, int | None]:
+    """The model, prompts, guidance and steps sqdf sample --task sd renders with: the flags
+    over --preset's (the rest of the render's settings are the --lora run's, or its defaults).
+    A parameter the render does not take is refused, not dropped."""
     if args.run:
         raise SqdfError("give a run folder or --task sd / --preset, not both")
-    resolved = resolve_settings(
-        flags={"task": "sd", **setting_flags(args)}, preset=args.preset, needs=False
-    )
+    if args.reward_params:
+        raise SqdfError("--reward-param: sqdf sample --task sd renders without a reward")
+    flags = setting_flags(args)
+    ignored = [key for key in flags.get("task_params", {}) if key not in RENDER_PARAMS]
+    if ignored:
+        raise SqdfError(
+            f"--task-param {ignored[0]}: sqdf sample --task sd renders with "
+            f"{', '.join(RENDER_PARAMS)} and --num-steps only (the rest are the --lora run's)"
+        )
+    if args.guidance is not None and "guidance" in flags.get("task_params", {}):
+        raise SqdfError("give --guidance or --task-param guidance, not both")
+    resolved = resolve_settings(flags={"task": "sd", **flags}, preset=args.preset, needs=False)
     resolved.config()  # unknown keys and non-finite values, in one line
     params = resolved.values.get("task_params", {})
     model = params.get("model")
@@ -120,9 +157,18 @@ def _render_settings(args: argparse.Namespace) -> tuple[str, str | None]:
             "sqdf sample --task sd needs --model PATH (a local SD 1.x/2.x, SDXL, SD 3/3.5 or "
             "FLUX.1 folder)"
         )
-    # the task's default prompts would hide the --lora run's own: only those given count
-    given = not resolved.source_of("task_params.prompts").startswith("task defaults")
-    return str(model), params.get("prompts") if given else None
+
+    def given(key: str) -> Any:
+        # the task's defaults would hide the --lora run's own: only values given count
+        source = resolved.source_of(key)
+        if source == BUILT_IN or source.startswith("task defaults"):
+            return None
+        table, _, name = key.rpartition(".")
+        return (params if table else resolved.values).get(name)
+
+    guidance = args.guidance if args.guidance is not None else given("task_params.guidance")
+    num_steps = args.num_steps if args.num_steps is not None else given("num_steps")
+    return str(model), given("task_params.prompts"), guidance, num_steps
 
 
 def _cmd_push(args: argparse.Namespace) -> int:

@@ -352,9 +352,13 @@ def build_gmm2d(cfg: Any, reward: Any, device: torch.device) -> GMM2DTask:
             f"eta is DDIM's; the flow process's noise is task_params.noise_level (got eta "
             f"{cfg.eta})"
         )
-    if getattr(reward, "domain", None) != "points":
+    # the task measures against, and plots over, the exact tilted optimum (target()): a reward
+    # without one (a mixture of linear and quadratic) could train but not be evaluated
+    if getattr(reward, "domain", None) != "points" or getattr(reward, "tilt", None) is None:
+        name = getattr(reward, "name", type(reward).__name__)
         raise ConfigError(
-            "task 'gmm2d' needs a reward with a closed-form optimum (linear, quadratic)"
+            f"task 'gmm2d' needs a reward with a closed-form optimum (linear, quadratic, or a "
+            f"mixture of linear rewards); {name!r} has none"
         )
     for name in ("b", "center"):
         vec = getattr(reward, name, None)
