@@ -465,7 +465,7 @@ def test_every_gated_default_is_said_gated_in_the_readme_and_its_presets():
     names = {"stabilityai/stable-diffusion-3.5-medium": "SD 3.5 Medium",
              "black-forest-labs/FLUX.1-dev": "FLUX.1 [dev]",
              "black-forest-labs/FLUX.1-schnell": "FLUX.1 [schnell]"}  # fmt: skip
-    sentence = readme[readme.index("(SD 3.5 Medium") :].split("are gated")[0]
+    sentence = readme[readme.index("SD 3.5 Medium") :].split("are gated")[0]
     for repo in gated:
         assert names[repo] in sentence, repo
     for name in preset_names():

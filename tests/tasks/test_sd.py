@@ -207,7 +207,7 @@ def directional_check(reward, images, prompts):
 @pytest.mark.parametrize("name", ["aesthetic", "pickscore", "clipscore"])
 def test_clip_rewards_load_from_a_folder_and_their_gradient_is_right(parts, name):
     params = {"aesthetic": {"clip": str(parts / "clip"), "head": str(parts / "head.safetensors")},
-              "pickscore": {"model": str(parts / "clip")},
+              "pickscore": {"model": str(parts / "clip"), "processor": str(parts / "clip")},
               "clipscore": {"model": str(parts / "clip")}}[name]  # fmt: skip
     reward = build_reward(name, params)
     g = torch.Generator().manual_seed(0)

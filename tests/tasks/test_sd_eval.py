@@ -157,8 +157,8 @@ def test_per_prompt_numbers_are_the_means_of_their_own_images(parts, run, user_r
 def test_cli_eval_with_cross_rewards_writes_eval_json_and_md(parts, run, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(parts))  # ~ after NAME.KEY= is not the shell's to expand
     argv = ["eval", str(run), "--rewards", "pickscore,clipscore", "--reward-param",
-            "pickscore.model=~/clip", "--reward-param",
-            f"clipscore.model={parts / 'clip'}", "--per-prompt", "2", "--no-progress"]  # fmt: skip
+            "pickscore.model=~/clip", "--reward-param", "pickscore.processor=~/clip",
+            "--reward-param", f"clipscore.model={parts / 'clip'}", "--per-prompt", "2", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert '"per_prompt"' not in out and "eval.md" in out
@@ -172,7 +172,9 @@ def test_cli_eval_with_cross_rewards_writes_eval_json_and_md(parts, run, capsys,
     "argv, message",
     [
         (["--reward-param", "pickscore.model=x"], "reward 'pickscore' is not in --rewards"),
-        (["--rewards", "pickscore", "--reward-param", "model=x"], "expects NAME.KEY=VALUE"),
+        # KEY=VALUE without a NAME is the run's own reward's (as in train)
+        (["--rewards", "pickscore", "--reward-param", "model=x"],
+         "unknown parameter 'model' for reward 'aesthetic'"),
         (["--rewards", "pickscore"], "PickScore_v1@a4e4367c6dfa7288a00c550414478f865b875800 is"),
         (["--rewards", "imagereward"], "THUDM/ImageReward/ImageReward.pt is not in the Hub cache"),
         (["--rewards", "classifier"], "reward 'classifier' scores image samples, not what the sd"),
