@@ -136,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated sides in px, or native (each model's own)")  # fmt: skip
     ap.add_argument("--batches", default="1,2,4", help="micro-batch sizes B")
     ap.add_argument("--checkpointing", default="on", help="on, off or on,off")
-    ap.add_argument("--fresh-trajectories", type=int, default=0,
-                    help="fresh trajectories an update (0: the batch, the task default)")
+    ap.add_argument(
+        "--fresh-trajectories",
+        type=int,
+        default=0,
+        help="fresh trajectories an update (0: the batch, the task default)",
+    )
     ap.add_argument("--vae-slicing", action="store_true", help="decode one image at a time")
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a results file")
@@ -158,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         for side in sides:
             for ckpt in [c == "on" for c in args.checkpointing.split(",")]:
                 for batch in [int(b) for b in args.batches.split(",")]:
-                    r = row(model, folder, side, batch, ckpt, args.vae_slicing,
-                            args.fresh_trajectories)
+                    r = row(
+                        model, folder, side, batch, ckpt, args.vae_slicing, args.fresh_trajectories
+                    )
                     rows.append(r)
                     print(
                         f"{model} {side}px B={batch} ckpt={'on' if ckpt else 'off'}: traced "

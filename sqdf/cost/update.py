@@ -10,8 +10,9 @@ An update is composed from them by its design (every FLOP count is linear in the
 - reference: the official SQDF trainer's budget (Shin-woocheol/SQDF
   T2I/alignprop_trainer.py, get_on_policy_data, lines 810-830: train_batch_size x
   train_gradient_accumulation_steps fresh trajectories per process; docs/reproducing.md,
-  row 1): B x grad_accum whole trajectories sampled and scored every update, then grad_accum micro-batches of B cells
-  (at grad_accum 1, sqdf's rollout full, buffer on_policy, replay ratio 1);
+  row 1): B x grad_accum whole trajectories sampled and scored every update, then
+  grad_accum micro-batches of B cells (at grad_accum 1, sqdf's rollout full, buffer
+  on_policy, replay ratio 1);
 - truncated: per micro-batch, B trajectories run only to the step their cell uses
   (E[max of m distinct steps of T] sampling steps each for m cells a trajectory);
 - replay<N>: sqdf's trainer with full rollouts: the run's ``fresh_count`` whole trajectories
