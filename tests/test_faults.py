@@ -495,15 +495,17 @@ def test_under_a_launcher_the_same_signal_twice_is_one_stop(monkeypatch):
         raise RuntimeError("leave the block by an error: the recorded signal is not resent")
 
 
-def test_a_signal_after_the_last_look_is_delivered_when_the_block_ends(monkeypatch):
+def test_a_signal_after_the_last_look_is_delivered_when_the_block_ends():
     from sqdf.preemption import stop_on_signals
 
     # Python's own SIGINT handler, whatever an earlier test in this worker left installed
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    request_restore = monkeypatch.context()  # noqa: F841  (kept simple: restored below)
-    with pytest.raises(KeyboardInterrupt), stop_on_signals():
-        os.kill(os.getpid(), signal.SIGINT)  # recorded, and nothing reads it in the block
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt), stop_on_signals():
+            os.kill(os.getpid(), signal.SIGINT)  # recorded, and nothing reads it in the block
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_signal_during_set_up_stops_before_any_update(tmp_path, capsys, monkeypatch):

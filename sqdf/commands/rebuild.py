@@ -4,7 +4,6 @@ aesthetic head's conversion."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

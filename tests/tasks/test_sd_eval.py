@@ -158,7 +158,8 @@ def test_cli_eval_with_cross_rewards_writes_eval_json_and_md(parts, run, capsys,
     monkeypatch.setenv("HOME", str(parts))  # ~ after NAME.KEY= is not the shell's to expand
     argv = ["eval", str(run), "--rewards", "pickscore,clipscore", "--reward-param",
             "pickscore.model=~/clip", "--reward-param", "pickscore.processor=~/clip",
-            "--reward-param", f"clipscore.model={parts / 'clip'}", "--per-prompt", "2", "--no-progress"]  # fmt: skip
+            "--reward-param", f"clipscore.model={parts / 'clip'}", "--per-prompt", "2",
+            "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert '"per_prompt"' not in out and "eval.md" in out
