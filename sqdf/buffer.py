@@ -333,6 +333,10 @@ class ReplayBuffer:
             pool = self.newest if self.strategy == "on_policy" else torch.arange(self.size)
             index = pool[torch.randint(0, pool.shape[0], (n,), generator=generator)]
             step = torch.randint(0, T, (n,), generator=generator)
+        return self.cells_at(index, step)
+
+    def cells_at(self, index: Tensor, step: Tensor) -> Cells:
+        """The cells (trajectory ``index``, step ``step``) of the buffer, states in float32."""
         return Cells(
             x_t=_widen(self.store.read(index, step)),
             x_next=_widen(self.store.read(index, step + 1)),

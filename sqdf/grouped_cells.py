@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sqdf.buffer import HALF, Cells, ReplayBuffer
+from sqdf.buffer import Cells, ReplayBuffer
 from sqdf.distributed import Processes
 from sqdf.methods.grpo import group_advantages, sweep_order, trained_steps
 
@@ -88,18 +88,7 @@ def gather_newest(buffer: ReplayBuffer, params: Any, procs: Processes | None = N
 def buffer_cells(buffer: ReplayBuffer, index: Tensor, step: Tensor) -> Cells:
     """The cells (slot ``index``, step ``step``) of the buffer, as its own draws return them."""
 
-    def widen(x: Tensor) -> Tensor:
-        return x.float() if x.dtype in HALF else x
-
-    return Cells(
-        x_t=widen(buffer.store.read(index, step)),
-        x_next=widen(buffer.store.read(index, step + 1)),
-        step=step,
-        cond=buffer.cond[index],
-        reward=buffer.rewards[index],
-        index=index,
-        logp=buffer.logp[index, step],
-    )
+    return buffer.cells_at(index, step)
 
 
 @dataclass
