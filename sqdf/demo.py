@@ -15,7 +15,7 @@ import torch
 from sqdf.config import TrainConfig
 from sqdf.digits_data import NUM_CLASSES
 from sqdf.errors import ConfigError
-from sqdf.evaluate import evaluate_run, load_run
+from sqdf.evaluate import evaluate_run, load_run, sample_reference
 from sqdf.report import figure_png, file_png, pyplot, save_digit_grid
 from sqdf.run import read_metrics, read_run_config
 from sqdf.run_report import EVAL_TABLES, write_run_report
@@ -84,11 +84,15 @@ def run_demo(
         base_cfg = demo_config(**{**overrides, "method": baseline})
         base_run = train(base_cfg, run / BASELINE_FOLDER, progress=progress)
     t_train = time.perf_counter() - t0
-    metrics = evaluate_run(run, num_samples=num_samples, progress=progress)
+    task = load_run(run)
+    # both runs start from the shipped model: the reference is sampled once for the two
+    ref = sample_reference(task, num_samples, progress=progress)
+    metrics = evaluate_run(run, num_samples=num_samples, progress=progress, reference=ref)
     base_metrics = None
     if base_run is not None:
-        base_metrics = evaluate_run(base_run, num_samples=num_samples, progress=progress)
-    task = load_run(run)
+        base_metrics = evaluate_run(
+            base_run, num_samples=num_samples, progress=progress, reference=ref
+        )
     quality = x0_estimator_quality(task, num_samples=quality_samples)
     (run / "x0_quality.json").write_text(json.dumps(quality, indent=1))
     lead: list[tuple[str, str]] = []

@@ -24,7 +24,7 @@ from sqdf.heldout import (
 )
 from sqdf.rewards import mixture_components
 from sqdf.run import read_metrics, read_run_config
-from sqdf.sampler import sample_in_chunks, sample_trajectories
+from sqdf.sampler import Trajectories, sample_in_chunks, sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
 
 
@@ -84,6 +84,15 @@ EVAL_SEED = 1234
 PER_PROMPT = 4  # sd: held-out images per prompt
 
 
+def sample_reference(
+    task: Task, num_samples: int, seed: int = EVAL_SEED, progress: bool = False
+) -> Trajectories:
+    """The reference's evaluation samples: the noise and conditions ``seed`` draws, which the
+    fine-tuned policy is sampled from too. They depend on the base model only, so runs of one
+    base can share them (``evaluate_run``'s ``reference``)."""
+    return sample_in_chunks(task, num_samples, seed, policy=False, progress=progress and "reference")
+
+
 def evaluate_run(
     run: str | Path,
     num_samples: int | None = None,
@@ -100,6 +109,7 @@ def evaluate_run(
     dreamsim_type: str | None = None,
     fid: str | bool | None = None,
     overrides: dict[str, Any] | None = None,
+    reference: Trajectories | None = None,
 ) -> dict[str, Any]:
     """Sample the fine-tuned policy and the reference, compute metrics, write ``eval.json``.
 
@@ -111,13 +121,16 @@ def evaluate_run(
     and ``fid`` the FID on Inception features to the reference images: each True for its
     package's default weights or a local path (sqdf.evaluators.image_metrics; ``dreamsim_type``
     picks DreamSim's model). ``overrides``: parameter tables over the run's own
-    (``read_run_config``)."""
+    (``read_run_config``). ``reference``: the reference's samples for this seed and sample
+    count (:func:`sample_reference`), when another run of the same base already drew them."""
     from sqdf.evaluators.image_metrics import ImageMetricRequest
 
     run = Path(run)
     cfg = read_run_config(run, overrides)
     request = ImageMetricRequest(lpips, dreamsim, dreamsim_type, fid)
     if cfg.task == "sd":  # the options are checked before the model loads
+        if reference is not None:
+            raise ConfigError("reference samples are not shared between sd evaluations")
         if num_samples is not None:
             raise ConfigError(
                 "an sd run is evaluated per prompt: give --per-prompt (images per prompt) "
@@ -154,7 +167,15 @@ def evaluate_run(
     traj = sample_in_chunks(
         task, num_samples, seed, with_kl=True, progress=progress and "fine-tuned"
     )
-    ref = sample_in_chunks(task, num_samples, seed, policy=False, progress=progress and "reference")
+    if reference is None:
+        ref = sample_reference(task, num_samples, seed, progress)
+    elif len(reference.cond) != num_samples or not torch.equal(reference.cond, traj.cond):
+        raise SqdfError(
+            f"the reference samples given ({len(reference.cond)}) were not drawn for this "
+            f"evaluation ({num_samples} samples, seed {seed})"
+        )
+    else:
+        ref = reference
     gen = torch.Generator().manual_seed(seed + 1)
     r, r_ref = score_samples(task, traj.x0, traj.cond), score_samples(task, ref.x0, ref.cond)
     assert traj.kl is not None

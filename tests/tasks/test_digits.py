@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from sqdf import SqdfError, TrainConfig, evaluate_run, sample_run, train
 from sqdf.errors import ConfigError
+from sqdf.evaluate import load_run, sample_reference
 from sqdf.rewards import build_reward
 from sqdf.tasks import build_task
 from sqdf.tasks.digits import shipped_model
@@ -142,6 +143,13 @@ def test_short_run_and_eval(tmp_path):
     ):
         assert key in metrics
     assert metrics["real_eval_agreement"] > 0.95
+    # the reference's samples drawn once and shared (sqdf demo's two runs) give the same numbers
+    shared = sample_reference(load_run(run), 8)
+    assert evaluate_run(run, num_samples=8, reference=shared) == metrics
+    with pytest.raises(SqdfError, match=r"reference samples given \(8\).*6 samples"):
+        evaluate_run(run, num_samples=6, reference=shared)
+    with pytest.raises(SqdfError, match="seed 7"):
+        evaluate_run(run, num_samples=8, seed=7, reference=shared)
     picture = sample_run(run, num_samples=12)
     assert picture.exists() and picture.with_suffix(".safetensors").exists()
     saved = json.loads((run / "config.json").read_text())
