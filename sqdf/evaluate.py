@@ -90,7 +90,9 @@ def sample_reference(
     """The reference's evaluation samples: the noise and conditions ``seed`` draws, which the
     fine-tuned policy is sampled from too. They depend on the base model only, so runs of one
     base can share them (``evaluate_run``'s ``reference``)."""
-    return sample_in_chunks(task, num_samples, seed, policy=False, progress=progress and "reference")
+    return sample_in_chunks(
+        task, num_samples, seed, policy=False, progress=progress and "reference"
+    )
 
 
 def evaluate_run(
