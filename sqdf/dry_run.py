@@ -3,8 +3,10 @@ the model folder's configs only (the shape of a sample), never its weights."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import tempfile
 from typing import Any
 
 import torch
@@ -52,12 +54,14 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def plan(resolved: Resolved, processes: int = 1) -> dict[str, Any]:
+def plan(resolved: Resolved, processes: int = 1, model: str | None = None) -> dict[str, Any]:
     """The numbers a dry run shows: the model's D, alpha in both conventions, the effective
-    batch and the replay buffer's host memory."""
+    batch and the replay buffer's host memory. ``model``: the sd model's folder, where it was
+    resolved already (else the sizes resolve the run's own ``model``)."""
     cfg = resolved.config()
     check_method_takes_reward(cfg)
-    shape = sample_shape(cfg)
+    sized = cfg if model is None else _with_model(cfg, model)
+    shape = sample_shape(sized)
     dims = math.prod(shape)
     cells = cfg.batch_size * cfg.cells_per_trajectory
     alpha_sum = alpha_in_sum_convention(cfg.alpha, cfg.kl_scale, dims)
@@ -81,9 +85,12 @@ def dry_run_text(
     """The dry run's report: every setting with the layer it came from, then the sizes,
     (``cost``) what one update costs with a fit verdict against ``gpu_memory`` bytes, then the
     weights the run would download (of Hub references: configs only are fetched here)."""
-    with planning() as downloads:
-        p = plan(resolved, processes)
-        cfg = p["config"]
+    with planning() as downloads, contextlib.ExitStack() as stack:
+        cfg = resolved.config()
+        model, offline = None, None
+        if cfg.task == "sd":
+            model, offline = _model_folder(cfg.task_params["model"], stack)
+        p = plan(resolved, processes, model)
         reward = resolved_reward_name(cfg)
         unlisted = None
         if ":" not in reward:  # a user's module:function is imported by the run alone
@@ -91,12 +98,11 @@ def dry_run_text(
                 build_reward(reward, cfg.reward_params)
             except OfflineWeightError as err:  # the run itself will say so; a plan goes on
                 unlisted = str(err)
-        model = resolve(cfg.task_params["model"], "task 'sd' model") if cfg.task == "sd" else None
         text = _settings_text(resolved, p, processes, model)
+        if offline:
+            text += "\n" + offline
         if cost:  # traced from the configs of the resolved folders (configs only fetched here)
-            traced = cfg
-            if model is not None:
-                traced = dataclasses.replace(cfg, task_params={**cfg.task_params, "model": model})
+            traced = cfg if model is None else _with_model(cfg, model)
             text += "\n" + "\n".join(cost_section(traced, gpu_memory))
     if downloads:
         text += "\nweights (Hub references; sizes from the Hub's file metadata or the cache):\n"
@@ -104,6 +110,32 @@ def dry_run_text(
     if unlisted:
         text += f"\nweights not listed: {unlisted}"
     return text
+
+
+def _with_model(cfg: TrainConfig, model: str) -> TrainConfig:
+    return dataclasses.replace(cfg, task_params={**cfg.task_params, "model": model})
+
+
+def _model_folder(given: str, stack: contextlib.ExitStack) -> tuple[str, str | None]:
+    """The sd model's folder for the plan: resolved (configs only), or, where the Hub cannot
+    be reached and the cache lacks it, the configs sqdf ships for that repository written to
+    a temporary folder (closed with ``stack``), with a line saying so."""
+    from sqdf.cost.model_configs import read_shipped, shipped_for, write_config_folder
+
+    try:
+        return resolve(given, "task 'sd' model"), None
+    except OfflineWeightError:
+        name = shipped_for(given)
+        if name is None:
+            raise
+    folder = write_config_folder(name, stack.enter_context(tempfile.TemporaryDirectory()))
+    repo = read_shipped(name)["repo"]
+    note = (
+        f"model: {given} is not in the Hub cache and the Hub cannot be reached; planned and "
+        f"traced from the configs sqdf ships for {repo} (sqdf/assets/model_configs/{name}.json, "
+        "which names their source), not from the revision itself"
+    )
+    return str(folder), note
 
 
 def _settings_text(resolved: Resolved, p: dict[str, Any], processes: int, model: str | None) -> str:

@@ -185,11 +185,26 @@ def planning_now() -> bool:
     return _PLAN is not None
 
 
+def plan_unreached(given: str, err: OfflineWeightError) -> None:
+    """Within a plan, a reference neither cached nor reachable: the plan goes on and lists it
+    as not listed; outside a plan, ``err`` is raised."""
+    if _PLAN is None:
+        raise err
+    if not any(entry["given"] == given for entry in _PLAN):  # settings are checked repeatedly
+        _PLAN.append({"given": given, "unreached": True})
+
+
 def plan_text(plan: list[dict[str, Any]]) -> list[str]:
     """Lines for the planned files: per reference, cached and to-download sizes."""
     lines = []
     total = 0
     for entry in plan:
+        if "unreached" in entry:
+            lines.append(
+                f"  {entry['given']}: not listed (not in the Hub cache, and the Hub cannot be "
+                "reached)"
+            )
+            continue
         new = sum(f["size"] or 0 for f in entry["files"] if not f["cached"])
         have = sum(f["size"] or 0 for f in entry["files"] if f["cached"])
         total += new

@@ -23,6 +23,20 @@ def read_shipped(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
+def shipped_for(given: str) -> str | None:
+    """The shipped config named for the Hub repository that ``given`` refers to (any revision),
+    or None: what a dry run traces offline when that repository is not in the cache."""
+    from sqdf.weights import parse_hub_ref
+
+    ref = parse_hub_ref(given)
+    if ref is None or ref.path is not None:
+        return None
+    for name in MODELS:
+        if read_shipped(name).get("repo", "").lower() == ref.repo.lower():
+            return name
+    return None
+
+
 def write_config_folder(name: str, dest: str | Path) -> Path:
     """A diffusers pipeline folder of configs alone for model ``name``: model_index.json,
     each component's config.json, the scheduler's config and empty tokenizer folders."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sqdf.config import TrainConfig
+from sqdf.errors import ConfigError
 from sqdf.params import build_settings
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD, AestheticReward, ClipModel
 from sqdf.tasks.base import schedule_of
@@ -36,6 +37,7 @@ from sqdf.tasks.sd import (
 )
 from sqdf.tasks.sd_family import family_of, read_config
 from sqdf.tasks.sd_text import FLUX_T5_LENGTH, T5_LENGTH, PromptConditioning
+from sqdf.weights import parse_hub_ref
 
 META = torch.device("meta")
 CLIP_LENGTH = 77  # every family's CLIP tokenizers pad to 77
@@ -186,6 +188,13 @@ def meta_sd_task(
         else None
     )
     networks: dict[str, nn.Module] = {"denoiser": task.denoiser, "VAE decoder": task.vae}
+    if cfg.estimator == "consistency" and options.lcm and not Path(options.lcm).exists():
+        ref = parse_hub_ref(options.lcm)
+        if ref is None or not ref.is_file:  # an LCM-LoRA file is left out anyway (below)
+            raise ConfigError(
+                f"the consistency model {options.lcm} is not in the Hub cache and the Hub "
+                "cannot be reached, so its network cannot be sized"
+            )
     if cfg.estimator == "consistency" and options.lcm and Path(options.lcm).is_dir():
         # a second network: an LCM UNet, or a distilled transformer (an LCM-LoRA file is an
         # adapter on the reference's weights: the reference runs without it, its rank-64

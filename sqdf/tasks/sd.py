@@ -61,7 +61,7 @@ from sqdf.tasks.sd_family import (
 from sqdf.tasks.sd_flux import latent_ids, pack_latents, text_ids, unpack_latents
 from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
 from sqdf.tasks.sd_text import encode_prompts, sdxl_time_ids
-from sqdf.weights import planning_now, resolve
+from sqdf.weights import OfflineWeightError, plan_unreached, planning_now, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LCM_ADAPTER = "lcm"
@@ -178,10 +178,13 @@ class SDConfig:
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ConfigError(f"sd resolution must be a multiple of 8, got {self.resolution}")
         if self.lcm is not None:
-            self.lcm = resolve(self.lcm, "sd lcm", half=half)
+            try:
+                self.lcm = resolve(self.lcm, "sd lcm", half=half)
+            except OfflineWeightError as err:
+                plan_unreached(self.lcm, err)  # a dry run goes on and says so; a run stops
             if not Path(self.lcm).exists() and not planning_now():
                 raise ConfigError(f"sd lcm: no such folder or file {self.lcm!r}")
-        if self.lcm is not None and family.flow:
+        if self.lcm is not None and family.flow and Path(self.lcm).exists():
             distilled_transformer(self.lcm, self.model, family)
         load_prompts(self.prompts)  # a bad prompt set fails here, not mid-run
         load_prompts(self.eval_prompts)

@@ -1,0 +1,58 @@
+"""A preset's dry run on a machine that has never reached the Hub: the model is planned and
+traced from the configs sqdf ships for its repository, and what cannot be listed is said."""
+
+from __future__ import annotations
+
+import huggingface_hub.constants
+import pytest
+
+from sqdf.cli import main
+from sqdf.cost.model_configs import shipped_for, write_config_folder
+
+SMALL = ["--task-param", "resolution=128", "--gpu-memory", "24GiB"]  # a quick trace
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _cost(out: str) -> str:
+    return out[out.index("cost of one update") : out.index("weights (Hub references")]
+
+
+def test_shipped_configs_are_found_by_repository_at_any_revision():
+    assert shipped_for("stable-diffusion-v1-5/stable-diffusion-v1-5@451f4fe") == "sd15"
+    assert shipped_for("hf://stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
+    assert shipped_for("black-forest-labs/FLUX.1-dev") == "fluxdev"
+    for other in ("black-forest-labs/FLUX.1-schnell", "org/name", "/models/sd15",
+                  "stable-diffusion-v1-5/stable-diffusion-v1-5/unet/config.json"):  # fmt: skip
+        assert shipped_for(other) is None
+
+
+def test_an_sd15_preset_plans_offline_as_from_a_folder_of_those_configs(
+    empty_cache, tmp_path, capsys
+):
+    assert main(["train", "--preset", "sd15-aesthetic", "--dry-run", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "traced from the configs sqdf ships for stable-diffusion-v1-5" in out
+    assert "fit: fits 24.00 GiB" in out
+    # the LCM-LoRA cannot be listed either: said once, and the plan goes on
+    assert out.count("lcm-lora-sdv1-5@cf2fced511dbe7e26c8d1d397e728fbab875db4b/"
+                     "pytorch_lora_weights.safetensors: not listed") == 1  # fmt: skip
+    # the same trace as from a local folder holding those configs
+    folder = write_config_folder("sd15", tmp_path / "sd15")
+    argv = ["train", "--preset", "sd15-aesthetic", "--dry-run", "--model", str(folder), *SMALL]
+    assert main(argv) == 0
+    assert _cost(capsys.readouterr().out) == _cost(out)
+
+
+def test_an_unreachable_consistency_network_is_not_sized(empty_cache, capsys):
+    # FLUX.1-dev's preset takes FLUX.1 schnell's transformer as its x̂0 model: a second
+    # 12B network, which a trace without its config would leave out
+    assert main(["train", "--preset", "flux-dev-aesthetic", "--dry-run", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "traced from the configs sqdf ships for black-forest-labs/FLUX.1-dev" in out
+    assert "cost of one update: not traced (the consistency model black-forest-labs/" in out
+    assert "fit:" not in out
