@@ -70,8 +70,8 @@ def host_bytes(buffer) -> int:
 def measure(shape: tuple[int, ...], store: str, dtype: str, n: int, steps: int, tmp: Path) -> dict:
     import torch
 
-    from sqdf.buffer import STATE_DTYPES, DiskStore, MemoryStore, ReplayBuffer
-    from sqdf.sampler import Trajectories
+    from sqdf.sampling.buffer import STATE_DTYPES, DiskStore, MemoryStore, ReplayBuffer
+    from sqdf.sampling.sampler import Trajectories
 
     g = torch.Generator().manual_seed(0)
     traj = Trajectories(

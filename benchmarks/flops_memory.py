@@ -45,7 +45,7 @@ def row(
     vae_slicing: bool = False,
     fresh: int = 0,
 ) -> dict:
-    from sqdf.config import TrainConfig
+    from sqdf.config.train_config import TrainConfig
     from sqdf.cost.model_configs import reward_clip
     from sqdf.cost.parts import meta_sd_task
     from sqdf.cost.update import gpu_peak, prompt_encoding_peak, trace_update, update_flops

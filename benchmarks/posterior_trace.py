@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from sqdf.sampler import sample_trajectories
-    from sqdf.settings import make_config
+    from sqdf.run.settings import make_config
+    from sqdf.sampling.sampler import sample_trajectories
     from sqdf.tasks import build_task
 
     cfg = make_config(

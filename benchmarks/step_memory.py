@@ -61,13 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from sqdf.buffer import Cells
     from sqdf.commands.args import key_values
     from sqdf.errors import SqdfError
     from sqdf.methods import METHODS, build_method_params
-    from sqdf.settings import make_config
+    from sqdf.run.settings import make_config
+    from sqdf.sampling.buffer import Cells
     from sqdf.tasks import build_task
-    from sqdf.trainer import wait_for
+    from sqdf.training.trainer import wait_for
 
     try:  # read as sqdf train reads --task-param, and sqdf compare --set
         extra = key_values(args.task_param, "--task-param")

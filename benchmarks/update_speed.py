@@ -106,11 +106,11 @@ def run_design(name: str, base: dict, updates: int, eval_samples: int) -> dict:
     """Train one design in this process; time it; score it."""
     import torch
 
-    from sqdf.evaluate import load_run, score_samples
-    from sqdf.run import read_metrics
-    from sqdf.sampler import sample_trajectories
-    from sqdf.settings import make_config
-    from sqdf.trainer import train
+    from sqdf.evaluation.evaluate import load_run, score_samples
+    from sqdf.run.folder import read_metrics
+    from sqdf.run.settings import make_config
+    from sqdf.sampling.sampler import sample_trajectories
+    from sqdf.training.trainer import train
 
     settings = design_settings(name)
     values = {**base, **settings, "steps": updates, "log_every": 1, "checkpoint_every": 0,

@@ -1,6 +1,6 @@
 """Run `sqdf demo`'s work as three parts, each a process of its own, with the same functions,
-settings and seeds as `sqdf.demo.run_demo`: to time each part by its CPU time, or to run the
-two trainings side by side on a busy machine. Wrap each in `/usr/bin/time -v` for its time.
+settings and seeds as `sqdf.experiments.demo.run_demo`: to time each part by its CPU time, or to
+run the two trainings side by side on a busy machine. Wrap each in `/usr/bin/time -v` for its time.
 
     python scripts/demo_parts.py sqdf RUN     # train SQDF into RUN, evaluate it
     python scripts/demo_parts.py refl RUN     # train the baseline into RUN/baseline, evaluate it
@@ -14,10 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-import sqdf.demo as demo
-from sqdf.evaluate import evaluate_run, load_run
-from sqdf.trainer import train
-from sqdf.x0_quality import x0_estimator_quality
+import sqdf.experiments.demo as demo
+from sqdf.evaluation.evaluate import evaluate_run, load_run
+from sqdf.evaluation.x0_quality import x0_estimator_quality
+from sqdf.training.trainer import train
 
 
 def main(part: str, out: Path) -> None:

@@ -1,6 +1,6 @@
 """The Gaussian-step floor on the random mixtures of scripts/gmm_families.py: no training,
 the chain whose every step is a fixed-variance Gaussian chosen with the exact soft value
-(sqdf.gaussian_floor), measured against each mixture's exact target and the goal as the
+(sqdf.evaluation.gaussian_floor), measured against each mixture's exact target and the goal as the
 trained runs are.
 
     .venv/bin/python scripts/gaussian_floor.py --out runs/results/gmm2d-families-floor \
@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/gmm_families
 
 from gmm_families import distances, meets_goal, mixtures, summary_markdown  # noqa: E402
 
-from sqdf.atomic import atomic_write_text  # noqa: E402
-from sqdf.gaussian_floor import PROJECTIONS, measure_gaussian_floor  # noqa: E402
-from sqdf.settings import make_config  # noqa: E402
+from sqdf.evaluation.gaussian_floor import PROJECTIONS, measure_gaussian_floor  # noqa: E402
+from sqdf.infra.atomic import atomic_write_text  # noqa: E402
+from sqdf.run.settings import make_config  # noqa: E402
 from sqdf.tasks import build_task  # noqa: E402
 
 SWEEP_KEY = "Gaussian step, sampling steps"

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from sqdf.atomic import atomic_write_text
 from sqdf.commands.args import key_and_values, key_values
-from sqdf.compare import compare
-from sqdf.report import mean_std
+from sqdf.experiments.compare import compare
+from sqdf.infra.atomic import atomic_write_text
+from sqdf.infra.report import mean_std
 
 GOAL = {"target_mode_tv": 0.03, "w2_over_floor": 1.5, "kl_rel_error": 0.1}
 REF_TV = "ref_target_mode_tv"

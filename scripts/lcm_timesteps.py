@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.core.x0 import nearest_timesteps
-from sqdf.sampler import sample_trajectories
+from sqdf.sampling.sampler import sample_trajectories
 from sqdf.tasks import build_task
 
 
@@ -123,11 +123,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['rms_to_final_chain']:.4f} {r['rms_to_final_grid']:.4f}  "
               f"{r['ink_chain']:.4f} {r['ink_grid']:.4f}")  # fmt: skip
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    print(f"  mean over states 1-49: change {mean('rms_change'):.4f}; to final "
-          f"{mean('rms_to_final_chain'):.4f} (chain) {mean('rms_to_final_grid'):.4f} (grid)")
+    print(
+        f"  mean over states 1-49: change {mean('rms_change'):.4f}; to final "
+        f"{mean('rms_to_final_chain'):.4f} (chain) {mean('rms_to_final_grid'):.4f} (grid)"
+    )
     sd = result["tiny_sd"]
-    print(f"tiny random SD + random LCM UNet: RMS change of x̂0 {sd['rms_change']:.4f} "
-          f"(RMS of x̂0 {sd['rms_x0']:.4f})")
+    print(
+        f"tiny random SD + random LCM UNet: RMS change of x̂0 {sd['rms_change']:.4f} "
+        f"(RMS of x̂0 {sd['rms_x0']:.4f})"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

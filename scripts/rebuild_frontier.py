@@ -1,6 +1,6 @@
 """Rewrite a ``sqdf compare --frontier`` folder's frontier outputs from its results.json: the
-same runs, measured again against the exact frontier by the current sqdf.frontier (after a
-change to how the distances are taken), without training anything.
+same runs, measured again against the exact frontier by the current sqdf.experiments.frontier
+(after a change to how the distances are taken), without training anything.
 
     .venv/bin/python scripts/rebuild_frontier.py runs/results/gmm2d-frontier
 """
@@ -11,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from sqdf.atomic import atomic_write_text
 from sqdf.errors import SqdfError
-from sqdf.frontier import frontier_distances, write_frontier
+from sqdf.experiments.frontier import frontier_distances, write_frontier
+from sqdf.infra.atomic import atomic_write_text
 
 
 def rebuild(folder: Path) -> None:

@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gmm_families import meets_goal, mixtures  # noqa: E402
 
-from sqdf.atomic import atomic_write_text  # noqa: E402
-from sqdf.metrics import sliced_w2  # noqa: E402
-from sqdf.sampler import sample_trajectories  # noqa: E402
-from sqdf.settings import make_config  # noqa: E402
+from sqdf.evaluators.metrics import sliced_w2  # noqa: E402
+from sqdf.infra.atomic import atomic_write_text  # noqa: E402
+from sqdf.run.settings import make_config  # noqa: E402
+from sqdf.sampling.sampler import sample_trajectories  # noqa: E402
 from sqdf.tasks import build_task  # noqa: E402
 
 

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from sqdf.atomic import folder_writes
 from sqdf.commands import experiments, rebuild, runs, train
 from sqdf.commands.args import DESCRIPTION, Parser
-from sqdf.distributed import launched
 from sqdf.errors import SqdfError
-from sqdf.preemption import Preempted
-from sqdf.weights import clear as clear_weights
+from sqdf.infra.atomic import folder_writes
+from sqdf.infra.distributed import launched
+from sqdf.infra.preemption import Preempted
+from sqdf.infra.weights import clear as clear_weights
 
 COMMANDS = (train, runs, experiments, rebuild)  # each: add_parsers(sub) and HANDLERS
 WRITES_TO_RUN = ("eval", "report", "sample")
@@ -65,7 +65,7 @@ def run() -> NoReturn:
     """The ``sqdf`` command (and ``python -m sqdf.cli``): main(), then exit with its status."""
     code = main()
     if "RANK" in os.environ:  # under a launcher: leave without C++ teardown (see end_process)
-        from sqdf.distributed import end_process
+        from sqdf.infra.distributed import end_process
 
         end_process(code)
     sys.exit(code)

@@ -7,7 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-import sqdf.demo
+import sqdf.experiments.demo
 from sqdf.cli import main
-from sqdf.config import tomllib
+from sqdf.config.train_config import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,9 @@ def run_sqdf(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     """Run ``sqdf ARGS`` in this process, shrunk; its exit status."""
     if args[0] == "demo":
         monkeypatch.setattr(
-            sqdf.demo, "run_demo", functools.partial(sqdf.demo.run_demo, **DEMO_QUICK)
+            sqdf.experiments.demo,
+            "run_demo",
+            functools.partial(sqdf.experiments.demo.run_demo, **DEMO_QUICK),
         )
     return main(quick(args))
 

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from sqdf.evaluate import load_run, score_samples
-from sqdf.sampler import samples_from_seed
+from sqdf.evaluation.evaluate import load_run, score_samples
+from sqdf.sampling.sampler import samples_from_seed
 
 SEED = 4242  # the checks' own noise and conditions, apart from a run's and an evaluation's
 

@@ -349,7 +349,7 @@ def _sd_scheduler(root, scheduler: dict) -> str:
 def _sd_run(root) -> str:
     """A run folder whose config.json is an sd run's on a model folder of configs only (16 px
     images): enough for sqdf eval's checks, which come before the model loads."""
-    from sqdf.settings import make_config
+    from sqdf.run.settings import make_config
 
     model = _sd_configs(root, {"sample_size": 2, "in_channels": 4})
     cfg = make_config({"task": "sd", "task_params": {"model": model}}, source="test")

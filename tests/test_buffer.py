@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sqdf.buffer import ReplayBuffer
-from sqdf.sampler import Trajectories
+from sqdf.sampling.buffer import ReplayBuffer
+from sqdf.sampling.sampler import Trajectories
 
 T = 4
 

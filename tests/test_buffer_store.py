@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdf import ConfigError, SqdfError, TrainConfig, dry_run, read_metrics, train
-from sqdf.buffer import DiskStore, MemoryStore, ReplayBuffer
+from sqdf import ConfigError, SqdfError, TrainConfig, read_metrics, train
 from sqdf.cli import main
-from sqdf.sampler import Trajectories
-from sqdf.settings import make_config
-from sqdf.trainer import make_buffer
+from sqdf.run.settings import make_config
+from sqdf.sampling.buffer import DiskStore, MemoryStore, ReplayBuffer
+from sqdf.sampling.sampler import Trajectories
+from sqdf.training import dry_run
+from sqdf.training.trainer import make_buffer
 
 T = 5
 SHAPE = (3, 4)

@@ -193,7 +193,7 @@ def test_gmm2d_refuses_a_reward_without_a_closed_form_optimum(tmp_path, capsys):
 
 
 def test_eval_md_says_which_settings_were_taken_over_the_runs_own():
-    from sqdf.heldout import eval_markdown
+    from sqdf.evaluation.heldout import eval_markdown
 
     metrics = {"num_prompts": 1, "prompts": "animals", "images_per_prompt": 2, "seed": 0,
                "weights": "final", "diversity_features": "clip", "num_samples": 2,
@@ -210,7 +210,7 @@ def test_eval_md_says_which_settings_were_taken_over_the_runs_own():
 def test_sd_render_takes_guidance_and_steps_from_the_flags_and_the_preset(monkeypatch):
     """sample --task sd passes the guidance and steps it is given (--task-param, or a preset's)
     on to the render, and leaves the rest to the --lora run when none is given."""
-    import sqdf.render
+    import sqdf.evaluation.render
 
     seen = []
 
@@ -218,7 +218,7 @@ def test_sd_render_takes_guidance_and_steps_from_the_flags_and_the_preset(monkey
         seen.append((model, prompts, kwargs["guidance"], kwargs["num_steps"]))
         return out
 
-    monkeypatch.setattr(sqdf.render, "render_sd", render)
+    monkeypatch.setattr(sqdf.evaluation.render, "render_sd", render)
     base = ["sample", "--task", "sd", "--model", "m", "--device", "cpu"]
     assert main([*base, "--task-param", "guidance=2.5", "--num-steps", "7"]) == 0
     assert main(base) == 0  # nothing given: the --lora run's settings, or the render's defaults

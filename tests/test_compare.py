@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from sqdf.cli import main
-from sqdf.compare import BEST_OF_N, compare, plan_frontier, plan_variants
 from sqdf.core.frontier import exact_frontier, frontier_kl_at, frontier_point
 from sqdf.errors import SqdfError
-from sqdf.frontier import (
+from sqdf.experiments.compare import BEST_OF_N, compare, plan_frontier, plan_variants
+from sqdf.experiments.frontier import (
     SamplerOffset,
     add_frontier_distances,
     gmm2d_frontier,
@@ -285,7 +285,7 @@ def test_the_sampler_offset_is_the_untouched_samplers_own_error():
 
 
 def test_the_frontier_plot_takes_a_log_kl_axis_only_when_the_kls_span_decades():
-    from sqdf.frontier import kl_axis_threshold
+    from sqdf.experiments.frontier import kl_axis_threshold
 
     assert kl_axis_threshold([0.0, 0.05, 1.2, 3.1]) is None  # within two decades: linear
     assert kl_axis_threshold([]) is None and kl_axis_threshold([0.0]) is None

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from sqdf.cli import main
-from sqdf.demo import (
+from sqdf.errors import ConfigError
+from sqdf.evaluation.evaluate import load_run
+from sqdf.experiments.demo import (
     BASELINE,
     BASELINE_FOLDER,
     PER_CLASS,
@@ -18,8 +20,6 @@ from sqdf.demo import (
     run_demo,
     summary_table,
 )
-from sqdf.errors import ConfigError
-from sqdf.evaluate import load_run
 
 TINY = dict(num_steps=4, batch_size=4, buffer_size=8, checkpoint_every=0)
 IMAGE = r"<img src='data:image/png;base64,"
@@ -116,15 +116,15 @@ def test_no_baseline_is_sqdf_alone(tmp_path):
 
 
 def test_the_cli_prints_a_column_per_method(tmp_path, monkeypatch, capsys):
-    import sqdf.demo
-    import sqdf.x0_quality
+    import sqdf.evaluation.x0_quality
+    import sqdf.experiments.demo
 
-    shrunk = sqdf.demo.demo_config
-    monkeypatch.setattr(sqdf.demo, "demo_config", lambda **kw: shrunk(**{**TINY, **kw}))
+    shrunk = sqdf.experiments.demo.demo_config
+    monkeypatch.setattr(sqdf.experiments.demo, "demo_config", lambda **kw: shrunk(**{**TINY, **kw}))
     monkeypatch.setattr(
-        sqdf.demo,
+        sqdf.experiments.demo,
         "x0_estimator_quality",
-        lambda task, num_samples: sqdf.x0_quality.x0_estimator_quality(task, 8),
+        lambda task, num_samples: sqdf.evaluation.x0_quality.x0_estimator_quality(task, 8),
     )
     argv = ["demo", "--steps", "1", "--num-samples", "8", "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "both")]) == 0

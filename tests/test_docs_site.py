@@ -24,8 +24,8 @@ import pytest
 from filelock import FileLock
 
 from sqdf.cli import build_parser
-from sqdf.config import tomllib
-from sqdf.settings import load_preset, preset_names, resolve_settings
+from sqdf.config.train_config import tomllib
+from sqdf.run.settings import load_preset, preset_names, resolve_settings
 from tests.browser import open_urls
 from tests.doc_commands import (
     SQDF,
@@ -96,7 +96,7 @@ def page_text(site: Site, page: str) -> str:
 
 def test_reference_pages_hold_what_the_code_defines(built: Site) -> None:
     from sqdf.bbo.config import BboConfig
-    from sqdf.config import TrainConfig
+    from sqdf.config.train_config import TrainConfig
     from sqdf.methods import METHODS
     from sqdf.rewards import REWARDS
     from sqdf.tasks.gmm2d import GMM2DConfig
@@ -129,7 +129,7 @@ def test_reference_pages_hold_what_the_code_defines(built: Site) -> None:
 def test_autodoc_documents_the_api(built: Site) -> None:
     api = page_text(built, "reference/api.html")
     for name in ("sqdf.train", "sqdf.config_for", "sqdf.core.kl.gaussian_kl",
-                 "sqdf.core.loss.soft_q_loss", "sqdf.settings.resolve_settings"):  # fmt: skip
+                 "sqdf.core.loss.soft_q_loss", "sqdf.run.settings.resolve_settings"):  # fmt: skip
         assert name in api, name
     assert "per sample: ||mean_p - mean_q||² / (2 std²)" in api  # gaussian_kl's docstring
 

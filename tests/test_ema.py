@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from sqdf.errors import ConfigError
-from sqdf.evaluate import evaluate_run, load_run, sample_run
-from sqdf.sampler import sample_trajectories
+from sqdf.evaluation.evaluate import evaluate_run, load_run, sample_run
+from sqdf.sampling.sampler import sample_trajectories
 from sqdf.tasks import build_task
-from sqdf.trainer import train
+from sqdf.training.trainer import train
 
 
 def test_ema_is_the_moving_average_of_every_updates_weights(tiny_config, tmp_path):
@@ -70,7 +70,7 @@ def test_eval_and_sample_use_the_moving_average(tiny_config, tmp_path):
 
 def test_the_average_warms_up_and_bbo_refuses_it(tiny_config, tmp_path):
     from sqdf.bbo import BboConfig, run_method
-    from sqdf.trainer import ema_decay_at
+    from sqdf.training.trainer import ema_decay_at
 
     assert ema_decay_at(0.999, 1) == 2 / 11 and ema_decay_at(0.999, 10**6) == 0.999
     cfg = dataclasses.replace(tiny_config, ema_decay=0.9)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdf.evaluate import score_samples
-from sqdf.periodic_eval import SAMPLES, SEED
-from sqdf.run import EVAL_METRICS, read_metrics
-from sqdf.sampler import sample_in_chunks
-from sqdf.trainer import train
+from sqdf.evaluation.evaluate import score_samples
+from sqdf.evaluation.periodic_eval import SAMPLES, SEED
+from sqdf.run.folder import EVAL_METRICS, read_metrics
+from sqdf.sampling.sampler import sample_in_chunks
+from sqdf.training.trainer import train
 from tests.learning import assert_reward_rose
 from tests.test_trackers import die_in_update, tensorboard_scalars
 
@@ -36,7 +36,7 @@ def test_evaluations_every_n_updates_leave_the_run_as_it_was(tiny_config, tmp_pa
 
 
 def test_the_last_evaluation_is_the_final_policy_scored_on_its_seed(tiny_config, tmp_path):
-    from sqdf.evaluate import load_run
+    from sqdf.evaluation.evaluate import load_run
 
     cfg = dataclasses.replace(tiny_config, eval_every=6)
     run = train(cfg, tmp_path / "run", progress=False)
@@ -51,7 +51,7 @@ def test_the_last_evaluation_is_the_final_policy_scored_on_its_seed(tiny_config,
 def test_a_resumed_run_evaluates_each_step_once_with_the_same_values(
     tiny_config, tmp_path, monkeypatch
 ):
-    import sqdf.trainer
+    import sqdf.training.trainer
 
     cfg = dataclasses.replace(tiny_config, eval_every=1, checkpoint_every=3)
     whole = read_metrics(train(cfg, tmp_path / "whole", progress=False), EVAL_METRICS)
@@ -59,13 +59,13 @@ def test_a_resumed_run_evaluates_each_step_once_with_the_same_values(
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "run", progress=False)
     assert [r["step"] for r in read_metrics(tmp_path / "run", EVAL_METRICS)] == [1, 2, 3, 4]
-    monkeypatch.setattr(sqdf.trainer, "apply_update", real)
+    monkeypatch.setattr(sqdf.training.trainer, "apply_update", real)
     run = train(cfg, tmp_path / "run", resume=True, progress=False)
     assert read_metrics(run, EVAL_METRICS) == whole  # same steps, same numbers
 
 
 def test_eval_every_on_digits_logs_the_evaluator_metrics(tmp_path):
-    from sqdf.settings import config_for
+    from sqdf.run.settings import config_for
 
     cfg = config_for("digits", steps=2, batch_size=4, num_steps=4, eval_every=2)
     run = train(cfg, tmp_path / "d", progress=False)
@@ -104,7 +104,7 @@ def test_a_reward_drawing_from_the_global_generator_trains_as_without_evaluation
 ):
     import sys
 
-    from sqdf.settings import config_for
+    from sqdf.run.settings import config_for
 
     (tmp_path / "eval_every_reward.py").write_text(RANDOM_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -23,10 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import sqdf.checkpoint as checkpoint_module
-import sqdf.trainer as trainer_module
-from sqdf.checkpoint import list_checkpoints, verify_checkpoint
+import sqdf.infra.checkpoint as checkpoint_module
+import sqdf.training.trainer as trainer_module
 from sqdf.cli import main
+from sqdf.infra.checkpoint import list_checkpoints, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -463,7 +463,7 @@ def test_compare_stops_on_a_signal_and_resumes_its_variants(
 def test_a_full_disk_under_eval_is_one_line(tmp_path, monkeypatch, capsys):
     import errno
 
-    import sqdf.evaluate as evaluate_module
+    import sqdf.evaluation.evaluate as evaluate_module
 
     run = tmp_path / "run"
     argv = ["train", "--task", "gmm2d", "--num-steps", "3", "--steps", "1", "--batch-size", "2",
@@ -485,7 +485,7 @@ def test_a_full_disk_under_eval_is_one_line(tmp_path, monkeypatch, capsys):
 def test_under_a_launcher_the_same_signal_twice_is_one_stop(monkeypatch):
     # SLURM signals every process of the step and torchrun forwards its own copy: a worker
     # gets SIGTERM twice, milliseconds apart, and must still stop after a checkpoint
-    from sqdf.preemption import received, stop_on_signals
+    from sqdf.infra.preemption import received, stop_on_signals
 
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(RuntimeError, match="leave the block"), stop_on_signals():
@@ -496,7 +496,7 @@ def test_under_a_launcher_the_same_signal_twice_is_one_stop(monkeypatch):
 
 
 def test_a_signal_after_the_last_look_is_delivered_when_the_block_ends():
-    from sqdf.preemption import stop_on_signals
+    from sqdf.infra.preemption import stop_on_signals
 
     # Python's own SIGINT handler, whatever an earlier test in this worker left installed
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -1,4 +1,5 @@
-"""The Gaussian-step floor on gmm2d (sqdf.gaussian_floor) and its script over random mixtures."""
+"""The Gaussian-step floor on gmm2d (sqdf.evaluation.gaussian_floor) and its script over random
+mixtures."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from sqdf.errors import SqdfError
-from sqdf.gaussian_floor import measure_gaussian_floor, sample_gaussian_floor
-from sqdf.settings import make_config
+from sqdf.evaluation.gaussian_floor import measure_gaussian_floor, sample_gaussian_floor
+from sqdf.run.settings import make_config
 from sqdf.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_the_floor_is_measured_as_a_run_is(process, reward):
     SQDF's per-step objective J found by L-BFGS on J (not by the fixed point of its
     gradient), its path KL |m - μ|² / (2σ²) per step; then measured as sqdf eval measures a
     gmm2d run (the reward's mean, the task's evaluate against the reference's samples)."""
-    from sqdf.sampler import sample_trajectories, step_mean_std
+    from sqdf.sampling.sampler import sample_trajectories, step_mean_std
 
     task = task_of(reward, process, alpha=4.0)
     n = 256

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sqdf import TrainConfig, evaluate_run, train
-from sqdf.demo import run_demo
+from sqdf.experiments.demo import run_demo
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -51,7 +51,7 @@ def test_sd_in_bfloat16_on_gpu(tmp_path, lcm):
     LoRA trains in float32 and reloads into a plain pipeline."""
     from diffusers import StableDiffusionPipeline
 
-    from sqdf.settings import make_config
+    from sqdf.run.settings import make_config
     from sqdf.tasks.sd_random import write_parts, write_random_lcm_lora
 
     paths = write_parts(tmp_path / "parts", "tiny")

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from sqdf import weights
 from sqdf.cli import main
+from sqdf.infra import weights
 from tests.hub_standin import StandInHub, point_at, serve
 from tests.tasks.sd_runs import write_tiny_parts
 
@@ -85,7 +85,7 @@ def test_train_by_hub_id_then_offline_then_eval_at_the_runs_commits(hub, tmp_pat
     clip = hub.repos["tiny/clip"].commits[trained]
     hub.add_files("tiny/clip", {**clip, "README.md": b"a later commit"})
     weights.clear()
-    from sqdf.run import read_run_config
+    from sqdf.run.folder import read_run_config
 
     read_run_config(run)
     assert f"/snapshots/{trained}" in weights.resolve("tiny/clip", "clip")
@@ -129,7 +129,7 @@ def family_parts(parts, tmp_path_factory):
 def publish_defaults(hub: StandInHub, parts, family_parts) -> None:
     """Every default weight the README's preset commands name, at its pinned commit."""
     from sqdf.rewards.clip_rewards import AESTHETIC_HEAD, CLIP_L14
-    from sqdf.settings import load_preset, preset_names
+    from sqdf.run.settings import load_preset, preset_names
 
     def at(given: str, folder=None, files=None) -> None:
         ref = weights.parse_hub_ref(given)
@@ -187,7 +187,7 @@ def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path
         out = capsys.readouterr().out
         if "--dry-run" in argv:
             model = weights.parse_hub_ref(
-                __import__("sqdf.settings", fromlist=["x"])
+                __import__("sqdf.run.settings", fromlist=["x"])
                 .load_preset(argv[2])
                 .train["task_params"]["model"]
             )
@@ -224,7 +224,7 @@ def test_resume_and_sample_load_the_commits_the_run_recorded(hub, tmp_path, caps
 
 
 def test_the_weights_variant_follows_the_runs_device_not_the_machine(hub, parts, monkeypatch):
-    from sqdf.params import build_settings
+    from sqdf.config.params import build_settings
     from sqdf.tasks.sd import SDConfig, run_device
 
     files = {p.relative_to(parts / "sd").as_posix(): p.read_bytes()
@@ -252,8 +252,8 @@ def test_a_second_train_in_one_process_records_only_its_own_weights(hub, tmp_pat
     recorded = json.loads((tmp_path / "two" / "config.json").read_text())["weights"]
     assert "tiny/lcm" not in recorded and "tiny/sd" in recorded
     # the library call too: a run built in Python after another
-    from sqdf.run import read_run_config
-    from sqdf.trainer import train
+    from sqdf.run.folder import read_run_config
+    from sqdf.training.trainer import train
 
     cfg = read_run_config(tmp_path / "two")
     weights.resolve("tiny/lcm", "lcm")  # something this process resolved before

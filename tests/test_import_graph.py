@@ -92,7 +92,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_graph_is_read_from_the_package():
     graph = import_graph()
-    assert "sqdf.sampler" in graph["sqdf.trainer"]  # module level
+    assert "sqdf.sampling.sampler" in graph["sqdf.training.trainer"]  # module level
     assert "sqdf.tasks.sd" in graph["sqdf.tasks"]  # inside a function
     assert "sqdf.core.kernel" in graph["sqdf.tasks.base"]
 
@@ -114,3 +114,30 @@ def test_core_imports_nothing_else_of_ours():
         if not t.startswith("sqdf.core")
     }  # fmt: skip
     assert outside == set()
+
+
+# The pipeline from the ground up (docs/internals.md, Layout): a part of the package imports
+# only from the parts before it, so the folders read in this order.
+PIPELINE = [
+    "core", "errors", "version", "infra", "config", "assets", "evaluators", "rewards", "tasks",
+    "sampling", "methods", "cost", "pretraining", "run", "evaluation", "training", "experiments",
+    "bbo", "commands", "cli", "__main__",
+]  # fmt: skip
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if "." in module else module
+
+
+def test_every_part_of_the_package_is_in_the_pipeline():
+    parts = {_part(m) for m in import_graph()} - {"sqdf"}
+    assert parts == set(PIPELINE)
+
+
+def test_the_folders_import_down_the_pipeline():
+    rank = {part: i for i, part in enumerate(PIPELINE)}
+    upward = {
+        (m, t) for m, ts in import_graph().items() for t in ts
+        if "sqdf" not in (_part(m), _part(t)) and rank[_part(t)] > rank[_part(m)]
+    }  # fmt: skip
+    assert upward == set()

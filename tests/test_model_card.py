@@ -10,9 +10,9 @@ import pytest
 from huggingface_hub import ModelCard, metadata_load
 
 from sqdf.cli import main
-from sqdf.model_card import base_model_of, reward_tags, write_model_card
-from sqdf.run import read_metrics
-from sqdf.settings import make_config
+from sqdf.run.folder import read_metrics
+from sqdf.run.model_card import base_model_of, reward_tags, write_model_card
+from sqdf.run.settings import make_config
 
 TINY = ["--num-steps", "3", "--steps", "3", "--batch-size", "2", "--buffer-size", "4",
         "--device", "cpu", "--no-progress"]  # fmt: skip
@@ -129,12 +129,12 @@ def test_reward_tags_are_its_components_as_valid_tags(reward, tags):
 def test_a_card_that_fails_leaves_final_whole_with_a_one_line_warning(
     tmp_path, monkeypatch, capsys
 ):
-    import sqdf.trainer
+    import sqdf.training.trainer
 
     def broken(*args, **kwargs):
         raise ValueError("card metadata does not validate\nsecond line")
 
-    monkeypatch.setattr(sqdf.trainer, "write_model_card", broken)
+    monkeypatch.setattr(sqdf.training.trainer, "write_model_card", broken)
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *TINY]) == 0
     assert (run / "final" / "policy.safetensors").is_file()
@@ -147,7 +147,7 @@ def test_a_card_that_fails_leaves_final_whole_with_a_one_line_warning(
 
 def test_a_card_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """A write that fails half-way (here: before its flush) leaves the card there was."""
-    import sqdf.atomic
+    import sqdf.infra.atomic
 
     folder, run = tmp_path / "final", tmp_path / "run"
     folder.mkdir()
@@ -157,7 +157,7 @@ def test_a_card_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     def crash(path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sqdf.atomic, "fsync_path", crash)
+    monkeypatch.setattr(sqdf.infra.atomic, "fsync_path", crash)
     values = {"task": "gmm2d", "reward": "linear"}
     with pytest.raises(OSError):
         write_model_card(folder, run, make_config(values), "linear", None)

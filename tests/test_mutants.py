@@ -14,7 +14,7 @@ import torch
 import sqdf.core.kl
 import sqdf.core.loss
 import sqdf.methods.sqdf
-import sqdf.trainer
+import sqdf.training.trainer
 from tests import test_trainer  # imported as a module: its tests are not collected twice
 
 # --- the mutants: each as a programmer's slip would write it --------------------------------
@@ -22,7 +22,7 @@ from tests import test_trainer  # imported as a module: its tests are not collec
 
 def no_optimizer_step(m: pytest.MonkeyPatch) -> None:
     """apply_update's ``s.optimizer.step()`` replaced by ``pass``: a run that trains nothing."""
-    real = sqdf.trainer.apply_update
+    real = sqdf.training.trainer.apply_update
 
     def apply_update(s, grads, tally):
         s.optimizer.step = lambda *args, **kwargs: None  # shadows the bound method
@@ -31,7 +31,7 @@ def no_optimizer_step(m: pytest.MonkeyPatch) -> None:
         finally:
             del s.optimizer.step
 
-    m.setattr(sqdf.trainer, "apply_update", apply_update)
+    m.setattr(sqdf.training.trainer, "apply_update", apply_update)
 
 
 def kl_sign_flipped_in_the_loss(m: pytest.MonkeyPatch) -> None:

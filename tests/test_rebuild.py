@@ -4,8 +4,8 @@ import json
 
 import torch
 
+from sqdf.assets.digits_data import load_digits
 from sqdf.cli import main
-from sqdf.digits_data import load_digits
 from sqdf.rewards import build_reward
 from sqdf.tasks.digits_model import load_unet
 

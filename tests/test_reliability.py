@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from sqdf import SqdfError, TrainConfig, train
-from sqdf.checkpoint import list_checkpoints, load_latest_checkpoint
+from sqdf.infra.checkpoint import list_checkpoints, load_latest_checkpoint
 from sqdf.tasks.digits_model import to_pixels
 from tests.learning import assert_reward_rose
 

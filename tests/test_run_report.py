@@ -9,8 +9,8 @@ import re
 import pytest
 
 from sqdf.cli import main
-from sqdf.evaluate import evaluate_run
-from sqdf.trainer import train
+from sqdf.evaluation.evaluate import evaluate_run
+from sqdf.training.trainer import train
 
 IMAGE = re.compile(r"<img src='data:image/png;base64,[A-Za-z0-9+/=]+'")
 
@@ -26,7 +26,7 @@ def self_contained(page) -> bool:
 
 @pytest.fixture(scope="module")
 def gmm2d_run(tmp_path_factory):
-    from sqdf.config import TrainConfig
+    from sqdf.config.train_config import TrainConfig
 
     cfg = TrainConfig(num_steps=10, steps=6, batch_size=16, buffer_size=64, log_every=2,
                       checkpoint_every=0, device="cpu", estimator="tweedie",
@@ -53,8 +53,8 @@ def test_a_gmm2d_report_evaluates_the_run_and_shows_every_part(gmm2d_run, capsys
 
 
 def test_a_report_shows_cross_rewards_of_a_digits_run(tmp_path):
-    from sqdf.run_report import write_run_report
-    from sqdf.settings import config_for
+    from sqdf.evaluation.run_report import write_run_report
+    from sqdf.run.settings import config_for
 
     run = train(config_for("digits", steps=2, batch_size=4, num_steps=4), tmp_path / "d",
                 progress=False)  # fmt: skip
@@ -121,7 +121,7 @@ def test_watching_guide_report_block_runs(tmp_path, monkeypatch):
 
 
 def test_a_report_after_a_resume_evaluates_the_new_weights(tiny_config, tmp_path, capsys):
-    from sqdf.run_report import write_run_report
+    from sqdf.evaluation.run_report import write_run_report
 
     cfg = dataclasses.replace(tiny_config, steps=2, checkpoint_every=2)
     run = train(cfg, tmp_path / "run", progress=False)

@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from sqdf.cli import main
-from sqdf.config import TrainConfig
-from sqdf.dry_run import plan
+from sqdf.config.train_config import TrainConfig
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.methods import METHODS
-from sqdf.run import read_metrics
-from sqdf.settings import config_for, load_preset, preset_names, resolve_settings
-from sqdf.trainer import out_of_memory_message, train
+from sqdf.run.folder import read_metrics
+from sqdf.run.settings import config_for, load_preset, preset_names, resolve_settings
+from sqdf.training.dry_run import plan
+from sqdf.training.trainer import out_of_memory_message, train
 
 SD15_D = 4 * 64 * 64  # an SD 1.5 latent at 512 x 512
 
@@ -256,8 +256,17 @@ def test_preset_reproduces_the_numbers_of_the_run_it_names(name, sd15_configs):
         eta=cfg.eta, replay=cfg.replay_ratio, strategy=cfg.buffer, weight_decay=cfg.weight_decay,
         clip=cfg.max_grad_norm, estimator=cfg.estimator, seed=cfg.seed,
     )  # fmt: skip
-    texts = ("kl_scale", "reward", "scope", "lora_init", "dtype", "tf32", "lcm_timesteps",
-             "strategy", "estimator")
+    texts = (
+        "kl_scale",
+        "reward",
+        "scope",
+        "lora_init",
+        "dtype",
+        "tf32",
+        "lcm_timesteps",
+        "strategy",
+        "estimator",
+    )
     assert {k: got[k] for k in texts} == {k: want[k] for k in texts}
     numbers = {k: v for k, v in got.items() if k not in texts}
     wanted = {k: v for k, v in want.items() if k not in texts and k != "lora_alpha"}
@@ -500,7 +509,7 @@ def test_out_of_memory_in_the_first_micro_batch_is_one_line_naming_the_settings(
 
 
 def test_out_of_memory_while_sampling_names_the_fresh_batch(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("sqdf.trainer.sample_trajectories", _oom)
+    monkeypatch.setattr("sqdf.training.trainer.sample_trajectories", _oom)
     assert main(["train", *TINY, "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert "out of GPU memory at update 1, sampling 2 fresh trajectories" in err

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from sqdf.errors import ConfigError
-from sqdf.run import read_metrics
-from sqdf.trackers import RunTrackers, flat_hparams, parse_log_with
-from sqdf.trainer import train
+from sqdf.infra.trackers import RunTrackers, flat_hparams, parse_log_with
+from sqdf.run.folder import read_metrics
+from sqdf.training.trainer import train
 
 
 def tensorboard_events(run):
@@ -48,9 +48,9 @@ def metrics_series(run) -> dict[str, list[tuple[int, float]]]:
 def die_in_update(monkeypatch, n: int):
     """Make training stop with a KeyboardInterrupt in its update n (as a kill would, after
     the updates before it were logged); returns the real apply_update, to put back."""
-    import sqdf.trainer
+    import sqdf.training.trainer
 
-    real, calls = sqdf.trainer.apply_update, []
+    real, calls = sqdf.training.trainer.apply_update, []
 
     def dies(*args, **kwargs):
         calls.append(1)
@@ -58,7 +58,7 @@ def die_in_update(monkeypatch, n: int):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sqdf.trainer, "apply_update", dies)
+    monkeypatch.setattr(sqdf.training.trainer, "apply_update", dies)
     return real
 
 
@@ -84,7 +84,7 @@ def test_tensorboard_gets_every_metrics_row_and_the_config(tiny_config, tmp_path
 
 
 def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path, monkeypatch):
-    import sqdf.trainer
+    import sqdf.training.trainer
 
     cfg = dataclasses.replace(tiny_config, log_every=1, checkpoint_every=3, sample_every=2,
                               log_with="tensorboard")  # fmt: skip
@@ -94,7 +94,7 @@ def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "run", progress=False)
     assert finished == [1]  # closed on the way out
-    monkeypatch.setattr(sqdf.trainer, "apply_update", real)
+    monkeypatch.setattr(sqdf.training.trainer, "apply_update", real)
     run = train(cfg, tmp_path / "run", resume=True, progress=False)
     series = tensorboard_scalars(run)
     assert [s for s, _ in series["reward_mean"]] == [1, 2, 3, 4, 5, 6]
@@ -188,14 +188,14 @@ def test_a_missing_tracker_package_names_the_extra(tiny_config, tmp_path, monkey
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
     )
-    import sqdf.trainer
+    import sqdf.training.trainer
     from sqdf.bbo import BboConfig, run_method
-    from sqdf.compare import compare
+    from sqdf.experiments.compare import compare
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(sqdf.trainer, "build_task", no_model)
+    monkeypatch.setattr(sqdf.training.trainer, "build_task", no_model)
     cfg = dataclasses.replace(tiny_config, log_with="tensorboard,mlflow")
     message = r"--log-with mlflow needs the mlflow package: pip install 'sqdf\[mlflow\]'"
     with pytest.raises(ConfigError, match=message):
@@ -287,7 +287,7 @@ def test_watching_guide_example_writes_tensorboard_events(tmp_path, monkeypatch)
 
 
 def test_digits_pictures_reach_the_folder_and_tensorboard(tmp_path):
-    from sqdf.config import TrainConfig
+    from sqdf.config.train_config import TrainConfig
     from tests.tasks.test_digits import TINY
 
     cfg = TrainConfig(**TINY, sample_every=1, log_with="tensorboard")

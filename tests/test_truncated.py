@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.errors import ConfigError
-from sqdf.run import read_metrics
-from sqdf.sampler import sample_states_at, sample_trajectories
+from sqdf.run.folder import read_metrics
+from sqdf.sampling.sampler import sample_states_at, sample_trajectories
 from sqdf.tasks import build_task
-from sqdf.trainer import train
+from sqdf.training.trainer import train
 from tests.learning import assert_reward_rose
 
 
@@ -40,11 +40,11 @@ def test_truncated_states_equal_a_full_rollouts():
 def test_truncated_training_counts_partial_trajectories_and_learns(tmp_path, monkeypatch):
     import dataclasses
 
-    import sqdf.trainer
+    import sqdf.training.trainer
     from sqdf.methods import METHODS
 
     drawn, trained = [], []
-    draw, loss = sqdf.trainer.truncated_cells, METHODS["sqdf"].loss
+    draw, loss = sqdf.training.trainer.truncated_cells, METHODS["sqdf"].loss
 
     def recorded_draw(*args):
         drawn.append(draw(*args))
@@ -54,7 +54,7 @@ def test_truncated_training_counts_partial_trajectories_and_learns(tmp_path, mon
         trained.append(cells)
         return loss(task, cells, *args)
 
-    monkeypatch.setattr(sqdf.trainer, "truncated_cells", recorded_draw)
+    monkeypatch.setattr(sqdf.training.trainer, "truncated_cells", recorded_draw)
     monkeypatch.setitem(METHODS, "sqdf", dataclasses.replace(METHODS["sqdf"], loss=recorded_loss))
     run = train(cfg(cells_per_trajectory=2), tmp_path / "r", progress=False)
     # every update's loss is taken on the cells drawn for it, and on nothing else: 16

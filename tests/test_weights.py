@@ -1,4 +1,4 @@
-"""sqdf.weights against a stand-in Hub on 127.0.0.1: the reference syntax, which files of a
+"""sqdf.infra.weights against a stand-in Hub on 127.0.0.1: the reference syntax, which files of a
 pipeline are fetched, the cache offline, a pinned revision, a download cut off and resumed,
 and one line for each way it fails."""
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from sqdf import weights
-from sqdf.weights import HubRef, parse_hub_ref
+from sqdf.infra import weights
+from sqdf.infra.weights import HubRef, parse_hub_ref
 from tests.hub_standin import StandInHub, point_at, serve
 
 INDEX = {
@@ -219,7 +219,7 @@ def _default_weights() -> dict[str, str]:
 
     from sqdf.rewards import REWARDS
     from sqdf.rewards.clip_rewards import HPS_COMMIT, HPS_FILES, HPS_REPO
-    from sqdf.settings import load_preset, preset_names
+    from sqdf.run.settings import load_preset, preset_names
 
     found = {}
     for name in preset_names():
@@ -453,7 +453,7 @@ def test_datasets_and_spaces_are_one_line(hub, given):
 def test_every_gated_default_is_said_gated_in_the_readme_and_its_presets():
     from pathlib import Path
 
-    from sqdf.settings import load_preset, preset_names
+    from sqdf.run.settings import load_preset, preset_names
 
     root = Path(__file__).resolve().parents[1]
     rows = [ln for ln in (root / "docs" / "weights.md").read_text().splitlines()

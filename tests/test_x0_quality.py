@@ -2,9 +2,9 @@
 
 import torch
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
+from sqdf.evaluation.x0_quality import x0_estimator_quality
 from sqdf.tasks import build_task
-from sqdf.x0_quality import x0_estimator_quality
 
 
 def test_estimates_sharpen_as_noise_falls():

@@ -180,7 +180,7 @@ def config_table(which: str) -> list[str]:
     flag, type and default, its help text, and the checks its validation makes."""
     if which == "train":
         from sqdf.commands.args import DICT_FIELDS
-        from sqdf.config import TrainConfig as cls
+        from sqdf.config.train_config import TrainConfig as cls
 
         checks = field_checks(cls, "_check")
         flags = {f.name: DICT_FIELDS.get(f.name, "--" + f.name.replace("_", "-"))
@@ -303,7 +303,7 @@ def cli_reference() -> list[str]:
 
 
 def presets_table() -> list[str]:
-    from sqdf.settings import load_preset, preset_names
+    from sqdf.run.settings import load_preset, preset_names
 
     rows = []
     for name in preset_names():

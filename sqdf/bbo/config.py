@@ -7,8 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqdf.config.params import check_finite
 from sqdf.errors import ConfigError
-from sqdf.params import check_finite
 
 OPTIMISM = ("ucb", "sample")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sqdf.atomic import atomic_write
 from sqdf.errors import SqdfError
-from sqdf.sampler import Trajectories
+from sqdf.infra.atomic import atomic_write
+from sqdf.sampling.sampler import Trajectories
 
 PENDING, OK, EXCLUDED = 0, 1, 2
 

@@ -12,17 +12,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqdf.atomic import atomic_write_text, make_folder
 from sqdf.bbo.config import BboConfig
 from sqdf.bbo.loop import BBO_METHODS, check_constant_lr, run_method
 from sqdf.bbo.oracle import user_oracle
-from sqdf.config import TrainConfig
-from sqdf.distributed import Processes
+from sqdf.config.params import suggest
+from sqdf.config.train_config import TrainConfig
 from sqdf.errors import SqdfError
+from sqdf.infra.atomic import atomic_write_text, make_folder
+from sqdf.infra.distributed import Processes
+from sqdf.infra.report import pyplot
 from sqdf.methods import METHODS
-from sqdf.params import suggest
-from sqdf.report import pyplot
-from sqdf.settings import make_config
+from sqdf.run.settings import make_config
 
 FORMAT = "sqdf-bbo"
 SPEC = "bbo.json"

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sqdf.atomic import atomic_write_text, folder_writes
 from sqdf.bbo.config import BboConfig
 from sqdf.bbo.data import (
     EXCLUDED,
@@ -51,23 +50,24 @@ from sqdf.bbo.data import (
 )
 from sqdf.bbo.oracle import Oracle, OracleError, task_oracle, user_oracle
 from sqdf.bbo.proxy import ProxyEnsemble, ProxyReward, feature_map
-from sqdf.checkpoint import (
+from sqdf.config.train_config import TrainConfig
+from sqdf.errors import ConfigError, DivergedError, SqdfError
+from sqdf.infra.atomic import atomic_write_text, folder_writes
+from sqdf.infra.checkpoint import (
     Checkpoint,
     load_latest_checkpoint,
     load_weights,
     save_checkpoint,
     save_weights,
 )
-from sqdf.config import TrainConfig
-from sqdf.distributed import Processes, rank_seed
-from sqdf.errors import ConfigError, DivergedError, SqdfError
+from sqdf.infra.distributed import Processes, rank_seed
+from sqdf.infra.preemption import Preempted, received, stop_here_if_signalled, stop_on_signals
+from sqdf.infra.trackers import check_installed, parse_log_with
 from sqdf.methods import METHODS
-from sqdf.preemption import Preempted, received, stop_here_if_signalled, stop_on_signals
-from sqdf.sampler import sample_trajectories
-from sqdf.settings import make_config
+from sqdf.run.settings import make_config
+from sqdf.sampling.sampler import sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
-from sqdf.trackers import check_installed, parse_log_with
-from sqdf.trainer import (
+from sqdf.training.trainer import (
     TrainState,
     gather_process_states,
     loss_scaler,

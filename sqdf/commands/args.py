@@ -8,9 +8,9 @@ import argparse
 import time
 from typing import Any
 
-from sqdf.config import tomllib
-from sqdf.distributed import launched
+from sqdf.config.train_config import tomllib
 from sqdf.errors import SqdfError
+from sqdf.infra.distributed import launched
 
 DESCRIPTION = """\
 Fine-tune diffusion models on a reward with SQDF (Soft Q-based Diffusion Fine-tuning):

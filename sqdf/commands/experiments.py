@@ -15,16 +15,16 @@ from sqdf.commands.args import (
     setting_flags,
 )
 from sqdf.commands.train import not_a_bbo_preset
-from sqdf.config import read_toml
+from sqdf.config.train_config import read_toml
 from sqdf.errors import SqdfError
-from sqdf.settings import resolve_settings
+from sqdf.run.settings import resolve_settings
 
 COMPARE_DEFAULT_METHODS = "sqdf,draft,alignprop,ddpo"
 BBO_DEFAULT_METHODS = "sqdf,seiko,ddpo,best_of_n"
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from sqdf.compare import compare, resume_compare
+    from sqdf.experiments.compare import compare, resume_compare
 
     if args.resume:  # the folder's own arguments; only --no-progress may be given
         given = (args.task, args.methods, args.out, args.config, args.preset, args.steps,
@@ -288,7 +288,7 @@ def _cmd_bbo(args: argparse.Namespace) -> int:
 def _run_bbo(args: argparse.Namespace, task: str | None, methods: str) -> int:
     """A new BBO experiment from sqdf bbo's or sqdf compare --bbo's arguments."""
     from sqdf.bbo import BboConfig, run_bbo
-    from sqdf.params import build_settings
+    from sqdf.config.params import build_settings
 
     flags = _set_flags(args)
     if task:

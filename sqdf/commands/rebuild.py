@@ -19,7 +19,7 @@ def _cmd_convert_head(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sqdf.demo import BASELINE, run_demo, summary_table
+    from sqdf.experiments.demo import BASELINE, run_demo, summary_table
 
     t0 = time.perf_counter()
     overrides = {"steps": args.steps} if args.steps is not None else {}
@@ -47,7 +47,7 @@ def _only_digits(task: str) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from sqdf.pretrain import PretrainConfig, pretrain_digits
+    from sqdf.pretraining.pretrain import PretrainConfig, pretrain_digits
 
     _only_digits(args.task)
     out = pretrain_digits(
@@ -61,7 +61,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from sqdf.distill import DistillConfig, distill_cm
+    from sqdf.pretraining.distill import DistillConfig, distill_cm
 
     _only_digits(args.task)
     out = args.out or str(Path(args.base) / "cm")

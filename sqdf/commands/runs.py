@@ -9,8 +9,8 @@ from typing import Any
 
 from sqdf.commands.args import add_setting_flags, key_values, setting_flags
 from sqdf.errors import SqdfError
-from sqdf.evaluate import EVAL_SEED
-from sqdf.settings import BUILT_IN, resolve_settings
+from sqdf.evaluation.evaluate import EVAL_SEED
+from sqdf.run.settings import BUILT_IN, resolve_settings
 
 SAMPLE_EPILOG = """\
 examples:
@@ -39,7 +39,7 @@ def reward_choices(names: str | None, params: list[str]) -> dict[str, dict[str, 
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from sqdf.evaluate import evaluate_run
+    from sqdf.evaluation.evaluate import evaluate_run
 
     own, cross = [], []  # the run's own reward's parameters, and a --rewards reward's
     dotted = any("." in item.partition("=")[0] for item in args.reward_param)
@@ -72,7 +72,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     written = ["eval.json", "eval.md"] if "per_prompt" in metrics else ["eval.json"]
     print("wrote " + ", ".join(str(Path(args.run) / name) for name in written))
     if overrides:
-        from sqdf.heldout import describe_overrides
+        from sqdf.evaluation.heldout import describe_overrides
 
         print("note: " + describe_overrides(overrides))
     return 0
@@ -81,16 +81,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _mixture_parts(run: str) -> tuple[str, ...]:
     """The component names of a run's reward mixture (none for a single reward)."""
     from sqdf.rewards.mixture import parse_mixture
-    from sqdf.run import read_run_config
+    from sqdf.run.folder import read_run_config
 
     return tuple(parse_mixture(read_run_config(run).reward) or ())
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from sqdf.evaluate import sample_run
+    from sqdf.evaluation.evaluate import sample_run
 
     if args.task == "sd" or (args.preset and not args.run):
-        from sqdf.render import render_sd
+        from sqdf.evaluation.render import render_sd
 
         model, prompts, guidance, num_steps = _render_settings(args)
         picture = render_sd(
@@ -172,7 +172,7 @@ def _render_settings(args: argparse.Namespace) -> tuple[str, str | None, float |
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from sqdf.push import push_run
+    from sqdf.run.push import push_run
 
     url = push_run(args.run, args.repo_id, private=True if args.private else None)
     print(f"pushed {Path(args.run) / 'final'} to {args.repo_id}: {url}")
@@ -180,7 +180,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from sqdf.run_report import write_run_report
+    from sqdf.evaluation.run_report import write_run_report
 
     page = write_run_report(args.run, device=args.device, progress=not args.no_progress)
     print(f"wrote {page}")

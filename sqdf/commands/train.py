@@ -15,10 +15,10 @@ from sqdf.commands.args import (
     default_out,
     setting_flags,
 )
-from sqdf.config import config_fields, read_toml
-from sqdf.distributed import launched
+from sqdf.config.train_config import config_fields, read_toml
 from sqdf.errors import SqdfError
-from sqdf.settings import Resolved, config_sources, make_config, resolve_settings
+from sqdf.infra.distributed import launched
+from sqdf.run.settings import Resolved, config_sources, make_config, resolve_settings
 
 TRAIN_EPILOG = """\
 examples:
@@ -100,7 +100,7 @@ def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def _resumed_settings(args: argparse.Namespace, flags: dict[str, Any]) -> Resolved:
     """A run's own config with the flags that may change on resume (e.g. --steps) over it."""
-    from sqdf.run import config_path, read_run_config
+    from sqdf.run.folder import config_path, read_run_config
 
     if args.config or args.preset or any(key in flags for key in DICT_FIELDS):
         raise SqdfError(
@@ -116,14 +116,14 @@ def _resumed_settings(args: argparse.Namespace, flags: dict[str, Any]) -> Resolv
 
 
 def not_a_bbo_preset(name: str | None, what_to_do: str) -> None:
-    from sqdf.settings import load_preset
+    from sqdf.run.settings import load_preset
 
     if name and load_preset(name).is_bbo:
         raise SqdfError(f"preset {name!r} is an online BBO experiment: {what_to_do}")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from sqdf.trainer import train
+    from sqdf.training.trainer import train
 
     flags = _train_flags(args)
     if args.resume:
@@ -142,7 +142,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise SqdfError(f"--gpu-memory {args.gpu_memory} goes with --dry-run (a run's check)")
     if args.dry_run:
         from sqdf.cost.report import detected_gpu_memory, parse_memory
-        from sqdf.dry_run import dry_run_text
+        from sqdf.training.dry_run import dry_run_text
 
         memory = parse_memory(args.gpu_memory) if args.gpu_memory else detected_gpu_memory()
         print(dry_run_text(resolved, processes=max(launched()[1], 1), gpu_memory=memory))
@@ -158,7 +158,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from sqdf.settings import load_preset, preset_names
+    from sqdf.run.settings import load_preset, preset_names
 
     if not args.name:
         for name in preset_names():

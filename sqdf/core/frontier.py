@@ -8,8 +8,8 @@ reference, a log-sum of the components' closed-form log-MGFs (sqdf.core.soft_val
 p_α is the most reward any distribution reaches at its KL from p_ref (the Gibbs variational
 principle), and a path KL is never below the KL of its end point, so a sampler whose
 reference chain ends exactly at p_ref never lies above the curve in the (path KL, reward)
-plane. (A finite-step reference ends near p_ref, not at it: sqdf.frontier measures against the
-curve shifted by that sampler's own reward error.) Along the curve d E_α[r] / d KL = α.
+plane. (A finite-step reference ends near p_ref, not at it: sqdf.experiments.frontier measures
+against the curve shifted by that sampler's own reward error.) Along the curve d E_α[r] / d KL = α.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def read_shipped(name: str) -> dict[str, Any]:
 def shipped_for(given: str) -> str | None:
     """The shipped config named for the Hub repository that ``given`` refers to (any revision),
     or None: what a dry run traces offline when that repository is not in the cache."""
-    from sqdf.weights import parse_hub_ref
+    from sqdf.infra.weights import parse_hub_ref
 
     ref = parse_hub_ref(given)
     if ref is None or ref.path is not None:

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sqdf.config import TrainConfig
+from sqdf.config.params import build_settings
+from sqdf.config.train_config import TrainConfig
 from sqdf.errors import ConfigError
-from sqdf.params import build_settings
+from sqdf.infra.weights import parse_hub_ref
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD, AestheticReward, ClipModel
 from sqdf.tasks.base import schedule_of
 from sqdf.tasks.finetune import PolicyAndReference
@@ -37,7 +38,6 @@ from sqdf.tasks.sd import (
 )
 from sqdf.tasks.sd_family import family_of, read_config
 from sqdf.tasks.sd_text import FLUX_T5_LENGTH, T5_LENGTH, PromptConditioning
-from sqdf.weights import parse_hub_ref
 
 META = torch.device("meta")
 CLIP_LENGTH = 77  # every family's CLIP tokenizers pad to 77

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.cost.model_configs import reward_clip
 from sqdf.cost.parts import meta_sd_task
 from sqdf.cost.update import (
@@ -102,7 +102,7 @@ def _with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
 def trained_side(cfg: TrainConfig) -> int:
     """The image side in pixels the run trains at: its resolution, else the model's native
     side (read from the model folder's configs as the sd task reads it)."""
-    from sqdf.params import build_settings
+    from sqdf.config.params import build_settings
     from sqdf.tasks.sd import SDConfig, image_side
 
     return image_side(build_settings(SDConfig, cfg.task_params, "task 'sd'"))
@@ -215,8 +215,8 @@ def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
 
 
 def meta_dtype(cfg: TrainConfig) -> Any:
+    from sqdf.config.params import build_settings
     from sqdf.cost.parts import compute_dtype
-    from sqdf.params import build_settings
     from sqdf.tasks.sd import SDConfig
 
     return compute_dtype(build_settings(SDConfig, cfg.task_params, "task 'sd'"))

@@ -20,7 +20,7 @@ An update is composed from them by its design (every FLOP count is linear in the
   micro-batches of B cells drawn from it.
 
 Memory is the peak of live tensors over the three traces, plus the optimizer's float32
-state of the LoRA; the replay buffer lives in host memory (sqdf.dry_run.buffer_bytes).
+state of the LoRA; the replay buffer lives in host memory (sqdf.training.dry_run.buffer_bytes).
 Everything here is a traced estimate, not a measurement.
 """
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.cost.parts import (
     MetaParts,
     linear_weight_bytes,
@@ -41,7 +41,7 @@ from sqdf.cost.parts import (
 )
 from sqdf.cost.trace import UpdateTracer, fused_attention
 from sqdf.errors import SqdfError
-from sqdf.sampler import step_mean_std
+from sqdf.sampling.sampler import step_mean_std
 
 TRACED_ESTIMATORS = ("tweedie", "consistency")  # the x̂0 of one network call
 GRADIENT_PHASES = ("policy step", "reference step", "x̂0 model", "VAE decode", "reward", "backward")

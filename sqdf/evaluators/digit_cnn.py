@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sqdf.digits_data import NUM_CLASSES, load_digits
+from sqdf.assets.digits_data import NUM_CLASSES, load_digits
 from sqdf.errors import SqdfError
 from sqdf.evaluators.feature_stats import frechet_distance, mean_pairwise_distance, vendi_score
 

@@ -34,7 +34,7 @@ from sqdf.evaluators.third_party import (
     read_state_dict,
     weights_only_loads,
 )
-from sqdf.weights import resolve
+from sqdf.infra.weights import resolve
 
 TRUNK_FILE = "alexnet-owt-7be5be79.pth"
 LIN_KEYS = tuple(f"lin{i}.model.1.weight" for i in range(5))

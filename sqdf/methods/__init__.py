@@ -4,7 +4,7 @@ method's own settings dataclass (from ``method_params``). Methods that sample th
 (DRaFT, AlignProp, ReFL) use only the cells' conditions. ``stats["reward_evals"]`` counts the
 reward evaluations the loss made, so budgets can be compared. A method that learns from groups
 (GRPO, ``grouped``) gets each cell's group in the newest batch too
-(``sqdf.grouped_cells.gather_newest``)."""
+(``sqdf.training.grouped_cells.gather_newest``)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,6 @@ def group_size(name: str, params: Any) -> int:
 
 
 def build_method_params(name: str, params: Mapping[str, Any]) -> Any:
-    from sqdf.params import build_settings
+    from sqdf.config.params import build_settings
 
     return build_settings(METHODS[name].params, dict(params), f"method {name!r}")

@@ -54,11 +54,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sqdf.buffer import Cells
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.core.kernel import STEP_KL_SCALES
 from sqdf.errors import ConfigError
 from sqdf.methods.ddpo import clipped_ratio_loss, masked_mean, per_condition_advantages
+from sqdf.sampling.buffer import Cells
 from sqdf.tasks.base import Task
 
 STDS = ("sample", "population")
@@ -227,10 +227,11 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """``group`` (B,): each cell's group; ``batch_reward``, ``batch_group`` (N,): the newest
     batch's rewards and groups (gathered over processes where ``global_std`` or ``group_by``
-    asks), whose statistics normalise the advantages (``sqdf.grouped_cells.gather_newest``).
-    ``kept_cells``: with ``drop_zero_advantage``, the update's kept cells per micro-batch,
-    which the loss's sum over this micro-batch's kept cells is divided by (every kept cell of
-    the update weighs the same, as in Flow-GRPO's filtered batch); None: this micro-batch's."""
+    asks), whose statistics normalise the advantages
+    (``sqdf.training.grouped_cells.gather_newest``). ``kept_cells``: with
+    ``drop_zero_advantage``, the update's kept cells per micro-batch, which the loss's sum
+    over this micro-batch's kept cells is divided by (every kept cell of the update weighs
+    the same, as in Flow-GRPO's filtered batch); None: this micro-batch's."""
     adv = group_advantages(cells.reward, group, batch_reward, batch_group, std=params.std,
                            global_std=params.global_std)  # fmt: skip
     adv = adv.clamp(-params.adv_clip, params.adv_clip).to(task.device, cells.reward.dtype)

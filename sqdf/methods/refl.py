@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sqdf.buffer import Cells
-from sqdf.config import TrainConfig
-from sqdf.sampler import rollout_with_grad
+from sqdf.config.train_config import TrainConfig
+from sqdf.sampling.buffer import Cells
+from sqdf.sampling.sampler import rollout_with_grad
 from sqdf.tasks.base import Task
 
 

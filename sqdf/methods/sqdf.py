@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sqdf.buffer import Cells
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.core.kl import gaussian_kl
 from sqdf.core.loss import soft_q_loss
-from sqdf.sampler import step_mean_std
+from sqdf.sampling.buffer import Cells
+from sqdf.sampling.sampler import step_mean_std
 from sqdf.tasks.base import Task
 
 Q_POINTS = ("sample", "reference_mean")

@@ -12,8 +12,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from sqdf.config.params import build_settings, suggest
 from sqdf.errors import ConfigError
-from sqdf.params import build_settings, suggest
 from sqdf.rewards.analytic import LinearReward, QuadraticReward
 from sqdf.rewards.clip_rewards import (
     AestheticReward,

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.weights import as_safetensors, parse_hub_ref, planning_now, read_torch_weights, resolve
+from sqdf.infra.weights import (
+    as_safetensors,
+    parse_hub_ref,
+    planning_now,
+    read_torch_weights,
+    resolve,
+)
 
 # OpenAI CLIP's preprocessing, used when a folder has no preprocessor_config.json
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,7 +50,7 @@ def clip_preprocess(images: Tensor, size: int, mean: tuple, std: tuple) -> Tenso
     return (x - m) / s
 
 
-# the default weights (docs/weights.md): Hub references, resolved through sqdf.weights
+# the default weights (docs/weights.md): Hub references, resolved through sqdf.infra.weights
 # the CLIP of the LAION aesthetic head
 CLIP_L14 = "openai/clip-vit-large-patch14@32bd64288804d66eefd0ccbe215aa642df71cc41"
 # the LAION improved aesthetic predictor's sac+logos+ava1-l14-linearMSE head, as TRL's DDPO

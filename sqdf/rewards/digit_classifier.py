@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sqdf.digits_data import load_digits
+from sqdf.assets.digits_data import load_digits
 from sqdf.errors import SqdfError
 
 WEIGHTS = "reward_cnn.safetensors"

@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 
 from sqdf.errors import ConfigError
+from sqdf.infra.weights import hub_file, read_torch_weights, resolve
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD, _prompts, clip_preprocess
-from sqdf.weights import hub_file, read_torch_weights, resolve
 
 # where the official weights are: ImageReward's Hub repository (the package's utils.py downloads
 # both files from it) and BLIP's BERT tokenizer

@@ -59,7 +59,7 @@ def sample_shape(cfg: Any) -> tuple[int, ...]:
         return (1, IMAGE_SIZE, IMAGE_SIZE)
     if cfg.task != "sd":
         raise ConfigError(f"unknown task {cfg.task!r}; known: {', '.join(sorted(TASKS))}")
-    from sqdf.params import build_settings
+    from sqdf.config.params import build_settings
     from sqdf.tasks.sd import SDConfig, latent_shape, run_device
 
     with run_device(cfg.device):  # the weights variant of the run's device, not this machine's

@@ -20,10 +20,10 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
+from sqdf.config.params import build_settings
 from sqdf.core.kernel import DDIMKernel
 from sqdf.core.x0 import consistency_x0
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.params import build_settings
 from sqdf.tasks.base import Task, _expand, schedule_of
 from sqdf.tasks.digits_model import (
     IMAGE_SIZE,
@@ -143,7 +143,7 @@ class DigitsTask(Task):
     def plot_samples(
         self, samples: Tensor, ref_samples: Tensor | None, cond: Tensor, path: Path
     ) -> None:
-        from sqdf.report import save_digit_grid
+        from sqdf.infra.report import save_digit_grid
 
         panels = [("fine-tuned", samples)] + (
             [("reference", ref_samples)] if ref_samples is not None else []

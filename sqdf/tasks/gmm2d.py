@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sqdf.config.params import build_settings
 from sqdf.core.flow import flow_sigmas
 from sqdf.core.gmm import GaussianMixture, gmm_eps, gmm_posterior_mean
 from sqdf.core.kernel import DDIMKernel, FlowKernel
@@ -29,8 +30,7 @@ from sqdf.core.ode import pf_ode_x0
 from sqdf.core.schedule import make_ddim_schedule
 from sqdf.core.soft_value import gmm_posterior, soft_value
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.metrics import mode_frequencies, mode_tv, sliced_w2
-from sqdf.params import build_settings
+from sqdf.evaluators.metrics import mode_frequencies, mode_tv, sliced_w2
 from sqdf.tasks.base import Task
 
 PROCESSES = ("vp", "flow")
@@ -320,7 +320,7 @@ class GMM2DTask(Task):
     ) -> None:
         """One scatter panel per (name, points), each over an exact target density: this
         task's, or ``targets[i]`` for panel i (a sweep's variants each have their own)."""
-        from sqdf.report import pyplot
+        from sqdf.infra.report import pyplot
 
         plt = pyplot()
         targets = targets or [self.target()] * len(panels)

@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sqdf.checkpoint import save_weights
+from sqdf.config.params import build_settings
 from sqdf.core.flow import flow_x0
 from sqdf.core.kernel import DDIMKernel, FlowKernel
 from sqdf.core.x0 import consistency_x0, guidance_embedding, nearest_timesteps
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.params import build_settings
+from sqdf.infra.checkpoint import save_weights
+from sqdf.infra.weights import OfflineWeightError, plan_unreached, planning_now, resolve
 from sqdf.tasks.base import Task, _expand, schedule_of
 from sqdf.tasks.finetune import PolicyAndReference, check_network_options
 from sqdf.tasks.lora import (
@@ -61,7 +62,6 @@ from sqdf.tasks.sd_family import (
 from sqdf.tasks.sd_flux import latent_ids, pack_latents, text_ids, unpack_latents
 from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
 from sqdf.tasks.sd_text import encode_prompts, sdxl_time_ids
-from sqdf.weights import OfflineWeightError, plan_unreached, planning_now, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LCM_ADAPTER = "lcm"
@@ -643,7 +643,7 @@ class SDTask(Task):
     def plot_samples(
         self, samples: Tensor, ref_samples: Tensor | None, cond: Tensor, path: Path
     ) -> None:
-        from sqdf.report import save_image_rows
+        from sqdf.infra.report import save_image_rows
 
         n = min(8, len(samples))
         rows = [("fine-tuned", self.decode_batches(samples[:n]))]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.weights import weights_variant
+from sqdf.infra.weights import weights_variant
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from sqdf.bbo import BboConfig, run_method
 from sqdf.bbo.data import load_round, round_path
 from sqdf.bbo.proxy import ProxyEnsemble, feature_map
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from tests.learning import assert_lora_moved
 
 

@@ -10,7 +10,7 @@ import torch
 
 from sqdf.bbo import BboConfig, OracleError, resume_bbo, run_bbo
 from sqdf.bbo.data import EXCLUDED, OK, load_rounds
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.errors import SqdfError
 from tests.bbo.kill import killed_in_round_one_fine_tuning
 

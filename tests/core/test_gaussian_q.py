@@ -17,7 +17,7 @@ from sqdf.core.gaussian_q import (
 from sqdf.core.gmm import GaussianMixture
 from sqdf.core.soft_value import gmm_posterior, soft_value
 from sqdf.errors import ConfigError
-from sqdf.settings import make_config
+from sqdf.run.settings import make_config
 from sqdf.tasks import build_task
 
 from .test_soft_value import MIX, REWARDS, STATES

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from sqdf.buffer import Cells
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.core import discount_weight, soft_q_loss
 from sqdf.methods.sqdf import SqdfParams, sqdf_loss
+from sqdf.sampling.buffer import Cells
 from sqdf.tasks import build_task
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.core.gmm import GaussianMixture
 from sqdf.core.soft_value import gmm_posterior, linear_log_mgf, quadratic_log_mgf, soft_value
 from sqdf.errors import ConfigError
@@ -119,7 +119,7 @@ def test_gmm2d_exact_soft_q_is_the_reference_chains_soft_value(process, reward):
     x_state (20,000 chains): the closed form is this value at full noise, up to the
     discretisation of 50 Gaussian steps. After the last step soft_q is the reward. (α is not
     1, so that the task's α is seen to reach the formula.)"""
-    from sqdf.sampler import step_mean_std
+    from sqdf.sampling.sampler import step_mean_std
 
     params = {"process": process}
     if process == "flow":

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sqdf.buffer import Cells
 from sqdf.cost.report import trace_run
 from sqdf.cost.update import GRADIENT_PHASES
 from sqdf.methods.sqdf import SqdfParams, sqdf_loss
+from sqdf.sampling.buffer import Cells
 from sqdf.tasks import build_task
 from tests.tasks.sd_runs import sd_config, write_tiny_parts
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from sqdf.cli import main
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.cost.report import levers, parse_memory, trace_run
 from sqdf.cost.update import gpu_peak
 from sqdf.errors import ConfigError

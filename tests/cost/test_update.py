@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.cost.parts import meta_sd_task
 from sqdf.cost.trace import fused_attention
 from sqdf.cost.update import (
@@ -112,13 +112,13 @@ def test_designs_compose_the_traced_pieces(model):
 
 
 def test_replay_sampling_counts_the_trajectories_the_trainer_samples(model, monkeypatch):
-    """Sampling FLOPs of an update = (trajectories sqdf.trainer.sample_scored samples every
+    """Sampling FLOPs of an update = (trajectories sqdf.training.trainer.sample_scored samples every
     replay_ratio updates) x T steps x one step's FLOPs / replay_ratio, with the samples counted
     by calling the trainer's own sampling loop, fresh_trajectories set apart from the batch."""
     from types import SimpleNamespace
 
-    import sqdf.trainer as trainer
-    from sqdf.sampler import Trajectories
+    import sqdf.training.trainer as trainer
+    from sqdf.sampling.sampler import Trajectories
 
     cfg = _cfg(model, batch_size=2, grad_accum=4, fresh_trajectories=8, replay_ratio=2,
                buffer_size=16)  # fmt: skip

@@ -11,7 +11,7 @@ import sys
 import torch.distributed as dist
 
 from sqdf.cli import main
-from sqdf.distributed import end_process
+from sqdf.infra.distributed import end_process
 
 dist.init_process_group(backend="cuda:gloo")  # Accelerate then joins this group as it is
 end_process(main(sys.argv[1:]))

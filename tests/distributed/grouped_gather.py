@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import torch
 
-from sqdf.distributed import Processes, end_process
-from sqdf.grouped_cells import gather_newest
+from sqdf.infra.distributed import Processes, end_process
 from sqdf.methods import build_method_params
 from sqdf.methods.grpo import group_advantages
+from sqdf.training.grouped_cells import gather_newest
 
 
 def batch(rank: int) -> tuple[list[int], list[float]]:

@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-import sqdf.grouped_cells
-import sqdf.trainer
-from sqdf.distributed import Processes, end_process
+import sqdf.training.grouped_cells
+import sqdf.training.trainer
+from sqdf.infra.distributed import Processes, end_process
 from sqdf.methods import METHODS
-from sqdf.settings import make_config
+from sqdf.run.settings import make_config
 
 STEPS = 3
 
@@ -27,21 +27,24 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     rank = Processes("cpu").rank
     gathers = 0
-    gather = sqdf.grouped_cells.gather_varying
+    gather = sqdf.training.grouped_cells.gather_varying
 
     def counted(procs, t):
         global gathers
         gathers += 1
         return gather(procs, t)
 
-    sqdf.grouped_cells.gather_varying = counted
+    sqdf.training.grouped_cells.gather_varying = counted
     loss = METHODS["grpo"].loss
 
     def failing(*args, **kwargs):
         value, stats = loss(*args, **kwargs)
         return (value * float("nan") if rank == 1 else value), stats
 
-    sqdf.trainer.METHODS = {**METHODS, "grpo": dataclasses.replace(METHODS["grpo"], loss=failing)}
+    sqdf.training.trainer.METHODS = {
+        **METHODS,
+        "grpo": dataclasses.replace(METHODS["grpo"], loss=failing),
+    }
     cfg = make_config(dict(
         task="gmm2d", method="grpo", buffer="on_policy", num_steps=4, steps=STEPS, batch_size=8,
         buffer_size=8, grad_accum=3, log_every=1, checkpoint_every=0, device="cpu",
@@ -49,6 +52,6 @@ if __name__ == "__main__":
         method_params={"group_size": 4, "global_std": True, "group_by": "condition",
                        "std": "population"},
     ))  # fmt: skip
-    sqdf.trainer.train(cfg, out / "run", progress=False)
+    sqdf.training.trainer.train(cfg, out / "run", progress=False)
     (out / f"{rank}.json").write_text(json.dumps({"gathers": gathers, "steps": STEPS}))
     end_process(0)

@@ -12,9 +12,9 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from sqdf.distributed import Processes, end_process
+from sqdf.infra.distributed import Processes, end_process
 from sqdf.methods import METHODS, build_method_params
-from sqdf.trainer import average_and_clip
+from sqdf.training.trainer import average_and_clip
 from tests.distributed.shards import CFG, global_cells, shard
 
 out, b = sys.argv[1], int(sys.argv[2])

@@ -2,9 +2,9 @@
 
 import torch
 
-from sqdf.buffer import Cells
-from sqdf.config import TrainConfig
-from sqdf.sampler import sample_trajectories
+from sqdf.config.train_config import TrainConfig
+from sqdf.sampling.buffer import Cells
+from sqdf.sampling.sampler import sample_trajectories
 from sqdf.tasks.base import Task
 
 # a clip that bites: the clipped norm is part of what must match

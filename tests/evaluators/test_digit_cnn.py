@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sqdf.digits_data import load_digits
+from sqdf.assets.digits_data import load_digits
 from sqdf.errors import SqdfError
 from sqdf.evaluators import DigitEvaluator
 

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from sqdf import TrainConfig, read_metrics, train
-from sqdf.buffer import ReplayBuffer
 from sqdf.errors import ConfigError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.methods.ddpo import ddpo_loss, per_condition_advantages
-from sqdf.sampler import rollout_with_grad, sample_trajectories
-from sqdf.settings import make_config
+from sqdf.run.settings import make_config
+from sqdf.sampling.buffer import ReplayBuffer
+from sqdf.sampling.sampler import rollout_with_grad, sample_trajectories
 from sqdf.tasks import build_task
 from tests.learning import assert_reward_rose
 

@@ -7,17 +7,17 @@ import torch
 from safetensors.torch import load_file
 
 from sqdf import read_metrics
-from sqdf.buffer import ReplayBuffer
 from sqdf.core.kl import gaussian_log_prob
-from sqdf.distributed import rank_seed
 from sqdf.errors import ConfigError
-from sqdf.grouped_cells import gather_newest
+from sqdf.infra.distributed import rank_seed
 from sqdf.methods import build_method_params
 from sqdf.methods.grpo import grpo_loss
-from sqdf.sampler import sample_trajectories, step_mean_std
-from sqdf.settings import make_config
+from sqdf.run.settings import make_config
+from sqdf.sampling.buffer import ReplayBuffer
+from sqdf.sampling.sampler import sample_trajectories, step_mean_std
 from sqdf.tasks import build_task
-from sqdf.trainer import TrainState, train, whole_groups
+from sqdf.training.grouped_cells import gather_newest
+from sqdf.training.trainer import TrainState, train, whole_groups
 
 # tiny gmm2d settings, as tests/test_compare.py's BASE
 BASE = dict(task="gmm2d", method="grpo", buffer="on_policy", num_steps=5, steps=3, batch_size=8,

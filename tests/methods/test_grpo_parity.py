@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from sqdf.buffer import ReplayBuffer
-from sqdf.grouped_cells import CellSchedule, buffer_cells, gather_newest
 from sqdf.methods import build_method_params
 from sqdf.methods.grpo import group_advantages, grpo_loss, trained_steps
-from sqdf.sampler import sample_trajectories, step_mean_std
-from sqdf.settings import make_config
+from sqdf.run.settings import make_config
+from sqdf.sampling.buffer import ReplayBuffer
+from sqdf.sampling.sampler import sample_trajectories, step_mean_std
 from sqdf.tasks import build_task
+from sqdf.training.grouped_cells import CellSchedule, buffer_cells, gather_newest
 
 BASE = dict(task="gmm2d", method="grpo", buffer="on_policy", num_steps=5, steps=3, batch_size=8,
             buffer_size=16, log_every=1, checkpoint_every=0, device="cpu", estimator="tweedie",
@@ -256,7 +256,7 @@ def test_dropped_zero_advantages_leave_every_kept_cell_of_the_update_the_same_we
     # the update weighs 1 / (kept cells of the update), whatever its micro-batch kept
     from types import SimpleNamespace
 
-    from sqdf.trainer import planned_cells
+    from sqdf.training.trainer import planned_cells
 
     cfg, task = _task()
     rewards = torch.tensor([2.0] * 4 + [1.0, 2.0, 4.0, 8.0] + [7.0] * 4 + [0.0, 3.0, 1.0, 5.0])
@@ -303,7 +303,7 @@ def test_a_sweep_that_cannot_finish_a_pass_is_said_and_the_preset_can():
 
 
 def test_the_presets_global_std_on_fewer_processes_than_its_notes_is_said(tmp_path):
-    from sqdf.settings import load_preset, preset_processes_note, resolve_settings
+    from sqdf.run.settings import load_preset, preset_processes_note, resolve_settings
 
     name = "flow-grpo-sd35-pickscore"
     (tmp_path / "p.txt").write_text("a cat\n")

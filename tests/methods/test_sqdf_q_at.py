@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sqdf.buffer import Cells
 from sqdf.errors import ConfigError
 from sqdf.methods import METHODS, build_method_params
 from sqdf.methods.sqdf import linearised_q
-from sqdf.sampler import sample_trajectories, step_mean_std
-from sqdf.settings import make_config
+from sqdf.run.settings import make_config
+from sqdf.sampling.buffer import Cells
+from sqdf.sampling.sampler import sample_trajectories, step_mean_std
 from sqdf.tasks import build_task
-from sqdf.trainer import train
+from sqdf.training.trainer import train
 from tests.learning import assert_reward_rose
 
 

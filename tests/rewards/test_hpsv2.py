@@ -162,7 +162,7 @@ def test_bad_settings_are_one_line(tiny, tmp_path, monkeypatch):
 
 def test_sqdf_trains_on_hpsv2_with_tiny_sd_parts(tiny, tmp_path):
     from sqdf.cli import main
-    from sqdf.run import read_metrics
+    from sqdf.run.folder import read_metrics
     from sqdf.tasks.sd_random import write_random_sd
 
     model = write_random_sd(tmp_path / "sd")

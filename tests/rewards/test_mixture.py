@@ -16,7 +16,7 @@ from sqdf.errors import ConfigError
 from sqdf.rewards import build_reward, is_differentiable
 from sqdf.rewards.analytic import LinearReward
 from sqdf.rewards.mixture import parse_mixture
-from sqdf.run import read_metrics
+from sqdf.run.folder import read_metrics
 from sqdf.tasks import build_task
 
 TINY = ["--num-steps", "3", "--steps", "2", "--batch-size", "4", "--buffer-size", "8",

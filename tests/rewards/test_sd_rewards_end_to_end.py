@@ -11,7 +11,7 @@ import json
 import pytest
 
 from sqdf.cli import main
-from sqdf.run import read_metrics
+from sqdf.run.folder import read_metrics
 from tests.rewards.test_hpsv2 import ARCH, write_tiny_hps
 from tests.rewards.test_image_reward import tiny_vision, write_tiny_image_reward  # noqa: F401
 from tests.tasks.sd_runs import write_tiny_parts

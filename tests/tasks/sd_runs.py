@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from sqdf.cli import main
-from sqdf.config import TrainConfig
-from sqdf.settings import make_config
+from sqdf.config.train_config import TrainConfig
+from sqdf.run.settings import make_config
 from tests.doc_commands import doc_block
 
 # the docs' commands made small enough for a test
@@ -86,7 +86,7 @@ def every_method_runs_through_compare(base: dict[str, Any], tmp_path: Path) -> N
     group)."""
     import json
 
-    from sqdf.compare import compare
+    from sqdf.experiments.compare import compare
     from sqdf.methods import METHODS
 
     held_out = tmp_path / "held_out.txt"
@@ -103,9 +103,9 @@ def checkpointing_keeps_the_gradient(config_of: Any, steps: tuple[int, int] = (0
     (``config_of(checkpointing) -> TrainConfig``), on the cells of ``steps``: the same."""
     import torch
 
-    from sqdf.buffer import Cells
     from sqdf.methods import METHODS, build_method_params
-    from sqdf.sampler import sample_trajectories
+    from sqdf.sampling.buffer import Cells
+    from sqdf.sampling.sampler import sample_trajectories
     from sqdf.tasks import build_task
 
     grads = []
@@ -193,8 +193,8 @@ def reloaded_lora_matches_the_run(
 
 
 def held_out_drawn_again(run: Path, per_prompt: int, seed: int) -> dict[str, Any]:
-    """The held-out evaluation of ``run`` drawn again outside sqdf.heldout: the run's eval
-    prompts, ``per_prompt`` images each, from the same noise through the task's own sampler
+    """The held-out evaluation of ``run`` drawn again outside sqdf.evaluation.heldout: the run's
+    eval prompts, ``per_prompt`` images each, from the same noise through the task's own sampler
     for the policy and the reference, decoded, scored by the run's reward called directly,
     with the path KL and the reward's CLIP image features of each image.
 
@@ -202,8 +202,8 @@ def held_out_drawn_again(run: Path, per_prompt: int, seed: int) -> dict[str, Any
     """
     import torch
 
-    from sqdf.evaluate import load_run
-    from sqdf.sampler import sample_in_chunks
+    from sqdf.evaluation.evaluate import load_run
+    from sqdf.sampling.sampler import sample_in_chunks
     from sqdf.tasks.sd_prompts import load_prompt_pairs
 
     task = load_run(run)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from sqdf import SqdfError, TrainConfig, evaluate_run, sample_run, train
 from sqdf.errors import ConfigError
-from sqdf.evaluate import load_run, sample_reference
+from sqdf.evaluation.evaluate import load_run, sample_reference
 from sqdf.rewards import build_reward
 from sqdf.tasks import build_task
 from sqdf.tasks.digits import shipped_model
@@ -101,7 +101,7 @@ def test_reward_gradients_match_finite_differences(name, params):
 
 
 def test_rewards_score_what_they_say():
-    from sqdf.digits_data import load_digits
+    from sqdf.assets.digits_data import load_digits
 
     images, labels = load_digits(16)
     clf = build_reward("classifier", {})

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.errors import ConfigError
-from sqdf.evaluate import load_run
+from sqdf.evaluation.evaluate import load_run
 from sqdf.tasks import build_task
 from sqdf.tasks.digits import shipped_model
 from sqdf.tasks.digits_model import cfg_eps, load_unet
-from sqdf.trainer import train
+from sqdf.training.trainer import train
 
 
 def digits(**task_params) -> TrainConfig:

@@ -21,7 +21,7 @@ from sqdf.tasks import build_task
 from sqdf.tasks.sd import FLUX_SAMPLE_SIZE
 from sqdf.tasks.sd_flux import latent_ids, pack_latents, unpack_latents
 from sqdf.tasks.sd_random import write_random_aesthetic_head, write_random_clip, write_random_flux
-from sqdf.trainer import train
+from sqdf.training.trainer import train
 from tests.tasks.sd_runs import (
     checkpointing_keeps_the_gradient,
     copy_model,
@@ -319,7 +319,7 @@ def test_eval_scores_a_flux_run_on_held_out_prompts(trained):
     """sqdf eval of a FLUX run against its held-out images drawn again: the rewards, the
     path KL, the diversity and the Fréchet distance recomputed from them."""
     from sqdf.cli import main
-    from sqdf.evaluate import EVAL_SEED
+    from sqdf.evaluation.evaluate import EVAL_SEED
 
     assert main(["eval", str(trained), "--per-prompt", "2", "--no-progress"]) == 0
     metrics = json.loads((trained / "eval.json").read_text())

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.core.gmm import gmm_posterior_mean
 from sqdf.errors import ConfigError
-from sqdf.metrics import mode_tv, sliced_w2
-from sqdf.sampler import sample_trajectories
+from sqdf.evaluators.metrics import mode_tv, sliced_w2
+from sqdf.sampling.sampler import sample_trajectories
 from sqdf.tasks import build_task
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from sqdf.cli import main
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.core.gmm import GaussianMixture
-from sqdf.metrics import sliced_w2
-from sqdf.sampler import sample_trajectories
+from sqdf.evaluators.metrics import sliced_w2
+from sqdf.sampling.sampler import sample_trajectories
 from sqdf.tasks import build_task
 
 

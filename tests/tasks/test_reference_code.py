@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.core.x0 import nearest_timesteps
 from sqdf.errors import ConfigError
 from sqdf.methods import METHODS, build_method_params
@@ -138,7 +138,7 @@ def test_compat_reward_input_is_the_vae_decode_mapped_twice_and_resized(parts):
 
 
 def test_a_compat_runs_evaluation_scores_the_true_image(parts):
-    from sqdf.evaluate import score_samples
+    from sqdf.evaluation.evaluate import score_samples
 
     torch.manual_seed(0)
     compat = build_task(config(parts, task_params={"reference_compat": True}))
@@ -154,7 +154,7 @@ def test_a_compat_runs_evaluation_scores_the_true_image(parts):
 
 
 def _cells(task, n=4):
-    from sqdf.buffer import Cells
+    from sqdf.sampling.buffer import Cells
 
     g = torch.Generator().manual_seed(3)
     return Cells(
@@ -186,7 +186,7 @@ def test_positive_reward_mask_keeps_positive_q_cells_kl_included(parts, monkeypa
     # the same draws: per-cell loss -γ^(T-k-1) q + α KL, KL from the stats' mean is not per
     # cell, so rebuild each cell's loss from the plain run's pieces
     from sqdf.core.kl import gaussian_kl
-    from sqdf.sampler import step_mean_std
+    from sqdf.sampling.sampler import step_mean_std
 
     with torch.no_grad():
         mean, std = step_mean_std(task, cells.x_t, cells.step, cells.cond, policy=True)
@@ -213,7 +213,7 @@ def test_positive_reward_mask_keeps_positive_q_cells_kl_included(parts, monkeypa
 def test_reference_compat_refuses_more_than_one_process():
     from types import SimpleNamespace
 
-    from sqdf.trainer import check_reference_compat
+    from sqdf.training.trainer import check_reference_compat
 
     compat, plain = SimpleNamespace(reference_compat=True), SimpleNamespace()
     check_reference_compat(compat, 1)
@@ -240,7 +240,7 @@ def test_tf32_is_set_either_way_by_each_task(parts, monkeypatch):
 def test_the_float16_loss_scale_starts_where_accelerates_does():
     from types import SimpleNamespace
 
-    from sqdf.trainer import loss_scaler
+    from sqdf.training.trainer import loss_scaler
 
     # accelerate's fp16 builds torch's GradScaler with its default init_scale
     scaler = loss_scaler(SimpleNamespace(dtype=torch.float16, device=torch.device("cpu")))

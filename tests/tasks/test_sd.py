@@ -26,7 +26,7 @@ from sqdf.tasks.sd_random import (
     write_random_lcm_lora,
     write_random_lcm_unet,
 )
-from sqdf.trainer import train
+from sqdf.training.trainer import train
 from tests.tasks.sd_runs import (
     checkpointing_keeps_the_gradient,
     sd_config,
@@ -434,7 +434,7 @@ def test_bbo_on_sd_sends_prompts_and_fits_the_proxy_on_clip_embeddings(parts, tm
 
     from sqdf.bbo import BboConfig, run_method
     from sqdf.bbo.data import load_rounds
-    from sqdf.checkpoint import load_weights
+    from sqdf.infra.checkpoint import load_weights
 
     (tmp_path / "sd_oracle.py").write_text(SD_ORACLE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -525,11 +525,11 @@ def test_full_fine_tuning_keeps_the_lcm_lora_on_the_frozen_reference(parts, tmp_
 def test_float16_scales_the_loss_backs_off_on_overflow_and_resumes(parts, tmp_path, monkeypatch):
     import json
 
-    import sqdf.trainer
+    import sqdf.training.trainer
 
     # a scale that overflows float16 gradients for sure: updates are skipped and the scale
     # halves until the gradients fit, then they go through
-    monkeypatch.setattr(sqdf.trainer, "INITIAL_LOSS_SCALE", 2.0**24)
+    monkeypatch.setattr(sqdf.training.trainer, "INITIAL_LOSS_SCALE", 2.0**24)
     cfg = config(parts, steps=12, checkpoint_every=6, log_every=1, lr=1e-3,
                  task_params={"dtype": "float16"})  # fmt: skip
     run = train(cfg, tmp_path / "run", progress=False)
@@ -555,7 +555,7 @@ def test_float16_bbo_resumes_with_its_loss_scale(parts, tmp_path, monkeypatch):
     import json
 
     from sqdf.bbo import BboConfig, run_method
-    from sqdf.trainer import INITIAL_LOSS_SCALE
+    from sqdf.training.trainer import INITIAL_LOSS_SCALE
     from tests.bbo.kill import killed_in_round_one_fine_tuning
 
     # the proxy's gradients overflow float16 at the initial scale here: round 0 halves it
@@ -618,7 +618,7 @@ def test_sd_pictures_and_metrics_reach_tensorboard(parts, tmp_path):
 
 def test_sd_ema_is_a_diffusers_lora_too_and_renders_as_the_run_trained(parts, tmp_path):
     from sqdf.cli import main
-    from sqdf.render import trained_settings
+    from sqdf.evaluation.render import trained_settings
 
     run = train(config(parts, ema_decay=0.5, task_params={"guidance": 2.5}), tmp_path / "run",
                 progress=False)  # fmt: skip

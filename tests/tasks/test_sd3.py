@@ -25,7 +25,7 @@ from sqdf.tasks.sd_random import (
     write_random_clip,
     write_random_sd3,
 )
-from sqdf.trainer import train
+from sqdf.training.trainer import train
 from tests.tasks.sd_runs import (
     checkpointing_keeps_the_gradient,
     copy_model,
@@ -247,7 +247,7 @@ def test_eval_scores_an_sd3_run_on_held_out_prompts(trained):
     """sqdf eval of an SD 3 run against its held-out images drawn again: the rewards, the
     path KL, the diversity and the Fréchet distance recomputed from them."""
     from sqdf.cli import main
-    from sqdf.evaluate import EVAL_SEED
+    from sqdf.evaluation.evaluate import EVAL_SEED
 
     assert main(["eval", str(trained), "--per-prompt", "2", "--no-progress"]) == 0
     metrics = json.loads((trained / "eval.json").read_text())

@@ -1,4 +1,4 @@
-"""Held-out evaluation of sd runs (sqdf.heldout): prompts the run did not train on,
+"""Held-out evaluation of sd runs (sqdf.evaluation.heldout): prompts the run did not train on,
 cross-rewards, diversity within a prompt, the Fréchet distance to the reference, eval.md."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from sqdf.cli import main
 from sqdf.errors import ConfigError
-from sqdf.evaluate import evaluate_run
+from sqdf.evaluation.evaluate import evaluate_run
 from sqdf.tasks import build_task
 from sqdf.tasks.sd_prompts import ANIMALS, ANIMALS_HELDOUT
 from sqdf.tasks.sd_random import write_random_sd
 from sqdf.tasks.sd_text import encode_prompts
-from sqdf.trainer import train
+from sqdf.training.trainer import train
 from tests.tasks.sd_runs import (
     held_out_drawn_again,
     held_out_numbers_are_the_images,
@@ -174,8 +174,10 @@ def test_cli_eval_with_cross_rewards_writes_eval_json_and_md(parts, run, capsys,
     [
         (["--reward-param", "pickscore.model=x"], "reward 'pickscore' is not in --rewards"),
         # KEY=VALUE without a NAME is the run's own reward's (as in train)
-        (["--rewards", "pickscore", "--reward-param", "model=x"],
-         "unknown parameter 'model' for reward 'aesthetic'"),
+        (
+            ["--rewards", "pickscore", "--reward-param", "model=x"],
+            "unknown parameter 'model' for reward 'aesthetic'",
+        ),
         (["--rewards", "pickscore"], "PickScore_v1@a4e4367c6dfa7288a00c550414478f865b875800 is"),
         (["--rewards", "imagereward"], "THUDM/ImageReward/ImageReward.pt is not in the Hub cache"),
         (["--rewards", "classifier"], "reward 'classifier' scores image samples, not what the sd"),
@@ -193,7 +195,7 @@ def test_bad_eval_options_are_one_line(run, capsys, argv, message):
 
 
 def test_digits_runs_take_cross_rewards_but_not_prompts(tmp_path, capsys):
-    from sqdf.settings import config_for
+    from sqdf.run.settings import config_for
 
     run = train(config_for("digits", steps=1, batch_size=4, num_steps=4), tmp_path / "d",
                 progress=False)  # fmt: skip
@@ -234,9 +236,9 @@ def test_lpips_dreamsim_and_fid_are_recomputed_from_the_images(parts, tmp_path, 
     from dreamsim import dreamsim
     from torchvision.transforms.functional import to_pil_image
 
-    from sqdf.evaluate import load_run
-    from sqdf.heldout import FID_LABEL
-    from sqdf.sampler import sample_in_chunks
+    from sqdf.evaluation.evaluate import load_run
+    from sqdf.evaluation.heldout import FID_LABEL
+    from sqdf.sampling.sampler import sample_in_chunks
     from tests.evaluators.metric_weights import (
         offline,
         package_lins,
@@ -336,7 +338,7 @@ def test_evaluation_guide_held_out_block_runs_on_tiny_parts(parts, tmp_path, mon
 
 
 def test_compare_on_sd_scores_best_of_n_on_the_held_out_prompts_too(parts, tmp_path):
-    from sqdf.compare import best_of_n, compare
+    from sqdf.experiments.compare import best_of_n, compare
     from tests.tasks.sd_runs import sd_settings
 
     base = sd_settings(parts / "sd", parts)

@@ -22,7 +22,7 @@ from sqdf.tasks.sd_random import (
     write_random_lcm_unet,
     write_random_sd,
 )
-from sqdf.trainer import train
+from sqdf.training.trainer import train
 from tests.tasks.sd_runs import (
     doc_lines,
     run_doc_lines,
@@ -240,7 +240,7 @@ def test_a_tokenizer_without_a_length_is_one_line_naming_the_fix(parts, tmp_path
 
 
 def test_every_method_and_best_of_n_run_through_compare(parts, tmp_path):
-    from sqdf.compare import compare
+    from sqdf.experiments.compare import compare
     from sqdf.methods import METHODS
 
     held_out = tmp_path / "held_out.txt"  # sd variants are scored on these, 4 images each
@@ -269,7 +269,7 @@ def test_sample_renders_an_sdxl_run_at_its_resolution(parts, tmp_path, capsys, m
     from diffusers import StableDiffusionXLPipeline
 
     from sqdf.cli import main
-    from sqdf.render import trained_settings
+    from sqdf.evaluation.render import trained_settings
 
     run = train(config(parts, steps=1, task_params={"resolution": 32}), tmp_path / "run",
                 progress=False)  # fmt: skip

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqdf.config.params import check_finite
 from sqdf.core.kl import KL_SCALES
 from sqdf.errors import ConfigError
-from sqdf.params import check_finite
-from sqdf.trackers import parse_log_with
+from sqdf.infra.trackers import parse_log_with
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -210,7 +210,7 @@ class TrainConfig:
 
     def _check(self) -> None:
         """Each field's type and range. Whether the task and method exist (and what a method
-        requires) is for their registries to say: sqdf.settings.check_registered."""
+        requires) is for their registries to say: sqdf.run.settings.check_registered."""
 
         def need(ok: bool, msg: str) -> None:
             if not ok:

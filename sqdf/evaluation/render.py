@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from sqdf.atomic import make_folder
 from sqdf.errors import SqdfError
+from sqdf.infra.atomic import make_folder
+from sqdf.infra.weights import resolve, weights_variant
 from sqdf.tasks.sd_family import Family, absent_components, load_part, read_config
 from sqdf.tasks.sd_prompts import load_prompt_pairs
-from sqdf.weights import resolve, weights_variant
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -56,7 +56,7 @@ def trained_settings(final: Path | None) -> RenderSettings:
     run = run_of(final)
     if run is None:
         return RenderSettings()
-    from sqdf.run import read_run_config
+    from sqdf.run.folder import read_run_config
     from sqdf.tasks.sd import SDConfig
 
     cfg = read_run_config(run)
@@ -93,7 +93,7 @@ def render_sd(
     guidance scale, and a negative prompt is passed only where the run set true CFG."""
     from diffusers import DDIMScheduler
 
-    from sqdf.report import save_image_rows
+    from sqdf.infra.report import save_image_rows
     from sqdf.tasks import resolve_device
     from sqdf.tasks.sd_family import check_lora_fits, check_unet_fits, family_of
 

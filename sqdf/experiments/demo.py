@@ -12,18 +12,18 @@ from typing import Any
 
 import torch
 
-from sqdf.config import TrainConfig
-from sqdf.digits_data import NUM_CLASSES
+from sqdf.assets.digits_data import NUM_CLASSES
+from sqdf.config.train_config import TrainConfig
 from sqdf.errors import ConfigError
-from sqdf.evaluate import evaluate_run, load_run, sample_reference
-from sqdf.report import figure_png, file_png, pyplot, save_digit_grid
-from sqdf.run import read_metrics, read_run_config
-from sqdf.run_report import EVAL_TABLES, write_run_report
-from sqdf.sampler import sample_trajectories, samples_from_seed
-from sqdf.settings import config_for
+from sqdf.evaluation.evaluate import evaluate_run, load_run, sample_reference
+from sqdf.evaluation.run_report import EVAL_TABLES, write_run_report
+from sqdf.evaluation.x0_quality import x0_estimator_quality
+from sqdf.infra.report import figure_png, file_png, pyplot, save_digit_grid
+from sqdf.run.folder import read_metrics, read_run_config
+from sqdf.run.settings import config_for
+from sqdf.sampling.sampler import sample_trajectories, samples_from_seed
 from sqdf.tasks.digits_model import to_pixels
-from sqdf.trainer import train
-from sqdf.x0_quality import x0_estimator_quality
+from sqdf.training.trainer import train
 
 DEMO_PRESET = "digits-demo"  # the digits task defaults, on the ink reward
 # The KL-free reward-gradient method run beside SQDF: of DRaFT-1 and ReFL, the one whose

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sqdf.atomic import fsync_path
 from sqdf.errors import SqdfError
-from sqdf.sampler import Trajectories
+from sqdf.infra.atomic import fsync_path
+from sqdf.sampling.sampler import Trajectories
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HALF = (torch.bfloat16, torch.float16)

@@ -33,7 +33,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sqdf.atomic import (
+from sqdf.config.train_config import TrainConfig
+from sqdf.core.kl import KL_SCALES
+from sqdf.errors import ConfigError, DivergedError, SqdfError
+from sqdf.evaluation.periodic_eval import PeriodicEval
+from sqdf.infra.atomic import (
     WriteError,
     atomic_folder,
     folder_writes,
@@ -41,8 +45,7 @@ from sqdf.atomic import (
     size_text,
     writing,
 )
-from sqdf.buffer import STATE_DTYPES, Cells, DiskStore, MemoryStore, ReplayBuffer
-from sqdf.checkpoint import (
+from sqdf.infra.checkpoint import (
     Checkpoint,
     checkpoint_bytes,
     checkpoint_step,
@@ -52,9 +55,7 @@ from sqdf.checkpoint import (
     save_weights,
     tensor_bytes,
 )
-from sqdf.config import TrainConfig
-from sqdf.core.kl import KL_SCALES
-from sqdf.distributed import (
+from sqdf.infra.distributed import (
     Processes,
     all_gather_rows,
     average_gradients,
@@ -62,22 +63,20 @@ from sqdf.distributed import (
     process_change,
     rank_seed,
 )
-from sqdf.errors import ConfigError, DivergedError, SqdfError
-from sqdf.grouped_cells import CellSchedule, buffer_cells, gather_newest
-from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
-from sqdf.methods.grpo import beta_note, check_buffer_scope, check_kl_scale, sweep_note
-from sqdf.model_card import write_model_card
-from sqdf.periodic_eval import PeriodicEval
-from sqdf.preemption import (
+from sqdf.infra.preemption import (
     Preempted,
     agreed_signal,
     signal_name,
     stop_here_if_signalled,
     stop_on_signals,
 )
+from sqdf.infra.trackers import RunTrackers, check_installed, parse_log_with
+from sqdf.infra.weights import clear as clear_weights
+from sqdf.methods import METHODS, build_method_params, check_reward_gradient, group_size
+from sqdf.methods.grpo import beta_note, check_buffer_scope, check_kl_scale, sweep_note
 from sqdf.rewards import is_differentiable, reward_params
 from sqdf.rewards.mixture import WeightedReward
-from sqdf.run import (
+from sqdf.run.folder import (
     EVAL_METRICS,
     append_metrics,
     prepare_run,
@@ -85,16 +84,17 @@ from sqdf.run import (
     truncate_metrics,
     write_config,
 )
-from sqdf.sampler import (
+from sqdf.run.model_card import write_model_card
+from sqdf.run.settings import check_registered, config_sources, preset_processes_note
+from sqdf.sampling.buffer import STATE_DTYPES, Cells, DiskStore, MemoryStore, ReplayBuffer
+from sqdf.sampling.sampler import (
     Trajectories,
     sample_states_at,
     sample_trajectories,
     samples_from_seed,
 )
-from sqdf.settings import check_registered, config_sources, preset_processes_note
 from sqdf.tasks import Task, build_task, resolved_reward_name, with_summed_alpha
-from sqdf.trackers import RunTrackers, check_installed, parse_log_with
-from sqdf.weights import clear as clear_weights
+from sqdf.training.grouped_cells import CellSchedule, buffer_cells, gather_newest
 
 log = logging.getLogger("sqdf")
 
@@ -460,9 +460,9 @@ def train(
     on from its latest valid checkpoint and gives the same result as an uninterrupted run.
     With ``state``, the task, optimizer, buffer and generator are the caller's and stay
     there (no resume: the caller checkpoints them). Under ``accelerate launch`` or
-    ``torchrun`` every process runs this (sqdf.distributed). ``sources`` says where each
-    setting came from (sqdf.settings), for config.json; ``command``, the command line that
-    started it, for final/README.md (sqdf.model_card).
+    ``torchrun`` every process runs this (sqdf.infra.distributed). ``sources`` says where each
+    setting came from (sqdf.run.settings), for config.json; ``command``, the command line that
+    started it, for final/README.md (sqdf.run.model_card).
     """
     run = Path(out)
     # a caller (sqdf bbo) keeps its own checkpoints and says how to go on

@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from sqdf.digits_data import load_digits
+from sqdf.assets.digits_data import load_digits
 from sqdf.errors import ConfigError
 from sqdf.tasks.digits_model import (
     IMAGE_SIZE,

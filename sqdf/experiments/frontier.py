@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
-from sqdf.atomic import atomic_write_text
 from sqdf.core.frontier import (
     FrontierPoint,
     exact_frontier,
     frontier_kl_at,
     frontier_reward_at,
 )
-from sqdf.report import mean_std, pyplot
-from sqdf.sampler import sample_in_chunks
-from sqdf.settings import make_config
+from sqdf.infra.atomic import atomic_write_text
+from sqdf.infra.report import mean_std, pyplot
+from sqdf.run.settings import make_config
+from sqdf.sampling.sampler import sample_in_chunks
 from sqdf.tasks import build_task
 
 # second panels beside reward: how natural the samples stay, where the task measures it

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqdf.evaluate import evaluate_run, final_weights, load_run, trained_updates
-from sqdf.heldout import describe, prompt_rows, summary_rows
-from sqdf.report import figure_png, file_png, html_table, pyplot, write_html
-from sqdf.run import EVAL_METRICS, read_metrics, read_run_config
-from sqdf.sampler import samples_from_seed
+from sqdf.evaluation.evaluate import evaluate_run, final_weights, load_run, trained_updates
+from sqdf.evaluation.heldout import describe, prompt_rows, summary_rows
+from sqdf.infra.report import figure_png, file_png, html_table, pyplot, write_html
+from sqdf.run.folder import EVAL_METRICS, read_metrics, read_run_config
+from sqdf.sampling.sampler import samples_from_seed
 from sqdf.tasks import resolved_reward_name
 
 PICTURE_SEED = 0  # the before/after picture's noise and conditions

@@ -1,7 +1,7 @@
 """``--eval-every``: a small evaluation of the live policy against the reference during
 training, from fixed seeds so that the series is comparable from row to row (and across a
-resume). sd: the run's held-out ``eval_prompts``, two images each (sqdf.heldout); gmm2d and
-digits: the task's own metrics on 128 samples. The reference side is drawn once and kept: it
+resume). sd: the run's held-out ``eval_prompts``, two images each (sqdf.evaluation.heldout); gmm2d
+and digits: the task's own metrics on 128 samples. The reference side is drawn once and kept: it
 does not change while the policy trains."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from sqdf.evaluate import score_samples
-from sqdf.heldout import evaluate_prompts, image_features
-from sqdf.sampler import sample_in_chunks
+from sqdf.evaluation.evaluate import score_samples
+from sqdf.evaluation.heldout import evaluate_prompts, image_features
+from sqdf.sampling.sampler import sample_in_chunks
 
 SAMPLES = 128  # gmm2d and digits: small and fixed (digits UNet passes on 256 take seconds)
 IMAGES_PER_PROMPT = 2  # sd: the fewest that give a within-prompt diversity

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from sqdf.assets.digits_data import load_digits
 from sqdf.core.x0 import consistency_x0, predict_x0_and_eps
-from sqdf.digits_data import load_digits
 from sqdf.errors import ConfigError
-from sqdf.pretrain import scheduler_config, write_train_log
+from sqdf.pretraining.pretrain import scheduler_config, write_train_log
 from sqdf.tasks.digits_model import IMAGE_SIZE, SCHEDULE, load_unet, to_model_space
 
 

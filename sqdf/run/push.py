@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqdf.errors import SqdfError
-from sqdf.model_card import CARD, write_model_card
-from sqdf.run import read_run_config
+from sqdf.run.folder import read_run_config
+from sqdf.run.model_card import CARD, write_model_card
 from sqdf.tasks import resolved_reward_name
 
 

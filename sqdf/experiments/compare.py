@@ -19,29 +19,29 @@ from typing import Any
 
 import torch
 
-from sqdf.atomic import atomic_write_text, folder_writes, make_folder
-from sqdf.config import TrainConfig
-from sqdf.distributed import Processes
+from sqdf.config.train_config import TrainConfig
 from sqdf.errors import ConfigError, DivergedError, SqdfError
-from sqdf.evaluate import EVAL_SEED, PER_PROMPT, evaluate_run, load_run, score_samples
-from sqdf.frontier import frontier_distances, write_frontier
-from sqdf.heldout import (
+from sqdf.evaluation.evaluate import EVAL_SEED, PER_PROMPT, evaluate_run, load_run, score_samples
+from sqdf.evaluation.heldout import (
     compare_sides,
     heldout_conditions,
     image_features,
     reward_inputs,
     scored_side,
 )
+from sqdf.experiments.frontier import frontier_distances, write_frontier
+from sqdf.infra.atomic import atomic_write_text, folder_writes, make_folder
+from sqdf.infra.distributed import Processes
+from sqdf.infra.preemption import Preempted, stop_here_if_signalled, stop_on_signals
+from sqdf.infra.report import mean_std, pyplot
+from sqdf.infra.trackers import check_installed, parse_log_with
 from sqdf.methods import METHODS
-from sqdf.preemption import Preempted, stop_here_if_signalled, stop_on_signals
-from sqdf.report import mean_std, pyplot
-from sqdf.run import read_metrics
-from sqdf.sampler import sample_in_chunks, sample_trajectories
-from sqdf.settings import make_config, resolve_settings
+from sqdf.run.folder import read_metrics
+from sqdf.run.settings import make_config, resolve_settings
+from sqdf.sampling.sampler import sample_in_chunks, sample_trajectories
 from sqdf.tasks import build_task, resolved_reward_name, sample_shape
 from sqdf.tasks.sd_prompts import load_prompt_pairs
-from sqdf.trackers import check_installed, parse_log_with
-from sqdf.trainer import check_method_takes_reward, train
+from sqdf.training.trainer import check_method_takes_reward, train
 
 BEST_OF_N = "best_of_n"
 SPEC = "compare.json"  # the arguments, for resume_compare
@@ -247,8 +247,8 @@ def compare(
 ) -> Path:
     """Train and evaluate every variant on seeds 0..seeds-1; write results and plots to ``out``.
     ``frontier``: every method over its regularisation (``plan_frontier``), with the
-    reward–KL frontier written beside the results (sqdf.frontier). SIGTERM, SIGINT or SIGUSR1
-    stop it after the training update in flight, with a checkpoint (``Preempted``);
+    reward–KL frontier written beside the results (sqdf.experiments.frontier). SIGTERM, SIGINT or
+    SIGUSR1 stop it after the training update in flight, with a checkpoint (``Preempted``);
     ``resume_compare`` goes on from there. ``resume``: keep the variants ``out`` has finished."""
     out = Path(out)
     args = {"base": base, "methods": methods, "seeds": seeds, "sweep": sweep,

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sqdf.buffer import Cells, ReplayBuffer
-from sqdf.distributed import Processes
+from sqdf.infra.distributed import Processes
 from sqdf.methods.grpo import group_advantages, sweep_order, trained_steps
+from sqdf.sampling.buffer import Cells, ReplayBuffer
 
 
 def gather_varying(procs: Processes, t: Tensor) -> tuple[Tensor, int]:

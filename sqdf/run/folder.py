@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqdf.atomic import atomic_write_text, make_folder
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.errors import SqdfError
-from sqdf.settings import make_config
-from sqdf.weights import pin, resolutions
+from sqdf.infra.atomic import atomic_write_text, make_folder
+from sqdf.infra.weights import pin, resolutions
+from sqdf.run.settings import make_config
 
 FORMAT = "sqdf-run"
 FORMAT_VERSION = 1

@@ -11,10 +11,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sqdf.atomic import atomic_write_text, make_folder
-from sqdf.checkpoint import load_weights
 from sqdf.errors import ConfigError, SqdfError
-from sqdf.heldout import (
+from sqdf.evaluation.heldout import (
     cross_rewards,
     eval_markdown,
     evaluate_prompts,
@@ -22,9 +20,11 @@ from sqdf.heldout import (
     reward_inputs,
     score_rewards,
 )
+from sqdf.infra.atomic import atomic_write_text, make_folder
+from sqdf.infra.checkpoint import load_weights
 from sqdf.rewards import mixture_components
-from sqdf.run import read_metrics, read_run_config
-from sqdf.sampler import Trajectories, sample_in_chunks, sample_trajectories
+from sqdf.run.folder import read_metrics, read_run_config
+from sqdf.sampling.sampler import Trajectories, sample_in_chunks, sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
 
 
@@ -119,8 +119,8 @@ def evaluate_run(
     parameters) are scored beside the trained one (cross-rewards). An sd run is evaluated on
     held-out prompts instead (``prompts``: a set or a file, default the run's
     ``eval_prompts``), ``per_prompt`` images each (4), with diversity on ``clip``'s features
-    (sqdf.heldout); it also writes ``eval.md``. ``lpips`` and ``dreamsim`` add those diversities
-    and ``fid`` the FID on Inception features to the reference images: each True for its
+    (sqdf.evaluation.heldout); it also writes ``eval.md``. ``lpips`` and ``dreamsim`` add those
+    diversities and ``fid`` the FID on Inception features to the reference images: each True for its
     package's default weights or a local path (sqdf.evaluators.image_metrics; ``dreamsim_type``
     picks DreamSim's model). ``overrides``: parameter tables over the run's own
     (``read_run_config``). ``reference``: the reference's samples for this seed and sample
@@ -257,8 +257,8 @@ def _evaluate_sd(
 def _check_image_metrics(request: Any, cfg: Any) -> None:
     """Packages, weight files and image size of the requested image metrics, before the model
     loads and anything is sampled."""
+    from sqdf.config.params import build_settings
     from sqdf.evaluators.image_metrics import check_request
-    from sqdf.params import build_settings
     from sqdf.tasks.sd import SDConfig, image_side
 
     check_request(

@@ -11,10 +11,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sqdf.atomic import atomic_write, atomic_write_text
-from sqdf.config import TrainConfig
-from sqdf.run import config_path, read_metrics
-from sqdf.weights import COMMIT, HubRef, parse_hub_ref
+from sqdf.config.train_config import TrainConfig
+from sqdf.infra.atomic import atomic_write, atomic_write_text
+from sqdf.infra.weights import COMMIT, HubRef, parse_hub_ref
+from sqdf.run.folder import config_path, read_metrics
 
 CARD = "README.md"
 GRID = "samples.png"

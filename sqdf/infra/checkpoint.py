@@ -13,8 +13,8 @@ A buffer kept on disk (``buffer_store = "disk"``) is not copied: its buffer file
 small part (rewards, conditions, log-probabilities, counters) and which rows of RUN/buffer/'s
 memory-mapped states hold the buffer, with each row's write number. The states are flushed
 before the checkpoint is written, its rows are not written again until the next one, and
-resume checks the files' shape, size and write numbers (sqdf.buffer.DiskStore); rows written
-after the checkpoint are free rows, overwritten by the resumed run.
+resume checks the files' shape, size and write numbers (sqdf.sampling.buffer.DiskStore); rows
+written after the checkpoint are free rows, overwritten by the resumed run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sqdf.atomic import atomic_folder, atomic_write, fsync_path, os_error, sha256_file
+from sqdf.infra.atomic import atomic_folder, atomic_write, fsync_path, os_error, sha256_file
 
 PREFIX = "step_"
 STATE = "state.json"

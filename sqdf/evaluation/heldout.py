@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.evaluators.feature_stats import frechet_distance, mean_pairwise_distance
-from sqdf.sampler import sample_in_chunks
+from sqdf.sampling.sampler import sample_in_chunks
 
 Features = Callable[[Tensor], Tensor]  # images (N, 3, H, W) in [0, 1] -> (N, D) on the CPU
 # name -> mean pairwise distance of a set of images; rows get "<name>_diversity"
@@ -102,7 +102,7 @@ def image_features(
 
     model, name = None, ""
     if clip is not None:
-        from sqdf.weights import resolve
+        from sqdf.infra.weights import resolve
 
         local = resolve(clip, "--clip")
         if not (Path(local) / "config.json").is_file():

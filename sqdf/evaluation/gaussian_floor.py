@@ -15,7 +15,7 @@ from torch import Tensor
 from sqdf.core.gaussian_step import best_gaussian_mean, tilted_mean
 from sqdf.core.kl import gaussian_kl
 from sqdf.errors import SqdfError
-from sqdf.sampler import sample_trajectories, step_mean_std
+from sqdf.sampling.sampler import sample_trajectories, step_mean_std
 
 PROJECTIONS = ("sqdf", "first_order", "moment")
 

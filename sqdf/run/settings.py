@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from sqdf.config import TrainConfig, config_fields
+from sqdf.config.params import suggest
+from sqdf.config.train_config import TrainConfig, config_fields
 from sqdf.errors import ConfigError
 from sqdf.methods import METHODS, build_method_params
-from sqdf.params import suggest
 from sqdf.tasks import TASKS
 
 if sys.version_info >= (3, 11):

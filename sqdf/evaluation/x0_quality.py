@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sqdf.sampler import Trajectories, sample_trajectories
+from sqdf.sampling.sampler import Trajectories, sample_trajectories
 from sqdf.tasks.base import Task
 
 

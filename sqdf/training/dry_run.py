@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
-from sqdf.config import TrainConfig, config_fields
+from sqdf.config.train_config import TrainConfig, config_fields
 from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
 from sqdf.errors import SqdfError
+from sqdf.infra.weights import OfflineWeightError, plan_text, planning, resolve
 from sqdf.methods import METHODS
 from sqdf.rewards import build_reward
-from sqdf.settings import DICT_KEYS, Resolved
+from sqdf.run.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name, sample_shape
-from sqdf.trainer import alpha_note, check_method_takes_reward
-from sqdf.weights import OfflineWeightError, plan_text, planning, resolve
+from sqdf.training.trainer import alpha_note, check_method_takes_reward
 
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per stored value
 
