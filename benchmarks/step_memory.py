@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from sqdf.run.settings import make_config
     from sqdf.sampling.buffer import Cells
     from sqdf.tasks import build_task
-    from sqdf.training.trainer import wait_for
+    from sqdf.training.gradients import wait_for
 
     try:  # read as sqdf train reads --task-param, and sqdf compare --set
         extra = key_values(args.task_param, "--task-param")

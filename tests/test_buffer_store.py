@@ -20,7 +20,7 @@ from sqdf.run.settings import make_config
 from sqdf.sampling.buffer import DiskStore, MemoryStore, ReplayBuffer
 from sqdf.sampling.sampler import Trajectories
 from sqdf.training import dry_run
-from sqdf.training.trainer import make_buffer
+from sqdf.training.start import make_buffer
 
 T = 5
 SHAPE = (3, 4)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from sqdf.infra.distributed import rank_seed
 from sqdf.methods import METHODS, build_method_params
 from sqdf.tasks import build_task
-from sqdf.training.trainer import average_and_clip
+from sqdf.training.update import average_and_clip
 from tests.distributed.shards import CFG, global_cells, shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,7 +274,7 @@ def test_fsdp_shards_the_fully_fine_tuned_digits_unet(tmp_path):
 def test_fsdp_refuses_what_it_cannot_shard():
     from sqdf.config.train_config import TrainConfig
     from sqdf.errors import ConfigError
-    from sqdf.training.trainer import check_fsdp
+    from sqdf.training.start import check_fsdp
 
     lora = TrainConfig(task="digits", reward="ink", device="cpu", num_steps=4)
     with pytest.raises(ConfigError, match='set task_params.finetune = "full"'):
@@ -424,7 +424,7 @@ def test_a_disk_shared_buffer_refuses_more_processes_than_wrote_it():
 
     from sqdf.errors import SqdfError
     from sqdf.infra.checkpoint import Checkpoint
-    from sqdf.training.trainer import restore_process_states
+    from sqdf.training.start import restore_process_states
 
     # a disk buffer's state names rows of the writing process's files: a new process has none
     ck = Checkpoint(step=2, policy={}, optimizer={}, buffers=[{"rows": torch.zeros(1)}],
@@ -439,7 +439,8 @@ def test_a_disk_shared_buffer_refuses_more_processes_than_wrote_it():
 def test_a_shared_buffers_rewards_are_tallied_once(scope):
     from types import SimpleNamespace
 
-    from sqdf.training.trainer import Fresh, Gradients, count_update
+    from sqdf.training.state import Fresh, Gradients
+    from sqdf.training.update import count_update
 
     union = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
     tally = 0
@@ -459,7 +460,7 @@ def test_a_shared_buffers_rewards_are_tallied_once(scope):
 def test_the_first_checkpoints_size_counts_one_shared_buffer(scope, copies):
     from types import SimpleNamespace
 
-    from sqdf.training.trainer import first_checkpoint_bytes
+    from sqdf.training.start import first_checkpoint_bytes
 
     store = SimpleNamespace(on_disk=False, dtype=torch.float32)
     s = SimpleNamespace(
@@ -484,7 +485,7 @@ def test_a_process_buffer_keeps_only_its_own(tmp_path):
 def test_a_shared_buffer_that_cannot_hold_one_round_is_refused():
     from sqdf.config.train_config import TrainConfig
     from sqdf.errors import ConfigError
-    from sqdf.training.trainer import check_shared_buffer
+    from sqdf.training.start import check_shared_buffer
 
     cfg = TrainConfig(fresh_trajectories=600, buffer_scope="shared")
     check_shared_buffer(cfg, 1)

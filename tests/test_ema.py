@@ -70,7 +70,7 @@ def test_eval_and_sample_use_the_moving_average(tiny_config, tmp_path):
 
 def test_the_average_warms_up_and_bbo_refuses_it(tiny_config, tmp_path):
     from sqdf.bbo import BboConfig, run_method
-    from sqdf.training.trainer import ema_decay_at
+    from sqdf.training.update import ema_decay_at
 
     assert ema_decay_at(0.999, 1) == 2 / 11 and ema_decay_at(0.999, 10**6) == 0.999
     cfg = dataclasses.replace(tiny_config, ema_decay=0.9)

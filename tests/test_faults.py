@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import sqdf.infra.checkpoint as checkpoint_module
+import sqdf.training.start as start_module
 import sqdf.training.trainer as trainer_module
 from sqdf.cli import main
 from sqdf.infra.checkpoint import list_checkpoints, verify_checkpoint
@@ -527,7 +528,7 @@ def test_a_signal_during_set_up_stops_before_any_update(tmp_path, capsys, monkey
 
 
 def test_too_little_space_is_refused_before_training_without_a_mount(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(trainer_module, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(start_module, "free_bytes", lambda path: 1000)
     run = tmp_path / "run"
     code, lines = _in_process(capsys, _cmd(run, False))
     assert code == 2 and len(lines) == 1, lines
@@ -543,7 +544,7 @@ def test_a_resume_that_only_writes_final_needs_room_for_final_alone(
     final = run / "final" / "policy.safetensors"
     room = 2 * final.stat().st_size  # the weights fit; a whole checkpoint (AdamW, buffer) not
     shutil.rmtree(run / "final")  # as a run whose final/ could not be written leaves it
-    monkeypatch.setattr(trainer_module, "free_bytes", lambda path: room)
+    monkeypatch.setattr(start_module, "free_bytes", lambda path: room)
     code, lines = _in_process(capsys, _cmd(run, True, 8))
     assert code == 0, lines
     assert final.is_file()

@@ -92,7 +92,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_graph_is_read_from_the_package():
     graph = import_graph()
-    assert "sqdf.sampling.sampler" in graph["sqdf.training.trainer"]  # module level
+    assert "sqdf.sampling.sampler" in graph["sqdf.training.fresh"]  # module level
     assert "sqdf.tasks.sd" in graph["sqdf.tasks"]  # inside a function
     assert "sqdf.core.kernel" in graph["sqdf.tasks.base"]
 

@@ -129,12 +129,12 @@ def test_reward_tags_are_its_components_as_valid_tags(reward, tags):
 def test_a_card_that_fails_leaves_final_whole_with_a_one_line_warning(
     tmp_path, monkeypatch, capsys
 ):
-    import sqdf.training.trainer
+    import sqdf.training.saving
 
     def broken(*args, **kwargs):
         raise ValueError("card metadata does not validate\nsecond line")
 
-    monkeypatch.setattr(sqdf.training.trainer, "write_model_card", broken)
+    monkeypatch.setattr(sqdf.training.saving, "write_model_card", broken)
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *TINY]) == 0
     assert (run / "final" / "policy.safetensors").is_file()

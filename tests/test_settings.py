@@ -509,7 +509,7 @@ def test_out_of_memory_in_the_first_micro_batch_is_one_line_naming_the_settings(
 
 
 def test_out_of_memory_while_sampling_names_the_fresh_batch(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("sqdf.training.trainer.sample_trajectories", _oom)
+    monkeypatch.setattr("sqdf.training.fresh.sample_trajectories", _oom)
     assert main(["train", *TINY, "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert "out of GPU memory at update 1, sampling 2 fresh trajectories" in err

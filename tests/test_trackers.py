@@ -188,14 +188,14 @@ def test_a_missing_tracker_package_names_the_extra(tiny_config, tmp_path, monkey
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
     )
-    import sqdf.training.trainer
+    import sqdf.training.start
     from sqdf.bbo import BboConfig, run_method
     from sqdf.experiments.compare import compare
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(sqdf.training.trainer, "build_task", no_model)
+    monkeypatch.setattr(sqdf.training.start, "build_task", no_model)
     cfg = dataclasses.replace(tiny_config, log_with="tensorboard,mlflow")
     message = r"--log-with mlflow needs the mlflow package: pip install 'sqdf\[mlflow\]'"
     with pytest.raises(ConfigError, match=message):

@@ -125,7 +125,7 @@ def test_lr_schedules_are_diffusers_own_with_their_closed_form_values(tiny_confi
         get_polynomial_decay_schedule_with_warmup,
     )
 
-    from sqdf.training.trainer import scheduled_lr
+    from sqdf.training.update import scheduled_lr
 
     lr, w, T = 1e-3, 4, 20
 
@@ -162,7 +162,7 @@ def test_a_cosine_run_interrupted_and_resumed_gives_the_uninterrupted_result(
     tiny_config, tmp_path, monkeypatch
 ):
     import sqdf.training.trainer as trainer
-    from sqdf.training.trainer import scheduled_lr
+    from sqdf.training.update import scheduled_lr
 
     cfg = dataclasses.replace(tiny_config, lr=1e-2, lr_schedule="cosine", lr_warmup=2,
                               lr_min=1e-3, log_every=1, checkpoint_every=3)  # fmt: skip
@@ -221,7 +221,7 @@ def test_the_logged_loss_is_the_discounted_soft_q_objective_of_its_cells(tmp_pat
 def test_fresh_trajectories_sets_the_fresh_count_per_round(tmp_path):
     # the reference code's budget: batch x accumulation fresh trajectories a round, sampled
     # in batches of batch_size; 0 keeps one batch's worth
-    from sqdf.training.trainer import batch_note
+    from sqdf.training.start import batch_note
 
     cfg = TrainConfig(task="gmm2d", steps=4, num_steps=4, batch_size=4, grad_accum=2,
                       fresh_trajectories=10, replay_ratio=2, buffer_size=64, device="cpu",
@@ -241,7 +241,8 @@ def test_the_loss_scaler_unscales_before_the_clip_and_skips_an_overflow():
     from types import SimpleNamespace
 
     from sqdf.infra.distributed import Processes
-    from sqdf.training.trainer import Gradients, apply_update
+    from sqdf.training.state import Gradients
+    from sqdf.training.update import apply_update
 
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = torch.optim.SGD([w], lr=0.5)

@@ -67,17 +67,16 @@ from sqdf.methods import METHODS
 from sqdf.run.settings import make_config
 from sqdf.sampling.sampler import sample_trajectories
 from sqdf.tasks import Task, build_task, resolved_reward_name
-from sqdf.training.trainer import (
-    TrainState,
-    gather_process_states,
+from sqdf.training.saving import gather_process_states, scaler_state
+from sqdf.training.start import (
     loss_scaler,
     make_buffer,
     make_optimizer,
     restore_process_states,
-    scaler_state,
-    train,
     use_fused,
 )
+from sqdf.training.state import TrainState
+from sqdf.training.trainer import train
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ from sqdf.run.settings import make_config, resolve_settings
 from sqdf.sampling.sampler import sample_in_chunks, sample_trajectories
 from sqdf.tasks import build_task, resolved_reward_name, sample_shape
 from sqdf.tasks.sd_prompts import load_prompt_pairs
-from sqdf.training.trainer import check_method_takes_reward, train
+from sqdf.training.start import check_method_takes_reward
+from sqdf.training.trainer import train
 
 BEST_OF_N = "best_of_n"
 SPEC = "compare.json"  # the arguments, for resume_compare

@@ -19,7 +19,7 @@ from sqdf.methods import METHODS
 from sqdf.rewards import build_reward
 from sqdf.run.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name, sample_shape
-from sqdf.training.trainer import alpha_note, check_method_takes_reward
+from sqdf.training.start import alpha_note, check_method_takes_reward
 
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per stored value
 

@@ -112,12 +112,12 @@ def test_designs_compose_the_traced_pieces(model):
 
 
 def test_replay_sampling_counts_the_trajectories_the_trainer_samples(model, monkeypatch):
-    """Sampling FLOPs of an update = (trajectories sqdf.training.trainer.sample_scored samples every
+    """Sampling FLOPs of an update = (trajectories sqdf.training.fresh.sample_scored samples every
     replay_ratio updates) x T steps x one step's FLOPs / replay_ratio, with the samples counted
     by calling the trainer's own sampling loop, fresh_trajectories set apart from the batch."""
     from types import SimpleNamespace
 
-    import sqdf.training.trainer as trainer
+    import sqdf.training.fresh as fresh
     from sqdf.sampling.sampler import Trajectories
 
     cfg = _cfg(model, batch_size=2, grad_accum=4, fresh_trajectories=8, replay_ratio=2,
@@ -128,10 +128,10 @@ def test_replay_sampling_counts_the_trajectories_the_trainer_samples(model, monk
         sampled.append(n)
         return Trajectories(torch.zeros(n, cfg.num_steps + 1, 1), torch.zeros(n), None)
 
-    monkeypatch.setattr(trainer, "sample_trajectories", counting)
+    monkeypatch.setattr(fresh, "sample_trajectories", counting)
     task = SimpleNamespace(device="cpu", reward_with_parts=lambda x, c: (torch.zeros(len(x)), {}))
     run = SimpleNamespace(cfg=cfg, task=task, generator=None, method_params={})
-    trainer.sample_scored(run)
+    fresh.sample_scored(run)
     traces = trace_update(meta_sd_task(cfg, TINY_CLIP, HEAD), cfg, batch=2)
     step = traces.flops["sampling"] / 2  # one sampling step of one trajectory
     ours = update_flops(traces, cfg, "replay2")

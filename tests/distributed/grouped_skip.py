@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import sqdf.training.gradients
 import sqdf.training.grouped_cells
 import sqdf.training.trainer
 from sqdf.infra.distributed import Processes, end_process
@@ -41,7 +42,7 @@ if __name__ == "__main__":
         value, stats = loss(*args, **kwargs)
         return (value * float("nan") if rank == 1 else value), stats
 
-    sqdf.training.trainer.METHODS = {
+    sqdf.training.gradients.METHODS = {
         **METHODS,
         "grpo": dataclasses.replace(METHODS["grpo"], loss=failing),
     }

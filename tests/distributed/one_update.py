@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from sqdf.infra.distributed import Processes, end_process
 from sqdf.methods import METHODS, build_method_params
-from sqdf.training.trainer import average_and_clip
+from sqdf.training.update import average_and_clip
 from tests.distributed.shards import CFG, global_cells, shard
 
 out, b = sys.argv[1], int(sys.argv[2])

@@ -16,8 +16,10 @@ from sqdf.run.settings import make_config
 from sqdf.sampling.buffer import ReplayBuffer
 from sqdf.sampling.sampler import sample_trajectories, step_mean_std
 from sqdf.tasks import build_task
+from sqdf.training.fresh import whole_groups
 from sqdf.training.grouped_cells import gather_newest
-from sqdf.training.trainer import TrainState, train, whole_groups
+from sqdf.training.state import TrainState
+from sqdf.training.trainer import train
 
 # tiny gmm2d settings, as tests/test_compare.py's BASE
 BASE = dict(task="gmm2d", method="grpo", buffer="on_policy", num_steps=5, steps=3, batch_size=8,

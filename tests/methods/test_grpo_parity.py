@@ -256,7 +256,7 @@ def test_dropped_zero_advantages_leave_every_kept_cell_of_the_update_the_same_we
     # the update weighs 1 / (kept cells of the update), whatever its micro-batch kept
     from types import SimpleNamespace
 
-    from sqdf.training.trainer import planned_cells
+    from sqdf.training.gradients import planned_cells
 
     cfg, task = _task()
     rewards = torch.tensor([2.0] * 4 + [1.0, 2.0, 4.0, 8.0] + [7.0] * 4 + [0.0, 3.0, 1.0, 5.0])

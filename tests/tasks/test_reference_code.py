@@ -213,7 +213,7 @@ def test_positive_reward_mask_keeps_positive_q_cells_kl_included(parts, monkeypa
 def test_reference_compat_refuses_more_than_one_process():
     from types import SimpleNamespace
 
-    from sqdf.training.trainer import check_reference_compat
+    from sqdf.training.start import check_reference_compat
 
     compat, plain = SimpleNamespace(reference_compat=True), SimpleNamespace()
     check_reference_compat(compat, 1)
@@ -240,7 +240,7 @@ def test_tf32_is_set_either_way_by_each_task(parts, monkeypatch):
 def test_the_float16_loss_scale_starts_where_accelerates_does():
     from types import SimpleNamespace
 
-    from sqdf.training.trainer import loss_scaler
+    from sqdf.training.start import loss_scaler
 
     # accelerate's fp16 builds torch's GradScaler with its default init_scale
     scaler = loss_scaler(SimpleNamespace(dtype=torch.float16, device=torch.device("cpu")))

@@ -525,11 +525,11 @@ def test_full_fine_tuning_keeps_the_lcm_lora_on_the_frozen_reference(parts, tmp_
 def test_float16_scales_the_loss_backs_off_on_overflow_and_resumes(parts, tmp_path, monkeypatch):
     import json
 
-    import sqdf.training.trainer
+    import sqdf.training.start
 
     # a scale that overflows float16 gradients for sure: updates are skipped and the scale
     # halves until the gradients fit, then they go through
-    monkeypatch.setattr(sqdf.training.trainer, "INITIAL_LOSS_SCALE", 2.0**24)
+    monkeypatch.setattr(sqdf.training.start, "INITIAL_LOSS_SCALE", 2.0**24)
     cfg = config(parts, steps=12, checkpoint_every=6, log_every=1, lr=1e-3,
                  task_params={"dtype": "float16"})  # fmt: skip
     run = train(cfg, tmp_path / "run", progress=False)
@@ -555,7 +555,7 @@ def test_float16_bbo_resumes_with_its_loss_scale(parts, tmp_path, monkeypatch):
     import json
 
     from sqdf.bbo import BboConfig, run_method
-    from sqdf.training.trainer import INITIAL_LOSS_SCALE
+    from sqdf.training.start import INITIAL_LOSS_SCALE
     from tests.bbo.kill import killed_in_round_one_fine_tuning
 
     # the proxy's gradients overflow float16 at the initial scale here: round 0 halves it
