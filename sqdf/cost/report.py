@@ -151,9 +151,12 @@ def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
 
 
 def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
-    """The dry run's section on what an update costs (sd task only)."""
+    """The dry run's section on what an update costs (sd task, method sqdf: the phases traced
+    are those of ``sqdf_loss``; another method's update calls other networks)."""
     if cfg.task != "sd":
         return ["cost of an update: traced for task sd only"]
+    if cfg.method != "sqdf":
+        return [f"cost of an update: traced for method sqdf only (this run's is {cfg.method})"]
     traces = trace_run(cfg)
     _, _, reward_note = _reward_parts(cfg)
     design = run_design(cfg)

@@ -3,6 +3,8 @@ traced from the configs sqdf ships for its repository, and what cannot be listed
 
 from __future__ import annotations
 
+import re
+
 import huggingface_hub.constants
 import pytest
 
@@ -56,3 +58,21 @@ def test_an_unreachable_consistency_network_is_not_sized(empty_cache, capsys):
     assert "traced from the configs sqdf ships for black-forest-labs/FLUX.1-dev" in out
     assert "cost of one update: not traced (the consistency model black-forest-labs/" in out
     assert "fit:" not in out
+
+
+def test_the_flow_grpo_preset_shows_flow_grpos_run_offline(empty_cache, tmp_path, capsys):
+    """`sqdf train --preset flow-grpo-sd35-pickscore --dry-run` on a machine without the Hub:
+    Flow-GRPO's SD 3.5 PickScore run as the preset writes it (tests/test_settings.py pins
+    each value to its source), traced from the shipped SD 3.5 Medium configs."""
+    prompts = tmp_path / "prompts.txt"  # Flow-GRPO's dataset/pickscore is not shipped
+    prompts.write_text("a photo of a cat\na red bicycle\n")
+    argv = ["train", "--preset", "flow-grpo-sd35-pickscore", "--prompts", str(prompts)]
+    assert main([*argv, "--dry-run", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "traced from the configs sqdf ships for stabilityai/stable-diffusion-3.5-medium" in out
+    assert re.search(r"^  method\s+grpo\s", out, re.M)
+    assert re.search(r"^  method_params\.kl_scale\s+'flow_grpo'\s", out, re.M)
+    assert re.search(r"^  method_params\.group_size\s+24\s", out, re.M)
+    assert "effective batch: 432 cells per update = 48 per micro-batch x 1 process(es) x 9" in out
+    # the tracer follows sqdf's loss; a GRPO update calls other networks, so it says so
+    assert "cost of an update: traced for method sqdf only (this run's is grpo)" in out
