@@ -17,7 +17,7 @@ from sqdf.methods import METHODS, build_method_params
 from sqdf.sampler import sample_trajectories
 from sqdf.tasks import build_task
 from sqdf.tasks.quantize import tensor_bytes
-from sqdf.tasks.sd_random import write_random_aesthetic_head, write_random_clip, write_random_flux
+from sqdf.tasks.sd_random import write_random_flux, write_random_lcm_lora, write_random_lcm_unet
 from sqdf.trainer import train
 from tests.tasks.sd_runs import sd_config, sd_pipeline, write_tiny_parts
 
@@ -37,6 +37,8 @@ LOSS_TOLERANCE = 5.0
 def parts(tmp_path_factory):
     root = write_tiny_parts(tmp_path_factory.mktemp("quant"))
     write_random_flux(root / "flux")
+    write_random_lcm_unet(root / "lcm")
+    write_random_lcm_lora(root / "sd", root / "lcm_lora")
     return root
 
 
@@ -164,3 +166,23 @@ def test_a_short_int8_run_trains_and_resumes_bitwise(parts, tmp_path):
     resumed = load_file(str(part / "final" / "policy.safetensors"))
     assert resumed.keys() == weights.keys()
     assert all(torch.equal(resumed[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("lcm", ["lcm", "lcm_lora/pytorch_lora_weights.safetensors"])
+def test_consistency_models_run_over_the_int8_base(parts, lcm):
+    """An LCM UNet is a second frozen denoiser: its Linear weights are int8 too. An LCM-LoRA
+    sits on the int8 base beside the policy's adapter, frozen. Either way x̂0 is finite and
+    carries a gradient to the state."""
+    task = build_task(config(parts, estimator="consistency",
+                             task_params={"quantize_base": "int8", "lcm": str(parts / lcm)}))  # fmt: skip
+    if task._consistency_net is not None:
+        assert quantised_linears(task._consistency_net)
+    else:
+        assert any(".lcm." in n for n, _ in task.denoiser.named_parameters())
+    trainable = [n for n, p in task.denoiser.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n for n in trainable)
+    x = torch.randn((2, *task.sample_shape), generator=torch.Generator().manual_seed(3))
+    x.requires_grad_()
+    x0 = task.consistency_x0(x, torch.tensor([600, 100]), torch.tensor([2, 7]))
+    x0.square().sum().backward()
+    assert torch.isfinite(x0).all() and float(x.grad.abs().sum()) > 0
