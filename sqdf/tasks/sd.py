@@ -48,6 +48,7 @@ from sqdf.tasks.lora import (
     is_policy_weight,
     only_adapter,
 )
+from sqdf.tasks.quantize import check_quantize_base, quantize_base
 from sqdf.tasks.sd_family import (
     FAMILIES,
     FLOW_SCHEDULER,
@@ -59,7 +60,6 @@ from sqdf.tasks.sd_family import (
     load_part,
     read_config,
 )
-from sqdf.tasks.quantize import check_quantize_base, quantize_base
 from sqdf.tasks.sd_flux import latent_ids, pack_latents, text_ids, unpack_latents
 from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
 from sqdf.tasks.sd_text import encode_prompts, sdxl_time_ids

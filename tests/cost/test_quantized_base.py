@@ -48,7 +48,9 @@ def test_the_trace_holds_the_int8_base_as_the_cpu_network_does(model):
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
     assert int8.parts["denoiser"] == _held_bytes(net)
-    linears = [m for m in net.modules() if type(m) is torch.nn.Linear and hasattr(m.weight, "qdata")]
+    linears = [
+        m for m in net.modules() if type(m) is torch.nn.Linear and hasattr(m.weight, "qdata")
+    ]
     rows = sum(m.weight.shape[0] for m in linears)
     elements = sum(m.weight.numel() for m in linears)
     # bf16 Linear weights (2 bytes an element) become 1 byte an element and 5 bytes a row

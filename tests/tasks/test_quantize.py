@@ -49,7 +49,9 @@ def config(parts, family="sd", **over):
 
 
 def quantised_linears(net: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in net.named_modules() if type(m) is nn.Linear and hasattr(m.weight, "qdata")}
+    return {
+        n: m for n, m in net.named_modules() if type(m) is nn.Linear and hasattr(m.weight, "qdata")
+    }
 
 
 def rounded(weight) -> torch.Tensor:
@@ -173,8 +175,8 @@ def test_consistency_models_run_over_the_int8_base(parts, lcm):
     """An LCM UNet is a second frozen denoiser: its Linear weights are int8 too. An LCM-LoRA
     sits on the int8 base beside the policy's adapter, frozen. Either way x̂0 is finite and
     carries a gradient to the state."""
-    task = build_task(config(parts, estimator="consistency",
-                             task_params={"quantize_base": "int8", "lcm": str(parts / lcm)}))  # fmt: skip
+    params = {"quantize_base": "int8", "lcm": str(parts / lcm)}
+    task = build_task(config(parts, estimator="consistency", task_params=params))
     if task._consistency_net is not None:
         assert quantised_linears(task._consistency_net)
     else:
