@@ -5,6 +5,8 @@
         --checkpointing on,off --out /tmp/sd15.json
     python benchmarks/flops_memory.py --models sd15 --batches 4 --fresh-trajectories 32 \
         --out benchmarks/results/flops-memory-presets.json
+    python benchmarks/flops_memory.py --models sdxl,sd35m,sd35l,fluxdev --batches 1 \
+        --quantize-base int8 --out benchmarks/results/flops-memory-int8.json
     python benchmarks/flops_memory.py --markdown benchmarks/results/flops-memory.json
 
 Each row traces one update (sqdf.cost) of a model from its shipped configs
@@ -44,6 +46,7 @@ def row(
     checkpointing: bool,
     vae_slicing: bool = False,
     fresh: int = 0,
+    quantize_base: str = "none",
 ) -> dict:
     from sqdf.config.train_config import TrainConfig
     from sqdf.cost.model_configs import reward_clip
@@ -51,7 +54,8 @@ def row(
     from sqdf.cost.update import gpu_peak, prompt_encoding_peak, trace_update, update_flops
 
     params = {"model": str(folder), "resolution": resolution, "guidance": 5.0,
-              "gradient_checkpointing": checkpointing, "vae_slicing": vae_slicing}  # fmt: skip
+              "gradient_checkpointing": checkpointing, "vae_slicing": vae_slicing,
+              "quantize_base": quantize_base}  # fmt: skip
     cfg = TrainConfig(
         task="sd", estimator="tweedie", reward="aesthetic", batch_size=batch, grad_accum=8,
         num_steps=50, buffer="uniform", replay_ratio=1, fresh_trajectories=fresh,
@@ -64,6 +68,7 @@ def row(
         "model": model, "resolution": resolution, "batch": batch, "grad_accum": 8,
         "fresh_trajectories": cfg.fresh_count,
         "checkpointing": checkpointing, "vae_slicing": vae_slicing,
+        "quantize_base": quantize_base,
         "flops": flops, "flops_total": {d: sum(f.values()) for d, f in flops.items()},
         "traced_peak_bytes": gpu_peak(traces), "live_tensor_peak_bytes": traces.peak,
         "phase_peak_bytes": traces.phase_peak, "weight_bytes": traces.parts,
@@ -111,13 +116,19 @@ def markdown(doc: dict) -> str:
         if "denoiser_linear_bytes" not in r and r["model"] not in cache:
             cache[r["model"]] = linear_bytes(r["model"])
         linear = r.get("denoiser_linear_bytes", cache.get(r["model"], 0))
+        # an int8 row's base is quantised in the trace itself: nothing left to project
+        quantized = r.get("quantize_base", "none") != "none"
+        projected = (
+            "traced" if quantized else f"{(r['traced_peak_bytes'] - linear / 2) / 2**30:.1f} GiB"
+        )
         lines.append(
             f"| {r['model']} | {r['resolution']} | {r['batch']}"
             f"{', ' + str(r['fresh_trajectories']) + ' fresh' if fresh_set(r) else ''} | "
             f"{'on' if r['checkpointing'] else 'off'}"
-            f"{', VAE sliced' if r.get('vae_slicing') else ''} | "
+            f"{', VAE sliced' if r.get('vae_slicing') else ''}"
+            f"{', int8 base' if quantized else ''} | "
             f"{r['traced_peak_bytes'] / 2**30:.1f} GiB | "
-            f"{(r['traced_peak_bytes'] - linear / 2) / 2**30:.1f} GiB | "
+            f"{projected} | "
             f"{sum(r['weight_bytes'].values()) / 2**30:.1f} GiB | "
             f"1/{tot['reference'] / tot['replay1']:.1f} | {tot['replay1'] / 1e12:,.0f} | "
             f"{tot['replay4'] / 1e12:,.0f} | {tot['truncated'] / 1e12:,.0f} | "
@@ -143,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         help="fresh trajectories an update (0: the batch, the task default)",
     )
     ap.add_argument("--vae-slicing", action="store_true", help="decode one image at a time")
+    ap.add_argument("--quantize-base", default="none", choices=("none", "int8"),
+                    help="the frozen base's Linear weights: none, or int8 (torchao)")  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a results file")
     args = ap.parse_args(argv)
@@ -163,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             for ckpt in [c == "on" for c in args.checkpointing.split(",")]:
                 for batch in [int(b) for b in args.batches.split(",")]:
                     r = row(
-                        model, folder, side, batch, ckpt, args.vae_slicing, args.fresh_trajectories
-                    )
+                        model, folder, side, batch, ckpt, args.vae_slicing,
+                        args.fresh_trajectories, args.quantize_base,
+                    )  # fmt: skip
                     rows.append(r)
                     print(
                         f"{model} {side}px B={batch} ckpt={'on' if ckpt else 'off'}: traced "

@@ -20,7 +20,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,docs,hpsv2,metrics,imagereward]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,docs,hpsv2,metrics,imagereward,quant]"
 # The reward packages the tests check our rewards against (image-reward is also what the
 # imagereward reward runs). Their own pins (hpsv2x: pytest==7.2.0 and protobuf<4; image-reward:
 # timm==0.6.13, against open_clip's timm>=1.0.17) would break the test tools and open_clip, and

@@ -216,6 +216,10 @@ CASES = [
      "digits finetune must be one of lora, full, got 'half'"),
     ("compile not a boolean", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r), "--task-param", "compile=1", "--out", str(r / "x")],
      "sd compile must be true or false, got 1"),
+    ("unknown quantize_base", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r), "--task-param", "quantize_base=int4", "--out", str(r / "x")],
+     "sd quantize_base must be one of none, int8, got 'int4'"),
+    ("int8 base under full fine-tuning", lambda r: ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(r), "--task-param", "finetune=full", "--task-param", "quantize_base=int8", "--out", str(r / "x")],
+     "sd quantize_base int8: the quantised base is the frozen one under a LoRA"),
     ("unknown preset, suggested", lambda r: ["train", "--preset", "sd15-aesthtic"], "did you mean 'sd15-aesthetic'?"),
     ("preset of another task", lambda r: ["train", "--preset", "sd15-aesthetic", "--task", "gmm2d"], "is a 'sd' run; it cannot be used with task 'gmm2d'"),
     ("preset without the paths it needs", lambda r: ["train", "--preset", "sd15-hpsv2", "--model", _sd_shaped(r)], "needs --prompts FILE"),
@@ -379,4 +383,19 @@ def test_bad_input(build, expected, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert expected in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_an_int8_base_without_torchao_is_one_line(tmp_path, monkeypatch, capsys):
+    """torchao is an optional extra: without it, quantize_base=int8 says how to install it
+    (torchao hidden here, so the case runs whether or not it is installed)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao raises ImportError
+    argv = ["train", "--task", "sd", "--reward", "ink", "--model", _sd_shaped(tmp_path),
+            "--task-param", "quantize_base=int8", "--out", str(tmp_path / "x")]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sd quantize_base int8 needs torchao: pip install 'sqdf[quant]'" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err

@@ -47,7 +47,8 @@ task parameters (--task-param KEY=VALUE; README for their meaning):
   sd      model, prompts, eval_prompts, negative_prompt, guidance, true_cfg,
           cfg_detach_uncond, resolution, lora_rank, lora_alpha, lora_targets, lora_init,
           reference_compat, lcm_timesteps, tf32, lcm, lcm_guidance, dtype,
-          gradient_checkpointing, vae_slicing, finetune, compile, channels_last, noise_level
+          gradient_checkpointing, vae_slicing, finetune, quantize_base, compile,
+          channels_last, noise_level
 
 A TOML config holds the same keys as the flags (underscores), with [task_params] and
 [reward_params] tables. Flags override the file. The resolved configuration is written to

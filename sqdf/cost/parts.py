@@ -27,6 +27,7 @@ from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD, AestheticReward, Clip
 from sqdf.tasks.base import schedule_of
 from sqdf.tasks.finetune import PolicyAndReference
 from sqdf.tasks.lora import enable_adapter_aware_checkpointing
+from sqdf.tasks.quantize import quantize_base, tensor_bytes
 from sqdf.tasks.sd import (
     DTYPES,
     SDConfig,
@@ -165,6 +166,7 @@ def meta_sd_task(
     net_config = read_config(folder, family.denoiser)
     with made_on_meta(dtype):
         task.denoiser = family.denoiser_model().from_config(net_config)
+    quantize_base(task.denoiser, options.quantize_base)  # torchao's int8 tensors, on meta
     vae_config = read_config(folder, "vae")
     task.vae_upcast = vae_upcast(family, dtype, vae_config)  # the task's own rule
     with made_on_meta(torch.float32 if task.vae_upcast else dtype):
@@ -202,6 +204,7 @@ def meta_sd_task(
         with made_on_meta(dtype):
             lcm = family.denoiser_model().from_config(read_config(Path(options.lcm), "."))
         task._consistency_net = lcm.requires_grad_(False)
+        quantize_base(lcm, options.quantize_base)
         networks["x̂0 model"] = lcm
     reward = meta_clip_reward(clip_config, head, dtype)
     task.reward_model = reward
@@ -217,19 +220,21 @@ def meta_sd_task(
 
 
 def weight_bytes(modules: list[nn.Module]) -> int:
-    """Bytes of the modules' parameters and buffers (each storage once)."""
+    """Bytes of the modules' parameters and buffers (each storage once; a quantised weight's
+    int8 data and scales)."""
     seen: dict[int, int] = {}
     for m in modules:
         for t in [*m.parameters(), *m.buffers()]:
-            seen[id(t)] = t.numel() * t.element_size()
+            seen[id(t)] = tensor_bytes(t)
     return sum(seen.values())
 
 
 def linear_weight_bytes(module: nn.Module) -> int:
-    """Bytes of the frozen nn.Linear weights of ``module``: what a weight-only 8-bit
-    quantisation of the base (torchao, bitsandbytes) halves from bf16."""
+    """Bytes of the frozen nn.Linear weights of ``module``, as held: in the loaded dtype, or
+    int8 data, scales and zero points under ``quantize_base = "int8"`` (half the bf16 bytes
+    and 5 bytes a row)."""
     return sum(
-        m.weight.numel() * m.weight.element_size()
+        tensor_bytes(m.weight)
         for m in module.modules()
         if type(m) is nn.Linear and not m.weight.requires_grad
     )

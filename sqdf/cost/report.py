@@ -111,7 +111,8 @@ def trained_side(cfg: TrainConfig) -> int:
 def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """Settings that lower the traced peak, cheapest to the experiment first: VAE slicing
     (free), checkpointing (time only), a smaller micro-batch with more accumulation (same
-    cells per update), then a lower resolution (another experiment)."""
+    cells per update), an int8 frozen base (the same run over slightly rounded weights;
+    where torchao is installed), then a lower resolution (another experiment)."""
     out: list[tuple[str, TrainConfig]] = []
     if not cfg.task_params.get("vae_slicing", False) and cfg.batch_size > 1:
         out.append((
@@ -140,6 +141,13 @@ def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
             _with(cfg, batch_size=batch, grad_accum=accum, **pin),
         ))  # fmt: skip
     smallest = out[-1][1] if out else cfg
+    if quantizable(smallest):
+        out.append((
+            "--task-param quantize_base=int8 (the frozen base's Linear weights in int8: a "
+            "slightly different model, docs/performance.md), with the above",
+            _with(smallest, task_params={"quantize_base": "int8"}),
+        ))  # fmt: skip
+        smallest = out[-1][1]
     side = trained_side(cfg)  # the resolution set, else the model's native side
     for res in (768, 512):
         if res < side:
@@ -148,6 +156,19 @@ def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
                 _with(smallest, task_params={"resolution": res}),
             ))  # fmt: skip
     return out
+
+
+def quantizable(cfg: TrainConfig) -> bool:
+    """Whether the int8 base is a lever for ``cfg``: a LoRA run whose base is not quantised
+    yet, with torchao installed to run it."""
+    import importlib.util
+
+    params = cfg.task_params
+    return (
+        params.get("quantize_base", "none") == "none"
+        and params.get("finetune", "lora") == "lora"
+        and importlib.util.find_spec("torchao") is not None
+    )
 
 
 def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:

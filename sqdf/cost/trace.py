@@ -31,6 +31,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
+from sqdf.tasks.quantize import inner_tensors
+
 
 class UpdateTracer(TorchDispatchMode):
     """FLOPs per phase and live storage bytes (current, peak overall and per phase).
@@ -66,9 +68,11 @@ class UpdateTracer(TorchDispatchMode):
         self.phase_peak[name] = max(self.phase_peak[name], self.live)
 
     def hold(self, tensors: Any) -> None:
-        """Count tensors made before the trace (a module's parameters and buffers)."""
+        """Count tensors made before the trace (a module's parameters and buffers; a quantised
+        weight by the int8 data and scales it holds, not its nominal dtype)."""
         for t in tensors:
-            self._add(t)
+            for inner in inner_tensors(t):
+                self._add(inner)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -3,6 +3,7 @@ network with the adapter switched off (never a second copy of the weights)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -15,6 +16,11 @@ from sqdf.errors import ConfigError
 
 LORA_KEY = "lora_"
 POLICY_ADAPTER = "default"  # peft's name for the first adapter
+
+
+# peft's warning that a LoRA layer over a torchao-quantised weight, built outside
+# transformers, cannot merge the adapter into it: sqdf never merges (the adapter is saved alone)
+UNMERGEABLE_WARNING = ".*get_apply_tensor_subclass.*"
 
 
 # how A is drawn (B is zero either way): peft's default, Kaiming-uniform with a = sqrt(5)
@@ -40,7 +46,9 @@ def add_lora(
         r=rank, lora_alpha=alpha, target_modules=target_modules,
         init_lora_weights=LORA_INITS[init],
     )  # fmt: skip
-    return inject_adapter_in_model(config, model, adapter_name=POLICY_ADAPTER)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=UNMERGEABLE_WARNING)
+        return inject_adapter_in_model(config, model, adapter_name=POLICY_ADAPTER)
 
 
 def is_policy_weight(name: str) -> bool:

@@ -42,12 +42,14 @@ from sqdf.tasks.base import Task, _expand, schedule_of
 from sqdf.tasks.finetune import PolicyAndReference, check_network_options
 from sqdf.tasks.lora import (
     POLICY_ADAPTER,
+    UNMERGEABLE_WARNING,
     activate_only,
     check_lora_init,
     enable_adapter_aware_checkpointing,
     is_policy_weight,
     only_adapter,
 )
+from sqdf.tasks.quantize import check_quantize_base, quantize_base
 from sqdf.tasks.sd_family import (
     FAMILIES,
     FLOW_SCHEDULER,
@@ -120,6 +122,10 @@ class SDConfig:
     # the decode's activations of one image at a time in the gradient step (docs/performance.md)
     vae_slicing: bool = False
     finetune: str = "lora"  # lora, or full (every UNet weight, in float32; what FSDP shards)
+    # the frozen base under the LoRA: none (the loaded dtype), or int8 (every Linear weight of
+    # the denoiser(s) weight-only int8 per output channel, by torchao: half the bf16 bytes;
+    # docs/performance.md)
+    quantize_base: str = "none"
     compile: bool = False  # torch.compile the denoiser(s)
     channels_last: bool = False  # channels-last denoiser weights
     # SD 3/3.5, FLUX.1: the noise level a of the flow SDE (Flow-GRPO's default; DDIM's is --eta)
@@ -127,6 +133,7 @@ class SDConfig:
 
     def __post_init__(self) -> None:
         check_network_options(self.finetune, self.compile, self.channels_last, "sd")
+        check_quantize_base(self.quantize_base, self.finetune, "sd")
         if not self.model:
             raise ConfigError(
                 "task 'sd' needs a Stable Diffusion model: --model PATH or a Hub reference "
@@ -326,6 +333,7 @@ class SDTask(Task):
         self.denoiser = load_part(
             self.family.denoiser_model(), folder, self.family.denoiser, **safe
         ).to(device)
+        quantize_base(self.denoiser, options.quantize_base)  # before the LoRA wraps its layers
         # FLUX.1-dev takes the guidance scale as an input instead of a second, negative pass
         self.guidance_input = self.family.packed and bool(self.denoiser.config.guidance_embeds)
         self.vae_upcast = vae_upcast(self.family, self.dtype, read_config(folder, "vae"))
@@ -398,6 +406,7 @@ class SDTask(Task):
                 dtype=self.dtype,
             )  # fmt: skip
             self._consistency_net.to(self.device, self.dtype).requires_grad_(False)
+            quantize_base(self._consistency_net, self.options.quantize_base)
             return
         # on the pretrained weights: the reference network (under LoRA, the policy's own)
         base = self.nets.reference_net
@@ -405,6 +414,7 @@ class SDTask(Task):
         check_lora_fits(state, base, path, self.family.label)
         with warnings.catch_warnings():  # peft warns of a second adapter: that is the point
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            warnings.filterwarnings("ignore", message=UNMERGEABLE_WARNING)
             base.load_lora_adapter(
                 state, prefix="unet", network_alphas=alphas, adapter_name=LCM_ADAPTER
             )
@@ -420,6 +430,7 @@ class SDTask(Task):
             dtype=self.dtype,
         )  # fmt: skip
         self._consistency_net = net.to(self.device, self.dtype).requires_grad_(False)
+        quantize_base(self._consistency_net, self.options.quantize_base)
 
     def _autocast(self) -> Any:
         enabled = self.dtype != torch.float32
