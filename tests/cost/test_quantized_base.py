@@ -9,11 +9,11 @@ import dataclasses
 import pytest
 import torch
 
-from sqdf.config import TrainConfig
+from sqdf.config.train_config import TrainConfig
 from sqdf.cost.report import levers, trace_run
 from sqdf.cost.update import gpu_peak
 
-pytest.importorskip("torchao")
+pytest.importorskip("torchao", reason="torchao is not installed: bash scripts/setup.sh --quant")
 
 
 def _config(model, **params) -> TrainConfig:

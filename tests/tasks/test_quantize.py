@@ -12,16 +12,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sqdf.buffer import Cells
 from sqdf.methods import METHODS, build_method_params
-from sqdf.sampler import sample_trajectories
+from sqdf.sampling.buffer import Cells
+from sqdf.sampling.sampler import sample_trajectories
 from sqdf.tasks import build_task
 from sqdf.tasks.quantize import tensor_bytes
 from sqdf.tasks.sd_random import write_random_flux, write_random_lcm_lora, write_random_lcm_unet
-from sqdf.trainer import train
+from sqdf.training.trainer import train
 from tests.tasks.sd_runs import sd_config, sd_pipeline, write_tiny_parts
 
-pytest.importorskip("torchao")
+pytest.importorskip("torchao", reason="torchao is not installed: bash scripts/setup.sh --quant")
 
 # The loss and the LoRA gradient of the int8 base against the unquantised one, relative, at
 # most LOSS_TOLERANCE times the largest relative rounding error of a quantised weight
