@@ -20,7 +20,7 @@ from sqdf.config.train_config import TrainConfig
 from sqdf.errors import SqdfError
 from sqdf.infra.atomic import atomic_write_text, make_folder
 from sqdf.infra.distributed import Processes
-from sqdf.infra.report import pyplot
+from sqdf.infra.report import format_mean_std, pyplot
 from sqdf.methods import METHODS
 from sqdf.run.settings import make_config
 
@@ -197,7 +197,7 @@ def results_markdown(task: str, bbo: BboConfig, summary: dict[str, dict[str, Any
         cells = [method, str(last["queries"])]
         for c in cols:
             m, sd = last.get(c, math.nan), last.get(f"{c}_sd", math.nan)
-            cells.append("n/a" if not math.isfinite(m) else f"{m:.3f} ± {sd:.3f}")
+            cells.append("n/a" if not math.isfinite(m) else format_mean_std(m, sd))
         cells.append(f"{last.get('excluded_total', 0):.0f}")
         cells.append(f"{len(s['diverged'])}/{s['seeds']}")
         lines.append("| " + " | ".join(cells) + " |")

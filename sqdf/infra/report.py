@@ -24,6 +24,41 @@ def pyplot():
     return plt
 
 
+WHOLE_FROM = 1e3  # from here a table cell drops its decimals and groups the thousands
+POWER_FROM = 1e6  # from here it gives three significant figures and a power of ten
+
+
+def _style(magnitude: float) -> str:
+    if magnitude < WHOLE_FROM:
+        return "decimals"
+    return "whole" if magnitude < POWER_FROM else "power"
+
+
+def _in_style(x: float, style: str) -> str:
+    if not math.isfinite(x):
+        return f"{x}"
+    if style == "decimals":
+        return f"{x:.3f}"
+    if style == "whole":
+        return f"{x:,.0f}"
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def format_number(x: float) -> str:
+    """A number for a table a person reads: three decimals below 1,000 (0.037, -8.677), whole
+    with its thousands grouped below a million (86,266), else three significant figures and a
+    power of ten (3.75e16): a diverging run's 17-digit KL is read by its size, not its digits."""
+    return _in_style(x, _style(abs(x)) if math.isfinite(x) else "decimals")
+
+
+def format_mean_std(mean: float, std: float) -> str:
+    """``mean ± std``, both in the style of the larger of the two, so that they line up:
+    -6,148 ± 8,410, not -6,148 ± 8409.583."""
+    style = _style(max((abs(v) for v in (mean, std) if math.isfinite(v)), default=0.0))
+    return f"{_in_style(mean, style)} ± {_in_style(std, style)}"
+
+
 def mean_std(values: list[float]) -> str:
     """A table cell: mean ± sample std of the numbers (NaN left out), the one value, or n/a."""
     values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
@@ -32,8 +67,8 @@ def mean_std(values: list[float]) -> str:
     if any(math.isinf(v) for v in values):  # statistics cannot take them; the mean can
         return f"{sum(values) / len(values)}"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return format_number(values[0])
+    return format_mean_std(statistics.mean(values), statistics.stdev(values))
 
 
 def digit_grid(images: Tensor, cond: Tensor, per_class: int = 8) -> Tensor:
