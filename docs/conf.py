@@ -51,8 +51,7 @@ html_favicon = "_static/favicon.svg"
 html_last_updated_fmt = None
 # pages without sub-pages get no (empty) section navigation on the left
 html_sidebars = {
-    page: [] for page in ("index", "getting-started", "concepts", "results", "performance",
-                          "reliability")
+    page: [] for page in ("index", "getting-started", "concepts", "performance", "reliability")
 }  # fmt: skip
 
 

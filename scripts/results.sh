@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild docs/results/: the experiments of docs/results.md, with the time each took.
+# Rebuild docs/results/: the experiments of docs/results.md's pages, with the time each took.
 #   scripts/results.sh                  every experiment, one after another
 #   scripts/results.sh NAME [NAME...]   only those (e.g. digits-gamma); others' records stay
 # Run folders go to runs/results/ (not committed); tables, JSON and plots are copied to

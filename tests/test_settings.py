@@ -194,7 +194,7 @@ PRESETS = {
                                    alpha_sum=2 * 2.0 / SD15_D, rank=4, reward="aesthetic",
                                    guidance=1.0, num_steps=4, estimator="tweedie",
                                    dtype="auto", tf32=False, lcm_timesteps="chain"),
-    # docs/results.md, across random mixtures: the setting that meets the gmm2d goal's means
+    # docs/results/gmm2d-mixtures.md: the setting that meets the gmm2d goal's means
     "gmm2d-exact": dict(SQDF_DEFAULTS, batch=128, accum=8, fresh=128, alpha=2.0,
                         kl_scale="sum", alpha_sum=2.0, gamma=1.0, steps=1000, buffer=1024,
                         rank=8, lr=0.006, reward="auto", guidance=1.0, num_steps=200,

@@ -369,7 +369,7 @@ def _compare(out: Path, args: dict[str, Any], *, progress: bool, resume: bool) -
     )
     if frontier:
         write_frontier(task_name, records, exact, out)
-    _pareto(task_name, records, out / "pareto.png")
+    pareto_plot(task_name, records, out / "pareto.png")
     _curves(curves, out / "curves.png")
     if task_name == "gmm2d" and samples:
         _gmm_samples(base, variants, samples, out / "samples.png")
@@ -455,7 +455,8 @@ def results_markdown(task: str, records: list[dict[str, Any]], variants: list[st
     )
 
 
-def _pareto(task: str, records: list[dict[str, Any]], path: Path) -> None:
+def pareto_plot(task: str, records: list[dict[str, Any]], path: Path) -> None:
+    """Reward against the task's naturalness and diversity measures, one dot per run."""
     x_nat, y_div = PARETO.get(task, ("kl_path", "kl_path"))
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -16,8 +16,8 @@ step mean instead of at the drawn x_{t-1}:
 (value and gradient computed once, without the policy's graph), whose per-step optimum is the
 step mean_ref + γ^(T-k-1) (σ²/α) ∇Q(mean_ref): at γ = 1 the first-order step of
 sqdf.core.gaussian_step, which with the exact soft value on gmm2d lands nearer the target than
-the optimum of the Q at x_{t-1} does (docs/results.md, "What a perfectly trained policy
-reaches").
+the optimum of the Q at x_{t-1} does (docs/results/gmm2d-mixtures.md, "What a perfectly
+trained policy reaches").
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def test_a_run_with_it_trains_and_a_bad_value_is_refused(tmp_path):
 
 
 def test_the_gmm2d_exact_preset_trains_with_the_first_order_q(tmp_path):
-    """The preset of docs/results.md's recommended gmm2d setting, shrunk by flags."""
+    """The recommended gmm2d setting's preset (docs/results/gmm2d-preset.md), shrunk by flags."""
     import json
 
     from sqdf.cli import main
