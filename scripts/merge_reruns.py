@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqdf.atomic import atomic_write_text, make_folder
 from sqdf.bbo.config import BboConfig
 from sqdf.bbo.experiment import plot_curve
 from sqdf.bbo.experiment import results_markdown as bbo_markdown
-from sqdf.compare import pareto_plot
-from sqdf.compare import results_markdown as compare_markdown
+from sqdf.experiments.compare import pareto_plot
+from sqdf.experiments.compare import results_markdown as compare_markdown
+from sqdf.infra.atomic import atomic_write_text, make_folder
 
 RESULTS = Path("docs/results")
 RERUNS = RESULTS / "reruns-after-ddpo-ratio-fix"
