@@ -5,6 +5,7 @@ run's commits pinned for eval after the repository moves on, and a gated model a
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -165,8 +166,6 @@ def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path
     """The README's command per family, against the stand-in serving every default weight
     at its pinned commit: SD 1.5's train and sample run (made small); the other families'
     trains run as --dry-run (their configs fetched, their weights listed)."""
-    import shlex
-
     from tests.tasks.sd_runs import QUICK, doc_lines
 
     publish_defaults(hub, parts, family_parts)
@@ -273,3 +272,41 @@ def test_eval_takes_hub_ids_for_its_own_weights(hub, tmp_path):
                  "--clip", "tiny/clip"]) == 0  # fmt: skip
     assert weights.resolutions()["tiny/clip"]["commit"] == hub.repos["tiny/clip"].branches["main"]
     assert "hf://tiny/clip" in weights.resolutions()
+
+
+def test_compare_by_hub_id_and_by_a_presets_default_weights(hub, parts, family_parts, tmp_path,
+                                                            monkeypatch):  # fmt: skip
+    """sqdf compare with Hub ids for --model, lcm, clip and head, then compare.md's command
+    (--preset sd15-aesthetic alone, its default weights at their pinned commits), each made
+    small: a trained variant and best-of-N, one seed, one update. Each trained variant's
+    config.json records the commits it loaded."""
+    from tests.tasks.sd_runs import doc_lines
+
+    small = ["--methods", "sqdf,best_of_n", "--seeds", "1", "--steps", "1", "--best-of", "2",
+             "--set", "num_steps=2", "--set", "batch_size=2", "--set", "grad_accum=1",
+             "--set", "buffer_size=4", "--set", "fresh_trajectories=2", "--set", "device='cpu'",
+             "--task-param", f"eval_prompts={tmp_path / 'eval.txt'}", "--no-progress"]  # fmt: skip
+    (tmp_path / "eval.txt").write_text("a red apple\n")
+    by_id = ["compare", "--preset", "sd15-aesthetic", "--model", "tiny/sd", "--task-param",
+             "lcm=tiny/lcm", "--reward-param", "clip=tiny/clip", "--reward-param",
+             "head=hf://tiny/head/head.pth", "--out", str(tmp_path / "by_id")]  # fmt: skip
+    publish_defaults(hub, parts, family_parts)
+    monkeypatch.chdir(tmp_path)
+    (line,) = doc_lines("docs/guides/compare.md", "sqdf compare --preset sd15-aesthetic")
+    from_doc = shlex.split(line)[1:]
+    for argv, out, expected in (
+        (by_id, tmp_path / "by_id", {"tiny/sd", "tiny/lcm", "tiny/clip", "tiny/head"}),
+        (from_doc, tmp_path / "runs/compare-sd", {
+            "stable-diffusion-v1-5/stable-diffusion-v1-5", "latent-consistency/lcm-lora-sdv1-5",
+            "openai/clip-vit-large-patch14", "trl-lib/ddpo-aesthetic-predictor"}),
+    ):  # fmt: skip
+        weights.clear()
+        assert main(argv + small) == 0, argv
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["task"] == "sd" and [r["variant"] for r in doc["runs"]] == ["sqdf", "best_of_n"]
+        assert not any("diverged" in r for r in doc["runs"])
+        recorded = json.loads((out / "runs/sqdf-seed0/config.json").read_text())["weights"]
+        assert {weights.parse_hub_ref(g).repo for g in recorded} == expected
+        for given, rec in recorded.items():  # the commit the stand-in served for each
+            ref = weights.parse_hub_ref(given)
+            assert rec["commit"] == (ref.revision or hub.repos[ref.repo].branches["main"])
