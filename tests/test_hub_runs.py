@@ -164,8 +164,10 @@ def publish_defaults(hub: StandInHub, parts, family_parts) -> None:
 def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path,
                                              monkeypatch, capsys):  # fmt: skip
     """The README's command per family, against the stand-in serving every default weight
-    at its pinned commit: SD 1.5's train and sample run (made small); the other families'
-    trains run as --dry-run (their configs fetched, their weights listed)."""
+    at its pinned commit: each line runs as written, made small (a few updates of a few
+    steps, at 32 px through the tiny parts' VAEs); each family's run records the preset's
+    repositories at their pinned commits."""
+    from sqdf.settings import load_preset
     from tests.tasks.sd_runs import QUICK, doc_lines
 
     publish_defaults(hub, parts, family_parts)
@@ -175,23 +177,30 @@ def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path
         "sd15-aesthetic", "sd15-aesthetic", "sdxl-aesthetic", "sd35m-aesthetic",
         "flux-dev-aesthetic", "flux-schnell-aesthetic",
     ]  # fmt: skip
+    hub.deadline_s = 1200.0  # six trains on a loaded CPU: the stand-in outlives them
+    small = ["--steps", "1", "--num-steps", "2", "--fresh-trajectories", "2", "--buffer-size",
+             "4", "--task-param", "resolution=32"]  # fmt: skip
     for line in lines:
         argv = shlex.split(line)[1:]
-        if argv[0] == "train" and "sd15-aesthetic" not in argv and "--dry-run" not in argv:
-            argv += ["--dry-run"]
         extra = [] if "--dry-run" in argv else QUICK.get(argv[0], [])
         if argv[0] == "sample":
             extra = ["--num-samples", "2"]
+        elif argv[0] == "train" and "sd15-aesthetic" not in argv:
+            extra = extra + small  # 1024 px (512 for FLUX) through a tiny 2x VAE: too big
         assert main(argv + extra) == 0, line
         out = capsys.readouterr().out
+        params = load_preset(argv[2]).train["task_params"] if argv[0] == "train" else {}
         if "--dry-run" in argv:
-            model = weights.parse_hub_ref(
-                __import__("sqdf.settings", fromlist=["x"])
-                .load_preset(argv[2])
-                .train["task_params"]["model"]
-            )
+            model = weights.parse_hub_ref(params["model"])
             assert f"{model.repo}@{model.revision[:12]}" in out, line
-    assert (tmp_path / "runs/sd/final/pytorch_lora_weights.safetensors").is_file()
+        elif argv[0] == "train":
+            out_dir = tmp_path / argv[argv.index("--out") + 1]
+            assert (out_dir / "final/pytorch_lora_weights.safetensors").is_file(), line
+            recorded = json.loads((out_dir / "config.json").read_text())["weights"]
+            for key in ("model", "lcm"):  # the preset's references, at their pinned commits
+                if key in params:
+                    pinned = weights.parse_hub_ref(params[key]).revision
+                    assert recorded[params[key]]["commit"] == pinned, line
     recorded = json.loads((tmp_path / "runs/sd/config.json").read_text())["weights"]
     assert {weights.parse_hub_ref(g).repo for g in recorded} == {
         "stable-diffusion-v1-5/stable-diffusion-v1-5", "latent-consistency/lcm-lora-sdv1-5",
