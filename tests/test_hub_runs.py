@@ -5,6 +5,7 @@ run's commits pinned for eval after the repository moves on, and a gated model a
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -163,10 +164,10 @@ def publish_defaults(hub: StandInHub, parts, family_parts) -> None:
 def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path,
                                              monkeypatch, capsys):  # fmt: skip
     """The README's command per family, against the stand-in serving every default weight
-    at its pinned commit: SD 1.5's train and sample run (made small); the other families'
-    trains run as --dry-run (their configs fetched, their weights listed)."""
-    import shlex
-
+    at its pinned commit: each line runs as written, made small (a few updates of a few
+    steps, at 32 px through the tiny parts' VAEs); each family's run records the preset's
+    repositories at their pinned commits."""
+    from sqdf.run.settings import load_preset
     from tests.tasks.sd_runs import QUICK, doc_lines
 
     publish_defaults(hub, parts, family_parts)
@@ -176,23 +177,30 @@ def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path
         "sd15-aesthetic", "sd15-aesthetic", "sdxl-aesthetic", "sd35m-aesthetic",
         "flux-dev-aesthetic", "flux-schnell-aesthetic",
     ]  # fmt: skip
+    hub.deadline_s = 1200.0  # six trains on a loaded CPU: the stand-in outlives them
+    small = ["--steps", "1", "--num-steps", "2", "--fresh-trajectories", "2", "--buffer-size",
+             "4", "--task-param", "resolution=32"]  # fmt: skip
     for line in lines:
         argv = shlex.split(line)[1:]
-        if argv[0] == "train" and "sd15-aesthetic" not in argv and "--dry-run" not in argv:
-            argv += ["--dry-run"]
         extra = [] if "--dry-run" in argv else QUICK.get(argv[0], [])
         if argv[0] == "sample":
             extra = ["--num-samples", "2"]
+        elif argv[0] == "train" and "sd15-aesthetic" not in argv:
+            extra = extra + small  # 1024 px (512 for FLUX) through a tiny 2x VAE: too big
         assert main(argv + extra) == 0, line
         out = capsys.readouterr().out
+        params = load_preset(argv[2]).train["task_params"] if argv[0] == "train" else {}
         if "--dry-run" in argv:
-            model = weights.parse_hub_ref(
-                __import__("sqdf.run.settings", fromlist=["x"])
-                .load_preset(argv[2])
-                .train["task_params"]["model"]
-            )
+            model = weights.parse_hub_ref(params["model"])
             assert f"{model.repo}@{model.revision[:12]}" in out, line
-    assert (tmp_path / "runs/sd/final/pytorch_lora_weights.safetensors").is_file()
+        elif argv[0] == "train":
+            out_dir = tmp_path / argv[argv.index("--out") + 1]
+            assert (out_dir / "final/pytorch_lora_weights.safetensors").is_file(), line
+            recorded = json.loads((out_dir / "config.json").read_text())["weights"]
+            for key in ("model", "lcm"):  # the preset's references, at their pinned commits
+                if key in params:
+                    pinned = weights.parse_hub_ref(params[key]).revision
+                    assert recorded[params[key]]["commit"] == pinned, line
     recorded = json.loads((tmp_path / "runs/sd/config.json").read_text())["weights"]
     assert {weights.parse_hub_ref(g).repo for g in recorded} == {
         "stable-diffusion-v1-5/stable-diffusion-v1-5", "latent-consistency/lcm-lora-sdv1-5",
@@ -273,3 +281,41 @@ def test_eval_takes_hub_ids_for_its_own_weights(hub, tmp_path):
                  "--clip", "tiny/clip"]) == 0  # fmt: skip
     assert weights.resolutions()["tiny/clip"]["commit"] == hub.repos["tiny/clip"].branches["main"]
     assert "hf://tiny/clip" in weights.resolutions()
+
+
+def test_compare_by_hub_id_and_by_a_presets_default_weights(hub, parts, family_parts, tmp_path,
+                                                            monkeypatch):  # fmt: skip
+    """sqdf compare with Hub ids for --model, lcm, clip and head, then compare.md's command
+    (--preset sd15-aesthetic alone, its default weights at their pinned commits), each made
+    small: a trained variant and best-of-N, one seed, one update. Each trained variant's
+    config.json records the commits it loaded."""
+    from tests.tasks.sd_runs import doc_lines
+
+    small = ["--methods", "sqdf,best_of_n", "--seeds", "1", "--steps", "1", "--best-of", "2",
+             "--set", "num_steps=2", "--set", "batch_size=2", "--set", "grad_accum=1",
+             "--set", "buffer_size=4", "--set", "fresh_trajectories=2", "--set", "device='cpu'",
+             "--task-param", f"eval_prompts={tmp_path / 'eval.txt'}", "--no-progress"]  # fmt: skip
+    (tmp_path / "eval.txt").write_text("a red apple\n")
+    by_id = ["compare", "--preset", "sd15-aesthetic", "--model", "tiny/sd", "--task-param",
+             "lcm=tiny/lcm", "--reward-param", "clip=tiny/clip", "--reward-param",
+             "head=hf://tiny/head/head.pth", "--out", str(tmp_path / "by_id")]  # fmt: skip
+    publish_defaults(hub, parts, family_parts)
+    monkeypatch.chdir(tmp_path)
+    (line,) = doc_lines("docs/guides/compare.md", "sqdf compare --preset sd15-aesthetic")
+    from_doc = shlex.split(line)[1:]
+    for argv, out, expected in (
+        (by_id, tmp_path / "by_id", {"tiny/sd", "tiny/lcm", "tiny/clip", "tiny/head"}),
+        (from_doc, tmp_path / "runs/compare-sd", {
+            "stable-diffusion-v1-5/stable-diffusion-v1-5", "latent-consistency/lcm-lora-sdv1-5",
+            "openai/clip-vit-large-patch14", "trl-lib/ddpo-aesthetic-predictor"}),
+    ):  # fmt: skip
+        weights.clear()
+        assert main(argv + small) == 0, argv
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["task"] == "sd" and [r["variant"] for r in doc["runs"]] == ["sqdf", "best_of_n"]
+        assert not any("diverged" in r for r in doc["runs"])
+        recorded = json.loads((out / "runs/sqdf-seed0/config.json").read_text())["weights"]
+        assert {weights.parse_hub_ref(g).repo for g in recorded} == expected
+        for given, rec in recorded.items():  # the commit the stand-in served for each
+            ref = weights.parse_hub_ref(given)
+            assert rec["commit"] == (ref.revision or hub.repos[ref.repo].branches["main"])

@@ -95,9 +95,9 @@ def add_setting_flags(
         )  # fmt: skip
     if "model" in shorthands:
         parser.add_argument(
-            "--model", metavar="PATH", default=None,
-            help="sd: local diffusers folder, SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1 "
-            "(= --task-param model=)",
+            "--model", metavar="ID|PATH", default=None,
+            help="sd: a diffusers pipeline of SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1, as a Hub "
+            "reference ([hf://]ORG/NAME[@REVISION]) or a local folder (= --task-param model=)",
         )  # fmt: skip
     if "prompts" in shorthands:
         parser.add_argument(

@@ -4,6 +4,7 @@ queries."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -245,9 +246,10 @@ def _add_bbo_options(parser: argparse.ArgumentParser) -> None:
                                 help=f.metadata["help"])  # fmt: skip
             continue
         kind = {"int": int, "float": float, "str": str, "list": _int_list}[str(f.type)]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         parser.add_argument(
             flag, dest=f.name, type=kind, default=None,
-            help=f"{f.metadata['help']} (default: {f.default})",
+            help=f"{f.metadata['help']} (default: {default})",
         )  # fmt: skip
 
 

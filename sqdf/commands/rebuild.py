@@ -132,7 +132,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_build_commands(sub)
     c = sub.add_parser(
         "convert-aesthetic-head",
-        help="the public LAION aesthetic head (.pth) as safetensors, read with weights_only",
+        help="the public LAION aesthetic head (.pth) as safetensors, read with weights_only "
+        "(runs need not: the aesthetic reward converts its head once, into sqdf's cache)",
     )
     c.add_argument("pth", metavar="IN.pth")
     c.add_argument("out", metavar="OUT.safetensors")

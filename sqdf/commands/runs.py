@@ -15,7 +15,9 @@ from sqdf.run.settings import BUILT_IN, resolve_settings
 SAMPLE_EPILOG = """\
 examples:
   sqdf sample runs/gmm2d --num-samples 2048
-  sqdf sample --task sd --model ~/sd15 --lora runs/sd/final --prompts animals --out grid.png"""
+  sqdf sample runs/sd --num-samples 8
+  sqdf sample --task sd --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
+      --lora runs/sd/final --prompts animals --out grid.png"""
 
 
 def reward_choices(names: str | None, params: list[str]) -> dict[str, dict[str, Any]]:
@@ -154,8 +156,8 @@ def _render_settings(args: argparse.Namespace) -> tuple[str, str | None, float |
     model = params.get("model")
     if not model:
         raise SqdfError(
-            "sqdf sample --task sd needs --model PATH (a local SD 1.x/2.x, SDXL, SD 3/3.5 or "
-            "FLUX.1 folder)"
+            "sqdf sample --task sd needs --model PATH or a Hub reference (an SD 1.x/2.x, SDXL, "
+            "SD 3/3.5 or FLUX.1 pipeline)"
         )
 
     def given(key: str) -> Any:
@@ -204,8 +206,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     e.add_argument(
         "--reward-param", action="append", default=[], metavar="[NAME.]KEY=VALUE",
-        help="a parameter of a --rewards reward, e.g. pickscore.model=~/pickscore, or without "
-        "NAME. of the run's own reward (over its config.json), e.g. clip=~/clip (repeatable)",
+        help="a parameter of a --rewards reward, e.g. pickscore.model=yuvalkirstain/PickScore_v1 "
+        "(a Hub reference or a local path), or without NAME. of the run's own reward (over its "
+        "config.json), e.g. clip=openai/clip-vit-large-patch14 (repeatable)",
     )  # fmt: skip
     add_setting_flags(e, preset=False, params=("task_params",), shorthands=("model",))
     e.add_argument(
@@ -218,15 +221,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="sd: images per prompt, from fixed seeds (default 4)",
     )  # fmt: skip
     e.add_argument(
-        "--clip", default=None, metavar="FOLDER",
-        help="sd: CLIP model folder for diversity and Fréchet features (default: the CLIP of the "
-        "first reward that has one, else 32x32 pixels)",
+        "--clip", default=None, metavar="ID|FOLDER",
+        help="sd: CLIP model (a Hub reference or a local folder) for diversity and Fréchet "
+        "features (default: the CLIP of the first reward that has one, else 32x32 pixels)",
     )  # fmt: skip
     e.add_argument(
         "--lpips", nargs="?", const=True, default=None, metavar="FILE",
-        help="sd: LPIPS diversity (lpips package, AlexNet v0.1); FILE: torchvision's "
-        "alexnet-owt-7be5be79.pth (or a safetensors file of its features.*), else torchvision "
-        "fetches it into the torch hub cache",
+        help="sd: LPIPS diversity (lpips package, AlexNet v0.1); without FILE torchvision "
+        "fetches its AlexNet into the torch hub cache; FILE (a local path or a Hub reference): "
+        "torchvision's alexnet-owt-7be5be79.pth or a safetensors file of its features.*",
     )  # fmt: skip
     e.add_argument(
         "--dreamsim", nargs="?", const=True, default=None, metavar="DIR",

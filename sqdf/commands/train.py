@@ -25,14 +25,18 @@ examples:
   sqdf train --task gmm2d --steps 300 --out runs/gmm2d
   sqdf train --config my.toml --alpha 1.0 --reward-param 'b=[0.0, 1.0]'
   sqdf train --resume runs/gmm2d --steps 600      # continue (and extend) a run
-  sqdf train --preset sd15-aesthetic --model ~/sd15 --task-param lcm=~/lcm-lora.safetensors \
-      --reward-param clip=~/clip-l14 --reward-param head=~/aesthetic.safetensors --out runs/sd
-  sqdf train --preset sd15-aesthetic --model ~/sd15 ... --dry-run   # what would run
-  sqdf train --task sd --model ~/sdxl --task-param resolution=512 ...  # SDXL, by its folder
+  sqdf train --preset sd15-aesthetic --out runs/sd      # its weights fetched from the Hub
+  sqdf train --preset sd15-aesthetic --dry-run          # what would run and be downloaded
+  sqdf train --preset sdxl-aesthetic --out runs/sdxl    # (also sd35m-, flux-dev-, flux-schnell-)
+  sqdf train --task sd --model stabilityai/stable-diffusion-xl-base-1.0 \
+      --task-param lcm=latent-consistency/lcm-lora-sdxl/pytorch_lora_weights.safetensors \
+      --task-param resolution=512 --out runs/sdxl-512
 
-The sd task reads the family from the folder's model_index.json: StableDiffusionPipeline
-(SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD 3/3.5) or
-FluxPipeline (FLUX.1).
+Every weight (--model, lcm, a reward's clip/head/model/checkpoint) is a Hub reference,
+[hf://]ORG/NAME[@REVISION][/FILE], fetched into the Hugging Face cache on first use, or a
+local path (docs/weights.md). The sd task reads the family from the pipeline's
+model_index.json: StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL),
+StableDiffusion3Pipeline (SD 3/3.5) or FluxPipeline (FLUX.1).
 
 settings: built-in defaults < the task's defaults < --preset < --config < flags. The sd
 task's defaults are the official SQDF aesthetic run's (batch 4 x 8 accumulation per process,

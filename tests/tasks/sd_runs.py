@@ -66,18 +66,59 @@ def doc_lines(page: str, marker: str) -> list[str]:
     return doc_block(page, marker).strip().splitlines()
 
 
-def run_doc_lines(lines: list[str], layout: dict[str, Path], tmp_path: Path) -> None:
-    """Run ``W=~/weights`` and the sqdf commands after it in ``tmp_path``, with $W a folder
-    of links named as the docs name the weights (``layout``: name -> tiny part)."""
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    for name, target in layout.items():
-        (weights / name).symlink_to(target)
-    assert lines[0] == "W=~/weights"
-    for line in lines[1:]:
-        argv = shlex.split(line.replace("$W", str(weights)))
-        assert argv[0] == "sqdf"
-        assert main(argv[1:] + QUICK.get(argv[1], [])) == 0, line
+def reward_defaults(parts: Path) -> dict[str, Path]:
+    """The aesthetic reward's default weights (its CLIP and head), as Hub references pinned to
+    their commits, served from ``parts``' clip/ and head.pth."""
+    from sqdf.rewards.clip_rewards import AESTHETIC_HEAD, CLIP_L14
+
+    return {CLIP_L14: parts / "clip", AESTHETIC_HEAD: parts / "head.pth"}
+
+
+def publish(hub: Any, given: str, source: Path) -> None:
+    """Serve ``source`` on the stand-in ``hub`` as the Hub reference ``given`` names it: a
+    folder as the repository (or its subfolder), a file as the one file the reference names;
+    at the pinned commit, else as the head of main."""
+    from sqdf import weights
+
+    ref = weights.parse_hub_ref(given)
+    assert ref is not None, given
+    known = hub.repos.get(ref.repo)
+    if known is not None and (ref.revision in known.commits or ref.revision is None):
+        return
+    if source.is_dir():
+        prefix = "" if ref.path is None or ref.is_file else f"{ref.path}/"
+        files = {prefix + p.relative_to(source).as_posix(): p.read_bytes()
+                 for p in sorted(source.rglob("*")) if p.is_file()}  # fmt: skip
+    else:
+        assert ref.is_file, given
+        files = {ref.path: source.read_bytes()}
+    hub.add_files(ref.repo, files, commit=ref.revision)
+
+
+def run_doc_lines(
+    lines: list[str], repos: dict[str, Path], tmp_path: Path, monkeypatch: Any, *,
+    extra: dict[str, list[str]] | None = None,
+) -> None:  # fmt: skip
+    """Run the sqdf commands ``lines`` in ``tmp_path`` as written (shrunk by QUICK, then
+    ``extra`` per subcommand), their Hub references served by a stand-in Hub on 127.0.0.1 from
+    ``repos`` (reference -> tiny part: see ``publish``) into an empty cache."""
+    from sqdf import weights
+    from tests.hub_standin import StandInHub, point_at, serve
+
+    hub = StandInHub()
+    for given, source in repos.items():
+        publish(hub, given, source)
+    weights.clear()
+    try:
+        with serve(hub) as url:
+            point_at(monkeypatch, url, tmp_path / "hub-cache" / "hub")
+            for line in lines:
+                argv = shlex.split(line)
+                assert argv[0] == "sqdf", line
+                more = QUICK.get(argv[1], []) + (extra or {}).get(argv[1], [])
+                assert main(argv[1:] + more) == 0, line
+    finally:
+        weights.clear()
 
 
 def every_method_runs_through_compare(base: dict[str, Any], tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from tests.tasks.sd_runs import (
     held_out_drawn_again,
     held_out_numbers_are_the_images,
     reloaded_lora_matches_the_run,
+    reward_defaults,
     run_doc_lines,
     sd_config,
     sd_settings,
@@ -327,15 +328,17 @@ def test_eval_scores_a_flux_run_on_held_out_prompts(trained):
 
 
 def test_flux_guide_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
-    lines = doc_lines("docs/guides/flux.md", '--model "$W/flux.1-dev"')
-    assert len(lines) == 4
-    for i in (1, 3):  # 512 px through the tiny 2× VAE: too big
+    """The page's commands by Hub id, against a stand-in Hub serving the tiny parts."""
+    lines = doc_lines("docs/guides/flux.md", "--model black-forest-labs/FLUX.1-dev ")
+    assert len(lines) == 3
+    for i in (0, 2):  # 512 px through the tiny 2× VAE: too big
         assert "resolution=512" in lines[i] and "guidance=3.5" in lines[i]
         lines[i] = lines[i].replace("=512", f"={SIDE}")
-    layout = {"flux.1-dev": "flux", "flux.1-schnell": "schnell", "clip-vit-large-patch14": "clip",
-              "aesthetic.safetensors": "head.safetensors"}  # fmt: skip
+    repos = {"black-forest-labs/FLUX.1-dev": parts / "flux",
+             "black-forest-labs/FLUX.1-schnell/transformer": parts / "schnell" / "transformer",
+             **reward_defaults(parts)}  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    run_doc_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
+    run_doc_lines(lines, repos, tmp_path, monkeypatch)
     config = json.loads((tmp_path / "runs/flux/config.json").read_text())
     assert config["train"]["task_params"]["guidance"] == 3.5
     assert (tmp_path / "runs/flux/final/pytorch_lora_weights.safetensors").is_file()

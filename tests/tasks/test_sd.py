@@ -29,6 +29,8 @@ from sqdf.tasks.sd_random import (
 from sqdf.training.trainer import train
 from tests.tasks.sd_runs import (
     checkpointing_keeps_the_gradient,
+    reward_defaults,
+    run_doc_lines,
     sd_config,
     sd_pipeline,
     write_tiny_parts,
@@ -580,28 +582,25 @@ def test_float16_bbo_resumes_with_its_loss_scale(parts, tmp_path, monkeypatch):
 
 
 def test_bbo_guide_sd_config_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
+    """The page's config and command as written, against a stand-in Hub serving the tiny
+    parts under the Hub ids it names."""
     import json
-    import shlex
     from pathlib import Path
 
-    from sqdf.cli import main
     from tests.doc_commands import doc_block
 
     toml = doc_block("docs/guides/bbo.md", "# sd-bbo.toml", "toml")
     command = doc_block("docs/guides/bbo.md", "sqdf bbo --config sd-bbo.toml")
-    layout = {"/weights/sd15": parts / "sd", "/weights/clip-vit-large-patch14": parts / "clip",
-              "/weights/aesthetic.safetensors": parts / "head.safetensors"}  # fmt: skip
-    for path, target in layout.items():
-        assert f'"{path}"' in toml
-        toml = toml.replace(f'"{path}"', f'"{target}"')
     monkeypatch.chdir(tmp_path)
-    Path("sd-bbo.toml").write_text(toml)
-    argv = shlex.split(command.strip())[1:]
+    Path("sd-bbo.toml").write_text(toml)  # as written: its model and reward by Hub id
     small = ["--rounds", "2", "--queries-per-round", "2", "--updates-per-round", "1",
              "--seeds", "1", "--set", "num_steps=3", "--set", "batch_size=2",
              "--set", "grad_accum=1", "--set", "device='cpu'", "--methods", "sqdf,best_of_n",
              "--no-progress"]  # fmt: skip
-    assert main(argv + small) == 0
+    repos = {"stable-diffusion-v1-5/stable-diffusion-v1-5": parts / "sd",
+             **reward_defaults(parts)}  # fmt: skip
+    run_doc_lines(command.strip().splitlines(), repos, tmp_path, monkeypatch,
+                  extra={"bbo": small})  # fmt: skip
     doc = json.loads((tmp_path / "runs/sd-bbo/results.json").read_text())
     assert doc["task"] == "sd" and list(doc["methods"]) == ["sqdf", "best_of_n"]
 

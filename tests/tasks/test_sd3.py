@@ -36,6 +36,7 @@ from tests.tasks.sd_runs import (
     held_out_drawn_again,
     held_out_numbers_are_the_images,
     reloaded_lora_matches_the_run,
+    reward_defaults,
     run_doc_lines,
     sd_config,
     sd_settings,
@@ -385,15 +386,18 @@ def test_noise_level_on_a_ddim_family_is_refused(tmp_path):
 
 
 def test_sd3_guide_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
-    lines = doc_lines("docs/guides/sd3.md", '--model "$W/sd3.5-medium"')
-    assert len(lines) == 4 and all("resolution=512" in lines[i] for i in (1, 3))
-    for i in (1, 3):  # 512 px through the tiny 2x VAE: too big here
+    """The page's commands by Hub id, against a stand-in Hub serving the tiny parts."""
+    lines = doc_lines("docs/guides/sd3.md", "--model stabilityai/stable-diffusion-3.5-medium ")
+    assert len(lines) == 3 and all("resolution=512" in lines[i] for i in (0, 2))
+    for i in (0, 2):  # 512 px through the tiny 2x VAE: too big here
         lines[i] = lines[i].replace("=512", "=32")
-    layout = {"sd3.5-medium": "sd3", "sd3.5-large": "sd3", "sd3.5-large-turbo": "turbo",
-              "clip-vit-large-patch14": "clip",
-              "aesthetic.safetensors": "head.safetensors"}  # fmt: skip
+    turbo = "stabilityai/stable-diffusion-3.5-large-turbo/transformer"
+    repos = {"stabilityai/stable-diffusion-3.5-medium": parts / "sd3",
+             "stabilityai/stable-diffusion-3.5-large": parts / "sd3",
+             turbo: parts / "turbo" / "transformer", **reward_defaults(parts)}  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    run_doc_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
+    run_doc_lines(lines, repos, tmp_path, monkeypatch)
+    assert turbo in json.loads((tmp_path / "runs/sd3-turbo-q/config.json").read_text())["weights"]
     config = json.loads((tmp_path / "runs/sd3/config.json").read_text())
     assert config["train"]["task_params"]["resolution"] == 32
     assert (tmp_path / "runs/sd3/final/pytorch_lora_weights.safetensors").is_file()

@@ -317,20 +317,26 @@ def test_a_metric_without_its_package_names_the_extra(run, monkeypatch, capsys, 
 
 
 def test_evaluation_guide_held_out_block_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
+    """The page's commands as written: the cross-rewards' default weights from a stand-in Hub
+    (tiny CLIPs at the pinned commits), LPIPS's AlexNet from torchvision's own cache (a random
+    one put there; no download is allowed)."""
     from sqdf.evaluators.lpips import TRUNK_FILE
+    from sqdf.rewards.clip_rewards import CLIP_L14, PICKSCORE, PICKSCORE_PROCESSOR
     from tests.evaluators.metric_weights import offline, random_alexnet
     from tests.tasks.sd_runs import doc_lines, run_doc_lines
 
-    lines = doc_lines("docs/guides/evaluation.md", TRUNK_FILE)
+    lines = doc_lines("docs/guides/evaluation.md", "sqdf eval runs/sd --rewards pickscore")
     monkeypatch.chdir(tmp_path)
     config = sd_config(parts / "sd", parts, steps=1, task_params={"resolution": 32})
     train(config, tmp_path / "runs" / "sd", progress=False)  # 32 px: LPIPS needs 31 or more
-    torch.save(random_alexnet(seed=0), tmp_path / "a.pth")  # torchvision's layout
-    layout = {TRUNK_FILE: tmp_path / "a.pth", "PickScore_v1": parts / "clip",
-              "CLIP-ViT-H-14-laion2B-s32B-b79K": parts / "clip",
-              "clip-vit-large-patch14": parts / "clip"}  # fmt: skip
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / TRUNK_FILE
+    cached.parent.mkdir(parents=True)
+    torch.save(random_alexnet(seed=0), cached)  # where torchvision keeps what it fetched
+    repos = {PICKSCORE: parts / "clip", PICKSCORE_PROCESSOR: parts / "clip",
+             CLIP_L14: parts / "clip"}  # fmt: skip
     with offline():
-        run_doc_lines(lines, layout, tmp_path)
+        run_doc_lines(lines, repos, tmp_path, monkeypatch)
     metrics = json.loads((tmp_path / "runs/sd/eval.json").read_text())
     assert set(metrics["rewards"]) == {"aesthetic", "pickscore", "clipscore"}
     assert metrics["lpips_diversity"] > 0 and metrics["images_per_prompt"] == 4

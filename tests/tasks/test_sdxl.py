@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sqdf import weights
 from sqdf.errors import ConfigError
 from sqdf.rewards.clip_rewards import convert_aesthetic_head
 from sqdf.tasks import build_task
@@ -25,6 +26,7 @@ from sqdf.tasks.sd_random import (
 from sqdf.training.trainer import train
 from tests.tasks.sd_runs import (
     doc_lines,
+    reward_defaults,
     run_doc_lines,
     sd_config,
     sd_pipeline,
@@ -355,14 +357,20 @@ def test_dry_run_names_the_family_and_sizes_sdxl(tmp_path, capsys):
 
 
 def test_sdxl_guide_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
-    lines = doc_lines("docs/guides/sdxl.md", '--model "$W/sdxl"')
-    assert len(lines) == 3 and "resolution=512" in lines[1]
-    lines[1] = lines[1].replace("=512", "=32")  # 512 px through the tiny 2x VAE: too big here
-    layout = {"sdxl": "xl", "lcm-lora-sdxl": "lcm_lora", "clip-vit-large-patch14": "clip",
-              "aesthetic.safetensors": "head.safetensors"}  # fmt: skip
+    """The page's commands by Hub id, against a stand-in Hub serving the tiny parts."""
+    lines = doc_lines("docs/guides/sdxl.md", "--model stabilityai/stable-diffusion-xl-base-1.0")
+    assert len(lines) == 2 and "resolution=512" in lines[0]
+    lines[0] = lines[0].replace("=512", "=32")  # 512 px through the tiny 2x VAE: too big here
+    lora = "pytorch_lora_weights.safetensors"
+    repos = {"stabilityai/stable-diffusion-xl-base-1.0": parts / "xl",
+             f"latent-consistency/lcm-lora-sdxl/{lora}": parts / "lcm_lora" / lora,
+             **reward_defaults(parts)}  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    run_doc_lines(lines, {name: parts / part for name, part in layout.items()}, tmp_path)
+    run_doc_lines(lines, repos, tmp_path, monkeypatch)
     config = json.loads((tmp_path / "runs/sdxl/config.json").read_text())
     assert config["train"]["task_params"]["resolution"] == 32
+    assert {weights.parse_hub_ref(g).repo for g in config["weights"]} == {
+        "stabilityai/stable-diffusion-xl-base-1.0", "latent-consistency/lcm-lora-sdxl",
+        "openai/clip-vit-large-patch14", "trl-lib/ddpo-aesthetic-predictor"}  # fmt: skip
     assert (tmp_path / "runs/sdxl/final/pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "runs/sdxl/grid.png").is_file()
