@@ -22,7 +22,7 @@ from torch import nn
 from sqdf.config.params import build_settings
 from sqdf.config.train_config import TrainConfig
 from sqdf.errors import ConfigError
-from sqdf.infra.weights import parse_hub_ref
+from sqdf.infra.weights import FILE_SUFFIXES
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD, AestheticReward, ClipModel
 from sqdf.tasks.base import schedule_of
 from sqdf.tasks.finetune import PolicyAndReference
@@ -190,12 +190,14 @@ def meta_sd_task(
         else None
     )
     networks: dict[str, nn.Module] = {"denoiser": task.denoiser, "VAE decoder": task.vae}
-    if cfg.estimator == "consistency" and options.lcm and not Path(options.lcm).exists():
-        ref = parse_hub_ref(options.lcm)
-        if ref is None or not ref.is_file:  # an LCM-LoRA file is left out anyway (below)
+    lcm = options.lcm
+    # a plan's LCM that is neither here nor downloadable (offline): an LCM-LoRA file is left
+    # out of the trace anyway (below), a network is not guessed
+    if cfg.estimator == "consistency" and lcm and not Path(lcm).exists():
+        if not str(lcm).lower().endswith(FILE_SUFFIXES):
             raise ConfigError(
-                f"the consistency model {options.lcm} is not in the Hub cache and the Hub "
-                "cannot be reached, so its network cannot be sized"
+                f"the consistency model {lcm} is not in the Hub cache and the Hub cannot be "
+                "reached, so its network cannot be sized"
             )
     if cfg.estimator == "consistency" and options.lcm and Path(options.lcm).is_dir():
         # a second network: an LCM UNet, or a distilled transformer (an LCM-LoRA file is an

@@ -213,7 +213,9 @@ def plan_text(plan: list[dict[str, Any]]) -> list[str]:
             f"{len(entry['files'])} file(s), {human_size(new)} to download, "
             f"{human_size(have)} cached"
         )
-    lines.append(f"  in all {human_size(total)} to download into {hub_cache()}")
+    unlisted = sum("unreached" in entry for entry in plan)
+    unknown = f", besides the {unlisted} not listed" if unlisted else ""
+    lines.append(f"  in all {human_size(total)} to download into {hub_cache()}{unknown}")
     return lines
 
 

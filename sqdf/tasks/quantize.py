@@ -60,7 +60,7 @@ def quantize_base(net: nn.Module, kind: str) -> int:
     chosen = {id(m) for m in net.modules() if type(m) is nn.Linear}
     # set_inductor_config False: torchao would otherwise change torch.compile's settings for
     # the whole process
-    config = Int8WeightOnlyConfig(granularity=PerRow(), set_inductor_config=False)
+    config = Int8WeightOnlyConfig(granularity=PerRow(), set_inductor_config=False, version=2)
     quantize_(net, config, filter_fn=lambda m, _name: id(m) in chosen)
     return len(chosen)
 

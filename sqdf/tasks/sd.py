@@ -37,7 +37,13 @@ from sqdf.core.kernel import DDIMKernel, FlowKernel
 from sqdf.core.x0 import consistency_x0, guidance_embedding, nearest_timesteps
 from sqdf.errors import ConfigError, SqdfError
 from sqdf.infra.checkpoint import save_weights
-from sqdf.infra.weights import OfflineWeightError, plan_unreached, planning_now, resolve
+from sqdf.infra.weights import (
+    OfflineWeightError,
+    parse_hub_ref,
+    plan_unreached,
+    planning_now,
+    resolve,
+)
 from sqdf.tasks.base import Task, _expand, schedule_of
 from sqdf.tasks.finetune import PolicyAndReference, check_network_options
 from sqdf.tasks.lora import (
@@ -185,11 +191,14 @@ class SDConfig:
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ConfigError(f"sd resolution must be a multiple of 8, got {self.resolution}")
         if self.lcm is not None:
+            given = self.lcm
             try:
-                self.lcm = resolve(self.lcm, "sd lcm", half=half)
+                self.lcm = resolve(given, "sd lcm", half=half)
             except OfflineWeightError as err:
-                plan_unreached(self.lcm, err)  # a dry run goes on and says so; a run stops
-            if not Path(self.lcm).exists() and not planning_now():
+                plan_unreached(given, err)  # a dry run goes on and says so; a run stops
+            # a plan may hold a Hub reference it has not downloaded; a missing local path is
+            # a mistake in a plan as in a run
+            if not Path(self.lcm).exists() and (not planning_now() or parse_hub_ref(given) is None):
                 raise ConfigError(f"sd lcm: no such folder or file {self.lcm!r}")
         if self.lcm is not None and family.flow and Path(self.lcm).exists():
             distilled_transformer(self.lcm, self.model, family)

@@ -14,7 +14,7 @@ import torch
 from sqdf.config.train_config import TrainConfig, config_fields
 from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
 from sqdf.errors import SqdfError
-from sqdf.infra.weights import OfflineWeightError, plan_text, planning, resolve
+from sqdf.infra.weights import OfflineWeightError, plan_text, plan_unreached, planning, resolve
 from sqdf.methods import METHODS
 from sqdf.rewards import build_reward
 from sqdf.run.settings import DICT_KEYS, Resolved
@@ -124,10 +124,11 @@ def _model_folder(given: str, stack: contextlib.ExitStack) -> tuple[str, str | N
 
     try:
         return resolve(given, "task 'sd' model"), None
-    except OfflineWeightError:
+    except OfflineWeightError as err:
         name = shipped_for(given)
         if name is None:
             raise
+        plan_unreached(given, err)  # its weights are not listed, and not counted
     folder = write_config_folder(name, stack.enter_context(tempfile.TemporaryDirectory()))
     repo = read_shipped(name)["repo"]
     note = (

@@ -76,3 +76,44 @@ def test_the_flow_grpo_preset_shows_flow_grpos_run_offline(empty_cache, tmp_path
     assert "effective batch: 432 cells per update = 48 per micro-batch x 1 process(es) x 9" in out
     # the tracer follows sqdf's loss; a GRPO update calls other networks, so it says so
     assert "cost of an update: traced for method sqdf only (this run's is grpo)" in out
+
+
+def test_a_plan_names_what_it_could_not_list_and_refuses_a_missing_local_lcm(
+    empty_cache, tmp_path, capsys
+):
+    assert main(["train", "--preset", "sd15-aesthetic", "--dry-run", *SMALL]) == 0
+    out = capsys.readouterr().out
+    # the model itself is not listed either, and the total says it leaves both out
+    assert "stable-diffusion-v1-5@451f4fe16113bff5a5d2269ed5ad43b0592e9a14: not listed" in out
+    assert "to download into" in out and "besides the 2 not listed" in out
+    # a local LCM folder that is not there is a mistake in a plan as in a run
+    argv = ["train", "--preset", "sdxl-aesthetic", "--dry-run", "--task-param",
+            f"lcm={tmp_path / 'no_such_lcm'}"]  # fmt: skip
+    assert main(argv) == 2
+    assert "sd lcm: no such folder or file" in capsys.readouterr().err
+
+
+def test_an_online_plan_traces_with_an_lcm_lora_it_has_not_downloaded(
+    tmp_path, monkeypatch, capsys
+):
+    """Online, a plan resolves the LCM-LoRA to where it would be saved (not there yet); the
+    LoRA is not a network the trace sizes, so the cost is traced and the file listed."""
+    import huggingface_hub
+    from huggingface_hub.file_download import DryRunFileInfo
+
+    def planned(repo, path, revision=None, dry_run=False, **_):  # the Hub's dry-run answer
+        assert dry_run
+        local = tmp_path / "hub" / repo.replace("/", "--") / revision / path
+        return DryRunFileInfo(
+            commit_hash=revision, file_size=134_621_556, filename=path, is_cached=False,
+            local_path=str(local), will_download=True,
+        )  # fmt: skip
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", planned)
+    folder = write_config_folder("sd15", tmp_path / "sd15")
+    argv = ["train", "--preset", "sd15-aesthetic", "--model", str(folder), "--dry-run", *SMALL]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fit: fits 24.00 GiB" in out
+    assert "pytorch_lora_weights.safetensors: latent-consistency/lcm-lora-sdv1-5@cf2fced511db, " \
+           "1 file(s), 134.6 MB to download" in out  # fmt: skip

@@ -78,7 +78,7 @@ def publish(hub: Any, given: str, source: Path) -> None:
     """Serve ``source`` on the stand-in ``hub`` as the Hub reference ``given`` names it: a
     folder as the repository (or its subfolder), a file as the one file the reference names;
     at the pinned commit, else as the head of main."""
-    from sqdf import weights
+    from sqdf.infra import weights
 
     ref = weights.parse_hub_ref(given)
     assert ref is not None, given
@@ -102,7 +102,7 @@ def run_doc_lines(
     """Run the sqdf commands ``lines`` in ``tmp_path`` as written (shrunk by QUICK, then
     ``extra`` per subcommand), their Hub references served by a stand-in Hub on 127.0.0.1 from
     ``repos`` (reference -> tiny part: see ``publish``) into an empty cache."""
-    from sqdf import weights
+    from sqdf.infra import weights
     from tests.hub_standin import StandInHub, point_at, serve
 
     hub = StandInHub()

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdf import weights
 from sqdf.errors import ConfigError
+from sqdf.infra import weights
 from sqdf.rewards.clip_rewards import convert_aesthetic_head
 from sqdf.tasks import build_task
 from sqdf.tasks.sd_family import FAMILIES
