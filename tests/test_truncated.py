@@ -40,11 +40,11 @@ def test_truncated_states_equal_a_full_rollouts():
 def test_truncated_training_counts_partial_trajectories_and_learns(tmp_path, monkeypatch):
     import dataclasses
 
-    import sqdf.training.trainer
+    import sqdf.training.gradients
     from sqdf.methods import METHODS
 
     drawn, trained = [], []
-    draw, loss = sqdf.training.trainer.truncated_cells, METHODS["sqdf"].loss
+    draw, loss = sqdf.training.gradients.truncated_cells, METHODS["sqdf"].loss
 
     def recorded_draw(*args):
         drawn.append(draw(*args))
@@ -54,7 +54,7 @@ def test_truncated_training_counts_partial_trajectories_and_learns(tmp_path, mon
         trained.append(cells)
         return loss(task, cells, *args)
 
-    monkeypatch.setattr(sqdf.training.trainer, "truncated_cells", recorded_draw)
+    monkeypatch.setattr(sqdf.training.gradients, "truncated_cells", recorded_draw)
     monkeypatch.setitem(METHODS, "sqdf", dataclasses.replace(METHODS["sqdf"], loss=recorded_loss))
     run = train(cfg(cells_per_trajectory=2), tmp_path / "r", progress=False)
     # every update's loss is taken on the cells drawn for it, and on nothing else: 16
