@@ -28,10 +28,12 @@ def tiny_config() -> TrainConfig:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``-n 2``: one worker per core) each worker runs torch on one
-    thread, so that two workers do not oversubscribe the cores."""
+    thread, and so do the processes its tests start (the CLI, benchmarks, launchers), so that
+    two workers do not oversubscribe the cores."""
     import os
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
         torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")

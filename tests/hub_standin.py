@@ -254,6 +254,13 @@ def point_at(monkeypatch, url: str, cache: Path, *, offline: bool = False) -> No
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.setenv("SQDF_CACHE", str(cache.parent / "sqdf_cache"))
+    # the client still retries a 429 or 5xx five times, but without its backoff's waits
+    # (1 to 8 s each, 23 s in all): the stand-in's refusals are final
+    import types
+
+    import huggingface_hub.utils._http as http
+
+    monkeypatch.setattr(http, "time", types.SimpleNamespace(sleep=lambda _seconds: None))
 
 
 def subprocess_env(url: str, cache: Path, *, offline: bool = False) -> dict[str, str]:

@@ -21,6 +21,7 @@ def test_update_speed_times_sd_without_scoring(tmp_path, capsys):
     bench = load("update_speed")
     out = tmp_path / "sd.json"
     argv = ["--task", "sd", "--preset", "tiny", "--designs", "reference", "--updates", "2",
+            "--num-steps", "4", "--batch-size", "2",
             "--eval-samples", "0", "--task-param", "gradient_checkpointing=false",
             "--parts", str(tmp_path / "parts"), "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
