@@ -178,15 +178,19 @@ def test_readme_preset_commands_run_by_hub_id(hub, parts, family_parts, tmp_path
         "flux-dev-aesthetic", "flux-schnell-aesthetic",
     ]  # fmt: skip
     hub.deadline_s = 1200.0  # six trains on a loaded CPU: the stand-in outlives them
-    small = ["--steps", "1", "--num-steps", "2", "--fresh-trajectories", "2", "--buffer-size",
-             "4", "--task-param", "resolution=32"]  # fmt: skip
+    # every train samples little (the presets sample 32 fresh trajectories an update into a
+    # 1,024-trajectory buffer); the larger families also at a small side
+    sampling = ["--steps", "1", "--num-steps", "2", "--fresh-trajectories", "2",
+                "--buffer-size", "4"]  # fmt: skip
     for line in lines:
         argv = shlex.split(line)[1:]
         extra = [] if "--dry-run" in argv else QUICK.get(argv[0], [])
         if argv[0] == "sample":
             extra = ["--num-samples", "2"]
-        elif argv[0] == "train" and "sd15-aesthetic" not in argv:
-            extra = extra + small  # 1024 px (512 for FLUX) through a tiny 2x VAE: too big
+        elif argv[0] == "train" and "--dry-run" not in argv:
+            extra = extra + sampling
+            if "sd15-aesthetic" not in argv:  # 1024 px (512 for FLUX) through a tiny 2x VAE
+                extra += ["--task-param", "resolution=32"]
         assert main(argv + extra) == 0, line
         out = capsys.readouterr().out
         params = load_preset(argv[2]).train["task_params"] if argv[0] == "train" else {}
@@ -271,8 +275,6 @@ def test_a_second_train_in_one_process_records_only_its_own_weights(hub, tmp_pat
 
 
 def test_eval_takes_hub_ids_for_its_own_weights(hub, tmp_path):
-    # (sqdf compare has no --model / --task-param / --reward-param flags in this tree: its
-    # variants take the weights of their config or preset, which train resolves)
     run = tmp_path / "run"
     assert main(train_argv(run)) == 0
     weights.clear()

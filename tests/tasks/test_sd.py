@@ -597,8 +597,8 @@ def test_bbo_guide_sd_config_runs_on_tiny_parts(parts, tmp_path, monkeypatch):
              "--seeds", "1", "--set", "num_steps=3", "--set", "batch_size=2",
              "--set", "grad_accum=1", "--set", "device='cpu'", "--methods", "sqdf,best_of_n",
              "--no-progress"]  # fmt: skip
-    repos = {"stable-diffusion-v1-5/stable-diffusion-v1-5": parts / "sd",
-             **reward_defaults(parts)}  # fmt: skip
+    sd15 = "stable-diffusion-v1-5/stable-diffusion-v1-5@451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+    repos = {sd15: parts / "sd", **reward_defaults(parts)}
     run_doc_lines(command.strip().splitlines(), repos, tmp_path, monkeypatch,
                   extra={"bbo": small})  # fmt: skip
     doc = json.loads((tmp_path / "runs/sd-bbo/results.json").read_text())
