@@ -22,7 +22,7 @@ from torch import nn
 from sqdf.config.params import build_settings
 from sqdf.config.train_config import TrainConfig
 from sqdf.errors import ConfigError
-from sqdf.infra.weights import FILE_SUFFIXES
+from sqdf.infra.weights import names_a_file
 from sqdf.rewards.clip_rewards import CLIP_MEAN, CLIP_STD, AestheticReward, ClipModel
 from sqdf.tasks.base import schedule_of
 from sqdf.tasks.finetune import PolicyAndReference
@@ -194,7 +194,7 @@ def meta_sd_task(
     # a plan's LCM that is neither here nor downloadable (offline): an LCM-LoRA file is left
     # out of the trace anyway (below), a network is not guessed
     if cfg.estimator == "consistency" and lcm and not Path(lcm).exists():
-        if not str(lcm).lower().endswith(FILE_SUFFIXES):
+        if not names_a_file(str(lcm)):
             raise ConfigError(
                 f"the consistency model {lcm} is not in the Hub cache and the Hub cannot be "
                 "reached, so its network cannot be sized"

@@ -62,6 +62,12 @@ OPEN_CLIP_PREFIX = "open_clip_"
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+def names_a_file(path: str) -> bool:
+    """Whether ``path`` (in a repository, or where a plan would save it) names one file:
+    its last part has a weight or config suffix."""
+    return path.lower().endswith(FILE_SUFFIXES)
+
+
 @dataclass(frozen=True)
 class HubRef:
     """A Hub reference: repository, revision (None: its default branch), path in it."""
@@ -72,7 +78,7 @@ class HubRef:
 
     @property
     def is_file(self) -> bool:
-        return self.path is not None and self.path.lower().endswith(FILE_SUFFIXES)
+        return self.path is not None and names_a_file(self.path)
 
     def __str__(self) -> str:
         rev = f"@{self.revision}" if self.revision else ""
