@@ -1,0 +1,132 @@
+"""The sampling half of scripts/mutation.sh: list mutmut's mutants, draw a uniform random
+sample of them per part, and score what a run of the sample reached, with a Wilson interval.
+Run from mutmut's work folder (where setup.cfg and mutants/ are); the script calls it.
+
+    python mutation_sample.py generate                  # write mutants/ as `mutmut run` does
+    python mutation_sample.py draw N SEED PART... [--skip FILE]   # N names per part, printed
+    python mutation_sample.py score [--names FILE] PART...        # per part: counts and score
+
+A PART is a path prefix of the mutated files (``sqdf/core``, ``sqdf/training/update.py``);
+a mutant belongs to the first part whose prefix its file has. ``draw`` leaves out mutants that
+already have a verdict and the names listed in FILE (e.g. those an earlier run reached), so a
+sample estimates the score of what is not yet checked. ``score`` counts the mutants named in
+FILE (default: every mutant with a verdict).
+
+mutmut 3.8.1 has no command that only generates its mutants (``mutmut run`` goes on to collect
+per-test statistics, minutes of tests), so ``generate`` calls the functions ``mutmut run``
+starts with; the version is pinned in scripts/mutation.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+Z95 = 1.959963984540054
+
+
+def wilson(killed: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval for a proportion killed/n (95% by default)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = killed / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def verdicts() -> dict[str, tuple[str, int | None]]:
+    """Every mutant of mutants/: name -> (its source file, mutmut's exit code or None)."""
+    out: dict[str, tuple[str, int | None]] = {}
+    for meta in sorted(Path("mutants").rglob("*.py.meta")):
+        source = str(meta.relative_to("mutants"))[: -len(".meta")]
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            out[name] = (source, code)
+    return out
+
+
+def part_of(source: str, parts: list[str]) -> str | None:
+    return next((p for p in parts if source == p or source.startswith(p.rstrip("/") + "/")), None)
+
+
+def generate() -> None:
+    from mutmut.__main__ import create_mutants
+    from mutmut.mutation.trampoline import set_mutant_under_test
+    from mutmut.utils.file_utils import copy_also_copy_files, copy_src_dir, setup_source_paths
+
+    set_mutant_under_test("mutant_generation")
+    Path("mutants").mkdir(exist_ok=True)
+    copy_src_dir()
+    copy_also_copy_files()
+    setup_source_paths()
+    create_mutants(1)
+
+
+def draw(n: int, seed: int, parts: list[str], skip: set[str]) -> list[str]:
+    rng = random.Random(seed)
+    by_part: dict[str, list[str]] = {p: [] for p in parts}
+    for name, (source, code) in verdicts().items():
+        part = part_of(source, parts)
+        if part is not None and code is None and name not in skip:
+            by_part[part].append(name)
+    picked: list[str] = []
+    for part in parts:
+        population = sorted(by_part[part])
+        print(f"{part}: {len(population)} mutants without a verdict, drawing "
+              f"{min(n, len(population))}", file=sys.stderr)
+        picked += rng.sample(population, min(n, len(population)))
+    return picked
+
+
+def score(parts: list[str], names: set[str] | None) -> None:
+    from mutmut.stats import status_by_exit_code
+
+    table: dict[str, dict[str, int]] = {p: {} for p in parts}
+    population = {p: 0 for p in parts}
+    for name, (source, code) in verdicts().items():
+        part = part_of(source, parts)
+        if part is None:
+            continue
+        population[part] += 1
+        if code is None or (names is not None and name not in names):
+            continue
+        status = status_by_exit_code[code]
+        table[part][status] = table[part].get(status, 0) + 1
+    for part in parts:
+        counts = table[part]
+        reached = sum(counts.values())
+        killed = counts.get("killed", 0) + counts.get("timeout", 0)
+        low, high = wilson(killed, reached)
+        print(f"{part}: population {population[part]}, reached {reached}, "
+              f"{json.dumps(counts, sort_keys=True)}, score {killed}/{reached}"
+              + (f" = {killed / reached:.0%} (95% Wilson {low:.0%} to {high:.0%})" if reached else ""))
+
+
+def main(argv: list[str]) -> None:
+    command, rest = argv[0], argv[1:]
+    if command == "generate":
+        generate()
+    elif command == "draw":
+        skip: set[str] = set()
+        if "--skip" in rest:
+            i = rest.index("--skip")
+            skip = set(Path(rest[i + 1]).read_text().split())
+            rest = rest[:i] + rest[i + 2 :]
+        print("\n".join(draw(int(rest[0]), int(rest[1]), rest[2:], skip)))
+    elif command == "score":
+        names = None
+        if "--names" in rest:
+            i = rest.index("--names")
+            names = set(Path(rest[i + 1]).read_text().split())
+            rest = rest[:i] + rest[i + 2 :]
+        score(rest, names)
+    else:
+        raise SystemExit(f"unknown command {command!r}: generate, draw or score")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
