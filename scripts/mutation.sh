@@ -6,8 +6,9 @@
 # the CI-sized guard. The score and its survivors are in docs/reliability.md.
 #
 #   bash scripts/mutation.sh [WORKDIR]     # default WORKDIR: a new temporary folder
-#   MUTATION_PATHS="sqdf/methods" bash scripts/mutation.sh   # what to mutate (default: all three
-#                                                  # parts; each a file or a folder of sqdf/)
+#   MUTATION_PATHS="sqdf/methods" bash scripts/mutation.sh   # what to mutate, part by part
+#       # (space-separated; a part is a file or folder of sqdf/, or several joined by commas);
+#       # default: sqdf/core sqdf/methods sqdf/training/gradients.py,sqdf/training/update.py
 #   MUTATION_TESTS="tests/core/" bash scripts/mutation.sh   # another test selection
 #   MUTATION_SAMPLE=40 MUTATION_SEED=39 bash scripts/mutation.sh   # a uniform random sample of
 #       # 40 mutants per part of MUTATION_PATHS, drawn (fixed seed) from mutmut's own list of
@@ -28,7 +29,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 work="${1:-$(mktemp -d -t sqdf-mutation.XXXXXX)}"
 py="${PYTHON:-$root/.venv/bin/python}"
 mutmut="$(dirname "$py")/mutmut"
-paths="${MUTATION_PATHS:-sqdf/core sqdf/methods sqdf/training/gradients.py sqdf/training/update.py}"
+paths="${MUTATION_PATHS:-sqdf/core sqdf/methods sqdf/training/gradients.py,sqdf/training/update.py}"
 "$py" -m pip show mutmut 2>/dev/null | grep -q '^Version: 3.8.1$' ||
     "$py" -m pip install --quiet --disable-pip-version-check "mutmut==3.8.1"
 mkdir -p "$work"
@@ -38,7 +39,7 @@ cp "$root/scripts/mutation_sample.py" "$work/.mutation_sample.py"
     echo "[mutmut]"
     echo "source_paths=sqdf"
     echo "only_mutate="
-    for p in $paths; do
+    for p in ${paths//,/ }; do
         case "$p" in *.py) echo "    $p" ;; *) echo "    ${p%/}/*" ;; esac
     done
     echo "pytest_add_cli_args=-p no:cacheprovider -p no:xdist -q"

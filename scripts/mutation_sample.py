@@ -6,7 +6,8 @@ Run from mutmut's work folder (where setup.cfg and mutants/ are); the script cal
     python mutation_sample.py draw N SEED PART... [--skip FILE]   # N names per part, printed
     python mutation_sample.py score [--names FILE] PART...        # per part: counts and score
 
-A PART is a path prefix of the mutated files (``sqdf/core``, ``sqdf/training/update.py``);
+A PART is a path prefix of the mutated files (``sqdf/core``, ``sqdf/training/update.py``) or
+several joined by commas (``sqdf/training/gradients.py,sqdf/training/update.py``: one part);
 a mutant belongs to the first part whose prefix its file has. ``draw`` leaves out mutants that
 already have a verdict and the names listed in FILE (e.g. those an earlier run reached), so a
 sample estimates the score of what is not yet checked. ``score`` counts the mutants named in
@@ -50,7 +51,11 @@ def verdicts() -> dict[str, tuple[str, int | None]]:
 
 
 def part_of(source: str, parts: list[str]) -> str | None:
-    return next((p for p in parts if source == p or source.startswith(p.rstrip("/") + "/")), None)
+    """The part a mutated file belongs to; a part is a path or comma-joined paths."""
+    def within(prefix: str) -> bool:
+        return source == prefix or source.startswith(prefix.rstrip("/") + "/")
+
+    return next((p for p in parts if any(within(prefix) for prefix in p.split(","))), None)
 
 
 def generate() -> None:
