@@ -42,6 +42,8 @@ cp "$root/scripts/mutation_sample.py" "$work/.mutation_sample.py"
     for p in ${paths//,/ }; do
         case "$p" in *.py) echo "    $p" ;; *) echo "    ${p%/}/*" ;; esac
     done
+    # what the tests read besides the code (a guide's commands, the presets)
+    printf 'also_copy=\n    docs/\n    configs/\n    README.md\n'
     echo "pytest_add_cli_args=-p no:cacheprovider -p no:xdist -q"
     echo "pytest_add_cli_args_test_selection="
     # the tests that call the mutated code: the math's own, the methods', the short trainings
@@ -63,6 +65,7 @@ if [ -n "${MUTATION_SAMPLE:-}" ]; then
     mapfile -t names < <("$py" .mutation_sample.py draw "$MUTATION_SAMPLE" \
         "${MUTATION_SEED:-39}" $paths "${skip[@]}")
     printf '%s\n' "${names[@]}" >>sample.txt
+    sort -u -o sample.txt sample.txt
     echo "sampled ${#names[@]} mutants (listed in $work/sample.txt)" >&2
 fi
 echo "mutation testing $paths in $work" >&2
