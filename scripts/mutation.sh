@@ -14,7 +14,9 @@
 #       # 40 mutants per part of MUTATION_PATHS, drawn (fixed seed) from mutmut's own list of
 #       # those without a verdict in WORKDIR and not named in MUTATION_SKIP (a file of names,
 #       # e.g. those an earlier run reached), run with `mutmut run NAME...`; the score printed
-#       # per part is then an estimate with its 95% Wilson interval
+#       # per part is then an estimate with its 95% Wilson interval. Run it again with the same
+#       # WORKDIR (and another seed) to add a batch: the sample (WORKDIR/sample.txt) is the
+#       # batches that finished, sequential draws without replacement, so still uniform
 #   MUTATION_MINUTES=30 bash scripts/mutation.sh  # stop after 30 minutes (SIGINT: mutmut
 #                                                # keeps the verdicts it reached)
 #   MUTMUT_CHILDREN=2 bash scripts/mutation.sh   # parallel mutants (default 1: a shared machine)
@@ -64,9 +66,8 @@ if [ -n "${MUTATION_SAMPLE:-}" ]; then
     # shellcheck disable=SC2086
     mapfile -t names < <("$py" .mutation_sample.py draw "$MUTATION_SAMPLE" \
         "${MUTATION_SEED:-39}" $paths "${skip[@]}")
-    printf '%s\n' "${names[@]}" >>sample.txt
-    sort -u -o sample.txt sample.txt
-    echo "sampled ${#names[@]} mutants (listed in $work/sample.txt)" >&2
+    printf '%s\n' "${names[@]}" >batch.txt
+    echo "sampled ${#names[@]} mutants (listed in $work/batch.txt)" >&2
 fi
 echo "mutation testing $paths in $work" >&2
 rc=0
@@ -76,6 +77,15 @@ if [ -n "${MUTATION_MINUTES:-}" ]; then
     [ "$rc" = 124 ] && echo "stopped after ${MUTATION_MINUTES} minutes" >&2
 else
     "${run[@]}" || rc=$?
+fi
+# a batch joins the sample only when all of it ran: mutmut runs the mutants it expects to be
+# fast first, so the part of a stopped batch it reached is no uniform sample
+if [ -n "${MUTATION_SAMPLE:-}" ]; then
+    if [ "$rc" = 0 ]; then
+        cat batch.txt >>sample.txt && sort -u -o sample.txt sample.txt
+    else
+        echo "the batch did not finish: its verdicts are left out of the estimate" >&2
+    fi
 fi
 # shellcheck disable=SC2086
 if [ -f sample.txt ]; then
