@@ -264,3 +264,29 @@ def test_the_loss_scaler_unscales_before_the_clip_and_skips_an_overflow():
     assert grads.skip and "float16 overflow" in grads.cause
     assert torch.equal(w.detach(), before) and s.counters["skipped_updates"] == 1
     assert scaler.get_scale() == 512.0
+
+
+def test_a_step_ends_a_run_of_skipped_updates():
+    # max_skips counts skips in a row: a step between them starts the count again
+    from types import SimpleNamespace
+
+    from sqdf.errors import DivergedError
+    from sqdf.infra.distributed import Processes
+    from sqdf.training.state import Gradients
+    from sqdf.training.update import apply_update
+
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    s = SimpleNamespace(
+        cfg=TrainConfig(max_grad_norm=0.0, max_skips=2), scaler=None, procs=Processes("cpu"),
+        params=[w], optimizer=opt, counters={"skipped_updates": 0}, consecutive_skips=0, ema=None,
+    )  # fmt: skip
+    apply_update(s, Gradients(skip=True, cause="a test's skip"), torch.zeros(4))
+    assert s.consecutive_skips == 1
+    (2 * w).sum().backward()
+    apply_update(s, Gradients(), torch.zeros(4))
+    assert s.consecutive_skips == 0 and w.item() == pytest.approx(0.0)
+    apply_update(s, Gradients(skip=True, cause="a test's skip"), torch.zeros(4))
+    with pytest.raises(DivergedError, match="2 consecutive updates skipped"):
+        apply_update(s, Gradients(skip=True, cause="a test's skip"), torch.zeros(4))
+    assert s.counters["skipped_updates"] == 3

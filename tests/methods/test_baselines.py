@@ -133,3 +133,18 @@ def test_a_directly_built_config_meets_the_registries_before_anything_is_written
         with pytest.raises(ConfigError, match=match):
             train(cfg, tmp_path / "run", progress=False)
         assert not (tmp_path / "run").exists()
+
+
+def test_masked_mean_over_the_marked_cells_or_a_given_count():
+    from sqdf.methods.ddpo import masked_mean
+
+    v = torch.tensor([1.0, 2.0, 4.0, 8.0], requires_grad=True)
+    keep = torch.tensor([True, False, True, False])
+    assert float(masked_mean(v, keep)) == 2.5 and float(masked_mean(v, None)) == 3.75
+    assert float(masked_mean(v, keep, count=10)) == 0.5  # an update's kept cells, not this batch's
+    none = torch.zeros(4, dtype=torch.bool)
+    for count in (None, 0):  # nothing kept: 0, still differentiable (no 0 / 0)
+        out = masked_mean(v, none, count)
+        assert float(out) == 0.0
+        (grad,) = torch.autograd.grad(out, v)
+        assert torch.equal(grad, torch.zeros(4))

@@ -286,6 +286,37 @@ def test_dropped_zero_advantages_leave_every_kept_cell_of_the_update_the_same_we
     assert abs(mean_of_means - total) > 1e-3
 
 
+def test_the_gradient_phase_takes_the_planned_cells_and_weighs_each_kept_cell_the_same():
+    # accumulate_gradients with a plan (drop_zero_advantage): its loss is the update's mean of
+    # -A over the kept cells of the planned micro-batches, from the run's generator alone
+    import dataclasses
+    from types import SimpleNamespace
+
+    from sqdf.infra.distributed import Processes
+    from sqdf.training.gradients import accumulate_gradients, planned_cells
+    from sqdf.training.state import Fresh
+
+    cfg, task = _task()
+    cfg = dataclasses.replace(cfg, batch_size=5, grad_accum=4)
+    rewards = torch.tensor([2.0] * 4 + [1.0, 2.0, 4.0, 8.0] + [7.0] * 4 + [0.0, 3.0, 1.0, 5.0])
+    buf = _buffer(task, cfg, rewards)
+    params = build_method_params("grpo", {"std": "population", "drop_zero_advantage": True})
+
+    def run():
+        return SimpleNamespace(cfg=cfg, method_params=params, cell_schedule=CellSchedule(),
+                               buffer=buf, generator=torch.Generator().manual_seed(4), task=task,
+                               procs=Processes("cpu"), scaler=None, phase="",
+                               optimizer=torch.optim.SGD(task.policy.parameters(), lr=0.0))  # fmt: skip
+
+    plan = planned_cells(run(), gather_newest(buf, params))
+    state = torch.get_rng_state()
+    grads = accumulate_gradients(run(), Fresh())
+    assert torch.equal(torch.get_rng_state(), state)  # the plan drew from the run's generator
+    adv = their_advantages([i // 4 for i in range(16)], rewards.tolist(), global_std=False)
+    kept = [adv[int(p)] for position, _ in plan.cells for p in position if adv[int(p)] != 0]
+    assert grads.loss == pytest.approx(-sum(kept) / len(kept), rel=1e-5, abs=1e-6)
+
+
 def test_a_sweep_that_cannot_finish_a_pass_is_said_and_the_preset_can():
     from sqdf.methods.grpo import sweep_note
 

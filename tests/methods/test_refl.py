@@ -1,0 +1,36 @@
+"""ReFL's chain stops at the step it draws: k + 1 policy steps, then the policy's one-step
+prediction of x0 from the state reached (the reward is read there), not a whole chain."""
+
+from __future__ import annotations
+
+import torch
+
+from sqdf import TrainConfig
+from sqdf.methods.refl import ReflParams, refl_loss
+from sqdf.sampling.buffer import ReplayBuffer
+from sqdf.sampling.sampler import sample_trajectories
+from sqdf.tasks import build_task
+
+
+def test_refl_runs_its_chain_to_the_drawn_step_and_predicts_x0_from_there():
+    cfg = TrainConfig(task="gmm2d", method="refl", num_steps=6, batch_size=4, device="cpu",
+                      estimator="tweedie", task_params={"hidden": 16})  # fmt: skip
+    T = cfg.num_steps
+    torch.manual_seed(0)
+    task = build_task(cfg)
+    buf = ReplayBuffer(8, cfg.buffer, T, cfg.gamma)
+    traj = sample_trajectories(task, 4, torch.Generator().manual_seed(0))
+    buf.add(traj, task.reward(traj.x0, None))
+    cells = buf.sample_cells(4, torch.Generator().manual_seed(1))
+    real, passes = task.model_output, []
+
+    def counted(x, times, cond, *, policy):
+        passes[-1] += int(policy)
+        return real(x, times, cond, policy=policy)
+
+    task.model_output = counted
+    for seed in range(12):
+        passes.append(0)
+        refl_loss(task, cells, cfg, ReflParams(min_frac=0.0), torch.Generator().manual_seed(seed))
+    # the step k is drawn from 0..T-1: k + 1 steps, and one more pass for x̂0 unless k = T - 1
+    assert set(passes) <= set(range(2, T + 1)) and len(set(passes)) > 2
