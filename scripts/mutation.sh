@@ -15,8 +15,10 @@
 #       # those without a verdict in WORKDIR and not named in MUTATION_SKIP (a file of names,
 #       # e.g. those an earlier run reached), run with `mutmut run NAME...`; the score printed
 #       # per part is then an estimate with its 95% Wilson interval. Run it again with the same
-#       # WORKDIR (and another seed) to add a batch: the sample (WORKDIR/sample.txt) is the
-#       # batches that finished, sequential draws without replacement, so still uniform
+#       # WORKDIR and another seed to add a batch (WORKDIR/batch-SEED.txt): batches are
+#       # sequential draws without replacement, so their union is still a uniform sample; a
+#       # part's share of a batch counts only if all of it ran (mutmut runs the mutants it
+#       # expects to be fast first: what a stopped batch reached is no uniform sample)
 #   MUTATION_MINUTES=30 bash scripts/mutation.sh  # stop after 30 minutes (SIGINT: mutmut
 #                                                # keeps the verdicts it reached)
 #   MUTMUT_CHILDREN=2 bash scripts/mutation.sh   # parallel mutants (default 1: a shared machine)
@@ -66,8 +68,8 @@ if [ -n "${MUTATION_SAMPLE:-}" ]; then
     # shellcheck disable=SC2086
     mapfile -t names < <("$py" .mutation_sample.py draw "$MUTATION_SAMPLE" \
         "${MUTATION_SEED:-39}" $paths "${skip[@]}")
-    printf '%s\n' "${names[@]}" >batch.txt
-    echo "sampled ${#names[@]} mutants (listed in $work/batch.txt)" >&2
+    printf '%s\n' "${names[@]}" >"batch-${MUTATION_SEED:-39}.txt"
+    echo "sampled ${#names[@]} mutants (listed in $work/batch-${MUTATION_SEED:-39}.txt)" >&2
 fi
 echo "mutation testing $paths in $work" >&2
 rc=0
@@ -78,18 +80,9 @@ if [ -n "${MUTATION_MINUTES:-}" ]; then
 else
     "${run[@]}" || rc=$?
 fi
-# a batch joins the sample only when all of it ran: mutmut runs the mutants it expects to be
-# fast first, so the part of a stopped batch it reached is no uniform sample
-if [ -n "${MUTATION_SAMPLE:-}" ]; then
-    if [ "$rc" = 0 ]; then
-        cat batch.txt >>sample.txt && sort -u -o sample.txt sample.txt
-    else
-        echo "the batch did not finish: its verdicts are left out of the estimate" >&2
-    fi
-fi
 # shellcheck disable=SC2086
-if [ -f sample.txt ]; then
-    "$py" .mutation_sample.py score --names sample.txt $paths
+if [ -n "${MUTATION_SAMPLE:-}" ]; then
+    "$py" .mutation_sample.py score --batches batch-*.txt --parts $paths
 else
     "$py" .mutation_sample.py score $paths
 fi

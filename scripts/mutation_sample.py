@@ -4,14 +4,15 @@ Run from mutmut's work folder (where setup.cfg and mutants/ are); the script cal
 
     python mutation_sample.py generate                  # write mutants/ as `mutmut run` does
     python mutation_sample.py draw N SEED PART... [--skip FILE]   # N names per part, printed
-    python mutation_sample.py score [--names FILE] PART...        # per part: counts and score
+    python mutation_sample.py score [--batches FILE... --parts] PART...  # per part: the score
 
 A PART is a path prefix of the mutated files (``sqdf/core``, ``sqdf/training/update.py``) or
 several joined by commas (``sqdf/training/gradients.py,sqdf/training/update.py``: one part);
 a mutant belongs to the first part whose prefix its file has. ``draw`` leaves out mutants that
 already have a verdict and the names listed in FILE (e.g. those an earlier run reached), so a
-sample estimates the score of what is not yet checked. ``score`` counts the mutants named in
-FILE (default: every mutant with a verdict).
+sample estimates the score of what is not yet checked. ``score`` counts every mutant with a
+verdict, or only those the sampled batches (FILEs of names) drew, a part's share of a batch
+only where all of it ran.
 
 mutmut 3.8.1 has no command that only generates its mutants (``mutmut run`` goes on to collect
 per-test statistics, minutes of tests), so ``generate`` calls the functions ``mutmut run``
@@ -87,28 +88,47 @@ def draw(n: int, seed: int, parts: list[str], skip: set[str]) -> list[str]:
     return picked
 
 
-def score(parts: list[str], names: set[str] | None) -> None:
+def score(parts: list[str], batches: list[set[str]] | None) -> None:
+    """Per part: the population, then the verdicts counted, score and (for a sample) its 95%
+    Wilson interval. With ``batches`` (the names each sampled batch drew), a part counts a
+    batch's mutants only if every one of them of that part has a verdict: mutmut runs the
+    mutants it expects to be fast first, so the part of a stopped batch it reached is no
+    uniform sample."""
     from mutmut.stats import status_by_exit_code
 
-    table: dict[str, dict[str, int]] = {p: {} for p in parts}
+    found = verdicts()
     population = {p: 0 for p in parts}
-    for name, (source, code) in verdicts().items():
+    for source, _ in found.values():
         part = part_of(source, parts)
-        if part is None:
-            continue
-        population[part] += 1
-        if code is None or (names is not None and name not in names):
-            continue
-        status = status_by_exit_code[code]
-        table[part][status] = table[part].get(status, 0) + 1
+        if part is not None:
+            population[part] += 1
     for part in parts:
-        counts = table[part]
+        names: set[str] | None = None
+        note = ""
+        if batches is not None:
+            names, left = set(), 0
+            for batch in batches:
+                mine = {n for n in batch if n in found and part_of(found[n][0], [part])}
+                if all(found[n][1] is not None for n in mine):
+                    names |= mine
+                else:
+                    left += 1
+            note = f", {left} unfinished batch(es) left out" if left else ""
+        counts: dict[str, int] = {}
+        for name, (source, code) in found.items():
+            if part_of(source, [part]) is None or code is None:
+                continue
+            if names is not None and name not in names:
+                continue
+            status = status_by_exit_code[code]
+            counts[status] = counts.get(status, 0) + 1
         reached = sum(counts.values())
         killed = counts.get("killed", 0) + counts.get("timeout", 0)
         low, high = wilson(killed, reached)
-        print(f"{part}: population {population[part]}, reached {reached}, "
+        kind = "sampled" if batches is not None else "reached"
+        print(f"{part}: population {population[part]}, {kind} {reached}{note}, "
               f"{json.dumps(counts, sort_keys=True)}, score {killed}/{reached}"
-              + (f" = {killed / reached:.0%} (95% Wilson {low:.0%} to {high:.0%})" if reached else ""))
+              + (f" = {killed / reached:.1%} (95% Wilson {low:.1%} to {high:.1%})" if reached else ""))
 
 
 def main(argv: list[str]) -> None:
@@ -123,12 +143,12 @@ def main(argv: list[str]) -> None:
             rest = rest[:i] + rest[i + 2 :]
         print("\n".join(draw(int(rest[0]), int(rest[1]), rest[2:], skip)))
     elif command == "score":
-        names = None
-        if "--names" in rest:
-            i = rest.index("--names")
-            names = set(Path(rest[i + 1]).read_text().split())
-            rest = rest[:i] + rest[i + 2 :]
-        score(rest, names)
+        batches = None
+        if "--batches" in rest:  # --batches FILE... --parts PART...
+            i, j = rest.index("--batches"), rest.index("--parts")
+            batches = [set(Path(f).read_text().split()) for f in rest[i + 1 : j]]
+            rest = rest[j + 1 :]
+        score(rest, batches)
     else:
         raise SystemExit(f"unknown command {command!r}: generate, draw or score")
 
