@@ -348,3 +348,35 @@ def test_the_presets_global_std_on_fewer_processes_than_its_notes_is_said(tmp_pa
     )
     assert preset_processes_note(sources, 12) is None
     assert preset_processes_note({"method_params.global_std": "flag"}, 1) is None
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+def test_sample_std_advantages_are_per_group_or_over_the_batch(global_std):
+    r = torch.tensor([1.0, 2.0, 4.0, 10.0, 20.0, 40.0])
+    g = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = group_advantages(r, g, r, g, std="sample", global_std=global_std)
+    x = r.double().numpy()
+    for k in (0, 1):
+        mine = x[3 * k : 3 * k + 3]
+        spread = np.std(x, ddof=1) if global_std else np.std(mine, ddof=1)
+        np.testing.assert_allclose(adv[3 * k : 3 * k + 3].numpy(), (mine - mine.mean()) / spread,
+                                   rtol=1e-12)  # fmt: skip
+
+
+def test_the_kl_term_of_dropped_zero_advantages_is_over_the_updates_kept_cells_too():
+    # with drop_zero_advantage both terms of the loss are sums over the kept cells divided by
+    # the update's kept cells: twice as many kept cells in the update, half the loss
+    cfg, task = _task()
+    rewards = torch.tensor([2.0] * 4 + [1.0, 2.0, 4.0, 8.0])
+    buf = _buffer(task, cfg, rewards)
+    params = build_method_params("grpo", {"drop_zero_advantage": True, "beta": 0.5})
+    newest = gather_newest(buf, params)
+    cells = buffer_cells(buf, buf.newest[torch.arange(8)], torch.tensor([0, 1, 2, 3] * 2))
+    loss, kl = [], []
+    for kept in (3.0, 6.0):
+        out, stats = grpo_loss(task, cells, cfg, params, torch.Generator(), kept_cells=kept,
+                               **newest.cell_groups(buf, cells))  # fmt: skip
+        loss.append(float(out.detach()))
+        kl.append(stats["kl_mean"])
+    assert kl[0] > 1e-3  # the policy is not the reference: the KL term is there
+    assert loss[1] == pytest.approx(loss[0] / 2, rel=1e-6)
