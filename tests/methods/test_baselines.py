@@ -124,6 +124,16 @@ def test_method_params_and_requirements():
         build_method_params("ddpo", {"clip_range": 0})
     with pytest.raises(ConfigError, match="needs buffer = 'on_policy'"):
         make_config({"method": "ddpo"})
+    # the bounds themselves: what is allowed just inside them, refused just outside
+    assert build_method_params("ddpo", {"adv_clip": 0.5}).adv_clip == 0.5
+    assert build_method_params("alignprop", {"k_min": 3, "k_max": 3}).k_max == 3
+    assert build_method_params("refl", {"min_frac": 0.99}).min_frac == 0.99
+    with pytest.raises(ConfigError, match=r"min_frac must be in \[0, 1\), got 1"):
+        build_method_params("refl", {"min_frac": 1.0})
+    with pytest.raises(ConfigError, match="need 1 <= k_min <= k_max"):
+        build_method_params("alignprop", {"k_min": 3, "k_max": 2})
+    with pytest.raises(ConfigError, match="k and lv_samples must be >= 1, got 0, 2"):
+        build_method_params("draft", {"k": 0, "lv_samples": 2})
 
 
 def test_a_directly_built_config_meets_the_registries_before_anything_is_written(tmp_path):

@@ -5,6 +5,7 @@ zero-advantage samples (lines 796-817) and its KL (line 895)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -380,3 +381,16 @@ def test_the_kl_term_of_dropped_zero_advantages_is_over_the_updates_kept_cells_t
         kl.append(stats["kl_mean"])
     assert kl[0] > 1e-3  # the policy is not the reference: the KL term is there
     assert loss[1] == pytest.approx(loss[0] / 2, rel=1e-6)
+
+
+def test_only_a_sweep_over_a_shared_buffer_is_refused():
+    from sqdf.errors import ConfigError
+    from sqdf.methods.grpo import check_buffer_scope
+
+    cfg = make_config(BASE)
+    for scope, order in (("process", "sweep"), ("shared", "random"), ("process", "random")):
+        params = build_method_params("grpo", {"cell_order": order})
+        check_buffer_scope(dataclasses.replace(cfg, buffer_scope=scope), params)
+    with pytest.raises(ConfigError, match="cell_order sweep with buffer_scope shared"):
+        check_buffer_scope(dataclasses.replace(cfg, buffer_scope="shared"),
+                           build_method_params("grpo", {"cell_order": "sweep"}))
