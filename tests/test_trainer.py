@@ -290,3 +290,43 @@ def test_a_step_ends_a_run_of_skipped_updates():
     with pytest.raises(DivergedError, match="2 consecutive updates skipped"):
         apply_update(s, Gradients(skip=True, cause="a test's skip"), torch.zeros(4))
     assert s.counters["skipped_updates"] == 3
+
+
+def test_the_update_row_has_the_rewards_mean_and_sample_std_and_each_components_mean(tmp_path):
+    # from count_update's tally (sum, sum of squares, count, then each mixture component's sum
+    # and count), against numpy; a component with no count yet is NaN
+    import json
+    import math
+    import time
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sqdf.infra.distributed import Processes
+    from sqdf.rewards.analytic import LinearReward
+    from sqdf.rewards.mixture import WeightedReward
+    from sqdf.training.state import Gradients
+    from sqdf.training.update import log_update
+
+    mixture = WeightedReward({"a": 1.0, "b": 2.0, "c": 1.0},
+                             {k: LinearReward() for k in "abc"})  # fmt: skip
+    w = torch.nn.Parameter(torch.zeros(1))
+    s = SimpleNamespace(
+        cfg=TrainConfig(), procs=Processes("cpu"), task=SimpleNamespace(reward_model=mixture),
+        optimizer=torch.optim.SGD([w], lr=0.25), t0=time.perf_counter(), run=tmp_path,
+        trackers=None, counters=dict.fromkeys(("samples_seen", "reward_evals", "skipped_updates",
+                                               "nonfinite_rewards", "sample_s"), 0),
+    )  # fmt: skip
+    for r in ([1.0, 2.0], [0.5, -1.0, 3.0, 7.0]):
+        x = np.array(r)
+        parts = [x[:1].sum(), 1, x.sum(), len(x), 0.0, 0]
+        tally = torch.tensor([0, 0, 0, 0, x.sum(), (x**2).sum(), len(x), 0, *parts],
+                             dtype=torch.float64)  # fmt: skip
+        stats = {"kl_mean": 0.5, "q_mean": 1.0}
+        row = log_update(s, 3, Gradients(loss=0.75, stats=stats), tally, 2.0)
+        assert row["reward_mean"] == pytest.approx(x.mean(), rel=1e-12)
+        assert row["reward_std"] == pytest.approx(np.std(x, ddof=1), rel=1e-12)
+        assert row["reward_a_mean"] == x[0] and row["reward_b_mean"] == pytest.approx(x.mean())
+        assert math.isnan(row["reward_c_mean"])
+        assert (row["loss"], row["kl_mean"], row["lr"], row["grad_norm"]) == (0.75, 0.5, 0.25, 2.0)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
