@@ -394,3 +394,14 @@ def test_only_a_sweep_over_a_shared_buffer_is_refused():
     with pytest.raises(ConfigError, match="cell_order sweep with buffer_scope shared"):
         check_buffer_scope(dataclasses.replace(cfg, buffer_scope="shared"),
                            build_method_params("grpo", {"cell_order": "sweep"}))
+
+
+@pytest.mark.parametrize("std", ["sample", "population"])
+def test_a_constant_group_whose_float64_mean_is_not_its_value_gets_zero(std):
+    # sum([0.1] * 3) / 3 is 0.10000000000000002 in float64: without the check, a tiny
+    # nonzero advantage (divided by the floored std) that drop_zero_advantage would keep
+    r = torch.tensor([0.1, 0.1, 0.1, 1.0, 2.0, 4.0], dtype=torch.float64)
+    g = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert float(r[:3].mean()) != 0.1
+    adv = group_advantages(r, g, r, g, std=std)
+    assert not adv[:3].any() and adv[3:].all()
