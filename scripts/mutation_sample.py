@@ -53,6 +53,7 @@ def verdicts() -> dict[str, tuple[str, int | None]]:
 
 def part_of(source: str, parts: list[str]) -> str | None:
     """The part a mutated file belongs to; a part is a path or comma-joined paths."""
+
     def within(prefix: str) -> bool:
         return source == prefix or source.startswith(prefix.rstrip("/") + "/")
 
@@ -82,8 +83,11 @@ def draw(n: int, seed: int, parts: list[str], skip: set[str]) -> list[str]:
     picked: list[str] = []
     for part in parts:
         population = sorted(by_part[part])
-        print(f"{part}: {len(population)} mutants without a verdict, drawing "
-              f"{min(n, len(population))}", file=sys.stderr)
+        print(
+            f"{part}: {len(population)} mutants without a verdict, drawing "
+            f"{min(n, len(population))}",
+            file=sys.stderr,
+        )
         picked += rng.sample(population, min(n, len(population)))
     return picked
 
@@ -126,9 +130,11 @@ def score(parts: list[str], batches: list[set[str]] | None) -> None:
         killed = counts.get("killed", 0) + counts.get("timeout", 0)
         low, high = wilson(killed, reached)
         kind = "sampled" if batches is not None else "reached"
-        print(f"{part}: population {population[part]}, {kind} {reached}{note}, "
-              f"{json.dumps(counts, sort_keys=True)}, score {killed}/{reached}"
-              + (f" = {killed / reached:.1%} (95% Wilson {low:.1%} to {high:.1%})" if reached else ""))
+        print(
+            f"{part}: population {population[part]}, {kind} {reached}{note}, "
+            f"{json.dumps(counts, sort_keys=True)}, score {killed}/{reached}"
+            + (f" = {killed / reached:.1%} (95% Wilson {low:.1%} to {high:.1%})" if reached else "")
+        )
 
 
 def main(argv: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -296,7 +297,6 @@ def test_the_update_row_has_the_rewards_mean_and_sample_std_and_each_components_
     # from count_update's tally (sum, sum of squares, count, then each mixture component's sum
     # and count), against numpy; a component with no count yet is NaN
     import json
-    import math
     import time
     from types import SimpleNamespace
 
@@ -330,3 +330,14 @@ def test_the_update_row_has_the_rewards_mean_and_sample_std_and_each_components_
         assert math.isnan(row["reward_c_mean"])
         assert (row["loss"], row["kl_mean"], row["lr"], row["grad_norm"]) == (0.75, 0.5, 0.25, 2.0)
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_mean_stats_refuses_a_statistic_the_method_did_not_declare():
+    from sqdf.infra.distributed import Processes
+    from sqdf.training.update import mean_stats
+
+    procs = Processes("cpu")
+    out = mean_stats(procs, ("kl_mean", "q_mean"), {"kl_mean": 0.5})
+    assert out["kl_mean"] == 0.5 and math.isnan(out["q_mean"])  # none computed it: NaN
+    with pytest.raises(RuntimeError, match=r"the loss reported \['clip_frac'\], not in its Method"):
+        mean_stats(procs, ("kl_mean",), {"kl_mean": 0.5, "clip_frac": 0.0})

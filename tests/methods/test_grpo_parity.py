@@ -304,10 +304,11 @@ def test_the_gradient_phase_takes_the_planned_cells_and_weighs_each_kept_cell_th
     params = build_method_params("grpo", {"std": "population", "drop_zero_advantage": True})
 
     def run():
-        return SimpleNamespace(cfg=cfg, method_params=params, cell_schedule=CellSchedule(),
-                               buffer=buf, generator=torch.Generator().manual_seed(4), task=task,
-                               procs=Processes("cpu"), scaler=None, phase="",
-                               optimizer=torch.optim.SGD(task.policy.parameters(), lr=0.0))  # fmt: skip
+        return SimpleNamespace(
+            cfg=cfg, method_params=params, cell_schedule=CellSchedule(), buffer=buf, task=task,
+            generator=torch.Generator().manual_seed(4), procs=Processes("cpu"), scaler=None,
+            phase="", optimizer=torch.optim.SGD(task.policy.parameters(), lr=0.0),
+        )  # fmt: skip
 
     plan = planned_cells(run(), gather_newest(buf, params))
     state = torch.get_rng_state()
@@ -392,8 +393,10 @@ def test_only_a_sweep_over_a_shared_buffer_is_refused():
         params = build_method_params("grpo", {"cell_order": order})
         check_buffer_scope(dataclasses.replace(cfg, buffer_scope=scope), params)
     with pytest.raises(ConfigError, match="cell_order sweep with buffer_scope shared"):
-        check_buffer_scope(dataclasses.replace(cfg, buffer_scope="shared"),
-                           build_method_params("grpo", {"cell_order": "sweep"}))
+        check_buffer_scope(
+            dataclasses.replace(cfg, buffer_scope="shared"),
+            build_method_params("grpo", {"cell_order": "sweep"}),
+        )
 
 
 @pytest.mark.parametrize("std", ["sample", "population"])

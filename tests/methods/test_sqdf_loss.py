@@ -14,8 +14,9 @@ from sqdf.tasks import build_task
 
 
 def _task(**over):
-    cfg = make_config({"task": "gmm2d", "reward": "quadratic", "estimator": "tweedie",
-                       "num_steps": 6, "task_params": {"hidden": 16}, **over}, source="test")  # fmt: skip
+    values = {"task": "gmm2d", "reward": "quadratic", "estimator": "tweedie", "num_steps": 6,
+              "task_params": {"hidden": 16}, **over}  # fmt: skip
+    cfg = make_config(values, source="test")
     torch.manual_seed(0)
     task = build_task(cfg)
     for p in task.policy.parameters():  # a policy other than the reference
@@ -25,8 +26,9 @@ def _task(**over):
 
 def _cells(n, step):
     x = torch.tensor([[0.3, -0.2]]).repeat(n, 1)
-    return Cells(x_t=x, x_next=None, step=torch.full((n,), step), cond=torch.zeros(n, dtype=torch.long),
-                 reward=torch.zeros(n), index=torch.arange(n))  # fmt: skip
+    return Cells(x_t=x, x_next=None, step=torch.full((n,), step),
+                 cond=torch.zeros(n, dtype=torch.long), reward=torch.zeros(n),
+                 index=torch.arange(n))  # fmt: skip
 
 
 def test_the_soft_q_is_read_at_the_policys_step_drawn_with_gaussian_noise():
