@@ -317,7 +317,7 @@ def test_the_update_row_has_the_rewards_mean_and_sample_std_and_each_components_
         trackers=None, counters=dict.fromkeys(("samples_seen", "reward_evals", "skipped_updates",
                                                "nonfinite_rewards", "sample_s"), 0),
     )  # fmt: skip
-    for r in ([1.0, 2.0], [0.5, -1.0, 3.0, 7.0]):
+    for r in ([1.0, 2.0], [0.5, -1.0, 3.0, 7.0], [3.0]):
         x = np.array(r)
         parts = [x[:1].sum(), 1, x.sum(), len(x), 0.0, 0]
         tally = torch.tensor([0, 0, 0, 0, x.sum(), (x**2).sum(), len(x), 0, *parts],
@@ -325,7 +325,9 @@ def test_the_update_row_has_the_rewards_mean_and_sample_std_and_each_components_
         stats = {"kl_mean": 0.5, "q_mean": 1.0}
         row = log_update(s, 3, Gradients(loss=0.75, stats=stats), tally, 2.0)
         assert row["reward_mean"] == pytest.approx(x.mean(), rel=1e-12)
-        assert row["reward_std"] == pytest.approx(np.std(x, ddof=1), rel=1e-12)
+        assert row["reward_std"] == (
+            pytest.approx(np.std(x, ddof=1), rel=1e-12) if len(x) > 1 else 0.0
+        )  # one reward: no spread
         assert row["reward_a_mean"] == x[0] and row["reward_b_mean"] == pytest.approx(x.mean())
         assert math.isnan(row["reward_c_mean"])
         assert (row["loss"], row["kl_mean"], row["lr"], row["grad_norm"]) == (0.75, 0.5, 0.25, 2.0)

@@ -48,6 +48,9 @@ def test_refl_runs_its_chain_to_the_drawn_step_and_predicts_x0_from_there():
 
 def test_draft_lv_redoes_only_the_last_step():
     cfg, task, cells, passes = _counted("draft_lv")
+    conds, reward = [], task.reward
+    task.reward = lambda x, cond: conds.append(cond) or reward(x, cond)
     passes.append(0)
     draft_lv_loss(task, cells, cfg, DraftParams(lv_samples=3), torch.Generator().manual_seed(0))
     assert passes == [cfg.num_steps + 3]
+    assert len(conds) == 3 and all(torch.equal(c, cells.cond) for c in conds)  # each redo's
