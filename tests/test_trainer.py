@@ -343,3 +343,35 @@ def test_mean_stats_refuses_a_statistic_the_method_did_not_declare():
     assert out["kl_mean"] == 0.5 and math.isnan(out["q_mean"])  # none computed it: NaN
     with pytest.raises(RuntimeError, match=r"the loss reported \['clip_frac'\], not in its Method"):
         mean_stats(procs, ("kl_mean",), {"kl_mean": 0.5, "clip_frac": 0.0})
+
+
+def test_the_gradient_phase_hands_the_loss_the_runs_generator_and_averages_micro_batches(
+    monkeypatch,
+):
+    from types import SimpleNamespace
+
+    import sqdf.training.gradients as gradients
+    from sqdf.infra.distributed import Processes
+    from sqdf.methods import METHODS
+    from sqdf.training.state import Fresh
+
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    seen = []
+
+    def loss(task, cells, cfg, params, generator):
+        seen.append(generator)
+        k = len(seen)  # micro-batch k: loss k w, kl_mean k, two reward evaluations
+        return k * w, {"kl_mean": float(k), "q_mean": 0.0, "reward_evals": 2.0}
+
+    monkeypatch.setitem(gradients.METHODS, "sqdf", dataclasses.replace(METHODS["sqdf"], loss=loss))
+    buffer = SimpleNamespace(size=4, sample_cells=lambda n, g: None)
+    s = SimpleNamespace(
+        cfg=TrainConfig(grad_accum=4), procs=Processes("cpu"), generator=torch.Generator(),
+        optimizer=torch.optim.SGD([w], lr=0.1), buffer=buffer, task=None, method_params=None,
+        scaler=None, phase="",
+    )  # fmt: skip
+    grads = gradients.accumulate_gradients(s, Fresh())
+    assert len(seen) == 4 and all(g is s.generator for g in seen)
+    # the mean over micro-batches: (1 + 2 + 3 + 4) / 4, for the loss, its gradient and stats
+    assert grads.loss == 2.5 and grads.stats["kl_mean"] == 2.5 and float(w.grad) == 2.5
+    assert grads.method_evals == 8 and not grads.skip

@@ -317,6 +317,7 @@ def test_the_gradient_phase_takes_the_planned_cells_and_weighs_each_kept_cell_th
     adv = their_advantages([i // 4 for i in range(16)], rewards.tolist(), global_std=False)
     kept = [adv[int(p)] for position, _ in plan.cells for p in position if adv[int(p)] != 0]
     assert grads.loss == pytest.approx(-sum(kept) / len(kept), rel=1e-5, abs=1e-6)
+    assert 0 < grads.stats["kl_mean"] < 10  # the micro-batches' mean KL (policy != reference)
 
 
 def test_a_sweep_that_cannot_finish_a_pass_is_said_and_the_preset_can():
