@@ -307,7 +307,7 @@ def test_the_gradient_phase_takes_the_planned_cells_and_weighs_each_kept_cell_th
         return SimpleNamespace(
             cfg=cfg, method_params=params, cell_schedule=CellSchedule(), buffer=buf, task=task,
             generator=torch.Generator().manual_seed(4), procs=Processes("cpu"), scaler=None,
-            phase="", optimizer=torch.optim.SGD(task.policy.parameters(), lr=0.0),
+            phase="", optimizer=SimpleNamespace(zero_grad=task.policy.zero_grad),
         )  # fmt: skip
 
     plan = planned_cells(run(), gather_newest(buf, params))
