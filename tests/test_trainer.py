@@ -308,13 +308,13 @@ def test_the_update_row_has_the_rewards_mean_and_sample_std_and_each_components_
     from sqdf.training.state import Gradients
     from sqdf.training.update import log_update
 
+    counters = ("samples_seen", "reward_evals", "skipped_updates", "nonfinite_rewards", "sample_s")
     mixture = WeightedReward({"a": 1.0, "b": 2.0, "c": 1.0},
                              {k: LinearReward() for k in "abc"})  # fmt: skip
     s = SimpleNamespace(
         cfg=TrainConfig(), procs=Processes("cpu"), task=SimpleNamespace(reward_model=mixture),
         optimizer=SimpleNamespace(param_groups=[{"lr": 0.25}]), t0=time.perf_counter(),
-        run=tmp_path, trackers=None, counters=dict.fromkeys(("samples_seen", "reward_evals", "skipped_updates",
-                                               "nonfinite_rewards", "sample_s"), 0),
+        run=tmp_path, trackers=None, counters=dict.fromkeys(counters, 0),
     )  # fmt: skip
     for r in ([1.0, 2.0], [0.5, -1.0, 3.0, 7.0], [3.0]):
         x = np.array(r)
