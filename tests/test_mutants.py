@@ -2,7 +2,8 @@
 process (monkeypatched for one test), must be caught by the suite's key checks of learning,
 run through their short trainings as the suite runs them. The unmutated code passes them
 all (else a check that always fails would "catch" every mutant). scripts/mutation.sh runs a
-mutation tool over sqdf/core/ for the whole picture (docs/reliability.md)."""
+mutation tool over sqdf/core/, sqdf/methods/ and the update phase for the whole picture
+(docs/reliability.md)."""
 
 from __future__ import annotations
 

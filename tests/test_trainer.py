@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -264,3 +265,113 @@ def test_the_loss_scaler_unscales_before_the_clip_and_skips_an_overflow():
     assert grads.skip and "float16 overflow" in grads.cause
     assert torch.equal(w.detach(), before) and s.counters["skipped_updates"] == 1
     assert scaler.get_scale() == 512.0
+
+
+def test_a_step_ends_a_run_of_skipped_updates():
+    # max_skips counts skips in a row: a step between them starts the count again
+    from types import SimpleNamespace
+
+    from sqdf.errors import DivergedError
+    from sqdf.infra.distributed import Processes
+    from sqdf.training.state import Gradients
+    from sqdf.training.update import apply_update
+
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    s = SimpleNamespace(
+        cfg=TrainConfig(max_grad_norm=0.0, max_skips=2), scaler=None, procs=Processes("cpu"),
+        params=[w], optimizer=opt, counters={"skipped_updates": 0}, consecutive_skips=0, ema=None,
+    )  # fmt: skip
+    apply_update(s, Gradients(skip=True, cause="a test's skip"), torch.zeros(4))
+    assert s.consecutive_skips == 1
+    (2 * w).sum().backward()
+    apply_update(s, Gradients(), torch.zeros(4))
+    assert s.consecutive_skips == 0 and w.item() == pytest.approx(0.0)
+    apply_update(s, Gradients(skip=True, cause="a test's skip"), torch.zeros(4))
+    with pytest.raises(DivergedError, match="2 consecutive updates skipped"):
+        apply_update(s, Gradients(skip=True, cause="a test's skip"), torch.zeros(4))
+    assert s.counters["skipped_updates"] == 3
+
+
+def test_the_update_row_has_the_rewards_mean_and_sample_std_and_each_components_mean(tmp_path):
+    # from count_update's tally (sum, sum of squares, count, then each mixture component's sum
+    # and count), against numpy; a component with no count yet is NaN
+    import json
+    import time
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sqdf.infra.distributed import Processes
+    from sqdf.rewards.analytic import LinearReward
+    from sqdf.rewards.mixture import WeightedReward
+    from sqdf.training.state import Gradients
+    from sqdf.training.update import log_update
+
+    counters = ("samples_seen", "reward_evals", "skipped_updates", "nonfinite_rewards", "sample_s")
+    mixture = WeightedReward({"a": 1.0, "b": 2.0, "c": 1.0},
+                             {k: LinearReward() for k in "abc"})  # fmt: skip
+    s = SimpleNamespace(
+        cfg=TrainConfig(), procs=Processes("cpu"), task=SimpleNamespace(reward_model=mixture),
+        optimizer=SimpleNamespace(param_groups=[{"lr": 0.25}]), t0=time.perf_counter(),
+        run=tmp_path, trackers=None, counters=dict.fromkeys(counters, 0),
+    )  # fmt: skip
+    for r in ([1.0, 2.0], [0.5, -1.0, 3.0, 7.0], [3.0]):
+        x = np.array(r)
+        parts = [x[:1].sum(), 1, x.sum(), len(x), 0.0, 0]
+        tally = torch.tensor([0, 0, 0, 0, x.sum(), (x**2).sum(), len(x), 0, *parts],
+                             dtype=torch.float64)  # fmt: skip
+        stats = {"kl_mean": 0.5, "q_mean": 1.0}
+        row = log_update(s, 3, Gradients(loss=0.75, stats=stats), tally, 2.0)
+        assert row["reward_mean"] == pytest.approx(x.mean(), rel=1e-12)
+        assert row["reward_std"] == (
+            pytest.approx(np.std(x, ddof=1), rel=1e-12) if len(x) > 1 else 0.0
+        )  # one reward: no spread
+        assert row["reward_a_mean"] == x[0] and row["reward_b_mean"] == pytest.approx(x.mean())
+        assert math.isnan(row["reward_c_mean"])
+        assert (row["loss"], row["kl_mean"], row["lr"], row["grad_norm"]) == (0.75, 0.5, 0.25, 2.0)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_mean_stats_refuses_a_statistic_the_method_did_not_declare():
+    from sqdf.infra.distributed import Processes
+    from sqdf.training.update import mean_stats
+
+    procs = Processes("cpu")
+    out = mean_stats(procs, ("kl_mean", "q_mean"), {"kl_mean": 0.5})
+    assert out["kl_mean"] == 0.5 and math.isnan(out["q_mean"])  # none computed it: NaN
+    with pytest.raises(RuntimeError, match=r"the loss reported \['clip_frac'\], not in its Method"):
+        mean_stats(procs, ("kl_mean",), {"kl_mean": 0.5, "clip_frac": 0.0})
+
+
+def test_the_gradient_phase_hands_the_loss_the_runs_generator_and_averages_micro_batches(
+    monkeypatch,
+):
+    from types import SimpleNamespace
+
+    import sqdf.training.gradients as gradients
+    from sqdf.infra.distributed import Processes
+    from sqdf.methods import METHODS
+    from sqdf.training.state import Fresh
+
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    seen = []
+
+    def loss(task, cells, cfg, params, generator):
+        seen.append(generator)
+        k = len(seen)  # micro-batch k: loss k w, kl_mean k, two reward evaluations
+        return k * w, {"kl_mean": float(k), "q_mean": 0.0, "reward_evals": 2.0}
+
+    monkeypatch.setitem(gradients.METHODS, "sqdf", dataclasses.replace(METHODS["sqdf"], loss=loss))
+    buffer = SimpleNamespace(size=4, sample_cells=lambda n, g: None)
+    s = SimpleNamespace(
+        cfg=TrainConfig(grad_accum=4), procs=Processes("cpu"), generator=torch.Generator(),
+        optimizer=SimpleNamespace(zero_grad=lambda set_to_none: None), buffer=buffer, task=None,
+        method_params=None,
+        scaler=None, phase="",
+    )  # fmt: skip
+    grads = gradients.accumulate_gradients(s, Fresh())
+    assert len(seen) == 4 and all(g is s.generator for g in seen)
+    # the mean over micro-batches: (1 + 2 + 3 + 4) / 4, for the loss, its gradient and stats
+    assert grads.loss == 2.5 and grads.stats["kl_mean"] == 2.5 and float(w.grad) == 2.5
+    assert grads.method_evals == 8 and not grads.skip

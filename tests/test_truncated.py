@@ -75,6 +75,22 @@ def test_truncated_training_counts_partial_trajectories_and_learns(tmp_path, mon
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
 
 
+def test_each_truncated_micro_batch_counts_its_trajectories():
+    # grad_accum micro-batches of fresh part-way trajectories: each adds its batch_size
+    from types import SimpleNamespace
+
+    from sqdf.training.gradients import draw_cells
+    from sqdf.training.state import Gradients
+
+    c = cfg(batch_size=4, num_steps=6, cells_per_trajectory=2)
+    s = SimpleNamespace(cfg=c, task=build_task(c), generator=torch.Generator().manual_seed(0),
+                        counters={"sample_s": 0.0}, phase="gradient")  # fmt: skip
+    grads = Gradients()
+    for _ in range(3):
+        assert draw_cells(s, grads).x_t.shape == (4 * 2, 2)
+    assert grads.partial == 3 * 4 and s.counters["sample_s"] > 0 and s.phase == "gradient"
+
+
 @pytest.mark.parametrize(
     "over,message",
     [

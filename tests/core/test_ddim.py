@@ -71,3 +71,11 @@ def test_bad_schedule_arguments():
         make_ddim_schedule(10, eta=1.5)
     with pytest.raises(ValueError, match="beta schedule"):
         make_ddim_schedule(10, beta_schedule="cosine")
+
+
+def test_a_schedule_may_take_every_training_timestep():
+    # num_steps up to num_train_timesteps (with steps_offset 0, the last one is t = 0)
+    s = make_ddim_schedule(10, num_train_timesteps=10, steps_offset=0)
+    assert s.timesteps.tolist() == list(range(9, -1, -1))
+    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 10\], got 11"):
+        make_ddim_schedule(11, num_train_timesteps=10, steps_offset=0)

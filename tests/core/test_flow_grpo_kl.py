@@ -98,3 +98,15 @@ def test_flow_grpo_scale_is_refused_on_a_ddim_kernel():
     kernel = DDIMKernel(make_ddim_schedule(10, eta=1.0))
     with pytest.raises(ValueError, match="^KL scale 'flow_grpo' is Flow-GRPO's beta.*DDIMKernel"):
         kernel.step_kl_weights(0.01, "flow_grpo", 16)
+
+
+def test_flow_grpo_kl_weights_refuse_a_step_that_does_not_fall_and_no_dimension():
+    from sqdf.core.kl import flow_grpo_kl_weights
+
+    steps = torch.tensor([0.5, 0.25, 0.25])
+    torch.testing.assert_close(flow_grpo_kl_weights(0.1, steps, 2), 0.1 * steps.double() / 2)
+    for bad in (torch.tensor([0.5, 0.0, 0.5]), torch.tensor([0.5, -0.1, 0.6])):
+        with pytest.raises(ValueError, match=r"needs every step size \|Δ_k\| > 0"):
+            flow_grpo_kl_weights(0.1, bad, 2)
+    with pytest.raises(ValueError, match="a sample needs at least one dimension, got 0"):
+        flow_grpo_kl_weights(0.1, steps, 0)

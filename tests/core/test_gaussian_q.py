@@ -292,3 +292,26 @@ def test_isotropic_soft_q_on_digits():
     with torch.no_grad():
         again = task.soft_q(x.detach(), step, cond, torch.Generator().manual_seed(2))
     torch.testing.assert_close(again, q.detach())
+
+
+def test_the_covariance_takes_up_to_max_dim_dimensions():
+    from sqdf.core.gaussian_q import MAX_DIM
+
+    # x0_fn = x / 2: Jacobian I / 2, so Cov = spread^2 / scale * I / 2 (Tweedie's formula)
+    one = torch.ones(1, dtype=torch.float64)
+    _, cov = tweedie_covariance(lambda x: x / 2, torch.zeros(1, MAX_DIM, dtype=torch.float64),
+                                0.5 * one, 0.6 * one)  # fmt: skip
+    want = 0.36 / 0.5 / 2 * torch.eye(MAX_DIM, dtype=torch.float64)
+    torch.testing.assert_close(cov[0], want)
+    with pytest.raises(ValueError, match=f"needs D <= {MAX_DIM} dimensions, got {MAX_DIM + 1}"):
+        tweedie_covariance(lambda x: x, torch.zeros(1, MAX_DIM + 1), one, one)
+
+
+def test_the_covariance_root_of_a_small_covariance_keeps_its_scale():
+    # the Cholesky jitter is relative to the mean variance: at variances of 1e-8 the root
+    # still reproduces the covariance to 1e-5 of itself
+    from sqdf.core.gaussian_q import covariance_root
+
+    cov = 1e-8 * torch.tensor([[[2.0, 0.5], [0.5, 1.0]]], dtype=torch.float64)
+    root = covariance_root(cov)
+    torch.testing.assert_close(root @ root.transpose(-1, -2), cov, rtol=1e-5, atol=0)

@@ -124,6 +124,16 @@ def test_method_params_and_requirements():
         build_method_params("ddpo", {"clip_range": 0})
     with pytest.raises(ConfigError, match="needs buffer = 'on_policy'"):
         make_config({"method": "ddpo"})
+    # the bounds themselves: what is allowed just inside them, refused just outside
+    assert build_method_params("ddpo", {"adv_clip": 0.5}).adv_clip == 0.5
+    assert build_method_params("alignprop", {"k_min": 3, "k_max": 3}).k_max == 3
+    assert build_method_params("refl", {"min_frac": 0.99}).min_frac == 0.99
+    with pytest.raises(ConfigError, match=r"min_frac must be in \[0, 1\), got 1"):
+        build_method_params("refl", {"min_frac": 1.0})
+    with pytest.raises(ConfigError, match="need 1 <= k_min <= k_max"):
+        build_method_params("alignprop", {"k_min": 3, "k_max": 2})
+    with pytest.raises(ConfigError, match="k and lv_samples must be >= 1, got 0, 2"):
+        build_method_params("draft", {"k": 0, "lv_samples": 2})
 
 
 def test_a_directly_built_config_meets_the_registries_before_anything_is_written(tmp_path):
@@ -133,3 +143,18 @@ def test_a_directly_built_config_meets_the_registries_before_anything_is_written
         with pytest.raises(ConfigError, match=match):
             train(cfg, tmp_path / "run", progress=False)
         assert not (tmp_path / "run").exists()
+
+
+def test_masked_mean_over_the_marked_cells_or_a_given_count():
+    from sqdf.methods.ddpo import masked_mean
+
+    v = torch.tensor([1.0, 2.0, 4.0, 8.0], requires_grad=True)
+    keep = torch.tensor([True, False, True, False])
+    assert float(masked_mean(v, keep)) == 2.5 and float(masked_mean(v, None)) == 3.75
+    assert float(masked_mean(v, keep, count=10)) == 0.5  # an update's kept cells, not this batch's
+    none = torch.zeros(4, dtype=torch.bool)
+    for count in (None, 0):  # nothing kept: 0, still differentiable (no 0 / 0)
+        out = masked_mean(v, none, count)
+        assert float(out) == 0.0
+        (grad,) = torch.autograd.grad(out, v)
+        assert torch.equal(grad, torch.zeros(4))

@@ -5,6 +5,7 @@ zero-advantage samples (lines 796-817) and its KL (line 895)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -286,6 +287,39 @@ def test_dropped_zero_advantages_leave_every_kept_cell_of_the_update_the_same_we
     assert abs(mean_of_means - total) > 1e-3
 
 
+def test_the_gradient_phase_takes_the_planned_cells_and_weighs_each_kept_cell_the_same():
+    # accumulate_gradients with a plan (drop_zero_advantage): its loss is the update's mean of
+    # -A over the kept cells of the planned micro-batches, from the run's generator alone
+    import dataclasses
+    from types import SimpleNamespace
+
+    from sqdf.infra.distributed import Processes
+    from sqdf.training.gradients import accumulate_gradients, planned_cells
+    from sqdf.training.state import Fresh
+
+    cfg, task = _task()
+    cfg = dataclasses.replace(cfg, batch_size=5, grad_accum=4)
+    rewards = torch.tensor([2.0] * 4 + [1.0, 2.0, 4.0, 8.0] + [7.0] * 4 + [0.0, 3.0, 1.0, 5.0])
+    buf = _buffer(task, cfg, rewards)
+    params = build_method_params("grpo", {"std": "population", "drop_zero_advantage": True})
+
+    def run():
+        return SimpleNamespace(
+            cfg=cfg, method_params=params, cell_schedule=CellSchedule(), buffer=buf, task=task,
+            generator=torch.Generator().manual_seed(4), procs=Processes("cpu"), scaler=None,
+            phase="", optimizer=SimpleNamespace(zero_grad=task.policy.zero_grad),
+        )  # fmt: skip
+
+    plan = planned_cells(run(), gather_newest(buf, params))
+    state = torch.get_rng_state()
+    grads = accumulate_gradients(run(), Fresh())
+    assert torch.equal(torch.get_rng_state(), state)  # the plan drew from the run's generator
+    adv = their_advantages([i // 4 for i in range(16)], rewards.tolist(), global_std=False)
+    kept = [adv[int(p)] for position, _ in plan.cells for p in position if adv[int(p)] != 0]
+    assert grads.loss == pytest.approx(-sum(kept) / len(kept), rel=1e-5, abs=1e-6)
+    assert 0 < grads.stats["kl_mean"] < 10  # the micro-batches' mean KL (policy != reference)
+
+
 def test_a_sweep_that_cannot_finish_a_pass_is_said_and_the_preset_can():
     from sqdf.methods.grpo import sweep_note
 
@@ -317,3 +351,61 @@ def test_the_presets_global_std_on_fewer_processes_than_its_notes_is_said(tmp_pa
     )
     assert preset_processes_note(sources, 12) is None
     assert preset_processes_note({"method_params.global_std": "flag"}, 1) is None
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+def test_sample_std_advantages_are_per_group_or_over_the_batch(global_std):
+    r = torch.tensor([1.0, 2.0, 4.0, 10.0, 20.0, 40.0])
+    g = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = group_advantages(r, g, r, g, std="sample", global_std=global_std)
+    x = r.double().numpy()
+    for k in (0, 1):
+        mine = x[3 * k : 3 * k + 3]
+        spread = np.std(x, ddof=1) if global_std else np.std(mine, ddof=1)
+        np.testing.assert_allclose(adv[3 * k : 3 * k + 3].numpy(), (mine - mine.mean()) / spread,
+                                   rtol=1e-12)  # fmt: skip
+
+
+def test_the_kl_term_of_dropped_zero_advantages_is_over_the_updates_kept_cells_too():
+    # with drop_zero_advantage both terms of the loss are sums over the kept cells divided by
+    # the update's kept cells: twice as many kept cells in the update, half the loss
+    cfg, task = _task()
+    rewards = torch.tensor([2.0] * 4 + [1.0, 2.0, 4.0, 8.0])
+    buf = _buffer(task, cfg, rewards)
+    params = build_method_params("grpo", {"drop_zero_advantage": True, "beta": 0.5})
+    newest = gather_newest(buf, params)
+    cells = buffer_cells(buf, buf.newest[torch.arange(8)], torch.tensor([0, 1, 2, 3] * 2))
+    loss, kl = [], []
+    for kept in (3.0, 6.0):
+        out, stats = grpo_loss(task, cells, cfg, params, torch.Generator(), kept_cells=kept,
+                               **newest.cell_groups(buf, cells))  # fmt: skip
+        loss.append(float(out.detach()))
+        kl.append(stats["kl_mean"])
+    assert kl[0] > 1e-3  # the policy is not the reference: the KL term is there
+    assert loss[1] == pytest.approx(loss[0] / 2, rel=1e-6)
+
+
+def test_only_a_sweep_over_a_shared_buffer_is_refused():
+    from sqdf.errors import ConfigError
+    from sqdf.methods.grpo import check_buffer_scope
+
+    cfg = make_config(BASE)
+    for scope, order in (("process", "sweep"), ("shared", "random"), ("process", "random")):
+        params = build_method_params("grpo", {"cell_order": order})
+        check_buffer_scope(dataclasses.replace(cfg, buffer_scope=scope), params)
+    with pytest.raises(ConfigError, match="cell_order sweep with buffer_scope shared"):
+        check_buffer_scope(
+            dataclasses.replace(cfg, buffer_scope="shared"),
+            build_method_params("grpo", {"cell_order": "sweep"}),
+        )
+
+
+@pytest.mark.parametrize("std", ["sample", "population"])
+def test_a_constant_group_whose_float64_mean_is_not_its_value_gets_zero(std):
+    # sum([0.1] * 3) / 3 is 0.10000000000000002 in float64: without the check, a tiny
+    # nonzero advantage (divided by the floored std) that drop_zero_advantage would keep
+    r = torch.tensor([0.1, 0.1, 0.1, 1.0, 2.0, 4.0], dtype=torch.float64)
+    g = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert float(r[:3].mean()) != 0.1
+    adv = group_advantages(r, g, r, g, std=std)
+    assert not adv[:3].any() and adv[3:].all()
