@@ -77,13 +77,15 @@ def test_the_flow_stage_runs_on_tiny_sd3_parts(tmp_path):
     assert step.main(argv) == 0
     assert json.loads((tmp_path / "step.json").read_text())["loss_finite"]
     speed = load("update_speed")
+    # one design (a process each): replay4 samples and replays; the reference design's
+    # process is test_update_speed_times_sd_without_scoring's
     argv = ["--task", "sd", "--preset", "tiny-sd3", "--parts", str(tmp_path / "parts"),
-            "--batch-size", "2", "--designs", "reference,replay4", "--updates", "5",
+            "--batch-size", "2", "--designs", "replay4", "--updates", "5",
             "--num-steps", "4", "--eval-samples", "0",
             "--out", str(tmp_path / "speed.json")]  # fmt: skip
     assert speed.main(argv) == 0
-    results = json.loads((tmp_path / "speed.json").read_text())["results"]
-    assert [r["design"] for r in results] == ["reference", "replay4"]
+    (result,) = json.loads((tmp_path / "speed.json").read_text())["results"]
+    assert result["design"] == "replay4" and 0 < result["sampling_share"] < 1
 
 
 def test_the_flux_stage_runs_on_tiny_flux_parts(tmp_path):
@@ -101,11 +103,11 @@ def test_the_flux_stage_runs_on_tiny_flux_parts(tmp_path):
         assert doc["loss_finite"] and doc["task_params"]["resolution"] == side
     speed = load("update_speed")
     argv = ["--task", "sd", "--preset", "tiny-flux", "--parts", parts, "--batch-size", "2",
-            "--designs", "reference,replay4", "--updates", "5", "--num-steps", "4",
+            "--designs", "replay4", "--updates", "5", "--num-steps", "4",
             "--eval-samples", "0", "--out", str(tmp_path / "speed.json")]  # fmt: skip
     assert speed.main(argv) == 0
-    results = json.loads((tmp_path / "speed.json").read_text())["results"]
-    assert [r["design"] for r in results] == ["reference", "replay4"]
+    (result,) = json.loads((tmp_path / "speed.json").read_text())["results"]
+    assert result["design"] == "replay4" and 0 < result["sampling_share"] < 1
 
 
 def test_the_fluxdev_preset_has_flux1_dev_sizes():

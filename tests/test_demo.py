@@ -105,17 +105,9 @@ def test_the_report_opens_on_the_three_grids_in_a_browser(demo_page):
     assert f"{100 * theirs['eval_agreement']:.0f}%" in first
 
 
-def test_no_baseline_is_sqdf_alone(tmp_path):
-    page = _demo(tmp_path / "demo", baseline=None)
-    text = page.read_text()
-    assert len(re.findall(IMAGE, text)) == 4 and "Left to right" not in text
-    assert not (page.parent / BASELINE_FOLDER).exists()
-    assert not (page.parent / PICTURE).exists()
-    columns, _ = summary_table(page.parent)
-    assert columns == ["reference", "sqdf", "real"]
-
-
-def test_the_cli_prints_a_column_per_method(tmp_path, monkeypatch, capsys):
+def test_the_cli_prints_a_column_per_method_and_no_baseline_is_sqdf_alone(
+    tmp_path, monkeypatch, capsys
+):
     import sqdf.evaluation.x0_quality
     import sqdf.experiments.demo
 
@@ -135,6 +127,13 @@ def test_the_cli_prints_a_column_per_method(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert _header(out) == ["metric", "reference", "sqdf", "real"]
     assert "picture:" not in out
+    # the page of SQDF alone: its grids and table, no baseline's run or picture
+    alone = tmp_path / "alone"
+    text = (alone / "report.html").read_text()
+    assert len(re.findall(IMAGE, text)) == 4 and "Left to right" not in text
+    assert not (alone / BASELINE_FOLDER).exists() and not (alone / PICTURE).exists()
+    columns, _ = summary_table(alone)
+    assert columns == ["reference", "sqdf", "real"]
 
 
 def _header(out: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Scale-out (issue 9): real launches of 2 CPU processes with torchrun (gloo)."""
+"""Scale-out (issue 9): real launches of 2 CPU processes (gloo), started as torchrun starts
+them, and by torchrun and accelerate launch where the launch is what is tested."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sqdf.infra.distributed import rank_seed
 from sqdf.methods import METHODS, build_method_params
 from sqdf.tasks import build_task
 from sqdf.training.update import average_and_clip
+from tests.distributed.launch import run_processes
 from tests.distributed.shards import CFG, global_cells, shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +30,10 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
 
 def launch(
-    args: list[str], nproc: int = 2, env: dict[str, str] | None = None
+    args: list[str], nproc: int = 2, env: dict[str, str] | None = None, torchrun: bool = False
 ) -> subprocess.CompletedProcess:
+    """``python *args`` in ``nproc`` processes of one group: started as torchrun starts them
+    (tests/distributed/launch.py), or by torchrun itself where the launch is what is tested."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -37,8 +41,11 @@ def launch(
         "PYTHONFAULTHANDLER": "1",
         **(env or {}),
     }  # a crash prints where it was
-    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if torchrun:
+        cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", *args]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    else:
+        done = run_processes(args, nproc, env, ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -195,7 +202,7 @@ def test_multi_gpu_guide_cpu_example_runs(tmp_path):
     argv = line.split()
     assert argv[1:4] == ["--standalone", "--nproc_per_node", "2"] and argv[-2] == "--out"
     out = tmp_path / "g2"
-    launch([*argv[4:-1], str(out), "--no-progress"])  # launch() adds the torchrun flags
+    launch([*argv[4:-1], str(out), "--no-progress"], torchrun=True)  # adds torchrun's flags
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(rows[-1])["step"] == 20
 
