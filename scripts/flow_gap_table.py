@@ -41,6 +41,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("a √2: gaussian_posterior", "gmm2d-flow-gap-full-noise", "estimator=gaussian_posterior"),
     ("a √2, 200 steps: exact soft value", "gmm2d-flow-gap-full-noise-200", "estimator=exact"),
     ("a √2, 200 steps: tweedie", "gmm2d-flow-gap-full-noise-200", "estimator=tweedie"),
+    ("the preset gmm2d-exact, a √2 (1 seed)", "gmm2d-flow-gap-preset", "sqdf"),
 ]  # fmt: skip
 
 

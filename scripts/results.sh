@@ -92,9 +92,9 @@ declare -A EXPERIMENTS=(
     [gmm2d-families-flow-floor]="floor --families 4 --projections first_order --num-steps 50,200 --task-param process=flow --task-param noise_level=1.4142135623730951"
     # training-free Tweedie on the flow path at noise level 1.0, 50 steps, 300 updates
     [gmm2d-families-flow-tweedie-a1]="families --families 4 --alphas 1.0 --seeds 3 --sweep estimator=tweedie --set gamma=1.0 --set 'task_params={process = \"flow\", noise_level = 1.0}'"
-    # the preset's settings on the flow path at noise level sqrt 2 with a training-free soft value
-    # a real model has: the Gaussian posterior, isotropic (one Hutchinson probe), one seed
-    [gmm2d-families-flow-posterior]="families --families 4 --alphas 1.0 --sweep estimator=gaussian_posterior --set q_cov=isotropic --set 'task_params={process = \"flow\", noise_level = 1.4142135623730951}' --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set num_steps=200 --set steps=1000 --set grad_accum=8 --set 'method_params={q_at = \"reference_mean\"}'"
+    # at noise level sqrt 2 with the training-free soft value that has the posterior's spread (the
+    # Gaussian posterior, isotropic: one Hutchinson probe), 50 steps, 300 updates
+    [gmm2d-families-flow-posterior]="families --families 4 --alphas 1.0 --seeds 3 --sweep estimator=gaussian_posterior --set q_cov=isotropic --set gamma=1.0 --set 'task_params={process = \"flow\", noise_level = 1.4142135623730951}'"
     # the recommended settings on four mixtures they were not chosen on (mixtures 4-7)
     [gmm2d-families-exact-heldout]="families --families 4 --first-family 4 --alphas 1.0 --sweep grad_accum=8 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
     [gmm2d-families-floor-heldout]="floor --families 4 --first-family 4 --projections first_order --num-steps 200"
