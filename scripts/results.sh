@@ -39,6 +39,7 @@ declare -A EXPERIMENTS=(
     # (draft and alignprop diverge on the unbounded linear reward: gmm2d-linear; they are on the well)
     # the flow path's gap, one factor at a time from gmm2d-flow-quadratic's sqdf row (tweedie,
     # noise level 0.7, 50 steps, gamma 1, 300 updates) toward the setting that lands
+    # (one table of their rows, docs/results/gmm2d-flow-gap/: .venv/bin/python scripts/flow_gap_table.py)
     [gmm2d-flow-gap-estimator]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set 'task_params={process=\"flow\"}' --sweep estimator=consistency,gaussian_posterior"
     [gmm2d-flow-gap-noise]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --sweep 'task_params=[{process=\"flow\", noise_level=1.0}, {process=\"flow\", noise_level=1.4142135623730951}]'"
     [gmm2d-flow-gap-noise-fine]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --sweep 'task_params=[{process=\"flow\", noise_level=0.85}, {process=\"flow\", noise_level=1.2}]'"
