@@ -65,7 +65,8 @@ def main() -> None:
     doc = merged(ROWS)
     make_folder(OUT, "output folder")
     atomic_write_text(OUT / "results.json", json.dumps(doc, indent=1, default=float))
-    atomic_write_text(OUT / "results.md", results_markdown(doc["task"], doc["runs"], doc["variants"]))
+    table = results_markdown(doc["task"], doc["runs"], doc["variants"])
+    atomic_write_text(OUT / "results.md", table)
     print(f"wrote {OUT}/results.json, results.md")
 
 

@@ -75,8 +75,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4096, help="as sqdf eval measures a run")
     p.add_argument("--iters", type=int, default=4, help="fixed-point iterations (sqdf)")
     p.add_argument("--points", type=int, default=5, help="Gauss-Hermite nodes a dimension")
-    p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a gmm2d task parameter besides the mixture (process=flow)")
+    p.add_argument(
+        "--task-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a gmm2d task parameter besides the mixture (process=flow)",
+    )
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
