@@ -6,6 +6,9 @@ trained runs are.
     .venv/bin/python scripts/gaussian_floor.py --out runs/results/gmm2d-families-floor \
         --projections sqdf,first_order,moment --num-steps 50,200
 
+On the flow path: --task-param process=flow --task-param noise_level=1.4142135623730951 (the
+exact soft value is the flow sampler's at its full noise level, √2).
+
 Projections: sqdf, the optimum of SQDF's per-step objective with the exact soft value (what
 a perfectly trained policy of fixed-variance Gaussian steps takes); first_order, its
 first-order step μ + (σ²/α) ∇V(μ); moment, the tilted step's mean. Writes OUT/summary.md,
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/gmm_families
 
 from gmm_families import distances, meets_goal, mixtures, summary_markdown  # noqa: E402
 
+from sqdf.commands.args import key_values  # noqa: E402
 from sqdf.evaluation.gaussian_floor import PROJECTIONS, measure_gaussian_floor  # noqa: E402
 from sqdf.infra.atomic import atomic_write_text  # noqa: E402
 from sqdf.run.settings import make_config  # noqa: E402
@@ -38,7 +42,8 @@ def floor_rows(
     """One mixture's floor runs (one per seed), as summary rows."""
     cfg = make_config({
         "task": "gmm2d", "reward": reward, "alpha": alpha, "gamma": 1.0,
-        "estimator": "exact", "num_steps": num_steps, "task_params": mixture,
+        "estimator": "exact", "num_steps": num_steps,
+        "task_params": {**key_values(args.task_param, "--task-param"), **mixture},
     }, source="gaussian_floor")  # fmt: skip
     task = build_task(cfg)
     rows = []
@@ -70,6 +75,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4096, help="as sqdf eval measures a run")
     p.add_argument("--iters", type=int, default=4, help="fixed-point iterations (sqdf)")
     p.add_argument("--points", type=int, default=5, help="Gauss-Hermite nodes a dimension")
+    p.add_argument(
+        "--task-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a gmm2d task parameter besides the mixture (process=flow)",
+    )
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

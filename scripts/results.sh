@@ -37,6 +37,21 @@ declare -A EXPERIMENTS=(
     [gmm2d-flow-linear]="--task gmm2d --methods $ALL --seeds 3 --set 'task_params={process=\"flow\"}'"
     # each method over its own regularisation, against the exact reward-KL frontier
     # (draft and alignprop diverge on the unbounded linear reward: gmm2d-linear; they are on the well)
+    # the flow path's gap, one factor at a time from gmm2d-flow-quadratic's sqdf row (tweedie,
+    # noise level 0.7, 50 steps, gamma 1, 300 updates) toward the setting that lands
+    # (one table of their rows, docs/results/gmm2d-flow-gap/: .venv/bin/python scripts/flow_gap_table.py)
+    [gmm2d-flow-gap-estimator]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set 'task_params={process=\"flow\"}' --sweep estimator=consistency,gaussian_posterior"
+    [gmm2d-flow-gap-noise]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --sweep 'task_params=[{process=\"flow\", noise_level=1.0}, {process=\"flow\", noise_level=1.4142135623730951}]'"
+    [gmm2d-flow-gap-noise-fine]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --sweep 'task_params=[{process=\"flow\", noise_level=0.85}, {process=\"flow\", noise_level=1.2}]'"
+    [gmm2d-flow-gap-num-steps]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --set 'task_params={process=\"flow\"}' --sweep num_steps=10,20,200"
+    [gmm2d-flow-gap-updates]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --set 'task_params={process=\"flow\"}' --sweep steps=1000"
+    [gmm2d-flow-gap-gamma]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set estimator=tweedie --set 'task_params={process=\"flow\"}' --sweep gamma=0.9"
+    [gmm2d-flow-gap-shift]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --sweep 'task_params=[{process=\"flow\", shift=3.0}]'"
+    # at noise level sqrt 2, where the exact soft value exists: each estimator, then 200 steps
+    [gmm2d-flow-gap-full-noise]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set 'task_params={process=\"flow\", noise_level=1.4142135623730951}' --sweep estimator=exact,consistency,gaussian_posterior"
+    [gmm2d-flow-gap-full-noise-200]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set 'task_params={process=\"flow\", noise_level=1.4142135623730951}' --set num_steps=200 --sweep estimator=exact,tweedie"
+    # the setting that lands (the preset gmm2d-exact on the flow path at noise level sqrt 2), on this well
+    [gmm2d-flow-gap-preset]="--task gmm2d --methods sqdf --seeds 1 --preset gmm2d-exact --set reward=quadratic --task-param process=flow --task-param noise_level=1.4142135623730951"
     [gmm2d-frontier]="--task gmm2d --frontier --methods sqdf,draft_kl,best_of_n --seeds 2"
     [gmm2d-quadratic-frontier]="--task gmm2d --frontier --methods sqdf,draft_kl,draft,grpo,best_of_n --seeds 2 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --frontier-values sqdf=8,2,0.5 --frontier-values draft_kl=8,2,0.5"
     # the same at gamma 1 with the exact soft value: the frontier SQDF reaches without Q error
@@ -74,6 +89,15 @@ declare -A EXPERIMENTS=(
     # the recommended settings on the flow path (the exact value needs the SDE at noise level sqrt 2)
     [gmm2d-families-flow-exact]="families --families 4 --alphas 1.0 --sweep estimator=exact --set 'task_params={process = \"flow\", noise_level = 1.4142135623730951}' --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set num_steps=200 --set steps=1000 --set grad_accum=8 --set 'method_params={q_at = \"reference_mean\"}'"
     [gmm2d-families-flow-exact-alphas]="families --families 4 --alphas 0.5,2.0,4.0 --sweep estimator=exact --set 'task_params={process = \"flow\", noise_level = 1.4142135623730951}' --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set num_steps=200 --set steps=1000 --set grad_accum=8 --set 'method_params={q_at = \"reference_mean\"}'"
+    # the Gaussian-step floor on the flow path at its full noise level (the only one with the exact value)
+    [gmm2d-families-flow-floor]="floor --families 4 --projections first_order --num-steps 50,200 --task-param process=flow --task-param noise_level=1.4142135623730951"
+    # training-free Tweedie on the flow path at noise level 1.0, 50 steps, 300 updates
+    [gmm2d-families-flow-tweedie-a1]="families --families 4 --alphas 1.0 --seeds 3 --sweep estimator=tweedie --set gamma=1.0 --set 'task_params={process = \"flow\", noise_level = 1.0}'"
+    # at noise level sqrt 2 with the training-free soft value that has the posterior's spread (the
+    # Gaussian posterior, isotropic: one Hutchinson probe), 50 steps, 300 updates
+    [gmm2d-families-flow-posterior]="families --families 4 --alphas 1.0 --seeds 3 --sweep estimator=gaussian_posterior --set q_cov=isotropic --set gamma=1.0 --set 'task_params={process = \"flow\", noise_level = 1.4142135623730951}'"
+    # the same at 200 steps (one seed): what the 50-step floor's overshoot leaves
+    [gmm2d-families-flow-posterior-200]="families --families 4 --alphas 1.0 --sweep estimator=gaussian_posterior --set q_cov=isotropic --set gamma=1.0 --set num_steps=200 --set 'task_params={process = \"flow\", noise_level = 1.4142135623730951}'"
     # the recommended settings on four mixtures they were not chosen on (mixtures 4-7)
     [gmm2d-families-exact-heldout]="families --families 4 --first-family 4 --alphas 1.0 --sweep grad_accum=8 --set lr=0.006 --set lr_schedule=cosine --set lr_warmup=50 --set gamma=1.0 --set estimator=exact --set num_steps=200 --set steps=1000 --set 'method_params={q_at = \"reference_mean\"}'"
     [gmm2d-families-floor-heldout]="floor --families 4 --first-family 4 --projections first_order --num-steps 200"
@@ -114,7 +138,7 @@ declare -A EXPERIMENTS=(
 ORDER=(gmm2d-linear gmm2d-quadratic gmm2d-gamma gmm2d-estimator gmm2d-estimator-gamma1
        gmm2d-quadratic-estimator gmm2d-exact-steps gmm2d-estimator-long
        gmm2d-quadratic-estimator-long gmm2d-exact-lr gmm2d-exact-num-steps gmm2d-gaussian-q gmm2d-quadratic-gaussian-q gmm2d-buffer gmm2d-alpha
-       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-200-cosine-q-at-mean gmm2d-families-200-cosine-q-at-mean-accum4 gmm2d-families-200-cosine-q-at-mean-accum8 gmm2d-families-200-cosine-accum4 gmm2d-families-exact-alphas gmm2d-families-floor-alphas gmm2d-families-exact-accum16 gmm2d-families-exact-heldout gmm2d-families-floor-heldout gmm2d-families-exact-heldout-accum16 gmm2d-families-exact-heldout-hidden256 gmm2d-family6-linear-exact-updates gmm2d-family4-quadratic-exact-updates gmm2d-families-w2-floor-noise gmm2d-families-q-cov gmm2d-families-exact-settings-training-free gmm2d-families-consistency gmm2d-families-flow-exact gmm2d-families-flow-exact-alphas gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo gmm2d-quadratic-grpo-parity gmm2d-flow-quadratic-grpo-parity digits-grpo-parity digits-gamma digits-estimator digits-posterior digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
+       gmm2d-flow-quadratic gmm2d-flow-linear gmm2d-flow-gap-estimator gmm2d-flow-gap-noise gmm2d-flow-gap-noise-fine gmm2d-flow-gap-num-steps gmm2d-flow-gap-updates gmm2d-flow-gap-gamma gmm2d-flow-gap-shift gmm2d-flow-gap-full-noise gmm2d-flow-gap-full-noise-200 gmm2d-flow-gap-preset gmm2d-frontier gmm2d-frontier-exact gmm2d-quadratic-frontier gmm2d-families-estimator gmm2d-families-num-steps gmm2d-families-floor gmm2d-families-q-at-mean gmm2d-families-gamma gmm2d-families-200-long gmm2d-families-200-cosine gmm2d-families-200-cosine-q-at-mean gmm2d-families-200-cosine-q-at-mean-accum4 gmm2d-families-200-cosine-q-at-mean-accum8 gmm2d-families-200-cosine-accum4 gmm2d-families-exact-alphas gmm2d-families-floor-alphas gmm2d-families-exact-accum16 gmm2d-families-exact-heldout gmm2d-families-floor-heldout gmm2d-families-exact-heldout-accum16 gmm2d-families-exact-heldout-hidden256 gmm2d-family6-linear-exact-updates gmm2d-family4-quadratic-exact-updates gmm2d-families-w2-floor-noise gmm2d-families-q-cov gmm2d-families-exact-settings-training-free gmm2d-families-consistency gmm2d-families-flow-exact gmm2d-families-flow-exact-alphas gmm2d-families-flow-floor gmm2d-families-flow-tweedie-a1 gmm2d-families-flow-posterior gmm2d-families-flow-posterior-200 gmm2d-families-tweedie-200 gmm2d-families-buffer gmm2d-families-updates gmm2d-families-hidden64 gmm2d-families-hidden256 digits-methods gmm2d-quadratic-grpo gmm2d-flow-quadratic-grpo digits-grpo gmm2d-quadratic-grpo-parity gmm2d-flow-quadratic-grpo-parity digits-grpo-parity digits-gamma digits-estimator digits-posterior digits-buffer digits-alpha digits-frontier bbo-gmm2d bbo-digits bbo-digits-512)
 run() {  # name
     local name=$1 t0=$SECONDS
     local -a args

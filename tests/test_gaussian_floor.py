@@ -156,3 +156,24 @@ def test_the_gmm2d_guide_command_runs(tmp_path):
     table = (tmp_path / "summary.md").read_text()
     for projection in ("sqdf", "first_order", "moment"):
         assert f"| {projection}, 6 | quadratic | 1 |" in table
+
+
+def test_the_script_takes_the_flow_path_by_task_param():
+    """--task-param reaches the task: the script's rows on the flow path are the floor measured
+    on the flow task built directly (and not the VP path's)."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("floor", ROOT / "scripts" / "gaussian_floor.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    mixture = {"means": [[1.0, 0.0], [-1.0, 0.5]], "stds": [0.3, 0.4], "weights": [1.0, 2.0]}
+    args = argparse.Namespace(seeds=1, samples=256, iters=0, points=3, task_param=[
+        "process=flow", "noise_level=1.4142135623730951"])  # fmt: skip
+    row = script.floor_rows(args, mixture, 0, "linear", 1.0, 10, "first_order")[0]
+    direct = measure_gaussian_floor(task_of(process="flow", **mixture), 256, 0,
+                                    projection="first_order", iters=0, points=3)  # fmt: skip
+    assert row["kl_path"] == pytest.approx(direct["kl_path"], rel=1e-9)
+    vp = script.floor_rows(argparse.Namespace(**{**vars(args), "task_param": []}), mixture, 0,
+                           "linear", 1.0, 10, "first_order")[0]  # fmt: skip
+    assert vp["kl_path"] != pytest.approx(row["kl_path"], rel=1e-3)

@@ -63,3 +63,18 @@ def test_the_pages_show_the_merged_rows() -> None:
         ]
         missing = [r for r in rows if r not in text]
         assert not missing, (page, name, missing)
+
+
+def test_the_flow_gap_table_is_its_sources_rows() -> None:
+    """docs/results/gmm2d-flow-gap/ holds the rows of the compare folders it names, relabelled
+    (scripts/flow_gap_table.py), and the flow-gap page shows that table."""
+    import json
+
+    gap = load("flow_gap_table")
+    stored = json.loads((RESULTS / "gmm2d-flow-gap" / "results.json").read_text())
+    assert stored == json.loads(json.dumps(gap.merged(gap.ROWS, RESULTS), default=float))
+    page = (RESULTS / "gmm2d-flow-gap.md").read_text()
+    rows = [r for r in (RESULTS / "gmm2d-flow-gap" / "results.md").read_text().splitlines()
+            if r.startswith("| ")]  # fmt: skip
+    missing = [r for r in rows if r not in page]
+    assert not missing, missing
