@@ -131,7 +131,10 @@ def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     # micro-batch, as many in all
     pin = {} if cfg.rollout == "truncated" else {"fresh_trajectories": cfg.fresh_count}
     pin_flag = f" --fresh-trajectories {cfg.fresh_count}" if pin else ""
-    while batch > 1 and batch % 2 == 0:
+    from sqdf.methods import build_method_params, group_size
+
+    unit = group_size(cfg.method, build_method_params(cfg.method, cfg.method_params))
+    while batch > 1 and batch % (2 * unit) == 0:  # a grouped method's batch is whole groups
         batch //= 2
         accum = cfg.grad_accum * cfg.batch_size // batch
         out.append((
