@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sqdf.config.train_config import TrainConfig
+from sqdf.core.kl import gaussian_log_prob
 from sqdf.cost.parts import (
     MetaParts,
     linear_weight_bytes,
@@ -51,7 +52,6 @@ from sqdf.cost.parts import (
 )
 from sqdf.cost.trace import UpdateTracer, fused_attention
 from sqdf.errors import SqdfError
-from sqdf.core.kl import gaussian_log_prob
 from sqdf.sampling.sampler import step_mean_std
 
 TRACED_ESTIMATORS = ("tweedie", "consistency")  # the x̂0 of one network call
@@ -208,7 +208,11 @@ def _traced(tracer: UpdateTracer, run) -> tuple[dict[str, float], int, dict[str,
 
 
 def method_micro_batch(
-    task, cfg: TrainConfig, x_t, cond, tracer: UpdateTracer  # noqa: ANN001
+    task,
+    cfg: TrainConfig,
+    x_t,
+    cond,
+    tracer: UpdateTracer,  # noqa: ANN001
 ) -> tuple[dict[str, float], int, dict[str, int], str | None]:
     """A baseline's gradient micro-batch at the batch of ``x_t``: FLOPs by phase (sampling and
     scoring fresh from ``tracer``, which traced them), the peak over every trace, the phases'
@@ -247,7 +251,8 @@ def method_micro_batch(
         grad, chain = _steps_line(run_all, k, k, peaks, phase_peak), T - k
         if k > 2:
             note = (f"DRaFT's {k} steps with gradients: FLOPs and memory on the line through "
-                    "traces at 1 and 2 steps (each step holds the same tensors)")  # fmt: skip
+                    "traces at 1 and 2 steps (each step holds the same tensors; the peaks by "
+                    "phase are the trace's at 2)")  # fmt: skip
     elif cfg.method == "draft_lv":
         grad, chain = run_all([(1.0, {"branches": params.lv_samples})]), T
     elif cfg.method == "alignprop":
@@ -255,19 +260,23 @@ def method_micro_batch(
         lo = min(params.k_min, hi)
         mean_k = (lo + hi) / 2
         grad, chain = _steps_line(run_all, mean_k, hi, peaks, phase_peak), T - mean_k
-        note = (f"AlignProp draws its truncation k uniformly from {lo}..{hi} each update: FLOPs "
-                f"at the mean k = {mean_k:g}, memory at k = {hi}"
-                + (", both on the line through traces at k = 1 and 2 (each step holds the "
-                   "same tensors)" if hi > 2 else ""))  # fmt: skip
+        lined = (
+            ", both on the line through traces at k = 1 and 2 (each step holds the same "
+            "tensors; the peaks by phase are the trace's at 2)"
+        )
+        note = (
+            f"AlignProp draws its truncation k uniformly from {lo}..{hi} each update: FLOPs "
+            f"at the mean k = {mean_k:g}, memory at k = {hi}" + (lined if hi > 2 else "")
+        )
     else:  # refl: a step k drawn from lo..T-1; below T-1 the policy's x̂0 pass follows
         lo = min(int(params.min_frac * T), T - 1)
         with_x0 = (T - 1 - lo) / (T - lo)
         variants = [(w, {"x0_pass": x0}) for w, x0 in ((with_x0, True), (1 - with_x0, False))
                     if w > 0]  # fmt: skip
         grad, chain = run_all(variants), (lo + T - 1) / 2
-        note = (f"ReFL draws its gradient step k uniformly from {lo}..{T - 1}: FLOPs in "
-                f"expectation ({with_x0:.0%} of draws add the policy's x̂0 pass), memory with "
-                "that pass" if with_x0 else "expectation")  # fmt: skip
+        note = f"ReFL draws its gradient step k uniformly from {lo}..{T - 1}: FLOPs in expectation"
+        if with_x0:
+            note += f" ({with_x0:.0%} of draws add the policy's x̂0 pass), memory with that pass"
     flops: dict[str, float] = {**base}
     if chain is not None:
         flops[CHAIN] = step_flops * chain

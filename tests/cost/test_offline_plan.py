@@ -47,9 +47,13 @@ def test_an_sd15_preset_plans_offline_as_from_a_folder_of_those_configs(
     # the LCM-LoRA cannot be listed either: said once, and the plan goes on
     assert out.count("lcm-lora-sdv1-5@cf2fced511dbe7e26c8d1d397e728fbab875db4b/"
                      "pytorch_lora_weights.safetensors: not listed") == 1  # fmt: skip
-    # the model itself is not listed either, and the total says it leaves both out
+    # the model itself is not listed either, nor the reward's CLIP (listed with the others,
+    # not on a line of its own), and the total says it leaves all three out
     assert "stable-diffusion-v1-5@451f4fe16113bff5a5d2269ed5ad43b0592e9a14: not listed" in out
-    assert "to download into" in out and "besides the 2 not listed" in out
+    assert "openai/clip-vit-large-patch14@32bd64288804d66eefd0ccbe215aa642df71cc41: not " \
+           "listed" in out  # fmt: skip
+    assert "weights not listed" not in out
+    assert "to download into" in out and "besides the 3 not listed" in out
     # the same trace as from a local folder holding those configs
     folder = write_config_folder("sd15", tmp_path / "sd15")
     argv = ["train", "--preset", "sd15-aesthetic", "--dry-run", "--model", str(folder), *SMALL]

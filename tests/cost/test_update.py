@@ -210,9 +210,9 @@ def test_chain_methods_charge_their_own_chain_and_random_draws_in_expectation(mo
     between its traces at 1 and 2 steps at the mean k."""
     draft = _cfg(model, method="draft")
     traces = trace_update(meta_sd_task(draft, TINY_CLIP, HEAD), draft, batch=2)
-    assert traces.flops["chain without gradient"] == (draft.num_steps - 1) * traces.flops[
-        "sampling"
-    ]
+    assert (
+        traces.flops["chain without gradient"] == (draft.num_steps - 1) * traces.flops["sampling"]
+    )
     assert traces.flops["policy step"] == traces.flops["sampling"]  # one step with gradients
     align = _cfg(model, method="alignprop")
     lined = trace_update(meta_sd_task(align, TINY_CLIP, HEAD), align, batch=2)
