@@ -106,7 +106,7 @@ def dry_run_text(
             text += "\n" + offline
         if cost:  # traced from the configs of the resolved folders (configs only fetched here)
             traced = cfg if model is None else _with_model(cfg, model)
-            traced, lcm_note = _offline_lcm(traced, stack)
+            traced, lcm_note = _offline_lcm(traced, downloads, stack)
             if lcm_note:
                 text += "\n" + lcm_note
             text += "\n" + "\n".join(cost_section(traced, gpu_memory))
@@ -145,22 +145,20 @@ def _model_folder(given: str, stack: contextlib.ExitStack) -> tuple[str, str | N
     return str(folder), note
 
 
-def _offline_lcm(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[TrainConfig, str | None]:
-    """``cfg`` with an sd consistency network that is neither cached nor reachable replaced,
-    for the trace, by the configs sqdf ships for its repository's component (FLUX.1 schnell's
-    transformer), with a line saying so; unchanged otherwise (a network it has no configs for
-    is then not sized, and the cost section says why)."""
+def _offline_lcm(
+    cfg: TrainConfig, planned: list[dict[str, Any]], stack: contextlib.ExitStack
+) -> tuple[TrainConfig, str | None]:
+    """``cfg`` with an sd consistency network the plan could not reach (``planned``: the
+    plan's entries) replaced, for the trace, by the configs sqdf ships for its repository's
+    component (FLUX.1 schnell's transformer), with a line saying so; unchanged otherwise (a
+    network it has no configs for is then not sized, and the cost section says why)."""
     from sqdf.cost.model_configs import read_shipped, shipped_component_for, write_config_folder
 
     given = cfg.task_params.get("lcm") if cfg.task == "sd" else None
-    found = shipped_component_for(str(given)) if given else None
+    unreached = any(e["given"] == given and e.get("unreached") for e in planned)
+    found = shipped_component_for(str(given)) if given and unreached else None
     if found is None:
         return cfg, None
-    try:
-        resolve(str(given), "sd lcm")
-        return cfg, None  # cached, or the Hub answers: the trace reads its own config
-    except OfflineWeightError:
-        pass
     name, sub = found
     folder = write_config_folder(name, stack.enter_context(tempfile.TemporaryDirectory()))
     note = (
