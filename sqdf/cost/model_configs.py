@@ -11,14 +11,16 @@ from typing import Any
 
 from sqdf.errors import ConfigError
 
-MODELS = ("sd15", "sdxl", "sd35m", "sd35l", "fluxdev")
+MODELS = ("sd15", "sdxl", "sd35m", "sd35l", "fluxdev")  # the benchmark's table
+# shipped for the presets' offline plans (FLUX.1-dev's x̂0 network, flux-schnell-aesthetic)
+OTHERS = ("fluxschnell",)
 REWARD_CLIP = "clip-vit-large-patch14"
 
 
 def read_shipped(name: str) -> dict[str, Any]:
     """One shipped config file: ``source``, and the model's components or the CLIP's config."""
-    if name not in (*MODELS, REWARD_CLIP):
-        raise ConfigError(f"no shipped config {name!r}; known: {', '.join(MODELS)}")
+    if name not in (*MODELS, *OTHERS, REWARD_CLIP):
+        raise ConfigError(f"no shipped config {name!r}; known: {', '.join((*MODELS, *OTHERS))}")
     text = resources.files("sqdf.assets").joinpath("model_configs", f"{name}.json").read_text()
     return json.loads(text)
 
@@ -31,10 +33,30 @@ def shipped_for(given: str) -> str | None:
     ref = parse_hub_ref(given)
     if ref is None or ref.path is not None:
         return None
-    for name in MODELS:
-        if read_shipped(name).get("repo", "").lower() == ref.repo.lower():
+    return _shipped_repo(ref.repo)
+
+
+def _shipped_repo(repo: str) -> str | None:
+    for name in (*MODELS, *OTHERS):
+        if read_shipped(name).get("repo", "").lower() == repo.lower():
             return name
     return None
+
+
+def shipped_component_for(given: str) -> tuple[str, str] | None:
+    """(shipped config, component folder) for a Hub reference to a component folder of a
+    repository sqdf ships configs for (``black-forest-labs/FLUX.1-schnell@REV/transformer``),
+    or None."""
+    from sqdf.infra.weights import parse_hub_ref
+
+    ref = parse_hub_ref(given)
+    if ref is None or ref.path is None:
+        return None
+    name = _shipped_repo(ref.repo)
+    sub = ref.path.strip("/")
+    if name is None or sub not in read_shipped(name)["components"]:
+        return None
+    return name, sub
 
 
 def write_config_folder(name: str, dest: str | Path) -> Path:

@@ -15,7 +15,6 @@ from sqdf.cost.model_configs import reward_clip
 from sqdf.cost.parts import meta_sd_task
 from sqdf.cost.update import (
     BLIND_SPOTS,
-    PHASES,
     Traces,
     gpu_peak,
     prompt_encoding_peak,
@@ -132,7 +131,10 @@ def levers(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     # micro-batch, as many in all
     pin = {} if cfg.rollout == "truncated" else {"fresh_trajectories": cfg.fresh_count}
     pin_flag = f" --fresh-trajectories {cfg.fresh_count}" if pin else ""
-    while batch > 1 and batch % 2 == 0:
+    from sqdf.methods import build_method_params, group_size
+
+    unit = group_size(cfg.method, build_method_params(cfg.method, cfg.method_params))
+    while batch > 1 and batch % (2 * unit) == 0:  # a grouped method's batch is whole groups
         batch //= 2
         accum = cfg.grad_accum * cfg.batch_size // batch
         out.append((
@@ -172,31 +174,40 @@ def quantizable(cfg: TrainConfig) -> bool:
 
 
 def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
-    """The dry run's section on what an update costs (sd task, method sqdf: the phases traced
-    are those of ``sqdf_loss``; another method's update calls other networks)."""
+    """The dry run's section on what an update costs (sd task: each method's update as its
+    loss makes its calls, sqdf.cost.update; sqdf's beside the reference design's)."""
     if cfg.task != "sd":
-        return ["cost of an update: traced for task sd only"]
-    if cfg.method != "sqdf":
-        return [f"cost of an update: traced for method sqdf only (this run's is {cfg.method})"]
+        from sqdf.cost.small_tasks import small_task_lines
+
+        return small_task_lines(cfg, gpu_memory)
     traces = trace_run(cfg)
     _, _, reward_note = _reward_parts(cfg)
     design = run_design(cfg)
-    ours, ref = update_flops(traces, cfg, design), update_flops(traces, cfg, "reference")
+    ours = update_flops(traces, cfg, design)
+    # the reference design is SQDF's official trainer: a comparison for method sqdf only
+    ref = update_flops(traces, cfg, "reference") if cfg.method == "sqdf" else None
     dtype = str(meta_dtype(cfg)).removeprefix("torch.")
     lines = [
-        f"cost of one update (traced estimates, not measurements; {dtype}, LoRA, reward "
-        f"traced: {reward_note}):",
-        f"  FLOPs by phase        this run ({design})     reference design",
+        f"cost of one update (traced estimates, not measurements; method {cfg.method}, {dtype}, "
+        f"LoRA, reward traced: {reward_note}):",
+        f"  FLOPs by phase        this run ({design})"
+        + ("     reference design" if ref is not None else ""),
     ]
-    for phase in PHASES:
+    phases = traces.phases()
+    for phase in phases:
+        row = f"    {phase:<22} {ours[phase] / 1e12:>12.2f} TFLOP"
+        lines.append(row + (f" {ref[phase] / 1e12:>12.2f} TFLOP" if ref is not None else ""))
+    total = sum(ours.values())
+    if ref is not None:
+        ref_total = sum(ref.values())
         lines.append(
-            f"    {phase:<18} {ours[phase] / 1e12:>12.2f} TFLOP {ref[phase] / 1e12:>12.2f} TFLOP"
+            f"    {'total':<22} {total / 1e12:>12.2f} TFLOP {ref_total / 1e12:>12.2f} TFLOP "
+            f"(this run: {total / ref_total:.2f} of the reference design)"
         )
-    total, ref_total = sum(ours.values()), sum(ref.values())
-    lines.append(
-        f"    {'total':<18} {total / 1e12:>12.2f} TFLOP {ref_total / 1e12:>12.2f} TFLOP "
-        f"(this run: {total / ref_total:.2f} of the reference design)"
-    )
+    else:
+        lines.append(f"    {'total':<22} {total / 1e12:>12.2f} TFLOP")
+    if traces.note:
+        lines.append(f"    {traces.note}")
     peak = gpu_peak(traces)
     parts = ", ".join(f"{role} {gib(n)}" for role, n in traces.parts.items())
     lines += [
@@ -206,7 +217,7 @@ def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
         f"    LoRA in float32 with its gradient and AdamW moments: {gib(traces.state)}",
         f"    peak of one update: {gib(peak)} (live tensors {gib(traces.peak)} + optimizer "
         f"state); by phase: "
-        + ", ".join(f"{p} {gib(traces.phase_peak.get(p, 0))}" for p in PHASES),
+        + ", ".join(f"{p} {gib(traces.phase_peak.get(p, 0))}" for p in phases),
         f"    while prompts are encoded (every text encoder, before the denoiser is loaded): "
         f"{gib(prompt_encoding_peak(traces))}",
         f"    {BLIND_SPOTS}",

@@ -19,7 +19,17 @@ An update is composed from them by its design (every FLOP count is linear in the
   (fresh_trajectories, else B) into the buffer every N updates, then grad_accum
   micro-batches of B cells drawn from it.
 
-Memory is the peak of live tensors over the three traces, plus the optimizer's float32
+The other methods' gradient micro-batch is traced as their loss makes its calls
+(:func:`method_micro_batch`): DDPO and GRPO (a policy-ratio loss: the policy's step with
+gradients and the reference's without, on stored cells; no reward, x̂0 or decode: the
+reward was read when the batch was scored), and the reward-gradient baselines that run their
+own chain (DRaFT-K, DRaFT+KL, DRaFT-LV, AlignProp, ReFL: the chain's steps without gradients,
+charged to "chain without gradient" at the traced sampling step's count, then the steps with
+gradients, the decode and the reward, and the backward through them). A number of steps drawn
+at random each update (AlignProp's truncation, ReFL's step) is counted in expectation, its
+memory at the largest draw.
+
+Memory is the peak of live tensors over the traces, plus the optimizer's float32
 state of the LoRA; the replay buffer lives in host memory (sqdf.training.dry_run.buffer_bytes).
 Everything here is a traced estimate, not a measurement.
 """
@@ -32,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sqdf.config.train_config import TrainConfig
+from sqdf.core.kl import gaussian_log_prob
 from sqdf.cost.parts import (
     MetaParts,
     linear_weight_bytes,
@@ -45,7 +56,13 @@ from sqdf.sampling.sampler import step_mean_std
 
 TRACED_ESTIMATORS = ("tweedie", "consistency")  # the x̂0 of one network call
 GRADIENT_PHASES = ("policy step", "reference step", "x̂0 model", "VAE decode", "reward", "backward")
-PHASES = ("sampling", "scoring fresh", *GRADIENT_PHASES)
+PHASES = ("sampling", "scoring fresh", *GRADIENT_PHASES)  # SQDF's update
+CHAIN = "chain without gradient"  # a baseline's own chain, run before its steps with gradients
+# every phase a trace charges, in the order an update runs them ("loss": a small task's whole
+# loss, traced as one call)
+ALL_PHASES = ("sampling", "scoring fresh", CHAIN, *GRADIENT_PHASES[:-1], "loss", "backward")
+RATIO_METHODS = ("ddpo", "grpo")  # a policy-ratio loss on stored cells
+CHAIN_METHODS = ("draft", "draft_kl", "draft_lv", "alignprop", "refl")  # own chain, reward grad
 BLIND_SPOTS = (
     "traced on meta tensors, not measured: the peak of live tensors at the run's dtypes, "
     "with attention as a GPU's fused kernel holds it; not seen: the CUDA context (about "
@@ -83,13 +100,22 @@ class Traces:
     text_encoders: int  # weights of the text encoders, held while prompts are encoded
     parts: dict[str, int] = field(default_factory=dict)  # weight bytes by network
     denoiser_linear: int = 0  # bytes of the denoiser's frozen Linear weights
+    method: str = "sqdf"
+    note: str | None = None  # how a method's random draw was counted
+
+    def phases(self) -> tuple[str, ...]:
+        """The phases this method's update runs, in the order they run."""
+        return tuple(p for p in ALL_PHASES if p in self.flops)
 
 
 def trace_update(meta: MetaParts, cfg: TrainConfig, batch: int, step: int = 0) -> Traces:
     """Trace the three pieces of an update at ``batch`` samples, the gradient's cells at step
-    ``step`` (any but the last runs the x̂0 model)."""
+    ``step`` (any but the last runs the x̂0 model); for a method other than sqdf its own
+    gradient micro-batch (:func:`method_micro_batch`)."""
     task = meta.task
-    if task.estimator not in TRACED_ESTIMATORS:
+    if cfg.method not in ("sqdf", *RATIO_METHODS, *CHAIN_METHODS):
+        raise SqdfError(f"the cost trace has no update for method {cfg.method!r}")
+    if cfg.method == "sqdf" and task.estimator not in TRACED_ESTIMATORS:
         raise SqdfError(
             f"the cost trace follows estimators {' and '.join(TRACED_ESTIMATORS)}, not "
             f"{task.estimator!r}"
@@ -114,14 +140,19 @@ def trace_update(meta: MetaParts, cfg: TrainConfig, batch: int, step: int = 0) -
         with torch.no_grad(), tracer.phase("scoring fresh"):
             rewards = task.reward_model(task.reward_input(x), [""] * batch).float()
         del rewards
-        _gradient_micro_batch(task, cfg, tracer, x, k, cond, gen)
+        if cfg.method == "sqdf":
+            _gradient_micro_batch(task, cfg, tracer, x, k, cond, gen)
+            flops, peak, note = dict(tracer.flops), tracer.peak, None
+            phase_peak = dict(tracer.phase_peak)
+        else:
+            flops, peak, phase_peak, note = method_micro_batch(task, cfg, x, cond, tracer)
     weights = weight_bytes(networks)
     parts = {role: weight_bytes([m]) for role, m in meta.networks.items()}
     return Traces(
-        batch=batch, flops=dict(tracer.flops), peak=tracer.peak,
-        phase_peak=dict(tracer.phase_peak), weights=weights,
+        batch=batch, flops=flops, peak=peak, phase_peak=phase_peak, weights=weights,
         state=trainable_state_bytes(meta.trainable), text_encoders=meta.text_encoder_bytes,
-        parts=parts, denoiser_linear=linear_weight_bytes(task.denoiser),
+        parts=parts, denoiser_linear=linear_weight_bytes(task.denoiser), method=cfg.method,
+        note=note,
     )  # fmt: skip
 
 
@@ -159,6 +190,173 @@ def _gradient_micro_batch(task, cfg, tracer, x_t, k, cond, gen) -> None:  # noqa
         p.grad = None
 
 
+def _traced(tracer: UpdateTracer, run) -> tuple[dict[str, float], int, dict[str, int]]:  # noqa: ANN001
+    """FLOPs by phase, the peak and the phases' peaks of ``run(tracer)`` alone: the tracer's
+    counts before it are set aside (its live bytes, the weights, stay counted)."""
+    flops_before, peak_before = dict(tracer.flops), tracer.peak
+    phase_before = dict(tracer.phase_peak)
+    tracer.peak = tracer.live
+    tracer.phase_peak.clear()
+    run(tracer)
+    flops = {p: v - flops_before.get(p, 0) for p, v in tracer.flops.items()
+             if v != flops_before.get(p, 0)}  # fmt: skip
+    out = (flops, tracer.peak, dict(tracer.phase_peak))
+    tracer.peak = max(peak_before, tracer.peak)
+    for p, v in phase_before.items():
+        tracer.phase_peak[p] = max(tracer.phase_peak[p], v)
+    return out
+
+
+def method_micro_batch(
+    task,
+    cfg: TrainConfig,
+    x_t,
+    cond,
+    tracer: UpdateTracer,  # noqa: ANN001
+) -> tuple[dict[str, float], int, dict[str, int], str | None]:
+    """A baseline's gradient micro-batch at the batch of ``x_t``: FLOPs by phase (sampling and
+    scoring fresh from ``tracer``, which traced them), the peak over every trace, the phases'
+    peaks, and a note on how a random draw was counted (None without one)."""
+    from sqdf.methods import build_method_params
+
+    params = build_method_params(cfg.method, cfg.method_params)
+    T = task.kernel.num_steps
+    step_flops = tracer.flops.get("sampling", 0)  # one no-grad policy step at this batch
+    base = {p: tracer.flops.get(p, 0) for p in ("sampling", "scoring fresh")}
+    peaks = [tracer.peak]
+    phase_peak = {p: tracer.phase_peak.get(p, 0) for p in ("sampling", "scoring fresh")}
+    sampling_peak = phase_peak["sampling"]
+
+    def run_all(variants: list[tuple[float, dict]]) -> dict[str, float]:
+        # weighted sum of the traced variants' FLOPs (weights: probabilities, or the
+        # coefficients of a line through two traces)
+        out: dict[str, float] = {}
+        for weight, kw in variants:
+            flops, peak, pp = _traced(
+                tracer, lambda t, kw=kw: _micro(task, cfg, params, x_t, cond, t, **kw)
+            )
+            peaks.append(peak)
+            for p, v in pp.items():
+                phase_peak[p] = max(phase_peak.get(p, 0), v)
+            for p, v in flops.items():
+                out[p] = out.get(p, 0.0) + weight * v
+        return out
+
+    note = None
+    if cfg.method in RATIO_METHODS:
+        grad = run_all([(1.0, {})])
+        chain = None
+    elif cfg.method in ("draft", "draft_kl"):
+        k = min(params.k, T)
+        grad, chain = _steps_line(run_all, k, k, peaks, phase_peak), T - k
+        if k > 2:
+            note = (f"DRaFT's {k} steps with gradients: FLOPs and memory on the line through "
+                    "traces at 1 and 2 steps (each step holds the same tensors; the peaks by "
+                    "phase are the trace's at 2)")  # fmt: skip
+    elif cfg.method == "draft_lv":
+        grad, chain = run_all([(1.0, {"branches": params.lv_samples})]), T
+    elif cfg.method == "alignprop":
+        hi = min(params.k_max or T, T)
+        lo = min(params.k_min, hi)
+        mean_k = (lo + hi) / 2
+        grad, chain = _steps_line(run_all, mean_k, hi, peaks, phase_peak), T - mean_k
+        lined = (
+            ", both on the line through traces at k = 1 and 2 (each step holds the same "
+            "tensors; the peaks by phase are the trace's at 2)"
+        )
+        note = (
+            f"AlignProp draws its truncation k uniformly from {lo}..{hi} each update: FLOPs "
+            f"at the mean k = {mean_k:g}, memory at k = {hi}" + (lined if hi > 2 else "")
+        )
+    else:  # refl: a step k drawn from lo..T-1; below T-1 the policy's x̂0 pass follows
+        lo = min(int(params.min_frac * T), T - 1)
+        with_x0 = (T - 1 - lo) / (T - lo)
+        variants = [(w, {"x0_pass": x0}) for w, x0 in ((with_x0, True), (1 - with_x0, False))
+                    if w > 0]  # fmt: skip
+        grad, chain = run_all(variants), (lo + T - 1) / 2
+        note = f"ReFL draws its gradient step k uniformly from {lo}..{T - 1}: FLOPs in expectation"
+        if with_x0:
+            note += f" ({with_x0:.0%} of draws add the policy's x̂0 pass), memory with that pass"
+    flops: dict[str, float] = {**base}
+    if chain is not None:
+        flops[CHAIN] = step_flops * chain
+        phase_peak[CHAIN] = sampling_peak  # the same no-grad step, one at a time
+    flops |= grad
+    flops.pop("other", None)
+    return flops, max(peaks), phase_peak, note
+
+
+def _steps_line(run_all, mean_k: float, max_k: int, peaks: list[int], phase_peak) -> dict:  # noqa: ANN001
+    """A chain method's micro-batch with ``mean_k`` steps with gradients in FLOPs and
+    ``max_k`` in memory: traced at that count where it is 1 or 2, else on the line through
+    traces at 1 and 2 steps (every step with gradients runs the same calls on tensors of the
+    same shapes, so FLOPs are exactly affine in the count and the saved tensors grow by one
+    step's at each)."""
+    if max_k <= 2 and mean_k == max_k:
+        return run_all([(1.0, {"grad_steps": max_k})])
+    start = len(peaks)
+    one = run_all([(1.0, {"grad_steps": 1})])
+    two = run_all([(1.0, {"grad_steps": 2})])
+    p1, p2 = peaks[start], peaks[start + 1]
+    peaks.append(int(p1 + (max_k - 1) * (p2 - p1)))
+    return {p: one.get(p, 0) + (mean_k - 1) * (two.get(p, 0) - one.get(p, 0))
+            for p in {*one, *two}}  # fmt: skip
+
+
+def _micro(task, cfg, params, x_t, cond, tracer, *, grad_steps=1, branches=1, x0_pass=False):  # noqa: ANN001
+    """One baseline's loss as it makes its calls, then the backward. Arithmetic on values
+    (gaussian_kl's checks, ``.item()`` statistics, random draws) is left out or written as
+    the same arithmetic: meta tensors hold no values."""
+    batch = x_t.shape[0]
+    if cfg.method in RATIO_METHODS:  # clipped_ratio_loss: policy with gradients, reference
+        k = torch.zeros(batch, dtype=torch.long)
+        with tracer.phase("policy step"):
+            mean, std = step_mean_std(task, x_t, k, cond, policy=True)
+        with torch.no_grad(), tracer.phase("reference step"):
+            ref_mean, _ = step_mean_std(task, x_t, k, cond, policy=False)
+        x_next = torch.zeros_like(mean)  # the stored next state
+        logp = gaussian_log_prob(x_next, mean, std)
+        ratio = torch.exp((logp - torch.zeros_like(logp)) / x_next[0].numel())
+        adv = torch.zeros_like(ratio)
+        loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.9, 1.1)).mean()
+        kl = ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).sum(1)
+        loss = loss + kl.mean()
+        del mean, std, ref_mean, x_next, logp, ratio, adv, kl
+    else:  # rollout_with_grad's steps with gradients, the x̂0 (ReFL), decode and reward
+        T = task.kernel.num_steps
+        losses = []
+        for _ in range(branches):
+            x, kl = x_t, torch.zeros(batch, device=x_t.device)
+            for g in range(grad_steps):
+                k = torch.full((batch,), T - grad_steps + g, dtype=torch.long)
+                with tracer.phase("policy step"):
+                    mean, std = step_mean_std(task, x, k, cond, policy=True)
+                with torch.no_grad(), tracer.phase("reference step"):
+                    ref_mean, _ = step_mean_std(task, x, k, cond, policy=False)
+                kl = kl + ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).sum(1)
+                x = mean + std * torch.zeros_like(mean)
+                del mean, std, ref_mean
+            if x0_pass:  # ReFL: the policy's own one-step x̂0 from the state reached
+                state = torch.full((batch,), T - 1, dtype=torch.long)
+                with tracer.phase("x̂0 model"):
+                    out = task.model_output(x, task.model_time(state, x), cond, policy=True)
+                    x = task.kernel.x0(out, x, state)
+                del out
+            with tracer.phase("VAE decode"):
+                images = task.reward_input(x)
+            with tracer.phase("reward"):
+                reward = task.reward_model(images, [""] * batch).float()
+            losses.append((-reward + cfg.alpha * kl).mean())
+            del x, images, reward, kl
+        loss = torch.stack(losses).mean()
+        del losses
+    with tracer.phase("backward"):
+        loss.backward()
+    del loss
+    for p in task.denoiser.parameters():
+        p.grad = None
+
+
 def expected_steps(num_steps: int, cells: int) -> float:
     """Sampling steps a truncated trajectory runs: the largest of ``cells`` distinct steps
     drawn uniformly from 0..T-1, in expectation (m (T + 1) / (m + 1) - 1)."""
@@ -170,7 +368,7 @@ def update_flops(traces: Traces, cfg: TrainConfig, design: str) -> dict[str, flo
     settings = design_settings(design)
     if settings is None:
         raise ValueError(f"unknown design {design!r}")
-    per = {name: traces.flops.get(name, 0) / traces.batch for name in PHASES}  # per sample
+    per = {name: traces.flops.get(name, 0) / traces.batch for name in ALL_PHASES}  # per sample
     b, T = cfg.batch_size, cfg.num_steps
     m = settings.get("cells_per_trajectory", 1)
     if settings["rollout"] == "truncated":
@@ -187,7 +385,7 @@ def update_flops(traces: Traces, cfg: TrainConfig, design: str) -> dict[str, flo
         sampled, scored = fresh * T, fresh
         cells = cfg.grad_accum * b
     out = {"sampling": per["sampling"] * sampled, "scoring fresh": per["scoring fresh"] * scored}
-    out |= {name: per[name] * cells for name in GRADIENT_PHASES}
+    out |= {name: per[name] * cells for name in traces.phases() if name not in out}
     return out
 
 

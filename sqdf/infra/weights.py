@@ -267,12 +267,16 @@ def resolve(given: str, what: str, *, half: bool = False, configs_only: bool = F
     key = (given, half, configs_only, str(pinned), hub_cache())
     if _PLAN is None and key in _PATHS and Path(_PATHS[key]).exists():
         return _PATHS[key]  # a config is checked more than once; the Hub is asked once
-    with _one_line(pinned, what):
-        path = (
-            _resolve_file(given, pinned)
-            if pinned.is_file
-            else _resolve_folder(given, pinned, half, configs_only)
-        )
+    try:
+        with _one_line(pinned, what):
+            path = (
+                _resolve_file(given, pinned)
+                if pinned.is_file
+                else _resolve_folder(given, pinned, half, configs_only)
+            )
+    except OfflineWeightError as err:
+        err.given = given  # what a plan lists it by
+        raise
     if _PLAN is None:
         _PATHS[key] = path
         record = _RESOLVED[given]
@@ -740,7 +744,10 @@ class MissingWeightError(ConfigError):
 
 
 class OfflineWeightError(ConfigError):
-    """A Hub weight neither cached nor downloadable (offline)."""
+    """A Hub weight neither cached nor downloadable (offline). ``given``: the reference as
+    it was given to :func:`resolve`, so that a plan can list it as not listed."""
+
+    given: str | None = None
 
 
 # ---- single files: checksums, torch pickles, their safetensors conversion -------------------

@@ -97,12 +97,18 @@ def dry_run_text(
             try:
                 build_reward(reward, cfg.reward_params)
             except OfflineWeightError as err:  # the run itself will say so; a plan goes on
-                unlisted = str(err)
+                if err.given is not None:  # listed and counted with the plan's others
+                    plan_unreached(err.given, err)
+                else:
+                    unlisted = str(err)
         text = _settings_text(resolved, p, processes, model)
         if offline:
             text += "\n" + offline
         if cost:  # traced from the configs of the resolved folders (configs only fetched here)
             traced = cfg if model is None else _with_model(cfg, model)
+            traced, lcm_note = _offline_lcm(traced, downloads, stack)
+            if lcm_note:
+                text += "\n" + lcm_note
             text += "\n" + "\n".join(cost_section(traced, gpu_memory))
     if downloads:
         text += "\nweights (Hub references; sizes from the Hub's file metadata or the cache):\n"
@@ -137,6 +143,31 @@ def _model_folder(given: str, stack: contextlib.ExitStack) -> tuple[str, str | N
         "which names their source), not from the revision itself"
     )
     return str(folder), note
+
+
+def _offline_lcm(
+    cfg: TrainConfig, planned: list[dict[str, Any]], stack: contextlib.ExitStack
+) -> tuple[TrainConfig, str | None]:
+    """``cfg`` with an sd consistency network the plan could not reach (``planned``: the
+    plan's entries) replaced, for the trace, by the configs sqdf ships for its repository's
+    component (FLUX.1 schnell's transformer), with a line saying so; unchanged otherwise (a
+    network it has no configs for is then not sized, and the cost section says why)."""
+    from sqdf.cost.model_configs import read_shipped, shipped_component_for, write_config_folder
+
+    given = cfg.task_params.get("lcm") if cfg.task == "sd" else None
+    unreached = any(e["given"] == given and e.get("unreached") for e in planned)
+    found = shipped_component_for(str(given)) if given and unreached else None
+    if found is None:
+        return cfg, None
+    name, sub = found
+    folder = write_config_folder(name, stack.enter_context(tempfile.TemporaryDirectory()))
+    note = (
+        f"lcm: {given} is not in the Hub cache and the Hub cannot be reached; traced from the "
+        f"configs sqdf ships for {read_shipped(name)['repo']} "
+        f"(sqdf/assets/model_configs/{name}.json, its {sub}/)"
+    )
+    params = {**cfg.task_params, "lcm": str(folder / sub)}
+    return dataclasses.replace(cfg, task_params=params), note
 
 
 def _settings_text(resolved: Resolved, p: dict[str, Any], processes: int, model: str | None) -> str:

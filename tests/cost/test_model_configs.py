@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sqdf.cost.model_configs import MODELS, read_shipped, write_config_folder
+from sqdf.cost.model_configs import MODELS, OTHERS, read_shipped, write_config_folder
 from sqdf.cost.parts import made_on_meta
 from sqdf.errors import ConfigError
 from sqdf.tasks.sd_family import FAMILIES, family_of
@@ -32,13 +32,14 @@ def _denoiser_params(name: str) -> int:
         ("sd35m", 2.5e9, 0.12),
         ("sd35l", 8.1e9, 0.05),  # "8.1 billion parameters" (the SD 3.5 Large model card)
         ("fluxdev", 12e9, 0.02),  # "12 billion parameter" (the FLUX.1-dev model card)
+        ("fluxschnell", 12e9, 0.02),  # "12 billion parameter" (the FLUX.1-schnell model card)
     ],
 )
 def test_shipped_denoisers_have_the_published_size(name, params, tolerance):
     assert _denoiser_params(name) == pytest.approx(params, rel=tolerance)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", (*MODELS, *OTHERS))
 def test_shipped_configs_are_folders_the_sd_task_reads(name, tmp_path):
     folder = write_config_folder(name, tmp_path / name)
     assert family_of(folder).pipeline == read_shipped(name)["model_index"]["_class_name"]

@@ -165,3 +165,54 @@ def test_the_vae_is_traced_in_float32_where_the_task_upcasts_it(tmp_path):
     traces = trace_update(meta, cfg, batch=2)
     vae = meta.task.vae
     assert traces.parts["VAE decoder"] == 4 * sum(p.numel() for p in vae.parameters())
+
+
+def test_a_grpo_update_counts_the_passes_it_is_built_from(model):
+    """GRPO's update against an independent count: FlopCounterMode over the policy's guided
+    pass with gradients, its backward alone, and the reference's guided pass; composed as
+    the trainer runs it (fresh_count trajectories of T sampled steps and one scoring every
+    replay_ratio updates, grad_accum micro-batches of B cells)."""
+    cfg = _cfg(model, method="grpo", buffer="on_policy", grad_accum=3,
+               method_params={"group_size": 2})  # fmt: skip
+    meta = meta_sd_task(cfg, TINY_CLIP, HEAD)
+    traces = trace_update(meta, cfg, batch=2)
+    net, task = meta.task.denoiser, meta.task
+    x = torch.zeros(4, *task.sample_shape, device="meta", dtype=task.dtype)  # CFG: 2B rows
+    t = torch.zeros(4, device="meta")
+    text = torch.zeros(4, 77, 32, device="meta", dtype=task.dtype)
+    with adapters_disabled(net), torch.no_grad():
+        reference = _direct_flops(lambda: net(x, t, encoder_hidden_states=text))
+    with FlopCounterMode(display=False) as counter, fused_attention():
+        out = net(x, t, encoder_hidden_states=text).sample
+        policy = counter.get_total_flops()
+        out.float().sum().backward()
+    backward = counter.get_total_flops() - policy
+    for p in net.parameters():
+        p.grad = None
+    assert traces.phases() == ("sampling", "scoring fresh", "policy step", "reference step",
+                               "backward")  # fmt: skip
+    assert traces.flops["policy step"] == policy
+    assert traces.flops["reference step"] == reference
+    assert traces.flops["backward"] == backward  # through the policy's pass alone
+    b, T, accum = 2, cfg.num_steps, 3
+    flops = update_flops(traces, cfg, "replay1")
+    # fresh_count = B trajectories of T steps, each step the guided pass per trajectory
+    assert flops["sampling"] == pytest.approx(b * T * policy / b)
+    assert flops["policy step"] + flops["reference step"] + flops["backward"] == pytest.approx(
+        accum * (policy + reference + backward)
+    )
+    assert "x̂0 model" not in flops and "VAE decode" not in flops
+
+
+def test_chain_methods_charge_their_own_chain_and_random_draws_in_expectation(model):
+    """AlignProp's truncation k ~ U{1..T}: in expectation k steps with gradients (each the
+    policy's guided pass, as many FLOPs as a sampling step's) after T - k steps of its own
+    chain without them; its memory at k = T, past the traces at 1 and 2 steps."""
+    cfg = _cfg(model, method="alignprop")
+    traces = trace_update(meta_sd_task(cfg, TINY_CLIP, HEAD), cfg, batch=2)
+    step, T = traces.flops["sampling"], cfg.num_steps
+    mean_k = (1 + T) / 2
+    assert traces.flops["policy step"] == pytest.approx(mean_k * step)
+    assert traces.flops["chain without gradient"] == pytest.approx((T - mean_k) * step)
+    assert traces.peak > max(traces.phase_peak.values())  # the line's, at k = T
+    assert "memory at k = 10" in traces.note
