@@ -35,8 +35,6 @@ declare -A EXPERIMENTS=(
     # the same two comparisons on the rectified-flow path (the flow SDE kernel, noise level 0.7)
     [gmm2d-flow-quadratic]="--task gmm2d --methods $ALL --seeds 3 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --set 'task_params={process=\"flow\"}'"
     [gmm2d-flow-linear]="--task gmm2d --methods $ALL --seeds 3 --set 'task_params={process=\"flow\"}'"
-    # each method over its own regularisation, against the exact reward-KL frontier
-    # (draft and alignprop diverge on the unbounded linear reward: gmm2d-linear; they are on the well)
     # the flow path's gap, one factor at a time from gmm2d-flow-quadratic's sqdf row (tweedie,
     # noise level 0.7, 50 steps, gamma 1, 300 updates) toward the setting that lands
     # (one table of their rows, docs/results/gmm2d-flow-gap/: .venv/bin/python scripts/flow_gap_table.py)
@@ -52,6 +50,8 @@ declare -A EXPERIMENTS=(
     [gmm2d-flow-gap-full-noise-200]="--task gmm2d --methods sqdf --seeds 3 --set reward=quadratic --set gamma=1.0 --set 'task_params={process=\"flow\", noise_level=1.4142135623730951}' --set num_steps=200 --sweep estimator=exact,tweedie"
     # the setting that lands (the preset gmm2d-exact on the flow path at noise level sqrt 2), on this well
     [gmm2d-flow-gap-preset]="--task gmm2d --methods sqdf --seeds 1 --preset gmm2d-exact --set reward=quadratic --task-param process=flow --task-param noise_level=1.4142135623730951"
+    # each method over its own regularisation, against the exact reward-KL frontier
+    # (draft and alignprop diverge on the unbounded linear reward: gmm2d-linear; they are on the well)
     [gmm2d-frontier]="--task gmm2d --frontier --methods sqdf,draft_kl,best_of_n --seeds 2"
     [gmm2d-quadratic-frontier]="--task gmm2d --frontier --methods sqdf,draft_kl,draft,grpo,best_of_n --seeds 2 --set reward=quadratic --set gamma=1.0 --set estimator=tweedie --frontier-values sqdf=8,2,0.5 --frontier-values draft_kl=8,2,0.5"
     # the same at gamma 1 with the exact soft value: the frontier SQDF reaches without Q error
