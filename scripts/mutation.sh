@@ -65,9 +65,12 @@ if [ -n "${MUTATION_SAMPLE:-}" ]; then
     [ -d mutants ] || nice -n 15 "$py" .mutation_sample.py generate >/dev/null
     skip=()
     [ -n "${MUTATION_SKIP:-}" ] && skip=(--skip "$(cd "$root" && realpath "$MUTATION_SKIP")")
+    # a command substitution, not `< <(...)`: set -e then stops here when the draw fails (bad
+    # N, a part with no mutants, nothing left), instead of `mutmut run` with no names (all)
     # shellcheck disable=SC2086
-    mapfile -t names < <("$py" .mutation_sample.py draw "$MUTATION_SAMPLE" \
-        "${MUTATION_SEED:-39}" $paths "${skip[@]}")
+    drawn="$("$py" .mutation_sample.py draw "$MUTATION_SAMPLE" "${MUTATION_SEED:-39}" \
+        $paths "${skip[@]}")"
+    mapfile -t names <<<"$drawn"
     printf '%s\n' "${names[@]}" >"batch-${MUTATION_SEED:-39}.txt"
     echo "sampled ${#names[@]} mutants (listed in $work/batch-${MUTATION_SEED:-39}.txt)" >&2
 fi

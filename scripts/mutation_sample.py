@@ -26,6 +26,7 @@ import math
 import random
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 Z95 = 1.959963984540054
 
@@ -137,7 +138,44 @@ def score(parts: list[str], batches: list[set[str]] | None) -> None:
         )
 
 
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit 2 (no traceback)."""
+    print(f"mutation_sample.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def count(text: str, what: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        fail(f"{what} must be an integer, got {text!r}")
+    if value < least:
+        fail(f"{what} must be >= {least}, got {value}")
+    return value
+
+
+def known_parts(parts: list[str]) -> None:
+    """Every part names some mutated file of mutants/ (a misspelt part would score nothing)."""
+    if not parts:
+        fail("no PART given")
+    sources = {source for source, _ in verdicts().values()}
+    if not sources:
+        fail(f"no mutants under {Path('mutants').resolve()}: run from mutmut's work folder")
+    for part in parts:
+        if not any(part_of(source, [part]) for source in sources):
+            fail(f"part {part!r} matches no mutated file of mutants/")
+
+
+def names_in(path: str) -> set[str]:
+    try:
+        return set(Path(path).read_text().split())
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+
+
 def main(argv: list[str]) -> None:
+    if not argv:
+        fail("no command: generate, draw or score")
     command, rest = argv[0], argv[1:]
     if command == "generate":
         generate()
@@ -145,18 +183,30 @@ def main(argv: list[str]) -> None:
         skip: set[str] = set()
         if "--skip" in rest:
             i = rest.index("--skip")
-            skip = set(Path(rest[i + 1]).read_text().split())
+            if i + 1 >= len(rest):
+                fail("--skip needs a FILE")
+            skip = names_in(rest[i + 1])
             rest = rest[:i] + rest[i + 2 :]
-        print("\n".join(draw(int(rest[0]), int(rest[1]), rest[2:], skip)))
+        if len(rest) < 3:
+            fail("draw needs N SEED PART...")
+        n, seed = count(rest[0], "N", 1), count(rest[1], "SEED", 0)
+        known_parts(rest[2:])
+        picked = draw(n, seed, rest[2:], skip)
+        if not picked:
+            fail("every mutant of these parts has a verdict or is skipped: nothing to draw")
+        print("\n".join(picked))
     elif command == "score":
         batches = None
         if "--batches" in rest:  # --batches FILE... --parts PART...
+            if "--parts" not in rest:
+                fail("--batches FILE... needs --parts PART... after it")
             i, j = rest.index("--batches"), rest.index("--parts")
-            batches = [set(Path(f).read_text().split()) for f in rest[i + 1 : j]]
+            batches = [names_in(f) for f in rest[i + 1 : j]]
             rest = rest[j + 1 :]
+        known_parts(rest)
         score(rest, batches)
     else:
-        raise SystemExit(f"unknown command {command!r}: generate, draw or score")
+        fail(f"unknown command {command!r}: generate, draw or score")
 
 
 if __name__ == "__main__":
