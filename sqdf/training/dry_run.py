@@ -15,7 +15,7 @@ from sqdf.config.train_config import TrainConfig, config_fields
 from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
 from sqdf.errors import SqdfError
 from sqdf.infra.weights import OfflineWeightError, plan_text, plan_unreached, planning, resolve
-from sqdf.methods import METHODS
+from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import build_reward
 from sqdf.run.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name, sample_shape
@@ -60,6 +60,9 @@ def plan(resolved: Resolved, processes: int = 1, model: str | None = None) -> di
     resolved already (else the sizes resolve the run's own ``model``)."""
     cfg = resolved.config()
     check_method_takes_reward(cfg)
+    # the method's own settings, refused as the run refuses them (else the cost trace, which
+    # builds them too, would only say it could not trace them)
+    build_method_params(cfg.method, cfg.method_params)
     sized = cfg if model is None else _with_model(cfg, model)
     shape = sample_shape(sized)
     dims = math.prod(shape)
