@@ -45,6 +45,9 @@ def _part_bytes(modules: dict[str, nn.Module]) -> dict[str, int]:
     return out
 
 
+RANDOM_CHAIN = ("alignprop", "refl")  # methods whose loss draws how many steps it runs
+
+
 def trace_small(cfg: TrainConfig) -> Traces:
     """FLOPs by phase (sampling, scoring fresh, the method's loss, its backward) of one
     sampling step, one scoring and one gradient micro-batch at the run's micro-batch, and the
@@ -119,6 +122,12 @@ def small_task_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
         "state); by phase: "
         + ", ".join(f"{p} {gib(traces.phase_peak.get(p, 0))}" for p in SMALL_PHASES),
     ]
+    if cfg.method in RANDOM_CHAIN:
+        # the loss is traced as it runs, once: its chain length is the one drawn here
+        lines.append(
+            f"  note: {cfg.method} draws its chain's length at random each update; this is one "
+            "draw (generator seed 0), neither the mean nor the largest"
+        )
     if gpu_memory is None:
         lines.append("  fit: no --gpu-memory given and no GPU detected")
         return lines
