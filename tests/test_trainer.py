@@ -267,8 +267,10 @@ def test_the_loss_scaler_unscales_before_the_clip_and_skips_an_overflow():
     assert scaler.get_scale() == 512.0
 
 
-def test_a_step_ends_a_run_of_skipped_updates():
-    # max_skips counts skips in a row: a step between them starts the count again
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_step_ends_a_run_of_skipped_updates(scaled):
+    # max_skips counts skips in a row: a step between them starts the count again, whether
+    # the optimizer steps itself or a loss scaler (float16's path, on the CPU) steps it
     from types import SimpleNamespace
 
     from sqdf.errors import DivergedError
@@ -278,13 +280,15 @@ def test_a_step_ends_a_run_of_skipped_updates():
 
     w = torch.nn.Parameter(torch.tensor([1.0]))
     opt = torch.optim.SGD([w], lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaled else None
     s = SimpleNamespace(
-        cfg=TrainConfig(max_grad_norm=0.0, max_skips=2), scaler=None, procs=Processes("cpu"),
+        cfg=TrainConfig(max_grad_norm=0.0, max_skips=2), scaler=scaler, procs=Processes("cpu"),
         params=[w], optimizer=opt, counters={"skipped_updates": 0}, consecutive_skips=0, ema=None,
     )  # fmt: skip
     apply_update(s, Gradients(skip=True, cause="a test's skip"), torch.zeros(4))
     assert s.consecutive_skips == 1
-    (2 * w).sum().backward()
+    loss = (2 * w).sum()  # gradient 2, unscaled before the step
+    (scaler.scale(loss) if scaled else loss).backward()
     apply_update(s, Gradients(), torch.zeros(4))
     assert s.consecutive_skips == 0 and w.item() == pytest.approx(0.0)
     apply_update(s, Gradients(skip=True, cause="a test's skip"), torch.zeros(4))

@@ -5,6 +5,8 @@ lv_samples times."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from sqdf import TrainConfig
@@ -38,16 +40,49 @@ def _counted(method):
 
 def test_refl_runs_its_chain_to_the_drawn_step_and_predicts_x0_from_there():
     cfg, task, cells, passes = _counted("refl")
-    T = cfg.num_steps
-    for seed in range(12):
+    T, n = cfg.num_steps, cells.cond.shape[0]
+    real, calls, rewarded, ends = task.model_output, [], [], set()
+
+    def recorded(x, times, cond, *, policy):
+        out = real(x, times, cond, policy=policy)
+        calls.append((policy, x.detach(), times, out.detach()))
+        return out
+
+    task.model_output = recorded
+    reward = task.reward
+    task.reward = lambda x, cond: rewarded.append(x.detach()) or reward(x, cond)
+    for seed in range(6):  # k = 2, 1, 0, 4, 4, 5
         passes.append(0)
+        calls.clear()
+        rewarded.clear()
         refl_loss(task, cells, cfg, ReflParams(min_frac=0.0), torch.Generator().manual_seed(seed))
+        policy = [c for c in calls if c[0]]
+        # by definition step j takes state j to state j + 1, so the policy's j-th pass reads
+        # state j: the chain's passes at states 0..k, then x̂0's at state k + 1, the state the
+        # k + 1 steps reached
+        for j, (_, _, times, _) in enumerate(policy):
+            assert torch.equal(times, task.model_time(torch.full((n,), j), times))
+        if not calls[-1][0]:  # the gradient step's reference pass ends it: k = T - 1, no x̂0
+            assert len(policy) == T
+            ends.add(T)
+            continue
+        # x̂0 is the one-step prediction from state k + 1, where the reward is read
+        _, x, _, out = policy[-1]
+        k1 = len(policy) - 1
+        assert 1 <= k1 <= T - 1
+        x0 = task.kernel.x0(out, x, torch.full((n,), k1))
+        assert torch.allclose(rewarded[-1], x0, rtol=1e-5, atol=1e-6)
+        ends.add(k1)
     # the step k is drawn from 0..T-1: k + 1 steps, and one more pass for x̂0 unless k = T - 1
     assert set(passes) <= set(range(2, T + 1)) and len(set(passes)) > 2
+    assert T in ends and len(ends) > 2  # the chain's end and several x̂0 states were seen
 
 
 def test_draft_lv_redoes_only_the_last_step():
     cfg, task, cells, passes = _counted("draft_lv")
+    # conditions that differ from cell to cell (gmm2d's own are all 0, which any zero tensor
+    # would match); gmm2d's model and reward ignore them, so only their passing is checked
+    cells = dataclasses.replace(cells, cond=torch.tensor([3, 0, 2, 1]))
     conds, reward = [], task.reward
     task.reward = lambda x, cond: conds.append(cond) or reward(x, cond)
     passes.append(0)

@@ -310,12 +310,21 @@ def test_the_gradient_phase_takes_the_planned_cells_and_weighs_each_kept_cell_th
             phase="", optimizer=SimpleNamespace(zero_grad=task.policy.zero_grad),
         )  # fmt: skip
 
+    # the cells from the config alone: cell_order random draws, per micro-batch, batch_size
+    # positions in the newest 16 trajectories, then their steps in 0..T-1 (timestep_fraction
+    # 1), from the run's generator; grad_accum micro-batches
+    g = torch.Generator().manual_seed(4)
+    drawn = []
+    for _ in range(cfg.grad_accum):
+        drawn.append(torch.randint(0, 16, (cfg.batch_size,), generator=g))
+        torch.randint(0, cfg.num_steps, (cfg.batch_size,), generator=g)
     plan = planned_cells(run(), gather_newest(buf, params))
+    assert [position.tolist() for position, _ in plan.cells] == [d.tolist() for d in drawn]
     state = torch.get_rng_state()
     grads = accumulate_gradients(run(), Fresh())
     assert torch.equal(torch.get_rng_state(), state)  # the plan drew from the run's generator
     adv = their_advantages([i // 4 for i in range(16)], rewards.tolist(), global_std=False)
-    kept = [adv[int(p)] for position, _ in plan.cells for p in position if adv[int(p)] != 0]
+    kept = [adv[int(p)] for position in drawn for p in position if adv[int(p)] != 0]
     assert grads.loss == pytest.approx(-sum(kept) / len(kept), rel=1e-5, abs=1e-6)
     assert 0 < grads.stats["kl_mean"] < 10  # the micro-batches' mean KL (policy != reference)
 

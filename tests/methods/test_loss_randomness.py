@@ -46,10 +46,11 @@ def test_a_loss_draws_only_from_the_generator_it_is_given(method, params, estima
     state = torch.get_rng_state()
     losses = [
         METHODS[method].loss(task, cells, cfg, settings, torch.Generator().manual_seed(s))[0].item()
-        for s in (2, 2)
+        for s in (2, 2, 3)
     ]
     assert torch.equal(torch.get_rng_state(), state)  # the global generator was not drawn from
     assert losses[0] == losses[1]
+    assert losses[0] != losses[2]  # and it draws from it: another seed, another loss
 
 
 def test_grpos_sweep_draws_only_from_its_generator():

@@ -4,6 +4,7 @@ estimate is positive, asked for by itself or by a task's reference_compat."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sqdf.methods.sqdf import SqdfParams, sqdf_loss
@@ -45,13 +46,26 @@ def test_the_soft_q_is_read_at_the_policys_step_drawn_with_gaussian_noise():
 
 
 def test_the_positive_reward_mask_keeps_only_cells_with_a_positive_soft_q():
-    # the quadratic reward is <= 0 everywhere: masked, nothing is left and the loss is 0
+    # soft-Q estimates of each sign, 0 among them: the reference code keeps a cell's loss, its
+    # KL included, only where the reward is positive (docs/reproducing.md row 8), so 0 is
+    # dropped; the loss is averaged over all cells, the dropped ones counted as 0
     cfg, task = _task()
-    cells = _cells(8, 2)
+    n, step = 8, 2
+    cells = _cells(n, step)
+    q = torch.tensor([1.5, 0.0, -0.7, 0.4, 0.0, -2.0, 3.0, -0.1])
+    task.soft_q = lambda x, *rest: q + 0 * x.sum(1)
+    with torch.no_grad():
+        mean, std = step_mean_std(task, cells.x_t, cells.step, cells.cond, policy=True)
+        ref, _ = step_mean_std(task, cells.x_t, cells.step, cells.cond, policy=False)
+    kl = ((mean - ref) ** 2).sum(1) / (2 * std.reshape(-1) ** 2)  # the definition, per cell
+    assert bool((kl > 1e-6).all())  # a dropped cell drops a nonzero KL term
+    per_cell = -cfg.gamma ** (cfg.num_steps - 1 - step) * q + cfg.alpha * kl
+    keep = torch.tensor([1.0, 0, 0, 1, 0, 0, 1, 0])  # q > 0, written out
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     plain, _ = sqdf_loss(task, cells, cfg, SqdfParams(), g())
     masked, _ = sqdf_loss(task, cells, cfg, SqdfParams(positive_reward_mask=True), g())
-    assert float(plain) != 0 and float(masked) == 0
+    assert plain.item() == pytest.approx(float(per_cell.mean()), rel=1e-5)
+    assert masked.item() == pytest.approx(float((per_cell * keep).sum() / n), rel=1e-5)
     task.reference_compat = True
     compat, _ = sqdf_loss(task, cells, cfg, SqdfParams(), g())
-    assert float(compat) == 0
+    assert compat.item() == pytest.approx(masked.item(), rel=1e-6)
