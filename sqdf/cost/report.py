@@ -23,6 +23,7 @@ from sqdf.cost.update import (
     update_flops,
 )
 from sqdf.errors import ConfigError
+from sqdf.tasks import resolved_reward_name
 
 # What the trace cannot see, set aside before a verdict: the CUDA context torch creates on
 # the device (about 0.5 GiB, more with cuDNN/cuBLAS workspaces loaded), and a share of the
@@ -173,15 +174,25 @@ def quantizable(cfg: TrainConfig) -> bool:
     )
 
 
-def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
+def cost_lines(
+    cfg: TrainConfig, gpu_memory: int | None, reward_for: str | None = None
+) -> list[str]:
     """The dry run's section on what an update costs (sd task: each method's update as its
-    loss makes its calls, sqdf.cost.update; sqdf's beside the reference design's)."""
+    loss makes its calls, sqdf.cost.update; sqdf's beside the reference design's).
+    ``reward_for``: what the update really scores with where it is not the task's reward
+    (sqdf bbo's proxy): the task's reward is traced standing in for it, and the section says so."""
     if cfg.task != "sd":
         from sqdf.cost.small_tasks import small_task_lines
 
-        return small_task_lines(cfg, gpu_memory)
+        lines = small_task_lines(cfg, gpu_memory)
+        if reward_for:
+            stand_in = f"the task's reward {resolved_reward_name(cfg)!r}"
+            lines.insert(1, f"  reward traced: {stand_in} standing in for {reward_for}")
+        return lines
     traces = trace_run(cfg)
     _, _, reward_note = _reward_parts(cfg)
+    if reward_for:
+        reward_note += f", standing in for {reward_for}"
     design = run_design(cfg)
     ours = update_flops(traces, cfg, design)
     # the reference design is SQDF's official trainer: a comparison for method sqdf only
