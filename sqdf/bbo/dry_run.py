@@ -1,12 +1,17 @@
 """``sqdf bbo --dry-run``: what an experiment would do, without sampling, querying or training.
 The BBO settings with their sources, then one fine-tuning round's settings, cost and fit as
-``sqdf train --dry-run`` reports them (its own report, reused), with the proxy's reward."""
+``sqdf train --dry-run`` reports them (its own report, reused), the update scored by the
+proxy."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqdf.bbo.config import BboConfig, bbo_fields
 from sqdf.bbo.experiment import check_experiment
 from sqdf.bbo.loop import BBO_METHODS, round_config
+from sqdf.bbo.proxy import ProxyEnsemble, ProxyReward
+from sqdf.cost.report import RewardSwap
 from sqdf.config.train_config import config_fields
 from sqdf.run.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name
@@ -43,18 +48,29 @@ def _round_resolved(resolved: Resolved, bbo: BboConfig, method: str) -> Resolved
 FEATURES = {
     "gmm2d": "the raw coordinates",
     "digits": "the digit evaluator's penultimate activations",
-    "sd": "the image embeddings of the reward's CLIP",
+    "sd": "the CLIP image embeddings",
 }  # sqdf.bbo.proxy.feature_map's
 
 
-def _proxy_text(bbo: BboConfig, task: str) -> str:
-    """The proxy an update scores with, for the cost section's reward line."""
+def proxy_swap(bbo: BboConfig, task: str) -> RewardSwap:
+    """The proxy a fine-tuning update scores with, built on meta over the traced reward's
+    CLIP as ``feature_map`` builds it over the task reward's (fitted weights or not, its calls
+    and sizes are the same)."""
     draw = "one member drawn a round" if bbo.optimism == "sample" else f"UCB, kappa {bbo.kappa:g}"
-    same = ": the same CLIP pass, another small head" if task == "sd" else ""
-    return (
+    label = (
         f"the BBO proxy ({bbo.ensemble_size} one-hidden-layer MLPs of {bbo.proxy_hidden} units "
-        f"on {FEATURES.get(task, 'the task features')}, {draw}{same})"
+        f"on {FEATURES.get(task, 'the task features')}, {draw})"
     )
+
+    def build(reward: Any) -> ProxyReward:
+        clip = reward.clip_model
+        dim = int(clip.model.config.projection_dim)
+        ensemble = ProxyEnsemble(dim, bbo.ensemble_size, bbo.proxy_hidden).to("meta")
+        ensemble.requires_grad_(False)  # fitted, then frozen: gradients flow through it only
+        member = 0 if bbo.optimism == "sample" else None
+        return ProxyReward(bbo.kappa, member, ensemble, clip.image_features)
+
+    return RewardSwap(label, build)
 
 
 def bbo_dry_run_text(
@@ -92,7 +108,8 @@ def bbo_dry_run_text(
         f"fine-tuning: after each round but the last, {fine_tuned} x {bbo.updates_per_round} "
         f"= {fine_tuned * bbo.updates_per_round:,} updates per method and seed; the proxy "
         f"refitted each time on every query so far ({bbo.ensemble_size} members x "
-        f"{bbo.proxy_steps} full-batch Adam steps)",
+        f"{bbo.proxy_steps} full-batch Adam steps; that fit, the features it reads and the "
+        "round's sampling are not in the cost below)",
     ]
     named = []
     for m in methods:
@@ -110,20 +127,20 @@ def bbo_dry_run_text(
         return "\n".join(lines) + "\n" + dry_run_text(resolved, processes, gpu_memory, cost=False)
     method = trained[0]
     spec = BBO_METHODS[method]
-    others = ", ".join(trained[1:])
+    also = f" (another method's: --methods NAME --dry-run; here {', '.join(trained[1:])})"
     lines.append(
         f"each fine-tuning round of {method} is this sqdf train run"
-        + (f" (--methods {trained[1]} --dry-run shows {others}'s)" if others else "")
+        + (also if len(trained) > 1 else "")
         + ":"
     )
-    reward_for = _proxy_text(bbo, base.task) if spec.proxy else None
+    swap = proxy_swap(bbo, base.task) if spec.proxy else None
     title = f"{method}'s rounds (value, from):"
     round_text = dry_run_text(
         _round_resolved(resolved, bbo, method),
         processes,
         gpu_memory,
         title=title,
-        reward_for=reward_for,
+        swap=swap,
     )
     return "\n".join(lines) + "\n" + round_text
 

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import math
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from sqdf.rewards import build_reward
 from sqdf.run.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name, sample_shape
 from sqdf.training.start import alpha_note, check_method_takes_reward
+
+if TYPE_CHECKING:
+    from sqdf.cost.report import RewardSwap
 
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per stored value
 
@@ -89,13 +92,13 @@ def dry_run_text(
     cost: bool = True,
     *,
     title: str = "sqdf train --dry-run: nothing is trained; the run would use (value, from)",
-    reward_for: str | None = None,
+    swap: RewardSwap | None = None,
 ) -> str:
     """The dry run's report: ``title``, every setting with the layer it came from, then the
     sizes, (``cost``) what one update costs with a fit verdict against ``gpu_memory`` bytes,
     then the weights the run would download (of Hub references: configs only are fetched
-    here). ``reward_for``: what the run's update scores with instead of the task's reward
-    (sqdf bbo's proxy), which the trace then stands the task's reward in for."""
+    here). ``swap``: what the run's update scores with instead of the task's reward (sqdf
+    bbo's proxy), traced in its place."""
     with planning() as downloads, contextlib.ExitStack() as stack:
         cfg = resolved.config()
         model, offline = None, None
@@ -120,7 +123,7 @@ def dry_run_text(
             traced, lcm_note = _offline_lcm(traced, downloads, stack)
             if lcm_note:
                 text += "\n" + lcm_note
-            text += "\n" + "\n".join(cost_section(traced, gpu_memory, reward_for))
+            text += "\n" + "\n".join(cost_section(traced, gpu_memory, swap))
     if downloads:
         text += "\nweights (Hub references; sizes from the Hub's file metadata or the cache):\n"
         text += "\n".join(plan_text(downloads))
@@ -251,14 +254,14 @@ def _settings_text(
 
 
 def cost_section(
-    cfg: TrainConfig, gpu_memory: int | None, reward_for: str | None = None
+    cfg: TrainConfig, gpu_memory: int | None, swap: RewardSwap | None = None
 ) -> list[str]:
     """FLOPs per update and traced GPU memory (sqdf.cost): traced on meta tensors from the
     model folder's configs."""
     from sqdf.cost.report import cost_lines
 
     try:
-        return cost_lines(cfg, gpu_memory, reward_for)
+        return cost_lines(cfg, gpu_memory, swap)
     except (OSError, KeyError, TypeError, ValueError, SqdfError) as err:
         # a folder with the configs the sizes need but not every field a network needs
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -69,8 +69,17 @@ def test_bbo_preset_dry_run_prints_flops_memory_and_a_verdict_offline(
     offline, tiny_shipped, capsys, tmp_path, monkeypatch
 ):
     """sqdf bbo's dry run of the BBO preset: its settings with their sources, the fine-tuning
-    round's cost against the proxy (the aesthetic reward traced standing in), a fit verdict,
-    and no run folder."""
+    round's cost with the proxy as its reward, a fit verdict, and no run folder."""
+    from sqdf.bbo.proxy import ProxyReward
+
+    scored = []
+    real_call = ProxyReward.__call__
+
+    def call(self, x, cond=None):
+        scored.append(x.shape)
+        return real_call(self, x, cond)
+
+    monkeypatch.setattr(ProxyReward, "__call__", call)
     monkeypatch.chdir(tmp_path)
     argv = ["bbo", "--preset", "sd15-bbo-aesthetic", "--dry-run", "--gpu-memory", "24GiB",
             "--prompts", str(offline), "--task-param", "resolution=64"]  # fmt: skip
@@ -87,8 +96,9 @@ def test_bbo_preset_dry_run_prints_flops_memory_and_a_verdict_offline(
     assert re.search(r"^  steps\s+40\s+sqdf bbo \(sqdf's rounds\)$", out, re.M)
     assert re.search(r"^  buffer_size\s+8192\s+sqdf bbo \(sqdf's rounds\)$", out, re.M)
     assert re.search(r"^  grad_accum\s+32\s+preset sd15-bbo-aesthetic$", out, re.M)
-    assert re.search(r"reward traced: the aesthetic reward .*, standing in for the BBO proxy "
-                     r"\(4 one-hidden-layer MLPs of 64 units", out)  # fmt: skip
+    assert "reward traced: the BBO proxy (4 one-hidden-layer MLPs of 64 units on the CLIP " \
+        "image embeddings, one member drawn a round) over the CLIP of the aesthetic reward" in out
+    assert scored  # the traced update scored with the proxy, not the aesthetic head
     assert "not traced" not in out
     assert _phases(out)[-1] == "total"
     assert re.search(r"^    peak of one update: [0-9.]+ [MG]iB", out, re.M)
@@ -96,8 +106,3 @@ def test_bbo_preset_dry_run_prints_flops_memory_and_a_verdict_offline(
     assert "weights (Hub references" in out
     assert list(tmp_path.iterdir()) == [tmp_path / "prompts.txt"]  # no run folder
 
-
-def test_bbo_gpu_memory_without_dry_run_is_one_line(capsys):
-    assert main(["bbo", "--task", "gmm2d", "--gpu-memory", "24GiB"]) == 2
-    err = capsys.readouterr().err
-    assert err.strip() == "sqdf bbo: error: --gpu-memory 24GiB goes with --dry-run (a run's check)"
