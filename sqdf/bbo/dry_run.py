@@ -11,8 +11,8 @@ from sqdf.bbo.config import BboConfig, bbo_fields
 from sqdf.bbo.experiment import check_experiment
 from sqdf.bbo.loop import BBO_METHODS, round_config
 from sqdf.bbo.proxy import ProxyEnsemble, ProxyReward
-from sqdf.cost.report import RewardSwap
 from sqdf.config.train_config import config_fields
+from sqdf.cost.report import RewardSwap
 from sqdf.run.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name
 from sqdf.training.dry_run import dry_run_text
@@ -103,8 +103,7 @@ def bbo_dry_run_text(
     )
     fine_tuned = bbo.rounds - 1  # the last round's queries measure; nothing follows them
     lines += [
-        f"oracle: {oracle}; {bbo.schedule_text()} = {bbo.budget:,} queries per method and "
-        "seed",
+        f"oracle: {oracle}; {bbo.schedule_text()} = {bbo.budget:,} queries per method and seed",
         f"fine-tuning: after each round but the last, {fine_tuned} x {bbo.updates_per_round} "
         f"= {fine_tuned * bbo.updates_per_round:,} updates per method and seed; the proxy "
         f"refitted each time on every query so far ({bbo.ensemble_size} members x "
@@ -143,4 +142,3 @@ def bbo_dry_run_text(
         swap=swap,
     )
     return "\n".join(lines) + "\n" + round_text
-

@@ -90,14 +90,18 @@ def test_bbo_preset_dry_run_prints_flops_memory_and_a_verdict_offline(
     assert "1024 + 2048 + 4096 + 8192 = 15,360 queries per method and seed" in out
     assert "3 x 40 = 120 updates" in out
     # best_of_n left out of the default methods: the preset's schedule varies
-    assert "methods: sqdf (sqdf against the proxy), seiko (draft_kl against the proxy), " \
+    assert (
+        "methods: sqdf (sqdf against the proxy), seiko (draft_kl against the proxy), "
         "ddpo (ddpo against the oracle's values); seeds 0..1: 6 runs" in out
+    )
     # the round's own settings, credited to sqdf bbo; the train dry run's sizes
     assert re.search(r"^  steps\s+40\s+sqdf bbo \(sqdf's rounds\)$", out, re.M)
     assert re.search(r"^  buffer_size\s+8192\s+sqdf bbo \(sqdf's rounds\)$", out, re.M)
     assert re.search(r"^  grad_accum\s+32\s+preset sd15-bbo-aesthetic$", out, re.M)
-    assert "reward traced: the BBO proxy (4 one-hidden-layer MLPs of 64 units on the CLIP " \
+    assert (
+        "reward traced: the BBO proxy (4 one-hidden-layer MLPs of 64 units on the CLIP "
         "image embeddings, one member drawn a round) over the CLIP of the aesthetic reward" in out
+    )
     assert scored  # the traced update scored with the proxy, not the aesthetic head
     assert "not traced" not in out
     assert _phases(out)[-1] == "total"
@@ -105,4 +109,3 @@ def test_bbo_preset_dry_run_prints_flops_memory_and_a_verdict_offline(
     assert re.search(r"^  fit: (fits|does not fit) 24.00 GiB", out, re.M)
     assert "weights (Hub references" in out
     assert list(tmp_path.iterdir()) == [tmp_path / "prompts.txt"]  # no run folder
-
