@@ -260,6 +260,7 @@ CASES = [
     ("dry run on an SD folder without configs", lambda r: ["train", "--task", "sd", "--model", _sd_shaped(r), "--dry-run"], "unet/config.json"),
     ("dry run with method parameters the method refuses", lambda r: ["train", "--method", "alignprop", "--method-param", "k_min=3", "--method-param", "k_max=2", "--dry-run"], "method 'alignprop': need 1 <= k_min <= k_max"),
     ("dry run against a GPU memory that is not a size", lambda r: ["train", "--dry-run", "--gpu-memory", "lots"], "--gpu-memory 'lots': give a size such as 24GiB"),
+    ("bbo's GPU memory without its dry run", lambda r: ["bbo", "--gpu-memory", "24GiB", "--out", str(r / "b")], "--gpu-memory 24GiB goes with --dry-run"),
     ("query schedule of the wrong length", lambda r: ["bbo", "--query-schedule", "8,16", "--rounds", "3"], "query_schedule has 2 entries for 3 rounds"),
     ("query schedule with a non-integer", lambda r: ["bbo", "--query-schedule", "8,x"], "expected integers separated by commas"),
     ("query schedule with a round of 1", lambda r: ["bbo", "--query-schedule", "8,1", "--rounds", "2"], "query_schedule must hold integers >= 2"),

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from sqdf.bbo.config import BboConfig
-from sqdf.bbo.loop import BBO_METHODS, check_constant_lr, run_method
+from sqdf.bbo.loop import (
+    BBO_METHODS,
+    check_constant_lr,
+    check_round_config,
+    round_config,
+    run_method,
+)
 from sqdf.bbo.oracle import user_oracle
 from sqdf.config.params import suggest
 from sqdf.config.train_config import TrainConfig
@@ -55,17 +61,10 @@ def check_method_params(base: TrainConfig, methods: list[str]) -> None:
             )
 
 
-def run_bbo(
-    bbo: BboConfig,
-    base: TrainConfig,
-    methods: list[str],
-    seeds: int,
-    out: str | Path,
-    *,
-    progress: bool = True,
-) -> Path:
-    """Run every method on seeds 0..seeds-1 into a new folder ``out``."""
-    out = Path(out)
+def check_experiment(bbo: BboConfig, base: TrainConfig, methods: list[str], seeds: int) -> None:
+    """What a new experiment checks before it makes its folder (its dry run too): the methods,
+    their parameters, a schedule best_of_n can follow, the seeds, and each method's round
+    config."""
     check_methods(methods)
     check_method_params(base, methods)
     if "best_of_n" in methods and len(set(bbo.query_schedule)) > 1:
@@ -77,7 +76,23 @@ def run_bbo(
         )
     if seeds < 1:
         raise SqdfError(f"seeds must be >= 1, got {seeds}")
-    check_constant_lr(base)  # before the folder is made
+    check_constant_lr(base)
+    for m in methods:
+        check_round_config(round_config(base, m, bbo, 0))
+
+
+def run_bbo(
+    bbo: BboConfig,
+    base: TrainConfig,
+    methods: list[str],
+    seeds: int,
+    out: str | Path,
+    *,
+    progress: bool = True,
+) -> Path:
+    """Run every method on seeds 0..seeds-1 into a new folder ``out``."""
+    out = Path(out)
+    check_experiment(bbo, base, methods, seeds)  # before the folder is made
     if bbo.oracle != "task":
         user_oracle(bbo.oracle, bbo.oracle_params)  # a bad name fails before a folder exists
     procs = Processes(base.device)

@@ -137,6 +137,26 @@ def check_constant_lr(base: TrainConfig) -> None:
         )
 
 
+def check_round_config(cfg: TrainConfig) -> None:
+    """What a round's fine-tuning cannot take (a run's settings that have no meaning here)."""
+    if cfg.ema_decay > 0:
+        raise ConfigError(
+            "sqdf bbo keeps no moving average: each round fine-tunes from the last one's "
+            f"weights and queries with them; drop ema_decay (now {cfg.ema_decay})"
+        )
+    if cfg.estimator == "exact":
+        raise ConfigError(
+            "sqdf bbo fine-tunes on a proxy reward, which has no closed-form soft value: use "
+            "estimator tweedie or consistency, not exact"
+        )
+    if cfg.eval_every > 0:
+        raise ConfigError(
+            "sqdf bbo fine-tunes on the proxy, which --eval-every would score under the "
+            f"oracle's name; drop eval_every (now {cfg.eval_every}): rounds.jsonl has the "
+            "oracle's values"
+        )
+
+
 def build_oracle(bbo: BboConfig, cfg: TrainConfig, task: Task, used: int) -> Oracle:
     if bbo.oracle == "task":
         name = resolved_reward_name(cfg)
@@ -186,22 +206,7 @@ def _run_rounds(
     check_constant_lr(base)
     cfg = round_config(base, method, bbo, seed)
     check_installed(parse_log_with(cfg.log_with))  # before a model is loaded
-    if cfg.ema_decay > 0:
-        raise ConfigError(
-            "sqdf bbo keeps no moving average: each round fine-tunes from the last one's "
-            f"weights and queries with them; drop ema_decay (now {cfg.ema_decay})"
-        )
-    if cfg.estimator == "exact":
-        raise ConfigError(
-            "sqdf bbo fine-tunes on a proxy reward, which has no closed-form soft value: use "
-            "estimator tweedie or consistency, not exact"
-        )
-    if cfg.eval_every > 0:
-        raise ConfigError(
-            "sqdf bbo fine-tunes on the proxy, which --eval-every would score under the "
-            f"oracle's name; drop eval_every (now {cfg.eval_every}): rounds.jsonl has the "
-            "oracle's values"
-        )
+    check_round_config(cfg)
     procs = Processes(cfg.device)
     if procs.fsdp:
         raise ConfigError("sqdf bbo fine-tunes data-parallel; launch it without the FSDP config")

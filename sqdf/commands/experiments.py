@@ -43,7 +43,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                     f"{flag} is not a --bbo setting (a BBO run is sized by --rounds, "
                     "--queries-per-round and --updates-per-round)"
                 )
-        return _run_bbo(args, args.task, args.methods or BBO_DEFAULT_METHODS)
+        return _run_bbo(args, args.task, args.methods)
     stray = [f"--{k.replace('_', '-')}" for k in _bbo_given(args)]
     stray += ["--oracle-param"] if args.oracle_params else []
     if stray:
@@ -189,6 +189,8 @@ examples:
   sqdf bbo --task gmm2d --set reward=quadratic --rounds 4 --queries-per-round 64 --out runs/bbo
   sqdf bbo --task digits --config docs/results/digits.toml --methods sqdf,seiko,best_of_n
   sqdf bbo --oracle my_pkg.oracles:score --oracle-param scale=2.0 --drop-bad-queries
+  sqdf bbo --preset sd15-bbo-aesthetic --methods sqdf,seiko --out runs/sd-bbo
+  sqdf bbo --preset sd15-bbo-aesthetic --dry-run --gpu-memory 24GiB   # cost, fit, downloads
   sqdf bbo --resume runs/bbo      # continue after an interruption; nothing is queried twice
 
 Each round samples --queries-per-round samples from the current model, sends them to the
@@ -214,7 +216,8 @@ def _add_bbo(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated: {', '.join(BBO_METHODS)} (default: {BBO_DEFAULT_METHODS})",
+        help=f"comma-separated: {', '.join(BBO_METHODS)} (default: {BBO_DEFAULT_METHODS}; "
+        "without best_of_n where the query schedule varies)",
     )
     b.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 (default: 2)")
     b.add_argument("--out", default=None, help="output folder (default: runs/bbo-TASK-TIME)")
@@ -226,6 +229,18 @@ def _add_bbo(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_setting_flags(b)
     b.add_argument("--no-progress", action="store_true", help="no progress lines")
+    b.add_argument(
+        "--dry-run", action="store_true",
+        help="print the BBO settings and where each came from, the query budget, and the "
+        "first training method's round as sqdf train --dry-run shows a run (its settings, "
+        "the FLOPs and traced GPU memory of one update against the proxy, the weights); "
+        "sample, query and train nothing",
+    )  # fmt: skip
+    b.add_argument(
+        "--gpu-memory", metavar="SIZE",
+        help="with --dry-run: the card's memory to check the traced peak against, e.g. 24GiB "
+        "(default: the detected GPU's, else no verdict)",
+    )  # fmt: skip
     _add_bbo_options(b)
 
 
@@ -279,16 +294,20 @@ def _cmd_bbo(args: argparse.Namespace) -> int:
 
     if args.resume:
         others = (args.config or args.preset or args.set or args.oracle_params
-                  or _bbo_given(args) or setting_flags(args))  # fmt: skip
+                  or _bbo_given(args) or setting_flags(args) or args.dry_run
+                  or args.gpu_memory)  # fmt: skip
         if others or args.task or args.out or args.methods:
             raise SqdfError("--resume takes the folder's own settings; give no other options")
         folder = resume_bbo(args.resume, progress=not args.no_progress)
         return _print_bbo(folder)
-    return _run_bbo(args, args.task, args.methods or BBO_DEFAULT_METHODS)
+    if args.gpu_memory is not None and not args.dry_run:
+        raise SqdfError(f"--gpu-memory {args.gpu_memory} goes with --dry-run (a run's check)")
+    return _run_bbo(args, args.task, args.methods)
 
 
-def _run_bbo(args: argparse.Namespace, task: str | None, methods: str) -> int:
-    """A new BBO experiment from sqdf bbo's or sqdf compare --bbo's arguments."""
+def _run_bbo(args: argparse.Namespace, task: str | None, methods: str | None) -> int:
+    """A new BBO experiment (or, sqdf bbo --dry-run, its report) from sqdf bbo's or sqdf
+    compare --bbo's arguments; ``methods`` None: the default ones."""
     from sqdf.bbo import BboConfig, run_bbo
     from sqdf.config.params import build_settings
 
@@ -309,7 +328,24 @@ def _run_bbo(args: argparse.Namespace, task: str | None, methods: str) -> int:
         bbo_values["oracle_params"] = {**bbo_values.get("oracle_params", {}), **oracle_params}
     bbo = build_settings(BboConfig, bbo_values, "bbo")
     base = resolved.config()
+    if methods is None:  # best_of_n needs the same queries every round
+        methods = BBO_DEFAULT_METHODS
+        if len(set(bbo.query_schedule)) > 1:
+            methods = methods.replace(",best_of_n", "")
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    if getattr(args, "dry_run", False):
+        from sqdf.bbo.dry_run import bbo_dry_run_text, bbo_sources
+        from sqdf.cost.report import detected_gpu_memory, parse_memory
+        from sqdf.infra.distributed import launched
+
+        memory = parse_memory(args.gpu_memory) if args.gpu_memory else detected_gpu_memory()
+        given = set(_bbo_given(args)) | ({"oracle_params"} if oracle_params else set())
+        text = bbo_dry_run_text(
+            resolved, bbo, bbo_sources(resolved, given), names, args.seeds,
+            processes=max(launched()[1], 1), gpu_memory=memory,
+        )  # fmt: skip
+        print(text)
+        return 0
     out = args.out or default_out(f"bbo-{base.task}")
     return _print_bbo(run_bbo(bbo, base, names, args.seeds, out, progress=not args.no_progress))
 

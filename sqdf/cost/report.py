@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from sqdf.cost.update import (
     update_flops,
 )
 from sqdf.errors import ConfigError
+from sqdf.tasks import resolved_reward_name
 
 # What the trace cannot see, set aside before a verdict: the CUDA context torch creates on
 # the device (about 0.5 GiB, more with cuDNN/cuBLAS workspaces loaded), and a share of the
@@ -84,12 +87,25 @@ def _reward_parts(cfg: TrainConfig) -> tuple[dict, list[int], str]:
     )
 
 
-def trace_run(cfg: TrainConfig, *, on_gpu: bool = True, step: int = 0) -> Traces:
+@dataclass(frozen=True)
+class RewardSwap:
+    """What an update scores with instead of the task's reward (sqdf bbo's proxy): ``build``
+    makes it on meta from the traced task's reward; ``label`` names it in the cost section."""
+
+    label: str
+    build: Callable[[Any], Any]
+
+
+def trace_run(
+    cfg: TrainConfig, *, on_gpu: bool = True, step: int = 0, swap: RewardSwap | None = None
+) -> Traces:
     """Traces of one update of ``cfg`` at its micro-batch (batch_size x cells_per_trajectory
     cells), the gradient's cells at step ``step``; dtype auto resolved as on a GPU, or with
-    ``on_gpu`` False as on the CPU."""
+    ``on_gpu`` False as on the CPU; scored by ``swap``'s reward where given."""
     config, head, _ = _reward_parts(cfg)
     meta = meta_sd_task(cfg, config, head, on_gpu=on_gpu)
+    if swap is not None:
+        meta.task.reward_model = swap.build(meta.task.reward_model)
     return trace_update(meta, cfg, batch=cfg.batch_size * cfg.cells_per_trajectory, step=step)
 
 
@@ -173,15 +189,25 @@ def quantizable(cfg: TrainConfig) -> bool:
     )
 
 
-def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
+def cost_lines(
+    cfg: TrainConfig, gpu_memory: int | None, swap: RewardSwap | None = None
+) -> list[str]:
     """The dry run's section on what an update costs (sd task: each method's update as its
-    loss makes its calls, sqdf.cost.update; sqdf's beside the reference design's)."""
+    loss makes its calls, sqdf.cost.update; sqdf's beside the reference design's).
+    ``swap``: what the update scores with where it is not the task's reward (sqdf bbo's
+    proxy): traced on the sd task; on the small tasks their reward stands in, said so."""
     if cfg.task != "sd":
         from sqdf.cost.small_tasks import small_task_lines
 
-        return small_task_lines(cfg, gpu_memory)
-    traces = trace_run(cfg)
+        lines = small_task_lines(cfg, gpu_memory)
+        if swap is not None:
+            stand_in = f"the task's reward {resolved_reward_name(cfg)!r}"
+            lines.insert(1, f"  reward traced: {stand_in} standing in for {swap.label}")
+        return lines
+    traces = trace_run(cfg, swap=swap)
     _, _, reward_note = _reward_parts(cfg)
+    if swap is not None:
+        reward_note = f"{swap.label} over the CLIP of {reward_note}"
     design = run_design(cfg)
     ours = update_flops(traces, cfg, design)
     # the reference design is SQDF's official trainer: a comparison for method sqdf only
@@ -238,7 +264,7 @@ def cost_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
         "(each with those above it; the same headroom added), up to the first that fits:"
     )
     for flag, changed in levers(cfg):
-        after = trace_run(changed)
+        after = trace_run(changed, swap=swap)
         ok = fits(max(gpu_peak(after), prompt_encoding_peak(after)), gpu_memory)
         lines.append(f"    {flag}: {gib(gpu_peak(after))} ({'fits' if ok else 'does not fit'})")
         if ok:

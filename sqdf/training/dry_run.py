@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import math
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from sqdf.rewards import build_reward
 from sqdf.run.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name, sample_shape
 from sqdf.training.start import alpha_note, check_method_takes_reward
+
+if TYPE_CHECKING:
+    from sqdf.cost.report import RewardSwap
 
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per stored value
 
@@ -83,11 +86,19 @@ def plan(resolved: Resolved, processes: int = 1, model: str | None = None) -> di
 
 
 def dry_run_text(
-    resolved: Resolved, processes: int = 1, gpu_memory: int | None = None, cost: bool = True
+    resolved: Resolved,
+    processes: int = 1,
+    gpu_memory: int | None = None,
+    cost: bool = True,
+    *,
+    title: str = "sqdf train --dry-run: nothing is trained; the run would use (value, from)",
+    swap: RewardSwap | None = None,
 ) -> str:
-    """The dry run's report: every setting with the layer it came from, then the sizes,
-    (``cost``) what one update costs with a fit verdict against ``gpu_memory`` bytes, then the
-    weights the run would download (of Hub references: configs only are fetched here)."""
+    """The dry run's report: ``title``, every setting with the layer it came from, then the
+    sizes, (``cost``) what one update costs with a fit verdict against ``gpu_memory`` bytes,
+    then the weights the run would download (of Hub references: configs only are fetched
+    here). ``swap``: what the run's update scores with instead of the task's reward (sqdf
+    bbo's proxy), traced in its place."""
     with planning() as downloads, contextlib.ExitStack() as stack:
         cfg = resolved.config()
         model, offline = None, None
@@ -104,7 +115,7 @@ def dry_run_text(
                     plan_unreached(err.given, err)
                 else:
                     unlisted = str(err)
-        text = _settings_text(resolved, p, processes, model)
+        text = _settings_text(resolved, p, processes, model, title)
         if offline:
             text += "\n" + offline
         if cost:  # traced from the configs of the resolved folders (configs only fetched here)
@@ -112,7 +123,7 @@ def dry_run_text(
             traced, lcm_note = _offline_lcm(traced, downloads, stack)
             if lcm_note:
                 text += "\n" + lcm_note
-            text += "\n" + "\n".join(cost_section(traced, gpu_memory))
+            text += "\n" + "\n".join(cost_section(traced, gpu_memory, swap))
     if downloads:
         text += "\nweights (Hub references; sizes from the Hub's file metadata or the cache):\n"
         text += "\n".join(plan_text(downloads))
@@ -173,9 +184,11 @@ def _offline_lcm(
     return dataclasses.replace(cfg, task_params=params), note
 
 
-def _settings_text(resolved: Resolved, p: dict[str, Any], processes: int, model: str | None) -> str:
+def _settings_text(
+    resolved: Resolved, p: dict[str, Any], processes: int, model: str | None, title: str
+) -> str:
     cfg: TrainConfig = p["config"]
-    lines = ["sqdf train --dry-run: nothing is trained; the run would use (value, from)"]
+    lines = [title]
     if resolved.preset is not None:
         lines.append(f"preset {resolved.preset.name}: {resolved.preset.description}")
     for f in config_fields():
@@ -240,13 +253,15 @@ def _settings_text(resolved: Resolved, p: dict[str, Any], processes: int, model:
     return "\n".join(lines)
 
 
-def cost_section(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
+def cost_section(
+    cfg: TrainConfig, gpu_memory: int | None, swap: RewardSwap | None = None
+) -> list[str]:
     """FLOPs per update and traced GPU memory (sqdf.cost): traced on meta tensors from the
     model folder's configs."""
     from sqdf.cost.report import cost_lines
 
     try:
-        return cost_lines(cfg, gpu_memory)
+        return cost_lines(cfg, gpu_memory, swap)
     except (OSError, KeyError, TypeError, ValueError, SqdfError) as err:
         # a folder with the configs the sizes need but not every field a network needs
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
