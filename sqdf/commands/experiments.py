@@ -335,7 +335,7 @@ def _run_bbo(args: argparse.Namespace, task: str | None, methods: str | None) ->
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if getattr(args, "dry_run", False):
         from sqdf.bbo.dry_run import bbo_dry_run_text, bbo_sources
-        from sqdf.cost.report import detected_gpu_memory, parse_memory
+        from sqdf.cost.memory import detected_gpu_memory, parse_memory
         from sqdf.infra.distributed import launched
 
         memory = parse_memory(args.gpu_memory) if args.gpu_memory else detected_gpu_memory()

@@ -146,7 +146,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.gpu_memory is not None and not args.dry_run:
         raise SqdfError(f"--gpu-memory {args.gpu_memory} goes with --dry-run (a run's check)")
     if args.dry_run:
-        from sqdf.cost.report import detected_gpu_memory, parse_memory
+        from sqdf.cost.memory import detected_gpu_memory, parse_memory
         from sqdf.training.dry_run import dry_run_text
 
         memory = parse_memory(args.gpu_memory) if args.gpu_memory else detected_gpu_memory()

@@ -98,7 +98,7 @@ def trace_small(cfg: TrainConfig) -> Traces:
 
 def small_task_lines(cfg: TrainConfig, gpu_memory: int | None) -> list[str]:
     """The dry run's cost section for gmm2d and digits."""
-    from sqdf.cost.report import fits, gib, headroom
+    from sqdf.cost.memory import fits, gib, headroom
 
     traces = trace_small(cfg)
     design = run_design(cfg)

@@ -9,7 +9,8 @@ import pytest
 
 from sqdf.cli import main
 from sqdf.config.train_config import TrainConfig
-from sqdf.cost.report import levers, parse_memory, trace_run
+from sqdf.cost.memory import parse_memory
+from sqdf.cost.report import levers, trace_run
 from sqdf.cost.update import gpu_peak
 from sqdf.errors import ConfigError
 
@@ -152,7 +153,7 @@ def test_fit_verdict_keeps_headroom_for_what_the_trace_cannot_see(large_card):
     """A card 1 MiB above the traced peak does not fit: the CUDA context and the allocator's
     margin come on top of the traced tensors, and the verdict prints that headroom. (The
     printed verdicts of a card that fits and of one that does not: the tests above.)"""
-    from sqdf.cost.report import ALLOCATOR_MARGIN, CUDA_CONTEXT, fits, headroom
+    from sqdf.cost.memory import ALLOCATOR_MARGIN, CUDA_CONTEXT, fits, headroom
 
     out = large_card
     assert f"CUDA context {CUDA_CONTEXT / 2**20:.1f} MiB" in out
