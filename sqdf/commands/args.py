@@ -122,6 +122,27 @@ def setting_flags(
     return flags
 
 
+def add_gpu_memory_flag(parser: argparse.ArgumentParser) -> None:
+    """--gpu-memory, which train's and bbo's --dry-run check the traced peak against."""
+    parser.add_argument(
+        "--gpu-memory", metavar="SIZE",
+        help="with --dry-run: the card's memory to check the traced peak against, e.g. 24GiB "
+        "(default: the detected GPU's, else no verdict)",
+    )  # fmt: skip
+
+
+def card_memory(args: argparse.Namespace) -> int | None:
+    """The bytes a dry run checks its traced peak against: --gpu-memory's, else the detected
+    GPU's (None without one, or without --dry-run). --gpu-memory without --dry-run is refused."""
+    if args.gpu_memory is not None and not args.dry_run:
+        raise SqdfError(f"--gpu-memory {args.gpu_memory} goes with --dry-run (a run's check)")
+    if not args.dry_run:
+        return None
+    from sqdf.cost.memory import detected_gpu_memory, parse_memory
+
+    return parse_memory(args.gpu_memory) if args.gpu_memory else detected_gpu_memory()
+
+
 def default_out(name: str) -> str:
     if launched()[1] > 1:  # the processes' clocks may read different seconds
         raise SqdfError("give --out when launching several processes (they share one folder)")

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from sqdf.commands.args import (
+    add_gpu_memory_flag,
     add_setting_flags,
+    card_memory,
     default_out,
     key_and_values,
     key_values,
@@ -236,11 +238,7 @@ def _add_bbo(sub: argparse._SubParsersAction) -> None:
         "the FLOPs and traced GPU memory of one update against the proxy, the weights); "
         "sample, query and train nothing",
     )  # fmt: skip
-    b.add_argument(
-        "--gpu-memory", metavar="SIZE",
-        help="with --dry-run: the card's memory to check the traced peak against, e.g. 24GiB "
-        "(default: the detected GPU's, else no verdict)",
-    )  # fmt: skip
+    add_gpu_memory_flag(b)
     _add_bbo_options(b)
 
 
@@ -300,8 +298,6 @@ def _cmd_bbo(args: argparse.Namespace) -> int:
             raise SqdfError("--resume takes the folder's own settings; give no other options")
         folder = resume_bbo(args.resume, progress=not args.no_progress)
         return _print_bbo(folder)
-    if args.gpu_memory is not None and not args.dry_run:
-        raise SqdfError(f"--gpu-memory {args.gpu_memory} goes with --dry-run (a run's check)")
     return _run_bbo(args, args.task, args.methods)
 
 
@@ -311,6 +307,7 @@ def _run_bbo(args: argparse.Namespace, task: str | None, methods: str | None) ->
     from sqdf.bbo import BboConfig, run_bbo
     from sqdf.config.params import build_settings
 
+    memory = card_memory(args) if hasattr(args, "gpu_memory") else None  # compare --bbo: none
     flags = _set_flags(args)
     if task:
         flags["task"] = task
@@ -335,10 +332,8 @@ def _run_bbo(args: argparse.Namespace, task: str | None, methods: str | None) ->
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if getattr(args, "dry_run", False):
         from sqdf.bbo.dry_run import bbo_dry_run_text, bbo_sources
-        from sqdf.cost.memory import detected_gpu_memory, parse_memory
         from sqdf.infra.distributed import launched
 
-        memory = parse_memory(args.gpu_memory) if args.gpu_memory else detected_gpu_memory()
         given = set(_bbo_given(args)) | ({"oracle_params"} if oracle_params else set())
         text = bbo_dry_run_text(
             resolved, bbo, bbo_sources(resolved, given), names, args.seeds,

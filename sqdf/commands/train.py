@@ -11,7 +11,9 @@ from typing import Any
 from sqdf.commands.args import (
     DESCRIPTION,
     DICT_FIELDS,
+    add_gpu_memory_flag,
     add_setting_flags,
+    card_memory,
     default_out,
     setting_flags,
 )
@@ -71,14 +73,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run", action="store_true",
         help="print every resolved setting and where it came from, the model's D, alpha in "
-        "both conventions, the effective batch and the replay buffer's memory, and (task sd) "
-        "the FLOPs and traced GPU memory of one update; train nothing",
+        "both conventions, the effective batch and the replay buffer's memory, and the FLOPs "
+        "and traced GPU memory of one update; train nothing",
     )  # fmt: skip
-    p.add_argument(
-        "--gpu-memory", metavar="SIZE",
-        help="with --dry-run: the card's memory to check the traced peak against, e.g. 24GiB "
-        "(default: the detected GPU's, else no verdict)",
-    )  # fmt: skip
+    add_gpu_memory_flag(p)
     p.add_argument("--out", metavar="RUN", help="run folder (default: runs/TASK-METHOD-TIME)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -143,13 +141,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         if resolved.bbo:
             raise SqdfError(f"{args.config}: a [bbo] table is for sqdf bbo, not sqdf train")
-    if args.gpu_memory is not None and not args.dry_run:
-        raise SqdfError(f"--gpu-memory {args.gpu_memory} goes with --dry-run (a run's check)")
+    memory = card_memory(args)
     if args.dry_run:
-        from sqdf.cost.memory import detected_gpu_memory, parse_memory
         from sqdf.training.dry_run import dry_run_text
 
-        memory = parse_memory(args.gpu_memory) if args.gpu_memory else detected_gpu_memory()
         print(dry_run_text(resolved, processes=max(launched()[1], 1), gpu_memory=memory))
         return 0
     cfg = resolved.config()
