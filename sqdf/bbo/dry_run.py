@@ -123,7 +123,11 @@ def bbo_dry_run_text(
     trained = [m for m in methods if BBO_METHODS[m].train_method is not None]
     if not trained:
         lines.append("no method trains: the run samples from the model and queries the oracle")
-        return "\n".join(lines) + "\n" + dry_run_text(resolved, processes, gpu_memory, cost=False)
+        return (
+            "\n".join(lines)
+            + "\n"
+            + dry_run_text(resolved, processes, gpu_memory, cost=False, check_reward=False)
+        )
     method = trained[0]
     spec = BBO_METHODS[method]
     also = f" (another method's: --methods NAME --dry-run; here {', '.join(trained[1:])})"
@@ -140,5 +144,6 @@ def bbo_dry_run_text(
         gpu_memory,
         title=title,
         swap=swap,
+        check_reward=False,  # a round trains on the proxy or the oracle's values, as train
     )
     return "\n".join(lines) + "\n" + round_text

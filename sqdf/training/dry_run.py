@@ -57,12 +57,21 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def plan(resolved: Resolved, processes: int = 1, model: str | None = None) -> dict[str, Any]:
+def plan(
+    resolved: Resolved,
+    processes: int = 1,
+    model: str | None = None,
+    *,
+    check_reward: bool = True,
+) -> dict[str, Any]:
     """The numbers a dry run shows: the model's D, alpha in both conventions, the effective
     batch and the replay buffer's host memory. ``model``: the sd model's folder, where it was
-    resolved already (else the sizes resolve the run's own ``model``)."""
+    resolved already (else the sizes resolve the run's own ``model``). ``check_reward``
+    False: the run trains on another reward than the task's (sqdf bbo's rounds), so the
+    task's reward need not have a gradient."""
     cfg = resolved.config()
-    check_method_takes_reward(cfg)
+    if check_reward:
+        check_method_takes_reward(cfg)
     # the method's own settings, refused as the run refuses them (else the cost trace, which
     # builds them too, would only say it could not trace them)
     build_method_params(cfg.method, cfg.method_params)
@@ -93,18 +102,20 @@ def dry_run_text(
     *,
     title: str = "sqdf train --dry-run: nothing is trained; the run would use (value, from)",
     swap: RewardSwap | None = None,
+    check_reward: bool = True,
 ) -> str:
     """The dry run's report: ``title``, every setting with the layer it came from, then the
     sizes, (``cost``) what one update costs with a fit verdict against ``gpu_memory`` bytes,
     then the weights the run would download (of Hub references: configs only are fetched
     here). ``swap``: what the run's update scores with instead of the task's reward (sqdf
-    bbo's proxy), traced in its place."""
+    bbo's proxy), traced in its place. ``check_reward`` False: the update does not
+    differentiate the task's reward (sqdf bbo's rounds: the proxy or the oracle's values)."""
     with planning() as downloads, contextlib.ExitStack() as stack:
         cfg = resolved.config()
         model, offline = None, None
         if cfg.task == "sd":
             model, offline = _model_folder(cfg.task_params["model"], stack)
-        p = plan(resolved, processes, model)
+        p = plan(resolved, processes, model, check_reward=check_reward)
         reward = resolved_reward_name(cfg)
         unlisted = None
         if ":" not in reward:  # a user's module:function is imported by the run alone

@@ -119,3 +119,18 @@ def test_a_query_schedule_sizes_each_round(tmp_path):
              for k in range(2)]  # fmt: skip
     assert sizes == [4, 10]
     assert json.loads((out / "results.json").read_text())["budget"] == 14
+
+
+def test_dry_run_takes_a_task_reward_without_a_gradient(tmp_path, monkeypatch, capsys):
+    """A round trains on the proxy (train skips the reward-gradient check for it), so a real
+    run takes an oracle reward without a gradient; its dry run must not refuse what the run
+    takes (it did: the round's method sqdf back-propagates the task's reward)."""
+    (tmp_path / "user_far.py").write_text("def far(x, cond):\n    return x.norm(dim=1).detach()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    argv = ["bbo", "--task", "gmm2d", "--set", "reward='user_far:far'", "--reward-param",
+            "differentiable=false", "--methods", "sqdf", "--dry-run"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "each fine-tuning round of sqdf is this sqdf train run:" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["user_far.py"]  # no run folder
