@@ -137,7 +137,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="comma-separated: sqdf, draft, draft_lv, draft_kl, refl, alignprop, ddpo, grpo, "
         f"best_of_n (default: {COMPARE_DEFAULT_METHODS}); with --bbo: "
-        f"{', '.join(BBO_METHODS)} (default: {BBO_DEFAULT_METHODS})",
+        f"{', '.join(BBO_METHODS)} (default: {BBO_DEFAULT_METHODS}; without best_of_n when "
+        "the query schedule varies)",
     )
     c.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 (default: 2)")
     c.add_argument("--out", default=None, help="output folder (default: runs/compare-TASK-TIME)")
