@@ -37,8 +37,8 @@ from sqdf.tasks.sd import (
     lcm_distilled_timesteps,
     vae_upcast,
 )
-from sqdf.tasks.sd_family import family_of, read_config
-from sqdf.tasks.sd_text import FLUX_T5_LENGTH, T5_LENGTH, PromptConditioning
+from sqdf.tasks.sd_family import distilled_transformer, family_of, read_config
+from sqdf.tasks.sd_text import T5_LENGTH, PromptConditioning, flux_t5_length
 
 META = torch.device("meta")
 CLIP_LENGTH = 77  # every family's CLIP tokenizers pad to 77
@@ -78,7 +78,7 @@ class MetaParts:
 def _conditioning(family: Any, net_config: dict, dtype: torch.dtype) -> PromptConditioning:
     """One prompt's and its negative's conditioning, at the shapes the family's encoders give."""
     if family.packed:
-        length, pooled = FLUX_T5_LENGTH, int(net_config["pooled_projection_dim"])
+        length, pooled = flux_t5_length(net_config), int(net_config["pooled_projection_dim"])
     elif family.flow:
         length, pooled = CLIP_LENGTH + T5_LENGTH, int(net_config["pooled_projection_dim"])
     elif family.size_ids:  # SDXL: the pooled projection beside 6 size ids in the time embedding
@@ -183,6 +183,7 @@ def meta_sd_task(
         )
     task.policy = task.nets.policy
     task._consistency_net = None
+    task.distilled_text = None
     # the x̂0 call's timesteps as SDTask reads them (the LCM's own grid, or the chain's)
     task.lcm_grid = (
         lcm_distilled_timesteps(folder)
@@ -203,11 +204,16 @@ def meta_sd_task(
         # a second network: an LCM UNet, or a distilled transformer (an LCM-LoRA file is an
         # adapter on the reference's weights: the reference runs without it, its rank-64
         # products and few MB of weights left out)
+        # a flow family's may be given as its pipeline's folder, as the task takes it
+        where = distilled_transformer(options.lcm, folder, family) if family.flow else options.lcm
         with made_on_meta(dtype):
-            lcm = family.denoiser_model().from_config(read_config(Path(options.lcm), "."))
+            lcm = family.denoiser_model().from_config(read_config(Path(where), "."))
         task._consistency_net = lcm.requires_grad_(False)
         quantize_base(lcm, options.quantize_base)
         networks["x̂0 model"] = lcm
+        # FLUX.1 schnell as FLUX.1-dev's x̂0 network reads its own, shorter T5 states
+        if family.packed and flux_t5_length(lcm.config) != flux_t5_length(net_config):
+            task.distilled_text = _conditioning(family, dict(lcm.config), dtype)
     reward = meta_clip_reward(clip_config, head, dtype)
     task.reward_model = reward
     networks["reward"] = reward.clip_model.model

@@ -124,7 +124,8 @@ def trace_update(meta: MetaParts, cfg: TrainConfig, batch: int, step: int = 0) -
     networks = list(meta.networks.values())
     tracer.hold([t for m in networks for t in (*m.parameters(), *m.buffers())])
     with made_on_meta(task.dtype):
-        text = [t for t in vars(task.text).values() if isinstance(t, torch.Tensor)]
+        held = [task.text] + ([task.distilled_text] if task.distilled_text is not None else [])
+        text = [t for c in held for t in vars(c).values() if isinstance(t, torch.Tensor)]
     tracer.hold(text)
     gen = torch.Generator().manual_seed(0)
     shape = (batch, *task.sample_shape)

@@ -69,7 +69,7 @@ from sqdf.tasks.sd_family import (
 )
 from sqdf.tasks.sd_flux import latent_ids, pack_latents, text_ids, unpack_latents
 from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
-from sqdf.tasks.sd_text import encode_prompts, sdxl_time_ids
+from sqdf.tasks.sd_text import PromptConditioning, encode_prompts, flux_t5_length, sdxl_time_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LCM_ADAPTER = "lcm"
@@ -338,6 +338,15 @@ class SDTask(Task):
         self.text = encode_prompts(
             self.family, folder, self.prompts, self.negatives, device, self.dtype
         )
+        self.distilled_length = self._distilled_t5_length(folder, cfg.estimator)
+        self.distilled_text = (
+            None
+            if self.distilled_length is None
+            else encode_prompts(
+                self.family, folder, self.prompts, self.negatives, device, self.dtype,
+                t5_length=self.distilled_length,
+            )
+        )  # fmt: skip
         safe = {"use_safetensors": True, "dtype": self.dtype}
         self.denoiser = load_part(
             self.family.denoiser_model(), folder, self.family.denoiser, **safe
@@ -433,6 +442,17 @@ class SDTask(Task):
         # LoRA the policy's adapter stays the active one, a full reference copy has none
         activate_only(base, POLICY_ADAPTER if base is self.denoiser else None)
 
+    def _distilled_t5_length(self, folder: Path, estimator: str) -> int | None:
+        """The T5 length of a FLUX consistency transformer where it is not the model's
+        (FLUX.1 schnell, 256 tokens, as FLUX.1-dev's x̂0 network, 512): it is given the
+        prompts encoded as its own pipeline encodes them. None where the model's serve."""
+        lcm = self.options.lcm
+        if not (self.family.packed and lcm and estimator == "consistency"):
+            return None
+        net = distilled_transformer(lcm, folder, self.family)
+        length = flux_t5_length(read_config(net.parent, net.name))
+        return None if length == flux_t5_length(read_config(folder, "transformer")) else length
+
     def _attach_distilled(self, path: Path) -> None:
         net = load_part(
             self.family.denoiser_model(), path.parent, path.name, use_safetensors=True,
@@ -461,16 +481,20 @@ class SDTask(Task):
         wanted = zip([p for p, _ in pairs], negatives, strict=True)
         new = [pair for pair in dict.fromkeys(wanted) if pair not in known]
         if new:
-            folder = Path(self.options.model)
-            more = encode_prompts(
-                self.family, folder, [p for p, _ in new], [n for _, n in new], self.device,
-                self.dtype,
-            )  # fmt: skip
+
+            def encoded(t5_length: int | None = None) -> PromptConditioning:
+                return encode_prompts(
+                    self.family, Path(self.options.model), [p for p, _ in new],
+                    [n for _, n in new], self.device, self.dtype, t5_length=t5_length,
+                )  # fmt: skip
+
             for pair in new:
                 known[pair] = len(self.prompts)
                 self.prompts.append(pair[0])
                 self.negatives.append(pair[1])
-            self.text = self.text.extended(more)
+            self.text = self.text.extended(encoded())
+            if self.distilled_text is not None:
+                self.distilled_text = self.distilled_text.extended(encoded(self.distilled_length))
         return torch.tensor([known[(p, n)] for (p, _), n in zip(pairs, negatives, strict=True)])
 
     def _denoise(self, net: Any, x: Tensor, t: Tensor, kwargs: dict[str, Any]) -> Tensor:
@@ -554,7 +578,7 @@ class SDTask(Task):
         if net is None:
             raise SqdfError(f"sd: no consistency model (task_params.lcm) for {self.family.label}")
         t, cond = times.clamp(min=0).to(self.device), cond.to(self.device)
-        kwargs = self.text.unet_kwargs(cond)
+        kwargs = (self.distilled_text or self.text).unet_kwargs(cond)
         if self.family.packed and net.config.guidance_embeds:
             kwargs["guidance"] = torch.full((len(t),), self.options.guidance, device=t.device)
         with self._autocast():

@@ -23,6 +23,15 @@ from sqdf.tasks.sd_family import (
 TOKENIZER_LIMIT = 10_000  # transformers reports 1e30 for a tokenizer saved without a length
 T5_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 FLUX_T5_LENGTH = 512  # FluxPipeline's default (and largest) max_sequence_length
+# FLUX.1 schnell (no guidance embedding) was trained on at most 256 T5 tokens: its pipeline
+# docs say max_sequence_length cannot be more than 256, so it is encoded at 256
+FLUX_SCHNELL_T5_LENGTH = 256
+
+
+def flux_t5_length(transformer_config: dict[str, Any]) -> int:
+    """The T5 tokens a FLUX transformer is conditioned on, by its config: FLUX.1-dev's 512
+    with a guidance embedding, FLUX.1 schnell's 256 without one."""
+    return FLUX_T5_LENGTH if transformer_config.get("guidance_embeds") else FLUX_SCHNELL_T5_LENGTH
 
 
 @dataclass
@@ -182,10 +191,15 @@ def _encode_sd3(
 
 @torch.no_grad()
 def _encode_flux(
-    encoders: list[Any], tokenizers: list[Any], texts: list[str], device: torch.device
+    encoders: list[Any],
+    tokenizers: list[Any],
+    texts: list[str],
+    device: torch.device,
+    length: int,
 ) -> tuple[Tensor, Tensor]:
-    """As FluxPipeline.encode_prompt: (T5's last hidden states (N, 512, W), CLIP-L's pooled
-    output (N, E)); CLIP-L's hidden states are not used."""
+    """As FluxPipeline.encode_prompt at ``max_sequence_length=length``: (T5's last hidden
+    states (N, length, W), CLIP-L's pooled output (N, E)); CLIP-L's hidden states are not
+    used."""
     hidden, pooled = [], []
     for i in range(0, len(texts), 32):
         chunk = texts[i : i + 32]
@@ -197,7 +211,7 @@ def _encode_flux(
             encoders[0](ids, output_hidden_states=False).pooler_output.to(encoders[0].dtype)
         )
         ids = tokenizers[1](
-            chunk, padding="max_length", max_length=FLUX_T5_LENGTH, truncation=True,
+            chunk, padding="max_length", max_length=length, truncation=True,
             return_tensors="pt",
         ).input_ids.to(device)  # fmt: skip
         hidden.append(encoders[1](ids, output_hidden_states=False)[0].to(encoders[1].dtype))
@@ -211,11 +225,15 @@ def encode_prompts(
     negatives: list[str],
     device: torch.device,
     dtype: torch.dtype,
+    *,
+    t5_length: int | None = None,
 ) -> PromptConditioning:
     """Each prompt's conditioning and its negative's (``negatives[i]`` for ``prompts[i]``;
     "" is no negative prompt: the encoded empty string, or zeros where SDXL's
     ``force_zeros_for_empty_prompt`` says so). Distinct negatives are encoded once; the text
-    encoders are let go on return. ``time_ids`` is left to :func:`sdxl_time_ids`."""
+    encoders are let go on return. ``time_ids`` is left to :func:`sdxl_time_ids`. FLUX's T5
+    length is its transformer's (:func:`flux_t5_length`) unless ``t5_length`` is given (for
+    another transformer conditioned on the same encoders)."""
     absent = absent_components(folder, family)
     present = [
         (i, sub, enc)
@@ -232,9 +250,10 @@ def encode_prompts(
         for i, _, enc in present
     ]  # fmt: skip
     if family.packed:
+        length = t5_length or flux_t5_length(read_config(folder, family.denoiser))
 
         def encode(texts: list[str]) -> tuple[Tensor, Tensor | None]:
-            return _encode_flux(encoders, tokenizers, texts, device)
+            return _encode_flux(encoders, tokenizers, texts, device, length)
     elif family.name == "sd3":
         width = int(read_config(folder, family.denoiser)["joint_attention_dim"])
 

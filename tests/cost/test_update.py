@@ -216,3 +216,25 @@ def test_chain_methods_charge_their_own_chain_and_random_draws_in_expectation(mo
     assert traces.flops["chain without gradient"] == pytest.approx((T - mean_k) * step)
     assert traces.peak > max(traces.phase_peak.values())  # the line's, at k = T
     assert "memory at k = 10" in traces.note
+
+
+def test_flux_schnell_is_traced_with_its_own_256_t5_tokens(tmp_path):
+    # FLUX.1-dev reads 512 T5 tokens, schnell 256: alone, and as dev's x̂0 network
+    from sqdf.tasks.sd_random import write_random_flux
+
+    write_random_flux(tmp_path / "dev")
+    write_random_flux(tmp_path / "schnell", guidance_embeds=False)
+
+    def traced(model: str, **params) -> object:
+        task_params = {"resolution": 16, "guidance": 1.0} if model == "schnell" else {}
+        cfg = _cfg(tmp_path / model, task_params=task_params | params, num_steps=4,
+                   estimator="consistency" if params else "tweedie")  # fmt: skip
+        meta = meta_sd_task(cfg, TINY_CLIP, HEAD)
+        assert trace_update(meta, cfg, batch=1).peak > 0
+        return meta.task
+
+    schnell = traced("schnell")
+    assert schnell.text.embeds.shape[1] == 256 and schnell.distilled_text is None
+    assert traced("dev").text.embeds.shape[1] == 512
+    task = traced("dev", lcm=str(tmp_path / "schnell"))  # its pipeline's folder, as runs take it
+    assert task.text.embeds.shape[1] == 512 and task.distilled_text.embeds.shape[1] == 256

@@ -118,18 +118,24 @@ def test_family_sizes_and_time_grid_are_the_flux_pipelines(parts):
     assert bool((task.kernel.stds > 0).all())
 
 
-def test_prompt_embeddings_are_the_pipelines_encode_prompt(parts):
-    task = build_task(config(parts))
+@pytest.mark.parametrize("model, length", [("flux", 512), ("schnell", 256)])
+def test_prompt_embeddings_are_the_pipelines_encode_prompt(parts, model, length):
+    # FLUX.1-dev at the pipeline's default 512 T5 tokens; schnell at 256, the most its
+    # pipeline docs allow
+    task = build_task(config(parts, model))
     cond = torch.tensor([3, 0])
-    pos, pooled, ids = pipeline(parts).encode_prompt(task.prompts_of(cond), None, device="cpu")
-    assert pos.shape == (2, 512, 48) and pooled.shape == (2, 32)  # T5's states, CLIP-L's pooled
-    assert ids.shape == (512, 3) and not ids.any()
+    pipe = pipeline(parts, model)
+    pos, pooled, ids = pipe.encode_prompt(
+        task.prompts_of(cond), None, device="cpu", max_sequence_length=length
+    )
+    assert pos.shape == (2, length, 48) and pooled.shape == (2, 32)  # T5's, CLIP-L's pooled
+    assert ids.shape == (length, 3) and not ids.any()
     ours, ours_pooled = task.text.rows(cond)
     # encoded 32 at a time, theirs 2: T5's float32 sums differ in the last bits with the batch
     torch.testing.assert_close(ours, pos, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours_pooled, pooled)
     more = task.add_prompts([("an owl", None)])  # held-out prompts: the same encoding
-    pos, pooled, _ = pipeline(parts).encode_prompt(["an owl"], None, device="cpu")
+    pos, pooled, _ = pipe.encode_prompt(["an owl"], None, device="cpu", max_sequence_length=length)
     torch.testing.assert_close(task.text.rows(more)[0], pos, rtol=1e-4, atol=1e-4)
 
 
@@ -374,6 +380,18 @@ def test_a_schnell_style_transformer_is_the_consistency_estimator(parts, tmp_pat
     task = build_task(config(parts, estimator="consistency",
                              task_params={"lcm": str(parts / "schnell")}))  # fmt: skip
     distilled_x0_is_one_call(task, lambda *a: pipeline_velocity(schnell, *a))
+    # and with the prompts as schnell's pipeline encodes them: 256 T5 tokens, not dev's 512
+    cond = torch.tensor([1, 3])
+    pos, pooled, _ = schnell.encode_prompt(task.prompts_of(cond), None, device="cpu",
+                                           max_sequence_length=256)  # fmt: skip
+    ours, ours_pooled = task.distilled_text.rows(cond)
+    torch.testing.assert_close(ours, pos, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours_pooled, pooled)
+    assert task.text.rows(cond)[0].shape[1] == 512  # the model's own are dev's
+    more = task.add_prompts([("an owl", None)])  # held-out prompts: both encodings grow
+    pos, _, _ = schnell.encode_prompt(["an owl"], None, device="cpu", max_sequence_length=256)
+    torch.testing.assert_close(task.distilled_text.rows(more)[0], pos, rtol=1e-4, atol=1e-4)
+    assert task.text.rows(more)[0].shape[1] == 512
     # a guidance-distilled one is given the run's guidance: the base itself gives Tweedie's x̂0
     task = build_task(config(parts, estimator="consistency",
                              task_params={"lcm": str(parts / "flux" / "transformer")}))  # fmt: skip
