@@ -183,7 +183,7 @@ def meta_sd_task(
         )
     task.policy = task.nets.policy
     task._consistency_net = None
-    task.distilled_text = None
+    task.distilled_text, task.distilled_length = None, None
     # the x̂0 call's timesteps as SDTask reads them (the LCM's own grid, or the chain's)
     task.lcm_grid = (
         lcm_distilled_timesteps(folder)
@@ -213,6 +213,7 @@ def meta_sd_task(
         networks["x̂0 model"] = lcm
         # FLUX.1 schnell as FLUX.1-dev's x̂0 network reads its own, shorter T5 states
         if family.packed and flux_t5_length(lcm.config) != flux_t5_length(net_config):
+            task.distilled_length = flux_t5_length(lcm.config)
             task.distilled_text = _conditioning(family, dict(lcm.config), dtype)
     reward = meta_clip_reward(clip_config, head, dtype)
     task.reward_model = reward

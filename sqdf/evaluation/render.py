@@ -19,6 +19,7 @@ from sqdf.infra.atomic import make_folder
 from sqdf.infra.weights import resolve, weights_variant
 from sqdf.tasks.sd_family import Family, absent_components, load_part, read_config
 from sqdf.tasks.sd_prompts import load_prompt_pairs
+from sqdf.tasks.sd_text import flux_t5_length
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -145,6 +146,8 @@ def render_sd(
         net = getattr(pipe, family.denoiser)
         check_lora_fits(state, net, final, family.label, family.denoiser)
     sampler: dict[str, Any] = {}
+    if family.packed:  # the T5 length the task trained on: schnell's 256, dev's 512
+        sampler["max_sequence_length"] = flux_t5_length(dict(pipe.transformer.config))
     if not family.flow:
         # the chain the policy was trained on: DDIM at "leading" spacing, eta 1, whatever the
         # folder says

@@ -226,7 +226,7 @@ def test_sample_renders_a_flux_run_with_the_flux_pipeline(parts, trained, tmp_pa
 
     def recording(pipe, prompt, **kw):
         calls.append((kw["num_inference_steps"], kw["guidance_scale"], kw.get("height"),
-                      "negative_prompt" in kw))  # fmt: skip
+                      "negative_prompt" in kw, kw["max_sequence_length"]))  # fmt: skip
         return real_call(pipe, prompt, **kw)
 
     monkeypatch.setattr(FluxPipeline, "__call__", recording)
@@ -235,8 +235,13 @@ def test_sample_renders_a_flux_run_with_the_flux_pipeline(parts, trained, tmp_pa
             str(trained / "final"), "--num-samples", "2", "--device", "cpu",
             "--out", str(grid)]  # fmt: skip
     assert main(argv) == 0 and grid.stat().st_size > 200
-    # the run's 4 steps, guidance 3 and 16 px, no negative prompt; reference and fine-tuned
-    assert calls == [(4, 3.0, SIDE, False)] * 4
+    # the run's 4 steps, guidance 3 and 16 px, no negative prompt, dev's 512 T5 tokens;
+    # reference and fine-tuned
+    assert calls == [(4, 3.0, SIDE, False, 512)] * 4
+    calls.clear()  # schnell at the 256 tokens it trains on
+    schnell = ["sample", "--task", "sd", "--model", str(parts / "schnell"), "--num-samples", "1",
+               "--device", "cpu", "--num-steps", "2", "--guidance", "1", "--out", str(grid)]  # fmt: skip
+    assert main(schnell) == 0 and calls == [(2, 1.0, None, False, 256)]
     # a run with true CFG renders with the pipeline's: its scale and the run's negative
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
