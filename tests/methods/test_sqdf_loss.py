@@ -59,7 +59,7 @@ def test_the_positive_reward_mask_keeps_only_cells_with_a_positive_soft_q():
         ref, _ = step_mean_std(task, cells.x_t, cells.step, cells.cond, policy=False)
     kl = ((mean - ref) ** 2).sum(1) / (2 * std.reshape(-1) ** 2)  # the definition, per cell
     assert bool((kl > 1e-6).all())  # a dropped cell drops a nonzero KL term
-    per_cell = -cfg.gamma ** (cfg.num_steps - 1 - step) * q + cfg.alpha * kl
+    per_cell = -(cfg.gamma ** (cfg.num_steps - 1 - step)) * q + cfg.alpha * kl
     keep = torch.tensor([1.0, 0, 0, 1, 0, 0, 1, 0])  # q > 0, written out
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     plain, _ = sqdf_loss(task, cells, cfg, SqdfParams(), g())

@@ -239,8 +239,9 @@ def test_sample_renders_a_flux_run_with_the_flux_pipeline(parts, trained, tmp_pa
     # reference and fine-tuned
     assert calls == [(4, 3.0, SIDE, False, 512)] * 4
     calls.clear()  # schnell at the 256 tokens it trains on
-    schnell = ["sample", "--task", "sd", "--model", str(parts / "schnell"), "--num-samples", "1",
-               "--device", "cpu", "--num-steps", "2", "--guidance", "1", "--out", str(grid)]  # fmt: skip
+    schnell = ["sample", "--task", "sd", "--model", str(parts / "schnell"), "--num-samples",
+               "1", "--device", "cpu", "--num-steps", "2", "--guidance", "1", "--out",
+               str(grid)]  # fmt: skip
     assert main(schnell) == 0 and calls == [(2, 1.0, None, False, 256)]
     # a run with true CFG renders with the pipeline's: its scale and the run's negative
     run = tmp_path / "run"
