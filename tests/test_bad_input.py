@@ -255,7 +255,7 @@ CASES = [
     ("unknown gmm2d process", lambda r: ["train", "--task-param", "process=ode"], "gmm2d process must be one of vp, flow"),
     ("flow without noise", lambda r: ["train", "--task-param", "process=flow", "--task-param", "noise_level=0"], "gmm2d noise_level must be > 0"),
     ("DDIM's eta on the flow process", lambda r: ["train", "--task-param", "process=flow", "--eta", "0.5"], "eta is DDIM's; the flow process's noise is task_params.noise_level"),
-    ("a flow setting on the vp process", lambda r: ["train", "--task-param", "noise_level=0.3"], "noise_level and shift are the flow process's"),
+    ("a flow setting on the vp process", lambda r: ["train", "--task-param", "noise_level=0.3"], "noise_level, noise_level_end and shift are the flow process's"),
     ("unknown kl_scale", lambda r: ["train", "--kl-scale", "avg"], "unknown kl_scale 'avg'"),
     ("dry run on an SD folder without configs", lambda r: ["train", "--task", "sd", "--model", _sd_shaped(r), "--dry-run"], "unet/config.json"),
     ("dry run with method parameters the method refuses", lambda r: ["train", "--method", "alignprop", "--method-param", "k_min=3", "--method-param", "k_max=2", "--dry-run"], "method 'alignprop': need 1 <= k_min <= k_max"),

@@ -47,14 +47,14 @@ demo's. --dry-run shows every value and where it came from.
 
 task parameters (--task-param KEY=VALUE; README for their meaning):
   gmm2d   num_modes, radius, std, means, stds, weights, hidden, ode_steps, process,
-          noise_level, shift
+          noise_level, noise_level_end, shift
   digits  model, cm, guidance, lora_rank, lora_alpha, lora_targets, classes, finetune,
           compile, channels_last
   sd      model, prompts, eval_prompts, negative_prompt, guidance, true_cfg,
           cfg_detach_uncond, resolution, lora_rank, lora_alpha, lora_targets, lora_init,
           reference_compat, lcm_timesteps, tf32, lcm, lcm_guidance, dtype,
           gradient_checkpointing, vae_slicing, finetune, quantize_base, compile,
-          channels_last, noise_level
+          channels_last, noise_level, noise_level_end
 
 A TOML config holds the same keys as the flags (underscores), with [task_params] and
 [reward_params] tables. Flags override the file. The resolved configuration is written to

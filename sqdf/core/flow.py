@@ -75,7 +75,7 @@ def flow_sigmas(
     return torch.cat([sigmas.float(), torch.zeros(1)])
 
 
-def sde_sigma(t: Tensor, noise_level: float, t_cap: Tensor) -> Tensor:
+def sde_sigma(t: Tensor, noise_level: float | Tensor, t_cap: Tensor) -> Tensor:
     """σ_t = a sqrt(t / (1 - t)), with t in the denominator capped at ``t_cap`` where t = 1."""
     denominator = 1.0 - torch.where(t >= 1.0, t_cap, t)
     return noise_level * (t / denominator).sqrt()
@@ -86,12 +86,13 @@ def flow_step_mean_std(
     x_t: Tensor,
     t: Tensor,
     t_next: Tensor,
-    noise_level: float,
+    noise_level: float | Tensor,
     t_cap: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Mean and std of the SDE step from time t to t_next < t.
 
-    # velocity, x_t: (B, ...); t, t_next, t_cap: scalars or (B, 1, ...) broadcasting
+    # velocity, x_t: (B, ...); t, t_next, t_cap, noise_level: scalars or (B, 1, ...)
+    # broadcasting
     """
     dt = t_next - t
     sigma = sde_sigma(t, noise_level, t_cap)

@@ -131,10 +131,13 @@ class DDIMKernel(StepKernel):
 @dataclass(frozen=True, eq=False)
 class FlowKernel(StepKernel):
     """The rectified-flow SDE (``flow.py``) over a time grid ``sigmas`` (T + 1,) from 1 to 0,
-    at ``noise_level`` a > 0 (Flow-GRPO uses 0.7)."""
+    at ``noise_level`` a > 0 (Flow-GRPO uses 0.7); with ``noise_level_end`` the level runs
+    linearly over the steps' indices from ``noise_level`` at the first step to it at the
+    last (None: one level for the whole chain)."""
 
     sigmas: Tensor
     noise_level: float
+    noise_level_end: float | None = None
 
     def __post_init__(self) -> None:
         if self.sigmas.dim() != 1 or self.sigmas.shape[0] < 2:
@@ -149,6 +152,11 @@ class FlowKernel(StepKernel):
             raise ValueError(
                 f"noise_level must be > 0 (the KL needs a stochastic step), got {self.noise_level}"
             )
+        if self.noise_level_end is not None and not self.noise_level_end > 0:
+            raise ValueError(
+                "noise_level_end must be > 0 (the KL needs a stochastic step), got "
+                f"{self.noise_level_end}"
+            )
 
     @property
     def num_steps(self) -> int:
@@ -159,12 +167,21 @@ class FlowKernel(StepKernel):
         """Where t = 1, σ_t's denominator uses the grid's next time (Flow-GRPO's choice)."""
         return self.sigmas[1]
 
+    @property
+    def levels(self) -> Tensor:
+        """(T,) float64: each step's noise level a_k."""
+        end = self.noise_level if self.noise_level_end is None else self.noise_level_end
+        return torch.linspace(self.noise_level, end, self.num_steps, dtype=torch.float64)
+
     def model_time(self, k: Tensor) -> Tensor:
         return self.sigmas[k]
 
     def step(self, output: Tensor, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         t, t_next = _expand(self.sigmas[k], x), _expand(self.sigmas[k + 1], x)
-        return flow_step_mean_std(output, x, t, t_next, self.noise_level, self.t_cap.to(x))
+        level: float | Tensor = self.noise_level  # one level: the scalar, as Flow-GRPO's
+        if self.noise_level_end is not None:
+            level = _expand(self.levels.to(k.device)[k], x)
+        return flow_step_mean_std(output, x, t, t_next, level, self.t_cap.to(x))
 
     def x0(self, output: Tensor, x: Tensor, k: Tensor) -> Tensor:
         return flow_x0(output, x, _expand(self.sigmas[k], x))
@@ -182,5 +199,6 @@ class FlowKernel(StepKernel):
     @property
     def stds(self) -> Tensor:
         t = self.sigmas[:-1].double()
-        sigma = sde_sigma(t, self.noise_level, self.t_cap.double())
+        level = self.noise_level if self.noise_level_end is None else self.levels
+        sigma = sde_sigma(t, level, self.t_cap.double())
         return (sigma * (t - self.sigmas[1:].double()).sqrt()).float()

@@ -51,6 +51,9 @@ class GMM2DConfig:
     ode_steps: int = 32
     process: str = "vp"  # vp: DDIM over a VP schedule (eta); flow: the rectified-flow SDE
     noise_level: float = 0.7  # flow: the SDE's noise level a (Flow-GRPO's default)
+    # flow: the level at the last step, run linearly from noise_level at the first (None: one
+    # level for the whole chain)
+    noise_level_end: float | None = None
     shift: float = 1.0  # flow: SD3's time shift of the grid (1: none)
 
     def __post_init__(self) -> None:
@@ -71,12 +74,18 @@ class GMM2DConfig:
                 f"gmm2d noise_level must be > 0 (the KL needs a stochastic step), got "
                 f"{self.noise_level}"
             )
+        if self.noise_level_end is not None and not self.noise_level_end > 0:
+            raise ConfigError(
+                f"gmm2d noise_level_end must be > 0 (the KL needs a stochastic step), got "
+                f"{self.noise_level_end}"
+            )
         if not self.shift > 0:
             raise ConfigError(f"gmm2d shift must be > 0, got {self.shift}")
-        if self.process == "vp" and (self.noise_level, self.shift) != (0.7, 1.0):
+        flow_only = (self.noise_level, self.noise_level_end, self.shift) != (0.7, None, 1.0)
+        if self.process == "vp" and flow_only:
             raise ConfigError(
-                'gmm2d noise_level and shift are the flow process\'s; add process = "flow" '
-                "(the vp process's noise is eta)"
+                "gmm2d noise_level, noise_level_end and shift are the flow process's; add "
+                'process = "flow" (the vp process\'s noise is eta)'
             )
         k = len(self.means) if self.means is not None else self.num_modes
         if self.means is not None and any(len(m) != 2 for m in self.means):
@@ -111,10 +120,12 @@ def check_exact(eta: float, options: GMM2DConfig) -> None:
     """The closed-form soft value takes x_out | x_t to be the forward process's posterior,
     which the reference sampler's own chain is only at full noise: DDIM eta 1 on the VP path,
     noise_level √2 on the flow path (at other levels the value is of another chain)."""
-    if options.process == "flow" and abs(options.noise_level - FULL_NOISE_FLOW) > 1e-6:
+    levels = (options.noise_level, options.noise_level_end or options.noise_level)
+    if options.process == "flow" and max(abs(a - FULL_NOISE_FLOW) for a in levels) > 1e-6:
         raise ConfigError(
             "estimator 'exact' is the soft value of the sampler at full noise: on the flow path "
-            f"that is noise_level = 1.4142135623730951 (√2), got {options.noise_level}"
+            "that is noise_level = 1.4142135623730951 (√2) at every step, got "
+            + (f"{levels[0]} to {levels[1]}" if options.noise_level_end else f"{levels[0]}")
         )
     if options.process == "vp" and eta != 1.0:
         raise ConfigError(
@@ -160,7 +171,7 @@ class GMM2DTask(Task):
         self.flow = options.process == "flow"
         if self.flow:
             sigmas = flow_sigmas(cfg.num_steps, shift=options.shift)
-            self.kernel = FlowKernel(sigmas, options.noise_level)
+            self.kernel = FlowKernel(sigmas, options.noise_level, options.noise_level_end)
         else:
             # DDPM's linear betas; steps_offset=1 and alpha-bar(0) < 1 at the end keep every
             # step stochastic, so the per-step KL is finite (see make_ddim_schedule).

@@ -136,6 +136,9 @@ class SDConfig:
     channels_last: bool = False  # channels-last denoiser weights
     # SD 3/3.5, FLUX.1: the noise level a of the flow SDE (Flow-GRPO's default; DDIM's is --eta)
     noise_level: float = 0.7
+    # SD 3/3.5, FLUX.1: the level at the last step, run linearly from noise_level at the first
+    # (None: one level for the whole chain)
+    noise_level_end: float | None = None
 
     def __post_init__(self) -> None:
         check_network_options(self.finetune, self.compile, self.channels_last, "sd")
@@ -153,10 +156,15 @@ class SDConfig:
                 f"sd noise_level must be > 0 (the KL needs a stochastic step), got "
                 f"{self.noise_level}"
             )
-        if not family.flow and self.noise_level != 0.7:
+        if self.noise_level_end is not None and not self.noise_level_end > 0:
             raise ConfigError(
-                f"sd noise_level is the flow SDE's (SD 3/3.5, FLUX.1); {family.label} samples "
-                "with DDIM, whose noise is --eta"
+                f"sd noise_level_end must be > 0 (the KL needs a stochastic step), got "
+                f"{self.noise_level_end}"
+            )
+        if not family.flow and (self.noise_level, self.noise_level_end) != (0.7, None):
+            raise ConfigError(
+                f"sd noise_level and noise_level_end are the flow SDE's (SD 3/3.5, FLUX.1); "
+                f"{family.label} samples with DDIM, whose noise is --eta"
             )
         if family.flow and self.finetune != "lora":
             raise ConfigError(f"sd finetune {self.finetune!r}: {family.label} trains a LoRA only")
@@ -813,7 +821,9 @@ def flow_kernel(
         )  # fmt: skip
     sched.set_timesteps(num_steps, **shift)
     try:
-        kernel = FlowKernel(sched.sigmas.float().cpu(), options.noise_level)
+        kernel = FlowKernel(
+            sched.sigmas.float().cpu(), options.noise_level, options.noise_level_end
+        )
     except ValueError as err:
         raise ConfigError(
             f"sd: {folder}/scheduler ({FLOW_SCHEDULER}) at {num_steps} steps: {err}"

@@ -156,6 +156,34 @@ def test_every_steps_std_is_sigma_t_times_the_root_of_the_step(noise_level):
         assert float(kernel.stds[k]) == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_noise_schedule_runs_linearly_over_the_steps():
+    # a_k = a0 + (a1 - a0) k / (T - 1), each step's std sigma_t(a_k) sqrt(t - t_next), written
+    # out here; with the end level equal to the start the chain is the one-level one
+    sigmas = flow_sigmas(12, shift=3.0).double()
+    kernel = FlowKernel(sigmas, 1.4, noise_level_end=0.35)
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for k in range(1, 12):
+        a = 1.4 + (0.35 - 1.4) * k / 11
+        t, t_next = float(sigmas[k]), float(sigmas[k + 1])
+        sigma = a * (t / (1 - t)) ** 0.5
+        mean, std = kernel.step(v, x, torch.full((2,), k))
+        assert float(std.flatten()[0]) == pytest.approx(sigma * (t - t_next) ** 0.5, rel=1e-12)
+        assert float(kernel.stds[k]) == pytest.approx(sigma * (t - t_next) ** 0.5, rel=1e-6)
+        drift = v + sigma**2 / (2 * t) * (x + (1 - t) * v)
+        torch.testing.assert_close(mean, x + drift * (t_next - t))
+    steps = torch.tensor([0, 5, 11])  # a batch at different steps reads each its own level
+    _, std = kernel.step(v[:1].expand(3, 3), x[:1].expand(3, 3), steps)
+    torch.testing.assert_close(std.reshape(3, -1)[:, 0].float(), kernel.stds[steps], rtol=1e-6, atol=0)
+    flat, one = FlowKernel(sigmas, 0.7, noise_level_end=0.7), FlowKernel(sigmas, 0.7)
+    ks = torch.arange(12)
+    xs, vs = x[:1].expand(12, 3), v[:1].expand(12, 3)
+    for got, want in zip(flat.step(vs, xs, ks), one.step(vs, xs, ks), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="noise_level_end must be > 0"):
+        FlowKernel(sigmas, 0.7, noise_level_end=0.0)
+
+
 def test_first_step_caps_sigma_at_the_grids_next_time():
     sigmas = flow_sigmas(5)
     kernel = FlowKernel(sigmas, noise_level=0.7)

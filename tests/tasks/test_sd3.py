@@ -94,6 +94,9 @@ def test_family_sizes_and_time_grid_are_sd3s(parts):
     assert task.family.name == "sd3" and task.family.pipeline == "StableDiffusion3Pipeline"
     assert task.sample_shape == (16, 8, 8)  # 16 latent channels at the native 8 (16 px)
     assert isinstance(task.kernel, FlowKernel) and task.kernel.noise_level == 0.7
+    assert task.kernel.noise_level_end is None  # one level unless a schedule is asked for
+    scheduled = build_task(config(parts, num_steps=6, task_params={"noise_level_end": 0.3}))
+    torch.testing.assert_close(scheduled.kernel.levels, torch.linspace(0.7, 0.3, 6).double())
     pipe = pipeline(parts)
     pipe.scheduler.set_timesteps(6)
     torch.testing.assert_close(task.kernel.sigmas, pipe.scheduler.sigmas, rtol=0, atol=0)
@@ -381,8 +384,10 @@ def test_noise_level_on_a_ddim_family_is_refused(tmp_path):
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         (tmp_path / name).mkdir()
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    with pytest.raises(ConfigError, match="noise_level is the flow SDE's .* whose noise is --eta"):
+    with pytest.raises(ConfigError, match="noise_level_end are the flow SDE's .* noise is --eta"):
         SDConfig(model=str(tmp_path), noise_level=0.5)
+    with pytest.raises(ConfigError, match="noise_level_end are the flow SDE's .* noise is --eta"):
+        SDConfig(model=str(tmp_path), noise_level_end=0.5)
 
 
 def test_sd3_guide_commands_run_on_tiny_parts(parts, tmp_path, monkeypatch):
