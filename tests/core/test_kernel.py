@@ -174,7 +174,9 @@ def test_a_noise_schedule_runs_linearly_over_the_steps():
         torch.testing.assert_close(mean, x + drift * (t_next - t))
     steps = torch.tensor([0, 5, 11])  # a batch at different steps reads each its own level
     _, std = kernel.step(v[:1].expand(3, 3), x[:1].expand(3, 3), steps)
-    torch.testing.assert_close(std.reshape(3, -1)[:, 0].float(), kernel.stds[steps], rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        std.reshape(3, -1)[:, 0].float(), kernel.stds[steps], rtol=1e-6, atol=0
+    )
     flat, one = FlowKernel(sigmas, 0.7, noise_level_end=0.7), FlowKernel(sigmas, 0.7)
     ks = torch.arange(12)
     xs, vs = x[:1].expand(12, 3), v[:1].expand(12, 3)

@@ -151,8 +151,10 @@ def test_gmm2d_exact_soft_q_is_the_reference_chains_soft_value(process, reward):
     [
         ({"eta": 0.5}, "on the VP path that is eta = 1, got 0.5"),
         ({"task_params": {"process": "flow"}}, "that is noise_level = 1.4142135623730951"),
-        ({"task_params": {"process": "flow", "noise_level": 2**0.5, "noise_level_end": 0.7}},
-         r"\(√2\) at every step, got 1.414\d* to 0.7"),
+        (
+            {"task_params": {"process": "flow", "noise_level": 2**0.5, "noise_level_end": 0.7}},
+            r"\(√2\) at every step, got 1.414\d* to 0.7",
+        ),
     ],
 )
 def test_exact_needs_the_sampler_at_full_noise(values, message):
