@@ -20,6 +20,7 @@ from sqdf.infra.atomic import atomic_write_text, make_folder
 RESULTS = Path("docs/results")
 OUT = RESULTS / "gmm2d-flow-gap"
 FLOW = "task_params={'process': 'flow', 'noise_level': %s}"
+SCHEDULE = "task_params={'process': 'flow', 'noise_level': %s, 'noise_level_end': %s}"
 # (row label, source folder, the source's variant), in the table's order
 ROWS: list[tuple[str, str, str]] = [
     ("today: tweedie, a 0.7, 50 steps", "gmm2d-flow-quadratic", "sqdf"),
@@ -29,6 +30,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("noise: a 1.0", "gmm2d-flow-gap-noise", FLOW % "1.0"),
     ("noise: a 1.2", "gmm2d-flow-gap-noise-fine", FLOW % "1.2"),
     ("noise: a √2", "gmm2d-flow-gap-noise", FLOW % "1.4142135623730951"),
+    ("noise: a √2 → 0.7 over the steps", "gmm2d-flow-gap-noise-schedule", SCHEDULE % ("1.4142135623730951", "0.7")),
+    ("noise: a √2 → 0.35", "gmm2d-flow-gap-noise-schedule", SCHEDULE % ("1.4142135623730951", "0.35")),
+    ("noise: a 1.2 → 0.5", "gmm2d-flow-gap-noise-schedule", SCHEDULE % ("1.2", "0.5")),
+    ("noise: a 0.7 → √2", "gmm2d-flow-gap-noise-schedule", SCHEDULE % ("0.7", "1.4142135623730951")),
     ("time shift 3 (SD 3's grid)", "gmm2d-flow-gap-shift",
      "task_params={'process': 'flow', 'shift': 3.0}"),
     ("steps: 10", "gmm2d-flow-gap-num-steps", "num_steps=10"),
