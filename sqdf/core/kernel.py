@@ -132,8 +132,8 @@ class DDIMKernel(StepKernel):
 class FlowKernel(StepKernel):
     """The rectified-flow SDE (``flow.py``) over a time grid ``sigmas`` (T + 1,) from 1 to 0,
     at ``noise_level`` a > 0 (Flow-GRPO uses 0.7); with ``noise_level_end`` the level runs
-    linearly over the steps' indices from ``noise_level`` at the first step to it at the
-    last (None: one level for the whole chain)."""
+    linearly over the steps' indices, ``noise_level`` at the first step and
+    ``noise_level_end`` at the last (None: one level for the whole chain)."""
 
     sigmas: Tensor
     noise_level: float
@@ -180,7 +180,7 @@ class FlowKernel(StepKernel):
         t, t_next = _expand(self.sigmas[k], x), _expand(self.sigmas[k + 1], x)
         level: float | Tensor = self.noise_level  # one level: the scalar, as Flow-GRPO's
         if self.noise_level_end is not None:
-            level = _expand(self.levels.to(k.device)[k], x)
+            level = _expand(self.levels[k], x)
         return flow_step_mean_std(output, x, t, t_next, level, self.t_cap.to(x))
 
     def x0(self, output: Tensor, x: Tensor, k: Tensor) -> Tensor:

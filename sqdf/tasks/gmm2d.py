@@ -81,11 +81,20 @@ class GMM2DConfig:
             )
         if not self.shift > 0:
             raise ConfigError(f"gmm2d shift must be > 0, got {self.shift}")
-        flow_only = (self.noise_level, self.noise_level_end, self.shift) != (0.7, None, 1.0)
+        flow_only = {
+            key: value
+            for key, value, default in (
+                ("noise_level", self.noise_level, 0.7),
+                ("noise_level_end", self.noise_level_end, None),
+                ("shift", self.shift, 1.0),
+            )
+            if value != default
+        }
         if self.process == "vp" and flow_only:
+            given = ", ".join(f"{key} = {value}" for key, value in flow_only.items())
             raise ConfigError(
-                "gmm2d noise_level, noise_level_end and shift are the flow process's; add "
-                'process = "flow" (the vp process\'s noise is eta)'
+                f"gmm2d {given}: noise_level, noise_level_end and shift are the flow "
+                'process\'s; add process = "flow" (the vp process\'s noise is eta)'
             )
         k = len(self.means) if self.means is not None else self.num_modes
         if self.means is not None and any(len(m) != 2 for m in self.means):

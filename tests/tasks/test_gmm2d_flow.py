@@ -116,6 +116,9 @@ def test_reference_sde_sampler_reaches_the_mixture_as_steps_grow(noise_level):
 def test_flow_grid_can_be_shifted_and_bad_settings_are_refused():
     task = flow_task(task_params={"shift": 3.0})
     assert float(task.kernel.sigmas[1]) > 1 - 1 / 20  # shift > 1: more steps near noise
+    # a schedule of the noise level: 1.2 at the first of the 20 steps, 0.35 at the last
+    levels = flow_task(task_params={"noise_level": 1.2, "noise_level_end": 0.35}).kernel.levels
+    assert float(levels[0]) == 1.2 and float(levels[-1]) == 0.35 and len(levels) == 20
     for params, match in (({"process": "ode"}, "process must be one of vp, flow"),
                           ({"noise_level": 0.0}, "noise_level must be > 0"),
                           ({"shift": -1.0}, "shift must be > 0")):  # fmt: skip
