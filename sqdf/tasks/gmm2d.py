@@ -94,7 +94,7 @@ class GMM2DConfig:
             given = ", ".join(f"{key} = {value}" for key, value in flow_only.items())
             raise ConfigError(
                 f"gmm2d {given}: noise_level, noise_level_end and shift are the flow "
-                'process\'s; add process = "flow" (the vp process\'s noise is eta)'
+                "process's; add process = \"flow\" (the vp process's noise is eta)"
             )
         k = len(self.means) if self.means is not None else self.num_modes
         if self.means is not None and any(len(m) != 2 for m in self.means):
