@@ -69,7 +69,7 @@ from sqdf.tasks.sd_family import (
 )
 from sqdf.tasks.sd_flux import latent_ids, pack_latents, text_ids, unpack_latents
 from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
-from sqdf.tasks.sd_text import PromptConditioning, encode_prompts, flux_t5_length, sdxl_time_ids
+from sqdf.tasks.sd_text import encode_prompts_at, flux_t5_length, sdxl_time_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LCM_ADAPTER = "lcm"
@@ -343,18 +343,14 @@ class SDTask(Task):
         self.prompts = [p for p, _ in pairs]
         self.train_prompts = len(pairs)  # training draws from these; later ones are held out
         self.negatives = [options.negative_prompt if n is None else n for _, n in pairs]
-        self.text = encode_prompts(
-            self.family, folder, self.prompts, self.negatives, device, self.dtype
-        )
+        # FLUX.1 schnell as FLUX.1-dev's x̂0 network reads its own T5 length: both encoded
+        # while the encoders are loaded once
         self.distilled_length = self._distilled_t5_length(folder, cfg.estimator)
-        self.distilled_text = (
-            None
-            if self.distilled_length is None
-            else encode_prompts(
-                self.family, folder, self.prompts, self.negatives, device, self.dtype,
-                t5_length=self.distilled_length,
-            )
+        self.text, *distilled = encode_prompts_at(
+            self.family, folder, self.prompts, self.negatives, device, self.dtype,
+            [None] + ([] if self.distilled_length is None else [self.distilled_length]),
         )  # fmt: skip
+        self.distilled_text = distilled[0] if distilled else None
         safe = {"use_safetensors": True, "dtype": self.dtype}
         self.denoiser = load_part(
             self.family.denoiser_model(), folder, self.family.denoiser, **safe
@@ -489,20 +485,18 @@ class SDTask(Task):
         wanted = zip([p for p, _ in pairs], negatives, strict=True)
         new = [pair for pair in dict.fromkeys(wanted) if pair not in known]
         if new:
-
-            def encoded(t5_length: int | None = None) -> PromptConditioning:
-                return encode_prompts(
-                    self.family, Path(self.options.model), [p for p, _ in new],
-                    [n for _, n in new], self.device, self.dtype, t5_length=t5_length,
-                )  # fmt: skip
-
+            lengths = [None] + ([] if self.distilled_text is None else [self.distilled_length])
+            more, *distilled = encode_prompts_at(
+                self.family, Path(self.options.model), [p for p, _ in new], [n for _, n in new],
+                self.device, self.dtype, lengths,
+            )  # fmt: skip
             for pair in new:
                 known[pair] = len(self.prompts)
                 self.prompts.append(pair[0])
                 self.negatives.append(pair[1])
-            self.text = self.text.extended(encoded())
+            self.text = self.text.extended(more)
             if self.distilled_text is not None:
-                self.distilled_text = self.distilled_text.extended(encoded(self.distilled_length))
+                self.distilled_text = self.distilled_text.extended(distilled[0])
         return torch.tensor([known[(p, n)] for (p, _), n in zip(pairs, negatives, strict=True)])
 
     def _denoise(self, net: Any, x: Tensor, t: Tensor, kwargs: dict[str, Any]) -> Tensor:

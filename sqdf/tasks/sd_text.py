@@ -225,15 +225,27 @@ def encode_prompts(
     negatives: list[str],
     device: torch.device,
     dtype: torch.dtype,
-    *,
-    t5_length: int | None = None,
 ) -> PromptConditioning:
     """Each prompt's conditioning and its negative's (``negatives[i]`` for ``prompts[i]``;
     "" is no negative prompt: the encoded empty string, or zeros where SDXL's
     ``force_zeros_for_empty_prompt`` says so). Distinct negatives are encoded once; the text
-    encoders are let go on return. ``time_ids`` is left to :func:`sdxl_time_ids`. FLUX's T5
-    length is its transformer's (:func:`flux_t5_length`) unless ``t5_length`` is given (for
-    another transformer conditioned on the same encoders)."""
+    encoders are let go on return. ``time_ids`` is left to :func:`sdxl_time_ids`."""
+    return encode_prompts_at(family, folder, prompts, negatives, device, dtype, [None])[0]
+
+
+def encode_prompts_at(
+    family: Family,
+    folder: Path,
+    prompts: list[str],
+    negatives: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    t5_lengths: list[int | None],
+) -> list[PromptConditioning]:
+    """:func:`encode_prompts` once per FLUX T5 length in ``t5_lengths`` (None: the model's
+    own transformer's, :func:`flux_t5_length`), with the text encoders loaded once: another
+    transformer conditioned on the same encoders (FLUX.1 schnell as FLUX.1-dev's x̂0
+    network) reads its own length. The other families encode the same at every entry."""
     absent = absent_components(folder, family)
     present = [
         (i, sub, enc)
@@ -249,37 +261,41 @@ def encode_prompts(
         .to(device)
         for i, _, enc in present
     ]  # fmt: skip
-    if family.packed:
-        length = t5_length or flux_t5_length(read_config(folder, family.denoiser))
-
-        def encode(texts: list[str]) -> tuple[Tensor, Tensor | None]:
-            return _encode_flux(encoders, tokenizers, texts, device, length)
-    elif family.name == "sd3":
-        width = int(read_config(folder, family.denoiser)["joint_attention_dim"])
-
-        def encode(texts: list[str]) -> tuple[Tensor, Tensor | None]:
-            return _encode_sd3(encoders, tokenizers, texts, device, width)
-    else:
-
-        def encode(texts: list[str]) -> tuple[Tensor, Tensor | None]:
-            return _encode(family, encoders, tokenizers, texts, device)
-
-    embeds, pooled = encode(prompts)
-    distinct = list(dict.fromkeys(negatives))
-    neg, neg_pooled = encode(distinct)
-    if family.zeros_for_empty_negative and zero_negative_for_empty(folder) and "" in distinct:
-        empty = distinct.index("")
-        neg[empty] = 0.0
-        neg_pooled[empty] = 0.0
-    negative_of = torch.tensor([distinct.index(n) for n in negatives])
-    return PromptConditioning(
-        embeds,
-        pooled,
-        neg,
-        neg_pooled,
-        negative_of,
-        pooled_projections=family.denoiser == "transformer",
+    own = flux_t5_length(read_config(folder, family.denoiser)) if family.packed else None
+    width = (
+        int(read_config(folder, family.denoiser)["joint_attention_dim"])
+        if family.name == "sd3"
+        else 0
     )
+
+    def encode(texts: list[str], length: int | None) -> tuple[Tensor, Tensor | None]:
+        if family.packed:
+            return _encode_flux(encoders, tokenizers, texts, device, length or own)
+        if family.name == "sd3":
+            return _encode_sd3(encoders, tokenizers, texts, device, width)
+        return _encode(family, encoders, tokenizers, texts, device)
+
+    distinct = list(dict.fromkeys(negatives))
+    negative_of = torch.tensor([distinct.index(n) for n in negatives])
+    out = []
+    for length in t5_lengths:
+        embeds, pooled = encode(prompts, length)
+        neg, neg_pooled = encode(distinct, length)
+        if family.zeros_for_empty_negative and zero_negative_for_empty(folder) and "" in distinct:
+            empty = distinct.index("")
+            neg[empty] = 0.0
+            neg_pooled[empty] = 0.0
+        out.append(
+            PromptConditioning(
+                embeds,
+                pooled,
+                neg,
+                neg_pooled,
+                negative_of,
+                pooled_projections=family.denoiser == "transformer",
+            )
+        )
+    return out
 
 
 def sdxl_time_ids(unet: Any, pooled_dim: int, side: int, folder: Path) -> Tensor:

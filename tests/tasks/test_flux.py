@@ -380,11 +380,18 @@ def test_checkpointing_gives_the_same_gradient_with_the_adapter_switched_in_the_
     )
 
 
-def test_a_schnell_style_transformer_is_the_consistency_estimator(parts, tmp_path):
+def test_a_schnell_style_transformer_is_the_consistency_estimator(parts, tmp_path, monkeypatch):
     # schnell has no guidance embedding: it is called without one, as its pipeline calls it
+    import sqdf.tasks.sd_text as sd_text
+
     schnell = pipeline(parts, "schnell")
+    loads, load = [], sd_text.load_part
+    monkeypatch.setattr(sd_text, "load_part", lambda cls, f, sub, **k: loads.append(sub)
+                        or load(cls, f, sub, **k))  # fmt: skip
     task = build_task(config(parts, estimator="consistency",
                              task_params={"lcm": str(parts / "schnell")}))  # fmt: skip
+    encoders = [sub for sub in loads if sub.startswith("text_encoder")]
+    assert encoders == ["text_encoder", "text_encoder_2"]  # once, for both T5 lengths
     distilled_x0_is_one_call(task, lambda *a: pipeline_velocity(schnell, *a))
     # and with the prompts as schnell's pipeline encodes them: 256 T5 tokens, not dev's 512
     cond = torch.tensor([1, 3])
