@@ -191,6 +191,7 @@ CASES = [
     ("GRPO std unknown", lambda r: ["train", "--method", "grpo", "--buffer", "on_policy", "--method-param", "std=biased"], "unknown std 'biased'; known: sample, population"),
     ("GRPO timestep_fraction of 0", lambda r: ["train", "--method", "grpo", "--buffer", "on_policy", "--method-param", "timestep_fraction=0"], "timestep_fraction must be in (0, 1], got 0"),
     ("GRPO flow_grpo KL on a DDIM task", lambda r: ["train", "--method", "grpo", "--buffer", "on_policy", "--method-param", "kl_scale=flow_grpo", "--out", str(r / "x")], "KL scale 'flow_grpo' is Flow-GRPO's beta on the flow SDE's step; DDIMKernel has no flow grid"),
+    ("GRPO flow_grpo KL on a DDIM task, dry run", lambda r: ["train", "--method", "grpo", "--buffer", "on_policy", "--method-param", "kl_scale=flow_grpo", "--dry-run"], "method 'grpo': KL scale 'flow_grpo' is Flow-GRPO's beta on the flow SDE's step, and this gmm2d task samples with DDIM"),
     ("pretrain on a bad device", lambda r: ["pretrain", "--out", str(r / "x"), "--device", "tpu"],
      "unknown device 'tpu'"),
     ("sd without a model folder", lambda r: ["train", "--task", "sd", "--reward", "ink", "--out", str(r / "x")],

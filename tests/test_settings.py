@@ -199,6 +199,11 @@ PRESETS = {
                         kl_scale="sum", alpha_sum=2.0, gamma=1.0, steps=1000, buffer=1024,
                         rank=8, lr=0.006, reward="auto", guidance=1.0, num_steps=200,
                         replay=1, strategy="uniform", estimator="exact"),
+    # the same on the flow path at full noise (docs/results/gmm2d-preset.md)
+    "gmm2d-flow-exact": dict(SQDF_DEFAULTS, batch=128, accum=8, fresh=128, alpha=2.0,
+                             kl_scale="sum", alpha_sum=2.0, gamma=1.0, steps=1000, buffer=1024,
+                             rank=8, lr=0.006, reward="auto", guidance=1.0, num_steps=200,
+                             replay=1, strategy="uniform", estimator="exact"),
     # Flow-GRPO's SD 3.5 PickScore run (yifan123/flow_grpo config/grpo.py pickscore_sd3):
     # groups of 24 (line 119), 2 prompts a process-batch, each trajectory's 9 trained steps
     # once (timestep_fraction 0.99 of 10), LoRA 32/64 (train_sd3.py 430-431), lr 3e-4, CFG 4.5
@@ -241,7 +246,11 @@ def _needed(preset: str, sd15_configs) -> dict:
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_reproduces_the_numbers_of_the_run_it_names(name, sd15_configs):
     want = PRESETS[name]
-    resolved = resolve_settings(flags=_needed(name, sd15_configs), preset=name)
+    flags = _needed(name, sd15_configs)
+    if load_preset(name).train.get("method_params", {}).get("kl_scale") == "flow_grpo":
+        # Flow-GRPO's KL weights need a flow grid, which the SD 1.5 stand-in (DDIM) has not
+        flags["method_params"] = {"kl_scale": "mean"}
+    resolved = resolve_settings(flags=flags, preset=name)
     sizes = plan(resolved)
     cfg = sizes["config"]
     got = dict(
@@ -277,6 +286,19 @@ def test_preset_reproduces_the_numbers_of_the_run_it_names(name, sd15_configs):
         assert sizes["dims"] == SD15_D
         # lora_alpha = rank in the SQDF code's presets
         assert cfg.task_params.get("lora_alpha") == want.get("lora_alpha", float(want["rank"]))
+
+
+def test_the_flow_preset_is_gmm2d_exact_on_the_flow_path_at_full_noise():
+    # the exact soft value is the flow chain's own only at noise level √2
+    flow, vp = load_preset("gmm2d-flow-exact").train, load_preset("gmm2d-exact").train
+    assert flow.pop("task_params") == {"process": "flow", "noise_level": 2**0.5}
+    assert flow == vp
+    from sqdf.core.kernel import FlowKernel
+    from sqdf.tasks import build_task
+
+    task = build_task(config_for("gmm2d", preset="gmm2d-flow-exact", device="cpu"))
+    assert isinstance(task.kernel, FlowKernel) and task.kernel.noise_level == 2**0.5
+    assert task.kernel.num_steps == 200 and task.estimator == "exact"
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(PRESETS) if n.startswith("sd")])

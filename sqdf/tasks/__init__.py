@@ -66,6 +66,24 @@ def sample_shape(cfg: Any) -> tuple[int, ...]:
         return latent_shape(build_settings(SDConfig, cfg.task_params, "task 'sd'"))
 
 
+def on_flow_path(cfg: Any) -> bool:
+    """Whether task ``cfg.task`` samples on the rectified-flow path (gmm2d's process flow,
+    SD 3/3.5 and FLUX.1), from settings and model configs only: no weights are loaded."""
+    from sqdf.config.params import build_settings
+
+    if cfg.task == "gmm2d":
+        from sqdf.tasks.gmm2d import GMM2DConfig
+
+        return build_settings(GMM2DConfig, cfg.task_params, "task 'gmm2d'").process == "flow"
+    if cfg.task != "sd":
+        return False
+    from sqdf.tasks.sd import SDConfig, run_device
+    from sqdf.tasks.sd_family import family_of
+
+    with run_device(cfg.device):
+        return family_of(build_settings(SDConfig, cfg.task_params, "task 'sd'").model).flow
+
+
 def with_summed_alpha(cfg: Any) -> Any:
     """``cfg`` with alpha as the weight of the exact KL summed over a sample's dimensions (the
     convention every loss uses), converted from ``cfg.kl_scale`` with the task's own D."""

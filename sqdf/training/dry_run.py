@@ -13,12 +13,12 @@ import torch
 
 from sqdf.config.train_config import TrainConfig, config_fields
 from sqdf.core.kl import KL_SCALES, alpha_in_sum_convention
-from sqdf.errors import SqdfError
+from sqdf.errors import ConfigError, SqdfError
 from sqdf.infra.weights import OfflineWeightError, plan_text, plan_unreached, planning, resolve
 from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import build_reward
 from sqdf.run.settings import DICT_KEYS, Resolved
-from sqdf.tasks import resolved_reward_name, sample_shape
+from sqdf.tasks import on_flow_path, resolved_reward_name, sample_shape
 from sqdf.training.start import alpha_note, check_method_takes_reward
 
 if TYPE_CHECKING:
@@ -74,8 +74,13 @@ def plan(
         check_method_takes_reward(cfg)
     # the method's own settings, refused as the run refuses them (else the cost trace, which
     # builds them too, would only say it could not trace them)
-    build_method_params(cfg.method, cfg.method_params)
+    params = build_method_params(cfg.method, cfg.method_params)
     sized = cfg if model is None else _with_model(cfg, model)
+    if getattr(params, "kl_scale", None) == "flow_grpo" and not on_flow_path(sized):
+        raise ConfigError(
+            f"method '{cfg.method}': KL scale 'flow_grpo' is Flow-GRPO's beta on the flow SDE's "
+            f"step, and this {cfg.task} task samples with DDIM (use sum, mean or half_mean)"
+        )
     shape = sample_shape(sized)
     dims = math.prod(shape)
     cells = cfg.batch_size * cfg.cells_per_trajectory
