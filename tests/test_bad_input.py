@@ -85,6 +85,8 @@ CASES = [
     ("reward for another task", lambda r: ["train", "--task", "digits", "--reward", "linear", *TINY],
      "needs an image reward"),
     ("custom reward: no module", lambda r: ["train", "--reward", "no_such_mod:f"], "cannot import module 'no_such_mod'"),
+    ("custom reward: no module, dry run", lambda r: ["train", "--reward", "no_such_mod:f", "--dry-run"], "cannot import module 'no_such_mod' for reward 'no_such_mod:f': no module of that name on the path"),
+    ("custom reward: no parent package, dry run", lambda r: ["train", "--reward", "no_such_pkg.mod:f", "--dry-run"], "cannot import module 'no_such_pkg.mod' for reward 'no_such_pkg.mod:f': no module of that name on the path: No module named 'no_such_pkg'"),
     ("custom reward: no function", lambda r: ["train", "--reward", "json:no_such_function"],
      "has no function 'no_such_function'"),
     ("reward mixture weight not finite", lambda r: ["train", "--task", "digits", "--reward", "ink=1,classifier=inf", "--out", str(r / "x")],

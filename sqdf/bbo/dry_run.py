@@ -13,6 +13,7 @@ from sqdf.bbo.loop import BBO_METHODS, round_config
 from sqdf.bbo.proxy import ProxyEnsemble, ProxyReward
 from sqdf.config.train_config import config_fields
 from sqdf.cost.report import RewardSwap
+from sqdf.rewards.custom import check_findable
 from sqdf.run.settings import DICT_KEYS, Resolved
 from sqdf.tasks import resolved_reward_name
 from sqdf.training.dry_run import dry_run_text
@@ -96,10 +97,12 @@ def bbo_dry_run_text(
         value = getattr(bbo, f.name)
         shown = value if f.name != "query_schedule" or value else "[] (queries_per_round)"
         lines.append(f"  bbo.{f.name:<24} {str(shown):<28} {sources[f.name]}")
+    if bbo.oracle != "task":
+        check_findable(bbo.oracle, "oracle")
     oracle = (
         f"the task's reward {resolved_reward_name(base)!r}"
         if bbo.oracle == "task"
-        else f"{bbo.oracle} (imported by the run alone)"
+        else f"{bbo.oracle} (found; imported by the run alone)"
     )
     fine_tuned = bbo.rounds - 1  # the last round's queries measure; nothing follows them
     lines += [

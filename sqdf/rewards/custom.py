@@ -10,6 +10,7 @@ gradient to the images, so that only the methods that need none take it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -19,12 +20,35 @@ from torch import Tensor
 from sqdf.errors import ConfigError, SqdfError
 
 
-def import_function(spec: str, what: str) -> Callable[..., Any]:
-    """The function a user named as ``module:function`` (a reward, an oracle); a bad name
-    is one ConfigError naming it."""
+def _module_and_function(spec: str, what: str) -> tuple[str, str]:
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name:
         raise ConfigError(f"{what} must be 'module:function', got {spec!r}")
+    return module_name, func_name
+
+
+def check_findable(spec: str, what: str) -> None:
+    """A dry run's check of a ``module:function`` the run will import: the module is found
+    on the path without running it (its parent packages are imported), so a misspelt name
+    fails the plan as it would fail the run. The function's name is left to the run."""
+    module_name, _ = _module_and_function(spec, what)
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as err:  # a parent package missing or broken
+        found, reason = None, f": {err}"
+    else:
+        reason = ""
+    if found is None:
+        raise ConfigError(
+            f"cannot import module {module_name!r} for {what.split()[-1]} {spec!r}: no module "
+            f"of that name on the path{reason}"
+        )
+
+
+def import_function(spec: str, what: str) -> Callable[..., Any]:
+    """The function a user named as ``module:function`` (a reward, an oracle); a bad name
+    is one ConfigError naming it."""
+    module_name, func_name = _module_and_function(spec, what)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

@@ -17,6 +17,7 @@ from sqdf.errors import ConfigError, SqdfError
 from sqdf.infra.weights import OfflineWeightError, plan_text, plan_unreached, planning, resolve
 from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import build_reward
+from sqdf.rewards.custom import check_findable
 from sqdf.run.settings import DICT_KEYS, Resolved
 from sqdf.tasks import on_flow_path, resolved_reward_name, sample_shape
 from sqdf.training.start import alpha_note, check_method_takes_reward
@@ -123,7 +124,9 @@ def dry_run_text(
         p = plan(resolved, processes, model, check_reward=check_reward)
         reward = resolved_reward_name(cfg)
         unlisted = None
-        if ":" not in reward:  # a user's module:function is imported by the run alone
+        if ":" in reward:  # a user's module:function: found, but imported by the run alone
+            check_findable(reward, "custom reward")
+        else:
             try:
                 build_reward(reward, cfg.reward_params)
             except OfflineWeightError as err:  # the run itself will say so; a plan goes on

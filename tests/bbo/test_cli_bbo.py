@@ -53,6 +53,10 @@ CASES = [
     (["--optimism", "greedy"], "unknown optimism 'greedy'"),
     (["--oracle", "nonsense"], "oracle must be 'task' or module:function"),
     (["--oracle", "no_such_mod:f"], "cannot import module 'no_such_mod'"),
+    (
+        ["--oracle", "no_such_mod:f", "--dry-run"],  # found without running it, as the run would
+        "cannot import module 'no_such_mod' for oracle 'no_such_mod:f': no module of that name",
+    ),
     (["--oracle-param", "x=1"], "oracle_params are for a module:function oracle"),
     (["--set", "alhpa=1"], "did you mean 'alpha'"),
     (["--seeds", "0"], "seeds must be >= 1"),
