@@ -45,6 +45,17 @@ def _reward_parts(cfg: TrainConfig) -> tuple[dict, list[int], str]:
     )
 
 
+def traced_reward_note(cfg: TrainConfig, swap: RewardSwap | None) -> str:
+    """What the trace scored with, in words: the reward's network, or the swap (sqdf bbo's
+    proxy) over the CLIP it reads, said to stand in where it is not the reward's own."""
+    _, _, note = _reward_parts(cfg)
+    if swap is None:
+        return note
+    if cfg.reward == "aesthetic":
+        return f"{swap.label} over the CLIP of {note}"
+    return f"{swap.label} over CLIP ViT-L/14, standing in for the CLIP of reward {cfg.reward!r}"
+
+
 @dataclass(frozen=True)
 class RewardSwap:
     """What an update scores with instead of the task's reward (sqdf bbo's proxy): ``build``
@@ -163,9 +174,7 @@ def cost_lines(
             lines.insert(1, f"  reward traced: {stand_in} standing in for {swap.label}")
         return lines
     traces = trace_run(cfg, swap=swap)
-    _, _, reward_note = _reward_parts(cfg)
-    if swap is not None:
-        reward_note = f"{swap.label} over the CLIP of {reward_note}"
+    reward_note = traced_reward_note(cfg, swap)
     design = run_design(cfg)
     ours = update_flops(traces, cfg, design)
     # the reference design is SQDF's official trainer: a comparison for method sqdf only

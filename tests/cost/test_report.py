@@ -10,7 +10,7 @@ import pytest
 from sqdf.cli import main
 from sqdf.config.train_config import TrainConfig
 from sqdf.cost.memory import parse_memory
-from sqdf.cost.report import levers, trace_run
+from sqdf.cost.report import RewardSwap, levers, trace_run, traced_reward_note
 from sqdf.cost.update import gpu_peak
 from sqdf.errors import ConfigError
 
@@ -162,3 +162,21 @@ def test_fit_verdict_keeps_headroom_for_what_the_trace_cannot_see(large_card):
     assert not fits(peak, peak + headroom(peak) - 2**20)
     assert fits(peak, peak + headroom(peak) + 2**20)
     assert headroom(10 * 2**30) == CUDA_CONTEXT + int(ALLOCATOR_MARGIN * 10 * 2**30)
+
+
+def test_the_reward_traced_is_named_for_what_was_traced():
+    # sqdf bbo's proxy reads its reward's CLIP; beside a reward without a shipped config
+    # (PickScore's ViT-H/14) the trace's ViT-L/14 stands in, and the note says so
+    proxy = RewardSwap("the BBO proxy", lambda reward: reward)
+    aesthetic = TrainConfig(task="sd", reward="aesthetic")
+    pick = TrainConfig(task="sd", reward="pickscore")
+    assert traced_reward_note(aesthetic, None) == (
+        "the aesthetic reward (CLIP ViT-L/14, shipped config)"
+    )
+    assert traced_reward_note(aesthetic, proxy) == (
+        "the BBO proxy over the CLIP of the aesthetic reward (CLIP ViT-L/14, shipped config)"
+    )
+    assert traced_reward_note(pick, proxy) == (
+        "the BBO proxy over CLIP ViT-L/14, standing in for the CLIP of reward 'pickscore'"
+    )
+    assert "aesthetic head" in traced_reward_note(pick, None)  # the head stands in too
