@@ -60,6 +60,7 @@ CASES = [
     (["--oracle-param", "x=1"], "oracle_params are for a module:function oracle"),
     (["--set", "alhpa=1"], "did you mean 'alpha'"),
     (["--seeds", "0"], "seeds must be >= 1"),
+    (["--dry-run", "--gpu-memory", "0"], "--gpu-memory '0': give a size such as 24GiB"),
 ]
 
 
@@ -76,6 +77,8 @@ def test_bad_resume(tmp_path, capsys):
     assert main(["bbo", "--resume", str(tmp_path)]) == 2
     assert "not an sqdf bbo folder" in capsys.readouterr().err
     assert main(["bbo", "--resume", str(tmp_path), "--rounds", "3"]) == 2
+    assert "give no other options" in capsys.readouterr().err
+    assert main(["bbo", "--resume", str(tmp_path), "--dry-run"]) == 2  # a plan has no resume
     assert "give no other options" in capsys.readouterr().err
 
 
