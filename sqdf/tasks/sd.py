@@ -69,7 +69,7 @@ from sqdf.tasks.sd_family import (
 )
 from sqdf.tasks.sd_flux import latent_ids, pack_latents, text_ids, unpack_latents
 from sqdf.tasks.sd_prompts import load_prompt_pairs, load_prompts
-from sqdf.tasks.sd_text import encode_prompts_at, flux_t5_length, sdxl_time_ids
+from sqdf.tasks.sd_text import encode_prompts, flux_t5_length, sdxl_time_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LCM_ADAPTER = "lcm"
@@ -346,7 +346,7 @@ class SDTask(Task):
         # FLUX.1 schnell as FLUX.1-dev's x̂0 network reads its own T5 length: both encoded
         # while the encoders are loaded once
         self.distilled_length = self._distilled_t5_length(folder, cfg.estimator)
-        self.text, *distilled = encode_prompts_at(
+        self.text, *distilled = encode_prompts(
             self.family, folder, self.prompts, self.negatives, device, self.dtype,
             [None] + ([] if self.distilled_length is None else [self.distilled_length]),
         )  # fmt: skip
@@ -486,7 +486,7 @@ class SDTask(Task):
         new = [pair for pair in dict.fromkeys(wanted) if pair not in known]
         if new:
             lengths = [None] + ([] if self.distilled_text is None else [self.distilled_length])
-            more, *distilled = encode_prompts_at(
+            more, *distilled = encode_prompts(
                 self.family, Path(self.options.model), [p for p, _ in new], [n for _, n in new],
                 self.device, self.dtype, lengths,
             )  # fmt: skip

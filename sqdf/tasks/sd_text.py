@@ -4,6 +4,7 @@ exactly as each family's diffusers pipeline builds it (its ``encode_prompt``, an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,27 +226,16 @@ def encode_prompts(
     negatives: list[str],
     device: torch.device,
     dtype: torch.dtype,
-) -> PromptConditioning:
+    t5_lengths: Sequence[int | None] = (None,),
+) -> list[PromptConditioning]:
     """Each prompt's conditioning and its negative's (``negatives[i]`` for ``prompts[i]``;
     "" is no negative prompt: the encoded empty string, or zeros where SDXL's
-    ``force_zeros_for_empty_prompt`` says so). Distinct negatives are encoded once; the text
-    encoders are let go on return. ``time_ids`` is left to :func:`sdxl_time_ids`."""
-    return encode_prompts_at(family, folder, prompts, negatives, device, dtype, [None])[0]
-
-
-def encode_prompts_at(
-    family: Family,
-    folder: Path,
-    prompts: list[str],
-    negatives: list[str],
-    device: torch.device,
-    dtype: torch.dtype,
-    t5_lengths: list[int | None],
-) -> list[PromptConditioning]:
-    """:func:`encode_prompts` once per FLUX T5 length in ``t5_lengths`` (None: the model's
-    own transformer's, :func:`flux_t5_length`), with the text encoders loaded once: another
-    transformer conditioned on the same encoders (FLUX.1 schnell as FLUX.1-dev's x̂0
-    network) reads its own length. The other families encode the same at every entry."""
+    ``force_zeros_for_empty_prompt`` says so), once per FLUX T5 length in ``t5_lengths``
+    (None: the model's own transformer's, :func:`flux_t5_length`; another transformer
+    conditioned on the same encoders, FLUX.1 schnell as FLUX.1-dev's x̂0 network, reads its
+    own), the other families the same at every entry. Distinct negatives are encoded once;
+    the text encoders are loaded once and let go on return. ``time_ids`` is left to
+    :func:`sdxl_time_ids`."""
     absent = absent_components(folder, family)
     present = [
         (i, sub, enc)

@@ -78,9 +78,9 @@ def test_prompts_are_encoded_before_the_denoiser_is_loaded(parts, monkeypatch):
     import sqdf.tasks.sd as sd
 
     events = []
-    encode, load = sd.encode_prompts_at, sd.load_part
+    encode, load = sd.encode_prompts, sd.load_part
     monkeypatch.setattr(
-        sd, "encode_prompts_at", lambda *a, **k: events.append("encode") or encode(*a, **k)
+        sd, "encode_prompts", lambda *a, **k: events.append("encode") or encode(*a, **k)
     )
     monkeypatch.setattr(
         sd, "load_part", lambda cls, f, sub, **k: events.append(sub) or load(cls, f, sub, **k)

@@ -88,11 +88,13 @@ def test_extended_conditioning_keeps_sdxl_pooled_rows_and_negatives(tmp_path):
 
     write_random_sd(tmp_path / "xl", "tiny-xl")
     family = family_of(tmp_path / "xl")
-    a = encode_prompts(family, tmp_path / "xl", ["a cat", "a dog"], ["", ""], "cpu", torch.float32)
-    b = encode_prompts(family, tmp_path / "xl", ["an owl"], ["grey"], "cpu", torch.float32)
+    (a,) = encode_prompts(
+        family, tmp_path / "xl", ["a cat", "a dog"], ["", ""], "cpu", torch.float32
+    )
+    (b,) = encode_prompts(family, tmp_path / "xl", ["an owl"], ["grey"], "cpu", torch.float32)
     both = a.extended(b)
-    whole = encode_prompts(family, tmp_path / "xl", ["a cat", "a dog", "an owl"], ["", "", "grey"],
-                           "cpu", torch.float32)  # fmt: skip
+    (whole,) = encode_prompts(family, tmp_path / "xl", ["a cat", "a dog", "an owl"],
+                              ["", "", "grey"], "cpu", torch.float32)  # fmt: skip
     cond = torch.tensor([0, 1, 2])
     for negative in (False, True):
         for ours, theirs in zip(both.rows(cond, negative=negative),
