@@ -260,6 +260,7 @@ CASES = [
     ("DDIM's eta on the flow process", lambda r: ["train", "--task-param", "process=flow", "--eta", "0.5"], "eta is DDIM's; the flow process's noise is task_params.noise_level"),
     ("a flow setting on the vp process", lambda r: ["train", "--task-param", "noise_level=0.3"], "gmm2d noise_level = 0.3: noise_level, noise_level_end and shift are the flow process's"),
     ("a noise schedule on the vp process", lambda r: ["train", "--task-param", "noise_level_end=0.3"], "gmm2d noise_level_end = 0.3: noise_level, noise_level_end and shift"),
+    ("a noise schedule on the vp process, dry run", lambda r: ["train", "--task-param", "noise_level_end=0.3", "--dry-run"], "gmm2d noise_level_end = 0.3: noise_level, noise_level_end and shift"),
     ("a noise schedule ending without noise", lambda r: ["train", "--task-param", "process=flow", "--task-param", "noise_level_end=0"], "gmm2d noise_level_end must be > 0 (the KL needs a stochastic step), got 0"),
     ("unknown kl_scale", lambda r: ["train", "--kl-scale", "avg"], "unknown kl_scale 'avg'"),
     ("dry run on an SD folder without configs", lambda r: ["train", "--task", "sd", "--model", _sd_shaped(r), "--dry-run"], "unet/config.json"),

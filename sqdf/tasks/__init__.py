@@ -52,6 +52,11 @@ def sample_shape(cfg: Any) -> tuple[int, ...]:
     """The shape of one sample of task ``cfg.task`` (an SD latent, a digit, a point), from
     settings and model configs only: no weights are loaded."""
     if cfg.task == "gmm2d":
+        from sqdf.config.params import build_settings
+        from sqdf.tasks.gmm2d import GMM2DConfig
+
+        # its settings built as the task builds them: a bad one fails a plan as it fails a run
+        build_settings(GMM2DConfig, cfg.task_params, "task 'gmm2d'")
         return GMM2DTask.sample_shape
     if cfg.task == "digits":
         from sqdf.tasks.digits_model import IMAGE_SIZE
