@@ -86,6 +86,7 @@ CASES = [
      "needs an image reward"),
     ("custom reward: no module", lambda r: ["train", "--reward", "no_such_mod:f"], "cannot import module 'no_such_mod'"),
     ("custom reward: no module, dry run", lambda r: ["train", "--reward", "no_such_mod:f", "--dry-run"], "cannot import module 'no_such_mod' for reward 'no_such_mod:f': no module of that name on the path"),
+    ("custom reward in a mixture: no module, dry run", lambda r: ["train", "--reward", "linear=1,no_such_mod:f=0.5", "--dry-run"], "cannot import module 'no_such_mod' for reward 'no_such_mod:f'"),
     ("custom reward: no parent package, dry run", lambda r: ["train", "--reward", "no_such_pkg.mod:f", "--dry-run"], "cannot import module 'no_such_pkg.mod' for reward 'no_such_pkg.mod:f': no module of that name on the path: No module named 'no_such_pkg'"),
     ("custom reward: no function", lambda r: ["train", "--reward", "json:no_such_function"],
      "has no function 'no_such_function'"),

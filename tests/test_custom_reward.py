@@ -34,6 +34,16 @@ def test_custom_reward_with_params(user_module):
     assert torch.allclose(r(torch.ones(2, 1, 4, 4), None), torch.full((2,), 3.0))
 
 
+def test_a_dry_run_finds_a_users_module_alone_or_in_a_mixture(user_module, capsys):
+    # a mixture's custom part is found as a lone one is (the plan looks the module up on the
+    # path; a bad name is refused, tests/test_bad_input.py)
+    from sqdf.cli import main
+
+    for reward in (f"{user_module}:brightness", f"linear=1,{user_module}:brightness=0.5"):
+        assert main(["train", "--reward", reward, "--dry-run"]) == 0, capsys.readouterr().err
+        assert "cannot import" not in capsys.readouterr().out
+
+
 def test_custom_reward_errors(user_module):
     with pytest.raises(ConfigError, match="cannot import module 'nope'"):
         build_reward("nope:f", {})

@@ -31,17 +31,18 @@ def _reward_parts(cfg: TrainConfig) -> tuple[dict, list[int], str]:
     """The reward network to trace: the aesthetic reward's own CLIP config where the run
     names one, else CLIP ViT-L/14 with the LAION head standing in (said in the output)."""
     config, head = reward_clip()
-    folder = cfg.reward_params.get("clip") if cfg.reward == "aesthetic" else None
+    reward = resolved_reward_name(cfg)
+    folder = cfg.reward_params.get("clip") if reward == "aesthetic" else None
     if folder and (Path(folder).expanduser() / "config.json").is_file():
         config = json.loads((Path(folder).expanduser() / "config.json").read_text())
         width = int(config.get("projection_dim", head[0]))  # the head reads the projection
         return config, [width, *head[1:]], "the aesthetic reward's CLIP"
-    if cfg.reward == "aesthetic":
+    if reward == "aesthetic":
         return config, head, "the aesthetic reward (CLIP ViT-L/14, shipped config)"
     return (
         config,
         head,
-        (f"CLIP ViT-L/14 with the aesthetic head standing in for reward {cfg.reward!r}"),
+        (f"CLIP ViT-L/14 with the aesthetic head standing in for reward {reward!r}"),
     )
 
 
@@ -49,11 +50,12 @@ def traced_reward_note(cfg: TrainConfig, swap: RewardSwap | None) -> str:
     """What the trace scored with, in words: the reward's network, or the swap (sqdf bbo's
     proxy) over the CLIP it reads, said to stand in where it is not the reward's own."""
     _, _, note = _reward_parts(cfg)
+    reward = resolved_reward_name(cfg)
     if swap is None:
         return note
-    if cfg.reward == "aesthetic":
+    if reward == "aesthetic":
         return f"{swap.label} over the CLIP of {note}"
-    return f"{swap.label} over CLIP ViT-L/14, standing in for the CLIP of reward {cfg.reward!r}"
+    return f"{swap.label} over CLIP ViT-L/14, standing in for the CLIP of reward {reward!r}"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ def check_findable(spec: str, what: str) -> None:
     if found is None:
         raise ConfigError(
             f"cannot import module {module_name!r} for {what.split()[-1]} {spec!r}: no module "
-            f"of that name on the path{reason}"
+            f"of that name on the path{reason} (the run imports from sys.path: PYTHONPATH, or "
+            "the current folder under python -m sqdf.cli)"
         )
 
 

@@ -18,6 +18,7 @@ from sqdf.infra.weights import OfflineWeightError, plan_text, plan_unreached, pl
 from sqdf.methods import METHODS, build_method_params
 from sqdf.rewards import build_reward
 from sqdf.rewards.custom import check_findable
+from sqdf.rewards.mixture import parse_mixture, reward_of
 from sqdf.run.settings import DICT_KEYS, Resolved
 from sqdf.tasks import on_flow_path, resolved_reward_name, sample_shape
 from sqdf.training.start import alpha_note, check_method_takes_reward
@@ -124,8 +125,11 @@ def dry_run_text(
         p = plan(resolved, processes, model, check_reward=check_reward)
         reward = resolved_reward_name(cfg)
         unlisted = None
-        if ":" in reward:  # a user's module:function: found, but imported by the run alone
-            check_findable(reward, "custom reward")
+        if ":" in reward:  # a user's module:function (alone or in a mixture): looked up on
+            # the path, so that a bad name fails the plan here
+            for part in parse_mixture(reward) or [reward]:
+                if ":" in reward_of(part):
+                    check_findable(reward_of(part), "custom reward")
         else:
             try:
                 build_reward(reward, cfg.reward_params)

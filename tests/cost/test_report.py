@@ -180,3 +180,5 @@ def test_the_reward_traced_is_named_for_what_was_traced():
         "the BBO proxy over CLIP ViT-L/14, standing in for the CLIP of reward 'pickscore'"
     )
     assert "aesthetic head" in traced_reward_note(pick, None)  # the head stands in too
+    # sd's default reward, "auto", is the aesthetic one
+    assert traced_reward_note(TrainConfig(task="sd"), proxy) == traced_reward_note(aesthetic, proxy)
