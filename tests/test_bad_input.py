@@ -84,6 +84,7 @@ CASES = [
     ("reward param without =", lambda r: ["train", "--reward-param", "b"], "expects KEY=VALUE"),
     ("reward for another task", lambda r: ["train", "--task", "digits", "--reward", "linear", *TINY],
      "needs an image reward"),
+    ("sd without a model, dry run", lambda r: ["train", "--task", "sd", "--dry-run"], "task 'sd' needs a Stable Diffusion model: --model PATH or a Hub reference"),
     ("custom reward: no module", lambda r: ["train", "--reward", "no_such_mod:f"], "cannot import module 'no_such_mod'"),
     ("custom reward: no module, dry run", lambda r: ["train", "--reward", "no_such_mod:f", "--dry-run"], "cannot import module 'no_such_mod' for reward 'no_such_mod:f': no module of that name on the path"),
     ("custom reward in a mixture: no module, dry run", lambda r: ["train", "--reward", "linear=1,no_such_mod:f=0.5", "--dry-run"], "cannot import module 'no_such_mod' for reward 'no_such_mod:f'"),

@@ -120,6 +120,8 @@ def dry_run_text(
     with planning() as downloads, contextlib.ExitStack() as stack:
         cfg = resolved.config()
         model, offline = None, None
+        if cfg.task == "sd" and not cfg.task_params.get("model"):
+            sample_shape(cfg)  # no model: the task's own one-line refusal, as the run gives
         if cfg.task == "sd":
             model, offline = _model_folder(cfg.task_params["model"], stack)
         p = plan(resolved, processes, model, check_reward=check_reward)
