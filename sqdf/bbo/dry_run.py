@@ -97,13 +97,11 @@ def bbo_dry_run_text(
         value = getattr(bbo, f.name)
         shown = value if f.name != "query_schedule" or value else "[] (queries_per_round)"
         lines.append(f"  bbo.{f.name:<24} {str(shown):<28} {sources[f.name]}")
-    if bbo.oracle != "task":
+    if bbo.oracle == "task":
+        oracle = f"the task's reward {resolved_reward_name(base)!r}"
+    else:
         check_findable(bbo.oracle, "oracle")
-    oracle = (
-        f"the task's reward {resolved_reward_name(base)!r}"
-        if bbo.oracle == "task"
-        else f"{bbo.oracle} (found; imported by the run alone)"
-    )
+        oracle = f"{bbo.oracle} (found; imported by the run alone)"
     fine_tuned = bbo.rounds - 1  # the last round's queries measure; nothing follows them
     lines += [
         f"oracle: {oracle}; {bbo.schedule_text()} = {bbo.budget:,} queries per method and seed",

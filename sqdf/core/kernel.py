@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -167,7 +168,7 @@ class FlowKernel(StepKernel):
         """Where t = 1, σ_t's denominator uses the grid's next time (Flow-GRPO's choice)."""
         return self.sigmas[1]
 
-    @property
+    @cached_property  # read at every step of a scheduled chain
     def levels(self) -> Tensor:
         """(T,) float64: each step's noise level a_k."""
         end = self.noise_level if self.noise_level_end is None else self.noise_level_end

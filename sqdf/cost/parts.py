@@ -213,8 +213,8 @@ def meta_sd_task(
         networks["x̂0 model"] = lcm
         # FLUX.1 schnell as FLUX.1-dev's x̂0 network reads its own, shorter T5 states
         if family.packed and flux_t5_length(lcm.config) != flux_t5_length(net_config):
-            task.distilled_length = flux_t5_length(lcm.config)
             task.distilled_text = _conditioning(family, dict(lcm.config), dtype)
+            task.distilled_length = task.distilled_text.embeds.shape[1]
     reward = meta_clip_reward(clip_config, head, dtype)
     task.reward_model = reward
     networks["reward"] = reward.clip_model.model

@@ -48,15 +48,26 @@ def resolved_reward_name(cfg: Any) -> str:
     return DEFAULT_REWARDS[cfg.task] if cfg.reward == "auto" else cfg.reward
 
 
+def _plan_settings(cfg: Any) -> Any:
+    """The settings dataclass of task gmm2d or sd, built as the task builds it (a bad value
+    fails here as in a run); sd's under the run's device, whose weights variant it resolves."""
+    from sqdf.config.params import build_settings
+
+    if cfg.task == "gmm2d":
+        from sqdf.tasks.gmm2d import GMM2DConfig
+
+        return build_settings(GMM2DConfig, cfg.task_params, "task 'gmm2d'")
+    from sqdf.tasks.sd import SDConfig, run_device
+
+    with run_device(cfg.device):  # the weights variant of the run's device, not this machine's
+        return build_settings(SDConfig, cfg.task_params, "task 'sd'")
+
+
 def sample_shape(cfg: Any) -> tuple[int, ...]:
     """The shape of one sample of task ``cfg.task`` (an SD latent, a digit, a point), from
     settings and model configs only: no weights are loaded."""
     if cfg.task == "gmm2d":
-        from sqdf.config.params import build_settings
-        from sqdf.tasks.gmm2d import GMM2DConfig
-
-        # its settings built as the task builds them: a bad one fails a plan as it fails a run
-        build_settings(GMM2DConfig, cfg.task_params, "task 'gmm2d'")
+        _plan_settings(cfg)  # a bad setting fails a plan as it fails a run
         return GMM2DTask.sample_shape
     if cfg.task == "digits":
         from sqdf.tasks.digits_model import IMAGE_SIZE
@@ -64,29 +75,21 @@ def sample_shape(cfg: Any) -> tuple[int, ...]:
         return (1, IMAGE_SIZE, IMAGE_SIZE)
     if cfg.task != "sd":
         raise ConfigError(f"unknown task {cfg.task!r}; known: {', '.join(sorted(TASKS))}")
-    from sqdf.config.params import build_settings
-    from sqdf.tasks.sd import SDConfig, latent_shape, run_device
+    from sqdf.tasks.sd import latent_shape
 
-    with run_device(cfg.device):  # the weights variant of the run's device, not this machine's
-        return latent_shape(build_settings(SDConfig, cfg.task_params, "task 'sd'"))
+    return latent_shape(_plan_settings(cfg))
 
 
 def on_flow_path(cfg: Any) -> bool:
     """Whether task ``cfg.task`` samples on the rectified-flow path (gmm2d's process flow,
     SD 3/3.5 and FLUX.1), from settings and model configs only: no weights are loaded."""
-    from sqdf.config.params import build_settings
-
     if cfg.task == "gmm2d":
-        from sqdf.tasks.gmm2d import GMM2DConfig
-
-        return build_settings(GMM2DConfig, cfg.task_params, "task 'gmm2d'").process == "flow"
+        return _plan_settings(cfg).process == "flow"
     if cfg.task != "sd":
         return False
-    from sqdf.tasks.sd import SDConfig, run_device
     from sqdf.tasks.sd_family import family_of
 
-    with run_device(cfg.device):
-        return family_of(build_settings(SDConfig, cfg.task_params, "task 'sd'").model).flow
+    return family_of(_plan_settings(cfg).model).flow
 
 
 def with_summed_alpha(cfg: Any) -> Any:

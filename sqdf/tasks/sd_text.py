@@ -267,12 +267,13 @@ def encode_prompts(
 
     distinct = list(dict.fromkeys(negatives))
     negative_of = torch.tensor([distinct.index(n) for n in negatives])
+    zeroed = family.zeros_for_empty_negative and zero_negative_for_empty(folder)
+    empty = distinct.index("") if zeroed and "" in distinct else None
     out = []
     for length in t5_lengths:
         embeds, pooled = encode(prompts, length)
         neg, neg_pooled = encode(distinct, length)
-        if family.zeros_for_empty_negative and zero_negative_for_empty(folder) and "" in distinct:
-            empty = distinct.index("")
+        if empty is not None:
             neg[empty] = 0.0
             neg_pooled[empty] = 0.0
         out.append(
